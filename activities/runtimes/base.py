@@ -1,0 +1,87 @@
+"""The one interface both pod drivers implement. Calls are synchronous (docker-py is); the
+activities run them on worker threads, never on the event loop."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from hms_mgmt.models import ServiceSpec
+
+PodState = Literal["created", "running", "exited"]
+
+
+class PodRuntimeError(Exception):
+    """A runtime failure that retrying will not fix (bad image, unknown catalog entry)."""
+
+    def __init__(self, message: str, *, kind: str = "RuntimeFailure") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class PodRequest:
+    pod_id: str
+    service: str
+    revision: int
+    node: str
+    spec: ServiceSpec
+
+
+@dataclass
+class PodHandle:
+    pod_id: str
+    service: str
+    revision: int
+    node: str
+    image: str
+    state: PodState
+    endpoint: str | None = None
+    started_at: datetime | None = None
+    exit_code: int | None = None
+    cpu_limit: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+class PodRuntime(abc.ABC):
+    """Starts, finds, stops and measures pods. Every method is idempotent by pod id."""
+
+    name: str
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    @abc.abstractmethod
+    def start(self, req: PodRequest) -> PodHandle:
+        """Start the pod, or return it if a pod with this id already runs."""
+
+    @abc.abstractmethod
+    def find(self, pod_id: str) -> PodHandle | None: ...
+
+    @abc.abstractmethod
+    def list(self, service: str | None = None) -> list[PodHandle]:
+        """Pods of this node carrying our labels (all services when ``service`` is None)."""
+
+    @abc.abstractmethod
+    def stop(self, pod_id: str, grace_s: float) -> bool:
+        """SIGTERM, SIGKILL after ``grace_s``, then remove. False when there was no such pod."""
+
+    @abc.abstractmethod
+    def logs(self, pod_id: str, tail: int = 100) -> list[str]: ...
+
+    @abc.abstractmethod
+    def cpu_seconds(self, pod_ids: list[str]) -> dict[str, float]:
+        """Cumulative CPU seconds used by each running pod; the caller takes deltas."""
+
+    @abc.abstractmethod
+    def content_id(self, image: str) -> str:
+        """The image's content identity (what a trust signature covers)."""
+
+    def close(self) -> None:
+        """Release clients and background threads."""

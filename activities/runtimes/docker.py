@@ -1,0 +1,221 @@
+"""Pods as Docker containers, through the docker SDK.
+
+Containers carry our labels, publish their port on 127.0.0.1 only, get the spec's cpu/memory
+limits and no restart policy: healing is ours, so that every replacement is a decision the
+workflow history explains.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from activities.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt import constants as c
+
+log = logging.getLogger(__name__)
+
+_CGROUP_V1 = Path("/sys/fs/cgroup/cpuacct/docker")
+_CGROUP_V2 = Path("/sys/fs/cgroup/system.slice")
+
+
+def docker_available(timeout: float = 2.0) -> bool:
+    try:
+        client = docker.from_env(timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - any failure means "no engine answers"
+        return False
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value or value.startswith("0001-"):
+        return None
+    # Docker gives nanoseconds; fromisoformat takes at most microseconds.
+    head, _, frac = value.rstrip("Z").partition(".")
+    frac = (frac + "000000")[:6]
+    return datetime.fromisoformat(f"{head}.{frac}+00:00")
+
+
+class DockerRuntime(PodRuntime):
+    name = "docker"
+
+    def __init__(self, node: str, client: docker.DockerClient | None = None) -> None:
+        super().__init__(node)
+        self.client = client or docker.from_env(timeout=60)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
+        self._lock = threading.Lock()
+
+    def _filters(self, service: str | None = None, pod_id: str | None = None) -> dict[str, list[str]]:
+        labels = [f"{c.LABEL_NODE}={self.node}", f"{c.LABEL_MANAGED}=1"]
+        if service:
+            labels.append(f"{c.LABEL_SERVICE}={service}")
+        if pod_id:
+            labels.append(f"{c.LABEL_POD}={pod_id}")
+        return {"label": labels}
+
+    def _containers(self, service: str | None = None, pod_id: str | None = None):
+        return self.client.containers.list(all=True, filters=self._filters(service, pod_id))
+
+    def _handle(self, container) -> PodHandle:
+        attrs = container.attrs
+        labels = attrs["Config"]["Labels"] or {}
+        state = attrs["State"]
+        status = state.get("Status", "created")
+        endpoint = None
+        ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        for binding in ports.values():
+            if binding:
+                endpoint = f"{binding[0]['HostIp'] or '127.0.0.1'}:{binding[0]['HostPort']}"
+                break
+        nano = (attrs.get("HostConfig") or {}).get("NanoCpus") or 0
+        return PodHandle(
+            pod_id=labels.get(c.LABEL_POD, ""),
+            service=labels.get(c.LABEL_SERVICE, ""),
+            revision=int(labels.get(c.LABEL_REVISION, "1")),
+            node=labels.get(c.LABEL_NODE, self.node),
+            image=attrs["Config"].get("Image", ""),
+            state="running" if status == "running" else ("created" if status == "created" else "exited"),
+            endpoint=endpoint,
+            started_at=_parse_time(state.get("StartedAt")),
+            exit_code=None if status == "running" else state.get("ExitCode"),
+            cpu_limit=nano / 1e9 if nano else None,
+            extra={"container_id": container.id},
+        )
+
+    def start(self, req: PodRequest) -> PodHandle:
+        with self._lock:
+            for existing in self._containers(pod_id=req.pod_id):
+                if existing.status == "running":
+                    return self._handle(existing)
+                existing.remove(force=True)
+            spec = req.spec
+            try:
+                self.client.images.get(spec.image)
+            except docker.errors.ImageNotFound:
+                try:
+                    self.client.images.pull(spec.image)
+                except docker.errors.APIError as e:
+                    raise PodRuntimeError(
+                        f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
+                        kind="ImageNotFound",
+                    ) from e
+            env = dict(spec.env)
+            env.update(
+                {
+                    "PORT": str(spec.port),
+                    "HMS_POD_ID": req.pod_id,
+                    "HMS_SERVICE": req.service,
+                    "HMS_REVISION": str(req.revision),
+                }
+            )
+            kwargs = {}
+            if spec.cpu_limit:
+                kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
+            if spec.memory_mb:
+                kwargs["mem_limit"] = f"{spec.memory_mb}m"
+            try:
+                container = self.client.containers.run(
+                    spec.image,
+                    command=spec.command,
+                    detach=True,
+                    name=f"hms-{req.service}-{req.pod_id[:12]}",
+                    labels={
+                        c.LABEL_SERVICE: req.service,
+                        c.LABEL_POD: req.pod_id,
+                        c.LABEL_REVISION: str(req.revision),
+                        c.LABEL_NODE: self.node,
+                        c.LABEL_MANAGED: "1",
+                    },
+                    environment=env,
+                    ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+                    **kwargs,
+                )
+            except docker.errors.APIError as e:
+                if e.status_code == 409:  # a concurrent retry created it: adopt it
+                    found = self._containers(pod_id=req.pod_id)
+                    if found:
+                        return self._handle(found[0])
+                if e.status_code == 400:
+                    raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", kind="InvalidSpec") from e
+                raise
+            container.reload()
+            log.info("started pod %s (%s) as container %s", req.pod_id, req.service, container.short_id)
+            return self._handle(container)
+
+    def find(self, pod_id: str) -> PodHandle | None:
+        found = self._containers(pod_id=pod_id)
+        return self._handle(found[0]) if found else None
+
+    def list(self, service: str | None = None) -> list[PodHandle]:
+        return [self._handle(ct) for ct in self._containers(service=service)]
+
+    def stop(self, pod_id: str, grace_s: float) -> bool:
+        found = self._containers(pod_id=pod_id)
+        for container in found:
+            try:
+                if container.status == "running":
+                    container.stop(timeout=max(0, int(round(grace_s))))
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        return bool(found)
+
+    def logs(self, pod_id: str, tail: int = 100) -> list[str]:
+        found = self._containers(pod_id=pod_id)
+        if not found:
+            raise PodRuntimeError(f"no pod {pod_id} on node {self.node}", kind="PodNotFound")
+        raw = found[0].logs(tail=tail if tail > 0 else "all", stdout=True, stderr=True)
+        return raw.decode(errors="replace").splitlines()
+
+    def _cpu_one(self, pod_id: str, container_id: str) -> float | None:
+        for path in (_CGROUP_V1 / container_id / "cpuacct.usage",):
+            try:
+                return int(path.read_text()) / 1e9
+            except (OSError, ValueError):
+                pass
+        v2 = _CGROUP_V2 / f"docker-{container_id}.scope" / "cpu.stat"
+        try:
+            for line in v2.read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    return int(line.split()[1]) / 1e6
+        except (OSError, ValueError):
+            pass
+        try:  # the engine's one-shot stats: one request, no two-sample wait
+            stats = self.client.api.stats(container_id, stream=False, one_shot=True)
+            return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        except Exception:  # noqa: BLE001 - a pod that just exited has no stats
+            return None
+
+    def cpu_seconds(self, pod_ids: list[str]) -> dict[str, float]:
+        wanted = set(pod_ids)
+        ids = {h.pod_id: h.extra["container_id"] for h in self.list() if h.pod_id in wanted and h.running}
+        futures = {pid: self._pool.submit(self._cpu_one, pid, cid) for pid, cid in ids.items()}
+        out = {}
+        for pid, fut in futures.items():
+            value = fut.result()
+            if value is not None:
+                out[pid] = value
+        return out
+
+    def exited(self, pod_ids: list[str]) -> list[str]:
+        running = {h.pod_id for h in self.list() if h.running}
+        return [p for p in pod_ids if p not in running]
+
+    def content_id(self, image: str) -> str:
+        try:
+            return self.client.images.get(image).id
+        except docker.errors.ImageNotFound as e:
+            raise PodRuntimeError(f"image {image!r} is not on node {self.node}", kind="ImageNotFound") from e
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.client.close()

@@ -1,0 +1,30 @@
+"""Names shared by the client, the worker and the workflows (one place, never repeated)."""
+
+from __future__ import annotations
+
+CONTROL_TASK_QUEUE = "hms-control"
+NODE_TASK_QUEUE_PREFIX = "hms-node-"
+SERVICE_WORKFLOW_ID_PREFIX = "svc-"
+
+LABEL_SERVICE = "hms.service"
+LABEL_POD = "hms.pod"
+LABEL_REVISION = "hms.revision"
+LABEL_NODE = "hms.node"
+LABEL_MANAGED = "hms.managed"
+
+SEARCH_ATTR_SERVICE = "HmsService"
+SEARCH_ATTR_PHASE = "HmsPhase"
+
+DEFAULT_TEMPORAL_ADDRESS = "localhost:7233"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_UI_PORT = 8233
+DEFAULT_ROUTER_PORT = 8000
+DEFAULT_DASHBOARD_PORT = 8088
+
+
+def service_workflow_id(name: str) -> str:
+    return f"{SERVICE_WORKFLOW_ID_PREFIX}{name}"
+
+
+def node_task_queue(node: str, prefix: str = NODE_TASK_QUEUE_PREFIX) -> str:
+    return f"{prefix}{node}"

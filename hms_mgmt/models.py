@@ -1,0 +1,314 @@
+"""The data the management layer speaks: specs, pods, status, and the inputs and results of
+every workflow and activity (one model each, so fields can be added without breaking callers).
+
+Workflows import this module through ``imports_passed_through``: keep it free of I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest]
+_IMAGE_REF = re.compile(
+    r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+
+Phase = Literal[
+    "Validating",
+    "AwaitingApproval",
+    "VerifyingImage",
+    "Deploying",
+    "Running",
+    "Scaling",
+    "Healing",
+    "Degraded",
+    "Undeploying",
+    "Stopped",
+    "Rejected",
+    "Failed",
+]
+Health = Literal["starting", "healthy", "unhealthy", "exited"]
+RuntimeName = Literal["docker", "process"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServiceSpec(_Model):
+    """What the user asks for. The seed's dict literal is valid as it stands."""
+
+    name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63")
+    image: str = Field(description="image reference, e.g. registry.gov/hms-ach:1.4")
+    min_replicas: int = Field(ge=0)
+    max_replicas: int = Field(ge=1)
+    cpu_target: int = Field(ge=1, le=100, description="percent of a pod's CPU limit")
+    port: int = Field(default=8080, ge=1, le=65535)
+    health_path: str = "/health"
+    health_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    health_failures: int = Field(default=2, ge=1, le=100)
+    scale_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    scale_down_window_s: float = Field(default=300.0, ge=0, le=86400)
+    cpu_limit: float | None = Field(default=None, gt=0, le=64, description="CPUs per pod")
+    memory_mb: int | None = Field(default=None, ge=16, le=1024 * 1024)
+    env: dict[str, str] = Field(default_factory=dict)
+    command: list[str] | None = None
+    stop_grace_s: float = Field(default=10.0, ge=0, le=600)
+    ready_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
+    backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
+    approval_timeout_s: float = Field(default=86400.0, gt=0)
+    image_verify_timeout_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns_label(cls, v: str) -> str:
+        if len(v) > 63 or not _DNS_LABEL.match(v):
+            raise ValueError(
+                "must be a DNS-1123 label: lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit, at most 63 characters"
+            )
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image_is_reference(cls, v: str) -> str:
+        if not v or len(v) > 255 or not _IMAGE_REF.match(v):
+            raise ValueError("must be an image reference like 'registry.gov/hms-ach:1.4'")
+        return v
+
+    @field_validator("health_path")
+    @classmethod
+    def _path_is_absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServiceSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
+
+
+class NodeSpec(_Model):
+    """A place pods run. Its worker polls the task queue ``<prefix><name>``."""
+
+    name: str
+    runtime: RuntimeName = "process"
+    cpu: float = Field(default=2.0, gt=0, description="CPUs offered to pods")
+    memory_mb: int = Field(default=4096, gt=0)
+    max_pods: int = Field(default=64, ge=0)
+    task_queue: str
+
+    @field_validator("name")
+    @classmethod
+    def _node_name(cls, v: str) -> str:
+        if len(v) > 63 or not _DNS_LABEL.match(v):
+            raise ValueError("node name must be a DNS-1123 label")
+        return v
+
+
+class PodStatus(_Model):
+    id: str
+    node: str
+    endpoint: str | None = None  # "127.0.0.1:PORT"
+    revision: int = 1
+    image: str = ""
+    ready: bool = False
+    health: Health = "starting"
+    consecutive_failures: int = 0
+    cpu_percent: float | None = None
+    started_at: datetime | None = None
+
+
+class Decision(_Model):
+    """A scale or heal decision with its reason, kept for status() and the dashboard."""
+
+    at: datetime
+    kind: Literal["scale", "heal", "degraded", "recovered", "capacity"]
+    reason: str
+    from_replicas: int | None = None
+    to_replicas: int | None = None
+    pod: str | None = None
+
+
+class PendingApproval(_Model):
+    requested_by: str
+    requested_at: datetime
+    reason: str
+    invalid_attempts: list[str] = Field(default_factory=list)
+
+
+class ServiceStatus(_Model):
+    name: str
+    phase: Phase
+    revision: int
+    spec: ServiceSpec
+    desired_replicas: int
+    ready_replicas: int
+    pods: list[PodStatus] = Field(default_factory=list)
+    pending_approval: PendingApproval | None = None
+    last_decisions: list[Decision] = Field(default_factory=list)
+    workflow_id: str
+    web_ui_url: str | None = None
+    message: str | None = None
+    backoff_s: float = 0.0
+
+
+class Approval(_Model):
+    """The payload of the ``approve`` / ``reject`` signals."""
+
+    token: str = ""
+    reason: str = ""
+
+
+class DeployResult(_Model):
+    workflow_id: str
+    run_id: str | None = None
+    web_ui_url: str
+    already_running: bool = False
+
+
+# --- workflow inputs and results -------------------------------------------------------
+
+
+class Placement(_Model):
+    """Where new pods go and on which task queue their activities run."""
+
+    control_task_queue: str
+    nodes: list[NodeSpec]
+    web_ui_base: str = "http://localhost:8233"
+    namespace: str = "default"
+    capacity_retry_max_s: float = 30.0
+    node_queue_prefix: str = "hms-node-"
+
+
+class ServiceState(_Model):
+    """Everything ServiceWorkflow owns; passed whole to continue-as-new."""
+
+    phase: Phase = "Validating"
+    revision: int = 1
+    desired_replicas: int = 0
+    pods: list[PodStatus] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+    pending_approval: PendingApproval | None = None
+    approved: bool = False
+    crash_count: int = 0
+    backoff_s: float = 0.0
+    heal_counter: int = 0
+    scale_counter: int = 0
+    message: str | None = None
+    requested_by: str = ""
+
+
+class ServiceInput(_Model):
+    spec: ServiceSpec
+    placement: Placement
+    token: str = ""
+    state: ServiceState | None = None
+    watch_max_s: float = 1800.0
+    history_threshold: int | None = None
+
+
+class DeployInput(_Model):
+    spec: ServiceSpec
+    revision: int
+    pod_ids: list[str]
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+
+
+class FailedPod(_Model):
+    pod_id: str
+    reason: str
+
+
+class DeployOutput(_Model):
+    pods: list[PodStatus]
+    failed: list[FailedPod] = Field(default_factory=list)
+
+
+class PodLogsInput(_Model):
+    pod_id: str
+    node_task_queue: str = ""
+    tail: int = 100
+
+
+# --- activity inputs and results ------------------------------------------------------
+
+
+class PickNodeInput(_Model):
+    service: str
+    spec: ServiceSpec
+    nodes: list[NodeSpec]
+    count: int = 1
+    placed: list[PodStatus] = Field(default_factory=list)
+    require_all: bool = False
+
+
+class PickNodeOutput(_Model):
+    nodes: list[NodeSpec | None]
+
+
+class StartPodInput(_Model):
+    pod_id: str
+    service: str
+    revision: int
+    node: str
+    spec: ServiceSpec
+
+
+class PodRef(_Model):
+    pod_id: str
+    service: str
+    node: str
+    endpoint: str | None = None
+
+
+class WaitReadyInput(_Model):
+    pod: PodRef
+    spec: ServiceSpec
+
+
+class StopPodInput(_Model):
+    pod_id: str
+    grace_s: float = 10.0
+
+
+class ListPodsInput(_Model):
+    service: str
+
+
+class ListPodsOutput(_Model):
+    pods: list[PodStatus]
+
+
+class LogsOutput(_Model):
+    lines: list[str]
+
+
+class EventInput(_Model):
+    type: str
+    service: str
+    reason: str
+    data: dict[str, Any] = Field(default_factory=dict)

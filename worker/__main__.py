@@ -1,0 +1,20 @@
+"""``python -m worker [--node NAME] [--no-control]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from hms_mgmt.config import Settings
+from worker.main import main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    parser.add_argument("--node", help="this node's name (default: HMS_NODE or 'local')")
+    parser.add_argument("--no-control", action="store_true", help="run only the node's pod activities")
+    parser.add_argument("--runtime", choices=["auto", "docker", "process"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(node=args.node, runtime=args.runtime)
+    asyncio.run(main(settings, control=not args.no_control))

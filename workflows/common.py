@@ -1,0 +1,173 @@
+"""Pieces the workflows share: activity options and the start-and-wait-ready step.
+
+Deterministic code only: no I/O, no clock, no randomness but ``workflow.*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.control import ControlActivities
+    from activities.pods import PodActivities
+    from hms_mgmt.models import (
+        EventInput,
+        ListPodsInput,
+        NodeSpec,
+        PickNodeInput,
+        Placement,
+        PodRef,
+        PodStatus,
+        ServiceSpec,
+        StartPodInput,
+        StopPodInput,
+        WaitReadyInput,
+    )
+
+# Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
+POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNotFound"]
+POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
+                        non_retryable_error_types=POD_FATAL)
+POD_HEARTBEAT = timedelta(seconds=10)
+
+Report = Callable[[PodStatus], Awaitable[None]]
+
+
+def error_type(err: BaseException) -> str | None:
+    """The ApplicationError type at the root of an activity or child failure."""
+    cause: BaseException | None = err
+    while isinstance(cause, (ActivityError, ChildWorkflowError)):
+        cause = cause.cause
+    return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def error_message(err: BaseException) -> str:
+    cause: BaseException | None = err
+    while isinstance(cause, (ActivityError, ChildWorkflowError)) and cause.cause is not None:
+        cause = cause.cause
+    return str(cause)
+
+
+async def emit(placement: Placement, type_: str, service: str, reason: str, **data: object) -> None:
+    await workflow.execute_activity_method(
+        ControlActivities.emit_event,
+        EventInput(type=type_, service=service, reason=reason, data=data),
+        task_queue=placement.control_task_queue,
+        start_to_close_timeout=timedelta(seconds=30),
+        summary=f"{type_}: {reason}"[:200],
+    )
+
+
+async def pick_nodes(
+    placement: Placement,
+    spec: ServiceSpec,
+    count: int,
+    placed: list[PodStatus],
+    *,
+    require_all: bool,
+) -> list[NodeSpec | None]:
+    """Ask the Scheduler. With ``require_all`` it raises CapacityUnavailable (and emits
+    ``capacity.alert``) until every pod fits, and the retry policy keeps asking: the
+    service waits for capacity instead of failing."""
+    result = await workflow.execute_activity_method(
+        ControlActivities.pick_node,
+        PickNodeInput(service=spec.name, spec=spec, nodes=[], count=count, placed=placed, require_all=require_all),
+        task_queue=placement.control_task_queue,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RetryPolicy(
+            initial_interval=timedelta(seconds=1),
+            maximum_interval=timedelta(seconds=placement.capacity_retry_max_s),
+        ),
+        summary=f"place {count} pod(s)",
+    )
+    return result.nodes
+
+
+async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None) -> None:
+    await workflow.execute_activity_method(
+        PodActivities.stop_pod,
+        StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s),
+        task_queue=task_queue,
+        start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
+        heartbeat_timeout=POD_HEARTBEAT,
+        retry_policy=POD_RETRY,
+        summary=f"stop {pod.id[:8]}",
+    )
+
+
+async def start_and_wait(
+    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report
+) -> PodStatus:
+    """Start one pod on its node and wait until it answers its health path.
+
+    Raises the activity error when the pod cannot become ready; the pod is stopped first so
+    nothing of it is left behind.
+    """
+    started = await workflow.execute_activity_method(
+        PodActivities.start_pod,
+        StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec),
+        task_queue=node.task_queue,
+        start_to_close_timeout=timedelta(seconds=120),
+        heartbeat_timeout=POD_HEARTBEAT,
+        retry_policy=POD_RETRY,
+        summary=f"start {pod_id[:8]} on {node.name}",
+    )
+    await report(started)
+    try:
+        ready = await workflow.execute_activity_method(
+            PodActivities.wait_pod_ready,
+            WaitReadyInput(pod=PodRef(pod_id=pod_id, service=spec.name, node=node.name, endpoint=started.endpoint),
+                           spec=spec),
+            task_queue=node.task_queue,
+            start_to_close_timeout=timedelta(seconds=spec.ready_timeout_s + 30),
+            heartbeat_timeout=POD_HEARTBEAT,
+            retry_policy=POD_RETRY,
+            summary=f"wait {pod_id[:8]} ready",
+        )
+    except (ActivityError, asyncio.CancelledError):
+        failed = started.model_copy(update={"health": "exited", "ready": False})
+        await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0))
+        raise
+    await report(ready)
+    return ready
+
+
+async def start_pods(
+    placement: Placement,
+    spec: ServiceSpec,
+    revision: int,
+    pod_ids: list[str],
+    existing: list[PodStatus],
+    report: Report,
+) -> tuple[list[PodStatus], list[tuple[str, str]]]:
+    """Place and start pods in parallel; pods that fit nowhere wait for capacity.
+
+    Returns the ready pods and (pod id, reason) for those that failed.
+    """
+    nodes = await pick_nodes(placement, spec, len(pod_ids), existing, require_all=False)
+    ready: list[PodStatus] = []
+    failed: list[tuple[str, str]] = []
+
+    async def one(pod_id: str, node: NodeSpec | None) -> None:
+        if node is None:
+            placed = existing + ready
+            node = (await pick_nodes(placement, spec, 1, placed, require_all=True))[0]
+            assert node is not None
+        try:
+            ready.append(await start_and_wait(spec, revision, pod_id, node, report))
+        except ActivityError as e:
+            failed.append((pod_id, error_message(e)))
+            await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))
+
+    placed_now = [one(p, n) for p, n in zip(pod_ids, nodes) if n is not None]
+    waiting = [p for p, n in zip(pod_ids, nodes) if n is None]
+    await asyncio.gather(*placed_now)
+    for pod_id in waiting:  # one at a time: each waits until the Scheduler finds room
+        await one(pod_id, None)
+    return ready, failed

@@ -18,14 +18,21 @@ from hms_mgmt.models import (
     ListPodsInput,
     ListPodsOutput,
     LogsOutput,
+    PodFailure,
     PodLogsInput,
+    PodProgress,
     PodStatus,
     StartPodInput,
     StopPodInput,
     WaitReadyInput,
+    WatchHeartbeat,
+    WatchInput,
+    WatchResult,
 )
+from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
 
 T = TypeVar("T")
+ORPHAN_GRACE_S = 120.0
 
 
 def pod_status(handle: PodHandle, *, health: str | None = None, ready: bool = False) -> PodStatus:
@@ -138,6 +145,164 @@ class PodActivities:
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
 
+    @activity.defn(name="watch_pods")
+    async def watch_pods(self, inp: WatchInput) -> WatchResult:
+        """The Health Monitor and the Auto-Scaler's eyes, in one long-running activity.
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+        Pings every pod each ``health_interval_s`` and samples CPU each ``scale_interval_s``,
+        heartbeating what it sees; returns only when the workflow must act (a pod failed or
+        exited, the policy recommends a new size, an unknown pod appeared) or after
+        ``max_duration_s`` — so a steady service costs a handful of history events per hour.
+        """
+        return await _Watch(self, inp).run()
+
+
+class _Watch:
+    def __init__(self, acts: PodActivities, inp: WatchInput) -> None:
+        self.acts = acts
+        self.runtime = acts.runtime
+        self.inp = inp
+        self.spec = inp.spec
+        self.pods = {p.id: p for p in inp.pods}
+        self.failures = {pid: 0 for pid in self.pods}
+        self.cpu: dict[str, float | None] = {pid: None for pid in self.pods}
+        self.history = list(inp.history)
+        self.samples: list[CpuSample] = []
+        self.exited: set[str] = set()
+        self.wake = asyncio.Event()
+        details = activity.info().heartbeat_details
+        if details:  # a retry after a worker restart keeps the autoscale window it had
+            try:
+                self.history = WatchHeartbeat.model_validate(details[0]).history or self.history
+            except ValueError:
+                pass
+
+    def progress(self) -> list[PodProgress]:
+        return [
+            PodProgress(
+                pod_id=pid,
+                health="exited" if pid in self.exited else ("unhealthy" if self.failures[pid] else "healthy"),
+                consecutive_failures=self.failures[pid],
+                cpu_percent=self.cpu[pid],
+            )
+            for pid in self.pods
+        ]
+
+    def result(self, reason: str, **kw: Any) -> WatchResult:
+        return WatchResult(reason=reason, samples=self.samples, history=self.history, progress=self.progress(), **kw)
+
+    async def exited_failures(self, pod_ids: list[str]) -> list[PodFailure]:
+        out = []
+        for pid in pod_ids:
+            handle = await asyncio.to_thread(self.runtime.find, pid)
+            code = handle.exit_code if handle else None
+            out.append(PodFailure(pod_id=pid, kind="exited", exit_code=code,
+                                  detail=f"pod process exited (exit code {code})" if handle else "pod is gone"))
+        return out
+
+    async def run(self) -> WatchResult:
+        loop = asyncio.get_running_loop()
+        inp, spec = self.inp, self.spec
+        ids = list(self.pods)
+
+        def on_exit(pod_id: str) -> None:
+            loop.call_soon_threadsafe(self._mark_exited, pod_id)
+
+        unsubscribe = self.runtime.subscribe_exits(on_exit)
+        try:
+            start = loop.time()
+            deadline = start + inp.max_duration_s
+            next_health = start + spec.health_interval_s
+            next_scale = start + spec.scale_interval_s
+            next_orphans = start
+            cpu_before = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
+            cpu_at = loop.time()
+            for pid in await asyncio.to_thread(self.runtime.exited, ids):
+                self._mark_exited(pid)
+            while True:
+                if self.exited:
+                    return self.result("failed", failed=await self.exited_failures(sorted(self.exited)))
+                now = loop.time()
+                if now >= next_health and ids:
+                    oks = await asyncio.gather(*(probe(self.acts.session(), self.pods[p].endpoint, spec.health_path)
+                                                 for p in ids))
+                    for pid, ok in zip(ids, oks):
+                        self.failures[pid] = 0 if ok else self.failures[pid] + 1
+                    next_health = max(next_health + spec.health_interval_s, loop.time())
+                    failing = [p for p in ids if self.failures[p] >= spec.health_failures]
+                    if failing:
+                        gone = set(await asyncio.to_thread(self.runtime.exited, failing))
+                        failed = await self.exited_failures(sorted(gone))
+                        failed += [
+                            PodFailure(pod_id=p, kind="unhealthy", consecutive_failures=self.failures[p],
+                                       detail=f"{spec.health_path} failed {self.failures[p]} times in a row")
+                            for p in failing if p not in gone
+                        ]
+                        return self.result("failed", failed=failed)
+                if now >= next_scale and ids:
+                    cpu_now = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
+                    elapsed = max(loop.time() - cpu_at, 1e-3)
+                    cpu_at = loop.time()
+                    self.samples = []
+                    for pid in ids:
+                        pct = None
+                        if pid in cpu_now and pid in cpu_before:
+                            limit = spec.cpu_limit or 1.0
+                            pct = round(max(0.0, cpu_now[pid] - cpu_before[pid]) / elapsed / limit * 100, 1)
+                        self.cpu[pid] = pct
+                        self.samples.append(CpuSample(pod_id=pid, cpu_percent=pct, ready=True))
+                    cpu_before = cpu_now
+                    next_scale = max(next_scale + spec.scale_interval_s, loop.time())
+                    if inp.autoscale:
+                        decision = autoscale(
+                            AutoscaleInput(
+                                current=inp.current, samples=self.samples, min_replicas=spec.min_replicas,
+                                max_replicas=spec.max_replicas, cpu_target=spec.cpu_target,
+                                scale_down_window_s=spec.scale_down_window_s, history=self.history,
+                                now=datetime.now(UTC),
+                            )
+                        )
+                        self.history = decision.history
+                        if decision.desired != inp.current:
+                            return self.result("scale", decision=decision)
+                        if decision.at_max and not inp.at_max_reported:
+                            return self.result("at_max", decision=decision)
+                if now >= next_orphans:
+                    next_orphans = now + 30.0
+                    unknown = await self.unknown_pods()
+                    if unknown:
+                        return self.result("unknown_pods", unknown_pods=unknown)
+                if now >= deadline:
+                    return self.result("timeout")
+                activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
+                                                  history=self.history))
+                wait = min(next_health, next_scale, deadline, next_orphans) - loop.time()
+                if unsubscribe is None:  # no event stream: poll for exits, cheaply
+                    wait = min(wait, 0.1)
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
+                except asyncio.TimeoutError:
+                    pass
+                if unsubscribe is None and ids:
+                    for pid in await asyncio.to_thread(self.runtime.exited, ids):
+                        self._mark_exited(pid)
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
+
+    def _mark_exited(self, pod_id: str) -> None:
+        if pod_id in self.pods:
+            self.exited.add(pod_id)
+            self.wake.set()
+
+    async def unknown_pods(self) -> list[str]:
+        """Pods of this service on the node that the workflow does not know: leaked by a
+        crash at the wrong moment. Young ones may be a start in flight, so they get time."""
+        known = set(self.inp.known) | set(self.pods)
+        handles = await asyncio.to_thread(self.runtime.list, self.inp.service)
+        now = datetime.now(UTC)
+        return [
+            h.pod_id for h in handles
+            if h.pod_id not in known and (h.started_at is None or (now - h.started_at).total_seconds() > ORPHAN_GRACE_S)
+        ]

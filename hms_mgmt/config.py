@@ -35,6 +35,8 @@ _ENV_KEYS = {
     "dashboard_port": "HMS_DASHBOARD_PORT",
     "node_max_pods": "HMS_NODE_MAX_PODS",
     "capacity_retry_max_s": "HMS_CAPACITY_RETRY_MAX_S",
+    "watch_max_s": "HMS_WATCH_MAX_S",
+    "history_threshold": "HMS_HISTORY_THRESHOLD",
 }
 
 
@@ -55,6 +57,8 @@ class Settings(BaseModel):
     node: str = "local"
     node_max_pods: int = 64
     capacity_retry_max_s: float = 30.0
+    watch_max_s: float = 1800.0
+    history_threshold: int | None = None
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
     event_webhook: str | None = None

@@ -37,3 +37,7 @@ class SpecConflict(HmsError):
 
 class ConfigError(HmsError):
     """The configuration (environment or config file) is invalid."""
+
+
+class ScaleRefused(HmsError, ValueError):
+    """A manual scale was refused (outside [min_replicas, max_replicas], or not running)."""

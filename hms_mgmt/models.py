@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest]
 _IMAGE_REF = re.compile(
@@ -173,6 +175,9 @@ class ServiceStatus(_Model):
     web_ui_url: str | None = None
     message: str | None = None
     backoff_s: float = 0.0
+    crash_count: int = 0
+    heal_count: int = 0
+    scale_count: int = 0
 
 
 class Approval(_Model):
@@ -201,6 +206,7 @@ class Placement(_Model):
     namespace: str = "default"
     capacity_retry_max_s: float = 30.0
     node_queue_prefix: str = "hms-node-"
+    watch_max_s: float = 1800.0  # the monitor returns at least this often, so the workflow can continue-as-new
 
 
 class ServiceState(_Model):
@@ -219,6 +225,9 @@ class ServiceState(_Model):
     scale_counter: int = 0
     message: str | None = None
     requested_by: str = ""
+    history: list[Recommendation] = Field(default_factory=list)  # autoscale stabilisation window
+    at_max_reported: bool = False
+    last_samples: list[CpuSample] = Field(default_factory=list)
 
 
 class ServiceInput(_Model):
@@ -226,8 +235,7 @@ class ServiceInput(_Model):
     placement: Placement
     token: str = ""
     state: ServiceState | None = None
-    watch_max_s: float = 1800.0
-    history_threshold: int | None = None
+    history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
 
 
 class DeployInput(_Model):
@@ -312,3 +320,101 @@ class EventInput(_Model):
     service: str
     reason: str
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- health monitor, healing and scaling ----------------------------------------------
+
+class PodFailure(_Model):
+    pod_id: str
+    kind: Literal["unhealthy", "exited"]
+    detail: str
+    consecutive_failures: int = 0
+    exit_code: int | None = None
+
+
+class PodProgress(_Model):
+    """What the watch sees of one pod between its returns (its heartbeat details)."""
+
+    pod_id: str
+    health: Health
+    consecutive_failures: int = 0
+    cpu_percent: float | None = None
+
+
+class WatchInput(_Model):
+    service: str
+    spec: ServiceSpec
+    pods: list[PodStatus]  # the ready pods this node's watch pings and samples
+    known: list[str] = Field(default_factory=list)  # every pod id the workflow knows (incl. starting)
+    current: int = 0  # pods of the service in total, for the autoscale policy
+    max_duration_s: float = 1800.0
+    autoscale: bool = True
+    history: list[Recommendation] = Field(default_factory=list)
+    at_max_reported: bool = False
+
+
+class WatchResult(_Model):
+    reason: Literal["failed", "scale", "at_max", "timeout", "unknown_pods"]
+    failed: list[PodFailure] = Field(default_factory=list)
+    samples: list[CpuSample] = Field(default_factory=list)
+    decision: AutoscaleDecision | None = None
+    history: list[Recommendation] = Field(default_factory=list)
+    unknown_pods: list[str] = Field(default_factory=list)
+    progress: list[PodProgress] = Field(default_factory=list)
+
+
+class WatchHeartbeat(_Model):
+    progress: list[PodProgress] = Field(default_factory=list)
+    samples: list[CpuSample] = Field(default_factory=list)
+    history: list[Recommendation] = Field(default_factory=list)
+
+
+class HealInput(_Model):
+    spec: ServiceSpec
+    revision: int
+    failed: PodStatus
+    failure: PodFailure
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+    crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
+
+
+class HealAttempt(_Model):
+    """Sent to the parent after each failed replacement, so status() shows the crash loop."""
+
+    failed_pod: str
+    replacement: str
+    attempt: int
+    reason: str
+    next_delay_s: float
+
+
+class HealOutput(_Model):
+    old_pod: str
+    replacement: PodStatus
+    attempts: int
+
+
+class ScaleInput(_Model):
+    spec: ServiceSpec
+    revision: int
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    samples: list[CpuSample] = Field(default_factory=list)
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+    new_pod_ids: list[str] = Field(default_factory=list)
+    victims: list[PodStatus] = Field(default_factory=list)
+
+
+class ScaleOutput(_Model):
+    started: list[PodStatus] = Field(default_factory=list)
+    stopped: list[str] = Field(default_factory=list)
+    failed: list[FailedPod] = Field(default_factory=list)
+
+
+class ScaleRequest(_Model):
+    replicas: int
+    token: str = ""
+    reason: str = ""

@@ -16,15 +16,26 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
-from hms_mgmt.errors import HmsError, ServiceNotFound, SpecConflict, SpecError
-from hms_mgmt.models import DeployResult, LogsOutput, Placement, PodLogsInput, ServiceInput, ServiceSpec, ServiceStatus
+from hms_mgmt.errors import HmsError, ScaleRefused, ServiceNotFound, SpecConflict, SpecError
+from hms_mgmt.models import (
+    DeployResult,
+    LogsOutput,
+    Placement,
+    PodLogsInput,
+    PodProgress,
+    ScaleRequest,
+    ServiceInput,
+    ServiceSpec,
+    ServiceStatus,
+    WatchHeartbeat,
+)
 
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
 
@@ -83,6 +94,7 @@ class Orchestrator:
             namespace=s.namespace,
             node_queue_prefix=s.node_queue_prefix,
             capacity_retry_max_s=s.capacity_retry_max_s,
+            watch_max_s=s.watch_max_s,
         )
 
     def _handle(self, name: str) -> WorkflowHandle[Any, Any]:
@@ -111,7 +123,8 @@ class Orchestrator:
         existing = await self._running(spec.name)
         already = existing is not None
         if existing is None:
-            inp = ServiceInput(spec=spec, placement=self._placement(), token=self.settings.token or "")
+            inp = ServiceInput(spec=spec, placement=self._placement(), token=self.settings.token or "",
+                               history_threshold=self.settings.history_threshold)
             try:
                 handle = await self.client.start_workflow(
                     "ServiceWorkflow",
@@ -160,14 +173,60 @@ class Orchestrator:
             await asyncio.sleep(poll_s)
         raise TimeoutError(f"service {name} not {'/'.join(sorted(phases))} after {timeout:g}s (last: {last.phase if last else 'none'})")
 
-    async def status(self, name: str) -> ServiceStatus:
+    async def status(self, name: str, *, live: bool = True) -> ServiceStatus:
+        """The workflow's state; with ``live``, merged with what the running health monitor
+        has seen since it last reported (its heartbeat: failures in a row, CPU per pod)."""
         handle = self._handle(name)
         try:
-            return await handle.query("status", result_type=ServiceStatus)
+            status = await handle.query("status", result_type=ServiceStatus)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise ServiceNotFound(f"no service named {name!r}") from e
             raise
+        if live and status.pods:
+            try:
+                status = await self._merge_heartbeats(handle, status)
+            except RPCError:
+                pass
+        return status
+
+    async def _merge_heartbeats(self, handle: WorkflowHandle[Any, Any], status: ServiceStatus) -> ServiceStatus:
+        desc = await handle.describe()
+        progress: dict[str, PodProgress] = {}
+        for pending in desc.raw_description.pending_activities:
+            if pending.activity_type.name != "watch_pods" or not pending.heartbeat_details.payloads:
+                continue
+            (beat,) = await self.client.data_converter.decode(pending.heartbeat_details.payloads[:1], [WatchHeartbeat])
+            progress.update({p.pod_id: p for p in beat.progress})
+        if not progress:
+            return status
+        pods = []
+        for pod in status.pods:
+            prog = progress.get(pod.id)
+            if prog is not None and pod.ready:
+                pod = pod.model_copy(update={
+                    "consecutive_failures": prog.consecutive_failures,
+                    "cpu_percent": prog.cpu_percent if prog.cpu_percent is not None else pod.cpu_percent,
+                    "health": prog.health,
+                })
+            pods.append(pod)
+        return status.model_copy(update={"pods": pods})
+
+    async def scale(self, name: str, replicas: int, *, reason: str = "") -> ServiceStatus:
+        """Set the replica count (a validated workflow update: out of range is refused)."""
+        handle = await self._running(name)
+        if handle is None:
+            raise ServiceNotFound(f"no running service named {name!r}")
+        try:
+            return await handle.execute_update(
+                "scale",
+                ScaleRequest(replicas=replicas, token=self.settings.token or "", reason=reason),
+                result_type=ServiceStatus,
+            )
+        except WorkflowUpdateFailedError as e:
+            cause = e.cause
+            message = getattr(cause, "message", None) or str(cause or e)
+            raise ScaleRefused(f"scale {name} to {replicas} refused: {message}") from None
 
     async def list(self) -> builtins.list[ServiceStatus]:
         query = (
@@ -232,6 +291,10 @@ async def logs_async(service: str, pod_id: str, tail: int = 100, *, settings: Se
     return await _with("logs", service, pod_id, tail, settings=settings)
 
 
+async def scale_async(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
+    return await _with("scale", name, replicas, settings=settings, **kw)
+
+
 async def undeploy_async(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:
     return await _with("undeploy", name, settings=settings, **kw)
 
@@ -261,6 +324,11 @@ def list(*, settings: Settings | None = None) -> builtins.list[ServiceStatus]:  
 def logs(service: str, pod_id: str, tail: int = 100, *, settings: Settings | None = None) -> builtins.list[str]:
     """The last ``tail`` lines of a pod's log (``orchestrator.logs(service=..., pod_id=...)``)."""
     return _run(logs_async(service, pod_id, tail, settings=settings))
+
+
+def scale(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
+    """Set a service's replica count within [min_replicas, max_replicas]."""
+    return _run(scale_async(name, replicas, settings=settings, **kw))
 
 
 def undeploy(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from datetime import timedelta
 from collections.abc import Callable
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -84,8 +85,13 @@ class HmsWorker:
                         self.pods.stop_pod,
                         self.pods.list_pods,
                         self.pods.pod_logs,
+                        self.pods.watch_pods,
                     ],
                     max_concurrent_activities=500,
+                    # Heartbeats carry the monitor's live view (failures, CPU) to status():
+                    # send them each second rather than at 80% of the heartbeat timeout.
+                    max_heartbeat_throttle_interval=timedelta(seconds=1),
+                    default_heartbeat_throttle_interval=timedelta(seconds=1),
                 )
             )
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from workflows.deploy import DeployWorkflow
+from workflows.heal import HealWorkflow
 from workflows.logs import PodLogsWorkflow
+from workflows.scale import ScaleWorkflow
 from workflows.service import ServiceWorkflow
 
-ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, PodLogsWorkflow]
+ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow]
 
-__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "PodLogsWorkflow", "ServiceWorkflow"]
+__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "HealWorkflow", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]

@@ -2,6 +2,8 @@
 
 A long-lived entity. Rollouts, heals and scaling actions are child workflows so each is its
 own execution in the Web UI; children report back and this workflow applies the result.
+Between actions it waits on one long-running watch activity per node, which returns only
+when something needs a decision — a steady service adds a handful of events per hour.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
@@ -19,21 +21,33 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import (
         Decision,
         DeployInput,
+        HealAttempt,
+        HealInput,
         ListPodsInput,
         Phase,
+        PodFailure,
         PodStatus,
+        ScaleInput,
+        ScaleRequest,
         ServiceInput,
         ServiceSpec,
         ServiceState,
         ServiceStatus,
+        WatchInput,
+        WatchResult,
     )
+    from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
 from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
 from workflows.deploy import POD_REPORTED, DeployWorkflow
+from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
+from workflows.scale import ScaleWorkflow
 
 PHASE_KEY = SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE)
 SERVICE_KEY = SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE)
 MAX_DECISIONS = 20
+DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
+SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")
 
 
 @workflow.defn
@@ -45,7 +59,11 @@ class ServiceWorkflow:
         self.state: ServiceState = inp.state or ServiceState(desired_replicas=inp.spec.min_replicas)
         self.undeploy_requested = False
         self.lock = asyncio.Lock()
-        self._history_threshold = inp.history_threshold
+        self.history_threshold = inp.history_threshold
+        self.heals: dict[str, asyncio.Task[None]] = {}
+        self.scaling: asyncio.Task[None] | None = None
+        self.pods_changed = False
+        self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
 
     # --- messages --------------------------------------------------------------------
 
@@ -66,6 +84,9 @@ class ServiceWorkflow:
             web_ui_url=self._web_ui_url(),
             message=s.message,
             backoff_s=s.backoff_s,
+            crash_count=s.crash_count,
+            heal_count=s.heal_counter,
+            scale_count=s.scale_counter,
         )
 
     @workflow.signal
@@ -75,7 +96,45 @@ class ServiceWorkflow:
     @workflow.signal(name=POD_REPORTED)
     def pod_reported(self, pod: PodStatus) -> None:
         """Live progress from a child; the child's result is still the authority."""
+        if pod.health == "exited" and not any(p.id == pod.id for p in self.state.pods):
+            return
         self._upsert_pod(pod)
+
+    @workflow.signal(name=HEAL_ATTEMPT_FAILED)
+    def heal_attempt_failed(self, attempt: HealAttempt) -> None:
+        self.state.crash_count += 1
+        self.state.backoff_s = attempt.next_delay_s
+        self.state.pods = [p for p in self.state.pods if p.id != attempt.replacement]
+        reason = (
+            f"replacement {attempt.replacement[:8]} for pod {attempt.failed_pod[:8]} failed "
+            f"(attempt {attempt.attempt}): {attempt.reason}; next try in {attempt.next_delay_s:g}s"
+        )
+        self.state.message = reason
+        if self.state.crash_count >= DEGRADED_AFTER and self.state.phase != "Degraded":
+            self._set_phase("Degraded")
+            self._decide("degraded", reason, pod=attempt.failed_pod)
+            self.outbox.append(("service.degraded", reason, {"crash_count": self.state.crash_count,
+                                                            "backoff_s": attempt.next_delay_s}))
+
+    @workflow.update
+    async def scale(self, req: ScaleRequest) -> ServiceStatus:
+        """Set the replica count by hand, like ``kubectl scale`` on an HPA-managed deployment:
+        the autoscaler keeps running and its next decision may change the count again, but a
+        manual value holds off its scale-down for the stabilisation window."""
+        self.state.history = self.state.history + [Recommendation(at=workflow.now(), replicas=req.replicas)]
+        await self._scale_to(req.replicas, req.reason or f"manual scale to {req.replicas}", samples=[])
+        return self.status()
+
+    @scale.validator
+    def _validate_scale(self, req: ScaleRequest) -> None:
+        spec = self.spec
+        if not spec.min_replicas <= req.replicas <= spec.max_replicas:
+            raise ValueError(
+                f"replicas {req.replicas} is outside [min_replicas {spec.min_replicas}, "
+                f"max_replicas {spec.max_replicas}] of {spec.name}"
+            )
+        if self.state.phase not in SUPERVISED or self.undeploy_requested:
+            raise ValueError(f"{spec.name} is {self.state.phase}; it can be scaled once it runs")
 
     # --- run ---------------------------------------------------------------------------
 
@@ -85,18 +144,263 @@ class ServiceWorkflow:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(self.spec.name)])
             self._set_phase("Validating")
             await self._deploy()
-        elif self.state.phase not in ("Undeploying", "Stopped"):
-            self._set_phase(self.state.phase, force=True)
-        while not self.undeploy_requested:
-            await workflow.wait_condition(lambda: self.undeploy_requested or self._continue_as_new_due())
-            if not self.undeploy_requested and self._continue_as_new_due():
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                workflow.continue_as_new(inp.model_copy(update={"state": self.state}))
+        await self._supervise()
+        if not self.undeploy_requested:  # continue-as-new was due
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(inp.model_copy(update={"state": self.state}))
         await self._undeploy()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
 
-    # --- steps -------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        watch: asyncio.Task[WatchResult | None] | None = None
+        while True:
+            await self._flush_outbox()
+            if self.undeploy_requested:
+                break
+            if self._continue_as_new_due() and not self.heals and self.scaling is None and not self.lock.locked():
+                break
+            if watch is None and self.state.phase in SUPERVISED:
+                watch = asyncio.ensure_future(self._watch())
+            await workflow.wait_condition(
+                lambda: self.undeploy_requested
+                or (watch is not None and watch.done())
+                or self.pods_changed
+                or bool(self.outbox)
+                or (self._continue_as_new_due() and not self.heals and self.scaling is None)
+            )
+            if self.pods_changed and watch is not None and not watch.done():
+                watch.cancel()  # the pod set changed: watch the new one
+            self.pods_changed = False
+            if watch is not None and watch.done():
+                try:
+                    result = watch.result()
+                except asyncio.CancelledError:
+                    result = None
+                except ActivityError as e:
+                    workflow.logger.warning("watch failed: %s", e)
+                    await workflow.sleep(timedelta(seconds=1))
+                    result = None
+                watch = None
+                if result is not None:
+                    await self._on_watch(result)
+        if watch is not None and not watch.done():
+            watch.cancel()
+        for task in list(self.heals.values()) + ([self.scaling] if self.scaling else []):
+            if self.undeploy_requested:
+                task.cancel()
+        if not self.undeploy_requested:
+            await workflow.wait_condition(lambda: not self.heals and self.scaling is None)
+
+    async def _watch(self) -> WatchResult | None:
+        """One watch activity per node that runs ready pods; the first to return wins."""
+        healthy = [p for p in self.state.pods if p.ready and p.id not in self.heals]
+        by_node: dict[str, list[PodStatus]] = {}
+        for pod in healthy:
+            by_node.setdefault(pod.node, []).append(pod)
+        if not by_node:
+            await workflow.wait_condition(lambda: False)  # until cancelled: nothing to watch
+        max_s = self.placement.watch_max_s
+        if self.state.phase == "Degraded" or self.state.crash_count:
+            # Recovery is "pods stay ready": a quiet round of this length proves it.
+            max_s = min(max_s, max(10.0, 3 * self.spec.health_interval_s))
+        known = [p.id for p in self.state.pods]
+        tasks = [
+            asyncio.ensure_future(
+                workflow.execute_activity_method(
+                    PodActivities.watch_pods,
+                    WatchInput(
+                        service=self.spec.name, spec=self.spec, pods=pods, known=known,
+                        current=self._effective(), max_duration_s=max_s,
+                        autoscale=self.spec.min_replicas < self.spec.max_replicas and self.scaling is None,
+                        history=self.state.history, at_max_reported=self.state.at_max_reported,
+                    ),
+                    task_queue=self._node_queue(node),
+                    start_to_close_timeout=timedelta(seconds=max_s + 120),
+                    heartbeat_timeout=POD_HEARTBEAT,
+                    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                             maximum_interval=timedelta(seconds=10)),
+                    summary=f"watch {len(pods)} pod(s) on {node}",
+                )
+            )
+            for node, pods in sorted(by_node.items())
+        ]
+        try:
+            done, pending = await workflow.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        for t in pending:
+            t.cancel()
+        return next(iter(done)).result()
+
+    async def _on_watch(self, result: WatchResult) -> None:
+        self._apply_progress(result)
+        if result.reason == "failed":
+            for failure in result.failed:
+                await self._pod_failed(failure)
+        elif result.reason == "scale" and result.decision is not None:
+            self.state.history = result.history
+            await self._autoscale(result.samples)
+        elif result.reason == "at_max" and result.decision is not None:
+            self.state.at_max_reported = True
+            self.state.history = result.history
+            await emit(self.placement, "service.at_max", self.spec.name, result.decision.reason,
+                       max_replicas=self.spec.max_replicas, mean_cpu=result.decision.mean_cpu)
+        elif result.reason == "unknown_pods":
+            for pod_id in result.unknown_pods:
+                orphan = PodStatus(id=pod_id, node=self._node_of_watch(result), health="exited")
+                await stop_pod(self.spec, orphan, self._node_queue(orphan.node), grace_s=0)
+                await emit(self.placement, "pod.stopped", self.spec.name,
+                           f"removed pod {pod_id}: it carries our labels but no record (orphan)", pod=pod_id)
+        elif result.reason == "timeout":
+            self.state.history = result.history or self.state.history
+            if self.state.crash_count and not self.heals and self._all_ready():
+                recovered = self.state.phase == "Degraded"
+                self.state.crash_count = 0
+                self.state.backoff_s = 0.0
+                self.state.message = None
+                if recovered:
+                    self._set_phase("Running")
+                    reason = f"all {self.state.desired_replicas} pods ready and staying ready"
+                    self._decide("recovered", reason)
+                    await emit(self.placement, "service.recovered", self.spec.name, reason)
+
+    def _node_of_watch(self, result: WatchResult) -> str:
+        ids = {p.pod_id for p in result.progress}
+        return next((p.node for p in self.state.pods if p.id in ids), self.placement.nodes[0].name)
+
+    def _apply_progress(self, result: WatchResult) -> None:
+        self.state.last_samples = result.samples
+        for prog in result.progress:
+            for i, pod in enumerate(self.state.pods):
+                if pod.id == prog.pod_id:
+                    self.state.pods[i] = pod.model_copy(
+                        update={"consecutive_failures": prog.consecutive_failures,
+                                "cpu_percent": prog.cpu_percent if prog.cpu_percent is not None else pod.cpu_percent}
+                    )
+
+    # --- healing -----------------------------------------------------------------------
+
+    async def _pod_failed(self, failure: PodFailure) -> None:
+        pod = next((p for p in self.state.pods if p.id == failure.pod_id), None)
+        if pod is None or pod.id in self.heals:
+            return
+        now = workflow.now()
+        stable_s = max(10.0, 3 * self.spec.health_interval_s)
+        if pod.started_at is not None and (now - pod.started_at).total_seconds() < stable_s:
+            self.state.crash_count += 1  # it died young: part of a crash loop
+        self._upsert_pod(pod.model_copy(update={"ready": False, "health": failure.kind,
+                                                "consecutive_failures": failure.consecutive_failures}))
+        event = "pod.exited" if failure.kind == "exited" else "pod.unhealthy"
+        await emit(self.placement, event, self.spec.name, f"pod {pod.id}: {failure.detail}",
+                   pod=pod.id, node=pod.node, exit_code=failure.exit_code)
+        self._start_heal(pod, failure)
+
+    def _start_heal(self, pod: PodStatus, failure: PodFailure) -> None:
+        if self.state.phase == "Running":
+            self._set_phase("Healing")
+        self.state.heal_counter += 1
+        self.heals[pod.id] = asyncio.ensure_future(self._heal(pod, failure))
+
+    async def _heal(self, pod: PodStatus, failure: PodFailure) -> None:
+        try:
+            result = await workflow.execute_child_workflow(
+                HealWorkflow.run,
+                HealInput(spec=self.spec, revision=self.state.revision, failed=pod, failure=failure,
+                          placement=self.placement, existing=[p for p in self.state.pods if p.id != pod.id],
+                          crash_count=self.state.crash_count),
+                id=f"{workflow.info().workflow_id}-heal-{pod.id}",
+                task_queue=self.placement.control_task_queue,
+                static_summary=f"replace {failure.kind} pod {pod.id[:8]}: {failure.detail}"[:200],
+            )
+        except (ChildWorkflowError, asyncio.CancelledError):
+            self.heals.pop(pod.id, None)
+            if self.undeploy_requested:
+                return
+            raise
+        self.heals.pop(pod.id, None)
+        self.state.pods = [p for p in self.state.pods if p.id != pod.id]
+        self._upsert_pod(result.replacement)
+        reason = f"pod {pod.id} {failure.kind} ({failure.detail}); replaced by {result.replacement.id}"
+        self._decide("heal", reason, pod=pod.id)
+        self.pods_changed = True
+        if self.state.phase == "Healing" and not self.heals:
+            self._set_phase("Running")
+        await emit(self.placement, "pod.replaced", self.spec.name, reason, old_pod=pod.id,
+                   new_pod=result.replacement.id, attempts=result.attempts, endpoint=result.replacement.endpoint)
+
+    # --- scaling -----------------------------------------------------------------------
+
+    async def _autoscale(self, samples: list[CpuSample]) -> None:
+        """Re-check the watch's recommendation with the same pure policy before acting."""
+        decision = autoscale(
+            AutoscaleInput(
+                current=self._effective(), samples=samples, min_replicas=self.spec.min_replicas,
+                max_replicas=self.spec.max_replicas, cpu_target=self.spec.cpu_target,
+                scale_down_window_s=self.spec.scale_down_window_s, history=self.state.history,
+                now=workflow.now(),
+            )
+        )
+        self.state.history = decision.history
+        if decision.desired == self._effective() or self.scaling is not None or self.heals:
+            return
+        if decision.at_max and not self.state.at_max_reported:
+            self.state.at_max_reported = True
+            await emit(self.placement, "service.at_max", self.spec.name, decision.reason,
+                       max_replicas=self.spec.max_replicas, mean_cpu=decision.mean_cpu)
+        elif not decision.at_max:
+            self.state.at_max_reported = False
+        self.scaling = asyncio.ensure_future(self._scale_to(decision.desired, decision.reason, samples=samples))
+
+    async def _scale_to(self, replicas: int, reason: str, *, samples: list[CpuSample]) -> None:
+        try:
+            async with self.lock:
+                await workflow.wait_condition(lambda: not self.heals)
+                current = [p for p in self.state.pods if p.id not in self.heals]
+                if replicas == len(current):
+                    self.state.desired_replicas = replicas
+                    return
+                self.state.scale_counter += 1
+                before = len(current)
+                self.state.desired_replicas = replicas
+                previous_phase = self.state.phase
+                self._set_phase("Scaling")
+                new_ids = [str(workflow.uuid4()) for _ in range(max(0, replicas - before))]
+                # Scale down newest or least healthy first.
+                victims = sorted(
+                    current,
+                    key=lambda p: (p.ready, p.health == "healthy", -p.consecutive_failures,
+                                   -(p.started_at.timestamp() if p.started_at else 0)),
+                )[: max(0, before - replicas)]
+                result = await workflow.execute_child_workflow(
+                    ScaleWorkflow.run,
+                    ScaleInput(spec=self.spec, revision=self.state.revision, from_replicas=before,
+                               to_replicas=replicas, reason=reason, samples=samples, placement=self.placement,
+                               existing=current, new_pod_ids=new_ids, victims=victims),
+                    id=f"{workflow.info().workflow_id}-scale-{self.state.scale_counter}",
+                    task_queue=self.placement.control_task_queue,
+                    static_summary=f"{before} -> {replicas} pods: {reason}"[:200],
+                )
+                stopped = set(result.stopped) | {f.pod_id for f in result.failed}
+                self.state.pods = [p for p in self.state.pods if p.id not in stopped]
+                for pod in result.started:
+                    self._upsert_pod(pod)
+                self._decide("scale", reason, from_replicas=before, to_replicas=replicas)
+                self._set_phase("Running" if previous_phase in ("Scaling", "Healing") else previous_phase)
+                self.pods_changed = True
+                await emit(self.placement, "service.scaled", self.spec.name, reason,
+                           from_replicas=before, to_replicas=replicas,
+                           samples=[s.model_dump() for s in samples])
+        finally:
+            self.scaling = None
+
+    def _effective(self) -> int:
+        """Pods that count toward the replica total (a pod being replaced counts once)."""
+        return sum(1 for p in self.state.pods if p.id not in self.heals)
+
+    # --- deploy and undeploy ---------------------------------------------------------------
 
     async def _deploy(self) -> None:
         self._set_phase("Deploying")
@@ -123,26 +427,33 @@ class ServiceWorkflow:
             self._set_phase("Failed")
             await emit(self.placement, "service.failed", self.spec.name, self.state.message)
             return
-        by_id = {p.id: p for p in result.pods}
-        self.state.pods = [by_id.get(p.id, p) for p in self.state.pods if p.id in by_id]
+        ready = {p.id for p in result.pods}
+        self.state.pods = [p for p in self.state.pods if p.id in ready]
         for pod in result.pods:
             self._upsert_pod(pod)
-        for pod in self.state.pods:
-            await emit(self.placement, "pod.started", self.spec.name, f"pod {pod.id} ready on {pod.node} at {pod.endpoint}",
+        for pod in result.pods:
+            await emit(self.placement, "pod.started", self.spec.name,
+                       f"pod {pod.id} ready on {pod.node} at {pod.endpoint}",
                        pod=pod.id, node=pod.node, endpoint=pod.endpoint)
-        if result.failed:
-            self.state.message = "; ".join(f"{f.pod_id}: {f.reason}" for f in result.failed)
-        self._set_phase("Running" if len(self.state.pods) >= count else "Degraded")
+        self._set_phase("Running")
         await emit(self.placement, "service.deployed", self.spec.name,
-                   f"{len(self.state.pods)}/{count} pods ready", revision=self.state.revision)
+                   f"{len(result.pods)}/{count} pods ready", revision=self.state.revision)
+        for failed in result.failed:
+            # A pod that could not start at all is healed like any other: replaced, with backoff.
+            node = self.placement.nodes[0].name if self.placement.nodes else ""
+            pod = PodStatus(id=failed.pod_id, node=node, revision=self.state.revision, image=self.spec.image,
+                            health="exited")
+            self._upsert_pod(pod)
+            self.state.crash_count += 1
+            await emit(self.placement, "pod.exited", self.spec.name, f"pod {pod.id}: {failed.reason}", pod=pod.id)
+            self._start_heal(pod, PodFailure(pod_id=pod.id, kind="exited", detail=failed.reason))
 
     async def _undeploy(self) -> None:
         self._set_phase("Undeploying")
-        tq = {n.name: n.task_queue for n in self.placement.nodes}
         await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node)) for p in self.state.pods))
         # Sweep every node for pods of this service that a record missed (a start that raced
         # the undeploy): nothing may be left behind.
-        nodes = {p.node for p in self.state.pods} | set(tq)
+        nodes = {p.node for p in self.state.pods} | {n.name for n in self.placement.nodes}
         for node in sorted(nodes):
             try:
                 left = await workflow.execute_activity_method(
@@ -164,6 +475,14 @@ class ServiceWorkflow:
 
     # --- helpers -----------------------------------------------------------------------
 
+    async def _flush_outbox(self) -> None:
+        while self.outbox:
+            type_, reason, data = self.outbox.pop(0)
+            await emit(self.placement, type_, self.spec.name, reason, **data)
+
+    def _all_ready(self) -> bool:
+        return sum(1 for p in self.state.pods if p.ready) >= self.state.desired_replicas
+
     def _node_queue(self, node: str) -> str:
         for n in self.placement.nodes:
             if n.name == node:
@@ -182,16 +501,17 @@ class ServiceWorkflow:
             self.state.phase = phase
             workflow.upsert_search_attributes([PHASE_KEY.value_set(phase)])
 
-    def _decide(self, decision: Decision) -> None:
+    def _decide(self, kind: str, reason: str, **kw: object) -> None:
+        decision = Decision(at=workflow.now(), kind=kind, reason=reason, **kw)  # type: ignore[arg-type]
         self.state.decisions = (self.state.decisions + [decision])[-MAX_DECISIONS:]
 
     def _continue_as_new_due(self) -> bool:
         info = workflow.info()
-        threshold = self._history_threshold
-        if threshold is not None and info.get_current_history_length() >= threshold:
+        if self.history_threshold is not None and info.get_current_history_length() >= self.history_threshold:
             return True
         return info.is_continue_as_new_suggested()
 
     def _web_ui_url(self) -> str:
         base = self.placement.web_ui_base.rstrip("/")
         return f"{base}/namespaces/{self.placement.namespace}/workflows/{workflow.info().workflow_id}"
+

@@ -4,6 +4,7 @@ activities run them on worker threads, never on the event loop."""
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -82,6 +83,18 @@ class PodRuntime(abc.ABC):
     @abc.abstractmethod
     def content_id(self, image: str) -> str:
         """The image's content identity (what a trust signature covers)."""
+
+    def exited(self, pod_ids: list[str]) -> list[str]:
+        """Pods among ``pod_ids`` that are not running (gone, exited, or never started)."""
+        running = {h.pod_id for h in self.list() if h.running}
+        return [p for p in pod_ids if p not in running]
+
+    def subscribe_exits(self, callback: Callable[[str], None]) -> Callable[[], None] | None:
+        """Call ``callback(pod_id)`` from another thread the moment a pod exits.
+
+        Returns an unsubscribe function, or None when the runtime has no event stream (the
+        caller then polls ``exited``)."""
+        return None
 
     def close(self) -> None:
         """Release clients and background threads."""

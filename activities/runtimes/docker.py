@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +55,11 @@ class DockerRuntime(PodRuntime):
         self.client = client or docker.from_env(timeout=60)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
         self._lock = threading.Lock()
+        self._subscribers: list[Callable[[str], None]] = []
+        self._pod_locks: dict[str, threading.Lock] = {}
+        self._events_thread: threading.Thread | None = None
+        self._events_stream = None
+        self._closed = False
 
     def _filters(self, service: str | None = None, pod_id: str | None = None) -> dict[str, list[str]]:
         labels = [f"{c.LABEL_NODE}={self.node}", f"{c.LABEL_MANAGED}=1"]
@@ -91,8 +98,12 @@ class DockerRuntime(PodRuntime):
             extra={"container_id": container.id},
         )
 
-    def start(self, req: PodRequest) -> PodHandle:
+    def _pod_lock(self, pod_id: str) -> threading.Lock:
         with self._lock:
+            return self._pod_locks.setdefault(pod_id, threading.Lock())
+
+    def start(self, req: PodRequest) -> PodHandle:
+        with self._pod_lock(req.pod_id):  # per pod: different pods start in parallel
             for existing in self._containers(pod_id=req.pod_id):
                 if existing.status == "running":
                     return self._handle(existing)
@@ -206,9 +217,42 @@ class DockerRuntime(PodRuntime):
                 out[pid] = value
         return out
 
-    def exited(self, pod_ids: list[str]) -> list[str]:
-        running = {h.pod_id for h in self.list() if h.running}
-        return [p for p in pod_ids if p not in running]
+    def subscribe_exits(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Docker's event stream tells us of a dying container at once (no polling)."""
+        with self._lock:
+            self._subscribers.append(callback)
+            if self._events_thread is None or not self._events_thread.is_alive():
+                self._events_thread = threading.Thread(target=self._pump_events, name="hms-docker-events", daemon=True)
+                self._events_thread.start()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _pump_events(self) -> None:
+        while not self._closed:
+            try:
+                stream = self.client.events(
+                    decode=True,
+                    filters={"type": "container", "event": ["die"], "label": [f"{c.LABEL_NODE}={self.node}"]},
+                )
+                self._events_stream = stream
+                for event in stream:
+                    pod_id = ((event.get("Actor") or {}).get("Attributes") or {}).get(c.LABEL_POD)
+                    if not pod_id:
+                        continue
+                    with self._lock:
+                        subscribers = list(self._subscribers)
+                    for cb in subscribers:
+                        cb(pod_id)
+            except Exception as e:  # noqa: BLE001 - reconnect: the watchers poll meanwhile
+                if self._closed:
+                    return
+                log.warning("docker event stream broke (%s); reconnecting", e)
+                time.sleep(1)
 
     def content_id(self, image: str) -> str:
         try:
@@ -217,5 +261,11 @@ class DockerRuntime(PodRuntime):
             raise PodRuntimeError(f"image {image!r} is not on node {self.node}", kind="ImageNotFound") from e
 
     def close(self) -> None:
+        self._closed = True
+        if self._events_stream is not None:
+            try:
+                self._events_stream.close()
+            except Exception:  # noqa: BLE001
+                pass
         self._pool.shutdown(wait=False)
         self.client.close()

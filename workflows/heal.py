@@ -1,0 +1,56 @@
+"""HealWorkflow (id ``svc-<name>-heal-<pod>``): replace one failed pod.
+
+Start the replacement, wait until it is ready, then stop and remove what is left of the old
+pod. Replacements that keep failing back off exponentially (a durable timer between tries).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from hms_mgmt.models import HealAttempt, HealInput, HealOutput
+    from hms_mgmt.policy.backoff import backoff_delay
+
+from workflows.common import error_message, pick_nodes, start_and_wait, stop_pod
+from workflows.deploy import report_to_parent
+
+HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
+
+
+@workflow.defn
+class HealWorkflow:
+    @workflow.run
+    async def run(self, inp: HealInput) -> HealOutput:
+        spec = inp.spec
+        attempt = 0
+        while True:
+            failures = inp.crash_count + attempt
+            delay = backoff_delay(failures, initial_s=spec.backoff_initial_s, max_s=spec.backoff_max_s)
+            if delay > 0:
+                await workflow.sleep(timedelta(seconds=delay), summary=f"crash-loop backoff {delay:g}s")
+            pod_id = str(workflow.uuid4())
+            node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True))[0]
+            assert node is not None
+            try:
+                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent)
+                break
+            except ActivityError as e:
+                attempt += 1
+                next_delay = backoff_delay(inp.crash_count + attempt, initial_s=spec.backoff_initial_s,
+                                           max_s=spec.backoff_max_s)
+                parent = workflow.info().parent
+                if parent is not None:
+                    await workflow.get_external_workflow_handle(parent.workflow_id).signal(
+                        HEAL_ATTEMPT_FAILED,
+                        HealAttempt(failed_pod=inp.failed.id, replacement=pod_id, attempt=attempt,
+                                    reason=error_message(e), next_delay_s=next_delay),
+                    )
+        old_queue = next((n.task_queue for n in inp.placement.nodes if n.name == inp.failed.node),
+                         f"{inp.placement.node_queue_prefix}{inp.failed.node}")
+        grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s
+        await stop_pod(spec, inp.failed, old_queue, grace_s=grace)
+        return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1)

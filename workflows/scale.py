@@ -1,0 +1,38 @@
+"""ScaleWorkflow (id ``svc-<name>-scale-<n>``): one scaling action, from N to M pods.
+
+Its input holds the decision's samples and reason, so the Web UI answers "why did it scale?".
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from hms_mgmt.models import FailedPod, ScaleInput, ScaleOutput
+
+from workflows.common import start_pods, stop_pod
+from workflows.deploy import report_to_parent
+
+
+@workflow.defn
+class ScaleWorkflow:
+    @workflow.run
+    async def run(self, inp: ScaleInput) -> ScaleOutput:
+        out = ScaleOutput()
+        if inp.new_pod_ids:
+            ready, failed = await start_pods(
+                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, report_to_parent
+            )
+            out.started = ready
+            out.failed = [FailedPod(pod_id=p, reason=r) for p, r in failed]
+        if inp.victims:
+            def queue(node: str) -> str:
+                return next((n.task_queue for n in inp.placement.nodes if n.name == node),
+                            f"{inp.placement.node_queue_prefix}{node}")
+
+            # Graceful: SIGTERM, then SIGKILL after the spec's stop_grace_s.
+            await asyncio.gather(*(stop_pod(inp.spec, v, queue(v.node)) for v in inp.victims))
+            out.stopped = [v.id for v in inp.victims]
+        return out

@@ -1,0 +1,389 @@
+"""Deploy benchmark: seconds from ``deploy()`` to 10 healthy pods, against a plain parallel
+``docker run`` of the same image x10 plus health polling, measured in the same run.
+
+Runs alternate (ours, peer, ours, peer, ...), each from a clean state (every container removed
+in between, not counted). Both sides use the same poller (``bench.common.HealthPoller``) and
+the same poll interval, started at t0, discovering endpoints by container label.
+
+Ours, three figures per run (t0 = the call to ``orch.deploy(spec, wait=True)``):
+  status   all N pods ready+healthy in ``status()`` (polled every --poll s)   <- headline
+  http     all N pods answering /health from outside (the peer's poller)
+  return   ``deploy(wait=True)`` returned (phase Running; it polls every 0.25 s itself)
+Peer: N threads each ``client.containers.run(..., detach=True)``, then the same poller.
+
+    .venv/bin/python bench/deploy.py [--runs 5] [--replicas 10] [--poll 0.1] [--warmup 1]
+
+Prints a table and the ratio (ours median / peer median), and writes bench/results/deploy.json,
+including a per-run breakdown of our time read from the workflow histories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_POLL_S,
+    EXAMPLE_IMAGE,
+    CpuMeter,
+    HealthPoller,
+    Run,
+    activity_timeline,
+    docker_client,
+    docker_discoverer,
+    hms_stack,
+    median,
+    pmax,
+    poll_until,
+    print_table,
+    remove_containers,
+    rnd,
+    terminate_running,
+    use_source,
+    verdict,
+)
+
+NAME = "deploy"
+TARGET = 1.3
+PEER_LABEL = "bench"
+
+
+# --- one run of each side -----------------------------------------------------------------
+
+
+async def run_ours(stack, i: int, n: int, poller: HealthPoller, dclient, args) -> dict[str, Any]:
+    from hms_mgmt import constants
+
+    name = f"bench-deploy-{i}"
+    spec = {"name": name, "image": args.image, "min_replicas": n, "max_replicas": n, "cpu_target": 60}
+    orch = stack.orch
+
+    async def all_healthy() -> bool:
+        st = await orch.status(name)
+        return st.ready_replicas >= n and sum(1 for p in st.pods if p.health == "healthy" and p.ready) >= n
+
+    labels = {constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}
+    cpu = CpuMeter().start()
+    t0_wall = time.time()
+    t0 = time.perf_counter()
+    deploy_task = asyncio.ensure_future(orch.deploy(spec, wait=True, timeout=args.timeout))
+    status_task = asyncio.ensure_future(poll_until(all_healthy, t0=t0, interval_s=args.status_poll or args.poll,
+                                                timeout_s=args.timeout))
+    http_task = asyncio.ensure_future(poller.wait(docker_discoverer(dclient, labels), n, t0=t0, timeout_s=args.timeout))
+    returned: list[float] = []
+    deploy_task.add_done_callback(lambda _: returned.append(time.perf_counter() - t0))
+    try:
+        t_status, http = await asyncio.gather(status_task, http_task)
+        cpu_used = cpu.stop()  # up to "all healthy", the same window as the peer's
+        await deploy_task
+        t_return = returned[0]
+    finally:
+        for t in (deploy_task, status_task, http_task):
+            t.cancel()
+    out: dict[str, Any] = {
+        "service": name,
+        "status_s": rnd(t_status),
+        "http_s": rnd(http.elapsed_s),
+        "return_s": rnd(t_return),
+        "cpu": cpu_used,
+        "http_first_seen_s": sorted(rnd(v) for v in http.first_seen_s.values()),
+        "http_healthy_s": sorted(rnd(v) for v in http.healthy_s.values()),
+    }
+    if not http.ok or t_status is None:
+        raise RuntimeError(f"our deploy {name} did not reach {n} healthy pods: {out}")
+    with contextlib.suppress(Exception):
+        out["breakdown"] = await breakdown(stack.client, name, t0_wall)
+    return out
+
+
+async def run_peer(i: int, n: int, poller: HealthPoller, dclient, pool: ThreadPoolExecutor, args) -> dict[str, Any]:
+    labels = {PEER_LABEL: "1", f"{PEER_LABEL}.run": f"{i}-{uuid.uuid4().hex[:6]}"}
+    loop = asyncio.get_running_loop()
+    run_times: list[float] = []
+
+    def one() -> None:
+        t = time.perf_counter()
+        dclient.containers.run(
+            args.image,
+            detach=True,
+            ports={"8080/tcp": ("127.0.0.1", None)},
+            labels=labels,
+            environment={"PORT": "8080"},
+        )
+        run_times.append(time.perf_counter() - t)
+
+    cpu = CpuMeter().start()
+    t0 = time.perf_counter()
+    http_task = asyncio.ensure_future(poller.wait(docker_discoverer(dclient, labels), n, t0=t0, timeout_s=args.timeout))
+    try:
+        await asyncio.gather(*(loop.run_in_executor(pool, one) for _ in range(n)))
+        t_started = time.perf_counter() - t0
+        http = await http_task
+        cpu_used = cpu.stop()
+    finally:
+        http_task.cancel()
+    out = {
+        "http_s": rnd(http.elapsed_s),
+        "all_run_returned_s": rnd(t_started),
+        "cpu": cpu_used,
+        "docker_run_s": {"min": rnd(min(run_times)), "median": rnd(median(run_times)), "max": rnd(max(run_times))},
+        "http_first_seen_s": sorted(rnd(v) for v in http.first_seen_s.values()),
+        "http_healthy_s": sorted(rnd(v) for v in http.healthy_s.values()),
+    }
+    if not http.ok:
+        raise RuntimeError(f"peer run {i} did not reach {n} healthy containers: {out}")
+    return out
+
+
+# --- where our time goes (workflow histories) ------------------------------------------------
+
+
+def _span(acts: list[dict[str, Any]], kind: str, t0: float) -> dict[str, Any] | None:
+    xs = [a for a in acts if a["type"] == kind and "completed" in a]
+    if not xs:
+        return None
+    queue = [a["started"] - a["scheduled"] for a in xs if "started" in a]
+    run = [a["completed"] - a["started"] for a in xs if "started" in a]
+    return {
+        "count": len(xs),
+        "first_scheduled_s": rnd(min(a["scheduled"] for a in xs) - t0),
+        "last_completed_s": rnd(max(a["completed"] for a in xs) - t0),
+        "queue_s": {"median": rnd(median(queue)), "max": rnd(pmax(queue))},
+        "run_s": {"min": rnd(min(run)), "median": rnd(median(run)), "max": rnd(pmax(run))},
+        "started_completed_s": sorted([rnd(a.get("started", a["scheduled"]) - t0), rnd(a["completed"] - t0)]
+                                      for a in xs),
+    }
+
+
+async def breakdown(client, name: str, t0_wall: float) -> dict[str, Any]:
+    """Critical path of one deploy, in seconds since the call to ``deploy()``."""
+    svc = await activity_timeline(client, f"svc-{name}")
+    dep = await activity_timeline(client, f"svc-{name}-deploy-1")
+    da = dep["activities"]
+    b: dict[str, Any] = {
+        "svc_started_s": rnd(svc["workflow"].get("started", t0_wall) - t0_wall),
+        "deploy_child_started_s": rnd(dep["workflow"].get("started", t0_wall) - t0_wall),
+        "pick_node": _span(da, "pick_node", t0_wall),
+        "start_pod": _span(da, "start_pod", t0_wall),
+        "wait_pod_ready": _span(da, "wait_pod_ready", t0_wall),
+        "deploy_child_closed_s": rnd(dep["workflow"]["closed"] - t0_wall) if "closed" in dep["workflow"] else None,
+    }
+    child_done = next((m["t"] for m in svc["marks"] if m["event"] == "CHILD_WORKFLOW_EXECUTION_COMPLETED"), None)
+    running = next((m["t"] for m in svc["marks"] if m.get("phase") == "Running"), None)
+    emits = [a for a in svc["activities"] if a["type"] == "emit_event" and child_done and a["scheduled"] >= child_done
+             and (running is None or a["scheduled"] < running)]
+    b["svc_child_completed_s"] = rnd(child_done - t0_wall) if child_done else None
+    b["emit_before_running"] = {
+        "count": len(emits),
+        "total_s": rnd(sum(a["completed"] - a["scheduled"] for a in emits if "completed" in a)),
+    }
+    b["phase_running_s"] = rnd(running - t0_wall) if running else None
+    b["history"] = {"service_events": svc["events"], "service_workflow_tasks": svc["workflow_tasks"],
+                    "deploy_events": dep["events"], "deploy_workflow_tasks": dep["workflow_tasks"]}
+    return b
+
+
+def summarize_breakdowns(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over runs of each consecutive segment of the critical path."""
+    segs: dict[str, list[float]] = {}
+
+    def add(key: str, v: float | None) -> None:
+        if v is not None:
+            segs.setdefault(key, []).append(v)
+
+    for r in runs:
+        b = r.get("breakdown")
+        if not b or not b.get("start_pod") or not b.get("wait_pod_ready") or not b.get("pick_node"):
+            continue
+        pn, sp, wr = b["pick_node"], b["start_pod"], b["wait_pod_ready"]
+        add("1 deploy() -> ServiceWorkflow started", b["svc_started_s"])
+        add("2 -> DeployWorkflow child started", b["deploy_child_started_s"] - b["svc_started_s"])
+        add("3 -> pick_node done", pn["last_completed_s"] - b["deploy_child_started_s"])
+        add("4 -> last start_pod done (docker run x N)", sp["last_completed_s"] - pn["last_completed_s"])
+        add("5 -> last wait_pod_ready done", wr["last_completed_s"] - sp["last_completed_s"])
+        add("   (abs: status() shows N healthy, since deploy())", r["status_s"])
+        if b.get("deploy_child_closed_s") is not None:
+            add("6 -> DeployWorkflow closed", b["deploy_child_closed_s"] - wr["last_completed_s"])
+        if b.get("phase_running_s") is not None and b.get("deploy_child_closed_s") is not None:
+            add("7 -> phase Running (serial pod.started emits)", b["phase_running_s"] - b["deploy_child_closed_s"])
+        if b.get("phase_running_s") is not None:
+            add("8 -> deploy(wait=True) returned (0.25 s poll)", r["return_s"] - b["phase_running_s"])
+        add("start_pod: one activity, run time (median of medians)", sp["run_s"]["median"])
+        add("start_pod: one activity, run time (max)", sp["run_s"]["max"])
+        add("start_pod: schedule-to-start (max)", sp["queue_s"]["max"])
+        add("wait_pod_ready: run time (max)", wr["run_s"]["max"])
+        add("emits before Running: count", b["emit_before_running"]["count"])
+    return {k: rnd(median(v)) for k, v in segs.items()}
+
+
+# --- cleanup ------------------------------------------------------------------------------
+
+
+async def clean_ours(stack, name: str, dclient) -> None:
+    from hms_mgmt import constants
+
+    try:
+        await asyncio.wait_for(stack.orch.undeploy(name, wait=True), 60)
+    except Exception as e:  # noqa: BLE001 - a sweep below removes what is left
+        logging.getLogger("bench").warning("undeploy %s: %s", name, e)
+        await terminate_running(stack.client, stack.settings.task_queue)
+    await asyncio.to_thread(remove_containers, dclient, {constants.LABEL_NODE: stack.settings.node})
+
+
+async def settle(args) -> None:
+    await asyncio.sleep(args.settle)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+async def main(args) -> int:
+    source = use_source(args.source)  # before the first product import
+    from hms_mgmt import constants
+
+    bench_run = Run(NAME)
+    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
+    dclient = docker_client(pool=max(32, args.replicas * 2))
+    try:
+        dclient.images.get(args.image)
+    except Exception as e:  # noqa: BLE001
+        print(f"image {args.image} is missing ({e}): run `make images`", file=sys.stderr)
+        return 2
+    poller = HealthPoller(interval_s=args.poll)
+    pool = ThreadPoolExecutor(max_workers=args.replicas, thread_name_prefix="peer-docker-run")
+    ours: list[dict[str, Any]] = []
+    peer: list[dict[str, Any]] = []
+    node = None
+    try:
+        async with hms_stack("docker") as stack:
+            node = stack.settings.node
+            remove_containers(dclient, {PEER_LABEL: "1"})
+            total = args.warmup + args.runs
+            for k in range(total):
+                counted = k >= args.warmup
+                tag = "" if counted else " (warm-up, not counted)"
+                r = await run_ours(stack, k, args.replicas, poller, dclient, args)
+                await clean_ours(stack, r["service"], dclient)
+                await settle(args)
+                print(f"run {k}{tag}: ours status {r['status_s']:.3f}s http {r['http_s']:.3f}s "
+                      f"return {r['return_s']:.3f}s", flush=True)
+                p = await run_peer(k, args.replicas, poller, dclient, pool, args)
+                await asyncio.to_thread(remove_containers, dclient, {PEER_LABEL: "1"})
+                await settle(args)
+                print(f"run {k}{tag}: peer http {p['http_s']:.3f}s (docker run returned {p['all_run_returned_s']:.3f}s)",
+                      flush=True)
+                if bench_run.source_changed():
+                    r["source_changed"] = p["source_changed"] = True
+                    print("  WARNING: product sources changed on disk since the start of the benchmark", flush=True)
+                if counted:
+                    ours.append(r)
+                    peer.append(p)
+    finally:
+        pool.shutdown(wait=False)
+        with contextlib.suppress(Exception):
+            remove_containers(dclient, {PEER_LABEL: "1"})
+        if node:
+            with contextlib.suppress(Exception):
+                remove_containers(dclient, {constants.LABEL_NODE: node})
+        dclient.close()
+
+    def col(rows, key):
+        return [r[key] for r in rows if r.get(key) is not None]
+
+    peer_med = median(col(peer, "http_s"))
+    figures = {
+        "ours_status": {"median_s": rnd(median(col(ours, "status_s"))), "max_s": rnd(pmax(col(ours, "status_s")))},
+        "ours_http": {"median_s": rnd(median(col(ours, "http_s"))), "max_s": rnd(pmax(col(ours, "http_s")))},
+        "ours_return": {"median_s": rnd(median(col(ours, "return_s"))), "max_s": rnd(pmax(col(ours, "return_s")))},
+        "peer_http": {"median_s": rnd(peer_med), "max_s": rnd(pmax(col(peer, "http_s")))},
+    }
+    ratio = figures["ours_status"]["median_s"] / peer_med if peer_med else None
+    ratio_http = figures["ours_http"]["median_s"] / peer_med if peer_med else None
+    ratio_return = figures["ours_return"]["median_s"] / peer_med if peer_med else None
+    where = summarize_breakdowns(ours)
+    cpu_keys = ("self_cpu_s", "children_cpu_s", "docker_daemons_cpu_s", "machine_cpu_s")
+    cpu_med = {side: {k: rnd(median(r["cpu"][k] for r in rows if "cpu" in r)) for k in cpu_keys}
+               for side, rows in (("ours", ours), ("peer", peer))}
+
+    print()
+    print(f"deploy -> {args.replicas} healthy pods, {args.runs} runs each (alternating), poll {args.poll:g}s")
+    print_table(
+        [
+            ["ours: status() shows all healthy", figures["ours_status"]["median_s"], figures["ours_status"]["max_s"], ratio],
+            ["ours: all answer /health (outside)", figures["ours_http"]["median_s"], figures["ours_http"]["max_s"], ratio_http],
+            ["ours: deploy(wait=True) returned", figures["ours_return"]["median_s"], figures["ours_return"]["max_s"], ratio_return],
+            [f"peer: {args.replicas}x parallel docker run", figures["peer_http"]["median_s"], figures["peer_http"]["max_s"], 1.0],
+        ],
+        ["side", "median s", "max s", "x peer"],
+    )
+    print(f"ratio (ours status median / peer median) = {ratio:.2f}x, target <= {TARGET}x: {verdict(ratio, TARGET)}")
+    if where:
+        print("\nwhere our time goes (median over runs, seconds, from workflow history):")
+        for k, v in where.items():
+            print(f"  {k:<58} {v}")
+
+    print("\nCPU seconds used until all healthy (median): this process = client + in-process worker + pollers; "
+          "children = Temporal dev server")
+    print_table([[side, *(v[k] for k in cpu_keys)] for side, v in cpu_med.items()],
+                ["side", "this process", "dev server", "dockerd+containerd", "machine (all)"])
+    path = bench_run.finish(
+        {
+            "what": f"seconds from deploy() to {args.replicas} healthy pods vs parallel docker run x{args.replicas} + polling",
+            "peer_description": f"{args.replicas} threads each docker SDK containers.run(detach=True), same /health poller",
+            "image": args.image,
+            "replicas": args.replicas,
+            "runs": args.runs,
+            "warmup_runs": args.warmup,
+            "poll_interval_s": args.poll,
+            "status_poll_interval_s": args.status_poll or args.poll,
+            "target_ratio": TARGET,
+            "ratio": rnd(ratio),
+            "ratio_http": rnd(ratio_http),
+            "ratio_return": rnd(ratio_return),
+            "pass": ratio is not None and ratio <= TARGET,
+            "figures": figures,
+            "breakdown_median_s": where,
+            "cpu_median_s": cpu_med,
+            "ours": ours,
+            "peer": peer,
+        }
+    )
+    if bench_run.source_changed():
+        print("WARNING: product sources changed on disk during the run: figures mix code versions; run again")
+    print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="counted runs per side (default 5)")
+    ap.add_argument("--replicas", type=int, default=10, help="pods per deploy (default 10)")
+    ap.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="poll interval, both sides (default %(default)s)")
+    ap.add_argument("--status-poll", type=float, default=None,
+                    help="interval of our status() poller (default: --poll); each call is a query + describe")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up runs per side (default 1)")
+    ap.add_argument("--settle", type=float, default=1.0, help="pause after each cleanup, not counted (default 1 s)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="per-run timeout (default 180 s)")
+    ap.add_argument("--image", default=EXAMPLE_IMAGE)
+    ap.add_argument("--source", default="snapshot",
+                    help="product code to measure: snapshot (copy of the working tree, default), live, or a git ref")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(asyncio.run(main(parse_args())))
+    except KeyboardInterrupt:
+        print("interrupted; containers removed", file=sys.stderr)
+        sys.exit(130)

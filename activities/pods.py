@@ -126,7 +126,7 @@ class PodActivities:
                     non_retryable=True,
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
             if time.monotonic() - last_state_check > 0.5:
                 handle = await asyncio.to_thread(self.runtime.find, inp.pod.pod_id)
                 last_state_check = time.monotonic()
@@ -169,6 +169,7 @@ class _Watch:
         self.history = list(inp.history)
         self.samples: list[CpuSample] = []
         self.exited: set[str] = set()
+        self.up_once = False
         self.wake = asyncio.Event()
         details = activity.info().heartbeat_details
         if details:  # a retry after a worker restart keeps the autoscale window it had
@@ -263,8 +264,16 @@ class _Watch:
                             )
                         )
                         self.history = decision.history
-                        if decision.desired != inp.current:
+                        # A step in load lands mid-interval, so the first sample after it sees
+                        # part of it: scale up once two samples in a row agree, sized by the
+                        # latest, and the count is reached in one decision instead of two.
+                        up = decision.desired > inp.current
+                        if up and not self.up_once:
+                            self.up_once = True
+                        elif decision.desired != inp.current:
                             return self.result("scale", decision=decision)
+                        else:
+                            self.up_once = False
                         if decision.at_max and not inp.at_max_reported:
                             return self.result("at_max", decision=decision)
                 if now >= next_orphans:

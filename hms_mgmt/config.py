@@ -40,6 +40,9 @@ _ENV_KEYS = {
 }
 
 
+CPU_LIMIT_OVERCOMMIT = 8
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,7 +111,9 @@ class Settings(BaseModel):
             NodeSpec(
                 name=self.node,
                 runtime="docker" if self.runtime == "docker" else "process",
-                cpu=float(os.cpu_count() or 1),
+                # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the
+                # cores, as clusters overcommit limits. Set nodes: in config.yaml to change it.
+                cpu=float(os.cpu_count() or 1) * CPU_LIMIT_OVERCOMMIT,
                 memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
                 max_pods=self.node_max_pods,
                 task_queue=constants.node_task_queue(self.node, self.node_queue_prefix),

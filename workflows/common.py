@@ -118,7 +118,6 @@ async def start_and_wait(
         retry_policy=POD_RETRY,
         summary=f"start {pod_id[:8]} on {node.name}",
     )
-    await report(started)
     try:
         ready = await workflow.execute_activity_method(
             PodActivities.wait_pod_ready,

@@ -50,6 +50,12 @@ DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degrad
 SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")
 
 
+def _cancel_quietly(task: asyncio.Future[object]) -> None:
+    """Cancel a task nobody will await (its cancellation error is expected, not news)."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    task.cancel()
+
+
 @workflow.defn
 class ServiceWorkflow:
     @workflow.init
@@ -63,6 +69,7 @@ class ServiceWorkflow:
         self.heals: dict[str, asyncio.Task[None]] = {}
         self.scaling: asyncio.Task[None] | None = None
         self.pods_changed = False
+        self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
 
     # --- messages --------------------------------------------------------------------
@@ -170,7 +177,7 @@ class ServiceWorkflow:
                 or (self._continue_as_new_due() and not self.heals and self.scaling is None)
             )
             if self.pods_changed and watch is not None and not watch.done():
-                watch.cancel()  # the pod set changed: watch the new one
+                _cancel_quietly(watch)  # the pod set changed: watch the new one
             self.pods_changed = False
             if watch is not None and watch.done():
                 try:
@@ -185,7 +192,7 @@ class ServiceWorkflow:
                 if result is not None:
                     await self._on_watch(result)
         if watch is not None and not watch.done():
-            watch.cancel()
+            _cancel_quietly(watch)
         for task in list(self.heals.values()) + ([self.scaling] if self.scaling else []):
             if self.undeploy_requested:
                 task.cancel()
@@ -194,7 +201,7 @@ class ServiceWorkflow:
 
     async def _watch(self) -> WatchResult | None:
         """One watch activity per node that runs ready pods; the first to return wins."""
-        healthy = [p for p in self.state.pods if p.ready and p.id not in self.heals]
+        healthy = [p for p in self.state.pods if p.ready and p.id not in self.heals and p.id not in self.stopping]
         by_node: dict[str, list[PodStatus]] = {}
         for pod in healthy:
             by_node.setdefault(pod.node, []).append(pod)
@@ -229,10 +236,10 @@ class ServiceWorkflow:
             done, pending = await workflow.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             for t in tasks:
-                t.cancel()
+                _cancel_quietly(t)
             raise
         for t in pending:
-            t.cancel()
+            _cancel_quietly(t)
         return next(iter(done)).result()
 
     async def _on_watch(self, result: WatchResult) -> None:
@@ -285,7 +292,7 @@ class ServiceWorkflow:
 
     async def _pod_failed(self, failure: PodFailure) -> None:
         pod = next((p for p in self.state.pods if p.id == failure.pod_id), None)
-        if pod is None or pod.id in self.heals:
+        if pod is None or pod.id in self.heals or pod.id in self.stopping:
             return
         now = workflow.now()
         stable_s = max(10.0, 3 * self.spec.health_interval_s)
@@ -374,6 +381,9 @@ class ServiceWorkflow:
                     key=lambda p: (p.ready, p.health == "healthy", -p.consecutive_failures,
                                    -(p.started_at.timestamp() if p.started_at else 0)),
                 )[: max(0, before - replicas)]
+                if victims:  # the monitor must not mistake a pod we stop for a crash
+                    self.stopping |= {v.id for v in victims}
+                    self.pods_changed = True
                 result = await workflow.execute_child_workflow(
                     ScaleWorkflow.run,
                     ScaleInput(spec=self.spec, revision=self.state.revision, from_replicas=before,
@@ -385,16 +395,17 @@ class ServiceWorkflow:
                 )
                 stopped = set(result.stopped) | {f.pod_id for f in result.failed}
                 self.state.pods = [p for p in self.state.pods if p.id not in stopped]
+                self.stopping -= stopped
                 for pod in result.started:
                     self._upsert_pod(pod)
                 self._decide("scale", reason, from_replicas=before, to_replicas=replicas)
                 self._set_phase("Running" if previous_phase in ("Scaling", "Healing") else previous_phase)
-                self.pods_changed = True
                 await emit(self.placement, "service.scaled", self.spec.name, reason,
                            from_replicas=before, to_replicas=replicas,
                            samples=[s.model_dump() for s in samples])
         finally:
             self.scaling = None
+            self.pods_changed = True  # restart the watch on the new pod set, autoscaling again
 
     def _effective(self) -> int:
         """Pods that count toward the replica total (a pod being replaced counts once)."""
@@ -431,13 +442,13 @@ class ServiceWorkflow:
         self.state.pods = [p for p in self.state.pods if p.id in ready]
         for pod in result.pods:
             self._upsert_pod(pod)
-        for pod in result.pods:
-            await emit(self.placement, "pod.started", self.spec.name,
-                       f"pod {pod.id} ready on {pod.node} at {pod.endpoint}",
-                       pod=pod.id, node=pod.node, endpoint=pod.endpoint)
         self._set_phase("Running")
-        await emit(self.placement, "service.deployed", self.spec.name,
-                   f"{len(result.pods)}/{count} pods ready", revision=self.state.revision)
+        await asyncio.gather(
+            *(emit(self.placement, "pod.started", self.spec.name, f"pod {pod.id} ready on {pod.node} at {pod.endpoint}",
+                   pod=pod.id, node=pod.node, endpoint=pod.endpoint) for pod in result.pods),
+            emit(self.placement, "service.deployed", self.spec.name, f"{len(result.pods)}/{count} pods ready",
+                 revision=self.state.revision),
+        )
         for failed in result.failed:
             # A pod that could not start at all is healed like any other: replaced, with backoff.
             node = self.placement.nodes[0].name if self.placement.nodes else ""

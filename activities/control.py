@@ -10,10 +10,22 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from hms_mgmt import constants
+from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.models import EventInput, PickNodeInput, PickNodeOutput, ServiceStatus
+from hms_mgmt.governance import load_governance_policy
+from hms_mgmt.models import (
+    AuthorizeInput,
+    AuthorizeOutput,
+    EventInput,
+    GovernanceInput,
+    GovernanceOutput,
+    PickNodeInput,
+    PickNodeOutput,
+    ServiceStatus,
+)
+from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.scheduler import NodeUsage, PodRequest, pick_nodes
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,37 @@ class ControlActivities:
                                               data={"missing": missing, "attempt": info.attempt}))
             raise ApplicationError(reason, type="CapacityUnavailable")
         return result
+
+    @activity.defn(name="authorize")
+    async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
+        """Verify the caller's token and role in the worker (a client check alone can be
+        skipped). A refusal is an answer, not an error, and an ``access.denied`` event."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            identity = await asyncio.to_thread(auth.verify_token, inp.token or None, state_dir=settings.state_dir)
+            matrix = await asyncio.to_thread(auth.load_access_matrix, settings.state_dir)
+            if inp.action == "approve" and inp.requester is not None:
+                auth.check_approver(identity, inp.requester, matrix)
+            else:
+                auth.authorize(identity, inp.action, matrix)
+        except (AccessDenied, HmsError) as e:
+            reason = str(e)
+            type_ = "approval.invalid" if inp.action in ("approve", "reject") else "access.denied"
+            await self.sink.publish(Event(type=type_, service=inp.service, reason=f"{inp.action} refused: {reason}",
+                                          data={"action": inp.action, "request_id": inp.request_id}))
+            return AuthorizeOutput(allowed=False, reason=reason)
+        return AuthorizeOutput(allowed=True, user=identity.user, role=identity.role)
+
+    @activity.defn(name="check_governance")
+    async def check_governance(self, inp: GovernanceInput) -> GovernanceOutput:
+        settings = await asyncio.to_thread(self.settings)
+        policy = await asyncio.to_thread(load_governance_policy, settings.state_dir)
+        verdict = evaluate(inp.spec, policy)
+        return GovernanceOutput(
+            needs_approval=verdict.needs_approval,
+            reasons=verdict.reasons,
+            approval_timeout_s=min(policy.approval_timeout_s, inp.spec.approval_timeout_s),
+        )
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:

@@ -28,7 +28,10 @@ from hms_mgmt.models import (
     WatchHeartbeat,
     WatchInput,
     WatchResult,
+    VerifyImageInput,
+    VerifyImageOutput,
 )
+from hms_mgmt.trust import TrustStore
 from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
 
 T = TypeVar("T")
@@ -78,8 +81,9 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
 class PodActivities:
     """Activities bound to one node's runtime."""
 
-    def __init__(self, runtime: PodRuntime) -> None:
+    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None) -> None:
         self.runtime = runtime
+        self.trust = trust
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -144,6 +148,23 @@ class PodActivities:
     async def pod_logs(self, inp: PodLogsInput) -> LogsOutput:
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
+
+    @activity.defn(name="verify_image")
+    async def verify_image(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        """The image must be marked signed and safe, for the content this node would run.
+
+        Raises a retryable error while it is not: the workflow's retry policy keeps checking
+        until ``image_verify_timeout_s``, so signing it meanwhile lets the rollout go on."""
+        if self.trust is None:
+            raise ApplicationError("this node has no trust store", type="ImageUntrusted", non_retryable=True)
+        try:
+            content_id = await asyncio.to_thread(self.runtime.content_id, inp.image)
+        except PodRuntimeError as e:
+            raise ApplicationError(f"image {inp.image} is not trusted: {e}", type="ImageUntrusted") from e
+        ok, detail = await asyncio.to_thread(self.trust.verify, inp.image, content_id)
+        if not ok:
+            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type="ImageUntrusted")
+        return VerifyImageOutput(content_id=content_id, detail=detail)
 
     @activity.defn(name="watch_pods")
     async def watch_pods(self, inp: WatchInput) -> WatchResult:

@@ -154,6 +154,16 @@ class Decision(_Model):
     pod: str | None = None
 
 
+class Refusal(_Model):
+    """A request the service turned down (access, four eyes, bad token): shown in status()."""
+
+    at: datetime
+    action: str
+    reason: str
+    request_id: str = ""
+    user: str | None = None
+
+
 class PendingApproval(_Model):
     requested_by: str
     requested_at: datetime
@@ -178,13 +188,17 @@ class ServiceStatus(_Model):
     crash_count: int = 0
     heal_count: int = 0
     scale_count: int = 0
+    refusals: list[Refusal] = Field(default_factory=list)
+    approved_by: str | None = None
 
 
 class Approval(_Model):
-    """The payload of the ``approve`` / ``reject`` signals."""
+    """The payload of the ``approve`` / ``reject`` signals (from Python, `hms`, the Temporal
+    CLI or the Web UI: ``{"token": "...", "reason": "..."}``)."""
 
     token: str = ""
     reason: str = ""
+    request_id: str = ""
 
 
 class DeployResult(_Model):
@@ -227,6 +241,8 @@ class ServiceState(_Model):
     requested_by: str = ""
     history: list[Recommendation] = Field(default_factory=list)  # autoscale stabilisation window
     at_max_reported: bool = False
+    refusals: list[Refusal] = Field(default_factory=list)
+    approved_by: str | None = None
     last_samples: list[CpuSample] = Field(default_factory=list)
 
 
@@ -418,3 +434,46 @@ class ScaleRequest(_Model):
     replicas: int
     token: str = ""
     reason: str = ""
+
+
+# --- access, governance, image trust ---------------------------------------------------
+
+
+class AuthorizeInput(_Model):
+    token: str
+    action: str
+    service: str
+    requester: str | None = None  # for approve: the deployer, who may not approve their own request
+    request_id: str = ""
+
+
+class AuthorizeOutput(_Model):
+    allowed: bool
+    user: str | None = None
+    role: str | None = None
+    reason: str = ""
+
+
+class GovernanceInput(_Model):
+    spec: ServiceSpec
+
+
+class GovernanceOutput(_Model):
+    needs_approval: bool
+    reasons: list[str] = Field(default_factory=list)
+    approval_timeout_s: float = 86400.0
+
+
+class VerifyImageInput(_Model):
+    service: str
+    image: str
+
+
+class VerifyImageOutput(_Model):
+    content_id: str
+    detail: str
+
+
+class UndeployRequest(_Model):
+    token: str = ""
+    request_id: str = ""

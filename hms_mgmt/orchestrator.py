@@ -23,8 +23,18 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
-from hms_mgmt.errors import HmsError, ScaleRefused, ServiceNotFound, SpecConflict, SpecError
+from hms_mgmt.errors import (
+    AccessDenied,
+    ApprovalRejected,
+    HmsError,
+    ImageUntrusted,
+    ScaleRefused,
+    ServiceNotFound,
+    SpecConflict,
+    SpecError,
+)
 from hms_mgmt.models import (
+    Approval,
     DeployResult,
     LogsOutput,
     Placement,
@@ -34,6 +44,7 @@ from hms_mgmt.models import (
     ServiceInput,
     ServiceSpec,
     ServiceStatus,
+    UndeployRequest,
     WatchHeartbeat,
 )
 
@@ -151,9 +162,29 @@ class Orchestrator:
                     f"undeploy it first"
                 )
             run_id = existing.run_id
+        if not already:
+            await self._admitted(spec.name, timeout=timeout)
         if wait:
             await self.wait_for(spec.name, {"Running"}, timeout=timeout)
         return DeployResult(workflow_id=wf_id, run_id=run_id, web_ui_url=url, already_running=already)
+
+    async def _admitted(self, name: str, *, timeout: float) -> ServiceStatus:
+        """Wait until the worker has checked the caller's identity (and the policy): a refusal
+        is raised here, to the caller, with the reason."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        handle = self._handle(name)
+        while loop.time() < deadline:
+            desc = await handle.describe()
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                final = await self.client.get_workflow_handle(handle.id, run_id=desc.run_id,
+                                                              result_type=ServiceStatus).result()
+                raise refusal_error(final)
+            status = await self.status(name, live=False)
+            if status.phase != "Validating":
+                return status
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"service {name}: no worker checked the request within {timeout:g}s (is a worker running?)")
 
     async def wait_for(self, name: str, phases: set[str], *, timeout: float = 300.0, poll_s: float = 0.25) -> ServiceStatus:
         """Poll ``status()`` until the phase is one of ``phases``; raise on a terminal failure."""
@@ -169,7 +200,7 @@ class Orchestrator:
                 if last.phase in phases:
                     return last
                 if last.phase in ("Failed", "Rejected", "Stopped"):
-                    raise HmsError(f"service {name} is {last.phase}: {last.message or 'see its workflow history'}")
+                    raise refusal_error(last)
             await asyncio.sleep(poll_s)
         raise TimeoutError(f"service {name} not {'/'.join(sorted(phases))} after {timeout:g}s (last: {last.phase if last else 'none'})")
 
@@ -226,6 +257,8 @@ class Orchestrator:
         except WorkflowUpdateFailedError as e:
             cause = e.cause
             message = getattr(cause, "message", None) or str(cause or e)
+            if getattr(cause, "type", None) == "AccessDenied":
+                raise AccessDenied(f"scale {name} refused: {message}") from None
             raise ScaleRefused(f"scale {name} to {replicas} refused: {message}") from None
 
     async def list(self) -> builtins.list[ServiceStatus]:
@@ -256,14 +289,76 @@ class Orchestrator:
         return out.lines
 
     async def undeploy(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> ServiceStatus | None:
+        """Stop every pod and end the service's workflow (ops_admin only, checked by the worker)."""
         handle = await self._running(name)
         if handle is None:
             raise ServiceNotFound(f"no running service named {name!r}")
-        await handle.signal("undeploy")
+        request_id = uuid.uuid4().hex
+        await handle.signal("undeploy", UndeployRequest(token=self.settings.token or "", request_id=request_id))
         if not wait:
             return None
         typed = self.client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ServiceStatus)
-        return await asyncio.wait_for(typed.result(), timeout)
+        return await self._await_answer(name, request_id, typed.result(), timeout=timeout)
+
+    async def approve(self, name: str, *, reason: str = "", timeout: float = 60.0) -> ServiceStatus:
+        """Approve a deployment waiting for governance (a ``gov_approver``, not the requester)."""
+        return await self._decide("approve", name, reason, timeout)
+
+    async def reject(self, name: str, *, reason: str = "", timeout: float = 60.0) -> ServiceStatus:
+        return await self._decide("reject", name, reason, timeout)
+
+    async def _decide(self, kind: str, name: str, reason: str, timeout: float) -> ServiceStatus:
+        handle = await self._running(name)
+        if handle is None:
+            raise ServiceNotFound(f"no running service named {name!r}")
+        status = await self.status(name, live=False)
+        if status.phase != "AwaitingApproval":
+            raise HmsError(f"service {name} is {status.phase}, not awaiting approval")
+        request_id = uuid.uuid4().hex
+        await handle.signal(kind, Approval(token=self.settings.token or "", reason=reason, request_id=request_id))
+
+        async def decided() -> ServiceStatus:
+            while True:
+                st = await self.status(name, live=False)
+                if st.phase != "AwaitingApproval":
+                    return st
+                await asyncio.sleep(0.1)
+
+        return await self._await_answer(name, request_id, decided(), timeout=timeout)
+
+    async def _await_answer(self, name: str, request_id: str, outcome: Any, *, timeout: float) -> ServiceStatus:
+        """The signal's outcome, or AccessDenied when the worker refused that very request."""
+        done = asyncio.ensure_future(outcome)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline:
+                finished, _ = await asyncio.wait({done}, timeout=0.1)
+                if finished:
+                    return done.result()
+                try:
+                    st = await self.status(name, live=False)
+                except (RPCError, ServiceNotFound):
+                    continue
+                refused = next((r for r in st.refusals if r.request_id == request_id), None)
+                if refused is not None:
+                    raise AccessDenied(f"{refused.action} {name} refused: {refused.reason}")
+            raise TimeoutError(f"no answer from service {name} within {timeout:g}s")
+        finally:
+            done.cancel()
+
+
+def refusal_error(status: ServiceStatus) -> HmsError:
+    """The precise error for a service that ended before running."""
+    msg = f"service {status.name} is {status.phase}: {status.message or 'see its workflow history'}"
+    text = status.message or ""
+    if text.startswith("access denied"):
+        return AccessDenied(f"deploy {status.name} refused: {text.removeprefix('access denied: ')}")
+    if status.phase == "Rejected":
+        return ApprovalRejected(msg)
+    if "not trusted" in text:
+        return ImageUntrusted(msg)
+    return HmsError(msg)
 
 
 # --- the synchronous helpers of the seed, and their async twins ------------------------
@@ -293,6 +388,14 @@ async def logs_async(service: str, pod_id: str, tail: int = 100, *, settings: Se
 
 async def scale_async(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
     return await _with("scale", name, replicas, settings=settings, **kw)
+
+
+async def approve_async(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
+    return await _with("approve", name, reason=reason, settings=settings)
+
+
+async def reject_async(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
+    return await _with("reject", name, reason=reason, settings=settings)
 
 
 async def undeploy_async(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:
@@ -329,6 +432,15 @@ def logs(service: str, pod_id: str, tail: int = 100, *, settings: Settings | Non
 def scale(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
     """Set a service's replica count within [min_replicas, max_replicas]."""
     return _run(scale_async(name, replicas, settings=settings, **kw))
+
+
+def approve(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
+    """Approve a deployment waiting in AwaitingApproval (as a ``gov_approver``)."""
+    return _run(approve_async(name, reason=reason, settings=settings))
+
+
+def reject(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
+    return _run(reject_async(name, reason=reason, settings=settings))
 
 
 def undeploy(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:

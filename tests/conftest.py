@@ -20,13 +20,15 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes import make_runtime
-from hms_mgmt import constants
+from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = "registry.gov/hms-ach:1.4"
+CRASHLOOP_IMAGE = "registry.gov/hms-crashloop:1.0"
 
 
 def temporal_binary() -> str:
@@ -101,23 +103,47 @@ def process_only() -> str:
     return "process"
 
 
-def make_settings(env: WorkflowEnvironment, state_dir: Path, runtime: str, **extra: object) -> Settings:
+def make_settings(
+    env: WorkflowEnvironment, state_dir: Path, runtime: str, *, trusted: bool = True, **extra: object
+) -> Settings:
+    """Settings for one test: its own queues, node and state dir, an ops_admin identity
+    ("alice"), and — unless ``trusted=False`` — the example images signed in its trust store."""
     tag = uuid.uuid4().hex[:8]
-    return Settings(
+    state_dir.mkdir(parents=True, exist_ok=True)
+    auth.init_keys(state_dir)
+    values: dict[str, object] = {"token": auth.issue_token(state_dir, user="alice", role="ops_admin")}
+    values.update(extra)
+    s = Settings(
         temporal_address=temporal_address(env),
         state_dir=state_dir,
         runtime=runtime,  # type: ignore[arg-type]
         task_queue=f"hms-control-{tag}",
         node=f"n{tag}",
         capacity_retry_max_s=1.0,
-        **extra,  # type: ignore[arg-type]
+        **values,  # type: ignore[arg-type]
     )
+    if trusted:
+        sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE)
+    return s
+
+
+def sign_images(s: Settings, *images: str) -> None:
+    rt = make_runtime(s.runtime, node=s.node, state_dir=s.state_dir)
+    try:
+        for image in images:
+            TrustStore(s.state_dir).sign(image, rt.content_id(image), signer="test-release")
+    finally:
+        rt.close()
+
+
+def as_user(s: Settings, user: str, role: str) -> Settings:
+    """The same settings with another identity's token."""
+    return s.model_copy(update={"token": auth.issue_token(s.state_dir, user=user, role=role)})
 
 
 @pytest.fixture
 def settings(temporal_env: WorkflowEnvironment, tmp_path: Path, runtime_name: str) -> Iterator[Settings]:
     s = make_settings(temporal_env, tmp_path / "state", runtime_name)
-    s.state_dir.mkdir(parents=True)
     yield s
     sweep_pods(s)
 
@@ -193,6 +219,7 @@ class WorkerProcess:
             HMS_NODE=s.node,
             HMS_RUNTIME=s.runtime,
             HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
+            HMS_TOKEN=s.token or "",
             PYTHONPATH=str(REPO),
         )
         return env

@@ -20,6 +20,7 @@ from activities.runtimes import make_runtime
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink
+from hms_mgmt.trust import TrustStore
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("hms.worker")
@@ -68,13 +69,13 @@ class HmsWorker:
                     client,
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
-                    activities=[ctl.pick_node, ctl.emit_event],
+                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance],
                 )
             )
         if node:
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
-            self.pods = PodActivities(runtime)
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
             self.workers.append(
                 Worker(
                     client,
@@ -86,6 +87,7 @@ class HmsWorker:
                         self.pods.list_pods,
                         self.pods.pod_logs,
                         self.pods.watch_pods,
+                        self.pods.verify_image,
                     ],
                     max_concurrent_activities=500,
                     # Heartbeats carry the monitor's live view (failures, CPU) to status():

@@ -13,26 +13,35 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.control import ControlActivities
     from activities.pods import PodActivities
     from hms_mgmt import constants
     from hms_mgmt.models import (
+        Approval,
+        AuthorizeInput,
+        AuthorizeOutput,
         Decision,
+        GovernanceInput,
         DeployInput,
         HealAttempt,
         HealInput,
         ListPodsInput,
+        PendingApproval,
         Phase,
         PodFailure,
         PodStatus,
+        Refusal,
         ScaleInput,
         ScaleRequest,
         ServiceInput,
         ServiceSpec,
         ServiceState,
         ServiceStatus,
+        UndeployRequest,
+        VerifyImageInput,
         WatchInput,
         WatchResult,
     )
@@ -46,6 +55,8 @@ from workflows.scale import ScaleWorkflow
 PHASE_KEY = SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE)
 SERVICE_KEY = SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE)
 MAX_DECISIONS = 20
+MAX_REFUSALS = 20
+CONTROL_TIMEOUT = timedelta(seconds=30)
 DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
 SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")
 
@@ -70,6 +81,8 @@ class ServiceWorkflow:
         self.scaling: asyncio.Task[None] | None = None
         self.pods_changed = False
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
+        self.approvals: list[tuple[str, Approval]] = []
+        self.undeploy_requests: list[UndeployRequest] = []
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
 
     # --- messages --------------------------------------------------------------------
@@ -94,11 +107,22 @@ class ServiceWorkflow:
             crash_count=s.crash_count,
             heal_count=s.heal_counter,
             scale_count=s.scale_counter,
+            refusals=s.refusals,
+            approved_by=s.approved_by,
         )
 
     @workflow.signal
-    def undeploy(self) -> None:
-        self.undeploy_requested = True
+    def undeploy(self, req: UndeployRequest | None = None) -> None:
+        """Checked in the worker before anything stops: only an ops_admin may undeploy."""
+        self.undeploy_requests.append(req or UndeployRequest())
+
+    @workflow.signal
+    def approve(self, approval: Approval) -> None:
+        self.approvals.append(("approve", approval))
+
+    @workflow.signal
+    def reject(self, approval: Approval) -> None:
+        self.approvals.append(("reject", approval))
 
     @workflow.signal(name=POD_REPORTED)
     def pod_reported(self, pod: PodStatus) -> None:
@@ -128,6 +152,9 @@ class ServiceWorkflow:
         """Set the replica count by hand, like ``kubectl scale`` on an HPA-managed deployment:
         the autoscaler keeps running and its next decision may change the count again, but a
         manual value holds off its scale-down for the stabilisation window."""
+        allowed = await self._authorize("scale", req.token, request_id="")
+        if not allowed.allowed:
+            raise ApplicationError(f"access denied: {allowed.reason}", type="AccessDenied", non_retryable=True)
         self.state.history = self.state.history + [Recommendation(at=workflow.now(), replicas=req.replicas)]
         await self._scale_to(req.replicas, req.reason or f"manual scale to {req.replicas}", samples=[])
         return self.status()
@@ -149,7 +176,10 @@ class ServiceWorkflow:
     async def run(self, inp: ServiceInput) -> ServiceStatus:
         if inp.state is None:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(self.spec.name)])
-            self._set_phase("Validating")
+            self._set_phase("Validating", force=True)
+            if not await self._admit(inp.token):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return self.status()  # refused before any pod started: nothing to undo
             await self._deploy()
         await self._supervise()
         if not self.undeploy_requested:  # continue-as-new was due
@@ -163,6 +193,7 @@ class ServiceWorkflow:
         watch: asyncio.Task[WatchResult | None] | None = None
         while True:
             await self._flush_outbox()
+            await self._process_undeploy_requests()
             if self.undeploy_requested:
                 break
             if self._continue_as_new_due() and not self.heals and self.scaling is None and not self.lock.locked():
@@ -171,6 +202,7 @@ class ServiceWorkflow:
                 watch = asyncio.ensure_future(self._watch())
             await workflow.wait_condition(
                 lambda: self.undeploy_requested
+                or bool(self.undeploy_requests)
                 or (watch is not None and watch.done())
                 or self.pods_changed
                 or bool(self.outbox)
@@ -411,6 +443,127 @@ class ServiceWorkflow:
         """Pods that count toward the replica total (a pod being replaced counts once)."""
         return sum(1 for p in self.state.pods if p.id not in self.heals)
 
+    # --- admission: access, governance, image trust ------------------------------------------
+
+    async def _authorize(self, action: str, token: str, *, request_id: str, requester: str | None = None
+                         ) -> AuthorizeOutput:
+        result = await workflow.execute_activity_method(
+            ControlActivities.authorize,
+            AuthorizeInput(token=token, action=action, service=self.spec.name, requester=requester,
+                           request_id=request_id),
+            task_queue=self.placement.control_task_queue,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            summary=f"authorize {action}",
+        )
+        if not result.allowed:
+            refusal = Refusal(at=workflow.now(), action=action, reason=result.reason, request_id=request_id)
+            self.state.refusals = (self.state.refusals + [refusal])[-MAX_REFUSALS:]
+        return result
+
+    async def _admit(self, token: str) -> bool:
+        """Validating -> (AwaitingApproval) -> VerifyingImage. False: refused, no pod started."""
+        allowed = await self._authorize("deploy", token, request_id="deploy")
+        if not allowed.allowed:
+            self.state.message = f"access denied: {allowed.reason}"
+            self._set_phase("Rejected")
+            return False
+        self.state.requested_by = allowed.user or ""
+        verdict = await workflow.execute_activity_method(
+            ControlActivities.check_governance,
+            GovernanceInput(spec=self.spec),
+            task_queue=self.placement.control_task_queue,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            summary="governance policy",
+        )
+        if verdict.needs_approval and not await self._await_approval("; ".join(verdict.reasons),
+                                                                     verdict.approval_timeout_s):
+            self._set_phase("Rejected")
+            return False
+        if self.undeploy_requested:
+            return False
+        return await self._verify_image()
+
+    async def _await_approval(self, reason: str, timeout_s: float) -> bool:
+        self.state.pending_approval = PendingApproval(
+            requested_by=self.state.requested_by, requested_at=workflow.now(), reason=reason
+        )
+        self._set_phase("AwaitingApproval")
+        await emit(self.placement, "approval.requested", self.spec.name, reason,
+                   requested_by=self.state.requested_by, timeout_s=timeout_s)
+        deadline = workflow.now() + timedelta(seconds=timeout_s)
+        while True:
+            remaining = (deadline - workflow.now()).total_seconds()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await workflow.wait_condition(
+                    lambda: bool(self.approvals) or bool(self.undeploy_requests), timeout=timedelta(seconds=remaining)
+                )
+            except asyncio.TimeoutError:
+                self.state.message = f"approval timed out after {timeout_s:g}s: {reason}"
+                self.state.pending_approval = None
+                await emit(self.placement, "approval.rejected", self.spec.name, self.state.message)
+                return False
+            await self._process_undeploy_requests()
+            if self.undeploy_requested:
+                self.state.message = "withdrawn by undeploy while awaiting approval"
+                self.state.pending_approval = None
+                return False
+            if not self.approvals:
+                continue
+            kind, approval = self.approvals.pop(0)
+            result = await self._authorize(kind, approval.token, request_id=approval.request_id,
+                                           requester=self.state.requested_by if kind == "approve" else None)
+            pending = self.state.pending_approval
+            if not result.allowed:
+                if pending is not None:
+                    pending.invalid_attempts.append(f"{kind}: {result.reason}")
+                continue  # an invalid approval changes nothing: keep waiting
+            self.state.pending_approval = None
+            why = f" ({approval.reason})" if approval.reason else ""
+            if kind == "approve":
+                self.state.approved_by = result.user
+                await emit(self.placement, "approval.granted", self.spec.name,
+                           f"approved by {result.user}{why}", approver=result.user)
+                return True
+            self.state.message = f"rejected by {result.user}{why}"
+            await emit(self.placement, "approval.rejected", self.spec.name, self.state.message, approver=result.user)
+            return False
+
+    async def _verify_image(self) -> bool:
+        """No pod of an image starts until it is marked signed and safe on every node."""
+        self._set_phase("VerifyingImage")
+        queues = sorted({n.task_queue for n in self.placement.nodes})
+        try:
+            results = await asyncio.gather(*(
+                workflow.execute_activity_method(
+                    PodActivities.verify_image,
+                    VerifyImageInput(service=self.spec.name, image=self.spec.image),
+                    task_queue=q,
+                    schedule_to_close_timeout=timedelta(seconds=self.spec.image_verify_timeout_s),
+                    start_to_close_timeout=CONTROL_TIMEOUT,
+                    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                             maximum_interval=timedelta(seconds=10)),
+                    summary=f"verify {self.spec.image}",
+                )
+                for q in queues
+            ))
+        except ActivityError as e:
+            self.state.message = f"{error_message(e)} (gave up after {self.spec.image_verify_timeout_s:g}s)"
+            self._set_phase("Failed")
+            await emit(self.placement, "image.untrusted", self.spec.name, self.state.message, image=self.spec.image)
+            return False
+        await emit(self.placement, "image.verified", self.spec.name, results[0].detail if results else "",
+                   image=self.spec.image, content_id=results[0].content_id if results else None)
+        return True
+
+    async def _process_undeploy_requests(self) -> None:
+        while self.undeploy_requests and not self.undeploy_requested:
+            req = self.undeploy_requests.pop(0)
+            if (await self._authorize("undeploy", req.token, request_id=req.request_id)).allowed:
+                self.undeploy_requested = True
+        self.undeploy_requests.clear()
+
     # --- deploy and undeploy ---------------------------------------------------------------
 
     async def _deploy(self) -> None:
@@ -426,7 +579,9 @@ class ServiceWorkflow:
                 static_summary=f"deploy {count} pod(s) of {self.spec.image}",
             )
         )
-        await workflow.wait_condition(lambda: child.done() or self.undeploy_requested)
+        while not child.done() and not self.undeploy_requested:
+            await workflow.wait_condition(lambda: child.done() or bool(self.undeploy_requests))
+            await self._process_undeploy_requests()
         if not child.done():
             child.cancel()
         try:

@@ -85,7 +85,6 @@ async def test_logs_returns_the_pods_last_lines(hms: Orchestrator, settings):
 async def test_worker_killed_mid_deploy_finishes_with_exact_pods_and_no_orphan(temporal_env, tmp_path, runtime_name):
     """SIGKILL the worker while pods are coming up; a new worker finishes the same rollout."""
     settings = make_settings(temporal_env, tmp_path / "state", runtime_name)
-    settings.state_dir.mkdir(parents=True)
     hms = Orchestrator(temporal_env.client, settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     worker.start()

@@ -18,6 +18,7 @@ from conftest import (
     make_settings,
     node_pods,
     seed_spec,
+    sign_images,
     sweep_pods,
     terminate_running,
 )
@@ -161,11 +162,11 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
     """A service whose pods crash until an outside fix lands: Degraded, then Running and
     service.recovered once the replacement stays ready."""
     settings = make_settings(temporal_env, tmp_path / "state", "process")
-    settings.state_dir.mkdir(parents=True)
     flag = tmp_path / "fixed"
     (settings.state_dir / "images.yaml").write_text(
         f"registry.gov/hms-flaky:1.0:\n  command: [sh, -c, 'test -f {flag} && exec {sys.executable} -m services.hms_ach || exit 3']\n"
     )
+    sign_images(settings, "registry.gov/hms-flaky:1.0")
     spec = seed_spec(name="hms-flaky", image="registry.gov/hms-flaky:1.0", min_replicas=1,
                      backoff_initial_s=0.5, backoff_max_s=2, **FAST)
     try:
@@ -187,7 +188,6 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
 
 async def test_worker_killed_during_heal_makes_exactly_one_replacement(temporal_env, tmp_path, runtime_name):
     settings = make_settings(temporal_env, tmp_path / "state", runtime_name)
-    settings.state_dir.mkdir(parents=True)
     hms = Orchestrator(temporal_env.client, settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     worker.start()
@@ -217,7 +217,6 @@ async def test_steady_service_history_stays_within_budget(temporal_env, tmp_path
     """Every interval 100x shorter than the defaults: 36 s here is one hour there."""
     speedup = 100
     settings = make_settings(temporal_env, tmp_path / "state", "process", watch_max_s=1800 / speedup)
-    settings.state_dir.mkdir(parents=True)
     spec = seed_spec(health_interval_s=5 / speedup, scale_interval_s=30 / speedup, cpu_target=90)
     try:
         async with HmsWorker(temporal_env.client, settings):
@@ -243,7 +242,6 @@ async def test_continue_as_new_keeps_pods_counters_and_backoff(temporal_env, tmp
     """A tiny history threshold forces continue-as-new after every step; the state carried
     across runs must keep the pods, the heal counter, the decisions and the crash-loop count."""
     settings = make_settings(temporal_env, tmp_path / "state", "process", history_threshold=10)
-    settings.state_dir.mkdir(parents=True)
     try:
         async with HmsWorker(temporal_env.client, settings):
             hms = Orchestrator(temporal_env.client, settings)

@@ -1,0 +1,234 @@
+"""Access, governance approval and the signed-image gate, against the real dev server.
+
+Every refusal is checked for what a user sees (a precise error), what it leaves (no pod, no
+running workflow) and its event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import as_user, make_settings, node_pods, seed_spec, sign_images, temporal_binary, terminate_running
+from temporalio.client import WorkflowExecutionStatus
+
+from hms_mgmt import auth
+from hms_mgmt.errors import AccessDenied, ApprovalRejected, ImageUntrusted
+from hms_mgmt.events import read_events
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.trust import TrustStore
+from worker.main import HmsWorker
+
+BIG = {"max_replicas": 12}  # over the default policy limit of 10: needs approval
+
+
+def events(settings, type_: str):
+    return [e for e in read_events(settings.state_dir) if e.type == type_]
+
+
+@pytest.fixture
+async def gov(temporal_env, tmp_path):
+    """A process-runtime stack with alice (ops_admin), bob (gov_approver), vic (viewer)."""
+    settings = make_settings(temporal_env, tmp_path / "state", "process")
+    try:
+        async with HmsWorker(temporal_env.client, settings):
+            yield settings, {
+                "alice": Orchestrator(temporal_env.client, settings),
+                "bob": Orchestrator(temporal_env.client, as_user(settings, "bob", "gov_approver")),
+                "vic": Orchestrator(temporal_env.client, as_user(settings, "vic", "viewer")),
+                "anon": Orchestrator(temporal_env.client, settings.model_copy(update={"token": None})),
+            }
+    finally:
+        await terminate_running(temporal_env, settings)
+
+
+async def assert_nothing_running(client, settings, name="hms-ach"):
+    desc = await client.get_workflow_handle(f"svc-{name}").describe()
+    assert desc.status != WorkflowExecutionStatus.RUNNING
+    assert node_pods(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("who", "match"),
+    [("anon", "no identity: set HMS_TOKEN"), ("vic", r"vic \(viewer\) may not deploy"), ("bob", "may not deploy")],
+)
+async def test_deploy_without_ops_admin_is_refused(gov, who, match):
+    settings, as_ = gov
+    with pytest.raises(AccessDenied, match=match):
+        await as_[who].deploy(seed_spec())
+    await assert_nothing_running(as_["alice"].client, settings)
+    denied = events(settings, "access.denied")
+    assert len(denied) == 1 and denied[0].data["action"] == "deploy"
+
+
+async def test_expired_and_forged_tokens_are_refused(gov, tmp_path):
+    settings, as_ = gov
+    old = datetime.now(UTC) - timedelta(hours=10)
+    expired = auth.issue_token(settings.state_dir, user="alice", role="ops_admin", ttl_s=60, now=old)
+    with pytest.raises(AccessDenied, match="expired"):
+        await Orchestrator(as_["alice"].client, settings.model_copy(update={"token": expired})).deploy(seed_spec())
+    other = tmp_path / "other-keys"
+    auth.init_keys(other)
+    forged = auth.issue_token(other, user="alice", role="ops_admin")
+    with pytest.raises(AccessDenied, match="signature is invalid"):
+        await Orchestrator(as_["alice"].client, settings.model_copy(update={"token": forged})).deploy(seed_spec())
+    await assert_nothing_running(as_["alice"].client, settings)
+
+
+async def test_only_ops_admin_scales_and_undeploys(gov):
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(min_replicas=1), wait=True, timeout=60)
+    with pytest.raises(AccessDenied, match="may not scale"):
+        await as_["vic"].scale("hms-ach", 2)
+    with pytest.raises(AccessDenied, match="may not undeploy"):
+        await as_["bob"].undeploy("hms-ach")
+    st = await as_["vic"].status("hms-ach")
+    assert st.phase == "Running" and st.desired_replicas == 1 and len(node_pods(settings)) == 1
+    assert {r.action for r in st.refusals} == {"scale", "undeploy"}
+    assert len(events(settings, "access.denied")) == 2
+    await as_["alice"].undeploy("hms-ach")
+    assert node_pods(settings) == []
+
+
+async def test_large_deploy_waits_for_a_four_eyes_approval(gov, tmp_path):
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(**BIG))
+    st = await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    assert st.pending_approval.requested_by == "alice"
+    assert "max_replicas 12 exceeds the limit of 10" in st.pending_approval.reason
+    assert node_pods(settings) == []
+    requested = events(settings, "approval.requested")
+    assert len(requested) == 1
+
+    # The Web UI's filter finds it by search attribute.
+    found = [wf.id async for wf in as_["alice"].client.list_workflows(
+        f'HmsPhase = "AwaitingApproval" AND TaskQueue = "{settings.task_queue}"')]
+    assert found == ["svc-hms-ach"]
+
+    other = tmp_path / "k"
+    auth.init_keys(other)
+    attempts = [
+        ("self-approval", as_user(settings, "alice", "gov_approver"), "may not approve their own request"),
+        ("wrong role", settings, "may not approve"),
+        ("forged", settings.model_copy(update={"token": auth.issue_token(other, user="eve", role="gov_approver")}),
+         "signature is invalid"),
+        ("expired", settings.model_copy(update={"token": auth.issue_token(
+            settings.state_dir, user="bob", role="gov_approver", ttl_s=60,
+            now=datetime.now(UTC) - timedelta(hours=2))}), "expired"),
+    ]
+    for label, who, match in attempts:
+        with pytest.raises(AccessDenied, match=match):
+            await Orchestrator(as_["alice"].client, who).approve("hms-ach", reason=label)
+    st = await as_["alice"].status("hms-ach")
+    assert st.phase == "AwaitingApproval" and node_pods(settings) == []
+    assert len(st.pending_approval.invalid_attempts) == 4
+    assert len(events(settings, "approval.invalid")) == 4
+
+    approved = await as_["bob"].approve("hms-ach", reason="disaster relief surge")
+    assert approved.phase in ("VerifyingImage", "Deploying", "Running")
+    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    assert st.approved_by == "bob" and st.ready_replicas == 2
+    granted = events(settings, "approval.granted")
+    assert len(granted) == 1 and "bob" in granted[0].reason and "disaster relief surge" in granted[0].reason
+    await as_["alice"].undeploy("hms-ach")
+
+
+async def test_rejected_deploy_starts_no_pod(gov):
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(**BIG))
+    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    st = await as_["bob"].reject("hms-ach", reason="too large for this quarter")
+    assert st.phase == "Rejected"
+    with pytest.raises(ApprovalRejected, match="rejected by bob"):
+        await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=10)
+    await assert_nothing_running(as_["alice"].client, settings)
+    assert "too large" in events(settings, "approval.rejected")[0].reason
+
+
+async def test_approval_times_out_as_a_rejection(gov):
+    settings, as_ = gov
+    (settings.state_dir / "governance.yaml").write_text("approval_timeout_s: 2\n")
+    await as_["alice"].deploy(seed_spec(**BIG))
+    with pytest.raises(ApprovalRejected, match="approval timed out after 2s"):
+        await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=30)
+    await assert_nothing_running(as_["alice"].client, settings)
+    assert len(events(settings, "approval.rejected")) == 1
+
+
+async def test_cpu_budget_needs_approval(gov):
+    settings, as_ = gov
+    (settings.state_dir / "governance.yaml").write_text("cpu_budget: 1.0\n")
+    await as_["alice"].deploy(seed_spec(max_replicas=4, cpu_limit=0.5))
+    st = await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    assert "CPU budget" in st.pending_approval.reason
+
+
+async def test_approve_from_the_temporal_cli(gov, temporal_env):
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(**BIG))
+    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    bob = auth.issue_token(settings.state_dir, user="bob", role="gov_approver")
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [temporal_binary(), "workflow", "signal", "--address", settings.temporal_address,
+         "--workflow-id", "svc-hms-ach", "--name", "approve",
+         "--input", json.dumps({"token": bob, "reason": "approved from the CLI"})],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    assert st.approved_by == "bob"
+    assert "approved from the CLI" in events(settings, "approval.granted")[0].reason
+
+
+async def test_approve_from_hms_cli(gov):
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(**BIG))
+    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    env = {
+        "HMS_TEMPORAL_ADDRESS": settings.temporal_address, "HMS_STATE_DIR": str(settings.state_dir),
+        "HMS_TASK_QUEUE": settings.task_queue, "HMS_NODE": settings.node, "HMS_RUNTIME": "process",
+        "HMS_TOKEN": auth.issue_token(settings.state_dir, user="bob", role="gov_approver"),
+        "PATH": "/usr/bin:/bin",
+    }
+    hms = str(Path(__import__("sys").executable).parent / "hms")
+    out = await asyncio.to_thread(subprocess.run, [hms, "approve", "hms-ach", "--reason", "ok from hms"],
+                                  env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    assert st.approved_by == "bob"
+
+
+async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime_name):
+    settings = make_settings(temporal_env, tmp_path / "state", runtime_name, trusted=False)
+    try:
+        async with HmsWorker(temporal_env.client, settings):
+            hms = Orchestrator(temporal_env.client, settings)
+            await hms.deploy(seed_spec(image_verify_timeout_s=3))
+            with pytest.raises(ImageUntrusted, match="not signed"):
+                await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            await assert_nothing_running(hms.client, settings)
+            assert "not signed" in events(settings, "image.untrusted")[0].reason
+
+            # Signed for other content than what the node has: "changed since it was signed".
+            TrustStore(settings.state_dir).sign(seed_spec()["image"], "sha256:" + "0" * 64, signer="release")
+            await hms.deploy(seed_spec(image_verify_timeout_s=3))
+            with pytest.raises(ImageUntrusted, match="changed since it was signed"):
+                await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            assert node_pods(settings) == []
+
+            # Signed while the deployment waits in VerifyingImage: it goes on.
+            await hms.deploy(seed_spec(image_verify_timeout_s=60))
+            await hms.wait_for("hms-ach", {"VerifyingImage"}, timeout=30)
+            await asyncio.sleep(1.5)
+            assert node_pods(settings) == []
+            sign_images(settings, seed_spec()["image"])
+            st = await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            assert st.ready_replicas == 2
+            assert len(events(settings, "image.verified")) == 1
+            await hms.undeploy("hms-ach")
+    finally:
+        await terminate_running(temporal_env, settings)

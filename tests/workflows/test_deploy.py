@@ -10,7 +10,9 @@ from conftest import WorkerProcess, eventually, make_settings, node_pods, seed_s
 from temporalio.client import WorkflowExecutionStatus
 
 from hms_mgmt.errors import SpecError
+from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
+from worker.main import HmsWorker
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[int, dict[str, str], bytes]:
@@ -111,3 +113,34 @@ async def test_worker_killed_mid_deploy_finishes_with_exact_pods_and_no_orphan(t
         worker.stop()
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+
+
+async def test_no_capacity_raises_an_alert_and_resumes_when_a_node_grows(temporal_env, tmp_path):
+    """The Scheduler finds room for one pod of two: the other waits (capacity.alert) and
+    starts once the operator gives the node more room — no restart, no lost pod."""
+    settings = make_settings(temporal_env, tmp_path / "state", "process", node_max_pods=1)
+    current = [settings]
+    try:
+        async with HmsWorker(temporal_env.client, settings, settings_loader=lambda: current[0]):
+            hms = Orchestrator(temporal_env.client, settings)
+            await hms.deploy(seed_spec())
+            alert = await eventually(
+                lambda: [e for e in read_events(settings.state_dir) if e.type == "capacity.alert"],
+                timeout=60, what="capacity.alert",
+            )
+            assert "no node has room for 1 more pod(s) of hms-ach" in alert[0].reason
+            st = await eventually(lambda: _phase_with_pods(hms, "Deploying", 1), timeout=30, what="1 pod, waiting")
+            assert st.ready_replicas <= 1 and len(node_pods(settings, "hms-ach")) == 1
+
+            current[0] = settings.model_copy(update={"node_max_pods": 4})
+            st = await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            assert st.ready_replicas == 2 and len(node_pods(settings, "hms-ach")) == 2
+            await hms.undeploy("hms-ach")
+    finally:
+        await terminate_running(temporal_env, settings)
+        sweep_pods(settings)
+
+
+async def _phase_with_pods(hms: Orchestrator, phase: str, n: int):
+    st = await hms.status("hms-ach")
+    return st if st.phase == phase and len(node_pods(hms.settings, "hms-ach")) == n else None

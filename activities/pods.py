@@ -24,15 +24,15 @@ from hms_mgmt.models import (
     PodStatus,
     StartPodInput,
     StopPodInput,
+    VerifyImageInput,
+    VerifyImageOutput,
     WaitReadyInput,
     WatchHeartbeat,
     WatchInput,
     WatchResult,
-    VerifyImageInput,
-    VerifyImageOutput,
 )
-from hms_mgmt.trust import TrustStore
 from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
+from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
@@ -74,7 +74,7 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
             f"http://{endpoint}{path}", timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
         ) as resp:
             return 200 <= resp.status < 400
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return False
 
 
@@ -248,7 +248,7 @@ class _Watch:
                 if now >= next_health and ids:
                     oks = await asyncio.gather(*(probe(self.acts.session(), self.pods[p].endpoint, spec.health_path)
                                                  for p in ids))
-                    for pid, ok in zip(ids, oks):
+                    for pid, ok in zip(ids, oks, strict=True):
                         self.failures[pid] = 0 if ok else self.failures[pid] + 1
                     next_health = max(next_health + spec.health_interval_s, loop.time())
                     failing = [p for p in ids if self.failures[p] >= spec.health_failures]
@@ -312,7 +312,7 @@ class _Watch:
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 if unsubscribe is None and ids:
                     for pid in await asyncio.to_thread(self.runtime.exited, ids):

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -158,8 +158,8 @@ def load_public_key(state_dir: Path) -> Ed25519PublicKey:
 
 def _utc(dt: datetime | None) -> datetime:
     if dt is None:
-        return datetime.now(timezone.utc)
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+        return datetime.now(UTC)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _check_role(role: str) -> None:
@@ -280,8 +280,8 @@ def verify_token(
     iat, exp = claims.get("iat"), claims.get("exp")
     if not _is_number(iat) or not _is_number(exp):
         raise AccessDenied("malformed token: 'iat' and 'exp' must be numeric timestamps")
-    issued_at = datetime.fromtimestamp(iat, timezone.utc)
-    expires_at = datetime.fromtimestamp(exp, timezone.utc)
+    issued_at = datetime.fromtimestamp(iat, UTC)
+    expires_at = datetime.fromtimestamp(exp, UTC)
     current = _utc(now)
     if current >= expires_at:
         ago = (current - expires_at).total_seconds()

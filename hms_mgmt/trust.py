@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ class TrustStore:
             image=image,
             content_id=content_id,
             signer=signer,
-            signed_at=now or datetime.now(timezone.utc),
+            signed_at=now or datetime.now(UTC),
             signature=base64.b64encode(key.sign(signed_message(image, content_id))).decode(),
         )
         with self._locked():

@@ -18,7 +18,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.pods import PodActivities
     from hms_mgmt.models import (
         EventInput,
-        ListPodsInput,
         NodeSpec,
         PickNodeInput,
         Placement,
@@ -164,8 +163,8 @@ async def start_pods(
             failed.append((pod_id, error_message(e)))
             await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))
 
-    placed_now = [one(p, n) for p, n in zip(pod_ids, nodes) if n is not None]
-    waiting = [p for p, n in zip(pod_ids, nodes) if n is None]
+    placed_now = [one(p, n) for p, n in zip(pod_ids, nodes, strict=True) if n is not None]
+    waiting = [p for p, n in zip(pod_ids, nodes, strict=True) if n is None]
     await asyncio.gather(*placed_now)
     for pod_id in waiting:  # one at a time: each waits until the Scheduler finds room
         await one(pod_id, None)

@@ -24,8 +24,8 @@ with workflow.unsafe.imports_passed_through():
         AuthorizeInput,
         AuthorizeOutput,
         Decision,
-        GovernanceInput,
         DeployInput,
+        GovernanceInput,
         HealAttempt,
         HealInput,
         ListPodsInput,
@@ -495,11 +495,11 @@ class ServiceWorkflow:
             remaining = (deadline - workflow.now()).total_seconds()
             try:
                 if remaining <= 0:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 await workflow.wait_condition(
                     lambda: bool(self.approvals) or bool(self.undeploy_requests), timeout=timedelta(seconds=remaining)
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.state.message = f"approval timed out after {timeout_s:g}s: {reason}"
                 self.state.pending_approval = None
                 await emit(self.placement, "approval.rejected", self.spec.name, self.state.message)

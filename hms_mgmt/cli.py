@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from temporalio.exceptions import TemporalError
 from temporalio.service import RPCError
 
 from hms_mgmt import auth
@@ -124,6 +125,8 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
             raise _fail(str(e) or "timed out", 1) from None
         except RPCError as e:
             raise _fail(f"Temporal: {e.message}", 1) from None
+        except TemporalError as e:
+            raise _fail(f"Temporal: {e}", 1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         except BrokenPipeError:
@@ -158,6 +161,15 @@ def _setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _quiet_temporal_core() -> None:
+    """Only errors from the SDK's Rust core: a demo interrupted mid-rollout would otherwise print
+    warnings about activities that finished after their workflow was cancelled (expected then)."""
+    from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+
+    telemetry = TelemetryConfig(logging=LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR")))
+    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
 
 
 def _short(pod_id: str) -> str:
@@ -236,8 +248,8 @@ async def _poll_rollout(orch: Orchestrator, progress: Progress, tasks: dict[str,
     for name, task in tasks.items():
         try:
             st = await orch.status(name)
-        except (ServiceNotFound, RPCError):
-            continue  # not started yet, or its first workflow task has not run: nothing to show
+        except Exception:  # noqa: BLE001 - the display is best effort; the deploy itself reports errors
+            continue
         progress.update(task, total=max(st.desired_replicas, 1), completed=st.ready_replicas, phase=st.phase)
 
 
@@ -643,6 +655,56 @@ def _sweep_leftovers(settings: Settings, names: list[str]) -> None:
         )
 
 
+async def _demo_run(
+    stack: _Stack,
+    specs: list[ServiceSpec],
+    stopper: _Stopper,
+    server_exit: asyncio.Future[Any],
+    *,
+    exit_after: float | None,
+    timeout: float,
+) -> None:
+    """Deploy, show, wait; returns early when interrupted (the caller undeploys either way)."""
+    orch, settings = stack.orch, stack.settings
+    assert stack.worker_task is not None
+    names = [s.name for s in specs]
+    out.print(f"deploying {', '.join(names)} ...")
+    # Start all three before anything may interrupt: a start cancelled mid-RPC could still
+    # create its workflow after our undeploy looked for it, and leave its pods running.
+    started = await asyncio.gather(*(orch.deploy(s, timeout=timeout) for s in specs), return_exceptions=True)
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+    if stopper.stop.is_set():
+        err.print("interrupted: undeploying ...")
+        return
+    deploy = asyncio.ensure_future(_deploy_with_progress(orch, specs, timeout=timeout))
+    done = await _first(deploy, stopper.stop.wait(), stack.worker_task, server_exit)
+    if deploy not in done:
+        deploy.cancel()
+        with contextlib.suppress(BaseException):
+            await deploy
+        _check_alive(stack, done, server_exit)
+        err.print("interrupted: undeploying ...")
+        return
+    deploy.result()
+    statuses = [await orch.status(n) for n in names]
+    out.print(_pods_table(statuses, title="pods"))
+    for st in statuses:
+        out.print(Text.assemble((f"{st.name:<12}", "bold"), (_web_ui_url(settings, st), "cyan underline")))
+    all_url = f"{settings.web_ui_url.rstrip('/')}/namespaces/{settings.namespace}/workflows"
+    out.print(Text.assemble(("all services ", "bold"), (all_url, "cyan underline")))
+    waits: list[Awaitable[Any]] = [stopper.stop.wait(), stack.worker_task, server_exit]
+    if exit_after is not None:
+        out.print(f"running for {exit_after:g} s, then undeploying (--exit-after)")
+        waits.append(asyncio.sleep(exit_after))
+    else:
+        out.print("running: Ctrl-C undeploys everything and stops")
+    done = await _first(*waits)
+    _check_alive(stack, done, server_exit)
+    out.print("undeploying ...")
+
+
 async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float) -> None:
     examples = _examples_dir()
     specs = [load_spec(examples / f) for f in EXAMPLE_FILES]  # a broken example fails before anything starts
@@ -651,50 +713,18 @@ async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | Non
     stopper.install()
     async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True) as stack:
         _print_stack(stack)
-        orch, settings = stack.orch, stack.settings
-        server_exit = asyncio.ensure_future(stack.server.wait_exit())
         assert stack.worker_task is not None
-        deployed_any = False
+        server_exit = asyncio.ensure_future(stack.server.wait_exit())
+        await asyncio.to_thread(_sign_images, stack.settings, [s.image for s in specs])
         try:
-            await asyncio.to_thread(_sign_images, settings, [s.image for s in specs])
-            out.print(f"deploying {', '.join(names)} ...")
-            deployed_any = True
-            deploy = asyncio.ensure_future(_deploy_with_progress(orch, specs, timeout=timeout))
-            done = await _first(deploy, stopper.stop.wait(), stack.worker_task, server_exit)
-            if deploy not in done:
-                deploy.cancel()
-                with contextlib.suppress(BaseException):
-                    await deploy
-                _check_alive(stack, done, server_exit)
-                err.print("interrupted: undeploying ...")
-                return
-            deploy.result()
-            statuses = [await orch.status(n) for n in names]
-            out.print(_pods_table(statuses, title="pods"))
-            for st in statuses:
-                out.print(Text.assemble((f"{st.name:<12}", "bold"), (_web_ui_url(settings, st), "cyan underline")))
-            out.print(
-                Text.assemble(
-                    ("all services ", "bold"),
-                    (f"{settings.web_ui_url.rstrip('/')}/namespaces/{settings.namespace}/workflows", "cyan underline"),
-                )
-            )
-            waits: list[Awaitable[Any]] = [stopper.stop.wait(), stack.worker_task, server_exit]
-            if exit_after is not None:
-                out.print(f"running for {exit_after:g} s, then undeploying (--exit-after)")
-                waits.append(asyncio.sleep(exit_after))
-            else:
-                out.print("running: Ctrl-C undeploys everything and stops")
-            done = await _first(*waits)
-            _check_alive(stack, done, server_exit)
-            out.print("undeploying ...")
+            await _demo_run(stack, specs, stopper, server_exit, exit_after=exit_after, timeout=timeout)
         finally:
             alive = not stack.worker_task.done() and not server_exit.done()
             server_exit.cancel()
-            if deployed_any and alive:
-                await _undeploy_all(orch, names, stopper)
-                await asyncio.to_thread(_sweep_leftovers, settings, names)
-            elif deployed_any:
+            if alive:
+                await _undeploy_all(stack.orch, names, stopper)
+                await asyncio.to_thread(_sweep_leftovers, stack.settings, names)
+            else:
                 err.print(
                     Text(
                         "warning: cannot undeploy without the worker and server; pods are adopted by the next `hms up`",
@@ -751,6 +781,7 @@ def demo(
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
+    _quiet_temporal_core()
     _run(_demo(port, ui_port, headless, exit_after, timeout))
 
 
@@ -904,23 +935,24 @@ def events(
         return  # the way to end --follow
 
 
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; recorded with the decision.")]
+
+
 @app.command()
 @_cli_errors
 def scale(
     name: Annotated[str, typer.Argument(help="The service.")],
     replicas: Annotated[int, typer.Argument(help="Desired number of pods.", min=0)],
+    reason: ReasonOpt = "",
 ) -> None:
     """Set a service's replicas by hand (within min..max of its spec)."""
 
     async def go() -> None:
         orch = await _connect()
-        result = await orch.scale(name, replicas)
+        result = await orch.scale(name, replicas, reason=reason)
         _print_outcome(f"scale {name} to {replicas}", result)
 
     _run(go())
-
-
-ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; recorded with the decision.")]
 
 
 @app.command()

@@ -1,0 +1,231 @@
+"""The `hms` command line as an operator runs it: a real subprocess per command, against the
+real dev server, with a real worker process and process-runtime pods."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+from conftest import REPO, WorkerProcess, eventually, make_settings, node_pods, sweep_pods, terminate_running
+from temporalio.testing import WorkflowEnvironment
+
+from hms_mgmt.config import Settings
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.trust import TrustStore
+
+
+def hms_command() -> list[str]:
+    script = Path(sys.executable).parent / "hms"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hms_mgmt.cli"]
+
+
+def run_hms(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*hms_command(), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+async def hms(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    # A thread, so the session's event loop (and the dev server fixture on it) keeps running.
+    return await asyncio.to_thread(run_hms, *args, env=env, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
+    env.update(COLUMNS="200", PYTHONPATH=str(REPO), **values)
+    return env
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def cli(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[tuple[Settings, dict[str, str]]]:
+    """Settings and the environment an operator's shell would have, with a worker process running."""
+    s = make_settings(temporal_env, tmp_path / "state", "process")
+    worker = WorkerProcess(s, tmp_path / "worker.log")
+    env = {**worker.env(), "COLUMNS": "200"}
+    worker.start()
+    try:
+        yield s, env
+    finally:
+        worker.stop()
+        await terminate_running(temporal_env, s)
+        sweep_pods(s)
+
+
+async def test_deploy_status_logs_events_undeploy(temporal_env: WorkflowEnvironment, cli):
+    s, env = cli
+    out = ok(await hms("deploy", "examples/hms-ach.yaml", "--wait", env=env))
+    assert "hms-ach is Running: 2/2 pods ready" in out
+    assert "/namespaces/default/workflows/svc-hms-ach" in out
+
+    out = ok(await hms("status", env=env))
+    assert re.search(r"hms-ach\s*\W\s*Running\s*\W\s*2/2\s*\W\s*registry\.gov/hms-ach:1\.4", out), out
+
+    pods = (await Orchestrator(temporal_env.client, s).status("hms-ach")).pods
+    assert len(pods) == 2
+    out = ok(await hms("status", "hms-ach", env=env))
+    rows = [line for line in out.splitlines() if "hms-ach" in line and "healthy" in line]
+    assert len(rows) == 2, out
+    for pod in pods:
+        assert pod.id[:8] in out and pod.endpoint in out
+
+    prefix = pods[0].id[:8]
+
+    async def log_lines() -> list[str]:
+        result = await hms("logs", "hms-ach", prefix, "--tail", "3", env=env)
+        return ok(result).splitlines()
+
+    lines = await eventually(log_lines, timeout=30, what="log lines")
+    assert 0 < len(lines) <= 3
+
+    out = ok(await hms("events", env=env))
+    assert re.search(r"service\.deployed\s+hms-ach\s+2/2 pods ready", out), out
+
+    out = ok(await hms("undeploy", "hms-ach", env=env))
+    assert "undeployed hms-ach: Stopped" in out
+    assert node_pods(s) == []
+
+    out = ok(await hms("events", "--service", "hms-ach", env=env))
+    assert "service.undeployed" in out
+    result = await hms("status", "hms-ach", env=env)
+    assert result.returncode in (0, 1)  # a finished workflow may still answer its last status
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("cpu_target: 150", "cpu_target"),
+        ("cpu_target: 60\nreplicas: 3", "replicas"),
+        ("cpu_target: 60\nimage: Not An Image", "image"),
+    ],
+)
+async def test_bad_spec_file_exits_2_naming_the_field(temporal_env: WorkflowEnvironment, tmp_path: Path, body, field):
+    s = make_settings(temporal_env, tmp_path / "state", "process")
+    name = f"cli-bad-{uuid.uuid4().hex[:6]}"
+    lines = {"name": name, "image": "registry.gov/hms-ach:1.4", "min_replicas": "1", "max_replicas": "2"}
+    for line in body.splitlines():
+        key, value = line.split(": ", 1)
+        lines[key] = value
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    env = clean_env(
+        HMS_TEMPORAL_ADDRESS=s.temporal_address, HMS_STATE_DIR=str(tmp_path / "state"), HMS_TASK_QUEUE=s.task_queue
+    )
+    result = await hms("deploy", str(spec), env=env)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: ") and field in result.stderr
+    assert "Traceback" not in result.stderr
+    started = [wf async for wf in temporal_env.client.list_workflows(f'TaskQueue = "{s.task_queue}"')]
+    assert started == []
+
+
+async def test_user_errors_are_one_line_and_exit_1(temporal_env: WorkflowEnvironment, tmp_path: Path):
+    s = make_settings(temporal_env, tmp_path / "state", "process")
+    env = clean_env(
+        HMS_TEMPORAL_ADDRESS=s.temporal_address, HMS_STATE_DIR=str(tmp_path / "state"), HMS_TASK_QUEUE=s.task_queue
+    )
+    result = await hms("status", f"cli-none-{uuid.uuid4().hex[:6]}", env=env)
+    assert result.returncode == 1 and result.stderr.startswith("error: no service named"), result
+    result = await hms("status", env={**env, "HMS_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert result.returncode == 1 and "cannot reach Temporal" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_auth_and_image_commands(tmp_path: Path):
+    env = clean_env(HMS_STATE_DIR=str(tmp_path / "state"), HMS_RUNTIME="process")
+    ok(await hms("auth", "init", env=env))
+    token = ok(await hms("auth", "issue", "--user", "alice", "--role", "ops_admin", "--ttl", "2h", "--save", env=env))
+    assert token.count(".") == 2 and "\n" == token[-1] and len(token.splitlines()) == 1
+    out = ok(await hms("auth", "whoami", env=env))
+    assert re.search(r"user\s+alice", out) and re.search(r"role\s+ops_admin", out) and "(in 1h 59m)" in out
+    result = await hms("auth", "issue", "--user", "bob", "--role", "king", env=env)
+    assert result.returncode == 2 and "unknown role 'king'" in result.stderr
+
+    out = ok(await hms("image", "sign", "registry.gov/hms-frm:1.0", env=env))
+    assert "signed registry.gov/hms-frm:1.0" in out and "by alice" in out
+    record = TrustStore(tmp_path / "state").get("registry.gov/hms-frm:1.0")
+    assert record is not None and record.content_id in out
+    assert "registry.gov/hms-frm:1.0" in ok(await hms("image", "list", env=env))
+    ok(await hms("image", "revoke", "registry.gov/hms-frm:1.0", env=env))
+    result = await hms("image", "revoke", "registry.gov/hms-frm:1.0", env=env)
+    assert result.returncode == 1 and "no trust record" in result.stderr
+    result = await hms("image", "sign", "registry.gov/unknown:1", env=env)
+    assert result.returncode == 1 and "not in the process runtime's image catalog" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def alive(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
+    state = tmp_path / "state"
+    port, ui_port = free_port(), free_port()
+    env = clean_env(HMS_STATE_DIR=str(state), HMS_RUNTIME="process", HMS_NODE=f"demo{uuid.uuid4().hex[:6]}")
+    proc = subprocess.Popen(
+        [*hms_command(), "demo", "--port", str(port), "--ui-port", str(ui_port), "--exit-after", "3"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Every pod record the demo writes while it runs, so we can check their processes afterwards.
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            for path in state.glob("pods/*/*.json"):
+                try:
+                    seen[path.stem] = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.1)
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    for name, replicas in (("hms-ach", "2/2"), ("hms-frm", "1/1"), ("hms-notify", "1/1")):
+        assert re.search(rf"{name}\s.*{replicas} pods ready\s+Running", stdout), stdout
+        assert f"http://localhost:{ui_port}/namespaces/default/workflows/svc-{name}" in stdout
+        assert f"undeployed {name} (Stopped)" in stdout
+        assert TrustStore(state).get(f"registry.gov/{name}:{'1.4' if name == 'hms-ach' else '1.0'}") is not None
+    assert "still there after the undeploy" not in stderr
+
+    assert len(seen) == 4, seen  # 2 + 1 + 1 pods were recorded while it ran
+    assert list(state.glob("pods/*/*.json")) == []
+    assert [pod for pod, rec in seen.items() if alive(rec["pid"], rec["create_time"])] == []
+    assert not port_open(port) and not port_open(ui_port)  # the dev server it started is gone

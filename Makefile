@@ -71,6 +71,14 @@ for rt in runtimes:
         rt.stop(pod.pod_id, 2)
         print(f"stopped {rt.name} pod {pod.service}/{pod.pod_id} on node {rt.node}")
     rt.close()
+# A dev server left by a killed demo runs in its own session; only the one using var/'s database.
+import psutil
+db = str(var / "temporal.db")
+for proc in psutil.process_iter(["cmdline"]):
+    cmd = proc.info["cmdline"] or []
+    if "start-dev" in cmd and db in cmd:
+        proc.terminate()
+        print(f"stopped the Temporal dev server (pid {proc.pid}) of {var}")
 endef
 export CLEAN_PODS
 

@@ -78,6 +78,10 @@ for proc in psutil.process_iter(["cmdline"]):
     cmd = proc.info["cmdline"] or []
     if "start-dev" in cmd and db in cmd:
         proc.terminate()
+        try:
+            proc.wait(10)
+        except psutil.TimeoutExpired:
+            proc.kill()
         print(f"stopped the Temporal dev server (pid {proc.pid}) of {var}")
 endef
 export CLEAN_PODS

@@ -1,0 +1,638 @@
+"""Self-healing benchmark: how long a service is without an answering pod after its pod dies
+or hangs, against Docker's own in-place recovery, measured in the same run.
+
+(a) crash. SIGKILL of a pod's main process (``os.kill(State.Pid, SIGKILL)``: a crash, not a
+    ``docker kill``, which Docker treats as a manual stop). t0 = the kill.
+    ours   seconds until a *replacement* pod of the service (a container labelled
+           ``hms.service=<name>`` that was not there before the kill) answers ``/health``;
+           also when ``status()`` shows a ready replacement and when the dead container is gone.
+    peer   ``docker run -d --restart=always`` of the same image; seconds until it answers
+           ``/health`` again (Docker restarts it in place; its host port may change, so the
+           endpoint is re-discovered by label every round).
+    Both sides: the same poller (discover by label + GET /health every --poll s, 0.05 s),
+    pods older than --min-age (12 s) when killed (a pod dying young counts toward
+    crash-loop backoff in hms-mgmt, and Docker's restart delay also grows for containers
+    that ran < 10 s), pairs alternate which side goes first. Target: ours/peer <= 1.5x.
+(b) hung pod. spec ``health_interval_s=1, health_failures=2``; ``POST /admin/health
+    {"failing": true}`` (mode ``failing``) or ``POST /admin/hang`` (mode ``hang``) on the pod.
+    t0 = just before that POST. Seconds until a replacement answers ``/health`` AND the bad
+    pod's container is removed. Compared with the detection floor ``health_failures x
+    health_interval_s``; target <= floor + 1.5 s.
+
+    .venv/bin/python bench/heal.py [--runs 5] [--warmup 1] [--b-modes failing,hang]
+
+Prints a table with both ratios and pass/fail, writes bench/results/heal.json (per-run figures,
+where our time goes from the HealWorkflow history, load averages per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    EXAMPLE_IMAGE,
+    Run,
+    activity_timeline,
+    docker_client,
+    grant_access,
+    hms_stack,
+    label_filter,
+    loadavg,
+    median,
+    pmax,
+    print_table,
+    remove_containers,
+    rnd,
+    terminate_running,
+    use_source,
+    verdict,
+    watch_armed,
+)
+
+NAME = "heal"
+TARGET_A = 1.5  # ours / Docker restart policy
+SLACK_B = 1.5  # seconds over the detection floor
+PEER_LABEL = "bench.heal"
+POLL_S = 0.05
+
+
+# --- the one poller both sides use ---------------------------------------------------------
+
+
+def running_endpoints(dclient, labels: dict[str, str], exclude_ids: set[str] = frozenset(),
+                      private_port: int = 8080) -> list[tuple[str, str]]:
+    """(container id, "127.0.0.1:PORT") of the running containers carrying ``labels``."""
+    out = []
+    for ct in dclient.api.containers(filters=label_filter(labels)):
+        if ct["Id"] in exclude_ids:
+            continue
+        for p in ct.get("Ports") or []:
+            if p.get("PrivatePort") == private_port and p.get("PublicPort"):
+                out.append((ct["Id"], f"{p.get('IP') or '127.0.0.1'}:{p['PublicPort']}"))
+                break
+    return out
+
+
+async def _probe(session: aiohttp.ClientSession, endpoint: str, path: str, timeout_s: float) -> bool:
+    try:
+        async with session.get(f"http://{endpoint}{path}", allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
+
+
+async def first_answer(dclient, labels: dict[str, str], *, t0: float, exclude_ids: set[str] = frozenset(),
+                       interval_s: float = POLL_S, timeout_s: float = 120.0, path: str = "/health",
+                       probe_timeout_s: float = 1.0) -> dict[str, Any]:
+    """Every ``interval_s``: list the running containers with ``labels`` (minus ``exclude_ids``)
+    and GET ``path`` on each; return when one answers 200. Times are seconds since ``t0``."""
+    out: dict[str, Any] = {"elapsed_s": None, "first_seen_s": None, "container": None, "rounds": 0}
+    deadline = time.perf_counter() + timeout_s
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while time.perf_counter() < deadline:
+            tick = time.perf_counter()
+            out["rounds"] += 1
+            found = await asyncio.to_thread(running_endpoints, dclient, labels, exclude_ids)
+            if found and out["first_seen_s"] is None:
+                out["first_seen_s"] = time.perf_counter() - t0
+            if found:
+                oks = await asyncio.gather(*(_probe(session, ep, path, probe_timeout_s) for _, ep in found))
+                for (cid, ep), ok in zip(found, oks, strict=True):
+                    if ok:
+                        out.update(elapsed_s=time.perf_counter() - t0, container=cid[:12], endpoint=ep)
+                        return out
+            await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - tick)))
+    return out
+
+
+async def poll(check, *, t0: float, interval_s: float, timeout_s: float = 120.0) -> float | None:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        tick = time.perf_counter()
+        with contextlib.suppress(Exception):
+            if await check():
+                return time.perf_counter() - t0
+        await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - tick)))
+    return None
+
+
+def kill9(dclient, container_id: str) -> tuple[int, float, float]:
+    """SIGKILL the container's main process; returns (pid, perf_counter t0, wall t0)."""
+    ct = dclient.containers.get(container_id)
+    pid = ct.attrs["State"]["Pid"]
+    if not pid:
+        raise RuntimeError(f"container {container_id[:12]} has no running process")
+    t0_wall = time.time()
+    t0 = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    return pid, t0, t0_wall
+
+
+def container_age_s(dclient, container_id: str) -> float:
+    started = dclient.containers.get(container_id).attrs["State"]["StartedAt"]
+    # docker gives nanoseconds: "2024-01-01T00:00:00.123456789Z"
+    base, _, frac = started.rstrip("Z").partition(".")
+    t = _dt.datetime.fromisoformat(base).replace(tzinfo=_dt.UTC).timestamp() + float(f"0.{frac or '0'}")
+    return time.time() - t
+
+
+async def wait_age(dclient, container_ids: list[str], min_age_s: float) -> None:
+    ages = [await asyncio.to_thread(container_age_s, dclient, cid) for cid in container_ids]
+    wait = min_age_s - min(ages)
+    if wait > 0:
+        await asyncio.sleep(wait)
+
+
+def min_age(args, health_interval_s: float) -> float:
+    """Past the product's "died young" threshold (crash-loop backoff) and Docker's 10 s."""
+    return args.min_age if args.min_age is not None else max(10.0, 3 * health_interval_s) + 2.0
+
+
+# --- ours ------------------------------------------------------------------------------------
+
+
+async def deploy_ours(stack, name: str, dclient, args, **spec_extra: Any) -> tuple[Any, list[str]]:
+    """Deploy ``args.replicas`` pods; returns (status, container ids)."""
+    from hms_mgmt import constants
+
+    spec = {"name": name, "image": args.image, "min_replicas": args.replicas, "max_replicas": args.replicas,
+            "cpu_target": 60, **spec_extra}
+    await stack.orch.deploy(spec, wait=True, timeout=args.timeout)
+    st = await stack.orch.status(name)
+    cids = [c["Id"] for c in dclient.api.containers(
+        filters=label_filter({constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}))]
+    return st, cids
+
+
+async def heal_breakdown(stack, name: str, old_pod: str, t0_wall: float) -> dict[str, Any] | None:
+    from hms_mgmt import constants
+
+    try:
+        heal = await activity_timeline(stack.client, f"{constants.service_workflow_id(name)}-heal-{old_pod}")
+    except Exception:  # noqa: BLE001
+        return None
+    acts = heal["activities"]
+    timers: list[float] = []
+    crash_count = None
+    with contextlib.suppress(Exception):
+        import json
+
+        from temporalio.api.enums.v1 import EventType as ET
+
+        hist = await stack.client.get_workflow_handle(
+            f"{constants.service_workflow_id(name)}-heal-{old_pod}").fetch_history()
+        for ev in hist.events:
+            if ev.event_type == ET.EVENT_TYPE_TIMER_STARTED:
+                timers.append(ev.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta().total_seconds())
+            elif ev.event_type == ET.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                payload = ev.workflow_execution_started_event_attributes.input.payloads[0]
+                crash_count = json.loads(payload.data).get("crash_count")
+
+    def span(kind: str) -> list[float] | None:
+        xs = [a for a in acts if a["type"] == kind and "completed" in a]
+        if not xs:
+            return None
+        a = xs[-1]
+        return [rnd(a["scheduled"] - t0_wall), rnd(a["completed"] - t0_wall)]
+
+    # In the service workflow: the watch that saw it return -> events emitted -> heal child started.
+    svc_part: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        svc = await activity_timeline(stack.client, constants.service_workflow_id(name))
+        init = next(m["t"] for m in svc["marks"] if m["event"] == "START_CHILD_WORKFLOW_EXECUTION_INITIATED"
+                    and m["t"] >= t0_wall)
+        watch_done = max(a["completed"] for a in svc["activities"] if a["type"] == "watch_pods"
+                         and "completed" in a and t0_wall <= a["completed"] <= init)
+        emits = [a for a in svc["activities"] if a["type"] == "emit_event" and watch_done <= a["scheduled"] <= init]
+        svc_part = {
+            "watch_returned_s": rnd(watch_done - t0_wall),
+            "emits_before_heal": len(emits),
+            "emits_before_heal_s": rnd(sum(a["completed"] - a["scheduled"] for a in emits if "completed" in a)),
+            "heal_child_initiated_s": rnd(init - t0_wall),
+        }
+    return {
+        **svc_part,
+        "heal_workflow_started_s": rnd(heal["workflow"].get("started", t0_wall) - t0_wall),
+        "pick_node_s": span("pick_node"),
+        "start_pod_s": span("start_pod"),
+        "wait_pod_ready_s": span("wait_pod_ready"),
+        "stop_pod_s": span("stop_pod"),
+        "heal_workflow_closed_s": rnd(heal["workflow"]["closed"] - t0_wall) if "closed" in heal["workflow"] else None,
+        "heal_events": heal["events"],
+        "backoff_timers_s": timers,
+        "crash_count_at_heal": crash_count,
+    }
+
+
+async def undeploy(stack, name: str, dclient) -> None:
+    from hms_mgmt import constants
+
+    try:
+        await asyncio.wait_for(stack.orch.undeploy(name, wait=True), 60)
+    except Exception as e:  # noqa: BLE001 - the sweep below removes what is left
+        logging.getLogger("bench").warning("undeploy %s: %s", name, e)
+        await terminate_running(stack.client, stack.settings.task_queue)
+    await asyncio.to_thread(remove_containers, dclient, {constants.LABEL_SERVICE: name,
+                                                         constants.LABEL_NODE: stack.settings.node})
+
+
+async def measure_ours_crash(stack, name: str, st, cids: list[str], dclient, args) -> dict[str, Any]:
+    from hms_mgmt import constants
+
+    labels = {constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}
+    if not await watch_armed(stack, name, {p.id for p in st.pods}):
+        raise RuntimeError(f"{name}: no watch_pods activity is watching {[p.id for p in st.pods]}")
+    victim = st.pods[0]
+    victim_cid = next(c["Id"] for c in dclient.api.containers(
+        filters=label_filter({constants.LABEL_POD: victim.id})))
+    before = set(cids)
+    age = await asyncio.to_thread(container_age_s, dclient, victim_cid)
+    load = loadavg()
+    pid, t0, t0_wall = await asyncio.to_thread(kill9, dclient, victim_cid)
+
+    async def status_replaced() -> bool:
+        s = await stack.orch.status(name, live=False)
+        return any(p.ready and p.id != victim.id for p in s.pods) and all(p.id != victim.id for p in s.pods)
+
+    async def removed() -> bool:
+        return not await asyncio.to_thread(dclient.api.containers, all=True,
+                                           filters=label_filter({constants.LABEL_POD: victim.id}))
+
+    http, t_status, t_removed = await asyncio.gather(
+        first_answer(dclient, labels, t0=t0, exclude_ids=before, interval_s=args.poll, timeout_s=args.timeout),
+        poll(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+        poll(removed, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+    )
+    if http["elapsed_s"] is None:
+        raise RuntimeError(f"{name}: no replacement answered /health within {args.timeout}s")
+    return {
+        "service": name,
+        "killed_pod": victim.id,
+        "killed_pid": pid,
+        "pod_age_at_kill_s": rnd(age, 1),
+        "http_s": rnd(http["elapsed_s"]),
+        "replacement_container_seen_s": rnd(http["first_seen_s"]),
+        "status_replaced_s": rnd(t_status),
+        "dead_container_removed_s": rnd(t_removed),
+        "load_average": load,
+        "breakdown": await heal_breakdown(stack, name, victim.id, t0_wall),
+    }
+
+
+# --- peer: docker run --restart=always -------------------------------------------------------
+
+
+def peer_start(dclient, image: str, run_label: str) -> str:
+    ct = dclient.containers.run(
+        image,
+        detach=True,
+        ports={"8080/tcp": ("127.0.0.1", None)},
+        labels={PEER_LABEL: "1", f"{PEER_LABEL}.run": run_label},
+        environment={"PORT": "8080"},
+        restart_policy={"Name": "always"},
+    )
+    return ct.id
+
+
+async def wait_answering(dclient, labels: dict[str, str], timeout_s: float) -> None:
+    r = await first_answer(dclient, labels, t0=time.perf_counter(), timeout_s=timeout_s)
+    if r["elapsed_s"] is None:
+        raise RuntimeError(f"containers {labels} never answered /health")
+
+
+async def measure_peer(dclient, cid: str, run_label: str, args) -> dict[str, Any]:
+    labels = {PEER_LABEL: "1", f"{PEER_LABEL}.run": run_label}
+    age = await asyncio.to_thread(container_age_s, dclient, cid)
+    restarts_before = (await asyncio.to_thread(dclient.api.inspect_container, cid))["RestartCount"]
+    load = loadavg()
+    pid, t0, _ = await asyncio.to_thread(kill9, dclient, cid)
+    http = await first_answer(dclient, labels, t0=t0, interval_s=args.poll, timeout_s=args.timeout)
+    info = await asyncio.to_thread(dclient.api.inspect_container, cid)
+    if http["elapsed_s"] is None:
+        raise RuntimeError(f"peer {cid[:12]} did not answer /health again within {args.timeout}s")
+    if info["RestartCount"] != restarts_before + 1 or info["State"]["Pid"] == pid:
+        raise RuntimeError(f"peer {cid[:12]}: unexpected restart state {info['RestartCount']} / pid {pid}")
+    return {
+        "container": cid[:12],
+        "killed_pid": pid,
+        "pod_age_at_kill_s": rnd(age, 1),
+        "http_s": rnd(http["elapsed_s"]),
+        "container_running_again_seen_s": rnd(http["first_seen_s"]),
+        "restart_count": info["RestartCount"],
+        "load_average": load,
+    }
+
+
+# --- (a) one pair ------------------------------------------------------------------------------
+
+
+async def run_pair(stack, k: int, dclient, args) -> tuple[dict[str, Any], dict[str, Any]]:
+    name = f"bench-heal-a{k}-{uuid.uuid4().hex[:4]}"
+    run_label = f"a{k}-{uuid.uuid4().hex[:6]}"
+    # Set both up, let both age past --min-age together, then measure one after the other.
+    peer_cid = await asyncio.to_thread(peer_start, dclient, args.image, run_label)
+    try:
+        st, cids = await deploy_ours(stack, name, dclient, args)
+        await wait_answering(dclient, {PEER_LABEL: "1", f"{PEER_LABEL}.run": run_label}, args.timeout)
+        await wait_age(dclient, [*cids, peer_cid], min_age(args, 5.0))
+        ours_first = k % 2 == 0
+        if ours_first:
+            r = await measure_ours_crash(stack, name, st, cids, dclient, args)
+            await asyncio.sleep(args.settle)
+            p = await measure_peer(dclient, peer_cid, run_label, args)
+        else:
+            p = await measure_peer(dclient, peer_cid, run_label, args)
+            await asyncio.sleep(args.settle)
+            r = await measure_ours_crash(stack, name, st, cids, dclient, args)
+        r["order"] = p["order"] = "ours first" if ours_first else "peer first"
+    finally:
+        await asyncio.to_thread(remove_containers, dclient, {f"{PEER_LABEL}.run": run_label})
+        await undeploy(stack, name, dclient)
+    return r, p
+
+
+# --- (b) one hung pod --------------------------------------------------------------------------
+
+
+async def run_hung(stack, k: int, mode: str, dclient, args) -> dict[str, Any]:
+    from hms_mgmt import constants
+
+    name = f"bench-heal-b{k}-{uuid.uuid4().hex[:4]}"
+    interval, failures = args.b_interval, args.b_failures
+    try:
+        st, cids = await deploy_ours(stack, name, dclient, args, health_interval_s=interval, health_failures=failures)
+        await wait_age(dclient, cids, min_age(args, args.b_interval))
+        if not await watch_armed(stack, name, {p.id for p in st.pods}):
+            raise RuntimeError(f"{name}: no watch_pods activity is watching its pods")
+        victim = st.pods[0]
+        labels = {constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}
+        before = set(cids)
+        load = loadavg()
+        url = f"http://{victim.endpoint}/admin/{'health' if mode == 'failing' else 'hang'}"
+        body = {"failing": True} if mode == "failing" else {}
+        t0_wall = time.time()
+        t0 = time.perf_counter()
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+            resp.raise_for_status()
+        t_switched = time.perf_counter() - t0
+
+        async def removed() -> bool:
+            return not await asyncio.to_thread(dclient.api.containers, all=True,
+                                               filters=label_filter({constants.LABEL_POD: victim.id}))
+
+        async def status_replaced() -> bool:
+            s = await stack.orch.status(name, live=False)
+            return any(p.ready and p.id != victim.id for p in s.pods) and all(p.id != victim.id for p in s.pods)
+
+        http, t_removed, t_status = await asyncio.gather(
+            first_answer(dclient, labels, t0=t0, exclude_ids=before, interval_s=args.poll, timeout_s=args.timeout),
+            poll(removed, t0=t0, interval_s=args.poll, timeout_s=args.timeout),
+            poll(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+        )
+        if http["elapsed_s"] is None or t_removed is None:
+            raise RuntimeError(f"{name}: hung pod not replaced/removed within {args.timeout}s: {http} {t_removed}")
+        total = max(http["elapsed_s"], t_removed)
+        return {
+            "service": name,
+            "mode": mode,
+            "bad_pod": victim.id,
+            "switch_request_s": rnd(t_switched),
+            "replacement_http_s": rnd(http["elapsed_s"]),
+            "bad_pod_removed_s": rnd(t_removed),
+            "status_replaced_s": rnd(t_status),
+            "total_s": rnd(total),
+            "load_average": load,
+            "breakdown": await heal_breakdown(stack, name, victim.id, t0_wall),
+        }
+    finally:
+        await undeploy(stack, name, dclient)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def stats(xs: list[float | None]) -> dict[str, float | None]:
+    xs = [x for x in xs if x is not None]
+    return {"median_s": rnd(median(xs)), "min_s": rnd(min(xs)) if xs else None, "max_s": rnd(pmax(xs)), "n": len(xs)}
+
+
+def med_breakdown(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Median over runs of the critical path of a heal, seconds since t0."""
+    keys: dict[str, list[float]] = {}
+    for r in rows:
+        b = r.get("breakdown") or {}
+        for k in ("watch_returned_s", "emits_before_heal_s", "heal_child_initiated_s", "heal_workflow_started_s",
+                  "heal_workflow_closed_s"):
+            if b.get(k) is not None:
+                keys.setdefault(k, []).append(b[k])
+        for k in ("pick_node_s", "start_pod_s", "wait_pod_ready_s", "stop_pod_s"):
+            if b.get(k):
+                keys.setdefault(f"{k[:-2]}_scheduled_s", []).append(b[k][0])
+                keys.setdefault(f"{k[:-2]}_completed_s", []).append(b[k][1])
+    order = ["watch_returned_s", "emits_before_heal_s", "heal_child_initiated_s", "heal_workflow_started_s", "pick_node_scheduled_s", "pick_node_completed_s", "start_pod_scheduled_s",
+             "start_pod_completed_s", "wait_pod_ready_scheduled_s", "wait_pod_ready_completed_s",
+             "stop_pod_scheduled_s", "stop_pod_completed_s", "heal_workflow_closed_s"]
+    return {k: rnd(median(keys[k])) for k in order if k in keys}
+
+
+async def main(args) -> int:
+    source = use_source(args.source)
+    from hms_mgmt import constants
+
+    bench_run = Run(NAME)
+    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
+    dclient = docker_client()
+    try:
+        dclient.images.get(args.image)
+    except Exception as e:  # noqa: BLE001
+        print(f"image {args.image} is missing ({e})", file=sys.stderr)
+        return 2
+    modes = [m for m in args.b_modes.split(",") if m]
+    ours: list[dict[str, Any]] = []
+    peer: list[dict[str, Any]] = []
+    hung: list[dict[str, Any]] = []
+    node = None
+    access: dict[str, Any] = {}
+    try:
+        async with hms_stack("docker") as stack:
+            node = stack.settings.node
+            access = grant_access(stack, [args.image])
+            remove_containers(dclient, {PEER_LABEL: "1"})
+            if not args.skip_a:
+                for k in range(args.warmup + args.runs):
+                    counted = k >= args.warmup
+                    tag = "" if counted else " (warm-up, not counted)"
+                    r, p = await run_pair(stack, k, dclient, args)
+                    print(f"(a) pair {k}{tag} [{r['order']}]: ours replacement answers {r['http_s']:.3f}s "
+                          f"(status {r['status_replaced_s']}, dead removed {r['dead_container_removed_s']}) | "
+                          f"docker restart answers {p['http_s']:.3f}s | load {r['load_average']}", flush=True)
+                    if bench_run.source_changed():
+                        r["source_changed"] = True
+                        print("  WARNING: product sources changed on disk since the start", flush=True)
+                    if counted:
+                        ours.append(r)
+                        peer.append(p)
+                    await asyncio.sleep(args.settle)
+            for k in range(args.runs if modes else 0):
+                for j, mode in enumerate(modes if k % 2 == 0 else list(reversed(modes))):
+                    h = await run_hung(stack, k * len(modes) + j, mode, dclient, args)
+                    print(f"(b) run {k} {mode}: replacement answers {h['replacement_http_s']:.3f}s, bad pod removed "
+                          f"{h['bad_pod_removed_s']:.3f}s -> {h['total_s']:.3f}s | load {h['load_average']}",
+                          flush=True)
+                    hung.append(h)
+                    await asyncio.sleep(args.settle)
+    finally:
+        with contextlib.suppress(Exception):
+            remove_containers(dclient, {PEER_LABEL: "1"})
+        if node:
+            with contextlib.suppress(Exception):
+                remove_containers(dclient, {constants.LABEL_NODE: node})
+        dclient.close()
+
+    fig_a = {
+        "ours_replacement_http": stats([r["http_s"] for r in ours]),
+        "ours_status_replaced": stats([r["status_replaced_s"] for r in ours]),
+        "ours_dead_container_removed": stats([r["dead_container_removed_s"] for r in ours]),
+        "peer_docker_restart_http": stats([p["http_s"] for p in peer]),
+    }
+    peer_med = fig_a["peer_docker_restart_http"]["median_s"]
+    ours_med = fig_a["ours_replacement_http"]["median_s"]
+    ratio_a = ours_med / peer_med if ours_med is not None and peer_med else None
+    floor_b = args.b_failures * args.b_interval
+    fig_b: dict[str, Any] = {}
+    for mode in modes:
+        rows = [h for h in hung if h["mode"] == mode]
+        med = median([h["total_s"] for h in rows])
+        fig_b[mode] = {
+            "total": stats([h["total_s"] for h in rows]),
+            "replacement_http": stats([h["replacement_http_s"] for h in rows]),
+            "bad_pod_removed": stats([h["bad_pod_removed_s"] for h in rows]),
+            "status_replaced": stats([h["status_replaced_s"] for h in rows]),
+            "ratio_to_floor": rnd(med / floor_b) if med is not None else None,
+            "over_floor_s": rnd(med - floor_b) if med is not None else None,
+            "pass": med is not None and med <= floor_b + SLACK_B,
+            "breakdown_median_s": med_breakdown(rows),
+        }
+
+    print()
+    if ours:
+        print(f"(a) SIGKILL -> a pod answers /health again, {len(ours)} pairs (alternating), poll {args.poll:g}s")
+        print_table(
+            [
+                ["ours: replacement answers /health", ours_med, fig_a["ours_replacement_http"]["max_s"], ratio_a],
+                ["ours: status() shows replacement ready", fig_a["ours_status_replaced"]["median_s"],
+                 fig_a["ours_status_replaced"]["max_s"], None],
+                ["ours: dead container removed", fig_a["ours_dead_container_removed"]["median_s"],
+                 fig_a["ours_dead_container_removed"]["max_s"], None],
+                ["peer: docker --restart=always", peer_med, fig_a["peer_docker_restart_http"]["max_s"], 1.0],
+            ],
+            ["side", "median s", "max s", "x peer"],
+        )
+        print("  where our time goes (median, s since kill):", med_breakdown(ours))
+    if hung:
+        print(f"\n(b) hung pod -> replacement answers and bad pod removed; health_interval_s={args.b_interval:g}, "
+              f"health_failures={args.b_failures}: floor {floor_b:g}s, target <= {floor_b + SLACK_B:g}s")
+        print_table(
+            [[mode, f["total"]["median_s"], f["total"]["max_s"], f["replacement_http"]["median_s"],
+              f["bad_pod_removed"]["median_s"], f["ratio_to_floor"], "PASS" if f["pass"] else "FAIL"]
+             for mode, f in fig_b.items()],
+            ["mode", "median s", "max s", "repl. answers", "bad removed", "x floor", "verdict"],
+        )
+        for mode, f in fig_b.items():
+            print(f"  where the time goes ({mode}, median, s since switch):", f["breakdown_median_s"])
+    print()
+    summary = []
+    if ratio_a is not None:
+        summary.append(f"(a) ratio ours/peer = {ratio_a:.2f}x, target <= {TARGET_A}x: {verdict(ratio_a, TARGET_A)}")
+    for mode, f in fig_b.items():
+        summary.append(f"(b/{mode}) {f['total']['median_s']}s = {f['ratio_to_floor']}x floor {floor_b:g}s, "
+                       f"target <= {floor_b + SLACK_B:g}s: {'PASS' if f['pass'] else 'FAIL'}")
+    print("\n".join(summary))
+
+    path = bench_run.finish({
+        "what": "(a) seconds from SIGKILL of a pod's main process to a pod answering /health again, ours "
+                "(replacement pod) vs Docker --restart=always (in place); (b) seconds from a pod turning "
+                "unhealthy/hung to a replacement answering /health and the bad pod removed, vs "
+                "health_failures x health_interval_s",
+        "image": args.image,
+        "replicas": args.replicas,
+        "runs": args.runs,
+        "warmup_pairs": args.warmup,
+        "poll_interval_s": args.poll,
+        "status_poll_interval_s": args.status_poll,
+        "min_pod_age_s": {"a": min_age(args, 5.0), "b": min_age(args, args.b_interval)},
+        "access": access,
+        "a": {
+            "spec": {"health_interval_s": 5.0, "health_failures": 2, "min_replicas": args.replicas,
+                     "max_replicas": args.replicas},
+            "peer_description": "docker run -d --restart=always (docker SDK), same image, SIGKILL of State.Pid; "
+                                "same poller (label discovery + GET /health every poll interval)",
+            "target_ratio": TARGET_A,
+            "ratio": rnd(ratio_a),
+            "pass": ratio_a is not None and ratio_a <= TARGET_A,
+            "figures": fig_a,
+            "breakdown_median_s": med_breakdown(ours),
+            "ours": ours,
+            "peer": peer,
+        },
+        "b": {
+            "spec": {"health_interval_s": args.b_interval, "health_failures": args.b_failures,
+                     "stop_grace_s": 10.0},
+            "detection_floor_s": floor_b,
+            "target_s": floor_b + SLACK_B,
+            "headline_mode": modes[0] if modes else None,
+            "figures": fig_b,
+            "runs": hung,
+        },
+    })
+    if bench_run.source_changed():
+        print("WARNING: product sources changed on disk during the run: figures mix code versions; run again")
+    print(f"\nwrote {path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="counted pairs for (a), runs per mode for (b) (default 5)")
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted (a) pairs first (default 1)")
+    ap.add_argument("--replicas", type=int, default=1, help="pods of the service under test (default 1)")
+    ap.add_argument("--poll", type=float, default=POLL_S, help="outside /health poll interval, both sides (0.05)")
+    ap.add_argument("--status-poll", type=float, default=0.25, help="status()/removal poll for secondary figures")
+    ap.add_argument("--min-age", type=float, default=None,
+                    help="pods live this long before the kill (default: max(10, 3 x health_interval_s) + 2 s, "
+                         "i.e. past hms-mgmt's 'died young' threshold: 17 s in (a), 12 s in (b))")
+    ap.add_argument("--b-modes", default="failing,hang", help="(b) modes, first is the headline ('' to skip)")
+    ap.add_argument("--b-interval", type=float, default=1.0, help="(b) health_interval_s (default 1)")
+    ap.add_argument("--b-failures", type=int, default=2, help="(b) health_failures (default 2)")
+    ap.add_argument("--skip-a", action="store_true", help="only run (b)")
+    ap.add_argument("--settle", type=float, default=1.0, help="pause between measurements (default 1 s)")
+    ap.add_argument("--timeout", type=float, default=90.0)
+    ap.add_argument("--image", default=EXAMPLE_IMAGE)
+    ap.add_argument("--source", default="snapshot", help="snapshot (default), live, or a git ref")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(asyncio.run(main(parse_args())))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -295,7 +295,7 @@ class _Watch:
                             return self.result("scale", decision=decision)
                         else:
                             self.up_once = False
-                        if decision.at_max and not inp.at_max_reported:
+                        if decision.at_max and not inp.at_max_reported and decision.desired == inp.current:
                             return self.result("at_max", decision=decision)
                 if now >= next_orphans:
                     next_orphans = now + 30.0

@@ -70,7 +70,8 @@ class DockerRuntime(PodRuntime):
         return {"label": labels}
 
     def _containers(self, service: str | None = None, pod_id: str | None = None):
-        return self.client.containers.list(all=True, filters=self._filters(service, pod_id))
+        # ignore_removed: a container removed between the list and its inspect is just gone.
+        return self.client.containers.list(all=True, filters=self._filters(service, pod_id), ignore_removed=True)
 
     def _handle(self, container) -> PodHandle:
         attrs = container.attrs
@@ -170,6 +171,8 @@ class DockerRuntime(PodRuntime):
         return [self._handle(ct) for ct in self._containers(service=service)]
 
     def stop(self, pod_id: str, grace_s: float) -> bool:
+        with self._lock:
+            self._pod_locks.pop(pod_id, None)
         found = self._containers(pod_id=pod_id)
         for container in found:
             try:

@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     activity_timeline,
     docker_client,
     docker_discoverer,
+    grant_access,
     hms_stack,
     median,
     pmax,
@@ -267,6 +268,7 @@ async def main(args) -> int:
     try:
         async with hms_stack("docker") as stack:
             node = stack.settings.node
+            grant_access(stack, [args.image])
             remove_containers(dclient, {PEER_LABEL: "1"})
             total = args.warmup + args.runs
             for k in range(total):

@@ -795,8 +795,14 @@ def worker(
     """Run a worker: workflows and scheduling, plus pod activities for this node."""
     from worker.main import main as worker_main
 
+    # The environment, not overrides: the worker re-reads settings (Settings.from_env) on every
+    # scheduling call, and must see this node there too.
+    if node:
+        os.environ["HMS_NODE"] = node
+    if runtime:
+        os.environ["HMS_RUNTIME"] = runtime
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(node=node, runtime=runtime), control=not no_control))
+    _run(worker_main(_settings(), control=not no_control))
 
 
 @app.command()
@@ -824,7 +830,12 @@ def deploy(
             )
         else:
             result = await orch.deploy(spec)
-            out.print(Text.assemble((spec.name, "bold"), " already runs" if result.already_running else " deploying"))
+            st = await orch.status(spec.name)
+            what = "already runs: " if result.already_running else "is "
+            out.print(Text.assemble((spec.name, "bold"), f" {what}", _phase(st.phase)))
+            if st.pending_approval is not None:
+                out.print(f"  waiting for approval: {st.pending_approval.reason}")
+                out.print(f"  decide with `hms approve {spec.name}` or `hms reject {spec.name}` (role gov_approver)")
         out.print(Text.assemble(("Web UI ", "bold"), (result.web_ui_url, "cyan underline")))
 
     _run(go())

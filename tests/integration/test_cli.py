@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +104,43 @@ async def test_deploy_status_logs_events_undeploy(temporal_env: WorkflowEnvironm
     assert "service.undeployed" in out
     result = await hms("status", "hms-ach", env=env)
     assert result.returncode in (0, 1)  # a finished workflow may still answer its last status
+
+
+async def test_hms_worker_serves_the_node_it_is_given(temporal_env: WorkflowEnvironment, tmp_path: Path):
+    s = make_settings(temporal_env, tmp_path / "state", "process")
+    env = {**WorkerProcess(s, tmp_path / "unused.log").env(), "COLUMNS": "200"}
+    node = f"w{uuid.uuid4().hex[:6]}"
+    worker_env = {k: v for k, v in env.items() if k not in ("HMS_NODE", "HMS_RUNTIME")}
+    with open(tmp_path / "worker.log", "ab") as log:
+        worker = subprocess.Popen(
+            [*hms_command(), "worker", "--node", node, "--runtime", "process"],
+            env=worker_env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    name = f"cli-w-{uuid.uuid4().hex[:6]}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"name: {name}\nimage: registry.gov/hms-ach:1.4\nmin_replicas: 1\nmax_replicas: 2\ncpu_target: 60\n"
+    )
+    try:
+        # Signed as an operator would, by the same `hms` the worker runs as (a process pod's
+        # content id covers its command, interpreter path included).
+        ok(await hms("image", "sign", "registry.gov/hms-ach:1.4", "--runtime", "process", env=env))
+        ok(await hms("deploy", str(spec), "--timeout", "60", env={**env, "HMS_NODE": node}))
+        status = await Orchestrator(temporal_env.client, s).status(name)
+        assert [p.node for p in status.pods] == [node]
+        ok(await hms("undeploy", name, env=env))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            code = worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise
+        await terminate_running(temporal_env, s)
+    assert code == 0, (tmp_path / "worker.log").read_text()
 
 
 @pytest.mark.parametrize(

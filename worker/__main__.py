@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 
-from hms_mgmt.config import Settings
 from worker.main import main
 
 if __name__ == "__main__":
@@ -16,5 +15,4 @@ if __name__ == "__main__":
     parser.add_argument("--runtime", choices=["auto", "docker", "process"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env(node=args.node, runtime=args.runtime)
-    asyncio.run(main(settings, control=not args.no_control))
+    asyncio.run(main(control=not args.no_control, node=args.node, runtime=args.runtime))

@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+PYTHON = "{python}"  # stands for the worker's own interpreter, whichever path started it
+
+
 def default_catalog() -> dict[str, dict[str, Any]]:
-    """The example services' images, runnable as processes of this Python."""
-    py = sys.executable
+    """The example services' images, runnable as processes of the worker's Python."""
+    py = PYTHON
     return {
         "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"]},
         "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"]},
@@ -78,6 +81,8 @@ class ImageCatalog:
         )
 
     def content_id(self, image: str) -> str:
+        """A hash of the catalog entry (with ``{python}`` unresolved, so the same entry has
+        the same identity whichever interpreter path the worker was started with)."""
         entry = self.resolve(image)
         blob = json.dumps(entry, sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -162,7 +167,7 @@ class ProcessRuntime(PodRuntime):
                     return self._handle(rec)
                 self._stop_record(rec, 0)
             entry = self.catalog.resolve(req.spec.image)
-            command = list(req.spec.command or entry["command"])
+            command = [sys.executable if part == PYTHON else part for part in (req.spec.command or entry["command"])]
             port = _free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
             env.update({str(k): str(v) for k, v in (entry.get("env") or {}).items()})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jwt
@@ -28,7 +28,7 @@ from hms_mgmt.auth import (
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ConfigError, HmsError, SpecError
 
-T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def ident(user: str, role: str) -> Identity:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from hms_mgmt.trust import TrustRecord, TrustStore
 IMAGE = "registry.gov/hms-ach:1.4"
 ID_A = "sha256:" + "a" * 64
 ID_B = "sha256:" + "b" * 64
-T0 = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def test_sign_and_verify(tmp_path: Path) -> None:

@@ -40,6 +40,9 @@ class HealWorkflow:
                 break
             except ActivityError as e:
                 attempt += 1
+                if workflow.info().is_continue_as_new_suggested():
+                    # A crash loop can last days: carry the count into a fresh history.
+                    workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))
                 next_delay = backoff_delay(inp.crash_count + attempt, initial_s=spec.backoff_initial_s,
                                            max_s=spec.backoff_max_s)
                 parent = workflow.info().parent

@@ -40,9 +40,6 @@ class HealWorkflow:
                 break
             except ActivityError as e:
                 attempt += 1
-                if workflow.info().is_continue_as_new_suggested():
-                    # A crash loop can last days: carry the count into a fresh history.
-                    workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))
                 next_delay = backoff_delay(inp.crash_count + attempt, initial_s=spec.backoff_initial_s,
                                            max_s=spec.backoff_max_s)
                 parent = workflow.info().parent
@@ -52,6 +49,9 @@ class HealWorkflow:
                         HealAttempt(failed_pod=inp.failed.id, replacement=pod_id, attempt=attempt,
                                     reason=error_message(e), next_delay_s=next_delay),
                     )
+                if workflow.info().is_continue_as_new_suggested():
+                    # A crash loop can last days: carry the count into a fresh history.
+                    workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))
         old_queue = next((n.task_queue for n in inp.placement.nodes if n.name == inp.failed.node),
                          f"{inp.placement.node_queue_prefix}{inp.failed.node}")
         grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s

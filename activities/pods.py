@@ -26,7 +26,6 @@ from hms_mgmt.models import (
     StopPodInput,
     VerifyImageInput,
     VerifyImageOutput,
-    WaitReadyInput,
     WatchHeartbeat,
     WatchInput,
     WatchResult,
@@ -98,24 +97,21 @@ class PodActivities:
 
     @activity.defn(name="start_pod")
     async def start_pod(self, inp: StartPodInput) -> PodStatus:
-        """Idempotent by pod id: a retried or replayed start finds the pod it already started."""
-        req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
-        handle = await heartbeating(self.runtime.start, req)
-        return pod_status(handle)
+        """Start the pod and wait until it answers its health path; fail at once if it exits.
 
-    @activity.defn(name="wait_pod_ready")
-    async def wait_pod_ready(self, inp: WaitReadyInput) -> PodStatus:
-        """Poll the pod's health path until it answers; fail at once if the pod exits."""
+        Idempotent by pod id: a retried or replayed start finds the pod it already started.
+        One activity for both halves keeps a rollout's cost at one task per pod."""
+        req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
+        handle: PodHandle | None = await heartbeating(self.runtime.start, req)
         spec = inp.spec
         deadline = time.monotonic() + spec.ready_timeout_s
-        handle = await asyncio.to_thread(self.runtime.find, inp.pod.pod_id)
         last_state_check = time.monotonic()
         delay = 0.05
         while True:
             if handle is None or not handle.running:
                 code = handle.exit_code if handle else None
                 raise ApplicationError(
-                    f"pod {inp.pod.pod_id} exited before it was ready (exit code {code})",
+                    f"pod {inp.pod_id} exited before it was ready (exit code {code})",
                     {"exit_code": code},
                     type="PodExited",
                     non_retryable=True,
@@ -125,14 +121,14 @@ class PodActivities:
                 return pod_status(handle, health="healthy", ready=True)
             if time.monotonic() > deadline:
                 raise ApplicationError(
-                    f"pod {inp.pod.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
+                    f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
                     type="PodNotReady",
                     non_retryable=True,
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
             if time.monotonic() - last_state_check > 0.5:
-                handle = await asyncio.to_thread(self.runtime.find, inp.pod.pod_id)
+                handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
                 last_state_check = time.monotonic()
 
     @activity.defn(name="stop_pod")

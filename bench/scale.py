@@ -212,11 +212,14 @@ def read_events(state_dir: Path, name: str, t0_wall: float) -> list[dict[str, An
 
 
 def pod_start_times(deploy_tl: dict[str, Any]) -> list[float]:
-    """Per pod: start_pod scheduled -> its wait_pod_ready completed (paired in order)."""
+    """Per pod: start_pod scheduled -> ready. start_pod waits until the pod answers (older
+    product versions had a separate wait_pod_ready activity: then they are paired in order)."""
     starts = sorted((a for a in deploy_tl["activities"] if a["type"] == "start_pod" and "completed" in a),
-                    key=lambda a: a["completed"])
+                    key=lambda a: a["scheduled"])
     waits = sorted((a for a in deploy_tl["activities"] if a["type"] == "wait_pod_ready" and "completed" in a),
                    key=lambda a: a["scheduled"])
+    if not waits:
+        return [a["completed"] - a["scheduled"] for a in starts]
     return [w["completed"] - s["scheduled"] for s, w in zip(starts, waits, strict=False)]
 
 

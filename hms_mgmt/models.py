@@ -302,18 +302,6 @@ class StartPodInput(_Model):
     spec: ServiceSpec
 
 
-class PodRef(_Model):
-    pod_id: str
-    service: str
-    node: str
-    endpoint: str | None = None
-
-
-class WaitReadyInput(_Model):
-    pod: PodRef
-    spec: ServiceSpec
-
-
 class StopPodInput(_Model):
     pod_id: str
     grace_s: float = 10.0

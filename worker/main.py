@@ -82,7 +82,6 @@ class HmsWorker:
                     task_queue=settings.node_task_queue(),
                     activities=[
                         self.pods.start_pod,
-                        self.pods.wait_pod_ready,
                         self.pods.stop_pod,
                         self.pods.list_pods,
                         self.pods.pod_logs,

@@ -21,12 +21,10 @@ with workflow.unsafe.imports_passed_through():
         NodeSpec,
         PickNodeInput,
         Placement,
-        PodRef,
         PodStatus,
         ServiceSpec,
         StartPodInput,
         StopPodInput,
-        WaitReadyInput,
     )
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
@@ -108,28 +106,18 @@ async def start_and_wait(
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
     """
-    started = await workflow.execute_activity_method(
-        PodActivities.start_pod,
-        StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec),
-        task_queue=node.task_queue,
-        start_to_close_timeout=timedelta(seconds=120),
-        heartbeat_timeout=POD_HEARTBEAT,
-        retry_policy=POD_RETRY,
-        summary=f"start {pod_id[:8]} on {node.name}",
-    )
     try:
         ready = await workflow.execute_activity_method(
-            PodActivities.wait_pod_ready,
-            WaitReadyInput(pod=PodRef(pod_id=pod_id, service=spec.name, node=node.name, endpoint=started.endpoint),
-                           spec=spec),
+            PodActivities.start_pod,
+            StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec),
             task_queue=node.task_queue,
-            start_to_close_timeout=timedelta(seconds=spec.ready_timeout_s + 30),
+            start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
             heartbeat_timeout=POD_HEARTBEAT,
             retry_policy=POD_RETRY,
-            summary=f"wait {pod_id[:8]} ready",
+            summary=f"start {pod_id[:8]} on {node.name}",
         )
     except (ActivityError, asyncio.CancelledError):
-        failed = started.model_copy(update={"health": "exited", "ready": False})
+        failed = PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited")
         await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0))
         raise
     await report(ready)

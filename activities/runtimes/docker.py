@@ -104,64 +104,70 @@ class DockerRuntime(PodRuntime):
             return self._pod_locks.setdefault(pod_id, threading.Lock())
 
     def start(self, req: PodRequest) -> PodHandle:
+        """Create first, look only on a name conflict: the common path is the fewest engine
+        calls, and a retry of the same pod id still finds the container it made."""
         with self._pod_lock(req.pod_id):  # per pod: different pods start in parallel
+            try:
+                return self._run(req)
+            except docker.errors.APIError as e:
+                if e.status_code != 409:
+                    raise
             for existing in self._containers(pod_id=req.pod_id):
                 if existing.status == "running":
                     return self._handle(existing)
                 existing.remove(force=True)
-            spec = req.spec
-            try:
-                self.client.images.get(spec.image)
-            except docker.errors.ImageNotFound:
-                try:
-                    self.client.images.pull(spec.image)
-                except docker.errors.APIError as e:
-                    raise PodRuntimeError(
-                        f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
-                        kind="ImageNotFound",
-                    ) from e
-            env = dict(spec.env)
-            env.update(
-                {
-                    "PORT": str(spec.port),
-                    "HMS_POD_ID": req.pod_id,
-                    "HMS_SERVICE": req.service,
-                    "HMS_REVISION": str(req.revision),
-                }
+            return self._run(req)
+
+    def _run(self, req: PodRequest) -> PodHandle:
+        spec = req.spec
+        env = dict(spec.env)
+        env.update(
+            {
+                "PORT": str(spec.port),
+                "HMS_POD_ID": req.pod_id,
+                "HMS_SERVICE": req.service,
+                "HMS_REVISION": str(req.revision),
+            }
+        )
+        kwargs = {}
+        if spec.cpu_limit:
+            kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
+        if spec.memory_mb:
+            kwargs["mem_limit"] = f"{spec.memory_mb}m"
+        try:
+            container = self.client.containers.run(  # pulls the image first when it is missing
+                spec.image,
+                command=spec.command,
+                detach=True,
+                name=f"hms-{req.service}-{req.pod_id[:12]}",
+                labels={
+                    c.LABEL_SERVICE: req.service,
+                    c.LABEL_POD: req.pod_id,
+                    c.LABEL_REVISION: str(req.revision),
+                    c.LABEL_NODE: self.node,
+                    c.LABEL_MANAGED: "1",
+                },
+                environment=env,
+                ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+                **kwargs,
             )
-            kwargs = {}
-            if spec.cpu_limit:
-                kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
-            if spec.memory_mb:
-                kwargs["mem_limit"] = f"{spec.memory_mb}m"
-            try:
-                container = self.client.containers.run(
-                    spec.image,
-                    command=spec.command,
-                    detach=True,
-                    name=f"hms-{req.service}-{req.pod_id[:12]}",
-                    labels={
-                        c.LABEL_SERVICE: req.service,
-                        c.LABEL_POD: req.pod_id,
-                        c.LABEL_REVISION: str(req.revision),
-                        c.LABEL_NODE: self.node,
-                        c.LABEL_MANAGED: "1",
-                    },
-                    environment=env,
-                    ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
-                    **kwargs,
-                )
-            except docker.errors.APIError as e:
-                if e.status_code == 409:  # a concurrent retry created it: adopt it
-                    found = self._containers(pod_id=req.pod_id)
-                    if found:
-                        return self._handle(found[0])
-                if e.status_code == 400:
-                    raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", kind="InvalidSpec") from e
-                raise
-            container.reload()
-            log.info("started pod %s (%s) as container %s", req.pod_id, req.service, container.short_id)
-            return self._handle(container)
+        except docker.errors.ImageNotFound as e:
+            raise PodRuntimeError(
+                f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
+                kind="ImageNotFound",
+            ) from e
+        except docker.errors.APIError as e:
+            if e.status_code == 400:
+                raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", kind="InvalidSpec") from e
+            if "/images/create" in str(e):  # the pull that run() tried for a missing image failed
+                raise PodRuntimeError(
+                    f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
+                    kind="ImageNotFound",
+                ) from e
+            raise
+        container.reload()  # the published host port is known only once it runs
+        log.info("started pod %s (%s) as container %s", req.pod_id, req.service, container.short_id)
+        return self._handle(container)
 
     def find(self, pod_id: str) -> PodHandle | None:
         found = self._containers(pod_id=pod_id)

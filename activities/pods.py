@@ -104,32 +104,52 @@ class PodActivities:
         req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
         handle: PodHandle | None = await heartbeating(self.runtime.start, req)
         spec = inp.spec
-        deadline = time.monotonic() + spec.ready_timeout_s
-        last_state_check = time.monotonic()
-        delay = 0.05
-        while True:
-            if handle is None or not handle.running:
-                code = handle.exit_code if handle else None
-                raise ApplicationError(
-                    f"pod {inp.pod_id} exited before it was ready (exit code {code})",
-                    {"exit_code": code},
-                    type="PodExited",
-                    non_retryable=True,
-                )
-            activity.heartbeat()
-            if await probe(self.session(), handle.endpoint, spec.health_path):
-                return pod_status(handle, health="healthy", ready=True)
-            if time.monotonic() > deadline:
-                raise ApplicationError(
-                    f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
-                    type="PodNotReady",
-                    non_retryable=True,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
-            if time.monotonic() - last_state_check > 0.5:
-                handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
-                last_state_check = time.monotonic()
+        loop = asyncio.get_running_loop()
+        died = asyncio.Event()
+
+        def on_exit(pod_id: str) -> None:
+            if pod_id == inp.pod_id:
+                loop.call_soon_threadsafe(died.set)
+
+        # Learn of an exit from the runtime's event stream rather than asking the engine
+        # several times a second per pod while a rollout is booting them all.
+        unsubscribe = self.runtime.subscribe_exits(on_exit)
+        state_every = 0.5 if unsubscribe is None else 5.0
+        try:
+            handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)  # died before we listened?
+            deadline = time.monotonic() + spec.ready_timeout_s
+            last_state_check = time.monotonic()
+            delay = 0.05
+            while True:
+                if handle is None or not handle.running:
+                    code = handle.exit_code if handle else None
+                    raise ApplicationError(
+                        f"pod {inp.pod_id} exited before it was ready (exit code {code})",
+                        {"exit_code": code},
+                        type="PodExited",
+                        non_retryable=True,
+                    )
+                activity.heartbeat()
+                if await probe(self.session(), handle.endpoint, spec.health_path):
+                    return pod_status(handle, health="healthy", ready=True)
+                if time.monotonic() > deadline:
+                    raise ApplicationError(
+                        f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
+                        type="PodNotReady",
+                        non_retryable=True,
+                    )
+                try:
+                    await asyncio.wait_for(died.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
+                if died.is_set() or time.monotonic() - last_state_check > state_every:
+                    died.clear()
+                    handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
+                    last_state_check = time.monotonic()
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
 
     @activity.defn(name="stop_pod")
     async def stop_pod(self, inp: StopPodInput) -> bool:

@@ -6,9 +6,13 @@ in between, not counted). Both sides use the same poller (``bench.common.HealthP
 the same poll interval, started at t0, discovering endpoints by container label.
 
 Ours, three figures per run (t0 = the call to ``orch.deploy(spec, wait=True)``):
-  status   all N pods ready+healthy in ``status()`` (polled every --poll s)   <- headline
-  http     all N pods answering /health from outside (the peer's poller)
+  http     all N pods answering /health from outside (the peer's poller)   <- headline
+  status   all N pods ready+healthy in ``status()`` (polled every --status-poll s, 0.5)
   return   ``deploy(wait=True)`` returned (phase Running; it polls every 0.25 s itself)
+The headline uses the one method both sides share. ``status()`` is a query answered by the
+worker on the same two cores, so polling it at 10 Hz loads the very deploy it measures (seen
+here: 1.29-1.39x with a 0.1 s status poll against 1.17x at 0.5 s, same code); it is reported,
+not the headline.
 Peer: N threads each ``client.containers.run(..., detach=True)``, then the same poller.
 
     .venv/bin/python bench/deploy.py [--runs 5] [--replicas 10] [--poll 0.1] [--warmup 1]
@@ -313,8 +317,9 @@ async def main(args) -> int:
         "ours_return": {"median_s": rnd(median(col(ours, "return_s"))), "max_s": rnd(pmax(col(ours, "return_s")))},
         "peer_http": {"median_s": rnd(peer_med), "max_s": rnd(pmax(col(peer, "http_s")))},
     }
-    ratio = figures["ours_status"]["median_s"] / peer_med if peer_med else None
+    ratio_status = figures["ours_status"]["median_s"] / peer_med if peer_med else None
     ratio_http = figures["ours_http"]["median_s"] / peer_med if peer_med else None
+    ratio = ratio_http
     ratio_return = figures["ours_return"]["median_s"] / peer_med if peer_med else None
     where = summarize_breakdowns(ours)
     cpu_keys = ("self_cpu_s", "children_cpu_s", "docker_daemons_cpu_s", "machine_cpu_s")
@@ -325,14 +330,16 @@ async def main(args) -> int:
     print(f"deploy -> {args.replicas} healthy pods, {args.runs} runs each (alternating), poll {args.poll:g}s")
     print_table(
         [
-            ["ours: status() shows all healthy", figures["ours_status"]["median_s"], figures["ours_status"]["max_s"], ratio],
             ["ours: all answer /health (outside)", figures["ours_http"]["median_s"], figures["ours_http"]["max_s"], ratio_http],
+            ["ours: status() shows all healthy", figures["ours_status"]["median_s"], figures["ours_status"]["max_s"],
+             ratio_status],
             ["ours: deploy(wait=True) returned", figures["ours_return"]["median_s"], figures["ours_return"]["max_s"], ratio_return],
             [f"peer: {args.replicas}x parallel docker run", figures["peer_http"]["median_s"], figures["peer_http"]["max_s"], 1.0],
         ],
         ["side", "median s", "max s", "x peer"],
     )
-    print(f"ratio (ours status median / peer median) = {ratio:.2f}x, target <= {TARGET}x: {verdict(ratio, TARGET)}")
+    print(f"ratio (ours /health median / peer median, same poller) = {ratio:.2f}x, target <= {TARGET}x: "
+          f"{verdict(ratio, TARGET)}")
     if where:
         print("\nwhere our time goes (median over runs, seconds, from workflow history):")
         for k, v in where.items():
@@ -354,6 +361,8 @@ async def main(args) -> int:
             "status_poll_interval_s": args.status_poll or args.poll,
             "target_ratio": TARGET,
             "ratio": rnd(ratio),
+            "headline": "ours_http: all pods answer /health, same poller as the peer",
+            "ratio_status": rnd(ratio_status),
             "ratio_http": rnd(ratio_http),
             "ratio_return": rnd(ratio_return),
             "pass": ratio is not None and ratio <= TARGET,
@@ -375,8 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=5, help="counted runs per side (default 5)")
     ap.add_argument("--replicas", type=int, default=10, help="pods per deploy (default 10)")
     ap.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="poll interval, both sides (default %(default)s)")
-    ap.add_argument("--status-poll", type=float, default=None,
-                    help="interval of our status() poller (default: --poll); each call is a query + describe")
+    ap.add_argument("--status-poll", type=float, default=0.5,
+                    help="interval of our status() poller (default 0.5); each call is a query + describe")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up runs per side (default 1)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause after each cleanup, not counted (default 1 s)")
     ap.add_argument("--timeout", type=float, default=180.0, help="per-run timeout (default 180 s)")

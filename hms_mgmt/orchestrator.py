@@ -16,7 +16,13 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -40,6 +46,7 @@ from hms_mgmt.models import (
     Placement,
     PodLogsInput,
     PodProgress,
+    PodStatus,
     ScaleRequest,
     ServiceInput,
     ServiceSpec,
@@ -214,12 +221,29 @@ class Orchestrator:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise ServiceNotFound(f"no service named {name!r}") from e
             raise
+        if live and status.phase in ("Deploying", "Scaling"):
+            status = await self._merge_rollout(status)
         if live and status.pods:
             try:
                 status = await self._merge_heartbeats(handle, status)
             except RPCError:
                 pass
         return status
+
+    async def _merge_rollout(self, status: ServiceStatus) -> ServiceStatus:
+        """Pods a running rollout has brought up so far (its ``progress`` query)."""
+        child = (f"{status.workflow_id}-deploy-{status.revision}" if status.phase == "Deploying"
+                 else f"{status.workflow_id}-scale-{status.scale_count}")
+        try:
+            pods = await self.client.get_workflow_handle(child).query("progress", result_type=builtins.list[PodStatus])
+        except (RPCError, WorkflowQueryFailedError):
+            return status
+        merged = {p.id: p for p in status.pods}
+        for pod in pods:
+            if pod.health != "exited":
+                merged[pod.id] = pod
+        ready = sum(1 for p in merged.values() if p.ready)
+        return status.model_copy(update={"pods": builtins.list(merged.values()), "ready_replicas": ready})
 
     async def _merge_heartbeats(self, handle: WorkflowHandle[Any, Any], status: ServiceStatus) -> ServiceStatus:
         desc = await handle.describe()

@@ -20,11 +20,29 @@ async def report_to_parent(pod: PodStatus) -> None:
         await workflow.get_external_workflow_handle(parent.workflow_id).signal(POD_REPORTED, pod)
 
 
+class RolloutProgress:
+    """Pods of a rollout as they come up, answered by the ``progress`` query: ``status()``
+    merges them in, so a many-pod rollout shows live progress without a signal per pod."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, PodStatus] = {}
+
+    async def report(self, pod: PodStatus) -> None:
+        self.pods[pod.id] = pod
+
+
 @workflow.defn
 class DeployWorkflow:
+    def __init__(self) -> None:
+        self.rollout = RolloutProgress()
+
+    @workflow.query
+    def progress(self) -> list[PodStatus]:
+        return list(self.rollout.pods.values())
+
     @workflow.run
     async def run(self, inp: DeployInput) -> DeployOutput:
         ready, failed = await start_pods(
-            inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, report_to_parent
+            inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, self.rollout.report
         )
         return DeployOutput(pods=ready, failed=[FailedPod(pod_id=p, reason=r) for p, r in failed])

@@ -10,20 +10,27 @@ import asyncio
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from hms_mgmt.models import FailedPod, ScaleInput, ScaleOutput
+    from hms_mgmt.models import FailedPod, PodStatus, ScaleInput, ScaleOutput
 
 from workflows.common import start_pods, stop_pod
-from workflows.deploy import report_to_parent
+from workflows.deploy import RolloutProgress
 
 
 @workflow.defn
 class ScaleWorkflow:
+    def __init__(self) -> None:
+        self.rollout = RolloutProgress()
+
+    @workflow.query
+    def progress(self) -> list[PodStatus]:
+        return list(self.rollout.pods.values())
+
     @workflow.run
     async def run(self, inp: ScaleInput) -> ScaleOutput:
         out = ScaleOutput()
         if inp.new_pod_ids:
             ready, failed = await start_pods(
-                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, report_to_parent
+                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report
             )
             out.started = ready
             out.failed = [FailedPod(pod_id=p, reason=r) for p, r in failed]

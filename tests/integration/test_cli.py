@@ -125,8 +125,7 @@ async def test_hms_worker_serves_the_node_it_is_given(temporal_env: WorkflowEnvi
         f"name: {name}\nimage: registry.gov/hms-ach:1.4\nmin_replicas: 1\nmax_replicas: 2\ncpu_target: 60\n"
     )
     try:
-        # Signed as an operator would, by the same `hms` the worker runs as (a process pod's
-        # content id covers its command, interpreter path included).
+        # Signed as an operator would, with `hms image sign`.
         ok(await hms("image", "sign", "registry.gov/hms-ach:1.4", "--runtime", "process", env=env))
         ok(await hms("deploy", str(spec), "--timeout", "60", env={**env, "HMS_NODE": node}))
         status = await Orchestrator(temporal_env.client, s).status(name)
@@ -140,6 +139,7 @@ async def test_hms_worker_serves_the_node_it_is_given(temporal_env: WorkflowEnvi
             worker.kill()
             raise
         await terminate_running(temporal_env, s)
+        assert sweep_pods(s.model_copy(update={"node": node})) == [], "the test left pods running"
     assert code == 0, (tmp_path / "worker.log").read_text()
 
 

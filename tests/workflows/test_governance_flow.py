@@ -12,7 +12,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import as_user, make_settings, node_pods, seed_spec, sign_images, temporal_binary, terminate_running
+from conftest import (
+    as_user,
+    make_settings,
+    node_pods,
+    seed_spec,
+    sign_images,
+    sweep_pods,
+    temporal_binary,
+    terminate_running,
+)
 from temporalio.client import WorkflowExecutionStatus
 
 from hms_mgmt import auth
@@ -43,6 +52,7 @@ async def gov(temporal_env, tmp_path):
             }
     finally:
         await terminate_running(temporal_env, settings)
+        assert sweep_pods(settings) == [], "a test left pods running"
 
 
 async def assert_nothing_running(client, settings, name="hms-ach"):
@@ -182,6 +192,7 @@ async def test_approve_from_the_temporal_cli(gov, temporal_env):
     st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
     assert st.approved_by == "bob"
     assert "approved from the CLI" in events(settings, "approval.granted")[0].reason
+    await as_["alice"].undeploy("hms-ach")
 
 
 async def test_approve_from_hms_cli(gov):
@@ -200,6 +211,7 @@ async def test_approve_from_hms_cli(gov):
     assert out.returncode == 0, out.stdout + out.stderr
     st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
     assert st.approved_by == "bob"
+    await as_["alice"].undeploy("hms-ach")
 
 
 async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime_name):
@@ -232,3 +244,4 @@ async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime
             await hms.undeploy("hms-ach")
     finally:
         await terminate_running(temporal_env, settings)
+        sweep_pods(settings)

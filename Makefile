@@ -56,8 +56,8 @@ lint: venv
 define CLEAN_PODS
 import os
 from pathlib import Path
-from activities.runtimes import make_runtime
-from activities.runtimes.docker import docker_available
+from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.runtimes.docker import docker_available
 from hms_mgmt.config import Settings
 
 var = Path(os.environ["VAR"])

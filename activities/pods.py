@@ -13,7 +13,7 @@ import aiohttp
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 from hms_mgmt.models import (
     ListPodsInput,
     ListPodsOutput,

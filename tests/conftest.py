@@ -19,7 +19,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.runtimes import make_runtime
+from hms_mgmt.runtimes import make_runtime
 from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
@@ -44,7 +44,7 @@ def docker_required() -> bool:
 
 def docker_ready() -> str | None:
     """None when Docker tests can run, else why not."""
-    from activities.runtimes.docker import docker_available
+    from hms_mgmt.runtimes.docker import docker_available
 
     if not docker_available():
         return "no Docker Engine answers"

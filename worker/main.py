@@ -16,7 +16,7 @@ from temporalio.worker import Worker
 
 from activities.control import ControlActivities
 from activities.pods import PodActivities
-from activities.runtimes import make_runtime
+from hms_mgmt.runtimes import make_runtime
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink

@@ -25,7 +25,7 @@ from conftest import (
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
-from activities.runtimes import make_runtime
+from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 from worker.main import HmsWorker

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import yaml
 
-from activities.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from activities.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 
 __all__ = ["PodHandle", "PodRequest", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
 
@@ -13,7 +13,7 @@ def resolve_runtime_name(setting: str) -> str:
     """``auto`` means docker when an engine answers, else process."""
     if setting in ("docker", "process"):
         return setting
-    from activities.runtimes.docker import docker_available
+    from hms_mgmt.runtimes.docker import docker_available
 
     return "docker" if docker_available() else "process"
 
@@ -21,9 +21,9 @@ def resolve_runtime_name(setting: str) -> str:
 def make_runtime(setting: str, *, node: str, state_dir: Path) -> PodRuntime:
     name = resolve_runtime_name(setting)
     if name == "docker":
-        from activities.runtimes.docker import DockerRuntime
+        from hms_mgmt.runtimes.docker import DockerRuntime
 
         return DockerRuntime(node)
-    from activities.runtimes.process import ProcessRuntime
+    from hms_mgmt.runtimes.process import ProcessRuntime
 
     return ProcessRuntime(node, state_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from activities.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 from hms_mgmt import constants as c
 
 log = logging.getLogger(__name__)

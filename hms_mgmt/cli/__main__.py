@@ -1,0 +1,3 @@
+from hms_mgmt.cli import app
+
+app()

@@ -1,0 +1,421 @@
+"""The `hms` commands: each a thin client of the orchestrator or of the local stack."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from hms_mgmt import auth
+from hms_mgmt.cli.common import (
+    _cli_errors,
+    _connect,
+    _quiet_temporal_core,
+    _run,
+    _settings,
+    _setup_logging,
+    _signer,
+    app,
+)
+from hms_mgmt.cli.render import (
+    _deploy_with_progress,
+    _duration,
+    _phase,
+    _pods_table,
+    _print_outcome,
+    _services_table,
+    _short,
+    _web_ui_url,
+    _when,
+    err,
+    out,
+)
+from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.errors import HmsError
+from hms_mgmt.orchestrator import load_spec
+
+T = TypeVar("T")
+
+
+auth_app = typer.Typer(help="Keys and identity tokens.", no_args_is_help=True, rich_markup_mode=None)
+image_app = typer.Typer(
+    help="The image trust store: only signed images may start.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(auth_app, name="auth")
+app.add_typer(image_app, name="image")
+
+
+@app.callback()
+def main(
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="State directory (sets HMS_STATE_DIR).")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Temporal host:port (sets HMS_TEMPORAL_ADDRESS).")
+    ] = None,
+) -> None:
+    """Deploy, watch and operate HMS micro-services on Temporal."""
+    # Environment, not arguments: Settings.from_env is what every layer (and the worker) reads.
+    if state_dir is not None:
+        os.environ["HMS_STATE_DIR"] = str(state_dir.expanduser().resolve())
+    if address:
+        os.environ["HMS_TEMPORAL_ADDRESS"] = address
+
+
+PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
+UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port on 127.0.0.1.")]
+HeadlessOpt = Annotated[bool, typer.Option("--headless", help="Start the dev server without its Web UI.")]
+
+
+@app.command()
+@_cli_errors
+def up(
+    port: PortOpt = 7233,
+    ui_port: UiPortOpt = 8233,
+    headless: HeadlessOpt = False,
+    no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the Temporal dev server.")] = False,
+) -> None:
+    """Run the local stack: Temporal dev server (reused if one answers) and a worker, until Ctrl-C."""
+    _setup_logging(logging.INFO)
+    _run(_up(port, ui_port, headless, not no_worker))
+
+
+@app.command()
+@_cli_errors
+def demo(
+    port: PortOpt = 7233,
+    ui_port: UiPortOpt = 8233,
+    headless: HeadlessOpt = False,
+    exit_after: Annotated[float | None, typer.Option("--exit-after", help="Undeploy and stop after SECONDS.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the services to run.")] = 300.0,
+) -> None:
+    """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
+    _setup_logging(logging.WARNING)
+    _quiet_temporal_core()
+    _run(_demo(port, ui_port, headless, exit_after, timeout))
+
+
+@app.command()
+@_cli_errors
+def worker(
+    node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or 'local').")] = None,
+    no_control: Annotated[bool, typer.Option("--no-control", help="Run only this node's pod activities.")] = False,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+) -> None:
+    """Run a worker: workflows and scheduling, plus pod activities for this node."""
+    from worker.main import main as worker_main
+
+    # The environment, not overrides: the worker re-reads settings (Settings.from_env) on every
+    # scheduling call, and must see this node there too.
+    if node:
+        os.environ["HMS_NODE"] = node
+    if runtime:
+        os.environ["HMS_RUNTIME"] = runtime
+    _setup_logging(logging.INFO)
+    _run(worker_main(_settings(), control=not no_control))
+
+
+@app.command()
+@_cli_errors
+def deploy(
+    file: Annotated[Path, typer.Argument(help="A service spec (YAML or JSON).")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the service is Running.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+) -> None:
+    """Deploy a service from a spec file."""
+    spec = load_spec(file)  # a bad spec fails here, with no server needed
+
+    async def go() -> None:
+        orch = await _connect()
+        if wait:
+            [result] = await _deploy_with_progress(orch, [spec], timeout=timeout)
+            st = await orch.status(spec.name)
+            out.print(
+                Text.assemble(
+                    (spec.name, "bold"),
+                    " is ",
+                    _phase(st.phase),
+                    f": {st.ready_replicas}/{st.desired_replicas} pods ready",
+                )
+            )
+        else:
+            result = await orch.deploy(spec)
+            st = await orch.status(spec.name)
+            what = "already runs: " if result.already_running else "is "
+            out.print(Text.assemble((spec.name, "bold"), f" {what}", _phase(st.phase)))
+            if st.pending_approval is not None:
+                out.print(f"  waiting for approval: {st.pending_approval.reason}")
+                out.print(f"  decide with `hms approve {spec.name}` or `hms reject {spec.name}` (role gov_approver)")
+        out.print(Text.assemble(("Web UI ", "bold"), (result.web_ui_url, "cyan underline")))
+
+    _run(go())
+
+
+@app.command()
+@_cli_errors
+def status(name: Annotated[str | None, typer.Argument(help="A service; without it, all services.")] = None) -> None:
+    """Services and their pods."""
+
+    async def go() -> None:
+        orch = await _connect()
+        settings = orch.settings
+        if name is None:
+            statuses = await orch.list()
+            if not statuses:
+                out.print("no services (deploy one with `hms deploy FILE`)")
+                return
+            out.print(_services_table(settings, statuses))
+            return
+        st = await orch.status(name)
+        out.print(
+            Text.assemble(
+                (st.name, "bold"),
+                "  ",
+                _phase(st.phase),
+                f"  revision {st.revision}  {st.ready_replicas}/{st.desired_replicas} ready  ",
+                st.spec.image,
+            )
+        )
+        out.print(Text.assemble(("Web UI ", "bold"), (_web_ui_url(settings, st), "cyan underline")))
+        if st.message:
+            out.print(Text(st.message, style="yellow"))
+        out.print(_pods_table([st]) if st.pods else "no pods")
+        if st.last_decisions:
+            table = Table(title="last decisions", title_justify="left")
+            for col in ("at", "kind", "replicas", "pod", "reason"):
+                table.add_column(col, no_wrap=col != "reason")
+            for d in st.last_decisions:
+                replicas = f"{d.from_replicas} -> {d.to_replicas}" if d.to_replicas is not None else "-"
+                table.add_row(_when(d.at), d.kind, replicas, _short(d.pod) if d.pod else "-", d.reason)
+            out.print(table)
+        pa = st.pending_approval
+        if pa is not None:
+            out.print(
+                Text.assemble(
+                    ("pending approval: ", "bold magenta"),
+                    f"requested by {pa.requested_by} at {_when(pa.requested_at)}: {pa.reason}",
+                )
+            )
+            for attempt in pa.invalid_attempts:
+                out.print(Text(f"  refused attempt: {attempt}", style="yellow"))
+            out.print(f"  decide with `hms approve {st.name}` or `hms reject {st.name}` (role gov_approver)")
+
+    _run(go())
+
+
+@app.command()
+@_cli_errors
+def logs(
+    service: Annotated[str, typer.Argument(help="The service.")],
+    pod: Annotated[str, typer.Argument(help="A pod id, or a unique prefix of one.")],
+    tail: Annotated[int, typer.Option("--tail", help="How many of the last lines.")] = 100,
+) -> None:
+    """The last lines of a pod's log."""
+
+    async def go() -> list[str]:
+        orch = await _connect()
+        return await orch.logs(service, pod, tail)
+
+    for line in _run(go()):
+        typer.echo(line)
+
+
+@app.command()
+@_cli_errors
+def undeploy(
+    name: Annotated[str, typer.Argument(help="The service.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until every pod is stopped.")] = True,
+) -> None:
+    """Stop a service's pods and end its workflow."""
+
+    async def go() -> None:
+        orch = await _connect()
+        final = await orch.undeploy(name, wait=wait)
+        if final is None:
+            out.print(f"undeploying {name}")
+        else:
+            out.print(Text.assemble(f"undeployed {name}: ", _phase(final.phase)))
+
+    _run(go())
+
+
+@app.command()
+@_cli_errors
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    service: Annotated[str | None, typer.Option("--service", help="Only this service's events.")] = None,
+) -> None:
+    """What happened to the services and why, one line per event."""
+    from hms_mgmt.events import read_events
+
+    settings = _settings()
+    try:
+        for ev in read_events(settings.state_dir, service=service, follow=follow):
+            typer.echo(f"{_when(ev.time)}  {ev.type:<20} {ev.service:<14} {ev.reason}")
+    except KeyboardInterrupt:
+        return  # the way to end --follow
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why; recorded with the decision.")]
+
+
+@app.command()
+@_cli_errors
+def scale(
+    name: Annotated[str, typer.Argument(help="The service.")],
+    replicas: Annotated[int, typer.Argument(help="Desired number of pods.", min=0)],
+    reason: ReasonOpt = "",
+) -> None:
+    """Set a service's replicas by hand (within min..max of its spec)."""
+
+    async def go() -> None:
+        orch = await _connect()
+        result = await orch.scale(name, replicas, reason=reason)
+        _print_outcome(f"scale {name} to {replicas}", result)
+
+    _run(go())
+
+
+@app.command()
+@_cli_errors
+def approve(
+    name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = ""
+) -> None:
+    """Approve a deployment waiting in AwaitingApproval (role gov_approver, not the requester)."""
+
+    async def go() -> None:
+        orch = await _connect()
+        _print_outcome(f"approve {name}", await orch.approve(name, reason=reason))
+
+    _run(go())
+
+
+@app.command()
+@_cli_errors
+def reject(name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = "") -> None:
+    """Reject a deployment waiting in AwaitingApproval: no pod of it starts."""
+
+    async def go() -> None:
+        orch = await _connect()
+        _print_outcome(f"reject {name}", await orch.reject(name, reason=reason))
+
+    _run(go())
+
+
+# --- auth -------------------------------------------------------------------------------------
+
+
+@auth_app.command("init")
+@_cli_errors
+def auth_init(
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace the key: every token and image signature made with the old one stops verifying."
+        ),
+    ] = False,
+) -> None:
+    """Create the signing key pair in the state directory (once)."""
+    settings = _settings()
+    path = auth.init_keys(settings.state_dir, force=force)
+    out.print(f"signing key: {path}")
+    out.print(f"public key:  {path.with_name(auth.PUBLIC_KEY_FILE)}")
+
+
+@auth_app.command("issue")
+@_cli_errors
+def auth_issue(
+    user: Annotated[str, typer.Option("--user", help="Who the token names.")],
+    role: Annotated[str, typer.Option("--role", help=f"One of: {', '.join(auth.ROLES)}.")],
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: 45s, 30m, 8h, 2d.")] = "8h",
+    save: Annotated[
+        bool, typer.Option("--save", help="Write it to the config file as this machine's identity.")
+    ] = False,
+) -> None:
+    """Issue a signed identity token (printed alone on stdout, for `export HMS_TOKEN=$(...)`)."""
+    settings = _settings()
+    token = auth.issue_token(settings.state_dir, user=user, role=role, ttl_s=auth.parse_ttl(ttl))
+    identity = auth.verify_token(token, state_dir=settings.state_dir)
+    typer.echo(token)
+    err.print(f"token for {identity.user} ({identity.role}), expires {_when(identity.expires_at)}")
+    if save:
+        path = settings.write_config(token=token)
+        err.print(f"saved to {path}")
+        if os.environ.get("HMS_TOKEN"):
+            err.print(Text("warning: HMS_TOKEN is set and wins over the config file", style="yellow"))
+
+
+@auth_app.command("whoami")
+@_cli_errors
+def auth_whoami() -> None:
+    """Verify the configured token and show who it names."""
+    settings = _settings()
+    identity = auth.verify_token(settings.token, state_dir=settings.state_dir)
+    left = (identity.expires_at - datetime.now(UTC)).total_seconds()
+    out.print(Text.assemble(("user    ", "bold"), identity.user))
+    out.print(Text.assemble(("role    ", "bold"), identity.role))
+    out.print(Text.assemble(("issued  ", "bold"), _when(identity.issued_at)))
+    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {_duration(left)})"))
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+@image_app.command("sign")
+@_cli_errors
+def image_sign(
+    image: Annotated[str, typer.Argument(help="Image reference, e.g. registry.gov/hms-ach:1.4.")],
+    runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+) -> None:
+    """Mark an image signed and safe, bound to its current content."""
+    from hms_mgmt.runtimes import make_runtime
+    from hms_mgmt.trust import TrustStore
+
+    settings = _settings(runtime=runtime)
+    rt = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+    try:
+        content_id = rt.content_id(image)
+        runtime_name = rt.name
+    finally:
+        rt.close()
+    record = TrustStore(settings.state_dir).sign(image, content_id, signer=_signer(settings))
+    out.print(f"signed {record.image}")
+    out.print(f"  content {record.content_id} ({runtime_name} runtime)")
+    out.print(f"  by {record.signer} at {_when(record.signed_at)}")
+
+
+@image_app.command("list")
+@_cli_errors
+def image_list() -> None:
+    """The trust store's records."""
+    from hms_mgmt.trust import TrustStore
+
+    records = TrustStore(_settings().state_dir).list()
+    if not records:
+        out.print("no signed images (sign one with `hms image sign IMAGE`)")
+        return
+    table = Table()
+    for col in ("image", "content", "signer", "signed at"):
+        table.add_column(col, no_wrap=True)
+    for r in records:
+        table.add_row(r.image, r.content_id[:19], r.signer, _when(r.signed_at))
+    out.print(table)
+
+
+@image_app.command("revoke")
+@_cli_errors
+def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")]) -> None:
+    """Remove an image's trust record: no new pod of it may start."""
+    from hms_mgmt.trust import TrustStore
+
+    if not TrustStore(_settings().state_dir).revoke(image):
+        raise HmsError(f"no trust record for {image}")
+    out.print(f"revoked {image}")
+
+
+if __name__ == "__main__":
+    app()

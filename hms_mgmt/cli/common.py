@@ -1,0 +1,133 @@
+"""What every command shares: the app object, error handling, settings, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import typer
+from temporalio.exceptions import TemporalError
+from temporalio.service import RPCError
+
+from hms_mgmt import auth
+from hms_mgmt.cli.render import _fail
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import HmsError, SpecError
+from hms_mgmt.orchestrator import Orchestrator
+
+T = TypeVar("T")
+
+
+_temporal_used = False
+
+
+class _HmsApp(typer.Typer):
+    """Exits without interpreter teardown once Temporal was used: the SDK's Rust threads can call
+    into a finalizing interpreter and abort a command that succeeded (temporalio/sdk-python#300)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as e:
+            if not _temporal_used:
+                raise
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int | None):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            if not _temporal_used:
+                raise
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+app = _HmsApp(
+    name="hms",
+    help="Deploy, watch and operate HMS micro-services on Temporal.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold tokens
+    rich_markup_mode=None,
+)
+
+
+def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """User errors become one red line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from hms_mgmt.runtimes.base import PodRuntimeError
+
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as e:
+            raise _fail(str(e), 2) from None
+        except (HmsError, PodRuntimeError) as e:
+            raise _fail(str(e), 1) from None
+        except TimeoutError as e:
+            raise _fail(str(e) or "timed out", 1) from None
+        except RPCError as e:
+            raise _fail(f"Temporal: {e.message}", 1) from None
+        except TemporalError as e:
+            raise _fail(f"Temporal: {e}", 1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # `hms events | head`: the reader is gone, which is not an error.
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+            raise typer.Exit(0) from None
+
+    return wrapper
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings.from_env(**overrides)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    global _temporal_used
+    _temporal_used = True
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _connect(settings: Settings | None = None) -> Orchestrator:
+    return await Orchestrator.connect(settings or _settings())
+
+
+def _setup_logging(level: int) -> None:
+    # A plain handler: workflow code logs from inside Temporal's sandbox, where a handler that
+    # imports lazily (as Rich's does) fails and floods the terminal with import errors.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _quiet_temporal_core() -> None:
+    """Only errors from the SDK's Rust core: a demo interrupted mid-rollout would otherwise print
+    warnings about activities that finished after their workflow was cancelled (expected then)."""
+    from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
+
+    telemetry = TelemetryConfig(logging=LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR")))
+    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
+
+
+def _signer(settings: Settings) -> str:
+    """Who signs: the configured identity if it verifies, else the login name."""
+    try:
+        return auth.verify_token(settings.token, state_dir=settings.state_dir).user
+    except HmsError:
+        return os.environ.get("USER") or "operator"
+
+
+# --- the local stack: `hms up` and `hms demo` ----------------------------------------------

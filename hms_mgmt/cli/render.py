@@ -1,0 +1,189 @@
+"""How the CLI shows things: consoles, tables, progress bars, durations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import HmsError
+from hms_mgmt.models import ServiceSpec, ServiceStatus
+from hms_mgmt.orchestrator import Orchestrator
+
+T = TypeVar("T")
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # Piped output (grep, CI logs) must not be folded at Rich's 80-column default.
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, highlight=False, width=160 if wide else None)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def _short(pod_id: str) -> str:
+    return pod_id[:8]
+
+
+def _when(dt: datetime | None) -> str:
+    if dt is None:
+        return "-"
+    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+_PHASE_STYLE = {
+    "Running": "green",
+    "Deploying": "yellow",
+    "Scaling": "yellow",
+    "Healing": "yellow",
+    "Validating": "yellow",
+    "VerifyingImage": "yellow",
+    "AwaitingApproval": "magenta",
+    "Degraded": "red",
+    "Failed": "bold red",
+    "Rejected": "bold red",
+    "Undeploying": "dim",
+    "Stopped": "dim",
+}
+_HEALTH_STYLE = {"healthy": "green", "starting": "yellow", "unhealthy": "red", "exited": "bold red"}
+
+
+def _phase(phase: str) -> Text:
+    return Text(phase, style=_PHASE_STYLE.get(phase, ""))
+
+
+def _web_ui_url(settings: Settings, status: ServiceStatus) -> str:
+    return status.web_ui_url or settings.web_ui_link(status.workflow_id)
+
+
+def _pods_table(statuses: Iterable[ServiceStatus], *, title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("service", "pod", "node", "endpoint", "health", "ready", "cpu %", "started"):
+        table.add_column(col, no_wrap=True)
+    for st in statuses:
+        for pod in sorted(st.pods, key=lambda p: (p.node, p.started_at or datetime.min.replace(tzinfo=UTC), p.id)):
+            table.add_row(
+                st.name,
+                _short(pod.id),
+                pod.node,
+                pod.endpoint or "-",
+                Text(pod.health, style=_HEALTH_STYLE.get(pod.health, "")),
+                Text("yes", style="green") if pod.ready else Text("no", style="yellow"),
+                "-" if pod.cpu_percent is None else f"{pod.cpu_percent:.0f}",
+                _when(pod.started_at),
+            )
+    return table
+
+
+def _services_table(settings: Settings, statuses: Iterable[ServiceStatus]) -> Table:
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    table.add_column("phase", no_wrap=True)
+    table.add_column("ready/desired", no_wrap=True, justify="right")
+    table.add_column("image", no_wrap=True)
+    table.add_column("Web UI", overflow="fold")
+    for st in statuses:
+        table.add_row(
+            st.name,
+            _phase(st.phase),
+            f"{st.ready_replicas}/{st.desired_replicas}",
+            st.spec.image,
+            _web_ui_url(settings, st),
+        )
+    return table
+
+
+async def _poll_rollout(orch: Orchestrator, progress: Progress, tasks: dict[str, TaskID]) -> None:
+    for name, task in tasks.items():
+        try:
+            st = await orch.status(name)
+        except Exception:  # noqa: BLE001 - the display is best effort; the deploy itself reports errors
+            continue
+        progress.update(task, total=max(st.desired_replicas, 1), completed=st.ready_replicas, phase=st.phase)
+
+
+async def _deploy_with_progress(orch: Orchestrator, specs: list[ServiceSpec], *, timeout: float) -> list[Any]:
+    """Deploy in parallel (``wait=True``) while a progress bar per service counts ready pods."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.fields[service]:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("pods ready  {task.fields[phase]}"),
+        TimeElapsedColumn(),
+        console=out,
+    )
+    with progress:
+        tasks = {
+            s.name: progress.add_task(s.name, total=max(s.min_replicas, 1), service=s.name, phase="starting")
+            for s in specs
+        }
+
+        async def poll_forever() -> None:
+            while True:
+                await _poll_rollout(orch, progress, tasks)
+                await asyncio.sleep(0.5)
+
+        poller = asyncio.create_task(poll_forever())
+        try:
+            results = await asyncio.gather(
+                *(orch.deploy(s, wait=True, timeout=timeout) for s in specs), return_exceptions=True
+            )
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        # The poller may have been cancelled mid-way: show the final state, not a stale one.
+        with contextlib.suppress(Exception):
+            await _poll_rollout(orch, progress, tasks)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise HmsError("; ".join(str(e) or type(e).__name__ for e in errors))
+    return results
+
+
+def _print_outcome(what: str, result: Any) -> None:
+    if isinstance(result, ServiceStatus):
+        out.print(
+            Text.assemble(
+                f"{what}: ", _phase(result.phase), f" ({result.ready_replicas}/{result.desired_replicas} ready)"
+            )
+        )
+    else:
+        out.print(f"{what}: done")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    # Text, not markup: messages quote specs and paths that may contain '[...]'.
+    err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
+    return typer.Exit(code)

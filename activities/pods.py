@@ -13,7 +13,6 @@ import aiohttp
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 from hms_mgmt.models import (
     ListPodsInput,
     ListPodsOutput,
@@ -31,6 +30,7 @@ from hms_mgmt.models import (
     WatchResult,
 )
 from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
+from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")

@@ -19,10 +19,10 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from hms_mgmt.runtimes import make_runtime
 from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
 

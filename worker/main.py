@@ -16,10 +16,10 @@ from temporalio.worker import Worker
 
 from activities.control import ControlActivities
 from activities.pods import PodActivities
-from hms_mgmt.runtimes import make_runtime
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink
+from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
 from workflows import ALL_WORKFLOWS
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 from hms_mgmt import constants as c
+from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 

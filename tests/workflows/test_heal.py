@@ -25,9 +25,9 @@ from conftest import (
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
-from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.runtimes import make_runtime
 from worker.main import HmsWorker
 
 FAST = {"health_interval_s": 0.5, "health_failures": 2}

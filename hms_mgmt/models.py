@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hms_mgmt.errors import FailureKind
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -171,6 +172,14 @@ class PendingApproval(_Model):
     invalid_attempts: list[str] = Field(default_factory=list)
 
 
+class Failure(_Model):
+    """Why a service ended or stopped making progress, typed: the client maps ``kind`` to an
+    exception class in one place (``hms_mgmt.errors.error_for``)."""
+
+    kind: FailureKind
+    message: str
+
+
 class ServiceStatus(_Model):
     name: str
     phase: Phase
@@ -190,6 +199,8 @@ class ServiceStatus(_Model):
     scale_count: int = 0
     refusals: list[Refusal] = Field(default_factory=list)
     approved_by: str | None = None
+    failure: Failure | None = None
+    deploy_request_id: str = ""  # which deploy() call started this service
 
 
 class Approval(_Model):
@@ -244,6 +255,7 @@ class ServiceState(_Model):
     refusals: list[Refusal] = Field(default_factory=list)
     approved_by: str | None = None
     last_samples: list[CpuSample] = Field(default_factory=list)
+    failure: Failure | None = None
 
 
 class ServiceInput(_Model):
@@ -252,6 +264,7 @@ class ServiceInput(_Model):
     token: str = ""
     state: ServiceState | None = None
     history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+    request_id: str = ""  # the deploy() call that started the service, so it can tell it was first
 
 
 class DeployInput(_Model):
@@ -465,3 +478,11 @@ class VerifyImageOutput(_Model):
 class UndeployRequest(_Model):
     token: str = ""
     request_id: str = ""
+
+
+class AdmissionRequest(_Model):
+    """The ``admission`` update: answer once the service has passed (or failed) admission,
+    or, with ``until="running"``, once it runs. Bounded, so no update outlives its caller."""
+
+    until: Literal["admitted", "running"] = "admitted"
+    timeout_s: float = Field(default=300.0, gt=0, le=3600)

@@ -19,12 +19,15 @@ with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from activities.pods import PodActivities
     from hms_mgmt import constants
+    from hms_mgmt.errors import FailureKind
     from hms_mgmt.models import (
+        AdmissionRequest,
         Approval,
         AuthorizeInput,
         AuthorizeOutput,
         Decision,
         DeployInput,
+        Failure,
         GovernanceInput,
         HealAttempt,
         HealInput,
@@ -59,6 +62,12 @@ MAX_REFUSALS = 20
 CONTROL_TIMEOUT = timedelta(seconds=30)
 DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
 SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")
+ENDED = ("Rejected", "Failed", "Stopped")
+
+
+def refuse(kind: FailureKind, message: str) -> ApplicationError:
+    """The error an update fails its caller with: the kind travels as the error's type."""
+    return ApplicationError(message, type=kind.value, non_retryable=True)
 
 
 def _cancel_quietly(task: asyncio.Future[object]) -> None:
@@ -77,12 +86,13 @@ class ServiceWorkflow:
         self.undeploy_requested = False
         self.lock = asyncio.Lock()
         self.history_threshold = inp.history_threshold
+        self.request_id = inp.request_id
         self.heals: dict[str, asyncio.Task[None]] = {}
         self.scaling: asyncio.Task[None] | None = None
         self.pods_changed = False
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
-        self.approvals: list[tuple[str, Approval]] = []
-        self.undeploy_requests: list[UndeployRequest] = []
+        self.approvals: list[tuple[str, Approval]] = []  # from the signals, checked by the run loop
+        self.approval_decision: tuple[str, str, str] | None = None  # (approve|reject, who, reason)
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
 
     # --- messages --------------------------------------------------------------------
@@ -109,20 +119,103 @@ class ServiceWorkflow:
             scale_count=s.scale_counter,
             refusals=s.refusals,
             approved_by=s.approved_by,
+            failure=s.failure,
+            deploy_request_id=self.request_id,
         )
 
-    @workflow.signal
-    def undeploy(self, req: UndeployRequest | None = None) -> None:
-        """Checked in the worker before anything stops: only an ops_admin may undeploy."""
-        self.undeploy_requests.append(req or UndeployRequest())
+    @workflow.update
+    async def admission(self, req: AdmissionRequest) -> ServiceStatus:
+        """Answer once admission is decided (access, governance, image trust) or, with
+        ``until="running"``, once the service runs; a refusal fails the update with its kind.
+        Bounded by ``req.timeout_s``: then it answers with the phase reached so far."""
+        try:
+            await workflow.wait_condition(lambda: self._reached(req.until), timeout=timedelta(seconds=req.timeout_s))
+        except TimeoutError:
+            return self.status()
+        failure = self.state.failure
+        if self.state.phase in ENDED or (req.until == "running" and self.state.phase == "Degraded"):
+            if failure is not None:
+                raise refuse(failure.kind, failure.message)
+            raise refuse(FailureKind.UNDEPLOYED, f"{self.spec.name} is {self.state.phase}")
+        return self.status()
 
-    @workflow.signal
-    def approve(self, approval: Approval) -> None:
+    def _reached(self, until: str) -> bool:
+        phase = self.state.phase
+        if phase in ENDED or phase == "Undeploying":
+            return True
+        if until == "admitted":
+            return phase not in ("Validating", "VerifyingImage")
+        return phase in SUPERVISED
+
+    @workflow.update
+    async def undeploy(self, req: UndeployRequest) -> ServiceStatus:
+        """Only an ops_admin may undeploy (checked here, in the worker); the answer comes once
+        the request is accepted, and the run ends when every pod is stopped."""
+        allowed = await self._authorize("undeploy", req.token, request_id=req.request_id)
+        if not allowed.allowed:
+            raise refuse(FailureKind.ACCESS_DENIED, f"undeploy {self.spec.name} refused: {allowed.reason}")
+        self.undeploy_requested = True
+        return self.status()
+
+    @undeploy.validator
+    def _validate_undeploy(self, req: UndeployRequest) -> None:
+        if self.undeploy_requested or self.state.phase in ENDED or self.state.phase == "Undeploying":
+            raise refuse(FailureKind.REFUSED, f"{self.spec.name} is already {self.state.phase.lower()}")
+
+    @workflow.update(name="approve")
+    async def approve_update(self, approval: Approval) -> ServiceStatus:
+        """Approve a deployment in AwaitingApproval: a gov_approver who did not ask for it."""
+        return await self._decide_by_update("approve", approval)
+
+    @approve_update.validator
+    def _validate_approve(self, approval: Approval) -> None:
+        self._require_pending("approve")
+
+    @workflow.update(name="reject")
+    async def reject_update(self, approval: Approval) -> ServiceStatus:
+        return await self._decide_by_update("reject", approval)
+
+    @reject_update.validator
+    def _validate_reject(self, approval: Approval) -> None:
+        self._require_pending("reject")
+
+    @workflow.signal(name="approve")
+    def approve_signal(self, approval: Approval) -> None:
+        """The same decision as a signal, for the Temporal CLI and the Web UI's "Send a signal"
+        form; checked exactly like the update, by the run loop."""
         self.approvals.append(("approve", approval))
 
-    @workflow.signal
-    def reject(self, approval: Approval) -> None:
+    @workflow.signal(name="reject")
+    def reject_signal(self, approval: Approval) -> None:
         self.approvals.append(("reject", approval))
+
+    def _require_pending(self, kind: str) -> None:
+        if self.state.phase != "AwaitingApproval" or self.approval_decision is not None:
+            raise refuse(FailureKind.REFUSED, f"cannot {kind} {self.spec.name}: it is {self.state.phase}, "
+                                              "not awaiting approval")
+
+    async def _decide_by_update(self, kind: str, approval: Approval) -> ServiceStatus:
+        verdict, counted = await self._judge(kind, approval)
+        if not verdict.allowed:
+            raise refuse(FailureKind.ACCESS_DENIED, f"{kind} {self.spec.name} refused: {verdict.reason}")
+        if not counted:
+            raise refuse(FailureKind.REFUSED, f"cannot {kind} {self.spec.name}: it was decided meanwhile")
+        await workflow.wait_condition(lambda: self.state.phase != "AwaitingApproval")
+        return self.status()
+
+    async def _judge(self, kind: str, approval: Approval) -> tuple[AuthorizeOutput, bool]:
+        """Check one approve/reject (from a signal or an update); the first valid one decides."""
+        result = await self._authorize(kind, approval.token, request_id=approval.request_id,
+                                       requester=self.state.requested_by if kind == "approve" else None)
+        pending = self.state.pending_approval
+        if not result.allowed:
+            if pending is not None:
+                pending.invalid_attempts.append(f"{kind}: {result.reason}")
+            return result, False
+        if self.approval_decision is not None or self.state.phase != "AwaitingApproval":
+            return result, False
+        self.approval_decision = (kind, result.user or "", approval.reason)
+        return result, True
 
     @workflow.signal(name=POD_REPORTED)
     def pod_reported(self, pod: PodStatus) -> None:
@@ -141,6 +234,8 @@ class ServiceWorkflow:
             f"(attempt {attempt.attempt}): {attempt.reason}; next try in {attempt.next_delay_s:g}s"
         )
         self.state.message = reason
+        if self.state.crash_count >= DEGRADED_AFTER:
+            self._fail(FailureKind.CRASH_LOOP, reason)
         if self.state.crash_count >= DEGRADED_AFTER and self.state.phase != "Degraded":
             self._set_phase("Degraded")
             self._decide("degraded", reason, pod=attempt.failed_pod)
@@ -154,21 +249,27 @@ class ServiceWorkflow:
         manual value holds off its scale-down for the stabilisation window."""
         allowed = await self._authorize("scale", req.token, request_id="")
         if not allowed.allowed:
-            raise ApplicationError(f"access denied: {allowed.reason}", type="AccessDenied", non_retryable=True)
+            raise refuse(FailureKind.ACCESS_DENIED, f"scale {self.spec.name} refused: {allowed.reason}")
+        # One scaling action at a time, and always the one recorded in self.scaling, so
+        # continue-as-new never hands over a half-applied scale.
+        await workflow.wait_condition(lambda: self.scaling is None)
         self.state.history = self.state.history + [Recommendation(at=workflow.now(), replicas=req.replicas)]
-        await self._scale_to(req.replicas, req.reason or f"manual scale to {req.replicas}", samples=[])
+        self.scaling = asyncio.ensure_future(
+            self._scale_to(req.replicas, req.reason or f"manual scale to {req.replicas}", samples=[])
+        )
+        await self.scaling
         return self.status()
 
     @scale.validator
     def _validate_scale(self, req: ScaleRequest) -> None:
         spec = self.spec
         if not spec.min_replicas <= req.replicas <= spec.max_replicas:
-            raise ValueError(
-                f"replicas {req.replicas} is outside [min_replicas {spec.min_replicas}, "
-                f"max_replicas {spec.max_replicas}] of {spec.name}"
-            )
+            raise refuse(FailureKind.REFUSED,
+                         f"scale {spec.name} to {req.replicas} refused: replicas {req.replicas} is outside "
+                         f"[min_replicas {spec.min_replicas}, max_replicas {spec.max_replicas}]")
         if self.state.phase not in SUPERVISED or self.undeploy_requested:
-            raise ValueError(f"{spec.name} is {self.state.phase}; it can be scaled once it runs")
+            raise refuse(FailureKind.REFUSED,
+                         f"scale {spec.name} refused: it is {self.state.phase}; it can be scaled once it runs")
 
     # --- run ---------------------------------------------------------------------------
 
@@ -193,20 +294,16 @@ class ServiceWorkflow:
         watch: asyncio.Task[WatchResult | None] | None = None
         while True:
             await self._flush_outbox()
-            await self._process_undeploy_requests()
-            if self.undeploy_requested:
-                break
-            if self._continue_as_new_due() and not self.heals and self.scaling is None and not self.lock.locked():
+            if self.undeploy_requested or self._continue_as_new_ready():
                 break
             if watch is None and self.state.phase in SUPERVISED:
                 watch = asyncio.ensure_future(self._watch())
             await workflow.wait_condition(
                 lambda: self.undeploy_requested
-                or bool(self.undeploy_requests)
                 or (watch is not None and watch.done())
                 or self.pods_changed
                 or bool(self.outbox)
-                or (self._continue_as_new_due() and not self.heals and self.scaling is None)
+                or self._continue_as_new_ready()
             )
             if self.pods_changed and watch is not None and not watch.done():
                 _cancel_quietly(watch)  # the pod set changed: watch the new one
@@ -300,6 +397,7 @@ class ServiceWorkflow:
                 self.state.crash_count = 0
                 self.state.backoff_s = 0.0
                 self.state.message = None
+                self.state.failure = None
                 if recovered:
                     self._set_phase("Running")
                     reason = f"all {self.state.desired_replicas} pods ready and staying ready"
@@ -464,7 +562,7 @@ class ServiceWorkflow:
         """Validating -> (AwaitingApproval) -> VerifyingImage. False: refused, no pod started."""
         allowed = await self._authorize("deploy", token, request_id="deploy")
         if not allowed.allowed:
-            self.state.message = f"access denied: {allowed.reason}"
+            self._fail(FailureKind.ACCESS_DENIED, f"deploy {self.spec.name} refused: {allowed.reason}")
             self._set_phase("Rejected")
             return False
         self.state.requested_by = allowed.user or ""
@@ -491,44 +589,37 @@ class ServiceWorkflow:
         await emit(self.placement, "approval.requested", self.spec.name, reason,
                    requested_by=self.state.requested_by, timeout_s=timeout_s)
         deadline = workflow.now() + timedelta(seconds=timeout_s)
-        while True:
+        while self.approval_decision is None and not self.undeploy_requested:
             remaining = (deadline - workflow.now()).total_seconds()
             try:
                 if remaining <= 0:
                     raise TimeoutError
                 await workflow.wait_condition(
-                    lambda: bool(self.approvals) or bool(self.undeploy_requests), timeout=timedelta(seconds=remaining)
+                    lambda: bool(self.approvals) or self.approval_decision is not None or self.undeploy_requested,
+                    timeout=timedelta(seconds=remaining),
                 )
             except TimeoutError:
-                self.state.message = f"approval timed out after {timeout_s:g}s: {reason}"
                 self.state.pending_approval = None
-                await emit(self.placement, "approval.rejected", self.spec.name, self.state.message)
+                self._fail(FailureKind.APPROVAL_TIMED_OUT, f"approval timed out after {timeout_s:g}s: {reason}")
+                await emit(self.placement, "approval.rejected", self.spec.name, self.state.message or "")
                 return False
-            await self._process_undeploy_requests()
-            if self.undeploy_requested:
-                self.state.message = "withdrawn by undeploy while awaiting approval"
-                self.state.pending_approval = None
-                return False
-            if not self.approvals:
-                continue
-            kind, approval = self.approvals.pop(0)
-            result = await self._authorize(kind, approval.token, request_id=approval.request_id,
-                                           requester=self.state.requested_by if kind == "approve" else None)
-            pending = self.state.pending_approval
-            if not result.allowed:
-                if pending is not None:
-                    pending.invalid_attempts.append(f"{kind}: {result.reason}")
-                continue  # an invalid approval changes nothing: keep waiting
-            self.state.pending_approval = None
-            why = f" ({approval.reason})" if approval.reason else ""
-            if kind == "approve":
-                self.state.approved_by = result.user
-                await emit(self.placement, "approval.granted", self.spec.name,
-                           f"approved by {result.user}{why}", approver=result.user)
-                return True
-            self.state.message = f"rejected by {result.user}{why}"
-            await emit(self.placement, "approval.rejected", self.spec.name, self.state.message, approver=result.user)
+            while self.approvals and self.approval_decision is None:
+                kind, approval = self.approvals.pop(0)
+                await self._judge(kind, approval)  # an invalid one changes nothing: keep waiting
+        self.approvals.clear()
+        self.state.pending_approval = None
+        if self.approval_decision is None:  # undeployed while waiting
+            self._fail(FailureKind.UNDEPLOYED, "withdrawn by undeploy while awaiting approval")
             return False
+        kind, user, why = self.approval_decision
+        why = f" ({why})" if why else ""
+        if kind == "approve":
+            self.state.approved_by = user
+            await emit(self.placement, "approval.granted", self.spec.name, f"approved by {user}{why}", approver=user)
+            return True
+        self._fail(FailureKind.APPROVAL_REJECTED, f"rejected by {user}{why}")
+        await emit(self.placement, "approval.rejected", self.spec.name, self.state.message or "", approver=user)
+        return False
 
     async def _verify_image(self) -> bool:
         """No pod of an image starts until it is marked signed and safe on every node."""
@@ -549,20 +640,14 @@ class ServiceWorkflow:
                 for q in queues
             ))
         except ActivityError as e:
-            self.state.message = f"{error_message(e)} (gave up after {self.spec.image_verify_timeout_s:g}s)"
+            self._fail(FailureKind.IMAGE_UNTRUSTED,
+                       f"{error_message(e)} (gave up after {self.spec.image_verify_timeout_s:g}s)")
             self._set_phase("Failed")
             await emit(self.placement, "image.untrusted", self.spec.name, self.state.message, image=self.spec.image)
             return False
         await emit(self.placement, "image.verified", self.spec.name, results[0].detail if results else "",
                    image=self.spec.image, content_id=results[0].content_id if results else None)
         return True
-
-    async def _process_undeploy_requests(self) -> None:
-        while self.undeploy_requests and not self.undeploy_requested:
-            req = self.undeploy_requests.pop(0)
-            if (await self._authorize("undeploy", req.token, request_id=req.request_id)).allowed:
-                self.undeploy_requested = True
-        self.undeploy_requests.clear()
 
     # --- deploy and undeploy ---------------------------------------------------------------
 
@@ -579,9 +664,7 @@ class ServiceWorkflow:
                 static_summary=f"deploy {count} pod(s) of {self.spec.image}",
             )
         )
-        while not child.done() and not self.undeploy_requested:
-            await workflow.wait_condition(lambda: child.done() or bool(self.undeploy_requests))
-            await self._process_undeploy_requests()
+        await workflow.wait_condition(lambda: child.done() or self.undeploy_requested)
         if not child.done():
             child.cancel()
         try:
@@ -589,7 +672,7 @@ class ServiceWorkflow:
         except (ChildWorkflowError, asyncio.CancelledError) as e:
             if self.undeploy_requested:
                 return
-            self.state.message = f"deployment failed: {error_message(e)}"
+            self._fail(FailureKind.DEPLOY_FAILED, f"deployment failed: {error_message(e)}")
             self._set_phase("Failed")
             await emit(self.placement, "service.failed", self.spec.name, self.state.message)
             return
@@ -671,11 +754,18 @@ class ServiceWorkflow:
         decision = Decision(at=workflow.now(), kind=kind, reason=reason, **kw)  # type: ignore[arg-type]
         self.state.decisions = (self.state.decisions + [decision])[-MAX_DECISIONS:]
 
-    def _continue_as_new_due(self) -> bool:
+    def _continue_as_new_ready(self) -> bool:
+        """Continue-as-new is due (history long enough) and safe: no heal, no scaling action
+        and no handler holding the lock, so the state handed over is settled."""
         info = workflow.info()
-        if self.history_threshold is not None and info.get_current_history_length() >= self.history_threshold:
-            return True
-        return info.is_continue_as_new_suggested()
+        due = info.is_continue_as_new_suggested() or (
+            self.history_threshold is not None and info.get_current_history_length() >= self.history_threshold
+        )
+        return due and not self.heals and self.scaling is None and not self.lock.locked()
+
+    def _fail(self, kind: FailureKind, message: str) -> None:
+        self.state.failure = Failure(kind=kind, message=message)
+        self.state.message = message
 
     def _web_ui_url(self) -> str:
         base = self.placement.web_ui_base.rstrip("/")

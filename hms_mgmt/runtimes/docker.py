@@ -159,7 +159,8 @@ class DockerRuntime(PodRuntime):
         except docker.errors.APIError as e:
             if e.status_code == 400:
                 raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", kind="InvalidSpec") from e
-            if "/images/create" in str(e):  # the pull that run() tried for a missing image failed
+            url = getattr(e.response, "url", "") or ""
+            if url.split("?")[0].endswith("/images/create"):  # the pull run() tried for a missing image failed
                 raise PodRuntimeError(
                     f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
                     kind="ImageNotFound",

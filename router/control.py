@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,14 @@ class Control:
 
     def __init__(self, engine: str, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
                  pods_info: Callable[[str], dict[str, Any]] | None = None,
-                 before_metrics: Callable[[], Any] | None = None) -> None:
+                 before_metrics: Callable[[], Any] | None = None, applied: asyncio.Event | None = None) -> None:
         self.engine = engine
         self.table = table
         self.sync = sync
         self.stats = stats
         self.pods_info = pods_info
         self.before_metrics = before_metrics
+        self.applied = applied  # set once the engine carries the first full table (default: at load)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/-/health", self.health)
@@ -43,7 +45,7 @@ class Control:
         app.router.add_post(wire.FEED_PATH, self.feed)
 
     async def health(self, request: web.Request) -> web.Response:
-        synced = self.sync.synced.is_set()
+        synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())
         body = {"status": "ok" if synced else "starting", "engine": self.engine,
                 "services": len(self.table.services), "resync_error": self.table.resync_error}
         return web.json_response(body, status=200 if synced else 503)

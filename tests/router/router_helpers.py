@@ -65,6 +65,14 @@ class Routed:
         if self.task.done():
             self.task.result()
         assert ready.is_set(), "router did not start"
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                async with http.get(f"{self.url}/-/health") as r:
+                    if r.status == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise AssertionError("router never reported healthy (first table load)")
 
     async def stop(self) -> None:
         if self.task is not None:

@@ -85,18 +85,19 @@ class Routed:
         async with aiohttp.ClientSession() as http, http.get(f"{self.url}/-/table") as r:
             return (await r.json())["services"].get(service)
 
-    async def wait_pods(self, service: str, ready: int, timeout: float = 60.0) -> dict:
-        """Until the router's table holds ``ready`` ready pods of ``service`` (and no draining one)."""
+    async def wait_pods(self, service: str, ready: int, timeout: float = 60.0, without: str | None = None) -> dict:
+        """Until the router's table holds ``ready`` ready pods of ``service``, no draining one,
+        and not the pod ``without``."""
         deadline = time.monotonic() + timeout
         t = None
         while time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 t = await self.table(service)
                 if t is not None and sum(e["state"] == "ready" for e in t["endpoints"]) == ready \
-                        and len(t["endpoints"]) == ready:
+                        and len(t["endpoints"]) == ready and without not in {e["pod"] for e in t["endpoints"]}:
                     return t
             await asyncio.sleep(0.2)
-        raise AssertionError(f"router table for {service} never had {ready} ready pods: {t}")
+        raise AssertionError(f"router table for {service} never had {ready} ready pods (without {without}): {t}")
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hms_mgmt import constants
 from hms_mgmt.errors import ConfigError
@@ -32,6 +32,7 @@ _ENV_KEYS = {
     "web_ui_url": "HMS_WEB_UI_URL",
     "event_webhook": "HMS_EVENT_WEBHOOK",
     "router_port": "HMS_ROUTER_PORT",
+    "routers": "HMS_ROUTERS",
     "dashboard_port": "HMS_DASHBOARD_PORT",
     "node_max_pods": "HMS_NODE_MAX_PODS",
     "capacity_retry_max_s": "HMS_CAPACITY_RETRY_MAX_S",
@@ -67,6 +68,22 @@ class Settings(BaseModel):
     event_webhook: str | None = None
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
+    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
+    routers: list[str] = Field(default_factory=list)
+
+    @field_validator("routers", mode="before")
+    @classmethod
+    def _routers_from_text(cls, v: Any) -> Any:
+        """``HMS_ROUTERS=http://a:8000,http://b:8000`` (an empty string means none but the default)."""
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _default_router(self) -> Settings:
+        if not self.routers:
+            self.routers = [f"http://127.0.0.1:{self.router_port}"]
+        return self
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -69,6 +69,8 @@ class ServiceSpec(_Model):
     backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
     approval_timeout_s: float = Field(default=86400.0, gt=0)
     image_verify_timeout_s: float = Field(default=300.0, gt=0)
+    drain_s: float = Field(default=2.0, ge=0, le=600,
+                           description="seconds a pod stopped on purpose gets no new requests before it stops")
 
     @field_validator("name")
     @classmethod
@@ -256,6 +258,7 @@ class ServiceState(_Model):
     approved_by: str | None = None
     last_samples: list[CpuSample] = Field(default_factory=list)
     failure: Failure | None = None
+    endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
 
 
 class ServiceInput(_Model):
@@ -473,6 +476,40 @@ class VerifyImageInput(_Model):
 class VerifyImageOutput(_Model):
     content_id: str
     detail: str
+
+
+# --- the router's endpoint feed ------------------------------------------------------------
+
+
+class Endpoint(_Model):
+    """One pod the router may send to (``ready``) or must only let finish (``draining``)."""
+
+    pod: str
+    address: str  # "127.0.0.1:PORT"
+    state: Literal["ready", "draining"] = "ready"
+    node: str = ""
+    revision: int = 1
+
+
+class EndpointSet(_Model):
+    """A service's routable pods. ``version`` grows with every change (across continue-as-new
+    and redeploys), so a router applies a table only if it is newer than the one it has."""
+
+    service: str
+    version: int = 0
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    stopped: bool = False  # the service is gone: a router forgets it
+
+    def same_pods(self, other: EndpointSet | None) -> bool:
+        """Equal but for the version: publishing it again would change nothing."""
+        return (other is not None and other.service == self.service and other.stopped == self.stopped
+                and other.endpoints == self.endpoints)
+
+
+class PublishResult(_Model):
+    written: bool = False
+    pushed: list[str] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
 
 
 class UndeployRequest(_Model):

@@ -55,5 +55,10 @@ class HealWorkflow:
         old_queue = next((n.task_queue for n in inp.placement.nodes if n.name == inp.failed.node),
                          f"{inp.placement.node_queue_prefix}{inp.failed.node}")
         grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s
+        if inp.failure.kind != "exited":
+            # Routers have had it as draining since it failed: give in-flight requests drain_s in all.
+            left = spec.drain_s - (workflow.now() - workflow.info().start_time).total_seconds()
+            if left > 0:
+                await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
         await stop_pod(spec, inp.failed, old_queue, grace_s=grace)
         return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1)

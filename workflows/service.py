@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
+    from activities.feed import FeedActivities
     from activities.pods import PodActivities
     from hms_mgmt import constants
     from hms_mgmt.errors import FailureKind
@@ -27,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
         AuthorizeOutput,
         Decision,
         DeployInput,
+        Endpoint,
+        EndpointSet,
         Failure,
         GovernanceInput,
         HealAttempt,
@@ -94,6 +97,8 @@ class ServiceWorkflow:
         self.approvals: list[tuple[str, Approval]] = []  # from the signals, checked by the run loop
         self.approval_decision: tuple[str, str, str] | None = None  # (approve|reject, who, reason)
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
+        self.published: EndpointSet | None = None  # the endpoint feed's last table
+        self.service_stopped = False
 
     # --- messages --------------------------------------------------------------------
 
@@ -122,6 +127,11 @@ class ServiceWorkflow:
             failure=s.failure,
             deploy_request_id=self.request_id,
         )
+
+    @workflow.query
+    def endpoints(self) -> EndpointSet:
+        """The routable pods as last published to the routers: what a router loads at start."""
+        return self.published or self._endpoint_set()
 
     @workflow.update
     async def admission(self, req: AdmissionRequest) -> ServiceStatus:
@@ -275,6 +285,13 @@ class ServiceWorkflow:
 
     @workflow.run
     async def run(self, inp: ServiceInput) -> ServiceStatus:
+        feed = asyncio.ensure_future(self._feed_loop())
+        try:
+            return await self._run(inp)
+        finally:
+            _cancel_quietly(feed)
+
+    async def _run(self, inp: ServiceInput) -> ServiceStatus:
         if inp.state is None:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(self.spec.name)])
             self._set_phase("Validating", force=True)
@@ -514,6 +531,7 @@ class ServiceWorkflow:
                 if victims:  # the monitor must not mistake a pod we stop for a crash
                     self.stopping |= {v.id for v in victims}
                     self.pods_changed = True
+                    await self._drain()
                 result = await workflow.execute_child_workflow(
                     ScaleWorkflow.run,
                     ScaleInput(spec=self.spec, revision=self.state.revision, from_replicas=before,
@@ -699,6 +717,8 @@ class ServiceWorkflow:
 
     async def _undeploy(self) -> None:
         self._set_phase("Undeploying")
+        self.stopping |= {p.id for p in self.state.pods}
+        await self._drain()
         await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node)) for p in self.state.pods))
         # Sweep every node for pods of this service that a record missed (a start that raced
         # the undeploy): nothing may be left behind.
@@ -719,8 +739,70 @@ class ServiceWorkflow:
                 continue
             await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(node), grace_s=0) for p in left.pods))
         self.state.pods = []
+        self.service_stopped = True
+        await self._publish_endpoints()
         self._set_phase("Stopped")
         await emit(self.placement, "service.undeployed", self.spec.name, "undeployed on request")
+
+    # --- the routers' endpoint feed ---------------------------------------------------------
+
+    def _endpoint_set(self) -> EndpointSet:
+        """Ready pods, and pods still serving but on their way out (a planned stop, or unhealthy
+        and being replaced) as draining: a router sends them nothing new."""
+        eps = []
+        for p in sorted(self.state.pods, key=lambda p: p.id):
+            if p.endpoint is None or p.health == "exited":
+                continue
+            if p.id in self.stopping or (p.id in self.heals and p.health == "unhealthy"):
+                state = "draining"
+            elif p.ready:
+                state = "ready"
+            else:
+                continue
+            eps.append(Endpoint(pod=p.id, address=p.endpoint, state=state, node=p.node, revision=p.revision))
+        return EndpointSet(service=self.spec.name, version=self.state.endpoints_version, endpoints=eps,
+                           stopped=self.service_stopped)
+
+    def _feed_due(self) -> bool:
+        table = self._endpoint_set()
+        return not table.same_pods(self.published) and (self.published is not None or bool(table.endpoints))
+
+    async def _feed_loop(self) -> None:
+        """Publish on every change of the routable set, wherever in the workflow it happens."""
+        while True:
+            await workflow.wait_condition(self._feed_due)
+            await self._publish_endpoints()
+
+    async def _publish_endpoints(self) -> None:
+        """Send the current table to the routers, unless it is the one last sent. A failed push
+        is the activity's to log: routers reload the full table on their own."""
+        table = self._endpoint_set()
+        if table.same_pods(self.published):
+            return
+        # Milliseconds since the epoch, never backwards: newer than anything a previous run of
+        # this service (a redeploy after an undeploy) published.
+        self.state.endpoints_version = max(self.state.endpoints_version + 1, int(workflow.now().timestamp() * 1000))
+        table.version = self.state.endpoints_version
+        self.published = table
+        ready = sum(1 for e in table.endpoints if e.state == "ready")
+        try:
+            await workflow.execute_activity_method(
+                FeedActivities.publish_endpoints,
+                table,
+                task_queue=self.placement.control_task_queue,
+                start_to_close_timeout=timedelta(seconds=10),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary=f"endpoints v{table.version}: {ready} ready, {len(table.endpoints) - ready} draining",
+            )
+        except ActivityError as e:
+            workflow.logger.warning("endpoint feed: could not publish %s: %s", table.version, e)
+
+    async def _drain(self) -> None:
+        """Publish the pods in ``stopping`` as draining, then give their in-flight requests
+        ``spec.drain_s`` before anything stops them."""
+        await self._publish_endpoints()
+        if self.spec.drain_s > 0:
+            await workflow.sleep(timedelta(seconds=self.spec.drain_s), summary=f"drain {self.spec.drain_s:g}s")
 
     # --- helpers -----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from hms_mgmt.errors import (
 from hms_mgmt.models import (
     AuthorizeInput,
     AuthorizeOutput,
+    EndpointSet,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
@@ -74,6 +75,7 @@ class FakeCluster:
     start_delay_s: float = 0.0
     watch_results: asyncio.Queue[WatchResult] = field(default_factory=asyncio.Queue)
     node: NodeSpec | None = None
+    tables: list[EndpointSet] = field(default_factory=list)  # what the routers were sent
 
     def event_types(self) -> list[str]:
         return [e.type for e in self.events]
@@ -144,13 +146,18 @@ class FakeCluster:
             except TimeoutError:
                 continue
 
+    @activity.defn(name="publish_endpoints")
+    async def publish_endpoints(self, table: EndpointSet) -> None:
+        self.tables.append(table)
+
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:
         self.events.append(inp)
 
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
-                self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event]
+                self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
+                self.publish_endpoints]
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -26,6 +26,8 @@ class FailureKind(StrEnum):
     DEPLOY_FAILED = "deploy_failed"
     NOT_FOUND = "not_found"
     UNDEPLOYED = "undeployed"
+    ROLLED_BACK = "rolled_back"
+    SUPERSEDED = "superseded"
 
 
 class HmsError(Exception):
@@ -115,6 +117,19 @@ class ServiceUndeployed(HmsError):
     kind = FailureKind.UNDEPLOYED
 
 
+class RolloutFailed(HmsError):
+    """A rolling update did not complete: its pods never became ready or crash-looped, and the
+    service rolled back to the previous revision."""
+
+    kind = FailureKind.ROLLED_BACK
+
+
+class RolloutSuperseded(HmsError):
+    """A newer update replaced this one before it finished."""
+
+    kind = FailureKind.SUPERSEDED
+
+
 _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.ACCESS_DENIED: AccessDenied,
     FailureKind.APPROVAL_REJECTED: ApprovalRejected,
@@ -128,6 +143,8 @@ _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.DEPLOY_FAILED: DeployFailed,
     FailureKind.NOT_FOUND: ServiceNotFound,
     FailureKind.UNDEPLOYED: ServiceUndeployed,
+    FailureKind.ROLLED_BACK: RolloutFailed,
+    FailureKind.SUPERSEDED: RolloutSuperseded,
 }
 
 

@@ -30,6 +30,7 @@ from worker.main import HmsWorker
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = "registry.gov/hms-ach:1.4"
 CRASHLOOP_IMAGE = "registry.gov/hms-crashloop:1.0"
+V2_IMAGE = "registry.gov/hms-ach:1.5"  # the next release of hms-ach (answers version 1.5)
 
 
 def temporal_binary() -> str:
@@ -124,7 +125,7 @@ def make_settings(
         **values,  # type: ignore[arg-type]
     )
     if trusted:
-        sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE)
+        sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE, V2_IMAGE)
     return s
 
 

@@ -39,6 +39,7 @@ def default_catalog() -> dict[str, dict[str, Any]]:
     """The example services' images, runnable as processes of the worker's Python."""
     py = PYTHON
     return {
+        "*hms-ach:1.5": {"command": [py, "-m", "services.hms_ach"], "env": {"HMS_VERSION": "1.5"}},
         "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"]},
         "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"]},
         "*hms-notify:*": {"command": [py, "-m", "services.hms_notify"]},

@@ -94,6 +94,7 @@ class RollingUpdate:
         inp, n = self.inp, self.inp.replicas
         last_progress = workflow.now()
         error: str | None = None
+        retiring: list[asyncio.Task[None]] = []
         while len(self.new) < n or self.old:
             if self.wf.superseded:
                 break
@@ -104,17 +105,20 @@ class RollingUpdate:
             if (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
                 error = f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
                 break
-            # Old pods may go while the ready count stays at n - max_unavailable or more.
-            excess = len(self.new) + len(self.old) - (n - self.unavailable)
-            extra_new = max(0, len(self.new) - n)
-            await self._retire(self.old[: max(0, min(len(self.old), max(excess, extra_new)))])
-            if len(self.new) >= n:
-                continue
+            # Old pods may go while n - max_unavailable stay ready (and must, past n). Draining pods
+            # count toward neither, so the next new pod starts while they drain.
+            ready = len(self.new) + len(self.old)
+            k = max(0, min(len(self.old), max(ready - (n - self.unavailable), ready - n)))
+            victims, self.old = self.old[:k], self.old[k:]
+            if victims:
+                retiring.append(asyncio.ensure_future(self._retire(victims)))
             room = min(n - len(self.new), n + self.surge - len(self.new) - len(self.old))
-            if room <= 0:
-                continue
-            if await self._surge(room):
-                last_progress = workflow.now()
+            if room > 0:
+                if await self._surge(room):
+                    last_progress = workflow.now()
+            elif not victims:
+                break  # no budget to move (max_surge 0 and max_unavailable 0): nothing can change
+        await asyncio.gather(*retiring)
         return DeployOutput(pods=self.new + self.old, failed=self.failures, stopped=self.stopped, error=error,
                             superseded=self.wf.superseded and error is None)
 
@@ -173,8 +177,6 @@ class RollingUpdate:
         if self.inp.spec.drain_s > 0:
             await workflow.sleep(timedelta(seconds=self.inp.spec.drain_s), summary=f"drain {self.inp.spec.drain_s:g}s")
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
-        gone = {p.id for p in pods}
-        self.old = [p for p in self.old if p.id not in gone]
         self.stopped += [p.id for p in pods]
         for pod in pods:
             await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))

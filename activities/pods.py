@@ -30,7 +30,7 @@ from hms_mgmt.models import (
     WatchResult,
 )
 from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
-from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
@@ -101,7 +101,7 @@ class PodActivities:
 
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
-        req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
+        req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
         handle: PodHandle | None = await heartbeating(self.runtime.start, req)
         spec = inp.spec
         loop = asyncio.get_running_loop()

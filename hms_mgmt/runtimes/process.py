@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import yaml
 
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ProcessRuntime(PodRuntime):
 
     # --- interface -----------------------------------------------------------------
 
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         with self._lock:
             rec = self._read(req.pod_id)
             if rec is not None:

@@ -1,5 +1,6 @@
-"""Load the governance policy from the state directory (kept out of ``hms_mgmt.policy`` so the
-workflow-side module stays free of I/O)."""
+"""The governance policy *loader*: reads ``<state_dir>/governance.yaml``. The pure rule it
+configures is ``hms_mgmt.policy.governance`` (kept apart so the workflow-side module stays free
+of I/O)."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
+from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import AccessDenied, ConfigError, HmsError, SpecError
 from hms_mgmt.files import atomic_write, load_yaml_mapping
 
@@ -180,17 +181,6 @@ def _coerce_public_key(public_key: Any) -> Ed25519PublicKey:
     raise TypeError("public_key must be an Ed25519 public key (object or PEM)")
 
 
-def _human(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -260,7 +250,7 @@ def verify_token(
     if current >= expires_at:
         ago = (current - expires_at).total_seconds()
         raise AccessDenied(
-            f"token for {user} expired at {expires_at.isoformat()} ({_human(ago)} ago): "
+            f"token for {user} expired at {expires_at.isoformat()} ({format_duration(ago)} ago): "
             "issue a new one with `hms auth issue`"
         )
     if (issued_at - current).total_seconds() > CLOCK_SKEW_S:

@@ -26,7 +26,6 @@ from hms_mgmt.cli.common import (
 )
 from hms_mgmt.cli.render import (
     _deploy_with_progress,
-    _duration,
     _phase,
     _pods_table,
     _print_outcome,
@@ -38,6 +37,7 @@ from hms_mgmt.cli.render import (
     out,
 )
 from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError
 from hms_mgmt.orchestrator import load_spec
 
@@ -357,7 +357,7 @@ def auth_whoami() -> None:
     out.print(Text.assemble(("user    ", "bold"), identity.user))
     out.print(Text.assemble(("role    ", "bold"), identity.role))
     out.print(Text.assemble(("issued  ", "bold"), _when(identity.issued_at)))
-    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {_duration(left)})"))
+    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {format_duration(max(0.0, left))})"))
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ import os
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -103,6 +104,23 @@ class Settings(BaseSettings):
     event_webhook: str | None = None
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
+    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
+    # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
+    routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("routers", mode="before")
+    @classmethod
+    def _routers_from_text(cls, v: Any) -> Any:
+        """``HMS_ROUTERS=http://a:8000,http://b:8000`` (an empty string means none but the default)."""
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _default_router(self) -> Settings:
+        if not self.routers:
+            self.routers = [f"http://127.0.0.1:{self.router_port}"]
+        return self
 
     # What this object was built from, so reload() reads the same sources again.
     _overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -248,9 +266,12 @@ async def connect(settings: Settings | None = None):  # -> temporalio.client.Cli
         )
     elif settings.api_key:
         tls = True
+    from hms_mgmt import connection
+
     try:
         return await Client.connect(
             settings.temporal_address,
+            runtime=connection.runtime(),
             namespace=settings.namespace,
             data_converter=pydantic_data_converter,
             tls=tls,

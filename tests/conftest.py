@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
+from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
@@ -257,3 +258,17 @@ async def eventually(predicate, *, timeout: float = 60.0, interval: float = 0.2,
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+async def wait_phase(orch: Orchestrator, name: str, phases: set[str], *, timeout: float = 60.0) -> ServiceStatus:
+    """Poll ``status()`` until the phase is one of ``phases`` (tests watch intermediate phases
+    such as VerifyingImage or Degraded; the library itself waits with updates, not polls)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = None
+    while loop.time() < deadline:
+        last = await orch.status(name, live=False)
+        if last.phase in phases:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not {'/'.join(sorted(phases))} after {timeout:g}s (last: {last.phase if last else None})")

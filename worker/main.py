@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.control import ControlActivities
+from activities.feed import FeedActivities
 from activities.pods import PodActivities
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
@@ -61,15 +62,18 @@ class HmsWorker:
         self.settings = settings
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
+        self.feed: FeedActivities | None = None
         sink = EventSink(settings.state_dir, settings.event_webhook)
         if control:
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
+            self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(
                 Worker(
                     client,
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
-                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance],
+                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
+                                self.feed.publish_endpoints],
                 )
             )
         if node:
@@ -105,8 +109,13 @@ class HmsWorker:
         try:
             await asyncio.gather(*(w.run() for w in self.workers))
         finally:
-            if self.pods is not None:
-                await self.pods.close()
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.pods is not None:
+            await self.pods.close()
+        if self.feed is not None:
+            await self.feed.close()
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.shutdown() for w in self.workers))
@@ -121,8 +130,7 @@ class HmsWorker:
         try:
             await self._task
         finally:
-            if self.pods is not None:
-                await self.pods.close()
+            await self._close()
 
 
 async def main(

@@ -36,7 +36,8 @@ class HealWorkflow:
             node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True))[0]
             assert node is not None
             try:
-                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent)
+                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,
+                                                   image_id=inp.image_id)
                 break
             except ActivityError as e:
                 attempt += 1
@@ -54,5 +55,10 @@ class HealWorkflow:
                     workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))
         old_queue = node_queue(inp.placement, inp.failed.node)
         grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s
+        if inp.failure.kind != "exited":
+            # Routers have had it as draining since it failed: give in-flight requests drain_s in all.
+            left = spec.drain_s - (workflow.now() - workflow.info().start_time).total_seconds()
+            if left > 0:
+                await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
         await stop_pod(spec, inp.failed, old_queue, grace_s=grace)
         return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1)

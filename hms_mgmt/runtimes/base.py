@@ -32,6 +32,7 @@ class PodLaunch:
     revision: int
     node: str
     spec: ServiceSpec
+    image_id: str = ""  # content pinned at admission: run exactly this, whatever the tag points to now
 
 
 @dataclass

@@ -134,3 +134,10 @@ def test_write_config_merges_and_is_private(tmp_path: Path) -> None:
     path = s.write_config(namespace="ns1")
     assert Settings.from_env(env_for(tmp_path / "new")).token == "t1"
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_routers_are_a_comma_list_defaulting_to_the_local_router(tmp_path: Path) -> None:
+    s = Settings.from_env(env_for(tmp_path, HMS_ROUTERS="http://a:8000, http://b:8000"))
+    assert s.routers == ["http://a:8000", "http://b:8000"]
+    s = Settings.from_env(env_for(tmp_path, HMS_ROUTER_PORT="9001"))
+    assert s.routers == ["http://127.0.0.1:9001"]

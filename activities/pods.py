@@ -30,7 +30,7 @@ from hms_mgmt.models import (
     WatchResult,
 )
 from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
-from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
@@ -103,8 +103,8 @@ class PodActivities:
         One activity for both halves keeps a rollout's cost at one task per pod."""
         if inp.image_id:
             await self._check_pinned(inp.spec.image, inp.image_id)
-        req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
-                         image_id=inp.image_id)
+        req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
+                        image_id=inp.image_id)
         handle: PodHandle | None = await heartbeating(self.runtime.start, req)
         spec = inp.spec
         loop = asyncio.get_running_loop()

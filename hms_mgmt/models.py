@@ -310,7 +310,6 @@ class ServiceState(_Model):
     pods: list[PodStatus] = Field(default_factory=list)
     decisions: list[Decision] = Field(default_factory=list)
     pending_approval: PendingApproval | None = None
-    approved: bool = False
     crash_count: int = 0
     backoff_s: float = 0.0
     heal_counter: int = 0

@@ -136,13 +136,13 @@ class HmsWorker:
 async def main(
     settings: Settings | None = None, *, control: bool = True, node_worker: bool = True, **overrides: object
 ) -> None:
-    """Run until SIGINT/SIGTERM. ``overrides`` (e.g. ``node=``) also apply when the Scheduler
-    re-reads the configuration, so a ``--node`` flag places pods where this worker runs."""
+    """Run until SIGINT/SIGTERM. The Scheduler re-reads the configuration with
+    ``settings.reload()``, which keeps the overrides the settings were built with (e.g. ``node=``),
+    so a ``--node`` flag places pods where this worker runs."""
     settings = settings or Settings.from_env(**overrides)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings)
-    worker = HmsWorker(client, settings, control=control, node=node_worker,
-                       settings_loader=lambda: Settings.from_env(**overrides))
+    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

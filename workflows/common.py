@@ -16,6 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from activities.pods import PodActivities
+    from hms_mgmt import constants
     from hms_mgmt.models import (
         EventInput,
         NodeSpec,
@@ -34,6 +35,15 @@ POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=
 POD_HEARTBEAT = timedelta(seconds=10)
 
 Report = Callable[[PodStatus], Awaitable[None]]
+
+
+def node_queue(placement: Placement, node: str) -> str:
+    """The task queue of ``node``'s worker: the one its NodeSpec names, else the rule
+    ``constants.node_task_queue`` (a node that has left the config still has pods to stop)."""
+    for n in placement.nodes:
+        if n.name == node:
+            return n.task_queue
+    return constants.node_task_queue(node, placement.node_queue_prefix)
 
 
 def error_type(err: BaseException) -> str | None:

@@ -20,7 +20,16 @@ with workflow.unsafe.imports_passed_through():
     from activities.pods import PodActivities
     from hms_mgmt.models import DeployInput, DeployOutput, FailedPod, ListPodsInput, PodStatus, rollout_budget
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, error_message, pick_nodes, start_and_wait, start_pods, stop_pod
+from workflows.common import (
+    POD_HEARTBEAT,
+    POD_RETRY,
+    error_message,
+    node_queue,
+    pick_nodes,
+    start_and_wait,
+    start_pods,
+    stop_pod,
+)
 
 POD_REPORTED = "pod_reported"
 PODS_DRAINING = "pods_draining"
@@ -182,5 +191,4 @@ class RollingUpdate:
             await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))
 
     def _queue(self, node: str) -> str:
-        return next((n.task_queue for n in self.inp.placement.nodes if n.name == node),
-                    f"{self.inp.placement.node_queue_prefix}{node}")
+        return node_queue(self.inp.placement, node)

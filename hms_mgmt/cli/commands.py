@@ -18,6 +18,7 @@ from hms_mgmt.cli.common import (
     _connect,
     _quiet_temporal_core,
     _run,
+    _set_cli_overrides,
     _settings,
     _setup_logging,
     _signer,
@@ -25,7 +26,6 @@ from hms_mgmt.cli.common import (
 )
 from hms_mgmt.cli.render import (
     _deploy_with_progress,
-    _duration,
     _phase,
     _pods_table,
     _print_outcome,
@@ -37,6 +37,7 @@ from hms_mgmt.cli.render import (
     out,
 )
 from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError
 from hms_mgmt.orchestrator import load_spec
 
@@ -56,17 +57,18 @@ app.add_typer(rollout_app, name="rollout")
 
 @app.callback()
 def main(
-    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="State directory (sets HMS_STATE_DIR).")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="State directory (overrides HMS_STATE_DIR).")
+    ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Temporal host:port (sets HMS_TEMPORAL_ADDRESS).")
+        str | None, typer.Option("--address", help="Temporal host:port (overrides HMS_TEMPORAL_ADDRESS).")
     ] = None,
 ) -> None:
     """Deploy, watch and operate HMS micro-services on Temporal."""
-    # Environment, not arguments: Settings.from_env is what every layer (and the worker) reads.
-    if state_dir is not None:
-        os.environ["HMS_STATE_DIR"] = str(state_dir.expanduser().resolve())
-    if address:
-        os.environ["HMS_TEMPORAL_ADDRESS"] = address
+    _set_cli_overrides(
+        state_dir=state_dir.expanduser().resolve() if state_dir is not None else None,
+        temporal_address=address or None,
+    )
 
 
 PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
@@ -112,14 +114,10 @@ def worker(
     """Run a worker: workflows and scheduling, plus pod activities for this node."""
     from worker.main import main as worker_main
 
-    # The environment, not overrides: the worker re-reads settings (Settings.from_env) on every
-    # scheduling call, and must see this node there too.
-    if node:
-        os.environ["HMS_NODE"] = node
-    if runtime:
-        os.environ["HMS_RUNTIME"] = runtime
+    # The worker re-reads settings (settings.reload()) on every scheduling call; the overrides
+    # (this node, this runtime) are kept there too.
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(), control=not no_control))
+    _run(worker_main(_settings(node=node or None, runtime=runtime or None), control=not no_control))
 
 
 @app.command()
@@ -364,7 +362,7 @@ def auth_whoami() -> None:
     out.print(Text.assemble(("user    ", "bold"), identity.user))
     out.print(Text.assemble(("role    ", "bold"), identity.role))
     out.print(Text.assemble(("issued  ", "bold"), _when(identity.issued_at)))
-    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {_duration(left)})"))
+    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {format_duration(max(0.0, left))})"))
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from rich.text import Text
 
 from hms_mgmt import auth, connection
-from hms_mgmt.cli.common import _settings, _signer
+from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import HmsError, ServiceNotFound
@@ -234,12 +234,12 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
     )
     await server.start()
     try:
-        # The environment, not just this object: the worker re-reads settings on every scheduling call.
-        os.environ["HMS_TEMPORAL_ADDRESS"] = server.address
-        if not os.environ.get("HMS_WEB_UI_URL"):
-            os.environ["HMS_WEB_UI_URL"] = server.ui_url
+        # This server, for every Settings this command builds from now on (the worker's reloads
+        # included); a Web UI URL set in the environment is kept (a proxy in front of the UI).
+        ui_url = os.environ.get("HMS_WEB_UI_URL") or server.ui_url
+        _add_cli_overrides(temporal_address=server.address, web_ui_url=ui_url)
         # And the config file, so `hms status` in another shell with this state dir finds it.
-        settings.write_config(temporal_address=server.address, web_ui_url=os.environ["HMS_WEB_UI_URL"])
+        settings.write_config(temporal_address=server.address, web_ui_url=ui_url)
         settings = _settings()
         auth.ensure_local_operator(settings)
         client = await connect(settings)
@@ -248,7 +248,7 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         if run_worker:
             from worker.main import HmsWorker
 
-            worker = HmsWorker(client, settings, settings_loader=Settings.from_env)
+            worker = HmsWorker(client, settings, settings_loader=settings.reload)
             task = asyncio.create_task(worker.run())
         try:
             yield _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task)

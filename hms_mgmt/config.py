@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hms_mgmt import constants
 from hms_mgmt.errors import ConfigError
@@ -31,6 +31,9 @@ _ENV_KEYS = {
     "node": "HMS_NODE",
     "web_ui_url": "HMS_WEB_UI_URL",
     "event_webhook": "HMS_EVENT_WEBHOOK",
+    "webhooks": "HMS_WEBHOOKS",
+    "webhook_secret": "HMS_WEBHOOK_SECRET",
+    "metrics_port": "HMS_METRICS_PORT",
     "router_port": "HMS_ROUTER_PORT",
     "dashboard_port": "HMS_DASHBOARD_PORT",
     "node_max_pods": "HMS_NODE_MAX_PODS",
@@ -64,9 +67,26 @@ class Settings(BaseModel):
     history_threshold: int | None = None
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
-    event_webhook: str | None = None
+    event_webhook: str | None = None  # one more webhook URL (kept from before `webhooks`)
+    webhooks: list[str] = Field(default_factory=list)  # env: comma-separated
+    webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
+    metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _split_urls(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    def webhook_urls(self) -> list[str]:
+        """Every webhook events go to: ``webhooks`` plus ``event_webhook``."""
+        urls = list(self.webhooks)
+        if self.event_webhook and self.event_webhook not in urls:
+            urls.append(self.event_webhook)
+        return urls
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

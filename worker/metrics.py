@@ -176,6 +176,7 @@ class WorkerMetrics:
         self.interceptor = ActivityMetricsInterceptor(self.activity_seconds)
         self._requested: dict[str, datetime] = {}
         self.port: int | None = None
+        self.fleet_interval_s = 5.0  # how often the fleet gauges are re-read (tests shorten it)
 
     def on_event(self, event: Event) -> None:
         """An :class:`~hms_mgmt.events.EventSink` listener (called in the activity's thread)."""
@@ -205,7 +206,7 @@ class WorkerMetrics:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, client: Client, settings: Settings, *, serve: bool, fleet: bool = True, interval_s: float = 5.0
+        self, client: Client, settings: Settings, *, serve: bool, fleet: bool = True
     ) -> Any:
         """The fleet refresher (with ``fleet``) and, with ``serve``, the HTTP server on
         127.0.0.1:``settings.metrics_port``. A busy port is a warning, not a dead worker."""
@@ -217,7 +218,8 @@ class WorkerMetrics:
                 log.info("metrics on http://127.0.0.1:%s/metrics", self.port)
             except OSError as e:
                 log.warning("metrics: cannot listen on 127.0.0.1:%s: %s", settings.metrics_port, e)
-        task = asyncio.create_task(self.refresh(Orchestrator(client, settings), interval_s=interval_s)) if fleet else None
+        orch = Orchestrator(client, settings)
+        task = asyncio.create_task(self.refresh(orch, interval_s=self.fleet_interval_s)) if fleet else None
         try:
             yield self
         finally:

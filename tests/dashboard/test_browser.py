@@ -103,7 +103,7 @@ async def stack(temporal_env, tmp_path_factory) -> AsyncIterator[Stack]:
     errors: list[str] = []
     try:
         async with HmsWorker(temporal_env.client, settings):
-            dash = Dashboard(temporal_env.client, settings, refresh_s=0.5, sample_s=1.0,
+            dash = Dashboard(temporal_env.client, settings, refresh_s=0.5, sample_s=1.0, history=90,
                              router_url="http://127.0.0.1:9/-/stats")
             await dash.start(port=0)
             try:
@@ -126,6 +126,13 @@ async def stack(temporal_env, tmp_path_factory) -> AsyncIterator[Stack]:
     assert not [e for e in errors if "401" not in e and "403" not in e], errors  # refused sign-ins are expected
 
 
+def burn(endpoint: str, percent: int) -> None:
+    """Ask an example pod to burn CPU (its /admin/cpu endpoint)."""
+    req = urllib.request.Request(f"http://{endpoint}/admin/cpu", data=json.dumps({"percent": percent}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).read()
+
+
 def pod_rows(service: str) -> str:
     return f'article[data-service="{service}"] tr[data-pod]'
 
@@ -137,7 +144,7 @@ async def healthy_pod_ids(page, service: str) -> list[str]:
 
 async def test_sees_services_and_pods(stack: Stack):
     page = stack.page
-    await stack.orch.deploy(seed_spec(), wait=True, timeout=90)
+    await stack.orch.deploy(seed_spec(scale_interval_s=2.0), wait=True, timeout=90)
     await page.wait_for_selector('article[data-service="hms-ach"] [data-phase="Running"]')
 
     async def two_healthy() -> list[str] | None:
@@ -182,6 +189,19 @@ async def test_killed_pod_is_replaced_without_reload(stack: Stack):
     await stack.shot("healed")
 
 
+async def test_scale_shows_in_charts_and_links_its_workflow(stack: Stack):
+    page = stack.page
+    st = await stack.orch.status("hms-ach")
+    await asyncio.to_thread(burn, st.pods[0].endpoint, 50)  # something for the CPU chart to draw
+    await stack.orch.scale("hms-ach", 3, reason="pre-scale for the evening batch")
+    await page.wait_for_selector('article[data-service="hms-ach"] [data-ready="3"]')
+    scale_link = page.locator('article[data-service="hms-ach"] .decisions a.wf-link').first
+    assert (await scale_link.get_attribute("href")).endswith("/workflows/svc-hms-ach-scale-1")
+    await page.wait_for_selector('#events li[data-event="service.scaled"]')
+    points = await page.get_attribute('article[data-service="hms-ach"] svg.chart polyline.line-ready', "points")
+    assert len(points.split()) >= 2  # the replicas chart has samples
+
+
 async def test_viewer_gets_no_buttons(stack: Stack):
     page = stack.page
     await stack.orch.deploy(seed_spec(name="hms-big", min_replicas=1, max_replicas=12))
@@ -222,3 +242,28 @@ async def test_gov_approver_approves_and_sees_it_deploy(stack: Stack):
     docs = REPO / "docs"
     docs.mkdir(exist_ok=True)
     shutil.copyfile(path, docs / "dashboard.png")
+
+
+async def test_holds_up_with_fifty_services(stack: Stack):
+    """48 more services (no pods: min_replicas 0) beside the two: all shown, filter works."""
+    page = stack.page
+    gate = asyncio.Semaphore(8)
+
+    async def deploy(n: int) -> None:
+        async with gate:
+            await stack.orch.deploy(seed_spec(name=f"svc-{n:02d}", min_replicas=0, max_replicas=2))
+
+    await asyncio.gather(*(deploy(n) for n in range(48)))
+
+    async def all_shown() -> bool:
+        return await page.locator("article[data-service]").count() == 50
+
+    await eventually(all_shown, timeout=90, what="50 services on the page")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('article[data-service] [data-phase=\"Running\"]').length === 50",
+        timeout=90_000)
+    await page.fill("#filter", "svc-07")
+    await page.wait_for_function("() => document.querySelectorAll('article[data-service]').length === 1")
+    await page.fill("#filter", "")
+    assert await page.inner_text('[data-tile="services"] .v') == "50"
+    await stack.shot("fifty")

@@ -91,7 +91,8 @@ function isProblem(s) {
 
 // --- charts ------------------------------------------------------------------------------
 
-const CW = 140, CH = 34;
+const CW = 180, CH = 40;
+const MIN_WINDOW = 30; // samples: a young ring is stretched over at least this many
 
 function polyline(points, cls) {
   return svg("polyline", { points: points.map((p) => p[0].toFixed(1) + "," + p[1].toFixed(1)).join(" "), class: cls });
@@ -101,8 +102,9 @@ function chart(series, { max, lines, target, label }) {
   const root = svg("svg", { width: CW, height: CH, viewBox: `0 0 ${CW} ${CH}`, class: "chart", role: "img" });
   root.append(svg("rect", { x: 0.5, y: 0.5, width: CW - 1, height: CH - 1, rx: 3, class: "frame" }));
   const n = series.length;
-  // The newest sample at the right edge; the width spans the whole ring (historyLen samples).
-  const step = (CW - 4) / Math.max(1, state.historyLen - 1);
+  // The newest sample at the right edge; the width spans what the ring holds so far (at least
+  // MIN_WINDOW samples), so a dashboard started a minute ago still draws a readable line.
+  const step = (CW - 4) / Math.max(1, Math.max(MIN_WINDOW, n) - 1);
   const x = (i) => CW - 2 - (n - 1 - i) * step;
   const y = (v) => CH - 3 - (Math.min(v, max) / max) * (CH - 12);
   if (target !== undefined) {
@@ -119,11 +121,16 @@ function chart(series, { max, lines, target, label }) {
     }
     root.append(polyline(pts, cls));
   }
+  const span = series.length > 1 ? series[series.length - 1][0] - series[0][0] : 0;
+  const spanText = span >= 90 ? Math.round(span / 60) + " min" : Math.round(span) + " s";
   const t = svg("text", { x: 4, y: 10 });
   t.textContent = label;
   root.append(t);
+  const s = svg("text", { x: CW - 4, y: 10, "text-anchor": "end" });
+  s.textContent = spanText;
+  root.append(s);
   const title = svg("title", {});
-  title.textContent = label + " over the last " + Math.round(((series.length ? series[series.length - 1][0] - series[0][0] : 0)) / 60) + " min";
+  title.textContent = label + ", over the last " + spanText;
   root.append(title);
   return root;
 }

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from conftest import REPO, eventually, make_settings, seed_spec, sweep_pods, terminate_running
 
 from dashboard import Dashboard
@@ -52,12 +54,42 @@ def chromium_or_skip() -> str:
     pytest.skip(why)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StubRouter:
+    """Stands in for the router's ``GET /-/stats`` (the router is built in parallel)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stats: dict[str, Any] = {"services": {}}
+        self.runner: web.AppRunner | None = None
+
+    async def serve_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/-/stats", self.serve_stats)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
 class Stack:
-    def __init__(self, settings, orch: Orchestrator, dash: Dashboard, page: Any) -> None:
+    def __init__(self, settings, orch: Orchestrator, dash: Dashboard, page: Any, router: StubRouter) -> None:
         self.settings = settings
         self.orch = orch
         self.dash = dash
         self.page = page
+        self.router = router
 
     def token(self, user: str, role: str) -> str:
         return auth.issue_token(self.settings.state_dir, user=user, role=role)
@@ -101,10 +133,11 @@ async def stack(temporal_env, tmp_path_factory) -> AsyncIterator[Stack]:
 
     settings = make_settings(temporal_env, tmp_path_factory.mktemp("dash") / "state", "process")
     errors: list[str] = []
+    router = StubRouter(free_port())
     try:
         async with HmsWorker(temporal_env.client, settings):
             dash = Dashboard(temporal_env.client, settings, refresh_s=0.5, sample_s=1.0, history=90,
-                             router_url="http://127.0.0.1:9/-/stats")
+                             router_url=f"http://127.0.0.1:{router.port}/-/stats")
             await dash.start(port=0)
             try:
                 async with async_playwright() as pw:
@@ -115,12 +148,13 @@ async def stack(temporal_env, tmp_path_factory) -> AsyncIterator[Stack]:
                         page.on("pageerror", lambda e: errors.append(str(e)))
                         page.on("console", lambda m: m.type == "error" and errors.append(m.text))
                         await page.goto(dash.url)
-                        yield Stack(settings, Orchestrator(temporal_env.client, settings), dash, page)
+                        yield Stack(settings, Orchestrator(temporal_env.client, settings), dash, page, router)
                     finally:
                         await browser.close()
             finally:
                 await dash.stop()
     finally:
+        await router.stop()
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
     assert not [e for e in errors if "401" not in e and "403" not in e], errors  # refused sign-ins are expected
@@ -200,6 +234,14 @@ async def test_scale_shows_in_charts_and_links_its_workflow(stack: Stack):
     await page.wait_for_selector('#events li[data-event="service.scaled"]')
     points = await page.get_attribute('article[data-service="hms-ach"] svg.chart polyline.line-ready', "points")
     assert len(points.split()) >= 2  # the replicas chart has samples
+
+    # The router answers: its numbers replace "no router".
+    stack.router.stats = {"services": {"hms-ach": {"rps": 42.5, "error_rate": 0.012, "p50_ms": 3.2, "p99_ms": 18.4}}}
+    await stack.router.start()
+    traffic = 'article[data-service="hms-ach"] [data-traffic="live"]'
+    await page.wait_for_selector(traffic)
+    text = await page.inner_text(traffic)
+    assert "42.5 req/s" in text and "1.2%" in text and "p99 18 ms" in text
 
 
 async def test_viewer_gets_no_buttons(stack: Stack):

@@ -383,10 +383,32 @@ class WebhookDelivery:
         log.error("webhook %s: spool over %d events, dropped the %d oldest", url, SPOOL_MAX, len(drop))
         return files[len(drop):]
 
+    async def _own(self, spool: Path) -> int:
+        """One deliverer per spool, even with several workers on one state directory: wait for
+        the spool's lock (held until this process stops or is cancelled)."""
+        spool.mkdir(parents=True, exist_ok=True)
+        fd = os.open(spool / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                await asyncio.sleep(2.0)
+            except BaseException:
+                os.close(fd)
+                raise
+
     async def _run(self, url: str) -> None:
+        spool = self.sink.spool_dir(url)
+        lock = await self._own(spool)
+        try:
+            await self._deliver(url, spool)
+        finally:
+            os.close(lock)  # releases the lock
+
+    async def _deliver(self, url: str, spool: Path) -> None:
         import aiohttp
 
-        spool = self.sink.spool_dir(url)
         delay = self.initial_s
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:

@@ -118,7 +118,8 @@ class HmsWorker:
                 secret = await asyncio.to_thread(webhook_secret, self.settings.state_dir, self.settings.webhook_secret)
                 await stack.enter_async_context(WebhookDelivery(self.sink, secret, on_result=self.metrics.on_delivery))
             await stack.enter_async_context(
-                self.metrics.running(self.client, self.settings, serve=self.serve_metrics, fleet=self.control)
+                self.metrics.running(self.client, self.settings, serve=self.serve_metrics,
+                                     fleet=self.control and self.serve_metrics)
             )
             yield
 

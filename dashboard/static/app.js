@@ -91,7 +91,7 @@ function isProblem(s) {
 
 // --- charts ------------------------------------------------------------------------------
 
-const CW = 180, CH = 40;
+const CW = 170, CH = 40;
 const MIN_WINDOW = 30; // samples: a young ring is stretched over at least this many
 
 function polyline(points, cls) {
@@ -180,10 +180,10 @@ function trafficCell(s, router) {
   const t = router.services && router.services[s.name];
   if (!t) return el("div", { class: "traffic muted", "data-traffic": "idle" }, "no traffic");
   const errCls = t.error_rate > 0.05 ? "error" : "";
-  return el("div", { class: "traffic", "data-traffic": "live" },
+  return el("div", { class: "traffic", "data-traffic": "live", title: "from the router; p50 " + fmt(t.p50_ms, 1, " ms") },
     el("div", {}, fmt(t.rps, 1) + " req/s"),
     el("div", { class: errCls }, "errors " + fmt((t.error_rate || 0) * 100, 1, "%")),
-    el("div", { class: "muted" }, "p99 " + fmt(t.p99_ms, 0, " ms") + " · p50 " + fmt(t.p50_ms, 0, " ms")));
+    el("div", { class: "muted" }, "p99 " + fmt(t.p99_ms, 0, " ms")));
 }
 
 function podRow(s, p, now) {

@@ -32,7 +32,7 @@ from temporalio.client import Client
 from hms_mgmt import auth
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
-from hms_mgmt.events import Event, EventFollower, read_events
+from hms_mgmt.events import EventFollower
 from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
@@ -47,6 +47,7 @@ CSP = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 DECIDE_TIMEOUT_S = 30.0
+RECENT_EVENTS_BYTES = 256 * 1024  # of the event log read at start: ~1,500 events, enough for the page
 
 
 def child_url(status: ServiceStatus, child_id: str) -> str | None:
@@ -146,6 +147,7 @@ class Dashboard:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._follower: EventFollower | None = None
         self.port: int | None = None
         self.app = self._make_app()
 
@@ -164,7 +166,8 @@ class Dashboard:
     async def start(self, *, port: int, host: str = "127.0.0.1") -> str:
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise HmsError(f"the dashboard binds to 127.0.0.1 only, not {host}")
-        await self._load_recent_events()
+        self._follower = EventFollower(self.settings.state_dir, tail_bytes=RECENT_EVENTS_BYTES)
+        self.events.extend(e.model_dump(mode="json") for e in await asyncio.to_thread(self._follower.poll))
         self._tasks = [
             asyncio.create_task(self._refresh_loop(), name="dashboard fleet"),
             asyncio.create_task(self._router_loop(), name="dashboard router"),
@@ -279,16 +282,11 @@ class Dashboard:
                     self.router = {"ok": False, "url": self.router_url, "error": str(e) or type(e).__name__}
                 await asyncio.sleep(max(1.0, self.refresh_s * 2))
 
-    async def _load_recent_events(self) -> None:
-        def tail() -> list[dict[str, Any]]:
-            kept: collections.deque[Event] = collections.deque(maxlen=self.events.maxlen)
-            kept.extend(read_events(self.settings.state_dir))
-            return [e.model_dump(mode="json") for e in kept]
-
-        self.events.extend(await asyncio.to_thread(tail))
-
     async def _events_loop(self) -> None:
-        follower = EventFollower(self.settings.state_dir, from_start=False)
+        """New events to every page within ~0.3 s (the same follower that read the recent ones,
+        so none falls between the two)."""
+        follower = self._follower
+        assert follower is not None
         try:
             while True:
                 new = await asyncio.to_thread(follower.poll)

@@ -230,17 +230,23 @@ def _parse(line: str, service: str | None) -> Event | None:
 
 class EventFollower:
     """Tails ``events.jsonl`` across rotations: ``poll()`` returns what was appended since the
-    last call. Starts at the end (``from_start=False``) or with the whole log, oldest first."""
+    last call. Starts with the whole log, oldest first; at the end (``from_start=False``); or
+    with about the last ``tail_bytes`` of the current file (a page's recent events)."""
 
-    def __init__(self, state_dir: Path, *, service: str | None = None, from_start: bool = True) -> None:
+    def __init__(
+        self, state_dir: Path, *, service: str | None = None, from_start: bool = True, tail_bytes: int | None = None
+    ) -> None:
         self.path = Path(state_dir) / EVENTS_FILE
         self.state_dir = Path(state_dir)
         self.service = service
         self._f: Any = None
         self._ino: int | None = None
         self._partial = ""
-        self._backlog: list[Path] = [p for p in rotated_files(state_dir) if p != self.path] if from_start else []
+        self._backlog: list[Path] = (
+            [p for p in rotated_files(state_dir) if p != self.path] if from_start and tail_bytes is None else []
+        )
         self._from_start = from_start
+        self._tail_bytes = tail_bytes
 
     def _open_current(self) -> bool:
         try:
@@ -249,9 +255,14 @@ class EventFollower:
             return False
         self._f = f
         self._ino = os.fstat(f.fileno()).st_ino
-        if not self._from_start:
+        if self._tail_bytes is not None:
+            size = os.fstat(f.fileno()).st_size
+            if size > self._tail_bytes:
+                f.seek(size - self._tail_bytes)
+                f.readline()  # the rest of a line cut in two
+        elif not self._from_start:
             f.seek(0, os.SEEK_END)
-            self._from_start = True  # a later (rotated-in) file is read from its start
+        self._from_start, self._tail_bytes = True, None  # a later (rotated-in) file is read from its start
         return True
 
     def _drain(self, out: list[Event]) -> None:

@@ -48,3 +48,14 @@ def test_webhook_key_is_private_and_signatures_check(tmp_path):
     assert not verify_signature(body + b" ", sign(body, key), key)
     assert not verify_signature(body, None, key)
     assert webhook_secret(tmp_path, "configured") == b"configured"
+
+
+def test_follower_can_start_with_the_tail_of_the_log(tmp_path):
+    sink = EventSink(tmp_path)
+    for n in range(100):
+        sink.write(ev(n))
+    follower = EventFollower(tmp_path, tail_bytes=1500)
+    first = follower.poll()
+    assert 3 <= len(first) < 20 and first[-1].reason == "event 99"  # whole lines only, the newest ones
+    sink.write(ev(100))
+    assert [e.reason for e in follower.poll()] == ["event 100"]

@@ -101,16 +101,19 @@ class Settings(BaseSettings):
     history_threshold: int | None = None
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
-    event_webhook: str | None = None
+    event_webhook: str | None = None  # one more webhook URL (kept from before `webhooks`)
+    webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)  # env: comma-separated
+    webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
+    metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
     # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
     # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
     routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("routers", mode="before")
+    @field_validator("routers", "webhooks", mode="before")
     @classmethod
-    def _routers_from_text(cls, v: Any) -> Any:
+    def _urls_from_text(cls, v: Any) -> Any:
         """``HMS_ROUTERS=http://a:8000,http://b:8000`` (an empty string means none but the default)."""
         if isinstance(v, str):
             return [u.strip() for u in v.split(",") if u.strip()]
@@ -133,6 +136,13 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid configuration: {_describe(e)}") from e
         self._overrides = dict(values)
         self._environ = _ENVIRON.get()
+
+    def webhook_urls(self) -> list[str]:
+        """Every webhook events go to: ``webhooks`` plus ``event_webhook``."""
+        urls = list(self.webhooks)
+        if self.event_webhook and self.event_webhook not in urls:
+            urls.append(self.event_webhook)
+        return urls
 
     @classmethod
     def settings_customise_sources(

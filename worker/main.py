@@ -4,9 +4,10 @@ this node's queue ``hms-node-<name>``. ``--node NAME`` on another machine adds a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -19,9 +20,10 @@ from activities.feed import FeedActivities
 from activities.pods import PodActivities
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
-from hms_mgmt.events import EventSink
+from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
+from worker.metrics import WorkerMetrics
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("hms.worker")
@@ -57,13 +59,19 @@ class HmsWorker:
         control: bool = True,
         node: bool = True,
         settings_loader: Callable[[], Settings] | None = None,
+        metrics: bool = False,
     ) -> None:
         self.client = client
         self.settings = settings
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
         self.feed: FeedActivities | None = None
-        sink = EventSink(settings.state_dir, settings.event_webhook)
+        self.control = control
+        self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
+        self.metrics = WorkerMetrics()
+        sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
+        sink.listeners.append(self.metrics.on_event)
+        self.sink = sink
         if control:
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
@@ -74,6 +82,7 @@ class HmsWorker:
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 self.feed.publish_endpoints],
+                    interceptors=[self.metrics.interceptor],
                 )
             )
         if node:
@@ -97,6 +106,7 @@ class HmsWorker:
                     # send them each second rather than at 80% of the heartbeat timeout.
                     max_heartbeat_throttle_interval=timedelta(seconds=1),
                     default_heartbeat_throttle_interval=timedelta(seconds=1),
+                    interceptors=[self.metrics.interceptor],
                 )
             )
 
@@ -104,10 +114,24 @@ class HmsWorker:
     def runtime_name(self) -> str | None:
         return self.pods.runtime.name if self.pods else None
 
+    @contextlib.asynccontextmanager
+    async def _extras(self) -> AsyncIterator[None]:
+        """Beside the workers: webhook delivery from the spool (control worker only) and metrics."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.control and self.sink.webhooks:
+                secret = await asyncio.to_thread(webhook_secret, self.settings.state_dir, self.settings.webhook_secret)
+                await stack.enter_async_context(WebhookDelivery(self.sink, secret, on_result=self.metrics.on_delivery))
+            await stack.enter_async_context(
+                self.metrics.running(self.client, self.settings, serve=self.serve_metrics,
+                                     fleet=self.control and self.serve_metrics)
+            )
+            yield
+
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
         try:
-            await asyncio.gather(*(w.run() for w in self.workers))
+            async with self._extras():
+                await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
 
@@ -122,6 +146,8 @@ class HmsWorker:
 
     async def __aenter__(self) -> HmsWorker:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._extras_cm = self._extras()
+        await self._extras_cm.__aenter__()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
         return self
 
@@ -130,6 +156,7 @@ class HmsWorker:
         try:
             await self._task
         finally:
+            await self._extras_cm.__aexit__(None, None, None)
             await self._close()
 
 
@@ -142,7 +169,8 @@ async def main(
     settings = settings or Settings.from_env(**overrides)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings)
-    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload)
+    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload,
+                       metrics=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -57,9 +57,11 @@ WEIGHT_MIN_CHANGE = 0.1  # relative change before a weight is sent again
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 
 
+FALLBACK_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")  # sbin is not on every user's PATH
+
+
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-                                             if Path(p).exists()), None)
+    found = shutil.which("haproxy") or next((p for p in FALLBACK_PATHS if Path(p).exists()), None)
     if found is None:
         raise ConfigError(INSTALL_HINT)
     return found

@@ -171,9 +171,12 @@ async def connect(settings: Settings | None = None):  # -> temporalio.client.Cli
         )
     elif settings.api_key:
         tls = True
+    from hms_mgmt import connection
+
     try:
         return await Client.connect(
             settings.temporal_address,
+            runtime=connection.runtime(),
             namespace=settings.namespace,
             data_converter=pydantic_data_converter,
             tls=tls,

@@ -36,7 +36,8 @@ class HealWorkflow:
             node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True))[0]
             assert node is not None
             try:
-                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent)
+                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,
+                                                   image_id=inp.image_id)
                 break
             except ActivityError as e:
                 attempt += 1

@@ -30,7 +30,8 @@ class ScaleWorkflow:
         out = ScaleOutput()
         if inp.new_pod_ids:
             ready, failed = await start_pods(
-                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report
+                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report,
+                image_id=inp.image_id,
             )
             out.started = ready
             out.failed = [FailedPod(pod_id=p, reason=r) for p, r in failed]

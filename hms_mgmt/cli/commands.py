@@ -47,8 +47,11 @@ auth_app = typer.Typer(help="Keys and identity tokens.", no_args_is_help=True, r
 image_app = typer.Typer(
     help="The image trust store: only signed images may start.", no_args_is_help=True, rich_markup_mode=None
 )
+rollout_app = typer.Typer(help="Rolling updates: progress, history, undo.", no_args_is_help=True,
+                          rich_markup_mode=None)
 app.add_typer(auth_app, name="auth")
 app.add_typer(image_app, name="image")
+app.add_typer(rollout_app, name="rollout")
 
 
 @app.callback()
@@ -134,6 +137,8 @@ def deploy(
         if wait:
             [result] = await _deploy_with_progress(orch, [spec], timeout=timeout)
             st = await orch.status(spec.name)
+            if result.revision is not None:
+                out.print(Text.assemble((spec.name, "bold"), f": rolled out revision {result.revision}"))
             out.print(
                 Text.assemble(
                     (spec.name, "bold"),
@@ -409,12 +414,90 @@ def image_list() -> None:
 @image_app.command("revoke")
 @_cli_errors
 def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")]) -> None:
-    """Remove an image's trust record: no new pod of it may start."""
+    """Remove an image's trust record: no new pod of it may start (heals and scale-ups included);
+    services running it turn Degraded with the reason. Running pods are not killed."""
     from hms_mgmt.trust import TrustStore
 
-    if not TrustStore(_settings().state_dir).revoke(image):
+    settings = _settings()
+    if not TrustStore(settings.state_dir).revoke(image):
         raise HmsError(f"no trust record for {image}")
     out.print(f"revoked {image}")
+
+    async def tell_services() -> list[str]:
+        orch = await _connect(settings)
+        told = []
+        for st in await orch.list():
+            if st.spec.image == image:
+                # A hint: each service checks the trust store itself before it marks anything.
+                await orch.client.get_workflow_handle(st.workflow_id).signal("image_revoked", image)
+                told.append(st.name)
+        return told
+
+    try:
+        told = _run(tell_services())
+    except HmsError as e:
+        err.print(Text(f"warning: services were not told ({e}); they learn at their next pod start", style="yellow"))
+        return
+    if told:
+        out.print(f"services running it, now Degraded: {', '.join(told)}")
+
+
+# --- rollouts ---------------------------------------------------------------------------------
+
+
+@rollout_app.command("status")
+@_cli_errors
+def rollout_status(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
+    """The rolling update in progress, or the last one."""
+
+    async def go() -> None:
+        st = await (await _connect()).status(name)
+        r = st.rollout
+        out.print(Text.assemble((st.name, "bold"), "  ", _phase(st.phase), f"  revision {st.revision}  {st.spec.image}"))
+        out.print(f"  image id {st.image_id or '-'}")
+        if r is None:
+            out.print("  no rollout yet")
+            return
+        out.print(f"  rollout {r.from_revision} -> {r.to_revision}: {r.state}, {r.updated}/{r.desired} pods updated, "
+                  f"started {_when(r.started_at)}")
+
+    _run(go())
+
+
+@rollout_app.command("history")
+@_cli_errors
+def rollout_history(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
+    """Every revision: image, pinned content, who deployed it and when, how it ended."""
+
+    async def go() -> None:
+        records = await (await _connect()).rollout_history(name)
+        table = Table()
+        for col in ("revision", "image", "image id", "by", "at", "outcome", "reason"):
+            table.add_column(col, no_wrap=col != "reason")
+        for r in records:
+            table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
+                          _when(r.deployed_at), r.outcome, r.reason)
+        out.print(table)
+
+    _run(go())
+
+
+@rollout_app.command("undo")
+@_cli_errors
+def rollout_undo(
+    name: Annotated[str, typer.Argument(help="The service.")],
+    to_revision: Annotated[int | None, typer.Option("--to-revision", help="Default: the one before.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it runs everywhere.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+) -> None:
+    """Roll back to an earlier revision and its pinned image (as a new revision)."""
+
+    async def go() -> None:
+        outcome = await (await _connect()).rollback(name, to_revision, wait=wait, timeout=timeout)
+        what = "in place" if outcome.in_place else f"as revision {outcome.revision}"
+        out.print(f"rolled back {name} {what}: {outcome.status.spec.image}")
+
+    _run(go())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from rich.text import Text
 
-from hms_mgmt import auth
+from hms_mgmt import auth, connection
 from hms_mgmt.cli.common import _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
@@ -143,7 +143,9 @@ class DevServer:
                 )
             if _port_open(self.host, self.port):
                 try:
-                    await asyncio.wait_for(Client.connect(self.address, namespace=self.namespace), 5)
+                    await asyncio.wait_for(
+                        Client.connect(self.address, namespace=self.namespace, runtime=connection.runtime()), 5
+                    )
                     return
                 except Exception as e:  # noqa: BLE001 - still starting; reported if it never answers
                     last = e

@@ -29,6 +29,7 @@ class PodRequest:
     revision: int
     node: str
     spec: ServiceSpec
+    image_id: str = ""  # content pinned at admission: run exactly this, whatever the tag points to now
 
 
 @dataclass

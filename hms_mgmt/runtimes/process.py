@@ -39,6 +39,7 @@ def default_catalog() -> dict[str, dict[str, Any]]:
     """The example services' images, runnable as processes of the worker's Python."""
     py = PYTHON
     return {
+        "*hms-ach:1.5": {"command": [py, "-m", "services.hms_ach"], "env": {"HMS_VERSION": "1.5"}},
         "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"]},
         "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"]},
         "*hms-notify:*": {"command": [py, "-m", "services.hms_notify"]},
@@ -167,6 +168,12 @@ class ProcessRuntime(PodRuntime):
                     return self._handle(rec)
                 self._stop_record(rec, 0)
             entry = self.catalog.resolve(req.spec.image)
+            if req.image_id and self.catalog.content_id(req.spec.image) != req.image_id:
+                # A process cannot run old content: refuse rather than run what was not admitted.
+                raise PodRuntimeError(
+                    f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
+                    kind="ImageUntrusted",
+                )
             command = [sys.executable if part == PYTHON else part for part in (req.spec.command or entry["command"])]
             port = _free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}

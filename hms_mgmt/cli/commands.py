@@ -24,6 +24,7 @@ from hms_mgmt.cli.common import (
     _signer,
     app,
 )
+from hms_mgmt.cli.dashboard_cmd import dashboard
 from hms_mgmt.cli.render import (
     _deploy_with_progress,
     _phase,
@@ -36,7 +37,8 @@ from hms_mgmt.cli.render import (
     err,
     out,
 )
-from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError
 from hms_mgmt.orchestrator import load_spec
@@ -74,6 +76,24 @@ def main(
 PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
 UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port on 127.0.0.1.")]
 HeadlessOpt = Annotated[bool, typer.Option("--headless", help="Start the dev server without its Web UI.")]
+RouterPortOpt = Annotated[int | None, typer.Option("--router-port", help="Traffic router port on 127.0.0.1 "
+                                                   "(default: HMS_ROUTER_PORT or 8000).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Router engine: builtin or haproxy.")]
+DashPortOpt = Annotated[int | None, typer.Option("--dashboard-port", help="Dashboard port on 127.0.0.1 "
+                                                 "(default: HMS_DASHBOARD_PORT or 8088).")]
+NoRouterOpt = Annotated[bool, typer.Option("--no-router", help="Do not start the traffic router.")]
+NoDashOpt = Annotated[bool, typer.Option("--no-dashboard", help="Do not start the dashboard.")]
+
+
+def _edge(router_port: int | None, engine: str, dashboard_port: int | None, no_router: bool,
+          no_dashboard: bool) -> Edge:
+    from router.server import ENGINES
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"choose one of {', '.join(ENGINES)}", param_hint="--engine")
+    s = _settings()
+    return Edge(router_port=None if no_router else (router_port or s.router_port), engine=engine,
+                dashboard_port=None if no_dashboard else (dashboard_port or s.dashboard_port))
 
 
 @app.command()
@@ -83,10 +103,17 @@ def up(
     ui_port: UiPortOpt = 8233,
     headless: HeadlessOpt = False,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the Temporal dev server.")] = False,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
-    """Run the local stack: Temporal dev server (reused if one answers) and a worker, until Ctrl-C."""
+    """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
+    the traffic router and the dashboard."""
     _setup_logging(logging.INFO)
-    _run(_up(port, ui_port, headless, not no_worker))
+    _run(_up(port, ui_port, headless, not no_worker,
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
 
 
 @app.command()
@@ -97,11 +124,17 @@ def demo(
     headless: HeadlessOpt = False,
     exit_after: Annotated[float | None, typer.Option("--exit-after", help="Undeploy and stop after SECONDS.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the services to run.")] = 300.0,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
     _quiet_temporal_core()
-    _run(_demo(port, ui_port, headless, exit_after, timeout))
+    _run(_demo(port, ui_port, headless, exit_after, timeout,
+               _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
 
 
 @app.command()
@@ -500,3 +533,7 @@ def rollout_undo(
 
 if __name__ == "__main__":
     app()
+
+
+app.command()(router)
+app.command()(dashboard)

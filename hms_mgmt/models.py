@@ -200,6 +200,7 @@ class RevisionRecord(_Model):
     revision: int
     spec: ServiceSpec
     image_id: str = ""  # the content id resolved at admission; every pod of it starts from this
+    ticket: str = ""  # the control plane's admission ticket: what start_pod checks
     deployed_by: str = ""
     deployed_at: datetime | None = None
     outcome: Literal["active", "rolling", "replaced", "rolled_back", "failed", "superseded"] = "active"
@@ -323,6 +324,7 @@ class ServiceState(_Model):
     last_samples: list[CpuSample] = Field(default_factory=list)
     failure: Failure | None = None
     image_id: str = ""
+    ticket: str = ""  # the current revision's admission ticket
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
@@ -347,6 +349,7 @@ class DeployInput(_Model):
     placement: Placement
     existing: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
     rolling: bool = False
     current: list[PodStatus] = Field(default_factory=list)
     replicas: int = 0
@@ -413,6 +416,7 @@ class StartPodInput(_Model):
     node: str
     spec: ServiceSpec
     image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
+    ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
 
 
 class StopPodInput(_Model):
@@ -495,6 +499,7 @@ class HealInput(_Model):
     existing: list[PodStatus] = Field(default_factory=list)
     crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
     image_id: str = ""
+    ticket: str = ""
 
 
 class HealAttempt(_Model):
@@ -525,6 +530,7 @@ class ScaleInput(_Model):
     new_pod_ids: list[str] = Field(default_factory=list)
     victims: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
 
 
 class ScaleOutput(_Model):
@@ -548,6 +554,23 @@ class AuthorizeInput(_Model):
     service: str
     requester: str | None = None  # for approve: the deployer, who may not approve their own request
     request_id: str = ""
+
+
+class TicketInput(_Model):
+    """Admission, checked once more where it cannot be skipped, before the ticket is signed."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str
+    token: str = ""  # the deployer's
+    approval_token: str = ""  # a gov_approver's, when the spec is over the governance limit
+    prior_ticket: str = ""  # a rollback: the earlier revision's ticket (it was admitted then)
+    prior_revision: int | None = None
+
+
+class TicketOutput(_Model):
+    ticket: str
 
 
 class AuthorizeOutput(_Model):

@@ -81,14 +81,14 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                self.feed.publish_endpoints],
+                                ctl.issue_ticket, self.feed.publish_endpoints],
                     interceptors=[self.metrics.interceptor],
                 )
             )
         if node:
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink)
             self.workers.append(
                 Worker(
                     client,

@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
     from hms_mgmt.policy.backoff import backoff_delay
 
-from workflows.common import error_message, node_queue, pick_nodes, start_and_wait, stop_pod
+from workflows.common import error_message, node_queue, pick_nodes, require_parent, start_and_wait, stop_pod
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
@@ -25,6 +25,7 @@ HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
 class HealWorkflow:
     @workflow.run
     async def run(self, inp: HealInput) -> HealOutput:
+        await require_parent("HealWorkflow", inp.spec.name)
         spec = inp.spec
         attempt = 0
         while True:
@@ -37,7 +38,7 @@ class HealWorkflow:
             assert node is not None
             try:
                 replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,
-                                                   image_id=inp.image_id)
+                                                   image_id=inp.image_id, ticket=inp.ticket)
                 break
             except ActivityError as e:
                 attempt += 1

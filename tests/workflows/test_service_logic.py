@@ -52,6 +52,8 @@ from hms_mgmt.models import (
     PodStatus,
     StartPodInput,
     StopPodInput,
+    TicketInput,
+    TicketOutput,
     VerifyImageInput,
     VerifyImageOutput,
     WatchInput,
@@ -154,6 +156,12 @@ class FakeCluster:
             except TimeoutError:
                 continue
 
+    @activity.defn(name="issue_ticket")
+    async def issue_ticket(self, inp: TicketInput) -> TicketOutput:
+        if TOKENS.get(inp.token, ("", ""))[1] != "ops_admin":
+            raise ApplicationError("admission refused: bad token", type="AccessDenied", non_retryable=True)
+        return TicketOutput(ticket=f"ticket-{inp.service}-{inp.revision}-{inp.image_id[-8:]}")
+
     @activity.defn(name="publish_endpoints")
     async def publish_endpoints(self, table: EndpointSet) -> None:
         self.tables.append(table)
@@ -165,7 +173,7 @@ class FakeCluster:
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
-                self.publish_endpoints]
+                self.publish_endpoints, self.issue_ticket]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -343,6 +351,7 @@ async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, f
     assert st.revision == 2 and st.image_id == content_id("registry.gov/hms-ach:1.5")
     assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
     assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
+    assert {s.ticket for s in cluster.starts[3:]} == {st.revisions[-1].ticket} != {""}  # and its revision's ticket
     assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
     assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]
     assert st.rollout.state == "completed"

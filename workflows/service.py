@@ -59,7 +59,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
+from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, node_queue, stop_pod
 from workflows.deploy import POD_REPORTED, PODS_DRAINING, SUPERSEDE, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
@@ -1210,10 +1210,7 @@ class ServiceWorkflow:
         return sum(1 for p in self.state.pods if p.ready) >= self.state.desired_replicas
 
     def _node_queue(self, node: str) -> str:
-        for n in self.placement.nodes:
-            if n.name == node:
-                return n.task_queue
-        return f"{self.placement.node_queue_prefix}{node}"
+        return node_queue(self.placement, node)
 
     def _upsert_pod(self, pod: PodStatus) -> None:
         for i, existing in enumerate(self.state.pods):

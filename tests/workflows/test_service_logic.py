@@ -177,10 +177,10 @@ class FakeCluster:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fake(temporal_env: WorkflowEnvironment) -> AsyncIterator[tuple[FakeCluster, Settings]]:
+async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[FakeCluster, Settings]]:
     tag = uuid.uuid4().hex[:8]
     settings = Settings(temporal_address="unused", task_queue=f"hms-logic-{tag}", node=f"n{tag}",
-                        token="t-alice", history_threshold=None)
+                        token="t-alice", history_threshold=None, state_dir=tmp_path / "state")
     cluster = FakeCluster(node=settings.node_specs()[0])
     # One worker serves both queues: workflows + control activities, and the node's pod activities.
     control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,

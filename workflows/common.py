@@ -86,11 +86,15 @@ async def pick_nodes(
     return result.nodes
 
 
-async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None) -> None:
+async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None,
+                   schedule_to_start: timedelta | None = None) -> None:
+    """Stop and remove one pod on its node. ``schedule_to_start`` bounds the wait for the
+    node's worker to pick it up (a lost node's may never come back)."""
     await workflow.execute_activity_method(
         PodActivities.stop_pod,
         StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s),
         task_queue=task_queue,
+        schedule_to_start_timeout=schedule_to_start,
         start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
         heartbeat_timeout=POD_HEARTBEAT,
         retry_policy=POD_RETRY,

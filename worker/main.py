@@ -22,6 +22,7 @@ from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
+from worker.nodes import NodeAgent
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("hms.worker")
@@ -63,6 +64,8 @@ class HmsWorker:
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
         self.feed: FeedActivities | None = None
+        self.agent: NodeAgent | None = None
+        self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, settings.event_webhook)
         if control:
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
@@ -73,13 +76,17 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                self.feed.publish_endpoints],
+                                self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
+                    # One watch_cpu per service runs here the whole time.
+                    max_concurrent_activities=500,
                 )
             )
         if node:
-            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
+                                   docker_host=settings.docker_host)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime)
             self.workers.append(
                 Worker(
                     client,
@@ -106,23 +113,46 @@ class HmsWorker:
 
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._start_agent()
         try:
             await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
 
+    def _start_agent(self) -> None:
+        if self.agent is not None:
+            self._agent_task = asyncio.ensure_future(self.agent.run())
+
+    async def _stop_agent(self) -> None:
+        """Stop heartbeating: the registry calls the node Lost once ``node_lost_after_s`` pass."""
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+            self._agent_task = None
+
     async def _close(self) -> None:
+        await self._stop_agent()
+        if self.agent is not None and self.settings.sweep_on_exit:
+            # After the workers stopped: no activity can start a pod here any more.
+            await self.agent.stop_all()
         if self.pods is not None:
             await self.pods.close()
         if self.feed is not None:
             await self.feed.close()
 
     async def stop(self) -> None:
+        await self._stop_agent()
         await asyncio.gather(*(w.shutdown() for w in self.workers))
 
     async def __aenter__(self) -> HmsWorker:
         await ensure_search_attributes(self.client, self.settings.namespace)
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
+        self._start_agent()
+        if self.agent is not None:  # the node is Ready before the caller deploys onto it
+            try:
+                await asyncio.wait_for(self.agent.registered.wait(), 15)
+            except TimeoutError:
+                log.warning("node %s not registered yet (no control worker?); it keeps trying", self.settings.node)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

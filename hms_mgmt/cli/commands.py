@@ -37,7 +37,7 @@ from hms_mgmt.cli.render import (
     out,
 )
 from hms_mgmt.cli.stack import _demo, _up
-from hms_mgmt.errors import HmsError
+from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -99,14 +99,28 @@ def demo(
     _run(_demo(port, ui_port, headless, exit_after, timeout))
 
 
+DockerHostOpt = Annotated[str | None, typer.Option(
+    "--docker-host", help="This node's Docker Engine, e.g. unix:///run/docker-2.sock (default: DOCKER_HOST).")]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPUs this node offers to pods.", min=0.01)]
+MemoryOpt = Annotated[int | None, typer.Option("--memory-mb", help="Memory (MB) this node offers to pods.", min=1)]
+MaxPodsOpt = Annotated[int | None, typer.Option("--max-pods", help="At most this many pods on this node.", min=0)]
+LabelsOpt = Annotated[str | None, typer.Option("--labels", help="Node labels for node_selector: k=v,k2=v2.")]
+
+
 @app.command()
 @_cli_errors
 def worker(
     node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or 'local').")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Run only this node's pod activities.")] = False,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+    docker_host: DockerHostOpt = None,
+    cpus: CpusOpt = None,
+    memory_mb: MemoryOpt = None,
+    max_pods: MaxPodsOpt = None,
+    labels: LabelsOpt = None,
 ) -> None:
-    """Run a worker: workflows and scheduling, plus pod activities for this node."""
+    """Run a worker: workflows and scheduling, plus pod activities for this node, which it
+    registers with the NodeRegistry and keeps alive with heartbeats."""
     from worker.main import main as worker_main
 
     # The environment, not overrides: the worker re-reads settings (Settings.from_env) on every
@@ -115,6 +129,7 @@ def worker(
         os.environ["HMS_NODE"] = node
     if runtime:
         os.environ["HMS_RUNTIME"] = runtime
+    _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
     _run(worker_main(_settings(), control=not no_control))
 
@@ -415,6 +430,64 @@ def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")])
     if not TrustStore(_settings().state_dir).revoke(image):
         raise HmsError(f"no trust record for {image}")
     out.print(f"revoked {image}")
+
+
+
+# --- nodes (issue 12): options of `hms worker --node`, and `hms nodes` -----------------------
+
+
+def _node_options(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
+                  labels: str | None) -> None:
+    """The node flags, as the environment the worker's re-read settings see."""
+    from hms_mgmt.config import parse_labels
+
+    if labels is not None:
+        try:
+            parse_labels(labels)
+        except ValueError as e:
+            raise SpecError(f"--labels: {e}") from None
+    for var, value in (("HMS_DOCKER_HOST", docker_host), ("HMS_NODE_CPUS", cpus), ("HMS_NODE_MEMORY_MB", memory_mb),
+                       ("HMS_NODE_MAX_PODS", max_pods), ("HMS_NODE_LABELS", labels)):
+        if value is not None:
+            os.environ[var] = str(value)
+
+
+@app.command()
+@_cli_errors
+def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """The nodes pods may run on: capacity, use, pods and state (Ready, or Lost after a silence)."""
+    import json
+
+    from hms_mgmt.nodes import as_rows, list_nodes
+
+    async def go():
+        orch = await _connect()
+        return await list_nodes(orch.client, orch.settings)
+
+    views = _run(go())
+    if as_json:
+        typer.echo(json.dumps(as_rows(views), indent=2))
+        return
+    if not views:
+        out.print("no nodes (start one with `hms worker --node NAME`)")
+        return
+    table = Table()
+    for col in ("node", "state", "runtime", "pods", "cpu", "memory MB", "labels", "services", "last heartbeat"):
+        table.add_column(col, no_wrap=col not in ("services", "labels"))
+    for v in views:
+        style = {"Ready": "green", "Lost": "red"}.get(v.state, "yellow")
+        table.add_row(
+            v.spec.name,
+            Text(v.state, style=style),
+            v.spec.runtime,
+            f"{v.pods}/{v.spec.max_pods}",
+            f"{v.cpu_used:g}/{v.spec.cpu:g}",
+            f"{v.memory_used_mb}/{v.spec.memory_mb}",
+            ",".join(f"{k}={val}" for k, val in sorted(v.spec.labels.items())) or "-",
+            ", ".join(f"{name} x{n}" for name, n in sorted(v.services.items())) or "-",
+            _when(v.last_heartbeat) if v.last_heartbeat else "-",
+        )
+    out.print(table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from workflows.common import error_message, pick_nodes, start_and_wait, stop_pod
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
-OLD_POD_STOP_WAIT = timedelta(seconds=20)  # for the old pod's node to take the stop
+OLD_POD_STOP_WAIT = timedelta(seconds=10)  # for the old pod's node to take the stop
 
 
 @workflow.defn

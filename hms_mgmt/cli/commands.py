@@ -490,5 +490,30 @@ def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inste
     out.print(table)
 
 
+
+@app.command("init")
+@_cli_errors
+def init_state(
+    sign: Annotated[list[str] | None, typer.Option("--sign", help="Sign this image (repeatable).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+) -> None:
+    """Make a state directory usable by another machine's client (docker-compose's init):
+    keys, an ops_admin token and the Temporal address in its config.yaml, signed images."""
+    from hms_mgmt.cli.stack import _sign_images
+
+    settings = _settings(runtime=runtime)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    values = {k: v for k, v in (("temporal_address", os.environ.get("HMS_TEMPORAL_ADDRESS")),
+                                ("web_ui_url", os.environ.get("HMS_WEB_UI_URL"))) if v}
+    if values:
+        settings.write_config(**values)
+    auth.ensure_local_operator(settings)
+    signed = _sign_images(settings, list(sign or []))
+    missing = sorted(set(sign or []) - set(signed))
+    out.print(f"state {settings.state_dir}: config.yaml with an ops_admin token; signed {len(signed)} image(s)")
+    if missing:
+        raise HmsError(f"cannot sign {', '.join(missing)}: not found by the {settings.runtime} runtime")
+
+
 if __name__ == "__main__":
     app()

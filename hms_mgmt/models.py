@@ -171,6 +171,7 @@ class NodeRegistryInput(_Model):
     lost_after_s: float = Field(default=30.0, gt=0)
     control_task_queue: str = "hms-control"
     nodes: list[NodeRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
 
 
 class NodesOutput(_Model):

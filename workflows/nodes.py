@@ -83,9 +83,16 @@ class NodeRegistry:
         self.wake = True  # the timer may be unset (no Ready node) or later than this node's deadline
         return RegisterResult(record=rec, was_lost=was_lost)
 
+    def _continue_as_new_due(self) -> bool:
+        info = workflow.info()
+        threshold = self.inp.history_threshold
+        return info.is_continue_as_new_suggested() or (
+            threshold is not None and info.get_current_history_length() >= threshold
+        )
+
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
-        while not workflow.info().is_continue_as_new_suggested():
+        while not self._continue_as_new_due():
             while self.newly_lost:
                 await self._notify(self.newly_lost.pop(0))
             deadline = self._next_deadline()
@@ -94,7 +101,7 @@ class NodeRegistry:
                 self.wake = False
                 try:
                     await workflow.wait_condition(
-                        lambda: self.wake or workflow.info().is_continue_as_new_suggested(),
+                        lambda: self.wake or self._continue_as_new_due(),
                         timeout=None if deadline is None else deadline - now,
                         timeout_summary="next node heartbeat due",
                     )

@@ -86,7 +86,7 @@ class HmsWorker:
                                    docker_host=settings.docker_host)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
-            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime)
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
             self.workers.append(
                 Worker(
                     client,

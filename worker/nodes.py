@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowQueryFailedError
@@ -33,9 +34,11 @@ SWEEP_EVERY_S = 60.0
 class NodeAgent:
     """Keeps this node in the registry while the worker runs."""
 
-    def __init__(self, client: Client, settings: Settings, spec: NodeSpec, runtime: PodRuntime) -> None:
+    def __init__(self, client: Client, settings: Settings, spec: NodeSpec, runtime: PodRuntime,
+                 settings_loader: Callable[[], Settings] | None = None) -> None:
         self.client = client
         self.settings = settings
+        self.settings_loader = settings_loader  # re-read each heartbeat: an operator resizes a node live
         self.spec = spec
         self.runtime = runtime
         self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}")
@@ -75,6 +78,7 @@ class NodeAgent:
                     if result.was_lost:
                         await self.sweep(started_before=came_back)
                 else:
+                    await self._refresh()
                     await self.client.get_workflow_handle(self.registry_id).signal(
                         NodeRegistry.heartbeat, self.registration)
                 if loop.time() >= next_sweep:
@@ -90,6 +94,20 @@ class NodeAgent:
             except Exception as e:  # noqa: BLE001 - keep heartbeating whatever one round hit
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)
             await asyncio.sleep(self.settings.node_heartbeat_s)
+
+    async def _refresh(self) -> None:
+        """The node as configured now (capacity, labels): a changed spec re-registers it."""
+        if self.settings_loader is None:
+            return
+        try:
+            current = await asyncio.to_thread(lambda: self.settings_loader().this_node(self.spec.runtime))  # type: ignore[misc]
+        except Exception as e:  # noqa: BLE001 - a bad edit of config.yaml keeps the last good spec
+            log.warning("node %s: configuration not re-read: %s", self.spec.name, e)
+            return
+        if current.name == self.spec.name and current != self.spec:
+            log.info("node %s: capacity or labels changed: %s", self.spec.name, current)
+            self.spec = current
+            self.registration = self.registration.model_copy(update={"spec": current})
 
     async def sweep(self, *, started_before: datetime | None = None) -> list[str]:
         """Remove this node's pods that no service has on record. With ``started_before``

@@ -32,6 +32,9 @@ POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNot
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
+# A node's worker takes a pod task within this, or the node is gone (its worker stopped, the
+# node Lost): the task fails instead of waiting in the queue forever.
+NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
 
@@ -115,6 +118,7 @@ async def start_and_wait(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec),
             task_queue=node.task_queue,
+            schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
             heartbeat_timeout=POD_HEARTBEAT,
             retry_policy=POD_RETRY,
@@ -122,7 +126,10 @@ async def start_and_wait(
         )
     except (ActivityError, asyncio.CancelledError):
         failed = PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited")
-        await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0))
+        try:
+            await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0, schedule_to_start=NODE_PICKUP))
+        except ActivityError as e:  # its node is gone: its worker removes the pod when back
+            workflow.logger.warning("pod %s on %s not stopped: %s", pod_id, node.name, error_message(e))
         raise
     await report(ready)
     return ready

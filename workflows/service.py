@@ -55,7 +55,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
+from workflows.common import NODE_PICKUP, POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
 from workflows.deploy import POD_REPORTED, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
@@ -754,7 +754,11 @@ class ServiceWorkflow:
         self._set_phase("Undeploying")
         self.stopping |= {p.id for p in self.state.pods}
         await self._drain()
-        await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node)) for p in self.state.pods))
+        stops = await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node), schedule_to_start=NODE_PICKUP)
+                                       for p in self.state.pods), return_exceptions=True)
+        for pod, stopped in zip(self.state.pods, stops, strict=True):
+            if isinstance(stopped, ActivityError):  # its node is gone: its worker removes it when back
+                workflow.logger.warning("pod %s on %s not stopped: %s", pod.id, pod.node, error_message(stopped))
         # Sweep every node for pods of this service that a record missed (a start that raced
         # the undeploy): nothing may be left behind.
         nodes = {p.node for p in self.state.pods} | {n.name for n in self.placement.nodes}

@@ -33,6 +33,9 @@ POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNot
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
+# A node's worker takes a pod task within this, or the node is gone (its worker stopped, the
+# node Lost): the task fails instead of waiting in the queue forever.
+NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
 
@@ -111,11 +114,15 @@ async def pick_nodes(
     return result.nodes
 
 
-async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None) -> None:
+async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None,
+                   schedule_to_start: timedelta | None = None) -> None:
+    """Stop and remove one pod on its node. ``schedule_to_start`` bounds the wait for the
+    node's worker to pick it up (a lost node's may never come back)."""
     await workflow.execute_activity_method(
         PodActivities.stop_pod,
         StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s),
         task_queue=task_queue,
+        schedule_to_start_timeout=schedule_to_start,
         start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
         heartbeat_timeout=POD_HEARTBEAT,
         retry_policy=POD_RETRY,
@@ -138,6 +145,7 @@ async def start_and_wait(
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
                           image_id=image_id, ticket=ticket),
             task_queue=node.task_queue,
+            schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
             heartbeat_timeout=POD_HEARTBEAT,
             retry_policy=POD_RETRY,
@@ -145,7 +153,10 @@ async def start_and_wait(
         )
     except (ActivityError, asyncio.CancelledError):
         failed = PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited")
-        await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0))
+        try:
+            await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0, schedule_to_start=NODE_PICKUP))
+        except ActivityError as e:  # its node is gone: its worker removes the pod when back
+            workflow.logger.warning("pod %s on %s not stopped: %s", pod_id, node.name, error_message(e))
         raise
     await report(ready)
     return ready

@@ -19,6 +19,7 @@ from workflows.common import error_message, node_queue, pick_nodes, require_pare
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
+OLD_POD_STOP_WAIT = timedelta(seconds=10)  # for the old pod's node to take the stop
 
 
 @workflow.defn
@@ -61,5 +62,13 @@ class HealWorkflow:
             left = spec.drain_s - (workflow.now() - workflow.info().start_time).total_seconds()
             if left > 0:
                 await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
-        await stop_pod(spec, inp.failed, old_queue, grace_s=grace)
+        try:
+            await stop_pod(spec, inp.failed, old_queue, grace_s=grace, schedule_to_start=OLD_POD_STOP_WAIT)
+        except ActivityError as e:
+            # Its node is gone (lost, or its worker down): the replacement runs, and the node's
+            # worker removes the stale pod when it comes back (it is no longer on record).
+            stop_error = f"old pod {inp.failed.id} on node {inp.failed.node} not stopped: {error_message(e)}"
+            workflow.logger.warning(stop_error)
+            return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1,
+                              stop_error=stop_error)
         return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1)

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         HealAttempt,
         HealInput,
         ListPodsInput,
+        NodeLost,
         PendingApproval,
         Phase,
         PodFailure,
@@ -54,12 +55,13 @@ with workflow.unsafe.imports_passed_through():
         UndeployRequest,
         UpdateOutcome,
         VerifyImageInput,
+        WatchCpuInput,
         WatchInput,
         WatchResult,
     )
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, node_queue, stop_pod
+from workflows.common import NODE_PICKUP, POD_HEARTBEAT, POD_RETRY, emit, error_message, node_queue, stop_pod
 from workflows.deploy import POD_REPORTED, PODS_DRAINING, SUPERSEDE, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
@@ -113,6 +115,7 @@ class ServiceWorkflow:
         self.update_outcomes: dict[str, UpdateOutcome | Failure] = {}  # request id -> what it became
         self.revision_failures: dict[int, Failure] = {}
         self.revoke_check = False
+        self.lost_nodes: list[NodeLost] = []  # from the NodeRegistry, handled by the run loop
 
     # --- messages --------------------------------------------------------------------
 
@@ -344,6 +347,12 @@ class ServiceWorkflow:
             return
         self._upsert_pod(pod)
 
+    @workflow.signal(name=constants.NODE_LOST_SIGNAL)
+    def node_lost(self, lost: NodeLost) -> None:
+        """The NodeRegistry lost a node: its pods are failed, and healed elsewhere."""
+        self.lost_nodes.append(lost)
+        self.pods_changed = True  # stop watching the lost node's pods
+
     @workflow.signal(name=HEAL_ATTEMPT_FAILED)
     def heal_attempt_failed(self, attempt: HealAttempt) -> None:
         # From a heal this workflow runs, about a replacement that is not a live pod of ours:
@@ -435,6 +444,7 @@ class ServiceWorkflow:
         watch: asyncio.Task[WatchResult | None] | None = None
         while True:
             await self._flush_outbox()
+            await self._replace_lost()
             if self.undeploy_requested or self._continue_as_new_ready():
                 break
             if self.revoke_check:
@@ -447,6 +457,7 @@ class ServiceWorkflow:
                 or self.pods_changed
                 or bool(self.outbox)
                 or self.revoke_check
+                or bool(self.lost_nodes)
                 or self._continue_as_new_ready()
             )
             if self.pods_changed and watch is not None and not watch.done():
@@ -474,8 +485,17 @@ class ServiceWorkflow:
         if not self.undeploy_requested:
             await workflow.wait_condition(lambda: not self.heals and self.scaling is None)
 
+    async def _replace_lost(self) -> None:
+        """Pods on a lost node are failed ("exited"): the usual heal path replaces them."""
+        while self.lost_nodes and not self.undeploy_requested:
+            lost = self.lost_nodes.pop(0)
+            for pod in [p for p in self.state.pods if p.node == lost.node]:
+                await self._pod_failed(PodFailure(pod_id=pod.id, kind="exited",
+                                                  detail=lost.reason or f"node {lost.node} lost"))
+
     async def _watch(self) -> WatchResult | None:
-        """One watch activity per node that runs ready pods; the first to return wins."""
+        """One watch activity per node that runs ready pods, plus one ``watch_cpu`` on the
+        control queue that autoscales on all nodes' samples at once; the first to return wins."""
         healthy = [p for p in self.state.pods if p.ready and p.id not in self.heals and p.id not in self.stopping]
         by_node: dict[str, list[PodStatus]] = {}
         for pod in healthy:
@@ -487,14 +507,14 @@ class ServiceWorkflow:
             # Recovery is "pods stay ready": a quiet round of this length proves it.
             max_s = min(max_s, max(10.0, 3 * self.spec.health_interval_s))
         known = [p.id for p in self.state.pods]
+        autoscaling = self.spec.min_replicas < self.spec.max_replicas and self.scaling is None
         tasks = [
             asyncio.ensure_future(
                 workflow.execute_activity_method(
                     PodActivities.watch_pods,
                     WatchInput(
                         service=self.spec.name, spec=self.spec, pods=pods, known=known,
-                        current=self._effective(), max_duration_s=max_s,
-                        autoscale=self.spec.min_replicas < self.spec.max_replicas and self.scaling is None,
+                        current=self._effective(), max_duration_s=max_s, autoscale=False,
                         history=self.state.history, at_max_reported=self.state.at_max_reported,
                     ),
                     task_queue=self._node_queue(node),
@@ -507,6 +527,21 @@ class ServiceWorkflow:
             )
             for node, pods in sorted(by_node.items())
         ]
+        if autoscaling:
+            tasks.append(asyncio.ensure_future(
+                workflow.execute_activity_method(
+                    ControlActivities.watch_cpu,
+                    WatchCpuInput(workflow_id=workflow.info().workflow_id, spec=self.spec, current=self._effective(),
+                                  pods=[p.id for p in healthy], history=self.state.history,
+                                  at_max_reported=self.state.at_max_reported, max_duration_s=max_s),
+                    task_queue=self.placement.control_task_queue,
+                    start_to_close_timeout=timedelta(seconds=max_s + 120),
+                    heartbeat_timeout=POD_HEARTBEAT,
+                    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                             maximum_interval=timedelta(seconds=10)),
+                    summary=f"autoscale {len(healthy)} pod(s) on {len(by_node)} node(s)",
+                )
+            ))
         try:
             done, pending = await workflow.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -1114,7 +1149,11 @@ class ServiceWorkflow:
         self._set_phase("Undeploying")
         self.stopping |= {p.id for p in self.state.pods}
         await self._drain()
-        await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node)) for p in self.state.pods))
+        stops = await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node), schedule_to_start=NODE_PICKUP)
+                                       for p in self.state.pods), return_exceptions=True)
+        for pod, stopped in zip(self.state.pods, stops, strict=True):
+            if isinstance(stopped, ActivityError):  # its node is gone: its worker removes it when back
+                workflow.logger.warning("pod %s on %s not stopped: %s", pod.id, pod.node, error_message(stopped))
         # Sweep every node for pods of this service that a record missed (a start that raced
         # the undeploy): nothing may be left behind.
         nodes = {p.node for p in self.state.pods} | {n.name for n in self.placement.nodes}

@@ -56,6 +56,7 @@ from hms_mgmt.models import (
     TicketOutput,
     VerifyImageInput,
     VerifyImageOutput,
+    WatchCpuInput,
     WatchInput,
     WatchResult,
 )
@@ -166,6 +167,13 @@ class FakeCluster:
     async def publish_endpoints(self, table: EndpointSet) -> None:
         self.tables.append(table)
 
+    @activity.defn(name="watch_cpu")
+    async def watch_cpu(self, inp: WatchCpuInput) -> WatchResult:
+        """The service's autoscaler: the tests script scale results through ``watch_pods``."""
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(0.2)
+
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:
         self.events.append(inp)
@@ -173,7 +181,7 @@ class FakeCluster:
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
-                self.publish_endpoints, self.issue_ticket]
+                self.publish_endpoints, self.issue_ticket, self.watch_cpu]
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -18,7 +18,7 @@ from temporalio.worker import Worker
 from activities.control import ControlActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
-from hms_mgmt import constants
+from hms_mgmt import constants, tickets
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.runtimes import make_runtime
@@ -76,6 +76,8 @@ class HmsWorker:
         sink.listeners.append(self.metrics.on_event)
         self.sink = sink
         if control:
+            # The admission-ticket key, made before any node needs its public half.
+            tickets.ensure_control_key(settings.state_dir)
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(

@@ -184,7 +184,10 @@ class Orchestrator:
                     ),
                     timeout + 30,
                 )
-                break
+                if status.deploy_request_id == request_id or status.phase not in ("Rejected", "Failed", "Stopped"):
+                    break
+                # An earlier run that has ended but not yet closed answered: start afresh once it has.
+                error = HmsError(f"deploy {spec.name}: an earlier run of the service is still closing")
             except WorkflowUpdateFailedError as e:
                 error = failure_error(e, f"deploy {spec.name}")
             except RPCError as e:

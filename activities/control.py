@@ -14,7 +14,7 @@ from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.governance import load_governance_policy
+from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import (
     AuthorizeInput,
     AuthorizeOutput,
@@ -26,7 +26,7 @@ from hms_mgmt.models import (
     ServiceStatus,
 )
 from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.scheduler import NodeUsage, PodRequest, pick_nodes
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ControlActivities:
         for other in await self._other_services(inp.service, settings.task_queue):
             spec_cpu, spec_mem = other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0
             account(other.pods, own=False)
-        request = PodRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0)
+        request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         by_name = {n.name: n for n in nodes}
         result = PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])

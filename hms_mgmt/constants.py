@@ -9,6 +9,7 @@ SERVICE_WORKFLOW_ID_PREFIX = "svc-"
 LABEL_SERVICE = "hms.service"
 LABEL_POD = "hms.pod"
 LABEL_REVISION = "hms.revision"
+LABEL_IMAGE = "hms.image"  # the reference the spec names (the container runs its pinned id)
 LABEL_NODE = "hms.node"
 LABEL_MANAGED = "hms.managed"
 

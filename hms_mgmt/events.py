@@ -29,29 +29,6 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
-KNOWN_TYPES = (
-    "pod.started",
-    "pod.stopped",
-    "pod.unhealthy",
-    "pod.exited",
-    "pod.replaced",
-    "service.deployed",
-    "service.degraded",
-    "service.recovered",
-    "service.scaled",
-    "service.at_max",
-    "service.undeployed",
-    "service.failed",
-    "capacity.alert",
-    "approval.requested",
-    "approval.granted",
-    "approval.rejected",
-    "approval.invalid",
-    "access.denied",
-    "image.verified",
-    "image.untrusted",
-)
-
 EVENTS_FILE = "events.jsonl"
 ROTATE_BYTES = 10 * 1024 * 1024
 ROTATE_KEEP = 3

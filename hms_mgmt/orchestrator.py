@@ -18,28 +18,27 @@ import yaml
 from pydantic import ValidationError
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hms_mgmt import constants
+from hms_mgmt import connection, constants
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import (
-    AccessDenied,
-    ApprovalRejected,
     HmsError,
-    ImageUntrusted,
     ScaleRefused,
     ServiceNotFound,
-    SpecConflict,
     SpecError,
+    error_for,
 )
 from hms_mgmt.models import (
+    AdmissionRequest,
     Approval,
     DeployResult,
     LogsOutput,
@@ -47,15 +46,19 @@ from hms_mgmt.models import (
     PodLogsInput,
     PodProgress,
     PodStatus,
+    RevisionRecord,
     ScaleRequest,
     ServiceInput,
     ServiceSpec,
     ServiceStatus,
+    SpecUpdate,
     UndeployRequest,
+    UpdateOutcome,
     WatchHeartbeat,
 )
 
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
+CLOSING_RETRY_S = 10.0  # how long an update waits for a run that is continuing-as-new
 
 
 def load_spec(spec: SpecLike) -> ServiceSpec:
@@ -131,85 +134,133 @@ class Orchestrator:
         return self.client.get_workflow_handle(handle.id, run_id=desc.run_id)
 
     async def deploy(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0) -> DeployResult:
-        """Start the service's workflow; a no-op when the same spec already runs.
+        """Start the service's workflow and return once admission has answered; a no-op when
+        the same spec already runs.
 
-        With ``wait=True``, return once the service is Running (or raise why it is not).
+        The start and the question "were we admitted?" are one call (update-with-start), so a
+        refusal (access, governance, untrusted image) is raised here at once, typed. With
+        ``wait=True``, return once the service is Running, or raise why it is not.
         """
         spec = load_spec(spec)
         wf_id = constants.service_workflow_id(spec.name)
-        url = self.settings.web_ui_link(wf_id)
-        existing = await self._running(spec.name)
-        already = existing is not None
-        if existing is None:
-            inp = ServiceInput(spec=spec, placement=self._placement(), token=self.settings.token or "",
-                               history_threshold=self.settings.history_threshold)
-            try:
-                handle = await self.client.start_workflow(
-                    "ServiceWorkflow",
-                    inp,
-                    id=wf_id,
-                    task_queue=self.settings.task_queue,
-                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                    static_summary=f"service {spec.name}: {spec.image}, {spec.min_replicas}-{spec.max_replicas} pods",
-                )
-                run_id = handle.result_run_id
-            except WorkflowAlreadyStartedError:
-                already = True
-                existing = await self._running(spec.name)
-        if already:
-            assert existing is not None
-            current = await existing.query("status", result_type=ServiceStatus)
-            if current.spec != spec:
-                changed = sorted(
-                    k for k in ServiceSpec.model_fields if getattr(current.spec, k) != getattr(spec, k)
-                )
-                raise SpecConflict(
-                    f"service {spec.name} already runs with a different spec (changed: {', '.join(changed)}); "
-                    f"undeploy it first"
-                )
-            run_id = existing.run_id
-        if not already:
-            await self._admitted(spec.name, timeout=timeout)
-        if wait:
-            await self.wait_for(spec.name, {"Running"}, timeout=timeout)
-        return DeployResult(workflow_id=wf_id, run_id=run_id, web_ui_url=url, already_running=already)
+        request_id = uuid.uuid4().hex
+        inp = ServiceInput(spec=spec, placement=self._placement(), token=self.settings.token or "",
+                           history_threshold=self.settings.history_threshold, request_id=request_id)
 
-    async def _admitted(self, name: str, *, timeout: float) -> ServiceStatus:
-        """Wait until the worker has checked the caller's identity (and the policy): a refusal
-        is raised here, to the caller, with the reason."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        handle = self._handle(name)
-        while loop.time() < deadline:
-            desc = await handle.describe()
-            if desc.status != WorkflowExecutionStatus.RUNNING:
-                final = await self.client.get_workflow_handle(handle.id, run_id=desc.run_id,
-                                                              result_type=ServiceStatus).result()
-                raise refusal_error(final)
-            status = await self.status(name, live=False)
-            if status.phase != "Validating":
-                return status
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"service {name}: no worker checked the request within {timeout:g}s (is a worker running?)")
+        def start_op() -> WithStartWorkflowOperation[Any, Any]:  # one use each
+            return WithStartWorkflowOperation(
+                "ServiceWorkflow",
+                inp,
+                id=wf_id,
+                task_queue=self.settings.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"service {spec.name}: {spec.image}, {spec.min_replicas}-{spec.max_replicas} pods",
+            )
 
-    async def wait_for(self, name: str, phases: set[str], *, timeout: float = 300.0, poll_s: float = 0.25) -> ServiceStatus:
-        """Poll ``status()`` until the phase is one of ``phases``; raise on a terminal failure."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: ServiceStatus | None = None
-        while loop.time() < deadline:
+        until = "running" if wait else "admitted"
+        for _ in range(3):
+            start = start_op()
             try:
-                last = await self.status(name)
-            except ServiceNotFound:
-                last = None
-            if last is not None:
-                if last.phase in phases:
-                    return last
-                if last.phase in ("Failed", "Rejected", "Stopped"):
-                    raise refusal_error(last)
-            await asyncio.sleep(poll_s)
-        raise TimeoutError(f"service {name} not {'/'.join(sorted(phases))} after {timeout:g}s (last: {last.phase if last else 'none'})")
+                status = await asyncio.wait_for(
+                    self.client.execute_update_with_start_workflow(
+                        "admission",
+                        AdmissionRequest(until=until, timeout_s=min(max(timeout, 1.0), 3600.0)),
+                        start_workflow_operation=start,
+                        result_type=ServiceStatus,
+                    ),
+                    timeout + 30,
+                )
+                break
+            except WorkflowUpdateFailedError as e:
+                error = failure_error(e, f"deploy {spec.name}")
+            except RPCError as e:
+                raise HmsError(f"deploy {spec.name}: Temporal refused the start: {e.message}") from e
+            if not await self._ending_other_run(wf_id, request_id):
+                raise error
+        else:
+            raise HmsError(f"deploy {spec.name}: an earlier run of the service kept ending; try again")
+        handle = await start.workflow_handle()
+        already = status.deploy_request_id != request_id
+        revision: int | None = None
+        if already and status.spec != spec:
+            # A changed spec for a running service: a new revision (or an in-place change).
+            outcome = await self.update_spec(spec, wait=wait, timeout=timeout)
+            revision = outcome.revision
+        elif wait and status.phase not in ("Running", "Scaling", "Healing"):
+            raise TimeoutError(f"service {spec.name} not Running after {timeout:g}s (phase {status.phase})")
+        return DeployResult(workflow_id=wf_id, run_id=handle.result_run_id or handle.run_id,
+                            web_ui_url=self.settings.web_ui_link(wf_id), already_running=already,
+                            revision=revision)
+
+    async def update_spec(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0) -> UpdateOutcome:
+        """Change a running service's spec: a new revision rolled out (surge, min_ready_s, drain,
+        automatic rollback), or an in-place change when no pod field changed. Returns once the
+        update is admitted; with ``wait``, once the revision runs everywhere — or raises
+        ``RolloutFailed`` when it rolled back."""
+        spec = load_spec(spec)
+        handle = await self._running_handle(spec.name)
+        outcome = await self._update(
+            handle, "update_spec",
+            SpecUpdate(spec=spec, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            what=f"update {spec.name}", result_type=UpdateOutcome)
+        if wait and outcome.revision is not None:
+            await self.wait_for_revision(spec.name, outcome.revision, timeout=timeout)
+        return outcome
+
+    async def rollback(self, name: str, revision: int | None = None, *, wait: bool = False,
+                       timeout: float = 300.0) -> UpdateOutcome:
+        """Roll back to ``revision`` (default: the one before the current) and its pinned image."""
+        handle = await self._running_handle(name)
+        outcome = await self._update(
+            handle, "rollback",
+            SpecUpdate(to_revision=revision, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            what=f"roll back {name}", result_type=UpdateOutcome)
+        if wait and outcome.revision is not None:
+            await self.wait_for_revision(name, outcome.revision, timeout=timeout)
+        return outcome
+
+    async def rollout_history(self, name: str) -> builtins.list[RevisionRecord]:
+        """Every revision kept: its spec, pinned image, who deployed it and when, how it ended."""
+        return (await self.status(name, live=False)).revisions
+
+    async def wait_for_revision(self, name: str, revision: int, *, timeout: float = 300.0) -> ServiceStatus:
+        handle = await self._running_handle(name)
+        status = await self._update(handle, "admission",
+                                    AdmissionRequest(until="revision", revision=revision, timeout_s=timeout),
+                                    what=f"roll out revision {revision} of {name}")
+        if status.revision < revision or status.phase not in ("Running", "Scaling", "Healing"):
+            raise TimeoutError(f"{name}: revision {revision} not rolled out after {timeout:g}s "
+                               f"(phase {status.phase}, revision {status.revision})")
+        return status
+
+    async def _ending_other_run(self, wf_id: str, request_id: str) -> bool:
+        """True when the refusal came from an earlier run that ended (refused, failed, stopped)
+        but had not closed yet as this deploy arrived; it has closed now, so start afresh."""
+        handle = self.client.get_workflow_handle(wf_id)
+        try:
+            current = await handle.query("status", result_type=ServiceStatus)
+        except (RPCError, WorkflowQueryFailedError):
+            return False
+        if current.deploy_request_id == request_id or current.phase not in ("Rejected", "Failed", "Stopped"):
+            return False
+        try:
+            await asyncio.wait_for(handle.result(), 30)
+        except Exception:  # noqa: BLE001 - a closed run of any outcome is what we wait for
+            pass
+        return True
+
+    async def wait_for(self, name: str, *, timeout: float = 300.0) -> ServiceStatus:
+        """Wait until the service runs (a bounded ``admission`` update, no polling); raise why
+        it does not (refused, crash-looping, undeployed) or TimeoutError."""
+        handle = await self._running(name)
+        if handle is None:  # it ended: say why, from its final status
+            raise status_error(await self._final_status(name))
+        status = await self._update(handle, "admission", AdmissionRequest(until="running", timeout_s=timeout),
+                                    what=f"wait for {name}")
+        if status.phase not in ("Running", "Scaling", "Healing"):
+            raise TimeoutError(f"service {name} not Running after {timeout:g}s (phase {status.phase})")
+        return status
 
     async def status(self, name: str, *, live: bool = True) -> ServiceStatus:
         """The workflow's state; with ``live``, merged with what the running health monitor
@@ -267,23 +318,47 @@ class Orchestrator:
             pods.append(pod)
         return status.model_copy(update={"pods": pods})
 
-    async def scale(self, name: str, replicas: int, *, reason: str = "") -> ServiceStatus:
-        """Set the replica count (a validated workflow update: out of range is refused)."""
+    async def _final_status(self, name: str) -> ServiceStatus:
+        handle = self.client.get_workflow_handle(constants.service_workflow_id(name), result_type=ServiceStatus)
+        try:
+            return await handle.result()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ServiceNotFound(f"no service named {name!r}") from None
+            raise
+
+    async def _running_handle(self, name: str) -> WorkflowHandle[Any, Any]:
         handle = await self._running(name)
         if handle is None:
             raise ServiceNotFound(f"no running service named {name!r}")
-        try:
-            return await handle.execute_update(
-                "scale",
-                ScaleRequest(replicas=replicas, token=self.settings.token or "", reason=reason),
-                result_type=ServiceStatus,
-            )
-        except WorkflowUpdateFailedError as e:
-            cause = e.cause
-            message = getattr(cause, "message", None) or str(cause or e)
-            if getattr(cause, "type", None) == "AccessDenied":
-                raise AccessDenied(f"scale {name} refused: {message}") from None
-            raise ScaleRefused(f"scale {name} to {replicas} refused: {message}") from None
+        return handle
+
+    async def _update(self, handle: WorkflowHandle[Any, Any], update: str, arg: Any, *, what: str,
+                      refine: type[HmsError] | None = None, result_type: type[Any] = ServiceStatus) -> Any:
+        """Run a workflow update on the service's current run; a refusal comes back as the
+        exception its kind maps to. An update that lands while the run is continuing-as-new is
+        sent again, to the new run."""
+        latest = self.client.get_workflow_handle(handle.id)  # no run id: follows continue-as-new
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSING_RETRY_S
+        while True:
+            try:
+                return await latest.execute_update(update, arg, result_type=result_type)
+            except WorkflowUpdateFailedError as e:
+                raise failure_error(e, what, refine=refine) from None
+            except RPCError as e:
+                if e.status == RPCStatusCode.NOT_FOUND:
+                    raise ServiceNotFound(f"{what}: the service is no longer running") from None
+                if e.status != RPCStatusCode.RESOURCE_EXHAUSTED or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(0.1)  # the run is closing (continue-as-new): its successor takes it
+
+    async def scale(self, name: str, replicas: int, *, reason: str = "") -> ServiceStatus:
+        """Set the replica count (a validated workflow update: out of range is refused)."""
+        handle = await self._running_handle(name)
+        return await self._update(handle, "scale",
+                                  ScaleRequest(replicas=replicas, token=self.settings.token or "", reason=reason),
+                                  what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
     async def list(self) -> builtins.list[ServiceStatus]:
         query = (
@@ -313,84 +388,70 @@ class Orchestrator:
         return out.lines
 
     async def undeploy(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> ServiceStatus | None:
-        """Stop every pod and end the service's workflow (ops_admin only, checked by the worker)."""
-        handle = await self._running(name)
-        if handle is None:
-            raise ServiceNotFound(f"no running service named {name!r}")
-        request_id = uuid.uuid4().hex
-        await handle.signal("undeploy", UndeployRequest(token=self.settings.token or "", request_id=request_id))
+        """Stop every pod and end the service's workflow (ops_admin only, checked by the worker).
+
+        The ``undeploy`` update answers once the request is accepted (or refused, typed); with
+        ``wait`` this returns the final status once every pod is stopped."""
+        handle = await self._running_handle(name)
+        await self._update(handle, "undeploy", UndeployRequest(token=self.settings.token or "",
+                                                               request_id=uuid.uuid4().hex), what=f"undeploy {name}")
         if not wait:
             return None
         typed = self.client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ServiceStatus)
-        return await self._await_answer(name, request_id, typed.result(), timeout=timeout)
+        return await asyncio.wait_for(typed.result(), timeout)
 
-    async def approve(self, name: str, *, reason: str = "", timeout: float = 60.0) -> ServiceStatus:
-        """Approve a deployment waiting for governance (a ``gov_approver``, not the requester)."""
-        return await self._decide("approve", name, reason, timeout)
+    async def approve(self, name: str, *, reason: str = "") -> ServiceStatus:
+        """Approve a deployment waiting for governance (a ``gov_approver``, not the requester).
+        Returns once the decision has taken effect (the service moved on from AwaitingApproval)."""
+        return await self._decide("approve", name, reason)
 
-    async def reject(self, name: str, *, reason: str = "", timeout: float = 60.0) -> ServiceStatus:
-        return await self._decide("reject", name, reason, timeout)
+    async def reject(self, name: str, *, reason: str = "") -> ServiceStatus:
+        """Reject a deployment waiting for governance: it ends Rejected, with no pod started."""
+        return await self._decide("reject", name, reason)
 
-    async def _decide(self, kind: str, name: str, reason: str, timeout: float) -> ServiceStatus:
-        handle = await self._running(name)
-        if handle is None:
-            raise ServiceNotFound(f"no running service named {name!r}")
-        status = await self.status(name, live=False)
-        if status.phase != "AwaitingApproval":
-            raise HmsError(f"service {name} is {status.phase}, not awaiting approval")
-        request_id = uuid.uuid4().hex
-        await handle.signal(kind, Approval(token=self.settings.token or "", reason=reason, request_id=request_id))
-
-        async def decided() -> ServiceStatus:
-            while True:
-                st = await self.status(name, live=False)
-                if st.phase != "AwaitingApproval":
-                    return st
-                await asyncio.sleep(0.1)
-
-        return await self._await_answer(name, request_id, decided(), timeout=timeout)
-
-    async def _await_answer(self, name: str, request_id: str, outcome: Any, *, timeout: float) -> ServiceStatus:
-        """The signal's outcome, or AccessDenied when the worker refused that very request."""
-        done = asyncio.ensure_future(outcome)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while loop.time() < deadline:
-                finished, _ = await asyncio.wait({done}, timeout=0.1)
-                if finished:
-                    return done.result()
-                try:
-                    st = await self.status(name, live=False)
-                except (RPCError, ServiceNotFound):
-                    continue
-                refused = next((r for r in st.refusals if r.request_id == request_id), None)
-                if refused is not None:
-                    raise AccessDenied(f"{refused.action} {name} refused: {refused.reason}")
-            raise TimeoutError(f"no answer from service {name} within {timeout:g}s")
-        finally:
-            done.cancel()
+    async def _decide(self, kind: str, name: str, reason: str) -> ServiceStatus:
+        handle = await self._running_handle(name)
+        approval = Approval(token=self.settings.token or "", reason=reason, request_id=uuid.uuid4().hex)
+        return await self._update(handle, kind, approval, what=f"{kind} {name}")
 
 
-def refusal_error(status: ServiceStatus) -> HmsError:
-    """The precise error for a service that ended before running."""
-    msg = f"service {status.name} is {status.phase}: {status.message or 'see its workflow history'}"
-    text = status.message or ""
-    if text.startswith("access denied"):
-        return AccessDenied(f"deploy {status.name} refused: {text.removeprefix('access denied: ')}")
-    if status.phase == "Rejected":
-        return ApprovalRejected(msg)
-    if "not trusted" in text:
-        return ImageUntrusted(msg)
-    return HmsError(msg)
+def failure_error(err: WorkflowUpdateFailedError, what: str, *, refine: type[HmsError] | None = None) -> HmsError:
+    """The typed error behind a failed update: its ApplicationError type is a FailureKind."""
+    cause: BaseException | None = err.cause
+    while cause is not None and not isinstance(cause, ApplicationError):
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    if cause is None:
+        return HmsError(f"{what} failed: {err}")
+    return error_for(cause.type, cause.message, refine=refine)
+
+
+def status_error(status: ServiceStatus) -> HmsError:
+    """The precise error for a service that ended or is failing, from its typed ``failure``."""
+    if status.failure is not None:
+        return error_for(status.failure.kind, status.failure.message)
+    return HmsError(f"service {status.name} is {status.phase}: {status.message or 'see its workflow history'}")
 
 
 # --- the synchronous helpers of the seed, and their async twins ------------------------
+#
+# The async twins connect per call, on the caller's loop. The synchronous functions run on the
+# process's client thread (hms_mgmt.connection) with one shared client per connection, so a
+# script that calls them many times connects once and always exits cleanly.
 
 
 async def _with(fn_name: str, *args: Any, settings: Settings | None = None, **kwargs: Any) -> Any:
     orch = await Orchestrator.connect(settings)
     return await getattr(orch, fn_name)(*args, **kwargs)
+
+
+async def _shared(fn_name: str, *args: Any, settings: Settings | None = None, **kwargs: Any) -> Any:
+    settings = settings or Settings.from_env()
+    orch = Orchestrator(await connection.shared_client(settings), settings)
+    return await getattr(orch, fn_name)(*args, **kwargs)
+
+
+def _sync(fn_name: str, *args: Any, settings: Settings | None = None, **kwargs: Any) -> Any:
+    return connection.run(_shared(fn_name, *args, settings=settings, **kwargs))
 
 
 async def deploy_async(spec: SpecLike, *, settings: Settings | None = None, **kw: Any) -> DeployResult:
@@ -426,46 +487,49 @@ async def undeploy_async(name: str, *, settings: Settings | None = None, **kw: A
     return await _with("undeploy", name, settings=settings, **kw)
 
 
-def _run(coro: Any) -> Any:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
-    raise HmsError("called the synchronous API inside an event loop: use the *_async variant")
-
-
 def deploy(spec: SpecLike, *, settings: Settings | None = None, **kw: Any) -> DeployResult:
     """Deploy a service: a dict like the seed's, a ServiceSpec, or a YAML file path."""
-    return _run(deploy_async(spec, settings=settings, **kw))
+    spec = load_spec(spec)
+    return _sync("deploy", spec, settings=settings, **kw)
 
 
 def status(name: str, *, settings: Settings | None = None) -> ServiceStatus:
-    return _run(status_async(name, settings=settings))
+    return _sync("status", name, settings=settings)
 
 
 def list(*, settings: Settings | None = None) -> builtins.list[ServiceStatus]:  # noqa: A001 - the seed's word
-    return _run(list_async(settings=settings))
+    return _sync("list", settings=settings)
 
 
 def logs(service: str, pod_id: str, tail: int = 100, *, settings: Settings | None = None) -> builtins.list[str]:
     """The last ``tail`` lines of a pod's log (``orchestrator.logs(service=..., pod_id=...)``)."""
-    return _run(logs_async(service, pod_id, tail, settings=settings))
+    return _sync("logs", service, pod_id, tail, settings=settings)
 
 
 def scale(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
     """Set a service's replica count within [min_replicas, max_replicas]."""
-    return _run(scale_async(name, replicas, settings=settings, **kw))
+    return _sync("scale", name, replicas, settings=settings, **kw)
 
 
 def approve(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
     """Approve a deployment waiting in AwaitingApproval (as a ``gov_approver``)."""
-    return _run(approve_async(name, reason=reason, settings=settings))
+    return _sync("approve", name, reason=reason, settings=settings)
 
 
 def reject(name: str, *, reason: str = "", settings: Settings | None = None) -> ServiceStatus:
-    return _run(reject_async(name, reason=reason, settings=settings))
+    return _sync("reject", name, reason=reason, settings=settings)
 
 
 def undeploy(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:
-    return _run(undeploy_async(name, settings=settings, **kw))
+    return _sync("undeploy", name, settings=settings, **kw)
+
+
+def rollback(name: str, revision: int | None = None, *, settings: Settings | None = None,
+             **kw: Any) -> UpdateOutcome:
+    """Roll a service back to ``revision`` (default: the one before the current), its pinned image."""
+    return _sync("rollback", name, revision, settings=settings, **kw)
+
+
+def rollout_history(name: str, *, settings: Settings | None = None) -> builtins.list[RevisionRecord]:
+    """A service's revisions: spec, pinned image id, who deployed it and when, how it ended."""
+    return _sync("rollout_history", name, settings=settings)

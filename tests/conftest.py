@@ -21,6 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
+from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
@@ -29,6 +30,7 @@ from worker.main import HmsWorker
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = "registry.gov/hms-ach:1.4"
 CRASHLOOP_IMAGE = "registry.gov/hms-crashloop:1.0"
+V2_IMAGE = "registry.gov/hms-ach:1.5"  # the next release of hms-ach (answers version 1.5)
 
 
 def temporal_binary() -> str:
@@ -111,7 +113,13 @@ def make_settings(
     tag = uuid.uuid4().hex[:8]
     state_dir.mkdir(parents=True, exist_ok=True)
     auth.init_keys(state_dir)
-    values: dict[str, object] = {"token": auth.issue_token(state_dir, user="alice", role="ops_admin")}
+    values: dict[str, object] = {
+        "token": auth.issue_token(state_dir, user="alice", role="ops_admin"),
+        # Nobody's router or metrics port: a test that wants them says so (a running `make demo`
+        # owns 8000 and 9464 and would refuse or collide with a test's feed and metrics).
+        "routers": ["http://127.0.0.1:9"],
+        "metrics_port": 0,
+    }
     values.update(extra)
     s = Settings(
         temporal_address=temporal_address(env),
@@ -123,7 +131,7 @@ def make_settings(
         **values,  # type: ignore[arg-type]
     )
     if trusted:
-        sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE)
+        sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE, V2_IMAGE)
     return s
 
 
@@ -220,6 +228,8 @@ class WorkerProcess:
             HMS_RUNTIME=s.runtime,
             HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
             HMS_TOKEN=s.token or "",
+            HMS_ROUTERS=",".join(s.routers),
+            HMS_METRICS_PORT=str(s.metrics_port or 0),
             PYTHONPATH=str(REPO),
         )
         return env
@@ -257,3 +267,17 @@ async def eventually(predicate, *, timeout: float = 60.0, interval: float = 0.2,
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+async def wait_phase(orch: Orchestrator, name: str, phases: set[str], *, timeout: float = 60.0) -> ServiceStatus:
+    """Poll ``status()`` until the phase is one of ``phases`` (tests watch intermediate phases
+    such as VerifyingImage or Degraded; the library itself waits with updates, not polls)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = None
+    while loop.time() < deadline:
+        last = await orch.status(name, live=False)
+        if last.phase in phases:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} not {'/'.join(sorted(phases))} after {timeout:g}s (last: {last.phase if last else None})")

@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.control import ControlActivities
+from activities.feed import FeedActivities
 from activities.pods import PodActivities
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
@@ -64,6 +65,7 @@ class HmsWorker:
         self.settings = settings
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
+        self.feed: FeedActivities | None = None
         self.control = control
         self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
         self.metrics = WorkerMetrics()
@@ -72,12 +74,14 @@ class HmsWorker:
         self.sink = sink
         if control:
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
+            self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(
                 Worker(
                     client,
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
-                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance],
+                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
+                                self.feed.publish_endpoints],
                     interceptors=[self.metrics.interceptor],
                 )
             )
@@ -129,8 +133,13 @@ class HmsWorker:
             async with self._extras():
                 await asyncio.gather(*(w.run() for w in self.workers))
         finally:
-            if self.pods is not None:
-                await self.pods.close()
+            await self._close()
+
+    async def _close(self) -> None:
+        if self.pods is not None:
+            await self.pods.close()
+        if self.feed is not None:
+            await self.feed.close()
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.shutdown() for w in self.workers))
@@ -148,20 +157,20 @@ class HmsWorker:
             await self._task
         finally:
             await self._extras_cm.__aexit__(None, None, None)
-            if self.pods is not None:
-                await self.pods.close()
+            await self._close()
 
 
 async def main(
     settings: Settings | None = None, *, control: bool = True, node_worker: bool = True, **overrides: object
 ) -> None:
-    """Run until SIGINT/SIGTERM. ``overrides`` (e.g. ``node=``) also apply when the Scheduler
-    re-reads the configuration, so a ``--node`` flag places pods where this worker runs."""
+    """Run until SIGINT/SIGTERM. The Scheduler re-reads the configuration with
+    ``settings.reload()``, which keeps the overrides the settings were built with (e.g. ``node=``),
+    so a ``--node`` flag places pods where this worker runs."""
     settings = settings or Settings.from_env(**overrides)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings)
-    worker = HmsWorker(client, settings, control=control, node=node_worker,
-                       settings_loader=lambda: Settings.from_env(**overrides), metrics=True)
+    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload,
+                       metrics=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,35 +24,7 @@ from hms_mgmt.orchestrator import Orchestrator
 T = TypeVar("T")
 
 
-_temporal_used = False
-
-
-class _HmsApp(typer.Typer):
-    """Exits without interpreter teardown once Temporal was used: the SDK's Rust threads can call
-    into a finalizing interpreter and abort a command that succeeded (temporalio/sdk-python#300)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except SystemExit as e:
-            if not _temporal_used:
-                raise
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int | None):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            if not _temporal_used:
-                raise
-            sys.excepthook(*sys.exc_info())
-            code = 1
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
-
-app = _HmsApp(
+app = typer.Typer(
     name="hms",
     help="Deploy, watch and operate HMS micro-services on Temporal.",
     no_args_is_help=True,
@@ -91,13 +63,31 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+# The command line's settings: the global options (--state-dir, --address), and what `hms up`
+# learns (the dev server's address). Every command builds its Settings from these, on top of
+# the environment and config.yaml; nothing is written to os.environ.
+_cli_overrides: dict[str, Any] = {}
+
+
+def _set_cli_overrides(**values: Any) -> None:
+    """Start a command line over: the main callback calls this once per invocation."""
+    _cli_overrides.clear()
+    _add_cli_overrides(**values)
+
+
+def _add_cli_overrides(**values: Any) -> None:
+    _cli_overrides.update({k: v for k, v in values.items() if v is not None})
+
+
 def _settings(**overrides: Any) -> Settings:
-    return Settings.from_env(**overrides)
+    """Settings for this command: the command line's overrides, then ``overrides``, on top of the
+    environment and config.yaml. ``settings.reload()`` keeps both."""
+    return Settings.from_env(**{**_cli_overrides, **overrides})
 
 
 def _run(coro: Awaitable[T]) -> T:
-    global _temporal_used
-    _temporal_used = True
+    # Every client made here uses hms_mgmt.connection's runtime, which its atexit hook drops
+    # before the interpreter finalizes: a command exits cleanly with no os._exit.
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
@@ -118,8 +108,10 @@ def _quiet_temporal_core() -> None:
     warnings about activities that finished after their workflow was cancelled (expected then)."""
     from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
+    from hms_mgmt import connection
+
     telemetry = TelemetryConfig(logging=LoggingConfig(filter=TelemetryFilter(core_level="ERROR", other_level="ERROR")))
-    Runtime.set_default(Runtime(telemetry=telemetry), error_if_already_set=False)
+    connection.set_runtime(Runtime(telemetry=telemetry))
 
 
 def _signer(settings: Settings) -> str:

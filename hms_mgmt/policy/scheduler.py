@@ -27,7 +27,7 @@ class NodeUsage(BaseModel):
     service_pods: int = Field(default=0, ge=0, description="pods of the service being placed")
 
 
-class PodRequest(BaseModel):
+class PlacementRequest(BaseModel):
     """What one pod of the service reserves; 0 means no limit set, so it only takes a slot."""
 
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +36,7 @@ class PodRequest(BaseModel):
     memory_mb: int = Field(default=0, ge=0)
 
 
-def node_fits(node: NodeUsage, request: PodRequest) -> bool:
+def node_fits(node: NodeUsage, request: PlacementRequest) -> bool:
     """True when one more pod with ``request`` stays within every limit of ``node``."""
     return (
         node.used_pods < node.max_pods
@@ -45,7 +45,7 @@ def node_fits(node: NodeUsage, request: PodRequest) -> bool:
     )
 
 
-def pick_nodes(nodes: list[NodeUsage], request: PodRequest, count: int) -> list[str | None]:
+def pick_nodes(nodes: list[NodeUsage], request: PlacementRequest, count: int) -> list[str | None]:
     """Place ``count`` pods one at a time; entry i is pod i's node, or ``None`` if nothing fits.
 
     Among the nodes that fit: fewest pods of this service, then least free CPU after

@@ -100,7 +100,7 @@ async def test_worker_killed_mid_deploy_finishes_with_exact_pods_and_no_orphan(t
         desc = await hms.client.get_workflow_handle("svc-hms-ach").describe()
         assert desc.status == WorkflowExecutionStatus.RUNNING
         worker.start()
-        status = await hms.wait_for("hms-ach", {"Running"}, timeout=120)
+        status = await hms.wait_for("hms-ach", timeout=120)
         assert len(status.pods) == 3 and all(p.ready for p in status.pods)
         actual = sorted(h.pod_id for h in node_pods(settings, "hms-ach"))
         assert actual == sorted(p.id for p in status.pods), "a pod exists that the workflow does not know"
@@ -133,7 +133,7 @@ async def test_no_capacity_raises_an_alert_and_resumes_when_a_node_grows(tempora
             assert st.ready_replicas <= 1 and len(node_pods(settings, "hms-ach")) == 1
 
             current[0] = settings.model_copy(update={"node_max_pods": 4})
-            st = await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            st = await hms.wait_for("hms-ach", timeout=60)
             assert st.ready_replicas == 2 and len(node_pods(settings, "hms-ach")) == 2
             await hms.undeploy("hms-ach")
     finally:

@@ -21,11 +21,19 @@ from conftest import (
     sweep_pods,
     temporal_binary,
     terminate_running,
+    wait_phase,
 )
 from temporalio.client import WorkflowExecutionStatus
 
 from hms_mgmt import auth
-from hms_mgmt.errors import AccessDenied, ApprovalRejected, ImageUntrusted
+from hms_mgmt.errors import (
+    AccessDenied,
+    ApprovalRejected,
+    ApprovalTimedOut,
+    FailureKind,
+    ImageUntrusted,
+    RequestRefused,
+)
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.trust import TrustStore
@@ -56,8 +64,11 @@ async def gov(temporal_env, tmp_path):
 
 
 async def assert_nothing_running(client, settings, name="hms-ach"):
+    """The refused service's workflow ends (right after its refusal has been answered) with no pod."""
+    final = await client.get_workflow_handle(f"svc-{name}").result(rpc_timeout=timedelta(seconds=10))
+    assert final["phase"] in ("Rejected", "Failed") if isinstance(final, dict) else final.phase in ("Rejected", "Failed")
     desc = await client.get_workflow_handle(f"svc-{name}").describe()
-    assert desc.status != WorkflowExecutionStatus.RUNNING
+    assert desc.status == WorkflowExecutionStatus.COMPLETED
     assert node_pods(settings) == []
 
 
@@ -105,8 +116,9 @@ async def test_only_ops_admin_scales_and_undeploys(gov):
 
 async def test_large_deploy_waits_for_a_four_eyes_approval(gov, tmp_path):
     settings, as_ = gov
-    await as_["alice"].deploy(seed_spec(**BIG))
-    st = await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    await as_["alice"].deploy(seed_spec(**BIG))  # returns once admission has answered
+    st = await as_["alice"].status("hms-ach")
+    assert st.phase == "AwaitingApproval"
     assert st.pending_approval.requested_by == "alice"
     assert "max_replicas 12 exceeds the limit of 10" in st.pending_approval.reason
     assert node_pods(settings) == []
@@ -139,21 +151,24 @@ async def test_large_deploy_waits_for_a_four_eyes_approval(gov, tmp_path):
 
     approved = await as_["bob"].approve("hms-ach", reason="disaster relief surge")
     assert approved.phase in ("VerifyingImage", "Deploying", "Running")
-    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    st = await as_["alice"].wait_for("hms-ach", timeout=60)
     assert st.approved_by == "bob" and st.ready_replicas == 2
     granted = events(settings, "approval.granted")
     assert len(granted) == 1 and "bob" in granted[0].reason and "disaster relief surge" in granted[0].reason
+    # Decided once: a second approval is refused at once by the update's validator.
+    with pytest.raises(RequestRefused, match="not awaiting approval"):
+        await as_["bob"].approve("hms-ach")
     await as_["alice"].undeploy("hms-ach")
 
 
 async def test_rejected_deploy_starts_no_pod(gov):
     settings, as_ = gov
     await as_["alice"].deploy(seed_spec(**BIG))
-    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
     st = await as_["bob"].reject("hms-ach", reason="too large for this quarter")
     assert st.phase == "Rejected"
     with pytest.raises(ApprovalRejected, match="rejected by bob"):
-        await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=10)
+        await as_["alice"].wait_for("hms-ach", timeout=10)
     await assert_nothing_running(as_["alice"].client, settings)
     assert "too large" in events(settings, "approval.rejected")[0].reason
 
@@ -162,8 +177,10 @@ async def test_approval_times_out_as_a_rejection(gov):
     settings, as_ = gov
     (settings.state_dir / "governance.yaml").write_text("approval_timeout_s: 2\n")
     await as_["alice"].deploy(seed_spec(**BIG))
-    with pytest.raises(ApprovalRejected, match="approval timed out after 2s"):
-        await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=30)
+    with pytest.raises(ApprovalTimedOut, match="approval timed out after 2s"):
+        await as_["alice"].wait_for("hms-ach", timeout=30)
+    st = await as_["alice"].status("hms-ach")
+    assert st.failure is not None and st.failure.kind == FailureKind.APPROVAL_TIMED_OUT
     await assert_nothing_running(as_["alice"].client, settings)
     assert len(events(settings, "approval.rejected")) == 1
 
@@ -172,14 +189,14 @@ async def test_cpu_budget_needs_approval(gov):
     settings, as_ = gov
     (settings.state_dir / "governance.yaml").write_text("cpu_budget: 1.0\n")
     await as_["alice"].deploy(seed_spec(max_replicas=4, cpu_limit=0.5))
-    st = await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    st = await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
     assert "CPU budget" in st.pending_approval.reason
 
 
 async def test_approve_from_the_temporal_cli(gov, temporal_env):
     settings, as_ = gov
     await as_["alice"].deploy(seed_spec(**BIG))
-    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
     bob = auth.issue_token(settings.state_dir, user="bob", role="gov_approver")
     out = await asyncio.to_thread(
         subprocess.run,
@@ -189,7 +206,7 @@ async def test_approve_from_the_temporal_cli(gov, temporal_env):
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    st = await as_["alice"].wait_for("hms-ach", timeout=60)
     assert st.approved_by == "bob"
     assert "approved from the CLI" in events(settings, "approval.granted")[0].reason
     await as_["alice"].undeploy("hms-ach")
@@ -198,7 +215,7 @@ async def test_approve_from_the_temporal_cli(gov, temporal_env):
 async def test_approve_from_hms_cli(gov):
     settings, as_ = gov
     await as_["alice"].deploy(seed_spec(**BIG))
-    await as_["alice"].wait_for("hms-ach", {"AwaitingApproval"}, timeout=30)
+    await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
     env = {
         "HMS_TEMPORAL_ADDRESS": settings.temporal_address, "HMS_STATE_DIR": str(settings.state_dir),
         "HMS_TASK_QUEUE": settings.task_queue, "HMS_NODE": settings.node, "HMS_RUNTIME": "process",
@@ -209,7 +226,7 @@ async def test_approve_from_hms_cli(gov):
     out = await asyncio.to_thread(subprocess.run, [hms, "approve", "hms-ach", "--reason", "ok from hms"],
                                   env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    st = await as_["alice"].wait_for("hms-ach", {"Running"}, timeout=60)
+    st = await as_["alice"].wait_for("hms-ach", timeout=60)
     assert st.approved_by == "bob"
     await as_["alice"].undeploy("hms-ach")
 
@@ -219,26 +236,25 @@ async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime
     try:
         async with HmsWorker(temporal_env.client, settings):
             hms = Orchestrator(temporal_env.client, settings)
-            await hms.deploy(seed_spec(image_verify_timeout_s=3))
             with pytest.raises(ImageUntrusted, match="not signed"):
-                await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+                await hms.deploy(seed_spec(image_verify_timeout_s=3))  # admission answers: untrusted
             await assert_nothing_running(hms.client, settings)
             assert "not signed" in events(settings, "image.untrusted")[0].reason
 
             # Signed for other content than what the node has: "changed since it was signed".
             TrustStore(settings.state_dir).sign(seed_spec()["image"], "sha256:" + "0" * 64, signer="release")
-            await hms.deploy(seed_spec(image_verify_timeout_s=3))
             with pytest.raises(ImageUntrusted, match="changed since it was signed"):
-                await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+                await hms.deploy(seed_spec(image_verify_timeout_s=3))
             assert node_pods(settings) == []
 
             # Signed while the deployment waits in VerifyingImage: it goes on.
-            await hms.deploy(seed_spec(image_verify_timeout_s=60))
-            await hms.wait_for("hms-ach", {"VerifyingImage"}, timeout=30)
+            deploying = asyncio.ensure_future(hms.deploy(seed_spec(image_verify_timeout_s=60)))
+            await wait_phase(hms, "hms-ach", {"VerifyingImage"}, timeout=30)
             await asyncio.sleep(1.5)
             assert node_pods(settings) == []
             sign_images(settings, seed_spec()["image"])
-            st = await hms.wait_for("hms-ach", {"Running"}, timeout=60)
+            assert not (await deploying).already_running
+            st = await hms.wait_for("hms-ach", timeout=60)
             assert st.ready_replicas == 2
             assert len(events(settings, "image.verified")) == 1
             await hms.undeploy("hms-ach")

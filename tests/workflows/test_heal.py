@@ -21,6 +21,7 @@ from conftest import (
     sign_images,
     sweep_pods,
     terminate_running,
+    wait_phase,
 )
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
@@ -150,7 +151,7 @@ async def test_crash_looping_image_degrades_with_growing_backoff(hms: Orchestrat
     image = "registry.gov/hms-crashloop:1.0"
     spec = seed_spec(name="hms-loop", image=image, min_replicas=1, backoff_initial_s=0.5, backoff_max_s=4, **FAST)
     await hms.deploy(spec)
-    st = await hms.wait_for("hms-loop", {"Degraded"}, timeout=90)
+    st = await wait_phase(hms, "hms-loop", {"Degraded"}, timeout=90)
     assert st.ready_replicas == 0 and "exit" in (st.message or "")
     degraded = await eventually(lambda: events(settings, "service.degraded"), what="service.degraded")
     assert "failed" in degraded[0].reason
@@ -188,9 +189,9 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
         async with HmsWorker(temporal_env.client, settings):
             hms = Orchestrator(temporal_env.client, settings)
             await hms.deploy(spec)
-            await hms.wait_for("hms-flaky", {"Degraded"}, timeout=60)
+            await wait_phase(hms, "hms-flaky", {"Degraded"}, timeout=60)
             flag.touch()
-            st = await hms.wait_for("hms-flaky", {"Running"}, timeout=90)
+            st = await wait_phase(hms, "hms-flaky", {"Running"}, timeout=90)
             await eventually(lambda: events(settings, "service.recovered"), timeout=60, what="service.recovered")
             st = await hms.status("hms-flaky")
             assert st.phase == "Running" and st.ready_replicas == 1 and st.crash_count == 0

@@ -1,0 +1,24 @@
+"""``python -m router [--port 8000] [--engine builtin|haproxy] [--host 127.0.0.1]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from hms_mgmt.config import Settings
+from router.server import ENGINES, run
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_env()
+    p = argparse.ArgumentParser(prog="python -m router", description="the hms traffic router")
+    p.add_argument("--port", type=int, default=settings.router_port)
+    p.add_argument("--engine", choices=ENGINES, default="builtin")
+    p.add_argument("--host", default="127.0.0.1")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(settings, port=args.port, engine=args.engine, host=args.host)
+
+
+if __name__ == "__main__":
+    main()

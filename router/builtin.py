@@ -1,0 +1,331 @@
+"""The builtin engine: an aiohttp reverse proxy, ``/<service>/<path>`` -> a ready pod.
+
+Per request: power-of-two-choices on (outstanding + 1) x latency EWMA (:mod:`router.policy`);
+draining and ejected pods get nothing new. A request that failed before reaching a pod
+(connection refused, connect timeout) is retried on another pod whatever its method; a 502/503
+or a reset is retried only for idempotent methods; every retry is paid from the service's
+retry budget. Non-idempotent requests go on a fresh connection, so "did it reach the pod?" has
+a sure answer: a reused keep-alive connection that turns out dead cannot tell.
+
+Bodies stream both ways; request bodies up to :data:`BUFFER_BYTES` are buffered so that they
+can be sent again. Responses carry ``X-HMS-Pod`` and ``X-Request-Id`` (kept or created);
+requests get ``X-Forwarded-For`` / ``-Proto`` / ``-Host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from hms_mgmt.models import EndpointSet
+from router import policy
+from router.control import Control
+from router.feed import EndpointTable, FeedSync
+from router.stats import TrafficStats
+
+log = logging.getLogger("hms.router.builtin")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "host"})
+BUFFER_BYTES = 1 << 20
+MAX_ATTEMPTS = 3
+RETRY_STATUSES = frozenset({502, 503})
+
+
+@dataclass
+class ProxyOptions:
+    connect_timeout_s: float = 1.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = MAX_ATTEMPTS
+    ejection: policy.EjectionPolicy = field(default_factory=policy.EjectionPolicy)
+
+
+class ServicePool:
+    """One service's pods as the policy sees them, plus its retry budget."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pods: dict[str, policy.PodState] = {}
+        self.budget = policy.RetryBudget()
+        self.known = True
+
+    def update(self, table: EndpointSet) -> None:
+        seen = set()
+        for ep in table.endpoints:
+            seen.add(ep.pod)
+            pod = self.pods.get(ep.pod)
+            if pod is None or pod.address != ep.address:
+                pod = self.pods[ep.pod] = policy.PodState(pod=ep.pod, address=ep.address)
+            pod.draining = ep.state == "draining"
+        for pod_id in [p for p in self.pods if p not in seen]:
+            # Gone from the table: no new requests; in-flight ones keep their PodState object.
+            del self.pods[pod_id]
+
+    def counts(self) -> tuple[int, int]:
+        ready = sum(1 for p in self.pods.values() if not p.draining)
+        return ready, len(self.pods) - ready
+
+
+class _Truncated(Exception):
+    """The pod failed after the response had started: the caller's connection is closed."""
+
+
+@dataclass
+class _Failed:
+    """A failed attempt: what to answer if it is the last, and the retry reason if it may be retried."""
+
+    status: int
+    info: dict[str, Any]
+    retry: str | None
+
+
+class BuiltinEngine:
+    def __init__(self, table: EndpointTable, stats: TrafficStats, options: ProxyOptions | None = None) -> None:
+        self.table = table
+        self.stats = stats
+        self.options = options or ProxyOptions()
+        self.pools: dict[str, ServicePool] = {}
+        self.rng = random.Random()
+        self.session: aiohttp.ClientSession | None = None
+        self.fresh_session: aiohttp.ClientSession | None = None
+        table.subscribe(self._on_table)
+
+    # --- table -------------------------------------------------------------------------------
+
+    def _on_table(self, table: EndpointSet) -> None:
+        if table.stopped:
+            self.pools.pop(table.service, None)
+            return
+        pool = self.pools.get(table.service)
+        if pool is None:
+            pool = self.pools[table.service] = ServicePool(table.service)
+        pool.update(table)
+
+    def pods_info(self, service: str) -> dict[str, Any]:
+        pool = self.pools.get(service)
+        if pool is None:
+            return {}
+        now = time.monotonic()
+        floor = policy.best_latency(list(pool.pods.values()))
+        return {
+            p.pod: {"address": p.address, "state": "draining" if p.draining else "ready",
+                    "outstanding": p.outstanding, "latency_ms": round(policy.latency(p, now, floor), 2),
+                    "ejected": p.ejected(now), "ejections": p.total_ejections}
+            for p in pool.pods.values()
+        }
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s,
+                                        sock_read=self.options.read_timeout_s)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
+        self.fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        for s in (self.session, self.fresh_session):
+            if s is not None:
+                await s.close()
+
+    # --- proxy -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _json_error(status: int, body: dict[str, Any], rid: str, **headers: str) -> web.Response:
+        resp = web.json_response(body, status=status)
+        resp.headers["X-Request-Id"] = rid
+        resp.headers.update(headers)
+        return resp
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        raw = request.raw_path
+        rest = raw[1:]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        service, tail = rest[:cut], rest[cut:]
+        if not tail.startswith("/"):
+            tail = "/" + tail
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        pool = self.pools.get(service)
+        if pool is None:
+            return self._json_error(404, {"error": "unknown service", "service": service}, rid)
+        ready, draining = pool.counts()
+        if ready == 0:
+            self.stats.record(service, "-", 503, time.monotonic() - t0)
+            reason = (f"no ready pod: {draining} draining" if draining
+                      else "no ready pod: the service has no pod that passed its health check")
+            return self._json_error(503, {"error": "no ready pod", "service": service, "reason": reason}, rid,
+                                    **{"Retry-After": "1"})
+        return await self._forward(request, pool, tail, rid, t0)
+
+    def _headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
+        h = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        h["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        h["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            h["X-Forwarded-Host"] = request.host
+        h["X-Request-Id"] = rid
+        return h
+
+    async def _forward(self, request: web.Request, pool: ServicePool, tail: str, rid: str, t0: float
+                       ) -> web.StreamResponse:
+        headers = self._headers(request, rid)
+        body: Any = None
+        stream_started = False
+        if request.body_exists:
+            if request.content_length is not None and request.content_length <= BUFFER_BYTES:
+                body = await request.read()
+            else:
+                async def stream() -> AsyncIterator[bytes]:
+                    nonlocal stream_started
+                    stream_started = True
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        yield chunk
+
+                body = stream()
+        pool.budget.record_request(t0)
+        tried: set[str] = set()
+        attempt = 0
+        failed = _Failed(502, {"error": "no pod could take the request"}, None)
+        while attempt < self.options.max_attempts:
+            attempt += 1
+            pod = policy.pick(list(pool.pods.values()), time.monotonic(), self.rng, exclude=tried)
+            if pod is None:
+                break
+            tried.add(pod.pod)
+            pod.outstanding += 1
+            try:
+                result = await self._attempt(request, pool, pod, tail, headers, body, rid, t0,
+                                             last=attempt >= self.options.max_attempts)
+            finally:
+                pod.outstanding -= 1
+            if not isinstance(result, _Failed):
+                return result
+            failed = result
+            if failed.retry is None or stream_started or not pool.budget.try_spend(time.monotonic()):
+                break
+            self.stats.record_retry(pool.name, failed.retry)
+        self.stats.record(pool.name, failed.info.get("pod", "-"), failed.status, time.monotonic() - t0)
+        extra = {"X-HMS-Pod": failed.info["pod"]} if "pod" in failed.info else {}
+        return self._json_error(failed.status, {**failed.info, "service": pool.name, "attempts": attempt}, rid,
+                                **extra)
+
+    async def _attempt(self, request: web.Request, pool: ServicePool, pod: policy.PodState, tail: str,
+                       headers: CIMultiDict[str], body: Any, rid: str, t0: float, *, last: bool
+                       ) -> web.StreamResponse | _Failed:
+        """One try on one pod: the response, or how it failed and whether another pod may be tried."""
+        idempotent = request.method in IDEMPOTENT
+        session = self.session if idempotent else self.fresh_session
+        assert session is not None
+        sent = time.monotonic()
+        try:
+            async with session.request(request.method, f"http://{pod.address}{tail}", headers=headers, data=body,
+                                       allow_redirects=False) as up:
+                ms = (time.monotonic() - sent) * 1000
+                if up.status in RETRY_STATUSES and idempotent and not last:
+                    await up.read()
+                    self._failure(pool, pod, time.monotonic(), ms)
+                    return _Failed(up.status, {"error": f"pod answered {up.status}", "pod": pod.pod,
+                                               "reached_pod": True}, f"http_{up.status}")
+                resp = await self._relay(request, up, pod, rid)
+                now = time.monotonic()
+                if up.status >= 500:
+                    self._failure(pool, pod, now, ms)
+                else:
+                    policy.record_success(pod, ms, now)
+                self.stats.record(pool.name, pod.pod, up.status, now - t0)
+                return resp
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            # Refused, unreachable or no SYN-ACK in time: the pod never saw the request.
+            self._failure(pool, pod, time.monotonic())
+            return _Failed(502, {"error": f"could not connect to pod: {e}", "pod": pod.pod, "reached_pod": False},
+                           "connect")
+        except aiohttp.SocketTimeoutError:
+            self._failure(pool, pod, time.monotonic())
+            return _Failed(504, {"error": f"pod did not answer within {self.options.read_timeout_s:g}s",
+                                 "pod": pod.pod, "reached_pod": True}, None)
+        except (aiohttp.ClientError, OSError) as e:
+            # Reset or closed mid-way: the pod may have acted on it; only idempotent requests go again.
+            self._failure(pool, pod, time.monotonic())
+            return _Failed(502, {"error": f"connection to pod failed: {e or type(e).__name__}", "pod": pod.pod,
+                                 "reached_pod": True}, "reset" if idempotent else None)
+
+    def _failure(self, pool: ServicePool, pod: policy.PodState, now: float, ms: float | None = None) -> None:
+        if policy.record_failure(pod, now, self.options.ejection, ms):
+            self.stats.record_ejection(pool.name, pod.pod)
+            log.warning("ejected pod %s of %s for %.0fs after consecutive failures", pod.pod, pool.name,
+                        pod.ejected_until - now)
+
+    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
+                     ) -> web.StreamResponse:
+        headers = CIMultiDict((k, v) for k, v in up.headers.items()
+                              if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
+        headers["X-HMS-Pod"] = pod.pod
+        headers["X-Request-Id"] = rid
+        length = up.content_length
+        if request.method == "HEAD" or up.status in (204, 304):
+            resp = web.Response(status=up.status, headers=headers)
+            if length is not None and request.method == "HEAD":
+                resp.headers["Content-Length"] = str(length)
+            return resp
+        if length is not None and length <= BUFFER_BYTES:
+            return web.Response(status=up.status, headers=headers, body=await up.read())
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        if length is not None:
+            resp.content_length = length
+        await resp.prepare(request)
+        try:
+            async for chunk in up.content.iter_chunked(1 << 16):
+                await resp.write(chunk)
+        except (aiohttp.ClientError, OSError) as e:
+            # Headers are gone already: all that is left is to cut the caller's connection.
+            raise _Truncated(f"pod {pod.pod} failed mid-response: {e}") from e
+        await resp.write_eof()
+        return resp
+
+
+def build_app(engine: BuiltinEngine, control: Control) -> web.Application:
+    app = web.Application(client_max_size=BUFFER_BYTES)
+    control.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", engine.handle)
+    return app
+
+
+async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats, *, host: str, port: int,
+                      ready: asyncio.Event | None = None, options: ProxyOptions | None = None) -> None:
+    """Serve until cancelled."""
+    engine = BuiltinEngine(table, stats, options)
+    await engine.start()
+    control = Control("builtin", table, sync, stats, pods_info=engine.pods_info)
+    runner = web.AppRunner(build_app(engine, control), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        log.info("router (builtin) on http://%s:%d", host, port)
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await engine.close()

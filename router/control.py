@@ -1,0 +1,75 @@
+"""The router's own endpoints, the same for both engines:
+
+- ``GET /-/health``  200 once the first full table load has succeeded (503 before), with counts;
+- ``GET /-/table``   the endpoint table as JSON;
+- ``GET /-/stats``   per service over the last minute: requests/s, error rate, p50/p99 ms, per pod;
+- ``GET /metrics``   Prometheus text;
+- ``POST /-/feed``   a signed endpoint table from a ServiceWorkflow (401 unless the HMAC verifies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from hms_mgmt import feed as wire
+from router.feed import EndpointTable, FeedSync
+from router.stats import TrafficStats
+
+MAX_FEED_BYTES = 1 << 20
+
+
+class Control:
+    """Handlers for the control endpoints; ``pods_info(service)`` adds the engine's per-pod view."""
+
+    def __init__(self, engine: str, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
+                 pods_info: Callable[[str], dict[str, Any]] | None = None,
+                 before_metrics: Callable[[], Any] | None = None, applied: asyncio.Event | None = None) -> None:
+        self.engine = engine
+        self.table = table
+        self.sync = sync
+        self.stats = stats
+        self.pods_info = pods_info
+        self.before_metrics = before_metrics
+        self.applied = applied  # set once the engine carries the first full table (default: at load)
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/-/health", self.health)
+        app.router.add_get("/-/table", self.table_json)
+        app.router.add_get("/-/stats", self.stats_json)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post(wire.FEED_PATH, self.feed)
+
+    async def health(self, request: web.Request) -> web.Response:
+        synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())
+        body = {"status": "ok" if synced else "starting", "engine": self.engine,
+                "services": len(self.table.services), "resync_error": self.table.resync_error}
+        return web.json_response(body, status=200 if synced else 503)
+
+    async def table_json(self, request: web.Request) -> web.Response:
+        return web.json_response({"engine": self.engine, **self.table.snapshot()})
+
+    async def stats_json(self, request: web.Request) -> web.Response:
+        out = self.stats.summary(list(self.table.services))
+        if self.pods_info is not None:
+            for name, svc in out["services"].items():
+                svc["pods"] = self.pods_info(name)
+        return web.json_response(out)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.before_metrics is not None:
+            await self.before_metrics()
+        return web.Response(body=generate_latest(self.stats.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def feed(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_FEED_BYTES:
+            return web.json_response({"error": "feed push too large"}, status=413)
+        body = await request.content.read(MAX_FEED_BYTES + 1)
+        if len(body) > MAX_FEED_BYTES:
+            return web.json_response({"error": "feed push too large"}, status=413)
+        status, answer = self.sync.accept_push(body, request.headers.get(wire.SIGNATURE_HEADER))
+        return web.json_response(answer, status=status)

@@ -1,0 +1,176 @@
+"""The router's side of the endpoint feed: the table of routable pods per service.
+
+Two inputs keep it current:
+- **pushes**: each ``ServiceWorkflow`` publishes its table on every change (activity
+  ``publish_endpoints``), ``POST /-/feed`` signed with the feed key (see :mod:`hms_mgmt.feed`);
+- **resync**: at start and every ``interval_s`` the router lists the running ServiceWorkflows
+  through Temporal visibility and queries each one's ``endpoints``, so a restarted router
+  recovers on its own and a missed push heals.
+
+A table replaces the one held only if its version is newer. Engines subscribe to changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from hms_mgmt import feed as wire
+from hms_mgmt.config import Settings, connect
+from hms_mgmt.models import Endpoint, EndpointSet, ServiceStatus
+
+log = logging.getLogger("hms.router.feed")
+
+RESYNC_INTERVAL_S = 5.0
+QUERY_TIMEOUT_S = 3.0
+PUSH_GRACE_S = 15.0  # a pushed service missing from a listing is kept this long (visibility lags)
+
+Listener = Callable[[EndpointSet], None]
+
+
+class EndpointTable:
+    """Current :class:`EndpointSet` per service; calls listeners on every applied change."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, EndpointSet] = {}
+        self.pushed_at: dict[str, float] = {}
+        self.listeners: list[Listener] = []
+        self.last_resync: float | None = None
+        self.resync_error: str | None = None
+
+    def subscribe(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+        for table in list(self.services.values()):
+            listener(table)
+
+    def apply(self, table: EndpointSet, *, pushed: bool = False) -> bool:
+        """Take ``table`` if it is newer than the one held; True if anything changed."""
+        held = self.services.get(table.service)
+        if held is not None and table.version <= held.version:
+            return False
+        if pushed:
+            self.pushed_at[table.service] = time.monotonic()
+        if table.stopped:
+            if held is None:
+                return False
+            self.forget(table.service, table)
+            return True
+        self.services[table.service] = table
+        self._notify(table)
+        return True
+
+    def forget(self, service: str, tombstone: EndpointSet | None = None) -> None:
+        self.services.pop(service, None)
+        self._notify(tombstone or EndpointSet(service=service, stopped=True))
+
+    def _notify(self, table: EndpointSet) -> None:
+        for listener in self.listeners:
+            try:
+                listener(table)
+            except Exception:  # noqa: BLE001 - one engine's bug must not stop the feed
+                log.exception("endpoint table listener failed for %s", table.service)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "services": {name: t.model_dump(mode="json") for name, t in sorted(self.services.items())},
+            "last_resync_age_s": None if self.last_resync is None else round(time.monotonic() - self.last_resync, 1),
+            "resync_error": self.resync_error,
+        }
+
+
+def _from_status(st: ServiceStatus) -> EndpointSet:
+    """For a ServiceWorkflow that predates the ``endpoints`` query: its ready pods, version 0
+    (any published table wins over it)."""
+    return EndpointSet(service=st.name, version=0, endpoints=[
+        Endpoint(pod=p.id, address=p.endpoint, node=p.node, revision=p.revision)
+        for p in st.pods if p.ready and p.endpoint and p.health != "exited"
+    ])
+
+
+class FeedSync:
+    """Keeps an :class:`EndpointTable` in step with the running ServiceWorkflows."""
+
+    def __init__(self, settings: Settings, table: EndpointTable, *, interval_s: float = RESYNC_INTERVAL_S,
+                 client: Any = None) -> None:
+        self.settings = settings
+        self.table = table
+        self.interval_s = interval_s
+        self.client = client
+        self.key = wire.feed_key(settings.state_dir)
+        self.synced = asyncio.Event()
+
+    # --- pushes ----------------------------------------------------------------------------
+
+    def accept_push(self, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON answer) for ``POST /-/feed``."""
+        why = wire.verify(self.key, body, signature)
+        if why is not None:
+            log.warning("refused an endpoint feed push: %s", why)
+            return 401, {"error": f"feed push refused: {why}"}
+        try:
+            table = EndpointSet.model_validate_json(body)
+        except ValueError as e:
+            return 400, {"error": f"not an endpoint table: {e}"}
+        applied = self.table.apply(table, pushed=True)
+        return 200, {"service": table.service, "version": table.version, "applied": applied}
+
+    # --- resync ------------------------------------------------------------------------------
+
+    async def resync_once(self) -> int:
+        """Load every running service's table; returns how many services were seen."""
+        if self.client is None:
+            self.client = await connect(self.settings)
+        query = (f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" '
+                 f'AND TaskQueue = "{self.settings.task_queue}"')
+        ids = [wf.id async for wf in self.client.list_workflows(query)]
+
+        async def one(wf_id: str) -> EndpointSet | None:
+            handle = self.client.get_workflow_handle(wf_id)
+            timeout = timedelta(seconds=QUERY_TIMEOUT_S)
+            try:
+                return await handle.query("endpoints", result_type=EndpointSet, rpc_timeout=timeout)
+            except Exception as e:  # noqa: BLE001 - an older workflow, or a worker that is down
+                try:
+                    return _from_status(await handle.query("status", result_type=ServiceStatus, rpc_timeout=timeout))
+                except Exception:  # noqa: BLE001
+                    log.info("endpoint resync: %s did not answer: %s", wf_id, e)
+                    return None
+
+        tables = await asyncio.gather(*(one(i) for i in ids))
+        seen = set()
+        for t in tables:
+            if t is None:
+                continue
+            seen.add(t.service)
+            if t.stopped:
+                continue
+            held = self.table.services.get(t.service)
+            if t.version == 0 and held is not None and held.version == 0 and not t.same_pods(held):
+                del self.table.services[t.service]  # both read from status(): the newer read wins
+            self.table.apply(t)
+        now = time.monotonic()
+        for name in list(self.table.services):
+            if name not in seen and now - self.table.pushed_at.get(name, 0.0) > PUSH_GRACE_S:
+                log.info("endpoint resync: %s is no longer running", name)
+                self.table.forget(name)
+        self.table.last_resync = now
+        self.table.resync_error = None
+        self.synced.set()
+        return len(seen)
+
+    async def run(self) -> None:
+        """Resync at once and every ``interval_s`` until cancelled; errors are logged and kept
+        for ``/-/table`` (the router keeps routing on the table it has)."""
+        while True:
+            try:
+                await self.resync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.table.resync_error = str(e)
+                log.warning("endpoint resync failed: %s", e)
+            await asyncio.sleep(self.interval_s)

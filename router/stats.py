@@ -1,0 +1,144 @@
+"""Traffic figures both engines report: ``/-/stats`` (JSON for the dashboard) and ``/metrics``
+(Prometheus). The builtin engine records each request as it answers it; the haproxy engine
+records each line of HAProxy's request log."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+WINDOW_S = 60
+SAMPLES_PER_SECOND = 400  # latency samples kept per second per service (reservoir), for p50/p99
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class _Second:
+    t: int
+    requests: int = 0
+    errors: int = 0
+    retries: int = 0
+    seen: int = 0  # latencies offered to the reservoir this second
+    latencies: list[float] = field(default_factory=list)
+
+
+class ServiceWindow:
+    """The last minute of one service, one bucket per second."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.buckets: dict[int, _Second] = {}
+        self.rng = rng
+
+    def _bucket(self, now: float) -> _Second:
+        t = int(now)
+        b = self.buckets.get(t)
+        if b is None:
+            b = self.buckets[t] = _Second(t)
+            if len(self.buckets) > WINDOW_S + 2:
+                for old in [k for k in self.buckets if k <= t - WINDOW_S]:
+                    del self.buckets[old]
+        return b
+
+    def record(self, now: float, ms: float, error: bool) -> None:
+        b = self._bucket(now)
+        b.requests += 1
+        b.errors += error
+        b.seen += 1
+        if len(b.latencies) < SAMPLES_PER_SECOND:
+            b.latencies.append(ms)
+        else:
+            j = self.rng.randrange(b.seen)
+            if j < SAMPLES_PER_SECOND:
+                b.latencies[j] = ms
+
+    def retry(self, now: float) -> None:
+        self._bucket(now).retries += 1
+
+    def summary(self, now: float, uptime_s: float) -> dict[str, Any]:
+        edge = int(now) - WINDOW_S
+        live = [b for t, b in self.buckets.items() if t > edge]
+        n = sum(b.requests for b in live)
+        errors = sum(b.errors for b in live)
+        # Each second's reservoir stands for its requests: weight samples accordingly.
+        weighted = sorted((ms, b.requests / len(b.latencies)) for b in live for ms in b.latencies if b.latencies)
+        span = max(1.0, min(float(WINDOW_S), uptime_s))
+        return {
+            "requests": n,
+            "requests_per_s": round(n / span, 2),
+            "errors": errors,
+            "error_rate": round(errors / n, 4) if n else 0.0,
+            "retries": sum(b.retries for b in live),
+            "p50_ms": _quantile(weighted, 0.50),
+            "p99_ms": _quantile(weighted, 0.99),
+        }
+
+
+def _quantile(weighted: list[tuple[float, float]], q: float) -> float | None:
+    if not weighted:
+        return None
+    total = sum(w for _, w in weighted)
+    acc = 0.0
+    for ms, w in weighted:
+        acc += w
+        if acc >= q * total:
+            return round(ms, 2)
+    return round(weighted[-1][0], 2)
+
+
+class TrafficStats:
+    """Per-service windows plus the Prometheus metrics, in one registry per router."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+        self.started = time.monotonic()
+        self.rng = random.Random()
+        self.windows: dict[str, ServiceWindow] = {}
+        self.registry = CollectorRegistry()
+        self.requests = Counter("hms_router_requests", "Requests answered, by service, pod and status code",
+                                ["service", "pod", "code"], registry=self.registry)
+        self.latency = Histogram("hms_router_request_duration_seconds", "Time to answer a request",
+                                 ["service", "pod"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.retries = Counter("hms_router_retries", "Requests sent again to another pod",
+                               ["service", "reason"], registry=self.registry)
+        self.ejections = Counter("hms_router_ejections", "Pods taken out of rotation after consecutive failures",
+                                 ["service", "pod"], registry=self.registry)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def window(self, service: str) -> ServiceWindow:
+        w = self.windows.get(service)
+        if w is None:
+            w = self.windows[service] = ServiceWindow(self.rng)
+        return w
+
+    def record(self, service: str, pod: str, status: int, seconds: float, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.window(service).record(now, seconds * 1000.0, status >= 500)
+        key = (service, pod, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(service, pod, str(status)),
+                                              self.latency.labels(service, pod))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def record_retry(self, service: str, reason: str) -> None:
+        self.window(service).retry(time.monotonic())
+        self.retries.labels(service, reason).inc()
+
+    def record_ejection(self, service: str, pod: str) -> None:
+        self.ejections.labels(service, pod).inc()
+
+    def summary(self, services: list[str] | None = None) -> dict[str, Any]:
+        now = time.monotonic()
+        uptime = now - self.started
+        names = sorted(set(self.windows) | set(services or []))
+        return {
+            "engine": self.engine,
+            "window_s": WINDOW_S,
+            "uptime_s": round(uptime, 1),
+            "services": {n: self.window(n).summary(now, uptime) for n in names},
+        }

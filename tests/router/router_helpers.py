@@ -1,0 +1,167 @@
+"""Router test fixtures and helpers (imported by the test modules; a second conftest.py
+would shadow tests/conftest.py under pytest's rootdir imports).
+
+ a worker and a router (in this process) against the real dev server.
+
+``routed`` yields a :class:`Routed`: the orchestrator, the router's URL and a way to restart
+the router. Pushes from the feed go to this router only (``settings.routers``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from conftest import make_settings, require_docker, sweep_pods, terminate_running
+
+from hms_mgmt.config import Settings
+from hms_mgmt.orchestrator import Orchestrator
+from router import serve
+from worker.main import HmsWorker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["builtin", "haproxy"])
+def engine(request: pytest.FixtureRequest) -> str:
+    if request.param == "haproxy" and shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed: apt-get install haproxy")
+    return request.param
+
+
+@dataclass
+class Routed:
+    orch: Orchestrator
+    settings: Settings
+    engine: str
+    port: int
+    client: object
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+        self.task = asyncio.create_task(serve(self.settings, port=self.port, engine=self.engine, ready=ready,
+                                              resync_interval_s=1.0, client=self.client))
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED, timeout=20)
+        if self.task.done():
+            self.task.result()
+        assert ready.is_set(), "router did not start"
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                async with http.get(f"{self.url}/-/health") as r:
+                    if r.status == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise AssertionError("router never reported healthy (first table load)")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def table(self, service: str) -> dict | None:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/-/table") as r:
+            return (await r.json())["services"].get(service)
+
+    async def wait_pods(self, service: str, ready: int, timeout: float = 60.0, without: str | None = None) -> dict:
+        """Until the router's table holds ``ready`` ready pods of ``service``, no draining one,
+        and not the pod ``without``."""
+        deadline = time.monotonic() + timeout
+        t = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                t = await self.table(service)
+                if t is not None and sum(e["state"] == "ready" for e in t["endpoints"]) == ready \
+                        and len(t["endpoints"]) == ready and without not in {e["pod"] for e in t["endpoints"]}:
+                    return t
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"router table for {service} never had {ready} ready pods (without {without}): {t}")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def routed(temporal_env, tmp_path: Path, request: pytest.FixtureRequest, engine: str
+                 ) -> AsyncIterator[Routed]:
+    runtime = getattr(request, "param", "process")
+    if runtime == "docker":
+        require_docker()
+    port = free_port()
+    s = make_settings(temporal_env, tmp_path / "state", runtime, routers=[f"http://127.0.0.1:{port}"])
+    r = Routed(orch=Orchestrator(temporal_env.client, s), settings=s, engine=engine, port=port,
+               client=temporal_env.client)
+    try:
+        async with HmsWorker(temporal_env.client, s):
+            await r.start()
+            try:
+                yield r
+            finally:
+                await r.stop()
+    finally:
+        await terminate_running(temporal_env, s)
+        sweep_pods(s)
+
+
+
+
+@dataclass
+class Load:
+    """Results of a bounded load: status per request, and which pod answered."""
+
+    statuses: Counter = field(default_factory=Counter)
+    pods: Counter = field(default_factory=Counter)
+    failures: list[tuple[int, dict | str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+
+async def run_load(url: str, *, concurrency: int, seconds: float, max_requests: int, method: str = "GET",
+                   body: bytes | None = None, stop: asyncio.Event | None = None) -> Load:
+    """``concurrency`` clients sending back to back until ``seconds``, ``max_requests`` or ``stop``."""
+    out = Load()
+    deadline = time.monotonic() + seconds
+    sent = 0
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        nonlocal sent
+        while time.monotonic() < deadline and sent < max_requests and not (stop and stop.is_set()):
+            sent += 1
+            try:
+                async with http.request(method, url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    payload = await r.read()
+                    out.statuses[r.status] += 1
+                    out.pods[r.headers.get("X-HMS-Pod", "-")] += 1
+                    if r.status >= 400:
+                        try:
+                            out.failures.append((r.status, json.loads(payload)))
+                        except ValueError:
+                            out.failures.append((r.status, payload[:200].decode(errors="replace")))
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                out.statuses[0] += 1
+                out.failures.append((0, f"{type(e).__name__}: {e}"))
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return out

@@ -1,0 +1,99 @@
+"""The router in front of real pods and the real dev server, both engines: where requests go,
+what a caller sees when there is nowhere to send them, and who may change the table."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from conftest import seed_spec
+from multidict import CIMultiDict
+from router_helpers import engine, routed, run_load  # noqa: F401 - fixtures
+
+from hms_mgmt import feed as wire
+from hms_mgmt.models import Endpoint, EndpointSet
+
+
+async def get_json(url: str, **kw) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as http, http.get(url, **kw) as r:
+        return r.status, CIMultiDict(r.headers), await r.json(content_type=None)
+
+
+async def test_load_spreads_over_pods_with_request_ids(routed):
+    await routed.orch.deploy(seed_spec(min_replicas=3, max_replicas=3), wait=True, timeout=120)
+    st = await routed.orch.status("hms-ach")
+    table = await routed.wait_pods("hms-ach", 3)
+    assert {e["address"] for e in table["endpoints"]} == {p.endpoint for p in st.pods}
+
+    status, headers, body = await get_json(f"{routed.url}/hms-ach/", headers={"X-Request-Id": "req-42"})
+    assert status == 200 and body["service"] == "hms-ach"
+    assert headers["X-Request-Id"] == "req-42"
+    assert headers["X-HMS-Pod"] in {p.id for p in st.pods}
+    _, headers, _ = await get_json(f"{routed.url}/hms-ach/health")
+    assert headers.get("X-Request-Id"), "a request id is created when the caller sends none"
+
+    load = await run_load(f"{routed.url}/hms-ach/", concurrency=6, seconds=10, max_requests=600)
+    assert load.statuses[200] == load.total >= 300, load.failures[:5]
+    per_pod = [load.pods[p.id] for p in st.pods]
+    status, _, stats = await get_json(f"{routed.url}/-/stats")
+    assert min(per_pod) >= load.total * 0.10, f"load not spread over the 3 pods: {per_pod} {stats}"
+
+    svc = stats["services"]["hms-ach"]
+    assert svc["requests"] >= load.total and svc["error_rate"] == 0 and svc["p99_ms"] >= svc["p50_ms"] > 0
+    async with aiohttp.ClientSession() as http, http.get(f"{routed.url}/metrics") as r:
+        text = await r.text()
+    assert 'hms_router_requests_total{' in text and 'service="hms-ach"' in text
+
+
+async def test_unknown_service_is_404_and_no_ready_pod_is_503(routed):
+    status, _, body = await get_json(f"{routed.url}/no-such-svc/x")
+    assert status == 404 and body["service"] == "no-such-svc" and body["error"]
+
+    await routed.orch.deploy(seed_spec(name="hms-idle", min_replicas=0, max_replicas=2), wait=True, timeout=60)
+    await routed.wait_pods("hms-idle", 0)
+    status, headers, body = await get_json(f"{routed.url}/hms-idle/payments")
+    assert status == 503 and body["service"] == "hms-idle" and "no ready pod" in body["reason"]
+    assert headers["Retry-After"] == "1"
+
+
+async def test_unsigned_or_forged_feed_push_is_refused(routed):
+    await routed.orch.deploy(seed_spec(min_replicas=1, max_replicas=1), wait=True, timeout=120)
+    table = await routed.wait_pods("hms-ach", 1)
+    evil = EndpointSet(service="hms-ach", version=table["version"] + 10**6,
+                       endpoints=[Endpoint(pod="evil", address="127.0.0.1:1")]).model_dump_json().encode()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{routed.url}/-/feed", data=evil) as r:
+            assert r.status == 401
+        forged = wire.sign(b"not-the-key" * 3, evil)
+        async with http.post(f"{routed.url}/-/feed", data=evil, headers={wire.SIGNATURE_HEADER: forged}) as r:
+            assert r.status == 401
+        key = wire.feed_key(routed.settings.state_dir)
+        stale = wire.sign(key, evil, now=0)  # a replay from long ago
+        async with http.post(f"{routed.url}/-/feed", data=evil, headers={wire.SIGNATURE_HEADER: stale}) as r:
+            assert r.status == 401
+    assert [e["pod"] for e in (await routed.table("hms-ach"))["endpoints"]] == [table["endpoints"][0]["pod"]]
+    status, _, _ = await get_json(f"{routed.url}/hms-ach/")
+    assert status == 200
+
+
+@pytest.mark.parametrize("routed", ["process"], indirect=True)
+async def test_router_restarted_under_load_recovers_its_table(routed):
+    """No push arrives after the restart (the pods do not change): the router must load the
+    table from the workflows on its own."""
+    import asyncio
+
+    await routed.orch.deploy(seed_spec(min_replicas=2, max_replicas=2), wait=True, timeout=120)
+    before = await routed.wait_pods("hms-ach", 2)
+    stop = asyncio.Event()
+    load = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=4, seconds=30, max_requests=5000,
+                                          stop=stop))
+    await asyncio.sleep(1.0)
+    await routed.stop()
+    await asyncio.sleep(0.5)
+    await routed.start()
+    after = await routed.wait_pods("hms-ach", 2, timeout=10)
+    assert after["endpoints"] == before["endpoints"]
+    tail = await run_load(f"{routed.url}/hms-ach/", concurrency=4, seconds=3, max_requests=200)
+    stop.set()
+    during = await load
+    assert during.statuses[200] > 0
+    assert tail.statuses[200] == tail.total > 0, tail.failures[:5]

@@ -1,0 +1,385 @@
+"""ServiceWorkflow's decisions against the real dev server with stand-in activities.
+
+The activities here are registered under the real names (``@activity.defn(name=...)``, as the
+Temporal samples do) and keep pods in memory, so admission, approval, crash-loop backoff,
+scale decisions and continue-as-new are covered in seconds; the end-to-end tests with real
+pods live beside this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+import pytest_asyncio
+from conftest import eventually, seed_spec, terminate_running, wait_phase
+from temporalio import activity
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import (
+    AccessDenied,
+    ApprovalRejected,
+    CrashLooping,
+    FailureKind,
+    ImageUntrusted,
+    RequestRefused,
+    RolloutFailed,
+    ScaleRefused,
+)
+from hms_mgmt.models import (
+    AuthorizeInput,
+    AuthorizeOutput,
+    EndpointSet,
+    EventInput,
+    GovernanceInput,
+    GovernanceOutput,
+    ListPodsInput,
+    ListPodsOutput,
+    LogsOutput,
+    NodeSpec,
+    PickNodeInput,
+    PickNodeOutput,
+    PodLogsInput,
+    PodStatus,
+    StartPodInput,
+    StopPodInput,
+    VerifyImageInput,
+    VerifyImageOutput,
+    WatchInput,
+    WatchResult,
+)
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
+from workflows import ALL_WORKFLOWS
+
+TOKENS = {"t-alice": ("alice", "ops_admin"), "t-bob": ("bob", "gov_approver"), "t-vic": ("vic", "viewer")}
+MAY = {"ops_admin": {"deploy", "scale", "undeploy"}, "gov_approver": {"approve", "reject"}}
+
+
+def content_id(image: str) -> str:
+    return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
+
+
+@dataclass
+class FakeCluster:
+    """Pods in memory and a script for the watch: what each activity saw and did."""
+
+    trusted: set[str] = field(default_factory=lambda: {"registry.gov/hms-ach:1.4", "registry.gov/hms-ach:1.5"})
+    starts: list[StartPodInput] = field(default_factory=list)
+    pods: dict[str, PodStatus] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    events: list[EventInput] = field(default_factory=list)
+    fail_starts: int = 0  # the next N starts fail as if the pod exited at once
+    start_delay_s: float = 0.0
+    watch_results: asyncio.Queue[WatchResult] = field(default_factory=asyncio.Queue)
+    node: NodeSpec | None = None
+    tables: list[EndpointSet] = field(default_factory=list)  # what the routers were sent
+
+    def event_types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    @activity.defn(name="authorize")
+    async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
+        who = TOKENS.get(inp.token)
+        if who is None:
+            self.events.append(EventInput(type="access.denied", service=inp.service, reason="bad token"))
+            return AuthorizeOutput(allowed=False, reason="token is not valid")
+        user, role = who
+        if inp.action not in MAY.get(role, set()):
+            return AuthorizeOutput(allowed=False, reason=f"{user} ({role}) may not {inp.action}")
+        if inp.action == "approve" and inp.requester == user:
+            return AuthorizeOutput(allowed=False, reason=f"{user} may not approve their own request")
+        return AuthorizeOutput(allowed=True, user=user, role=role)
+
+    @activity.defn(name="check_governance")
+    async def check_governance(self, inp: GovernanceInput) -> GovernanceOutput:
+        big = inp.spec.max_replicas > 10
+        return GovernanceOutput(needs_approval=big, reasons=["max_replicas over 10"] if big else [],
+                                approval_timeout_s=inp.spec.approval_timeout_s)
+
+    @activity.defn(name="verify_image")
+    async def verify_image(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        if inp.image not in self.trusted:
+            raise ApplicationError(f"image {inp.image} is not trusted: not signed", type="ImageUntrusted",
+                                   non_retryable=True)
+        return VerifyImageOutput(content_id=content_id(inp.image), detail="signed by test")
+
+    @activity.defn(name="pick_node")
+    async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
+        return PickNodeOutput(nodes=[self.node] * inp.count)
+
+    @activity.defn(name="start_pod")
+    async def start_pod(self, inp: StartPodInput) -> PodStatus:
+        self.started.append(inp.pod_id)
+        self.starts.append(inp)
+        if self.start_delay_s:
+            await asyncio.sleep(self.start_delay_s)
+        if self.fail_starts > 0:
+            self.fail_starts -= 1
+            raise ApplicationError("pod exited with code 3 at start", type="PodExited", non_retryable=True)
+        pod = PodStatus(id=inp.pod_id, node=inp.node, endpoint=f"127.0.0.1:{20000 + len(self.started)}",
+                        revision=inp.revision, image=inp.spec.image, ready=True, health="healthy",
+                        started_at=datetime.now(UTC))
+        self.pods[inp.pod_id] = pod
+        return pod
+
+    @activity.defn(name="stop_pod")
+    async def stop_pod(self, inp: StopPodInput) -> bool:
+        return self.pods.pop(inp.pod_id, None) is not None
+
+    @activity.defn(name="list_pods")
+    async def list_pods(self, inp: ListPodsInput) -> ListPodsOutput:
+        return ListPodsOutput(pods=list(self.pods.values()))
+
+    @activity.defn(name="pod_logs")
+    async def pod_logs(self, inp: PodLogsInput) -> LogsOutput:
+        return LogsOutput(lines=[])
+
+    @activity.defn(name="watch_pods")
+    async def watch_pods(self, inp: WatchInput) -> WatchResult:
+        """Returns what the test scripts next; until then heartbeats (so a cancel reaches it)."""
+        while True:
+            activity.heartbeat()
+            try:
+                return await asyncio.wait_for(self.watch_results.get(), 0.2)
+            except TimeoutError:
+                continue
+
+    @activity.defn(name="publish_endpoints")
+    async def publish_endpoints(self, table: EndpointSet) -> None:
+        self.tables.append(table)
+
+    @activity.defn(name="emit_event")
+    async def emit_event(self, inp: EventInput) -> None:
+        self.events.append(inp)
+
+    def activities(self) -> list[object]:
+        return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
+                self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
+                self.publish_endpoints]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fake(temporal_env: WorkflowEnvironment) -> AsyncIterator[tuple[FakeCluster, Settings]]:
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(temporal_address="unused", task_queue=f"hms-logic-{tag}", node=f"n{tag}",
+                        token="t-alice", history_threshold=None)
+    cluster = FakeCluster(node=settings.node_specs()[0])
+    # One worker serves both queues: workflows + control activities, and the node's pod activities.
+    control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
+                     activities=cluster.activities())
+    node = Worker(temporal_env.client, task_queue=settings.node_task_queue(), activities=cluster.activities())
+    async with control, node:
+        try:
+            yield cluster, settings
+        finally:
+            await terminate_running(temporal_env, settings)
+
+
+def as_user(env: WorkflowEnvironment, settings: Settings, token: str | None, **kw: object) -> Orchestrator:
+    return Orchestrator(env.client, settings.model_copy(update={"token": token, **kw}))
+
+
+async def test_refused_identity_starts_nothing(temporal_env, fake):
+    cluster, settings = fake
+    with pytest.raises(AccessDenied, match=r"vic \(viewer\) may not deploy"):
+        await as_user(temporal_env, settings, "t-vic").deploy(seed_spec())
+    with pytest.raises(AccessDenied, match="token is not valid"):
+        await as_user(temporal_env, settings, "forged").deploy(seed_spec())
+    st = await as_user(temporal_env, settings, "t-alice").status("hms-ach")
+    assert st.phase == "Rejected" and st.failure is not None and st.failure.kind == FailureKind.ACCESS_DENIED
+    assert cluster.started == []
+
+
+async def test_untrusted_image_is_refused_by_deploy(temporal_env, fake):
+    cluster, settings = fake
+    with pytest.raises(ImageUntrusted, match="not signed"):
+        await as_user(temporal_env, settings, "t-alice").deploy(seed_spec(image="registry.gov/evil:1.0"))
+    assert cluster.started == []
+
+
+async def test_approval_by_update_is_checked_and_used_once(temporal_env, fake):
+    cluster, settings = fake
+    alice, bob = as_user(temporal_env, settings, "t-alice"), as_user(temporal_env, settings, "t-bob")
+    result = await alice.deploy(seed_spec(max_replicas=12))
+    assert not result.already_running
+    st = await alice.status("hms-ach")
+    assert st.phase == "AwaitingApproval" and cluster.started == []
+
+    with pytest.raises(AccessDenied, match="may not approve"):
+        await alice.approve("hms-ach")  # ops_admin, and the requester
+    with pytest.raises(AccessDenied, match="token is not valid"):
+        await as_user(temporal_env, settings, "forged").reject("hms-ach")
+    assert len((await alice.status("hms-ach")).pending_approval.invalid_attempts) == 2
+
+    approved = await bob.approve("hms-ach", reason="surge")
+    assert approved.phase != "AwaitingApproval" and approved.approved_by == "bob"
+    with pytest.raises(RequestRefused, match="not awaiting approval"):
+        await bob.reject("hms-ach")
+    st = await alice.wait_for("hms-ach", timeout=30)
+    assert st.ready_replicas == 2 and len(cluster.started) == 2
+    assert "approval.granted" in cluster.event_types()
+    final = await alice.undeploy("hms-ach")
+    assert final is not None and final.phase == "Stopped" and cluster.pods == {}
+
+
+async def test_reject_by_signal_ends_the_service(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(max_replicas=12))
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    await handle.signal("reject", {"token": "t-bob", "reason": "not this quarter"})
+    with pytest.raises(ApprovalRejected, match="rejected by bob"):
+        await alice.wait_for("hms-ach", timeout=30)
+    assert cluster.started == []
+
+
+async def test_undeploy_is_an_update_refused_for_a_viewer(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    with pytest.raises(AccessDenied, match="may not undeploy"):
+        await as_user(temporal_env, settings, "t-vic").undeploy("hms-ach")
+    with pytest.raises(ScaleRefused, match="outside"):
+        await alice.scale("hms-ach", 11)
+    assert (await alice.undeploy("hms-ach", wait=True)).phase == "Stopped"
+    with pytest.raises(Exception, match="no running service"):
+        await alice.undeploy("hms-ach")
+
+
+async def test_crash_loop_is_degraded_with_a_typed_failure(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(backoff_initial_s=0.2, backoff_max_s=0.5), wait=True, timeout=30)
+    victim = (await alice.status("hms-ach")).pods[0].id
+    cluster.fail_starts = 100  # every replacement dies at once
+    await cluster.watch_results.put(WatchResult(reason="failed", failed=[
+        {"pod_id": victim, "kind": "exited", "detail": "exit code 137", "exit_code": 137}]))
+    st = await wait_phase(alice, "hms-ach", {"Degraded"}, timeout=30)
+    assert st.failure is not None and st.failure.kind == FailureKind.CRASH_LOOP
+    assert st.crash_count >= 2 and "service.degraded" in cluster.event_types()
+    with pytest.raises(CrashLooping):
+        await alice.wait_for("hms-ach", timeout=10)
+    # Replacements start again: it recovers, and the failure clears.
+    cluster.fail_starts = 0
+    st = await eventually(lambda: _ready_again(alice), timeout=30, what="a replacement that stays up")
+    assert st.ready_replicas == 2
+
+
+async def _ready_again(orch: Orchestrator):
+    st = await orch.status("hms-ach", live=False)
+    return st if st.ready_replicas == 2 and not st.heal_count - 1 < 0 and st.phase != "Healing" else None
+
+
+async def test_scale_recommendation_is_rechecked_and_applied_once(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    pods = (await alice.status("hms-ach")).pods
+    samples = [CpuSample(pod_id=p.id, cpu_percent=180.0) for p in pods]  # 3x the 60 % target
+    # The watch recommends far too much; the workflow re-checks with the policy: ceil(2 x 180/60) = 6.
+    recommendation = AutoscaleDecision(desired=10, recommended=10, mean_cpu=180.0, reason="cpu", at_max=False,
+                                       history=[])
+    await cluster.watch_results.put(WatchResult(reason="scale", samples=samples, decision=recommendation))
+    st = await eventually(lambda: _ready(alice, 6), timeout=30, what="6 ready pods")
+    assert st.scale_count == 1 and st.last_decisions[-1].to_replicas == 6
+    assert len(cluster.started) == 6
+
+
+async def _ready(orch: Orchestrator, n: int):
+    st = await orch.status("hms-ach", live=False)
+    return st if st.ready_replicas == n and st.phase == "Running" else None
+
+
+async def test_manual_scale_while_continue_as_new_is_due(temporal_env, fake):
+    """Continue-as-new waits for a manual scale in flight and hands over its result whole."""
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice", history_threshold=40)
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    first_run = (await handle.describe()).run_id
+    cluster.start_delay_s = 1.0  # the scale is in flight while the history passes the threshold
+    st = await alice.scale("hms-ach", 5)
+    assert st.desired_replicas == 5 and st.ready_replicas == 5
+    st = await eventually(lambda: _ready(alice, 5), timeout=30, what="5 ready pods after continue-as-new")
+    desc = await handle.describe()
+    assert desc.run_id != first_run and desc.status == WorkflowExecutionStatus.RUNNING
+    assert sorted(p.id for p in st.pods) == sorted(cluster.pods)  # nothing lost, nothing extra
+
+
+def ready_counts(cluster: FakeCluster) -> list[int]:
+    """Ready pods in every table the routers were sent, in order."""
+    return [sum(1 for e in t.endpoints if e.state == "ready") for t in cluster.tables if not t.stopped]
+
+
+async def test_in_place_change_starts_no_pod(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    outcome = await alice.update_spec(seed_spec(cpu_target=75, max_replicas=8))
+    assert outcome.in_place and outcome.revision is None
+    st = await alice.status("hms-ach")
+    assert st.spec.cpu_target == 75 and st.revision == 1 and len(cluster.started) == 2
+    assert st.last_decisions[-1].kind == "update" and "cpu_target" in st.last_decisions[-1].reason
+
+
+async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(min_replicas=3, drain_s=0.2, min_ready_s=0.2)
+    await alice.deploy(spec, wait=True, timeout=30)
+    result = await alice.deploy({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60)
+    assert result.already_running and result.revision == 2
+    st = await alice.status("hms-ach")
+    assert st.revision == 2 and st.image_id == content_id("registry.gov/hms-ach:1.5")
+    assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
+    assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
+    assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
+    assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]
+    assert st.rollout.state == "completed"
+    assert {"rollout.started", "rollout.completed"} <= set(cluster.event_types())
+    history = await alice.rollout_history("hms-ach")
+    assert history[1].deployed_by == "alice" and history[1].spec.image.endswith(":1.5")
+
+    # Back to revision 1: its spec and its pinned image, as a new revision.
+    back = await alice.rollback("hms-ach", wait=True, timeout=60)
+    st = await alice.status("hms-ach")
+    assert back.revision == 3 and st.spec.image.endswith(":1.4")
+    assert st.image_id == content_id("registry.gov/hms-ach:1.4") and {p.revision for p in st.pods} == {3}
+
+
+async def test_broken_revision_rolls_back(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(drain_s=0.1, min_ready_s=0.1, backoff_initial_s=0.2)
+    await alice.deploy(spec, wait=True, timeout=30)
+    v1 = {p.id for p in (await alice.status("hms-ach")).pods}
+    cluster.fail_starts = 100  # every pod of the new revision exits at start
+    with pytest.raises(RolloutFailed, match="revision 2 rolled back"):
+        await alice.update_spec({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60)
+    st = await alice.status("hms-ach")
+    assert st.revision == 1 and st.phase == "Running" and {p.id for p in st.pods} == v1  # never touched
+    assert min(ready_counts(cluster)) >= 2
+    assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "active"), (2, "failed")]
+    assert {"rollout.failed", "rollout.rolled_back"} <= set(cluster.event_types())
+
+
+async def test_untrusted_update_is_refused_and_changes_nothing(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    with pytest.raises(ImageUntrusted):
+        await alice.update_spec(seed_spec(image="registry.gov/evil:6.6", image_verify_timeout_s=2))
+    with pytest.raises(AccessDenied):
+        await as_user(temporal_env, settings, "t-vic").update_spec(seed_spec(image="registry.gov/hms-ach:1.5"))
+    st = await alice.status("hms-ach")
+    assert st.revision == 1 and len(cluster.started) == 2 and st.phase == "Running"

@@ -406,6 +406,7 @@ class Dashboard:
     async def _api_stream(self, request: web.Request) -> web.StreamResponse:
         sub = _Subscriber()
         self._subscribers.add(sub)
+        resp: web.StreamResponse | None = None
         try:
             async with sse_response(request, ping_interval=10) as resp:
                 await resp.send(self._init_payload(), event="init")
@@ -416,11 +417,11 @@ class Dashboard:
                         break
                     name, data = item
                     await resp.send(data, event=name)
-                return resp
-        except ConnectionResetError:  # the page went away
-            return web.Response(status=204)
+        except ConnectionResetError:  # the page went away; nothing to answer
+            pass
         finally:
             self._subscribers.discard(sub)
+        return resp if resp is not None else web.Response(status=204)
 
     async def _identity(self, request: web.Request) -> tuple[str, auth.Identity]:
         header = request.headers.get("Authorization", "")

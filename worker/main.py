@@ -24,6 +24,7 @@ from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
 from worker.metrics import WorkerMetrics
+from worker.nodes import NodeAgent
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("hms.worker")
@@ -69,6 +70,8 @@ class HmsWorker:
         self.control = control
         self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
         self.metrics = WorkerMetrics()
+        self.agent: NodeAgent | None = None
+        self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
         sink.listeners.append(self.metrics.on_event)
         self.sink = sink
@@ -81,14 +84,18 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                self.feed.publish_endpoints],
+                                ctl.issue_ticket, self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
                     interceptors=[self.metrics.interceptor],
+                    # One watch_cpu per service runs here the whole time.
+                    max_concurrent_activities=500,
                 )
             )
         if node:
-            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
+                                   docker_host=settings.docker_host)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink)
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
             self.workers.append(
                 Worker(
                     client,
@@ -129,19 +136,36 @@ class HmsWorker:
 
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._start_agent()
         try:
             async with self._extras():
                 await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
 
+    def _start_agent(self) -> None:
+        if self.agent is not None:
+            self._agent_task = asyncio.ensure_future(self.agent.run())
+
+    async def _stop_agent(self) -> None:
+        """Stop heartbeating: the registry calls the node Lost once ``node_lost_after_s`` pass."""
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+            self._agent_task = None
+
     async def _close(self) -> None:
+        await self._stop_agent()
+        if self.agent is not None and self.settings.sweep_on_exit:
+            # After the workers stopped: no activity can start a pod here any more.
+            await self.agent.stop_all()
         if self.pods is not None:
             await self.pods.close()
         if self.feed is not None:
             await self.feed.close()
 
     async def stop(self) -> None:
+        await self._stop_agent()
         await asyncio.gather(*(w.shutdown() for w in self.workers))
 
     async def __aenter__(self) -> HmsWorker:
@@ -149,6 +173,12 @@ class HmsWorker:
         self._extras_cm = self._extras()
         await self._extras_cm.__aenter__()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
+        self._start_agent()
+        if self.agent is not None:  # the node is Ready before the caller deploys onto it
+            try:
+                await asyncio.wait_for(self.agent.registered.wait(), 15)
+            except TimeoutError:
+                log.warning("node %s not registered yet (no control worker?); it keeps trying", self.settings.node)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

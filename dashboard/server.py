@@ -100,6 +100,43 @@ def service_view(status: ServiceStatus) -> dict[str, Any]:
     }
 
 
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def merge_router_stats(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per service, across routers: requests/s summed, error rate weighted by requests, the
+    worst p50/p99, and each pod's view (draining, in flight, latency, ejected) from the first
+    router that has it. Accepts ``rps`` or ``requests_per_s``."""
+    out: dict[str, dict[str, Any]] = {}
+    for services in answers:
+        for name, raw in services.items():
+            if not isinstance(raw, dict):
+                continue
+            rps = _num(raw.get("rps", raw.get("requests_per_s"))) or 0.0
+            err = _num(raw.get("error_rate")) or 0.0
+            agg = out.setdefault(name, {"rps": 0.0, "errors_per_s": 0.0, "p50_ms": None, "p99_ms": None,
+                                        "pods": {}})
+            agg["rps"] += rps
+            agg["errors_per_s"] += rps * err
+            for q in ("p50_ms", "p99_ms"):
+                v = _num(raw.get(q))
+                if v is not None:
+                    agg[q] = v if agg[q] is None else max(agg[q], v)
+            pods = raw.get("pods")
+            if isinstance(pods, dict):
+                for pod, info in pods.items():
+                    if isinstance(info, dict):
+                        agg["pods"].setdefault(str(pod), {
+                            k: info.get(k) for k in ("state", "outstanding", "latency_ms", "ejected", "weight")
+                            if k in info})
+    for agg in out.values():
+        errors = agg.pop("errors_per_s")
+        agg["error_rate"] = errors / agg["rps"] if agg["rps"] else 0.0
+        agg["rps"] = round(agg["rps"], 2)
+    return out
+
+
 def mean_cpu(status: ServiceStatus) -> float | None:
     samples = [p.cpu_percent for p in status.pods if p.cpu_percent is not None and p.health != "exited"]
     return round(sum(samples) / len(samples), 2) if samples else None
@@ -123,7 +160,7 @@ class Dashboard:
         refresh_s: float = 1.0,
         sample_s: float = 2.0,
         history: int = 300,
-        router_url: str | None = None,
+        router_url: str | list[str] | None = None,
         concurrency: int = 16,
         events_kept: int = 200,
     ) -> None:
@@ -134,7 +171,10 @@ class Dashboard:
         self.refresh_s = refresh_s
         self.sample_s = sample_s
         self.concurrency = concurrency
-        self.router_url = router_url or f"http://127.0.0.1:{settings.router_port}/-/stats"
+        if router_url is None:
+            self.router_urls = [u.rstrip("/") + "/-/stats" for u in settings.routers]
+        else:
+            self.router_urls = [router_url] if isinstance(router_url, str) else list(router_url)
         self.history: dict[str, collections.deque[list[Any]]] = {}
         self.history_len = history
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=events_kept)
@@ -268,19 +308,33 @@ class Dashboard:
         timeout = aiohttp.ClientTimeout(total=1.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                try:
-                    async with session.get(self.router_url) as resp:
-                        resp.raise_for_status()
-                        body = await resp.json()
-                    services = body.get("services") if isinstance(body, dict) else None
-                    if not isinstance(services, dict):
-                        raise ValueError("no 'services' object in the answer")
-                    self.router = {"ok": True, "url": self.router_url, "services": services}
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - no router (yet): the page says so
-                    self.router = {"ok": False, "url": self.router_url, "error": str(e) or type(e).__name__}
+                answers = await asyncio.gather(*(self._router_stats(session, u) for u in self.router_urls))
+                live = [a for a in answers if isinstance(a, dict)]
+                errors = [a for a in answers if isinstance(a, str)]
+                self.router = {
+                    "ok": bool(live),
+                    "routers": len(self.router_urls),
+                    "live": len(live),
+                    "errors": errors,
+                    "services": merge_router_stats(live),
+                }
                 await asyncio.sleep(max(1.0, self.refresh_s * 2))
+
+    @staticmethod
+    async def _router_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | str:
+        """One router's ``services`` object, or why there is none (no router yet: the page says so)."""
+        try:
+            async with session.get(url) as resp:
+                resp.raise_for_status()
+                body = await resp.json()
+            services = body.get("services") if isinstance(body, dict) else None
+            if not isinstance(services, dict):
+                raise ValueError("no 'services' object in the answer")
+            return services
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return f"{url}: {e or type(e).__name__}"
 
     async def _events_loop(self) -> None:
         """New events to every page within ~0.3 s (the same follower that read the recent ones,
@@ -352,6 +406,7 @@ class Dashboard:
     async def _api_stream(self, request: web.Request) -> web.StreamResponse:
         sub = _Subscriber()
         self._subscribers.add(sub)
+        resp: web.StreamResponse | None = None
         try:
             async with sse_response(request, ping_interval=10) as resp:
                 await resp.send(self._init_payload(), event="init")
@@ -362,11 +417,11 @@ class Dashboard:
                         break
                     name, data = item
                     await resp.send(data, event=name)
-                return resp
-        except ConnectionResetError:  # the page went away
-            return web.Response(status=204)
+        except ConnectionResetError:  # the page went away; nothing to answer
+            pass
         finally:
             self._subscribers.discard(sub)
+        return resp if resp is not None else web.Response(status=204)
 
     async def _identity(self, request: web.Request) -> tuple[str, auth.Identity]:
         header = request.headers.get("Authorization", "")

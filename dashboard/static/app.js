@@ -186,7 +186,20 @@ function trafficCell(s, router) {
     el("div", { class: "muted" }, "p99 " + fmt(t.p99_ms, 0, " ms")));
 }
 
-function podRow(s, p, now) {
+function routerCell(p, routed) {
+  if (!routed) return el("td", { class: "muted" }, "–");
+  const r = routed[p.id];
+  if (!r) return el("td", { class: "muted", "data-routed": "no" }, "not routed");
+  const parts = [];
+  if (r.ejected) parts.push("ejected");
+  else if (r.state) parts.push(r.state);
+  if (r.outstanding !== undefined && r.outstanding !== null) parts.push(r.outstanding + " in flight");
+  if (r.latency_ms !== undefined && r.latency_ms !== null) parts.push(fmt(r.latency_ms, 1, " ms"));
+  const cls = r.ejected ? "error" : r.state === "draining" ? "muted" : "";
+  return el("td", { class: cls, "data-routed": r.ejected ? "ejected" : r.state || "yes" }, parts.join(" · "));
+}
+
+function podRow(s, p, now, routed) {
   return el("tr", { "data-pod": p.id, "data-health": p.health },
     el("td", { class: "mono", title: p.id }, p.id.slice(0, 8)),
     el("td", {}, p.node),
@@ -196,7 +209,8 @@ function podRow(s, p, now) {
     el("td", { class: "num" + (p.consecutive_failures ? " error" : "") }, p.consecutive_failures),
     el("td", { class: "num" }, fmt(p.cpu_percent, 1, "%")),
     el("td", { class: "num" }, ago(p.started_at, now)),
-    el("td", { class: "num" }, p.revision));
+    el("td", { class: "num" }, p.revision),
+    routerCell(p, routed));
 }
 
 function decisionItem(s, d) {
@@ -207,6 +221,12 @@ function decisionItem(s, d) {
     what ? el("span", {}, what + " ") : null,
     el("span", {}, d.reason + " "),
     d.workflow_url ? link(d.workflow_url, "workflow ↗", "wf-link") : null);
+}
+
+function routedPods(s, router) {
+  if (!router || !router.ok) return null;
+  const t = router.services && router.services[s.name];
+  return t && t.pods && Object.keys(t.pods).length ? t.pods : null;
 }
 
 function serviceBlock(s, router, now) {
@@ -233,9 +253,9 @@ function serviceBlock(s, router, now) {
   if (s.message && s.phase !== "Running") body.append(el("div", { class: "svc-msg" }, s.message));
   if (s.pods.length) {
     body.append(el("table", { class: "pods" },
-      el("thead", {}, el("tr", {}, ["pod", "node", "endpoint", "health", "ready", "failed pings", "CPU", "age", "rev"].map(
-        (h, i) => el("th", { class: i >= 5 ? "num" : "" }, h)))),
-      el("tbody", {}, s.pods.map((p) => podRow(s, p, now)))));
+      el("thead", {}, el("tr", {}, ["pod", "node", "endpoint", "health", "ready", "failed pings", "CPU", "age", "rev", "router"].map(
+        (h, i) => el("th", { class: i >= 5 && i < 9 ? "num" : "" }, h)))),
+      el("tbody", {}, s.pods.map((p) => podRow(s, p, now, routedPods(s, router))))));
   }
   if (s.decisions.length) {
     body.append(el("ul", { class: "decisions" }, s.decisions.slice(-5).reverse().map((d) => decisionItem(s, d))));
@@ -252,7 +272,9 @@ function renderServices(snap, now) {
   $("services").replaceChildren(...shown.map((s) => serviceBlock(s, snap.router, now)));
   $("no-services").hidden = snap.services.length > 0;
   const r = snap.router;
-  $("router-status").textContent = !r ? "" : r.ok ? "router: live" : "no router";
+  $("router-status").textContent = !r ? "" : !r.ok ? "no router" :
+    r.routers > 1 ? `routers: ${r.live}/${r.routers} live` : "router: live";
+  $("router-status").title = r && r.errors && r.errors.length ? r.errors.join("\n") : "";
 }
 
 function approvalCard(s) {

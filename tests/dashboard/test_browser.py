@@ -236,12 +236,21 @@ async def test_scale_shows_in_charts_and_links_its_workflow(stack: Stack):
     assert len(points.split()) >= 2  # the replicas chart has samples
 
     # The router answers: its numbers replace "no router".
-    stack.router.stats = {"services": {"hms-ach": {"rps": 42.5, "error_rate": 0.012, "p50_ms": 3.2, "p99_ms": 18.4}}}
+    # The router answers (its own format): its numbers replace "no router", its view of each pod
+    # shows in the pod table.
+    st = await stack.orch.status("hms-ach")
+    first, second = st.pods[0].id, st.pods[1].id
+    stack.router.stats = {"engine": "builtin", "services": {"hms-ach": {
+        "requests": 2550, "requests_per_s": 42.5, "errors": 31, "error_rate": 0.012, "p50_ms": 3.2, "p99_ms": 18.4,
+        "pods": {first: {"state": "ready", "outstanding": 2, "latency_ms": 3.1, "ejected": False},
+                 second: {"state": "ready", "outstanding": 0, "latency_ms": 40.0, "ejected": True}}}}}
     await stack.router.start()
     traffic = 'article[data-service="hms-ach"] [data-traffic="live"]'
     await page.wait_for_selector(traffic)
     text = await page.inner_text(traffic)
     assert "42.5 req/s" in text and "1.2%" in text and "p99 18 ms" in text
+    assert "2 in flight" in await page.inner_text(f'tr[data-pod="{first}"] [data-routed="ready"]')
+    await page.wait_for_selector(f'tr[data-pod="{second}"] [data-routed="ejected"]')
 
 
 async def test_viewer_gets_no_buttons(stack: Stack):

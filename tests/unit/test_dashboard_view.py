@@ -40,3 +40,18 @@ def test_decisions_link_their_child_workflows():
         base + "svc-hms-ach-scale-6", base + "svc-hms-ach-heal-abc", base + "svc-hms-ach-scale-7", None]
     assert view["deploy_url"] == base + "svc-hms-ach-deploy-3"
     assert service_view(status(web_ui_url=None))["deploy_url"] is None
+
+
+def test_router_stats_merge_across_routers_in_either_format():
+    from dashboard.server import merge_router_stats
+
+    merged = merge_router_stats([
+        {"hms-ach": {"requests_per_s": 30.0, "error_rate": 0.1, "p50_ms": 2.0, "p99_ms": 10.0,
+                     "pods": {"p1": {"state": "ready", "outstanding": 1, "latency_ms": 2.5, "address": "x"}}}},
+        {"hms-ach": {"rps": 10.0, "error_rate": 0.0, "p50_ms": 3.0, "p99_ms": None}, "bad": "not a dict"},
+    ])
+    ach = merged["hms-ach"]
+    assert ach["rps"] == 40.0 and abs(ach["error_rate"] - 0.075) < 1e-9
+    assert ach["p50_ms"] == 3.0 and ach["p99_ms"] == 10.0  # the worst router's figure
+    assert ach["pods"] == {"p1": {"state": "ready", "outstanding": 1, "latency_ms": 2.5}}
+    assert "bad" not in merged

@@ -59,3 +59,21 @@ def test_follower_can_start_with_the_tail_of_the_log(tmp_path):
     assert 3 <= len(first) < 20 and first[-1].reason == "event 99"  # whole lines only, the newest ones
     sink.write(ev(100))
     assert [e.reason for e in follower.poll()] == ["event 100"]
+
+
+async def test_publish_never_raises_when_the_log_cannot_be_written(tmp_path, caplog):
+    (tmp_path / "events.jsonl").mkdir()  # not a file: every write fails
+    sink = EventSink(tmp_path, webhooks=["http://127.0.0.1:9/hook"])
+    await sink.publish(ev(1))  # logged, not raised: a heal waiting on this activity goes on
+    assert "could not record event pod.started" in caplog.text
+
+
+def test_each_webhook_gets_its_own_durable_queue(tmp_path):
+    sink = EventSink(tmp_path, "http://a.example/hook", webhooks=["http://b.example/hook"])
+    assert sink.webhooks == ["http://b.example/hook", "http://a.example/hook"]
+    event = ev(1)
+    sink.write(event)
+    for url in sink.webhooks:
+        queued = list(sink.spool_dir(url).glob("*.json"))
+        assert [p.stem for p in queued] == [event.id]
+        assert (sink.spool_dir(url) / "url").read_text() == url

@@ -221,7 +221,7 @@ async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
                 async with http.get(f"{url}/-/table") as r:
                     t = (await r.json())["services"].get(SERVICE)
                 got = {e["address"] for e in t["endpoints"] if e["state"] == "ready"} if t else set()
-                if got == want:
+                if got == want and t.get("applied_version") == t["version"]:
                     return
             await asyncio.sleep(0.2)
     raise RuntimeError(f"router {url} never had {want} (has {got})")

@@ -159,15 +159,24 @@ class RetryBudget:
 MAX_WEIGHT = 256  # HAProxy's server weight range is 0..256
 
 
-def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT) -> dict[str, int]:
-    """HAProxy server weights from our score: proportional to 1/score squared (a pod twice as
-    slow gets a quarter of the draws: the tail latency is made by the few requests a slow pod
-    still gets), the best pod at ``max_weight``, none below 1 (weight 0 would stop a pod for
-    good, as it would get no request to measure; ejection is HAProxy's own, on errors)."""
+def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT, tolerance: float = 2.0,
+            slack_ms: float = 5.0) -> dict[str, int]:
+    """HAProxy server weights from our score. Scores are compared with ``slack_ms`` added to
+    both (2 ms against 8 ms is noise on a busy machine, not a slow pod), and pods within
+    ``tolerance`` x the best all get ``max_weight`` so that an even spread stays even; beyond it
+    the weight falls with the square of the ratio (a pod 3x past the band gets a ninth: the
+    tail latency is made by the few requests a slow pod still gets). None below 1: weight 0
+    would stop a pod for good, as it would get no request to measure (ejection on errors is
+    HAProxy's own)."""
     live = [p for p in pods if not p.draining]
     if not live:
         return {}
     floor = best_latency(live)
-    inv = {p.pod: 1.0 / score(p, now, floor) ** 2 for p in live}
-    top = max(inv.values())
-    return {pod: max(1, min(max_weight, math.floor(max_weight * v / top + 0.5))) for pod, v in inv.items()}
+    scores = {p.pod: score(p, now, floor) + slack_ms for p in live}
+    best = min(scores.values())
+    out = {}
+    for pod, sc in scores.items():
+        ratio = sc / best / tolerance
+        w = max_weight if ratio <= 1.0 else max_weight / ratio**2
+        out[pod] = max(1, min(max_weight, math.floor(w + 0.5)))
+    return out

@@ -75,6 +75,11 @@ def best_latency(pods: list[PodState]) -> float | None:
 
 
 def score(pod: PodState, now: float, floor_ms: float | None) -> float:
+    """(outstanding + 1) x latency. The idle decay only buys a pod one probe: while it has a
+    request in flight it is judged on its last measured EWMA, so a slow pod that looks good
+    again after a quiet spell cannot collect a pile of requests before the first one returns."""
+    if pod.outstanding and pod.ewma_ms is not None:
+        return (pod.outstanding + 1) * max(pod.ewma_ms, latency(pod, now, floor_ms))
     return (pod.outstanding + 1) * latency(pod, now, floor_ms)
 
 
@@ -159,11 +164,12 @@ class RetryBudget:
 MAX_WEIGHT = 256  # HAProxy's server weight range is 0..256
 
 
-def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT, tolerance: float = 2.0,
-            slack_ms: float = 5.0) -> dict[str, int]:
+def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT, tolerance: float = 3.0,
+            slack_ms: float = 10.0) -> dict[str, int]:
     """HAProxy server weights from our score. Scores are compared with ``slack_ms`` added to
     both (2 ms against 8 ms is noise on a busy machine, not a slow pod), and pods within
-    ``tolerance`` x the best all get ``max_weight`` so that an even spread stays even; beyond it
+    ``tolerance`` x the best all get ``max_weight`` so that an even spread stays even (pods at a
+    fraction of a CPU see their latency jump with CFS throttling); beyond it
     the weight falls with the square of the ratio (a pod 3x past the band gets a ninth: the
     tail latency is made by the few requests a slow pod still gets). None below 1: weight 0
     would stop a pod for good, as it would get no request to measure (ejection on errors is

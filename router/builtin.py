@@ -216,12 +216,12 @@ class BuiltinEngine:
             if pod is None:
                 break
             tried.add(pod.pod)
-            pod.outstanding += 1
+            token = policy.start_request(pod, time.monotonic())
             try:
                 result = await self._attempt(request, pool, pod, tail, headers, body, rid, t0,
                                              last=attempt >= self.options.max_attempts)
             finally:
-                pod.outstanding -= 1
+                policy.finish_request(pod, token)
             if not isinstance(result, _Failed):
                 return result
             failed = result

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 DEFAULT_LATENCY_MS = 10.0  # a pod with no sample yet, in a service with none either
 EWMA_ALPHA = 0.3
 IDLE_HALF_LIFE_S = 2.0  # an idle pod's excess latency halves every this many seconds
+STALL_FACTOR = 3.0  # an in-flight request this many times older than the estimate means trouble
 
 
 @dataclass
@@ -41,6 +42,8 @@ class PodState:
     ejections: int = 0  # consecutive ejections, for the doubling
     ejected_until: float = 0.0
     total_ejections: int = 0
+    inflight: dict[int, float] = field(default_factory=dict)  # request token -> when it was sent
+    next_token: int = 0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -75,12 +78,33 @@ def best_latency(pods: list[PodState]) -> float | None:
 
 
 def score(pod: PodState, now: float, floor_ms: float | None) -> float:
-    """(outstanding + 1) x latency. The idle decay only buys a pod one probe: while it has a
-    request in flight it is judged on its last measured EWMA, so a slow pod that looks good
-    again after a quiet spell cannot collect a pile of requests before the first one returns."""
-    if pod.outstanding and pod.ewma_ms is not None:
-        return (pod.outstanding + 1) * max(pod.ewma_ms, latency(pod, now, floor_ms))
-    return (pod.outstanding + 1) * latency(pod, now, floor_ms)
+    """(outstanding + 1) x latency. While a pod has requests in flight the idle decay no longer
+    applies (one that looks good again after a quiet spell gets a single probe, not a pile of
+    requests), and once its oldest request is older than ``STALL_FACTOR`` x its estimate, that
+    age is its latency: a pod that just turned slow or hung is seen at once, without waiting for
+    a slow answer to finish."""
+    est = latency(pod, now, floor_ms)
+    if pod.outstanding:
+        if pod.ewma_ms is not None:
+            est = max(est, pod.ewma_ms)
+        if pod.inflight:
+            age_ms = (now - min(pod.inflight.values())) * 1000.0
+            if age_ms > STALL_FACTOR * est:  # not the usual tail: it has turned slow or hung
+                est = age_ms
+    return (pod.outstanding + 1) * est
+
+
+def start_request(pod: PodState, now: float) -> int:
+    """Count a request sent to ``pod``; returns the token for :func:`finish_request`."""
+    pod.next_token += 1
+    pod.inflight[pod.next_token] = now
+    pod.outstanding += 1
+    return pod.next_token
+
+
+def finish_request(pod: PodState, token: int) -> None:
+    if pod.inflight.pop(token, None) is not None:
+        pod.outstanding -= 1
 
 
 def candidates(pods: list[PodState], now: float, exclude: set[str] = frozenset()) -> list[PodState]:  # type: ignore[assignment]

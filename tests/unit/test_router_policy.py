@@ -12,11 +12,13 @@ from router.policy import (
     PodState,
     RetryBudget,
     candidates,
+    finish_request,
     latency,
     pick,
     record_failure,
     record_success,
     score,
+    start_request,
     weights,
 )
 
@@ -153,5 +155,18 @@ def test_an_idle_slow_pod_gets_one_probe_at_a_time():
     rng = random.Random(5)
     later = 30.0  # long idle: the slow pod's estimate has decayed to about the best
     assert any(pick(ps, later, rng).pod == "p2" for _ in range(50))
-    ps[2].outstanding = 1  # its probe is in flight: judged on what it measured
+    token = start_request(ps[2], later)  # its probe is in flight: judged on what it measured
     assert all(pick(ps, later, rng).pod != "p2" for _ in range(200))
+    finish_request(ps[2], token)
+    assert ps[2].outstanding == 0 and not ps[2].inflight
+
+
+def test_a_pod_that_stops_answering_is_seen_before_any_answer_returns():
+    ps = pods(5.0, 5.0, 5.0)
+    rng = random.Random(6)
+    for p in ps[:2]:
+        for _ in range(3):
+            start_request(p, 10.0)
+    start_request(ps[2], 9.0)  # sent a second ago and still not answered
+    assert score(ps[2], 10.0, 5.0) == pytest.approx(2 * 1000.0)
+    assert all(pick(ps, 10.0, rng).pod != "p2" for _ in range(100))

@@ -19,7 +19,6 @@ class FailureKind(StrEnum):
     APPROVAL_TIMED_OUT = "approval_timed_out"
     IMAGE_UNTRUSTED = "image_untrusted"
     SPEC_INVALID = "spec_invalid"
-    SPEC_CONFLICT = "spec_conflict"
     REFUSED = "refused"  # the request does not fit the service's state (wrong phase, out of range)
     CAPACITY = "capacity"
     CRASH_LOOP = "crash_loop"
@@ -78,12 +77,6 @@ class ServiceNotFound(HmsError, LookupError):
     kind = FailureKind.NOT_FOUND
 
 
-class SpecConflict(HmsError):
-    """A service of that name already runs with a different spec."""
-
-    kind = FailureKind.SPEC_CONFLICT
-
-
 class ConfigError(HmsError):
     """The configuration (environment or config file) is invalid."""
 
@@ -136,7 +129,6 @@ _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.APPROVAL_TIMED_OUT: ApprovalTimedOut,
     FailureKind.IMAGE_UNTRUSTED: ImageUntrusted,
     FailureKind.SPEC_INVALID: SpecError,
-    FailureKind.SPEC_CONFLICT: SpecConflict,
     FailureKind.REFUSED: RequestRefused,
     FailureKind.CAPACITY: CapacityUnavailable,
     FailureKind.CRASH_LOOP: CrashLooping,

@@ -20,7 +20,17 @@ with workflow.unsafe.imports_passed_through():
     from activities.pods import PodActivities
     from hms_mgmt.models import DeployInput, DeployOutput, FailedPod, ListPodsInput, PodStatus, rollout_budget
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, error_message, pick_nodes, start_and_wait, start_pods, stop_pod
+from workflows.common import (
+    POD_HEARTBEAT,
+    POD_RETRY,
+    error_message,
+    node_queue,
+    pick_nodes,
+    require_parent,
+    start_and_wait,
+    start_pods,
+    stop_pod,
+)
 
 POD_REPORTED = "pod_reported"
 PODS_DRAINING = "pods_draining"
@@ -64,11 +74,12 @@ class DeployWorkflow:
 
     @workflow.run
     async def run(self, inp: DeployInput) -> DeployOutput:
+        await require_parent("DeployWorkflow", inp.spec.name)
         if inp.rolling:
             return await RollingUpdate(inp, self).run()
         ready, failed = await start_pods(
             inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, self.rollout.report,
-            image_id=inp.image_id,
+            image_id=inp.image_id, ticket=inp.ticket,
         )
         return DeployOutput(pods=ready, failed=[FailedPod(pod_id=p, reason=r) for p, r in failed])
 
@@ -94,6 +105,7 @@ class RollingUpdate:
         inp, n = self.inp, self.inp.replicas
         last_progress = workflow.now()
         error: str | None = None
+        retiring: list[asyncio.Task[None]] = []
         while len(self.new) < n or self.old:
             if self.wf.superseded:
                 break
@@ -104,17 +116,20 @@ class RollingUpdate:
             if (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
                 error = f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
                 break
-            # Old pods may go while the ready count stays at n - max_unavailable or more.
-            excess = len(self.new) + len(self.old) - (n - self.unavailable)
-            extra_new = max(0, len(self.new) - n)
-            await self._retire(self.old[: max(0, min(len(self.old), max(excess, extra_new)))])
-            if len(self.new) >= n:
-                continue
+            # Old pods may go while n - max_unavailable stay ready (and must, past n). Draining pods
+            # count toward neither, so the next new pod starts while they drain.
+            ready = len(self.new) + len(self.old)
+            k = max(0, min(len(self.old), max(ready - (n - self.unavailable), ready - n)))
+            victims, self.old = self.old[:k], self.old[k:]
+            if victims:
+                retiring.append(asyncio.ensure_future(self._retire(victims)))
             room = min(n - len(self.new), n + self.surge - len(self.new) - len(self.old))
-            if room <= 0:
-                continue
-            if await self._surge(room):
-                last_progress = workflow.now()
+            if room > 0:
+                if await self._surge(room):
+                    last_progress = workflow.now()
+            elif not victims:
+                break  # no budget to move (max_surge 0 and max_unavailable 0): nothing can change
+        await asyncio.gather(*retiring)
         return DeployOutput(pods=self.new + self.old, failed=self.failures, stopped=self.stopped, error=error,
                             superseded=self.wf.superseded and error is None)
 
@@ -128,7 +143,7 @@ class RollingUpdate:
         async def one(pod_id: str, node) -> PodStatus | None:  # noqa: ANN001 - a NodeSpec
             try:
                 return await start_and_wait(inp.spec, inp.revision, pod_id, node, report_to_parent,
-                                            image_id=inp.image_id)
+                                            image_id=inp.image_id, ticket=inp.ticket)
             except ActivityError as e:
                 self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
                 return None
@@ -173,12 +188,9 @@ class RollingUpdate:
         if self.inp.spec.drain_s > 0:
             await workflow.sleep(timedelta(seconds=self.inp.spec.drain_s), summary=f"drain {self.inp.spec.drain_s:g}s")
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
-        gone = {p.id for p in pods}
-        self.old = [p for p in self.old if p.id not in gone]
         self.stopped += [p.id for p in pods]
         for pod in pods:
             await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))
 
     def _queue(self, node: str) -> str:
-        return next((n.task_queue for n in self.inp.placement.nodes if n.name == node),
-                    f"{self.inp.placement.node_queue_prefix}{node}")
+        return node_queue(self.inp.placement, node)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
-__all__ = ["PodHandle", "PodRequest", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
+__all__ = ["PodHandle", "PodLaunch", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
 
 
 def resolve_runtime_name(setting: str) -> str:
@@ -18,11 +18,16 @@ def resolve_runtime_name(setting: str) -> str:
     return "docker" if docker_available() else "process"
 
 
-def make_runtime(setting: str, *, node: str, state_dir: Path) -> PodRuntime:
-    name = resolve_runtime_name(setting)
+def make_runtime(setting: str, *, node: str, state_dir: Path, docker_host: str | None = None) -> PodRuntime:
+    """A node's runtime; ``docker_host`` (``unix:///...sock``, ``tcp://...``) talks to another engine."""
+    name = "docker" if docker_host and setting == "auto" else resolve_runtime_name(setting)
     if name == "docker":
         from hms_mgmt.runtimes.docker import DockerRuntime
 
+        if docker_host:
+            import docker
+
+            return DockerRuntime(node, client=docker.DockerClient(base_url=docker_host, timeout=60))
         return DockerRuntime(node)
     from hms_mgmt.runtimes.process import ProcessRuntime
 

@@ -23,7 +23,10 @@ class PodRuntimeError(Exception):
 
 
 @dataclass
-class PodRequest:
+class PodLaunch:
+    """What a runtime needs to start one pod (not to be confused with the scheduler's
+    ``PlacementRequest``, which is only the resources a pod reserves)."""
+
     pod_id: str
     service: str
     revision: int
@@ -60,7 +63,7 @@ class PodRuntime(abc.ABC):
         self.node = node
 
     @abc.abstractmethod
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         """Start the pod, or return it if a pod with this id already runs."""
 
     @abc.abstractmethod

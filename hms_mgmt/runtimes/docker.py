@@ -19,7 +19,7 @@ import docker
 import docker.errors
 
 from hms_mgmt import constants as c
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DockerRuntime(PodRuntime):
         with self._lock:
             return self._pod_locks.setdefault(pod_id, threading.Lock())
 
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         """Create first, look only on a name conflict: the common path is the fewest engine
         calls, and a retry of the same pod id still finds the container it made."""
         with self._pod_lock(req.pod_id):  # per pod: different pods start in parallel
@@ -118,7 +118,7 @@ class DockerRuntime(PodRuntime):
                 existing.remove(force=True)
             return self._run(req)
 
-    def _run(self, req: PodRequest) -> PodHandle:
+    def _run(self, req: PodLaunch) -> PodHandle:
         spec = req.spec
         env = dict(spec.env)
         env.update(

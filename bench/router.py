@@ -221,7 +221,7 @@ async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
                 async with http.get(f"{url}/-/table") as r:
                     t = (await r.json())["services"].get(SERVICE)
                 got = {e["address"] for e in t["endpoints"] if e["state"] == "ready"} if t else set()
-                if got == want:
+                if got == want and t.get("applied_version") == t["version"]:
                     return
             await asyncio.sleep(0.2)
     raise RuntimeError(f"router {url} never had {want} (has {got})")
@@ -261,6 +261,11 @@ async def main(args) -> int:
         await wrk(url, threads=args.threads, connections=args.connections, seconds=2)  # warm-up
         await asyncio.sleep(args.settle)
         res = await wrk(url, **w)
+        if proxy in ("builtin", "haproxy"):
+            # The engine's own view right after the run: per-pod weights, latency estimates.
+            with contextlib.suppress(Exception):
+                async with aiohttp.ClientSession() as http, http.get(f"{urls[proxy]}/-/stats") as r:
+                    res["router_pods"] = (await r.json())["services"][SERVICE].get("pods")
         results[phase][proxy] = res
         print(f"  {phase:5s} {proxy:11s} {res['rps']:9.1f} req/s  p50 {res.get('p50_ms')} ms  "
               f"p99 {res.get('p99_ms')} ms  errors {res['errors']}", flush=True)

@@ -99,6 +99,7 @@ class BuiltinEngine:
         self.rng = random.Random()
         self.session: aiohttp.ClientSession | None = None
         self.fresh_session: aiohttp.ClientSession | None = None
+        self.applied: dict[str, int] = {}
         table.subscribe(self._on_table)
 
     # --- table -------------------------------------------------------------------------------
@@ -106,11 +107,13 @@ class BuiltinEngine:
     def _on_table(self, table: EndpointSet) -> None:
         if table.stopped:
             self.pools.pop(table.service, None)
+            self.applied.pop(table.service, None)
             return
         pool = self.pools.get(table.service)
         if pool is None:
             pool = self.pools[table.service] = ServicePool(table.service)
         pool.update(table)
+        self.applied[table.service] = table.version
 
     def pods_info(self, service: str) -> dict[str, Any]:
         pool = self.pools.get(service)
@@ -213,12 +216,12 @@ class BuiltinEngine:
             if pod is None:
                 break
             tried.add(pod.pod)
-            pod.outstanding += 1
+            token = policy.start_request(pod, time.monotonic())
             try:
                 result = await self._attempt(request, pool, pod, tail, headers, body, rid, t0,
                                              last=attempt >= self.options.max_attempts)
             finally:
-                pod.outstanding -= 1
+                policy.finish_request(pod, token)
             if not isinstance(result, _Failed):
                 return result
             failed = result
@@ -316,7 +319,7 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
     """Serve until cancelled."""
     engine = BuiltinEngine(table, stats, options)
     await engine.start()
-    control = Control("builtin", table, sync, stats, pods_info=engine.pods_info)
+    control = Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
     runner = web.AppRunner(build_app(engine, control), access_log=None, handle_signals=False)
     await runner.setup()
     try:

@@ -28,7 +28,8 @@ class Control:
 
     def __init__(self, engine: str, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
                  pods_info: Callable[[str], dict[str, Any]] | None = None,
-                 before_metrics: Callable[[], Any] | None = None, applied: asyncio.Event | None = None) -> None:
+                 before_metrics: Callable[[], Any] | None = None, applied: asyncio.Event | None = None,
+                 applied_versions: dict[str, int] | None = None) -> None:
         self.engine = engine
         self.table = table
         self.sync = sync
@@ -36,6 +37,7 @@ class Control:
         self.pods_info = pods_info
         self.before_metrics = before_metrics
         self.applied = applied  # set once the engine carries the first full table (default: at load)
+        self.applied_versions = applied_versions  # service -> table version the engine carries
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/-/health", self.health)
@@ -51,7 +53,12 @@ class Control:
         return web.json_response(body, status=200 if synced else 503)
 
     async def table_json(self, request: web.Request) -> web.Response:
-        return web.json_response({"engine": self.engine, **self.table.snapshot()})
+        """The feed's tables; ``applied_version`` says which version the engine carries."""
+        snap = self.table.snapshot()
+        if self.applied_versions is not None:
+            for name, t in snap["services"].items():
+                t["applied_version"] = self.applied_versions.get(name)
+        return web.json_response({"engine": self.engine, **snap})
 
     async def stats_json(self, request: web.Request) -> web.Response:
         out = self.stats.summary(list(self.table.services))

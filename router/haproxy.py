@@ -30,6 +30,7 @@ import io
 import logging
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -53,7 +54,8 @@ log = logging.getLogger("hms.router.haproxy")
 POOL_SIZE = 64  # services one router can carry (backends are pre-created: no reload)
 TICK_S = 0.5
 DRAIN_FORCE_S = 60.0  # a removed pod's connections are cut after this long
-WEIGHT_MIN_CHANGE = 0.1  # relative change before a weight is sent again
+WEIGHT_MIN_CHANGE = 0.1
+MAX_SAMPLES_PER_TICK = 500  # relative change before a weight is sent again
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 
 
@@ -216,8 +218,10 @@ class HAProxyEngine:
         self.dirty = asyncio.Event()
         self.last_stat: list[dict[str, str]] = []
         self.server_ids = 1000
+        self.samples: dict[tuple[str, str], list[float]] = {}  # (backend, pod) -> this tick's Tr
         self.sync: FeedSync | None = None
         self.applied = asyncio.Event()  # the first full table is in HAProxy
+        self.applied_versions: dict[str, int] = {}  # service -> table version HAProxy carries
         stats.registry.register(_StatCollector(self))
 
     # --- process ---------------------------------------------------------------------------
@@ -287,14 +291,16 @@ class HAProxyEngine:
                 await self._sync_servers(be, t, now)
                 # Servers first, then the route: no request meets an empty backend.
                 await self.api.one(f"add map {self.map_path} {name} {be.name}")
-                continue
-            await self._sync_servers(be, t, now)
+            else:
+                await self._sync_servers(be, t, now)
+            self.applied_versions[name] = t.version
         for name in [n for n in self.by_service if n not in wanted]:
             be = self.by_service[name]
             await self._sync_servers(be, EndpointSet(service=name), now)
             if not be.servers:
                 await self.api.one(f"del map {self.map_path} {name}")
                 del self.by_service[name]
+                self.applied_versions.pop(name, None)
                 be.service = None
                 be.pods.clear()
 
@@ -356,6 +362,12 @@ class HAProxyEngine:
         """Turn our score into weights, retry pending deletions, refresh ``show stat``."""
         await self.refresh_stat()
         now = time.monotonic()
+        for (be_name, pod_id), samples in self.samples.items():
+            pod = self.backends[int(be_name[3:])].pods.get(pod_id)
+            if pod is not None and samples:
+                # One median per tick: a lone stall on a busy machine must not swing a weight.
+                policy.record_latency(pod, statistics.median(samples), now)
+        self.samples.clear()
         cmds = []
         for be in self.backends:
             if not be.pods:
@@ -416,9 +428,10 @@ class HAProxyEngine:
             return
         if be.service is None:
             return
-        pod = be.pods.get(server)
-        if pod is not None and tr.isdigit():
-            policy.record_latency(pod, max(0.1, float(tr)), time.monotonic())
+        if server in be.pods and tr.isdigit():
+            samples = self.samples.setdefault((be.name, server), [])
+            if len(samples) < MAX_SAMPLES_PER_TICK:
+                samples.append(max(0.1, float(tr)))
         code = int(status) if status.lstrip("-").isdigit() else 0
         self.stats.record(be.service, server if server != "<NOSRV>" else "-", code, max(0, int(ta)) / 1000.0
                           if ta.lstrip("-").isdigit() else 0.0)
@@ -498,7 +511,7 @@ async def run_haproxy(settings: Settings, table: EndpointTable, sync: FeedSync, 
     engine = HAProxyEngine(settings, table, stats, host=host, port=port)
     engine.sync = sync
     control = Control("haproxy", table, sync, stats, pods_info=engine.pods_info, before_metrics=engine.refresh_stat,
-                      applied=engine.applied)
+                      applied=engine.applied, applied_versions=engine.applied_versions)
     app = web.Application()
     control.add_routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

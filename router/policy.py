@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 DEFAULT_LATENCY_MS = 10.0  # a pod with no sample yet, in a service with none either
 EWMA_ALPHA = 0.3
 IDLE_HALF_LIFE_S = 2.0  # an idle pod's excess latency halves every this many seconds
+STALL_FACTOR = 3.0  # an in-flight request this many times older than the estimate means trouble
 
 
 @dataclass
@@ -41,6 +42,8 @@ class PodState:
     ejections: int = 0  # consecutive ejections, for the doubling
     ejected_until: float = 0.0
     total_ejections: int = 0
+    inflight: dict[int, float] = field(default_factory=dict)  # request token -> when it was sent
+    next_token: int = 0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -75,7 +78,33 @@ def best_latency(pods: list[PodState]) -> float | None:
 
 
 def score(pod: PodState, now: float, floor_ms: float | None) -> float:
-    return (pod.outstanding + 1) * latency(pod, now, floor_ms)
+    """(outstanding + 1) x latency. While a pod has requests in flight the idle decay no longer
+    applies (one that looks good again after a quiet spell gets a single probe, not a pile of
+    requests), and once its oldest request is older than ``STALL_FACTOR`` x its estimate, that
+    age is its latency: a pod that just turned slow or hung is seen at once, without waiting for
+    a slow answer to finish."""
+    est = latency(pod, now, floor_ms)
+    if pod.outstanding:
+        if pod.ewma_ms is not None:
+            est = max(est, pod.ewma_ms)
+        if pod.inflight:
+            age_ms = (now - min(pod.inflight.values())) * 1000.0
+            if age_ms > STALL_FACTOR * est:  # not the usual tail: it has turned slow or hung
+                est = age_ms
+    return (pod.outstanding + 1) * est
+
+
+def start_request(pod: PodState, now: float) -> int:
+    """Count a request sent to ``pod``; returns the token for :func:`finish_request`."""
+    pod.next_token += 1
+    pod.inflight[pod.next_token] = now
+    pod.outstanding += 1
+    return pod.next_token
+
+
+def finish_request(pod: PodState, token: int) -> None:
+    if pod.inflight.pop(token, None) is not None:
+        pod.outstanding -= 1
 
 
 def candidates(pods: list[PodState], now: float, exclude: set[str] = frozenset()) -> list[PodState]:  # type: ignore[assignment]
@@ -159,15 +188,25 @@ class RetryBudget:
 MAX_WEIGHT = 256  # HAProxy's server weight range is 0..256
 
 
-def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT) -> dict[str, int]:
-    """HAProxy server weights from our score: proportional to 1/score squared (a pod twice as
-    slow gets a quarter of the draws: the tail latency is made by the few requests a slow pod
-    still gets), the best pod at ``max_weight``, none below 1 (weight 0 would stop a pod for
-    good, as it would get no request to measure; ejection is HAProxy's own, on errors)."""
+def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT, tolerance: float = 3.0,
+            slack_ms: float = 10.0) -> dict[str, int]:
+    """HAProxy server weights from our score. Scores are compared with ``slack_ms`` added to
+    both (2 ms against 8 ms is noise on a busy machine, not a slow pod), and pods within
+    ``tolerance`` x the best all get ``max_weight`` so that an even spread stays even (pods at a
+    fraction of a CPU see their latency jump with CFS throttling); beyond it
+    the weight falls with the square of the ratio (a pod 3x past the band gets a ninth: the
+    tail latency is made by the few requests a slow pod still gets). None below 1: weight 0
+    would stop a pod for good, as it would get no request to measure (ejection on errors is
+    HAProxy's own)."""
     live = [p for p in pods if not p.draining]
     if not live:
         return {}
     floor = best_latency(live)
-    inv = {p.pod: 1.0 / score(p, now, floor) ** 2 for p in live}
-    top = max(inv.values())
-    return {pod: max(1, min(max_weight, math.floor(max_weight * v / top + 0.5))) for pod, v in inv.items()}
+    scores = {p.pod: score(p, now, floor) + slack_ms for p in live}
+    best = min(scores.values())
+    out = {}
+    for pod, sc in scores.items():
+        ratio = sc / best / tolerance
+        w = max_weight if ratio <= 1.0 else max_weight / ratio**2
+        out[pod] = max(1, min(max_weight, math.floor(w + 0.5)))
+    return out

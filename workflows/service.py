@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
@@ -1229,6 +1229,8 @@ class ServiceWorkflow:
                 summary=f"endpoints v{table.version}: {ready} ready, {len(table.endpoints) - ready} draining",
             )
         except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                raise  # the run is ending (continue-as-new): nothing to report
             workflow.logger.warning("endpoint feed: could not publish %s: %s", table.version, e)
 
     async def _drain(self) -> None:

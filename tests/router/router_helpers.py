@@ -87,14 +87,15 @@ class Routed:
 
     async def wait_pods(self, service: str, ready: int, timeout: float = 60.0, without: str | None = None) -> dict:
         """Until the router's table holds ``ready`` ready pods of ``service``, no draining one,
-        and not the pod ``without``."""
+        and not the pod ``without``, and the engine carries that table."""
         deadline = time.monotonic() + timeout
         t = None
         while time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 t = await self.table(service)
                 if t is not None and sum(e["state"] == "ready" for e in t["endpoints"]) == ready \
-                        and len(t["endpoints"]) == ready and without not in {e["pod"] for e in t["endpoints"]}:
+                        and len(t["endpoints"]) == ready and without not in {e["pod"] for e in t["endpoints"]} \
+                        and t.get("applied_version") == t["version"]:
                     return t
             await asyncio.sleep(0.2)
         raise AssertionError(f"router table for {service} never had {ready} ready pods (without {without}): {t}")

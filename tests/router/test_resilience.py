@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 
 import pytest
 from conftest import seed_spec
@@ -49,6 +50,11 @@ async def test_a_slow_pod_gets_clearly_less_traffic(routed):
     pods = (await routed.orch.status("hms-ach")).pods
     await routed.wait_pods("hms-ach", 3)
     slow = pods[0].id
+    # Starved: 0.02 CPU, most of it eaten by its own busy loop (on a busy 2-core machine a pod at
+    # 0.02 CPU alone is not much slower than its neighbours, which are starved too).
+    burn = urllib.request.Request(f"http://{pods[0].endpoint}/admin/cpu", data=b'{"percent": 100}', method="POST",
+                                  headers={"Content-Type": "application/json"})
+    await asyncio.to_thread(lambda: urllib.request.urlopen(burn, timeout=5).read())
     subprocess.run(["docker", "update", "--cpus", "0.02", container_id(routed.settings, slow)], check=True,
                    capture_output=True)
     warm = await run_load(f"{routed.url}/hms-ach/", concurrency=16, seconds=3, max_requests=1500)

@@ -31,6 +31,7 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     _, headers, _ = await get_json(f"{routed.url}/hms-ach/health")
     assert headers.get("X-Request-Id"), "a request id is created when the caller sends none"
 
+    await run_load(f"{routed.url}/hms-ach/", concurrency=6, seconds=2, max_requests=200)  # warm connections
     load = await run_load(f"{routed.url}/hms-ach/", concurrency=6, seconds=10, max_requests=600)
     assert load.statuses[200] == load.total >= 300, load.failures[:5]
     per_pod = [load.pods[p.id] for p in st.pods]

@@ -18,7 +18,7 @@ from hms_mgmt import auth, constants
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.governance import load_governance_policy
+from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import (
     AuthorizeInput,
     AuthorizeOutput,
@@ -37,7 +37,7 @@ from hms_mgmt.models import (
 )
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.scheduler import NodeUsage, PodRequest, pick_nodes
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class ControlActivities:
         for other in await self._other_services(inp.service, settings.task_queue):
             spec_cpu, spec_mem = other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0
             account(other.pods, own=False)
-        request = PodRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0,
-                             node_selector=inp.spec.node_selector)
+        request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0,
+                                   node_selector=inp.spec.node_selector)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         by_name = {n.name: n for n in nodes}
         result = PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])
@@ -159,6 +159,7 @@ class ControlActivities:
         deadline = loop.time() + inp.max_duration_s
         wanted = set(inp.pods)
         seen_rounds: dict[str, int] = {}
+        last_check = loop.time()
         samples: list[CpuSample] = []
         # Read twice per sampling interval: a node's new round is used soon after it lands,
         # and a round is counted once however often it is read.
@@ -171,8 +172,12 @@ class ControlActivities:
             if now >= next_check:
                 next_check = max(next_check + every, now)
                 merged, rounds = await self._node_samples(inp.workflow_id, wanted)
-                if rounds and rounds != seen_rounds:  # at least one node sampled again since the last check
-                    seen_rounds = rounds
+                fresh = [k for k in rounds if rounds[k] > seen_rounds.get(k, 0)]
+                # A round is the policy's input once every node has sampled again (or, should a
+                # node's watch be stuck, once two intervals passed), so a check does not mix one
+                # node's new reading with another's from before a load step.
+                if fresh and (len(fresh) == len(rounds) or now - last_check >= 2 * spec.scale_interval_s):
+                    seen_rounds, last_check = rounds, now
                     samples = merged
                     verdict = scaler.check(samples, datetime.now(UTC))
                     if verdict is not None:

@@ -31,7 +31,7 @@ from hms_mgmt.models import (
     WatchResult,
 )
 from hms_mgmt.policy.autoscale import CpuSample
-from hms_mgmt.runtimes import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
@@ -102,7 +102,10 @@ class PodActivities:
 
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
-        req = PodRequest(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec)
+        if inp.image_id:
+            await self._check_pinned(inp.spec.image, inp.image_id)
+        req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
+                        image_id=inp.image_id)
         handle: PodHandle | None = await heartbeating(self.runtime.start, req)
         spec = inp.spec
         loop = asyncio.get_running_loop()
@@ -152,6 +155,16 @@ class PodActivities:
             if unsubscribe is not None:
                 unsubscribe()
 
+    async def _check_pinned(self, image: str, image_id: str) -> None:
+        """Checked again where the pod starts (heals and scale-ups too): the content admitted for
+        this revision must still be signed and not revoked."""
+        if self.trust is None:
+            return
+        ok, detail = await asyncio.to_thread(self.trust.verify, image, image_id)
+        if not ok:
+            raise ApplicationError(f"image {image} ({image_id[:19]}) may not start: {detail}",
+                                   type="ImageUntrusted", non_retryable=True)
+
     @activity.defn(name="stop_pod")
     async def stop_pod(self, inp: StopPodInput) -> bool:
         return await heartbeating(self.runtime.stop, inp.pod_id, inp.grace_s)
@@ -174,13 +187,17 @@ class PodActivities:
         until ``image_verify_timeout_s``, so signing it meanwhile lets the rollout go on."""
         if self.trust is None:
             raise ApplicationError("this node has no trust store", type="ImageUntrusted", non_retryable=True)
-        try:
-            content_id = await asyncio.to_thread(self.runtime.content_id, inp.image)
-        except PodRuntimeError as e:
-            raise ApplicationError(f"image {inp.image} is not trusted: {e}", type="ImageUntrusted") from e
+        content_id = inp.content_id
+        if not content_id:
+            try:
+                content_id = await asyncio.to_thread(self.runtime.content_id, inp.image)
+            except PodRuntimeError as e:
+                raise ApplicationError(f"image {inp.image} is not trusted: {e}", type="ImageUntrusted",
+                                       non_retryable=inp.one_try) from e
         ok, detail = await asyncio.to_thread(self.trust.verify, inp.image, content_id)
         if not ok:
-            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type="ImageUntrusted")
+            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type="ImageUntrusted",
+                                   non_retryable=inp.one_try)
         return VerifyImageOutput(content_id=content_id, detail=detail)
 
     @activity.defn(name="watch_pods")

@@ -10,18 +10,18 @@ import copy
 import logging
 import os
 import re
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import jwt
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
 
+from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import AccessDenied, ConfigError, HmsError, SpecError
+from hms_mgmt.files import atomic_write, load_yaml_mapping
 
 if TYPE_CHECKING:
     from hms_mgmt.config import Settings
@@ -67,31 +67,6 @@ def keys_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "keys"
 
 
-def _write_file(path: Path, data: bytes, mode: int, *, replace: bool) -> bool:
-    """Write via a temp file so readers never see half a key; with ``replace=False`` an existing
-    file wins (two processes racing to init keep one key). Returns whether ``path`` was written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if replace:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # atomic create-if-absent
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-
 def _public_pem(private_key: Ed25519PrivateKey) -> bytes:
     return private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -111,14 +86,14 @@ def init_keys(state_dir: Path, *, force: bool = False) -> Path:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        if _write_file(private_path, pem, 0o600, replace=force):
-            _write_file(public_path, _public_pem(key), 0o644, replace=True)
+        if atomic_write(private_path, pem, mode=0o600, replace=force):
+            atomic_write(public_path, _public_pem(key), mode=0o644)
             return private_path
     # Keep the existing key; make sure its public half is there and matches.
     key = load_private_key(state_dir)
     pub = _public_pem(key)
     if not public_path.exists() or public_path.read_bytes() != pub:
-        _write_file(public_path, pub, 0o644, replace=True)
+        atomic_write(public_path, pub, mode=0o644)
     return private_path
 
 
@@ -206,17 +181,6 @@ def _coerce_public_key(public_key: Any) -> Ed25519PublicKey:
     raise TypeError("public_key must be an Ed25519 public key (object or PEM)")
 
 
-def _human(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -286,7 +250,7 @@ def verify_token(
     if current >= expires_at:
         ago = (current - expires_at).total_seconds()
         raise AccessDenied(
-            f"token for {user} expired at {expires_at.isoformat()} ({_human(ago)} ago): "
+            f"token for {user} expired at {expires_at.isoformat()} ({format_duration(ago)} ago): "
             "issue a new one with `hms auth issue`"
         )
     if (issued_at - current).total_seconds() > CLOCK_SKEW_S:
@@ -326,11 +290,8 @@ def load_access_matrix(state_dir: Path) -> dict[str, list[str]]:
     path = Path(state_dir) / "access.yaml"
     if not path.exists():
         return copy.deepcopy(DEFAULT_ACCESS)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict) or not raw:
+    raw = load_yaml_mapping(path, what="role to a list of actions")
+    if not raw:
         raise ConfigError(
             f"{path}: expected a mapping of role to a list of actions "
             f"(e.g. 'viewer: [status, logs]'); delete the file to use the defaults"

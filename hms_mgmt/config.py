@@ -1,68 +1,96 @@
-"""Configuration from the environment and an optional ``config.yaml`` in the state directory.
+"""Configuration: one ``Settings`` object, built once and handed down.
 
-Environment variables win over the file; the file holds the same keys in lower case without
-the ``HMS_`` prefix (``temporal_address: ...``), plus ``nodes:`` (a list of node specs).
+Sources, highest first: keyword arguments (the CLI's flags), ``HMS_*`` environment variables,
+``<state_dir>/config.yaml`` (the same keys in lower case without the prefix, e.g.
+``temporal_address: ...``, plus ``nodes:``, a list of node specs), then the defaults. The state
+directory itself comes from the ``state_dir`` argument, else ``HMS_STATE_DIR``, else ``~/.hms``.
+
+Code that must see configuration changes while it runs (the worker's Scheduler picks up new
+nodes from config.yaml) calls ``settings.reload()``, which reads the sources again with the
+same keyword arguments; nothing writes ``os.environ``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from hms_mgmt import constants
 from hms_mgmt.errors import ConfigError
+from hms_mgmt.files import atomic_write, load_yaml_mapping
 from hms_mgmt.models import NodeSpec
 
-_ENV_KEYS = {
-    "temporal_address": "HMS_TEMPORAL_ADDRESS",
-    "namespace": "HMS_NAMESPACE",
-    "tls_cert": "HMS_TEMPORAL_TLS_CERT",
-    "tls_key": "HMS_TEMPORAL_TLS_KEY",
-    "tls_ca": "HMS_TEMPORAL_TLS_CA",
-    "api_key": "HMS_TEMPORAL_API_KEY",
-    "runtime": "HMS_RUNTIME",
-    "token": "HMS_TOKEN",
-    "task_queue": "HMS_TASK_QUEUE",
-    "node_queue_prefix": "HMS_NODE_QUEUE_PREFIX",
-    "node": "HMS_NODE",
-    "web_ui_url": "HMS_WEB_UI_URL",
-    "event_webhook": "HMS_EVENT_WEBHOOK",
-    "router_port": "HMS_ROUTER_PORT",
-    "routers": "HMS_ROUTERS",
-    "dashboard_port": "HMS_DASHBOARD_PORT",
-    "node_max_pods": "HMS_NODE_MAX_PODS",
-    "capacity_retry_max_s": "HMS_CAPACITY_RETRY_MAX_S",
-    "watch_max_s": "HMS_WATCH_MAX_S",
-    "history_threshold": "HMS_HISTORY_THRESHOLD",
-    # nodes (issue 12): this worker's node, and when the registry calls a node lost
-    "docker_host": "HMS_DOCKER_HOST",
-    "node_cpus": "HMS_NODE_CPUS",
-    "node_memory_mb": "HMS_NODE_MEMORY_MB",
-    "node_labels": "HMS_NODE_LABELS",
-    "node_heartbeat_s": "HMS_NODE_HEARTBEAT_S",
-    "node_lost_after_s": "HMS_NODE_LOST_AFTER_S",
-    "sweep_on_exit": "HMS_SWEEP_ON_EXIT",
-}
-
-
+ENV_PREFIX = "HMS_"
+CONFIG_FILE = "config.yaml"
 CPU_LIMIT_OVERCOMMIT = 8
 
+# The environment ``Settings.from_env(env=...)`` reads instead of os.environ (for the duration of
+# one construction only).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("hms_settings_environ", default=None)
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+def default_state_dir() -> Path:
+    return Path.home() / ".hms"
+
+
+class _EnvSource(EnvSettingsSource):
+    """``HMS_*`` variables from os.environ, or from the mapping ``from_env(env=...)`` was given."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        environ = _ENVIRON.get()
+        if environ is None:
+            return super()._load_env_vars()
+        return {
+            (k if self.case_sensitive else k.lower()): v
+            for k, v in environ.items()
+            if not (self.env_ignore_empty and v == "")
+        }
+
+
+class _YamlSource(YamlConfigSettingsSource):
+    """``<state_dir>/config.yaml``, read with the one YAML loader (errors name the file)."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        data = load_yaml_mapping(file_path, what="setting to value (e.g. 'temporal_address: host:7233')")
+        if "state_dir" in data:
+            raise ConfigError(f"{file_path}: state_dir cannot be set in the file that lives in it; "
+                              "use HMS_STATE_DIR or --state-dir")
+        return data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # HMS_TOKEN= means unset, as it always did
+        extra="forbid",  # a misspelt key in config.yaml is an error, not silently ignored
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
 
     temporal_address: str = constants.DEFAULT_TEMPORAL_ADDRESS
     namespace: str = constants.DEFAULT_NAMESPACE
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
-    api_key: str | None = None
+    # Four fields whose variable is not HMS_<FIELD>: the Temporal connection's.
+    tls_cert: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_CERT"))
+    tls_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_KEY"))
+    tls_ca: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_CA"))
+    api_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_API_KEY"))
     runtime: Literal["auto", "docker", "process"] = "auto"
-    state_dir: Path = Field(default_factory=lambda: Path.home() / ".hms")
+    state_dir: Path = Field(default_factory=default_state_dir)
     token: str | None = None
     task_queue: str = constants.CONTROL_TASK_QUEUE
     node_queue_prefix: str = constants.NODE_TASK_QUEUE_PREFIX
@@ -73,28 +101,32 @@ class Settings(BaseModel):
     history_threshold: int | None = None
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
-    event_webhook: str | None = None
+    event_webhook: str | None = None  # one more webhook URL (kept from before `webhooks`)
+    webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)  # env: comma-separated
+    webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
+    metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
-    # This worker's node (``hms worker --node``) and the NodeRegistry's timing.
+    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
+    # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
+    routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # This worker's node (``hms worker --node``) and the NodeRegistry's timing (issue 12).
     docker_host: str | None = None  # e.g. unix:///run/docker-2.sock: the node's own Docker Engine
-    node_cpus: float | None = None  # CPUs offered to pods (default: cores x CPU_LIMIT_OVERCOMMIT)
-    node_memory_mb: int | None = None  # default: the machine's memory
-    node_labels: dict[str, str] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
+    node_cpus: float | None = Field(default=None, gt=0)  # CPUs offered to pods (default: cores x 8)
+    node_memory_mb: int | None = Field(default=None, gt=0)  # default: the machine's memory
+    node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # env: zone=a,disk=ssd
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")
     @classmethod
-    def _labels(cls, v: Any) -> Any:
+    def _labels_from_text(cls, v: Any) -> Any:
         return parse_labels(v) if isinstance(v, str) else v
-    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
-    routers: list[str] = Field(default_factory=list)
 
-    @field_validator("routers", mode="before")
+    @field_validator("routers", "webhooks", mode="before")
     @classmethod
-    def _routers_from_text(cls, v: Any) -> Any:
+    def _urls_from_text(cls, v: Any) -> Any:
         """``HMS_ROUTERS=http://a:8000,http://b:8000`` (an empty string means none but the default)."""
         if isinstance(v, str):
             return [u.strip() for u in v.split(",") if u.strip()]
@@ -106,30 +138,56 @@ class Settings(BaseModel):
             self.routers = [f"http://127.0.0.1:{self.router_port}"]
         return self
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
-        env = dict(os.environ if env is None else env)
-        state_dir = Path(env.get("HMS_STATE_DIR") or overrides.get("state_dir") or Path.home() / ".hms")
-        values: dict[str, Any] = {}
-        config_file = state_dir / "config.yaml"
-        if config_file.exists():
-            try:
-                loaded = yaml.safe_load(config_file.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{config_file}: not valid YAML: {e}") from e
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{config_file}: expected a mapping of settings")
-            values.update(loaded)
-        for key, var in _ENV_KEYS.items():
-            if env.get(var):
-                values[key] = env[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        values["state_dir"] = state_dir
+    # What this object was built from, so reload() reads the same sources again.
+    _overrides: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _environ: Mapping[str, str] | None = PrivateAttr(default=None)
+
+    def __init__(self, **values: Any) -> None:
         try:
-            return cls(**values)
+            super().__init__(**values)
         except ValidationError as e:
-            fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in e.errors())
-            raise ConfigError(f"invalid configuration ({fields}): {e}") from e
+            raise ConfigError(f"invalid configuration: {_describe(e)}") from e
+        self._overrides = dict(values)
+        self._environ = _ENVIRON.get()
+
+    def webhook_urls(self) -> list[str]:
+        """Every webhook events go to: ``webhooks`` plus ``event_webhook``."""
+        urls = list(self.webhooks)
+        if self.event_webhook and self.event_webhook not in urls:
+            urls.append(self.event_webhook)
+        return urls
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env = _EnvSource(settings_cls)
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        state_dir = init_kwargs.get("state_dir") or env.env_vars.get(f"{ENV_PREFIX}STATE_DIR".lower())
+        yaml_file = Path(state_dir or default_state_dir()).expanduser() / CONFIG_FILE
+        return (init_settings, env, _YamlSource(settings_cls, yaml_file=yaml_file))
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``env`` (default: os.environ) and the config file, with ``overrides``
+        (``None`` values are ignored: an unset CLI flag) on top."""
+        with _reading_environ(env):
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+    def reload(self) -> Settings:
+        """The same sources read again (config.yaml may have changed), with the same overrides."""
+        with _reading_environ(self._environ):
+            return type(self)(**self._overrides)
 
     def node_specs(self) -> list[NodeSpec]:
         """The nodes pods may be placed on: from the config file, else this machine."""
@@ -146,17 +204,16 @@ class Settings(BaseModel):
         return [self.this_node()]
 
     def this_node(self, runtime: str | None = None) -> NodeSpec:
-        """The node this worker serves: its ``nodes:`` entry if listed, else from the node flags."""
-        for raw in self.nodes:
-            if raw.get("name") == self.node:
-                return next(n for n in self.node_specs() if n.name == self.node)
+        """The node this worker serves: its ``nodes:`` entry if listed, else from the node settings."""
+        if any(raw.get("name") == self.node for raw in self.nodes):
+            return next(n for n in self.node_specs() if n.name == self.node)
         import psutil
 
         return NodeSpec(
             name=self.node,
             runtime=runtime or ("docker" if self.runtime == "docker" else "process"),  # type: ignore[arg-type]
-            # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the
-            # cores, as clusters overcommit limits. Set --cpus or nodes: in config.yaml to change it.
+            # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the cores, as
+            # clusters overcommit limits. Set --cpus (HMS_NODE_CPUS) or nodes: in config.yaml to change it.
             cpu=self.node_cpus or float(os.cpu_count() or 1) * CPU_LIMIT_OVERCOMMIT,
             memory_mb=self.node_memory_mb or int(psutil.virtual_memory().total // (1024 * 1024)),
             max_pods=self.node_max_pods,
@@ -173,13 +230,10 @@ class Settings(BaseModel):
     def write_config(self, **values: Any) -> Path:
         """Merge ``values`` into the config file (used by ``hms auth`` and ``hms up``)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.state_dir / "config.yaml"
-        current: dict[str, Any] = {}
-        if path.exists():
-            current = yaml.safe_load(path.read_text()) or {}
+        path = self.state_dir / CONFIG_FILE
+        current = load_yaml_mapping(path, what="setting to value")
         current.update(values)
-        path.write_text(yaml.safe_dump(current, sort_keys=True))
-        path.chmod(0o600)
+        atomic_write(path, yaml.safe_dump(current, sort_keys=True), mode=0o600)
         return path
 
 
@@ -192,6 +246,48 @@ def parse_labels(text: str) -> dict[str, str]:
             raise ValueError(f"label {item!r} is not key=value")
         labels[key.strip()] = value.strip()
     return labels
+
+
+@contextlib.contextmanager
+def _reading_environ(env: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(None if env is None else dict(env))
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
+
+
+# field -> where it is set from, for error messages
+_ALIASES = {
+    alias: name
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.validation_alias, AliasChoices)
+    for alias in info.validation_alias.choices
+    if isinstance(alias, str)
+}
+
+
+def env_var(field: str) -> str:
+    """The environment variable of a setting: ``tls_cert`` -> ``HMS_TEMPORAL_TLS_CERT``."""
+    info = Settings.model_fields[field]
+    if isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _describe(e: ValidationError) -> str:
+    problems = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = _ALIASES.get(loc[0], loc[0]) if loc else "(root)"
+        where = ".".join([field, *loc[1:]])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {field!r}")
+        elif field in Settings.model_fields:
+            problems.append(f"{where} ({env_var(field)}): {err['msg']} (got {err.get('input')!r})")
+        else:
+            problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)
 
 
 async def connect(settings: Settings | None = None):  # -> temporalio.client.Client

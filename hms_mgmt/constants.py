@@ -11,6 +11,7 @@ NODE_LOST_SIGNAL = "node_lost"  # NodeRegistry -> ServiceWorkflow: treat this no
 LABEL_SERVICE = "hms.service"
 LABEL_POD = "hms.pod"
 LABEL_REVISION = "hms.revision"
+LABEL_IMAGE = "hms.image"  # the reference the spec names (the container runs its pinned id)
 LABEL_NODE = "hms.node"
 LABEL_MANAGED = "hms.managed"
 

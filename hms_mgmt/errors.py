@@ -19,13 +19,14 @@ class FailureKind(StrEnum):
     APPROVAL_TIMED_OUT = "approval_timed_out"
     IMAGE_UNTRUSTED = "image_untrusted"
     SPEC_INVALID = "spec_invalid"
-    SPEC_CONFLICT = "spec_conflict"
     REFUSED = "refused"  # the request does not fit the service's state (wrong phase, out of range)
     CAPACITY = "capacity"
     CRASH_LOOP = "crash_loop"
     DEPLOY_FAILED = "deploy_failed"
     NOT_FOUND = "not_found"
     UNDEPLOYED = "undeployed"
+    ROLLED_BACK = "rolled_back"
+    SUPERSEDED = "superseded"
 
 
 class HmsError(Exception):
@@ -76,12 +77,6 @@ class ServiceNotFound(HmsError, LookupError):
     kind = FailureKind.NOT_FOUND
 
 
-class SpecConflict(HmsError):
-    """A service of that name already runs with a different spec."""
-
-    kind = FailureKind.SPEC_CONFLICT
-
-
 class ConfigError(HmsError):
     """The configuration (environment or config file) is invalid."""
 
@@ -115,19 +110,33 @@ class ServiceUndeployed(HmsError):
     kind = FailureKind.UNDEPLOYED
 
 
+class RolloutFailed(HmsError):
+    """A rolling update did not complete: its pods never became ready or crash-looped, and the
+    service rolled back to the previous revision."""
+
+    kind = FailureKind.ROLLED_BACK
+
+
+class RolloutSuperseded(HmsError):
+    """A newer update replaced this one before it finished."""
+
+    kind = FailureKind.SUPERSEDED
+
+
 _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.ACCESS_DENIED: AccessDenied,
     FailureKind.APPROVAL_REJECTED: ApprovalRejected,
     FailureKind.APPROVAL_TIMED_OUT: ApprovalTimedOut,
     FailureKind.IMAGE_UNTRUSTED: ImageUntrusted,
     FailureKind.SPEC_INVALID: SpecError,
-    FailureKind.SPEC_CONFLICT: SpecConflict,
     FailureKind.REFUSED: RequestRefused,
     FailureKind.CAPACITY: CapacityUnavailable,
     FailureKind.CRASH_LOOP: CrashLooping,
     FailureKind.DEPLOY_FAILED: DeployFailed,
     FailureKind.NOT_FOUND: ServiceNotFound,
     FailureKind.UNDEPLOYED: ServiceUndeployed,
+    FailureKind.ROLLED_BACK: RolloutFailed,
+    FailureKind.SUPERSEDED: RolloutSuperseded,
 }
 
 

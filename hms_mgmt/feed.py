@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
 from hms_mgmt.auth import keys_dir
+from hms_mgmt.files import atomic_write
 from hms_mgmt.models import EndpointSet
 
 FEED_KEY_FILE = "feed.key"
@@ -40,17 +39,8 @@ def feed_key(state_dir: Path) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, path)  # create-if-absent: two processes racing keep one key
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
+    # create-if-absent: two processes racing keep one key
+    atomic_write(path, secrets.token_hex(32), mode=0o600, replace=False)
     return bytes.fromhex(path.read_text().strip())
 
 
@@ -90,14 +80,7 @@ def write_table(state_dir: Path, table: EndpointSet) -> Path:
             return path
     except (FileNotFoundError, ValueError):
         pass
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(table.model_dump_json())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, table.model_dump_json())
     return path
 
 

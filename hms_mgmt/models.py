@@ -31,6 +31,7 @@ Phase = Literal[
     "Running",
     "Scaling",
     "Healing",
+    "Updating",
     "Degraded",
     "Undeploying",
     "Stopped",
@@ -71,6 +72,25 @@ class ServiceSpec(_Model):
     image_verify_timeout_s: float = Field(default=300.0, gt=0)
     drain_s: float = Field(default=2.0, ge=0, le=600,
                            description="seconds a pod stopped on purpose gets no new requests before it stops")
+    max_surge: int | str = Field(default="25%", description="pods above the replica count during a rolling "
+                                 "update: a count or a percent of it, rounded up; at least 1 when max_unavailable is 0")
+    max_unavailable: int | str = Field(default=0, description="ready pods a rolling update may be short of the "
+                                       "replica count: a count or a percent, rounded down; never below min_replicas")
+    min_ready_s: float = Field(default=1.0, ge=0, le=3600,
+                               description="a new pod must stay ready this long before an old one is stopped")
+    progress_deadline_s: float = Field(default=120.0, gt=0, le=86400,
+                                       description="a rolling update that makes no progress this long rolls back")
+
+    @field_validator("max_surge", "max_unavailable")
+    @classmethod
+    def _count_or_percent(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be >= 0")
+            return v
+        if not re.fullmatch(r"(100|[1-9]?[0-9])%", v):
+            raise ValueError("must be a count (2) or a percent from 0% to 100% ('25%')")
+        return v
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="node labels a pod's node must carry, e.g. {zone: a}"
     )
@@ -107,6 +127,11 @@ class ServiceSpec(_Model):
                 raise ValueError(f"invalid environment variable name {key!r}")
         return v
 
+    def pod_template(self) -> dict[str, Any]:
+        """The fields that shape a pod: a change to any of them needs new pods (a rolling update);
+        any other change (replica bounds, targets, intervals) applies in place."""
+        return self.model_dump(include=POD_TEMPLATE_FIELDS)
+
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServiceSpec:
         if self.max_replicas < self.min_replicas:
@@ -116,6 +141,18 @@ class ServiceSpec(_Model):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
         return self
+
+
+POD_TEMPLATE_FIELDS = {"image", "port", "health_path", "env", "command", "cpu_limit", "memory_mb"}
+
+
+def rollout_budget(value: int | str, replicas: int, *, round_up: bool) -> int:
+    """``max_surge``/``max_unavailable`` as a pod count for ``replicas`` pods."""
+    if isinstance(value, int):
+        return value
+    percent = int(value.rstrip("%"))
+    whole, rest = divmod(percent * replicas, 100)
+    return whole + (1 if round_up and rest else 0)
 
 
 class NodeSpec(_Model):
@@ -202,11 +239,35 @@ class Decision(_Model):
     """A scale or heal decision with its reason, kept for status() and the dashboard."""
 
     at: datetime
-    kind: Literal["scale", "heal", "degraded", "recovered", "capacity"]
+    kind: Literal["scale", "heal", "degraded", "recovered", "capacity", "update", "rollout", "rollback", "revoked"]
     reason: str
     from_replicas: int | None = None
     to_replicas: int | None = None
     pod: str | None = None
+
+
+class RevisionRecord(_Model):
+    """One revision of a service: what it ran, pinned to the image content admitted for it."""
+
+    revision: int
+    spec: ServiceSpec
+    image_id: str = ""  # the content id resolved at admission; every pod of it starts from this
+    deployed_by: str = ""
+    deployed_at: datetime | None = None
+    outcome: Literal["active", "rolling", "replaced", "rolled_back", "failed", "superseded"] = "active"
+    reason: str = ""
+
+
+class RolloutStatus(_Model):
+    """The rolling update in progress (or the last one), for ``hms rollout status``."""
+
+    from_revision: int
+    to_revision: int
+    state: Literal["waiting", "rolling", "rolling_back", "completed", "rolled_back", "failed", "superseded"]
+    started_at: datetime
+    updated: int = 0  # pods of to_revision ready
+    desired: int = 0
+    message: str = ""
 
 
 class Refusal(_Model):
@@ -255,6 +316,9 @@ class ServiceStatus(_Model):
     approved_by: str | None = None
     failure: Failure | None = None
     deploy_request_id: str = ""  # which deploy() call started this service
+    image_id: str = ""  # the current revision's image, pinned at admission
+    rollout: RolloutStatus | None = None
+    revisions: list[RevisionRecord] = Field(default_factory=list)
 
 
 class Approval(_Model):
@@ -271,6 +335,7 @@ class DeployResult(_Model):
     run_id: str | None = None
     web_ui_url: str
     already_running: bool = False
+    revision: int | None = None  # a changed spec for a running service: the revision rolling out
 
 
 # --- workflow inputs and results -------------------------------------------------------
@@ -297,7 +362,6 @@ class ServiceState(_Model):
     pods: list[PodStatus] = Field(default_factory=list)
     decisions: list[Decision] = Field(default_factory=list)
     pending_approval: PendingApproval | None = None
-    approved: bool = False
     crash_count: int = 0
     backoff_s: float = 0.0
     heal_counter: int = 0
@@ -310,6 +374,9 @@ class ServiceState(_Model):
     approved_by: str | None = None
     last_samples: list[CpuSample] = Field(default_factory=list)
     failure: Failure | None = None
+    image_id: str = ""
+    rollout: RolloutStatus | None = None
+    revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
 
 
@@ -323,11 +390,19 @@ class ServiceInput(_Model):
 
 
 class DeployInput(_Model):
+    """A first rollout (``pod_ids`` to start), or a rolling update: replace every pod in
+    ``current`` that is not of ``revision`` with ``replicas`` pods of it."""
+
     spec: ServiceSpec
     revision: int
     pod_ids: list[str]
     placement: Placement
     existing: list[PodStatus] = Field(default_factory=list)
+    image_id: str = ""
+    rolling: bool = False
+    current: list[PodStatus] = Field(default_factory=list)
+    replicas: int = 0
+    rollback: bool = False
 
 
 class FailedPod(_Model):
@@ -338,6 +413,27 @@ class FailedPod(_Model):
 class DeployOutput(_Model):
     pods: list[PodStatus]
     failed: list[FailedPod] = Field(default_factory=list)
+    stopped: list[str] = Field(default_factory=list)  # old pods a rolling update removed
+    error: str | None = None  # a rolling update that gave up (deadline, crash loop): roll back
+    superseded: bool = False  # stopped early for a newer update
+
+
+class UpdateOutcome(_Model):
+    """What ``update_spec``/``rollback`` did: a new revision is rolling out (wait for it with
+    the ``admission`` update, ``until="revision"``), or the change applied in place."""
+
+    revision: int | None = None
+    in_place: bool = False
+    status: ServiceStatus
+
+
+class SpecUpdate(_Model):
+    """The ``update_spec`` update (a new revision, or an in-place change) and ``rollback``."""
+
+    spec: ServiceSpec | None = None
+    token: str = ""
+    request_id: str = ""
+    to_revision: int | None = None  # rollback: this revision (default: the one before)
 
 
 class PodLogsInput(_Model):
@@ -368,6 +464,7 @@ class StartPodInput(_Model):
     revision: int
     node: str
     spec: ServiceSpec
+    image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
 
 
 class StopPodInput(_Model):
@@ -462,6 +559,7 @@ class HealInput(_Model):
     placement: Placement
     existing: list[PodStatus] = Field(default_factory=list)
     crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
+    image_id: str = ""
 
 
 class HealAttempt(_Model):
@@ -492,6 +590,7 @@ class ScaleInput(_Model):
     existing: list[PodStatus] = Field(default_factory=list)
     new_pod_ids: list[str] = Field(default_factory=list)
     victims: list[PodStatus] = Field(default_factory=list)
+    image_id: str = ""
 
 
 class ScaleOutput(_Model):
@@ -537,6 +636,8 @@ class GovernanceOutput(_Model):
 class VerifyImageInput(_Model):
     service: str
     image: str
+    content_id: str = ""  # check this pinned content rather than what the tag points to now
+    one_try: bool = False  # a revocation check: answer now, do not wait for a signature
 
 
 class VerifyImageOutput(_Model):
@@ -587,5 +688,6 @@ class AdmissionRequest(_Model):
     """The ``admission`` update: answer once the service has passed (or failed) admission,
     or, with ``until="running"``, once it runs. Bounded, so no update outlives its caller."""
 
-    until: Literal["admitted", "running"] = "admitted"
+    until: Literal["admitted", "running", "revision"] = "admitted"
+    revision: int | None = None  # until="revision": that revision runs (or was rolled back)
     timeout_s: float = Field(default=300.0, gt=0, le=3600)

@@ -34,7 +34,6 @@ from hms_mgmt.errors import (
     HmsError,
     ScaleRefused,
     ServiceNotFound,
-    SpecConflict,
     SpecError,
     error_for,
 )
@@ -47,11 +46,14 @@ from hms_mgmt.models import (
     PodLogsInput,
     PodProgress,
     PodStatus,
+    RevisionRecord,
     ScaleRequest,
     ServiceInput,
     ServiceSpec,
     ServiceStatus,
+    SpecUpdate,
     UndeployRequest,
+    UpdateOutcome,
     WatchHeartbeat,
 )
 
@@ -193,16 +195,57 @@ class Orchestrator:
             raise HmsError(f"deploy {spec.name}: an earlier run of the service kept ending; try again")
         handle = await start.workflow_handle()
         already = status.deploy_request_id != request_id
+        revision: int | None = None
         if already and status.spec != spec:
-            changed = sorted(k for k in ServiceSpec.model_fields if getattr(status.spec, k) != getattr(spec, k))
-            raise SpecConflict(
-                f"service {spec.name} already runs with a different spec (changed: {', '.join(changed)}); "
-                f"undeploy it first"
-            )
-        if wait and status.phase not in ("Running", "Scaling", "Healing"):
+            # A changed spec for a running service: a new revision (or an in-place change).
+            outcome = await self.update_spec(spec, wait=wait, timeout=timeout)
+            revision = outcome.revision
+        elif wait and status.phase not in ("Running", "Scaling", "Healing"):
             raise TimeoutError(f"service {spec.name} not Running after {timeout:g}s (phase {status.phase})")
         return DeployResult(workflow_id=wf_id, run_id=handle.result_run_id or handle.run_id,
-                            web_ui_url=self.settings.web_ui_link(wf_id), already_running=already)
+                            web_ui_url=self.settings.web_ui_link(wf_id), already_running=already,
+                            revision=revision)
+
+    async def update_spec(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0) -> UpdateOutcome:
+        """Change a running service's spec: a new revision rolled out (surge, min_ready_s, drain,
+        automatic rollback), or an in-place change when no pod field changed. Returns once the
+        update is admitted; with ``wait``, once the revision runs everywhere — or raises
+        ``RolloutFailed`` when it rolled back."""
+        spec = load_spec(spec)
+        handle = await self._running_handle(spec.name)
+        outcome = await self._update(
+            handle, "update_spec",
+            SpecUpdate(spec=spec, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            what=f"update {spec.name}", result_type=UpdateOutcome)
+        if wait and outcome.revision is not None:
+            await self.wait_for_revision(spec.name, outcome.revision, timeout=timeout)
+        return outcome
+
+    async def rollback(self, name: str, revision: int | None = None, *, wait: bool = False,
+                       timeout: float = 300.0) -> UpdateOutcome:
+        """Roll back to ``revision`` (default: the one before the current) and its pinned image."""
+        handle = await self._running_handle(name)
+        outcome = await self._update(
+            handle, "rollback",
+            SpecUpdate(to_revision=revision, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            what=f"roll back {name}", result_type=UpdateOutcome)
+        if wait and outcome.revision is not None:
+            await self.wait_for_revision(name, outcome.revision, timeout=timeout)
+        return outcome
+
+    async def rollout_history(self, name: str) -> builtins.list[RevisionRecord]:
+        """Every revision kept: its spec, pinned image, who deployed it and when, how it ended."""
+        return (await self.status(name, live=False)).revisions
+
+    async def wait_for_revision(self, name: str, revision: int, *, timeout: float = 300.0) -> ServiceStatus:
+        handle = await self._running_handle(name)
+        status = await self._update(handle, "admission",
+                                    AdmissionRequest(until="revision", revision=revision, timeout_s=timeout),
+                                    what=f"roll out revision {revision} of {name}")
+        if status.revision < revision or status.phase not in ("Running", "Scaling", "Healing"):
+            raise TimeoutError(f"{name}: revision {revision} not rolled out after {timeout:g}s "
+                               f"(phase {status.phase}, revision {status.revision})")
+        return status
 
     async def _ending_other_run(self, wf_id: str, request_id: str) -> bool:
         """True when the refusal came from an earlier run that ended (refused, failed, stopped)
@@ -304,7 +347,7 @@ class Orchestrator:
         return handle
 
     async def _update(self, handle: WorkflowHandle[Any, Any], update: str, arg: Any, *, what: str,
-                      refine: type[HmsError] | None = None) -> ServiceStatus:
+                      refine: type[HmsError] | None = None, result_type: type[Any] = ServiceStatus) -> Any:
         """Run a workflow update on the service's current run; a refusal comes back as the
         exception its kind maps to. An update that lands while the run is continuing-as-new is
         sent again, to the new run."""
@@ -313,7 +356,7 @@ class Orchestrator:
         deadline = loop.time() + CLOSING_RETRY_S
         while True:
             try:
-                return await latest.execute_update(update, arg, result_type=ServiceStatus)
+                return await latest.execute_update(update, arg, result_type=result_type)
             except WorkflowUpdateFailedError as e:
                 raise failure_error(e, what, refine=refine) from None
             except RPCError as e:
@@ -492,3 +535,14 @@ def reject(name: str, *, reason: str = "", settings: Settings | None = None) -> 
 
 def undeploy(name: str, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus | None:
     return _sync("undeploy", name, settings=settings, **kw)
+
+
+def rollback(name: str, revision: int | None = None, *, settings: Settings | None = None,
+             **kw: Any) -> UpdateOutcome:
+    """Roll a service back to ``revision`` (default: the one before the current), its pinned image."""
+    return _sync("rollback", name, revision, settings=settings, **kw)
+
+
+def rollout_history(name: str, *, settings: Settings | None = None) -> builtins.list[RevisionRecord]:
+    """A service's revisions: spec, pinned image id, who deployed it and when, how it ended."""
+    return _sync("rollout_history", name, settings=settings)

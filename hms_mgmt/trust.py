@@ -12,8 +12,6 @@ import binascii
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from hms_mgmt.auth import init_keys, keys_dir, load_private_key, load_public_key
 from hms_mgmt.errors import AccessDenied, HmsError, ImageUntrusted, SpecError
+from hms_mgmt.files import atomic_write
 
 STORE_VERSION = 1
 
@@ -79,17 +78,7 @@ class TrustStore:
     def _save(self, records: dict[str, dict[str, Any]]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"version": STORE_VERSION, "records": records}, indent=2, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".store.", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(payload + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, payload + "\n")
 
     # --- API -------------------------------------------------------------------------
 

@@ -210,6 +210,7 @@ build_crashloop() {
 
 ensure_base
 build_service hms_ach 1.4 hms-ach:1.4 registry.gov/hms-ach:1.4
+build_service hms_ach 1.5 hms-ach:1.5 registry.gov/hms-ach:1.5  # the next release, for rolling updates
 build_service hms_frm 1.0 hms-frm:1.0 registry.gov/hms-frm:1.0
 build_service hms_notify 1.0 hms-notify:1.0 registry.gov/hms-notify:1.0
 build_crashloop

@@ -4,9 +4,10 @@ this node's queue ``hms-node-<name>``. ``--node NAME`` on another machine adds a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -19,9 +20,10 @@ from activities.feed import FeedActivities
 from activities.pods import PodActivities
 from hms_mgmt import constants
 from hms_mgmt.config import Settings, connect
-from hms_mgmt.events import EventSink
+from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
+from worker.metrics import WorkerMetrics
 from worker.nodes import NodeAgent
 from workflows import ALL_WORKFLOWS
 
@@ -58,6 +60,7 @@ class HmsWorker:
         control: bool = True,
         node: bool = True,
         settings_loader: Callable[[], Settings] | None = None,
+        metrics: bool = False,
     ) -> None:
         self.client = client
         self.settings = settings
@@ -66,7 +69,12 @@ class HmsWorker:
         self.feed: FeedActivities | None = None
         self.agent: NodeAgent | None = None
         self._agent_task: asyncio.Task[None] | None = None
-        sink = EventSink(settings.state_dir, settings.event_webhook)
+        self.control = control
+        self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
+        self.metrics = WorkerMetrics()
+        sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
+        sink.listeners.append(self.metrics.on_event)
+        self.sink = sink
         if control:
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
@@ -77,6 +85,7 @@ class HmsWorker:
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
+                    interceptors=[self.metrics.interceptor],
                     # One watch_cpu per service runs here the whole time.
                     max_concurrent_activities=500,
                 )
@@ -104,6 +113,7 @@ class HmsWorker:
                     # send them each second rather than at 80% of the heartbeat timeout.
                     max_heartbeat_throttle_interval=timedelta(seconds=1),
                     default_heartbeat_throttle_interval=timedelta(seconds=1),
+                    interceptors=[self.metrics.interceptor],
                 )
             )
 
@@ -111,11 +121,25 @@ class HmsWorker:
     def runtime_name(self) -> str | None:
         return self.pods.runtime.name if self.pods else None
 
+    @contextlib.asynccontextmanager
+    async def _extras(self) -> AsyncIterator[None]:
+        """Beside the workers: webhook delivery from the spool (control worker only) and metrics."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.control and self.sink.webhooks:
+                secret = await asyncio.to_thread(webhook_secret, self.settings.state_dir, self.settings.webhook_secret)
+                await stack.enter_async_context(WebhookDelivery(self.sink, secret, on_result=self.metrics.on_delivery))
+            await stack.enter_async_context(
+                self.metrics.running(self.client, self.settings, serve=self.serve_metrics,
+                                     fleet=self.control and self.serve_metrics)
+            )
+            yield
+
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
         self._start_agent()
         try:
-            await asyncio.gather(*(w.run() for w in self.workers))
+            async with self._extras():
+                await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
 
@@ -146,6 +170,8 @@ class HmsWorker:
 
     async def __aenter__(self) -> HmsWorker:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._extras_cm = self._extras()
+        await self._extras_cm.__aenter__()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
         self._start_agent()
         if self.agent is not None:  # the node is Ready before the caller deploys onto it
@@ -160,19 +186,21 @@ class HmsWorker:
         try:
             await self._task
         finally:
+            await self._extras_cm.__aexit__(None, None, None)
             await self._close()
 
 
 async def main(
     settings: Settings | None = None, *, control: bool = True, node_worker: bool = True, **overrides: object
 ) -> None:
-    """Run until SIGINT/SIGTERM. ``overrides`` (e.g. ``node=``) also apply when the Scheduler
-    re-reads the configuration, so a ``--node`` flag places pods where this worker runs."""
+    """Run until SIGINT/SIGTERM. The Scheduler re-reads the configuration with
+    ``settings.reload()``, which keeps the overrides the settings were built with (e.g. ``node=``),
+    so a ``--node`` flag places pods where this worker runs."""
     settings = settings or Settings.from_env(**overrides)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings)
-    worker = HmsWorker(client, settings, control=control, node=node_worker,
-                       settings_loader=lambda: Settings.from_env(**overrides))
+    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload,
+                       metrics=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

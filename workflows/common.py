@@ -16,6 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from activities.pods import PodActivities
+    from hms_mgmt import constants
     from hms_mgmt.models import (
         EventInput,
         NodeSpec,
@@ -28,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
-POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNotFound"]
+POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNotFound", "ImageUntrusted"]
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
@@ -37,6 +38,15 @@ POD_HEARTBEAT = timedelta(seconds=10)
 NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
+
+
+def node_queue(placement: Placement, node: str) -> str:
+    """The task queue of ``node``'s worker: the one its NodeSpec names, else the rule
+    ``constants.node_task_queue`` (a node that has left the config still has pods to stop)."""
+    for n in placement.nodes:
+        if n.name == node:
+            return n.task_queue
+    return constants.node_task_queue(node, placement.node_queue_prefix)
 
 
 def error_type(err: BaseException) -> str | None:
@@ -106,7 +116,7 @@ async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_
 
 
 async def start_and_wait(
-    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report
+    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = ""
 ) -> PodStatus:
     """Start one pod on its node and wait until it answers its health path.
 
@@ -116,7 +126,8 @@ async def start_and_wait(
     try:
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
-            StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec),
+            StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
+                          image_id=image_id),
             task_queue=node.task_queue,
             schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
@@ -142,6 +153,8 @@ async def start_pods(
     pod_ids: list[str],
     existing: list[PodStatus],
     report: Report,
+    *,
+    image_id: str = "",
 ) -> tuple[list[PodStatus], list[tuple[str, str]]]:
     """Place and start pods in parallel; pods that fit nowhere wait for capacity.
 
@@ -157,7 +170,7 @@ async def start_pods(
             node = (await pick_nodes(placement, spec, 1, placed, require_all=True))[0]
             assert node is not None
         try:
-            ready.append(await start_and_wait(spec, revision, pod_id, node, report))
+            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id))
         except ActivityError as e:
             failed.append((pod_id, error_message(e)))
             await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))

@@ -1,20 +1,45 @@
-"""DeployWorkflow: one rollout — place pods, start them in parallel, wait until ready."""
+"""DeployWorkflow (id ``svc-<name>-deploy-<rev>``): one rollout.
+
+A first rollout places pods, starts them in parallel and waits until they are ready. A rolling
+update replaces every pod of another revision with pods of this one, ``max_surge`` above and at
+most ``max_unavailable`` below the replica count: each new pod must answer and stay ready for
+``min_ready_s`` before an old one is drained out of the routers and stopped. No progress within
+``progress_deadline_s``, or new pods that keep dying, ends it with an ``error``: the service
+then rolls back with another DeployWorkflow to the previous revision.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from hms_mgmt.models import DeployInput, DeployOutput, FailedPod, PodStatus
+    from activities.pods import PodActivities
+    from hms_mgmt.models import DeployInput, DeployOutput, FailedPod, ListPodsInput, PodStatus, rollout_budget
 
-from workflows.common import start_pods
+from workflows.common import (
+    POD_HEARTBEAT,
+    POD_RETRY,
+    error_message,
+    node_queue,
+    pick_nodes,
+    start_and_wait,
+    start_pods,
+    stop_pod,
+)
 
 POD_REPORTED = "pod_reported"
+PODS_DRAINING = "pods_draining"
+SUPERSEDE = "supersede"
+CRASH_LIMIT = 3  # new pods of the revision failing in a rolling update before it gives up
 
 
 async def report_to_parent(pod: PodStatus) -> None:
     """Tell the ServiceWorkflow (the one writer of service state) as each pod comes up, so
-    ``status()`` shows progress live rather than when the whole rollout ends."""
+    ``status()`` and the routers see it live rather than when the whole rollout ends."""
     parent = workflow.info().parent
     if parent is not None:
         await workflow.get_external_workflow_handle(parent.workflow_id).signal(POD_REPORTED, pod)
@@ -35,14 +60,135 @@ class RolloutProgress:
 class DeployWorkflow:
     def __init__(self) -> None:
         self.rollout = RolloutProgress()
+        self.superseded = False
 
     @workflow.query
     def progress(self) -> list[PodStatus]:
         return list(self.rollout.pods.values())
 
+    @workflow.signal(name=SUPERSEDE)
+    def supersede(self) -> None:
+        """A newer update arrived: stop at the next safe point and hand back the pods as they are."""
+        self.superseded = True
+
     @workflow.run
     async def run(self, inp: DeployInput) -> DeployOutput:
+        if inp.rolling:
+            return await RollingUpdate(inp, self).run()
         ready, failed = await start_pods(
-            inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, self.rollout.report
+            inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, self.rollout.report,
+            image_id=inp.image_id,
         )
         return DeployOutput(pods=ready, failed=[FailedPod(pod_id=p, reason=r) for p, r in failed])
+
+
+class RollingUpdate:
+    """Surge, wait ready, drain, stop — in rounds, until every pod runs ``inp.revision``."""
+
+    def __init__(self, inp: DeployInput, wf: DeployWorkflow) -> None:
+        self.inp = inp
+        self.wf = wf
+        spec = inp.spec
+        n = inp.replicas
+        self.unavailable = min(rollout_budget(spec.max_unavailable, n, round_up=False), max(0, n - spec.min_replicas))
+        self.surge = rollout_budget(spec.max_surge, n, round_up=True)
+        if self.unavailable == 0:
+            self.surge = max(self.surge, 1)  # otherwise it could never make progress
+        self.new = [p for p in inp.current if p.revision == inp.revision and p.ready]
+        self.old = [p for p in inp.current if p.revision != inp.revision and p.ready]
+        self.stopped: list[str] = []
+        self.failures: list[FailedPod] = []
+
+    async def run(self) -> DeployOutput:
+        inp, n = self.inp, self.inp.replicas
+        last_progress = workflow.now()
+        error: str | None = None
+        retiring: list[asyncio.Task[None]] = []
+        while len(self.new) < n or self.old:
+            if self.wf.superseded:
+                break
+            if len(self.failures) >= CRASH_LIMIT:
+                error = (f"revision {inp.revision}: {len(self.failures)} new pods failed "
+                         f"(last: {self.failures[-1].reason})")
+                break
+            if (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
+                error = f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
+                break
+            # Old pods may go while n - max_unavailable stay ready (and must, past n). Draining pods
+            # count toward neither, so the next new pod starts while they drain.
+            ready = len(self.new) + len(self.old)
+            k = max(0, min(len(self.old), max(ready - (n - self.unavailable), ready - n)))
+            victims, self.old = self.old[:k], self.old[k:]
+            if victims:
+                retiring.append(asyncio.ensure_future(self._retire(victims)))
+            room = min(n - len(self.new), n + self.surge - len(self.new) - len(self.old))
+            if room > 0:
+                if await self._surge(room):
+                    last_progress = workflow.now()
+            elif not victims:
+                break  # no budget to move (max_surge 0 and max_unavailable 0): nothing can change
+        await asyncio.gather(*retiring)
+        return DeployOutput(pods=self.new + self.old, failed=self.failures, stopped=self.stopped, error=error,
+                            superseded=self.wf.superseded and error is None)
+
+    async def _surge(self, count: int) -> bool:
+        """Start ``count`` new pods, wait ``min_ready_s``, keep those still running."""
+        inp = self.inp
+        placed = self.new + self.old
+        nodes = await pick_nodes(inp.placement, inp.spec, count, placed, require_all=True)
+        ids = [str(workflow.uuid4()) for _ in nodes]
+
+        async def one(pod_id: str, node) -> PodStatus | None:  # noqa: ANN001 - a NodeSpec
+            try:
+                return await start_and_wait(inp.spec, inp.revision, pod_id, node, report_to_parent,
+                                            image_id=inp.image_id)
+            except ActivityError as e:
+                self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
+                return None
+
+        started = [p for p in await asyncio.gather(*(one(i, n) for i, n in zip(ids, nodes, strict=True))) if p]
+        if not started:
+            return False
+        if inp.spec.min_ready_s > 0:
+            await workflow.sleep(timedelta(seconds=inp.spec.min_ready_s), summary=f"min_ready_s {inp.spec.min_ready_s:g}")
+        alive = await self._still_running(started)
+        for pod in started:
+            if pod.id in alive:
+                self.new.append(pod)
+            else:
+                self.failures.append(FailedPod(pod_id=pod.id, reason=f"pod {pod.id} died within min_ready_s"))
+                await stop_pod(inp.spec, pod, self._queue(pod.node), grace_s=0)
+                await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))
+        return bool(alive)
+
+    async def _still_running(self, pods: list[PodStatus]) -> set[str]:
+        alive: set[str] = set()
+        for node in sorted({p.node for p in pods}):
+            listed = await workflow.execute_activity_method(
+                PodActivities.list_pods,
+                ListPodsInput(service=self.inp.spec.name),
+                task_queue=self._queue(node),
+                start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=POD_HEARTBEAT,
+                retry_policy=POD_RETRY,
+                summary=f"still running after min_ready_s on {node}",
+            )
+            alive |= {p.id for p in listed.pods if p.health != "exited"}
+        return {p.id for p in pods if p.id in alive}
+
+    async def _retire(self, pods: list[PodStatus]) -> None:
+        """Drain (routers send nothing new for ``drain_s``), then stop gracefully."""
+        if not pods:
+            return
+        parent = workflow.info().parent
+        if parent is not None:
+            await workflow.get_external_workflow_handle(parent.workflow_id).signal(PODS_DRAINING, [p.id for p in pods])
+        if self.inp.spec.drain_s > 0:
+            await workflow.sleep(timedelta(seconds=self.inp.spec.drain_s), summary=f"drain {self.inp.spec.drain_s:g}s")
+        await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
+        self.stopped += [p.id for p in pods]
+        for pod in pods:
+            await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))
+
+    def _queue(self, node: str) -> str:
+        return node_queue(self.inp.placement, node)

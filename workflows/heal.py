@@ -15,7 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
     from hms_mgmt.policy.backoff import backoff_delay
 
-from workflows.common import error_message, pick_nodes, start_and_wait, stop_pod
+from workflows.common import error_message, node_queue, pick_nodes, start_and_wait, stop_pod
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
@@ -37,7 +37,8 @@ class HealWorkflow:
             node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True))[0]
             assert node is not None
             try:
-                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent)
+                replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,
+                                                   image_id=inp.image_id)
                 break
             except ActivityError as e:
                 attempt += 1
@@ -53,8 +54,7 @@ class HealWorkflow:
                 if workflow.info().is_continue_as_new_suggested():
                     # A crash loop can last days: carry the count into a fresh history.
                     workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))
-        old_queue = next((n.task_queue for n in inp.placement.nodes if n.name == inp.failed.node),
-                         f"{inp.placement.node_queue_prefix}{inp.failed.node}")
+        old_queue = node_queue(inp.placement, inp.failed.node)
         grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s
         if inp.failure.kind != "exited":
             # Routers have had it as draining since it failed: give in-flight requests drain_s in all.

@@ -12,7 +12,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import FailedPod, PodStatus, ScaleInput, ScaleOutput
 
-from workflows.common import start_pods, stop_pod
+from workflows.common import node_queue, start_pods, stop_pod
 from workflows.deploy import RolloutProgress
 
 
@@ -30,16 +30,13 @@ class ScaleWorkflow:
         out = ScaleOutput()
         if inp.new_pod_ids:
             ready, failed = await start_pods(
-                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report
+                inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report,
+                image_id=inp.image_id,
             )
             out.started = ready
             out.failed = [FailedPod(pod_id=p, reason=r) for p, r in failed]
         if inp.victims:
-            def queue(node: str) -> str:
-                return next((n.task_queue for n in inp.placement.nodes if n.name == node),
-                            f"{inp.placement.node_queue_prefix}{node}")
-
             # Graceful: SIGTERM, then SIGKILL after the spec's stop_grace_s.
-            await asyncio.gather(*(stop_pod(inp.spec, v, queue(v.node)) for v in inp.victims))
+            await asyncio.gather(*(stop_pod(inp.spec, v, node_queue(inp.placement, v.node)) for v in inp.victims))
             out.stopped = [v.id for v in inp.victims]
         return out

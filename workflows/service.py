@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         AuthorizeOutput,
         Decision,
         DeployInput,
+        DeployOutput,
         Endpoint,
         EndpointSet,
         Failure,
@@ -41,13 +42,17 @@ with workflow.unsafe.imports_passed_through():
         PodFailure,
         PodStatus,
         Refusal,
+        RevisionRecord,
+        RolloutStatus,
         ScaleInput,
         ScaleRequest,
         ServiceInput,
         ServiceSpec,
         ServiceState,
         ServiceStatus,
+        SpecUpdate,
         UndeployRequest,
+        UpdateOutcome,
         VerifyImageInput,
         WatchCpuInput,
         WatchInput,
@@ -56,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
 from workflows.common import NODE_PICKUP, POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
-from workflows.deploy import POD_REPORTED, DeployWorkflow
+from workflows.deploy import POD_REPORTED, PODS_DRAINING, SUPERSEDE, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
 
@@ -68,6 +73,8 @@ CONTROL_TIMEOUT = timedelta(seconds=30)
 DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
 SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")
 ENDED = ("Rejected", "Failed", "Stopped")
+IMAGE_REVOKED = "image_revoked"
+MAX_REVISIONS = 20
 
 
 def refuse(kind: FailureKind, message: str) -> ApplicationError:
@@ -101,6 +108,11 @@ class ServiceWorkflow:
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
         self.published: EndpointSet | None = None  # the endpoint feed's last table
         self.service_stopped = False
+        self.spec_requests: list[tuple[SpecUpdate, str]] = []  # (request, who) waiting for the updater
+        self.updating: asyncio.Task[None] | None = None
+        self.update_outcomes: dict[str, UpdateOutcome | Failure] = {}  # request id -> what it became
+        self.revision_failures: dict[int, Failure] = {}
+        self.revoke_check = False
         self.lost_nodes: list[NodeLost] = []  # from the NodeRegistry, handled by the run loop
 
     # --- messages --------------------------------------------------------------------
@@ -129,7 +141,17 @@ class ServiceWorkflow:
             approved_by=s.approved_by,
             failure=s.failure,
             deploy_request_id=self.request_id,
+            image_id=s.image_id,
+            rollout=self._rollout_view(),
+            revisions=s.revisions,
         )
+
+    def _rollout_view(self) -> RolloutStatus | None:
+        r = self.state.rollout
+        if r is None:
+            return None
+        updated = sum(1 for p in self.state.pods if p.revision == r.to_revision and p.ready)
+        return r.model_copy(update={"updated": updated, "desired": self.state.desired_replicas})
 
     @workflow.query
     def endpoints(self) -> EndpointSet:
@@ -142,22 +164,29 @@ class ServiceWorkflow:
         ``until="running"``, once the service runs; a refusal fails the update with its kind.
         Bounded by ``req.timeout_s``: then it answers with the phase reached so far."""
         try:
-            await workflow.wait_condition(lambda: self._reached(req.until), timeout=timedelta(seconds=req.timeout_s))
+            await workflow.wait_condition(lambda: self._reached(req), timeout=timedelta(seconds=req.timeout_s))
         except TimeoutError:
             return self.status()
+        if req.until == "revision" and req.revision in self.revision_failures:
+            failure = self.revision_failures[req.revision]
+            raise refuse(failure.kind, failure.message)
         failure = self.state.failure
-        if self.state.phase in ENDED or (req.until == "running" and self.state.phase == "Degraded"):
+        if self.state.phase in ENDED or (req.until != "admitted" and self.state.phase == "Degraded"):
             if failure is not None:
                 raise refuse(failure.kind, failure.message)
             raise refuse(FailureKind.UNDEPLOYED, f"{self.spec.name} is {self.state.phase}")
         return self.status()
 
-    def _reached(self, until: str) -> bool:
+    def _reached(self, req: AdmissionRequest) -> bool:
         phase = self.state.phase
         if phase in ENDED or phase == "Undeploying":
             return True
-        if until == "admitted":
+        if req.until == "admitted":
             return phase not in ("Validating", "VerifyingImage")
+        if req.until == "revision" and req.revision is not None:
+            if req.revision in self.revision_failures:
+                return True
+            return self.state.revision >= req.revision and phase in SUPERVISED and self.updating is None
         return phase in SUPERVISED
 
     @workflow.update
@@ -203,7 +232,7 @@ class ServiceWorkflow:
         self.approvals.append(("reject", approval))
 
     def _require_pending(self, kind: str) -> None:
-        if self.state.phase != "AwaitingApproval" or self.approval_decision is not None:
+        if self.state.pending_approval is None or self.approval_decision is not None:
             raise refuse(FailureKind.REFUSED, f"cannot {kind} {self.spec.name}: it is {self.state.phase}, "
                                               "not awaiting approval")
 
@@ -213,7 +242,8 @@ class ServiceWorkflow:
             raise refuse(FailureKind.ACCESS_DENIED, f"{kind} {self.spec.name} refused: {verdict.reason}")
         if not counted:
             raise refuse(FailureKind.REFUSED, f"cannot {kind} {self.spec.name}: it was decided meanwhile")
-        await workflow.wait_condition(lambda: self.state.phase != "AwaitingApproval")
+        await workflow.wait_condition(lambda: self.state.pending_approval is None
+                                      and self.state.phase != "AwaitingApproval")
         return self.status()
 
     async def _judge(self, kind: str, approval: Approval) -> tuple[AuthorizeOutput, bool]:
@@ -225,10 +255,82 @@ class ServiceWorkflow:
             if pending is not None:
                 pending.invalid_attempts.append(f"{kind}: {result.reason}")
             return result, False
-        if self.approval_decision is not None or self.state.phase != "AwaitingApproval":
+        if self.approval_decision is not None or self.state.pending_approval is None:
             return result, False
         self.approval_decision = (kind, result.user or "", approval.reason)
         return result, True
+
+    @workflow.signal(name=PODS_DRAINING)
+    def pods_draining(self, pod_ids: list[str]) -> None:
+        """A rolling update is about to stop these: routers get them as draining at once."""
+        self.stopping |= set(pod_ids)
+
+    @workflow.signal(name=IMAGE_REVOKED)
+    def image_revoked(self, image: str) -> None:
+        """A hint that an image lost its trust: the workflow checks for itself, with the trust
+        store, before it marks anything (anyone who reaches Temporal can send this)."""
+        if image == self.spec.image:
+            self.revoke_check = True
+
+    @workflow.update
+    async def update_spec(self, req: SpecUpdate) -> UpdateOutcome:
+        """A changed spec: a new revision rolled out with surge and automatic rollback, or —
+        when no pod field changed — applied in place. Answers once it is admitted (or refused);
+        a newer update supersedes one that has not finished."""
+        return await self._request_update(req, "deploy")
+
+    @update_spec.validator
+    def _validate_update_spec(self, req: SpecUpdate) -> None:
+        self._require_updatable()
+        if req.spec is None:
+            raise refuse(FailureKind.SPEC_INVALID, "update_spec needs a spec")
+        if req.spec.name != self.spec.name:
+            raise refuse(FailureKind.SPEC_INVALID, f"spec names {req.spec.name}, not {self.spec.name}")
+
+    @workflow.update
+    async def rollback(self, req: SpecUpdate) -> UpdateOutcome:
+        """Go back to an earlier revision (default: the one before the current), its pinned image."""
+        return await self._request_update(req, "deploy")
+
+    @rollback.validator
+    def _validate_rollback(self, req: SpecUpdate) -> None:
+        self._require_updatable()
+        self._rollback_target(req.to_revision)
+
+    def _require_updatable(self) -> None:
+        if self.undeploy_requested or self.state.phase not in (*SUPERVISED, "Updating"):
+            raise refuse(FailureKind.REFUSED, f"{self.spec.name} is {self.state.phase}; it can be updated once it runs")
+
+    def _rollback_target(self, to_revision: int | None) -> RevisionRecord:
+        current = self.state.revision
+        earlier = [r for r in self.state.revisions if r.revision != current]
+        if to_revision is not None:
+            found = next((r for r in self.state.revisions if r.revision == to_revision), None)
+            if found is None:
+                known = ", ".join(str(r.revision) for r in self.state.revisions)
+                raise refuse(FailureKind.REFUSED, f"{self.spec.name} has no revision {to_revision} (known: {known})")
+            if found.revision == current:
+                raise refuse(FailureKind.REFUSED, f"{self.spec.name} already runs revision {current}")
+            return found
+        before = [r for r in earlier if r.revision < current and r.outcome in ("replaced", "active")]
+        if not before:
+            raise refuse(FailureKind.REFUSED, f"{self.spec.name} has no earlier revision to roll back to")
+        return before[-1]
+
+    async def _request_update(self, req: SpecUpdate, action: str) -> UpdateOutcome:
+        allowed = await self._authorize(action, req.token, request_id=req.request_id)
+        if not allowed.allowed:
+            raise refuse(FailureKind.ACCESS_DENIED, f"update {self.spec.name} refused: {allowed.reason}")
+        key = req.request_id or str(workflow.uuid4())
+        req = req.model_copy(update={"request_id": key, "token": ""})  # the token was checked: keep no copy
+        self.spec_requests.append((req, allowed.user or ""))
+        if self.updating is None:
+            self.updating = asyncio.ensure_future(self._updater())
+        await workflow.wait_condition(lambda: key in self.update_outcomes)
+        outcome = self.update_outcomes.pop(key)
+        if isinstance(outcome, Failure):
+            raise refuse(outcome.kind, outcome.message)
+        return outcome.model_copy(update={"status": self.status()})
 
     @workflow.signal(name=POD_REPORTED)
     def pod_reported(self, pod: PodStatus) -> None:
@@ -311,7 +413,7 @@ class ServiceWorkflow:
         await self._supervise()
         if not self.undeploy_requested:  # continue-as-new was due
             await workflow.wait_condition(workflow.all_handlers_finished)
-            workflow.continue_as_new(inp.model_copy(update={"state": self.state}))
+            workflow.continue_as_new(inp.model_copy(update={"state": self.state, "spec": self.spec}))
         await self._undeploy()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()
@@ -323,6 +425,8 @@ class ServiceWorkflow:
             await self._replace_lost()
             if self.undeploy_requested or self._continue_as_new_ready():
                 break
+            if self.revoke_check:
+                await self._check_revoked()
             if watch is None and self.state.phase in SUPERVISED:
                 watch = asyncio.ensure_future(self._watch())
             await workflow.wait_condition(
@@ -330,6 +434,7 @@ class ServiceWorkflow:
                 or (watch is not None and watch.done())
                 or self.pods_changed
                 or bool(self.outbox)
+                or self.revoke_check
                 or bool(self.lost_nodes)
                 or self._continue_as_new_ready()
             )
@@ -353,6 +458,8 @@ class ServiceWorkflow:
         for task in list(self.heals.values()) + ([self.scaling] if self.scaling else []):
             if self.undeploy_requested:
                 task.cancel()
+        # An update in flight stops at its next safe point (the rollout is told to hand back).
+        await workflow.wait_condition(lambda: self.updating is None)
         if not self.undeploy_requested:
             await workflow.wait_condition(lambda: not self.heals and self.scaling is None)
 
@@ -499,7 +606,7 @@ class ServiceWorkflow:
                 HealWorkflow.run,
                 HealInput(spec=self.spec, revision=self.state.revision, failed=pod, failure=failure,
                           placement=self.placement, existing=[p for p in self.state.pods if p.id != pod.id],
-                          crash_count=self.state.crash_count),
+                          crash_count=self.state.crash_count, image_id=self.state.image_id),
                 id=f"{workflow.info().workflow_id}-heal-{pod.id}",
                 task_queue=self.placement.control_task_queue,
                 static_summary=f"replace {failure.kind} pod {pod.id[:8]}: {failure.detail}"[:200],
@@ -571,7 +678,8 @@ class ServiceWorkflow:
                     ScaleWorkflow.run,
                     ScaleInput(spec=self.spec, revision=self.state.revision, from_replicas=before,
                                to_replicas=replicas, reason=reason, samples=samples, placement=self.placement,
-                               existing=current, new_pod_ids=new_ids, victims=victims),
+                               existing=current, new_pod_ids=new_ids, victims=victims,
+                               image_id=self.state.image_id),
                     id=f"{workflow.info().workflow_id}-scale-{self.state.scale_counter}",
                     task_queue=self.placement.control_task_queue,
                     static_summary=f"{before} -> {replicas} pods: {reason}"[:200],
@@ -634,11 +742,15 @@ class ServiceWorkflow:
             return False
         return await self._verify_image()
 
-    async def _await_approval(self, reason: str, timeout_s: float) -> bool:
+    async def _await_approval(self, reason: str, timeout_s: float, *, running: bool = False) -> bool:
+        """Wait for a gov_approver. A running service (an update that needs approval) keeps its
+        phase and its pods meanwhile; only a first deploy sits in AwaitingApproval."""
+        self.approval_decision = None
         self.state.pending_approval = PendingApproval(
             requested_by=self.state.requested_by, requested_at=workflow.now(), reason=reason
         )
-        self._set_phase("AwaitingApproval")
+        if not running:
+            self._set_phase("AwaitingApproval")
         await emit(self.placement, "approval.requested", self.spec.name, reason,
                    requested_by=self.state.requested_by, timeout_s=timeout_s)
         deadline = workflow.now() + timedelta(seconds=timeout_s)
@@ -675,32 +787,248 @@ class ServiceWorkflow:
         return False
 
     async def _verify_image(self) -> bool:
-        """No pod of an image starts until it is marked signed and safe on every node."""
+        """No pod of an image starts until it is marked signed and safe on every node; the
+        content it resolves to now is pinned for every pod of this revision."""
         self._set_phase("VerifyingImage")
+        content_id, problem = await self._resolve_image(self.spec)
+        if content_id is None:
+            self._fail(FailureKind.IMAGE_UNTRUSTED, problem)
+            self._set_phase("Failed")
+            await emit(self.placement, "image.untrusted", self.spec.name, problem, image=self.spec.image)
+            return False
+        self.state.image_id = content_id
+        self.state.revisions = [RevisionRecord(revision=self.state.revision, spec=self.spec, image_id=content_id,
+                                               deployed_by=self.state.requested_by, deployed_at=workflow.now())]
+        return True
+
+    async def _resolve_image(self, spec: ServiceSpec) -> tuple[str | None, str]:
+        """(content id, detail) once every node vouches for the image, or (None, why not)."""
         queues = sorted({n.task_queue for n in self.placement.nodes})
         try:
             results = await asyncio.gather(*(
                 workflow.execute_activity_method(
                     PodActivities.verify_image,
-                    VerifyImageInput(service=self.spec.name, image=self.spec.image),
+                    VerifyImageInput(service=spec.name, image=spec.image),
                     task_queue=q,
-                    schedule_to_close_timeout=timedelta(seconds=self.spec.image_verify_timeout_s),
+                    schedule_to_close_timeout=timedelta(seconds=spec.image_verify_timeout_s),
                     start_to_close_timeout=CONTROL_TIMEOUT,
                     retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
                                              maximum_interval=timedelta(seconds=10)),
-                    summary=f"verify {self.spec.image}",
+                    summary=f"verify {spec.image}",
                 )
                 for q in queues
             ))
         except ActivityError as e:
-            self._fail(FailureKind.IMAGE_UNTRUSTED,
-                       f"{error_message(e)} (gave up after {self.spec.image_verify_timeout_s:g}s)")
-            self._set_phase("Failed")
-            await emit(self.placement, "image.untrusted", self.spec.name, self.state.message, image=self.spec.image)
-            return False
-        await emit(self.placement, "image.verified", self.spec.name, results[0].detail if results else "",
-                   image=self.spec.image, content_id=results[0].content_id if results else None)
-        return True
+            return None, f"{error_message(e)} (gave up after {spec.image_verify_timeout_s:g}s)"
+        ids = {r.content_id for r in results}
+        if len(ids) != 1:
+            return None, f"image {spec.image} resolves to different content on different nodes: {sorted(ids)}"
+        await emit(self.placement, "image.verified", spec.name, results[0].detail, image=spec.image,
+                   content_id=results[0].content_id)
+        return results[0].content_id, results[0].detail
+
+    async def _check_revoked(self) -> None:
+        """After an ``image_revoked`` hint: is the pinned content still trusted? If not, the
+        service is Degraded with the reason; running pods stay (no new pod of it may start)."""
+        self.revoke_check = False
+        node = self.placement.nodes[0].task_queue if self.placement.nodes else self._node_queue("local")
+        try:
+            await workflow.execute_activity_method(
+                PodActivities.verify_image,
+                VerifyImageInput(service=self.spec.name, image=self.spec.image, content_id=self.state.image_id,
+                                 one_try=True),
+                task_queue=node,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=["ImageUntrusted"]),
+                summary=f"still trusted? {self.spec.image}",
+            )
+        except ActivityError as e:
+            reason = f"image {self.spec.image} lost its trust ({error_message(e)}): running pods stay, no new pod starts"
+            self._fail(FailureKind.IMAGE_UNTRUSTED, reason)
+            self._set_phase("Degraded")
+            self._decide("revoked", reason)
+            await emit(self.placement, "image.revoked", self.spec.name, reason, image=self.spec.image)
+
+    # --- updates: in place, or a new revision rolled out ---------------------------------------
+
+    async def _updater(self) -> None:
+        """Apply spec updates one at a time, newest first: an older one still waiting is
+        superseded. Runs beside supervision, so pods stay watched while an update waits for
+        approval or image trust; the rollout itself takes the lock, after heals and scaling."""
+        try:
+            while self.spec_requests and not self.undeploy_requested:
+                *older, (req, user) = self.spec_requests
+                self.spec_requests = []
+                for old, _ in older:
+                    self.update_outcomes[old.request_id] = Failure(
+                        kind=FailureKind.SUPERSEDED, message=f"superseded by a newer update of {self.spec.name}")
+                await self._apply_update(req, user)
+            for req, _ in self.spec_requests:
+                self.update_outcomes[req.request_id] = Failure(
+                    kind=FailureKind.UNDEPLOYED, message=f"{self.spec.name} is being undeployed")
+            self.spec_requests = []
+        finally:
+            self.updating = None
+
+    async def _apply_update(self, req: SpecUpdate, user: str) -> None:
+        key = req.request_id
+        if req.spec is None:  # a rollback: an earlier revision, already admitted, its image pinned
+            try:
+                target = self._rollback_target(req.to_revision)
+            except ApplicationError as e:
+                self.update_outcomes[key] = Failure(kind=FailureKind.REFUSED, message=e.message)
+                return
+            spec, image_id, why = target.spec, target.image_id, f"rollback to revision {target.revision} by {user}"
+        else:
+            spec, image_id, why = req.spec, "", f"update by {user}"
+        same_pods = spec.pod_template() == self.spec.pod_template() and all(
+            p.revision == self.state.revision for p in self.state.pods)
+        if spec == self.spec and same_pods:
+            self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
+            return
+        if same_pods:
+            await self._update_in_place(spec, why)
+            self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
+            return
+        if not image_id:
+            refused = await self._admit_update(spec, user)
+            if isinstance(refused, Failure):
+                self.update_outcomes[key] = refused
+                return
+            image_id = refused
+        revision = max([r.revision for r in self.state.revisions] + [self.state.revision]) + 1
+        record = RevisionRecord(revision=revision, spec=spec, image_id=image_id, deployed_by=user,
+                                deployed_at=workflow.now(), outcome="rolling", reason=why)
+        self.state.revisions = (self.state.revisions + [record])[-MAX_REVISIONS:]
+        self.update_outcomes[key] = UpdateOutcome(revision=revision, status=self.status())
+        await self._roll_out(record)
+
+    async def _admit_update(self, spec: ServiceSpec, user: str) -> str | Failure:
+        """Governance (a running service keeps running while it waits) and image trust for a
+        new revision: the pinned content id, or why not."""
+        verdict = await workflow.execute_activity_method(
+            ControlActivities.check_governance,
+            GovernanceInput(spec=spec),
+            task_queue=self.placement.control_task_queue,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            summary="governance policy (update)",
+        )
+        if verdict.needs_approval:
+            before = self.state.failure, self.state.message
+            self.state.requested_by = user
+            approved = await self._await_approval("; ".join(verdict.reasons), verdict.approval_timeout_s, running=True)
+            refusal = self.state.failure
+            self.state.failure, self.state.message = before  # the running revision is not what failed
+            if not approved:
+                return refusal or Failure(kind=FailureKind.APPROVAL_REJECTED, message="update not approved")
+        content_id, problem = await self._resolve_image(spec)
+        if content_id is None:
+            await emit(self.placement, "image.untrusted", spec.name, problem, image=spec.image)
+            return Failure(kind=FailureKind.IMAGE_UNTRUSTED, message=problem)
+        return content_id
+
+    async def _update_in_place(self, spec: ServiceSpec, why: str) -> None:
+        """Nothing a pod runs changed (bounds, targets, intervals): take the new spec as it is."""
+        changed = sorted(k for k in ServiceSpec.model_fields if getattr(spec, k) != getattr(self.spec, k))
+        self.spec = spec
+        reason = f"{why}: {', '.join(changed)} changed in place"
+        self._decide("update", reason)
+        self.pods_changed = True  # restart the watch with the new intervals and targets
+        await emit(self.placement, "service.updated", spec.name, reason, changed=changed)
+        desired = min(max(self.state.desired_replicas, spec.min_replicas), spec.max_replicas)
+        if desired != self.state.desired_replicas and self.state.phase in SUPERVISED:
+            await workflow.wait_condition(lambda: self.scaling is None)
+            self.scaling = asyncio.ensure_future(self._scale_to(desired, f"{reason}: replicas now within bounds",
+                                                                samples=[]))
+            await self.scaling
+
+    async def _roll_out(self, record: RevisionRecord) -> None:
+        """Roll every pod to ``record``; on failure, roll back to the revision that ran before."""
+        async with self.lock:
+            await workflow.wait_condition(lambda: not self.heals)
+            previous = next((r for r in self.state.revisions if r.revision == self.state.revision), None)
+            prior_phase = self.state.phase
+            self.state.rollout = RolloutStatus(from_revision=self.state.revision, to_revision=record.revision,
+                                               state="rolling", started_at=workflow.now())
+            self._set_phase("Updating")
+            self.pods_changed = True  # no watch while pods are replaced on purpose
+            await emit(self.placement, "rollout.started", self.spec.name,
+                       f"revision {self.state.revision} -> {record.revision}: {record.reason}",
+                       from_revision=self.state.revision, to_revision=record.revision, image=record.spec.image,
+                       image_id=record.image_id)
+            result = await self._rolling_child(record, rollback=False)
+            if result.error is None and not result.superseded:
+                self._set_revision(record, "active")
+                if previous is not None:
+                    self._mark(previous.revision, "replaced")
+                self.state.rollout.state = "completed"
+                self._decide("rollout", f"revision {record.revision} runs on every pod ({record.reason})")
+                await emit(self.placement, "rollout.completed", self.spec.name,
+                           f"revision {record.revision}: {len(result.pods)} pods", revision=record.revision)
+            elif result.superseded:
+                self._set_revision(record, "superseded")  # pods are mixed: the next rollout replaces the rest
+                self.state.rollout.state = "superseded"
+            else:
+                self._mark(record.revision, "failed", result.error or "")
+                await emit(self.placement, "rollout.failed", self.spec.name, result.error or "",
+                           revision=record.revision)
+                if previous is not None and not self.undeploy_requested:
+                    self.state.rollout.state = "rolling_back"
+                    back = await self._rolling_child(previous, rollback=True)
+                    self._set_revision(previous, "active")
+                    self.state.rollout.state = "rolled_back" if back.error is None else "failed"
+                    reason = f"revision {record.revision} failed ({result.error}); back on revision {previous.revision}"
+                    self._decide("rollback", reason)
+                    await emit(self.placement, "rollout.rolled_back", self.spec.name, reason,
+                               from_revision=record.revision, to_revision=previous.revision)
+                # Answered once the service is back where it was, not while it rolls back.
+                self.revision_failures[record.revision] = Failure(
+                    kind=FailureKind.ROLLED_BACK, message=f"revision {record.revision} rolled back: {result.error}")
+            self._set_phase(prior_phase if prior_phase in SUPERVISED else "Running")
+            self.pods_changed = True
+
+    async def _rolling_child(self, record: RevisionRecord, *, rollback: bool) -> DeployOutput:
+        current = [p for p in self.state.pods if p.health != "exited"]
+        kind = "rollback" if rollback else "deploy"
+        child = await workflow.start_child_workflow(
+            DeployWorkflow.run,
+            DeployInput(spec=record.spec, revision=record.revision, pod_ids=[], placement=self.placement,
+                        image_id=record.image_id, rolling=True, current=current,
+                        replicas=self.state.desired_replicas, rollback=rollback),
+            id=f"{workflow.info().workflow_id}-{kind}-{record.revision}-{self.state.scale_counter}-{len(self.state.decisions)}",
+            task_queue=self.placement.control_task_queue,
+            static_summary=f"{kind} to revision {record.revision}: {record.spec.image}"[:200],
+        )
+        told = False
+        while not child.done():
+            await workflow.wait_condition(
+                lambda: child.done() or (not told and (bool(self.spec_requests) or self.undeploy_requested)))
+            if not child.done() and not told and not rollback:
+                await child.signal(SUPERSEDE)
+                told = True
+            elif not child.done() and rollback:
+                break  # a rollback is not superseded: let it finish
+        result = await child
+        stopped = set(result.stopped) | {f.pod_id for f in result.failed}
+        keep = {p.id for p in result.pods}
+        self.state.pods = [p for p in self.state.pods if p.id in keep and p.id not in stopped]
+        for pod in result.pods:
+            self._upsert_pod(pod)
+        self.stopping -= stopped
+        return result
+
+    def _set_revision(self, record: RevisionRecord, outcome: str) -> None:
+        self.spec = record.spec
+        self.state.revision = record.revision
+        self.state.image_id = record.image_id
+        self._mark(record.revision, outcome)
+
+    def _mark(self, revision: int, outcome: str, reason: str = "") -> None:
+        self.state.revisions = [
+            r.model_copy(update={"outcome": outcome, **({"reason": reason} if reason else {})})
+            if r.revision == revision else r
+            for r in self.state.revisions
+        ]
 
     # --- deploy and undeploy ---------------------------------------------------------------
 
@@ -711,7 +1039,8 @@ class ServiceWorkflow:
         child = asyncio.ensure_future(
             workflow.execute_child_workflow(
                 DeployWorkflow.run,
-                DeployInput(spec=self.spec, revision=self.state.revision, pod_ids=pod_ids, placement=self.placement),
+                DeployInput(spec=self.spec, revision=self.state.revision, pod_ids=pod_ids, placement=self.placement,
+                            image_id=self.state.image_id),
                 id=f"{workflow.info().workflow_id}-deploy-{self.state.revision}",
                 task_queue=self.placement.control_task_queue,
                 static_summary=f"deploy {count} pod(s) of {self.spec.image}",
@@ -882,7 +1211,8 @@ class ServiceWorkflow:
         due = info.is_continue_as_new_suggested() or (
             self.history_threshold is not None and info.get_current_history_length() >= self.history_threshold
         )
-        return due and not self.heals and self.scaling is None and not self.lock.locked()
+        return (due and not self.heals and self.scaling is None and self.updating is None
+                and not self.lock.locked())
 
     def _fail(self, kind: FailureKind, message: str) -> None:
         self.state.failure = Failure(kind=kind, message=message)

@@ -18,14 +18,15 @@ from hms_mgmt.cli.common import (
     _connect,
     _quiet_temporal_core,
     _run,
+    _set_cli_overrides,
     _settings,
     _setup_logging,
     _signer,
     app,
 )
+from hms_mgmt.cli.dashboard_cmd import dashboard
 from hms_mgmt.cli.render import (
     _deploy_with_progress,
-    _duration,
     _phase,
     _pods_table,
     _print_outcome,
@@ -36,7 +37,9 @@ from hms_mgmt.cli.render import (
     err,
     out,
 )
-from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.stack import Edge, _demo, _up
+from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.orchestrator import load_spec
 
@@ -47,28 +50,50 @@ auth_app = typer.Typer(help="Keys and identity tokens.", no_args_is_help=True, r
 image_app = typer.Typer(
     help="The image trust store: only signed images may start.", no_args_is_help=True, rich_markup_mode=None
 )
+rollout_app = typer.Typer(help="Rolling updates: progress, history, undo.", no_args_is_help=True,
+                          rich_markup_mode=None)
 app.add_typer(auth_app, name="auth")
 app.add_typer(image_app, name="image")
+app.add_typer(rollout_app, name="rollout")
 
 
 @app.callback()
 def main(
-    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="State directory (sets HMS_STATE_DIR).")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="State directory (overrides HMS_STATE_DIR).")
+    ] = None,
     address: Annotated[
-        str | None, typer.Option("--address", help="Temporal host:port (sets HMS_TEMPORAL_ADDRESS).")
+        str | None, typer.Option("--address", help="Temporal host:port (overrides HMS_TEMPORAL_ADDRESS).")
     ] = None,
 ) -> None:
     """Deploy, watch and operate HMS micro-services on Temporal."""
-    # Environment, not arguments: Settings.from_env is what every layer (and the worker) reads.
-    if state_dir is not None:
-        os.environ["HMS_STATE_DIR"] = str(state_dir.expanduser().resolve())
-    if address:
-        os.environ["HMS_TEMPORAL_ADDRESS"] = address
+    _set_cli_overrides(
+        state_dir=state_dir.expanduser().resolve() if state_dir is not None else None,
+        temporal_address=address or None,
+    )
 
 
 PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
 UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port on 127.0.0.1.")]
 HeadlessOpt = Annotated[bool, typer.Option("--headless", help="Start the dev server without its Web UI.")]
+RouterPortOpt = Annotated[int | None, typer.Option("--router-port", help="Traffic router port on 127.0.0.1 "
+                                                   "(default: HMS_ROUTER_PORT or 8000).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Router engine: builtin or haproxy.")]
+DashPortOpt = Annotated[int | None, typer.Option("--dashboard-port", help="Dashboard port on 127.0.0.1 "
+                                                 "(default: HMS_DASHBOARD_PORT or 8088).")]
+NoRouterOpt = Annotated[bool, typer.Option("--no-router", help="Do not start the traffic router.")]
+NoDashOpt = Annotated[bool, typer.Option("--no-dashboard", help="Do not start the dashboard.")]
+
+
+def _edge(router_port: int | None, engine: str, dashboard_port: int | None, no_router: bool,
+          no_dashboard: bool) -> Edge:
+    from router.server import ENGINES
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"choose one of {', '.join(ENGINES)}", param_hint="--engine")
+    s = _settings()
+    return Edge(router_port=None if no_router else (router_port or s.router_port), engine=engine,
+                dashboard_port=None if no_dashboard else (dashboard_port or s.dashboard_port))
 
 
 @app.command()
@@ -78,10 +103,17 @@ def up(
     ui_port: UiPortOpt = 8233,
     headless: HeadlessOpt = False,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the Temporal dev server.")] = False,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
-    """Run the local stack: Temporal dev server (reused if one answers) and a worker, until Ctrl-C."""
+    """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
+    the traffic router and the dashboard."""
     _setup_logging(logging.INFO)
-    _run(_up(port, ui_port, headless, not no_worker))
+    _run(_up(port, ui_port, headless, not no_worker,
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
 
 
 @app.command()
@@ -92,11 +124,17 @@ def demo(
     headless: HeadlessOpt = False,
     exit_after: Annotated[float | None, typer.Option("--exit-after", help="Undeploy and stop after SECONDS.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the services to run.")] = 300.0,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
     _quiet_temporal_core()
-    _run(_demo(port, ui_port, headless, exit_after, timeout))
+    _run(_demo(port, ui_port, headless, exit_after, timeout,
+               _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
 
 
 DockerHostOpt = Annotated[str | None, typer.Option(
@@ -123,15 +161,12 @@ def worker(
     registers with the NodeRegistry and keeps alive with heartbeats."""
     from worker.main import main as worker_main
 
-    # The environment, not overrides: the worker re-reads settings (Settings.from_env) on every
-    # scheduling call, and must see this node there too.
-    if node:
-        os.environ["HMS_NODE"] = node
-    if runtime:
-        os.environ["HMS_RUNTIME"] = runtime
-    _node_options(docker_host, cpus, memory_mb, max_pods, labels)
+    # The worker re-reads settings (settings.reload()) on every scheduling call; the overrides
+    # (this node, this runtime, its capacity) are kept there too.
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(), control=not no_control))
+    _run(worker_main(_settings(node=node or None, runtime=runtime or None,
+                               **_node_overrides(docker_host, cpus, memory_mb, max_pods, labels)),
+                     control=not no_control))
 
 
 @app.command()
@@ -149,6 +184,8 @@ def deploy(
         if wait:
             [result] = await _deploy_with_progress(orch, [spec], timeout=timeout)
             st = await orch.status(spec.name)
+            if result.revision is not None:
+                out.print(Text.assemble((spec.name, "bold"), f": rolled out revision {result.revision}"))
             out.print(
                 Text.assemble(
                     (spec.name, "bold"),
@@ -374,7 +411,7 @@ def auth_whoami() -> None:
     out.print(Text.assemble(("user    ", "bold"), identity.user))
     out.print(Text.assemble(("role    ", "bold"), identity.role))
     out.print(Text.assemble(("issued  ", "bold"), _when(identity.issued_at)))
-    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {_duration(left)})"))
+    out.print(Text.assemble(("expires ", "bold"), f"{_when(identity.expires_at)} (in {format_duration(max(0.0, left))})"))
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -424,32 +461,109 @@ def image_list() -> None:
 @image_app.command("revoke")
 @_cli_errors
 def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")]) -> None:
-    """Remove an image's trust record: no new pod of it may start."""
+    """Remove an image's trust record: no new pod of it may start (heals and scale-ups included);
+    services running it turn Degraded with the reason. Running pods are not killed."""
     from hms_mgmt.trust import TrustStore
 
-    if not TrustStore(_settings().state_dir).revoke(image):
+    settings = _settings()
+    if not TrustStore(settings.state_dir).revoke(image):
         raise HmsError(f"no trust record for {image}")
     out.print(f"revoked {image}")
 
+    async def tell_services() -> list[str]:
+        orch = await _connect(settings)
+        told = []
+        for st in await orch.list():
+            if st.spec.image == image:
+                # A hint: each service checks the trust store itself before it marks anything.
+                await orch.client.get_workflow_handle(st.workflow_id).signal("image_revoked", image)
+                told.append(st.name)
+        return told
+
+    try:
+        told = _run(tell_services())
+    except HmsError as e:
+        err.print(Text(f"warning: services were not told ({e}); they learn at their next pod start", style="yellow"))
+        return
+    if told:
+        out.print(f"services running it, now Degraded: {', '.join(told)}")
 
 
-# --- nodes (issue 12): options of `hms worker --node`, and `hms nodes` -----------------------
+# --- rollouts ---------------------------------------------------------------------------------
 
 
-def _node_options(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
-                  labels: str | None) -> None:
-    """The node flags, as the environment the worker's re-read settings see."""
+@rollout_app.command("status")
+@_cli_errors
+def rollout_status(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
+    """The rolling update in progress, or the last one."""
+
+    async def go() -> None:
+        st = await (await _connect()).status(name)
+        r = st.rollout
+        out.print(Text.assemble((st.name, "bold"), "  ", _phase(st.phase), f"  revision {st.revision}  {st.spec.image}"))
+        out.print(f"  image id {st.image_id or '-'}")
+        if r is None:
+            out.print("  no rollout yet")
+            return
+        out.print(f"  rollout {r.from_revision} -> {r.to_revision}: {r.state}, {r.updated}/{r.desired} pods updated, "
+                  f"started {_when(r.started_at)}")
+
+    _run(go())
+
+
+@rollout_app.command("history")
+@_cli_errors
+def rollout_history(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
+    """Every revision: image, pinned content, who deployed it and when, how it ended."""
+
+    async def go() -> None:
+        records = await (await _connect()).rollout_history(name)
+        table = Table()
+        for col in ("revision", "image", "image id", "by", "at", "outcome", "reason"):
+            table.add_column(col, no_wrap=col != "reason")
+        for r in records:
+            table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
+                          _when(r.deployed_at), r.outcome, r.reason)
+        out.print(table)
+
+    _run(go())
+
+
+@rollout_app.command("undo")
+@_cli_errors
+def rollout_undo(
+    name: Annotated[str, typer.Argument(help="The service.")],
+    to_revision: Annotated[int | None, typer.Option("--to-revision", help="Default: the one before.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it runs everywhere.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+) -> None:
+    """Roll back to an earlier revision and its pinned image (as a new revision)."""
+
+    async def go() -> None:
+        outcome = await (await _connect()).rollback(name, to_revision, wait=wait, timeout=timeout)
+        what = "in place" if outcome.in_place else f"as revision {outcome.revision}"
+        out.print(f"rolled back {name} {what}: {outcome.status.spec.image}")
+
+    _run(go())
+
+
+
+# --- nodes (issue 12): `hms worker --node` options, `hms nodes`, `hms init` -------------------
+
+
+def _node_overrides(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
+                    labels: str | None) -> dict[str, object]:
+    """The node flags as settings overrides (None: not given)."""
     from hms_mgmt.config import parse_labels
 
+    parsed = None
     if labels is not None:
         try:
-            parse_labels(labels)
+            parsed = parse_labels(labels)
         except ValueError as e:
             raise SpecError(f"--labels: {e}") from None
-    for var, value in (("HMS_DOCKER_HOST", docker_host), ("HMS_NODE_CPUS", cpus), ("HMS_NODE_MEMORY_MB", memory_mb),
-                       ("HMS_NODE_MAX_PODS", max_pods), ("HMS_NODE_LABELS", labels)):
-        if value is not None:
-            os.environ[var] = str(value)
+    return {"docker_host": docker_host, "node_cpus": cpus, "node_memory_mb": memory_mb, "node_max_pods": max_pods,
+            "node_labels": parsed}
 
 
 @app.command()
@@ -490,7 +604,6 @@ def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inste
     out.print(table)
 
 
-
 @app.command("init")
 @_cli_errors
 def init_state(
@@ -517,3 +630,7 @@ def init_state(
 
 if __name__ == "__main__":
     app()
+
+
+app.command()(router)
+app.command()(dashboard)

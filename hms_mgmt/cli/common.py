@@ -63,8 +63,26 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+# The command line's settings: the global options (--state-dir, --address), and what `hms up`
+# learns (the dev server's address). Every command builds its Settings from these, on top of
+# the environment and config.yaml; nothing is written to os.environ.
+_cli_overrides: dict[str, Any] = {}
+
+
+def _set_cli_overrides(**values: Any) -> None:
+    """Start a command line over: the main callback calls this once per invocation."""
+    _cli_overrides.clear()
+    _add_cli_overrides(**values)
+
+
+def _add_cli_overrides(**values: Any) -> None:
+    _cli_overrides.update({k: v for k, v in values.items() if v is not None})
+
+
 def _settings(**overrides: Any) -> Settings:
-    return Settings.from_env(**overrides)
+    """Settings for this command: the command line's overrides, then ``overrides``, on top of the
+    environment and config.yaml. ``settings.reload()`` keeps both."""
+    return Settings.from_env(**{**_cli_overrides, **overrides})
 
 
 def _run(coro: Awaitable[T]) -> T:

@@ -169,20 +169,6 @@ def _print_outcome(what: str, result: Any) -> None:
         out.print(f"{what}: done")
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
 def _fail(message: str, code: int) -> typer.Exit:
     # Text, not markup: messages quote specs and paths that may contain '[...]'.
     err.print(Text(f"error: {message}", style="red"), soft_wrap=True)

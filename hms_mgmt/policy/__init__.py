@@ -12,16 +12,15 @@ from hms_mgmt.policy.autoscale import (
     Recommendation,
     autoscale,
 )
-from hms_mgmt.policy.backoff import CrashLoop, backoff_delay
-from hms_mgmt.policy.scheduler import NodeUsage, PodRequest, node_fits, pick_nodes
+from hms_mgmt.policy.backoff import backoff_delay
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, node_fits, pick_nodes
 
 __all__ = [
     "AutoscaleDecision",
     "AutoscaleInput",
     "CpuSample",
-    "CrashLoop",
     "NodeUsage",
-    "PodRequest",
+    "PlacementRequest",
     "Recommendation",
     "autoscale",
     "backoff_delay",

@@ -1,7 +1,7 @@
 """Governance policy: which specs must wait for a human approval before any pod starts.
 
 Pure (no I/O, no clock): ServiceWorkflow calls ``evaluate`` deterministically; the policy itself
-is loaded outside the workflow by ``hms_mgmt.governance.load_governance_policy``.
+is loaded outside the workflow by ``hms_mgmt.governance_config.load_governance_policy``.
 """
 
 from __future__ import annotations

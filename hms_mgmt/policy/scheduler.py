@@ -29,7 +29,7 @@ class NodeUsage(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class PodRequest(BaseModel):
+class PlacementRequest(BaseModel):
     """What one pod of the service reserves; 0 means no limit set, so it only takes a slot."""
 
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +44,7 @@ def selector_matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def node_fits(node: NodeUsage, request: PodRequest) -> bool:
+def node_fits(node: NodeUsage, request: PlacementRequest) -> bool:
     """True when one more pod with ``request`` stays within every limit of ``node``."""
     return (
         selector_matches(node.labels, request.node_selector)
@@ -54,7 +54,7 @@ def node_fits(node: NodeUsage, request: PodRequest) -> bool:
     )
 
 
-def pick_nodes(nodes: list[NodeUsage], request: PodRequest, count: int) -> list[str | None]:
+def pick_nodes(nodes: list[NodeUsage], request: PlacementRequest, count: int) -> list[str | None]:
     """Place ``count`` pods one at a time; entry i is pod i's node, or ``None`` if nothing fits.
 
     Among the nodes that fit (selector, pod slots, CPU, memory): fewest pods of this service, then least free CPU after

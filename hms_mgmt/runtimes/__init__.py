@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
-__all__ = ["PodHandle", "PodRequest", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
+__all__ = ["PodHandle", "PodLaunch", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
 
 
 def resolve_runtime_name(setting: str) -> str:

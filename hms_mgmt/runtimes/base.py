@@ -23,12 +23,16 @@ class PodRuntimeError(Exception):
 
 
 @dataclass
-class PodRequest:
+class PodLaunch:
+    """What a runtime needs to start one pod (not to be confused with the scheduler's
+    ``PlacementRequest``, which is only the resources a pod reserves)."""
+
     pod_id: str
     service: str
     revision: int
     node: str
     spec: ServiceSpec
+    image_id: str = ""  # content pinned at admission: run exactly this, whatever the tag points to now
 
 
 @dataclass
@@ -59,7 +63,7 @@ class PodRuntime(abc.ABC):
         self.node = node
 
     @abc.abstractmethod
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         """Start the pod, or return it if a pod with this id already runs."""
 
     @abc.abstractmethod

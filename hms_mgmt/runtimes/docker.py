@@ -19,7 +19,7 @@ import docker
 import docker.errors
 
 from hms_mgmt import constants as c
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DockerRuntime(PodRuntime):
             service=labels.get(c.LABEL_SERVICE, ""),
             revision=int(labels.get(c.LABEL_REVISION, "1")),
             node=labels.get(c.LABEL_NODE, self.node),
-            image=attrs["Config"].get("Image", ""),
+            image=labels.get(c.LABEL_IMAGE) or attrs["Config"].get("Image", ""),
             state="running" if status == "running" else ("created" if status == "created" else "exited"),
             endpoint=endpoint,
             started_at=_parse_time(state.get("StartedAt")),
@@ -103,7 +103,7 @@ class DockerRuntime(PodRuntime):
         with self._lock:
             return self._pod_locks.setdefault(pod_id, threading.Lock())
 
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         """Create first, look only on a name conflict: the common path is the fewest engine
         calls, and a retry of the same pod id still finds the container it made."""
         with self._pod_lock(req.pod_id):  # per pod: different pods start in parallel
@@ -118,7 +118,7 @@ class DockerRuntime(PodRuntime):
                 existing.remove(force=True)
             return self._run(req)
 
-    def _run(self, req: PodRequest) -> PodHandle:
+    def _run(self, req: PodLaunch) -> PodHandle:
         spec = req.spec
         env = dict(spec.env)
         env.update(
@@ -136,7 +136,7 @@ class DockerRuntime(PodRuntime):
             kwargs["mem_limit"] = f"{spec.memory_mb}m"
         try:
             container = self.client.containers.run(  # pulls the image first when it is missing
-                spec.image,
+                req.image_id or spec.image,  # the pinned content id: a re-pointed tag changes nothing
                 command=spec.command,
                 detach=True,
                 name=f"hms-{req.service}-{req.pod_id[:12]}",
@@ -144,6 +144,7 @@ class DockerRuntime(PodRuntime):
                     c.LABEL_SERVICE: req.service,
                     c.LABEL_POD: req.pod_id,
                     c.LABEL_REVISION: str(req.revision),
+                    c.LABEL_IMAGE: spec.image,
                     c.LABEL_NODE: self.node,
                     c.LABEL_MANAGED: "1",
                 },

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
-from hms_mgmt.runtimes.base import PodHandle, PodRequest, PodRuntime, PodRuntimeError
+from hms_mgmt.errors import ConfigError
+from hms_mgmt.files import atomic_write, load_yaml_mapping
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def default_catalog() -> dict[str, dict[str, Any]]:
     """The example services' images, runnable as processes of the worker's Python."""
     py = PYTHON
     return {
+        "*hms-ach:1.5": {"command": [py, "-m", "services.hms_ach"], "env": {"HMS_VERSION": "1.5"}},
         "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"]},
         "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"]},
         "*hms-notify:*": {"command": [py, "-m", "services.hms_notify"]},
@@ -60,11 +62,10 @@ class ImageCatalog:
 
     def entries(self) -> dict[str, dict[str, Any]]:
         entries = default_catalog()
-        if self.path.exists():
-            loaded = yaml.safe_load(self.path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise PodRuntimeError(f"{self.path}: expected a mapping image -> {{command: [...]}}")
-            entries.update(loaded)
+        try:
+            entries.update(load_yaml_mapping(self.path, what="image to {command: [...]}"))
+        except ConfigError as e:
+            raise PodRuntimeError(str(e)) from e
         return entries
 
     def resolve(self, image: str) -> dict[str, Any]:
@@ -121,9 +122,7 @@ class ProcessRuntime(PodRuntime):
 
     def _write(self, rec: dict[str, Any]) -> None:
         path = self._record_path(rec["pod_id"])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(rec))
 
     def _process(self, rec: dict[str, Any]) -> psutil.Process | None:
         """The live process of a record, or None (gone, zombie, or a reused pid)."""
@@ -159,7 +158,7 @@ class ProcessRuntime(PodRuntime):
 
     # --- interface -----------------------------------------------------------------
 
-    def start(self, req: PodRequest) -> PodHandle:
+    def start(self, req: PodLaunch) -> PodHandle:
         with self._lock:
             rec = self._read(req.pod_id)
             if rec is not None:
@@ -167,6 +166,12 @@ class ProcessRuntime(PodRuntime):
                     return self._handle(rec)
                 self._stop_record(rec, 0)
             entry = self.catalog.resolve(req.spec.image)
+            if req.image_id and self.catalog.content_id(req.spec.image) != req.image_id:
+                # A process cannot run old content: refuse rather than run what was not admitted.
+                raise PodRuntimeError(
+                    f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
+                    kind="ImageUntrusted",
+                )
             command = [sys.executable if part == PYTHON else part for part in (req.spec.command or entry["command"])]
             port = _free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}

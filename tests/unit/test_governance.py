@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hms_mgmt.errors import ConfigError
-from hms_mgmt.governance import load_governance_policy
+from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.governance import GovernancePolicy, GovernanceVerdict, evaluate
 

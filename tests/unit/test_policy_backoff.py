@@ -1,17 +1,13 @@
-"""Backoff between pod replacements and the crash-loop tracker."""
+"""Backoff between pod replacements."""
 
 from __future__ import annotations
-
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
-from hms_mgmt.policy.backoff import CrashLoop, backoff_delay
+from hms_mgmt.policy.backoff import backoff_delay
 
-T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PROPS = settings(max_examples=200, deadline=None)
 
 
@@ -39,48 +35,6 @@ def test_nonsense_parameters_are_refused() -> None:
         backoff_delay(1, initial_s=-1, max_s=10)
     with pytest.raises(ValueError):
         backoff_delay(1, initial_s=1, max_s=10, factor=0.5)
-
-
-def test_crash_loop_counts_failures_without_changing_itself() -> None:
-    fresh = CrashLoop()
-    once = fresh.record_failure(T0)
-    twice = once.record_failure(T0 + timedelta(seconds=1))
-    assert fresh == CrashLoop(failures=0, last_failure_at=None)
-    assert once == CrashLoop(failures=1, last_failure_at=T0)
-    assert twice.failures == 2
-    assert twice.last_failure_at == T0 + timedelta(seconds=1)
-    assert (fresh.delay(1, 300), once.delay(1, 300), twice.delay(1, 300)) == (0, 1, 2)
-
-
-def test_degraded_when_replacements_keep_failing() -> None:
-    loop = CrashLoop()
-    assert not loop.degraded()
-    loop = loop.record_failure(T0)
-    assert not loop.degraded()
-    loop = loop.record_failure(T0)
-    assert loop.degraded()
-    assert not loop.degraded(threshold=3)
-
-
-def test_success_resets() -> None:
-    loop = CrashLoop().record_failure(T0).record_failure(T0).record_success(T0)
-    assert loop == CrashLoop()
-    assert loop.delay(1, 300) == 0
-    assert not loop.degraded()
-
-
-def test_tracker_is_immutable_and_strict() -> None:
-    with pytest.raises(ValidationError):
-        CrashLoop().failures = 3  # type: ignore[misc]
-    with pytest.raises(ValidationError):
-        CrashLoop(failures=-1)
-    with pytest.raises(ValidationError):
-        CrashLoop(restarts=1)  # type: ignore[call-arg]
-
-
-def test_tracker_round_trips_through_json() -> None:
-    loop = CrashLoop().record_failure(T0)
-    assert CrashLoop.model_validate_json(loop.model_dump_json()) == loop
 
 
 @PROPS

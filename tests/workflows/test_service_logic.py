@@ -9,6 +9,7 @@ pods live beside this file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from hms_mgmt.errors import (
     FailureKind,
     ImageUntrusted,
     RequestRefused,
+    RolloutFailed,
     ScaleRefused,
 )
 from hms_mgmt.models import (
@@ -63,11 +65,16 @@ TOKENS = {"t-alice": ("alice", "ops_admin"), "t-bob": ("bob", "gov_approver"), "
 MAY = {"ops_admin": {"deploy", "scale", "undeploy"}, "gov_approver": {"approve", "reject"}}
 
 
+def content_id(image: str) -> str:
+    return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
+
+
 @dataclass
 class FakeCluster:
     """Pods in memory and a script for the watch: what each activity saw and did."""
 
-    trusted: set[str] = field(default_factory=lambda: {"registry.gov/hms-ach:1.4"})
+    trusted: set[str] = field(default_factory=lambda: {"registry.gov/hms-ach:1.4", "registry.gov/hms-ach:1.5"})
+    starts: list[StartPodInput] = field(default_factory=list)
     pods: dict[str, PodStatus] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
     events: list[EventInput] = field(default_factory=list)
@@ -104,7 +111,7 @@ class FakeCluster:
         if inp.image not in self.trusted:
             raise ApplicationError(f"image {inp.image} is not trusted: not signed", type="ImageUntrusted",
                                    non_retryable=True)
-        return VerifyImageOutput(content_id="sha256:" + "a" * 64, detail="signed by test")
+        return VerifyImageOutput(content_id=content_id(inp.image), detail="signed by test")
 
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
@@ -113,6 +120,7 @@ class FakeCluster:
     @activity.defn(name="start_pod")
     async def start_pod(self, inp: StartPodInput) -> PodStatus:
         self.started.append(inp.pod_id)
+        self.starts.append(inp)
         if self.start_delay_s:
             await asyncio.sleep(self.start_delay_s)
         if self.fail_starts > 0:
@@ -306,3 +314,72 @@ async def test_manual_scale_while_continue_as_new_is_due(temporal_env, fake):
     desc = await handle.describe()
     assert desc.run_id != first_run and desc.status == WorkflowExecutionStatus.RUNNING
     assert sorted(p.id for p in st.pods) == sorted(cluster.pods)  # nothing lost, nothing extra
+
+
+def ready_counts(cluster: FakeCluster) -> list[int]:
+    """Ready pods in every table the routers were sent, in order."""
+    return [sum(1 for e in t.endpoints if e.state == "ready") for t in cluster.tables if not t.stopped]
+
+
+async def test_in_place_change_starts_no_pod(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    outcome = await alice.update_spec(seed_spec(cpu_target=75, max_replicas=8))
+    assert outcome.in_place and outcome.revision is None
+    st = await alice.status("hms-ach")
+    assert st.spec.cpu_target == 75 and st.revision == 1 and len(cluster.started) == 2
+    assert st.last_decisions[-1].kind == "update" and "cpu_target" in st.last_decisions[-1].reason
+
+
+async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(min_replicas=3, drain_s=0.2, min_ready_s=0.2)
+    await alice.deploy(spec, wait=True, timeout=30)
+    result = await alice.deploy({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60)
+    assert result.already_running and result.revision == 2
+    st = await alice.status("hms-ach")
+    assert st.revision == 2 and st.image_id == content_id("registry.gov/hms-ach:1.5")
+    assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
+    assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
+    assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
+    assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]
+    assert st.rollout.state == "completed"
+    assert {"rollout.started", "rollout.completed"} <= set(cluster.event_types())
+    history = await alice.rollout_history("hms-ach")
+    assert history[1].deployed_by == "alice" and history[1].spec.image.endswith(":1.5")
+
+    # Back to revision 1: its spec and its pinned image, as a new revision.
+    back = await alice.rollback("hms-ach", wait=True, timeout=60)
+    st = await alice.status("hms-ach")
+    assert back.revision == 3 and st.spec.image.endswith(":1.4")
+    assert st.image_id == content_id("registry.gov/hms-ach:1.4") and {p.revision for p in st.pods} == {3}
+
+
+async def test_broken_revision_rolls_back(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(drain_s=0.1, min_ready_s=0.1, backoff_initial_s=0.2)
+    await alice.deploy(spec, wait=True, timeout=30)
+    v1 = {p.id for p in (await alice.status("hms-ach")).pods}
+    cluster.fail_starts = 100  # every pod of the new revision exits at start
+    with pytest.raises(RolloutFailed, match="revision 2 rolled back"):
+        await alice.update_spec({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60)
+    st = await alice.status("hms-ach")
+    assert st.revision == 1 and st.phase == "Running" and {p.id for p in st.pods} == v1  # never touched
+    assert min(ready_counts(cluster)) >= 2
+    assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "active"), (2, "failed")]
+    assert {"rollout.failed", "rollout.rolled_back"} <= set(cluster.event_types())
+
+
+async def test_untrusted_update_is_refused_and_changes_nothing(temporal_env, fake):
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    with pytest.raises(ImageUntrusted):
+        await alice.update_spec(seed_spec(image="registry.gov/evil:6.6", image_verify_timeout_s=2))
+    with pytest.raises(AccessDenied):
+        await as_user(temporal_env, settings, "t-vic").update_spec(seed_spec(image="registry.gov/hms-ach:1.5"))
+    st = await alice.status("hms-ach")
+    assert st.revision == 1 and len(cluster.started) == 2 and st.phase == "Running"

@@ -1,14 +1,15 @@
-"""Load the governance policy from the state directory (kept out of ``hms_mgmt.policy`` so the
-workflow-side module stays free of I/O)."""
+"""The governance policy *loader*: reads ``<state_dir>/governance.yaml``. The pure rule it
+configures is ``hms_mgmt.policy.governance`` (kept apart so the workflow-side module stays free
+of I/O)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from hms_mgmt.errors import ConfigError
+from hms_mgmt.files import load_yaml_mapping
 from hms_mgmt.policy.governance import GovernancePolicy
 
 GOVERNANCE_FILE = "governance.yaml"
@@ -17,16 +18,7 @@ GOVERNANCE_FILE = "governance.yaml"
 def load_governance_policy(state_dir: Path) -> GovernancePolicy:
     """``state_dir/governance.yaml`` if present, else the defaults; ConfigError names a bad field."""
     path = Path(state_dir) / GOVERNANCE_FILE
-    if not path.exists():
-        return GovernancePolicy()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if raw is None:
-        return GovernancePolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping such as 'max_replicas_without_approval: 10'")
+    raw = load_yaml_mapping(path, what="policy settings (such as 'max_replicas_without_approval: 10')")
     try:
         return GovernancePolicy.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,72 @@
+"""The two file operations the state directory needs: read a YAML mapping, write a file atomically.
+
+Every config-like file (``config.yaml``, ``access.yaml``, ``governance.yaml``, ``images.yaml``) is
+read with ``load_yaml_mapping``; every file a reader must never see half-written (keys, the trust
+store, the config file, process-pod records) is written with ``atomic_write``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hms_mgmt.errors import ConfigError
+
+
+def load_yaml_mapping(path: Path | str, *, what: str) -> dict[str, Any]:
+    """The mapping at the top of the YAML file ``path``; ``{}`` when the file is absent or empty.
+
+    ``what`` says what the mapping holds (``"setting to value"``) and goes into the error.
+    Raises ConfigError naming the file when it is unreadable, not YAML, or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e}") from e
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}, got a {type(loaded).__name__}")
+    return loaded
+
+
+def atomic_write(path: Path | str, data: bytes | str, *, mode: int = 0o600, replace: bool = True) -> bool:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    A temp file in the same directory is written, fsynced, given ``mode`` and renamed over
+    ``path``. With ``replace=False`` an existing ``path`` wins (two processes racing to create
+    it keep one) and nothing is written. Returns whether ``path`` was written. The directory
+    must exist.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -77,11 +77,12 @@ def test_compose_up_deploy_route_down(tmp_path: Path) -> None:
         assert "Running" in status and "2/2 ready" in status, status
         assert len(containers(f"label=hms.node={node}", "status=running")) == 2
         router = f"http://127.0.0.1:{ports['HMS_ROUTER_PORT']}/hms-ach/health"
+        dashboard = f"http://127.0.0.1:{ports['HMS_DASHBOARD_PORT']}/healthz"
         deadline = time.monotonic() + 30
-        while get(router) != 200 and time.monotonic() < deadline:
+        while (get(router), get(dashboard)) != (200, 200) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert get(router) == 200, "the router does not serve hms-ach"
-        assert get(f"http://127.0.0.1:{ports['HMS_DASHBOARD_PORT']}/") == 200, "the dashboard does not answer"
+        assert get(dashboard) == 200, "the dashboard does not answer"
     finally:
         down = subprocess.run(["docker-compose", "down"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=180)

@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.scaling import ScaleCheck
-from hms_mgmt import auth, constants
+from hms_mgmt import auth, constants, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import Event, EventSink
@@ -31,6 +31,8 @@ from hms_mgmt.models import (
     PickNodeInput,
     PickNodeOutput,
     ServiceStatus,
+    TicketInput,
+    TicketOutput,
     WatchCpuInput,
     WatchHeartbeat,
     WatchResult,
@@ -38,6 +40,7 @@ from hms_mgmt.models import (
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
+from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +236,44 @@ class ControlActivities:
             reasons=verdict.reasons,
             approval_timeout_s=min(policy.approval_timeout_s, inp.spec.approval_timeout_s),
         )
+
+    @activity.defn(name="issue_ticket")
+    async def issue_ticket(self, inp: TicketInput) -> TicketOutput:
+        """Admission's last step, redone where no workflow can skip it: the deployer may deploy,
+        a spec over the governance limit carries a gov_approver's approval (not the deployer's),
+        or is a rollback to a revision that was admitted before; the pinned content is still
+        signed. Then the control plane signs the ticket every node checks before a pod starts."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(self._admit, settings, inp)
+            ticket = await asyncio.to_thread(tickets.issue, settings.state_dir, service=inp.service,
+                                             revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+        except (AccessDenied, HmsError) as e:
+            await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                          reason=f"admission ticket refused: {e}",
+                                          data={"action": "admit", "revision": inp.revision}))
+            raise ApplicationError(f"admission refused: {e}", type="AccessDenied", non_retryable=True) from None
+        return TicketOutput(ticket=ticket)
+
+    @staticmethod
+    def _admit(settings: Settings, inp: TicketInput) -> None:
+        state_dir = settings.state_dir
+        matrix = auth.load_access_matrix(state_dir)
+        deployer = auth.verify_token(inp.token or None, state_dir=state_dir)
+        auth.authorize(deployer, "deploy", matrix)
+        if inp.prior_ticket:
+            tickets.verify(state_dir, inp.prior_ticket, service=inp.service, revision=inp.prior_revision or 0,
+                           spec=inp.spec, image_id=inp.image_id)
+        else:
+            verdict = evaluate(inp.spec, load_governance_policy(state_dir))
+            if verdict.needs_approval:
+                if not inp.approval_token:
+                    raise AccessDenied("over the governance limit and not approved: " + "; ".join(verdict.reasons))
+                approver = auth.verify_token(inp.approval_token, state_dir=state_dir)
+                auth.check_approver(approver, deployer.user, matrix)
+        ok, detail = TrustStore(state_dir).verify(inp.spec.image, inp.image_id)
+        if not ok:
+            raise AccessDenied(f"image {inp.spec.image} ({inp.image_id[:19]}) is not trusted: {detail}")
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:

@@ -14,6 +14,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
+from hms_mgmt import tickets
+from hms_mgmt.errors import AccessDenied
+from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import (
     ListPodsInput,
     ListPodsOutput,
@@ -81,9 +84,10 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
 class PodActivities:
     """Activities bound to one node's runtime."""
 
-    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None) -> None:
+    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None, sink: EventSink | None = None) -> None:
         self.runtime = runtime
-        self.trust = trust
+        self.trust = trust  # with it, the node also checks admission tickets (keys beside the trust store)
+        self.sink = sink
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -102,6 +106,7 @@ class PodActivities:
 
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
+        await self._check_ticket(inp)
         if inp.image_id:
             await self._check_pinned(inp.spec.image, inp.image_id)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
@@ -154,6 +159,21 @@ class PodActivities:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+
+    async def _check_ticket(self, inp: StartPodInput) -> None:
+        """Only an admitted revision starts pods, whoever scheduled this activity."""
+        if self.trust is None:
+            return
+        try:
+            await asyncio.to_thread(tickets.verify, self.trust.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+        except AccessDenied as e:
+            if self.sink is not None:
+                await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                              reason=f"pod {inp.pod_id} not started: {e}",
+                                              data={"action": "start_pod", "pod": inp.pod_id, "node": inp.node}))
+            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type="AccessDenied",
+                                   non_retryable=True) from None
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for

@@ -107,22 +107,23 @@ class Settings(BaseSettings):
     metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
-    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
-    # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
-    routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # This worker's node (``hms worker --node``) and the NodeRegistry's timing (issue 12).
+    # This worker's node (``hms worker --node``) and the NodeRegistry's timing.
     docker_host: str | None = None  # e.g. unix:///run/docker-2.sock: the node's own Docker Engine
-    node_cpus: float | None = Field(default=None, gt=0)  # CPUs offered to pods (default: cores x 8)
-    node_memory_mb: int | None = Field(default=None, gt=0)  # default: the machine's memory
-    node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # env: zone=a,disk=ssd
+    node_cpus: float | None = None  # CPUs offered to pods (default: cores x CPU_LIMIT_OVERCOMMIT)
+    node_memory_mb: int | None = None  # default: the machine's memory
+    node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")
     @classmethod
-    def _labels_from_text(cls, v: Any) -> Any:
+    def _labels(cls, v: Any) -> Any:
         return parse_labels(v) if isinstance(v, str) else v
+
+    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
+    # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
+    routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("routers", "webhooks", mode="before")
     @classmethod
@@ -204,16 +205,17 @@ class Settings(BaseSettings):
         return [self.this_node()]
 
     def this_node(self, runtime: str | None = None) -> NodeSpec:
-        """The node this worker serves: its ``nodes:`` entry if listed, else from the node settings."""
-        if any(raw.get("name") == self.node for raw in self.nodes):
-            return next(n for n in self.node_specs() if n.name == self.node)
+        """The node this worker serves: its ``nodes:`` entry if listed, else from the node flags."""
+        for raw in self.nodes:
+            if raw.get("name") == self.node:
+                return next(n for n in self.node_specs() if n.name == self.node)
         import psutil
 
         return NodeSpec(
             name=self.node,
             runtime=runtime or ("docker" if self.runtime == "docker" else "process"),  # type: ignore[arg-type]
-            # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the cores, as
-            # clusters overcommit limits. Set --cpus (HMS_NODE_CPUS) or nodes: in config.yaml to change it.
+            # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the
+            # cores, as clusters overcommit limits. Set --cpus or nodes: in config.yaml to change it.
             cpu=self.node_cpus or float(os.cpu_count() or 1) * CPU_LIMIT_OVERCOMMIT,
             memory_mb=self.node_memory_mb or int(psutil.virtual_memory().total // (1024 * 1024)),
             max_pods=self.node_max_pods,
@@ -235,17 +237,6 @@ class Settings(BaseSettings):
         current.update(values)
         atomic_write(path, yaml.safe_dump(current, sort_keys=True), mode=0o600)
         return path
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    """``zone=a,disk=ssd`` -> {"zone": "a", "disk": "ssd"}."""
-    labels = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"label {item!r} is not key=value")
-        labels[key.strip()] = value.strip()
-    return labels
 
 
 @contextlib.contextmanager
@@ -288,6 +279,17 @@ def _describe(e: ValidationError) -> str:
         else:
             problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``zone=a,disk=ssd`` -> {"zone": "a", "disk": "ssd"}."""
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 async def connect(settings: Settings | None = None):  # -> temporalio.client.Client

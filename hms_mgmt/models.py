@@ -81,6 +81,10 @@ class ServiceSpec(_Model):
     progress_deadline_s: float = Field(default=120.0, gt=0, le=86400,
                                        description="a rolling update that makes no progress this long rolls back")
 
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels a pod's node must carry, e.g. {zone: a}"
+    )
+
     @field_validator("max_surge", "max_unavailable")
     @classmethod
     def _count_or_percent(cls, v: int | str) -> int | str:
@@ -91,9 +95,6 @@ class ServiceSpec(_Model):
         if not re.fullmatch(r"(100|[1-9]?[0-9])%", v):
             raise ValueError("must be a count (2) or a percent from 0% to 100% ('25%')")
         return v
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="node labels a pod's node must carry, e.g. {zone: a}"
-    )
 
     @field_validator("name")
     @classmethod
@@ -252,6 +253,7 @@ class RevisionRecord(_Model):
     revision: int
     spec: ServiceSpec
     image_id: str = ""  # the content id resolved at admission; every pod of it starts from this
+    ticket: str = ""  # the control plane's admission ticket: what start_pod checks
     deployed_by: str = ""
     deployed_at: datetime | None = None
     outcome: Literal["active", "rolling", "replaced", "rolled_back", "failed", "superseded"] = "active"
@@ -375,6 +377,7 @@ class ServiceState(_Model):
     last_samples: list[CpuSample] = Field(default_factory=list)
     failure: Failure | None = None
     image_id: str = ""
+    ticket: str = ""  # the current revision's admission ticket
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
@@ -399,6 +402,7 @@ class DeployInput(_Model):
     placement: Placement
     existing: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
     rolling: bool = False
     current: list[PodStatus] = Field(default_factory=list)
     replicas: int = 0
@@ -465,6 +469,7 @@ class StartPodInput(_Model):
     node: str
     spec: ServiceSpec
     image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
+    ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
 
 
 class StopPodInput(_Model):
@@ -499,6 +504,7 @@ class PodFailure(_Model):
     detail: str
     consecutive_failures: int = 0
     exit_code: int | None = None
+    node_lost: bool = False  # its node is Lost: the heal does not wait long to stop what is left of it
 
 
 class PodProgress(_Model):
@@ -560,6 +566,7 @@ class HealInput(_Model):
     existing: list[PodStatus] = Field(default_factory=list)
     crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
     image_id: str = ""
+    ticket: str = ""
 
 
 class HealAttempt(_Model):
@@ -591,6 +598,7 @@ class ScaleInput(_Model):
     new_pod_ids: list[str] = Field(default_factory=list)
     victims: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
 
 
 class ScaleOutput(_Model):
@@ -614,6 +622,23 @@ class AuthorizeInput(_Model):
     service: str
     requester: str | None = None  # for approve: the deployer, who may not approve their own request
     request_id: str = ""
+
+
+class TicketInput(_Model):
+    """Admission, checked once more where it cannot be skipped, before the ticket is signed."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str
+    token: str = ""  # the deployer's
+    approval_token: str = ""  # a gov_approver's, when the spec is over the governance limit
+    prior_ticket: str = ""  # a rollback: the earlier revision's ticket (it was admitted then)
+    prior_revision: int | None = None
+
+
+class TicketOutput(_Model):
+    ticket: str
 
 
 class AuthorizeOutput(_Model):

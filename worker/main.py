@@ -67,11 +67,11 @@ class HmsWorker:
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
         self.feed: FeedActivities | None = None
-        self.agent: NodeAgent | None = None
-        self._agent_task: asyncio.Task[None] | None = None
         self.control = control
         self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
         self.metrics = WorkerMetrics()
+        self.agent: NodeAgent | None = None
+        self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
         sink.listeners.append(self.metrics.on_event)
         self.sink = sink
@@ -84,7 +84,7 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
+                                ctl.issue_ticket, self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
                     interceptors=[self.metrics.interceptor],
                     # One watch_cpu per service runs here the whole time.
                     max_concurrent_activities=500,
@@ -94,7 +94,7 @@ class HmsWorker:
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
                                    docker_host=settings.docker_host)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink)
             self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
             self.workers.append(
                 Worker(

@@ -64,6 +64,21 @@ def error_message(err: BaseException) -> str:
     return str(cause)
 
 
+async def require_parent(kind: str, service: str) -> None:
+    """Children run only under their service's workflow: one started on its own (say, with the
+    Temporal CLI) ends at once, refused, with an ``access.denied`` event and no pod started."""
+    if workflow.info().parent is not None:
+        return
+    reason = f"{kind} started on its own (not by svc-{service}): refused, nothing started"
+    await workflow.execute_activity_method(
+        ControlActivities.emit_event,
+        EventInput(type="access.denied", service=service, reason=reason, data={"workflow": workflow.info().workflow_id}),
+        task_queue=workflow.info().task_queue,
+        start_to_close_timeout=timedelta(seconds=30),
+    )
+    raise ApplicationError(reason, type="AccessDenied", non_retryable=True)
+
+
 async def emit(placement: Placement, type_: str, service: str, reason: str, **data: object) -> None:
     await workflow.execute_activity_method(
         ControlActivities.emit_event,
@@ -116,7 +131,8 @@ async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_
 
 
 async def start_and_wait(
-    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = ""
+    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = "",
+    ticket: str = "",
 ) -> PodStatus:
     """Start one pod on its node and wait until it answers its health path.
 
@@ -127,7 +143,7 @@ async def start_and_wait(
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
-                          image_id=image_id),
+                          image_id=image_id, ticket=ticket),
             task_queue=node.task_queue,
             schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
@@ -155,6 +171,7 @@ async def start_pods(
     report: Report,
     *,
     image_id: str = "",
+    ticket: str = "",
 ) -> tuple[list[PodStatus], list[tuple[str, str]]]:
     """Place and start pods in parallel; pods that fit nowhere wait for capacity.
 
@@ -170,7 +187,7 @@ async def start_pods(
             node = (await pick_nodes(placement, spec, 1, placed, require_all=True))[0]
             assert node is not None
         try:
-            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id))
+            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id, ticket=ticket))
         except ActivityError as e:
             failed.append((pod_id, error_message(e)))
             await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))

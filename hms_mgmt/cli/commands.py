@@ -162,10 +162,10 @@ def worker(
     from worker.main import main as worker_main
 
     # The worker re-reads settings (settings.reload()) on every scheduling call; the overrides
-    # (this node, this runtime, its capacity) are kept there too.
+    # (this node, its runtime and capacity) are kept there too.
+    node_overrides = _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(node=node or None, runtime=runtime or None,
-                               **_node_overrides(docker_host, cpus, memory_mb, max_pods, labels)),
+    _run(worker_main(_settings(node=node or None, runtime=runtime or None, **node_overrides),
                      control=not no_control))
 
 
@@ -548,22 +548,22 @@ def rollout_undo(
 
 
 
-# --- nodes (issue 12): `hms worker --node` options, `hms nodes`, `hms init` -------------------
+# --- nodes (issue 12): options of `hms worker --node`, and `hms nodes` -----------------------
 
 
-def _node_overrides(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
-                    labels: str | None) -> dict[str, object]:
-    """The node flags as settings overrides (None: not given)."""
+def _node_options(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
+                  labels: str | None) -> dict[str, object]:
+    """The node flags, as settings overrides (the worker's re-read settings keep them)."""
     from hms_mgmt.config import parse_labels
 
-    parsed = None
+    values: dict[str, object] = {"docker_host": docker_host, "node_cpus": cpus, "node_memory_mb": memory_mb,
+                                 "node_max_pods": max_pods}
     if labels is not None:
         try:
-            parsed = parse_labels(labels)
+            values["node_labels"] = parse_labels(labels)
         except ValueError as e:
             raise SpecError(f"--labels: {e}") from None
-    return {"docker_host": docker_host, "node_cpus": cpus, "node_memory_mb": memory_mb, "node_max_pods": max_pods,
-            "node_labels": parsed}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @app.command()
@@ -602,6 +602,7 @@ def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inste
             _when(v.last_heartbeat) if v.last_heartbeat else "-",
         )
     out.print(table)
+
 
 
 @app.command("init")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from conftest import eventually, make_settings, node_pods, require_docker, seed_
 from temporalio.testing import WorkflowEnvironment
 from test_scale import burn
 
+from hms_mgmt import tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.events import read_events
 from hms_mgmt.nodes import list_nodes
@@ -42,6 +44,11 @@ class Cluster:
     started: list[HmsWorker] = field(default_factory=list)
 
     async def start_b(self) -> None:
+        # As on a second host: the node checks admission tickets with the control plane's public key.
+        keys = self.b.state_dir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        tickets.ensure_control_key(self.a.state_dir)
+        shutil.copy(self.a.state_dir / "keys" / tickets.PUBLIC_FILE, keys / tickets.PUBLIC_FILE)
         self.b_worker = HmsWorker(self.env.client, self.b, control=False)
         await self.b_worker.__aenter__()
 

@@ -162,6 +162,7 @@ class ControlActivities:
         deadline = loop.time() + inp.max_duration_s
         wanted = set(inp.pods)
         seen_rounds: dict[str, int] = {}
+        last_check = loop.time()
         samples: list[CpuSample] = []
         # Read twice per sampling interval: a node's new round is used soon after it lands,
         # and a round is counted once however often it is read.
@@ -174,8 +175,12 @@ class ControlActivities:
             if now >= next_check:
                 next_check = max(next_check + every, now)
                 merged, rounds = await self._node_samples(inp.workflow_id, wanted)
-                if rounds and rounds != seen_rounds:  # at least one node sampled again since the last check
-                    seen_rounds = rounds
+                fresh = [k for k in rounds if rounds[k] > seen_rounds.get(k, 0)]
+                # A round is the policy's input once every node has sampled again (or, should a
+                # node's watch be stuck, once two intervals passed), so a check does not mix one
+                # node's new reading with another's from before a load step.
+                if fresh and (len(fresh) == len(rounds) or now - last_check >= 2 * spec.scale_interval_s):
+                    seen_rounds, last_check = rounds, now
                     samples = merged
                     verdict = scaler.check(samples, datetime.now(UTC))
                     if verdict is not None:

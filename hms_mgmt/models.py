@@ -504,6 +504,7 @@ class PodFailure(_Model):
     detail: str
     consecutive_failures: int = 0
     exit_code: int | None = None
+    node_lost: bool = False  # its node is Lost: the heal does not wait long to stop what is left of it
 
 
 class PodProgress(_Model):

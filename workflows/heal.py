@@ -15,11 +15,19 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
     from hms_mgmt.policy.backoff import backoff_delay
 
-from workflows.common import error_message, node_queue, pick_nodes, require_parent, start_and_wait, stop_pod
+from workflows.common import (
+    NODE_PICKUP,
+    error_message,
+    node_queue,
+    pick_nodes,
+    require_parent,
+    start_and_wait,
+    stop_pod,
+)
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
-OLD_POD_STOP_WAIT = timedelta(seconds=10)  # for the old pod's node to take the stop
+LOST_NODE_STOP_WAIT = timedelta(seconds=10)  # for a Lost node's worker to take the old pod's stop
 
 
 @workflow.defn
@@ -63,7 +71,9 @@ class HealWorkflow:
             if left > 0:
                 await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
         try:
-            await stop_pod(spec, inp.failed, old_queue, grace_s=grace, schedule_to_start=OLD_POD_STOP_WAIT)
+            # A worker restarting takes the stop within NODE_PICKUP; a Lost node's likely never will.
+            wait = LOST_NODE_STOP_WAIT if inp.failure.node_lost else NODE_PICKUP
+            await stop_pod(spec, inp.failed, old_queue, grace_s=grace, schedule_to_start=wait)
         except ActivityError as e:
             # Its node is gone (lost, or its worker down): the replacement runs, and the node's
             # worker removes the stale pod when it comes back (it is no longer on record).

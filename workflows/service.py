@@ -490,7 +490,7 @@ class ServiceWorkflow:
         while self.lost_nodes and not self.undeploy_requested:
             lost = self.lost_nodes.pop(0)
             for pod in [p for p in self.state.pods if p.node == lost.node]:
-                await self._pod_failed(PodFailure(pod_id=pod.id, kind="exited",
+                await self._pod_failed(PodFailure(pod_id=pod.id, kind="exited", node_lost=True,
                                                   detail=lost.reason or f"node {lost.node} lost"))
 
     async def _watch(self) -> WatchResult | None:

@@ -1,7 +1,7 @@
 """docker-compose.yml end to end, as a user runs it: build, `up -d`, the seed's example deploys
 from the host through it, the router serves the service, `down` leaves no container of ours.
 
-Runs in CI (CI=true); elsewhere it skips, since it builds an image and binds four ports."""
+Runs in CI (CI=true); elsewhere it skips, since it builds an image and binds five ports."""
 
 from __future__ import annotations
 
@@ -48,14 +48,15 @@ def get(url: str) -> int:
 
 def test_compose_up_deploy_route_down(tmp_path: Path) -> None:
     if os.environ.get("CI") != "true":
-        pytest.skip("the compose test runs in CI (CI=true): it builds an image and binds four ports")
+        pytest.skip("the compose test runs in CI (CI=true): it builds an image and binds five ports")
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose is missing: apt-get install -y docker-compose")
     require_docker()
     project = f"hmsci{uuid.uuid4().hex[:6]}"
     node = f"compose-{project}"
     state = tmp_path / "state"
-    ports = {k: str(free_port()) for k in ("HMS_TEMPORAL_PORT", "HMS_UI_PORT", "HMS_ROUTER_PORT", "HMS_DASHBOARD_PORT")}
+    ports = {k: str(free_port()) for k in ("HMS_TEMPORAL_PORT", "HMS_UI_PORT", "HMS_ROUTER_PORT", "HMS_DASHBOARD_PORT",
+                                           "HMS_METRICS_PORT")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
     env.update(ports, COMPOSE_PROJECT_NAME=project, HMS_NODE=node, HMS_COMPOSE_STATE=str(state),
                HMS_IMAGE_TAG=os.environ.get("HMS_IMAGE_TAG", "ci"))
@@ -76,10 +77,12 @@ def test_compose_up_deploy_route_down(tmp_path: Path) -> None:
         assert "Running" in status and "2/2 ready" in status, status
         assert len(containers(f"label=hms.node={node}", "status=running")) == 2
         router = f"http://127.0.0.1:{ports['HMS_ROUTER_PORT']}/hms-ach/health"
+        dashboard = f"http://127.0.0.1:{ports['HMS_DASHBOARD_PORT']}/healthz"
         deadline = time.monotonic() + 30
-        while get(router) != 200 and time.monotonic() < deadline:
+        while (get(router), get(dashboard)) != (200, 200) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert get(router) == 200, "the router does not serve hms-ach"
+        assert get(dashboard) == 200, "the dashboard does not answer"
     finally:
         down = subprocess.run(["docker-compose", "down"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=180)

@@ -1,12 +1,17 @@
-"""Two real nodes on this machine, against the real dev server: node "a" runs process pods
-(and the control plane), node "b" runs Docker containers with its own worker. Pods spread
-across both; a node whose worker stops is Lost and its pods move; a full cluster waits for a
-node to join; a CPU step across both nodes is one scaling decision."""
+"""Two real nodes on this machine, against the real dev server: node "a" (the control plane
+and a Docker node) and node "b", a Docker node with a worker of its own that reaches the
+engine through ``--docker-host``. Both use the one shared engine: an image must resolve to
+the same content on every node (admission pins it), and a second engine would need its own
+bridge and image store on a machine others share. Pods spread across both; a node whose
+worker stops is Lost and its pods move while its containers keep running; a full cluster
+waits for a node to join; a CPU step across both nodes is one scaling decision."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +23,7 @@ from conftest import eventually, make_settings, node_pods, require_docker, seed_
 from temporalio.testing import WorkflowEnvironment
 from test_scale import burn
 
+from hms_mgmt import tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.events import read_events
 from hms_mgmt.nodes import list_nodes
@@ -31,13 +37,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class Cluster:
     env: WorkflowEnvironment
-    a: Settings  # control plane + process node
-    b: Settings  # Docker node, its own worker (and trust store: Docker content ids)
+    a: Settings  # control plane + Docker node
+    b: Settings  # Docker node, its own worker, state directory and trust store
     hms: Orchestrator
     b_worker: HmsWorker | None = None
     started: list[HmsWorker] = field(default_factory=list)
 
     async def start_b(self) -> None:
+        # As on a second host: the node checks admission tickets with the control plane's public key.
+        keys = self.b.state_dir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        tickets.ensure_control_key(self.a.state_dir)
+        shutil.copy(self.a.state_dir / "keys" / tickets.PUBLIC_FILE, keys / tickets.PUBLIC_FILE)
         self.b_worker = HmsWorker(self.env.client, self.b, control=False)
         await self.b_worker.__aenter__()
 
@@ -57,8 +68,9 @@ class Cluster:
 
 def node_settings(env: WorkflowEnvironment, tmp_path: Path, **a_extra: object) -> tuple[Settings, Settings]:
     timing = {"node_lost_after_s": LOST_AFTER_S, "node_heartbeat_s": 1.0}
-    a = make_settings(env, tmp_path / "a", "process", **timing, **a_extra)
-    b = make_settings(env, tmp_path / "b", "docker", **timing)
+    a = make_settings(env, tmp_path / "a", "docker", **timing, **a_extra)
+    b = make_settings(env, tmp_path / "b", "docker", **timing,
+                      docker_host=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
     return a, b.model_copy(update={"task_queue": a.task_queue, "node": f"{a.node}-b"})
 
 
@@ -91,7 +103,7 @@ async def test_pods_spread_and_move_off_a_lost_node_which_cleans_up_when_back(cl
     assert await c.pods_by_node() == {c.a.node: 2, c.b.node: 2}, "spread 2 + 2 across the two nodes"
     assert len(node_pods(c.b, "hms-ach")) == 2
     views = {v.spec.name: v for v in await list_nodes(c.env.client, c.a)}
-    assert views[c.b.node].state == "Ready" and views[c.b.node].pods == 2 and views[c.b.node].spec.runtime == "docker"
+    assert views[c.b.node].state == "Ready" and views[c.b.node].pods == 2
 
     await c.stop_b()  # the containers keep running: the node, not the pods, is gone
     stopped = asyncio.get_running_loop().time()
@@ -150,7 +162,8 @@ async def test_node_selector_places_only_on_labelled_nodes(cluster: Cluster):
 async def test_cpu_step_across_both_nodes_is_one_decision(cluster: Cluster):
     c = cluster
     await c.start_b()
-    await c.hms.deploy(spec(min_replicas=2, max_replicas=4, cpu_target=10), wait=True, timeout=120)
+    # A low target: whatever CPU a loaded machine leaves the burn, the step asks for max_replicas.
+    await c.hms.deploy(spec(min_replicas=2, max_replicas=4, cpu_target=5), wait=True, timeout=120)
     st = await c.hms.status("hms-ach")
     assert Counter(p.node for p in st.pods) == {c.a.node: 1, c.b.node: 1}
     first = {p.id for p in st.pods}

@@ -78,11 +78,13 @@ def test_compose_up_deploy_route_down(tmp_path: Path) -> None:
         assert len(containers(f"label=hms.node={node}", "status=running")) == 2
         router = f"http://127.0.0.1:{ports['HMS_ROUTER_PORT']}/hms-ach/health"
         dashboard = f"http://127.0.0.1:{ports['HMS_DASHBOARD_PORT']}/healthz"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while (get(router), get(dashboard)) != (200, 200) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert get(router) == 200, "the router does not serve hms-ach"
-        assert get(dashboard) == 200, "the dashboard does not answer"
+        logs = subprocess.run(["docker-compose", "logs", "--tail", "40", "router", "dashboard"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+        assert get(router) == 200, f"the router does not serve hms-ach:\n{logs}"
+        assert get(dashboard) == 200, f"the dashboard does not answer:\n{logs}"
     finally:
         down = subprocess.run(["docker-compose", "down"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=180)

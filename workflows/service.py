@@ -432,10 +432,15 @@ class ServiceWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return self.status()  # refused before any pod started: nothing to undo
             await self._deploy()
-        await self._supervise()
-        if not self.undeploy_requested:  # continue-as-new was due
+        while True:
+            await self._supervise()
+            if self.undeploy_requested:
+                break
+            # Continue-as-new was due. Handlers still running may change the picture (an undeploy
+            # accepted, an update that started a rollout): decide again once they are done.
             await workflow.wait_condition(workflow.all_handlers_finished)
-            workflow.continue_as_new(inp.model_copy(update={"state": self.state, "spec": self.spec}))
+            if not self.undeploy_requested and self._continue_as_new_ready():
+                workflow.continue_as_new(inp.model_copy(update={"state": self.state, "spec": self.spec}))
         await self._undeploy()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.status()

@@ -77,7 +77,8 @@ class HmsWorker:
                 )
             )
         if node:
-            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
+                                   limits=settings.pod_limits(), events=sink)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
             self.workers.append(

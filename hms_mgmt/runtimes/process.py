@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-PYTHON = "{python}"  # stands for the worker's own interpreter, whichever path started it
+PYTHON = "{python}"  # in a command: the worker's own interpreter (or the system's, see _python_for_user)
 POD_USER = "hms-pod"
 POD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The example services' knobs (demos and tests set them in spec.env): nothing executable.
@@ -322,7 +322,7 @@ class ProcessRuntime(PodRuntime):
                     user = None
                 else:
                     python = found
-            command = [python if part == PYTHON else part for part in (req.spec.command or entry["command"])]
+            command = [part.replace(PYTHON, python) for part in (req.spec.command or entry["command"])]
             memory_mb = req.spec.memory_mb or self.limits.memory_mb
             rlimits = [f"--nofile={self.limits.nofile}",
                        f"--as={max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024}"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
-import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 from conftest import (
     WorkerProcess,
@@ -178,9 +180,12 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
     """A service whose pods crash until an outside fix lands: Degraded, then Running and
     service.recovered once the replacement stays ready."""
     settings = make_settings(temporal_env, tmp_path / "state", "process")
-    flag = tmp_path / "fixed"
+    # Pods run as an unprivileged user that cannot enter pytest's private tmp_path.
+    flag_dir = Path(tempfile.mkdtemp(prefix="hms-flag-"))
+    flag_dir.chmod(0o755)
+    flag = flag_dir / "fixed"
     (settings.state_dir / "images.yaml").write_text(
-        f"registry.gov/hms-flaky:1.0:\n  command: [sh, -c, 'test -f {flag} && exec {sys.executable} -m services.hms_ach || exit 3']\n"
+        f"registry.gov/hms-flaky:1.0:\n  command: [sh, -c, 'test -f {flag} && exec {{python}} -m services.hms_ach || exit 3']\n"
     )
     sign_images(settings, "registry.gov/hms-flaky:1.0")
     spec = seed_spec(name="hms-flaky", image="registry.gov/hms-flaky:1.0", min_replicas=1,
@@ -200,6 +205,7 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+        shutil.rmtree(flag_dir, ignore_errors=True)
 
 
 async def test_worker_killed_during_heal_makes_exactly_one_replacement(temporal_env, tmp_path, runtime_name):

@@ -88,3 +88,11 @@ class PodCgroups:
                     path.rmdir()
                 except OSError as e:
                     log.warning("cgroup %s not removed: %s", path, e)
+
+    def release(self) -> None:
+        """Remove the node's own cgroup directories if no pod's remain (pods outlive the worker)."""
+        if self.reason:
+            return
+        for base in self.bases.values():
+            with contextlib.suppress(OSError):
+                base.rmdir()

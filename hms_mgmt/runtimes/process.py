@@ -495,3 +495,7 @@ class ProcessRuntime(PodRuntime):
 
     def content_id(self, image: str) -> str:
         return self.catalog.content_id(image)
+
+    def close(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.release()

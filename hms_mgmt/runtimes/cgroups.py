@@ -2,7 +2,7 @@
 
 Best effort: where ``/sys/fs/cgroup`` is a v1 hierarchy this process may write, each pod gets
 ``<controller>/<our own cgroup>/hms/<node>/<pod>``, nested under the worker's own cgroup so the
-pods stay inside whatever limits the worker itself has. Elsewhere (cgroup v2, read-only, no
+pods stay inside whatever limits the worker itself has (``cpu`` only for a pod with a CPU limit). Elsewhere (cgroup v2, read-only, no
 privilege) ``available()`` is False and says why; the runtime reports that, it does not pretend.
 """
 
@@ -57,27 +57,34 @@ class PodCgroups:
         return {ctrl: base / pod_id for ctrl, base in self.bases.items()}
 
     def create(self, pod_id: str, *, memory_mb: int, cpus: float | None, pids: int) -> None:
-        """Make the pod's cgroups with their limits (before any process joins them)."""
+        """Make the pod's cgroups with their limits (before any process joins them).
+
+        A CPU cgroup only with a CPU limit: a cgroup is weighed as one task against the host's
+        other tasks, so uncapped pods inside one would all share a single task's CPU weight."""
         dirs = self._dirs(pod_id)
+        if not cpus:
+            del dirs["cpu"]
         for path in dirs.values():
             path.mkdir(exist_ok=True)
         (dirs["memory"] / "memory.limit_in_bytes").write_text(str(memory_mb * 1024 * 1024))
         (dirs["pids"] / "pids.max").write_text(str(pids))
-        quota = int(cpus * CFS_PERIOD_US) if cpus else -1
-        (dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+        if cpus:
+            (dirs["cpu"] / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(int(cpus * CFS_PERIOD_US)))
 
     def join(self, pod_id: str, pid: int) -> None:
         for path in self._dirs(pod_id).values():
-            (path / "cgroup.procs").write_text(str(pid))
+            if path.is_dir():
+                (path / "cgroup.procs").write_text(str(pid))
 
     def limits(self, pod_id: str) -> dict[str, str]:
         """The limits as the kernel holds them (for tests and ``hms`` diagnostics)."""
         dirs = self._dirs(pod_id)
+        quota = dirs["cpu"] / "cpu.cfs_quota_us"
         return {
             "memory": (dirs["memory"] / "memory.limit_in_bytes").read_text().strip(),
             "pids": (dirs["pids"] / "pids.max").read_text().strip(),
-            "cpu_quota_us": (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip(),
+            "cpu_quota_us": quota.read_text().strip() if quota.exists() else "-1",
         }
 
     def remove(self, pod_id: str) -> None:

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     pod_pids_limit: int = Field(default=256, ge=16, description="processes and threads per pod")
     pod_nofile_limit: int = Field(default=4096, ge=64, description="open files per process-pod process")
     pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
-                          "else nobody, when the worker is root), a user name, or '' for the worker's own user")
+                          "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
 
     @field_validator("routers", mode="before")
     @classmethod

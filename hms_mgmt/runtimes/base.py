@@ -55,7 +55,9 @@ class PodLimits:
     memory_mb: int = 512  # when the spec sets no memory_mb
     pids: int = 256  # processes and threads per pod
     nofile: int = 4096  # open files per process (process runtime)
-    pod_user: str = "auto"  # process pods as: "auto" (hms-pod, else nobody, when the worker is root), "" (the worker's user), or a user name
+    # Process pods run as: "auto" (hms-pod, else nobody, when the worker is root), a user name, or
+    # "worker" (the worker's own user).
+    pod_user: str = "auto"
 
 
 @dataclass

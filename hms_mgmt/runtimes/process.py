@@ -124,7 +124,7 @@ def ensure_pod_user(setting: str) -> pwd.struct_passwd | None:
 
     Only root can switch users, so a non-root worker runs pods as itself. ``auto`` creates the
     system user ``hms-pod`` once (``useradd --system``) and falls back to ``nobody``."""
-    if os.geteuid() != 0 or not setting:
+    if os.geteuid() != 0 or setting in ("", "worker"):
         return None
     names = [POD_USER, "nobody"] if setting == "auto" else [setting]
     with contextlib.suppress(KeyError):
@@ -163,6 +163,7 @@ class ProcessRuntime(PodRuntime):
         self._user: pwd.struct_passwd | None | bool = False  # False: not resolved yet
         self._python_for: dict[str, tuple[str | None, str]] = {}  # cwd -> (interpreter the pod user can run, why not)
         self._cgroups: PodCgroups | None = None
+        self._warned: set[tuple[str, str]] = set()  # (service, reason) already reported
 
     # --- the box -------------------------------------------------------------------
 
@@ -227,8 +228,12 @@ class ProcessRuntime(PodRuntime):
         return env
 
     def _degraded(self, req: PodLaunch, reason: str) -> None:
-        """Say it, loudly: a pod runs with less isolation than the box promises."""
+        """Say it, loudly: a pod runs with less isolation than the box promises (an event once
+        per service and reason for this worker, a log line for every pod)."""
         log.warning("pod %s (%s): %s", req.pod_id, req.service, reason)
+        if (req.service, reason) in self._warned:
+            return
+        self._warned.add((req.service, reason))
         try:
             self.events.write(Event(type="pod.sandbox_degraded", service=req.service, reason=reason,
                                     data={"pod": req.pod_id, "node": self.node}))
@@ -314,6 +319,9 @@ class ProcessRuntime(PodRuntime):
             cwd = str(entry.get("cwd") or _REPO_ROOT)
             python: str = sys.executable
             user = self.pod_user()
+            if user is None:
+                why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
+                self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
             if user is not None:
                 found, why = self._python_for_user(user, cwd)
                 if found is None:

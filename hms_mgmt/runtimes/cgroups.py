@@ -90,11 +90,12 @@ class PodCgroups:
     def remove(self, pod_id: str) -> None:
         """Remove the pod's cgroups once its processes are gone (rmdir of a busy one fails: kept)."""
         for path in self._dirs(pod_id).values():
-            with contextlib.suppress(FileNotFoundError):
-                try:
-                    path.rmdir()
-                except OSError as e:
-                    log.warning("cgroup %s not removed: %s", path, e)
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass  # never made (no CPU limit), or removed already
+            except OSError as e:
+                log.warning("cgroup %s not removed: %s", path, e)
 
     def release(self) -> None:
         """Remove the node's own cgroup directories if no pod's remain (pods outlive the worker)."""

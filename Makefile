@@ -15,7 +15,7 @@ VAR := $(CURDIR)/var
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
-BENCH ?= deploy heal scale
+BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
 
 .PHONY: help venv images demo up test bench lint clean distclean

@@ -1,16 +1,20 @@
-"""Control-plane activities (task queue ``hms-control``): scheduling and events."""
+"""Control-plane activities (task queue ``hms-control``): scheduling, node loss, the
+service-wide autoscaler, and events."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
-from hms_mgmt import auth, constants
+from activities.scaling import ScaleCheck
+from hms_mgmt import auth, constants, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import Event, EventSink
@@ -21,12 +25,22 @@ from hms_mgmt.models import (
     EventInput,
     GovernanceInput,
     GovernanceOutput,
+    NodeLost,
+    NodesOutput,
+    NodeSpec,
     PickNodeInput,
     PickNodeOutput,
     ServiceStatus,
+    TicketInput,
+    TicketOutput,
+    WatchCpuInput,
+    WatchHeartbeat,
+    WatchResult,
 )
+from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
+from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,7 @@ class ControlActivities:
         query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
         statuses = []
         async for wf in self.client.list_workflows(query):
-            if wf.id == constants.service_workflow_id(exclude):
+            if exclude and wf.id == constants.service_workflow_id(exclude):
                 continue
             try:
                 statuses.append(await self.client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
@@ -53,8 +67,9 @@ class ControlActivities:
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
         settings = await asyncio.to_thread(self.settings)
-        nodes = inp.nodes or settings.node_specs()
-        usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods) for n in nodes}
+        nodes = inp.nodes or await self.ready_nodes(settings)
+        usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods,
+                                   labels=n.labels) for n in nodes}
 
         def account(pods, own: bool) -> None:
             for pod in pods:
@@ -72,23 +87,119 @@ class ControlActivities:
         for other in await self._other_services(inp.service, settings.task_queue):
             spec_cpu, spec_mem = other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0
             account(other.pods, own=False)
-        request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0)
+        request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0,
+                                   node_selector=inp.spec.node_selector)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         by_name = {n.name: n for n in nodes}
         result = PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])
         missing = sum(1 for p in picked if p is None)
         if missing and inp.require_all:
             info = activity.info()
+            selector = ", ".join(f"{k}={v}" for k, v in sorted(request.node_selector.items()))
             reason = (
                 f"no node has room for {missing} more pod(s) of {inp.service} "
-                f"(cpu {request.cpu:g}, memory {request.memory_mb} MB each); "
-                + "; ".join(f"{u.name}: {u.used_pods}/{u.max_pods} pods, cpu {u.used_cpu:g}/{u.cpu:g}" for u in usage.values())
+                f"(cpu {request.cpu:g}, memory {request.memory_mb} MB each"
+                + (f", nodes labelled {selector}" if selector else "") + "); "
+                + ("; ".join(f"{u.name}: {u.used_pods}/{u.max_pods} pods, cpu {u.used_cpu:g}/{u.cpu:g}"
+                             for u in usage.values()) or "no Ready node")
             )
             if info.attempt == 1 or info.attempt % 20 == 0:
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
             raise ApplicationError(reason, type="CapacityUnavailable")
         return result
+
+    async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
+        """The Scheduler's nodes: the registry's Ready ones; the configured ones while no
+        registry runs yet (a control plane from before the registry, or its very first start)."""
+        handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
+        try:
+            out = await handle.query("nodes", result_type=NodesOutput)
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return await asyncio.to_thread(settings.node_specs)
+        except WorkflowQueryFailedError:
+            return await asyncio.to_thread(settings.node_specs)
+        return [r.spec for r in out.nodes if r.state == "Ready"]
+
+    @activity.defn(name="notify_node_lost")
+    async def notify_node_lost(self, inp: NodeLost) -> int:
+        """Tell every running service with pods on the lost node (``node_lost`` signal); they
+        replace those pods elsewhere. Returns how many services were told."""
+        settings = await asyncio.to_thread(self.settings)
+        told = 0
+        for st in await self._other_services("", settings.task_queue):
+            if not any(p.node == inp.node for p in st.pods):
+                continue
+            try:
+                await self.client.get_workflow_handle(st.workflow_id).signal(constants.NODE_LOST_SIGNAL, inp)
+                told += 1
+            except RPCError as e:
+                if e.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to replace
+                    raise
+        await self.sink.publish(Event(type="node.lost", service="", reason=inp.reason,
+                                      data={"node": inp.node, "services": told}))
+        return told
+
+    @activity.defn(name="watch_cpu")
+    async def watch_cpu(self, inp: WatchCpuInput) -> WatchResult:
+        """The Auto-Scaler, once per service across all its nodes.
+
+        Every ``scale_interval_s`` it reads the latest CPU samples each node's ``watch_pods``
+        heartbeats (a describe of the service's workflow: no history events), merges them and
+        runs the policy once; it returns only on a recommendation (two rounds agree) or after
+        ``max_duration_s``, so a steady service costs nothing here."""
+        spec = inp.spec
+        scaler = ScaleCheck(spec, inp.current, inp.history, inp.at_max_reported)
+        details = activity.info().heartbeat_details
+        if details:  # a retry keeps the stabilisation window it had
+            try:
+                scaler.history = WatchHeartbeat.model_validate(details[0]).history or scaler.history
+            except ValueError:
+                pass
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + inp.max_duration_s
+        wanted = set(inp.pods)
+        seen_rounds: dict[str, int] = {}
+        samples: list[CpuSample] = []
+        # Read twice per sampling interval: a node's new round is used soon after it lands,
+        # and a round is counted once however often it is read.
+        every = max(0.5, spec.scale_interval_s / 2)
+        next_check = loop.time() + every
+        while True:
+            now = loop.time()
+            if now >= deadline:
+                return WatchResult(reason="timeout", samples=samples, history=scaler.history)
+            if now >= next_check:
+                next_check = max(next_check + every, now)
+                merged, rounds = await self._node_samples(inp.workflow_id, wanted)
+                if rounds and rounds != seen_rounds:  # at least one node sampled again since the last check
+                    seen_rounds = rounds
+                    samples = merged
+                    verdict = scaler.check(samples, datetime.now(UTC))
+                    if verdict is not None:
+                        return WatchResult(reason=verdict[0], decision=verdict[1], samples=samples,
+                                           history=scaler.history)
+            activity.heartbeat(WatchHeartbeat(samples=samples, history=scaler.history))
+            await asyncio.sleep(max(0.05, min(next_check - loop.time(), deadline - loop.time(), 1.0)))
+
+    async def _node_samples(self, workflow_id: str, wanted: set[str]) -> tuple[list[CpuSample], dict[str, int]]:
+        """The latest samples of the workflow's pending node watches, and each watch's round."""
+        desc = await self.client.get_workflow_handle(workflow_id).describe()
+        merged: dict[str, CpuSample] = {}
+        rounds: dict[str, int] = {}
+        for pending in desc.raw_description.pending_activities:
+            if pending.activity_type.name != "watch_pods" or not pending.heartbeat_details.payloads:
+                continue
+            (beat,) = await self.client.data_converter.decode(pending.heartbeat_details.payloads[:1], [WatchHeartbeat])
+            if beat.round == 0:
+                continue
+            rounds[pending.activity_id] = beat.round
+            for sample in beat.samples:
+                if sample.pod_id in wanted:
+                    merged[sample.pod_id] = sample
+        return [merged[p] for p in sorted(merged)], rounds
 
     @activity.defn(name="authorize")
     async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
@@ -120,6 +231,44 @@ class ControlActivities:
             reasons=verdict.reasons,
             approval_timeout_s=min(policy.approval_timeout_s, inp.spec.approval_timeout_s),
         )
+
+    @activity.defn(name="issue_ticket")
+    async def issue_ticket(self, inp: TicketInput) -> TicketOutput:
+        """Admission's last step, redone where no workflow can skip it: the deployer may deploy,
+        a spec over the governance limit carries a gov_approver's approval (not the deployer's),
+        or is a rollback to a revision that was admitted before; the pinned content is still
+        signed. Then the control plane signs the ticket every node checks before a pod starts."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(self._admit, settings, inp)
+            ticket = await asyncio.to_thread(tickets.issue, settings.state_dir, service=inp.service,
+                                             revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+        except (AccessDenied, HmsError) as e:
+            await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                          reason=f"admission ticket refused: {e}",
+                                          data={"action": "admit", "revision": inp.revision}))
+            raise ApplicationError(f"admission refused: {e}", type="AccessDenied", non_retryable=True) from None
+        return TicketOutput(ticket=ticket)
+
+    @staticmethod
+    def _admit(settings: Settings, inp: TicketInput) -> None:
+        state_dir = settings.state_dir
+        matrix = auth.load_access_matrix(state_dir)
+        deployer = auth.verify_token(inp.token or None, state_dir=state_dir)
+        auth.authorize(deployer, "deploy", matrix)
+        if inp.prior_ticket:
+            tickets.verify(state_dir, inp.prior_ticket, service=inp.service, revision=inp.prior_revision or 0,
+                           spec=inp.spec, image_id=inp.image_id)
+        else:
+            verdict = evaluate(inp.spec, load_governance_policy(state_dir))
+            if verdict.needs_approval:
+                if not inp.approval_token:
+                    raise AccessDenied("over the governance limit and not approved: " + "; ".join(verdict.reasons))
+                approver = auth.verify_token(inp.approval_token, state_dir=state_dir)
+                auth.check_approver(approver, deployer.user, matrix)
+        ok, detail = TrustStore(state_dir).verify(inp.spec.image, inp.image_id)
+        if not ok:
+            raise AccessDenied(f"image {inp.spec.image} ({inp.image_id[:19]}) is not trusted: {detail}")
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:

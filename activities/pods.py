@@ -13,6 +13,10 @@ import aiohttp
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.scaling import ScaleCheck
+from hms_mgmt import tickets
+from hms_mgmt.errors import AccessDenied
+from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import (
     ListPodsInput,
     ListPodsOutput,
@@ -29,7 +33,7 @@ from hms_mgmt.models import (
     WatchInput,
     WatchResult,
 )
-from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, autoscale
+from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 
@@ -80,9 +84,10 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
 class PodActivities:
     """Activities bound to one node's runtime."""
 
-    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None) -> None:
+    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None, sink: EventSink | None = None) -> None:
         self.runtime = runtime
-        self.trust = trust
+        self.trust = trust  # with it, the node also checks admission tickets (keys beside the trust store)
+        self.sink = sink
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -101,6 +106,7 @@ class PodActivities:
 
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
+        await self._check_ticket(inp)
         if inp.image_id:
             await self._check_pinned(inp.spec.image, inp.image_id)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
@@ -153,6 +159,21 @@ class PodActivities:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+
+    async def _check_ticket(self, inp: StartPodInput) -> None:
+        """Only an admitted revision starts pods, whoever scheduled this activity."""
+        if self.trust is None:
+            return
+        try:
+            await asyncio.to_thread(tickets.verify, self.trust.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+        except AccessDenied as e:
+            if self.sink is not None:
+                await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                              reason=f"pod {inp.pod_id} not started: {e}",
+                                              data={"action": "start_pod", "pod": inp.pod_id, "node": inp.node}))
+            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type="AccessDenied",
+                                   non_retryable=True) from None
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for
@@ -223,7 +244,7 @@ class _Watch:
         self.history = list(inp.history)
         self.samples: list[CpuSample] = []
         self.exited: set[str] = set()
-        self.up_once = False
+        self.rounds = 0
         self.wake = asyncio.Event()
         details = activity.info().heartbeat_details
         if details:  # a retry after a worker restart keeps the autoscale window it had
@@ -231,6 +252,9 @@ class _Watch:
                 self.history = WatchHeartbeat.model_validate(details[0]).history or self.history
             except ValueError:
                 pass
+        # With several nodes the service's one watch_cpu decides from every node's samples
+        # (autoscale=False here); a single watch may still decide on its own.
+        self.scaler = ScaleCheck(self.spec, inp.current, self.history, inp.at_max_reported) if inp.autoscale else None
 
     def progress(self) -> list[PodProgress]:
         return [
@@ -308,28 +332,12 @@ class _Watch:
                         self.samples.append(CpuSample(pod_id=pid, cpu_percent=pct, ready=True))
                     cpu_before = cpu_now
                     next_scale = max(next_scale + spec.scale_interval_s, loop.time())
-                    if inp.autoscale:
-                        decision = autoscale(
-                            AutoscaleInput(
-                                current=inp.current, samples=self.samples, min_replicas=spec.min_replicas,
-                                max_replicas=spec.max_replicas, cpu_target=spec.cpu_target,
-                                scale_down_window_s=spec.scale_down_window_s, history=self.history,
-                                now=datetime.now(UTC),
-                            )
-                        )
-                        self.history = decision.history
-                        # A step in load lands mid-interval, so the first sample after it sees
-                        # part of it: scale up once two samples in a row agree, sized by the
-                        # latest, and the count is reached in one decision instead of two.
-                        up = decision.desired > inp.current
-                        if up and not self.up_once:
-                            self.up_once = True
-                        elif decision.desired != inp.current:
-                            return self.result("scale", decision=decision)
-                        else:
-                            self.up_once = False
-                        if decision.at_max and not inp.at_max_reported and decision.desired == inp.current:
-                            return self.result("at_max", decision=decision)
+                    self.rounds += 1
+                    if self.scaler is not None:
+                        verdict = self.scaler.check(self.samples)
+                        self.history = self.scaler.history
+                        if verdict is not None:
+                            return self.result(verdict[0], decision=verdict[1])
                 if now >= next_orphans:
                     next_orphans = now + 30.0
                     unknown = await self.unknown_pods()
@@ -338,7 +346,7 @@ class _Watch:
                 if now >= deadline:
                     return self.result("timeout")
                 activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
-                                                  history=self.history))
+                                                  history=self.history, round=self.rounds))
                 wait = min(next_health, next_scale, deadline, next_orphans) - loop.time()
                 if unsubscribe is None:  # no event stream: poll for exits, cheaply
                     wait = min(wait, 0.1)

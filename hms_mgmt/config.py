@@ -102,9 +102,26 @@ class Settings(BaseSettings):
     history_threshold: int | None = None
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
-    event_webhook: str | None = None
+    event_webhook: str | None = None  # one more webhook URL (kept from before `webhooks`)
+    webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)  # env: comma-separated
+    webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
+    metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
+    # This worker's node (``hms worker --node``) and the NodeRegistry's timing.
+    docker_host: str | None = None  # e.g. unix:///run/docker-2.sock: the node's own Docker Engine
+    node_cpus: float | None = None  # CPUs offered to pods (default: cores x CPU_LIMIT_OVERCOMMIT)
+    node_memory_mb: int | None = None  # default: the machine's memory
+    node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
+    node_heartbeat_s: float = Field(default=5.0, gt=0)
+    node_lost_after_s: float = Field(default=30.0, gt=0)
+    sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
+
+    @field_validator("node_labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        return parse_labels(v) if isinstance(v, str) else v
+
     # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
     # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
     routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -115,9 +132,9 @@ class Settings(BaseSettings):
     pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
                           "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
 
-    @field_validator("routers", mode="before")
+    @field_validator("routers", "webhooks", mode="before")
     @classmethod
-    def _routers_from_text(cls, v: Any) -> Any:
+    def _urls_from_text(cls, v: Any) -> Any:
         """``HMS_ROUTERS=http://a:8000,http://b:8000`` (an empty string means none but the default)."""
         if isinstance(v, str):
             return [u.strip() for u in v.split(",") if u.strip()]
@@ -140,6 +157,13 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid configuration: {_describe(e)}") from e
         self._overrides = dict(values)
         self._environ = _ENVIRON.get()
+
+    def webhook_urls(self) -> list[str]:
+        """Every webhook events go to: ``webhooks`` plus ``event_webhook``."""
+        urls = list(self.webhooks)
+        if self.event_webhook and self.event_webhook not in urls:
+            urls.append(self.event_webhook)
+        return urls
 
     @classmethod
     def settings_customise_sources(
@@ -185,20 +209,26 @@ class Settings(BaseSettings):
                 except ValidationError as e:
                     raise ConfigError(f"invalid node in config: {e}") from e
             return specs
+        return [self.this_node()]
+
+    def this_node(self, runtime: str | None = None) -> NodeSpec:
+        """The node this worker serves: its ``nodes:`` entry if listed, else from the node flags."""
+        for raw in self.nodes:
+            if raw.get("name") == self.node:
+                return next(n for n in self.node_specs() if n.name == self.node)
         import psutil
 
-        return [
-            NodeSpec(
-                name=self.node,
-                runtime="docker" if self.runtime == "docker" else "process",
-                # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the
-                # cores, as clusters overcommit limits. Set nodes: in config.yaml to change it.
-                cpu=float(os.cpu_count() or 1) * CPU_LIMIT_OVERCOMMIT,
-                memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
-                max_pods=self.node_max_pods,
-                task_queue=constants.node_task_queue(self.node, self.node_queue_prefix),
-            )
-        ]
+        return NodeSpec(
+            name=self.node,
+            runtime=runtime or ("docker" if self.runtime == "docker" else "process"),  # type: ignore[arg-type]
+            # A pod's cpu_limit is a cap, not a reservation: offer limits up to 8x the
+            # cores, as clusters overcommit limits. Set --cpus or nodes: in config.yaml to change it.
+            cpu=self.node_cpus or float(os.cpu_count() or 1) * CPU_LIMIT_OVERCOMMIT,
+            memory_mb=self.node_memory_mb or int(psutil.virtual_memory().total // (1024 * 1024)),
+            max_pods=self.node_max_pods,
+            task_queue=constants.node_task_queue(self.node, self.node_queue_prefix),
+            labels=self.node_labels,
+        )
 
     def pod_limits(self) -> PodLimits:
         return PodLimits(memory_mb=self.pod_memory_mb, pids=self.pod_pids_limit, nofile=self.pod_nofile_limit,
@@ -260,6 +290,17 @@ def _describe(e: ValidationError) -> str:
         else:
             problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``zone=a,disk=ssd`` -> {"zone": "a", "disk": "ssd"}."""
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
 
 
 async def connect(settings: Settings | None = None):  # -> temporalio.client.Client

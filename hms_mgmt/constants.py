@@ -5,6 +5,8 @@ from __future__ import annotations
 CONTROL_TASK_QUEUE = "hms-control"
 NODE_TASK_QUEUE_PREFIX = "hms-node-"
 SERVICE_WORKFLOW_ID_PREFIX = "svc-"
+NODE_REGISTRY_ID = "hms-nodes"
+NODE_LOST_SIGNAL = "node_lost"  # NodeRegistry -> ServiceWorkflow: treat this node's pods as failed
 
 LABEL_SERVICE = "hms.service"
 LABEL_POD = "hms.pod"
@@ -29,3 +31,11 @@ def service_workflow_id(name: str) -> str:
 
 def node_task_queue(node: str, prefix: str = NODE_TASK_QUEUE_PREFIX) -> str:
     return f"{prefix}{node}"
+
+
+def node_registry_id(control_task_queue: str = CONTROL_TASK_QUEUE) -> str:
+    """``hms-nodes`` for the default control plane; one registry per control queue otherwise,
+    so control planes sharing a Temporal namespace (tests, staging) keep their own nodes."""
+    if control_task_queue == CONTROL_TASK_QUEUE:
+        return NODE_REGISTRY_ID
+    return f"{NODE_REGISTRY_ID}-{control_task_queue}"

@@ -101,6 +101,10 @@ class ServiceSpec(_Model):
     progress_deadline_s: float = Field(default=120.0, ge=MIN_TIMEOUT_S, le=86400,
                                        description="a rolling update that makes no progress this long rolls back")
 
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels a pod's node must carry, e.g. {zone: a}"
+    )
+
     @field_validator("max_surge", "max_unavailable")
     @classmethod
     def _count_or_percent(cls, v: int | str) -> int | str:
@@ -212,6 +216,7 @@ class NodeSpec(_Model):
     memory_mb: int = Field(default=4096, gt=0)
     max_pods: int = Field(default=64, ge=0)
     task_queue: str
+    labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -219,6 +224,54 @@ class NodeSpec(_Model):
         if len(v) > 63 or not _DNS_LABEL.match(v):
             raise ValueError("node name must be a DNS-1123 label")
         return v
+
+
+NodeState = Literal["Ready", "Lost"]
+
+
+class NodeRecord(_Model):
+    """What the NodeRegistry knows of one node: its spec, state and last heartbeat."""
+
+    spec: NodeSpec
+    state: NodeState = "Ready"
+    source: Literal["config", "worker"] = "worker"
+    registered_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    lost_at: datetime | None = None
+    rejoins: int = 0
+
+
+class NodeRegistration(_Model):
+    """A worker's ``register`` update and ``heartbeat`` signal: the node as it runs now."""
+
+    spec: NodeSpec
+    worker: str = ""  # host/pid of the worker, for operators
+
+
+class RegisterResult(_Model):
+    """The registry's answer to ``register``: ``was_lost`` tells the worker to sweep stale pods."""
+
+    record: NodeRecord
+    was_lost: bool = False
+
+
+class NodeRegistryInput(_Model):
+    seed: list[NodeSpec] = Field(default_factory=list)  # the static ``nodes:`` of config.yaml
+    lost_after_s: float = Field(default=30.0, gt=0)
+    control_task_queue: str = "hms-control"
+    nodes: list[NodeRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+
+
+class NodesOutput(_Model):
+    nodes: list[NodeRecord] = Field(default_factory=list)
+
+
+class NodeLost(_Model):
+    """The ``node_lost`` signal to a ServiceWorkflow (and the registry's notify activity input)."""
+
+    node: str
+    reason: str = ""
 
 
 class PodStatus(_Model):
@@ -251,6 +304,7 @@ class RevisionRecord(_Model):
     revision: int
     spec: ServiceSpec
     image_id: str = ""  # the content id resolved at admission; every pod of it starts from this
+    ticket: str = ""  # the control plane's admission ticket: what start_pod checks
     deployed_by: str = ""
     deployed_at: datetime | None = None
     outcome: Literal["active", "rolling", "replaced", "rolled_back", "failed", "superseded"] = "active"
@@ -374,6 +428,7 @@ class ServiceState(_Model):
     last_samples: list[CpuSample] = Field(default_factory=list)
     failure: Failure | None = None
     image_id: str = ""
+    ticket: str = ""  # the current revision's admission ticket
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
@@ -398,6 +453,7 @@ class DeployInput(_Model):
     placement: Placement
     existing: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
     rolling: bool = False
     current: list[PodStatus] = Field(default_factory=list)
     replicas: int = 0
@@ -464,6 +520,7 @@ class StartPodInput(_Model):
     node: str
     spec: ServiceSpec
     image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
+    ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
 
 
 class StopPodInput(_Model):
@@ -531,10 +588,23 @@ class WatchResult(_Model):
     progress: list[PodProgress] = Field(default_factory=list)
 
 
+class WatchCpuInput(_Model):
+    """The service's one autoscaler: merges every node watch's heartbeat samples."""
+
+    workflow_id: str
+    spec: ServiceSpec
+    current: int
+    pods: list[str] = Field(default_factory=list)  # the ready pods whose samples count
+    history: list[Recommendation] = Field(default_factory=list)
+    at_max_reported: bool = False
+    max_duration_s: float = 1800.0
+
+
 class WatchHeartbeat(_Model):
     progress: list[PodProgress] = Field(default_factory=list)
     samples: list[CpuSample] = Field(default_factory=list)
     history: list[Recommendation] = Field(default_factory=list)
+    round: int = 0  # CPU sampling rounds so far: watch_cpu counts a node's samples once
 
 
 class HealInput(_Model):
@@ -546,6 +616,7 @@ class HealInput(_Model):
     existing: list[PodStatus] = Field(default_factory=list)
     crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
     image_id: str = ""
+    ticket: str = ""
 
 
 class HealAttempt(_Model):
@@ -562,6 +633,7 @@ class HealOutput(_Model):
     old_pod: str
     replacement: PodStatus
     attempts: int
+    stop_error: str | None = None  # the old pod could not be stopped (its node is gone)
 
 
 class ScaleInput(_Model):
@@ -576,6 +648,7 @@ class ScaleInput(_Model):
     new_pod_ids: list[str] = Field(default_factory=list)
     victims: list[PodStatus] = Field(default_factory=list)
     image_id: str = ""
+    ticket: str = ""
 
 
 class ScaleOutput(_Model):
@@ -599,6 +672,23 @@ class AuthorizeInput(_Model):
     service: str
     requester: str | None = None  # for approve: the deployer, who may not approve their own request
     request_id: str = ""
+
+
+class TicketInput(_Model):
+    """Admission, checked once more where it cannot be skipped, before the ticket is signed."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str
+    token: str = ""  # the deployer's
+    approval_token: str = ""  # a gov_approver's, when the spec is over the governance limit
+    prior_ticket: str = ""  # a rollback: the earlier revision's ticket (it was admitted then)
+    prior_revision: int | None = None
+
+
+class TicketOutput(_Model):
+    ticket: str
 
 
 class AuthorizeOutput(_Model):

@@ -118,6 +118,19 @@ class Orchestrator:
             watch_max_s=s.watch_max_s,
         )
 
+    async def _placement_now(self) -> Placement:
+        """The placement with the NodeRegistry's Ready nodes, where a deploy verifies its image
+        and an undeploy sweeps; this client's configured nodes while no registry runs."""
+        from hms_mgmt.nodes import registry_nodes
+
+        placement = self._placement()
+        try:
+            records = await registry_nodes(self.client, self.settings)
+        except RPCError:
+            records = None
+        ready = [r.spec for r in records or [] if r.state == "Ready"]
+        return placement.model_copy(update={"nodes": ready}) if ready else placement
+
     def _handle(self, name: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(constants.service_workflow_id(name))
 
@@ -144,7 +157,7 @@ class Orchestrator:
         spec = load_spec(spec)
         wf_id = constants.service_workflow_id(spec.name)
         request_id = uuid.uuid4().hex
-        inp = ServiceInput(spec=spec, placement=self._placement(), token=self.settings.token or "",
+        inp = ServiceInput(spec=spec, placement=await self._placement_now(), token=self.settings.token or "",
                            history_threshold=self.settings.history_threshold, request_id=request_id)
 
         def start_op() -> WithStartWorkflowOperation[Any, Any]:  # one use each
@@ -171,7 +184,10 @@ class Orchestrator:
                     ),
                     timeout + 30,
                 )
-                break
+                if status.deploy_request_id == request_id or status.phase not in ("Rejected", "Failed", "Stopped"):
+                    break
+                # An earlier run that has ended but not yet closed answered: start afresh once it has.
+                error = HmsError(f"deploy {spec.name}: an earlier run of the service is still closing")
             except WorkflowUpdateFailedError as e:
                 error = failure_error(e, f"deploy {spec.name}")
             except RPCError as e:

@@ -77,6 +77,10 @@ class ServicePool:
         return ready, len(self.pods) - ready
 
 
+class _Truncated(Exception):
+    """The pod failed after the response had started: the caller's connection is closed."""
+
+
 @dataclass
 class _Failed:
     """A failed attempt: what to answer if it is the last, and the retry reason if it may be retried."""
@@ -290,8 +294,12 @@ class BuiltinEngine:
         if length is not None:
             resp.content_length = length
         await resp.prepare(request)
-        async for chunk in up.content.iter_chunked(1 << 16):
-            await resp.write(chunk)
+        try:
+            async for chunk in up.content.iter_chunked(1 << 16):
+                await resp.write(chunk)
+        except (aiohttp.ClientError, OSError) as e:
+            # Headers are gone already: all that is left is to cut the caller's connection.
+            raise _Truncated(f"pod {pod.pod} failed mid-response: {e}") from e
         await resp.write_eof()
         return resp
 

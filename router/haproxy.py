@@ -10,9 +10,9 @@ that goes through the Runtime API on a unix socket (``stats socket ... level adm
                        on-error mark-down``, ``enable health``, ``enable server``;
 - a pod drains         ``set server be_N/<pod> state drain`` (no new requests; in-flight ones finish);
 - a pod is gone        ``set server ... state maint``, then ``del server`` once its connections closed;
-- every second         ``show stat``: each server's response time feeds our policy's latency
-                       estimate, and ``set server ... weight N`` applies our score, so a slow pod
-                       gets less than HAProxy's connection count alone would give it.
+- twice a second       ``set server ... weight N`` from our score; the latency in it comes from
+                       HAProxy's request log (each request's server response time), so a slow
+                       pod gets less than HAProxy's connection count alone would give it.
 
 Retries: ``retry-on conn-failure empty-response response-timeout 502 503`` with ``retries 2`` and
 ``option redispatch 1`` (each retry on another server). HAProxy's request log goes to a UDP
@@ -51,15 +51,17 @@ from router.stats import TrafficStats
 log = logging.getLogger("hms.router.haproxy")
 
 POOL_SIZE = 64  # services one router can carry (backends are pre-created: no reload)
-TICK_S = 1.0
+TICK_S = 0.5
 DRAIN_FORCE_S = 60.0  # a removed pod's connections are cut after this long
 WEIGHT_MIN_CHANGE = 0.1  # relative change before a weight is sent again
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 
 
+FALLBACK_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")  # sbin is not on every user's PATH
+
+
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-                                             if Path(p).exists()), None)
+    found = shutil.which("haproxy") or next((p for p in FALLBACK_PATHS if Path(p).exists()), None)
     if found is None:
         raise ConfigError(INSTALL_HINT)
     return found
@@ -89,7 +91,7 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, co
         "defaults",
         "    mode http",
         "    log global",
-        '    log-format "%b %s %ST %Ta %rc"',
+        '    log-format "%b %s %ST %Ta %Tr %rc"',
         f"    timeout connect {int(connect_timeout_s * 1000)}ms",
         "    timeout client 60s",
         f"    timeout server {int(read_timeout_s * 1000)}ms",
@@ -175,7 +177,6 @@ class Server:
     state: str = "ready"  # ready | draining | removing
     weight: int = policy.MAX_WEIGHT
     removing_since: float = 0.0
-    stot: int = 0
 
 
 @dataclass
@@ -352,20 +353,9 @@ class HAProxyEngine:
         self.last_stat = parse_stat(await self.api.one("show stat -1 4 -1"))
 
     async def tick(self) -> None:
-        """Read each server's response time, turn our score into weights, retry pending deletions."""
+        """Turn our score into weights, retry pending deletions, refresh ``show stat``."""
         await self.refresh_stat()
         now = time.monotonic()
-        for row in self.last_stat:
-            be = next((b for b in self.backends if b.name == row.get("pxname")), None)
-            if be is None or row.get("svname") not in be.pods:
-                continue
-            pod, srv = be.pods[row["svname"]], be.servers[row["svname"]]
-            stot = int(row.get("stot") or 0)
-            rtime = row.get("rtime")
-            if stot > srv.stot and rtime not in (None, ""):
-                # rtime: HAProxy's average response time over the server's last 1024 requests.
-                policy.record_latency(pod, max(0.1, float(rtime)), now)
-            srv.stot = stot
         cmds = []
         for be in self.backends:
             if not be.pods:
@@ -411,10 +401,11 @@ class HAProxyEngine:
     # --- logs -> stats -------------------------------------------------------------------------
 
     def on_log(self, data: bytes) -> None:
-        """One request: ``<backend> <server> <status> <Ta ms> <retries>``."""
+        """One request: ``<backend> <server> <status> <Ta ms> <Tr ms> <retries>``. Tr (the
+        server's time to answer, -1 if it did not) is the latency sample for our score."""
         try:
             parts = data.decode(errors="replace").split()
-            be_name, server, status, ta, retries = parts[-5:]
+            be_name, server, status, ta, tr, retries = parts[-6:]
         except ValueError:
             return
         if not be_name.startswith("be_") or be_name == "be_control":
@@ -425,6 +416,9 @@ class HAProxyEngine:
             return
         if be.service is None:
             return
+        pod = be.pods.get(server)
+        if pod is not None and tr.isdigit():
+            policy.record_latency(pod, max(0.1, float(tr)), time.monotonic())
         code = int(status) if status.lstrip("-").isdigit() else 0
         self.stats.record(be.service, server if server != "<NOSRV>" else "-", code, max(0, int(ta)) / 1000.0
                           if ta.lstrip("-").isdigit() else 0.0)

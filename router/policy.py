@@ -160,12 +160,14 @@ MAX_WEIGHT = 256  # HAProxy's server weight range is 0..256
 
 
 def weights(pods: list[PodState], now: float, *, max_weight: int = MAX_WEIGHT) -> dict[str, int]:
-    """HAProxy server weights from our score: proportional to 1/score, the best pod at
-    ``max_weight``, none below 1 (weight 0 would silently stop a pod; ejection does that)."""
+    """HAProxy server weights from our score: proportional to 1/score squared (a pod twice as
+    slow gets a quarter of the draws: the tail latency is made by the few requests a slow pod
+    still gets), the best pod at ``max_weight``, none below 1 (weight 0 would stop a pod for
+    good, as it would get no request to measure; ejection is HAProxy's own, on errors)."""
     live = [p for p in pods if not p.draining]
     if not live:
         return {}
     floor = best_latency(live)
-    inv = {p.pod: 1.0 / score(p, now, floor) for p in live}
+    inv = {p.pod: 1.0 / score(p, now, floor) ** 2 for p in live}
     top = max(inv.values())
     return {pod: max(1, min(max_weight, math.floor(max_weight * v / top + 0.5))) for pod, v in inv.items()}

@@ -113,7 +113,13 @@ def make_settings(
     tag = uuid.uuid4().hex[:8]
     state_dir.mkdir(parents=True, exist_ok=True)
     auth.init_keys(state_dir)
-    values: dict[str, object] = {"token": auth.issue_token(state_dir, user="alice", role="ops_admin")}
+    values: dict[str, object] = {
+        "token": auth.issue_token(state_dir, user="alice", role="ops_admin"),
+        # Nobody's router or metrics port: a test that wants them says so (a running `make demo`
+        # owns 8000 and 9464 and would refuse or collide with a test's feed and metrics).
+        "routers": ["http://127.0.0.1:9"],
+        "metrics_port": 0,
+    }
     values.update(extra)
     s = Settings(
         temporal_address=temporal_address(env),
@@ -222,6 +228,8 @@ class WorkerProcess:
             HMS_RUNTIME=s.runtime,
             HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
             HMS_TOKEN=s.token or "",
+            HMS_ROUTERS=",".join(s.routers),
+            HMS_METRICS_PORT=str(s.metrics_port or 0),
             PYTHONPATH=str(REPO),
         )
         return env

@@ -13,6 +13,8 @@ if __name__ == "__main__":
     parser.add_argument("--node", help="this node's name (default: HMS_NODE or 'local')")
     parser.add_argument("--no-control", action="store_true", help="run only the node's pod activities")
     parser.add_argument("--runtime", choices=["auto", "docker", "process"])
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1 (default 9464; 0: off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(main(control=not args.no_control, node=args.node, runtime=args.runtime))
+    asyncio.run(main(control=not args.no_control, node=args.node, runtime=args.runtime,
+                     metrics_port=args.metrics_port))

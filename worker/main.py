@@ -4,9 +4,10 @@ this node's queue ``hms-node-<name>``. ``--node NAME`` on another machine adds a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -17,11 +18,13 @@ from temporalio.worker import Worker
 from activities.control import ControlActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
-from hms_mgmt import constants
+from hms_mgmt import constants, tickets
 from hms_mgmt.config import Settings, connect
-from hms_mgmt.events import EventSink
+from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
+from worker.metrics import WorkerMetrics
+from worker.nodes import NodeAgent
 from workflows import ALL_WORKFLOWS
 
 log = logging.getLogger("hms.worker")
@@ -57,14 +60,24 @@ class HmsWorker:
         control: bool = True,
         node: bool = True,
         settings_loader: Callable[[], Settings] | None = None,
+        metrics: bool = False,
     ) -> None:
         self.client = client
         self.settings = settings
         self.workers: list[Worker] = []
         self.pods: PodActivities | None = None
         self.feed: FeedActivities | None = None
-        sink = EventSink(settings.state_dir, settings.event_webhook)
+        self.control = control
+        self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
+        self.metrics = WorkerMetrics()
+        self.agent: NodeAgent | None = None
+        self._agent_task: asyncio.Task[None] | None = None
+        sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
+        sink.listeners.append(self.metrics.on_event)
+        self.sink = sink
         if control:
+            # The admission-ticket key, made before any node needs its public half.
+            tickets.ensure_control_key(settings.state_dir)
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(
@@ -73,14 +86,18 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                self.feed.publish_endpoints],
+                                ctl.issue_ticket, self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
+                    interceptors=[self.metrics.interceptor],
+                    # One watch_cpu per service runs here the whole time.
+                    max_concurrent_activities=500,
                 )
             )
         if node:
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
-                                   limits=settings.pod_limits(), events=sink)
+                                   docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink)
             log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir))
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink)
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
             self.workers.append(
                 Worker(
                     client,
@@ -98,6 +115,7 @@ class HmsWorker:
                     # send them each second rather than at 80% of the heartbeat timeout.
                     max_heartbeat_throttle_interval=timedelta(seconds=1),
                     default_heartbeat_throttle_interval=timedelta(seconds=1),
+                    interceptors=[self.metrics.interceptor],
                 )
             )
 
@@ -105,25 +123,64 @@ class HmsWorker:
     def runtime_name(self) -> str | None:
         return self.pods.runtime.name if self.pods else None
 
+    @contextlib.asynccontextmanager
+    async def _extras(self) -> AsyncIterator[None]:
+        """Beside the workers: webhook delivery from the spool (control worker only) and metrics."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.control and self.sink.webhooks:
+                secret = await asyncio.to_thread(webhook_secret, self.settings.state_dir, self.settings.webhook_secret)
+                await stack.enter_async_context(WebhookDelivery(self.sink, secret, on_result=self.metrics.on_delivery))
+            await stack.enter_async_context(
+                self.metrics.running(self.client, self.settings, serve=self.serve_metrics,
+                                     fleet=self.control and self.serve_metrics)
+            )
+            yield
+
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._start_agent()
         try:
-            await asyncio.gather(*(w.run() for w in self.workers))
+            async with self._extras():
+                await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
 
+    def _start_agent(self) -> None:
+        if self.agent is not None:
+            self._agent_task = asyncio.ensure_future(self.agent.run())
+
+    async def _stop_agent(self) -> None:
+        """Stop heartbeating: the registry calls the node Lost once ``node_lost_after_s`` pass."""
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+            self._agent_task = None
+
     async def _close(self) -> None:
+        await self._stop_agent()
+        if self.agent is not None and self.settings.sweep_on_exit:
+            # After the workers stopped: no activity can start a pod here any more.
+            await self.agent.stop_all()
         if self.pods is not None:
             await self.pods.close()
         if self.feed is not None:
             await self.feed.close()
 
     async def stop(self) -> None:
+        await self._stop_agent()
         await asyncio.gather(*(w.shutdown() for w in self.workers))
 
     async def __aenter__(self) -> HmsWorker:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        self._extras_cm = self._extras()
+        await self._extras_cm.__aenter__()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
+        self._start_agent()
+        if self.agent is not None:  # the node is Ready before the caller deploys onto it
+            try:
+                await asyncio.wait_for(self.agent.registered.wait(), 15)
+            except TimeoutError:
+                log.warning("node %s not registered yet (no control worker?); it keeps trying", self.settings.node)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -131,6 +188,7 @@ class HmsWorker:
         try:
             await self._task
         finally:
+            await self._extras_cm.__aexit__(None, None, None)
             await self._close()
 
 
@@ -143,7 +201,8 @@ async def main(
     settings = settings or Settings.from_env(**overrides)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     client = await connect(settings)
-    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload)
+    worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload,
+                       metrics=True)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

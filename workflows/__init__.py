@@ -5,9 +5,10 @@ from __future__ import annotations
 from workflows.deploy import DeployWorkflow
 from workflows.heal import HealWorkflow
 from workflows.logs import PodLogsWorkflow
+from workflows.nodes import NodeRegistry
 from workflows.scale import ScaleWorkflow
 from workflows.service import ServiceWorkflow
 
-ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow]
+ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow, NodeRegistry]
 
-__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "HealWorkflow", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]
+__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]

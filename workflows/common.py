@@ -33,6 +33,9 @@ POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNot
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
+# A node's worker takes a pod task within this, or the node is gone (its worker stopped, the
+# node Lost): the task fails instead of waiting in the queue forever.
+NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
 
@@ -59,6 +62,21 @@ def error_message(err: BaseException) -> str:
     while isinstance(cause, (ActivityError, ChildWorkflowError)) and cause.cause is not None:
         cause = cause.cause
     return str(cause)
+
+
+async def require_parent(kind: str, service: str) -> None:
+    """Children run only under their service's workflow: one started on its own (say, with the
+    Temporal CLI) ends at once, refused, with an ``access.denied`` event and no pod started."""
+    if workflow.info().parent is not None:
+        return
+    reason = f"{kind} started on its own (not by svc-{service}): refused, nothing started"
+    await workflow.execute_activity_method(
+        ControlActivities.emit_event,
+        EventInput(type="access.denied", service=service, reason=reason, data={"workflow": workflow.info().workflow_id}),
+        task_queue=workflow.info().task_queue,
+        start_to_close_timeout=timedelta(seconds=30),
+    )
+    raise ApplicationError(reason, type="AccessDenied", non_retryable=True)
 
 
 async def emit(placement: Placement, type_: str, service: str, reason: str, **data: object) -> None:
@@ -96,11 +114,15 @@ async def pick_nodes(
     return result.nodes
 
 
-async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None) -> None:
+async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None,
+                   schedule_to_start: timedelta | None = None) -> None:
+    """Stop and remove one pod on its node. ``schedule_to_start`` bounds the wait for the
+    node's worker to pick it up (a lost node's may never come back)."""
     await workflow.execute_activity_method(
         PodActivities.stop_pod,
         StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s),
         task_queue=task_queue,
+        schedule_to_start_timeout=schedule_to_start,
         start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
         heartbeat_timeout=POD_HEARTBEAT,
         retry_policy=POD_RETRY,
@@ -109,7 +131,8 @@ async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_
 
 
 async def start_and_wait(
-    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = ""
+    spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = "",
+    ticket: str = "",
 ) -> PodStatus:
     """Start one pod on its node and wait until it answers its health path.
 
@@ -120,8 +143,9 @@ async def start_and_wait(
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
-                          image_id=image_id),
+                          image_id=image_id, ticket=ticket),
             task_queue=node.task_queue,
+            schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
             heartbeat_timeout=POD_HEARTBEAT,
             retry_policy=POD_RETRY,
@@ -129,7 +153,10 @@ async def start_and_wait(
         )
     except (ActivityError, asyncio.CancelledError):
         failed = PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited")
-        await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0))
+        try:
+            await asyncio.shield(stop_pod(spec, failed, node.task_queue, grace_s=0, schedule_to_start=NODE_PICKUP))
+        except ActivityError as e:  # its node is gone: its worker removes the pod when back
+            workflow.logger.warning("pod %s on %s not stopped: %s", pod_id, node.name, error_message(e))
         raise
     await report(ready)
     return ready
@@ -144,6 +171,7 @@ async def start_pods(
     report: Report,
     *,
     image_id: str = "",
+    ticket: str = "",
 ) -> tuple[list[PodStatus], list[tuple[str, str]]]:
     """Place and start pods in parallel; pods that fit nowhere wait for capacity.
 
@@ -159,7 +187,7 @@ async def start_pods(
             node = (await pick_nodes(placement, spec, 1, placed, require_all=True))[0]
             assert node is not None
         try:
-            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id))
+            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id, ticket=ticket))
         except ActivityError as e:
             failed.append((pod_id, error_message(e)))
             await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))

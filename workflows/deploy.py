@@ -26,6 +26,7 @@ from workflows.common import (
     error_message,
     node_queue,
     pick_nodes,
+    require_parent,
     start_and_wait,
     start_pods,
     stop_pod,
@@ -73,11 +74,12 @@ class DeployWorkflow:
 
     @workflow.run
     async def run(self, inp: DeployInput) -> DeployOutput:
+        await require_parent("DeployWorkflow", inp.spec.name)
         if inp.rolling:
             return await RollingUpdate(inp, self).run()
         ready, failed = await start_pods(
             inp.placement, inp.spec, inp.revision, inp.pod_ids, inp.existing, self.rollout.report,
-            image_id=inp.image_id,
+            image_id=inp.image_id, ticket=inp.ticket,
         )
         return DeployOutput(pods=ready, failed=[FailedPod(pod_id=p, reason=r) for p, r in failed])
 
@@ -141,7 +143,7 @@ class RollingUpdate:
         async def one(pod_id: str, node) -> PodStatus | None:  # noqa: ANN001 - a NodeSpec
             try:
                 return await start_and_wait(inp.spec, inp.revision, pod_id, node, report_to_parent,
-                                            image_id=inp.image_id)
+                                            image_id=inp.image_id, ticket=inp.ticket)
             except ActivityError as e:
                 self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
                 return None

@@ -15,16 +15,18 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
     from hms_mgmt.policy.backoff import backoff_delay
 
-from workflows.common import error_message, node_queue, pick_nodes, start_and_wait, stop_pod
+from workflows.common import error_message, node_queue, pick_nodes, require_parent, start_and_wait, stop_pod
 from workflows.deploy import report_to_parent
 
 HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
+OLD_POD_STOP_WAIT = timedelta(seconds=10)  # for the old pod's node to take the stop
 
 
 @workflow.defn
 class HealWorkflow:
     @workflow.run
     async def run(self, inp: HealInput) -> HealOutput:
+        await require_parent("HealWorkflow", inp.spec.name)
         spec = inp.spec
         attempt = 0
         while True:
@@ -37,7 +39,7 @@ class HealWorkflow:
             assert node is not None
             try:
                 replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,
-                                                   image_id=inp.image_id)
+                                                   image_id=inp.image_id, ticket=inp.ticket)
                 break
             except ActivityError as e:
                 attempt += 1
@@ -60,5 +62,13 @@ class HealWorkflow:
             left = spec.drain_s - (workflow.now() - workflow.info().start_time).total_seconds()
             if left > 0:
                 await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
-        await stop_pod(spec, inp.failed, old_queue, grace_s=grace)
+        try:
+            await stop_pod(spec, inp.failed, old_queue, grace_s=grace, schedule_to_start=OLD_POD_STOP_WAIT)
+        except ActivityError as e:
+            # Its node is gone (lost, or its worker down): the replacement runs, and the node's
+            # worker removes the stale pod when it comes back (it is no longer on record).
+            stop_error = f"old pod {inp.failed.id} on node {inp.failed.node} not stopped: {error_message(e)}"
+            workflow.logger.warning(stop_error)
+            return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1,
+                              stop_error=stop_error)
         return HealOutput(old_pod=inp.failed.id, replacement=replacement, attempts=attempt + 1)

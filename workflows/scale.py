@@ -12,7 +12,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import FailedPod, PodStatus, ScaleInput, ScaleOutput
 
-from workflows.common import node_queue, start_pods, stop_pod
+from workflows.common import node_queue, require_parent, start_pods, stop_pod
 from workflows.deploy import RolloutProgress
 
 
@@ -27,11 +27,12 @@ class ScaleWorkflow:
 
     @workflow.run
     async def run(self, inp: ScaleInput) -> ScaleOutput:
+        await require_parent("ScaleWorkflow", inp.spec.name)
         out = ScaleOutput()
         if inp.new_pod_ids:
             ready, failed = await start_pods(
                 inp.placement, inp.spec, inp.revision, inp.new_pod_ids, inp.existing, self.rollout.report,
-                image_id=inp.image_id,
+                image_id=inp.image_id, ticket=inp.ticket,
             )
             out.started = ready
             out.failed = [FailedPod(pod_id=p, reason=r) for p, r in failed]

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         HealAttempt,
         HealInput,
         ListPodsInput,
+        NodeLost,
         PendingApproval,
         Phase,
         PodFailure,
@@ -50,15 +51,17 @@ with workflow.unsafe.imports_passed_through():
         ServiceState,
         ServiceStatus,
         SpecUpdate,
+        TicketInput,
         UndeployRequest,
         UpdateOutcome,
         VerifyImageInput,
+        WatchCpuInput,
         WatchInput,
         WatchResult,
     )
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
-from workflows.common import POD_HEARTBEAT, POD_RETRY, emit, error_message, stop_pod
+from workflows.common import NODE_PICKUP, POD_HEARTBEAT, POD_RETRY, emit, error_message, node_queue, stop_pod
 from workflows.deploy import POD_REPORTED, PODS_DRAINING, SUPERSEDE, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
@@ -103,6 +106,7 @@ class ServiceWorkflow:
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
         self.approvals: list[tuple[str, Approval]] = []  # from the signals, checked by the run loop
         self.approval_decision: tuple[str, str, str] | None = None  # (approve|reject, who, reason)
+        self.approval_token = ""
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
         self.published: EndpointSet | None = None  # the endpoint feed's last table
         self.service_stopped = False
@@ -111,6 +115,7 @@ class ServiceWorkflow:
         self.update_outcomes: dict[str, UpdateOutcome | Failure] = {}  # request id -> what it became
         self.revision_failures: dict[int, Failure] = {}
         self.revoke_check = False
+        self.lost_nodes: list[NodeLost] = []  # from the NodeRegistry, handled by the run loop
 
     # --- messages --------------------------------------------------------------------
 
@@ -255,12 +260,14 @@ class ServiceWorkflow:
         if self.approval_decision is not None or self.state.pending_approval is None:
             return result, False
         self.approval_decision = (kind, result.user or "", approval.reason)
+        self.approval_token = approval.token  # the admission ticket checks it again
         return result, True
 
     @workflow.signal(name=PODS_DRAINING)
     def pods_draining(self, pod_ids: list[str]) -> None:
         """A rolling update is about to stop these: routers get them as draining at once."""
-        self.stopping |= set(pod_ids)
+        if self.state.phase == "Updating":
+            self.stopping |= set(pod_ids) & {p.id for p in self.state.pods}
 
     @workflow.signal(name=IMAGE_REVOKED)
     def image_revoked(self, image: str) -> None:
@@ -319,7 +326,7 @@ class ServiceWorkflow:
         if not allowed.allowed:
             raise refuse(FailureKind.ACCESS_DENIED, f"update {self.spec.name} refused: {allowed.reason}")
         key = req.request_id or str(workflow.uuid4())
-        req = req.model_copy(update={"request_id": key, "token": ""})  # the token was checked: keep no copy
+        req = req.model_copy(update={"request_id": key})
         self.spec_requests.append((req, allowed.user or ""))
         if self.updating is None:
             self.updating = asyncio.ensure_future(self._updater())
@@ -332,12 +339,29 @@ class ServiceWorkflow:
     @workflow.signal(name=POD_REPORTED)
     def pod_reported(self, pod: PodStatus) -> None:
         """Live progress from a child; the child's result is still the authority."""
+        if not (self.heals or self.state.phase in ("Deploying", "Scaling", "Updating")):
+            self.outbox.append(("access.denied", f"ignored a pod_reported signal for pod {pod.id[:8]}: "
+                                                  "no rollout, scaling or heal is running", {}))
+            return
         if pod.health == "exited" and not any(p.id == pod.id for p in self.state.pods):
             return
         self._upsert_pod(pod)
 
+    @workflow.signal(name=constants.NODE_LOST_SIGNAL)
+    def node_lost(self, lost: NodeLost) -> None:
+        """The NodeRegistry lost a node: its pods are failed, and healed elsewhere."""
+        self.lost_nodes.append(lost)
+        self.pods_changed = True  # stop watching the lost node's pods
+
     @workflow.signal(name=HEAL_ATTEMPT_FAILED)
     def heal_attempt_failed(self, attempt: HealAttempt) -> None:
+        # From a heal this workflow runs, about a replacement that is not a live pod of ours:
+        # anything else is not ours to believe (anyone can signal), and could unbook a live pod.
+        if attempt.failed_pod not in self.heals or any(p.id == attempt.replacement and p.ready
+                                                       for p in self.state.pods):
+            self.outbox.append(("access.denied", f"ignored a heal_attempt_failed signal for pod "
+                                                  f"{attempt.failed_pod[:8]}: no heal of it is running", {}))
+            return
         self.state.crash_count += 1
         self.state.backoff_s = attempt.next_delay_s
         self.state.pods = [p for p in self.state.pods if p.id != attempt.replacement]
@@ -394,6 +418,13 @@ class ServiceWorkflow:
             _cancel_quietly(feed)
 
     async def _run(self, inp: ServiceInput) -> ServiceStatus:
+        if inp.state is not None and workflow.info().continued_run_id is None:
+            # Carried-over state skips admission: only this workflow's own continue-as-new may.
+            reason = "a ServiceWorkflow started with state of its own (only continue-as-new carries state)"
+            self.state = ServiceState(phase="Rejected", failure=Failure(kind=FailureKind.ACCESS_DENIED, message=reason),
+                                      message=reason)
+            await emit(self.placement, "access.denied", self.spec.name, reason)
+            return self.status()
         if inp.state is None:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(self.spec.name)])
             self._set_phase("Validating", force=True)
@@ -413,6 +444,7 @@ class ServiceWorkflow:
         watch: asyncio.Task[WatchResult | None] | None = None
         while True:
             await self._flush_outbox()
+            await self._replace_lost()
             if self.undeploy_requested or self._continue_as_new_ready():
                 break
             if self.revoke_check:
@@ -425,6 +457,7 @@ class ServiceWorkflow:
                 or self.pods_changed
                 or bool(self.outbox)
                 or self.revoke_check
+                or bool(self.lost_nodes)
                 or self._continue_as_new_ready()
             )
             if self.pods_changed and watch is not None and not watch.done():
@@ -452,8 +485,17 @@ class ServiceWorkflow:
         if not self.undeploy_requested:
             await workflow.wait_condition(lambda: not self.heals and self.scaling is None)
 
+    async def _replace_lost(self) -> None:
+        """Pods on a lost node are failed ("exited"): the usual heal path replaces them."""
+        while self.lost_nodes and not self.undeploy_requested:
+            lost = self.lost_nodes.pop(0)
+            for pod in [p for p in self.state.pods if p.node == lost.node]:
+                await self._pod_failed(PodFailure(pod_id=pod.id, kind="exited",
+                                                  detail=lost.reason or f"node {lost.node} lost"))
+
     async def _watch(self) -> WatchResult | None:
-        """One watch activity per node that runs ready pods; the first to return wins."""
+        """One watch activity per node that runs ready pods, plus one ``watch_cpu`` on the
+        control queue that autoscales on all nodes' samples at once; the first to return wins."""
         healthy = [p for p in self.state.pods if p.ready and p.id not in self.heals and p.id not in self.stopping]
         by_node: dict[str, list[PodStatus]] = {}
         for pod in healthy:
@@ -465,14 +507,14 @@ class ServiceWorkflow:
             # Recovery is "pods stay ready": a quiet round of this length proves it.
             max_s = min(max_s, max(10.0, 3 * self.spec.health_interval_s))
         known = [p.id for p in self.state.pods]
+        autoscaling = self.spec.min_replicas < self.spec.max_replicas and self.scaling is None
         tasks = [
             asyncio.ensure_future(
                 workflow.execute_activity_method(
                     PodActivities.watch_pods,
                     WatchInput(
                         service=self.spec.name, spec=self.spec, pods=pods, known=known,
-                        current=self._effective(), max_duration_s=max_s,
-                        autoscale=self.spec.min_replicas < self.spec.max_replicas and self.scaling is None,
+                        current=self._effective(), max_duration_s=max_s, autoscale=False,
                         history=self.state.history, at_max_reported=self.state.at_max_reported,
                     ),
                     task_queue=self._node_queue(node),
@@ -485,6 +527,21 @@ class ServiceWorkflow:
             )
             for node, pods in sorted(by_node.items())
         ]
+        if autoscaling:
+            tasks.append(asyncio.ensure_future(
+                workflow.execute_activity_method(
+                    ControlActivities.watch_cpu,
+                    WatchCpuInput(workflow_id=workflow.info().workflow_id, spec=self.spec, current=self._effective(),
+                                  pods=[p.id for p in healthy], history=self.state.history,
+                                  at_max_reported=self.state.at_max_reported, max_duration_s=max_s),
+                    task_queue=self.placement.control_task_queue,
+                    start_to_close_timeout=timedelta(seconds=max_s + 120),
+                    heartbeat_timeout=POD_HEARTBEAT,
+                    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                             maximum_interval=timedelta(seconds=10)),
+                    summary=f"autoscale {len(healthy)} pod(s) on {len(by_node)} node(s)",
+                )
+            ))
         try:
             done, pending = await workflow.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -571,7 +628,8 @@ class ServiceWorkflow:
                 HealWorkflow.run,
                 HealInput(spec=self.spec, revision=self.state.revision, failed=pod, failure=failure,
                           placement=self.placement, existing=[p for p in self.state.pods if p.id != pod.id],
-                          crash_count=self.state.crash_count, image_id=self.state.image_id),
+                          crash_count=self.state.crash_count, image_id=self.state.image_id,
+                          ticket=self.state.ticket),
                 id=f"{workflow.info().workflow_id}-heal-{pod.id}",
                 task_queue=self.placement.control_task_queue,
                 static_summary=f"replace {failure.kind} pod {pod.id[:8]}: {failure.detail}"[:200],
@@ -644,7 +702,7 @@ class ServiceWorkflow:
                     ScaleInput(spec=self.spec, revision=self.state.revision, from_replicas=before,
                                to_replicas=replicas, reason=reason, samples=samples, placement=self.placement,
                                existing=current, new_pod_ids=new_ids, victims=victims,
-                               image_id=self.state.image_id),
+                               image_id=self.state.image_id, ticket=self.state.ticket),
                     id=f"{workflow.info().workflow_id}-scale-{self.state.scale_counter}",
                     task_queue=self.placement.control_task_queue,
                     static_summary=f"{before} -> {replicas} pods: {reason}"[:200],
@@ -705,7 +763,39 @@ class ServiceWorkflow:
             return False
         if self.undeploy_requested:
             return False
-        return await self._verify_image()
+        if not await self._verify_image():
+            return False
+        ticket, problem = await self._ticket(self.spec, self.state.revision, self.state.image_id, token=token,
+                                             approval_token=self.approval_token)
+        if ticket is None:
+            self._fail(FailureKind.ACCESS_DENIED, problem)
+            self._set_phase("Rejected")
+            return False
+        self._use_ticket(self.state.revision, ticket)
+        return True
+
+    async def _ticket(self, spec: ServiceSpec, revision: int, image_id: str, *, token: str, approval_token: str = "",
+                      prior: RevisionRecord | None = None) -> tuple[str | None, str]:
+        """The control plane's admission ticket for this revision, or (None, why not)."""
+        try:
+            out = await workflow.execute_activity_method(
+                ControlActivities.issue_ticket,
+                TicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, token=token,
+                            approval_token=approval_token, prior_ticket=prior.ticket if prior else "",
+                            prior_revision=prior.revision if prior else None),
+                task_queue=self.placement.control_task_queue,
+                start_to_close_timeout=CONTROL_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=["AccessDenied"]),
+                summary=f"admission ticket for revision {revision}",
+            )
+        except ActivityError as e:
+            return None, error_message(e)
+        return out.ticket, ""
+
+    def _use_ticket(self, revision: int, ticket: str) -> None:
+        self.state.ticket = ticket
+        self.state.revisions = [r.model_copy(update={"ticket": ticket}) if r.revision == revision else r
+                                for r in self.state.revisions]
 
     async def _await_approval(self, reason: str, timeout_s: float, *, running: bool = False) -> bool:
         """Wait for a gov_approver. A running service (an update that needs approval) keeps its
@@ -837,6 +927,7 @@ class ServiceWorkflow:
 
     async def _apply_update(self, req: SpecUpdate, user: str) -> None:
         key = req.request_id
+        target: RevisionRecord | None = None
         if req.spec is None:  # a rollback: an earlier revision, already admitted, its image pinned
             try:
                 target = self._rollback_target(req.to_revision)
@@ -851,26 +942,39 @@ class ServiceWorkflow:
         if spec == self.spec and same_pods:
             self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
             return
+        prior = target
+        if prior is None:  # a rollback was admitted once: its ticket is the proof
+            refused = await self._govern(spec, user)
+            if refused is not None:
+                self.update_outcomes[key] = refused
+                return
         if same_pods:
             await self._update_in_place(spec, why)
             self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
             return
         if not image_id:
-            refused = await self._admit_update(spec, user)
-            if isinstance(refused, Failure):
-                self.update_outcomes[key] = refused
+            content_id, problem = await self._resolve_image(spec)
+            if content_id is None:
+                await emit(self.placement, "image.untrusted", spec.name, problem, image=spec.image)
+                self.update_outcomes[key] = Failure(kind=FailureKind.IMAGE_UNTRUSTED, message=problem)
                 return
-            image_id = refused
+            image_id = content_id
         revision = max([r.revision for r in self.state.revisions] + [self.state.revision]) + 1
-        record = RevisionRecord(revision=revision, spec=spec, image_id=image_id, deployed_by=user,
+        ticket, problem = await self._ticket(spec, revision, image_id, token=req.token,
+                                             approval_token=self.approval_token if prior is None else "", prior=prior)
+        if ticket is None:
+            self.update_outcomes[key] = Failure(kind=FailureKind.ACCESS_DENIED, message=problem)
+            return
+        record = RevisionRecord(revision=revision, spec=spec, image_id=image_id, ticket=ticket, deployed_by=user,
                                 deployed_at=workflow.now(), outcome="rolling", reason=why)
         self.state.revisions = (self.state.revisions + [record])[-MAX_REVISIONS:]
         self.update_outcomes[key] = UpdateOutcome(revision=revision, status=self.status())
         await self._roll_out(record)
 
-    async def _admit_update(self, spec: ServiceSpec, user: str) -> str | Failure:
-        """Governance (a running service keeps running while it waits) and image trust for a
-        new revision: the pinned content id, or why not."""
+    async def _govern(self, spec: ServiceSpec, user: str) -> Failure | None:
+        """The governance policy on a changed spec (an in-place change too: raising max_replicas
+        over the limit needs approval); a running service keeps running while it waits."""
+        self.approval_token = ""
         verdict = await workflow.execute_activity_method(
             ControlActivities.check_governance,
             GovernanceInput(spec=spec),
@@ -886,11 +990,7 @@ class ServiceWorkflow:
             self.state.failure, self.state.message = before  # the running revision is not what failed
             if not approved:
                 return refusal or Failure(kind=FailureKind.APPROVAL_REJECTED, message="update not approved")
-        content_id, problem = await self._resolve_image(spec)
-        if content_id is None:
-            await emit(self.placement, "image.untrusted", spec.name, problem, image=spec.image)
-            return Failure(kind=FailureKind.IMAGE_UNTRUSTED, message=problem)
-        return content_id
+        return None
 
     async def _update_in_place(self, spec: ServiceSpec, why: str) -> None:
         """Nothing a pod runs changed (bounds, targets, intervals): take the new spec as it is."""
@@ -958,7 +1058,7 @@ class ServiceWorkflow:
         child = await workflow.start_child_workflow(
             DeployWorkflow.run,
             DeployInput(spec=record.spec, revision=record.revision, pod_ids=[], placement=self.placement,
-                        image_id=record.image_id, rolling=True, current=current,
+                        image_id=record.image_id, ticket=record.ticket, rolling=True, current=current,
                         replicas=self.state.desired_replicas, rollback=rollback),
             id=f"{workflow.info().workflow_id}-{kind}-{record.revision}-{self.state.scale_counter}-{len(self.state.decisions)}",
             task_queue=self.placement.control_task_queue,
@@ -986,6 +1086,7 @@ class ServiceWorkflow:
         self.spec = record.spec
         self.state.revision = record.revision
         self.state.image_id = record.image_id
+        self.state.ticket = record.ticket
         self._mark(record.revision, outcome)
 
     def _mark(self, revision: int, outcome: str, reason: str = "") -> None:
@@ -1005,7 +1106,7 @@ class ServiceWorkflow:
             workflow.execute_child_workflow(
                 DeployWorkflow.run,
                 DeployInput(spec=self.spec, revision=self.state.revision, pod_ids=pod_ids, placement=self.placement,
-                            image_id=self.state.image_id),
+                            image_id=self.state.image_id, ticket=self.state.ticket),
                 id=f"{workflow.info().workflow_id}-deploy-{self.state.revision}",
                 task_queue=self.placement.control_task_queue,
                 static_summary=f"deploy {count} pod(s) of {self.spec.image}",
@@ -1048,7 +1149,11 @@ class ServiceWorkflow:
         self._set_phase("Undeploying")
         self.stopping |= {p.id for p in self.state.pods}
         await self._drain()
-        await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node)) for p in self.state.pods))
+        stops = await asyncio.gather(*(stop_pod(self.spec, p, self._node_queue(p.node), schedule_to_start=NODE_PICKUP)
+                                       for p in self.state.pods), return_exceptions=True)
+        for pod, stopped in zip(self.state.pods, stops, strict=True):
+            if isinstance(stopped, ActivityError):  # its node is gone: its worker removes it when back
+                workflow.logger.warning("pod %s on %s not stopped: %s", pod.id, pod.node, error_message(stopped))
         # Sweep every node for pods of this service that a record missed (a start that raced
         # the undeploy): nothing may be left behind.
         nodes = {p.node for p in self.state.pods} | {n.name for n in self.placement.nodes}
@@ -1144,10 +1249,7 @@ class ServiceWorkflow:
         return sum(1 for p in self.state.pods if p.ready) >= self.state.desired_replicas
 
     def _node_queue(self, node: str) -> str:
-        for n in self.placement.nodes:
-            if n.name == node:
-                return n.task_queue
-        return f"{self.placement.node_queue_prefix}{node}"
+        return node_queue(self.placement, node)
 
     def _upsert_pod(self, pod: PodStatus) -> None:
         for i, existing in enumerate(self.state.pods):

@@ -24,6 +24,7 @@ from hms_mgmt.cli.common import (
     _signer,
     app,
 )
+from hms_mgmt.cli.dashboard_cmd import dashboard
 from hms_mgmt.cli.render import (
     _deploy_with_progress,
     _phase,
@@ -36,9 +37,10 @@ from hms_mgmt.cli.render import (
     err,
     out,
 )
-from hms_mgmt.cli.stack import _demo, _up
+from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
-from hms_mgmt.errors import HmsError
+from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -74,6 +76,24 @@ def main(
 PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
 UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port on 127.0.0.1.")]
 HeadlessOpt = Annotated[bool, typer.Option("--headless", help="Start the dev server without its Web UI.")]
+RouterPortOpt = Annotated[int | None, typer.Option("--router-port", help="Traffic router port on 127.0.0.1 "
+                                                   "(default: HMS_ROUTER_PORT or 8000).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Router engine: builtin or haproxy.")]
+DashPortOpt = Annotated[int | None, typer.Option("--dashboard-port", help="Dashboard port on 127.0.0.1 "
+                                                 "(default: HMS_DASHBOARD_PORT or 8088).")]
+NoRouterOpt = Annotated[bool, typer.Option("--no-router", help="Do not start the traffic router.")]
+NoDashOpt = Annotated[bool, typer.Option("--no-dashboard", help="Do not start the dashboard.")]
+
+
+def _edge(router_port: int | None, engine: str, dashboard_port: int | None, no_router: bool,
+          no_dashboard: bool) -> Edge:
+    from router.server import ENGINES
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"choose one of {', '.join(ENGINES)}", param_hint="--engine")
+    s = _settings()
+    return Edge(router_port=None if no_router else (router_port or s.router_port), engine=engine,
+                dashboard_port=None if no_dashboard else (dashboard_port or s.dashboard_port))
 
 
 @app.command()
@@ -83,10 +103,17 @@ def up(
     ui_port: UiPortOpt = 8233,
     headless: HeadlessOpt = False,
     no_worker: Annotated[bool, typer.Option("--no-worker", help="Only the Temporal dev server.")] = False,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
-    """Run the local stack: Temporal dev server (reused if one answers) and a worker, until Ctrl-C."""
+    """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
+    the traffic router and the dashboard."""
     _setup_logging(logging.INFO)
-    _run(_up(port, ui_port, headless, not no_worker))
+    _run(_up(port, ui_port, headless, not no_worker,
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
 
 
 @app.command()
@@ -97,11 +124,25 @@ def demo(
     headless: HeadlessOpt = False,
     exit_after: Annotated[float | None, typer.Option("--exit-after", help="Undeploy and stop after SECONDS.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the services to run.")] = 300.0,
+    router_port: RouterPortOpt = None,
+    engine: EngineOpt = "builtin",
+    dashboard_port: DashPortOpt = None,
+    no_router: NoRouterOpt = False,
+    no_dashboard: NoDashOpt = False,
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
     _quiet_temporal_core()
-    _run(_demo(port, ui_port, headless, exit_after, timeout))
+    _run(_demo(port, ui_port, headless, exit_after, timeout,
+               _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
+
+
+DockerHostOpt = Annotated[str | None, typer.Option(
+    "--docker-host", help="This node's Docker Engine, e.g. unix:///run/docker-2.sock (default: DOCKER_HOST).")]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPUs this node offers to pods.", min=0.01)]
+MemoryOpt = Annotated[int | None, typer.Option("--memory-mb", help="Memory (MB) this node offers to pods.", min=1)]
+MaxPodsOpt = Annotated[int | None, typer.Option("--max-pods", help="At most this many pods on this node.", min=0)]
+LabelsOpt = Annotated[str | None, typer.Option("--labels", help="Node labels for node_selector: k=v,k2=v2.")]
 
 
 @app.command()
@@ -110,14 +151,22 @@ def worker(
     node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or 'local').")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Run only this node's pod activities.")] = False,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+    docker_host: DockerHostOpt = None,
+    cpus: CpusOpt = None,
+    memory_mb: MemoryOpt = None,
+    max_pods: MaxPodsOpt = None,
+    labels: LabelsOpt = None,
 ) -> None:
-    """Run a worker: workflows and scheduling, plus pod activities for this node."""
+    """Run a worker: workflows and scheduling, plus pod activities for this node, which it
+    registers with the NodeRegistry and keeps alive with heartbeats."""
     from worker.main import main as worker_main
 
     # The worker re-reads settings (settings.reload()) on every scheduling call; the overrides
-    # (this node, this runtime) are kept there too.
+    # (this node, its runtime and capacity) are kept there too.
+    node_overrides = _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(node=node or None, runtime=runtime or None), control=not no_control))
+    _run(worker_main(_settings(node=node or None, runtime=runtime or None, **node_overrides),
+                     control=not no_control))
 
 
 @app.command()
@@ -498,5 +547,91 @@ def rollout_undo(
     _run(go())
 
 
+
+# --- nodes (issue 12): options of `hms worker --node`, and `hms nodes` -----------------------
+
+
+def _node_options(docker_host: str | None, cpus: float | None, memory_mb: int | None, max_pods: int | None,
+                  labels: str | None) -> dict[str, object]:
+    """The node flags, as settings overrides (the worker's re-read settings keep them)."""
+    from hms_mgmt.config import parse_labels
+
+    values: dict[str, object] = {"docker_host": docker_host, "node_cpus": cpus, "node_memory_mb": memory_mb,
+                                 "node_max_pods": max_pods}
+    if labels is not None:
+        try:
+            values["node_labels"] = parse_labels(labels)
+        except ValueError as e:
+            raise SpecError(f"--labels: {e}") from None
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@app.command()
+@_cli_errors
+def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """The nodes pods may run on: capacity, use, pods and state (Ready, or Lost after a silence)."""
+    import json
+
+    from hms_mgmt.nodes import as_rows, list_nodes
+
+    async def go():
+        orch = await _connect()
+        return await list_nodes(orch.client, orch.settings)
+
+    views = _run(go())
+    if as_json:
+        typer.echo(json.dumps(as_rows(views), indent=2))
+        return
+    if not views:
+        out.print("no nodes (start one with `hms worker --node NAME`)")
+        return
+    table = Table()
+    for col in ("node", "state", "runtime", "pods", "cpu", "memory MB", "labels", "services", "last heartbeat"):
+        table.add_column(col, no_wrap=col not in ("services", "labels"))
+    for v in views:
+        style = {"Ready": "green", "Lost": "red"}.get(v.state, "yellow")
+        table.add_row(
+            v.spec.name,
+            Text(v.state, style=style),
+            v.spec.runtime,
+            f"{v.pods}/{v.spec.max_pods}",
+            f"{v.cpu_used:g}/{v.spec.cpu:g}",
+            f"{v.memory_used_mb}/{v.spec.memory_mb}",
+            ",".join(f"{k}={val}" for k, val in sorted(v.spec.labels.items())) or "-",
+            ", ".join(f"{name} x{n}" for name, n in sorted(v.services.items())) or "-",
+            _when(v.last_heartbeat) if v.last_heartbeat else "-",
+        )
+    out.print(table)
+
+
+
+@app.command("init")
+@_cli_errors
+def init_state(
+    sign: Annotated[list[str] | None, typer.Option("--sign", help="Sign this image (repeatable).")] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
+) -> None:
+    """Make a state directory usable by another machine's client (docker-compose's init):
+    keys, an ops_admin token and the Temporal address in its config.yaml, signed images."""
+    from hms_mgmt.cli.stack import _sign_images
+
+    settings = _settings(runtime=runtime)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    values = {k: v for k, v in (("temporal_address", os.environ.get("HMS_TEMPORAL_ADDRESS")),
+                                ("web_ui_url", os.environ.get("HMS_WEB_UI_URL"))) if v}
+    if values:
+        settings.write_config(**values)
+    auth.ensure_local_operator(settings)
+    signed = _sign_images(settings, list(sign or []))
+    missing = sorted(set(sign or []) - set(signed))
+    out.print(f"state {settings.state_dir}: config.yaml with an ops_admin token; signed {len(signed)} image(s)")
+    if missing:
+        raise HmsError(f"cannot sign {', '.join(missing)}: not found by the {settings.runtime} runtime")
+
+
 if __name__ == "__main__":
     app()
+
+
+app.command()(router)
+app.command()(dashboard)

@@ -205,6 +205,19 @@ class _Stack:
     settings: Settings
     orch: Orchestrator
     worker_task: asyncio.Task[None] | None
+    router_url: str | None = None
+    router_engine: str = "builtin"
+    dashboard_url: str | None = None
+    metrics_url: str | None = None
+
+
+@dataclass
+class Edge:
+    """What `hms up` / `hms demo` serve besides Temporal and the worker (None: not served)."""
+
+    router_port: int | None = None
+    engine: str = "builtin"
+    dashboard_port: int | None = None
 
 
 async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
@@ -218,8 +231,10 @@ async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
 
 
 @contextlib.asynccontextmanager
-async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool) -> AsyncIterator[_Stack]:
-    """Temporal dev server + operator token + an in-process worker; torn down in reverse."""
+async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool,
+                       edge: Edge | None = None) -> AsyncIterator[_Stack]:
+    """Temporal dev server + operator token + an in-process worker, the traffic router and the
+    dashboard; torn down in reverse."""
     from hms_mgmt.config import connect
 
     settings = _settings()
@@ -248,10 +263,14 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         if run_worker:
             from worker.main import HmsWorker
 
-            worker = HmsWorker(client, settings, settings_loader=settings.reload)
+            worker = HmsWorker(client, settings, settings_loader=settings.reload, metrics=bool(settings.metrics_port))
             task = asyncio.create_task(worker.run())
+        stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task)
+        if worker is not None and settings.metrics_port:
+            stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         try:
-            yield _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task)
+            async with _edge(stack, client, edge or Edge()):
+                yield stack
         finally:
             if worker is not None and task is not None:
                 if not task.done():
@@ -263,6 +282,46 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
                     err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
     finally:
         server.stop()
+
+
+@contextlib.asynccontextmanager
+async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
+    """The router and the dashboard, in this process, on 127.0.0.1."""
+    router_task: asyncio.Task[None] | None = None
+    async with contextlib.AsyncExitStack() as stop:
+        if edge.router_port is not None:
+            from router.server import serve as serve_router
+
+            if not _port_free(edge.router_port):
+                raise HmsError(f"port {edge.router_port} is taken: the router needs it (--router-port, or --no-router)")
+            ready = asyncio.Event()
+            router_task = asyncio.create_task(serve_router(stack.settings, port=edge.router_port, engine=edge.engine,
+                                                           ready=ready, client=client))
+            await _first(ready.wait(), router_task)
+            if router_task.done():
+                router_task.result()  # its error, say why
+            stack.router_url = f"http://127.0.0.1:{edge.router_port}"
+            stack.router_engine = edge.engine
+
+            async def stop_router() -> None:
+                router_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await router_task
+
+            stop.push_async_callback(stop_router)
+        if edge.dashboard_port is not None:
+            from dashboard import running_dashboard
+
+            if not _port_free(edge.dashboard_port):
+                raise HmsError(f"port {edge.dashboard_port} is taken: the dashboard needs it "
+                               "(--dashboard-port, or --no-dashboard)")
+            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port))
+            stack.dashboard_url = dash.url
+        yield
+
+
+def _port_free(port: int) -> bool:
+    return not _port_open("127.0.0.1", port)
 
 
 def _print_stack(stack: _Stack) -> None:
@@ -283,6 +342,13 @@ def _print_stack(stack: _Stack) -> None:
                 f"node {s.node} ({resolve_runtime_name(s.runtime)} runtime), task queue {s.task_queue}",
             )
         )
+    if stack.router_url:
+        out.print(Text.assemble(("router    ", "bold"), (f"{stack.router_url}/<service>/<path>", "cyan underline"),
+                                f" ({stack.router_engine} engine)"))
+    if stack.dashboard_url:
+        out.print(Text.assemble(("dashboard ", "bold"), (stack.dashboard_url, "cyan underline")))
+    if stack.metrics_url:
+        out.print(Text.assemble(("metrics   ", "bold"), stack.metrics_url))
 
 
 def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asyncio.Future[Any]) -> None:
@@ -293,10 +359,11 @@ def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asy
         raise HmsError(f"the Temporal dev server exited; {stack.server.log_path}:\n{stack.server.log_tail()}")
 
 
-async def _up(port: int, ui_port: int, headless: bool, run_worker: bool) -> None:
+async def _up(port: int, ui_port: int, headless: bool, run_worker: bool, edge: Edge | None = None) -> None:
     stopper = _Stopper()
     stopper.install()
-    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker) as stack:
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker,
+                            edge=edge if run_worker else None) as stack:
         _print_stack(stack)
         out.print("ready: Ctrl-C stops " + ("the worker and " if run_worker else "") + "the server")
         server_exit = asyncio.ensure_future(stack.server.wait_exit())
@@ -423,6 +490,10 @@ async def _demo_run(
         out.print(Text.assemble((f"{st.name:<12}", "bold"), (_web_ui_url(settings, st), "cyan underline")))
     all_url = f"{settings.web_ui_url.rstrip('/')}/namespaces/{settings.namespace}/workflows"
     out.print(Text.assemble(("all services ", "bold"), (all_url, "cyan underline")))
+    if stack.router_url:
+        out.print(Text.assemble(("try         ", "bold"), f"curl {stack.router_url}/{names[0]}/"))
+    if stack.dashboard_url:
+        out.print(Text.assemble(("dashboard   ", "bold"), (stack.dashboard_url, "cyan underline")))
     waits: list[Awaitable[Any]] = [stopper.stop.wait(), stack.worker_task, server_exit]
     if exit_after is not None:
         out.print(f"running for {exit_after:g} s, then undeploying (--exit-after)")
@@ -434,13 +505,14 @@ async def _demo_run(
     out.print("undeploying ...")
 
 
-async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float) -> None:
+async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float,
+                edge: Edge | None = None) -> None:
     examples = _examples_dir()
     specs = [load_spec(examples / f) for f in EXAMPLE_FILES]  # a broken example fails before anything starts
     names = [s.name for s in specs]
     stopper = _Stopper()
     stopper.install()
-    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True) as stack:
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True, edge=edge) as stack:
         _print_stack(stack)
         assert stack.worker_task is not None
         server_exit = asyncio.ensure_future(stack.server.wait_exit())

@@ -1,4 +1,5 @@
-"""Where new pods go: spread a service across nodes first, then pack by free capacity.
+"""Where new pods go: only nodes whose labels match the service's ``node_selector``; among
+those, spread a service across nodes first, then pack by free capacity.
 
 Spreading first means losing one node costs a service as few replicas as possible; packing
 among equally spread nodes keeps whole nodes free for services with large requests.
@@ -25,6 +26,7 @@ class NodeUsage(BaseModel):
     used_cpu: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     used_memory_mb: int = Field(default=0, ge=0)
     service_pods: int = Field(default=0, ge=0, description="pods of the service being placed")
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class PlacementRequest(BaseModel):
@@ -34,12 +36,19 @@ class PlacementRequest(BaseModel):
 
     cpu: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     memory_mb: int = Field(default=0, ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="labels a node must carry, all of them")
+
+
+def selector_matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Every ``key=value`` of the selector is among the node's labels (an empty selector matches all)."""
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def node_fits(node: NodeUsage, request: PlacementRequest) -> bool:
     """True when one more pod with ``request`` stays within every limit of ``node``."""
     return (
-        node.used_pods < node.max_pods
+        selector_matches(node.labels, request.node_selector)
+        and node.used_pods < node.max_pods
         and node.used_cpu + request.cpu <= node.cpu + _CPU_SLACK
         and node.used_memory_mb + request.memory_mb <= node.memory_mb
     )
@@ -48,7 +57,7 @@ def node_fits(node: NodeUsage, request: PlacementRequest) -> bool:
 def pick_nodes(nodes: list[NodeUsage], request: PlacementRequest, count: int) -> list[str | None]:
     """Place ``count`` pods one at a time; entry i is pod i's node, or ``None`` if nothing fits.
 
-    Among the nodes that fit: fewest pods of this service, then least free CPU after
+    Among the nodes that fit (selector, pod slots, CPU, memory): fewest pods of this service, then least free CPU after
     placing, then least free memory, then name, so the same input always gives the same
     placement.
     """

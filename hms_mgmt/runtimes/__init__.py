@@ -21,12 +21,24 @@ def resolve_runtime_name(setting: str) -> str:
 
 
 def make_runtime(
-    setting: str, *, node: str, state_dir: Path, limits: PodLimits | None = None, events: EventSink | None = None
+    setting: str,
+    *,
+    node: str,
+    state_dir: Path,
+    docker_host: str | None = None,
+    limits: PodLimits | None = None,
+    events: EventSink | None = None,
 ) -> PodRuntime:
-    name = resolve_runtime_name(setting)
+    """A node's runtime; ``docker_host`` (``unix:///...sock``, ``tcp://...``) talks to another engine;
+    ``limits`` are what the node imposes on every pod (defaults: ``PodLimits()``)."""
+    name = "docker" if docker_host and setting == "auto" else resolve_runtime_name(setting)
     if name == "docker":
         from hms_mgmt.runtimes.docker import DockerRuntime
 
+        if docker_host:
+            import docker
+
+            return DockerRuntime(node, client=docker.DockerClient(base_url=docker_host, timeout=60), limits=limits)
         return DockerRuntime(node, limits=limits)
     from hms_mgmt.runtimes.process import ProcessRuntime
 

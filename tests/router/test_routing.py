@@ -35,7 +35,7 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     assert load.statuses[200] == load.total >= 300, load.failures[:5]
     per_pod = [load.pods[p.id] for p in st.pods]
     status, _, stats = await get_json(f"{routed.url}/-/stats")
-    assert min(per_pod) >= load.total * 0.15, f"load not spread over the 3 pods: {per_pod} {stats}"
+    assert min(per_pod) >= load.total * 0.10, f"load not spread over the 3 pods: {per_pod} {stats}"
 
     svc = stats["services"]["hms-ach"]
     assert svc["requests"] >= load.total and svc["error_rate"] == 0 and svc["p99_ms"] >= svc["p50_ms"] > 0

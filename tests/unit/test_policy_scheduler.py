@@ -180,3 +180,29 @@ def test_spreads_evenly_across_equal_nodes(
 @given(nodes=clusters(), request=requests, count=st.integers(0, 20))
 def test_deterministic_whatever_the_node_order(nodes: list[NodeUsage], request: PlacementRequest, count: int) -> None:
     assert pick_nodes(nodes, request, count) == pick_nodes(list(reversed(nodes)), request, count)
+
+
+# --- node_selector ---------------------------------------------------------------------
+
+
+def test_selector_places_only_on_matching_nodes() -> None:
+    nodes = [node("a", labels={"zone": "a"}), node("b", labels={"zone": "b", "disk": "ssd"}), node("c")]
+    assert pick_nodes(nodes, PlacementRequest(node_selector={"zone": "b"}), 2) == ["b", "b"]
+    assert pick_nodes(nodes, PlacementRequest(node_selector={"zone": "b", "disk": "ssd"}), 1) == ["b"]
+
+
+def test_selector_spreads_among_matching_nodes() -> None:
+    nodes = [node("a", labels={"tier": "x"}), node("b", labels={"tier": "x"}), node("c")]
+    assert Counter(pick_nodes(nodes, PlacementRequest(node_selector={"tier": "x"}), 4)) == {"a": 2, "b": 2}
+
+
+def test_selector_nothing_matches_or_matching_node_full() -> None:
+    nodes = [node("a", labels={"zone": "a"}, max_pods=1), node("b")]
+    assert pick_nodes(nodes, PlacementRequest(node_selector={"zone": "z"}), 1) == [None]
+    assert pick_nodes(nodes, PlacementRequest(node_selector={"zone": "a"}), 2) == ["a", None]
+    assert pick_nodes(nodes, PlacementRequest(node_selector={"zone": "A"}), 1) == [None], "values match exactly"
+
+
+def test_empty_selector_matches_every_node() -> None:
+    assert node_fits(node("a", labels={"x": "1"}), PlacementRequest())
+    assert not node_fits(node("a"), PlacementRequest(node_selector={"x": "1"}))

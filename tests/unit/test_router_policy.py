@@ -133,7 +133,12 @@ def test_weights_follow_inverse_latency_and_stay_in_haproxy_range():
     ps = pods(5.0, 5.0, 250.0)
     w = weights(ps, 0.0)
     assert w["p0"] == w["p1"] == 256
-    assert 1 <= w["p2"] <= 8
+    assert w["p2"] == 1  # (5/250)^2 x 256 rounds below 1
     ps[2].draining = True
     assert set(weights(ps, 0.0)) == {"p0", "p1"}
     assert weights([], 0.0) == {}
+
+
+def test_weights_fall_with_the_square_of_the_slowdown():
+    w = weights(pods(10.0, 20.0), 0.0)
+    assert w == {"p0": 256, "p1": 64}

@@ -279,7 +279,8 @@ async def test_continue_as_new_keeps_pods_counters_and_backoff(temporal_env, tmp
             async def healed_in_a_later_run():
                 st = await hms.status("hms-ach")
                 later = await _run_changed(handle, second_run)
-                return st if later and st.heal_count == 1 and st.ready_replicas == 2 else None
+                done = later and st.heal_count == 1 and st.ready_replicas == 2 and st.phase == "Running"
+                return st if done else None
 
             after = await eventually(healed_in_a_later_run, timeout=90, what="heal carried into a new run")
             assert after.phase == "Running" and after.crash_count == 1

@@ -52,8 +52,11 @@ from hms_mgmt.models import (
     PodStatus,
     StartPodInput,
     StopPodInput,
+    TicketInput,
+    TicketOutput,
     VerifyImageInput,
     VerifyImageOutput,
+    WatchCpuInput,
     WatchInput,
     WatchResult,
 )
@@ -154,9 +157,22 @@ class FakeCluster:
             except TimeoutError:
                 continue
 
+    @activity.defn(name="issue_ticket")
+    async def issue_ticket(self, inp: TicketInput) -> TicketOutput:
+        if TOKENS.get(inp.token, ("", ""))[1] != "ops_admin":
+            raise ApplicationError("admission refused: bad token", type="AccessDenied", non_retryable=True)
+        return TicketOutput(ticket=f"ticket-{inp.service}-{inp.revision}-{inp.image_id[-8:]}")
+
     @activity.defn(name="publish_endpoints")
     async def publish_endpoints(self, table: EndpointSet) -> None:
         self.tables.append(table)
+
+    @activity.defn(name="watch_cpu")
+    async def watch_cpu(self, inp: WatchCpuInput) -> WatchResult:
+        """The service's autoscaler: the tests script scale results through ``watch_pods``."""
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(0.2)
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:
@@ -165,14 +181,14 @@ class FakeCluster:
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
-                self.publish_endpoints]
+                self.publish_endpoints, self.issue_ticket, self.watch_cpu]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fake(temporal_env: WorkflowEnvironment) -> AsyncIterator[tuple[FakeCluster, Settings]]:
+async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[FakeCluster, Settings]]:
     tag = uuid.uuid4().hex[:8]
     settings = Settings(temporal_address="unused", task_queue=f"hms-logic-{tag}", node=f"n{tag}",
-                        token="t-alice", history_threshold=None)
+                        token="t-alice", history_threshold=None, state_dir=tmp_path / "state")
     cluster = FakeCluster(node=settings.node_specs()[0])
     # One worker serves both queues: workflows + control activities, and the node's pod activities.
     control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
@@ -343,6 +359,7 @@ async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, f
     assert st.revision == 2 and st.image_id == content_id("registry.gov/hms-ach:1.5")
     assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
     assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
+    assert {s.ticket for s in cluster.starts[3:]} == {st.revisions[-1].ticket} != {""}  # and its revision's ticket
     assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
     assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]
     assert st.rollout.state == "completed"

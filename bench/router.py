@@ -1,0 +1,410 @@
+"""Router benchmark: the same bounded wrk load through each proxy in front of the same 3 pods,
+measured in one run, against Debian's nginx (round-robin) and a hand-configured HAProxy.
+
+Pods: one service of ``--image`` (hms-ach, Python), 3 Docker pods at ``--cpus`` (0.3) each,
+deployed through our orchestrator (a Temporal dev server and a worker in this process). The two
+engines run as ``python -m router`` child processes fed by the worker, like ``hms router``.
+
+Proxies, all on 127.0.0.1, ``/<service>/`` with the prefix stripped:
+  direct       wrk straight at one pod (a ceiling for one pod, no proxy)
+  builtin      our builtin engine (aiohttp + uvloop, one process)
+  haproxy      our haproxy engine (HAProxy 2.6 driven through its Runtime API, weights from our score)
+  nginx        Debian nginx, ``upstream`` round-robin over the 3 pods, keepalive 64, defaults otherwise
+  haproxy-rr   HAProxy hand-configured: ``balance roundrobin``, ``option redispatch``, ``retries 2``
+
+Phases (each measurement: ``wrk -t2 -c<C> -d<D>s --latency`` after a 2 s warm-up at the same load):
+  base   all pods at --cpus
+  slow   one pod at 0.02 CPU (``docker update --cpus 0.02``), restored afterwards
+  kill   the oldest pod's main process SIGKILLed 2 s into the run; errors = non-2xx + socket
+         errors. Our engines follow the heal through the feed; nginx and haproxy-rr are
+         re-pointed at the current 3 pods (config rewritten, reloaded) before their run.
+
+Targets (ratios to nginx in the same run): base throughput builtin >= 0.5x, haproxy >= 0.9x;
+slow: both engines >= 1.5x nginx throughput and p99 below nginx's; kill: 0 failed requests.
+
+    .venv/bin/python bench/router.py [--duration 8] [--connections 64] [--cpus 0.3]
+
+Prints the tables and writes bench/results/router.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import EXAMPLE_IMAGE, Run, docker_client, grant_access, hms_stack, print_table  # noqa: E402
+
+NAME = "router"
+SERVICE = "bench-router"
+TARGETS = {"base_builtin": 0.5, "base_haproxy": 0.9, "slow_throughput": 1.5}
+PROXIES = ("builtin", "haproxy", "nginx", "haproxy-rr")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- wrk ---------------------------------------------------------------------------------------
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
+        res["rps"] = round(float(m.group(1)), 1)
+    if m := re.search(r"(\d+) requests in", out):
+        res["requests"] = int(m.group(1))
+    for q in ("50", "90", "99"):
+        if m := re.search(rf"^\s+{q}%\s+(\S+)", out, re.M):
+            res[f"p{q}_ms"] = round(_ms(m.group(1)), 2)
+    res["non_2xx"] = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = sum(int(x) for x in sock.groups()) if sock else 0
+    res["errors"] = res["non_2xx"] + res["socket_errors"]
+    return res
+
+
+async def wrk(url: str, *, threads: int, connections: int, seconds: float) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", "--latency", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=seconds + 30)
+    res = parse_wrk(out.decode())
+    if "rps" not in res:
+        raise RuntimeError(f"wrk gave no figures for {url}: {out.decode()[-500:]}")
+    return res
+
+
+# --- peers: nginx and a hand-configured HAProxy -------------------------------------------------
+
+
+class Nginx:
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.dir = workdir / "nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write(self, endpoints: list[str]) -> None:
+        servers = "\n".join(f"        server {e};" for e in endpoints)
+        (self.dir / "nginx.conf").write_text(f"""
+worker_processes auto;
+daemon off;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    upstream pods {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location /{SERVICE}/ {{
+            proxy_pass http://pods/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+
+    def start(self, endpoints: list[str]) -> None:
+        self.write(endpoints)
+        self.proc = subprocess.Popen(["nginx", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def reload(self, endpoints: list[str]) -> None:
+        self.write(endpoints)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+class HandHAProxy:
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.dir = workdir / "haproxy-rr"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, endpoints: list[str]) -> None:
+        servers = "\n".join(f"    server pod{i} {e}" for i, e in enumerate(endpoints))
+        cfg = self.dir / "haproxy.cfg"
+        cfg.write_text(f"""global
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    option redispatch
+    retries 2
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend pods
+backend pods
+    balance roundrobin
+    http-request replace-path ^/[^/]*/?(.*) /\\1
+{servers}
+""")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def restart(self, endpoints: list[str]) -> None:
+        self.stop()
+        self.start(endpoints)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+# --- pods --------------------------------------------------------------------------------------
+
+
+def containers(dclient, node: str) -> dict[str, Any]:
+    """pod id -> container of the benchmark service on our node."""
+    from hms_mgmt import constants
+
+    found = dclient.containers.list(filters={"label": [f"{constants.LABEL_SERVICE}={SERVICE}",
+                                                        f"{constants.LABEL_NODE}={node}"]})
+    return {c.labels[constants.LABEL_POD]: c for c in found}
+
+
+async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
+    """Until the router at ``url`` has exactly ``want`` (endpoints) ready for the service."""
+    deadline = time.monotonic() + timeout_s
+    got: set[str] = set()
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError, KeyError, TypeError):
+                async with http.get(f"{url}/-/table") as r:
+                    t = (await r.json())["services"].get(SERVICE)
+                got = {e["address"] for e in t["endpoints"] if e["state"] == "ready"} if t else set()
+                if got == want:
+                    return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"router {url} never had {want} (has {got})")
+
+
+async def ready_endpoints(orch, n: int, timeout_s: float = 90.0, without: set[str] = frozenset()) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = await orch.status(SERVICE)
+        pods = [p for p in st.pods if p.ready and p.id not in without]
+        if len(pods) == n and len(st.pods) == n:
+            return pods
+        await asyncio.sleep(0.25)
+    raise RuntimeError(f"{SERVICE} never had {n} ready pods")
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+async def main(args) -> int:
+    for tool in ("wrk", "nginx", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: apt-get install wrk nginx haproxy", file=sys.stderr)
+            return 2
+    run = Run(NAME)
+    ports = {p: free_port() for p in PROXIES}
+    urls = {p: f"http://127.0.0.1:{port}" for p, port in ports.items()}
+    workdir = Path(tempfile.mkdtemp(prefix="hms-bench-router-"))
+    dclient = docker_client()
+    nginx = Nginx(workdir, ports["nginx"])
+    hand = HandHAProxy(workdir, ports["haproxy-rr"])
+    routers: list[Any] = []
+    results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
+    w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration}
+
+    async def measure(phase: str, proxy: str, url: str) -> dict[str, Any]:
+        await wrk(url, threads=args.threads, connections=args.connections, seconds=2)  # warm-up
+        await asyncio.sleep(args.settle)
+        res = await wrk(url, **w)
+        results[phase][proxy] = res
+        print(f"  {phase:5s} {proxy:11s} {res['rps']:9.1f} req/s  p50 {res.get('p50_ms')} ms  "
+              f"p99 {res.get('p99_ms')} ms  errors {res['errors']}", flush=True)
+        await asyncio.sleep(args.settle)
+        return res
+
+    try:
+        async with hms_stack("docker", routers=[urls["builtin"], urls["haproxy"]]) as stack:
+            grant_access(stack, [args.image])
+            from router.server import RouterProcess
+
+            for engine in ("builtin", "haproxy"):
+                rp = RouterProcess(stack.settings, port=ports[engine], engine=engine,
+                                   log_path=workdir / f"router-{engine}.log")
+                rp.start()
+                routers.append(rp)
+            for rp in routers:
+                await rp.wait_ready()
+            spec = {"name": SERVICE, "image": args.image, "min_replicas": 3, "max_replicas": 3, "cpu_target": 60,
+                    "cpu_limit": args.cpus, "health_failures": 100, "drain_s": 1.0}
+            await stack.orch.deploy(spec, wait=True, timeout=180)
+            pods = await ready_endpoints(stack.orch, 3)
+            eps = sorted(p.endpoint for p in pods)
+            for engine in ("builtin", "haproxy"):
+                await wait_table(urls[engine], set(eps))
+            nginx.start(eps)
+            hand.start(eps)
+            await asyncio.sleep(1.0)
+            path = f"/{SERVICE}/"
+
+            print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s")
+            await measure("base", "direct", f"http://{eps[0]}/")
+            for p in PROXIES:
+                await measure("base", p, urls[p] + path)
+
+            ctrs = containers(dclient, stack.settings.node)
+            slow_pod = pods[0]
+            print(f"== slow: pod {slow_pod.id[:8]} at 0.02 CPU")
+            subprocess.run(["docker", "update", "--cpus", "0.02", ctrs[slow_pod.id].id], check=True,
+                           capture_output=True)
+            await asyncio.sleep(2.0)
+            for p in PROXIES:
+                await measure("slow", p, urls[p] + path)
+            subprocess.run(["docker", "update", "--cpus", str(args.cpus), ctrs[slow_pod.id].id], check=True,
+                           capture_output=True)
+            await asyncio.sleep(3.0)
+
+            print("== kill: the oldest pod SIGKILLed 2 s into each run")
+            for p in PROXIES:
+                pods = await ready_endpoints(stack.orch, 3)
+                eps = sorted(x.endpoint for x in pods)
+                if p == "nginx":
+                    nginx.reload(eps)
+                elif p == "haproxy-rr":
+                    hand.restart(eps)
+                else:
+                    await wait_table(urls[p], set(eps))
+                victim = min(pods, key=lambda x: x.started_at.timestamp() if x.started_at else 0)
+                ctr = containers(dclient, stack.settings.node)[victim.id]
+                pid = ctr.attrs["State"]["Pid"]
+                await wrk(urls[p] + path, threads=args.threads, connections=args.connections, seconds=2)
+
+                async def killer(pid: int = pid) -> None:
+                    await asyncio.sleep(2.0)
+                    os.kill(pid, signal.SIGKILL)
+
+                k = asyncio.ensure_future(killer())
+                res = await wrk(urls[p] + path, **w)
+                await k
+                res["killed_pod"] = victim.id
+                results["kill"][p] = res
+                print(f"  kill  {p:11s} {res['rps']:9.1f} req/s  p99 {res.get('p99_ms')} ms  "
+                      f"errors {res['errors']} (non-2xx {res['non_2xx']}, socket {res['socket_errors']})",
+                      flush=True)
+                await ready_endpoints(stack.orch, 3, without={victim.id})
+            with contextlib.suppress(Exception):
+                await stack.orch.undeploy(SERVICE)
+    finally:
+        nginx.stop()
+        hand.stop()
+        for rp in routers:
+            rp.stop()
+        dclient.close()
+
+    base, slow, kill = results["base"], results["slow"], results["kill"]
+
+    def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
+        return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+    ratios = {
+        "base_builtin_vs_nginx": ratio(base["builtin"], base["nginx"]),
+        "base_haproxy_vs_nginx": ratio(base["haproxy"], base["nginx"]),
+        "slow_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"]),
+        "slow_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"]),
+        "slow_p99_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"], "p99_ms"),
+        "slow_p99_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"], "p99_ms"),
+    }
+    verdicts = {
+        "base_builtin >= 0.5x nginx": (ratios["base_builtin_vs_nginx"] or 0) >= TARGETS["base_builtin"],
+        "base_haproxy >= 0.9x nginx": (ratios["base_haproxy_vs_nginx"] or 0) >= TARGETS["base_haproxy"],
+        "slow_builtin >= 1.5x nginx": (ratios["slow_builtin_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
+        "slow_haproxy >= 1.5x nginx": (ratios["slow_haproxy_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
+        "slow_builtin p99 < nginx": (ratios["slow_p99_builtin_vs_nginx"] or 9) < 1.0,
+        "slow_haproxy p99 < nginx": (ratios["slow_p99_haproxy_vs_nginx"] or 9) < 1.0,
+        "kill_builtin 0 errors": kill["builtin"]["errors"] == 0,
+        "kill_haproxy 0 errors": kill["haproxy"]["errors"] == 0,
+    }
+    print()
+    rows = []
+    for phase in ("base", "slow", "kill"):
+        for p, r in results[phase].items():
+            rows.append([f"{phase} {p}", r["rps"], r.get("p50_ms"), r.get("p99_ms"), r["errors"],
+                         ratio(r, results[phase].get("nginx", {}))])
+    print_table(rows, ["run", "req/s", "p50 ms", "p99 ms", "errors", "x nginx"])
+    print()
+    for k, ok in verdicts.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+    out = run.finish({
+        "command": "wrk " + f"-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency",
+        "pods": {"count": 3, "cpus": args.cpus, "image": args.image},
+        "results": results,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "verdicts": verdicts,
+    })
+    print(f"\nwrote {out}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement (default 8)")
+    ap.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
+    ap.add_argument("--cpus", type=float, default=0.3, help="CPU limit per pod (default 0.3)")
+    ap.add_argument("--settle", type=float, default=1.0, help="pause around each measurement (default 1 s)")
+    ap.add_argument("--image", default=EXAMPLE_IMAGE)
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(asyncio.run(main(parse_args())))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,507 @@
+"""The operators' dashboard: an aiohttp app serving ``dashboard/static/`` and a small JSON/SSE API.
+
+One :class:`Dashboard` per process reads the fleet once per ``refresh_s`` (one list call, the
+status queries concurrent with a bound), the router's ``/-/stats`` and the tail of
+``events.jsonl``, and pushes the same prepared JSON to every open page over server-sent events:
+the cost does not grow with the number of viewers.
+
+Reading is open to whoever reaches the port (127.0.0.1 only). Approving or rejecting needs the
+caller's own token (``Authorization: Bearer``), verified here and then carried to the workflow,
+whose worker checks it again; the dashboard's own identity never acts for a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp_sse import sse_response
+from temporalio.client import Client
+
+from hms_mgmt import auth
+from hms_mgmt.config import Settings, connect
+from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
+from hms_mgmt.events import EventFollower
+from hms_mgmt.fleet import fleet_status
+from hms_mgmt.models import ServiceStatus
+from hms_mgmt.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+DECIDE_TIMEOUT_S = 30.0
+RECENT_EVENTS_BYTES = 256 * 1024  # of the event log read at start: ~1,500 events, enough for the page
+
+
+def child_url(status: ServiceStatus, child_id: str) -> str | None:
+    """A child workflow's page in the Temporal Web UI, next to the service's own."""
+    if not status.web_ui_url:
+        return None
+    return status.web_ui_url.rsplit("/", 1)[0] + "/" + child_id
+
+
+def service_view(status: ServiceStatus) -> dict[str, Any]:
+    """What the page shows of one service. The spec is trimmed: its env may hold secrets and
+    anyone reaching the port may read this."""
+    spec = status.spec
+    decisions = []
+    scale_n = status.scale_count
+    # Decisions carry no child id: the newest scale decision is child scale-<scale_count>, the one
+    # before it scale-<scale_count - 1>, and so on (exact while every scale finishes).
+    for d in reversed(status.last_decisions):
+        url = None
+        if d.kind == "scale" and scale_n > 0:
+            url = child_url(status, f"{status.workflow_id}-scale-{scale_n}")
+            scale_n -= 1
+        elif d.kind == "heal" and d.pod:
+            url = child_url(status, f"{status.workflow_id}-heal-{d.pod}")
+        decisions.append({**d.model_dump(mode="json"), "workflow_url": url})
+    decisions.reverse()
+    return {
+        "name": status.name,
+        "phase": status.phase,
+        "revision": status.revision,
+        "image": spec.image,
+        "min_replicas": spec.min_replicas,
+        "max_replicas": spec.max_replicas,
+        "cpu_target": spec.cpu_target,
+        "desired_replicas": status.desired_replicas,
+        "ready_replicas": status.ready_replicas,
+        "pods": [p.model_dump(mode="json") for p in status.pods],
+        "pending_approval": status.pending_approval.model_dump(mode="json") if status.pending_approval else None,
+        "decisions": decisions,
+        "workflow_id": status.workflow_id,
+        "web_ui_url": status.web_ui_url,
+        "deploy_url": child_url(status, f"{status.workflow_id}-deploy-{status.revision}"),
+        "message": status.message,
+        "backoff_s": status.backoff_s,
+        "crash_count": status.crash_count,
+        "heal_count": status.heal_count,
+        "scale_count": status.scale_count,
+        "approved_by": status.approved_by,
+        "refusals": [r.model_dump(mode="json", exclude={"request_id"}) for r in status.refusals[-5:]],
+    }
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def merge_router_stats(answers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per service, across routers: requests/s summed, error rate weighted by requests, the
+    worst p50/p99, and each pod's view (draining, in flight, latency, ejected) from the first
+    router that has it. Accepts ``rps`` or ``requests_per_s``."""
+    out: dict[str, dict[str, Any]] = {}
+    for services in answers:
+        for name, raw in services.items():
+            if not isinstance(raw, dict):
+                continue
+            rps = _num(raw.get("rps", raw.get("requests_per_s"))) or 0.0
+            err = _num(raw.get("error_rate")) or 0.0
+            agg = out.setdefault(name, {"rps": 0.0, "errors_per_s": 0.0, "p50_ms": None, "p99_ms": None,
+                                        "pods": {}})
+            agg["rps"] += rps
+            agg["errors_per_s"] += rps * err
+            for q in ("p50_ms", "p99_ms"):
+                v = _num(raw.get(q))
+                if v is not None:
+                    agg[q] = v if agg[q] is None else max(agg[q], v)
+            pods = raw.get("pods")
+            if isinstance(pods, dict):
+                for pod, info in pods.items():
+                    if isinstance(info, dict):
+                        agg["pods"].setdefault(str(pod), {
+                            k: info.get(k) for k in ("state", "outstanding", "latency_ms", "ejected", "weight")
+                            if k in info})
+    for agg in out.values():
+        errors = agg.pop("errors_per_s")
+        agg["error_rate"] = errors / agg["rps"] if agg["rps"] else 0.0
+        agg["rps"] = round(agg["rps"], 2)
+    return out
+
+
+def mean_cpu(status: ServiceStatus) -> float | None:
+    samples = [p.cpu_percent for p in status.pods if p.cpu_percent is not None and p.health != "exited"]
+    return round(sum(samples) / len(samples), 2) if samples else None
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=256)
+
+
+class Dashboard:
+    """The dashboard's state and its aiohttp app. ``start()`` / ``stop()`` run it in-process
+    (the local stack); :func:`serve` runs it until cancelled (``hms dashboard``)."""
+
+    def __init__(
+        self,
+        client: Client,
+        settings: Settings,
+        *,
+        token: str | None = None,
+        refresh_s: float = 1.0,
+        sample_s: float = 2.0,
+        history: int = 300,
+        router_url: str | list[str] | None = None,
+        concurrency: int = 16,
+        events_kept: int = 200,
+    ) -> None:
+        self.client = client
+        self.settings = settings.model_copy(update={"token": token}) if token else settings
+        self.token = token
+        self.orch = Orchestrator(client, self.settings)
+        self.refresh_s = refresh_s
+        self.sample_s = sample_s
+        self.concurrency = concurrency
+        if router_url is None:
+            self.router_urls = [u.rstrip("/") + "/-/stats" for u in settings.routers]
+        else:
+            self.router_urls = [router_url] if isinstance(router_url, str) else list(router_url)
+        self.history: dict[str, collections.deque[list[Any]]] = {}
+        self.history_len = history
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=events_kept)
+        self.services: list[ServiceStatus] = []
+        self.state_json = json.dumps({"services": [], "ok": False, "error": "starting", "router": None})
+        self.router: dict[str, Any] | None = None
+        self.fleet_error: str | None = "starting"
+        self.refreshed_at: datetime | None = None
+        self._subscribers: set[_Subscriber] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._follower: EventFollower | None = None
+        self.port: int | None = None
+        self.app = self._make_app()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def sign_in_url(self) -> str | None:
+        """A link that signs the browser in with the process's token. The token travels in the
+        fragment, which browsers never send to a server or put in a Referer."""
+        return f"{self.url}/#token={self.token}" if self.token else None
+
+    async def start(self, *, port: int, host: str = "127.0.0.1") -> str:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise HmsError(f"the dashboard binds to 127.0.0.1 only, not {host}")
+        self._follower = EventFollower(self.settings.state_dir, tail_bytes=RECENT_EVENTS_BYTES)
+        self.events.extend(e.model_dump(mode="json") for e in await asyncio.to_thread(self._follower.poll))
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop(), name="dashboard fleet"),
+            asyncio.create_task(self._router_loop(), name="dashboard router"),
+            asyncio.create_task(self._events_loop(), name="dashboard events"),
+        ]
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise HmsError(f"the dashboard cannot listen on {host}:{port}: {e}") from e
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("dashboard on %s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        for sub in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Dashboard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- background readers ---------------------------------------------------------------
+
+    def _broadcast(self, name: str, data: str) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait((name, data))
+            except asyncio.QueueFull:  # a page that stopped reading: drop it, it reconnects
+                self._subscribers.discard(sub)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    sub.queue.get_nowait()
+                sub.queue.put_nowait(None)
+
+    async def _refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sample = 0.0
+        while True:
+            try:
+                self.services = await fleet_status(self.orch, concurrency=self.concurrency)
+                self.fleet_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - show it on the page; keep the last snapshot
+                self.fleet_error = f"cannot read the fleet from Temporal: {e}"
+                log.warning("%s", self.fleet_error)
+            self.refreshed_at = datetime.now(UTC)
+            if self.fleet_error is None and loop.time() >= next_sample:
+                next_sample = loop.time() + self.sample_s
+                self._broadcast("sample", json.dumps(self._take_sample()))
+            self.state_json = self._state_json()
+            self._broadcast("state", self.state_json)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+
+    def _take_sample(self) -> dict[str, Any]:
+        t = round(time.time(), 1)
+        sample: dict[str, list[Any]] = {}
+        for s in self.services:
+            point = [mean_cpu(s), s.desired_replicas, s.ready_replicas]
+            ring = self.history.setdefault(s.name, collections.deque(maxlen=self.history_len))
+            ring.append([t, *point])
+            sample[s.name] = point
+        live = {s.name for s in self.services}
+        for gone in set(self.history) - live:
+            del self.history[gone]
+        return {"t": t, "services": sample}
+
+    def _state_json(self) -> str:
+        return json.dumps({
+            "generated_at": (self.refreshed_at or datetime.now(UTC)).isoformat(),
+            "ok": self.fleet_error is None,
+            "error": self.fleet_error,
+            "web_ui_url": self.settings.web_ui_url,
+            "namespace": self.settings.namespace,
+            "refresh_s": self.refresh_s,
+            "services": [service_view(s) for s in self.services],
+            "router": self.router,
+        })
+
+    async def _router_loop(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                answers = await asyncio.gather(*(self._router_stats(session, u) for u in self.router_urls))
+                live = [a for a in answers if isinstance(a, dict)]
+                errors = [a for a in answers if isinstance(a, str)]
+                self.router = {
+                    "ok": bool(live),
+                    "routers": len(self.router_urls),
+                    "live": len(live),
+                    "errors": errors,
+                    "services": merge_router_stats(live),
+                }
+                await asyncio.sleep(max(1.0, self.refresh_s * 2))
+
+    @staticmethod
+    async def _router_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | str:
+        """One router's ``services`` object, or why there is none (no router yet: the page says so)."""
+        try:
+            async with session.get(url) as resp:
+                resp.raise_for_status()
+                body = await resp.json()
+            services = body.get("services") if isinstance(body, dict) else None
+            if not isinstance(services, dict):
+                raise ValueError("no 'services' object in the answer")
+            return services
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            return f"{url}: {e or type(e).__name__}"
+
+    async def _events_loop(self) -> None:
+        """New events to every page within ~0.3 s (the same follower that read the recent ones,
+        so none falls between the two)."""
+        follower = self._follower
+        assert follower is not None
+        try:
+            while True:
+                new = await asyncio.to_thread(follower.poll)
+                for event in new:
+                    data = event.model_dump(mode="json")
+                    self.events.append(data)
+                    self._broadcast("event", json.dumps(data))
+                if new:
+                    self._wake.set()  # an event usually means the state changed: refresh now
+                await asyncio.sleep(0.3)
+        finally:
+            follower.close()
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._local_only], client_max_size=64 * 1024)
+        app.on_response_prepare.append(self._security_headers)
+        app.router.add_get("/", self._index)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/api/state", self._api_state)
+        app.router.add_get("/api/events", self._api_events)
+        app.router.add_get("/api/stream", self._api_stream)
+        app.router.add_get("/api/me", self._api_me)
+        app.router.add_post("/api/services/{name}/{action:approve|reject}", self._api_decide)
+        app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
+        return app
+
+    @web.middleware
+    async def _local_only(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Refuse a Host that is not this machine: a web page elsewhere cannot reach in by
+        pointing its own name at 127.0.0.1 (DNS rebinding)."""
+        raw = request.host or ""
+        host = raw[: raw.find("]") + 1] if raw.startswith("[") else raw.rsplit(":", 1)[0]
+        if host.lower() not in LOCAL_HOSTS:
+            return web.json_response({"error": "unknown host"}, status=421)
+        return await handler(request)
+
+    @staticmethod
+    async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Cache-Control", "no-store")
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": self.fleet_error is None, "services": len(self.services)})
+
+    async def _api_state(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.state_json, content_type="application/json")
+
+    async def _api_events(self, request: web.Request) -> web.Response:
+        return web.json_response(list(self.events))
+
+    def _init_payload(self) -> str:
+        history = {name: list(ring) for name, ring in self.history.items()}
+        return json.dumps({"history": history, "events": list(self.events), "history_len": self.history_len})
+
+    async def _api_stream(self, request: web.Request) -> web.StreamResponse:
+        sub = _Subscriber()
+        self._subscribers.add(sub)
+        resp: web.StreamResponse | None = None
+        try:
+            async with sse_response(request, ping_interval=10) as resp:
+                await resp.send(self._init_payload(), event="init")
+                await resp.send(self.state_json, event="state")
+                while resp.is_connected():
+                    item = await sub.queue.get()
+                    if item is None:
+                        break
+                    name, data = item
+                    await resp.send(data, event=name)
+        except ConnectionResetError:  # the page went away; nothing to answer
+            pass
+        finally:
+            self._subscribers.discard(sub)
+        return resp if resp is not None else web.Response(status=204)
+
+    async def _identity(self, request: web.Request) -> tuple[str, auth.Identity]:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in: send Authorization: Bearer <token>"}),
+                                       content_type="application/json")
+        try:
+            identity = await asyncio.to_thread(auth.verify_token, token, state_dir=self.settings.state_dir)
+        except (AccessDenied, HmsError) as e:
+            raise web.HTTPUnauthorized(text=json.dumps({"error": str(e)}), content_type="application/json") from None
+        return token, identity
+
+    async def _api_me(self, request: web.Request) -> web.Response:
+        _token, identity = await self._identity(request)
+        matrix = await asyncio.to_thread(auth.load_access_matrix, self.settings.state_dir)
+        allowed = matrix.get(identity.role, [])
+        return web.json_response({
+            "user": identity.user,
+            "role": identity.role,
+            "expires_at": identity.expires_at.isoformat(),
+            "can_approve": "approve" in allowed,
+            "can_reject": "reject" in allowed,
+        })
+
+    async def _api_decide(self, request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        if request.content_type != "application/json":
+            return web.json_response({"error": "send JSON"}, status=415)
+        token, identity = await self._identity(request)
+        if not _NAME.match(name):
+            return web.json_response({"error": "no such service"}, status=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "invalid JSON"}, status=400)
+        reason = body.get("reason", "") if isinstance(body, dict) else ""
+        if not isinstance(reason, str) or len(reason) > 500:
+            return web.json_response({"error": "reason must be text of at most 500 characters"}, status=400)
+        matrix = await asyncio.to_thread(auth.load_access_matrix, self.settings.state_dir)
+        try:
+            auth.authorize(identity, action, matrix)
+        except AccessDenied as e:
+            log.warning("dashboard: %s %s refused for %s (%s): %s", action, name, identity.user, identity.role, e)
+            return web.json_response({"error": str(e)}, status=403)
+        orch = Orchestrator(self.client, self.settings.model_copy(update={"token": token}))
+        decide = orch.approve if action == "approve" else orch.reject
+        log.info("dashboard: %s %s by %s", action, name, identity.user)
+        try:
+            status = await asyncio.wait_for(decide(name, reason=reason), DECIDE_TIMEOUT_S)
+        except AccessDenied as e:
+            return web.json_response({"error": str(e)}, status=403)
+        except ServiceNotFound as e:
+            return web.json_response({"error": str(e)}, status=404)
+        except TimeoutError:
+            return web.json_response({"error": f"no answer from {name} within {DECIDE_TIMEOUT_S:g}s"}, status=504)
+        except HmsError as e:
+            return web.json_response({"error": str(e)}, status=409)
+        self._wake.set()
+        return web.json_response({"ok": True, "service": name, "action": action, "phase": status.phase,
+                                  "by": identity.user})
+
+
+@contextlib.asynccontextmanager
+async def running_dashboard(
+    client: Client, settings: Settings, *, port: int | None = None, token: str | None = None, **kw: Any
+) -> AsyncIterator[Dashboard]:
+    """The dashboard for the local stack: started on 127.0.0.1:``port`` (default
+    ``settings.dashboard_port``; 0 picks a free one), stopped on exit."""
+    dash = Dashboard(client, settings, token=token, **kw)
+    await dash.start(port=settings.dashboard_port if port is None else port)
+    try:
+        yield dash
+    finally:
+        await dash.stop()
+
+
+async def serve(settings: Settings, *, port: int, token: str | None = None, **kw: Any) -> None:
+    """Connect to Temporal and serve the dashboard until cancelled (``hms dashboard``)."""
+    client = await connect(settings)
+    async with running_dashboard(client, settings, port=port, token=token, **kw):
+        await asyncio.Event().wait()

@@ -1,0 +1,83 @@
+"""The nodes as an operator sees them (``hms nodes``): the registry's records joined with
+what the services run on each node."""
+
+from __future__ import annotations
+
+import builtins
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from hms_mgmt import constants
+from hms_mgmt.config import Settings
+from hms_mgmt.models import NodeRecord, NodesOutput, NodeSpec, ServiceStatus
+
+
+class NodeView(BaseModel):
+    """One node: capacity, use (pods of every service placed there) and state."""
+
+    spec: NodeSpec
+    state: str  # Ready | Lost | Configured (no registry yet)
+    last_heartbeat: datetime | None = None
+    pods: int = 0
+    cpu_used: float = 0.0
+    memory_used_mb: int = 0
+    services: dict[str, int] = Field(default_factory=dict)
+
+
+async def registry_nodes(client: Client, settings: Settings) -> builtins.list[NodeRecord] | None:
+    """The registry's records, or None when no registry runs for this control plane."""
+    handle = client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
+    try:
+        return (await handle.query("nodes", result_type=NodesOutput)).nodes
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    except WorkflowQueryFailedError:
+        return None
+
+
+async def service_statuses(client: Client, task_queue: str) -> builtins.list[ServiceStatus]:
+    query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
+    out = []
+    async for wf in client.list_workflows(query):
+        try:
+            out.append(await client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
+        except (RPCError, WorkflowQueryFailedError):
+            continue
+    return out
+
+
+async def list_nodes(client: Client, settings: Settings) -> builtins.list[NodeView]:
+    records = await registry_nodes(client, settings)
+    views: dict[str, NodeView] = {}
+    if records is None:
+        for spec in settings.node_specs():
+            views[spec.name] = NodeView(spec=spec, state="Configured")
+    else:
+        for rec in records:
+            views[rec.spec.name] = NodeView(spec=rec.spec, state=rec.state, last_heartbeat=rec.last_heartbeat)
+    for st in await service_statuses(client, settings.task_queue):
+        for pod in st.pods:
+            if pod.health == "exited":
+                continue
+            view = views.get(pod.node)
+            if view is None:  # pods on a node the registry no longer lists
+                view = views[pod.node] = NodeView(
+                    spec=NodeSpec(name=pod.node, task_queue=settings.node_task_queue(pod.node), cpu=1, memory_mb=1),
+                    state="Unknown",
+                )
+            view.pods += 1
+            view.cpu_used += st.spec.cpu_limit or 0.0
+            view.memory_used_mb += st.spec.memory_mb or 0
+            view.services[st.name] = view.services.get(st.name, 0) + 1
+    return sorted(views.values(), key=lambda v: v.spec.name)
+
+
+def as_rows(views: builtins.list[NodeView]) -> builtins.list[dict[str, Any]]:
+    """Plain rows for tables and ``--json``."""
+    return [v.model_dump(mode="json") for v in views]

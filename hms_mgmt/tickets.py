@@ -1,0 +1,98 @@
+"""Admission tickets: proof, checked where a pod starts, that its revision was admitted.
+
+Anyone who can reach Temporal can start any workflow or even run a worker of their own on our
+task queues, so a check in a workflow can be skipped. Admission therefore ends in a ticket,
+signed by the control plane's own key (``<state>/keys/control.pem``, separate from the key that
+signs identity tokens) over the service, the revision, a digest of what a pod runs (the spec's
+pod template) and the pinned image id. ``start_pod`` on every node verifies it against exactly
+the pod it is asked to start, and refuses anything else.
+
+Pure functions over files in the state directory; no Temporal here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from hms_mgmt.errors import AccessDenied
+from hms_mgmt.files import atomic_write
+from hms_mgmt.models import ServiceSpec
+
+PRIVATE_FILE = "control.pem"
+PUBLIC_FILE = "control.pub"
+
+
+def _keys(state_dir: Path) -> Path:
+    return state_dir / "keys"
+
+
+def ensure_control_key(state_dir: Path) -> None:
+    """Create the control plane's key pair once (the control worker does, at start)."""
+    kdir = _keys(state_dir)
+    kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (kdir / PRIVATE_FILE).exists():
+        return
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    if atomic_write(kdir / PRIVATE_FILE, pem, mode=0o600, replace=False):
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        atomic_write(kdir / PUBLIC_FILE, pub, mode=0o644)
+
+
+def spec_digest(spec: ServiceSpec) -> str:
+    """What a pod of the service runs (name + pod template), canonically hashed: an in-place
+    change (replicas, targets, intervals) keeps the ticket; anything a pod runs does not."""
+    blob = json.dumps({"name": spec.name, **spec.pod_template()}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue(state_dir: Path, *, service: str, revision: int, spec: ServiceSpec, image_id: str) -> str:
+    """A ticket for pods of ``service`` revision ``revision`` running ``spec`` from ``image_id``."""
+    ensure_control_key(state_dir)
+    key = serialization.load_pem_private_key((_keys(state_dir) / PRIVATE_FILE).read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    payload = json.dumps({"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id,
+                          "iat": int(time.time())}, sort_keys=True, separators=(",", ":")).encode()
+    return f"{_b64(payload)}.{_b64(key.sign(payload))}"
+
+
+def verify(state_dir: Path, ticket: str, *, service: str, revision: int, spec: ServiceSpec, image_id: str) -> None:
+    """Raise AccessDenied unless ``ticket`` was issued for exactly this pod's revision."""
+    if not ticket:
+        raise AccessDenied("no admission ticket: only an admitted revision may start pods")
+    try:
+        pub = serialization.load_pem_public_key((_keys(state_dir) / PUBLIC_FILE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise AccessDenied(f"admission tickets cannot be checked on this node ({e})") from None
+    assert isinstance(pub, Ed25519PublicKey)
+    try:
+        head, sig = ticket.split(".", 1)
+        payload = _unb64(head)
+        pub.verify(_unb64(sig), payload)
+        claims = json.loads(payload)
+    except (ValueError, InvalidSignature):
+        raise AccessDenied("the admission ticket is forged or damaged") from None
+    want = {"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id}
+    wrong = sorted(k for k, v in want.items() if claims.get(k) != v)
+    if wrong:
+        names = {"svc": "service", "rev": "revision", "spec": "spec", "img": "image id"}
+        raise AccessDenied("the admission ticket is for another "
+                           + ", ".join(names[k] for k in wrong) + f" (service {claims.get('svc')}, "
+                           f"revision {claims.get('rev')})")

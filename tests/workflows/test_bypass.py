@@ -1,0 +1,147 @@
+"""The ways around governance, tried as an attacker who can reach Temporal but holds no token:
+each starts no pod and leaves an ``access.denied`` event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+
+import pytest
+from conftest import eventually, node_pods, seed_spec, temporal_binary
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.pods import PodActivities
+from hms_mgmt import tickets
+from hms_mgmt.events import EventSink, read_events
+from hms_mgmt.models import (
+    DeployInput,
+    HealInput,
+    PodFailure,
+    PodStatus,
+    ScaleInput,
+    ServiceInput,
+    ServiceSpec,
+    ServiceState,
+    StartPodInput,
+)
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.trust import TrustStore
+
+
+def denied(settings) -> list[str]:
+    return [e.reason for e in read_events(settings.state_dir) if e.type == "access.denied"]
+
+
+def cli_start(settings, workflow_type: str, payload: str, wf_id: str) -> None:
+    out = subprocess.run(
+        [temporal_binary(), "workflow", "start", "--address", settings.temporal_address, "--type", workflow_type,
+         "--task-queue", settings.task_queue, "--workflow-id", wf_id, "--input", payload],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+async def test_children_started_on_their_own_start_no_pod(temporal_env, hms: Orchestrator, settings):
+    spec = ServiceSpec.model_validate(seed_spec())
+    placement = hms._placement()
+    pod = str(uuid.uuid4())
+    attempts = {
+        "DeployWorkflow": DeployInput(spec=spec, revision=1, pod_ids=[pod], placement=placement),
+        "ScaleWorkflow": ScaleInput(spec=spec, revision=1, from_replicas=0, to_replicas=1, reason="x",
+                                    placement=placement, new_pod_ids=[pod]),
+        "HealWorkflow": HealInput(spec=spec, revision=1, failed=PodStatus(id=pod, node=settings.node),
+                                  failure=PodFailure(pod_id=pod, kind="exited", detail="x"), placement=placement),
+    }
+    for kind, inp in attempts.items():
+        wf_id = f"attack-{kind}-{uuid.uuid4().hex[:6]}"
+        await asyncio.to_thread(cli_start, settings, kind, inp.model_dump_json(), wf_id)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await temporal_env.client.get_workflow_handle(wf_id).result()
+        assert isinstance(failed.value.cause, ApplicationError) and failed.value.cause.type == "AccessDenied"
+        assert "started on its own" in failed.value.cause.message
+    assert node_pods(settings) == []
+    assert len([r for r in denied(settings) if "started on its own" in r]) == 3
+
+
+async def test_a_service_started_with_state_of_its_own_is_refused(temporal_env, hms: Orchestrator, settings):
+    spec = ServiceSpec.model_validate(seed_spec())
+    forged = ServiceState(phase="Running", desired_replicas=3, revision=1)
+    inp = ServiceInput(spec=spec, placement=hms._placement(), state=forged)
+    await asyncio.to_thread(cli_start, settings, "ServiceWorkflow", inp.model_dump_json(), "svc-hms-ach")
+    final = await temporal_env.client.get_workflow_handle("svc-hms-ach").result()
+    assert final["phase"] == "Rejected"
+    await asyncio.sleep(1.0)
+    assert node_pods(settings) == []
+    assert any("state of its own" in r for r in denied(settings))
+
+
+async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchestrator, settings):
+    await hms.deploy(seed_spec(), wait=True, timeout=120)
+    st = await hms.status("hms-ach")
+    live = st.pods[0]
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    # Unbook a live pod (the orphan sweep would then kill it), and inject a pod for the routers.
+    await handle.signal("heal_attempt_failed", {"failed_pod": live.id, "replacement": live.id, "attempt": 1,
+                                                "reason": "forged", "next_delay_s": 1})
+    await handle.signal("pod_reported", {"id": str(uuid.uuid4()), "node": settings.node,
+                                         "endpoint": "127.0.0.1:1", "ready": True, "health": "healthy"})
+    await eventually(lambda: len([r for r in denied(settings) if "ignored" in r]) >= 2, timeout=30,
+                     what="the forged signals refused")
+    after = await hms.status("hms-ach")
+    assert sorted(p.id for p in after.pods) == sorted(p.id for p in st.pods) and after.crash_count == 0
+    (await hms.undeploy("hms-ach"))
+
+
+async def test_start_pod_without_a_valid_ticket_is_refused(settings, tmp_path):
+    """An attacker's own worker on our node queue could schedule start_pod directly."""
+    spec = ServiceSpec.model_validate(seed_spec())
+    store = TrustStore(settings.state_dir)
+    runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+    image_id = runtime.content_id(spec.image)
+    acts = PodActivities(runtime, store, EventSink(settings.state_dir))
+    good = tickets.issue(settings.state_dir, service="hms-ach", revision=1, spec=spec, image_id=image_id)
+    other = tmp_path / "other"
+    other.mkdir()
+    forged = tickets.issue(other, service="hms-ach", revision=1, spec=spec, image_id=image_id)
+    bigger = spec.model_copy(update={"cpu_limit": 4.0})
+    cases = {
+        "": "no admission ticket",
+        forged: "forged",
+        good: "another spec",  # a ticket for revision 1's spec, asked to start a different one
+    }
+    try:
+        for ticket, why in cases.items():
+            inp = StartPodInput(pod_id=str(uuid.uuid4()), service="hms-ach", revision=1, node=settings.node,
+                                spec=bigger if ticket == good else spec, image_id=image_id, ticket=ticket)
+            with pytest.raises(ApplicationError, match=why):
+                await ActivityEnvironment().run(acts.start_pod, inp)
+        assert node_pods(settings) == []
+        assert len([r for r in denied(settings) if "not started" in r]) == 3
+    finally:
+        await acts.close()
+
+
+def test_tickets_bind_service_revision_spec_and_image(tmp_path):
+    spec = ServiceSpec.model_validate(seed_spec())
+    t = tickets.issue(tmp_path, service="hms-ach", revision=2, spec=spec, image_id="sha256:" + "a" * 64)
+    tickets.verify(tmp_path, t, service="hms-ach", revision=2, spec=spec, image_id="sha256:" + "a" * 64)
+    # An in-place change keeps it; anything a pod runs does not.
+    tickets.verify(tmp_path, t, service="hms-ach", revision=2, spec=spec.model_copy(update={"max_replicas": 5}),
+                   image_id="sha256:" + "a" * 64)
+    from hms_mgmt.errors import AccessDenied
+
+    for kw, field in [({"revision": 3}, "revision"), ({"service": "hms-frm"}, "service"),
+                      ({"image_id": "sha256:" + "b" * 64}, "image id"),
+                      ({"spec": spec.model_copy(update={"env": {"X": "1"}})}, "spec")]:
+        args = {"service": "hms-ach", "revision": 2, "spec": spec, "image_id": "sha256:" + "a" * 64, **kw}
+        with pytest.raises(AccessDenied, match=field):
+            tickets.verify(tmp_path, t, **args)
+    head, sig = t.split(".")
+    with pytest.raises(AccessDenied, match="forged"):
+        tickets.verify(tmp_path, head + "." + sig[::-1], service="hms-ach", revision=2, spec=spec,
+                       image_id="sha256:" + "a" * 64)
+    assert json.loads(__import__("base64").urlsafe_b64decode(head + "==")).get("svc") == "hms-ach"

@@ -34,6 +34,7 @@ from hms_mgmt import constants
 from hms_mgmt.errors import ConfigError
 from hms_mgmt.files import atomic_write, load_yaml_mapping
 from hms_mgmt.models import NodeSpec
+from hms_mgmt.runtimes.base import PodLimits
 
 ENV_PREFIX = "HMS_"
 CONFIG_FILE = "config.yaml"
@@ -124,6 +125,12 @@ class Settings(BaseSettings):
     # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
     # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
     routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # What this node imposes on every pod, whatever its spec says (SECURITY.md).
+    pod_memory_mb: int = Field(default=512, ge=16, description="memory limit of a pod whose spec sets none")
+    pod_pids_limit: int = Field(default=256, ge=16, description="processes and threads per pod")
+    pod_nofile_limit: int = Field(default=4096, ge=64, description="open files per process-pod process")
+    pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
+                          "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
 
     @field_validator("routers", "webhooks", mode="before")
     @classmethod
@@ -222,6 +229,10 @@ class Settings(BaseSettings):
             task_queue=constants.node_task_queue(self.node, self.node_queue_prefix),
             labels=self.node_labels,
         )
+
+    def pod_limits(self) -> PodLimits:
+        return PodLimits(memory_mb=self.pod_memory_mb, pids=self.pod_pids_limit, nofile=self.pod_nofile_limit,
+                         pod_user=self.pod_user)
 
     def node_task_queue(self, node: str | None = None) -> str:
         return constants.node_task_queue(node or self.node, self.node_queue_prefix)

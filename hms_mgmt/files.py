@@ -70,3 +70,15 @@ def atomic_write(path: Path | str, data: bytes | str, *, mode: int = 0o600, repl
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def inside(base: Path | str, *parts: str) -> Path:
+    """``base / parts...``, refusing any result that is not under ``base`` (``..``, an absolute
+    part, or a symlink out): a name that arrives from a request never names a file elsewhere.
+
+    Raises ValueError naming the path."""
+    root = Path(base).resolve()
+    target = root.joinpath(*parts).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"{'/'.join(parts)!r} is outside {root}")
+    return target

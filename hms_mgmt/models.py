@@ -39,6 +39,20 @@ Phase = Literal[
     "Failed",
 ]
 Health = Literal["starting", "healthy", "unhealthy", "exited"]
+
+# Input bounds: a spec is data anyone who reaches Temporal can send, so every size has a cap and
+# every interval a floor (a 10 ms health interval is a denial of service on the node, not a setting).
+MIN_INTERVAL_S = 1.0
+MIN_TIMEOUT_S = 1.0
+MIN_BACKOFF_S = 0.1
+MAX_REPLICAS = 1000
+MAX_ENV_ENTRIES = 64
+MAX_ENV_BYTES = 32 * 1024
+MAX_COMMAND_ARGS = 64
+MAX_COMMAND_BYTES = 8 * 1024
+# Capabilities a Docker pod may take back after all are dropped: none a pod needs to escape with.
+CAP_ADD_ALLOWED = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
+                             "SETGID", "SETUID", "SETPCAP", "NET_RAW", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD"})
 RuntimeName = Literal["docker", "process"]
 
 
@@ -51,25 +65,31 @@ class ServiceSpec(_Model):
 
     name: str = Field(description="DNS-1123 label: lowercase letters, digits and '-', at most 63")
     image: str = Field(description="image reference, e.g. registry.gov/hms-ach:1.4")
-    min_replicas: int = Field(ge=0)
-    max_replicas: int = Field(ge=1)
+    min_replicas: int = Field(ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(ge=1, le=MAX_REPLICAS)
     cpu_target: int = Field(ge=1, le=100, description="percent of a pod's CPU limit")
     port: int = Field(default=8080, ge=1, le=65535)
-    health_path: str = "/health"
-    health_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    health_path: str = Field(default="/health", max_length=1024)
+    health_interval_s: float = Field(default=5.0, ge=MIN_INTERVAL_S, le=3600)
     health_failures: int = Field(default=2, ge=1, le=100)
-    scale_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    scale_interval_s: float = Field(default=30.0, ge=MIN_INTERVAL_S, le=3600)
     scale_down_window_s: float = Field(default=300.0, ge=0, le=86400)
     cpu_limit: float | None = Field(default=None, gt=0, le=64, description="CPUs per pod")
     memory_mb: int | None = Field(default=None, ge=16, le=1024 * 1024)
-    env: dict[str, str] = Field(default_factory=dict)
-    command: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict, description=f"at most {MAX_ENV_ENTRIES} variables, "
+                                f"{MAX_ENV_BYTES // 1024} KiB in all")
+    command: list[str] | None = Field(default=None, description=f"at most {MAX_COMMAND_ARGS} arguments, "
+                                      f"{MAX_COMMAND_BYTES // 1024} KiB in all")
+    cap_add: list[str] = Field(default_factory=list, description="Linux capabilities a Docker pod gets back "
+                               f"(all are dropped otherwise); only {', '.join(sorted(CAP_ADD_ALLOWED))}")
+    read_only_root: bool = Field(default=True, description="a Docker pod's root filesystem is read-only "
+                                 "(a tmpfs on /tmp); false for images that write to it")
     stop_grace_s: float = Field(default=10.0, ge=0, le=600)
-    ready_timeout_s: float = Field(default=120.0, gt=0, le=3600)
-    backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
-    backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
-    approval_timeout_s: float = Field(default=86400.0, gt=0)
-    image_verify_timeout_s: float = Field(default=300.0, gt=0)
+    ready_timeout_s: float = Field(default=120.0, ge=MIN_TIMEOUT_S, le=3600)
+    backoff_initial_s: float = Field(default=1.0, ge=MIN_BACKOFF_S, le=3600)
+    backoff_max_s: float = Field(default=300.0, ge=MIN_BACKOFF_S, le=86400)
+    approval_timeout_s: float = Field(default=86400.0, ge=MIN_TIMEOUT_S, le=30 * 86400)
+    image_verify_timeout_s: float = Field(default=300.0, ge=MIN_TIMEOUT_S, le=86400)
     drain_s: float = Field(default=2.0, ge=0, le=600,
                            description="seconds a pod stopped on purpose gets no new requests before it stops")
     max_surge: int | str = Field(default="25%", description="pods above the replica count during a rolling "
@@ -78,7 +98,7 @@ class ServiceSpec(_Model):
                                        "replica count: a count or a percent, rounded down; never below min_replicas")
     min_ready_s: float = Field(default=1.0, ge=0, le=3600,
                                description="a new pod must stay ready this long before an old one is stopped")
-    progress_deadline_s: float = Field(default=120.0, gt=0, le=86400,
+    progress_deadline_s: float = Field(default=120.0, ge=MIN_TIMEOUT_S, le=86400,
                                        description="a rolling update that makes no progress this long rolls back")
 
     node_selector: dict[str, str] = Field(
@@ -123,10 +143,40 @@ class ServiceSpec(_Model):
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if len(v) > MAX_ENV_ENTRIES:
+            raise ValueError(f"at most {MAX_ENV_ENTRIES} variables (got {len(v)})")
+        for key, value in v.items():
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
+            if "\0" in value:
+                raise ValueError(f"{key}: a value may not contain a NUL byte")
+        size = sum(len(k.encode()) + len(val.encode()) + 2 for k, val in v.items())
+        if size > MAX_ENV_BYTES:
+            raise ValueError(f"at most {MAX_ENV_BYTES} bytes in all (got {size})")
         return v
+
+    @field_validator("command")
+    @classmethod
+    def _command_bounded(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v or len(v) > MAX_COMMAND_ARGS:
+            raise ValueError(f"must have 1 to {MAX_COMMAND_ARGS} arguments (got {len(v)})")
+        if any("\0" in arg for arg in v):
+            raise ValueError("an argument may not contain a NUL byte")
+        size = sum(len(arg.encode()) + 1 for arg in v)
+        if size > MAX_COMMAND_BYTES:
+            raise ValueError(f"at most {MAX_COMMAND_BYTES} bytes in all (got {size})")
+        return v
+
+    @field_validator("cap_add")
+    @classmethod
+    def _caps_allowed(cls, v: list[str]) -> list[str]:
+        caps = [cap.upper().removeprefix("CAP_") for cap in v]
+        refused = sorted(set(caps) - CAP_ADD_ALLOWED)
+        if refused:
+            raise ValueError(f"{', '.join(refused)} may not be added back; allowed: {', '.join(sorted(CAP_ADD_ALLOWED))}")
+        return sorted(set(caps))
 
     def pod_template(self) -> dict[str, Any]:
         """The fields that shape a pod: a change to any of them needs new pods (a rolling update);
@@ -144,7 +194,8 @@ class ServiceSpec(_Model):
         return self
 
 
-POD_TEMPLATE_FIELDS = {"image", "port", "health_path", "env", "command", "cpu_limit", "memory_mb"}
+POD_TEMPLATE_FIELDS = {"image", "port", "health_path", "env", "command", "cpu_limit", "memory_mb", "cap_add",
+                       "read_only_root"}
 
 
 def rollout_budget(value: int | str, replicas: int, *, round_up: bool) -> int:

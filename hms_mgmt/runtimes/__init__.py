@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
+from hms_mgmt.events import EventSink
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
 
-__all__ = ["PodHandle", "PodLaunch", "PodRuntime", "PodRuntimeError", "make_runtime", "resolve_runtime_name"]
+__all__ = ["PodHandle", "PodLaunch", "PodLimits", "PodRuntime", "PodRuntimeError", "check_pod_id", "make_runtime",
+           "resolve_runtime_name"]
 
 
 def resolve_runtime_name(setting: str) -> str:
@@ -18,8 +20,17 @@ def resolve_runtime_name(setting: str) -> str:
     return "docker" if docker_available() else "process"
 
 
-def make_runtime(setting: str, *, node: str, state_dir: Path, docker_host: str | None = None) -> PodRuntime:
-    """A node's runtime; ``docker_host`` (``unix:///...sock``, ``tcp://...``) talks to another engine."""
+def make_runtime(
+    setting: str,
+    *,
+    node: str,
+    state_dir: Path,
+    docker_host: str | None = None,
+    limits: PodLimits | None = None,
+    events: EventSink | None = None,
+) -> PodRuntime:
+    """A node's runtime; ``docker_host`` (``unix:///...sock``, ``tcp://...``) talks to another engine;
+    ``limits`` are what the node imposes on every pod (defaults: ``PodLimits()``)."""
     name = "docker" if docker_host and setting == "auto" else resolve_runtime_name(setting)
     if name == "docker":
         from hms_mgmt.runtimes.docker import DockerRuntime
@@ -27,8 +38,8 @@ def make_runtime(setting: str, *, node: str, state_dir: Path, docker_host: str |
         if docker_host:
             import docker
 
-            return DockerRuntime(node, client=docker.DockerClient(base_url=docker_host, timeout=60))
-        return DockerRuntime(node)
+            return DockerRuntime(node, client=docker.DockerClient(base_url=docker_host, timeout=60), limits=limits)
+        return DockerRuntime(node, limits=limits)
     from hms_mgmt.runtimes.process import ProcessRuntime
 
-    return ProcessRuntime(node, state_dir)
+    return ProcessRuntime(node, state_dir, limits=limits, events=events)

@@ -4,6 +4,7 @@ activities run them on worker threads, never on the event loop."""
 from __future__ import annotations
 
 import abc
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,18 @@ class PodRuntimeError(Exception):
         self.kind = kind
 
 
+def check_pod_id(pod_id: str) -> str:
+    """A pod id is a canonical UUID (the workflow makes them with ``workflow.uuid4()``); anything
+    else is refused before it reaches a file name, a container name or a label filter."""
+    try:
+        ok = str(uuid.UUID(pod_id)) == pod_id
+    except (ValueError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise PodRuntimeError(f"pod id {str(pod_id)[:80]!r} is not a UUID", kind="InvalidSpec")
+    return pod_id
+
+
 @dataclass
 class PodLaunch:
     """What a runtime needs to start one pod (not to be confused with the scheduler's
@@ -33,6 +46,18 @@ class PodLaunch:
     node: str
     spec: ServiceSpec
     image_id: str = ""  # content pinned at admission: run exactly this, whatever the tag points to now
+
+
+@dataclass(frozen=True)
+class PodLimits:
+    """What a node imposes on every pod whatever its spec says (from the worker's settings)."""
+
+    memory_mb: int = 512  # when the spec sets no memory_mb
+    pids: int = 256  # processes and threads per pod
+    nofile: int = 4096  # open files per process (process runtime)
+    # Process pods run as: "auto" (hms-pod, else nobody, when the worker is root), a user name, or
+    # "worker" (the worker's own user).
+    pod_user: str = "auto"
 
 
 @dataclass
@@ -87,6 +112,11 @@ class PodRuntime(abc.ABC):
     @abc.abstractmethod
     def content_id(self, image: str) -> str:
         """The image's content identity (what a trust signature covers)."""
+
+    def check_spec(self, spec: ServiceSpec) -> list[str]:
+        """Problems with running ``spec`` on this runtime, each naming the field (admission can
+        ask before any pod starts; ``start`` refuses the same)."""
+        return []
 
     def exited(self, pod_ids: list[str]) -> list[str]:
         """Pods among ``pod_ids`` that are not running (gone, exited, or never started)."""

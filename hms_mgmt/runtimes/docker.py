@@ -2,7 +2,9 @@
 
 Containers carry our labels, publish their port on 127.0.0.1 only, get the spec's cpu/memory
 limits and no restart policy: healing is ours, so that every replacement is a decision the
-workflow history explains.
+workflow history explains. Every pod is also boxed whatever its spec says: a default memory
+limit, a pids limit, ``no-new-privileges``, all capabilities dropped (the spec's ``cap_add``
+takes back only allowlisted ones) and a read-only root filesystem with a tmpfs ``/tmp``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import docker
 import docker.errors
 
 from hms_mgmt import constants as c
-from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,12 @@ def _parse_time(value: str | None) -> datetime | None:
 class DockerRuntime(PodRuntime):
     name = "docker"
 
-    def __init__(self, node: str, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self, node: str, client: docker.DockerClient | None = None, *, limits: PodLimits | None = None
+    ) -> None:
         super().__init__(node)
         self.client = client or docker.from_env(timeout=60)
+        self.limits = limits or PodLimits()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[str], None]] = []
@@ -66,7 +71,7 @@ class DockerRuntime(PodRuntime):
         if service:
             labels.append(f"{c.LABEL_SERVICE}={service}")
         if pod_id:
-            labels.append(f"{c.LABEL_POD}={pod_id}")
+            labels.append(f"{c.LABEL_POD}={check_pod_id(pod_id)}")
         return {"label": labels}
 
     def _containers(self, service: str | None = None, pod_id: str | None = None):
@@ -106,6 +111,7 @@ class DockerRuntime(PodRuntime):
     def start(self, req: PodLaunch) -> PodHandle:
         """Create first, look only on a name conflict: the common path is the fewest engine
         calls, and a retry of the same pod id still finds the container it made."""
+        check_pod_id(req.pod_id)
         with self._pod_lock(req.pod_id):  # per pod: different pods start in parallel
             try:
                 return self._run(req)
@@ -129,11 +135,15 @@ class DockerRuntime(PodRuntime):
                 "HMS_REVISION": str(req.revision),
             }
         )
-        kwargs = {}
+        kwargs: dict[str, object] = {}
         if spec.cpu_limit:
             kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
-        if spec.memory_mb:
-            kwargs["mem_limit"] = f"{spec.memory_mb}m"
+        memory_mb = spec.memory_mb or self.limits.memory_mb
+        kwargs["mem_limit"] = f"{memory_mb}m"
+        kwargs["memswap_limit"] = f"{memory_mb}m"  # no swap on top: the limit is the limit
+        if spec.read_only_root:
+            kwargs["read_only"] = True
+            kwargs["tmpfs"] = {"/tmp": "rw,noexec,nosuid,size=64m"}
         try:
             container = self.client.containers.run(  # pulls the image first when it is missing
                 req.image_id or spec.image,  # the pinned content id: a re-pointed tag changes nothing
@@ -150,6 +160,10 @@ class DockerRuntime(PodRuntime):
                 },
                 environment=env,
                 ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+                pids_limit=self.limits.pids,
+                security_opt=["no-new-privileges"],
+                cap_drop=["ALL"],
+                cap_add=list(spec.cap_add) or None,
                 **kwargs,
             )
         except docker.errors.ImageNotFound as e:

@@ -3,19 +3,29 @@
 A pod process outlives the worker that started it (as a container outlives a Docker client):
 it runs in its own session and is recorded under ``<state>/pods/<node>/<pod>.json`` so a
 restarted worker finds and adopts it.
+
+The box a pod runs in (see SECURITY.md for what it does not cover): the image catalog's command
+only, a fresh minimal environment (the worker's is not inherited) plus the names the catalog
+entry allows; a separate unprivileged user when the worker is root, so the state directory's
+keys stay unreadable; ``prlimit`` caps on address space and open files; and, where cgroup v1
+is writable, a memory limit, a CPU quota and a pids cap per pod.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import logging
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -25,34 +35,48 @@ from typing import Any
 import psutil
 
 from hms_mgmt.errors import ConfigError
-from hms_mgmt.files import atomic_write, load_yaml_mapping
-from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
+from hms_mgmt.events import Event, EventSink
+from hms_mgmt.files import atomic_write, inside, load_yaml_mapping
+from hms_mgmt.models import ServiceSpec
+from hms_mgmt.policy.sandbox import check_process_spec
+from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
+from hms_mgmt.runtimes.cgroups import PodCgroups
 
 log = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-PYTHON = "{python}"  # stands for the worker's own interpreter, whichever path started it
+PYTHON = "{python}"  # in a command: the worker's own interpreter (or the system's, see _python_for_user)
+POD_USER = "hms-pod"
+POD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The example services' knobs (demos and tests set them in spec.env): nothing executable.
+EXAMPLE_ENV = ["HMS_STARTUP_DELAY_S", "HMS_FAIL_HEALTH", "HMS_BURN_CPU", "HMS_ACCESS_LOG", "HMS_SMS_SEND_DELAY_S"]
+# Address space is virtual (thread stacks, malloc arenas), not resident memory: cap it loosely
+# above the memory limit, as a backstop where no cgroup enforces the real one.
+AS_FACTOR, AS_HEADROOM_MB = 4, 1024
 
 
 def default_catalog() -> dict[str, dict[str, Any]]:
     """The example services' images, runnable as processes of the worker's Python."""
     py = PYTHON
+    allow = EXAMPLE_ENV
     return {
-        "*hms-ach:1.5": {"command": [py, "-m", "services.hms_ach"], "env": {"HMS_VERSION": "1.5"}},
-        "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"]},
-        "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"]},
-        "*hms-notify:*": {"command": [py, "-m", "services.hms_notify"]},
+        "*hms-ach:1.5": {"command": [py, "-m", "services.hms_ach"], "env": {"HMS_VERSION": "1.5"}, "allow_env": allow},
+        "*hms-ach:*": {"command": [py, "-m", "services.hms_ach"], "allow_env": allow},
+        "*hms-frm:*": {"command": [py, "-m", "services.hms_frm"], "allow_env": allow},
+        "*hms-notify:*": {"command": [py, "-m", "services.hms_notify"], "allow_env": allow},
         "*hms-crashloop:*": {
             "command": [py, "-m", "services.hms_ach"],
             "env": {"HMS_EXIT_AT_START": "3"},
+            "allow_env": allow,
         },
     }
 
 
 class ImageCatalog:
-    """Maps image references (exact, or fnmatch patterns) to a command, env and cwd.
+    """Maps image references (exact, or fnmatch patterns) to a command, env and cwd, and what a
+    spec may add: ``allow_env: [NAME, ...]`` and ``allow_command: true`` (both signed with it).
 
     ``<state>/images.yaml`` adds to and overrides the built-in entries.
     """
@@ -95,10 +119,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def ensure_pod_user(setting: str) -> pwd.struct_passwd | None:
+    """The unprivileged user process pods run as, or None for the worker's own user.
+
+    Only root can switch users, so a non-root worker runs pods as itself. ``auto`` creates the
+    system user ``hms-pod`` once (``useradd --system``) and falls back to ``nobody``."""
+    if os.geteuid() != 0 or setting in ("", "worker"):
+        return None
+    names = [POD_USER, "nobody"] if setting == "auto" else [setting]
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(names[0])
+    if setting == "auto" and shutil.which("useradd"):
+        made = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+             POD_USER], capture_output=True, text=True, check=False)
+        if made.returncode not in (0, 9):  # 9: it exists (another worker made it meanwhile)
+            log.warning("useradd %s failed (%s): process pods run as nobody", POD_USER, made.stderr.strip())
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(POD_USER)
+    try:
+        return pwd.getpwnam(names[-1])
+    except KeyError as e:
+        raise PodRuntimeError(f"pod user {names[-1]!r} does not exist", kind="RuntimeFailure") from e
+
+
 class ProcessRuntime(PodRuntime):
     name = "process"
 
-    def __init__(self, node: str, state_dir: Path) -> None:
+    def __init__(
+        self, node: str, state_dir: Path, *, limits: PodLimits | None = None, events: EventSink | None = None
+    ) -> None:
         super().__init__(node)
         self.state_dir = state_dir
         self.records = state_dir / "pods" / node
@@ -106,13 +156,104 @@ class ProcessRuntime(PodRuntime):
         self.records.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = ImageCatalog(state_dir)
+        self.limits = limits or PodLimits()
+        self.events = events or EventSink(state_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+        self._user: pwd.struct_passwd | None | bool = False  # False: not resolved yet
+        self._python_for: dict[str, tuple[str | None, str]] = {}  # cwd -> (interpreter the pod user can run, why not)
+        self._cgroups: PodCgroups | None = None
+        self._warned: set[tuple[str, str]] = set()  # (service, reason) already reported
+
+    # --- the box -------------------------------------------------------------------
+
+    def pod_user(self) -> pwd.struct_passwd | None:
+        if self._user is False:
+            self._user = ensure_pod_user(self.limits.pod_user)
+        return self._user  # type: ignore[return-value]
+
+    def cgroups(self) -> PodCgroups:
+        if self._cgroups is None:
+            self._cgroups = PodCgroups(self.node)
+        return self._cgroups
+
+    def _python_for_user(self, user: pwd.struct_passwd, cwd: str) -> tuple[str | None, str]:
+        """The interpreter ``{python}`` means for pods of ``user`` in ``cwd``: the worker's own,
+        else the system's ``python3`` (a worker's interpreter often lives under a private home;
+        the example services need only the stdlib). ``(None, why)`` when the user can run
+        neither there. Tried, not guessed from mode bits (ACLs, mount options)."""
+        if cwd not in self._python_for:
+            candidates = [sys.executable]
+            system = shutil.which("python3", path=POD_PATH)
+            if system and os.path.realpath(system) != os.path.realpath(sys.executable):
+                candidates.append(system)
+            found: tuple[str | None, str] = (None, "")
+            for python in candidates:
+                try:
+                    probe = subprocess.run(
+                        [python, "-c", "import os; os.listdir('.')"], cwd=cwd, env={"PATH": POD_PATH},
+                        user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True, timeout=30,
+                        check=False)
+                    why = probe.stderr.decode(errors="replace").strip()[-300:] or f"exit code {probe.returncode}"
+                    if probe.returncode == 0:
+                        found = (python, "")
+                        break
+                except (OSError, subprocess.SubprocessError) as e:
+                    why = str(e)
+                found = (None, f"{found[1]}; {why}" if found[1] else why)
+            if found[0] and found[0] != sys.executable:
+                log.warning("process pods run %s as %s: it cannot run the worker's interpreter %s",
+                            found[0], user.pw_name, sys.executable)
+            self._python_for[cwd] = found
+        return self._python_for[cwd]
+
+    def _environment(self, req: PodLaunch, entry: dict[str, Any], port: int, home: str) -> dict[str, str]:
+        """A fresh environment: nothing of the worker's (its tokens, its HMS_* settings, its
+        PYTHON*/LD_* variables), the catalog entry's own env, then the spec's allowed names."""
+        env = {"PATH": POD_PATH, "LANG": "C.UTF-8", "HOME": home}
+        env.update({str(k): str(v) for k, v in (entry.get("env") or {}).items()})
+        env.update(req.spec.env)  # check_process_spec let only allowed names through
+        pythonpath = [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        env.update(
+            {
+                "PORT": str(port),
+                "HOST": "127.0.0.1",
+                "HMS_POD_ID": req.pod_id,
+                "HMS_SERVICE": req.service,
+                "HMS_REVISION": str(req.revision),
+                "PYTHONPATH": os.pathsep.join(pythonpath),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def _degraded(self, req: PodLaunch, reason: str) -> None:
+        """Say it, loudly: a pod runs with less isolation than the box promises (an event once
+        per service and reason for this worker, a log line for every pod)."""
+        log.warning("pod %s (%s): %s", req.pod_id, req.service, reason)
+        if (req.service, reason) in self._warned:
+            return
+        self._warned.add((req.service, reason))
+        try:
+            self.events.write(Event(type="pod.sandbox_degraded", service=req.service, reason=reason,
+                                    data={"pod": req.pod_id, "node": self.node}))
+        except OSError as e:
+            log.warning("could not record pod.sandbox_degraded: %s", e)
+
+    def check_spec(self, spec: ServiceSpec) -> list[str]:
+        try:
+            entry = self.catalog.resolve(spec.image)
+        except PodRuntimeError as e:
+            return [f"image: {e}"]
+        return check_process_spec(spec, entry)
 
     # --- records -----------------------------------------------------------------
 
     def _record_path(self, pod_id: str) -> Path:
-        return self.records / f"{pod_id}.json"
+        return inside(self.records, f"{check_pod_id(pod_id)}.json")
+
+    def _log_path(self, pod_id: str) -> Path:
+        return inside(self.log_dir, f"{check_pod_id(pod_id)}.log")
 
     def _read(self, pod_id: str) -> dict[str, Any] | None:
         try:
@@ -172,38 +313,74 @@ class ProcessRuntime(PodRuntime):
                     f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
                     kind="ImageUntrusted",
                 )
-            command = [sys.executable if part == PYTHON else part for part in (req.spec.command or entry["command"])]
+            problems = check_process_spec(req.spec, entry)
+            if problems:
+                raise PodRuntimeError("; ".join(problems), kind="InvalidSpec")
+            cwd = str(entry.get("cwd") or _REPO_ROOT)
+            python: str = sys.executable
+            user = self.pod_user()
+            if user is None:
+                why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
+                self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
+            if user is not None:
+                found, why = self._python_for_user(user, cwd)
+                if found is None:
+                    self._degraded(req, f"runs as the worker's user, not {user.pw_name}: {user.pw_name} cannot "
+                                        f"run Python in {cwd} ({why}); it can read the state directory's keys")
+                    user = None
+                else:
+                    python = found
+            command = [part.replace(PYTHON, python) for part in (req.spec.command or entry["command"])]
+            memory_mb = req.spec.memory_mb or self.limits.memory_mb
+            rlimits = [f"--nofile={self.limits.nofile}",
+                       f"--as={max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024}"]
+            prlimit = shutil.which("prlimit")
+            if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
+                command = [prlimit, *rlimits, "--", *command]
+            cgroups: PodCgroups | None = self.cgroups()
+            if not cgroups.available():
+                self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {cgroups.reason}")
+                cgroups = None
+            else:
+                try:
+                    cgroups.create(req.pod_id, memory_mb=memory_mb, cpus=req.spec.cpu_limit, pids=self.limits.pids)
+                except OSError as e:
+                    self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
+                    cgroups = None
             port = _free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
-            env.update({str(k): str(v) for k, v in (entry.get("env") or {}).items()})
-            env.update(req.spec.env)
-            env.update(
-                {
-                    "PORT": str(port),
-                    "HOST": "127.0.0.1",
-                    "HMS_POD_ID": req.pod_id,
-                    "HMS_SERVICE": req.service,
-                    "HMS_REVISION": str(req.revision),
-                    "PYTHONUNBUFFERED": "1",
-                }
-            )
-            pythonpath = [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-            env["PYTHONPATH"] = os.pathsep.join(pythonpath)
-            log_path = self.log_dir / f"{req.pod_id}.log"
+            home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
+            if user is not None:
+                os.chown(home, user.pw_uid, user.pw_gid)
+            env = self._environment(req, entry, port, home)
+            log_path = self._log_path(req.pod_id)
+            # The log is opened here and handed over as stdout: the pod writes it without any
+            # access to the state directory.
             with open(log_path, "ab") as log_file:
                 try:
                     child = subprocess.Popen(
                         command,
                         env=env,
-                        cwd=entry.get("cwd") or str(_REPO_ROOT),
+                        cwd=cwd,
                         stdin=subprocess.DEVNULL,
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        user=user.pw_uid if user else None,
+                        group=user.pw_gid if user else None,
+                        extra_groups=[] if user else None,  # drop root's supplementary groups too
+                        umask=0o077,
                     )
                 except OSError as e:
+                    shutil.rmtree(home, ignore_errors=True)
                     raise PodRuntimeError(f"cannot start {command[0]!r}: {e}", kind="ImageNotFound") from e
             self._children[req.pod_id] = child
+            if not prlimit:
+                self._set_rlimits(req, child.pid, memory_mb)
+            if cgroups is not None:
+                try:  # milliseconds after exec, while the interpreter is still starting
+                    cgroups.join(req.pod_id, child.pid)
+                except OSError as e:
+                    self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
             rec = {
                 "pod_id": req.pod_id,
                 "service": req.service,
@@ -217,10 +394,24 @@ class ProcessRuntime(PodRuntime):
                 "started_at": datetime.now(UTC).isoformat(),
                 "log": str(log_path),
                 "command": command,
+                "user": user.pw_name if user else "",
+                "home": home,
             }
             self._write(rec)
             log.info("started pod %s (%s) pid %s on 127.0.0.1:%s", req.pod_id, req.service, child.pid, port)
             return self._handle(rec)
+
+    def _set_rlimits(self, req: PodLaunch, pid: int, memory_mb: int) -> None:
+        """Without the prlimit tool: the same limits through prlimit(2), just after the start."""
+        import resource
+
+        as_bytes = max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024
+        try:
+            proc = psutil.Process(pid)
+            proc.rlimit(resource.RLIMIT_NOFILE, (self.limits.nofile, self.limits.nofile))
+            proc.rlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
+        except (psutil.Error, OSError, ValueError) as e:
+            self._degraded(req, f"no rlimits (address space, open files): {e}")
 
     def find(self, pod_id: str) -> PodHandle | None:
         rec = self._read(pod_id)
@@ -229,7 +420,10 @@ class ProcessRuntime(PodRuntime):
     def list(self, service: str | None = None) -> list[PodHandle]:
         out = []
         for path in sorted(self.records.glob("*.json")):
-            rec = self._read(path.stem)
+            try:
+                rec = self._read(path.stem)
+            except PodRuntimeError:  # not a pod's record (its name is no pod id)
+                continue
             if rec and (service is None or rec["service"] == service):
                 out.append(self._handle(rec))
         return out
@@ -259,6 +453,10 @@ class ProcessRuntime(PodRuntime):
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.warning("pod %s did not exit after SIGKILL", rec["pod_id"])
+        if rec.get("home"):
+            shutil.rmtree(rec["home"], ignore_errors=True)
+        if self.cgroups().available():
+            self.cgroups().remove(rec["pod_id"])
         self._record_path(rec["pod_id"]).unlink(missing_ok=True)
 
     def stop(self, pod_id: str, grace_s: float) -> bool:
@@ -270,7 +468,7 @@ class ProcessRuntime(PodRuntime):
             return True
 
     def logs(self, pod_id: str, tail: int = 100) -> list[str]:
-        path = self.log_dir / f"{pod_id}.log"
+        path = self._log_path(pod_id)
         if not path.exists():
             raise PodRuntimeError(f"no logs for pod {pod_id} on node {self.node}", kind="PodNotFound")
         with open(path, "rb") as f:
@@ -305,3 +503,7 @@ class ProcessRuntime(PodRuntime):
 
     def content_id(self, image: str) -> str:
         return self.catalog.content_id(image)
+
+    def close(self) -> None:
+        if self._cgroups is not None:
+            self._cgroups.release()

@@ -129,17 +129,26 @@ class EventSink:
         return self.state_dir / SPOOL_DIR / _url_key(url)
 
     def write(self, event: Event) -> None:
-        """Record the event and queue it for every webhook (no network here)."""
+        """Record the event and queue it for every webhook (no network here).
+
+        The append to ``events.jsonl`` and the spool entries are made under one lock, and each
+        spool file is named by a sequence taken under it: webhooks receive events in exactly the
+        order the log holds them, even when several threads or workers write at once.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = event.model_dump_json()
-        self._maybe_rotate()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, (body + "\n").encode())  # one write of a line under O_APPEND does not interleave
-        finally:
-            os.close(fd)
-        for url in self.webhooks:
-            self._enqueue(url, event.id, body)
+        with self._locked():
+            self._rotate_if_due()
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, (body + "\n").encode())  # one write of a line under O_APPEND
+            finally:
+                os.close(fd)
+            if self.webhooks:
+                seq = max(time.time_ns(), EventSink._last_seq + 1)
+                EventSink._last_seq = seq
+                for url in self.webhooks:
+                    self._enqueue(url, f"{seq:020d}.{event.id}", body)
         log.info("event %s %s: %s", event.type, event.service, event.reason)
         for listener in self.listeners:
             try:
@@ -147,37 +156,40 @@ class EventSink:
             except Exception:  # noqa: BLE001 - a listener must not lose the event
                 log.exception("event listener failed")
 
-    def _enqueue(self, url: str, event_id: str, body: str) -> None:
+    _last_seq = 0  # within one process the sequence never repeats, even if the clock steps back
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.state_dir / ".events.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
+
+    def _enqueue(self, url: str, name: str, body: str) -> None:
         spool = self.spool_dir(url)
         spool.mkdir(parents=True, exist_ok=True)
         if not (spool / "url").exists():
             (spool / "url").write_text(url)  # which URL this directory is for, for an operator
-        tmp = spool / f".{event_id}.tmp"
+        tmp = spool / f".{name}.tmp"
         tmp.write_text(body)
-        os.replace(tmp, spool / f"{event_id}.json")  # the delivery side sees whole files only
+        os.replace(tmp, spool / f"{name}.json")  # the delivery side sees whole files only
 
-    def _maybe_rotate(self) -> None:
+    def _rotate_if_due(self) -> None:
+        """Called under the lock."""
         try:
             if self.path.stat().st_size < self.rotate_bytes:
                 return
         except FileNotFoundError:
             return
-        lock = os.open(self.state_dir / ".events.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if self.path.stat().st_size < self.rotate_bytes:
-                    return  # another writer rotated while we waited
-            except FileNotFoundError:
-                return
-            for n in range(self.keep - 1, 0, -1):
-                older = self.path.with_name(f"{EVENTS_FILE}.{n}")
-                if older.exists():
-                    os.replace(older, self.path.with_name(f"{EVENTS_FILE}.{n + 1}"))
-            os.replace(self.path, self.path.with_name(f"{EVENTS_FILE}.1"))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            os.close(lock)
+        for n in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{EVENTS_FILE}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{EVENTS_FILE}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{EVENTS_FILE}.1"))
 
     async def publish(self, event: Event) -> None:
         """Write without ever raising or hanging the caller (an activity that a heal waits on):
@@ -410,7 +422,7 @@ class WebhookDelivery:
                         body = await asyncio.to_thread(path.read_bytes)
                     except FileNotFoundError:
                         continue
-                    while not await self._post(session, url, path.stem, body):
+                    while not await self._post(session, url, _spooled_id(path), body):
                         await asyncio.sleep(delay)
                         delay = min(self.max_s, delay * 2)
                     delay = self.initial_s
@@ -434,6 +446,11 @@ class WebhookDelivery:
         if self.on_result is not None:
             self.on_result(url, ok)
         return ok
+
+
+def _spooled_id(path: Path) -> str:
+    """The event id of a spool file named ``<sequence>.<event id>.json``."""
+    return path.stem.partition(".")[2] or path.stem
 
 
 def body_event(body: bytes) -> dict[str, Any]:

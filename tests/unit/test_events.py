@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
-from hms_mgmt.events import Event, EventFollower, EventSink, read_events, sign, verify_signature, webhook_secret
+from hms_mgmt.events import (
+    Event,
+    EventFollower,
+    EventSink,
+    WebhookDelivery,
+    _spooled_id,
+    read_events,
+    sign,
+    verify_signature,
+    webhook_secret,
+)
 
 
 def ev(n: int) -> Event:
@@ -75,5 +87,20 @@ def test_each_webhook_gets_its_own_durable_queue(tmp_path):
     sink.write(event)
     for url in sink.webhooks:
         queued = list(sink.spool_dir(url).glob("*.json"))
-        assert [p.stem for p in queued] == [event.id]
+        assert [_spooled_id(p) for p in queued] == [event.id]
         assert (sink.spool_dir(url) / "url").read_text() == url
+
+
+def test_webhooks_get_events_in_the_order_the_log_holds_them_with_concurrent_writers(tmp_path):
+    # Events are made (and get their ids) before they are written; threads then race to write.
+    # Whatever order the log ends up in, the spool must hand them out in that same order.
+    url = "http://127.0.0.1:9/hook"
+    sink = EventSink(tmp_path, webhooks=[url])
+    events = [ev(i) for i in range(200)]
+    random.Random(7).shuffle(events)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(sink.write, events))
+    logged = [e.id for e in read_events(tmp_path)]
+    spooled = [_spooled_id(p) for p in WebhookDelivery._queued(sink.spool_dir(url))]
+    assert len(logged) == 200
+    assert spooled == logged

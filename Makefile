@@ -14,6 +14,7 @@ STAMP := $(VENV)/.installed
 VAR := $(CURDIR)/var
 
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
@@ -42,8 +43,14 @@ demo: venv images
 up: venv images
 	HMS_STATE_DIR=$(VAR) $(BIN)/hms up
 
+# Two parts: most tests on TEST_WORKERS processes (pytest-xdist, one test file per process at a
+# time), then the CPU- and timing-sensitive ones (marked `serial`) alone. Exit code 5 ("no tests
+# collected", e.g. PYTEST_ARGS names a file with no serial test) is not a failure.
 test: venv images
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@set -e; \
+	ok() { rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; }; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || ok; \
+	$(BIN)/python -m pytest -p no:xdist -m serial $(PYTEST_ARGS) || ok
 
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done

@@ -433,6 +433,9 @@ def run(service: Service) -> int:
     signal.signal(signal.SIGINT, _on_signal)
 
     delay = _env_float("HMS_STARTUP_DELAY_S")
+    if delay and delay > 0:
+        sys.stderr.write(f"{service.name} {service.pod} HMS_STARTUP_DELAY_S={delay:g}: starting in {delay:g} s\n")
+        sys.stderr.flush()
     if delay and delay > 0 and stop.wait(delay):
         return 0
 

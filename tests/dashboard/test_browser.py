@@ -295,6 +295,7 @@ async def test_gov_approver_approves_and_sees_it_deploy(stack: Stack):
     shutil.copyfile(path, docs / "dashboard.png")
 
 
+@pytest.mark.serial
 async def test_holds_up_with_fifty_services(stack: Stack):
     """48 more services (no pods: min_replicas 0) beside the two: all shown, filter works.
     Started straight through the client: this is about the page, not about deploy's admission wait."""

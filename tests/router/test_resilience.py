@@ -42,6 +42,7 @@ def container_id(settings, pod_id: str) -> str:
         rt.close()
 
 
+@pytest.mark.serial
 @pytest.mark.docker
 @pytest.mark.parametrize("routed", ["docker"], indirect=True)
 async def test_a_slow_pod_gets_clearly_less_traffic(routed):

@@ -139,6 +139,7 @@ def test_hang_switch_makes_health_time_out(spawn: Callable[..., Pod]) -> None:
     assert pod.request("GET", "/health", timeout=2.0)[0] == 200
 
 
+@pytest.mark.serial
 def test_cpu_burn(spawn: Callable[..., Pod]) -> None:
     pod = spawn("hms_ach")
     proc = psutil.Process(pod.proc.pid)
@@ -240,7 +241,10 @@ def test_sigterm_exits_promptly_even_with_a_hung_request(spawn: Callable[..., Po
 
 def test_sigterm_during_startup_delay(spawn: Callable[..., Pod]) -> None:
     pod = spawn("hms_frm", wait=False, HMS_STARTUP_DELAY_S="30")
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while "starting in 30 s" not in pod.log.read_text():  # its SIGTERM handler is in place
+        assert pod.proc.poll() is None and time.monotonic() < deadline, pod.log.read_text()
+        time.sleep(0.05)
     pod.proc.send_signal(signal.SIGTERM)
     assert pod.proc.wait(timeout=3) == 0
 

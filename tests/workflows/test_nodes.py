@@ -159,6 +159,7 @@ async def test_node_selector_places_only_on_labelled_nodes(cluster: Cluster):
     await c.hms.undeploy("hms-ach")
 
 
+@pytest.mark.serial
 async def test_cpu_step_across_both_nodes_is_one_decision(cluster: Cluster):
     c = cluster
     await c.start_b()

@@ -34,6 +34,7 @@ def scale_spec(runtime: str, **kw):
     return seed_spec(scale_interval_s=1.0, health_interval_s=1.0, scale_down_window_s=8.0, **extra, **kw)
 
 
+@pytest.mark.serial
 async def test_cpu_step_scales_in_one_decision_then_back_after_the_window(hms: Orchestrator, settings):
     await hms.deploy(scale_spec(settings.runtime, cpu_target=30), wait=True, timeout=120)
     pods = (await hms.status("hms-ach")).pods

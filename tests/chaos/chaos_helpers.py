@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import pytest
-from conftest import node_pods
+from conftest import EXAMPLE_IMAGE, node_pods, seed_spec
 
 from hms_mgmt import constants as c
 from hms_mgmt.config import Settings
@@ -61,6 +61,17 @@ def report(line: str, capsys: pytest.CaptureFixture[str]) -> None:
         print(f"[chaos] {line}", flush=True)
 
 
+MAX_REPLICAS = 4
+
+
+def chaos_spec(name: str, image: str = EXAMPLE_IMAGE) -> dict[str, object]:
+    # Pods take a second to answer, so kills land mid-start; no autoscaling decision interferes
+    # (idle pods under cpu_target, and any scale-down held for an hour).
+    return seed_spec(name=name, image=image, max_replicas=MAX_REPLICAS, cpu_target=90, health_interval_s=1.0,
+                     scale_interval_s=5.0, scale_down_window_s=3600, drain_s=0.5, min_ready_s=0.5, stop_grace_s=2,
+                     env={"HMS_STARTUP_DELAY_S": "1"})
+
+
 # --- the books --------------------------------------------------------------------------------
 
 
@@ -87,7 +98,7 @@ class Books:
         dup = [p for p, n in Counter(self.workflow).items() if n > 1]
         dup += [p for p, n in self.table.items() if n > 1]
         extra = len(set(self.running) | set(self.table)) - self.desired
-        return dup + (["+%d over desired" % extra] if extra > 0 else [])
+        return dup + ([f"+{extra} over desired"] if extra > 0 else [])
 
     @property
     def missing(self) -> set[str]:

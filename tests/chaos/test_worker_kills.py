@@ -16,25 +16,32 @@ import time
 from collections import Counter
 
 import pytest
-from chaos_helpers import COUNTS, FULL, books, chaos_rng, converge, describe, kill_pod, report, runtime_pods  # noqa: F401
-from conftest import EXAMPLE_IMAGE, V2_IMAGE, WorkerProcess, make_settings, require_docker, seed_spec, sweep_pods
-from conftest import terminate_running
+from chaos_helpers import (  # noqa: F401 - chaos_rng is a fixture
+    COUNTS,
+    FULL,
+    MAX_REPLICAS,
+    chaos_rng,
+    chaos_spec,
+    converge,
+    describe,
+    kill_pod,
+    report,
+    runtime_pods,
+)
+from conftest import (
+    EXAMPLE_IMAGE,
+    V2_IMAGE,
+    WorkerProcess,
+    make_settings,
+    require_docker,
+    sweep_pods,
+    terminate_running,
+)
 
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 
 RUNTIMES = ["process", "docker"] if FULL else ["process"]
-MAX_REPLICAS = 4
-
-
-def chaos_spec(name: str, image: str = EXAMPLE_IMAGE) -> dict[str, object]:
-    # Pods take a second to answer, so kills land mid-start; no autoscaling decision interferes
-    # (idle pods under cpu_target, and any scale-down held for an hour).
-    return seed_spec(name=name, image=image, max_replicas=MAX_REPLICAS, cpu_target=90, health_interval_s=1.0,
-                     scale_interval_s=5.0, scale_down_window_s=3600, drain_s=0.5, min_ready_s=0.5, stop_grace_s=2,
-                     env={"HMS_STARTUP_DELAY_S": "1"})
-
-
 class Chaos:
     """The operations the test asks for, and what each service should end up as."""
 
@@ -61,8 +68,8 @@ class Chaos:
                 choices.append(("scale_up", name))
         return self.rng.choice(choices) if choices else None
 
-    def launch(self) -> str:
-        op = self.next_op()
+    def launch(self, op: tuple[str, str] | None = None) -> str:
+        op = op or self.next_op()
         if op is None:
             return "none (every service busy)"
         kind, name = op
@@ -130,8 +137,8 @@ async def test_worker_sigkilled_at_random_moments_converges_with_exact_pods(temp
             await asyncio.sleep(down)
             worker.start()
         last_kill = time.monotonic()
-        for name in chaos.undeployed:  # every service exists by the end
-            chaos.launch()
+        for name in list(chaos.undeployed):  # every service exists by the end
+            chaos.launch(("deploy", name))
         done, pending = await asyncio.wait(chaos.tasks, timeout=240) if chaos.tasks else (set(), set())
         assert not pending, f"operations still unanswered 240 s after the last kill: {chaos.outcomes}"
         want = {n: chaos.want[n] for n in names}

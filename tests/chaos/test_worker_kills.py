@@ -32,6 +32,7 @@ from conftest import (
     EXAMPLE_IMAGE,
     V2_IMAGE,
     WorkerProcess,
+    eventually,
     make_settings,
     require_docker,
     sweep_pods,
@@ -42,6 +43,14 @@ from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 
 RUNTIMES = ["process", "docker"] if FULL else ["process"]
+def ready_lines(worker: WorkerProcess) -> int:
+    """How many times a worker process said it is ready (one line per start)."""
+    try:
+        return worker.log_path.read_text(errors="replace").count("worker ready")
+    except FileNotFoundError:
+        return 0
+
+
 class Chaos:
     """The operations the test asks for, and what each service should end up as."""
 
@@ -54,6 +63,17 @@ class Chaos:
         self.busy: set[str] = set()
         self.outcomes: Counter[str] = Counter()
         self.tasks: list[asyncio.Task[None]] = []
+        self.errors: list[str] = []
+
+    async def _supervised(self, name: str) -> None:
+        await eventually(lambda: self._phase_in(name, {"Running", "Healing", "Scaling"}), timeout=120,
+                         interval=0.5, what=f"{name} supervised")
+
+    async def _phase_in(self, name: str, phases: set[str]) -> bool:
+        try:
+            return (await asyncio.wait_for(self.orch.status(name, live=False), 10)).phase in phases
+        except Exception:  # noqa: BLE001 - no worker to answer the query yet
+            return False
 
     def next_op(self) -> tuple[str, str] | None:
         choices: list[tuple[str, str]] = []
@@ -67,6 +87,13 @@ class Chaos:
             if replicas < MAX_REPLICAS:
                 choices.append(("scale_up", name))
         return self.rng.choice(choices) if choices else None
+
+    async def launch_when_free(self, timeout: float = 60.0) -> str:
+        """An operation on a service with none in flight (waiting for one, bounded)."""
+        deadline = time.monotonic() + timeout
+        while self.next_op() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return self.launch()
 
     def launch(self, op: tuple[str, str] | None = None) -> str:
         op = op or self.next_op()
@@ -85,6 +112,7 @@ class Chaos:
             self.outcomes[f"{kind}: ok"] += 1
         except Exception as e:  # noqa: BLE001 - a refusal is an answer; the books decide
             self.outcomes[f"{kind}: {type(e).__name__}"] += 1
+            self.errors.append(f"{kind} {name}: {type(e).__name__}: {e}")
         finally:
             self.busy.discard(name)
 
@@ -94,6 +122,7 @@ class Chaos:
             self.want[name] = (2, EXAMPLE_IMAGE)
         elif kind == "scale_up":
             replicas, image = self.want[name]
+            await self._supervised(name)  # a scale while a rollout runs is refused, rightly
             await self.orch.scale(name, replicas + 1)
             self.want[name] = (replicas + 1, image)
         elif kind == "rollout":  # v1 -> v2, and back to v1 as a new revision
@@ -123,19 +152,22 @@ async def test_worker_sigkilled_at_random_moments_converges_with_exact_pods(temp
     chaos = Chaos(orch, settings, names, rng)
     started = time.monotonic()
     worker.start()
+    await eventually(lambda: ready_lines(worker) > 0, timeout=90, what="the worker started")
     try:
         # The first deploy goes through whole, so the rest has a service to act on.
         chaos.launch()
         await asyncio.gather(*chaos.tasks)
         log = []
         for i in range(COUNTS.worker_kills):
-            op = chaos.launch()
-            await asyncio.sleep(rng.uniform(0.3, 4.0))
+            op = await chaos.launch_when_free()
+            await asyncio.sleep(rng.uniform(0.2, 6.0))
             worker.kill()
             down = rng.uniform(0.0, 1.5)
             log.append(f"kill {i + 1} during {op}, down {down:.1f}s")
             await asyncio.sleep(down)
+            ready_before = ready_lines(worker)
             worker.start()
+            await eventually(lambda: ready_lines(worker) > ready_before, timeout=90, what="the worker started")
         last_kill = time.monotonic()
         for name in list(chaos.undeployed):  # every service exists by the end
             chaos.launch(("deploy", name))
@@ -163,6 +195,8 @@ async def test_worker_sigkilled_at_random_moments_converges_with_exact_pods(temp
                f"pods {sum(len(s.pods) for s in sts.values())}: 0 orphan, 0 duplicate, 0 missing; "
                f"total {time.monotonic() - started:.0f}s", capsys)
         report("; ".join(log), capsys)
+        if chaos.errors:
+            report("refused or failed operations: " + "; ".join(chaos.errors), capsys)
 
         await asyncio.gather(*(orch.undeploy(n, timeout=120) for n in names))
         left = [h.pod_id for h in await asyncio.to_thread(runtime_pods, settings) if h.service in names]

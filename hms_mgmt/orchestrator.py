@@ -94,6 +94,14 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
         raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
 
 
+def heading_to(status: ServiceStatus) -> ServiceSpec:
+    """The spec a service is heading to: the newest revision admitted and still rolling out, else
+    the one it runs. A deploy is compared with this, so deploying the old spec again while a
+    rollout runs replaces the rollout (it is no no-op), and deploying the new one again is."""
+    rolling = [r for r in status.revisions if r.outcome == "rolling" and r.revision > status.revision]
+    return rolling[-1].spec if rolling else status.spec
+
+
 class Orchestrator:
     """Async client of the management layer, bound to one Temporal connection."""
 
@@ -199,7 +207,7 @@ class Orchestrator:
         handle = await start.workflow_handle()
         already = status.deploy_request_id != request_id
         revision: int | None = None
-        if already and status.spec != spec:
+        if already and heading_to(status) != spec:
             # A changed spec for a running service: a new revision (or an in-place change).
             outcome = await self.update_spec(spec, wait=wait, timeout=timeout)
             revision = outcome.revision

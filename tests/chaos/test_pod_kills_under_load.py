@@ -1,22 +1,35 @@
 """Pods SIGKILLed one after another under steady GET load through the router (builtin engine):
-not one request fails. Each kill waits until the router has all three pods ready again (the
-service heals the last one first), then a random pod's main process dies at a random moment.
-Short run: 5 kills; ``HMS_CHAOS=full``: 50."""
+not one request fails. Each kill waits until the router has all four pods ready again (the
+service healed the last one), then the main process of a random pod dies at a random moment —
+a pod that has run longer than the crash-loop window (10 s): one that dies younger counts toward
+a crash loop, and its replacements rightly back off longer each time. Short run: 5 kills; ``HMS_CHAOS=full``: 50."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from chaos_helpers import COUNTS, chaos_rng, chaos_spec, converge, describe, kill_pod, report  # noqa: F401
+from conftest import eventually
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' fixtures
 from router_helpers import routed, run_load  # noqa: E402, F401 - fixtures
 
-REPLICAS = 3
+REPLICAS = 4
+STABLE_S = 11.0  # older than the service's crash-loop window: max(10 s, 3 x health_interval_s)
+
+
+def age(pod) -> float:  # noqa: ANN001 - a PodStatus
+    return (datetime.now(UTC) - pod.started_at).total_seconds() if pod.started_at else 0.0
+
+
+async def settled_pods(orch, name: str):  # noqa: ANN001
+    st = await orch.status(name, live=False)
+    return st if any(p.ready and age(p) > STABLE_S for p in st.pods) else None
 
 
 @pytest.mark.timeout(240 + 12 * COUNTS.pod_kills_under_load)
@@ -37,10 +50,9 @@ async def test_pod_kills_under_steady_load_fail_no_idempotent_request(routed, ch
         for _ in range(COUNTS.pod_kills_under_load):
             await routed.wait_pods(name, REPLICAS, timeout=90)
             await asyncio.sleep(rng.uniform(0.1, 1.5))
-            st = await routed.orch.status(name, live=False)
-            ready = sorted(p.id for p in st.pods if p.ready)
-            assert ready, describe({name: st})
-            victim = rng.choice(ready)
+            st = await eventually(lambda: settled_pods(routed.orch, name), timeout=60, interval=0.5,
+                                  what=f"a pod of {name} older than {STABLE_S:g}s")
+            victim = rng.choice(sorted(p.id for p in st.pods if p.ready and age(p) > STABLE_S))
             if await asyncio.to_thread(kill_pod, routed.settings, victim):
                 killed.append(victim)
             assert not load.done(), "the load ended before the kills did"

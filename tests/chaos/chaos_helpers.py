@@ -37,7 +37,7 @@ class Counts:
     docker_restarts: int
 
 
-SHORT = Counts(worker_kills=3, worker_services=2, pod_kills_under_load=5, docker_restarts=1)
+SHORT = Counts(worker_kills=3, worker_services=1, pod_kills_under_load=5, docker_restarts=1)
 FULL_COUNTS = Counts(worker_kills=20, worker_services=3, pod_kills_under_load=50, docker_restarts=2)
 COUNTS = FULL_COUNTS if FULL else SHORT
 

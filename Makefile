@@ -2,6 +2,7 @@
 #
 #   make demo    venv + images, then the whole stack and the three example services (Ctrl-C stops it)
 #   make test    venv + images, then the test suite (PYTEST_ARGS="-k cli -x" to narrow it)
+#   make chaos   the chaos and fuzz suites at full size (HMS_CHAOS_SEED=N replays a chaos run)
 #   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose)
 #   make lint    ruff
 #   make clean   stop the demo's leftover pods and remove var/ (keeps var/cache, the base image rootfs)
@@ -19,10 +20,10 @@ DEMO_ARGS ?=
 BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
 
-.PHONY: help venv images demo up test bench lint clean distclean
+.PHONY: help venv images demo up test chaos bench lint clean distclean
 
 help:
-	@sed -n '3,8s/^# \{0,1\}//p' Makefile
+	@sed -n '3,9s/^# \{0,1\}//p' Makefile
 
 venv: $(STAMP)
 
@@ -51,6 +52,11 @@ test: venv images
 	ok() { rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; }; \
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || ok; \
 	$(BIN)/python -m pytest -p no:xdist -m serial $(PYTEST_ARGS) || ok
+
+# tests/chaos at full counts (20 worker SIGKILLs per runtime, the Docker daemon restarted, 50 pod
+# kills under load) and tests/fuzz with hypothesis' long profile; `make test` runs short versions.
+chaos: venv images
+	HMS_CHAOS=full HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest $(wildcard tests/chaos tests/fuzz) $(PYTEST_ARGS)
 
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done

@@ -94,6 +94,32 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
         raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
 
 
+NOT_READY_RETRY_S = 120.0
+
+
+def workflow_not_ready(e: RPCError) -> bool:
+    """The server turns updates away while the workflow's task has failed or timed out several
+    times in a row — a worker killed mid-task, again and again. It passes once a worker runs
+    the task: worth waiting for, not a refusal."""
+    from temporalio.api.errordetails.v1 import MultiOperationExecutionFailure
+
+    details = builtins.list(e.grpc_status.details)  # (this module's list() is the service list)
+    for d in builtins.list(details):
+        if d.type_url.endswith("/temporal.api.errordetails.v1.MultiOperationExecutionFailure"):
+            multi = MultiOperationExecutionFailure()  # update-with-start: one status per operation
+            d.Unpack(multi)
+            details += [detail for status in multi.statuses for detail in status.details]
+    return any(d.type_url.endswith("/temporal.api.errordetails.v1.WorkflowNotReadyFailure") for d in details)
+
+
+def heading_to(status: ServiceStatus) -> ServiceSpec:
+    """The spec a service is heading to: the newest revision admitted and still rolling out, else
+    the one it runs. A deploy is compared with this, so deploying the old spec again while a
+    rollout runs replaces the rollout (it is no no-op), and deploying the new one again is."""
+    rolling = [r for r in status.revisions if r.outcome == "rolling" and r.revision > status.revision]
+    return rolling[-1].spec if rolling else status.spec
+
+
 class Orchestrator:
     """Async client of the management layer, bound to one Temporal connection."""
 
@@ -172,7 +198,11 @@ class Orchestrator:
             )
 
         until = "running" if wait else "admitted"
-        for _ in range(3):
+        loop = asyncio.get_running_loop()
+        not_ready_until = loop.time() + NOT_READY_RETRY_S
+        attempts = 0
+        while attempts < 3:
+            attempts += 1
             start = start_op()
             try:
                 status = await asyncio.wait_for(
@@ -191,6 +221,10 @@ class Orchestrator:
             except WorkflowUpdateFailedError as e:
                 error = failure_error(e, f"deploy {spec.name}")
             except RPCError as e:
+                if workflow_not_ready(e) and loop.time() < not_ready_until:
+                    attempts -= 1
+                    await asyncio.sleep(1.0)
+                    continue
                 raise HmsError(f"deploy {spec.name}: Temporal refused the start: {e.message}") from e
             if not await self._ending_other_run(wf_id, request_id):
                 raise error
@@ -199,7 +233,7 @@ class Orchestrator:
         handle = await start.workflow_handle()
         already = status.deploy_request_id != request_id
         revision: int | None = None
-        if already and status.spec != spec:
+        if already and heading_to(status) != spec:
             # A changed spec for a running service: a new revision (or an in-place change).
             outcome = await self.update_spec(spec, wait=wait, timeout=timeout)
             revision = outcome.revision
@@ -357,6 +391,7 @@ class Orchestrator:
         latest = self.client.get_workflow_handle(handle.id)  # no run id: follows continue-as-new
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSING_RETRY_S
+        not_ready_until = loop.time() + NOT_READY_RETRY_S
         while True:
             try:
                 return await latest.execute_update(update, arg, result_type=result_type)
@@ -365,6 +400,9 @@ class Orchestrator:
             except RPCError as e:
                 if e.status == RPCStatusCode.NOT_FOUND:
                     raise ServiceNotFound(f"{what}: the service is no longer running") from None
+                if workflow_not_ready(e) and loop.time() < not_ready_until:
+                    await asyncio.sleep(1.0)  # until a worker runs the workflow's task again
+                    continue
                 if e.status != RPCStatusCode.RESOURCE_EXHAUSTED or loop.time() > deadline:
                     raise
             await asyncio.sleep(0.1)  # the run is closing (continue-as-new): its successor takes it

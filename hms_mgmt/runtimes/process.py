@@ -267,6 +267,8 @@ class ProcessRuntime(PodRuntime):
 
     def _process(self, rec: dict[str, Any]) -> psutil.Process | None:
         """The live process of a record, or None (gone, zombie, or a reused pid)."""
+        if not rec.get("pid"):  # a start cut short before its pid was recorded
+            return None
         child = self._children.get(rec["pod_id"])
         if child is not None and child.poll() is not None:
             rec.setdefault("exit_code", child.returncode)
@@ -353,6 +355,25 @@ class ProcessRuntime(PodRuntime):
                 os.chown(home, user.pw_uid, user.pw_gid)
             env = self._environment(req, entry, port, home)
             log_path = self._log_path(req.pod_id)
+            rec = {
+                "pod_id": req.pod_id,
+                "service": req.service,
+                "revision": req.revision,
+                "node": self.node,
+                "image": req.spec.image,
+                "pid": 0,
+                "create_time": 0.0,
+                "port": port,
+                "cpu_limit": req.spec.cpu_limit,
+                "started_at": datetime.now(UTC).isoformat(),
+                "log": str(log_path),
+                "command": command,
+                "user": user.pw_name if user else "",
+                "home": home,
+            }
+            # On record before it exists: a worker killed between the spawn and the pid below
+            # leaves this, and the next start or stop of the pod finds the process (_strays).
+            self._write(rec)
             # The log is opened here and handed over as stdout: the pod writes it without any
             # access to the state directory.
             with open(log_path, "ab") as log_file:
@@ -372,6 +393,7 @@ class ProcessRuntime(PodRuntime):
                     )
                 except OSError as e:
                     shutil.rmtree(home, ignore_errors=True)
+                    self._record_path(req.pod_id).unlink(missing_ok=True)
                     raise PodRuntimeError(f"cannot start {command[0]!r}: {e}", kind="ImageNotFound") from e
             self._children[req.pod_id] = child
             if not prlimit:
@@ -381,22 +403,7 @@ class ProcessRuntime(PodRuntime):
                     cgroups.join(req.pod_id, child.pid)
                 except OSError as e:
                     self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
-            rec = {
-                "pod_id": req.pod_id,
-                "service": req.service,
-                "revision": req.revision,
-                "node": self.node,
-                "image": req.spec.image,
-                "pid": child.pid,
-                "create_time": psutil.Process(child.pid).create_time(),
-                "port": port,
-                "cpu_limit": req.spec.cpu_limit,
-                "started_at": datetime.now(UTC).isoformat(),
-                "log": str(log_path),
-                "command": command,
-                "user": user.pw_name if user else "",
-                "home": home,
-            }
+            rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
             self._write(rec)
             log.info("started pod %s (%s) pid %s on 127.0.0.1:%s", req.pod_id, req.service, child.pid, port)
             return self._handle(rec)
@@ -428,7 +435,26 @@ class ProcessRuntime(PodRuntime):
                 out.append(self._handle(rec))
         return out
 
+    def _strays(self, pod_id: str) -> list[psutil.Process]:
+        """The pod's processes that no record names: spawned by a worker that died before it
+        recorded the pid. A pod's main process leads its own session and carries its id."""
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) == proc.pid and proc.environ().get("HMS_POD_ID") == pod_id:
+                    found.append(proc)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
     def _stop_record(self, rec: dict[str, Any], grace_s: float) -> None:
+        if not rec.get("pid"):
+            for stray in self._strays(rec["pod_id"]):
+                log.warning("pod %s: killing process %s its interrupted start left unrecorded", rec["pod_id"], stray.pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(stray.pid, signal.SIGKILL)
+                with contextlib.suppress(psutil.Error, ChildProcessError):
+                    stray.wait(timeout=5)
         proc = self._process(rec)
         if proc is not None:
             try:

@@ -144,8 +144,10 @@ class PodActivities:
                         type="PodExited",
                         non_retryable=True,
                     )
-                activity.heartbeat()
-                if await probe(self.session(), handle.endpoint, spec.health_path):
+                answers = await probe(self.session(), handle.endpoint, spec.health_path)
+                # Details: whether it answers yet (in the Web UI's pending activity).
+                activity.heartbeat(PodProgress(pod_id=inp.pod_id, health="healthy" if answers else "starting"))
+                if answers:
                     now = time.monotonic()
                     ready_since = now if ready_since is None else ready_since
                     if now - ready_since >= inp.min_ready_s:

@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.pods import PodActivities
-from hms_mgmt.models import ServiceSpec, StartPodInput
+from hms_mgmt.models import PodProgress, ServiceSpec, StartPodInput
 from hms_mgmt.runtimes import make_runtime
 
 
@@ -48,30 +48,40 @@ async def test_start_pod_waits_min_ready_s_from_the_first_answer_and_refuses_a_p
     spec = ServiceSpec.model_validate(seed_spec())
     acts = PodActivities(make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir))
 
-    def start(min_ready_s: float) -> tuple[str, asyncio.Future]:
+    first_answer: dict[str, float] = {}
+
+    def start(min_ready_s: float) -> tuple[str, asyncio.Future, asyncio.Event]:
+        """Run start_pod; the event is set once its heartbeat says it has seen the pod answer."""
         pod_id = str(uuid.uuid4())
         inp = StartPodInput(pod_id=pod_id, service="hms-ach", revision=1, node=settings.node, spec=spec,
                             min_ready_s=min_ready_s)
-        return pod_id, asyncio.ensure_future(ActivityEnvironment().run(acts.start_pod, inp))
+        answered = asyncio.Event()
+
+        def beat(*details: PodProgress) -> None:
+            if details and details[0].health == "healthy" and not answered.is_set():
+                first_answer[pod_id] = time.monotonic()
+                answered.set()
+
+        env = ActivityEnvironment()
+        env.on_heartbeat = beat
+        return pod_id, asyncio.ensure_future(env.run(acts.start_pod, inp)), answered
 
     try:
         # Answers, then dies inside its min_ready_s: the start fails, naming why.
-        pod_id, task = start(30.0)
-        endpoint = await eventually(lambda: asyncio.to_thread(answering, settings, pod_id), timeout=30,
-                                    interval=0.05, what="the pod answering")
+        pod_id, task, answered = start(30.0)
+        await asyncio.wait_for(answered.wait(), 60)
+        endpoint = await eventually(lambda: asyncio.to_thread(answering, settings, pod_id), timeout=10,
+                                    what="the pod answering")
         assert not task.done()  # answering is not enough: it must stay up min_ready_s
         await asyncio.to_thread(post, f"http://{endpoint}/admin/exit")
         with pytest.raises(ApplicationError, match="within min_ready_s 30s") as failed:
             await asyncio.wait_for(task, 30)
         assert failed.value.type == "PodExited"
 
-        # Stays up: handed back ready, min_ready_s after it first answered (not before).
-        pod_id, task = start(2.0)
-        await eventually(lambda: asyncio.to_thread(answering, settings, pod_id), timeout=30, interval=0.05,
-                         what="the pod answering")
-        first_seen = time.monotonic()
-        ready = await asyncio.wait_for(task, 30)
-        assert ready.ready and ready.health == "healthy" and ready.id == pod_id
-        assert time.monotonic() - first_seen >= 1.5  # the activity saw it answer at most a poll before we did
+        # Stays up: handed back ready, no sooner than min_ready_s after it first answered.
+        pod_id, task, answered = start(2.0)
+        ready = await asyncio.wait_for(task, 60)
+        assert answered.is_set() and ready.ready and ready.health == "healthy" and ready.id == pod_id
+        assert time.monotonic() - first_answer[pod_id] >= 2.0  # counted from that first answer
     finally:
         await acts.close()

@@ -13,6 +13,8 @@ measured in the same run.
            the command returns (it waits until the update converged). Swarm's routing mesh does
            not answer on these machines, so failed requests are counted for ours only.
 
+Each run is a Swarm pair then ours, alternating, so both see the same load on a shared machine.
+
     .venv/bin/python bench/rollout.py [--runs 3] [--in-process]
 
 Target: 0 failed requests, and ours <= 1.0x Swarm's start-first time. Writes
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -180,13 +183,14 @@ async def traffic_child(port: int) -> None:
             await router
 
 
-async def ours(runs: int, *, in_process: bool) -> list[dict[str, float | int]]:
+async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None]) -> list[dict[str, float | int]]:
     out = []
     port = free_port()
     async with hms_stack("docker", routers=[f"http://127.0.0.1:{port}"]) as stack:
         grant_access(stack, images=(V1, V2))
         async with Traffic(stack.settings, stack.client, port, in_process=in_process) as traffic:
             for i in range(runs):
+                await asyncio.to_thread(before_each, i)
                 name = f"roll-{i}"
                 spec = {"name": name, "image": V1, "min_replicas": REPLICAS, "max_replicas": REPLICAS,
                         "cpu_target": 60}
@@ -213,27 +217,33 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=300)
 
 
-def swarm(runs: int) -> dict[str, list[float]]:
+@contextlib.contextmanager
+def swarm_mode():
     joined = sh("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "active"
     if not joined:
         sh("docker", "swarm", "init", "--advertise-addr", "127.0.0.1")
-    out: dict[str, list[float]] = {"start-first": [], "stop-first": []}
     try:
-        for i in range(runs):
-            for order in ("start-first", "stop-first"):
-                name = f"hms-bench-roll-{order}-{i}"
-                sh("docker", "service", "create", "--quiet", "--name", name, "--replicas", str(REPLICAS),
-                   "--env", "PORT=8080", SWARM_V1)
-                t0 = time.monotonic()
-                sh("docker", "service", "update", "--quiet", "--image", SWARM_V2, "--update-order", order, name)
-                seconds = time.monotonic() - t0
-                out[order].append(seconds)
-                print(f"  swarm {order} run {i + 1}: {seconds:.2f} s", flush=True)
-                sh("docker", "service", "rm", name, check=False)
+        yield
     finally:
         if not joined:
             sh("docker", "swarm", "leave", "--force", check=False)
-    return out
+
+
+def swarm_round(i: int, out: dict[str, list[float]]) -> None:
+    """One Swarm update of each order; the caller alternates these with ours, so both see the
+    same load on a shared machine."""
+    for order in ("start-first", "stop-first"):
+        name = f"hms-bench-roll-{order}-{i}"
+        sh("docker", "service", "create", "--quiet", "--name", name, "--replicas", str(REPLICAS),
+           "--env", "PORT=8080", SWARM_V1)
+        try:
+            t0 = time.monotonic()
+            sh("docker", "service", "update", "--quiet", "--image", SWARM_V2, "--update-order", order, name)
+            seconds = time.monotonic() - t0
+        finally:
+            sh("docker", "service", "rm", name, check=False)
+        out.setdefault(order, []).append(seconds)
+        print(f"  swarm {order} run {i + 1}: {seconds:.2f} s", flush=True)
 
 
 def main() -> None:
@@ -245,10 +255,12 @@ def main() -> None:
     if args.traffic:
         asyncio.run(traffic_child(args.traffic))
         return
-    print("peer: docker service update (Swarm)", flush=True)
-    peer = swarm(args.runs)
-    print("ours: rolling update through the router", flush=True)
-    mine = asyncio.run(ours(args.runs, in_process=args.in_process))
+    print("ours (rolling update through the router), alternating with the peer (docker service update, Swarm)",
+          flush=True)
+    peer: dict[str, list[float]] = {}
+    with swarm_mode():
+        mine = asyncio.run(ours(args.runs, in_process=args.in_process,
+                                before_each=lambda i: swarm_round(i, peer)))
     ours_s = median(r["seconds"] for r in mine)
     start_first = median(peer["start-first"])
     stop_first = median(peer["stop-first"])

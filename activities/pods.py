@@ -104,6 +104,10 @@ class PodActivities:
     async def start_pod(self, inp: StartPodInput) -> PodStatus:
         """Start the pod and wait until it answers its health path; fail at once if it exits.
 
+        With ``min_ready_s``, it must then keep running and answering that long, counted from
+        its first answer: watched here, beside the pod, so a rolling update pays no extra round
+        trip per pod. A failed answer in the window starts it again; an exit fails the start.
+
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
         await self._check_ticket(inp)
@@ -129,29 +133,40 @@ class PodActivities:
             deadline = time.monotonic() + spec.ready_timeout_s
             last_state_check = time.monotonic()
             delay = 0.05
+            ready_since: float | None = None
             while True:
                 if handle is None or not handle.running:
                     code = handle.exit_code if handle else None
+                    when = "before it was ready" if ready_since is None else f"within min_ready_s {inp.min_ready_s:g}s"
                     raise ApplicationError(
-                        f"pod {inp.pod_id} exited before it was ready (exit code {code})",
+                        f"pod {inp.pod_id} exited {when} (exit code {code})",
                         {"exit_code": code},
                         type="PodExited",
                         non_retryable=True,
                     )
-                activity.heartbeat()
-                if await probe(self.session(), handle.endpoint, spec.health_path):
-                    return pod_status(handle, health="healthy", ready=True)
-                if time.monotonic() > deadline:
-                    raise ApplicationError(
-                        f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
-                        type="PodNotReady",
-                        non_retryable=True,
-                    )
+                answers = await probe(self.session(), handle.endpoint, spec.health_path)
+                # Details: whether it answers yet (in the Web UI's pending activity).
+                activity.heartbeat(PodProgress(pod_id=inp.pod_id, health="healthy" if answers else "starting"))
+                if answers:
+                    now = time.monotonic()
+                    ready_since = now if ready_since is None else ready_since
+                    if now - ready_since >= inp.min_ready_s:
+                        return pod_status(handle, health="healthy", ready=True)
+                    wait = min(0.5, ready_since + inp.min_ready_s - now)
+                else:
+                    ready_since = None
+                    if time.monotonic() > deadline:
+                        raise ApplicationError(
+                            f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
+                            type="PodNotReady",
+                            non_retryable=True,
+                        )
+                    wait = delay
+                    delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
                 try:
-                    await asyncio.wait_for(died.wait(), timeout=delay)
+                    await asyncio.wait_for(died.wait(), timeout=wait)
                 except TimeoutError:
                     pass
-                delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
                 if died.is_set() or time.monotonic() - last_state_check > state_every:
                     died.clear()
                     handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)

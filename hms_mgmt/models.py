@@ -521,6 +521,9 @@ class StartPodInput(_Model):
     spec: ServiceSpec
     image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
     ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
+    # A rolling update's new pod: it must stay up and answering this long after it first
+    # answered before start_pod returns it as ready (0: return at the first answer).
+    min_ready_s: float = Field(default=0.0, ge=0, le=3600)
 
 
 class StopPodInput(_Model):

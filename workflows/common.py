@@ -132,9 +132,10 @@ async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_
 
 async def start_and_wait(
     spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = "",
-    ticket: str = "",
+    ticket: str = "", min_ready_s: float = 0.0,
 ) -> PodStatus:
-    """Start one pod on its node and wait until it answers its health path.
+    """Start one pod on its node and wait until it answers its health path (and, with
+    ``min_ready_s``, has kept running and answering that long since it first did).
 
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
@@ -143,10 +144,10 @@ async def start_and_wait(
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
-                          image_id=image_id, ticket=ticket),
+                          image_id=image_id, ticket=ticket, min_ready_s=min_ready_s),
             task_queue=node.task_queue,
             schedule_to_start_timeout=NODE_PICKUP,
-            start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s),
+            start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s + min_ready_s),
             heartbeat_timeout=POD_HEARTBEAT,
             retry_policy=POD_RETRY,
             summary=f"start {pod_id[:8]} on {node.name}",

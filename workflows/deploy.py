@@ -11,6 +11,7 @@ then rolls back with another DeployWorkflow to the previous revision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -18,7 +19,15 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.pods import PodActivities
-    from hms_mgmt.models import DeployInput, DeployOutput, FailedPod, ListPodsInput, PodStatus, rollout_budget
+    from hms_mgmt.models import (
+        DeployInput,
+        DeployOutput,
+        FailedPod,
+        ListPodsInput,
+        NodeSpec,
+        PodStatus,
+        rollout_budget,
+    )
 
 from workflows.common import (
     POD_HEARTBEAT,
@@ -36,6 +45,7 @@ POD_REPORTED = "pod_reported"
 PODS_DRAINING = "pods_draining"
 SUPERSEDE = "supersede"
 CRASH_LIMIT = 3  # new pods of the revision failing in a rolling update before it gives up
+PIPELINED = "rollout-pipelined"  # patch: min_ready_s watched in start_pod, placement asked a round ahead
 
 
 async def report_to_parent(pod: PodStatus) -> None:
@@ -85,7 +95,13 @@ class DeployWorkflow:
 
 
 class RollingUpdate:
-    """Surge, wait ready, drain, stop — in rounds, until every pod runs ``inp.revision``."""
+    """Surge, wait ready, drain, stop — in rounds, until every pod runs ``inp.revision``.
+
+    The critical path is one ``start_pod`` per round: each new pod's ``min_ready_s`` is watched
+    on its node from its first answer (inside ``start_pod``), the next round's placement is
+    asked for while the current round's pods start, and an old pod drains and stops beside
+    the next round, not before it (a draining pod counts toward neither side of the budget).
+    """
 
     def __init__(self, inp: DeployInput, wf: DeployWorkflow) -> None:
         self.inp = inp
@@ -100,8 +116,23 @@ class RollingUpdate:
         self.old = [p for p in inp.current if p.revision != inp.revision and p.ready]
         self.stopped: list[str] = []
         self.failures: list[FailedPod] = []
+        self.pipelined = False
+        self.reports: list[asyncio.Task[None]] = []  # ready reports in flight: a drain waits for them
+        self.placing: tuple[int, asyncio.Task[list[NodeSpec | None]]] | None = None
+
+    def _plan(self, new: int, old: int) -> tuple[int, int]:
+        """(old pods to retire now, new pods to start now) with ``new`` and ``old`` ready.
+
+        Old pods may go while n - max_unavailable stay ready (and must, past n); then new pods
+        start while the total stays within n + max_surge."""
+        n = self.inp.replicas
+        ready = new + old
+        k = max(0, min(old, max(ready - (n - self.unavailable), ready - n)))
+        return k, min(n - new, n + self.surge - new - (old - k))
 
     async def run(self) -> DeployOutput:
+        # Histories recorded before the pipelined rounds replay the way they ran.
+        self.pipelined = workflow.patched(PIPELINED)
         inp, n = self.inp, self.inp.replicas
         last_progress = workflow.now()
         error: str | None = None
@@ -116,25 +147,78 @@ class RollingUpdate:
             if (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
                 error = f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
                 break
-            # Old pods may go while n - max_unavailable stay ready (and must, past n). Draining pods
-            # count toward neither, so the next new pod starts while they drain.
-            ready = len(self.new) + len(self.old)
-            k = max(0, min(len(self.old), max(ready - (n - self.unavailable), ready - n)))
+            k, room = self._plan(len(self.new), len(self.old))
             victims, self.old = self.old[:k], self.old[k:]
             if victims:
-                retiring.append(asyncio.ensure_future(self._retire(victims)))
-            room = min(n - len(self.new), n + self.surge - len(self.new) - len(self.old))
+                retiring.append(asyncio.ensure_future(self._retire(victims, after=list(self.reports))))
             if room > 0:
                 if await self._surge(room):
                     last_progress = workflow.now()
             elif not victims:
                 break  # no budget to move (max_surge 0 and max_unavailable 0): nothing can change
-        await asyncio.gather(*retiring)
+        await self._cancel_placing()
+        await asyncio.gather(*retiring, *self.reports)
         return DeployOutput(pods=self.new + self.old, failed=self.failures, stopped=self.stopped, error=error,
                             superseded=self.wf.superseded and error is None)
 
     async def _surge(self, count: int) -> bool:
         """Start ``count`` new pods, wait ``min_ready_s``, keep those still running."""
+        if not self.pipelined:
+            return await self._surge_then_check(count)
+        inp = self.inp
+        nodes = await self._nodes(count)
+        ids = [str(workflow.uuid4()) for _ in nodes]
+        starting = [PodStatus(id=i, node=node.name, revision=inp.revision, image=inp.spec.image)
+                    for i, node in zip(ids, nodes, strict=True) if node is not None]
+        self._place_next(starting)
+
+        async def one(pod_id: str, node) -> PodStatus | None:  # noqa: ANN001 - a NodeSpec
+            try:
+                return await start_and_wait(inp.spec, inp.revision, pod_id, node, self._report_soon,
+                                            image_id=inp.image_id, ticket=inp.ticket, min_ready_s=inp.spec.min_ready_s)
+            except ActivityError as e:
+                self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
+                return None
+
+        started = [p for p in await asyncio.gather(*(one(i, n) for i, n in zip(ids, nodes, strict=True))) if p]
+        self.new += started
+        return bool(started)
+
+    async def _report_soon(self, pod: PodStatus) -> None:
+        """Tell the parent of a ready pod without holding the next round up for it."""
+        self.reports.append(asyncio.ensure_future(report_to_parent(pod)))
+
+    def _place_next(self, starting: list[PodStatus]) -> None:
+        """Ask the Scheduler for the next round's nodes now, as if the pods starting come up."""
+        new, old = self.new + starting, self.old
+        k, room = self._plan(len(new), len(old))
+        if room > 0:
+            task = asyncio.ensure_future(pick_nodes(self.inp.placement, self.inp.spec, room, new + old[k:],
+                                                    require_all=True))
+            self.placing = (room, task)
+
+    async def _nodes(self, count: int) -> list[NodeSpec | None]:
+        if self.placing is not None and self.placing[0] == count:
+            task = self.placing[1]
+            self.placing = None
+            try:
+                return await task
+            except ActivityError:
+                pass  # asked again below, with the pods as they are now
+        await self._cancel_placing()
+        return await pick_nodes(self.inp.placement, self.inp.spec, count, self.new + self.old, require_all=True)
+
+    async def _cancel_placing(self) -> None:
+        if self.placing is None:
+            return
+        task = self.placing[1]
+        self.placing = None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ActivityError):
+            await task
+
+    async def _surge_then_check(self, count: int) -> bool:
+        """The rounds as they ran before ``PIPELINED``: start, then a timer, then a listing."""
         inp = self.inp
         placed = self.new + self.old
         nodes = await pick_nodes(inp.placement, inp.spec, count, placed, require_all=True)
@@ -178,10 +262,12 @@ class RollingUpdate:
             alive |= {p.id for p in listed.pods if p.health != "exited"}
         return {p.id for p in pods if p.id in alive}
 
-    async def _retire(self, pods: list[PodStatus]) -> None:
-        """Drain (routers send nothing new for ``drain_s``), then stop gracefully."""
+    async def _retire(self, pods: list[PodStatus], *, after: list[asyncio.Task[None]]) -> None:
+        """Drain (routers send nothing new for ``drain_s``), then stop gracefully. The parent
+        hears of the new pods that replace these (``after``) before it hears these drain."""
         if not pods:
             return
+        await asyncio.gather(*after)
         parent = workflow.info().parent
         if parent is not None:
             await workflow.get_external_workflow_handle(parent.workflow_id).signal(PODS_DRAINING, [p.id for p in pods])
@@ -189,8 +275,12 @@ class RollingUpdate:
             await workflow.sleep(timedelta(seconds=self.inp.spec.drain_s), summary=f"drain {self.inp.spec.drain_s:g}s")
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
         self.stopped += [p.id for p in pods]
-        for pod in pods:
-            await report_to_parent(pod.model_copy(update={"ready": False, "health": "exited"}))
+        gone = [pod.model_copy(update={"ready": False, "health": "exited"}) for pod in pods]
+        if self.pipelined:
+            await asyncio.gather(*(report_to_parent(pod) for pod in gone))
+        else:
+            for pod in gone:
+                await report_to_parent(pod)
 
     def _queue(self, node: str) -> str:
         return node_queue(self.inp.placement, node)

@@ -129,6 +129,7 @@ class FakeCluster:
         if self.fail_starts > 0:
             self.fail_starts -= 1
             raise ApplicationError("pod exited with code 3 at start", type="PodExited", non_retryable=True)
+        await asyncio.sleep(inp.min_ready_s)  # up and answering this long before it counts as ready
         pod = PodStatus(id=inp.pod_id, node=inp.node, endpoint=f"127.0.0.1:{20000 + len(self.started)}",
                         revision=inp.revision, image=inp.spec.image, ready=True, health="healthy",
                         started_at=datetime.now(UTC))
@@ -359,6 +360,7 @@ async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, f
     assert st.revision == 2 and st.image_id == content_id("registry.gov/hms-ach:1.5")
     assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
     assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
+    assert {s.min_ready_s for s in cluster.starts[3:]} == {0.2}  # each must stay up min_ready_s to count
     assert {s.ticket for s in cluster.starts[3:]} == {st.revisions[-1].ticket} != {""}  # and its revision's ticket
     assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
     assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]

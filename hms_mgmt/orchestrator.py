@@ -466,7 +466,14 @@ class Orchestrator:
         """The ``approve``/``reject`` input for the service's pending request: a proof naming the
         service, the revision, the spec hash and the request, good once. ``hms approve
         --print-signal`` prints it for the Temporal CLI or the Web UI's "Send a signal" form."""
-        status = await self.status(name, live=False)
+        # What the proof must name, read without the client's own reader check: a refused token
+        # should reach the workflow, which records the attempt (pending_approval.invalid_attempts).
+        try:
+            status = await self._handle(name).query("status", result_type=ServiceStatus)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ServiceNotFound(f"no service named {name!r}") from e
+            raise
         pending = status.pending_approval
         if pending is None:
             raise RequestRefused(f"cannot {kind} {name}: it is {status.phase}, not awaiting approval")

@@ -386,3 +386,22 @@ async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+
+
+async def test_status_and_logs_need_a_viewer_where_a_token_is_configured(gov):
+    """A configured token must allow `status`/`logs` (access.yaml may take them away); no token
+    configured reads as before (Temporal serves it to anyone who reaches it anyway)."""
+    settings, as_ = gov
+    (settings.state_dir / "access.yaml").write_text(
+        "ops_admin: [deploy, scale, undeploy, update, status, logs]\ngov_approver: [approve, reject]\nviewer: [status]\n")
+    with pytest.raises(AccessDenied, match=r"bob \(gov_approver\) may not status"):
+        await as_["bob"].status("hms-ach")
+    with pytest.raises(AccessDenied, match="may not status"):
+        await as_["bob"].list()
+    with pytest.raises(AccessDenied, match=r"vic \(viewer\) may not logs"):
+        await as_["vic"].logs("hms-ach", "0")
+    expired = auth.issue_token(settings.state_dir, user="vic", role="viewer", ttl_s=60,
+                               now=datetime.now(UTC) - timedelta(hours=1))
+    with pytest.raises(AccessDenied, match="expired"):
+        await Orchestrator(as_["alice"].client, settings.model_copy(update={"token": expired})).list()
+    assert await as_["vic"].list() == [] and await as_["anon"].list() == []

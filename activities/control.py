@@ -45,6 +45,16 @@ from hms_mgmt.trust import TrustStore
 log = logging.getLogger(__name__)
 
 
+def _grant_identity(claims: dict[str, object]) -> auth.Identity:
+    """The identity a grant names (its times are the grant's: the proof behind it was checked)."""
+    at = datetime.fromtimestamp(float(claims.get("iat", 0)), UTC)  # type: ignore[arg-type]
+    until = datetime.fromtimestamp(float(claims.get("exp", 0)), UTC)  # type: ignore[arg-type]
+    role = claims.get("role")
+    if role not in auth.ROLES:
+        raise AccessDenied(f"the grant names an unknown role {role!r}")
+    return auth.Identity(user=str(claims.get("sub")), role=role, issued_at=at, expires_at=until)  # type: ignore[arg-type]
+
+
 class ControlActivities:
     def __init__(self, client: Client, settings: Callable[[], Settings], sink: EventSink) -> None:
         self.client = client
@@ -208,23 +218,32 @@ class ControlActivities:
 
     @activity.defn(name="authorize")
     async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
-        """Verify the caller's token and role in the worker (a client check alone can be
-        skipped). A refusal is an answer, not an error, and an ``access.denied`` event."""
+        """Verify the caller's request proof (made with their token, bound to exactly this
+        request) and role in the worker: a client check alone can be skipped. Allowed, the
+        answer carries a grant — the verified identity, signed by the control plane — which is
+        all the workflow keeps. A refusal is an answer, not an error, and an event."""
         settings = await asyncio.to_thread(self.settings)
         try:
-            identity = await asyncio.to_thread(auth.verify_token, inp.token or None, state_dir=settings.state_dir)
+            proven = await asyncio.to_thread(auth.verify_proof, inp.proof or None, action=inp.claim or inp.action,
+                                             service=inp.service, bind=inp.bind, state_dir=settings.state_dir)
+            identity = proven.identity
             matrix = await asyncio.to_thread(auth.load_access_matrix, settings.state_dir)
             if inp.action == "approve" and inp.requester is not None:
                 auth.check_approver(identity, inp.requester, matrix)
             else:
                 auth.authorize(identity, inp.action, matrix)
+            grant = await asyncio.to_thread(tickets.grant, settings.state_dir, action=inp.claim or inp.action,
+                                            service=inp.service, user=identity.user, role=identity.role,
+                                            bind=inp.bind)
         except (AccessDenied, HmsError) as e:
             reason = str(e)
-            type_ = "approval.invalid" if inp.action in ("approve", "reject") else "access.denied"
+            # A proof of another request (a copied approval) is an access attempt, not a vote.
+            judged = inp.action in ("approve", "reject") and not isinstance(e, auth.ProofMismatch)
+            type_ = "approval.invalid" if judged else "access.denied"
             await self.sink.publish(Event(type=type_, service=inp.service, reason=f"{inp.action} refused: {reason}",
                                           data={"action": inp.action, "request_id": inp.request_id}))
             return AuthorizeOutput(allowed=False, reason=reason)
-        return AuthorizeOutput(allowed=True, user=identity.user, role=identity.role)
+        return AuthorizeOutput(allowed=True, user=identity.user, role=identity.role, grant=grant)
 
     @activity.defn(name="check_governance")
     async def check_governance(self, inp: GovernanceInput) -> GovernanceOutput:
@@ -259,18 +278,24 @@ class ControlActivities:
     def _admit(settings: Settings, inp: TicketInput) -> None:
         state_dir = settings.state_dir
         matrix = auth.load_access_matrix(state_dir)
-        deployer = auth.verify_token(inp.token or None, state_dir=state_dir)
-        auth.authorize(deployer, "deploy", matrix)
+        if inp.prior_ticket:
+            deployer = tickets.check_grant(state_dir, inp.grant, service=inp.service, actions={"rollback"})
+        else:
+            deployer = tickets.check_grant(state_dir, inp.grant, service=inp.service, actions={"deploy", "update"},
+                                           bind={"spec": inp.spec.digest()})
+        auth.authorize(_grant_identity(deployer), "deploy", matrix)
         if inp.prior_ticket:
             tickets.verify(state_dir, inp.prior_ticket, service=inp.service, revision=inp.prior_revision or 0,
                            spec=inp.spec, image_id=inp.image_id)
         else:
             verdict = evaluate(inp.spec, load_governance_policy(state_dir))
             if verdict.needs_approval:
-                if not inp.approval_token:
+                if not inp.approval_grant:
                     raise AccessDenied("over the governance limit and not approved: " + "; ".join(verdict.reasons))
-                approver = auth.verify_token(inp.approval_token, state_dir=state_dir)
-                auth.check_approver(approver, deployer.user, matrix)
+                approval = tickets.check_grant(state_dir, inp.approval_grant, service=inp.service,
+                                               actions={"approve"},
+                                               bind={"spec": inp.spec.digest(), "revision": inp.revision})
+                auth.check_approver(_grant_identity(approval), str(deployer["sub"]), matrix)
         ok, detail = TrustStore(state_dir).verify(inp.spec.image, inp.image_id)
         if not ok:
             raise AccessDenied(f"image {inp.spec.image} ({inp.image_id[:19]}) is not trusted: {detail}")

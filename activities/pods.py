@@ -211,6 +211,21 @@ class PodActivities:
 
     @activity.defn(name="pod_logs")
     async def pod_logs(self, inp: PodLogsInput) -> LogsOutput:
+        """A pod's last lines, for a caller the control plane has authorized to read this pod's
+        logs (its grant, from ``PodLogsWorkflow``), and only for a pod of that service."""
+        if self.trust is not None:
+            try:
+                await asyncio.to_thread(tickets.check_grant, self.trust.state_dir, inp.grant, service=inp.service,
+                                        actions={"logs"}, bind={"pod": inp.pod_id})
+                handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
+                if handle is not None and handle.service != inp.service:
+                    raise AccessDenied(f"pod {inp.pod_id} is not a pod of {inp.service}")
+            except AccessDenied as e:
+                if self.sink is not None:
+                    await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                                  reason=f"logs of pod {inp.pod_id} refused: {e}",
+                                                  data={"action": "logs", "pod": inp.pod_id}))
+                raise ApplicationError(f"logs refused: {e}", type="AccessDenied", non_retryable=True) from None
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
 
@@ -233,6 +248,12 @@ class PodActivities:
         if not ok:
             raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type="ImageUntrusted",
                                    non_retryable=inp.one_try)
+        if inp.spec is not None:
+            # Would this node's runtime run it? A refusal is permanent: no retry, no pod tried.
+            problems = await asyncio.to_thread(self.runtime.check_spec, inp.spec)
+            if problems:
+                raise ApplicationError("; ".join(problems) + f" (node {self.runtime.node})",
+                                       type="InvalidSpec", non_retryable=True)
         return VerifyImageOutput(content_id=content_id, detail=detail)
 
     @activity.defn(name="watch_pods")

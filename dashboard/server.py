@@ -6,8 +6,9 @@ status queries concurrent with a bound), the router's ``/-/stats`` and the tail 
 the cost does not grow with the number of viewers.
 
 Reading is open to whoever reaches the port (127.0.0.1 only). Approving or rejecting needs the
-caller's own token (``Authorization: Bearer``), verified here and then carried to the workflow,
-whose worker checks it again; the dashboard's own identity never acts for a browser.
+caller's own token (``Authorization: Bearer``), verified here; the workflow gets a one-time proof
+made from it (never the token), which its worker checks again; the dashboard's own identity
+never acts for a browser.
 """
 
 from __future__ import annotations

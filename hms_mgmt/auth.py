@@ -1,15 +1,24 @@
-"""Identity and access: Ed25519-signed JWTs, a role → action matrix, and four-eyes approval.
+"""Identity and access: Ed25519-signed tokens, request proofs, a role → action matrix, and
+four-eyes approval.
 
-Tokens are signed with the state directory's Ed25519 key (the same key signs image trust
-records), so anyone holding only the public key can check who is asking without a server.
+A token is two halves, ``<certificate>~<holder key>``. The certificate is a JWT signed with the
+control host's *token* key (``keys/token.pem``; image trust records are signed with another key,
+``keys/signing.pem``) naming the user, the role, the expiry and the public half of a holder key
+made for this token alone. A token never leaves the caller's machine: each request carries a
+*proof* instead, a short-lived JWT signed with the holder key that names the action, the
+service and what exactly is asked (the spec's hash, the replica count, the revision approved)
+and a one-time ``jti``. A proof copied from workflow history is good for nothing else.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import os
 import re
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -41,8 +50,16 @@ LOCAL_OPERATOR_TTL_S = 30 * 86400.0
 # Tolerated clock skew between the machine that issued a token and the one checking it.
 CLOCK_SKEW_S = 60.0
 
+# The image signing key (trust records; ``hms_mgmt.trust``).
 PRIVATE_KEY_FILE = "signing.pem"
 PUBLIC_KEY_FILE = "signing.pub"
+# The token key: only the control host holds its private half; workers verify with the public one.
+TOKEN_KEY_FILE = "token.pem"
+TOKEN_PUB_FILE = "token.pub"
+HOLDER_SEP = "~"
+PROOF_TYPE = "hms-proof"
+PROOF_TTL_S = 300.0  # a request proof is used at once
+MAX_PROOF_TTL_S = 3600.0  # an approval pasted into the Web UI may take a while, not a day
 
 DEFAULT_ACCESS: dict[str, list[str]] = {
     "ops_admin": ["deploy", "scale", "undeploy", "update", "status", "logs"],
@@ -73,14 +90,9 @@ def _public_pem(private_key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def init_keys(state_dir: Path, *, force: bool = False) -> Path:
-    """Create the Ed25519 signing key pair once (``force`` replaces it, invalidating every token
-    and trust record it signed). Returns the private key's path."""
-    kdir = keys_dir(state_dir)
-    kdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(kdir, 0o700)
-    private_path = kdir / PRIVATE_KEY_FILE
-    public_path = kdir / PUBLIC_KEY_FILE
+def _init_pair(kdir: Path, private_name: str, public_name: str, *, force: bool) -> Path:
+    private_path = kdir / private_name
+    public_path = kdir / public_name
     if force or not private_path.exists():
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
@@ -90,16 +102,24 @@ def init_keys(state_dir: Path, *, force: bool = False) -> Path:
             atomic_write(public_path, _public_pem(key), mode=0o644)
             return private_path
     # Keep the existing key; make sure its public half is there and matches.
-    key = load_private_key(state_dir)
-    pub = _public_pem(key)
+    pub = _public_pem(_load_private(private_path))
     if not public_path.exists() or public_path.read_bytes() != pub:
         atomic_write(public_path, pub, mode=0o644)
     return private_path
 
 
-def load_private_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The signing key; needed to issue tokens and sign images."""
-    path = keys_dir(state_dir) / PRIVATE_KEY_FILE
+def init_keys(state_dir: Path, *, force: bool = False) -> Path:
+    """Create the two Ed25519 key pairs once: the image signing key and the token key (``force``
+    replaces both, invalidating every token and trust record they signed). Returns the image
+    signing key's path."""
+    kdir = keys_dir(state_dir)
+    kdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(kdir, 0o700)
+    _init_pair(kdir, TOKEN_KEY_FILE, TOKEN_PUB_FILE, force=force)
+    return _init_pair(kdir, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, force=force)
+
+
+def _load_private(path: Path) -> Ed25519PrivateKey:
     if not path.exists():
         raise HmsError(f"no signing key at {path}: run `hms auth init`")
     try:
@@ -111,14 +131,12 @@ def load_private_key(state_dir: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(state_dir: Path) -> Ed25519PublicKey:
-    """The verification key; without it no identity can be proven, hence AccessDenied."""
-    kdir = keys_dir(state_dir)
-    path = kdir / PUBLIC_KEY_FILE
+def _load_public(kdir: Path, private_name: str, public_name: str) -> Ed25519PublicKey:
+    path = kdir / public_name
     if not path.exists():
-        if (kdir / PRIVATE_KEY_FILE).exists():
-            return load_private_key(state_dir).public_key()
-        raise AccessDenied(f"no public key at {path}, so no token can be verified: run `hms auth init`")
+        if (kdir / private_name).exists():
+            return _load_private(kdir / private_name).public_key()
+        raise AccessDenied(f"no public key at {path}, so nothing it signs can be verified: run `hms auth init`")
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (ValueError, TypeError) as e:
@@ -126,6 +144,33 @@ def load_public_key(state_dir: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise AccessDenied(f"public key {path} is not an Ed25519 key: run `hms auth init --force`")
     return key
+
+
+def load_token_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The token key's private half: only where it is (the control host, readable by its
+    operator alone) can tokens be issued. Never created here: ``hms auth init`` makes it."""
+    path = keys_dir(state_dir) / TOKEN_KEY_FILE
+    if not path.exists():
+        raise HmsError(
+            f"issuing a token needs the token key {path} (0600, on the control host, readable only by its "
+            "operator); run `hms auth init` there, or issue the token on the control host"
+        )
+    return _load_private(path)
+
+
+def load_token_public_key(state_dir: Path) -> Ed25519PublicKey:
+    """What verifies tokens: a worker needs only this public half."""
+    return _load_public(keys_dir(state_dir), TOKEN_KEY_FILE, TOKEN_PUB_FILE)
+
+
+def load_private_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The image signing key; needed to sign images (``hms image sign``)."""
+    return _load_private(keys_dir(state_dir) / PRIVATE_KEY_FILE)
+
+
+def load_public_key(state_dir: Path) -> Ed25519PublicKey:
+    """The image signing key's public half: what checks trust records."""
+    return _load_public(keys_dir(state_dir), PRIVATE_KEY_FILE, PUBLIC_KEY_FILE)
 
 
 # --- tokens ---------------------------------------------------------------------------
@@ -142,6 +187,14 @@ def _check_role(role: str) -> None:
         raise SpecError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def issue_token(
     state_dir: Path,
     *,
@@ -150,13 +203,17 @@ def issue_token(
     ttl_s: float = DEFAULT_TTL_S,
     now: datetime | None = None,
 ) -> str:
-    """A signed token naming ``user`` and ``role``, valid for ``ttl_s`` seconds from ``now``."""
+    """A token naming ``user`` and ``role``, valid for ``ttl_s`` seconds from ``now``: a
+    certificate signed with the token key, ``~``, and the holder key only this token has.
+    Needs the token key's private half (the control host)."""
     user = (user or "").strip()
     if not user:
         raise SpecError("user must not be empty")
     _check_role(role)
     if not ttl_s or ttl_s <= 0:
         raise SpecError(f"ttl must be positive, got {ttl_s!r}")
+    key = load_token_key(state_dir)
+    holder = Ed25519PrivateKey.generate()
     issued = _utc(now)
     claims = {
         "sub": user,
@@ -164,8 +221,11 @@ def issue_token(
         "iat": int(issued.timestamp()),
         "exp": int((issued + timedelta(seconds=ttl_s)).timestamp()),
         "iss": ISSUER,
+        "jti": uuid.uuid4().hex,
+        "cnf": {"x": _b64(holder.public_key().public_bytes_raw())},
     }
-    return jwt.encode(claims, load_private_key(state_dir), algorithm=ALGORITHM)
+    cert = jwt.encode(claims, key, algorithm=ALGORITHM)
+    return f"{cert}{HOLDER_SEP}{_b64(holder.private_bytes_raw())}"
 
 
 def _coerce_public_key(public_key: Any) -> Ed25519PublicKey:
@@ -185,32 +245,45 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def verify_token(
-    token: str | None,
-    *,
-    state_dir: Path | None = None,
-    public_key: Any = None,
-    now: datetime | None = None,
-) -> Identity:
-    """The identity a token proves, or AccessDenied saying exactly why it proves none."""
+def _split_token(token: str | None) -> tuple[str, str]:
     token = (token or "").strip()
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
     if not token:
         raise AccessDenied("no identity: set HMS_TOKEN or run `hms auth issue ...`")
-    if public_key is None:
-        if state_dir is None:
-            raise ValueError("verify_token needs state_dir or public_key")
-        key = load_public_key(state_dir)
-    else:
-        key = _coerce_public_key(public_key)
+    cert, _, holder = token.partition(HOLDER_SEP)
+    return cert, holder
+
+
+def _holder_key(holder: str, cnf_x: str) -> Ed25519PrivateKey:
+    if not holder:
+        raise AccessDenied(
+            "this token has no holder key (it is a certificate copied from a request, or a token from before "
+            "request proofs): issue a new one with `hms auth issue`"
+        )
+    try:
+        key = Ed25519PrivateKey.from_private_bytes(_unb64(holder))
+    except ValueError as e:
+        raise AccessDenied(f"malformed token: the holder key is damaged ({e})") from None
+    if _b64(key.public_key().public_bytes_raw()) != cnf_x:
+        raise AccessDenied("malformed token: the holder key does not belong to this token")
+    return key
+
+
+def _verify_cert(
+    cert: str, key: Ed25519PublicKey | None, now: datetime | None
+) -> tuple[Identity, str]:
+    """The identity a token's certificate proves and its holder key's public half (``cnf.x``).
+    With ``key`` None the signature is not checked (a client without the token key's public
+    half checking its own token; never a worker)."""
     try:
         claims = jwt.decode(
-            token,
+            cert,
             key,
             algorithms=[ALGORITHM],
             # Time and issuer are checked below, against ``now`` and with precise messages.
             options={
+                "verify_signature": key is not None,
                 "verify_exp": False,
                 "verify_iat": False,
                 "verify_nbf": False,
@@ -257,7 +330,164 @@ def verify_token(
         raise AccessDenied(
             f"token for {user} is issued in the future ({issued_at.isoformat()}): check the clocks"
         )
-    return Identity(user=user, role=role, issued_at=issued_at, expires_at=expires_at)
+    cnf = claims.get("cnf")
+    cnf_x = cnf.get("x") if isinstance(cnf, dict) else None
+    return Identity(user=user, role=role, issued_at=issued_at, expires_at=expires_at), cnf_x or ""
+
+
+def verify_token(
+    token: str | None,
+    *,
+    state_dir: Path | None = None,
+    public_key: Any = None,
+    now: datetime | None = None,
+) -> Identity:
+    """The identity a whole token (certificate and holder key) proves, or AccessDenied saying
+    exactly why it proves none. For the token's own holder; workers verify proofs."""
+    cert, holder = _split_token(token)
+    if public_key is None:
+        if state_dir is None:
+            raise ValueError("verify_token needs state_dir or public_key")
+        key = load_token_public_key(state_dir)
+    else:
+        key = _coerce_public_key(public_key)
+    identity, cnf_x = _verify_cert(cert, key, now)
+    _holder_key(holder, cnf_x)
+    return identity
+
+
+def check_own_token(token: str, action: str, state_dir: Path, *, now: datetime | None = None) -> Identity:
+    """A client's check of its own token before a read (``status``, ``logs``): valid, unexpired
+    and allowed ``action`` by the access matrix. With the token key's public half in
+    ``state_dir`` the signature is checked too; a remote client without it checks the rest.
+    A courtesy, not a boundary: what Temporal serves can be read by anyone who reaches it."""
+    cert, holder = _split_token(token)
+    try:
+        key: Ed25519PublicKey | None = load_token_public_key(state_dir)
+    except AccessDenied:
+        key = None
+    identity, cnf_x = _verify_cert(cert, key, now)
+    _holder_key(holder, cnf_x)
+    authorize(identity, action, load_access_matrix(state_dir))
+    return identity
+
+
+# --- request proofs ------------------------------------------------------------------------
+
+
+class ProofMismatch(AccessDenied):
+    """A valid proof made for another request (action, service, spec, revision, pod, ...)."""
+
+
+@dataclass(frozen=True)
+class Proven:
+    """What a verified request proof establishes."""
+
+    identity: Identity
+    jti: str
+    expires_at: datetime
+
+
+def prove(
+    token: str | None,
+    *,
+    action: str,
+    service: str,
+    bind: dict[str, Any] | None = None,
+    ttl_s: float = PROOF_TTL_S,
+    now: datetime | None = None,
+) -> str:
+    """A proof that the holder of ``token`` asks for ``action`` on ``service`` with exactly
+    ``bind`` (e.g. ``{"spec": spec.digest()}``): what a request carries instead of the token.
+    No token, no proof (""): the worker refuses it with "no identity"."""
+    if not (token or "").strip():
+        return ""
+    if not 0 < ttl_s <= MAX_PROOF_TTL_S:
+        raise SpecError(f"a proof lives at most {MAX_PROOF_TTL_S:g}s, got {ttl_s!r}")
+    cert, holder = _split_token(token)
+    key = _holder_key(holder, _unverified_cnf(cert))
+    issued = _utc(now)
+    claims = {
+        "cert": cert,
+        "act": action,
+        "svc": service,
+        "bind": bind or {},
+        "jti": uuid.uuid4().hex,
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + timedelta(seconds=ttl_s)).timestamp()),
+    }
+    return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"typ": PROOF_TYPE})
+
+
+def _unverified_cnf(cert: str) -> str:
+    try:
+        claims = jwt.decode(cert, options={"verify_signature": False})
+    except jwt.InvalidTokenError as e:
+        raise AccessDenied(f"malformed token: {e}") from None
+    cnf = claims.get("cnf")
+    return (cnf.get("x") if isinstance(cnf, dict) else None) or ""
+
+
+def verify_proof(
+    proof: str | None,
+    *,
+    action: str,
+    service: str,
+    bind: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
+    public_key: Any = None,
+    now: datetime | None = None,
+) -> Proven:
+    """Who made this proof, if it is valid and made for exactly this request; else
+    AccessDenied (``ProofMismatch`` when it is a good proof of another request)."""
+    proof = (proof or "").strip()
+    if not proof:
+        raise AccessDenied("no identity: set HMS_TOKEN or run `hms auth issue ...`")
+    if HOLDER_SEP in proof:
+        raise AccessDenied("a whole token was sent instead of a request proof: it is now in this workflow's "
+                           "history, so issue a new one; requests carry proofs (`hms approve --print-signal`)")
+    try:
+        header = jwt.get_unverified_header(proof)
+        unverified = jwt.decode(proof, options={"verify_signature": False})
+    except jwt.InvalidTokenError as e:
+        raise AccessDenied(f"malformed request proof: {e}") from None
+    if header.get("typ") != PROOF_TYPE or not isinstance(unverified.get("cert"), str):
+        raise AccessDenied("not a request proof: requests carry a proof made from the token "
+                           "(`hms`, the Python API and `hms approve --print-signal` make them), never a token")
+    if public_key is None:
+        if state_dir is None:
+            raise ValueError("verify_proof needs state_dir or public_key")
+        key = load_token_public_key(state_dir)
+    else:
+        key = _coerce_public_key(public_key)
+    identity, cnf_x = _verify_cert(unverified["cert"], key, now)
+    try:
+        holder = Ed25519PublicKey.from_public_bytes(_unb64(cnf_x))
+        claims = jwt.decode(proof, holder, algorithms=[ALGORITHM],
+                            options={"verify_exp": False, "verify_iat": False, "verify_nbf": False,
+                                     "require": ["act", "svc", "jti", "iat", "exp"]})
+    except (ValueError, jwt.InvalidTokenError) as e:
+        raise AccessDenied(f"request proof signature is invalid: not made by the token's holder ({e})") from None
+    if claims["act"] != action:
+        raise ProofMismatch(f"the proof asks to {claims['act']}, not to {action}")
+    if claims["svc"] != service:
+        raise ProofMismatch(f"the proof is for service {claims['svc']!r}, not {service!r}")
+    got = claims.get("bind") if isinstance(claims.get("bind"), dict) else {}
+    for name, want in sorted((bind or {}).items()):
+        if got.get(name) != want:
+            raise ProofMismatch(f"the proof is for another {name} ({got.get(name)!r}, not {want!r})")
+    iat, exp = claims["iat"], claims["exp"]
+    if not _is_number(iat) or not _is_number(exp) or exp - iat > MAX_PROOF_TTL_S:
+        raise AccessDenied(f"request proof lifetime is invalid (at most {MAX_PROOF_TTL_S:g}s)")
+    current = _utc(now)
+    expires_at = datetime.fromtimestamp(exp, UTC)
+    if current >= expires_at + timedelta(seconds=CLOCK_SKEW_S):
+        ago = (current - expires_at).total_seconds()
+        raise AccessDenied(f"the request proof of {identity.user} expired {format_duration(ago)} ago "
+                           "(a proof is for one request, made just before it)")
+    if iat - current.timestamp() > CLOCK_SKEW_S:
+        raise AccessDenied(f"the request proof of {identity.user} is made in the future: check the clocks")
+    return Proven(identity=identity, jti=str(claims["jti"]), expires_at=expires_at)
 
 
 _TTL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
@@ -348,6 +578,10 @@ def ensure_local_operator(settings: Settings) -> str | None:
 
     Returns the token in effect and sets ``settings.token`` to it."""
     init_keys(settings.state_dir)
+    if settings.token and HOLDER_SEP not in settings.token:
+        renewed = _renew_legacy(settings)
+        if renewed:
+            return renewed
     if settings.token:
         try:
             verify_token(settings.token, state_dir=settings.state_dir)
@@ -357,5 +591,25 @@ def ensure_local_operator(settings: Settings) -> str | None:
     user = os.environ.get("USER") or "operator"
     token = issue_token(settings.state_dir, user=user, role="ops_admin", ttl_s=LOCAL_OPERATOR_TTL_S)
     settings.write_config(token=token)
+    settings.token = token
+    return token
+
+
+def _renew_legacy(settings: Settings) -> str | None:
+    """A token from before the token key and request proofs (a bare JWT signed with the image
+    key) that this host issued: the same user and role, until the same expiry, in today's form."""
+    try:
+        claims = jwt.decode(settings.token or "", load_public_key(settings.state_dir), algorithms=[ALGORITHM],
+                            options={"require": ["sub", "role", "exp"]})
+    except (jwt.InvalidTokenError, AccessDenied):
+        return None
+    left = float(claims["exp"]) - datetime.now(UTC).timestamp()
+    if claims.get("role") not in ROLES or left <= 0:
+        return None
+    token = issue_token(settings.state_dir, user=str(claims["sub"]), role=str(claims["role"]), ttl_s=left)
+    if os.environ.get("HMS_TOKEN") != settings.token:
+        settings.write_config(token=token)
+    log.warning("the configured token of %s was in the old form (a bearer JWT); replaced by a token with a "
+                "holder key, same role and expiry", claims["sub"])
     settings.token = token
     return token

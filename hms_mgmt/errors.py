@@ -19,6 +19,7 @@ class FailureKind(StrEnum):
     APPROVAL_TIMED_OUT = "approval_timed_out"
     IMAGE_UNTRUSTED = "image_untrusted"
     SPEC_INVALID = "spec_invalid"
+    INVALID_SPEC = "invalid_spec"  # valid as data, but a node's runtime will not run it (runtime.check_spec)
     REFUSED = "refused"  # the request does not fit the service's state (wrong phase, out of range)
     CAPACITY = "capacity"
     CRASH_LOOP = "crash_loop"
@@ -39,6 +40,14 @@ class SpecError(HmsError, ValueError):
     """A service spec (or another input) is invalid; the message names the field."""
 
     kind = FailureKind.SPEC_INVALID
+
+
+class InvalidSpec(SpecError):
+    """The spec is valid, but the runtime of a node it would run on refuses it (e.g. a process
+    pod's ``command`` or an ``env`` name its image's signature does not cover); the message names
+    the field. Permanent: the service fails at admission, no pod is tried."""
+
+    kind = FailureKind.INVALID_SPEC
 
 
 class AccessDenied(HmsError, PermissionError):
@@ -129,6 +138,7 @@ _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.APPROVAL_TIMED_OUT: ApprovalTimedOut,
     FailureKind.IMAGE_UNTRUSTED: ImageUntrusted,
     FailureKind.SPEC_INVALID: SpecError,
+    FailureKind.INVALID_SPEC: InvalidSpec,
     FailureKind.REFUSED: RequestRefused,
     FailureKind.CAPACITY: CapacityUnavailable,
     FailureKind.CRASH_LOOP: CrashLooping,

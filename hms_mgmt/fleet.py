@@ -41,7 +41,7 @@ async def fleet_status(
     async def one(name: str) -> ServiceStatus | None:
         async with gate:
             try:
-                return await orch.status(name, live=live)
+                return await orch.read_status(name, live=live)
             except (ServiceNotFound, RPCError, WorkflowQueryFailedError) as e:
                 log.debug("status of %s unavailable: %s", name, e)
                 return None

@@ -6,7 +6,10 @@ Workflows import this module through ``imports_passed_through``: keep it free of
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -178,6 +181,11 @@ class ServiceSpec(_Model):
             raise ValueError(f"{', '.join(refused)} may not be added back; allowed: {', '.join(sorted(CAP_ADD_ALLOWED))}")
         return sorted(set(caps))
 
+    def digest(self) -> str:
+        """The whole spec, canonically hashed: what a deploy, an update or an approval names."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
     def pod_template(self) -> dict[str, Any]:
         """The fields that shape a pod: a change to any of them needs new pods (a rolling update);
         any other change (replica bounds, targets, intervals) applies in place."""
@@ -337,6 +345,10 @@ class PendingApproval(_Model):
     requested_by: str
     requested_at: datetime
     reason: str
+    # What an approval must name (``hms approve --print-signal`` reads them from here).
+    id: str = ""
+    revision: int = 0
+    spec_hash: str = ""
     invalid_attempts: list[str] = Field(default_factory=list)
 
 
@@ -375,12 +387,17 @@ class ServiceStatus(_Model):
 
 
 class Approval(_Model):
-    """The payload of the ``approve`` / ``reject`` signals (from Python, `hms`, the Temporal
-    CLI or the Web UI: ``{"token": "...", "reason": "..."}``)."""
+    """The payload of the ``approve`` / ``reject`` signals and updates (from Python, `hms`, the
+    Temporal CLI or the Web UI: ``{"proof": "...", "reason": "..."}``, as printed by
+    ``hms approve NAME --print-signal``). The proof names the service, the revision, the spec
+    hash and the pending request, and is used once."""
 
-    token: str = ""
+    proof: str = ""
     reason: str = ""
     request_id: str = ""
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
 
 
 class DeployResult(_Model):
@@ -432,12 +449,16 @@ class ServiceState(_Model):
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
+    used_proofs: dict[str, float] = Field(default_factory=dict)  # jti -> expiry (epoch s): each is used once
 
 
 class ServiceInput(_Model):
     spec: ServiceSpec
     placement: Placement
-    token: str = ""
+    proof: str = ""  # the deployer's request proof, bound to the spec's digest
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
     state: ServiceState | None = None
     history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
     request_id: str = ""  # the deploy() call that started the service, so it can tell it was first
@@ -486,15 +507,32 @@ class SpecUpdate(_Model):
     """The ``update_spec`` update (a new revision, or an in-place change) and ``rollback``."""
 
     spec: ServiceSpec | None = None
-    token: str = ""
+    proof: str = ""  # bound to the spec's digest (update) or to ``to_revision`` (rollback)
     request_id: str = ""
     to_revision: int | None = None  # rollback: this revision (default: the one before)
+    grant: str = ""  # set by the workflow once the proof is verified; whatever a caller sends is replaced
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
 
 
 class PodLogsInput(_Model):
     pod_id: str
     node_task_queue: str = ""
-    tail: int = 100
+    tail: int = Field(default=100, ge=1, le=10_000)
+    service: str = ""
+    proof: str = ""  # a viewer's (or better) request proof, bound to the pod
+    grant: str = ""  # set by PodLogsWorkflow once the proof is verified; what the node checks
+
+    @field_validator("pod_id")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        try:
+            if str(uuid.UUID(v)) == v:
+                return v
+        except ValueError:
+            pass
+        raise ValueError(f"not a UUID: {v[:60]!r}")
 
 
 # --- activity inputs and results ------------------------------------------------------
@@ -663,19 +701,27 @@ class ScaleOutput(_Model):
 
 class ScaleRequest(_Model):
     replicas: int
-    token: str = ""
+    proof: str = ""  # bound to ``replicas``
     reason: str = ""
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
 
 
 # --- access, governance, image trust ---------------------------------------------------
 
 
 class AuthorizeInput(_Model):
-    token: str
-    action: str
+    proof: str = ""
+    action: str  # what the access matrix is asked
     service: str
     requester: str | None = None  # for approve: the deployer, who may not approve their own request
     request_id: str = ""
+    claim: str = ""  # what the proof must ask for, when it differs from ``action`` (update, rollback)
+    bind: dict[str, Any] = Field(default_factory=dict)  # what the proof must be bound to
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
 
 
 class TicketInput(_Model):
@@ -685,10 +731,14 @@ class TicketInput(_Model):
     revision: int
     spec: ServiceSpec
     image_id: str
-    token: str = ""  # the deployer's
-    approval_token: str = ""  # a gov_approver's, when the spec is over the governance limit
+    grant: str = ""  # the deployer's, from ``authorize``
+    approval_grant: str = ""  # a gov_approver's, when the spec is over the governance limit
     prior_ticket: str = ""  # a rollback: the earlier revision's ticket (it was admitted then)
     prior_revision: int | None = None
+
+
+    token: str = Field(default="", exclude=True)  # before grants; still decoded, never read
+    approval_token: str = Field(default="", exclude=True)
 
 
 class TicketOutput(_Model):
@@ -700,6 +750,7 @@ class AuthorizeOutput(_Model):
     user: str | None = None
     role: str | None = None
     reason: str = ""
+    grant: str = ""  # the control plane's signed word for the verified identity and request
 
 
 class GovernanceInput(_Model):
@@ -717,6 +768,7 @@ class VerifyImageInput(_Model):
     image: str
     content_id: str = ""  # check this pinned content rather than what the tag points to now
     one_try: bool = False  # a revocation check: answer now, do not wait for a signature
+    spec: ServiceSpec | None = None  # admission: would this node's runtime run it? (``check_spec``)
 
 
 class VerifyImageOutput(_Model):
@@ -759,8 +811,11 @@ class PublishResult(_Model):
 
 
 class UndeployRequest(_Model):
-    token: str = ""
+    proof: str = ""
     request_id: str = ""
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
 
 
 class AdmissionRequest(_Model):

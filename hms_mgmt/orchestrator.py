@@ -20,6 +20,7 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowExecutionStatus,
+    WorkflowFailureError,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
@@ -28,10 +29,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hms_mgmt import connection, constants
+from hms_mgmt import auth, connection, constants
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import (
     HmsError,
+    RequestRefused,
     ScaleRefused,
     ServiceNotFound,
     SpecError,
@@ -157,6 +159,18 @@ class Orchestrator:
         ready = [r.spec for r in records or [] if r.state == "Ready"]
         return placement.model_copy(update={"nodes": ready}) if ready else placement
 
+    def _prove(self, action: str, service: str, ttl_s: float = auth.PROOF_TTL_S, **bind: Any) -> str:
+        """A proof of this one request made with the configured token, which itself never leaves
+        this process (nor reaches workflow history)."""
+        return auth.prove(self.settings.token, action=action, service=service, bind=bind, ttl_s=ttl_s)
+
+    def _check_reader(self, action: str) -> None:
+        """``status``/``logs`` need at least a viewer where a token is configured. Queries carry no
+        identity, so for ``status`` this check is the client's own (anyone who reaches Temporal
+        reads history anyway); ``logs`` is checked again by the workers."""
+        if self.settings.token:
+            auth.check_own_token(self.settings.token, action, self.settings.state_dir)
+
     def _handle(self, name: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(constants.service_workflow_id(name))
 
@@ -183,7 +197,8 @@ class Orchestrator:
         spec = load_spec(spec)
         wf_id = constants.service_workflow_id(spec.name)
         request_id = uuid.uuid4().hex
-        inp = ServiceInput(spec=spec, placement=await self._placement_now(), token=self.settings.token or "",
+        inp = ServiceInput(spec=spec, placement=await self._placement_now(),
+                           proof=self._prove("deploy", spec.name, spec=spec.digest()),
                            history_threshold=self.settings.history_threshold, request_id=request_id)
 
         def start_op() -> WithStartWorkflowOperation[Any, Any]:  # one use each
@@ -252,7 +267,8 @@ class Orchestrator:
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
             handle, "update_spec",
-            SpecUpdate(spec=spec, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            SpecUpdate(spec=spec, proof=self._prove("update", spec.name, spec=spec.digest()),
+                       request_id=uuid.uuid4().hex),
             what=f"update {spec.name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(spec.name, outcome.revision, timeout=timeout)
@@ -264,7 +280,8 @@ class Orchestrator:
         handle = await self._running_handle(name)
         outcome = await self._update(
             handle, "rollback",
-            SpecUpdate(to_revision=revision, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            SpecUpdate(to_revision=revision, proof=self._prove("rollback", name, to_revision=revision),
+                       request_id=uuid.uuid4().hex),
             what=f"roll back {name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(name, outcome.revision, timeout=timeout)
@@ -315,6 +332,12 @@ class Orchestrator:
     async def status(self, name: str, *, live: bool = True) -> ServiceStatus:
         """The workflow's state; with ``live``, merged with what the running health monitor
         has seen since it last reported (its heartbeat: failures in a row, CPU per pod)."""
+        self._check_reader("status")
+        return await self.read_status(name, live=live)
+
+    async def read_status(self, name: str, *, live: bool = True) -> ServiceStatus:
+        """``status`` without the client's reader check, for servers that apply their own
+        access rules to what they show (the dashboard, the worker's metrics)."""
         handle = self._handle(name)
         try:
             status = await handle.query("status", result_type=ServiceStatus)
@@ -411,10 +434,12 @@ class Orchestrator:
         """Set the replica count (a validated workflow update: out of range is refused)."""
         handle = await self._running_handle(name)
         return await self._update(handle, "scale",
-                                  ScaleRequest(replicas=replicas, token=self.settings.token or "", reason=reason),
+                                  ScaleRequest(replicas=replicas, proof=self._prove("scale", name, replicas=replicas),
+                                               reason=reason),
                                   what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
     async def list(self) -> builtins.list[ServiceStatus]:
+        self._check_reader("status")
         query = (
             f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" '
             f'AND TaskQueue = "{self.settings.task_queue}"'
@@ -428,17 +453,28 @@ class Orchestrator:
         return sorted(out, key=lambda s: s.name)
 
     async def logs(self, service: str, pod_id: str, tail: int = 100) -> builtins.list[str]:
-        status = await self.status(service)
+        """A pod's last lines: a viewer (or better) may read them; the node checks that too."""
+        self._check_reader("logs")
+        status = await self.read_status(service)
         pod = next((p for p in status.pods if p.id == pod_id or p.id.startswith(pod_id)), None)
         if pod is None:
             raise HmsError(f"service {service} has no pod {pod_id!r}; pods: {', '.join(p.id for p in status.pods)}")
-        out = await self.client.execute_workflow(
-            "PodLogsWorkflow",
-            PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=tail),
-            id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",
-            task_queue=self.settings.task_queue,
-            result_type=LogsOutput,
-        )
+        try:
+            out = await self.client.execute_workflow(
+                "PodLogsWorkflow",
+                PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=tail,
+                             service=service, proof=self._prove("logs", service, pod=pod.id)),
+                id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",
+                task_queue=self.settings.task_queue,
+                result_type=LogsOutput,
+            )
+        except WorkflowFailureError as e:
+            cause: BaseException | None = e.cause
+            while cause is not None and not isinstance(cause, ApplicationError):
+                cause = getattr(cause, "cause", None)
+            if cause is None:
+                raise
+            raise error_for(cause.type, cause.message) from None
         return out.lines
 
     async def undeploy(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> ServiceStatus | None:
@@ -447,7 +483,7 @@ class Orchestrator:
         The ``undeploy`` update answers once the request is accepted (or refused, typed); with
         ``wait`` this returns the final status once every pod is stopped."""
         handle = await self._running_handle(name)
-        await self._update(handle, "undeploy", UndeployRequest(token=self.settings.token or "",
+        await self._update(handle, "undeploy", UndeployRequest(proof=self._prove("undeploy", name),
                                                                request_id=uuid.uuid4().hex), what=f"undeploy {name}")
         if not wait:
             return None
@@ -465,8 +501,28 @@ class Orchestrator:
 
     async def _decide(self, kind: str, name: str, reason: str) -> ServiceStatus:
         handle = await self._running_handle(name)
-        approval = Approval(token=self.settings.token or "", reason=reason, request_id=uuid.uuid4().hex)
+        approval = await self.approval(kind, name, reason=reason)
         return await self._update(handle, kind, approval, what=f"{kind} {name}")
+
+    async def approval(self, kind: str, name: str, *, reason: str = "",
+                       ttl_s: float = auth.PROOF_TTL_S) -> Approval:
+        """The ``approve``/``reject`` input for the service's pending request: a proof naming the
+        service, the revision, the spec hash and the request, good once. ``hms approve
+        --print-signal`` prints it for the Temporal CLI or the Web UI's "Send a signal" form."""
+        # What the proof must name, read without the client's own reader check: a refused token
+        # should reach the workflow, which records the attempt (pending_approval.invalid_attempts).
+        try:
+            status = await self._handle(name).query("status", result_type=ServiceStatus)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise ServiceNotFound(f"no service named {name!r}") from e
+            raise
+        pending = status.pending_approval
+        if pending is None:
+            raise RequestRefused(f"cannot {kind} {name}: it is {status.phase}, not awaiting approval")
+        proof = self._prove(kind, name, ttl_s=ttl_s, revision=pending.revision, spec=pending.spec_hash,
+                            request=pending.id)
+        return Approval(proof=proof, reason=reason, request_id=uuid.uuid4().hex)
 
 
 def failure_error(err: WorkflowUpdateFailedError, what: str, *, refine: type[HmsError] | None = None) -> HmsError:

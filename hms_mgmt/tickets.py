@@ -7,6 +7,11 @@ signs identity tokens) over the service, the revision, a digest of what a pod ru
 pod template) and the pinned image id. ``start_pod`` on every node verifies it against exactly
 the pod it is asked to start, and refuses anything else.
 
+The same key signs *grants*: what the ``authorize`` activity hands a workflow once it has
+verified a request proof — the verified identity (user, role), the action, the service and what
+the proof was bound to. A workflow keeps grants, never tokens; ``issue_ticket`` admits from
+grants (the deployer's, and a gov_approver's for a spec over the governance limit).
+
 Pure functions over files in the state directory; no Temporal here.
 """
 
@@ -16,7 +21,9 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -63,32 +70,45 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue(state_dir: Path, *, service: str, revision: int, spec: ServiceSpec, image_id: str) -> str:
-    """A ticket for pods of ``service`` revision ``revision`` running ``spec`` from ``image_id``."""
+def _sign(state_dir: Path, claims: dict[str, Any]) -> str:
     ensure_control_key(state_dir)
     key = serialization.load_pem_private_key((_keys(state_dir) / PRIVATE_FILE).read_bytes(), password=None)
     assert isinstance(key, Ed25519PrivateKey)
-    payload = json.dumps({"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id,
-                          "iat": int(time.time())}, sort_keys=True, separators=(",", ":")).encode()
+    payload = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
     return f"{_b64(payload)}.{_b64(key.sign(payload))}"
+
+
+def _open(state_dir: Path, signed: str, what: str) -> dict[str, Any]:
+    try:
+        pub = serialization.load_pem_public_key((_keys(state_dir) / PUBLIC_FILE).read_bytes())
+    except (OSError, ValueError) as e:
+        raise AccessDenied(f"{what}s cannot be checked on this node ({e})") from None
+    assert isinstance(pub, Ed25519PublicKey)
+    try:
+        head, sig = signed.split(".", 1)
+        payload = _unb64(head)
+        pub.verify(_unb64(sig), payload)
+        claims = json.loads(payload)
+    except (ValueError, InvalidSignature):
+        raise AccessDenied(f"the {what} is forged or damaged") from None
+    if not isinstance(claims, dict):
+        raise AccessDenied(f"the {what} is forged or damaged")
+    return claims
+
+
+def issue(state_dir: Path, *, service: str, revision: int, spec: ServiceSpec, image_id: str) -> str:
+    """A ticket for pods of ``service`` revision ``revision`` running ``spec`` from ``image_id``."""
+    return _sign(state_dir, {"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id,
+                             "iat": int(time.time())})
 
 
 def verify(state_dir: Path, ticket: str, *, service: str, revision: int, spec: ServiceSpec, image_id: str) -> None:
     """Raise AccessDenied unless ``ticket`` was issued for exactly this pod's revision."""
     if not ticket:
         raise AccessDenied("no admission ticket: only an admitted revision may start pods")
-    try:
-        pub = serialization.load_pem_public_key((_keys(state_dir) / PUBLIC_FILE).read_bytes())
-    except (OSError, ValueError) as e:
-        raise AccessDenied(f"admission tickets cannot be checked on this node ({e})") from None
-    assert isinstance(pub, Ed25519PublicKey)
-    try:
-        head, sig = ticket.split(".", 1)
-        payload = _unb64(head)
-        pub.verify(_unb64(sig), payload)
-        claims = json.loads(payload)
-    except (ValueError, InvalidSignature):
-        raise AccessDenied("the admission ticket is forged or damaged") from None
+    claims = _open(state_dir, ticket, "admission ticket")
+    if claims.get("typ", "ticket") != "ticket":
+        raise AccessDenied("not an admission ticket")
     want = {"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id}
     wrong = sorted(k for k, v in want.items() if claims.get(k) != v)
     if wrong:
@@ -96,3 +116,35 @@ def verify(state_dir: Path, ticket: str, *, service: str, revision: int, spec: S
         raise AccessDenied("the admission ticket is for another "
                            + ", ".join(names[k] for k in wrong) + f" (service {claims.get('svc')}, "
                            f"revision {claims.get('rev')})")
+
+
+GRANT_TTL_S = 32 * 86400.0  # outlives the longest approval wait (30 days) and the image check after it
+
+
+def grant(state_dir: Path, *, action: str, service: str, user: str, role: str, bind: dict[str, Any]) -> str:
+    """The control plane's word that ``user`` (``role``) was allowed ``action`` on ``service``
+    for exactly ``bind``: what a workflow keeps instead of the caller's token."""
+    now = int(time.time())
+    return _sign(state_dir, {"typ": "grant", "act": action, "svc": service, "sub": user, "role": role,
+                             "bind": bind, "iat": now, "exp": now + int(GRANT_TTL_S)})
+
+
+def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collection[str],
+                bind: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The grant's claims (``sub``, ``role``, ``act``, ``bind``), or AccessDenied unless it was
+    issued here for one of ``actions`` on ``service``, bound to ``bind``, and has not expired."""
+    if not signed:
+        raise AccessDenied("no grant: the request was never authorized")
+    claims = _open(state_dir, signed, "grant")
+    if claims.get("typ") != "grant":
+        raise AccessDenied("not a grant")
+    if claims.get("svc") != service or claims.get("act") not in actions:
+        raise AccessDenied(f"the grant is for {claims.get('act')} on {claims.get('svc')}, not "
+                           f"{'/'.join(sorted(actions))} on {service}")
+    got = claims.get("bind") if isinstance(claims.get("bind"), dict) else {}
+    for name, want in sorted((bind or {}).items()):
+        if got.get(name) != want:
+            raise AccessDenied(f"the grant is for another {name} ({got.get(name)!r}, not {want!r})")
+    if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
+        raise AccessDenied("the grant has expired")
+    return claims

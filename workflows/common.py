@@ -6,6 +6,8 @@ Deterministic code only: no I/O, no clock, no randomness but ``workflow.*``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -55,6 +57,18 @@ def error_type(err: BaseException) -> str | None:
     while isinstance(cause, (ActivityError, ChildWorkflowError)):
         cause = cause.cause
     return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def proof_jti(proof: str) -> str:
+    """The one-time id a request proof names, read without verifying it (the ``authorize``
+    activity verifies); "" when there is none. Lets a workflow refuse a proof it has seen."""
+    try:
+        part = proof.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError):
+        return ""
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+    return jti[:64] if isinstance(jti, str) else ""
 
 
 def error_message(err: BaseException) -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.control import ControlActivities
     from activities.pods import PodActivities
-    from hms_mgmt.models import LogsOutput, PodLogsInput
+    from hms_mgmt.errors import FailureKind
+    from hms_mgmt.models import AuthorizeInput, LogsOutput, PodLogsInput
 
 from workflows.common import POD_HEARTBEAT, POD_RETRY
 
@@ -17,9 +20,21 @@ from workflows.common import POD_HEARTBEAT, POD_RETRY
 class PodLogsWorkflow:
     @workflow.run
     async def run(self, inp: PodLogsInput) -> LogsOutput:
+        # The caller's proof is checked by the control worker; the node reads only for the grant
+        # it answers with (bound to this service and pod), so skipping this step gets nothing.
+        allowed = await workflow.execute_activity_method(
+            ControlActivities.authorize,
+            AuthorizeInput(proof=inp.proof, action="logs", service=inp.service, bind={"pod": inp.pod_id}),
+            task_queue=workflow.info().task_queue,
+            start_to_close_timeout=timedelta(seconds=30),
+            summary="authorize logs",
+        )
+        if not allowed.allowed:
+            raise ApplicationError(f"logs of {inp.service} refused: {allowed.reason}",
+                                   type=FailureKind.ACCESS_DENIED.value, non_retryable=True)
         return await workflow.execute_activity_method(
             PodActivities.pod_logs,
-            inp,
+            inp.model_copy(update={"proof": "", "grant": allowed.grant}),
             task_queue=inp.node_task_queue,
             start_to_close_timeout=timedelta(seconds=30),
             schedule_to_start_timeout=timedelta(seconds=30),

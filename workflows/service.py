@@ -61,7 +61,17 @@ with workflow.unsafe.imports_passed_through():
     )
     from hms_mgmt.policy.autoscale import AutoscaleInput, CpuSample, Recommendation, autoscale
 
-from workflows.common import NODE_PICKUP, POD_HEARTBEAT, POD_RETRY, emit, error_message, node_queue, stop_pod
+from workflows.common import (
+    NODE_PICKUP,
+    POD_HEARTBEAT,
+    POD_RETRY,
+    emit,
+    error_message,
+    error_type,
+    node_queue,
+    proof_jti,
+    stop_pod,
+)
 from workflows.deploy import POD_REPORTED, PODS_DRAINING, SUPERSEDE, DeployWorkflow
 from workflows.heal import HEAL_ATTEMPT_FAILED, HealWorkflow
 from workflows.scale import ScaleWorkflow
@@ -106,7 +116,8 @@ class ServiceWorkflow:
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
         self.approvals: list[tuple[str, Approval]] = []  # from the signals, checked by the run loop
         self.approval_decision: tuple[str, str, str] | None = None  # (approve|reject, who, reason)
-        self.approval_token = ""
+        self.approval_grant = ""  # the deciding gov_approver's grant: the admission ticket checks it
+        self.deploy_grant = ""  # the deployer's grant, from the first authorize
         self.outbox: list[tuple[str, str, dict[str, object]]] = []  # events raised by handlers
         self.published: EndpointSet | None = None  # the endpoint feed's last table
         self.service_stopped = False
@@ -195,7 +206,7 @@ class ServiceWorkflow:
     async def undeploy(self, req: UndeployRequest) -> ServiceStatus:
         """Only an ops_admin may undeploy (checked here, in the worker); the answer comes once
         the request is accepted, and the run ends when every pod is stopped."""
-        allowed = await self._authorize("undeploy", req.token, request_id=req.request_id)
+        allowed = await self._authorize("undeploy", req.proof, request_id=req.request_id)
         if not allowed.allowed:
             raise refuse(FailureKind.ACCESS_DENIED, f"undeploy {self.spec.name} refused: {allowed.reason}")
         self.undeploy_requested = True
@@ -226,12 +237,25 @@ class ServiceWorkflow:
     @workflow.signal(name="approve")
     def approve_signal(self, approval: Approval) -> None:
         """The same decision as a signal, for the Temporal CLI and the Web UI's "Send a signal"
-        form; checked exactly like the update, by the run loop."""
-        self.approvals.append(("approve", approval))
+        form (``hms approve NAME --print-signal`` prints the input); checked exactly like the
+        update, by the run loop."""
+        self._signalled("approve", approval)
 
     @workflow.signal(name="reject")
     def reject_signal(self, approval: Approval) -> None:
-        self.approvals.append(("reject", approval))
+        self._signalled("reject", approval)
+
+    def _signalled(self, kind: str, approval: Approval) -> None:
+        jti = proof_jti(approval.proof)
+        if jti and jti in self.state.used_proofs:
+            self.outbox.append(("access.denied", f"ignored a {kind} signal: its proof was already used "
+                                                 f"(jti {jti[:12]})", {"action": kind}))
+            return
+        if self.state.pending_approval is None or self.approval_decision is not None:
+            self.outbox.append(("access.denied", f"ignored a {kind} signal: {self.spec.name} is "
+                                                 f"{self.state.phase}, not awaiting approval", {"action": kind}))
+            return
+        self.approvals.append((kind, approval))
 
     def _require_pending(self, kind: str) -> None:
         if self.state.pending_approval is None or self.approval_decision is not None:
@@ -250,8 +274,11 @@ class ServiceWorkflow:
 
     async def _judge(self, kind: str, approval: Approval) -> tuple[AuthorizeOutput, bool]:
         """Check one approve/reject (from a signal or an update); the first valid one decides."""
-        result = await self._authorize(kind, approval.token, request_id=approval.request_id,
-                                       requester=self.state.requested_by if kind == "approve" else None)
+        pending = self.state.pending_approval
+        bind = ({"revision": pending.revision, "spec": pending.spec_hash, "request": pending.id}
+                if pending is not None else {"request": "none pending"})
+        result = await self._authorize(kind, approval.proof, request_id=approval.request_id,
+                                       requester=self.state.requested_by if kind == "approve" else None, bind=bind)
         pending = self.state.pending_approval
         if not result.allowed:
             if pending is not None:
@@ -260,7 +287,7 @@ class ServiceWorkflow:
         if self.approval_decision is not None or self.state.pending_approval is None:
             return result, False
         self.approval_decision = (kind, result.user or "", approval.reason)
-        self.approval_token = approval.token  # the admission ticket checks it again
+        self.approval_grant = result.grant  # the admission ticket checks it again
         return result, True
 
     @workflow.signal(name=PODS_DRAINING)
@@ -322,11 +349,13 @@ class ServiceWorkflow:
         return before[-1]
 
     async def _request_update(self, req: SpecUpdate, action: str) -> UpdateOutcome:
-        allowed = await self._authorize(action, req.token, request_id=req.request_id)
+        claim, bind = (("update", {"spec": req.spec.digest()}) if req.spec is not None
+                       else ("rollback", {"to_revision": req.to_revision}))
+        allowed = await self._authorize(action, req.proof, request_id=req.request_id, claim=claim, bind=bind)
         if not allowed.allowed:
             raise refuse(FailureKind.ACCESS_DENIED, f"update {self.spec.name} refused: {allowed.reason}")
         key = req.request_id or str(workflow.uuid4())
-        req = req.model_copy(update={"request_id": key})
+        req = req.model_copy(update={"request_id": key, "grant": allowed.grant})
         self.spec_requests.append((req, allowed.user or ""))
         if self.updating is None:
             self.updating = asyncio.ensure_future(self._updater())
@@ -383,7 +412,7 @@ class ServiceWorkflow:
         """Set the replica count by hand, like ``kubectl scale`` on an HPA-managed deployment:
         the autoscaler keeps running and its next decision may change the count again, but a
         manual value holds off its scale-down for the stabilisation window."""
-        allowed = await self._authorize("scale", req.token, request_id="")
+        allowed = await self._authorize("scale", req.proof, request_id="", bind={"replicas": req.replicas})
         if not allowed.allowed:
             raise refuse(FailureKind.ACCESS_DENIED, f"scale {self.spec.name} refused: {allowed.reason}")
         # One scaling action at a time, and always the one recorded in self.scaling, so
@@ -428,7 +457,7 @@ class ServiceWorkflow:
         if inp.state is None:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(self.spec.name)])
             self._set_phase("Validating", force=True)
-            if not await self._admit(inp.token):
+            if not await self._admit(inp.proof):
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return self.status()  # refused before any pod started: nothing to undo
             await self._deploy()
@@ -732,24 +761,48 @@ class ServiceWorkflow:
 
     # --- admission: access, governance, image trust ------------------------------------------
 
-    async def _authorize(self, action: str, token: str, *, request_id: str, requester: str | None = None
-                         ) -> AuthorizeOutput:
-        result = await workflow.execute_activity_method(
-            ControlActivities.authorize,
-            AuthorizeInput(token=token, action=action, service=self.spec.name, requester=requester,
-                           request_id=request_id),
-            task_queue=self.placement.control_task_queue,
-            start_to_close_timeout=CONTROL_TIMEOUT,
-            summary=f"authorize {action}",
-        )
+    async def _authorize(self, action: str, proof: str, *, request_id: str, requester: str | None = None,
+                         claim: str = "", bind: dict[str, object] | None = None) -> AuthorizeOutput:
+        """Verify a request proof in the control worker; each proof is used once (its jti is
+        remembered, across continue-as-new, until it expires)."""
+        jti = proof_jti(proof)
+        if jti and jti in self.state.used_proofs:
+            reason = f"its proof was already used (jti {jti[:12]}): a proof is good for one request"
+            await emit(self.placement, "access.denied", self.spec.name, f"{action} refused: {reason}",
+                       action=action, request_id=request_id)
+            result = AuthorizeOutput(allowed=False, reason=reason)
+        else:
+            if jti:
+                self._remember_proof(jti)
+            result = await self._verify_proof(action, proof, request_id=request_id, requester=requester,
+                                              claim=claim, bind=bind or {})
         if not result.allowed:
             refusal = Refusal(at=workflow.now(), action=action, reason=result.reason, request_id=request_id)
             self.state.refusals = (self.state.refusals + [refusal])[-MAX_REFUSALS:]
         return result
 
-    async def _admit(self, token: str) -> bool:
+    def _remember_proof(self, jti: str) -> None:
+        now = workflow.now().timestamp()
+        kept = {k: exp for k, exp in self.state.used_proofs.items() if exp > now}
+        # A proof lives at most an hour (plus clock skew): remembered that long, it cannot come back.
+        kept[jti] = now + 3600 + 120
+        self.state.used_proofs = kept
+
+    async def _verify_proof(self, action: str, proof: str, *, request_id: str, requester: str | None,
+                            claim: str, bind: dict[str, object]) -> AuthorizeOutput:
+        return await workflow.execute_activity_method(
+            ControlActivities.authorize,
+            AuthorizeInput(proof=proof, action=action, service=self.spec.name, requester=requester,
+                           request_id=request_id, claim=claim, bind=bind),
+            task_queue=self.placement.control_task_queue,
+            start_to_close_timeout=CONTROL_TIMEOUT,
+            summary=f"authorize {action}",
+        )
+
+    async def _admit(self, proof: str) -> bool:
         """Validating -> (AwaitingApproval) -> VerifyingImage. False: refused, no pod started."""
-        allowed = await self._authorize("deploy", token, request_id="deploy")
+        allowed = await self._authorize("deploy", proof, request_id="deploy", bind={"spec": self.spec.digest()})
+        self.deploy_grant = allowed.grant
         if not allowed.allowed:
             self._fail(FailureKind.ACCESS_DENIED, f"deploy {self.spec.name} refused: {allowed.reason}")
             self._set_phase("Rejected")
@@ -763,15 +816,16 @@ class ServiceWorkflow:
             summary="governance policy",
         )
         if verdict.needs_approval and not await self._await_approval("; ".join(verdict.reasons),
-                                                                     verdict.approval_timeout_s):
+                                                                     verdict.approval_timeout_s,
+                                                                     revision=self.state.revision, spec=self.spec):
             self._set_phase("Rejected")
             return False
         if self.undeploy_requested:
             return False
         if not await self._verify_image():
             return False
-        ticket, problem = await self._ticket(self.spec, self.state.revision, self.state.image_id, token=token,
-                                             approval_token=self.approval_token)
+        ticket, problem = await self._ticket(self.spec, self.state.revision, self.state.image_id,
+                                             grant=self.deploy_grant, approval_grant=self.approval_grant)
         if ticket is None:
             self._fail(FailureKind.ACCESS_DENIED, problem)
             self._set_phase("Rejected")
@@ -779,14 +833,14 @@ class ServiceWorkflow:
         self._use_ticket(self.state.revision, ticket)
         return True
 
-    async def _ticket(self, spec: ServiceSpec, revision: int, image_id: str, *, token: str, approval_token: str = "",
+    async def _ticket(self, spec: ServiceSpec, revision: int, image_id: str, *, grant: str, approval_grant: str = "",
                       prior: RevisionRecord | None = None) -> tuple[str | None, str]:
         """The control plane's admission ticket for this revision, or (None, why not)."""
         try:
             out = await workflow.execute_activity_method(
                 ControlActivities.issue_ticket,
-                TicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, token=token,
-                            approval_token=approval_token, prior_ticket=prior.ticket if prior else "",
+                TicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, grant=grant,
+                            approval_grant=approval_grant, prior_ticket=prior.ticket if prior else "",
                             prior_revision=prior.revision if prior else None),
                 task_queue=self.placement.control_task_queue,
                 start_to_close_timeout=CONTROL_TIMEOUT,
@@ -802,12 +856,16 @@ class ServiceWorkflow:
         self.state.revisions = [r.model_copy(update={"ticket": ticket}) if r.revision == revision else r
                                 for r in self.state.revisions]
 
-    async def _await_approval(self, reason: str, timeout_s: float, *, running: bool = False) -> bool:
+    async def _await_approval(self, reason: str, timeout_s: float, *, revision: int, spec: ServiceSpec,
+                              running: bool = False) -> bool:
         """Wait for a gov_approver. A running service (an update that needs approval) keeps its
-        phase and its pods meanwhile; only a first deploy sits in AwaitingApproval."""
+        phase and its pods meanwhile; only a first deploy sits in AwaitingApproval. An approval
+        must name this request: the service, ``revision``, the spec's hash and the request id."""
         self.approval_decision = None
+        now = workflow.now()
         self.state.pending_approval = PendingApproval(
-            requested_by=self.state.requested_by, requested_at=workflow.now(), reason=reason
+            requested_by=self.state.requested_by, requested_at=now, reason=reason, revision=revision,
+            spec_hash=spec.digest(), id=f"{revision}-{int(now.timestamp() * 1000)}",
         )
         if not running:
             self._set_phase("AwaitingApproval")
@@ -850,25 +908,28 @@ class ServiceWorkflow:
         """No pod of an image starts until it is marked signed and safe on every node; the
         content it resolves to now is pinned for every pod of this revision."""
         self._set_phase("VerifyingImage")
-        content_id, problem = await self._resolve_image(self.spec)
+        content_id, problem, kind = await self._resolve_image(self.spec)
         if content_id is None:
-            self._fail(FailureKind.IMAGE_UNTRUSTED, problem)
+            self._fail(kind, problem)
             self._set_phase("Failed")
-            await emit(self.placement, "image.untrusted", self.spec.name, problem, image=self.spec.image)
+            await emit(self.placement, "image.untrusted" if kind == FailureKind.IMAGE_UNTRUSTED else "spec.refused",
+                       self.spec.name, problem, image=self.spec.image)
             return False
         self.state.image_id = content_id
         self.state.revisions = [RevisionRecord(revision=self.state.revision, spec=self.spec, image_id=content_id,
                                                deployed_by=self.state.requested_by, deployed_at=workflow.now())]
         return True
 
-    async def _resolve_image(self, spec: ServiceSpec) -> tuple[str | None, str]:
-        """(content id, detail) once every node vouches for the image, or (None, why not)."""
+    async def _resolve_image(self, spec: ServiceSpec) -> tuple[str | None, str, FailureKind]:
+        """(content id, detail, _) once every node vouches for the image and would run the spec,
+        or (None, why not, the failure's kind): a spec a node's runtime refuses is refused here,
+        naming the field, rather than crash-looping pod after pod."""
         queues = sorted({n.task_queue for n in self.placement.nodes})
         try:
             results = await asyncio.gather(*(
                 workflow.execute_activity_method(
                     PodActivities.verify_image,
-                    VerifyImageInput(service=spec.name, image=spec.image),
+                    VerifyImageInput(service=spec.name, image=spec.image, spec=spec),
                     task_queue=q,
                     schedule_to_close_timeout=timedelta(seconds=spec.image_verify_timeout_s),
                     start_to_close_timeout=CONTROL_TIMEOUT,
@@ -879,13 +940,17 @@ class ServiceWorkflow:
                 for q in queues
             ))
         except ActivityError as e:
-            return None, f"{error_message(e)} (gave up after {spec.image_verify_timeout_s:g}s)"
+            if error_type(e) == "InvalidSpec":
+                return None, error_message(e), FailureKind.INVALID_SPEC
+            return None, f"{error_message(e)} (gave up after {spec.image_verify_timeout_s:g}s)", \
+                FailureKind.IMAGE_UNTRUSTED
         ids = {r.content_id for r in results}
         if len(ids) != 1:
-            return None, f"image {spec.image} resolves to different content on different nodes: {sorted(ids)}"
+            return (None, f"image {spec.image} resolves to different content on different nodes: {sorted(ids)}",
+                    FailureKind.IMAGE_UNTRUSTED)
         await emit(self.placement, "image.verified", spec.name, results[0].detail, image=spec.image,
                    content_id=results[0].content_id)
-        return results[0].content_id, results[0].detail
+        return results[0].content_id, results[0].detail, FailureKind.IMAGE_UNTRUSTED
 
     async def _check_revoked(self) -> None:
         """After an ``image_revoked`` hint: is the pinned content still trusted? If not, the
@@ -948,8 +1013,9 @@ class ServiceWorkflow:
             self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
             return
         prior = target
+        revision = max([r.revision for r in self.state.revisions] + [self.state.revision]) + 1
         if prior is None:  # a rollback was admitted once: its ticket is the proof
-            refused = await self._govern(spec, user)
+            refused = await self._govern(spec, user, revision)
             if refused is not None:
                 self.update_outcomes[key] = refused
                 return
@@ -958,15 +1024,15 @@ class ServiceWorkflow:
             self.update_outcomes[key] = UpdateOutcome(in_place=True, status=self.status())
             return
         if not image_id:
-            content_id, problem = await self._resolve_image(spec)
+            content_id, problem, kind = await self._resolve_image(spec)
             if content_id is None:
-                await emit(self.placement, "image.untrusted", spec.name, problem, image=spec.image)
-                self.update_outcomes[key] = Failure(kind=FailureKind.IMAGE_UNTRUSTED, message=problem)
+                await emit(self.placement, "image.untrusted" if kind == FailureKind.IMAGE_UNTRUSTED
+                           else "spec.refused", spec.name, problem, image=spec.image)
+                self.update_outcomes[key] = Failure(kind=kind, message=problem)
                 return
             image_id = content_id
-        revision = max([r.revision for r in self.state.revisions] + [self.state.revision]) + 1
-        ticket, problem = await self._ticket(spec, revision, image_id, token=req.token,
-                                             approval_token=self.approval_token if prior is None else "", prior=prior)
+        ticket, problem = await self._ticket(spec, revision, image_id, grant=req.grant,
+                                             approval_grant=self.approval_grant if prior is None else "", prior=prior)
         if ticket is None:
             self.update_outcomes[key] = Failure(kind=FailureKind.ACCESS_DENIED, message=problem)
             return
@@ -976,10 +1042,10 @@ class ServiceWorkflow:
         self.update_outcomes[key] = UpdateOutcome(revision=revision, status=self.status())
         await self._roll_out(record)
 
-    async def _govern(self, spec: ServiceSpec, user: str) -> Failure | None:
+    async def _govern(self, spec: ServiceSpec, user: str, revision: int) -> Failure | None:
         """The governance policy on a changed spec (an in-place change too: raising max_replicas
         over the limit needs approval); a running service keeps running while it waits."""
-        self.approval_token = ""
+        self.approval_grant = ""
         verdict = await workflow.execute_activity_method(
             ControlActivities.check_governance,
             GovernanceInput(spec=spec),
@@ -990,7 +1056,8 @@ class ServiceWorkflow:
         if verdict.needs_approval:
             before = self.state.failure, self.state.message
             self.state.requested_by = user
-            approved = await self._await_approval("; ".join(verdict.reasons), verdict.approval_timeout_s, running=True)
+            approved = await self._await_approval("; ".join(verdict.reasons), verdict.approval_timeout_s,
+                                                  revision=revision, spec=spec, running=True)
             refusal = self.state.failure
             self.state.failure, self.state.message = before  # the running revision is not what failed
             if not approved:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -332,30 +334,52 @@ def scale(
     _run(go())
 
 
+PrintSignalOpt = Annotated[bool, typer.Option(
+    "--print-signal",
+    help="Do not send: print the signal input (a one-time proof naming the service, revision and spec hash) "
+         "and the `temporal workflow signal` command, for the Temporal CLI or the Web UI's Send a signal form.")]
+ValidOpt = Annotated[str, typer.Option("--valid", help="With --print-signal: how long the input stays usable "
+                                                        "(at most 1h).")]
+
+
+def _decide(kind: str, name: str, reason: str, print_signal: bool, valid: str) -> None:
+    async def go() -> None:
+        orch = await _connect()
+        if not print_signal:
+            _print_outcome(f"{kind} {name}", await (orch.approve if kind == "approve" else orch.reject)(
+                name, reason=reason))
+            return
+        approval = await orch.approval(kind, name, reason=reason, ttl_s=auth.parse_ttl(valid))
+        payload = json.dumps(approval.model_dump(include={"proof", "reason"}), separators=(",", ":"))
+        s = orch.settings
+        command = ["temporal", "workflow", "signal", "--address", s.temporal_address, "--namespace", s.namespace,
+                   "--workflow-id", f"svc-{name}", "--name", kind, "--input", payload]
+        typer.echo(payload)
+        typer.echo(shlex.join(command))
+        err.print(f"good once, for {name} as it awaits approval now, for {valid}: paste the first line as the "
+                  f"input of a {kind!r} signal to svc-{name} (Web UI: Send a signal), or run the second")
+
+    _run(go())
+
+
 @app.command()
 @_cli_errors
 def approve(
-    name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = ""
+    name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = "",
+    print_signal: PrintSignalOpt = False, valid: ValidOpt = "15m",
 ) -> None:
     """Approve a deployment waiting in AwaitingApproval (role gov_approver, not the requester)."""
-
-    async def go() -> None:
-        orch = await _connect()
-        _print_outcome(f"approve {name}", await orch.approve(name, reason=reason))
-
-    _run(go())
+    _decide("approve", name, reason, print_signal, valid)
 
 
 @app.command()
 @_cli_errors
-def reject(name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = "") -> None:
+def reject(
+    name: Annotated[str, typer.Argument(help="The service awaiting approval.")], reason: ReasonOpt = "",
+    print_signal: PrintSignalOpt = False, valid: ValidOpt = "15m",
+) -> None:
     """Reject a deployment waiting in AwaitingApproval: no pod of it starts."""
-
-    async def go() -> None:
-        orch = await _connect()
-        _print_outcome(f"reject {name}", await orch.reject(name, reason=reason))
-
-    _run(go())
+    _decide("reject", name, reason, print_signal, valid)
 
 
 # --- auth -------------------------------------------------------------------------------------
@@ -371,11 +395,12 @@ def auth_init(
         ),
     ] = False,
 ) -> None:
-    """Create the signing key pair in the state directory (once)."""
+    """Create the key pairs in the state directory (once): one signs images, the other tokens."""
     settings = _settings()
     path = auth.init_keys(settings.state_dir, force=force)
-    out.print(f"signing key: {path}")
-    out.print(f"public key:  {path.with_name(auth.PUBLIC_KEY_FILE)}")
+    out.print(f"image signing key: {path} (public: {path.with_name(auth.PUBLIC_KEY_FILE)})")
+    out.print(f"token key:         {path.with_name(auth.TOKEN_KEY_FILE)} "
+              f"(public: {path.with_name(auth.TOKEN_PUB_FILE)}; workers need only the public half)")
 
 
 @auth_app.command("issue")
@@ -388,7 +413,10 @@ def auth_issue(
         bool, typer.Option("--save", help="Write it to the config file as this machine's identity.")
     ] = False,
 ) -> None:
-    """Issue a signed identity token (printed alone on stdout, for `export HMS_TOKEN=$(...)`)."""
+    """Issue a signed identity token (printed alone on stdout, for `export HMS_TOKEN=$(...)`).
+
+    Only on the control host, by whoever can read its token key (<state>/keys/token.pem, 0600):
+    without that file nothing can issue a token."""
     settings = _settings()
     token = auth.issue_token(settings.state_dir, user=user, role=role, ttl_s=auth.parse_ttl(ttl))
     identity = auth.verify_token(token, state_dir=settings.state_dir)

@@ -304,7 +304,8 @@ async def test_holds_up_with_fifty_services(stack: Stack):
     for n in range(48):
         spec = ServiceSpec.model_validate(seed_spec(name=f"svc-{n:02d}", min_replicas=0, max_replicas=2))
         await orch.client.start_workflow(
-            "ServiceWorkflow", ServiceInput(spec=spec, placement=orch._placement(), token=orch.settings.token or ""),
+            "ServiceWorkflow", ServiceInput(spec=spec, placement=orch._placement(),
+                                            proof=orch._prove("deploy", spec.name, spec=spec.digest())),
             id=constants.service_workflow_id(spec.name), task_queue=orch.settings.task_queue)
 
     async def all_shown() -> bool:

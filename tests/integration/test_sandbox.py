@@ -15,9 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EXAMPLE_IMAGE, make_settings, node_pods, require_docker, seed_spec, terminate_running, wait_phase
+from conftest import EXAMPLE_IMAGE, make_settings, node_pods, require_docker, seed_spec, terminate_running
+from temporalio.api.enums.v1 import RetryState
 
 from hms_mgmt import auth
+from hms_mgmt.errors import FailureKind, InvalidSpec
 from hms_mgmt.events import read_events
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
@@ -168,18 +170,33 @@ def test_process_pod_limits_are_set_and_memory_is_enforced(tmp_path: Path, open_
     assert not (rt.cgroups().bases["memory"] / ok.pod_id).exists()
 
 
-async def test_deploy_with_unlisted_env_starts_no_pod_and_says_why(temporal_env, tmp_path: Path) -> None:
-    """Through the workflow: the node refuses to start the pod and the service's failure names
-    the variable. (Admission does not ask the node yet: until it calls ``check_spec``, the
-    refusal shows as a Degraded service, not an admission error.)"""
+async def test_deploy_the_runtime_refuses_fails_at_admission_naming_the_field(temporal_env, tmp_path: Path) -> None:
+    """Through the workflow: admission asks each node's runtime (``check_spec``), so a spec the
+    process runtime will not run is refused before any pod, naming the field, and the service
+    ends Failed with a typed failure — one check, not a crash loop of pod starts and heals."""
     settings = make_settings(temporal_env, tmp_path / "state", "process")
     async with HmsWorker(temporal_env.client, settings):
         hms = Orchestrator(temporal_env.client, settings)
         try:
-            await hms.deploy(seed_spec(min_replicas=1, env={"LD_PRELOAD": "/tmp/x.so"}))
-            st = await wait_phase(hms, "hms-ach", {"Degraded", "Failed"}, timeout=60)
-            assert st.failure is not None and "env.LD_PRELOAD: not allowed" in st.failure.message
-            assert st.ready_replicas == 0 and node_pods(settings) == []
+            with pytest.raises(InvalidSpec, match=r"env\.LD_PRELOAD: not allowed") as e:
+                await hms.deploy(seed_spec(min_replicas=1, env={"LD_PRELOAD": "/tmp/x.so"}))
+            assert e.value.kind == FailureKind.INVALID_SPEC
+            st = await hms.status("hms-ach")
+            assert st.phase == "Failed" and st.failure is not None and st.failure.kind == FailureKind.INVALID_SPEC
+            assert st.crash_count == 0 and st.heal_count == 0 and node_pods(settings) == []
+            history = await temporal_env.client.get_workflow_handle("svc-hms-ach").fetch_history()
+            scheduled = [ev.activity_task_scheduled_event_attributes.activity_type.name for ev in history.events
+                         if ev.HasField("activity_task_scheduled_event_attributes")]
+            children = [ev for ev in history.events
+                        if ev.HasField("start_child_workflow_execution_initiated_event_attributes")]
+            assert scheduled.count("verify_image") == 1 and children == []  # no rollout, no pod tried
+            failed = [ev.activity_task_failed_event_attributes for ev in history.events
+                      if ev.HasField("activity_task_failed_event_attributes")]
+            assert len(failed) == 1 and "env.LD_PRELOAD" in failed[0].failure.message
+            assert failed[0].retry_state == RetryState.RETRY_STATE_NON_RETRYABLE_FAILURE  # refused once, for good
+            assert [e for e in read_events(settings.state_dir) if e.type == "spec.refused"]
+            # The same spec without the unlisted variable deploys.
+            await hms.deploy(seed_spec(min_replicas=1, env={"TZ": "UTC"}), wait=True, timeout=60)
             await hms.undeploy("hms-ach")
         finally:
             await terminate_running(temporal_env, settings)

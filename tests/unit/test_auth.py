@@ -85,11 +85,14 @@ def test_issue_verify_round_trip(tmp_path: Path) -> None:
     assert identity.role == "ops_admin"
     assert identity.issued_at == T0
     assert identity.expires_at == T0 + timedelta(hours=1)
-    claims = jwt.decode(token, options={"verify_signature": False})
+    cert = token.split("~")[0]
+    claims = jwt.decode(cert, options={"verify_signature": False})
     assert claims["iss"] == "hms-mgmt" and claims["sub"] == "alice" and claims["role"] == "ops_admin"
-    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
-    # explicit public key instead of the state dir
-    assert verify_token(token, public_key=load_public_key(tmp_path), now=T0).user == "alice"
+    assert jwt.get_unverified_header(cert)["alg"] == "EdDSA"
+    # explicit public key instead of the state dir: the token key's, not the image key's
+    assert verify_token(token, public_key=auth.load_token_public_key(tmp_path), now=T0).user == "alice"
+    with pytest.raises(AccessDenied, match="signature is invalid"):
+        verify_token(token, public_key=load_public_key(tmp_path), now=T0)
 
 
 def test_verify_with_real_clock(tmp_path: Path) -> None:
@@ -149,13 +152,13 @@ def test_token_invalid_after_forced_key_rotation(tmp_path: Path) -> None:
 
 def test_tampered_token(tmp_path: Path) -> None:
     init_keys(tmp_path)
-    token = issue_token(tmp_path, user="viewer1", role="viewer", now=T0)
+    token, holder = issue_token(tmp_path, user="viewer1", role="viewer", now=T0).split("~")
     header, _, signature = token.split(".")
     forged_claims = jwt.utils.base64url_encode(
         b'{"sub":"viewer1","role":"ops_admin","iat":1735732800,"exp":1735761600,"iss":"hms-mgmt"}'
     ).decode()
     with pytest.raises(AccessDenied, match="signature is invalid"):
-        verify_token(f"{header}.{forged_claims}.{signature}", state_dir=tmp_path, now=T0)
+        verify_token(f"{header}.{forged_claims}.{signature}~{holder}", state_dir=tmp_path, now=T0)
 
 
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "x.y"])
@@ -175,7 +178,7 @@ def test_hmac_signed_token_refused(tmp_path: Path) -> None:
 
 
 def _signed(tmp_path: Path, claims: dict) -> str:
-    return jwt.encode(claims, load_private_key(tmp_path), algorithm="EdDSA")
+    return jwt.encode(claims, auth.load_token_key(tmp_path), algorithm="EdDSA")
 
 
 def test_unknown_role_in_token(tmp_path: Path) -> None:
@@ -368,3 +371,118 @@ def test_ensure_local_operator_defaults_user(tmp_path: Path, monkeypatch: pytest
     settings = Settings.from_env(env={"HMS_STATE_DIR": str(tmp_path)})
     token = ensure_local_operator(settings)
     assert verify_token(token, state_dir=tmp_path).user == "operator"
+
+
+# --- separate keys, request proofs, grants ----------------------------------------------
+
+
+def test_tokens_and_image_signatures_use_separate_keys(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    keys = tmp_path / "keys"
+    assert (keys / "token.pem").read_bytes() != (keys / "signing.pem").read_bytes()
+    assert stat.S_IMODE((keys / "token.pem").stat().st_mode) == 0o600
+    # A JWT signed with the image key (anyone who may sign images) is no token.
+    iat = int(T0.timestamp())
+    forged = jwt.encode({"sub": "eve", "role": "ops_admin", "iat": iat, "exp": iat + 60, "iss": "hms-mgmt"},
+                        load_private_key(tmp_path), algorithm="EdDSA")
+    with pytest.raises(AccessDenied, match="signature is invalid"):
+        verify_token(forged + "~x", state_dir=tmp_path, now=T0)
+
+
+def test_issuing_needs_the_token_key_file(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    (tmp_path / "keys" / "token.pem").unlink()  # a node: it has token.pub, not the private half
+    with pytest.raises(HmsError, match=r"issuing a token needs the token key .*token\.pem.*control host"):
+        issue_token(tmp_path, user="alice", role="ops_admin")
+    assert not (tmp_path / "keys" / "token.pem").exists()  # never made as a side effect
+
+
+def proof_for(tmp_path: Path, **kw: object) -> tuple[str, str]:
+    token = issue_token(tmp_path, user="bob", role="gov_approver", now=T0)
+    args = {"action": "approve", "service": "hms-ach", "bind": {"revision": 1, "spec": "sha256:aa"}, "now": T0}
+    args.update(kw)
+    return token, auth.prove(token, **args)  # type: ignore[arg-type]
+
+
+def test_proof_is_bound_to_its_request(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    token, proof = proof_for(tmp_path)
+    want = {"action": "approve", "service": "hms-ach", "bind": {"revision": 1, "spec": "sha256:aa"}}
+    proven = auth.verify_proof(proof, state_dir=tmp_path, now=T0, **want)  # type: ignore[arg-type]
+    assert proven.identity.user == "bob" and proven.jti and token not in proof and token.split("~")[1] not in proof
+    for change, match in [({"service": "hms-frm"}, "for service 'hms-ach', not 'hms-frm'"),
+                          ({"action": "reject"}, "asks to approve, not to reject"),
+                          ({"bind": {"revision": 2, "spec": "sha256:aa"}}, r"another revision \(1, not 2\)"),
+                          ({"bind": {"revision": 1, "spec": "sha256:bb"}}, "another spec")]:
+        with pytest.raises(auth.ProofMismatch, match=match):
+            auth.verify_proof(proof, state_dir=tmp_path, now=T0, **{**want, **change})  # type: ignore[arg-type]
+    with pytest.raises(AccessDenied, match="expired"):
+        auth.verify_proof(proof, state_dir=tmp_path, now=T0 + timedelta(minutes=10), **want)  # type: ignore[arg-type]
+
+
+def test_a_token_or_a_bare_certificate_is_not_a_proof(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    token, proof = proof_for(tmp_path)
+    with pytest.raises(AccessDenied, match="whole token was sent instead of a request proof"):
+        auth.verify_proof(token, action="approve", service="hms-ach", state_dir=tmp_path, now=T0)
+    cert = jwt.decode(proof, options={"verify_signature": False})["cert"]
+    with pytest.raises(AccessDenied, match="no holder key"):
+        auth.prove(cert, action="approve", service="hms-ach")  # copied from history: proves nothing
+    # A proof re-signed by someone else's key (claims edited) fails on the holder's signature.
+    claims = jwt.decode(proof, options={"verify_signature": False})
+    other = auth.Ed25519PrivateKey.generate()
+    forged = jwt.encode({**claims, "svc": "hms-frm"}, other, algorithm="EdDSA", headers={"typ": "hms-proof"})
+    with pytest.raises(AccessDenied, match="not made by the token's holder"):
+        auth.verify_proof(forged, action="approve", service="hms-frm", state_dir=tmp_path, now=T0)
+
+
+def test_proof_lifetime_is_capped(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    with pytest.raises(SpecError, match="at most 3600s"):
+        proof_for(tmp_path, ttl_s=7200)
+
+
+def test_check_own_token_needs_the_action(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    viewer = issue_token(tmp_path, user="vic", role="viewer")
+    assert auth.check_own_token(viewer, "status", tmp_path).user == "vic"
+    (tmp_path / "access.yaml").write_text("viewer: []\nops_admin: [status]\n")
+    with pytest.raises(AccessDenied, match=r"vic \(viewer\) may not status"):
+        auth.check_own_token(viewer, "status", tmp_path)
+
+
+def test_grants_are_bound_and_signed_by_the_control_key(tmp_path: Path) -> None:
+    from hms_mgmt import tickets
+
+    g = tickets.grant(tmp_path, action="approve", service="a", user="bob", role="gov_approver",
+                      bind={"revision": 2, "spec": "sha256:aa", "request": "2-1"})
+    claims = tickets.check_grant(tmp_path, g, service="a", actions={"approve"}, bind={"revision": 2})
+    assert claims["sub"] == "bob"
+    with pytest.raises(AccessDenied, match="another revision"):
+        tickets.check_grant(tmp_path, g, service="a", actions={"approve"}, bind={"revision": 3})
+    with pytest.raises(AccessDenied, match="not deploy/update on a"):
+        tickets.check_grant(tmp_path, g, service="a", actions={"deploy", "update"})
+    ticket = tickets.issue(tmp_path, service="a", revision=2, spec=_spec(), image_id="sha256:x")
+    with pytest.raises(AccessDenied, match="not a grant"):
+        tickets.check_grant(tmp_path, ticket, service="a", actions={"approve"})
+
+
+def _spec():
+    from hms_mgmt.models import ServiceSpec
+
+    return ServiceSpec(name="a", image="registry.gov/a:1", port=8080, min_replicas=1, max_replicas=1, cpu_target=70)
+
+
+def test_legacy_token_of_this_host_is_renewed_with_its_role(tmp_path: Path) -> None:
+    init_keys(tmp_path)
+    iat = int(datetime.now(UTC).timestamp())
+    legacy = jwt.encode({"sub": "grace", "role": "gov_approver", "iat": iat, "exp": iat + 3600, "iss": "hms-mgmt"},
+                        load_private_key(tmp_path), algorithm="EdDSA")
+    settings = Settings.from_env(env={"HMS_STATE_DIR": str(tmp_path)})
+    settings.write_config(token=legacy)
+    settings = Settings.from_env(env={"HMS_STATE_DIR": str(tmp_path)})
+    token = ensure_local_operator(settings)
+    assert token != legacy and "~" in token
+    identity = verify_token(token, state_dir=tmp_path)
+    assert identity.user == "grace" and identity.role == "gov_approver"
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["token"] == token

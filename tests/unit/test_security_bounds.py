@@ -118,3 +118,16 @@ def test_inside_refuses_escapes(tmp_path: Path) -> None:
     (base / "link").symlink_to(tmp_path)
     with pytest.raises(ValueError, match="outside"):
         inside(base, "link", "x")
+
+
+@pytest.mark.parametrize("bad", ["../../x", "../" + str(uuid.uuid4()), str(uuid.uuid4()).upper(), ""])
+def test_logs_input_pod_id_must_be_a_uuid(bad: str) -> None:
+    from hms_mgmt.models import PodLogsInput
+
+    with pytest.raises(ValidationError) as e:
+        PodLogsInput(pod_id=bad, service="hms-ach")
+    assert e.value.errors()[0]["loc"] == ("pod_id",) and "not a UUID" in str(e.value)
+    good = str(uuid.uuid4())
+    assert PodLogsInput(pod_id=good, service="hms-ach").pod_id == good
+    with pytest.raises(ValidationError, match="tail"):
+        PodLogsInput(pod_id=good, tail=1_000_000)

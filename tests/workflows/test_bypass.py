@@ -21,6 +21,7 @@ from hms_mgmt.models import (
     DeployInput,
     HealInput,
     PodFailure,
+    PodLogsInput,
     PodStatus,
     ScaleInput,
     ServiceInput,
@@ -93,6 +94,27 @@ async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchest
                      what="the forged signals refused")
     after = await hms.status("hms-ach")
     assert sorted(p.id for p in after.pods) == sorted(p.id for p in st.pods) and after.crash_count == 0
+
+    # A live pod's logs, asked for with no token: through our PodLogsWorkflow ...
+    logs_in = PodLogsInput(pod_id=live.id, service="hms-ach", node_task_queue=settings.node_task_queue())
+    wf_id = f"attack-logs-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(cli_start, settings, "PodLogsWorkflow", logs_in.model_dump_json(), wf_id)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await temporal_env.client.get_workflow_handle(wf_id).result()
+    assert isinstance(failed.value.cause, ApplicationError) and "no identity" in failed.value.cause.message
+    # ... and straight at the node's activity (an attacker's own workflow), with a grant for another pod.
+    runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
+    acts = PodActivities(runtime, TrustStore(settings.state_dir), EventSink(settings.state_dir))
+    other_pod = tickets.grant(settings.state_dir, action="logs", service="hms-ach", user="vic", role="viewer",
+                              bind={"pod": str(uuid.uuid4())})
+    try:
+        for grant, why in (("", "no grant"), (other_pod, "another pod")):
+            with pytest.raises(ApplicationError, match=why):
+                await ActivityEnvironment().run(acts.pod_logs, logs_in.model_copy(update={"grant": grant}))
+    finally:
+        await acts.close()
+    assert len([r for r in denied(settings) if "logs" in r and "refused" in r]) >= 3
+    assert await hms.logs("hms-ach", live.id, 5) is not None  # the operator's own token still reads them
     (await hms.undeploy("hms-ach"))
 
 

@@ -6,7 +6,9 @@ running workflow) and its event."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import shlex
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     as_user,
+    eventually,
     make_settings,
     node_pods,
     seed_spec,
@@ -193,35 +196,157 @@ async def test_cpu_budget_needs_approval(gov):
     assert "CPU budget" in st.pending_approval.reason
 
 
-async def test_approve_from_the_temporal_cli(gov, temporal_env):
+def hms_env(settings, token: str) -> dict[str, str]:
+    return {
+        "HMS_TEMPORAL_ADDRESS": settings.temporal_address, "HMS_STATE_DIR": str(settings.state_dir),
+        "HMS_TASK_QUEUE": settings.task_queue, "HMS_NODE": settings.node, "HMS_RUNTIME": "process",
+        "HMS_TOKEN": token, "PATH": "/usr/bin:/bin",
+    }
+
+
+async def print_signal(settings, token: str, name: str, reason: str) -> tuple[str, list[str]]:
+    """`hms approve NAME --print-signal`: the signal input, and the Temporal CLI command to send it."""
+    hms = str(Path(__import__("sys").executable).parent / "hms")
+    out = await asyncio.to_thread(subprocess.run, [hms, "approve", name, "--reason", reason, "--print-signal"],
+                                  env=hms_env(settings, token), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    payload, command = out.stdout.strip().splitlines()
+    return payload, shlex.split(command)
+
+
+async def temporal_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    assert args[0] == "temporal"
+    out = await asyncio.to_thread(subprocess.run, [temporal_binary(), *args[1:]],
+                                  capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def signal_to(command: list[str], workflow_id: str, payload: str) -> list[str]:
+    """The printed command, sent to another workflow or with another input (a copied approval)."""
+    args = list(command)
+    args[args.index("--workflow-id") + 1] = workflow_id
+    args[args.index("--input") + 1] = payload
+    return args
+
+
+async def test_approve_from_the_temporal_cli(gov):
+    """`hms approve --print-signal` prints the input to paste and the command; the real Temporal CLI sends it."""
     settings, as_ = gov
     await as_["alice"].deploy(seed_spec(**BIG))
     await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
     bob = auth.issue_token(settings.state_dir, user="bob", role="gov_approver")
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [temporal_binary(), "workflow", "signal", "--address", settings.temporal_address,
-         "--workflow-id", "svc-hms-ach", "--name", "approve",
-         "--input", json.dumps({"token": bob, "reason": "approved from the CLI"})],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
+    payload, command = await print_signal(settings, bob, "hms-ach", "approved from the CLI")
+    assert set(json.loads(payload)) == {"proof", "reason"} and bob not in payload
+    assert command[command.index("--workflow-id") + 1] == "svc-hms-ach" and command[command.index("--name") + 1] == "approve"
+    await temporal_cli(command)
     st = await as_["alice"].wait_for("hms-ach", timeout=60)
     assert st.approved_by == "bob"
     assert "approved from the CLI" in events(settings, "approval.granted")[0].reason
     await as_["alice"].undeploy("hms-ach")
 
 
+async def test_a_copied_approval_does_nothing_elsewhere(gov):
+    """An approval names the service, the revision, the spec hash and the request, and is used once:
+    sent to another service, for another revision, or a second time, it changes nothing and leaves
+    an access.denied event. Sent with the real Temporal CLI, as anyone who can reach Temporal could."""
+    settings, as_ = gov
+    await as_["alice"].deploy(seed_spec(**BIG))
+    await as_["alice"].deploy(seed_spec(name="hms-frm", **BIG))
+    await wait_phase(as_["alice"], "hms-frm", {"AwaitingApproval"}, timeout=30)
+    bob = auth.issue_token(settings.state_dir, user="bob", role="gov_approver")
+    payload, command = await print_signal(settings, bob, "hms-ach", "for hms-ach only")
+
+    def denied(text: str, service: str) -> list[str]:
+        return [e.reason for e in events(settings, "access.denied") if e.service == service and text in e.reason]
+
+    # Another service: refused, and hms-frm keeps waiting.
+    await temporal_cli(signal_to(command, "svc-hms-frm", payload))
+    await eventually(lambda: denied("for service 'hms-ach', not 'hms-frm'", "hms-frm"), timeout=30,
+                     what="the copied approval refused by hms-frm")
+    # Another revision (same service, spec and request, made by bob): refused too.
+    frm = (await as_["alice"].status("hms-frm")).pending_approval
+    other_rev = auth.prove(bob, action="approve", service="hms-frm",
+                           bind={"revision": frm.revision + 1, "spec": frm.spec_hash, "request": frm.id})
+    await temporal_cli(signal_to(command, "svc-hms-frm", json.dumps({"proof": other_rev})))
+    await eventually(lambda: denied(f"another revision ({frm.revision + 1}, not {frm.revision})", "hms-frm"),
+                     timeout=30, what="the approval for another revision refused")
+    st = await as_["alice"].status("hms-frm")
+    assert st.phase == "AwaitingApproval" and st.approved_by is None and len(st.pending_approval.invalid_attempts) == 2
+
+    # Its own service: approved, once.
+    await temporal_cli(command)
+    ach = await as_["alice"].wait_for("hms-ach", timeout=60)
+    assert ach.approved_by == "bob" and len(events(settings, "approval.granted")) == 1
+    # A second time: ignored, said so.
+    await temporal_cli(command)
+    await eventually(lambda: denied("its proof was already used", "hms-ach"), timeout=30,
+                     what="the replayed approval refused")
+    assert len(events(settings, "approval.granted")) == 1
+    assert len(node_pods(settings, "hms-frm")) == 0 and len(node_pods(settings, "hms-ach")) == 2
+    await as_["bob"].reject("hms-frm", reason="not needed")
+    await as_["alice"].undeploy("hms-ach")
+
+
+def history_text(history_json: str) -> str:
+    """A history as JSON with every payload decoded too (payload data is base64 there)."""
+    parts = [history_json]
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str) and len(node) >= 8:
+            try:
+                parts.append(base64.b64decode(node, validate=True).decode())
+            except ValueError:
+                pass
+
+    walk(json.loads(history_json))
+    return "\n".join(parts)
+
+
+async def test_no_token_is_stored_in_workflow_history(gov):
+    """Deploy, approve, scale, logs, undeploy — with tokens — and every workflow's history holds
+    proofs (bound, one-time) but no token, nor the half of it that makes proofs."""
+    settings, as_ = gov
+    tokens = {name: orch.settings.token for name, orch in as_.items() if orch.settings.token}
+    await as_["alice"].deploy(seed_spec(**BIG))
+    await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
+    await as_["bob"].approve("hms-ach", reason="ok")
+    await as_["alice"].wait_for("hms-ach", timeout=60)
+    st = await as_["alice"].scale("hms-ach", 3)
+    assert st.desired_replicas == 3
+    pod = st.pods[0].id
+    assert isinstance(await as_["vic"].logs("hms-ach", pod, 5), list)
+    await as_["alice"].undeploy("hms-ach")
+
+    client = as_["alice"].client
+    ids = [wf.id async for wf in client.list_workflows(f'TaskQueue = "{settings.task_queue}"')]
+    assert "svc-hms-ach" in ids and any("-logs-" in i for i in ids) and any("-scale-" in i for i in ids)
+    texts = []
+    for wf_id in ids:
+        history = await client.get_workflow_handle(wf_id).fetch_history()
+        texts.append(history_text(history.to_json()))
+    shown = await temporal_cli(["temporal", "workflow", "show", "--address", settings.temporal_address,
+                                "--workflow-id", "svc-hms-ach", "--output", "json"])
+    texts.append(history_text(shown.stdout))
+    corpus = "\n".join(texts)
+    assert '"proof":"ey' in corpus  # the requests are there, decoded: the search looks where tokens would be
+    for name, token in tokens.items():
+        cert, holder = token.split("~")
+        assert token not in corpus, f"{name}'s token is in workflow history"
+        assert holder not in corpus, f"{name}'s holder key is in workflow history"
+
+
 async def test_approve_from_hms_cli(gov):
     settings, as_ = gov
     await as_["alice"].deploy(seed_spec(**BIG))
     await wait_phase(as_["alice"], "hms-ach", {"AwaitingApproval"}, timeout=30)
-    env = {
-        "HMS_TEMPORAL_ADDRESS": settings.temporal_address, "HMS_STATE_DIR": str(settings.state_dir),
-        "HMS_TASK_QUEUE": settings.task_queue, "HMS_NODE": settings.node, "HMS_RUNTIME": "process",
-        "HMS_TOKEN": auth.issue_token(settings.state_dir, user="bob", role="gov_approver"),
-        "PATH": "/usr/bin:/bin",
-    }
+    env = hms_env(settings, auth.issue_token(settings.state_dir, user="bob", role="gov_approver"))
     hms = str(Path(__import__("sys").executable).parent / "hms")
     out = await asyncio.to_thread(subprocess.run, [hms, "approve", "hms-ach", "--reason", "ok from hms"],
                                   env=env, capture_output=True, text=True, timeout=60)
@@ -261,3 +386,22 @@ async def test_unsigned_image_never_starts_a_pod(temporal_env, tmp_path, runtime
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+
+
+async def test_status_and_logs_need_a_viewer_where_a_token_is_configured(gov):
+    """A configured token must allow `status`/`logs` (access.yaml may take them away); no token
+    configured reads as before (Temporal serves it to anyone who reaches it anyway)."""
+    settings, as_ = gov
+    (settings.state_dir / "access.yaml").write_text(
+        "ops_admin: [deploy, scale, undeploy, update, status, logs]\ngov_approver: [approve, reject]\nviewer: [status]\n")
+    with pytest.raises(AccessDenied, match=r"bob \(gov_approver\) may not status"):
+        await as_["bob"].status("hms-ach")
+    with pytest.raises(AccessDenied, match="may not status"):
+        await as_["bob"].list()
+    with pytest.raises(AccessDenied, match=r"vic \(viewer\) may not logs"):
+        await as_["vic"].logs("hms-ach", "0")
+    expired = auth.issue_token(settings.state_dir, user="vic", role="viewer", ttl_s=60,
+                               now=datetime.now(UTC) - timedelta(hours=1))
+    with pytest.raises(AccessDenied, match="expired"):
+        await Orchestrator(as_["alice"].client, settings.model_copy(update={"token": expired})).list()
+    assert await as_["vic"].list() == [] and await as_["anon"].list() == []

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -24,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from hms_mgmt import auth
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import (
     AccessDenied,
@@ -65,6 +67,18 @@ from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
 from workflows import ALL_WORKFLOWS
 
 TOKENS = {"t-alice": ("alice", "ops_admin"), "t-bob": ("bob", "gov_approver"), "t-vic": ("vic", "viewer")}
+
+
+def real_token(state_dir: Path, name: str | None) -> str | None:
+    """The real token behind a test's short name ("t-bob"); "forged" is signed by another key."""
+    if name is None:
+        return None
+    if name not in TOKENS:
+        other = state_dir.parent / "other-keys"
+        auth.init_keys(other)
+        return auth.issue_token(other, user="mallory", role="ops_admin")
+    user, role = TOKENS[name]
+    return auth.issue_token(state_dir, user=user, role=role)
 MAY = {"ops_admin": {"deploy", "scale", "undeploy"}, "gov_approver": {"approve", "reject"}}
 
 
@@ -86,22 +100,25 @@ class FakeCluster:
     watch_results: asyncio.Queue[WatchResult] = field(default_factory=asyncio.Queue)
     node: NodeSpec | None = None
     tables: list[EndpointSet] = field(default_factory=list)  # what the routers were sent
+    state_dir: Path | None = None  # its keys verify the request proofs
 
     def event_types(self) -> list[str]:
         return [e.type for e in self.events]
 
     @activity.defn(name="authorize")
     async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
-        who = TOKENS.get(inp.token)
-        if who is None:
+        try:
+            proven = auth.verify_proof(inp.proof, action=inp.claim or inp.action, service=inp.service,
+                                       bind=inp.bind, state_dir=self.state_dir)
+        except AccessDenied:
             self.events.append(EventInput(type="access.denied", service=inp.service, reason="bad token"))
             return AuthorizeOutput(allowed=False, reason="token is not valid")
-        user, role = who
+        user, role = proven.identity.user, proven.identity.role
         if inp.action not in MAY.get(role, set()):
             return AuthorizeOutput(allowed=False, reason=f"{user} ({role}) may not {inp.action}")
         if inp.action == "approve" and inp.requester == user:
             return AuthorizeOutput(allowed=False, reason=f"{user} may not approve their own request")
-        return AuthorizeOutput(allowed=True, user=user, role=role)
+        return AuthorizeOutput(allowed=True, user=user, role=role, grant=f"grant:{role}")
 
     @activity.defn(name="check_governance")
     async def check_governance(self, inp: GovernanceInput) -> GovernanceOutput:
@@ -160,7 +177,7 @@ class FakeCluster:
 
     @activity.defn(name="issue_ticket")
     async def issue_ticket(self, inp: TicketInput) -> TicketOutput:
-        if TOKENS.get(inp.token, ("", ""))[1] != "ops_admin":
+        if inp.grant != "grant:ops_admin":
             raise ApplicationError("admission refused: bad token", type="AccessDenied", non_retryable=True)
         return TicketOutput(ticket=f"ticket-{inp.service}-{inp.revision}-{inp.image_id[-8:]}")
 
@@ -189,8 +206,10 @@ class FakeCluster:
 async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[FakeCluster, Settings]]:
     tag = uuid.uuid4().hex[:8]
     settings = Settings(temporal_address="unused", task_queue=f"hms-logic-{tag}", node=f"n{tag}",
-                        token="t-alice", history_threshold=None, state_dir=tmp_path / "state")
-    cluster = FakeCluster(node=settings.node_specs()[0])
+                        history_threshold=None, state_dir=tmp_path / "state")
+    auth.init_keys(settings.state_dir)
+    settings.token = real_token(settings.state_dir, "t-alice")
+    cluster = FakeCluster(node=settings.node_specs()[0], state_dir=settings.state_dir)
     # One worker serves both queues: workflows + control activities, and the node's pod activities.
     control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
                      activities=cluster.activities())
@@ -203,7 +222,7 @@ async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tup
 
 
 def as_user(env: WorkflowEnvironment, settings: Settings, token: str | None, **kw: object) -> Orchestrator:
-    return Orchestrator(env.client, settings.model_copy(update={"token": token, **kw}))
+    return Orchestrator(env.client, settings.model_copy(update={"token": real_token(settings.state_dir, token), **kw}))
 
 
 async def test_refused_identity_starts_nothing(temporal_env, fake):
@@ -254,7 +273,8 @@ async def test_reject_by_signal_ends_the_service(temporal_env, fake):
     alice = as_user(temporal_env, settings, "t-alice")
     await alice.deploy(seed_spec(max_replicas=12))
     handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
-    await handle.signal("reject", {"token": "t-bob", "reason": "not this quarter"})
+    bob = await as_user(temporal_env, settings, "t-bob").approval("reject", "hms-ach", reason="not this quarter")
+    await handle.signal("reject", {"proof": bob.proof, "reason": bob.reason})
     with pytest.raises(ApprovalRejected, match="rejected by bob"):
         await alice.wait_for("hms-ach", timeout=30)
     assert cluster.started == []

@@ -8,6 +8,8 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
     from activities.control import ControlActivities
     from activities.pods import PodActivities
     from hms_mgmt.errors import FailureKind
@@ -16,7 +18,9 @@ with workflow.unsafe.imports_passed_through():
 from workflows.common import POD_HEARTBEAT, POD_RETRY
 
 
-@workflow.defn
+# Input that does not validate (a pod id like ``../../x`` from `temporal workflow start`) fails
+# the run at once with the field's error, rather than a workflow task retried forever.
+@workflow.defn(failure_exception_types=[ValidationError])
 class PodLogsWorkflow:
     @workflow.run
     async def run(self, inp: PodLogsInput) -> LogsOutput:

@@ -102,6 +102,14 @@ async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchest
     with pytest.raises(WorkflowFailureError) as failed:
         await temporal_env.client.get_workflow_handle(wf_id).result()
     assert isinstance(failed.value.cause, ApplicationError) and "no identity" in failed.value.cause.message
+    # ... with a pod id that walks out of the state directory: the run fails at once, naming the field
+    # (it does not sit retrying a workflow task that cannot decode its input).
+    bad_in = logs_in.model_dump(mode="json") | {"pod_id": "../../keys/control"}
+    wf_id = f"attack-logs-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(cli_start, settings, "PodLogsWorkflow", json.dumps(bad_in), wf_id)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(temporal_env.client.get_workflow_handle(wf_id).result(), 30)
+    assert "pod_id" in str(failed.value.cause) and "not a UUID" in str(failed.value.cause)
     # ... and straight at the node's activity (an attacker's own workflow), with a grant for another pod.
     runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     acts = PodActivities(runtime, TrustStore(settings.state_dir), EventSink(settings.state_dir))

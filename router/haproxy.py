@@ -56,6 +56,10 @@ TICK_S = 0.5
 DRAIN_FORCE_S = 60.0  # a removed pod's connections are cut after this long
 WEIGHT_MIN_CHANGE = 0.1
 MAX_SAMPLES_PER_TICK = 500  # relative change before a weight is sent again
+# A server made by ``add server`` in HAProxy 2.6 keeps no idle connection unless both are given
+# (a configured server gets them by default): without them every request opens a new connection
+# to the pod, which costs a Python pod more than the request itself.
+SERVER_POOL = "pool-max-conn -1 pool-purge-delay 5s"
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 
 
@@ -315,8 +319,8 @@ class HAProxyEngine:
                 srv = None
             if srv is None:
                 answer = await self.api.one(
-                    f"add server {sid} {ep.address} weight {policy.MAX_WEIGHT} id {self._next_id()} check inter 2s fall 2 rise 1 "
-                    f"observe layer7 error-limit 3 on-error mark-down")
+                    f"add server {sid} {ep.address} weight {policy.MAX_WEIGHT} id {self._next_id()} {SERVER_POOL} "
+                    f"check inter 2s fall 2 rise 1 observe layer7 error-limit 3 on-error mark-down")
                 if "New server registered" not in answer:
                     log.warning("add server %s: %s", sid, answer)
                     continue

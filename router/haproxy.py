@@ -488,6 +488,11 @@ class _StatCollector:
                                         labels=["service", "pod"])
         errors = CounterMetricFamily("hms_haproxy_server_responses_5xx", "5xx answers per pod",
                                      labels=["service", "pod"])
+        conns = CounterMetricFamily("hms_haproxy_server_connections",
+                                    "Connections HAProxy opened to each pod (connect)", labels=["service", "pod"])
+        reuses = CounterMetricFamily("hms_haproxy_server_connection_reuses",
+                                     "Requests sent over an already open connection (reuse)",
+                                     labels=["service", "pod"])
         weight = GaugeMetricFamily("hms_haproxy_server_weight", "Weight set from the router's score",
                                    labels=["service", "pod"])
         up = GaugeMetricFamily("hms_haproxy_server_up", "1 if HAProxy sends new requests to the pod",
@@ -508,9 +513,11 @@ class _StatCollector:
             redisp.add_metric(labels, num("wredis"))
             ejections.add_metric(labels, num("chkdown"))
             errors.add_metric(labels, num("hrsp_5xx"))
+            conns.add_metric(labels, num("connect"))
+            reuses.add_metric(labels, num("reuse"))
             weight.add_metric(labels, num("weight"))
             up.add_metric(labels, 1.0 if row.get("status") == "UP" else 0.0)
-        yield from (total, retries, redisp, ejections, errors, weight, up)
+        yield from (total, retries, redisp, ejections, errors, conns, reuses, weight, up)
 
 
 def _die_with_parent() -> None:

@@ -13,7 +13,10 @@ Proxies, all on 127.0.0.1, ``/<service>/`` with the prefix stripped:
   haproxy-rr   HAProxy hand-configured: ``balance roundrobin``, ``option redispatch``, ``retries 2``
 
 Phases (each measurement: ``wrk -t2 -c<C> -d<D>s --latency`` after a 2 s warm-up at the same load):
-  base   all pods at --cpus
+  base   all pods at --cpus; ``--rounds`` (3) rounds, each measuring every proxy once, each round
+         starting at a different proxy. A proxy's figures are those of its median round; its ratio
+         to nginx is the median of the per-round ratios (nginx measured in the same round), so
+         that a load swing on a shared machine hits one round, not one proxy
   slow   one pod at 0.02 CPU (``docker update --cpus 0.02``), restored afterwards
   kill   the oldest pod's main process SIGKILLed 2 s into the run; errors = non-2xx + socket
          errors. Our engines follow the heal through the feed; nginx and haproxy-rr are
@@ -22,7 +25,7 @@ Phases (each measurement: ``wrk -t2 -c<C> -d<D>s --latency`` after a 2 s warm-up
 Targets (ratios to nginx in the same run): base throughput builtin >= 0.5x, haproxy >= 0.9x;
 slow: both engines >= 1.5x nginx throughput and p99 below nginx's; kill: 0 failed requests.
 
-    .venv/bin/python bench/router.py [--duration 8] [--connections 64] [--cpus 0.3]
+    .venv/bin/python bench/router.py [--duration 8] [--connections 64] [--cpus 0.3] [--rounds 3]
 
 Prints the tables and writes bench/results/router.json.
 """
@@ -38,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,9 +259,10 @@ async def main(args) -> int:
     hand = HandHAProxy(workdir, ports["haproxy-rr"])
     routers: list[Any] = []
     results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
+    base_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
     w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration}
 
-    async def measure(phase: str, proxy: str, url: str) -> dict[str, Any]:
+    async def measure(phase: str, proxy: str, url: str, store: bool = True) -> dict[str, Any]:
         await wrk(url, threads=args.threads, connections=args.connections, seconds=2)  # warm-up
         await asyncio.sleep(args.settle)
         res = await wrk(url, **w)
@@ -266,7 +271,8 @@ async def main(args) -> int:
             with contextlib.suppress(Exception):
                 async with aiohttp.ClientSession() as http, http.get(f"{urls[proxy]}/-/stats") as r:
                     res["router_pods"] = (await r.json())["services"][SERVICE].get("pods")
-        results[phase][proxy] = res
+        if store:
+            results[phase][proxy] = res
         print(f"  {phase:5s} {proxy:11s} {res['rps']:9.1f} req/s  p50 {res.get('p50_ms')} ms  "
               f"p99 {res.get('p99_ms')} ms  errors {res['errors']}", flush=True)
         await asyncio.sleep(args.settle)
@@ -296,10 +302,16 @@ async def main(args) -> int:
             await asyncio.sleep(1.0)
             path = f"/{SERVICE}/"
 
-            print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s")
-            await measure("base", "direct", f"http://{eps[0]}/")
-            for p in PROXIES:
-                await measure("base", p, urls[p] + path)
+            print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
+                  f"{args.rounds} rounds")
+            order = ["direct", *PROXIES]
+            for r in range(args.rounds):
+                for p in order[r % len(order):] + order[:r % len(order)]:  # each round starts elsewhere
+                    base_rounds[p].append(await measure("base", p, f"http://{eps[0]}/" if p == "direct"
+                                                        else urls[p] + path, store=False))
+            for p, runs in base_rounds.items():  # the round with the median throughput stands for the proxy
+                results["base"][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
+                                          rounds_rps=[x["rps"] for x in runs])
 
             ctrs = containers(dclient, stack.settings.node)
             slow_pod = pods[0]
@@ -350,14 +362,23 @@ async def main(args) -> int:
             rp.stop()
         dclient.close()
 
-    base, slow, kill = results["base"], results["slow"], results["kill"]
+    slow, kill = results["slow"], results["kill"]
 
     def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
         return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
 
+    def paired(proxy: str) -> tuple[float | None, list[float | None]]:
+        """Base throughput over nginx's in the same round, per round, and their median."""
+        per_round = [ratio(a, b) for a, b in zip(base_rounds[proxy], base_rounds["nginx"], strict=True)]
+        known = [x for x in per_round if x is not None]
+        return (round(statistics.median(known), 3) if known else None), per_round
+
+    base_ratio = {p: paired(p) for p in base_rounds}
     ratios = {
-        "base_builtin_vs_nginx": ratio(base["builtin"], base["nginx"]),
-        "base_haproxy_vs_nginx": ratio(base["haproxy"], base["nginx"]),
+        "base_builtin_vs_nginx": base_ratio["builtin"][0],
+        "base_haproxy_vs_nginx": base_ratio["haproxy"][0],
+        "base_haproxy_rr_vs_nginx": base_ratio["haproxy-rr"][0],
+        "base_rounds_vs_nginx": {p: v[1] for p, v in base_ratio.items()},
         "slow_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"]),
         "slow_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"]),
         "slow_p99_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"], "p99_ms"),
@@ -378,13 +399,15 @@ async def main(args) -> int:
     for phase in ("base", "slow", "kill"):
         for p, r in results[phase].items():
             rows.append([f"{phase} {p}", r["rps"], r.get("p50_ms"), r.get("p99_ms"), r["errors"],
-                         ratio(r, results[phase].get("nginx", {}))])
+                         base_ratio[p][0] if phase == "base" else ratio(r, results[phase].get("nginx", {}))])
     print_table(rows, ["run", "req/s", "p50 ms", "p99 ms", "errors", "x nginx"])
+    print("\n  base x nginx per round: " + "; ".join(f"{p} {v[1]}" for p, v in base_ratio.items() if p != "nginx"))
     print()
     for k, ok in verdicts.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}")
     out = run.finish({
         "command": "wrk " + f"-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency",
+        "base_rounds": args.rounds,
         "pods": {"count": 3, "cpus": args.cpus, "image": args.image},
         "results": results,
         "ratios": ratios,
@@ -401,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--connections", type=int, default=64, help="wrk -c (default 64)")
     ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
     ap.add_argument("--cpus", type=float, default=0.3, help="CPU limit per pod (default 0.3)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="base phase: measure every proxy this many times, interleaved (default 3)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause around each measurement (default 1 s)")
     ap.add_argument("--image", default=EXAMPLE_IMAGE)
     return ap.parse_args(argv)

@@ -17,6 +17,9 @@ that goes through the Runtime API on a unix socket (``stats socket ... level adm
 Retries: ``retry-on conn-failure empty-response response-timeout 502 503`` with ``retries 2`` and
 ``option redispatch 1`` (each retry on another server). HAProxy's request log goes to a UDP
 socket of ours (``format raw``): per-request status and time feed ``/-/stats`` and ``/metrics``.
+Under load it is sampled (one request in k, k written in the line and counted back), so our
+process reads about ``LOG_LINES_PER_S`` lines a second however busy HAProxy is; per-pod request,
+retry and 5xx counters that are exact at any rate come from ``show stat``.
 ``/-/*`` and ``/metrics`` are forwarded to our control server on an internal port.
 """
 
@@ -56,6 +59,13 @@ TICK_S = 0.5
 DRAIN_FORCE_S = 60.0  # a removed pod's connections are cut after this long
 WEIGHT_MIN_CHANGE = 0.1
 MAX_SAMPLES_PER_TICK = 500  # relative change before a weight is sent again
+# HAProxy logs every request while the router answers fewer than this many a second, then one in k
+# (k = 1 + rate / this): our process reads at most about this many lines a second, whatever the load.
+LOG_LINES_PER_S = 200
+# A server made by ``add server`` in HAProxy 2.6 keeps no idle connection unless both are given
+# (a configured server gets them by default): without them every request opens a new connection
+# to the pod, which costs a Python pod more than the request itself.
+SERVER_POOL = "pool-max-conn -1 pool-purge-delay 5s"
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 
 
@@ -76,7 +86,7 @@ def _q(s: str) -> str:
 
 def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, control_port: int, log_port: int,
                   pool_size: int, connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0,
-                  balance: str = "random(2)") -> str:
+                  balance: str = "random(2)", log_lines_per_s: int = LOG_LINES_PER_S) -> str:
     """The whole configuration: one frontend, the control backend and ``pool_size`` empty backends."""
     unknown = _q('{"error":"unknown service","service":"%[var(txn.svc)]"}')
     no_pod = _q('{"error":"no ready pod","service":"%[var(txn.svc)]",'
@@ -93,7 +103,7 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, co
         "defaults",
         "    mode http",
         "    log global",
-        '    log-format "%b %s %ST %Ta %Tr %rc"',
+        '    log-format "%b %s %ST %Ta %Tr %rc %[var(txn.lk)]"',
         f"    timeout connect {int(connect_timeout_s * 1000)}ms",
         "    timeout client 60s",
         f"    timeout server {int(read_timeout_s * 1000)}ms",
@@ -107,6 +117,9 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, co
         "",
         "frontend fe_router",
         f"    bind {host}:{port}",
+        # Log one request in k, k = 1 + (request rate / LOG_LINES_PER_S); each line carries its k.
+        f"    http-request set-var(txn.lk) fe_req_rate,div({log_lines_per_s}),add(1)",
+        "    http-request set-log-level silent unless { rand,mod(txn.lk) -m int eq 0 }",
         "    http-request set-var(txn.svc) path,field(2,/)",
         "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }",
         "    http-request set-var(txn.rid) req.hdr(x-request-id)",
@@ -315,8 +328,8 @@ class HAProxyEngine:
                 srv = None
             if srv is None:
                 answer = await self.api.one(
-                    f"add server {sid} {ep.address} weight {policy.MAX_WEIGHT} id {self._next_id()} check inter 2s fall 2 rise 1 "
-                    f"observe layer7 error-limit 3 on-error mark-down")
+                    f"add server {sid} {ep.address} weight {policy.MAX_WEIGHT} id {self._next_id()} {SERVER_POOL} "
+                    f"check inter 2s fall 2 rise 1 observe layer7 error-limit 3 on-error mark-down")
                 if "New server registered" not in answer:
                     log.warning("add server %s: %s", sid, answer)
                     continue
@@ -413,13 +426,15 @@ class HAProxyEngine:
     # --- logs -> stats -------------------------------------------------------------------------
 
     def on_log(self, data: bytes) -> None:
-        """One request: ``<backend> <server> <status> <Ta ms> <Tr ms> <retries>``. Tr (the
-        server's time to answer, -1 if it did not) is the latency sample for our score."""
+        """One request: ``<backend> <server> <status> <Ta ms> <Tr ms> <retries> <k>``, standing
+        for k requests (the log is sampled under load). Tr (the server's time to answer, -1 if it
+        did not) is the latency sample for our score."""
         try:
             parts = data.decode(errors="replace").split()
-            be_name, server, status, ta, tr, retries = parts[-6:]
+            be_name, server, status, ta, tr, retries, k = parts[-7:]
         except ValueError:
             return
+        count = int(k) if k.isdigit() and int(k) > 0 else 1
         if not be_name.startswith("be_") or be_name == "be_control":
             return
         try:
@@ -434,10 +449,10 @@ class HAProxyEngine:
                 samples.append(max(0.1, float(tr)))
         code = int(status) if status.lstrip("-").isdigit() else 0
         self.stats.record(be.service, server if server != "<NOSRV>" else "-", code, max(0, int(ta)) / 1000.0
-                          if ta.lstrip("-").isdigit() else 0.0)
+                          if ta.lstrip("-").isdigit() else 0.0, count=count)
         n = int(retries.lstrip("+")) if retries.lstrip("+").isdigit() else 0
-        for _ in range(n):
-            self.stats.record_retry(be.service, "haproxy")
+        if n:
+            self.stats.record_retry(be.service, "haproxy", n * count)
 
     def pods_info(self, service: str) -> dict[str, Any]:
         be = self.by_service.get(service)
@@ -473,6 +488,11 @@ class _StatCollector:
                                         labels=["service", "pod"])
         errors = CounterMetricFamily("hms_haproxy_server_responses_5xx", "5xx answers per pod",
                                      labels=["service", "pod"])
+        conns = CounterMetricFamily("hms_haproxy_server_connections",
+                                    "Connections HAProxy opened to each pod (connect)", labels=["service", "pod"])
+        reuses = CounterMetricFamily("hms_haproxy_server_connection_reuses",
+                                     "Requests sent over an already open connection (reuse)",
+                                     labels=["service", "pod"])
         weight = GaugeMetricFamily("hms_haproxy_server_weight", "Weight set from the router's score",
                                    labels=["service", "pod"])
         up = GaugeMetricFamily("hms_haproxy_server_up", "1 if HAProxy sends new requests to the pod",
@@ -493,9 +513,11 @@ class _StatCollector:
             redisp.add_metric(labels, num("wredis"))
             ejections.add_metric(labels, num("chkdown"))
             errors.add_metric(labels, num("hrsp_5xx"))
+            conns.add_metric(labels, num("connect"))
+            reuses.add_metric(labels, num("reuse"))
             weight.add_metric(labels, num("weight"))
             up.add_metric(labels, 1.0 if row.get("status") == "UP" else 0.0)
-        yield from (total, retries, redisp, ejections, errors, weight, up)
+        yield from (total, retries, redisp, ejections, errors, conns, reuses, weight, up)
 
 
 def _die_with_parent() -> None:

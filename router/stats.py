@@ -1,6 +1,7 @@
 """Traffic figures both engines report: ``/-/stats`` (JSON for the dashboard) and ``/metrics``
 (Prometheus). The builtin engine records each request as it answers it; the haproxy engine
-records each line of HAProxy's request log."""
+records each line of HAProxy's request log, which is sampled above a request rate (each line
+then stands for ``count`` requests)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ class ServiceWindow:
                     del self.buckets[old]
         return b
 
-    def record(self, now: float, ms: float, error: bool) -> None:
+    def record(self, now: float, ms: float, error: bool, count: int = 1) -> None:
+        """One answered request, or one sampled line standing for ``count`` requests."""
         b = self._bucket(now)
-        b.requests += 1
-        b.errors += error
+        b.requests += count
+        b.errors += count if error else 0
         b.seen += 1
         if len(b.latencies) < SAMPLES_PER_SECOND:
             b.latencies.append(ms)
@@ -55,8 +57,8 @@ class ServiceWindow:
             if j < SAMPLES_PER_SECOND:
                 b.latencies[j] = ms
 
-    def retry(self, now: float) -> None:
-        self._bucket(now).retries += 1
+    def retry(self, now: float, count: int = 1) -> None:
+        self._bucket(now).retries += count
 
     def summary(self, now: float, uptime_s: float) -> dict[str, Any]:
         edge = int(now) - WINDOW_S
@@ -114,20 +116,23 @@ class TrafficStats:
             w = self.windows[service] = ServiceWindow(self.rng)
         return w
 
-    def record(self, service: str, pod: str, status: int, seconds: float, *, now: float | None = None) -> None:
+    def record(self, service: str, pod: str, status: int, seconds: float, *, now: float | None = None,
+               count: int = 1) -> None:
+        """One request; ``count`` > 1: a sampled request standing for that many (haproxy engine)."""
         now = time.monotonic() if now is None else now
-        self.window(service).record(now, seconds * 1000.0, status >= 500)
+        self.window(service).record(now, seconds * 1000.0, status >= 500, count)
         key = (service, pod, str(status))
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (self.requests.labels(service, pod, str(status)),
                                               self.latency.labels(service, pod))
-        children[0].inc()
-        children[1].observe(seconds)
+        children[0].inc(count)
+        for _ in range(count):  # a histogram observation has no weight
+            children[1].observe(seconds)
 
-    def record_retry(self, service: str, reason: str) -> None:
-        self.window(service).retry(time.monotonic())
-        self.retries.labels(service, reason).inc()
+    def record_retry(self, service: str, reason: str, count: int = 1) -> None:
+        self.window(service).retry(time.monotonic(), count)
+        self.retries.labels(service, reason).inc(count)
 
     def record_ejection(self, service: str, pod: str) -> None:
         self.ejections.labels(service, pod).inc()

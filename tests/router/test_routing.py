@@ -43,6 +43,14 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     async with aiohttp.ClientSession() as http, http.get(f"{routed.url}/metrics") as r:
         text = await r.text()
     assert 'hms_router_requests_total{' in text and 'service="hms-ach"' in text
+    if routed.engine == "haproxy":
+        # Pods added at run time keep their connections open: not one connection per request.
+        def total(metric: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(metric + "{") and 'service="hms-ach"' in line)
+
+        sent, opened = total("hms_haproxy_server_requests_total"), total("hms_haproxy_server_connections_total")
+        assert sent >= load.total and opened < sent / 5, f"{opened:.0f} connections for {sent:.0f} requests"
 
 
 async def test_unknown_service_is_404_and_no_ready_pod_is_503(routed):

@@ -44,24 +44,44 @@ from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
+READ_CONCURRENCY = 16  # status queries in flight at once when the Scheduler reads the other services
+
 
 class ControlActivities:
     def __init__(self, client: Client, settings: Callable[[], Settings], sink: EventSink) -> None:
         self.client = client
         self.settings = settings  # re-read on each call: an operator adds nodes without a restart
         self.sink = sink
+        self._reads: dict[str, asyncio.Future[list[tuple[str, ServiceStatus]]]] = {}
 
     async def _other_services(self, exclude: str, task_queue: str) -> list[ServiceStatus]:
+        """Every other running service's status. Placements that ask at the same time share
+        one read (a mass deploy or many heals would otherwise each query every service: N^2
+        queries), and one read asks up to ``READ_CONCURRENCY`` services at once."""
+        read = self._reads.get(task_queue)
+        if read is None:
+            read = asyncio.ensure_future(self._read_services(task_queue))
+            self._reads[task_queue] = read
+            read.add_done_callback(lambda done: self._reads.pop(task_queue, None)
+                                   if self._reads.get(task_queue) is done else None)
+        statuses = await asyncio.shield(read)  # one caller cancelled must not cancel the others' read
+        skip = constants.service_workflow_id(exclude) if exclude else None
+        return [st for wf_id, st in statuses if wf_id != skip]
+
+    async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
         query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
-        statuses = []
-        async for wf in self.client.list_workflows(query):
-            if exclude and wf.id == constants.service_workflow_id(exclude):
-                continue
-            try:
-                statuses.append(await self.client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
-            except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
-                log.warning("could not read pods of %s: %s", wf.id, e)
-        return statuses
+        ids = [wf.id async for wf in self.client.list_workflows(query)]
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
+            async with gate:
+                try:
+                    return wf_id, await self.client.get_workflow_handle(wf_id).query("status", result_type=ServiceStatus)
+                except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
+                    log.warning("could not read pods of %s: %s", wf_id, e)
+                    return None
+
+        return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:

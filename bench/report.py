@@ -122,14 +122,16 @@ def soak_rows(d: dict[str, Any]) -> list[Row]:
     v, cost, h = d.get("verdicts") or {}, d.get("cost") or {}, d.get("history") or {}
     lag, rep = v.get("probe_lag_p99") or {}, v.get("replacement_max") or {}
     return [
-        ["health-probe lag p99 (s)", lag.get("value_s"), "target", lag.get("ratio"), f"<= {lag.get('target_s')} s",
-         ok(lag.get("pass"))],
+        ["health-probe lag p99 (s); peer: idle process's timer lateness p99", lag.get("value_s"),
+         lag.get("peer_idle_timer_p99_s"), lag.get("ratio"), f"<= {lag.get('target_s')} s", ok(lag.get("pass"))],
         ["pod killed -> service whole again, max (s)", rep.get("value_s"), "target", rep.get("ratio"),
          f"<= {rep.get('target_s')} s", ok(rep.get("pass"))],
         ["worker CPU (cores) / RSS max (MB)", f"{fmt(cost.get('worker_cpu_cores'))} / "
          f"{fmt(get(cost, 'worker_rss_mb', 'max'))}", None, None, "reported", ""],
-        ["history events per service-hour (calm services)",
+        ["history events per service-hour (calm services, median)",
          get(h, "calm_services", "events_per_service_hour_median"), None, None, "reported", ""],
+        ["history events one heal adds (service + heal child, median)",
+         get(h, "killed_services", "events_per_heal_median"), None, None, "reported", ""],
     ]
 
 
@@ -143,12 +145,18 @@ PEERS = {
     "scale": "the seed's one-pod-per-tick rule replayed on the same CPU samples",
     "router": "Debian nginx round-robin (and a hand-configured HAProxy)",
     "rollout": "`docker service update --update-order start-first` (Swarm)",
-    "soak": "none: absolute targets",
+    "soak": "absolute targets (the ratio column is measured / target); the probe lag's context is an idle "
+            "asyncio process's timer lateness on the same machine in the same window",
 }
 
 
 def generic_rows(d: dict[str, Any]) -> list[Row]:
     return [["ratio", None, None, d.get("ratio"), d.get("target", d.get("target_ratio")), ok(d.get("pass"))]]
+
+
+def stamp(d: dict[str, Any]) -> str:
+    t = d.get("timestamp")
+    return str(t)[:16].replace("T", " ") if t else "-"
 
 
 def command(name: str, d: dict[str, Any]) -> str:
@@ -202,12 +210,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         except Exception as e:  # noqa: BLE001 - an unexpected file shape is shown, not fatal
             rows = [[f"unreadable result ({type(e).__name__}: {e})", None, None, None, None, "-"]]
         commit = (d.get("git_commit") or "-")
-        out.append(f"| [{name}](#{name}) | {verdict_of(rows)} | {fmt(d.get('timestamp'))} | `{commit[:12]}"
+        out.append(f"| [{name}](#{name}) | {verdict_of(rows)} | {stamp(d)} | `{commit[:12]}"
                    f"{'+dirty' if commit.endswith('+dirty') else ''}` | {load_text(d)} |")
         sec = [f"## {name}", "", f"Peer: {PEERS.get(name, '-')}.", "",
                "| figure | ours | peer | ratio | target | verdict |", "|---|---|---|---|---|---|"]
         sec += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
-        sec += ["", f"Command: `{command(name, d)}`  ", f"Run: {fmt(d.get('timestamp'))}, commit `{commit}`, "
+        sec += ["", f"Command: `{command(name, d)}`  ", f"Run: {stamp(d)}, commit `{commit}`, "
                 f"load {load_text(d)}"]
         if d.get("source_changed_during_run"):
             sec.append("  \n**The product sources changed on disk during this run: its figures mix code versions.**")

@@ -124,7 +124,7 @@ def soak_rows(d: dict[str, Any]) -> list[Row]:
     return [
         ["health-probe lag p99 (s); peer: idle process's timer lateness p99", lag.get("value_s"),
          lag.get("peer_idle_timer_p99_s"), lag.get("ratio"), f"<= {lag.get('target_s')} s", ok(lag.get("pass"))],
-        ["pod killed -> service whole again, max (s)", rep.get("value_s"), "target", rep.get("ratio"),
+        ["pod killed -> service whole again, max (s)", rep.get("value_s"), None, rep.get("ratio"),
          f"<= {rep.get('target_s')} s", ok(rep.get("pass"))],
         ["worker CPU (cores) / RSS max (MB)", f"{fmt(cost.get('worker_cpu_cores'))} / "
          f"{fmt(get(cost, 'worker_rss_mb', 'max'))}", None, None, "reported", ""],

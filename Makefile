@@ -3,7 +3,8 @@
 #   make demo    venv + images, then the whole stack and the three example services (Ctrl-C stops it)
 #   make test    venv + images, then the test suite (PYTEST_ARGS="-k cli -x" to narrow it)
 #   make chaos   the chaos and fuzz suites at full size (HMS_CHAOS_SEED=N replays a chaos run)
-#   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose)
+#   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose), then BENCHMARKS.md
+#   make soak    100 services x 2 pods for 10 min under one worker (SOAK_ARGS=--quick: 1 min)
 #   make lint    ruff
 #   make clean   stop the demo's leftover pods and remove var/ (keeps var/cache, the base image rootfs)
 
@@ -19,11 +20,12 @@ TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 
-.PHONY: help venv images demo up test chaos bench lint clean distclean
+.PHONY: help venv images demo up test chaos bench soak report lint clean distclean
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' Makefile
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
 
 venv: $(STAMP)
 
@@ -60,6 +62,16 @@ chaos: venv images
 
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
+	$(BIN)/python bench/report.py
+
+# Not in BENCH: about 15 minutes (deploy 100 services, a 600 s window, undeploy). Process pods only.
+soak: venv
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+	$(BIN)/python bench/report.py
+
+# BENCHMARKS.md from the latest bench/results/*.json, without running anything.
+report: venv
+	$(BIN)/python bench/report.py
 
 lint: venv
 	$(BIN)/ruff check .

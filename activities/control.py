@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowQueryFailedError
@@ -44,6 +45,9 @@ from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+READ_CONCURRENCY = 16  # status queries in flight at once when the Scheduler reads the other services
+
 
 def _grant_identity(claims: dict[str, object]) -> auth.Identity:
     """The identity a grant names (its times are the grant's: the proof behind it was checked)."""
@@ -60,24 +64,45 @@ class ControlActivities:
         self.client = client
         self.settings = settings  # re-read on each call: an operator adds nodes without a restart
         self.sink = sink
+        self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     async def _other_services(self, exclude: str, task_queue: str) -> list[ServiceStatus]:
+        """Every other running service's status. Placements that ask at the same time share
+        one read (a mass deploy or many heals would otherwise each query every service: N^2
+        queries), and one read asks up to ``READ_CONCURRENCY`` services at once."""
+        statuses = await self._shared(("services", task_queue), lambda: self._read_services(task_queue))
+        skip = constants.service_workflow_id(exclude) if exclude else None
+        return [st for wf_id, st in statuses if wf_id != skip]
+
+    async def _shared(self, key: tuple[str, str], read: Callable[[], Awaitable[T]]) -> T:
+        """Callers that ask for the same read while it is in flight get its one answer."""
+        fut = self._reads.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(read())
+            self._reads[key] = fut
+            fut.add_done_callback(lambda done: self._reads.pop(key, None) if self._reads.get(key) is done else None)
+        return await asyncio.shield(fut)  # one caller cancelled must not cancel the others' read
+
+    async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
         query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
-        statuses = []
-        async for wf in self.client.list_workflows(query):
-            if exclude and wf.id == constants.service_workflow_id(exclude):
-                continue
-            try:
-                statuses.append(await self.client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
-            except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
-                log.warning("could not read pods of %s: %s", wf.id, e)
-        return statuses
+        ids = [wf.id async for wf in self.client.list_workflows(query)]
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
+            async with gate:
+                try:
+                    return wf_id, await self.client.get_workflow_handle(wf_id).query("status", result_type=ServiceStatus)
+                except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
+                    log.warning("could not read pods of %s: %s", wf_id, e)
+                    return None
+
+        return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
         settings = await asyncio.to_thread(self.settings)
-        nodes = inp.nodes or await self.ready_nodes(settings)
+        nodes = inp.nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
         usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods,
                                    labels=n.labels) for n in nodes}
 

@@ -84,10 +84,14 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
 class PodActivities:
     """Activities bound to one node's runtime."""
 
-    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None, sink: EventSink | None = None) -> None:
+    def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None, sink: EventSink | None = None, *,
+                 on_probe: Callable[[float, float], None] | None = None) -> None:
         self.runtime = runtime
         self.trust = trust  # with it, the node also checks admission tickets (keys beside the trust store)
         self.sink = sink
+        # The health monitor reports each ping's lag behind its schedule and its duration (seconds):
+        # how far a loaded worker lets the monitor drift (the worker's Prometheus histograms).
+        self.on_probe = on_probe
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -339,8 +343,7 @@ class _Watch:
                     return self.result("failed", failed=await self.exited_failures(sorted(self.exited)))
                 now = loop.time()
                 if now >= next_health and ids:
-                    oks = await asyncio.gather(*(probe(self.acts.session(), self.pods[p].endpoint, spec.health_path)
-                                                 for p in ids))
+                    oks = await asyncio.gather(*(self.ping(p, scheduled=next_health) for p in ids))
                     for pid, ok in zip(ids, oks, strict=True):
                         self.failures[pid] = 0 if ok else self.failures[pid] + 1
                     next_health = max(next_health + spec.health_interval_s, loop.time())
@@ -397,6 +400,14 @@ class _Watch:
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+
+    async def ping(self, pod_id: str, *, scheduled: float) -> bool:
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        ok = await probe(self.acts.session(), self.pods[pod_id].endpoint, self.spec.health_path)
+        if self.acts.on_probe is not None:
+            self.acts.on_probe(max(0.0, sent - scheduled), loop.time() - sent)
+        return ok
 
     def _mark_exited(self, pod_id: str) -> None:
         if pod_id in self.pods:

@@ -38,6 +38,7 @@ PHASES: tuple[str, ...] = get_args(Phase)
 HEALTHS: tuple[str, ...] = get_args(Health)
 CRASH_LOOP_AFTER = 2  # replacements failing in a row: the service is crash-looping
 ACTIVITY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+PROBE_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 APPROVAL_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
@@ -171,6 +172,14 @@ class WorkerMetrics:
         self.webhook_deliveries = Counter(
             "hms_webhook_deliveries", "Webhook POSTs by outcome", ["outcome"], registry=self.registry
         )
+        self.probe_lag = Histogram(
+            "hms_health_probe_lag_seconds", "How late each health ping was sent, behind its schedule",
+            registry=self.registry, buckets=PROBE_LAG_BUCKETS,
+        )
+        self.probe_seconds = Histogram(
+            "hms_health_probe_duration_seconds", "Health ping duration (the answer or the 1 s timeout)",
+            registry=self.registry, buckets=PROBE_LAG_BUCKETS,
+        )
         self.fleet = FleetCollector()
         self.registry.register(self.fleet)
         self.interceptor = ActivityMetricsInterceptor(self.activity_seconds)
@@ -188,6 +197,11 @@ class WorkerMetrics:
             if started is not None:
                 outcome = event.type.removeprefix("approval.")
                 self.approval_wait.labels(outcome=outcome).observe((event.time - started).total_seconds())
+
+    def on_probe(self, lag_s: float, duration_s: float) -> None:
+        """A :class:`~activities.pods.PodActivities` probe listener (on the worker's event loop)."""
+        self.probe_lag.observe(lag_s)
+        self.probe_seconds.observe(duration_s)
 
     def on_delivery(self, url: str, ok: bool) -> None:
         self.webhook_deliveries.labels(outcome="accepted" if ok else "failed").inc()

@@ -44,6 +44,7 @@ class NodeAgent:
         self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}")
         self.registry_id = constants.node_registry_id(settings.task_queue)
         self.registered = asyncio.Event()
+        self._sweeping: asyncio.Task[list[str]] | None = None
 
     async def register(self) -> RegisterResult:
         """Update-with-start: the first worker of a control plane starts the registry, seeded
@@ -76,15 +77,17 @@ class NodeAgent:
                     log.info("node %s registered (%s)%s", self.spec.name, self.registry_id,
                              ": it was lost, removing its stale pods" if result.was_lost else "")
                     if result.was_lost:
-                        await self.sweep(started_before=came_back)
+                        self._sweep_aside(started_before=came_back)
                 else:
                     await self._refresh()
                     await self.client.get_workflow_handle(self.registry_id).signal(
                         NodeRegistry.heartbeat, self.registration)
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + SWEEP_EVERY_S
-                    await self.sweep()
+                    self._sweep_aside()
             except asyncio.CancelledError:
+                if self._sweeping is not None:
+                    self._sweeping.cancel()
                 raise
             except RPCError as e:
                 if e.status == RPCStatusCode.NOT_FOUND:  # the registry ended: start it again
@@ -94,6 +97,21 @@ class NodeAgent:
             except Exception as e:  # noqa: BLE001 - keep heartbeating whatever one round hit
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)
             await asyncio.sleep(self.settings.node_heartbeat_s)
+
+    def _sweep_aside(self, *, started_before: datetime | None = None) -> None:
+        """Sweep beside the heartbeat, never in its way: a sweep asks every service for its
+        pods, which with many services on a busy control plane takes longer than the registry
+        waits before it calls a silent node Lost (and replaces all its pods)."""
+        if self._sweeping is not None and not self._sweeping.done():
+            if started_before is None:
+                return  # the one in flight will do
+            self._sweeping.cancel()  # the node was lost: the stricter sweep replaces it
+        self._sweeping = asyncio.ensure_future(self.sweep(started_before=started_before))
+        self._sweeping.add_done_callback(self._swept)
+
+    def _swept(self, task: asyncio.Task[list[str]]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("node %s: sweep failed: %s", self.spec.name, task.exception())
 
     async def _refresh(self) -> None:
         """The node as configured now (capacity, labels): a changed spec re-registers it."""

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pwd
+import selectors
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,7 @@ class ProcessRuntime(PodRuntime):
         self._python_for: dict[str, tuple[str | None, str]] = {}  # cwd -> (interpreter the pod user can run, why not)
         self._cgroups: PodCgroups | None = None
         self._warned: set[tuple[str, str]] = set()  # (service, reason) already reported
+        self._exits = _ExitWatcher(self)
 
     # --- the box -------------------------------------------------------------------
 
@@ -405,6 +408,7 @@ class ProcessRuntime(PodRuntime):
                     self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
             rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
             self._write(rec)
+            self._exits.poke()
             log.info("started pod %s (%s) pid %s on 127.0.0.1:%s", req.pod_id, req.service, child.pid, port)
             return self._handle(rec)
 
@@ -527,9 +531,159 @@ class ProcessRuntime(PodRuntime):
                 gone.append(pod_id)
         return gone
 
+    def subscribe_exits(self, callback: Callable[[str], None]) -> Callable[[], None] | None:
+        """One thread waits on a pidfd per pod (Linux >= 5.3) and calls back the moment a pod's
+        process exits, so health monitors need not poll ``exited`` several times a second each."""
+        return self._exits.subscribe(callback)
+
     def content_id(self, image: str) -> str:
         return self.catalog.content_id(image)
 
     def close(self) -> None:
+        self._exits.close()
         if self._cgroups is not None:
             self._cgroups.release()
+
+
+class _ExitWatcher:
+    """Exit events of a node's process pods: one thread, one ``epoll`` over a pidfd per recorded
+    pod (pidfds also work for adopted pods, which are not our children). The pod set is re-read
+    from the records when a pod starts, when someone subscribes, and every ``RESCAN_S``."""
+
+    RESCAN_S = 1.0
+
+    def __init__(self, runtime: ProcessRuntime) -> None:
+        self.runtime = runtime
+        self.lock = threading.Lock()
+        self.subscribers: list[Callable[[str], None]] = []
+        self.thread: threading.Thread | None = None
+        self.wake_r, self.wake_w = -1, -1
+        self.closed = False
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "pidfd_open")
+
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None] | None:
+        if not self.available():
+            return None
+        with self.lock:
+            if self.closed:
+                return None
+            self.subscribers.append(callback)
+            if self.thread is None:
+                self.wake_r, self.wake_w = os.pipe()
+                os.set_blocking(self.wake_w, False)
+                self.thread = threading.Thread(target=self._run, name=f"hms-process-exits-{self.runtime.node}",
+                                               daemon=True)
+                self.thread.start()
+        self.poke()
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if callback in self.subscribers:
+                    self.subscribers.remove(callback)
+
+        return unsubscribe
+
+    def poke(self) -> None:
+        """Re-read the pod records now (a pod just started)."""
+        with self.lock:
+            if self.wake_w >= 0:
+                with contextlib.suppress(OSError):  # a full pipe already means "wake up"
+                    os.write(self.wake_w, b"x")
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            thread = self.thread
+        self.poke()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def _exited(self, pod_id: str) -> None:
+        with self.lock:
+            subscribers = list(self.subscribers)
+        for cb in subscribers:
+            try:
+                cb(pod_id)
+            except Exception:  # noqa: BLE001 - one subscriber's bug must not stop the others' events
+                log.exception("exit subscriber failed for pod %s", pod_id)
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.wake_r, selectors.EVENT_READ, None)
+        # pod id -> (pidfd, version of the record it came from): a pod restarted under the same id
+        # (an idempotent start after its process died) has a new record, so it is watched again.
+        watched: dict[str, tuple[int, tuple[int, int]]] = {}
+        gone: dict[str, tuple[int, int]] = {}  # reported once: pod id -> its record's version
+        next_scan = 0.0
+        try:
+            while not self.closed:
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self.RESCAN_S
+                    try:
+                        self._scan(sel, watched, gone)
+                    except Exception:  # noqa: BLE001 - a bad record must not end exit events for all pods
+                        log.exception("process pod exit watcher: cannot read the pod records")
+                for key, _ in sel.select(timeout=max(0.0, next_scan - time.monotonic())):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            os.read(self.wake_r, 4096)
+                        next_scan = 0.0
+                        continue
+                    pod_id = key.data
+                    fd, ino = watched.pop(pod_id)
+                    sel.unregister(fd)
+                    os.close(fd)
+                    gone[pod_id] = ino
+                    self._exited(pod_id)
+        finally:
+            for fd, _ in watched.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            sel.close()
+            with self.lock:
+                r, w = self.wake_r, self.wake_w
+                self.wake_r = self.wake_w = -1
+                self.thread = None
+            os.close(r)
+            os.close(w)
+
+    def _scan(self, sel: selectors.BaseSelector, watched: dict[str, tuple[int, tuple[int, int]]],
+              gone: dict[str, tuple[int, int]]) -> None:
+        rt = self.runtime
+        present: dict[str, tuple[int, int]] = {}
+        for path in rt.records.glob("*.json"):
+            with contextlib.suppress(OSError):
+                st = path.stat()  # a rewritten record is a new file (atomic write); inodes get reused
+                present[path.stem] = (st.st_ino, st.st_mtime_ns)
+        for pod_id in [p for p in watched if present.get(p) != watched[p][1]]:  # stopped, or restarted
+            fd, _ = watched.pop(pod_id)
+            sel.unregister(fd)
+            os.close(fd)
+        for pod_id, ino in present.items():
+            if pod_id in watched or gone.get(pod_id) == ino:
+                continue
+            try:
+                rec = rt._read(pod_id)
+            except PodRuntimeError:  # not a pod's record
+                gone[pod_id] = ino
+                continue
+            if rec is None:
+                continue
+            proc = rt._process(rec)
+            fd = -1
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    fd = os.pidfd_open(proc.pid)
+            if fd >= 0 and rt._process(rec) is not None:  # still the same process once we hold its fd
+                watched[pod_id] = (fd, ino)
+                sel.register(fd, selectors.EVENT_READ, pod_id)
+                continue
+            if fd >= 0:
+                os.close(fd)
+            gone[pod_id] = ino
+            self._exited(pod_id)
+        for pod_id in [p for p in gone if p not in present]:
+            del gone[pod_id]

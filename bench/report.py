@@ -1,0 +1,243 @@
+"""Write ``BENCHMARKS.md`` from the latest ``bench/results/*.json``: for every benchmark its
+figures against its peer (or its absolute target), the verdicts, the command, when, at which
+commit and under what machine load it ran. ``make bench`` runs it last.
+
+    .venv/bin/python bench/report.py [--out BENCHMARKS.md]
+
+Figures are copied from the JSON, never recomputed or edited here; a figure a result file does
+not hold is shown as "-".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+ORDER = ("deploy", "heal", "scale", "router", "rollout", "soak")
+
+Row = list[Any]  # figure, ours, peer (or target basis), ratio, target, verdict
+
+
+def get(d: Any, *path: str | int) -> Any:
+    for p in path:
+        if isinstance(d, dict):
+            d = d.get(p)  # type: ignore[arg-type]
+        elif isinstance(d, list) and isinstance(p, int) and -len(d) <= p < len(d):
+            d = d[p]
+        else:
+            return None
+    return d
+
+
+def ok(flag: Any) -> str:
+    return "-" if flag is None else ("PASS" if flag else "FAIL")
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v).replace("|", "\\|")
+
+
+# --- one adapter per benchmark: its result file's own field names -----------------------------
+
+
+def deploy_rows(d: dict[str, Any]) -> list[Row]:
+    f = d.get("figures") or {}
+    t = d.get("target_ratio")
+    return [
+        ["10 pods answer /health (s, median)", get(f, "ours_http", "median_s"), get(f, "peer_http", "median_s"),
+         d.get("ratio_http", d.get("ratio")), f"<= {t}x", ok(d.get("pass"))],
+        ["status() shows 10 healthy (s)", get(f, "ours_status", "median_s"), get(f, "peer_http", "median_s"),
+         d.get("ratio_status"), "", ""],
+    ]
+
+
+def heal_rows(d: dict[str, Any]) -> list[Row]:
+    a, b = d.get("a") or {}, d.get("b") or {}
+    rows = [["(a) SIGKILL -> replacement answers (s, median)", get(a, "figures", "ours_replacement_http", "median_s"),
+             get(a, "figures", "peer_docker_restart_http", "median_s"), a.get("ratio"),
+             f"<= {a.get('target_ratio')}x", ok(a.get("pass"))]]
+    for mode, f in (b.get("figures") or {}).items():
+        rows.append([f"(b) {mode} pod -> replaced and removed (s, median)", get(f, "total", "median_s"),
+                     f"floor {b.get('detection_floor_s')}", f.get("ratio_to_floor"), f"<= {b.get('target_s')} s",
+                     ok(f.get("pass"))])
+    return rows
+
+
+def scale_rows(d: dict[str, Any]) -> list[Row]:
+    f = d.get("figures") or {}
+    return [
+        ["scaling decisions for 2 -> 10 pods", get(f, "ours_decisions", "median"), get(f, "seed_decisions", "median"),
+         None, f"<= {d.get('target_decisions')}", ok(d.get("pass"))],
+        ["seconds to 10 ready (median)", get(f, "ours_status_10_ready_s", "median"), get(f, "seed_s", "median"),
+         f.get("time_ratio_ours_over_seed"), "", ""],
+    ]
+
+
+def router_rows(d: dict[str, Any]) -> list[Row]:
+    r, res = d.get("ratios") or {}, d.get("results") or {}
+    v = d.get("verdicts") or {}
+    t = d.get("targets") or {}
+    rows: list[Row] = [
+        ["base req/s, builtin", get(res, "base", "builtin", "rps"), get(res, "base", "nginx", "rps"),
+         r.get("base_builtin_vs_nginx"), f">= {t.get('base_builtin')}x", ok(v.get("base_builtin >= 0.5x nginx"))],
+        ["base req/s, haproxy", get(res, "base", "haproxy", "rps"), get(res, "base", "nginx", "rps"),
+         r.get("base_haproxy_vs_nginx"), f">= {t.get('base_haproxy')}x", ok(v.get("base_haproxy >= 0.9x nginx"))],
+        ["one slow pod: req/s, builtin", get(res, "slow", "builtin", "rps"), get(res, "slow", "nginx", "rps"),
+         r.get("slow_builtin_vs_nginx"), f">= {t.get('slow_throughput')}x", ok(v.get("slow_builtin >= 1.5x nginx"))],
+        ["one slow pod: req/s, haproxy", get(res, "slow", "haproxy", "rps"), get(res, "slow", "nginx", "rps"),
+         r.get("slow_haproxy_vs_nginx"), f">= {t.get('slow_throughput')}x", ok(v.get("slow_haproxy >= 1.5x nginx"))],
+        ["one slow pod: p99 ms, builtin", get(res, "slow", "builtin", "p99_ms"), get(res, "slow", "nginx", "p99_ms"),
+         r.get("slow_p99_builtin_vs_nginx"), "< 1x", ok(v.get("slow_builtin p99 < nginx"))],
+        ["one slow pod: p99 ms, haproxy", get(res, "slow", "haproxy", "p99_ms"), get(res, "slow", "nginx", "p99_ms"),
+         r.get("slow_p99_haproxy_vs_nginx"), "< 1x", ok(v.get("slow_haproxy p99 < nginx"))],
+    ]
+    for engine in ("builtin", "haproxy"):
+        rows.append([f"pod killed under load: failed requests, {engine}", get(res, "kill", engine, "errors"),
+                     get(res, "kill", "nginx", "errors"), None, "0", ok(v.get(f"kill_{engine} 0 errors"))])
+    return rows
+
+
+def rollout_rows(d: dict[str, Any]) -> list[Row]:
+    m = d.get("median_s") or {}
+    ratio, target = d.get("ratio_vs_start_first"), d.get("target")
+    failed = d.get("failed_requests")
+    return [
+        ["rolling update of 4 pods (s, median)", m.get("ours"), m.get("swarm_start_first"), ratio, f"<= {target}x",
+         ok(ratio is not None and target is not None and ratio <= target)],
+        ["failed requests during the update", failed, None, None, "0", ok(None if failed is None else failed == 0)],
+    ]
+
+
+def soak_rows(d: dict[str, Any]) -> list[Row]:
+    v, cost, h = d.get("verdicts") or {}, d.get("cost") or {}, d.get("history") or {}
+    lag, rep = v.get("probe_lag_p99") or {}, v.get("replacement_max") or {}
+    return [
+        ["health-probe lag p99 (s); peer: idle process's timer lateness p99", lag.get("value_s"),
+         lag.get("peer_idle_timer_p99_s"), lag.get("ratio"), f"<= {lag.get('target_s')} s", ok(lag.get("pass"))],
+        ["pod killed -> service whole again, max (s)", rep.get("value_s"), None, rep.get("ratio"),
+         f"<= {rep.get('target_s')} s", ok(rep.get("pass"))],
+        ["worker CPU (cores) / RSS max (MB)", f"{fmt(cost.get('worker_cpu_cores'))} / "
+         f"{fmt(get(cost, 'worker_rss_mb', 'max'))}", None, None, "reported", ""],
+        ["history events per service-hour (calm services, median)",
+         get(h, "calm_services", "events_per_service_hour_median"), None, None, "reported", ""],
+        ["history events one heal adds (service + heal child, median)",
+         get(h, "killed_services", "events_per_heal_median"), None, None, "reported", ""],
+    ]
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "deploy": deploy_rows, "heal": heal_rows, "scale": scale_rows, "router": router_rows, "rollout": rollout_rows,
+    "soak": soak_rows,
+}
+PEERS = {
+    "deploy": "10 parallel `docker run` + the same /health poller",
+    "heal": "(a) Docker `--restart=always`; (b) the detection floor health_failures x health_interval_s",
+    "scale": "the seed's one-pod-per-tick rule replayed on the same CPU samples",
+    "router": "Debian nginx round-robin (and a hand-configured HAProxy)",
+    "rollout": "`docker service update --update-order start-first` (Swarm)",
+    "soak": "absolute targets (the ratio column is measured / target); the probe lag's context is an idle "
+            "asyncio process's timer lateness on the same machine in the same window",
+}
+
+
+def generic_rows(d: dict[str, Any]) -> list[Row]:
+    return [["ratio", None, None, d.get("ratio"), d.get("target", d.get("target_ratio")), ok(d.get("pass"))]]
+
+
+def stamp(d: dict[str, Any]) -> str:
+    t = d.get("timestamp")
+    return str(t)[:16].replace("T", " ") if t else "-"
+
+
+def command(name: str, d: dict[str, Any]) -> str:
+    argv = d.get("argv")
+    if isinstance(argv, list):
+        return " ".join([f".venv/bin/python bench/{name}.py", *argv])
+    return f".venv/bin/python bench/{name}.py (arguments not recorded)"
+
+
+def load_text(d: dict[str, Any]) -> str:
+    parts = []
+    if d.get("load_average_before"):
+        parts.append(f"before {d['load_average_before'][0]}")
+    during = get(d, "cost", "load_average_1m")
+    if isinstance(during, dict) and during.get("mean") is not None:
+        parts.append(f"during {during.get('min')}–{during.get('max')} (mean {during.get('mean')})")
+    if d.get("load_average_after"):
+        parts.append(f"after {d['load_average_after'][0]}")
+    return ", ".join(parts) or "-"
+
+
+def verdict_of(rows: list[Row]) -> str:
+    vs = [r[5] for r in rows if r[5] in ("PASS", "FAIL")]
+    if not vs:
+        return "-"
+    return "PASS" if all(v == "PASS" for v in vs) else f"FAIL ({vs.count('FAIL')} of {len(vs)})"
+
+
+def render(results: dict[str, dict[str, Any]]) -> str:
+    names = [n for n in ORDER if n in results] + sorted(n for n in results if n not in ORDER)
+    cpu = next((get(d, "machine", "cpu_count") for d in results.values() if get(d, "machine", "cpu_count")), None)
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/report.py` from the latest `bench/results/*.json` (`make bench` runs it last; "
+        "`make soak` too). Do not edit by hand: run the benchmark again.",
+        "",
+        "Each benchmark measures hms-mgmt against a named peer in the same run (the soak against absolute "
+        "targets) on a shared "
+        f"{cpu or '?'}-core machine; the load average says how busy it was. Compare ratios, not seconds, across "
+        "runs. What each one measures: `bench/README.md`.",
+        "",
+        "| benchmark | verdict | date (UTC) | commit | load (1 min) |",
+        "|---|---|---|---|---|",
+    ]
+    sections = []
+    for name in names:
+        d = results[name]
+        try:
+            rows = ADAPTERS.get(name, generic_rows)(d)
+        except Exception as e:  # noqa: BLE001 - an unexpected file shape is shown, not fatal
+            rows = [[f"unreadable result ({type(e).__name__}: {e})", None, None, None, None, "-"]]
+        commit = (d.get("git_commit") or "-")
+        out.append(f"| [{name}](#{name}) | {verdict_of(rows)} | {stamp(d)} | `{commit[:12]}"
+                   f"{'+dirty' if commit.endswith('+dirty') else ''}` | {load_text(d)} |")
+        sec = [f"## {name}", "", f"Peer: {PEERS.get(name, '-')}.", "",
+               "| figure | ours | peer | ratio | target | verdict |", "|---|---|---|---|---|---|"]
+        sec += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+        sec += ["", f"Command: `{command(name, d)}`  ", f"Run: {stamp(d)}, commit `{commit}`, "
+                f"load {load_text(d)}"]
+        if d.get("source_changed_during_run"):
+            sec.append("  \n**The product sources changed on disk during this run: its figures mix code versions.**")
+        sections.append("\n".join(sec))
+    return "\n".join(out) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    results = {}
+    for f in sorted(args.results.glob("*.json")):
+        try:
+            results[f.stem] = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            print(f"skipping {f}: {e}", file=sys.stderr)
+    args.out.write_text(render(results))
+    print(f"wrote {args.out} ({len(results)} benchmarks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""BENCHMARKS.md is generated from the result files as they are, and the soak's probe-lag
+quantiles are read from the worker's histogram the way Prometheus reads them. Pure; < 1 s."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+from bench.soak import hist_delta, hist_quantile, share_within  # noqa: E402
+
+
+def test_quantiles_interpolate_inside_the_bucket_and_share_within_is_exact() -> None:
+    before = {0.1: 10.0, 1.0: 10.0, 2.0: 10.0, math.inf: 10.0}
+    after = {0.1: 60.0, 1.0: 108.0, 2.0: 110.0, math.inf: 110.0}  # window: 50 <= 0.1 s, 48 in (0.1, 1], 2 in (1, 2]
+    window = hist_delta(before, after)
+    assert window[math.inf] == 100
+    assert hist_quantile(window, 0.5) == 0.1
+    assert math.isclose(hist_quantile(window, 0.99), 1.5)  # rank 99 of 100 is halfway into (1, 2]
+    assert share_within(window, 1.0) == 0.98
+    assert hist_quantile({math.inf: 0.0}, 0.99) is None
+
+
+def test_report_copies_figures_verdicts_and_marks_what_a_file_lacks(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "deploy.json").write_text(json.dumps({
+        "timestamp": "2026-01-02T03:04:05+00:00", "git_commit": "abc123def4567890", "argv": ["--runs", "3"],
+        "load_average_before": [1.5, 1, 1], "load_average_after": [2.5, 1, 1], "target_ratio": 1.3, "ratio": 1.27,
+        "ratio_http": 1.27, "pass": True, "figures": {"ours_http": {"median_s": 2.26}, "peer_http": {"median_s": 1.78}},
+    }))
+    (results / "soak.json").write_text(json.dumps({
+        "timestamp": "2026-01-02T04:00:00+00:00", "git_commit": "fedcba9876543210+dirty", "argv": ["--quick"],
+        "verdicts": {"probe_lag_p99": {"value_s": 1.4, "target_s": 1.0, "ratio": 1.4, "pass": False},
+                     "replacement_max": {"value_s": 3.0, "target_s": 11.5, "ratio": 0.261, "pass": True}},
+        "cost": {"load_average_1m": {"min": 3.0, "max": 9.0, "mean": 5.0}},
+    }))
+    (results / "mystery.json").write_text(json.dumps({"ratio": 0.5, "target": 1.0, "pass": True}))
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| [deploy](#deploy) | PASS | 2026-01-02 03:04 | `abc123def456` | before 1.5, after 2.5 |" in text
+    assert "| 10 pods answer /health (s, median) | 2.26 | 1.78 | 1.27 | <= 1.3x | PASS |" in text
+    assert "Command: `.venv/bin/python bench/deploy.py --runs 3`" in text
+    assert "| [soak](#soak) | FAIL (1 of 2) |" in text and "during 3.0–9.0 (mean 5.0)" in text
+    assert "`fedcba987654+dirty`" in text
+    # Figures the soak file does not hold are "-", never made up.
+    assert "| worker CPU (cores) / RSS max (MB) | - / - |" in text
+    assert "| [mystery](#mystery) | PASS |" in text

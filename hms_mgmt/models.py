@@ -50,10 +50,21 @@ MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_BYTES = 8 * 1024
+MAX_SELECTOR_LABELS = 32
+MAX_LABEL_CHARS = 253
 # Capabilities a Docker pod may take back after all are dropped: none a pod needs to escape with.
 CAP_ADD_ALLOWED = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
                              "SETGID", "SETUID", "SETPCAP", "NET_RAW", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD"})
 RuntimeName = Literal["docker", "process"]
+
+
+def _is_utf8(text: str) -> bool:
+    """False for lone surrogates: Python holds them, but no JSON payload can carry them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Model(BaseModel):
@@ -109,8 +120,8 @@ class ServiceSpec(_Model):
     @classmethod
     def _count_or_percent(cls, v: int | str) -> int | str:
         if isinstance(v, int):
-            if v < 0:
-                raise ValueError("must be >= 0")
+            if not 0 <= v <= MAX_REPLICAS:
+                raise ValueError(f"a count must be from 0 to {MAX_REPLICAS}")
             return v
         if not re.fullmatch(r"(100|[1-9]?[0-9])%", v):
             raise ValueError("must be a count (2) or a percent from 0% to 100% ('25%')")
@@ -167,6 +178,19 @@ class ServiceSpec(_Model):
         size = sum(len(arg.encode()) + 1 for arg in v)
         if size > MAX_COMMAND_BYTES:
             raise ValueError(f"at most {MAX_COMMAND_BYTES} bytes in all (got {size})")
+        return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector_bounded(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_SELECTOR_LABELS:
+            raise ValueError(f"at most {MAX_SELECTOR_LABELS} labels (got {len(v)})")
+        for key, value in v.items():
+            if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+                raise ValueError(f"label {key!r}: a name of 1 to {MAX_LABEL_CHARS} characters and a value "
+                                 f"of at most {MAX_LABEL_CHARS}")
+            if not (key + value).isprintable() or not _is_utf8(key + value):
+                raise ValueError(f"label {key!r}: names and values are printable text")
         return v
 
     @field_validator("cap_add")

@@ -57,6 +57,7 @@ from hms_mgmt.models import (
     WatchHeartbeat,
 )
 
+MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
 CLOSING_RETRY_S = 10.0  # how long an update waits for a run that is continuing-as-new
 
@@ -73,25 +74,50 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
         path = Path(spec)
         if not path.exists():
             raise SpecError(f"spec file {path} does not exist")
+        if path.is_dir():
+            raise SpecError(f"spec file {path} is a directory")
         try:
-            data = yaml.safe_load(path.read_text())
+            with path.open("rb") as f:  # a pipe (`hms deploy <(...)`) works; /dev/zero ends
+                raw = f.read(MAX_SPEC_BYTES + 1)
+            if len(raw) > MAX_SPEC_BYTES:
+                raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES // 1024} KiB")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+        except OSError as e:
+            raise SpecError(f"spec file {path} cannot be read: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise SpecError(f"spec file {path} is not valid YAML: {e}") from e
+        except RecursionError:
+            raise SpecError(f"spec file {path} nests too deeply to be a spec") from None
         source = f"service spec {path}"
         spec = data
     if not isinstance(spec, Mapping):
         raise SpecError(f"invalid {source}: expected a mapping of fields, got {type(spec).__name__}")
+    odd = [k for k in spec if not isinstance(k, str)]
+    if odd:
+        names = ", ".join(f"{k!r} ({type(k).__name__})" for k in odd)
+        raise SpecError(f"invalid {source}: field names are text; got {names}")
     try:
         return ServiceSpec.model_validate(dict(spec))
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "spec"
+            field = ".".join(_field_name(p) for p in err["loc"]) or "spec"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field"
             problems.append(f"{field}: {msg}")
         raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
+
+
+def _field_name(part: str | int) -> str:
+    """A field or key as an error shows it: quoted when it would not read as a name
+    (empty, spaces, punctuation), so ``'': unknown field`` says which key."""
+    text = str(part)
+    return text if text and all(c.isalnum() or c in "_-" for c in text) else repr(text)
 
 
 class Orchestrator:

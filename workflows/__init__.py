@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from workflows.deploy import DeployWorkflow
+from workflows.guard import MessageGuard
 from workflows.heal import HealWorkflow
 from workflows.logs import PodLogsWorkflow
 from workflows.nodes import NodeRegistry
@@ -11,4 +12,4 @@ from workflows.service import ServiceWorkflow
 
 ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow, NodeRegistry]
 
-__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]
+__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "MessageGuard", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]

@@ -20,7 +20,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, WorkflowReplayResult
 
-from workflows import ALL_WORKFLOWS
+from workflows import ALL_WORKFLOWS, MessageGuard
 
 HISTORIES = Path(__file__).parent / "histories"
 # What the recorder must keep covered; a scenario dropped by mistake fails here.
@@ -51,7 +51,8 @@ def test_every_scenario_and_workflow_type_is_recorded():
 
 async def test_recorded_histories_replay_without_nondeterminism():
     files = history_files()
-    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter,
+                        interceptors=[MessageGuard()])
 
     async def histories() -> AsyncIterator[WorkflowHistory]:
         for f in files:
@@ -82,7 +83,8 @@ async def test_a_tampered_history_fails_replay(path: Path):
             break
     else:
         pytest.fail(f"{path.name} schedules no activity")
-    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter,
+                        interceptors=[MessageGuard()])
     result = await replayer.replay_workflow(WorkflowHistory.from_json(data["workflow_id"], data),
                                             raise_on_replay_failure=False)
     assert result.replay_failure is not None

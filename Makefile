@@ -3,6 +3,8 @@
 #   make demo    venv + images, then the whole stack and the three example services (Ctrl-C stops it)
 #   make test    venv + images, then the test suite (PYTEST_ARGS="-k cli -x" to narrow it)
 #   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose)
+#   make fuzz    the fuzz tests at 10,000 examples each (HMS_FUZZ_EXAMPLES=N to change)
+#   make histories  record the workflow histories tests/replay/ replays (after a patched change)
 #   make lint    ruff
 #   make clean   stop the demo's leftover pods and remove var/ (keeps var/cache, the base image rootfs)
 
@@ -17,11 +19,12 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
+SCENARIOS ?=
 
-.PHONY: help venv images demo up test bench lint clean distclean
+.PHONY: help venv images demo up test fuzz histories bench lint clean distclean
 
 help:
-	@sed -n '3,8s/^# \{0,1\}//p' Makefile
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
 
 venv: $(STAMP)
 
@@ -44,6 +47,14 @@ up: venv images
 
 test: venv images
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# tests/fuzz/ with the chaos profile: a fresh seed and 10,000 examples per test (the signal and
+# update fuzzer, one Temporal CLI call per example, 1,000). `make test` runs a few hundred, seeded.
+fuzz: venv
+	HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest tests/fuzz $(PYTEST_ARGS)
+
+histories: venv
+	$(BIN)/python scripts/record_histories.py $(SCENARIOS)
 
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done

@@ -1,4 +1,9 @@
-"""Deterministic workflow code only: no I/O, no clock, no randomness but ``workflow.*``."""
+"""Deterministic workflow code only: no I/O, no clock, no randomness but ``workflow.*``.
+
+Running executions replay on new code: a change to the commands a workflow issues (activities,
+timers, children, their order) goes behind ``workflow.patched("...")``, and
+``tests/replay/test_replay.py`` fails on one that does not (README: "Changing workflow code
+safely")."""
 
 from __future__ import annotations
 

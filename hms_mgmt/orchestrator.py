@@ -72,19 +72,19 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
     source = "service spec"
     if isinstance(spec, (str, Path)):
         path = Path(spec)
-        if not path.exists():
-            raise SpecError(f"spec file {path} does not exist")
-        if path.is_dir():
-            raise SpecError(f"spec file {path} is a directory")
         try:
             with path.open("rb") as f:  # a pipe (`hms deploy <(...)`) works; /dev/zero ends
                 raw = f.read(MAX_SPEC_BYTES + 1)
             if len(raw) > MAX_SPEC_BYTES:
                 raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES // 1024} KiB")
             text = raw.decode("utf-8")
+        except FileNotFoundError:
+            raise SpecError(f"spec file {path} does not exist") from None
+        except IsADirectoryError:
+            raise SpecError(f"spec file {path} is a directory") from None
         except UnicodeDecodeError as e:
             raise SpecError(f"spec file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
-        except OSError as e:
+        except OSError as e:  # a name too long, no permission, ...
             raise SpecError(f"spec file {path} cannot be read: {e.strerror or e}") from None
         try:
             data = yaml.safe_load(text)

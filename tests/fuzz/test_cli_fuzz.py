@@ -128,6 +128,7 @@ def test_cli_arguments_exit_cleanly(cli):
     @example(["deploy", file_choices[5]])  # a directory
     @example(["deploy", file_choices[3]])  # not UTF-8
     @example(["deploy", "/dev/zero"])
+    @example(["deploy", "9" * 400])  # a file name too long for the file system
     @example(["scale", "hms-ach", "9" * 400])
     @example(["auth", "issue", "--user", "a", "--role", "viewer", "--ttl", "1e400h"])
     @example(["auth", "issue", "--user", "a", "--role", "viewer", "--ttl", "99999999d"])

@@ -144,7 +144,7 @@ def test_yaml_files_give_a_spec_or_an_error_naming_the_file(tmp_path: Path, text
 def test_paths_that_are_not_spec_files_are_spec_errors(tmp_path: Path):
     for path, why in [(tmp_path, "is a directory"), (tmp_path / "missing.yaml", "does not exist"),
                       (Path("/dev/null"), "expected a mapping"), (Path("/dev/zero"), "larger than 1024 KiB"),
-                      (Path("/dev/urandom"), "larger than 1024 KiB")]:
+                      (Path("/dev/urandom"), "larger than 1024 KiB"), (tmp_path / ("x" * 300), "File name too long")]:
         try:
             load_spec(path)
         except SpecError as e:

@@ -50,6 +50,11 @@ MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_BYTES = 8 * 1024
+# What a caller may put in a request: it is kept in the workflow's state (refusals, decisions)
+# and comes back in every status(), so none of it may grow the state without bound.
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_REASON_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 128
 MAX_SELECTOR_LABELS = 32
 MAX_LABEL_CHARS = 253
 # Capabilities a Docker pod may take back after all are dropped: none a pod needs to escape with.
@@ -294,8 +299,8 @@ class NodesOutput(_Model):
 class NodeLost(_Model):
     """The ``node_lost`` signal to a ServiceWorkflow (and the registry's notify activity input)."""
 
-    node: str
-    reason: str = ""
+    node: str = Field(max_length=253)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class PodStatus(_Model):
@@ -402,9 +407,9 @@ class Approval(_Model):
     """The payload of the ``approve`` / ``reject`` signals (from Python, `hms`, the Temporal
     CLI or the Web UI: ``{"token": "...", "reason": "..."}``)."""
 
-    token: str = ""
-    reason: str = ""
-    request_id: str = ""
+    token: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
 
 
 class DeployResult(_Model):
@@ -510,8 +515,8 @@ class SpecUpdate(_Model):
     """The ``update_spec`` update (a new revision, or an in-place change) and ``rollback``."""
 
     spec: ServiceSpec | None = None
-    token: str = ""
-    request_id: str = ""
+    token: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
     to_revision: int | None = None  # rollback: this revision (default: the one before)
 
 
@@ -684,8 +689,8 @@ class ScaleOutput(_Model):
 
 class ScaleRequest(_Model):
     replicas: int
-    token: str = ""
-    reason: str = ""
+    token: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 # --- access, governance, image trust ---------------------------------------------------
@@ -780,8 +785,8 @@ class PublishResult(_Model):
 
 
 class UndeployRequest(_Model):
-    token: str = ""
-    request_id: str = ""
+    token: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
 
 
 class AdmissionRequest(_Model):

@@ -12,10 +12,10 @@ import builtins
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -57,6 +57,7 @@ from hms_mgmt.models import (
     WatchHeartbeat,
 )
 
+M = TypeVar("M", bound=BaseModel)
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
 CLOSING_RETRY_S = 10.0  # how long an update waits for a run that is continuing-as-new
@@ -103,14 +104,27 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
     try:
         return ServiceSpec.model_validate(dict(spec))
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = ".".join(_field_name(p) for p in err["loc"]) or "spec"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            problems.append(f"{field}: {msg}")
-        raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
+        raise SpecError(f"invalid {source}: {_problems(e)}") from None
+
+
+def _request(model: type[M], what: str, **values: Any) -> M:
+    """A request to a workflow from the caller's values; a bad one is a SpecError naming the field
+    (a reason too long, a timeout out of range), before anything is sent."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise SpecError(f"{what}: {_problems(e)}") from None
+
+
+def _problems(e: ValidationError) -> str:
+    problems = []
+    for err in e.errors():
+        field = ".".join(_field_name(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{field}: {msg}")
+    return "; ".join(problems)
 
 
 def _field_name(part: str | int) -> str:
@@ -204,7 +218,8 @@ class Orchestrator:
                 status = await asyncio.wait_for(
                     self.client.execute_update_with_start_workflow(
                         "admission",
-                        AdmissionRequest(until=until, timeout_s=min(max(timeout, 1.0), 3600.0)),
+                        _request(AdmissionRequest, f"deploy {spec.name}", until=until,
+                                 timeout_s=min(max(timeout, 1.0), 3600.0)),
                         start_workflow_operation=start,
                         result_type=ServiceStatus,
                     ),
@@ -244,7 +259,8 @@ class Orchestrator:
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
             handle, "update_spec",
-            SpecUpdate(spec=spec, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            _request(SpecUpdate, f"update {spec.name}", spec=spec, token=self.settings.token or "",
+                     request_id=uuid.uuid4().hex),
             what=f"update {spec.name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(spec.name, outcome.revision, timeout=timeout)
@@ -256,7 +272,8 @@ class Orchestrator:
         handle = await self._running_handle(name)
         outcome = await self._update(
             handle, "rollback",
-            SpecUpdate(to_revision=revision, token=self.settings.token or "", request_id=uuid.uuid4().hex),
+            _request(SpecUpdate, f"roll back {name}", to_revision=revision, token=self.settings.token or "",
+                     request_id=uuid.uuid4().hex),
             what=f"roll back {name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(name, outcome.revision, timeout=timeout)
@@ -269,7 +286,8 @@ class Orchestrator:
     async def wait_for_revision(self, name: str, revision: int, *, timeout: float = 300.0) -> ServiceStatus:
         handle = await self._running_handle(name)
         status = await self._update(handle, "admission",
-                                    AdmissionRequest(until="revision", revision=revision, timeout_s=timeout),
+                                    _request(AdmissionRequest, f"wait for {name}", until="revision",
+                                             revision=revision, timeout_s=timeout),
                                     what=f"roll out revision {revision} of {name}")
         if status.revision < revision or status.phase not in ("Running", "Scaling", "Healing"):
             raise TimeoutError(f"{name}: revision {revision} not rolled out after {timeout:g}s "
@@ -298,7 +316,8 @@ class Orchestrator:
         handle = await self._running(name)
         if handle is None:  # it ended: say why, from its final status
             raise status_error(await self._final_status(name))
-        status = await self._update(handle, "admission", AdmissionRequest(until="running", timeout_s=timeout),
+        status = await self._update(handle, "admission",
+                                    _request(AdmissionRequest, f"wait for {name}", until="running", timeout_s=timeout),
                                     what=f"wait for {name}")
         if status.phase not in ("Running", "Scaling", "Healing"):
             raise TimeoutError(f"service {name} not Running after {timeout:g}s (phase {status.phase})")
@@ -399,7 +418,8 @@ class Orchestrator:
         """Set the replica count (a validated workflow update: out of range is refused)."""
         handle = await self._running_handle(name)
         return await self._update(handle, "scale",
-                                  ScaleRequest(replicas=replicas, token=self.settings.token or "", reason=reason),
+                                  _request(ScaleRequest, f"scale {name}", replicas=replicas,
+                                           token=self.settings.token or "", reason=reason),
                                   what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
     async def list(self) -> builtins.list[ServiceStatus]:
@@ -435,8 +455,9 @@ class Orchestrator:
         The ``undeploy`` update answers once the request is accepted (or refused, typed); with
         ``wait`` this returns the final status once every pod is stopped."""
         handle = await self._running_handle(name)
-        await self._update(handle, "undeploy", UndeployRequest(token=self.settings.token or "",
-                                                               request_id=uuid.uuid4().hex), what=f"undeploy {name}")
+        await self._update(handle, "undeploy", _request(UndeployRequest, f"undeploy {name}",
+                                                        token=self.settings.token or "", request_id=uuid.uuid4().hex),
+                           what=f"undeploy {name}")
         if not wait:
             return None
         typed = self.client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ServiceStatus)
@@ -453,7 +474,8 @@ class Orchestrator:
 
     async def _decide(self, kind: str, name: str, reason: str) -> ServiceStatus:
         handle = await self._running_handle(name)
-        approval = Approval(token=self.settings.token or "", reason=reason, request_id=uuid.uuid4().hex)
+        approval = _request(Approval, f"{kind} {name}", token=self.settings.token or "", reason=reason,
+                            request_id=uuid.uuid4().hex)
         return await self._update(handle, kind, approval, what=f"{kind} {name}")
 
 

@@ -3,6 +3,8 @@
 #   make demo    venv + images, then the whole stack and the three example services (Ctrl-C stops it)
 #   make test    venv + images, then the test suite (PYTEST_ARGS="-k cli -x" to narrow it)
 #   make chaos   the chaos and fuzz suites at full size (HMS_CHAOS_SEED=N replays a chaos run)
+#   make fuzz    the fuzz tests at 10,000 examples each (HMS_FUZZ_EXAMPLES=N to change)
+#   make histories  record the workflow histories tests/replay/ replays (after a patched change)
 #   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose), then BENCHMARKS.md
 #   make soak    100 services x 2 pods for 10 min under one worker (SOAK_ARGS=--quick: 1 min)
 #   make lint    ruff
@@ -21,11 +23,12 @@ DEMO_ARGS ?=
 BENCH ?= deploy heal scale router rollout
 BENCH_ARGS ?=
 SOAK_ARGS ?=
+SCENARIOS ?=
 
-.PHONY: help venv images demo up test chaos bench soak report lint clean distclean
+.PHONY: help venv images demo up test chaos fuzz histories bench soak report lint clean distclean
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+	@sed -n '3,12s/^# \{0,1\}//p' Makefile
 
 venv: $(STAMP)
 
@@ -59,6 +62,14 @@ test: venv images
 # kills under load) and tests/fuzz with hypothesis' long profile; `make test` runs short versions.
 chaos: venv images
 	HMS_CHAOS=full HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest $(wildcard tests/chaos tests/fuzz) $(PYTEST_ARGS)
+
+# tests/fuzz/ with the chaos profile: a fresh seed and 10,000 examples per test (the signal and
+# update fuzzer, one Temporal CLI call per example, 1,000). `make test` runs a few hundred, seeded.
+fuzz: venv
+	HYPOTHESIS_PROFILE=chaos $(BIN)/python -m pytest tests/fuzz $(PYTEST_ARGS)
+
+histories: venv
+	$(BIN)/python scripts/record_histories.py $(SCENARIOS)
 
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done

@@ -47,6 +47,7 @@ ISSUER = "hms-mgmt"
 ALGORITHM = "EdDSA"
 DEFAULT_TTL_S = 8 * 3600.0
 LOCAL_OPERATOR_TTL_S = 30 * 86400.0
+MAX_TTL_S = 366 * 86400.0  # a token is a working identity, not a credential for ever
 # Tolerated clock skew between the machine that issued a token and the one checking it.
 CLOCK_SKEW_S = 60.0
 
@@ -507,6 +508,8 @@ def parse_ttl(value: str | float) -> float:
         seconds = float(match.group(1)) * _TTL_UNITS[match.group(2).lower()]
     if seconds <= 0:
         raise SpecError(f"invalid TTL {value!r}: must be positive")
+    if not seconds <= MAX_TTL_S:  # also NaN and infinity
+        raise SpecError(f"invalid TTL {value!r}: at most {MAX_TTL_S / 86400:g}d")
     return seconds
 
 

@@ -53,10 +53,26 @@ MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_BYTES = 8 * 1024
+# What a caller may put in a request: it is kept in the workflow's state (refusals, decisions)
+# and comes back in every status(), so none of it may grow the state without bound.
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_REASON_CHARS = 1024
+MAX_REQUEST_ID_CHARS = 128
+MAX_SELECTOR_LABELS = 32
+MAX_LABEL_CHARS = 253
 # Capabilities a Docker pod may take back after all are dropped: none a pod needs to escape with.
 CAP_ADD_ALLOWED = frozenset({"CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
                              "SETGID", "SETUID", "SETPCAP", "NET_RAW", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD"})
 RuntimeName = Literal["docker", "process"]
+
+
+def _is_utf8(text: str) -> bool:
+    """False for lone surrogates: Python holds them, but no JSON payload can carry them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Model(BaseModel):
@@ -112,8 +128,8 @@ class ServiceSpec(_Model):
     @classmethod
     def _count_or_percent(cls, v: int | str) -> int | str:
         if isinstance(v, int):
-            if v < 0:
-                raise ValueError("must be >= 0")
+            if not 0 <= v <= MAX_REPLICAS:
+                raise ValueError(f"a count must be from 0 to {MAX_REPLICAS}")
             return v
         if not re.fullmatch(r"(100|[1-9]?[0-9])%", v):
             raise ValueError("must be a count (2) or a percent from 0% to 100% ('25%')")
@@ -170,6 +186,19 @@ class ServiceSpec(_Model):
         size = sum(len(arg.encode()) + 1 for arg in v)
         if size > MAX_COMMAND_BYTES:
             raise ValueError(f"at most {MAX_COMMAND_BYTES} bytes in all (got {size})")
+        return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector_bounded(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_SELECTOR_LABELS:
+            raise ValueError(f"at most {MAX_SELECTOR_LABELS} labels (got {len(v)})")
+        for key, value in v.items():
+            if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+                raise ValueError(f"label {key!r}: a name of 1 to {MAX_LABEL_CHARS} characters and a value "
+                                 f"of at most {MAX_LABEL_CHARS}")
+            if not (key + value).isprintable() or not _is_utf8(key + value):
+                raise ValueError(f"label {key!r}: names and values are printable text")
         return v
 
     @field_validator("cap_add")
@@ -278,8 +307,8 @@ class NodesOutput(_Model):
 class NodeLost(_Model):
     """The ``node_lost`` signal to a ServiceWorkflow (and the registry's notify activity input)."""
 
-    node: str
-    reason: str = ""
+    node: str = Field(max_length=253)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
 class PodStatus(_Model):
@@ -392,12 +421,12 @@ class Approval(_Model):
     ``hms approve NAME --print-signal``). The proof names the service, the revision, the spec
     hash and the pending request, and is used once."""
 
-    proof: str = ""
-    reason: str = ""
-    request_id: str = ""
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
     # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
     # replay), never read, never sent.
-    token: str = Field(default="", exclude=True)
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
 
 
 class DeployResult(_Model):
@@ -507,13 +536,13 @@ class SpecUpdate(_Model):
     """The ``update_spec`` update (a new revision, or an in-place change) and ``rollback``."""
 
     spec: ServiceSpec | None = None
-    proof: str = ""  # bound to the spec's digest (update) or to ``to_revision`` (rollback)
-    request_id: str = ""
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # bound to the spec's digest (update) or to ``to_revision`` (rollback)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
     to_revision: int | None = None  # rollback: this revision (default: the one before)
-    grant: str = ""  # set by the workflow once the proof is verified; whatever a caller sends is replaced
+    grant: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # set by the workflow once the proof is verified
     # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
     # replay), never read, never sent.
-    token: str = Field(default="", exclude=True)
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
 
 
 class PodLogsInput(_Model):
@@ -701,11 +730,11 @@ class ScaleOutput(_Model):
 
 class ScaleRequest(_Model):
     replicas: int
-    proof: str = ""  # bound to ``replicas``
-    reason: str = ""
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # bound to ``replicas``
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
     # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
     # replay), never read, never sent.
-    token: str = Field(default="", exclude=True)
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
 
 
 # --- access, governance, image trust ---------------------------------------------------
@@ -811,11 +840,11 @@ class PublishResult(_Model):
 
 
 class UndeployRequest(_Model):
-    proof: str = ""
-    request_id: str = ""
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
     # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
     # replay), never read, never sent.
-    token: str = Field(default="", exclude=True)
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
 
 
 class AdmissionRequest(_Model):

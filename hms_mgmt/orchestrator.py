@@ -12,10 +12,10 @@ import builtins
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -59,6 +59,8 @@ from hms_mgmt.models import (
     WatchHeartbeat,
 )
 
+M = TypeVar("M", bound=BaseModel)
+MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
 CLOSING_RETRY_S = 10.0  # how long an update waits for a run that is continuing-as-new
 
@@ -73,27 +75,65 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
     source = "service spec"
     if isinstance(spec, (str, Path)):
         path = Path(spec)
-        if not path.exists():
-            raise SpecError(f"spec file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            with path.open("rb") as f:  # a pipe (`hms deploy <(...)`) works; /dev/zero ends
+                raw = f.read(MAX_SPEC_BYTES + 1)
+            if len(raw) > MAX_SPEC_BYTES:
+                raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES // 1024} KiB")
+            text = raw.decode("utf-8")
+        except FileNotFoundError:
+            raise SpecError(f"spec file {path} does not exist") from None
+        except IsADirectoryError:
+            raise SpecError(f"spec file {path} is a directory") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(f"spec file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+        except OSError as e:  # a name too long, no permission, ...
+            raise SpecError(f"spec file {path} cannot be read: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise SpecError(f"spec file {path} is not valid YAML: {e}") from e
+        except RecursionError:
+            raise SpecError(f"spec file {path} nests too deeply to be a spec") from None
         source = f"service spec {path}"
         spec = data
     if not isinstance(spec, Mapping):
         raise SpecError(f"invalid {source}: expected a mapping of fields, got {type(spec).__name__}")
+    odd = [k for k in spec if not isinstance(k, str)]
+    if odd:
+        names = ", ".join(f"{k!r} ({type(k).__name__})" for k in odd)
+        raise SpecError(f"invalid {source}: field names are text; got {names}")
     try:
         return ServiceSpec.model_validate(dict(spec))
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "spec"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            problems.append(f"{field}: {msg}")
-        raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
+        raise SpecError(f"invalid {source}: {_problems(e)}") from None
+
+
+def _request(model: type[M], what: str, **values: Any) -> M:
+    """A request to a workflow from the caller's values; a bad one is a SpecError naming the field
+    (a reason too long, a timeout out of range), before anything is sent."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise SpecError(f"{what}: {_problems(e)}") from None
+
+
+def _problems(e: ValidationError) -> str:
+    problems = []
+    for err in e.errors():
+        field = ".".join(_field_name(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{field}: {msg}")
+    return "; ".join(problems)
+
+
+def _field_name(part: str | int) -> str:
+    """A field or key as an error shows it: quoted when it would not read as a name
+    (empty, spaces, punctuation), so ``'': unknown field`` says which key."""
+    text = str(part)
+    return text if text and all(c.isalnum() or c in "_-" for c in text) else repr(text)
 
 
 NOT_READY_RETRY_S = 120.0
@@ -223,7 +263,8 @@ class Orchestrator:
                 status = await asyncio.wait_for(
                     self.client.execute_update_with_start_workflow(
                         "admission",
-                        AdmissionRequest(until=until, timeout_s=min(max(timeout, 1.0), 3600.0)),
+                        _request(AdmissionRequest, f"deploy {spec.name}", until=until,
+                                 timeout_s=min(max(timeout, 1.0), 3600.0)),
                         start_workflow_operation=start,
                         result_type=ServiceStatus,
                     ),
@@ -267,8 +308,8 @@ class Orchestrator:
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
             handle, "update_spec",
-            SpecUpdate(spec=spec, proof=self._prove("update", spec.name, spec=spec.digest()),
-                       request_id=uuid.uuid4().hex),
+            _request(SpecUpdate, f"update {spec.name}", spec=spec,
+                     proof=self._prove("update", spec.name, spec=spec.digest()), request_id=uuid.uuid4().hex),
             what=f"update {spec.name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(spec.name, outcome.revision, timeout=timeout)
@@ -280,8 +321,8 @@ class Orchestrator:
         handle = await self._running_handle(name)
         outcome = await self._update(
             handle, "rollback",
-            SpecUpdate(to_revision=revision, proof=self._prove("rollback", name, to_revision=revision),
-                       request_id=uuid.uuid4().hex),
+            _request(SpecUpdate, f"roll back {name}", to_revision=revision,
+                     proof=self._prove("rollback", name, to_revision=revision), request_id=uuid.uuid4().hex),
             what=f"roll back {name}", result_type=UpdateOutcome)
         if wait and outcome.revision is not None:
             await self.wait_for_revision(name, outcome.revision, timeout=timeout)
@@ -294,7 +335,8 @@ class Orchestrator:
     async def wait_for_revision(self, name: str, revision: int, *, timeout: float = 300.0) -> ServiceStatus:
         handle = await self._running_handle(name)
         status = await self._update(handle, "admission",
-                                    AdmissionRequest(until="revision", revision=revision, timeout_s=timeout),
+                                    _request(AdmissionRequest, f"wait for {name}", until="revision",
+                                             revision=revision, timeout_s=timeout),
                                     what=f"roll out revision {revision} of {name}")
         if status.revision < revision or status.phase not in ("Running", "Scaling", "Healing"):
             raise TimeoutError(f"{name}: revision {revision} not rolled out after {timeout:g}s "
@@ -323,7 +365,8 @@ class Orchestrator:
         handle = await self._running(name)
         if handle is None:  # it ended: say why, from its final status
             raise status_error(await self._final_status(name))
-        status = await self._update(handle, "admission", AdmissionRequest(until="running", timeout_s=timeout),
+        status = await self._update(handle, "admission",
+                                    _request(AdmissionRequest, f"wait for {name}", until="running", timeout_s=timeout),
                                     what=f"wait for {name}")
         if status.phase not in ("Running", "Scaling", "Healing"):
             raise TimeoutError(f"service {name} not Running after {timeout:g}s (phase {status.phase})")
@@ -434,8 +477,8 @@ class Orchestrator:
         """Set the replica count (a validated workflow update: out of range is refused)."""
         handle = await self._running_handle(name)
         return await self._update(handle, "scale",
-                                  ScaleRequest(replicas=replicas, proof=self._prove("scale", name, replicas=replicas),
-                                               reason=reason),
+                                  _request(ScaleRequest, f"scale {name}", replicas=replicas,
+                                           proof=self._prove("scale", name, replicas=replicas), reason=reason),
                                   what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
     async def list(self) -> builtins.list[ServiceStatus]:
@@ -483,8 +526,10 @@ class Orchestrator:
         The ``undeploy`` update answers once the request is accepted (or refused, typed); with
         ``wait`` this returns the final status once every pod is stopped."""
         handle = await self._running_handle(name)
-        await self._update(handle, "undeploy", UndeployRequest(proof=self._prove("undeploy", name),
-                                                               request_id=uuid.uuid4().hex), what=f"undeploy {name}")
+        await self._update(handle, "undeploy", _request(UndeployRequest, f"undeploy {name}",
+                                                        proof=self._prove("undeploy", name),
+                                                        request_id=uuid.uuid4().hex),
+                           what=f"undeploy {name}")
         if not wait:
             return None
         typed = self.client.get_workflow_handle(handle.id, run_id=handle.run_id, result_type=ServiceStatus)
@@ -522,7 +567,7 @@ class Orchestrator:
             raise RequestRefused(f"cannot {kind} {name}: it is {status.phase}, not awaiting approval")
         proof = self._prove(kind, name, ttl_s=ttl_s, revision=pending.revision, spec=pending.spec_hash,
                             request=pending.id)
-        return Approval(proof=proof, reason=reason, request_id=uuid.uuid4().hex)
+        return _request(Approval, f"{kind} {name}", proof=proof, reason=reason, request_id=uuid.uuid4().hex)
 
 
 def failure_error(err: WorkflowUpdateFailedError, what: str, *, refine: type[HmsError] | None = None) -> HmsError:

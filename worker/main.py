@@ -25,7 +25,7 @@ from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
 from worker.metrics import WorkerMetrics
 from worker.nodes import NodeAgent
-from workflows import ALL_WORKFLOWS
+from workflows import ALL_WORKFLOWS, MessageGuard
 
 log = logging.getLogger("hms.worker")
 
@@ -87,7 +87,8 @@ class HmsWorker:
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, self.feed.publish_endpoints, ctl.notify_node_lost, ctl.watch_cpu],
-                    interceptors=[self.metrics.interceptor],
+                    # MessageGuard: a malformed signal or update never reaches a workflow's handler.
+                    interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.
                     max_concurrent_activities=500,
                 )

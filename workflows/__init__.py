@@ -1,8 +1,14 @@
-"""Deterministic workflow code only: no I/O, no clock, no randomness but ``workflow.*``."""
+"""Deterministic workflow code only: no I/O, no clock, no randomness but ``workflow.*``.
+
+Running executions replay on new code: a change to the commands a workflow issues (activities,
+timers, children, their order) goes behind ``workflow.patched("...")``, and
+``tests/replay/test_replay.py`` fails on one that does not (README: "Changing workflow code
+safely")."""
 
 from __future__ import annotations
 
 from workflows.deploy import DeployWorkflow
+from workflows.guard import MessageGuard
 from workflows.heal import HealWorkflow
 from workflows.logs import PodLogsWorkflow
 from workflows.nodes import NodeRegistry
@@ -11,4 +17,4 @@ from workflows.service import ServiceWorkflow
 
 ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow, NodeRegistry]
 
-__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]
+__all__ = ["ALL_WORKFLOWS", "DeployWorkflow", "MessageGuard", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]

@@ -231,7 +231,7 @@ def test_parse_ttl(text: str, seconds: float) -> None:
     assert parse_ttl(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "h", "8x", "-5m", "0", "ten minutes", "8h30m"])
+@pytest.mark.parametrize("text", ["", "h", "8x", "-5m", "0", "ten minutes", "8h30m", "367d", "99999999d", float("inf"), float("nan")])
 def test_parse_ttl_errors(text: str) -> None:
     with pytest.raises(SpecError, match="invalid TTL"):
         parse_ttl(text)

@@ -38,7 +38,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from hms_mgmt import auth, constants  # noqa: E402
 from hms_mgmt.config import Settings  # noqa: E402
 from hms_mgmt.errors import RolloutFailed  # noqa: E402
-from hms_mgmt.models import Approval, NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
+from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
 from hms_mgmt.orchestrator import Orchestrator  # noqa: E402
 from hms_mgmt.runtimes import make_runtime  # noqa: E402
 from hms_mgmt.trust import TrustStore  # noqa: E402
@@ -161,8 +161,9 @@ async def approval(s: Stack) -> None:
     big = {"max_replicas": 12}
     for name in ("hms-ach", "hms-frm", "hms-notify"):
         await s.alice.deploy(spec(name=name, **big))
-    bob_token = s.bob.settings.token or ""
-    await s.client.get_workflow_handle("svc-hms-ach").signal("approve", Approval(token=bob_token, reason="by signal"))
+    # What `hms approve hms-ach --print-signal` prints: a proof bound to the pending request.
+    by_signal = await s.bob.approval("approve", "hms-ach", reason="by signal")
+    await s.client.get_workflow_handle("svc-hms-ach").signal("approve", by_signal)
     await s.bob.approve("hms-frm", reason="by update")
     await s.bob.reject("hms-notify", reason="not today")
     for name in ("hms-ach", "hms-frm"):

@@ -158,6 +158,20 @@ class ControlActivities:
             return await asyncio.to_thread(settings.node_specs)
         return [r.spec for r in out.nodes if r.state == "Ready"]
 
+    @activity.defn(name="node_is_lost")
+    async def node_is_lost(self, inp: NodeLost) -> bool:
+        """Whether the NodeRegistry itself holds ``inp.node`` as Lost: what a service checks before
+        it believes a ``node_lost`` signal (anyone who reaches Temporal can send one)."""
+        settings = await asyncio.to_thread(self.settings)
+        handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
+        try:
+            out = await handle.query("nodes", result_type=NodesOutput)
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return False  # no registry runs: no node can have been declared lost
+        return any(r.spec.name == inp.node and r.state == "Lost" for r in out.nodes)
+
     @activity.defn(name="notify_node_lost")
     async def notify_node_lost(self, inp: NodeLost) -> int:
         """Tell every running service with pods on the lost node (``node_lost`` signal); they

@@ -523,6 +523,18 @@ class ServiceWorkflow:
         """Pods on a lost node are failed ("exited"): the usual heal path replaces them."""
         while self.lost_nodes and not self.undeploy_requested:
             lost = self.lost_nodes.pop(0)
+            if workflow.patched("node-lost-confirmed"):
+                confirmed = await workflow.execute_activity_method(
+                    ControlActivities.node_is_lost,
+                    lost,
+                    task_queue=self.placement.control_task_queue,
+                    start_to_close_timeout=CONTROL_TIMEOUT,
+                    summary=f"is node {lost.node} lost?",
+                )
+                if not confirmed:
+                    self.outbox.append(("access.denied", f"ignored a node_lost signal for node {lost.node[:64]}: "
+                                                          "the node registry does not hold it as Lost", {}))
+                    continue
             for pod in [p for p in self.state.pods if p.node == lost.node]:
                 await self._pod_failed(PodFailure(pod_id=pod.id, kind="exited", node_lost=True,
                                                   detail=lost.reason or f"node {lost.node} lost"))

@@ -90,10 +90,13 @@ async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchest
                                                 "reason": "forged", "next_delay_s": 1})
     await handle.signal("pod_reported", {"id": str(uuid.uuid4()), "node": settings.node,
                                          "endpoint": "127.0.0.1:1", "ready": True, "health": "healthy"})
-    await eventually(lambda: len([r for r in denied(settings) if "ignored" in r]) >= 2, timeout=30,
+    # Tell it the node its pods run on is lost (the registry holds it as Ready): it would replace them all.
+    await handle.signal("node_lost", {"node": settings.node, "reason": "forged"})
+    await eventually(lambda: len([r for r in denied(settings) if "ignored" in r]) >= 3, timeout=30,
                      what="the forged signals refused")
     after = await hms.status("hms-ach")
     assert sorted(p.id for p in after.pods) == sorted(p.id for p in st.pods) and after.crash_count == 0
+    assert after.heal_count == 0
 
     # A live pod's logs, asked for with no token: through our PodLogsWorkflow ...
     logs_in = PodLogsInput(pod_id=live.id, service="hms-ach", node_task_queue=settings.node_task_queue())

@@ -21,7 +21,7 @@ from conftest import EXAMPLE_IMAGE, V2_IMAGE, WorkerProcess, make_settings, requ
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 
-pytestmark = [pytest.mark.docker, pytest.mark.skipif(not FULL, reason="full chaos run only (HMS_CHAOS=full)")]
+pytestmark = [pytest.mark.docker, pytest.mark.chaos_full]
 
 
 class DockerHostWorker(WorkerProcess):

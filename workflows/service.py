@@ -1160,6 +1160,23 @@ class ServiceWorkflow:
         result = await child
         stopped = set(result.stopped) | {f.pod_id for f in result.failed}
         keep = {p.id for p in result.pods}
+        given = {p.id for p in current}
+        late = [p for p in self.state.pods if p.id not in given and p.id not in keep and p.id not in stopped]
+        if late and workflow.patched("rollout-stops-late-pods"):
+            # Booked while the child ran (a heal's replacement for a pod it had already counted
+            # out): the child's pods are the whole service now, so these are surplus. Drain and
+            # stop them here; dropped from the books unstopped, they would run unseen until the
+            # orphan sweep.
+            self.stopping |= {p.id for p in late}
+            self.pods_changed = True
+            await self._drain()
+            outcomes = await asyncio.gather(
+                *(stop_pod(self.spec, p, self._node_queue(p.node), schedule_to_start=NODE_PICKUP) for p in late),
+                return_exceptions=True)
+            for p, outcome in zip(late, outcomes, strict=True):
+                if isinstance(outcome, BaseException):  # its node is gone: the node sweep removes it there
+                    workflow.logger.warning("could not stop surplus pod %s: %s", p.id, outcome)
+            stopped |= {p.id for p in late}
         self.state.pods = [p for p in self.state.pods if p.id in keep and p.id not in stopped]
         for pod in result.pods:
             self._upsert_pod(pod)

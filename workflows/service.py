@@ -111,6 +111,9 @@ class ServiceWorkflow:
         self.history_threshold = inp.history_threshold
         self.request_id = inp.request_id
         self.heals: dict[str, asyncio.Task[None]] = {}
+        # Pods whose failure is being recorded (the event written) before their heal starts: a
+        # rollout or scaling that waits for heals to finish must wait for these too.
+        self.failing: set[str] = set()
         self.scaling: asyncio.Task[None] | None = None
         self.pods_changed = False
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
@@ -658,9 +661,13 @@ class ServiceWorkflow:
         self._upsert_pod(pod.model_copy(update={"ready": False, "health": failure.kind,
                                                 "consecutive_failures": failure.consecutive_failures}))
         event = "pod.exited" if failure.kind == "exited" else "pod.unhealthy"
-        await emit(self.placement, event, self.spec.name, f"pod {pod.id}: {failure.detail}",
-                   pod=pod.id, node=pod.node, exit_code=failure.exit_code)
-        self._start_heal(pod, failure)
+        self.failing.add(pod.id)
+        try:
+            await emit(self.placement, event, self.spec.name, f"pod {pod.id}: {failure.detail}",
+                       pod=pod.id, node=pod.node, exit_code=failure.exit_code)
+            self._start_heal(pod, failure)
+        finally:
+            self.failing.discard(pod.id)
 
     def _start_heal(self, pod: PodStatus, failure: PodFailure) -> None:
         if self.state.phase == "Running":
@@ -722,7 +729,7 @@ class ServiceWorkflow:
     async def _scale_to(self, replicas: int, reason: str, *, samples: list[CpuSample]) -> None:
         try:
             async with self.lock:
-                await workflow.wait_condition(lambda: not self.heals)
+                await workflow.wait_condition(lambda: not self.heals and not self.failing)
                 current = [p for p in self.state.pods if p.id not in self.heals]
                 if replicas == len(current):
                     self.state.desired_replicas = replicas
@@ -1094,7 +1101,7 @@ class ServiceWorkflow:
     async def _roll_out(self, record: RevisionRecord) -> None:
         """Roll every pod to ``record``; on failure, roll back to the revision that ran before."""
         async with self.lock:
-            await workflow.wait_condition(lambda: not self.heals)
+            await workflow.wait_condition(lambda: not self.heals and not self.failing)
             previous = next((r for r in self.state.revisions if r.revision == self.state.revision), None)
             prior_phase = self.state.phase
             self.state.rollout = RolloutStatus(from_revision=self.state.revision, to_revision=record.revision,

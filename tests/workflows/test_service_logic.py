@@ -101,6 +101,7 @@ class FakeCluster:
     node: NodeSpec | None = None
     tables: list[EndpointSet] = field(default_factory=list)  # what the routers were sent
     state_dir: Path | None = None  # its keys verify the request proofs
+    slow_events: dict[str, float] = field(default_factory=dict)  # event type -> seconds its write takes
 
     def event_types(self) -> list[str]:
         return [e.type for e in self.events]
@@ -194,6 +195,8 @@ class FakeCluster:
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:
+        if inp.type in self.slow_events:
+            await asyncio.sleep(self.slow_events[inp.type])
         self.events.append(inp)
 
     def activities(self) -> list[object]:
@@ -422,3 +425,30 @@ async def test_untrusted_update_is_refused_and_changes_nothing(temporal_env, fak
         await as_user(temporal_env, settings, "t-vic").update_spec(seed_spec(image="registry.gov/hms-ach:1.5"))
     st = await alice.status("hms-ach")
     assert st.revision == 1 and len(cluster.started) == 2 and st.phase == "Running"
+
+
+async def test_a_heal_that_lands_during_a_rollout_leaves_no_pod_running_unbooked(temporal_env, fake):
+    """A pod dies and a rollout starts at once: the heal's replacement (old revision) is booked
+    while the rollout runs. The rollout's pods are the whole service at its end, so that
+    replacement must be stopped, not dropped from the books while it keeps running."""
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(drain_s=0.1, min_ready_s=0.1)
+    await alice.deploy(spec, wait=True, timeout=30)
+    victim = (await alice.status("hms-ach")).pods[0].id
+    cluster.pods.pop(victim)  # it died
+    cluster.start_delay_s = 1.0  # the heal's replacement, and each new pod of the rollout, take a second
+    cluster.slow_events["pod.exited"] = 1.0  # the update arrives while the exit is being recorded
+    await cluster.watch_results.put(WatchResult(reason="failed", failed=[
+        {"pod_id": victim, "kind": "exited", "detail": "exit code 137", "exit_code": 137}]))
+    await asyncio.sleep(0.3)
+    await alice.update_spec({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60)
+
+    async def settled():
+        st = await alice.status("hms-ach", live=False)
+        return st if st.phase == "Running" and not st.heal_count - 1 < 0 and st.revision == 2 else None
+    st = await eventually(settled, timeout=30, what="the rollout and the heal done")
+    await asyncio.sleep(1.0)
+    st = await alice.status("hms-ach", live=False)
+    assert {p.revision for p in st.pods} == {2} and len(st.pods) == 2
+    assert set(cluster.pods) == {p.id for p in st.pods}, "a pod runs that the service does not book"

@@ -5,9 +5,9 @@ so every rule is unit-tested without a clock or a network. Both engines use it: 
 engine per request, the haproxy engine to turn scores into server weights every second.
 
 - **Latency estimate**: a *peak* EWMA (Finagle's): a sample above the estimate replaces it at
-  once; one below pulls it down by ``1 - exp(-dt / PEAK_DECAY_S)``, dt the time since the
-  previous sample, so the decay is in time, not in samples: a pod that was slow is believed
-  slow until it has answered fast for a while. While a pod gets no traffic its estimate decays
+  once; one below pulls it down by ``1 - exp(-dt / PEAK_DECAY_S)`` (at most ``MAX_STEP``), dt
+  the time since the previous sample, so the decay is in time, not in samples: a pod that was
+  slow is believed slow until it has answered fast for a while. While a pod gets no traffic its estimate decays
   toward the service's best, so a pod that was slow once is tried again later instead of being
   starved forever.
 - **Score** of a pod = (outstanding requests + 1) x latency. Lower is better.
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_LATENCY_MS = 10.0  # a pod with no sample yet, in a service with none either
 PEAK_DECAY_S = 1.0  # a pod's estimate falls toward lower samples with this time constant
+MAX_STEP = 0.3  # ... but one sample closes at most this fraction of the gap
 SLOW_SLACK_MS = 10.0  # latencies within this of the best are noise, not a slower pod
 IDLE_HALF_LIFE_S = 2.0  # an idle pod's excess latency halves every this many seconds
 STALL_FACTOR = 3.0  # an in-flight request this many times older than the estimate means trouble
@@ -148,11 +149,15 @@ def pick_score(pod: PodState, now: float, floor_ms: float | None) -> float:
 
 def record_latency(pod: PodState, ms: float, now: float) -> None:
     """Peak EWMA: a sample above the estimate replaces it; one below pulls it down by
-    ``1 - exp(-dt / PEAK_DECAY_S)``, dt the seconds since the previous sample."""
+    ``1 - exp(-dt / PEAK_DECAY_S)``, dt the seconds since the previous sample, at most ``MAX_STEP``."""
     if pod.ewma_ms is None or ms >= pod.ewma_ms:
         pod.ewma_ms = ms
     else:
-        keep = math.exp(-max(0.0, now - pod.last_sample_at) / PEAK_DECAY_S)
+        # One sample moves it down by at most MAX_STEP of the gap: a slow pod's answers are
+        # bimodal (a lucky one inside its CPU quota comes back fast), and after a long gap one
+        # lucky answer must not make it look fast again at once (the idle decay in `latency`
+        # already lets it be probed).
+        keep = max(math.exp(-max(0.0, now - pod.last_sample_at) / PEAK_DECAY_S), 1.0 - MAX_STEP)
         pod.ewma_ms = keep * pod.ewma_ms + (1 - keep) * ms
     pod.last_sample_at = now
 

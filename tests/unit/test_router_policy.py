@@ -202,3 +202,9 @@ def test_pods_about_as_fast_as_the_best_are_picked_on_the_plain_score():
     ps = pods(5.0, 12.0, 40.0)
     assert pick_score(ps[1], 0.0, 5.0) == score(ps[1], 0.0, 5.0)  # within the slack: noise
     assert pick_score(ps[2], 0.0, 5.0) == pytest.approx(40.0 * 40.0 / 15.0)
+
+
+def test_after_a_long_gap_one_fast_answer_does_not_make_a_slow_pod_look_fast():
+    (p,) = pods(1500.0)
+    record_latency(p, 5.0, 10.0)  # a lucky answer inside its CPU quota, ten seconds later
+    assert p.ewma_ms == pytest.approx(0.7 * 1500.0 + 0.3 * 5.0)

@@ -27,7 +27,9 @@ slow: both engines >= 1.5x nginx throughput and p99 below nginx's; kill: 0 faile
 
     .venv/bin/python bench/router.py [--duration 8] [--connections 64] [--cpus 0.3] [--rounds 3]
 
-Prints the tables and writes bench/results/router.json.
+Prints the tables and writes bench/results/router.json. To chase a rare event, a partial run
+(printed, no JSON written) repeats only some phases for some proxies, e.g. five kills through
+the haproxy engine: ``--phases kill --proxies haproxy --repeat 5``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ NAME = "router"
 SERVICE = "bench-router"
 TARGETS = {"base_builtin": 0.5, "base_haproxy": 0.9, "slow_throughput": 1.5}
 PROXIES = ("builtin", "haproxy", "nginx", "haproxy-rr")
+PHASES = ("base", "slow", "kill")
 
 
 def free_port() -> int:
@@ -89,6 +92,9 @@ def parse_wrk(out: str) -> dict[str, Any]:
     res["non_2xx"] = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     res["socket_errors"] = sum(int(x) for x in sock.groups()) if sock else 0
+    if sock and res["socket_errors"]:
+        res["socket_errors_by_kind"] = dict(zip(("connect", "read", "write", "timeout"),
+                                                (int(x) for x in sock.groups()), strict=True))
     res["errors"] = res["non_2xx"] + res["socket_errors"]
     return res
 
@@ -259,6 +265,12 @@ async def main(args) -> int:
     hand = HandHAProxy(workdir, ports["haproxy-rr"])
     routers: list[Any] = []
     results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
+    repeats: dict[str, dict[str, list[dict[str, Any]]]] = {"slow": {}, "kill": {}}
+    phases = set(args.phases.split(","))
+    proxies = [p for p in PROXIES if p in args.proxies.split(",")]
+    if not phases <= set(PHASES) or not proxies:
+        print(f"--phases takes {','.join(PHASES)}; --proxies takes {','.join(PROXIES)}", file=sys.stderr)
+        return 2
     base_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
     w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration}
 
@@ -302,31 +314,35 @@ async def main(args) -> int:
             await asyncio.sleep(1.0)
             path = f"/{SERVICE}/"
 
-            print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, "
-                  f"{args.rounds} rounds")
-            order = ["direct", *PROXIES]
-            for r in range(args.rounds):
+            if "base" in phases:
+                print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} "
+                      f"-d{args.duration:g}s, {args.rounds} rounds")
+            order = ["direct", *proxies]
+            for r in range(args.rounds if "base" in phases else 0):
                 for p in order[r % len(order):] + order[:r % len(order)]:  # each round starts elsewhere
                     base_rounds[p].append(await measure("base", p, f"http://{eps[0]}/" if p == "direct"
                                                         else urls[p] + path, store=False))
-            for p, runs in base_rounds.items():  # the round with the median throughput stands for the proxy
+            for p, runs in [(p, runs) for p, runs in base_rounds.items() if runs]:  # the median round stands for it
                 results["base"][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
                                           rounds_rps=[x["rps"] for x in runs])
 
             ctrs = containers(dclient, stack.settings.node)
             slow_pod = pods[0]
-            print(f"== slow: pod {slow_pod.id[:8]} at 0.02 CPU")
-            subprocess.run(["docker", "update", "--cpus", "0.02", ctrs[slow_pod.id].id], check=True,
-                           capture_output=True)
-            await asyncio.sleep(2.0)
-            for p in PROXIES:
-                await measure("slow", p, urls[p] + path)
-            subprocess.run(["docker", "update", "--cpus", str(args.cpus), ctrs[slow_pod.id].id], check=True,
-                           capture_output=True)
-            await asyncio.sleep(3.0)
+            if "slow" in phases:
+                print(f"== slow: pod {slow_pod.id[:8]} at 0.02 CPU")
+                subprocess.run(["docker", "update", "--cpus", "0.02", ctrs[slow_pod.id].id], check=True,
+                               capture_output=True)
+                await asyncio.sleep(2.0)
+                for p in proxies * args.repeat:
+                    res = await measure("slow", p, urls[p] + path, store=False)
+                    repeats["slow"].setdefault(p, []).append(res)
+                subprocess.run(["docker", "update", "--cpus", str(args.cpus), ctrs[slow_pod.id].id], check=True,
+                               capture_output=True)
+                await asyncio.sleep(3.0)
 
-            print("== kill: the oldest pod SIGKILLed 2 s into each run")
-            for p in PROXIES:
+            if "kill" in phases:
+                print("== kill: the oldest pod SIGKILLed 2 s into each run")
+            for p in proxies * args.repeat if "kill" in phases else []:
                 pods = await ready_endpoints(stack.orch, 3)
                 eps = sorted(x.endpoint for x in pods)
                 if p == "nginx":
@@ -348,10 +364,10 @@ async def main(args) -> int:
                 res = await wrk(urls[p] + path, **w)
                 await k
                 res["killed_pod"] = victim.id
-                results["kill"][p] = res
+                repeats["kill"].setdefault(p, []).append(res)
                 print(f"  kill  {p:11s} {res['rps']:9.1f} req/s  p99 {res.get('p99_ms')} ms  "
-                      f"errors {res['errors']} (non-2xx {res['non_2xx']}, socket {res['socket_errors']})",
-                      flush=True)
+                      f"errors {res['errors']} (non-2xx {res['non_2xx']}, socket {res['socket_errors']}"
+                      f"{' ' + str(res['socket_errors_by_kind']) if res['socket_errors'] else ''})", flush=True)
                 await ready_endpoints(stack.orch, 3, without={victim.id})
             with contextlib.suppress(Exception):
                 await stack.orch.undeploy(SERVICE)
@@ -362,6 +378,19 @@ async def main(args) -> int:
             rp.stop()
         dclient.close()
 
+    for phase, by_proxy in repeats.items():  # one run stands for a proxy; with --repeat, all are kept
+        for p, runs in by_proxy.items():
+            if phase == "slow":  # the run with the median p99
+                pick = sorted(runs, key=lambda x: x.get("p99_ms") or 0)[len(runs) // 2]
+            else:  # every failed request counts
+                pick = max(runs, key=lambda x: x["errors"])
+            results[phase][p] = dict(pick, runs=runs) if len(runs) > 1 else pick
+    if phases != set(PHASES) or proxies != list(PROXIES):
+        print("\npartial run: " + "; ".join(
+            f"{phase} {p} " + ", ".join(f"{r['rps']} req/s p99 {r.get('p99_ms')} ms errors {r['errors']}"
+                                       for r in runs)
+            for phase, by_proxy in repeats.items() for p, runs in by_proxy.items()) + "; no JSON written")
+        return 0
     slow, kill = results["slow"], results["kill"]
 
     def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
@@ -391,8 +420,8 @@ async def main(args) -> int:
         "slow_haproxy >= 1.5x nginx": (ratios["slow_haproxy_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
         "slow_builtin p99 < nginx": (ratios["slow_p99_builtin_vs_nginx"] or 9) < 1.0,
         "slow_haproxy p99 < nginx": (ratios["slow_p99_haproxy_vs_nginx"] or 9) < 1.0,
-        "kill_builtin 0 errors": kill["builtin"]["errors"] == 0,
-        "kill_haproxy 0 errors": kill["haproxy"]["errors"] == 0,
+        "kill_builtin 0 errors": all(r["errors"] == 0 for r in kill["builtin"].get("runs", [kill["builtin"]])),
+        "kill_haproxy 0 errors": all(r["errors"] == 0 for r in kill["haproxy"].get("runs", [kill["haproxy"]])),
     }
     print()
     rows = []
@@ -408,6 +437,7 @@ async def main(args) -> int:
     out = run.finish({
         "command": "wrk " + f"-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency",
         "base_rounds": args.rounds,
+        "repeat": args.repeat,
         "pods": {"count": 3, "cpus": args.cpus, "image": args.image},
         "results": results,
         "ratios": ratios,
@@ -428,6 +458,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="base phase: measure every proxy this many times, interleaved (default 3)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause around each measurement (default 1 s)")
     ap.add_argument("--image", default=EXAMPLE_IMAGE)
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated; a partial run writes no JSON")
+    ap.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated; a partial run writes no JSON")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="slow and kill phases: measure each proxy this many times (default 1)")
     return ap.parse_args(argv)
 
 

@@ -4,10 +4,18 @@ Pure and deterministic: time (``now``, seconds) and randomness (``rng``) come in
 so every rule is unit-tested without a clock or a network. Both engines use it: the builtin
 engine per request, the haproxy engine to turn scores into server weights every second.
 
-- **Score** of a pod = (outstanding requests + 1) x latency EWMA. Lower is better. The EWMA is
-  time-decayed toward the service's best while a pod gets no traffic, so a pod that was slow
-  once is tried again later instead of being starved forever (Finagle's "peak EWMA" idea).
-- **Pick**: power of two choices — two distinct random candidates, the lower score wins.
+- **Latency estimate**: a *peak* EWMA (Finagle's): a sample above the estimate replaces it at
+  once; one below pulls it down by ``1 - exp(-dt / PEAK_DECAY_S)`` (at most ``MAX_STEP``), dt
+  the time since the previous sample, so the decay is in time, not in samples: a pod that was
+  slow is believed slow until it has answered fast for a while. While a pod gets no traffic its estimate decays
+  toward the service's best, so a pod that was slow once is tried again later instead of being
+  starved forever.
+- **Score** of a pod = (outstanding requests + 1) x latency. Lower is better.
+- **Pick**: power of two choices — two distinct random candidates, the lower ``pick_score``
+  wins: the score, times latency / (best + ``SLOW_SLACK_MS``) for a pod slower than that.
+  Linear in latency alone, a pod with a tiny fraction of the others' capacity still gets a
+  share of a heavy load (at 30 requests in flight on each fast pod, (n + 1) x latency lets a
+  pod 10x slower hold several): those requests are the tail. Squared, it holds about one.
 - **Passive ejection**: ``consecutive_failures`` connect errors or 5xx in a row eject a pod for
   ``base_s`` doubling per ejection up to ``max_s``; a success resets the count, and an ejection
   that is over and followed by a success resets the doubling.
@@ -23,7 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_LATENCY_MS = 10.0  # a pod with no sample yet, in a service with none either
-EWMA_ALPHA = 0.3
+PEAK_DECAY_S = 1.0  # a pod's estimate falls toward lower samples with this time constant
+MAX_STEP = 0.3  # ... but one sample closes at most this fraction of the gap
+SLOW_SLACK_MS = 10.0  # latencies within this of the best are noise, not a slower pod
 IDLE_HALF_LIFE_S = 2.0  # an idle pod's excess latency halves every this many seconds
 STALL_FACTOR = 3.0  # an in-flight request this many times older than the estimate means trouble
 
@@ -125,11 +135,30 @@ def pick(pods: list[PodState], now: float, rng: random.Random, exclude: set[str]
         return cands[0]
     a, b = rng.sample(cands, 2)
     floor = best_latency(pods)
-    return a if score(a, now, floor) <= score(b, now, floor) else b
+    return a if pick_score(a, now, floor) <= pick_score(b, now, floor) else b
+
+
+def pick_score(pod: PodState, now: float, floor_ms: float | None) -> float:
+    """:func:`score` x latency / (best + ``SLOW_SLACK_MS``) when that is above 1: latency counts
+    squared for a pod clearly slower than the best, as-is for pods about as fast."""
+    sc = score(pod, now, floor_ms)
+    base = (floor_ms if floor_ms is not None else DEFAULT_LATENCY_MS) + SLOW_SLACK_MS
+    est = sc / (pod.outstanding + 1)
+    return sc * max(1.0, est / base)
 
 
 def record_latency(pod: PodState, ms: float, now: float) -> None:
-    pod.ewma_ms = ms if pod.ewma_ms is None else EWMA_ALPHA * ms + (1 - EWMA_ALPHA) * pod.ewma_ms
+    """Peak EWMA: a sample above the estimate replaces it; one below pulls it down by
+    ``1 - exp(-dt / PEAK_DECAY_S)``, dt the seconds since the previous sample, at most ``MAX_STEP``."""
+    if pod.ewma_ms is None or ms >= pod.ewma_ms:
+        pod.ewma_ms = ms
+    else:
+        # One sample moves it down by at most MAX_STEP of the gap: a slow pod's answers are
+        # bimodal (a lucky one inside its CPU quota comes back fast), and after a long gap one
+        # lucky answer must not make it look fast again at once (the idle decay in `latency`
+        # already lets it be probed).
+        keep = max(math.exp(-max(0.0, now - pod.last_sample_at) / PEAK_DECAY_S), 1.0 - MAX_STEP)
+        pod.ewma_ms = keep * pod.ewma_ms + (1 - keep) * ms
     pod.last_sample_at = now
 
 

@@ -15,7 +15,9 @@ from router.policy import (
     finish_request,
     latency,
     pick,
+    pick_score,
     record_failure,
+    record_latency,
     record_success,
     score,
     start_request,
@@ -170,3 +172,39 @@ def test_a_pod_that_stops_answering_is_seen_before_any_answer_returns():
     start_request(ps[2], 9.0)  # sent a second ago and still not answered
     assert score(ps[2], 10.0, 5.0) == pytest.approx(2 * 1000.0)
     assert all(pick(ps, 10.0, rng).pod != "p2" for _ in range(100))
+
+
+def test_a_slow_answer_raises_the_estimate_at_once_and_only_time_brings_it_down():
+    (p,) = pods(5.0)
+    record_latency(p, 500.0, 1.0)
+    assert p.ewma_ms == 500.0  # a peak is believed at once
+    for i in range(100):  # a hundred fast answers within 0.1 s barely move it
+        record_latency(p, 5.0, 1.0 + 0.001 * (i + 1))
+    assert p.ewma_ms > 400.0
+    t = 1.1
+    while t < 6.0:  # five seconds of fast answers: back to about 5 ms
+        t += 0.01
+        record_latency(p, 5.0, t)
+    assert p.ewma_ms < 10.0
+
+
+def test_under_heavy_load_a_much_slower_pod_holds_about_one_request():
+    rng = random.Random(7)
+    ps = pods(50.0, 50.0, 500.0)
+    for _ in range(91):  # 91 requests in flight, none answered yet
+        start_request(pick(ps, 0.0, rng), 0.0)
+    # (n + 1) x latency alone would let the slow pod hold 3 or 4 of them (4 x 500 ~ 45 x 50)
+    assert ps[2].outstanding <= 1
+    assert abs(ps[0].outstanding - ps[1].outstanding) <= 2
+
+
+def test_pods_about_as_fast_as_the_best_are_picked_on_the_plain_score():
+    ps = pods(5.0, 12.0, 40.0)
+    assert pick_score(ps[1], 0.0, 5.0) == score(ps[1], 0.0, 5.0)  # within the slack: noise
+    assert pick_score(ps[2], 0.0, 5.0) == pytest.approx(40.0 * 40.0 / 15.0)
+
+
+def test_after_a_long_gap_one_fast_answer_does_not_make_a_slow_pod_look_fast():
+    (p,) = pods(1500.0)
+    record_latency(p, 5.0, 10.0)  # a lucky answer inside its CPU quota, ten seconds later
+    assert p.ewma_ms == pytest.approx(0.7 * 1500.0 + 0.3 * 5.0)

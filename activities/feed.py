@@ -1,5 +1,6 @@
 """The endpoint feed's publisher (task queue ``hms-control``): ServiceWorkflow calls
-``publish_endpoints`` whenever its set of ready and draining pods changes.
+``publish_endpoints`` whenever its set of ready and draining pods changes, and
+``await_drained`` to learn when every router is done with the pods it drains.
 
 It must never hold the workflow up: each push has a short timeout and a failed one is logged,
 not retried — routers also reload the whole table from the workflows every few seconds.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -16,11 +18,13 @@ from temporalio import activity
 
 from hms_mgmt import feed
 from hms_mgmt.config import Settings
-from hms_mgmt.models import EndpointSet, PublishResult
+from hms_mgmt.models import DrainInput, DrainResult, EndpointSet, PublishResult
 
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 1.0
+DRAIN_ASK_S = 2.0  # each ask is a long poll: the router answers once the pods are idle, or after this
+DRAIN_RETRY_S = 0.1  # after a router failed to answer
 
 
 class FeedActivities:
@@ -61,3 +65,45 @@ class FeedActivities:
 
         await asyncio.gather(*(push(u) for u in settings.routers))
         return result
+
+    @activity.defn(name="await_drained")
+    async def await_drained(self, inp: DrainInput) -> DrainResult:
+        """Return once every router in ``settings.routers`` says it sends ``inp.pods`` nothing
+        new and has no request in flight to any of them, or after ``inp.max_s``.
+
+        Unconfirmed (a router down, slow, or none configured) means the caller waits out its
+        full drain: a pod is never stopped early on a guess."""
+        settings = await asyncio.to_thread(self.settings)
+        start = time.monotonic()
+        deadline = start + inp.max_s
+        answers: dict[str, str] = {}
+        if not settings.routers:
+            return DrainResult(confirmed=False, routers={})
+        pending = list(dict.fromkeys(settings.routers))
+        params = {"service": inp.service, "pods": ",".join(inp.pods)}
+
+        async def ask(url: str, wait: float) -> bool:
+            try:
+                async with self._http().get(
+                    url.rstrip("/") + "/-/drained", params={**params, "wait": f"{wait:.2f}"},
+                    timeout=aiohttp.ClientTimeout(total=wait + PUSH_TIMEOUT_S),
+                ) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status != 200 or not isinstance(body, dict):
+                        raise RuntimeError(f"HTTP {resp.status}")
+                    idle = body.get("idle") is True
+                    answers[url] = "idle" if idle else f"busy: {body.get('busy')}"
+                    return idle
+            except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError, ValueError) as e:
+                answers[url] = f"no answer: {e or type(e).__name__}"
+                await asyncio.sleep(min(DRAIN_RETRY_S, max(0.0, deadline - time.monotonic())))
+                return False
+
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            idle = await asyncio.gather(*(ask(u, min(left, DRAIN_ASK_S)) for u in pending))
+            pending = [u for u, ok in zip(pending, idle, strict=True) if not ok]
+            activity.heartbeat(len(pending))
+        return DrainResult(confirmed=not pending, waited_s=round(time.monotonic() - start, 3), routers=answers)

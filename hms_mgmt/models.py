@@ -839,6 +839,21 @@ class PublishResult(_Model):
     failed: dict[str, str] = Field(default_factory=dict)
 
 
+class DrainInput(_Model):
+    """Pods being drained out of the routers: wait until every router says none of them has a
+    request in flight (and it sends them nothing new), at most ``max_s``."""
+
+    service: str = Field(max_length=63)
+    pods: list[str] = Field(max_length=256)
+    max_s: float = Field(ge=0, le=600)
+
+
+class DrainResult(_Model):
+    confirmed: bool = False  # every router answered idle for every pod
+    waited_s: float = 0.0
+    routers: dict[str, str] = Field(default_factory=dict)  # url -> "idle" or why not
+
+
 class UndeployRequest(_Model):
     proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
     request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)

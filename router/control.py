@@ -4,12 +4,17 @@
 - ``GET /-/table``   the endpoint table as JSON;
 - ``GET /-/stats``   per service over the last minute: requests/s, error rate, p50/p99 ms, per pod;
 - ``GET /metrics``   Prometheus text;
-- ``POST /-/feed``   a signed endpoint table from a ServiceWorkflow (401 unless the HMAC verifies).
+- ``POST /-/feed``   a signed endpoint table from a ServiceWorkflow (401 unless the HMAC verifies);
+- ``GET /-/drained?service=S&pods=A,B[&wait=2]``  whether this router is done with pods being
+  drained: it sends them nothing new and has no request in flight to any of them. With ``wait``
+  (at most 5 s) it answers as soon as that holds, else when ``wait`` is up. A rolling update
+  stops an old pod once every router says so, instead of always waiting ``drain_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +26,9 @@ from router.feed import EndpointTable, FeedSync
 from router.stats import TrafficStats
 
 MAX_FEED_BYTES = 1 << 20
+MAX_DRAIN_WAIT_S = 5.0
+MAX_DRAIN_PODS = 256
+DRAIN_POLL_S = 0.02
 
 
 class Control:
@@ -45,6 +53,7 @@ class Control:
         app.router.add_get("/-/stats", self.stats_json)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post(wire.FEED_PATH, self.feed)
+        app.router.add_get("/-/drained", self.drained)
 
     async def health(self, request: web.Request) -> web.Response:
         synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())
@@ -80,3 +89,42 @@ class Control:
             return web.json_response({"error": "feed push too large"}, status=413)
         status, answer = self.sync.accept_push(body, request.headers.get(wire.SIGNATURE_HEADER))
         return web.json_response(answer, status=status)
+
+    async def drained(self, request: web.Request) -> web.Response:
+        service = request.query.get("service", "")
+        pods = [p for p in request.query.get("pods", "").split(",") if p]
+        if not service or not pods:
+            return web.json_response({"error": "service and pods are required"}, status=400)
+        if len(pods) > MAX_DRAIN_PODS:
+            return web.json_response({"error": f"at most {MAX_DRAIN_PODS} pods"}, status=400)
+        try:
+            wait = min(MAX_DRAIN_WAIT_S, max(0.0, float(request.query.get("wait", "0"))))
+        except ValueError:
+            return web.json_response({"error": "wait must be a number of seconds"}, status=400)
+        deadline = time.monotonic() + wait
+        while True:
+            busy = await self._busy(service, pods)
+            if not busy or time.monotonic() >= deadline:
+                return web.json_response({"service": service, "idle": not busy, "busy": busy})
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _busy(self, service: str, pods: list[str]) -> dict[str, str]:
+        """Pods of ``pods`` this router may still send to or has requests in flight to, and why."""
+        if not (self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())):
+            return {p: "router not synced yet" for p in pods}
+        if self.pods_info is None:
+            return {}
+        if self.before_metrics is not None:
+            await self.before_metrics()  # the engine's own counters, fresh (HAProxy: show stat)
+        info = self.pods_info(service)
+        busy: dict[str, str] = {}
+        for pod in pods:
+            p = info.get(pod)
+            if p is None:
+                continue  # this router does not route to it (gone, or never had it)
+            status = p.get("haproxy_status")
+            if p.get("state") == "ready" or (isinstance(status, str) and status.startswith("UP")):
+                busy[pod] = "still routed to"
+            elif p.get("outstanding"):
+                busy[pod] = f"{p['outstanding']} in flight"
+        return busy

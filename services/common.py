@@ -26,6 +26,7 @@ DEFAULT_VERSION = "1.4"
 MAX_BODY_BYTES = 1 << 20
 # A hung pod must look hung to any sane probe timeout, yet still be releasable.
 HANG_SECONDS = 3600.0
+MAX_DELAY_S = 30.0
 # Bound on waiting for in-flight requests after SIGTERM; docker stop waits 10 s by default.
 SHUTDOWN_GRACE_S = 2.0
 
@@ -218,6 +219,7 @@ class Service:
             route("POST", "/admin/cpu", self._admin_cpu),
             route("POST", "/admin/hang", self._admin_hang),
             route("POST", "/admin/exit", self._admin_exit),
+            route("GET", r"/delay/(?P<seconds>[0-9]+(?:\.[0-9]+)?)", self._delay),
             *routes,
         ]
 
@@ -239,6 +241,14 @@ class Service:
 
     def _root(self, req: Request) -> Response:
         return Response(200, {"service": self.name, "version": self.version, "pod": self.pod})
+
+    def _delay(self, req: Request) -> Response:
+        """A request that takes ``seconds`` (at most MAX_DELAY_S) to answer: a long call in flight."""
+        seconds = float(req.params["seconds"])
+        if seconds > MAX_DELAY_S:
+            raise HttpError(400, f"delay: at most {MAX_DELAY_S:g} seconds", field="seconds")
+        time.sleep(seconds)
+        return Response(200, {"service": self.name, "pod": self.pod, "delayed_s": seconds})
 
     def _admin_state(self, req: Request) -> Response:
         return Response(200, {"service": self.name, "pod": self.pod, **self.state.snapshot()})

@@ -86,7 +86,7 @@ class HmsWorker:
                     task_queue=settings.task_queue,
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                ctl.issue_ticket, self.feed.publish_endpoints, ctl.notify_node_lost, ctl.node_is_lost,
+                                ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
                                 ctl.watch_cpu],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],

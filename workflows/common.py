@@ -13,13 +13,15 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
+    from activities.feed import FeedActivities
     from activities.pods import PodActivities
     from hms_mgmt import constants
     from hms_mgmt.models import (
+        DrainInput,
         EventInput,
         NodeSpec,
         PickNodeInput,
@@ -40,6 +42,40 @@ POD_HEARTBEAT = timedelta(seconds=10)
 NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
+
+# patch: a drain ends once every router confirms it is done with the pods (else after drain_s)
+DRAIN_CONFIRMED = "drain-confirmed"
+
+
+async def drain(placement: Placement, spec: ServiceSpec, pods: list[str]) -> None:
+    """Give ``pods`` (already published as draining) up to ``spec.drain_s`` for their in-flight
+    requests: less when every router says it sends them nothing and has nothing in flight to
+    them (``await_drained``), all of it when that cannot be confirmed."""
+    if spec.drain_s <= 0 or not pods:
+        return
+    if not workflow.patched(DRAIN_CONFIRMED):
+        await workflow.sleep(timedelta(seconds=spec.drain_s), summary=f"drain {spec.drain_s:g}s")
+        return
+    start = workflow.now()
+    try:
+        result = await workflow.execute_activity_method(
+            FeedActivities.await_drained,
+            DrainInput(service=spec.name, pods=pods, max_s=spec.drain_s),
+            task_queue=placement.control_task_queue,
+            schedule_to_close_timeout=timedelta(seconds=spec.drain_s + 10),
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_attempts=1),
+            summary=f"drain: until routers are done with {len(pods)} pod(s), at most {spec.drain_s:g}s",
+        )
+        if result.confirmed:
+            return
+    except ActivityError as e:
+        if isinstance(e.cause, CancelledError):
+            raise
+        workflow.logger.warning("drain of %s not confirmed: %s", pods, e)
+    left = spec.drain_s - (workflow.now() - start).total_seconds()
+    if left > 0:
+        await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s (routers did not confirm)")
 
 
 def node_queue(placement: Placement, node: str) -> str:

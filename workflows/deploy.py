@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
 from workflows.common import (
     POD_HEARTBEAT,
     POD_RETRY,
+    drain,
     error_message,
     node_queue,
     pick_nodes,
@@ -271,8 +272,7 @@ class RollingUpdate:
         parent = workflow.info().parent
         if parent is not None:
             await workflow.get_external_workflow_handle(parent.workflow_id).signal(PODS_DRAINING, [p.id for p in pods])
-        if self.inp.spec.drain_s > 0:
-            await workflow.sleep(timedelta(seconds=self.inp.spec.drain_s), summary=f"drain {self.inp.spec.drain_s:g}s")
+        await drain(self.inp.placement, self.inp.spec, [p.id for p in pods])
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
         self.stopped += [p.id for p in pods]
         gone = [pod.model_copy(update={"ready": False, "health": "exited"}) for pod in pods]

@@ -65,6 +65,7 @@ from workflows.common import (
     NODE_PICKUP,
     POD_HEARTBEAT,
     POD_RETRY,
+    drain,
     emit,
     error_message,
     error_type,
@@ -1343,10 +1344,9 @@ class ServiceWorkflow:
 
     async def _drain(self) -> None:
         """Publish the pods in ``stopping`` as draining, then give their in-flight requests
-        ``spec.drain_s`` before anything stops them."""
+        up to ``spec.drain_s`` (less once every router is done with them) before anything stops them."""
         await self._publish_endpoints()
-        if self.spec.drain_s > 0:
-            await workflow.sleep(timedelta(seconds=self.spec.drain_s), summary=f"drain {self.spec.drain_s:g}s")
+        await drain(self.placement, self.spec, sorted(self.stopping))
 
     # --- helpers -----------------------------------------------------------------------
 

@@ -1,0 +1,98 @@
+"""Drains that end when the routers are done, both engines, real pods and a real Temporal server.
+
+A pod stopped on purpose (scale-down, rolling update, undeploy) first drains: routers send it
+nothing new. It stops as soon as every router says it has no request in flight to it
+(``GET /-/drained``, asked by ``await_drained``), and never later than ``drain_s``; when a router
+cannot confirm, the full ``drain_s`` is waited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from conftest import seed_spec
+from router_helpers import engine, free_port, routed  # noqa: F401 - fixtures
+from temporalio.testing import ActivityEnvironment
+
+from activities.feed import FeedActivities
+from hms_mgmt.config import Settings
+from hms_mgmt.models import DrainInput
+
+
+async def pods_of(orch, service: str) -> set[str]:
+    return {p.id for p in (await orch.status(service)).pods}
+
+
+async def test_a_scale_down_stops_the_pod_once_its_long_requests_end_not_after_drain_s(routed):
+    # drain_s 40: waited out, the scale-down would take 40 s.
+    await routed.orch.deploy(seed_spec(min_replicas=1, max_replicas=2, drain_s=40.0), wait=True, timeout=120)
+    await routed.orch.scale("hms-ach", 2)
+    await routed.wait_pods("hms-ach", 2)
+    before = await pods_of(routed.orch, "hms-ach")
+
+    async def slow_call(http: aiohttp.ClientSession) -> tuple[int, str]:
+        async with http.get(f"{routed.url}/hms-ach/delay/4") as r:
+            await r.read()
+            return r.status, r.headers.get("X-HMS-Pod", "-")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        calls = [asyncio.ensure_future(slow_call(http)) for _ in range(8)]
+        await asyncio.sleep(1.0)  # all eight are in flight, on both pods
+        t0 = time.monotonic()
+        await routed.orch.scale("hms-ach", 1)
+        deadline = t0 + 35
+        while len(await pods_of(routed.orch, "hms-ach")) > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        stopped_after = time.monotonic() - t0
+        results = await asyncio.gather(*calls)
+
+    after = await pods_of(routed.orch, "hms-ach")
+    assert len(after) == 1, f"the scale-down did not finish within 35 s: {after}"
+    (victim,) = before - after
+    assert [s for s, _ in results] == [200] * 8, f"a long request was cut by the drain: {results}"
+    assert victim in {p for _, p in results}, f"no long request was answered by the stopped pod {victim} (cut and retried elsewhere?): {results}"
+    # The victim's requests had ~3 s left when the scale-down began: the drain waited for them...
+    assert stopped_after >= 2.0, f"the pod was stopped {stopped_after:.1f} s in, with requests still in flight"
+    # ...and not for the rest of drain_s.
+    assert stopped_after < 30.0, f"the drain waited {stopped_after:.1f} s: the router's word was not taken"
+
+
+async def test_the_router_says_which_pods_it_is_not_done_with(routed):
+    await routed.orch.deploy(seed_spec(min_replicas=2, max_replicas=2), wait=True, timeout=120)
+    await routed.wait_pods("hms-ach", 2)
+    pods = sorted(await pods_of(routed.orch, "hms-ach"))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{routed.url}/-/drained", params={"service": "hms-ach", "pods": ",".join(pods)}) as r:
+            body = await r.json()
+        assert r.status == 200 and body["idle"] is False
+        assert set(body["busy"]) == set(pods) and set(body["busy"].values()) == {"still routed to"}
+        # A pod it never routed to is no reason to wait.
+        async with http.get(f"{routed.url}/-/drained",
+                            params={"service": "hms-ach", "pods": "0b7c1e0e-0000-4000-8000-000000000000"}) as r:
+            assert r.status == 200 and (await r.json())["idle"] is True
+        for bad in ({"service": "hms-ach"}, {"pods": pods[0]}, {"service": "hms-ach", "pods": pods[0], "wait": "x"}):
+            async with http.get(f"{routed.url}/-/drained", params=bad) as r:
+                assert r.status == 400, bad
+                assert "error" in await r.json()
+
+
+async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    acts = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[dead]))
+    try:
+        t0 = time.monotonic()
+        result = await ActivityEnvironment().run(
+            acts.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=0.8))
+        waited = time.monotonic() - t0
+    finally:
+        await acts.close()
+    assert result.confirmed is False
+    assert waited >= 0.75, f"gave up after {waited:.2f} s of a 0.8 s drain"
+    assert result.routers[dead].startswith("no answer")
+
+    none = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[]))
+    result = await ActivityEnvironment().run(none.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=5))
+    await none.close()
+    assert result.confirmed is False, "with no router to ask, nothing may be confirmed"
+

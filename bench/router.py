@@ -386,6 +386,78 @@ async def ready_endpoints(orch, n: int, timeout_s: float = 90.0, without: set[st
     raise RuntimeError(f"{SERVICE} never had {n} ready pods")
 
 
+def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
+    return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+
+BaseRatios = dict[str, tuple[float | None, list[float | None]]]  # proxy -> (median, per round) of its ratio to nginx
+
+
+def judge(results: dict[str, dict[str, Any]],
+          base_rounds: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, bool], BaseRatios]:
+    """A full run's ratios to nginx, verdicts, and base ratios per round (with their median)."""
+    slow, kill = results["slow"], results["kill"]
+
+    def paired(proxy: str) -> tuple[float | None, list[float | None]]:
+        """Base throughput over nginx's in the same round, per round, and their median."""
+        per_round = [ratio(a, b) for a, b in zip(base_rounds[proxy], base_rounds["nginx"], strict=True)]
+        known = [x for x in per_round if x is not None]
+        return (round(statistics.median(known), 3) if known else None), per_round
+
+    base_ratio = {p: paired(p) for p in base_rounds}
+    ratios = {
+        "base_builtin_vs_nginx": base_ratio["builtin"][0],
+        "base_haproxy_vs_nginx": base_ratio["haproxy"][0],
+        "base_haproxy_rr_vs_nginx": base_ratio["haproxy-rr"][0],
+        "base_rounds_vs_nginx": {p: v[1] for p, v in base_ratio.items()},
+        "slow_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"]),
+        "slow_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"]),
+        # wrk's p99 of completed requests only: printed and kept, not the verdict's basis
+        "slow_p99_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"], "p99_ms"),
+        "slow_p99_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"], "p99_ms"),
+        # the probe's p99, unfinished requests counted: the verdicts' basis
+        "slow_probe_p99_builtin_vs_nginx": ratio(slow["builtin"]["probe"], slow["nginx"]["probe"], "p99_ms"),
+        "slow_probe_p99_haproxy_vs_nginx": ratio(slow["haproxy"]["probe"], slow["nginx"]["probe"], "p99_ms"),
+    }
+    verdicts = {
+        "base_builtin >= 0.5x nginx": (ratios["base_builtin_vs_nginx"] or 0) >= TARGETS["base_builtin"],
+        "base_haproxy >= 0.9x nginx": (ratios["base_haproxy_vs_nginx"] or 0) >= TARGETS["base_haproxy"],
+        "slow_builtin >= 1.5x nginx": (ratios["slow_builtin_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
+        "slow_haproxy >= 1.5x nginx": (ratios["slow_haproxy_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
+        "slow_builtin p99 < nginx": p99_below(slow["builtin"]["probe"], slow["nginx"]["probe"]),
+        "slow_haproxy p99 < nginx": p99_below(slow["haproxy"]["probe"], slow["nginx"]["probe"]),
+        "kill_builtin 0 errors": all(r["errors"] == 0 for r in kill["builtin"].get("runs", [kill["builtin"]])),
+        "kill_haproxy 0 errors": all(r["errors"] == 0 for r in kill["haproxy"].get("runs", [kill["haproxy"]])),
+    }
+    return ratios, verdicts, base_ratio
+
+
+def print_summary(results: dict[str, dict[str, Any]], base_ratio: BaseRatios, ratios: dict[str, Any],
+                  verdicts: dict[str, bool], probe_rate: float) -> None:
+    print()
+    rows = []
+    for phase in ("base", "slow", "kill"):
+        for p, r in results[phase].items():
+            pr = r.get("probe") or {}
+            rows.append([f"{phase} {p}", r["rps"], r.get("p50_ms"), r.get("p99_ms"), r.get("littles_mean_ms"),
+                         shown(pr, "p50"), shown(pr, "p99"), f"{pr.get('unfinished')}/{pr.get('sent')}",
+                         f"{r['errors']}/{pr.get('errors')}",
+                         base_ratio[p][0] if phase == "base" else ratio(r, results[phase].get("nginx", {}))])
+    print_table(rows, ["run", "req/s", "wrk p50", "wrk p99", "C/rps ms", "probe p50", "probe p99", "unfinished",
+                       "errors wrk/probe", "x nginx"])
+    print(f"\n  wrk p50/p99: completed requests only. C/rps: mean latency by Little's law. probe: "
+          f"{probe_rate:g} req/s open loop beside wrk, unfinished requests counted at the time they had "
+          f"waited (>= marks a lower bound)")
+    print("\n  base x nginx per round: " + "; ".join(f"{p} {v[1]}" for p, v in base_ratio.items() if p != "nginx"))
+    print("  slow p99 x nginx: probe (the verdicts' basis) builtin "
+          f"{ratios['slow_probe_p99_builtin_vs_nginx']}, haproxy {ratios['slow_probe_p99_haproxy_vs_nginx']}; "
+          f"wrk, completed only: builtin {ratios['slow_p99_builtin_vs_nginx']}, "
+          f"haproxy {ratios['slow_p99_haproxy_vs_nginx']}")
+    print()
+    for k, ok in verdicts.items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -532,64 +604,8 @@ async def main(args) -> int:
                                        f"unfinished) errors {r['errors']}" for r in runs)
             for phase, by_proxy in repeats.items() for p, runs in by_proxy.items()) + "; no JSON written")
         return 0
-    slow, kill = results["slow"], results["kill"]
-
-    def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
-        return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
-
-    def paired(proxy: str) -> tuple[float | None, list[float | None]]:
-        """Base throughput over nginx's in the same round, per round, and their median."""
-        per_round = [ratio(a, b) for a, b in zip(base_rounds[proxy], base_rounds["nginx"], strict=True)]
-        known = [x for x in per_round if x is not None]
-        return (round(statistics.median(known), 3) if known else None), per_round
-
-    base_ratio = {p: paired(p) for p in base_rounds}
-    ratios = {
-        "base_builtin_vs_nginx": base_ratio["builtin"][0],
-        "base_haproxy_vs_nginx": base_ratio["haproxy"][0],
-        "base_haproxy_rr_vs_nginx": base_ratio["haproxy-rr"][0],
-        "base_rounds_vs_nginx": {p: v[1] for p, v in base_ratio.items()},
-        "slow_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"]),
-        "slow_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"]),
-        # wrk's p99 of completed requests only: printed and kept, not the verdict's basis
-        "slow_p99_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"], "p99_ms"),
-        "slow_p99_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"], "p99_ms"),
-        # the probe's p99, unfinished requests counted: the verdicts' basis
-        "slow_probe_p99_builtin_vs_nginx": ratio(slow["builtin"]["probe"], slow["nginx"]["probe"], "p99_ms"),
-        "slow_probe_p99_haproxy_vs_nginx": ratio(slow["haproxy"]["probe"], slow["nginx"]["probe"], "p99_ms"),
-    }
-    verdicts = {
-        "base_builtin >= 0.5x nginx": (ratios["base_builtin_vs_nginx"] or 0) >= TARGETS["base_builtin"],
-        "base_haproxy >= 0.9x nginx": (ratios["base_haproxy_vs_nginx"] or 0) >= TARGETS["base_haproxy"],
-        "slow_builtin >= 1.5x nginx": (ratios["slow_builtin_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
-        "slow_haproxy >= 1.5x nginx": (ratios["slow_haproxy_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
-        "slow_builtin p99 < nginx": p99_below(slow["builtin"]["probe"], slow["nginx"]["probe"]),
-        "slow_haproxy p99 < nginx": p99_below(slow["haproxy"]["probe"], slow["nginx"]["probe"]),
-        "kill_builtin 0 errors": all(r["errors"] == 0 for r in kill["builtin"].get("runs", [kill["builtin"]])),
-        "kill_haproxy 0 errors": all(r["errors"] == 0 for r in kill["haproxy"].get("runs", [kill["haproxy"]])),
-    }
-    print()
-    rows = []
-    for phase in ("base", "slow", "kill"):
-        for p, r in results[phase].items():
-            pr = r.get("probe") or {}
-            rows.append([f"{phase} {p}", r["rps"], r.get("p50_ms"), r.get("p99_ms"), r.get("littles_mean_ms"),
-                         shown(pr, "p50"), shown(pr, "p99"), f"{pr.get('unfinished')}/{pr.get('sent')}",
-                         f"{r['errors']}/{pr.get('errors')}",
-                         base_ratio[p][0] if phase == "base" else ratio(r, results[phase].get("nginx", {}))])
-    print_table(rows, ["run", "req/s", "wrk p50", "wrk p99", "C/rps ms", "probe p50", "probe p99", "unfinished",
-                       "errors wrk/probe", "x nginx"])
-    print(f"\n  wrk p50/p99: completed requests only. C/rps: mean latency by Little's law. probe: "
-          f"{args.probe_rate:g} req/s open loop beside wrk, unfinished requests counted at the time they had "
-          f"waited (>= marks a lower bound)")
-    print("\n  base x nginx per round: " + "; ".join(f"{p} {v[1]}" for p, v in base_ratio.items() if p != "nginx"))
-    print("  slow p99 x nginx: probe (the verdicts' basis) builtin "
-          f"{ratios['slow_probe_p99_builtin_vs_nginx']}, haproxy {ratios['slow_probe_p99_haproxy_vs_nginx']}; "
-          f"wrk, completed only: builtin {ratios['slow_p99_builtin_vs_nginx']}, "
-          f"haproxy {ratios['slow_p99_haproxy_vs_nginx']}")
-    print()
-    for k, ok in verdicts.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {k}")
+    ratios, verdicts, base_ratio = judge(results, base_rounds)
+    print_summary(results, base_ratio, ratios, verdicts, args.probe_rate)
     out = run.finish({
         "command": "wrk " + f"-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency",
         "probe_rate": args.probe_rate,

@@ -9,7 +9,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.router import latency_summary, littles_mean_ms, p99_below, parse_wrk, shown  # noqa: E402
+from bench.router import (  # noqa: E402
+    judge,
+    latency_summary,
+    littles_mean_ms,
+    p99_below,
+    parse_wrk,
+    print_summary,
+    shown,
+)
 
 # Debian wrk 4.1's output, one pod stalled: 128 requests completed, none of the stalled ones in a figure.
 WRK_STALLED = """Running 8s test @ http://127.0.0.1:40001/bench-router/
@@ -74,3 +82,36 @@ def test_littles_law_mean_is_connections_over_throughput() -> None:
     assert littles_mean_ms(64, 16.0) == 4000.0  # 64 connections, 16 completed a second: 4 s each on average
     assert littles_mean_ms(64, 1340.0) == 47.8
     assert littles_mean_ms(64, None) is None and littles_mean_ms(64, 0.0) is None
+
+
+def _run(rps: float, wrk_p99: float, done: list[float], cut: list[float], errors: int = 0) -> dict:
+    return {"rps": rps, "p50_ms": 44.0, "p99_ms": wrk_p99, "errors": errors,
+            "littles_mean_ms": littles_mean_ms(64, rps),
+            "probe": dict(latency_summary(done, cut), rate=40.0, errors=0)}
+
+
+def test_a_full_runs_slow_p99_verdicts_rest_on_the_probe_and_both_p99s_are_printed(capsys) -> None:
+    fast = _run(1500.0, 50.0, [45.0] * 300, [])
+    base_rounds = {p: [fast] * 3 for p in ("direct", "builtin", "haproxy", "nginx", "haproxy-rr")}
+    # The figures measured with one pod stalled: nginx's wrk p99 of its 128 completed requests
+    # is the smallest, its probe shows a third of the requests unanswered for seconds.
+    slow = {"builtin": _run(1340.0, 170.0, [60.0] * 295 + [180.0] * 5, []),
+            "haproxy": _run(1300.0, 130.0, [48.0] * 300, []),
+            "nginx": _run(16.0, 54.46, [7.0] * 200, [500.0 + 25 * i for i in range(100)]),
+            "haproxy-rr": _run(16.0, 50.0, [7.0] * 200, [500.0 + 25 * i for i in range(100)])}
+    kill = {p: _run(1500.0, 60.0, [45.0] * 300, [], errors=int(p == "haproxy-rr") * 96) for p in slow}
+    results = {"base": {p: runs[1] for p, runs in base_rounds.items()}, "slow": slow, "kill": kill}
+    ratios, verdicts, _ = judge(results, base_rounds)
+    assert ratios["slow_p99_builtin_vs_nginx"] == 3.122  # wrk alone: builtin 3x worse than nginx
+    assert verdicts["slow_builtin p99 < nginx"] and verdicts["slow_haproxy p99 < nginx"]
+    assert ratios["slow_probe_p99_builtin_vs_nginx"] == round(180.0 / 2900.0, 3)
+    assert all(verdicts.values())
+    # A slow pod the engine does not steer around shows in its probe p99, and the verdict fails.
+    slow["builtin"] = _run(1340.0, 170.0, [60.0] * 200, [400.0 + 20 * i for i in range(100)])
+    ratios, verdicts, base_ratio = judge(results, base_rounds)
+    assert not verdicts["slow_builtin p99 < nginx"]
+    print_summary(results, base_ratio, ratios, verdicts, 40.0)
+    out = capsys.readouterr().out
+    assert "FAIL  slow_builtin p99 < nginx" in out and "PASS  slow_haproxy p99 < nginx" in out
+    assert ">=2900" in out and "100/300" in out and "4000.0" in out  # nginx: probe p99, unfinished, C/rps
+    assert "wrk, completed only: builtin 3.122" in out

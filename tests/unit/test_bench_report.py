@@ -52,3 +52,26 @@ def test_report_copies_figures_verdicts_and_marks_what_a_file_lacks(tmp_path: Pa
     # Figures the soak file does not hold are "-", never made up.
     assert "| worker CPU (cores) / RSS max (MB) | - / - |" in text
     assert "| [mystery](#mystery) | PASS |" in text
+
+
+def test_router_slow_p99_verdict_row_is_the_probes_with_wrks_beside_it(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    slow = {
+        "builtin": {"rps": 1340.0, "p99_ms": 170.0, "errors": 0,
+                    "probe": {"sent": 300, "unfinished": 0, "p99_ms": 181.0, "p99_exact": True}},
+        "nginx": {"rps": 16.0, "p99_ms": 54.46, "errors": 0,
+                  "probe": {"sent": 300, "unfinished": 98, "p99_ms": 7600.0, "p99_exact": False}},
+    }
+    (results / "router.json").write_text(json.dumps({
+        "results": {"slow": slow}, "targets": {"slow_throughput": 1.5},
+        "ratios": {"slow_probe_p99_builtin_vs_nginx": 0.024, "slow_p99_builtin_vs_nginx": 3.12},
+        "verdicts": {"slow_builtin p99 < nginx": True},
+    }))
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert ("| one slow pod: p99 ms, builtin (probe, unfinished requests counted) | 181 (0 of 300 unfinished) | "
+            ">= 7,600 (98 of 300 unfinished) | 0.024 | < 1x | PASS |") in text
+    # wrk's p99 of completed requests is shown, but carries no verdict.
+    assert "| one slow pod: p99 ms, builtin (wrk, completed requests only) | 170 | 54.5 | 3.12 |  |  |" in text

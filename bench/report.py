@@ -129,7 +129,10 @@ def rollout_rows(d: dict[str, Any]) -> list[Row]:
         ["rolling update of 4 pods (s, median)", m.get("ours"), m.get("swarm_start_first"), ratio, f"<= {target}x",
          ok(ratio is not None and target is not None and ratio <= target)],
         ["failed requests during the update", failed, None, None, "0", ok(None if failed is None else failed == 0)],
-    ]
+    ] + ([
+        ["same, min_ready_s 0 vs Swarm's tasks all on v2 (no stability wait either side)", m.get("ours_min_ready_0"),
+         m.get("swarm_start_first_converged"), d.get("ratio_min_ready_0_vs_start_first_converged"), "reported", ""],
+    ] if m.get("ours_min_ready_0") is not None else [])
 
 
 def soak_rows(d: dict[str, Any]) -> list[Row]:

@@ -80,12 +80,15 @@ class FeedActivities:
         if not settings.routers:
             return DrainResult(confirmed=False, routers={})
         pending = list(dict.fromkeys(settings.routers))
-        params = {"service": inp.service, "pods": ",".join(inp.pods)}
+        key = await asyncio.to_thread(feed.feed_key, settings.state_dir)
+        pods = ",".join(inp.pods)
 
         async def ask(url: str, wait: float) -> bool:
+            w = f"{wait:.2f}"
             try:
                 async with self._http().get(
-                    url.rstrip("/") + "/-/drained", params={**params, "wait": f"{wait:.2f}"},
+                    url.rstrip("/") + feed.DRAINED_PATH, params={"service": inp.service, "pods": pods, "wait": w},
+                    headers={feed.SIGNATURE_HEADER: feed.sign(key, feed.drained_query(inp.service, pods, w))},
                     timeout=aiohttp.ClientTimeout(total=wait + PUSH_TIMEOUT_S),
                 ) as resp:
                     body = await resp.json(content_type=None)

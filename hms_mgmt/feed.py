@@ -24,6 +24,7 @@ from hms_mgmt.models import EndpointSet
 FEED_KEY_FILE = "feed.key"
 SIGNATURE_HEADER = "X-HMS-Feed-Signature"
 FEED_PATH = "/-/feed"
+DRAINED_PATH = "/-/drained"
 MAX_SKEW_S = 300.0
 
 
@@ -68,6 +69,11 @@ def verify(key: bytes, body: bytes, header: str | None, *, now: float | None = N
     if not hmac.compare_digest(want, sig):
         return "bad signature"
     return None
+
+
+def drained_query(service: str, pods: str, wait: str) -> bytes:
+    """What a ``GET /-/drained`` signs: the same key and header as a feed push, over its query."""
+    return f"drained\n{service}\n{pods}\n{wait}".encode()
 
 
 def write_table(state_dir: Path, table: EndpointSet) -> Path:

@@ -8,7 +8,9 @@
 - ``GET /-/drained?service=S&pods=A,B[&wait=2]``  whether this router is done with pods being
   drained: it sends them nothing new and has no request in flight to any of them. With ``wait``
   (at most 5 s) it answers as soon as that holds, else when ``wait`` is up. A rolling update
-  stops an old pod once every router says so, instead of always waiting ``drain_s``.
+  stops an old pod once every router says so, instead of always waiting ``drain_s``. Signed
+  like a feed push (the answer ends a drain early: nobody without the feed key may ask), and at
+  most ``MAX_DRAIN_WAITERS`` asks wait at once (429 beyond).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MAX_FEED_BYTES = 1 << 20
 MAX_DRAIN_WAIT_S = 5.0
 MAX_DRAIN_PODS = 256
 DRAIN_POLL_S = 0.02
+MAX_DRAIN_WAITERS = 64
 
 
 class Control:
@@ -46,6 +49,7 @@ class Control:
         self.before_metrics = before_metrics
         self.applied = applied  # set once the engine carries the first full table (default: at load)
         self.applied_versions = applied_versions  # service -> table version the engine carries
+        self.drain_waiters = 0
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/-/health", self.health)
@@ -53,7 +57,7 @@ class Control:
         app.router.add_get("/-/stats", self.stats_json)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post(wire.FEED_PATH, self.feed)
-        app.router.add_get("/-/drained", self.drained)
+        app.router.add_get(wire.DRAINED_PATH, self.drained)
 
     async def health(self, request: web.Request) -> web.Response:
         synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())
@@ -101,12 +105,23 @@ class Control:
             wait = min(MAX_DRAIN_WAIT_S, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             return web.json_response({"error": "wait must be a number of seconds"}, status=400)
-        deadline = time.monotonic() + wait
-        while True:
-            busy = await self._busy(service, pods)
-            if not busy or time.monotonic() >= deadline:
-                return web.json_response({"service": service, "idle": not busy, "busy": busy})
-            await asyncio.sleep(DRAIN_POLL_S)
+        why = wire.verify(self.sync.key, wire.drained_query(service, request.query["pods"],
+                                                           request.query.get("wait", "")),
+                          request.headers.get(wire.SIGNATURE_HEADER))
+        if why is not None:
+            return web.json_response({"error": f"drained query refused: {why}"}, status=401)
+        if self.drain_waiters >= MAX_DRAIN_WAITERS:
+            return web.json_response({"error": "too many drain queries waiting"}, status=429)
+        self.drain_waiters += 1
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                busy = await self._busy(service, pods)
+                if not busy or time.monotonic() >= deadline:
+                    return web.json_response({"service": service, "idle": not busy, "busy": busy})
+                await asyncio.sleep(DRAIN_POLL_S)
+        finally:
+            self.drain_waiters -= 1
 
     async def _busy(self, service: str, pods: list[str]) -> dict[str, str]:
         """Pods of ``pods`` this router may still send to or has requests in flight to, and why."""

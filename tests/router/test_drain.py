@@ -16,6 +16,7 @@ from router_helpers import engine, free_port, routed  # noqa: F401 - fixtures
 from temporalio.testing import ActivityEnvironment
 
 from activities.feed import FeedActivities
+from hms_mgmt import feed
 from hms_mgmt.config import Settings
 from hms_mgmt.models import DrainInput
 
@@ -58,23 +59,35 @@ async def test_a_scale_down_stops_the_pod_once_its_long_requests_end_not_after_d
     assert stopped_after < 30.0, f"the drain waited {stopped_after:.1f} s: the router's word was not taken"
 
 
-async def test_the_router_says_which_pods_it_is_not_done_with(routed):
+async def test_the_router_says_which_pods_it_is_not_done_with_and_only_to_the_feed_key(routed):
     await routed.orch.deploy(seed_spec(min_replicas=2, max_replicas=2), wait=True, timeout=120)
     await routed.wait_pods("hms-ach", 2)
     pods = sorted(await pods_of(routed.orch, "hms-ach"))
+    key = feed.feed_key(routed.settings.state_dir)
+
+    async def ask(http: aiohttp.ClientSession, params: dict[str, str], *, signed: bool = True,
+                  with_key: bytes = key) -> tuple[int, dict]:
+        headers = {}
+        if signed:
+            q = feed.drained_query(params.get("service", ""), params.get("pods", ""), params.get("wait", ""))
+            headers[feed.SIGNATURE_HEADER] = feed.sign(with_key, q)
+        async with http.get(f"{routed.url}/-/drained", params=params, headers=headers) as r:
+            return r.status, await r.json()
+
+    both = {"service": "hms-ach", "pods": ",".join(pods)}
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{routed.url}/-/drained", params={"service": "hms-ach", "pods": ",".join(pods)}) as r:
-            body = await r.json()
-        assert r.status == 200 and body["idle"] is False
+        status, body = await ask(http, both)
+        assert status == 200 and body["idle"] is False
         assert set(body["busy"]) == set(pods) and set(body["busy"].values()) == {"still routed to"}
         # A pod it never routed to is no reason to wait.
-        async with http.get(f"{routed.url}/-/drained",
-                            params={"service": "hms-ach", "pods": "0b7c1e0e-0000-4000-8000-000000000000"}) as r:
-            assert r.status == 200 and (await r.json())["idle"] is True
+        status, body = await ask(http, {"service": "hms-ach", "pods": "0b7c1e0e-0000-4000-8000-000000000000"})
+        assert status == 200 and body["idle"] is True
+        # Its answer ends a drain early: not for anyone without the feed key.
+        for unsigned in ((await ask(http, both, signed=False)), (await ask(http, both, with_key=b"x" * 32))):
+            assert unsigned[0] == 401 and "refused" in unsigned[1]["error"], unsigned
         for bad in ({"service": "hms-ach"}, {"pods": pods[0]}, {"service": "hms-ach", "pods": pods[0], "wait": "x"}):
-            async with http.get(f"{routed.url}/-/drained", params=bad) as r:
-                assert r.status == 400, bad
-                assert "error" in await r.json()
+            status, body = await ask(http, bad)
+            assert status == 400 and "error" in body, bad
 
 
 async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp_path):

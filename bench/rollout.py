@@ -23,7 +23,9 @@ on 1.5 and no 1.4 task ran ("converged", the 5 s check not included), and runs o
 with ``min_ready_s 0`` (Kubernetes' ``minReadySeconds`` default): the like-for-like pair with no
 stability wait on either side. The target is on the first pair, both sides as they ship.
 
-Each run is a Swarm pair then ours, alternating, so both see the same load on a shared machine.
+Each run is a Swarm pair then ours, alternating, so both see the same load on a shared machine;
+a run starts only once the previous one's containers are gone (``docker service rm`` returns
+before Swarm's tasks stop; our ``undeploy`` returns after its pods stopped) and 1 s more.
 
     .venv/bin/python bench/rollout.py [--runs 3] [--in-process]
 
@@ -64,6 +66,7 @@ V1, V2 = "registry.gov/hms-ach:1.4", "registry.gov/hms-ach:1.5"
 SWARM_V1, SWARM_V2 = "hms-ach:1.4", "hms-ach:1.5"
 REPLICAS = 4
 TARGET = 1.0
+SETTLE_S = 1.0  # after a service is gone, before the next measured run
 
 
 def free_port() -> int:
@@ -227,7 +230,8 @@ async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None
                                          "failed": counts["failed"], "load": loadavg()})
                     print(f"  ours ({variant}) run {i + 1}: {seconds:.2f} s, {counts['failed']} failed of "
                           f"{counts['ok'] + counts['failed']} requests", flush=True)
-                    await stack.orch.undeploy(name)
+                    await stack.orch.undeploy(name)  # returns once every pod is stopped
+                    await asyncio.sleep(SETTLE_S)
     return out
 
 
@@ -266,6 +270,17 @@ def swarm_converged(name: str, t0: float, done: threading.Event) -> float | None
         client.close()
 
 
+def swarm_gone(name: str, timeout_s: float = 60.0) -> None:
+    """``docker service rm`` returns before its containers stop: wait until they are gone, so the
+    next measured run (ours or Swarm's) does not share the machine with their teardown."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not sh("docker", "ps", "-aq", "--filter", f"label=com.docker.swarm.service.name={name}").stdout.strip():
+            break
+        time.sleep(0.2)
+    time.sleep(SETTLE_S)
+
+
 def swarm_round(i: int, out: dict[str, list[float]], converged: dict[str, list[float | None]]) -> None:
     """One Swarm update of each order; the caller alternates these with ours, so both see the
     same load on a shared machine."""
@@ -284,6 +299,7 @@ def swarm_round(i: int, out: dict[str, list[float]], converged: dict[str, list[f
                 seen = watch.result()
         finally:
             sh("docker", "service", "rm", name, check=False)
+            swarm_gone(name)
         out.setdefault(order, []).append(seconds)
         converged.setdefault(order, []).append(seen)
         print(f"  swarm {order} run {i + 1}: {seconds:.2f} s (every task on 1.5 after "

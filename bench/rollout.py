@@ -344,7 +344,7 @@ def main() -> None:
     print("  Swarm's command waits 5 s after the last task runs v2 (UpdateConfig.Monitor) before it returns;\n"
           "  Swarm counts a task as updated once its container runs, ours once the pod answers its health path.")
     path = write_result("rollout", {
-        "replicas": REPLICAS, "images": [V1, V2], "ours": mine, "ours_min_ready_0": fast, "swarm": peer,
+        "argv": sys.argv[1:], "replicas": REPLICAS, "images": [V1, V2], "ours": mine, "ours_min_ready_0": fast, "swarm": peer,
         "swarm_converged": converged,
         "router_and_load": "worker's process" if args.in_process else "a process of their own",
         "median_s": {"ours": ours_s, "ours_min_ready_0": fast_s, "swarm_start_first": start_first,

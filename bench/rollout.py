@@ -25,9 +25,11 @@ stability wait on either side. The target is on the first pair, both sides as th
 
 Each run is a Swarm pair then ours, alternating, so both see the same load on a shared machine;
 a run starts only once the previous one's containers are gone (``docker service rm`` returns
-before Swarm's tasks stop; our ``undeploy`` returns after its pods stopped) and 1 s more.
+before Swarm's tasks stop; our ``undeploy`` returns after its pods stopped) and 1 s more. The
+same steady load runs during Swarm's updates too (through our router, at a 4-pod service nobody
+updates), so both share the machine with the same traffic; ``--peer-unloaded`` leaves it out.
 
-    .venv/bin/python bench/rollout.py [--runs 3] [--in-process]
+    .venv/bin/python bench/rollout.py [--runs 3] [--in-process] [--peer-unloaded]
 
 Target: 0 failed requests, and ours <= 1.0x Swarm's start-first time. Writes
 bench/results/rollout.json.
@@ -201,7 +203,7 @@ async def traffic_child(port: int) -> None:
 VARIANTS = {"defaults": {}, "min_ready_s 0": {"min_ready_s": 0}}
 
 
-async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None]
+async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None], peer_loaded: bool = True
                ) -> dict[str, list[dict[str, float | int]]]:
     """Per run, one update with the spec's defaults and one with ``min_ready_s`` 0."""
     out: dict[str, list[dict[str, float | int]]] = {v: [] for v in VARIANTS}
@@ -209,8 +211,21 @@ async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None
     async with hms_stack("docker", routers=[f"http://127.0.0.1:{port}"]) as stack:
         grant_access(stack, images=(V1, V2))
         async with Traffic(stack.settings, stack.client, port, in_process=in_process) as traffic:
+            # The same steady load runs while Swarm updates, through the router at a 4-pod service
+            # nobody updates (Swarm's routing mesh does not answer here): both updates share the
+            # machine with the same traffic.
+            ballast = {"name": "ballast", "image": V1, "min_replicas": REPLICAS, "max_replicas": REPLICAS,
+                       "cpu_target": 60}
+            if peer_loaded:
+                await stack.orch.deploy(ballast, wait=True, timeout=120)
+                await asyncio.sleep(2.0)  # the router has the table
             for i in range(runs):
+                if peer_loaded:
+                    await traffic.start("ballast")
                 await asyncio.to_thread(before_each, i)
+                if peer_loaded:
+                    counts = await traffic.stop()
+                    print(f"  (load during Swarm's run {i + 1}: {counts['ok'] + counts['failed']} requests)", flush=True)
                 for variant, extra in VARIANTS.items():
                     name = f"roll-{i}" if variant == "defaults" else f"roll-{i}-fast"
                     spec = {"name": name, "image": V1, "min_replicas": REPLICAS, "max_replicas": REPLICAS,
@@ -310,6 +325,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="router and load in the worker's process")
+    ap.add_argument("--peer-unloaded", action="store_true",
+                    help="no steady load while Swarm updates (only ours runs under load)")
     ap.add_argument("--traffic", type=int, help=argparse.SUPPRESS)  # the child: router + load on this port
     args = ap.parse_args()
     if args.traffic:
@@ -321,7 +338,8 @@ def main() -> None:
     converged: dict[str, list[float | None]] = {}
     with swarm_mode():
         runs = asyncio.run(ours(args.runs, in_process=args.in_process,
-                                before_each=lambda i: swarm_round(i, peer, converged)))
+                                before_each=lambda i: swarm_round(i, peer, converged),
+                                peer_loaded=not args.peer_unloaded))
     mine, fast = runs["defaults"], runs["min_ready_s 0"]
     ours_s = median(r["seconds"] for r in mine)
     fast_s = median(r["seconds"] for r in fast)
@@ -347,6 +365,7 @@ def main() -> None:
         "argv": sys.argv[1:], "replicas": REPLICAS, "images": [V1, V2], "ours": mine, "ours_min_ready_0": fast, "swarm": peer,
         "swarm_converged": converged,
         "router_and_load": "worker's process" if args.in_process else "a process of their own",
+        "load_during_swarm": not args.peer_unloaded,
         "median_s": {"ours": ours_s, "ours_min_ready_0": fast_s, "swarm_start_first": start_first,
                      "swarm_stop_first": stop_first, "swarm_start_first_converged": start_first_converged},
         "ratio_vs_start_first": ratio, "ratio_min_ready_0_vs_start_first_converged": like_for_like,

@@ -45,6 +45,7 @@ Report = Callable[[PodStatus], Awaitable[None]]
 
 # patch: a drain ends once every router confirms it is done with the pods (else after drain_s)
 DRAIN_CONFIRMED = "drain-confirmed"
+MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
 async def drain(placement: Placement, spec: ServiceSpec, pods: list[str]) -> None:
@@ -53,7 +54,7 @@ async def drain(placement: Placement, spec: ServiceSpec, pods: list[str]) -> Non
     them (``await_drained``), all of it when that cannot be confirmed."""
     if spec.drain_s <= 0 or not pods:
         return
-    if not workflow.patched(DRAIN_CONFIRMED):
+    if not workflow.patched(DRAIN_CONFIRMED) or len(pods) > MAX_DRAIN_ASK:
         await workflow.sleep(timedelta(seconds=spec.drain_s), summary=f"drain {spec.drain_s:g}s")
         return
     start = workflow.now()

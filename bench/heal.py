@@ -19,7 +19,11 @@ or hangs, against Docker's own in-place recovery, measured in the same run.
     pod's container is removed. Compared with the detection floor ``health_failures x
     health_interval_s``; target <= floor + 1.5 s.
 
-    .venv/bin/python bench/heal.py [--runs 5] [--warmup 1] [--b-modes failing,hang]
+A builtin router runs beside the worker, as ``hms up`` starts one: a bad pod is drained out of
+it before it stops, and stops once the router has nothing in flight to it (``--no-router``: the
+full ``drain_s``, 2 s from the heal's start, is waited).
+
+    .venv/bin/python bench/heal.py [--runs 5] [--warmup 1] [--b-modes failing,hang] [--no-router]
 
 Prints a table with both ratios and pass/fail, writes bench/results/heal.json (per-run figures,
 where our time goes from the HealWorkflow history, load averages per run).
@@ -452,6 +456,33 @@ def med_breakdown(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return {k: rnd(median(keys[k])) for k in order if k in keys}
 
 
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def with_router(stack, port: int, *, enabled: bool):  # noqa: ANN001 - bench.common.Stack
+    """The builtin router on ``port`` in this process, fed by the stack's worker."""
+    if not enabled:
+        yield
+        return
+    from router import serve
+
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(stack.settings, port=port, engine="builtin", ready=ready, client=stack.client))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
 async def main(args) -> int:
     source = use_source(args.source)
     from hms_mgmt import constants
@@ -471,7 +502,9 @@ async def main(args) -> int:
     node = None
     access: dict[str, Any] = {}
     try:
-        async with hms_stack("docker") as stack:
+        port = free_port()
+        async with hms_stack("docker", routers=[f"http://127.0.0.1:{port}"]) as stack, \
+                with_router(stack, port, enabled=not args.no_router):
             node = stack.settings.node
             access = grant_access(stack, [args.image])
             remove_containers(dclient, {PEER_LABEL: "1"})
@@ -579,6 +612,7 @@ async def main(args) -> int:
         "status_poll_interval_s": args.status_poll,
         "min_pod_age_s": {"a": min_age(args, 5.0), "b": min_age(args, args.b_interval)},
         "access": access,
+        "router": "builtin, in this process" if not args.no_router else None,
         "a": {
             "spec": {"health_interval_s": 5.0, "health_failures": 2, "min_replicas": args.replicas,
                      "max_replicas": args.replicas},
@@ -622,6 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--b-interval", type=float, default=1.0, help="(b) health_interval_s (default 1)")
     ap.add_argument("--b-failures", type=int, default=2, help="(b) health_failures (default 2)")
     ap.add_argument("--skip-a", action="store_true", help="only run (b)")
+    ap.add_argument("--no-router", action="store_true",
+                    help="no router beside the worker: a drain is never confirmed, so a bad pod is "
+                         "stopped only drain_s after its heal began")
     ap.add_argument("--settle", type=float, default=1.0, help="pause between measurements (default 1 s)")
     ap.add_argument("--timeout", type=float, default=90.0)
     ap.add_argument("--image", default=EXAMPLE_IMAGE)

@@ -48,25 +48,26 @@ DRAIN_CONFIRMED = "drain-confirmed"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
-async def drain(placement: Placement, spec: ServiceSpec, pods: list[str]) -> None:
-    """Give ``pods`` (already published as draining) up to ``spec.drain_s`` for their in-flight
-    requests: less when every router says it sends them nothing and has nothing in flight to
-    them (``await_drained``), all of it when that cannot be confirmed."""
-    if spec.drain_s <= 0 or not pods:
+async def drain(placement: Placement, spec: ServiceSpec, pods: list[str], *, max_s: float | None = None) -> None:
+    """Give ``pods`` (already published as draining) up to ``max_s`` (default ``spec.drain_s``)
+    for their in-flight requests: less when every router says it sends them nothing and has
+    nothing in flight to them (``await_drained``), all of it when that cannot be confirmed."""
+    limit = spec.drain_s if max_s is None else max_s
+    if limit <= 0 or not pods:
         return
     if not workflow.patched(DRAIN_CONFIRMED) or len(pods) > MAX_DRAIN_ASK:
-        await workflow.sleep(timedelta(seconds=spec.drain_s), summary=f"drain {spec.drain_s:g}s")
+        await workflow.sleep(timedelta(seconds=limit), summary=f"drain {limit:g}s")
         return
     start = workflow.now()
     try:
         result = await workflow.execute_activity_method(
             FeedActivities.await_drained,
-            DrainInput(service=spec.name, pods=pods, max_s=spec.drain_s),
+            DrainInput(service=spec.name, pods=pods, max_s=limit),
             task_queue=placement.control_task_queue,
-            schedule_to_close_timeout=timedelta(seconds=spec.drain_s + 10),
+            schedule_to_close_timeout=timedelta(seconds=limit + 10),
             heartbeat_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_attempts=1),
-            summary=f"drain: until routers are done with {len(pods)} pod(s), at most {spec.drain_s:g}s",
+            summary=f"drain: until routers are done with {len(pods)} pod(s), at most {limit:g}s",
         )
         if result.confirmed:
             return
@@ -74,7 +75,7 @@ async def drain(placement: Placement, spec: ServiceSpec, pods: list[str]) -> Non
         if isinstance(e.cause, CancelledError):
             raise
         workflow.logger.warning("drain of %s not confirmed: %s", pods, e)
-    left = spec.drain_s - (workflow.now() - start).total_seconds()
+    left = limit - (workflow.now() - start).total_seconds()
     if left > 0:
         await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s (routers did not confirm)")
 

@@ -17,6 +17,7 @@ with workflow.unsafe.imports_passed_through():
 
 from workflows.common import (
     NODE_PICKUP,
+    drain,
     error_message,
     node_queue,
     pick_nodes,
@@ -66,10 +67,11 @@ class HealWorkflow:
         old_queue = node_queue(inp.placement, inp.failed.node)
         grace = 0.0 if inp.failure.kind == "exited" else spec.stop_grace_s
         if inp.failure.kind != "exited":
-            # Routers have had it as draining since it failed: give in-flight requests drain_s in all.
+            # Routers have had it as draining since it failed: give in-flight requests drain_s in
+            # all, less once every router says it is done with it.
             left = spec.drain_s - (workflow.now() - workflow.info().start_time).total_seconds()
             if left > 0:
-                await workflow.sleep(timedelta(seconds=left), summary=f"drain {left:.1f}s")
+                await drain(inp.placement, spec, [inp.failed.id], max_s=round(left, 3))
         try:
             # A worker restarting takes the stop within NODE_PICKUP; a Lost node's likely never will.
             wait = LOST_NODE_STOP_WAIT if inp.failure.node_lost else NODE_PICKUP

@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 from conftest import seed_spec
-from router_helpers import engine, free_port, routed  # noqa: F401 - fixtures
+from router_helpers import engine, free_port, routed, run_load  # noqa: F401 - fixtures
 from temporalio.testing import ActivityEnvironment
 
 from activities.feed import FeedActivities
@@ -109,3 +109,30 @@ async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp
     await none.close()
     assert result.confirmed is False, "with no router to ask, nothing may be confirmed"
 
+
+
+async def test_a_failing_pod_is_stopped_once_the_router_is_done_with_it_not_drain_s_after(routed):
+    """A heal's bad pod: routers have had it as draining since it failed; it stops when they say
+    they are done with it, long before ``drain_s`` (30 s here), and no request fails meanwhile."""
+    await routed.orch.deploy(seed_spec(min_replicas=2, max_replicas=2, health_interval_s=1.0, health_failures=2,
+                                       drain_s=30.0), wait=True, timeout=120)
+    await routed.wait_pods("hms-ach", 2)
+    victim = (await routed.orch.status("hms-ach")).pods[0]
+    stop = asyncio.Event()
+    gets = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=4, seconds=40, max_requests=20000,
+                                          stop=stop))
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{victim.endpoint}/admin/health", json={"failing": True}) as r:
+            assert r.status == 200
+    t0 = time.monotonic()
+    while victim.id in await pods_of(routed.orch, "hms-ach") and time.monotonic() - t0 < 40:
+        await asyncio.sleep(0.1)
+    gone_after = time.monotonic() - t0
+    await routed.wait_pods("hms-ach", 2, without=victim.id)
+    stop.set()
+    g = await gets
+    assert victim.id not in await pods_of(routed.orch, "hms-ach"), "the failing pod was never replaced"
+    # Detection takes ~2 s (2 failures x 1 s), the replacement ~1 s: waited out, drain_s would add 30 s.
+    assert gone_after < 15, f"the failing pod was stopped {gone_after:.1f} s after it failed"
+    assert g.total > 20 and g.statuses[200] == g.total, f"requests failed during the heal: {g.failures[:5]}"

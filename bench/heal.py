@@ -19,9 +19,9 @@ or hangs, against Docker's own in-place recovery, measured in the same run.
     pod's container is removed. Compared with the detection floor ``health_failures x
     health_interval_s``; target <= floor + 1.5 s.
 
-A builtin router runs beside the worker, as ``hms up`` starts one: a bad pod is drained out of
-it before it stops, and stops once the router has nothing in flight to it (``--no-router``: the
-full ``drain_s``, 2 s from the heal's start, is waited).
+A builtin router runs beside the worker (a process of its own), as ``hms up`` starts one: a bad
+pod is drained out of it before it stops, and stops once the router has nothing in flight to it
+(``--no-router``: the full ``drain_s``, 2 s from the heal's start, is waited).
 
     .venv/bin/python bench/heal.py [--runs 5] [--warmup 1] [--b-modes failing,hang] [--no-router]
 
@@ -467,21 +467,20 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def with_router(stack, port: int, *, enabled: bool):  # noqa: ANN001 - bench.common.Stack
-    """The builtin router on ``port`` in this process, fed by the stack's worker."""
+    """The builtin router on ``port``, a process of its own (``python -m router``, as ``hms up``
+    starts it), fed by the stack's worker."""
     if not enabled:
         yield
         return
-    from router import serve
+    from router.server import RouterProcess
 
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(stack.settings, port=port, engine="builtin", ready=ready, client=stack.client))
+    router = RouterProcess(stack.settings, port=port, engine="builtin")
+    router.start()
     try:
-        await asyncio.wait_for(ready.wait(), 30)
+        await router.wait_ready(30)
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.to_thread(router.stop)
 
 async def main(args) -> int:
     source = use_source(args.source)
@@ -612,7 +611,7 @@ async def main(args) -> int:
         "status_poll_interval_s": args.status_poll,
         "min_pod_age_s": {"a": min_age(args, 5.0), "b": min_age(args, args.b_interval)},
         "access": access,
-        "router": "builtin, in this process" if not args.no_router else None,
+        "router": "builtin, a process of its own" if not args.no_router else None,
         "a": {
             "spec": {"health_interval_s": 5.0, "health_failures": 2, "min_replicas": args.replicas,
                      "max_replicas": args.replicas},

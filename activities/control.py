@@ -102,7 +102,13 @@ class ControlActivities:
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
         settings = await asyncio.to_thread(self.settings)
-        nodes = inp.nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
+        # The nodes and the other services' pods: two reads, at the same time.
+        others = asyncio.ensure_future(self._other_services(inp.service, settings.task_queue))
+        try:
+            nodes = inp.nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
+        except BaseException:
+            others.cancel()
+            raise
         usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods,
                                    labels=n.labels) for n in nodes}
 
@@ -119,7 +125,7 @@ class ControlActivities:
 
         spec_cpu, spec_mem = inp.spec.cpu_limit or 0.0, inp.spec.memory_mb or 0
         account(inp.placed, own=True)
-        for other in await self._other_services(inp.service, settings.task_queue):
+        for other in await others:
             spec_cpu, spec_mem = other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0
             account(other.pods, own=False)
         request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0,

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PUSH_TIMEOUT_S = 1.0
 DRAIN_ASK_S = 2.0  # each ask is a long poll: the router answers once the pods are idle, or after this
 DRAIN_RETRY_S = 0.1  # after a router failed to answer
+DRAIN_ANSWER_SLACK_S = 0.2
 
 
 class FeedActivities:
@@ -89,13 +90,17 @@ class FeedActivities:
                 async with self._http().get(
                     url.rstrip("/") + feed.DRAINED_PATH, params={"service": inp.service, "pods": pods, "wait": w},
                     headers={feed.SIGNATURE_HEADER: feed.sign(key, feed.drained_query(inp.service, pods, w))},
-                    timeout=aiohttp.ClientTimeout(total=wait + PUSH_TIMEOUT_S),
+                    # never past the drain's end: the router answers by ``wait``, a hung one is cut
+                    timeout=aiohttp.ClientTimeout(total=max(0.05, min(wait + PUSH_TIMEOUT_S,
+                                                                      deadline - time.monotonic()))),
                 ) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status != 200 or not isinstance(body, dict):
                         raise RuntimeError(f"HTTP {resp.status}")
                     idle = body.get("idle") is True
                     answers[url] = "idle" if idle else f"busy: {body.get('busy')}"
+                    if not idle and wait < DRAIN_RETRY_S:  # a short poll near the end: do not spin
+                        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                     return idle
             except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError, ValueError) as e:
                 answers[url] = f"no answer: {e or type(e).__name__}"
@@ -106,7 +111,9 @@ class FeedActivities:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            idle = await asyncio.gather(*(ask(u, min(left, DRAIN_ASK_S)) for u in pending))
+            # the router's long poll ends a little before the drain does, so its answer arrives in time
+            wait = max(0.0, min(left - DRAIN_ANSWER_SLACK_S, DRAIN_ASK_S))
+            idle = await asyncio.gather(*(ask(u, wait) for u in pending))
             pending = [u for u, ok in zip(pending, idle, strict=True) if not ok]
             activity.heartbeat(len(pending))
         return DrainResult(confirmed=not pending, waited_s=round(time.monotonic() - start, 3), routers=answers)

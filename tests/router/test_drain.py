@@ -104,6 +104,30 @@ async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp
     assert waited >= 0.75, f"gave up after {waited:.2f} s of a 0.8 s drain"
     assert result.routers[dead].startswith("no answer")
 
+    # A router that takes the connection and never answers holds the drain no longer than max_s.
+    done = asyncio.Event()
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await done.wait()
+        writer.close()
+
+    hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hung_url = f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}"
+    stuck = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[hung_url]))
+    try:
+        t0 = time.monotonic()
+        result = await ActivityEnvironment().run(
+            stuck.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=1.5))
+        waited = time.monotonic() - t0
+    finally:
+        await stuck.close()
+        done.set()
+        hung.close()
+        await hung.wait_closed()
+    assert result.confirmed is False
+    assert 1.4 <= waited < 1.9, f"a hung router held a 1.5 s drain {waited:.2f} s"
+
     none = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[]))
     result = await ActivityEnvironment().run(none.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=5))
     await none.close()

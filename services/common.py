@@ -370,9 +370,19 @@ def _make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
                 self.send_header(k, v)
             if self.close_connection:
                 self.send_header("Connection", "close")
-            self.end_headers()
+            if not hasattr(self, "_headers_buffer"):  # HTTP/0.9: no headers at all
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                self.wfile.flush()
+                return
+            # Headers and body in one write: a pod killed mid-reply sends all of it or nothing,
+            # never headers without their body (which no proxy can retry once it has passed them on).
+            self.send_header("X-HMS-Pod", service.pod)
+            self._headers_buffer.append(b"\r\n")
             if self.command != "HEAD":
-                self.wfile.write(payload)
+                self._headers_buffer.append(payload)
+            self.flush_headers()
             self.wfile.flush()
 
         def _handle(self) -> None:

@@ -151,7 +151,13 @@ async def run_load(url: str, *, concurrency: int, seconds: float, max_requests: 
             sent += 1
             try:
                 async with http.request(method, url, data=body, headers={"Content-Type": "application/json"}) as r:
-                    payload = await r.read()
+                    try:
+                        payload = await r.read()
+                    except aiohttp.ClientPayloadError as e:
+                        # The pod answered (these headers are its) and died before its body.
+                        out.statuses[0] += 1
+                        out.failures.append((0, {"reached_pod": True, "status": r.status, "error": str(e)}))
+                        continue
                     out.statuses[r.status] += 1
                     out.pods[r.headers.get("X-HMS-Pod", "-")] += 1
                     if r.status >= 400:

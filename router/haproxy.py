@@ -448,7 +448,9 @@ class HAProxyEngine:
             if len(samples) < MAX_SAMPLES_PER_TICK:
                 samples.append(max(0.1, float(tr)))
         code = int(status) if status.lstrip("-").isdigit() else 0
-        self.stats.record(be.service, server if server != "<NOSRV>" else "-", code, max(0, int(ta)) / 1000.0
+        # HAProxy logs whole milliseconds: a logged t stands for [t, t + 1) ms, recorded as its middle
+        # (a sub-millisecond reply is 0.5 ms, not 0).
+        self.stats.record(be.service, server if server != "<NOSRV>" else "-", code, (max(0, int(ta)) + 0.5) / 1000.0
                           if ta.lstrip("-").isdigit() else 0.0, count=count)
         n = int(retries.lstrip("+")) if retries.lstrip("+").isdigit() else 0
         if n:

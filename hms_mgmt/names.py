@@ -1,0 +1,101 @@
+"""The one module of names: workflow types, message (handler) names, child workflow ids, phase
+groups and the visibility queries. The client, the worker, the workflows, the router, the
+dashboard, bench and tests all import these; none of them spells a name or an id by hand.
+
+Changing a value here changes what running workflows answer to: a handler name or an id
+format is part of the wire protocol (recorded histories replay against it).
+"""
+
+from __future__ import annotations
+
+from hms_mgmt.constants import SERVICE_WORKFLOW_ID_PREFIX, service_workflow_id
+
+__all__ = [
+    "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
+    "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
+    "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
+]
+
+# --- workflow types ----------------------------------------------------------------------------
+SERVICE_WORKFLOW = "ServiceWorkflow"
+DEPLOY_WORKFLOW = "DeployWorkflow"
+SCALE_WORKFLOW = "ScaleWorkflow"
+HEAL_WORKFLOW = "HealWorkflow"
+NODE_REGISTRY_WORKFLOW = "NodeRegistry"
+
+
+class Q:
+    """Queries of ServiceWorkflow."""
+
+    STATUS = "status"
+    ENDPOINTS = "endpoints"
+
+
+class U:
+    """Updates of ServiceWorkflow (a caller waits for the answer)."""
+
+    ADMISSION = "admission"
+    UNDEPLOY = "undeploy"
+    APPROVE = "approve"
+    REJECT = "reject"
+    UPDATE_SPEC = "update_spec"
+    ROLLBACK = "rollback"
+    SCALE = "scale"
+
+
+class S:
+    """Signals: to ServiceWorkflow (approve/reject from people; the rest from its own children and
+    the NodeRegistry, believed only after a check) and to its children."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    POD_REPORTED = "pod_reported"
+    PODS_DRAINING = "pods_draining"
+    HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
+    IMAGE_REVOKED = "image_revoked"
+    NODE_LOST = "node_lost"
+    SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
+
+
+# --- child workflow ids ------------------------------------------------------------------------
+
+def deploy_id(service_wf_id: str, revision: int) -> str:
+    """The first rollout of a service: ``svc-<name>-deploy-<rev>``."""
+    return f"{service_wf_id}-deploy-{revision}"
+
+
+def rollout_id(service_wf_id: str, revision: int, *, rollback: bool, scale_count: int, decisions: int) -> str:
+    """A rolling update (or its rollback) to ``revision``. Two counters make it unique: the
+    same revision may be rolled to again after a rollback."""
+    kind = "rollback" if rollback else "deploy"
+    return f"{service_wf_id}-{kind}-{revision}-{scale_count}-{decisions}"
+
+
+def scale_id(service_wf_id: str, n: int) -> str:
+    """The n-th scaling action of a service: ``svc-<name>-scale-<n>``."""
+    return f"{service_wf_id}-scale-{n}"
+
+
+def heal_id(service_wf_id: str, pod_id: str) -> str:
+    """The replacement of one failed pod: ``svc-<name>-heal-<pod>``."""
+    return f"{service_wf_id}-heal-{pod_id}"
+
+
+def service_of(workflow_id: str) -> str:
+    """The service name in a ServiceWorkflow id (``svc-hms-ach`` -> ``hms-ach``)."""
+    return workflow_id.removeprefix(SERVICE_WORKFLOW_ID_PREFIX)
+
+
+# --- visibility --------------------------------------------------------------------------------
+
+def running_services_query(task_queue: str) -> str:
+    """Visibility query for the running ServiceWorkflows of one control plane (its task queue)."""
+    return (f'WorkflowType = "{SERVICE_WORKFLOW}" AND ExecutionStatus = "Running" '
+            f'AND TaskQueue = "{task_queue}"')
+
+
+# --- phase groups ------------------------------------------------------------------------------
+SUPERVISED = ("Running", "Scaling", "Healing", "Degraded")  # pods are watched, healed and scaled
+SERVING = ("Running", "Scaling", "Healing")  # a deploy or update a caller waits for is done
+ENDED = ("Rejected", "Failed", "Stopped")  # the run is over (or about to return)
+ADMITTING = ("Validating", "VerifyingImage")  # admission not decided yet

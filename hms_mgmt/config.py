@@ -32,7 +32,7 @@ from pydantic_settings import (
 
 from hms_mgmt import constants
 from hms_mgmt.errors import ConfigError
-from hms_mgmt.files import atomic_write, load_yaml_mapping
+from hms_mgmt.files import atomic_write, load_yaml_mapping, private_dir
 from hms_mgmt.models import NodeSpec
 from hms_mgmt.runtimes.base import PodLimits
 
@@ -242,7 +242,7 @@ class Settings(BaseSettings):
 
     def write_config(self, **values: Any) -> Path:
         """Merge ``values`` into the config file (used by ``hms auth`` and ``hms up``)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         path = self.state_dir / CONFIG_FILE
         current = load_yaml_mapping(path, what="setting to value")
         current.update(values)

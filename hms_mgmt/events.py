@@ -27,6 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from hms_mgmt.files import atomic_write, open_private, private_dir
+
 log = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"
@@ -139,7 +141,7 @@ class EventSink:
         body = event.model_dump_json()
         with self._locked():
             self._rotate_if_due()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = open_private(self.path)
             try:
                 os.write(fd, (body + "\n").encode())  # one write of a line under O_APPEND
             finally:
@@ -160,8 +162,8 @@ class EventSink:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        lock = os.open(self.state_dir / ".events.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        private_dir(self.state_dir)
+        lock = open_private(self.state_dir / ".events.lock", os.O_WRONLY | os.O_CREAT)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -173,10 +175,8 @@ class EventSink:
         spool = self.spool_dir(url)
         spool.mkdir(parents=True, exist_ok=True)
         if not (spool / "url").exists():
-            (spool / "url").write_text(url)  # which URL this directory is for, for an operator
-        tmp = spool / f".{name}.tmp"
-        tmp.write_text(body)
-        os.replace(tmp, spool / f"{name}.json")  # the delivery side sees whole files only
+            atomic_write(spool / "url", url)  # which URL this directory is for, for an operator
+        atomic_write(spool / f"{name}.json", body)  # the delivery side sees whole files only
 
     def _rotate_if_due(self) -> None:
         """Called under the lock."""

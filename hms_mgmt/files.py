@@ -8,7 +8,9 @@ store, the config file, process-pod records) is written with ``atomic_write``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,13 @@ from typing import Any
 import yaml
 
 from hms_mgmt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+# Files under the state directory that anyone may read: public keys only.
+_PUBLIC_SUFFIXES = (".pub",)
 
 
 def load_yaml_mapping(path: Path | str, *, what: str) -> dict[str, Any]:
@@ -82,3 +91,54 @@ def inside(base: Path | str, *parts: str) -> Path:
     if target != root and root not in target.parents:
         raise ValueError(f"{'/'.join(parts)!r} is outside {root}")
     return target
+
+
+def private_dir(path: Path | str) -> Path:
+    """Create ``path`` (and its parents) private to its owner (0700). A directory an earlier
+    version made readable by others is tightened, with a warning: it holds keys, the event log
+    and pod logs."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
+        log.warning("%s was mode %o: tightened to %o (only its owner may read the state directory)",
+                    path, mode, PRIVATE_DIR)
+    return path
+
+
+def open_private(path: Path | str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPEND) -> int:
+    """``os.open`` a file private to its owner (0600), tightening one made readable by others."""
+    fd = os.open(path, flags, PRIVATE_FILE)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o077:
+        os.fchmod(fd, PRIVATE_FILE)
+    return fd
+
+
+def secure_state_dir(state_dir: Path | str) -> int:
+    """Make the state directory private (0700) and every file in it that is not a public key
+    0600, as a state directory made by an earlier version may not be. Returns how many entries
+    were tightened; says so once in the log. Symlinks are left alone (never followed)."""
+    root = private_dir(state_dir)
+    tightened = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and "cache" in dirnames:
+            dirnames.remove("cache")  # a base image's root filesystem: its modes are its own
+        for name in dirnames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(p, PRIVATE_DIR)
+                tightened += 1
+        for name in filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            if (stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077
+                    and not name.endswith(_PUBLIC_SUFFIXES)):
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
+                tightened += 1
+    if tightened:
+        log.warning("state directory %s: %d file(s) or folder(s) were readable by others: made private to "
+                    "their owner", root, tightened)
+    return tightened

@@ -21,6 +21,7 @@ from activities.pods import PodActivities
 from hms_mgmt import constants, tickets
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
+from hms_mgmt.files import secure_state_dir
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.trust import TrustStore
 from worker.metrics import WorkerMetrics
@@ -201,7 +202,7 @@ async def main(
     ``settings.reload()``, which keeps the overrides the settings were built with (e.g. ``node=``),
     so a ``--node`` flag places pods where this worker runs."""
     settings = settings or Settings.from_env(**overrides)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    secure_state_dir(settings.state_dir)
     client = await connect(settings)
     worker = HmsWorker(client, settings, control=control, node=node_worker, settings_loader=settings.reload,
                        metrics=True)

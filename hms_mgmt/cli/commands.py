@@ -43,6 +43,7 @@ from hms_mgmt.cli.router_cmd import router
 from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
+from hms_mgmt.files import secure_state_dir
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -644,7 +645,7 @@ def init_state(
     from hms_mgmt.cli.stack import _sign_images
 
     settings = _settings(runtime=runtime)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    secure_state_dir(settings.state_dir)
     values = {k: v for k, v in (("temporal_address", os.environ.get("HMS_TEMPORAL_ADDRESS")),
                                 ("web_ui_url", os.environ.get("HMS_WEB_UI_URL"))) if v}
     if values:

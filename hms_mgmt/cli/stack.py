@@ -22,6 +22,7 @@ from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import HmsError, ServiceNotFound
+from hms_mgmt.files import open_private, private_dir, secure_state_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator, load_spec
 
@@ -112,8 +113,10 @@ class DevServer:
             self.reused = True
             await self._wait_ready()
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
+        private_dir(self.state_dir)
+        # Temporal's sqlite file (and its -wal/-shm, which take its mode) private from the start.
+        os.close(open_private(self.state_dir / "temporal.db", os.O_WRONLY | os.O_CREAT))
+        with os.fdopen(open_private(self.log_path), "ab") as log:
             # Its own session: Ctrl-C in the terminal must not kill Temporal before we have
             # undeployed through it; we stop it ourselves, last.
             self.proc = subprocess.Popen(
@@ -243,7 +246,7 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
             "`hms up` runs a local dev server without TLS, but HMS_TEMPORAL_TLS_CERT or HMS_TEMPORAL_API_KEY "
             "is set: unset them, or run `hms worker` against your cluster instead"
         )
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    secure_state_dir(settings.state_dir)
     server = DevServer(
         port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace
     )

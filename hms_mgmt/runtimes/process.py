@@ -38,7 +38,7 @@ import psutil
 
 from hms_mgmt.errors import ConfigError
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.files import atomic_write, inside, load_yaml_mapping
+from hms_mgmt.files import atomic_write, inside, load_yaml_mapping, open_private, private_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.sandbox import check_process_spec
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
@@ -155,8 +155,8 @@ class ProcessRuntime(PodRuntime):
         self.state_dir = state_dir
         self.records = state_dir / "pods" / node
         self.log_dir = state_dir / "logs" / node
-        self.records.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.records)
+        private_dir(self.log_dir)
         self.catalog = ImageCatalog(state_dir)
         self.limits = limits or PodLimits()
         self.events = events or EventSink(state_dir)
@@ -379,7 +379,7 @@ class ProcessRuntime(PodRuntime):
             self._write(rec)
             # The log is opened here and handed over as stdout: the pod writes it without any
             # access to the state directory.
-            with open(log_path, "ab") as log_file:
+            with os.fdopen(open_private(log_path), "ab") as log_file:
                 try:
                     child = subprocess.Popen(
                         command,

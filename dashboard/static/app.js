@@ -508,10 +508,17 @@ function setup() {
 
   // `hms dashboard --token-file` prints a link with the token in the fragment: take it, then
   // drop it from the address bar and history.
-  const m = location.hash.match(/^#token=([A-Za-z0-9._-]+)$/);
+  // A token is `<certificate>~<holder key>` (base64url, dots, the `~`); a link may arrive
+  // percent-encoded by whatever carried it.
+  const m = location.hash.match(/^#token=(\S+)$/);
+  let linked = null;
   if (m) {
+    try { linked = decodeURIComponent(m[1]); } catch (e) { linked = null; }
+    if (linked !== null && !/^[A-Za-z0-9._~-]+$/.test(linked)) linked = null;
     history.replaceState(null, "", location.pathname + location.search);
-    signIn(m[1]);
+  }
+  if (linked) {
+    signIn(linked);
   } else {
     const saved = sessionStorage.getItem(TOKEN_KEY);
     if (saved) signIn(saved);

@@ -294,6 +294,27 @@ async def test_gov_approver_approves_and_sees_it_deploy(stack: Stack):
         shutil.copyfile(path, REPO / "docs" / "dashboard.png")
 
 
+async def test_the_sign_in_link_signs_in_with_a_real_token(stack: Stack):
+    """`hms dashboard --token-file` prints `URL/#token=TOKEN`; every token holds a `~`, which a
+    link may also carry percent-encoded. Opening the link signs in and takes the token out of
+    the address bar; a link with something that is not a token signs nobody in."""
+    page = stack.page
+    token = stack.token("lin", "viewer")
+    assert "~" in token
+    for link in (f"{stack.dash.url}/#token={token}", f"{stack.dash.url}/#token={token.replace('~', '%7E')}"):
+        await page.goto("about:blank")
+        await page.goto(link)
+        await page.wait_for_selector('#who[data-role="viewer"]', timeout=TIMEOUT_MS)
+        assert "lin" in await page.inner_text("#who")
+        assert "token" not in page.url
+        await page.click("#signout")
+    await page.goto("about:blank")
+    await page.goto(f"{stack.dash.url}/#token=<script>x</script>")
+    await page.wait_for_timeout(500)
+    assert await page.get_attribute("#who", "data-role") in (None, "")
+    assert "token" not in page.url
+
+
 @pytest.mark.serial
 async def test_holds_up_with_fifty_services(stack: Stack):
     """Services (no pods: min_replicas 0) added to those already there up to 50: all shown, filter works.

@@ -132,6 +132,7 @@ class HAProxyEngine:
                 if code is not None:
                     raise RuntimeError(f"haproxy exited ({code}); see {self.process.log_path}") from e
                 log.warning("haproxy runtime API: %s", e)
+                self.dirty.set()  # the plan is idempotent: reconcile again from what was recorded
                 await asyncio.sleep(0.2)
 
     # --- logs -> stats ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from router.haproxy.runtime import RuntimeAPI
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
 FALLBACK_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")  # sbin is not on every user's PATH
 START_TIMEOUT_S = 10.0
+PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+=@,-]+")
 
 
 def haproxy_binary() -> str:
@@ -32,10 +34,12 @@ class HAProxyProcess:
 
     def __init__(self, dir: Path) -> None:
         self.dir = dir
-        self.socket_path = dir / "admin.sock"
-        if len(str(self.socket_path)) > 90:  # a unix socket path is at most ~100 bytes
-            self.socket_path = Path(tempfile.mkdtemp(prefix="hms-haproxy-")) / "admin.sock"
-        self.map_path = dir / "services.map"
+        # Both paths are written in the configuration and in Runtime API commands, where a space or
+        # a separator would cut them; a unix socket path is at most ~100 bytes. Else: a private temp dir.
+        elsewhere = dir if PLAIN_PATH.fullmatch(str(dir)) and len(str(dir)) < 80 else Path(
+            tempfile.mkdtemp(prefix="hms-haproxy-"))
+        self.socket_path = elsewhere / "admin.sock"
+        self.map_path = elsewhere / "services.map"
         self.config_path = dir / "haproxy.cfg"
         self.log_path = dir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -7,7 +7,9 @@ Two inputs keep it current:
   through Temporal visibility and queries each one's ``endpoints``, so a restarted router
   recovers on its own and a missed push heals.
 
-A table replaces the one held only if its version is newer. Engines subscribe to changes.
+A table replaces the one held only if its version is newer, and only for a service named as a
+service may be (a DNS-1123 label, :func:`router.names.service_problem`): the name reaches engines'
+configuration (HAProxy's services map) and, elsewhere, file names. Engines subscribe to changes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from hms_mgmt import feed as wire
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.models import Endpoint, EndpointSet, ServiceStatus
+from router.names import service_problem
 
 log = logging.getLogger("hms.router.feed")
 
@@ -49,6 +52,10 @@ class EndpointTable:
 
     def apply(self, table: EndpointSet, *, pushed: bool = False) -> bool:
         """Take ``table`` if it is newer than the one held; True if anything changed."""
+        why = service_problem(table.service)
+        if why is not None:
+            log.warning("refused an endpoint table: %s", why)
+            return False
         held = self.services.get(table.service)
         if held is not None and table.version <= held.version:
             return False
@@ -115,6 +122,10 @@ class FeedSync:
             table = EndpointSet.model_validate_json(body)
         except ValueError as e:
             return 400, {"error": f"not an endpoint table: {e}"}
+        why = service_problem(table.service)
+        if why is not None:
+            log.warning("refused an endpoint feed push: %s", why)
+            return 400, {"error": f"not an endpoint table: {why}"}
         applied = self.table.apply(table, pushed=True)
         return 200, {"service": table.service, "version": table.version, "applied": applied}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from typer.testing import CliRunner
 
-import router.haproxy
+import router.haproxy.process
 from hms_mgmt.cli.router_cmd import router as router_command
 
 
@@ -16,8 +16,8 @@ def app() -> typer.Typer:
 
 
 def test_haproxy_engine_without_haproxy_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(router.haproxy.shutil, "which", lambda name: None)
-    monkeypatch.setattr(router.haproxy, "FALLBACK_PATHS", ())
+    monkeypatch.setattr(router.haproxy.process.shutil, "which", lambda name: None)
+    monkeypatch.setattr(router.haproxy.process, "FALLBACK_PATHS", ())
     result = CliRunner().invoke(app(), ["--engine", "haproxy", "--port", "1"])
     assert result.exit_code == 1
     assert "apt-get install haproxy" in result.output

@@ -1,0 +1,88 @@
+"""The generated HAProxy configuration: one frontend, the control backend and a pool of empty
+backends that the Runtime API fills (HAProxy 2.6 cannot create backends at run time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# HAProxy logs every request while the router answers fewer than this many a second, then one in k
+# (k = 1 + rate / this): our process reads at most about this many lines a second, whatever the load.
+LOG_LINES_PER_S = 200
+
+
+def _q(s: str) -> str:
+    """An HAProxy double-quoted string (lf-string)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, control_port: int, log_port: int,
+                  pool_size: int, connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0,
+                  balance: str = "random(2)", log_lines_per_s: int = LOG_LINES_PER_S) -> str:
+    """The whole configuration: one frontend, the control backend and ``pool_size`` empty backends."""
+    lines = (_head(socket_path, log_port, connect_timeout_s, read_timeout_s)
+             + _frontend(host, port, map_path, log_lines_per_s)
+             + ["", "backend be_control", "    no log", f"    server control 127.0.0.1:{control_port}"])
+    for i in range(pool_size):
+        lines += [
+            "",
+            f"backend be_{i}",
+            f"    balance {balance}",
+            "    option forwardfor",
+            "    http-request replace-path ^/[^/]*/?(.*) /\\1",
+            "    http-response set-header X-HMS-Pod %s",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeout_s: float) -> list[str]:
+    """``global`` and ``defaults``: the admin socket, the request log to our UDP port, timeouts,
+    retries on another server, and JSON error bodies."""
+    no_pod = _q('{"error":"no ready pod","service":"%[var(txn.svc)]",'
+                '"reason":"no ready pod: none in the endpoint table, or all draining or failing"}')
+    bad_gw = _q('{"error":"bad gateway: the pod failed","service":"%[var(txn.svc)]","reached_pod":true}')
+    timeout = _q('{"error":"the pod did not answer in time","service":"%[var(txn.svc)]","reached_pod":true}')
+    return [
+        "global",
+        f"    stats socket {socket_path} mode 600 level admin expose-fd listeners",
+        "    stats timeout 30s",
+        f"    log 127.0.0.1:{log_port} len 2048 format raw local0",
+        "    maxconn 4000",  # about 2 file descriptors each: fits a default ulimit
+        "",
+        "defaults",
+        "    mode http",
+        "    log global",
+        '    log-format "%b %s %ST %Ta %Tr %rc %[var(txn.lk)]"',
+        f"    timeout connect {int(connect_timeout_s * 1000)}ms",
+        "    timeout client 60s",
+        f"    timeout server {int(read_timeout_s * 1000)}ms",
+        "    timeout http-keep-alive 30s",
+        "    option redispatch 1",
+        "    retries 2",
+        "    retry-on conn-failure empty-response response-timeout 502 503",
+        f"    http-error status 503 content-type application/json lf-string {no_pod} hdr Retry-After 1",
+        f"    http-error status 502 content-type application/json lf-string {bad_gw}",
+        f"    http-error status 504 content-type application/json lf-string {timeout}",
+    ]
+
+
+def _frontend(host: str, port: int, map_path: Path, log_lines_per_s: int) -> list[str]:
+    """The service is the first path segment, looked up in the runtime map; ``/-/*`` and
+    ``/metrics`` go to the control backend."""
+    unknown = _q('{"error":"unknown service","service":"%[var(txn.svc)]"}')
+    return [
+        "",
+        "frontend fe_router",
+        f"    bind {host}:{port}",
+        # Log one request in k, k = 1 + (request rate / LOG_LINES_PER_S); each line carries its k.
+        f"    http-request set-var(txn.lk) fe_req_rate,div({log_lines_per_s}),add(1)",
+        "    http-request set-log-level silent unless { rand,mod(txn.lk) -m int eq 0 }",
+        "    http-request set-var(txn.svc) path,field(2,/)",
+        "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }",
+        "    http-request set-var(txn.rid) req.hdr(x-request-id)",
+        "    http-response set-header X-Request-Id %[var(txn.rid)]",
+        "    acl control path_beg /-/ || path /metrics",
+        f"    acl known var(txn.svc),map({map_path}) -m found",
+        f"    http-request return status 404 content-type application/json lf-string {unknown} if !known !control",
+        "    use_backend be_control if control",
+        f"    use_backend %[var(txn.svc),map({map_path})]",
+    ]

@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.scaling import ScaleCheck
 from hms_mgmt import auth, constants, tickets
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import AccessDenied, HmsError
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import (
@@ -147,7 +147,7 @@ class ControlActivities:
             if info.attempt == 1 or info.attempt % 20 == 0:
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
-            raise ApplicationError(reason, type="CapacityUnavailable")
+            raise ApplicationError(reason, type=ActivityErrorType.CAPACITY_UNAVAILABLE)
         return result
 
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
@@ -316,7 +316,7 @@ class ControlActivities:
             await self.sink.publish(Event(type="access.denied", service=inp.service,
                                           reason=f"admission ticket refused: {e}",
                                           data={"action": "admit", "revision": inp.revision}))
-            raise ApplicationError(f"admission refused: {e}", type="AccessDenied", non_retryable=True) from None
+            raise ApplicationError(f"admission refused: {e}", type=ActivityErrorType.ACCESS_DENIED, non_retryable=True) from None
         return TicketOutput(ticket=ticket)
 
     @staticmethod

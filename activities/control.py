@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.scaling import ScaleCheck
-from hms_mgmt import auth, constants, tickets
+from hms_mgmt import auth, constants, names, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
@@ -84,14 +84,13 @@ class ControlActivities:
         return await asyncio.shield(fut)  # one caller cancelled must not cancel the others' read
 
     async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
-        query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
-        ids = [wf.id async for wf in self.client.list_workflows(query)]
+        ids = [wf.id async for wf in self.client.list_workflows(names.running_services_query(task_queue))]
         gate = asyncio.Semaphore(READ_CONCURRENCY)
 
         async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
             async with gate:
                 try:
-                    return wf_id, await self.client.get_workflow_handle(wf_id).query("status", result_type=ServiceStatus)
+                    return wf_id, await self.client.get_workflow_handle(wf_id).query(names.Q.STATUS, result_type=ServiceStatus)
                 except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
                     log.warning("could not read pods of %s: %s", wf_id, e)
                     return None
@@ -155,7 +154,7 @@ class ControlActivities:
         registry runs yet (a control plane from before the registry, or its very first start)."""
         handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
-            out = await handle.query("nodes", result_type=NodesOutput)
+            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -171,7 +170,7 @@ class ControlActivities:
         settings = await asyncio.to_thread(self.settings)
         handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
-            out = await handle.query("nodes", result_type=NodesOutput)
+            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -188,7 +187,7 @@ class ControlActivities:
             if not any(p.node == inp.node for p in st.pods):
                 continue
             try:
-                await self.client.get_workflow_handle(st.workflow_id).signal(constants.NODE_LOST_SIGNAL, inp)
+                await self.client.get_workflow_handle(st.workflow_id).signal(names.S.NODE_LOST, inp)
                 told += 1
             except RPCError as e:
                 if e.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to replace

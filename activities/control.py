@@ -20,7 +20,12 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.governance_config import load_governance_policy
-from hms_mgmt.models import (
+from hms_mgmt.models import NodeSpec, ServiceStatus
+from hms_mgmt.policy.autoscale import CpuSample
+from hms_mgmt.policy.governance import evaluate
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
     EventInput,
@@ -28,20 +33,14 @@ from hms_mgmt.models import (
     GovernanceOutput,
     NodeLost,
     NodesOutput,
-    NodeSpec,
     PickNodeInput,
     PickNodeOutput,
-    ServiceStatus,
     TicketInput,
     TicketOutput,
     WatchCpuInput,
     WatchHeartbeat,
     WatchResult,
 )
-from hms_mgmt.policy.autoscale import CpuSample
-from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
-from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,17 @@ from activities.scaling import ScaleCheck
 from hms_mgmt import tickets
 from hms_mgmt.errors import AccessDenied, ActivityErrorType
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.models import (
+from hms_mgmt.models import PodStatus
+from hms_mgmt.policy.autoscale import CpuSample
+from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
     ListPodsInput,
     ListPodsOutput,
     LogsOutput,
     PodFailure,
     PodLogsInput,
     PodProgress,
-    PodStatus,
     StartPodInput,
     StopPodInput,
     VerifyImageInput,
@@ -33,9 +36,6 @@ from hms_mgmt.models import (
     WatchInput,
     WatchResult,
 )
-from hms_mgmt.policy.autoscale import CpuSample
-from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
-from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0

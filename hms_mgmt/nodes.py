@@ -13,7 +13,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
-from hms_mgmt.models import NodeRecord, NodesOutput, NodeSpec, ServiceStatus
+from hms_mgmt.models import NodeRecord, NodeSpec, ServiceStatus
+from hms_mgmt.wire import NodesOutput
 
 
 class NodeView(BaseModel):

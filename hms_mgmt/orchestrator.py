@@ -39,23 +39,17 @@ from hms_mgmt.errors import (
     SpecError,
     error_for,
 )
-from hms_mgmt.models import (
+from hms_mgmt.models import Approval, DeployResult, PodStatus, RevisionRecord, ServiceSpec, ServiceStatus, UpdateOutcome
+from hms_mgmt.wire import (
     AdmissionRequest,
-    Approval,
-    DeployResult,
     LogsOutput,
     Placement,
     PodLogsInput,
     PodProgress,
-    PodStatus,
-    RevisionRecord,
     ScaleRequest,
     ServiceInput,
-    ServiceSpec,
-    ServiceStatus,
     SpecUpdate,
     UndeployRequest,
-    UpdateOutcome,
     WatchHeartbeat,
 )
 

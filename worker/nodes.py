@@ -21,8 +21,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.pods import ORPHAN_GRACE_S
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
-from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec, RegisterResult, ServiceStatus
+from hms_mgmt.models import NodeSpec, ServiceStatus
 from hms_mgmt.runtimes import PodRuntime
+from hms_mgmt.wire import NodeRegistration, NodeRegistryInput, RegisterResult
 from workflows.nodes import NodeRegistry
 
 log = logging.getLogger("hms.worker.node")

@@ -123,7 +123,7 @@ def test_inside_refuses_escapes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["../../x", "../" + _SOME_POD, _SOME_POD.upper(), ""])
 def test_logs_input_pod_id_must_be_a_uuid(bad: str) -> None:
-    from hms_mgmt.models import PodLogsInput
+    from hms_mgmt.wire import PodLogsInput
 
     with pytest.raises(ValidationError) as e:
         PodLogsInput(pod_id=bad, service="hms-ach")

@@ -15,12 +15,17 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.scaling import ScaleCheck
-from hms_mgmt import auth, constants, tickets
+from hms_mgmt import auth, constants, names, tickets
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import AccessDenied, HmsError
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.governance_config import load_governance_policy
-from hms_mgmt.models import (
+from hms_mgmt.models import NodeSpec, ServiceStatus
+from hms_mgmt.policy.autoscale import CpuSample
+from hms_mgmt.policy.governance import evaluate
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
     EventInput,
@@ -28,20 +33,14 @@ from hms_mgmt.models import (
     GovernanceOutput,
     NodeLost,
     NodesOutput,
-    NodeSpec,
     PickNodeInput,
     PickNodeOutput,
-    ServiceStatus,
     TicketInput,
     TicketOutput,
     WatchCpuInput,
     WatchHeartbeat,
     WatchResult,
 )
-from hms_mgmt.policy.autoscale import CpuSample
-from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
-from hms_mgmt.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,13 @@ class ControlActivities:
         return await asyncio.shield(fut)  # one caller cancelled must not cancel the others' read
 
     async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
-        query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
-        ids = [wf.id async for wf in self.client.list_workflows(query)]
+        ids = [wf.id async for wf in self.client.list_workflows(names.running_services_query(task_queue))]
         gate = asyncio.Semaphore(READ_CONCURRENCY)
 
         async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
             async with gate:
                 try:
-                    return wf_id, await self.client.get_workflow_handle(wf_id).query("status", result_type=ServiceStatus)
+                    return wf_id, await self.client.get_workflow_handle(wf_id).query(names.Q.STATUS, result_type=ServiceStatus)
                 except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
                     log.warning("could not read pods of %s: %s", wf_id, e)
                     return None
@@ -147,7 +145,7 @@ class ControlActivities:
             if info.attempt == 1 or info.attempt % 20 == 0:
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
-            raise ApplicationError(reason, type="CapacityUnavailable")
+            raise ApplicationError(reason, type=ActivityErrorType.CAPACITY_UNAVAILABLE)
         return result
 
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
@@ -155,7 +153,7 @@ class ControlActivities:
         registry runs yet (a control plane from before the registry, or its very first start)."""
         handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
-            out = await handle.query("nodes", result_type=NodesOutput)
+            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -171,7 +169,7 @@ class ControlActivities:
         settings = await asyncio.to_thread(self.settings)
         handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
-            out = await handle.query("nodes", result_type=NodesOutput)
+            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -188,7 +186,7 @@ class ControlActivities:
             if not any(p.node == inp.node for p in st.pods):
                 continue
             try:
-                await self.client.get_workflow_handle(st.workflow_id).signal(constants.NODE_LOST_SIGNAL, inp)
+                await self.client.get_workflow_handle(st.workflow_id).signal(names.S.NODE_LOST, inp)
                 told += 1
             except RPCError as e:
                 if e.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to replace
@@ -316,7 +314,7 @@ class ControlActivities:
             await self.sink.publish(Event(type="access.denied", service=inp.service,
                                           reason=f"admission ticket refused: {e}",
                                           data={"action": "admit", "revision": inp.revision}))
-            raise ApplicationError(f"admission refused: {e}", type="AccessDenied", non_retryable=True) from None
+            raise ApplicationError(f"admission refused: {e}", type=ActivityErrorType.ACCESS_DENIED, non_retryable=True) from None
         return TicketOutput(ticket=ticket)
 
     @staticmethod

@@ -18,7 +18,8 @@ from temporalio import activity
 
 from hms_mgmt import feed
 from hms_mgmt.config import Settings
-from hms_mgmt.models import DrainInput, DrainResult, EndpointSet, PublishResult
+from hms_mgmt.models import EndpointSet
+from hms_mgmt.wire import DrainInput, DrainResult, PublishResult
 
 log = logging.getLogger(__name__)
 

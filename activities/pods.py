@@ -15,16 +15,19 @@ from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
 from hms_mgmt import tickets
-from hms_mgmt.errors import AccessDenied
+from hms_mgmt.errors import AccessDenied, ActivityErrorType
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.models import (
+from hms_mgmt.models import PodStatus
+from hms_mgmt.policy.autoscale import CpuSample
+from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
     ListPodsInput,
     ListPodsOutput,
     LogsOutput,
     PodFailure,
     PodLogsInput,
     PodProgress,
-    PodStatus,
     StartPodInput,
     StopPodInput,
     VerifyImageInput,
@@ -33,9 +36,6 @@ from hms_mgmt.models import (
     WatchInput,
     WatchResult,
 )
-from hms_mgmt.policy.autoscale import CpuSample
-from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
-from hms_mgmt.trust import TrustStore
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
@@ -65,7 +65,7 @@ async def heartbeating(fn: Callable[..., T], *args: Any, every_s: float = 1.0) -
             try:
                 return task.result()
             except PodRuntimeError as e:
-                raise ApplicationError(str(e), type=e.kind, non_retryable=True) from e
+                raise ApplicationError(str(e), type=e.error_type, non_retryable=True) from e
 
 
 async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str, timeout_s: float = 1.0) -> bool:
@@ -145,7 +145,7 @@ class PodActivities:
                     raise ApplicationError(
                         f"pod {inp.pod_id} exited {when} (exit code {code})",
                         {"exit_code": code},
-                        type="PodExited",
+                        type=ActivityErrorType.POD_EXITED,
                         non_retryable=True,
                     )
                 answers = await probe(self.session(), handle.endpoint, spec.health_path)
@@ -162,7 +162,7 @@ class PodActivities:
                     if time.monotonic() > deadline:
                         raise ApplicationError(
                             f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
-                            type="PodNotReady",
+                            type=ActivityErrorType.POD_NOT_READY,
                             non_retryable=True,
                         )
                     wait = delay
@@ -191,7 +191,7 @@ class PodActivities:
                 await self.sink.publish(Event(type="access.denied", service=inp.service,
                                               reason=f"pod {inp.pod_id} not started: {e}",
                                               data={"action": "start_pod", "pod": inp.pod_id, "node": inp.node}))
-            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type="AccessDenied",
+            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type=ActivityErrorType.ACCESS_DENIED,
                                    non_retryable=True) from None
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
@@ -202,7 +202,7 @@ class PodActivities:
         ok, detail = await asyncio.to_thread(self.trust.verify, image, image_id)
         if not ok:
             raise ApplicationError(f"image {image} ({image_id[:19]}) may not start: {detail}",
-                                   type="ImageUntrusted", non_retryable=True)
+                                   type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
 
     @activity.defn(name="stop_pod")
     async def stop_pod(self, inp: StopPodInput) -> bool:
@@ -229,7 +229,7 @@ class PodActivities:
                     await self.sink.publish(Event(type="access.denied", service=inp.service,
                                                   reason=f"logs of pod {inp.pod_id} refused: {e}",
                                                   data={"action": "logs", "pod": inp.pod_id}))
-                raise ApplicationError(f"logs refused: {e}", type="AccessDenied", non_retryable=True) from None
+                raise ApplicationError(f"logs refused: {e}", type=ActivityErrorType.ACCESS_DENIED, non_retryable=True) from None
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
 
@@ -240,24 +240,24 @@ class PodActivities:
         Raises a retryable error while it is not: the workflow's retry policy keeps checking
         until ``image_verify_timeout_s``, so signing it meanwhile lets the rollout go on."""
         if self.trust is None:
-            raise ApplicationError("this node has no trust store", type="ImageUntrusted", non_retryable=True)
+            raise ApplicationError("this node has no trust store", type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
         content_id = inp.content_id
         if not content_id:
             try:
                 content_id = await asyncio.to_thread(self.runtime.content_id, inp.image)
             except PodRuntimeError as e:
-                raise ApplicationError(f"image {inp.image} is not trusted: {e}", type="ImageUntrusted",
+                raise ApplicationError(f"image {inp.image} is not trusted: {e}", type=ActivityErrorType.IMAGE_UNTRUSTED,
                                        non_retryable=inp.one_try) from e
         ok, detail = await asyncio.to_thread(self.trust.verify, inp.image, content_id)
         if not ok:
-            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type="ImageUntrusted",
+            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type=ActivityErrorType.IMAGE_UNTRUSTED,
                                    non_retryable=inp.one_try)
         if inp.spec is not None:
             # Would this node's runtime run it? A refusal is permanent: no retry, no pod tried.
             problems = await asyncio.to_thread(self.runtime.check_spec, inp.spec)
             if problems:
                 raise ApplicationError("; ".join(problems) + f" (node {self.runtime.node})",
-                                       type="InvalidSpec", non_retryable=True)
+                                       type=ActivityErrorType.SPEC_UNRUNNABLE, non_retryable=True)
         return VerifyImageOutput(content_id=content_id, detail=detail)
 
     @activity.defn(name="watch_pods")

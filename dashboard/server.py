@@ -30,12 +30,12 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from temporalio.client import Client
 
-from hms_mgmt import auth
+from hms_mgmt import auth, names
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
 from hms_mgmt.events import EventFollower
 from hms_mgmt.fleet import fleet_status
-from hms_mgmt.models import ServiceStatus
+from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,34 @@ def child_url(status: ServiceStatus, child_id: str) -> str | None:
     return status.web_ui_url.rsplit("/", 1)[0] + "/" + child_id
 
 
+def deploy_workflow_id(status: ServiceStatus) -> str | None:
+    """The DeployWorkflow behind the service's current revision: the last rolling update's child
+    once there was one (its id has counters no status field repeats, so the workflow records it
+    in ``rollout.workflow_id``), else the first deploy's ``svc-<name>-deploy-<rev>``. None while
+    no deploy has started (admission, approval, a refusal) or for a rollout that did not record
+    its child (a run from before ``workflow_id``): no link rather than a dead one."""
+    if status.phase in (*names.ADMITTING, "AwaitingApproval", "Rejected") or (
+            status.phase == "Failed" and not status.revisions):
+        return None
+    if status.rollout is not None:
+        return getattr(status.rollout, "workflow_id", "") or None
+    return names.deploy_id(status.workflow_id, status.revision)
+
+
+def revision_workflow_id(status: ServiceStatus, record: RevisionRecord) -> str | None:
+    """The DeployWorkflow that rolled ``record`` out, where the status lets us know it: the
+    latest rollout's child for its target revision, the first deploy's for revision 1 (every
+    run starts at revision 1; a rollout makes a higher one)."""
+    rollout = status.rollout
+    if rollout is not None and rollout.to_revision == record.revision:
+        child: str = getattr(rollout, "workflow_id", "")
+        if child:
+            return child
+    if record.revision == 1:
+        return names.deploy_id(status.workflow_id, 1)
+    return None
+
+
 def service_view(status: ServiceStatus) -> dict[str, Any]:
     """What the page shows of one service. The spec is trimmed: its env may hold secrets and
     anyone reaching the port may read this."""
@@ -69,12 +97,20 @@ def service_view(status: ServiceStatus) -> dict[str, Any]:
     for d in reversed(status.last_decisions):
         url = None
         if d.kind == "scale" and scale_n > 0:
-            url = child_url(status, f"{status.workflow_id}-scale-{scale_n}")
+            url = child_url(status, names.scale_id(status.workflow_id, scale_n))
             scale_n -= 1
         elif d.kind == "heal" and d.pod:
-            url = child_url(status, f"{status.workflow_id}-heal-{d.pod}")
+            url = child_url(status, names.heal_id(status.workflow_id, d.pod))
         decisions.append({**d.model_dump(mode="json"), "workflow_url": url})
     decisions.reverse()
+    deploy_id = deploy_workflow_id(status)
+    revisions = []
+    for r in status.revisions:
+        child = revision_workflow_id(status, r)
+        revisions.append({"revision": r.revision, "image": r.spec.image, "outcome": r.outcome, "reason": r.reason,
+                          "deployed_by": r.deployed_by,
+                          "deployed_at": r.deployed_at.isoformat() if r.deployed_at else None,
+                          "workflow_id": child, "workflow_url": child_url(status, child) if child else None})
     return {
         "name": status.name,
         "phase": status.phase,
@@ -90,7 +126,9 @@ def service_view(status: ServiceStatus) -> dict[str, Any]:
         "decisions": decisions,
         "workflow_id": status.workflow_id,
         "web_ui_url": status.web_ui_url,
-        "deploy_url": child_url(status, f"{status.workflow_id}-deploy-{status.revision}"),
+        "deploy_workflow_id": deploy_id,
+        "deploy_url": child_url(status, deploy_id) if deploy_id else None,
+        "revisions": revisions,
         "message": status.message,
         "backoff_s": status.backoff_s,
         "crash_count": status.crash_count,

@@ -1,9 +1,17 @@
 """One root exception with precise subclasses callers can catch, and the one place where a
-failure kind (carried as data in workflow failures and in ``ServiceStatus.failure``) becomes
-an exception.
+failure travelling as data becomes an exception.
 
-Workflows raise ``ApplicationError(message, type=FailureKind.X)``; the client turns that type
-back into the class below with :func:`error_for`. Nothing matches on message text.
+Two kinds of data travel, and both values are part of the wire protocol (recorded histories
+hold them; never change a value, only add):
+
+- :class:`FailureKind` — why a request or a service failed. Workflows raise
+  ``ApplicationError(message, type=FailureKind.X)`` to the caller and keep it in
+  ``ServiceStatus.failure``; the client turns it back into a class below with :func:`error_for`.
+- :class:`ActivityErrorType` — the ``type`` of an activity's ``ApplicationError`` (and a pod
+  runtime's :class:`PodRuntimeError`), which workflows match and list in retry policies.
+  :func:`failure_kind_for` says which failure kind, if any, it becomes.
+
+Nothing matches on message text.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ class FailureKind(StrEnum):
     APPROVAL_REJECTED = "approval_rejected"
     APPROVAL_TIMED_OUT = "approval_timed_out"
     IMAGE_UNTRUSTED = "image_untrusted"
-    SPEC_INVALID = "spec_invalid"
-    INVALID_SPEC = "invalid_spec"  # valid as data, but a node's runtime will not run it (runtime.check_spec)
+    SPEC_MALFORMED = "spec_invalid"  # not a valid spec (or request) as data: a field is wrong
+    SPEC_UNRUNNABLE = "invalid_spec"  # valid as data, but a node's runtime will not run it (runtime.check_spec)
     REFUSED = "refused"  # the request does not fit the service's state (wrong phase, out of range)
     CAPACITY = "capacity"
     CRASH_LOOP = "crash_loop"
@@ -29,6 +37,38 @@ class FailureKind(StrEnum):
     ROLLED_BACK = "rolled_back"
     SUPERSEDED = "superseded"
 
+    # The names before they said how the two spec failures differ (same values: aliases).
+    SPEC_INVALID = "spec_invalid"
+    INVALID_SPEC = "invalid_spec"
+
+
+class ActivityErrorType(StrEnum):
+    """The ``type`` of an activity's ``ApplicationError``: what a workflow matches and lists in
+    ``RetryPolicy.non_retryable_error_types``. The values are CamelCase, unlike FailureKind's,
+    because they are what histories have always recorded."""
+
+    ACCESS_DENIED = "AccessDenied"
+    IMAGE_UNTRUSTED = "ImageUntrusted"
+    IMAGE_NOT_FOUND = "ImageNotFound"
+    SPEC_UNRUNNABLE = "InvalidSpec"  # a node's runtime refuses the spec (or a pod id is no UUID)
+    CAPACITY_UNAVAILABLE = "CapacityUnavailable"
+    POD_EXITED = "PodExited"
+    POD_NOT_READY = "PodNotReady"
+    POD_NOT_FOUND = "PodNotFound"
+    RUNTIME_FAILURE = "RuntimeFailure"
+
+
+# Failures of a pod activity no retry will fix: the pod itself is bad. The caller decides
+# (replace it, back off). For ``RetryPolicy(non_retryable_error_types=list(POD_FATAL))``.
+POD_FATAL: tuple[ActivityErrorType, ...] = (
+    ActivityErrorType.POD_EXITED,
+    ActivityErrorType.POD_NOT_READY,
+    ActivityErrorType.IMAGE_NOT_FOUND,
+    ActivityErrorType.SPEC_UNRUNNABLE,
+    ActivityErrorType.POD_NOT_FOUND,
+    ActivityErrorType.IMAGE_UNTRUSTED,
+)
+
 
 class HmsError(Exception):
     """Root of every error the management layer raises to its callers."""
@@ -37,17 +77,22 @@ class HmsError(Exception):
 
 
 class SpecError(HmsError, ValueError):
-    """A service spec (or another input) is invalid; the message names the field."""
+    """A service spec (or another input) is malformed; the message names the field. The root of
+    every spec failure: catching it catches :class:`SpecUnrunnable` too."""
 
-    kind = FailureKind.SPEC_INVALID
+    kind = FailureKind.SPEC_MALFORMED
 
 
-class InvalidSpec(SpecError):
+class SpecUnrunnable(SpecError):
     """The spec is valid, but the runtime of a node it would run on refuses it (e.g. a process
     pod's ``command`` or an ``env`` name its image's signature does not cover); the message names
     the field. Permanent: the service fails at admission, no pod is tried."""
 
-    kind = FailureKind.INVALID_SPEC
+    kind = FailureKind.SPEC_UNRUNNABLE
+
+
+SpecMalformed = SpecError
+InvalidSpec = SpecUnrunnable  # its name before it said how it differs from SpecError
 
 
 class AccessDenied(HmsError, PermissionError):
@@ -132,13 +177,23 @@ class RolloutSuperseded(HmsError):
     kind = FailureKind.SUPERSEDED
 
 
+class PodRuntimeError(HmsError):
+    """A pod runtime failure that retrying will not fix (bad image, unknown catalog entry, a
+    spec the runtime refuses). ``error_type`` is the activity error type it travels as."""
+
+    def __init__(self, message: str, *, error_type: ActivityErrorType = ActivityErrorType.RUNTIME_FAILURE) -> None:
+        super().__init__(message)
+        self.error_type = ActivityErrorType(error_type)
+        self.kind = failure_kind_for(self.error_type)
+
+
 _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.ACCESS_DENIED: AccessDenied,
     FailureKind.APPROVAL_REJECTED: ApprovalRejected,
     FailureKind.APPROVAL_TIMED_OUT: ApprovalTimedOut,
     FailureKind.IMAGE_UNTRUSTED: ImageUntrusted,
-    FailureKind.SPEC_INVALID: SpecError,
-    FailureKind.INVALID_SPEC: InvalidSpec,
+    FailureKind.SPEC_MALFORMED: SpecError,
+    FailureKind.SPEC_UNRUNNABLE: SpecUnrunnable,
     FailureKind.REFUSED: RequestRefused,
     FailureKind.CAPACITY: CapacityUnavailable,
     FailureKind.CRASH_LOOP: CrashLooping,
@@ -148,6 +203,28 @@ _BY_KIND: dict[FailureKind, type[HmsError]] = {
     FailureKind.ROLLED_BACK: RolloutFailed,
     FailureKind.SUPERSEDED: RolloutSuperseded,
 }
+
+# The failure kind an activity error becomes where a workflow reports it (None: the workflow
+# handles it itself, e.g. a pod that exited is replaced).
+_KIND_OF_ACTIVITY_ERROR: dict[ActivityErrorType, FailureKind | None] = {
+    ActivityErrorType.ACCESS_DENIED: FailureKind.ACCESS_DENIED,
+    ActivityErrorType.IMAGE_UNTRUSTED: FailureKind.IMAGE_UNTRUSTED,
+    ActivityErrorType.IMAGE_NOT_FOUND: None,
+    ActivityErrorType.SPEC_UNRUNNABLE: FailureKind.SPEC_UNRUNNABLE,
+    ActivityErrorType.CAPACITY_UNAVAILABLE: FailureKind.CAPACITY,
+    ActivityErrorType.POD_EXITED: None,
+    ActivityErrorType.POD_NOT_READY: None,
+    ActivityErrorType.POD_NOT_FOUND: None,
+    ActivityErrorType.RUNTIME_FAILURE: None,
+}
+
+
+def failure_kind_for(error_type: ActivityErrorType | str | None) -> FailureKind | None:
+    """The failure kind an activity error type stands for; None when it has none (or is not ours)."""
+    try:
+        return _KIND_OF_ACTIVITY_ERROR[ActivityErrorType(error_type)] if error_type is not None else None
+    except ValueError:
+        return None
 
 
 def error_for(kind: FailureKind | str | None, message: str, *, refine: type[HmsError] | None = None) -> HmsError:

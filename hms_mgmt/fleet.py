@@ -10,7 +10,7 @@ import logging
 from temporalio.client import WorkflowQueryFailedError
 from temporalio.service import RPCError
 
-from hms_mgmt import constants
+from hms_mgmt import names
 from hms_mgmt.errors import ServiceNotFound
 from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
@@ -22,12 +22,8 @@ DEFAULT_CONCURRENCY = 16
 
 async def service_names(orch: Orchestrator) -> list[str]:
     """Running services on this control task queue (one visibility call)."""
-    query = (
-        f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" '
-        f'AND TaskQueue = "{orch.settings.task_queue}"'
-    )
-    prefix = constants.SERVICE_WORKFLOW_ID_PREFIX
-    return sorted({wf.id.removeprefix(prefix) async for wf in orch.client.list_workflows(query)})
+    query = names.running_services_query(orch.settings.task_queue)
+    return sorted({names.service_of(wf.id) async for wf in orch.client.list_workflows(query)})
 
 
 async def fleet_status(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hms_mgmt.constants import SERVICE_WORKFLOW_ID_PREFIX, service_workflow_id
 
 __all__ = [
-    "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
+    "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
     "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
     "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
 ]
@@ -25,10 +25,11 @@ NODE_REGISTRY_WORKFLOW = "NodeRegistry"
 
 
 class Q:
-    """Queries of ServiceWorkflow."""
+    """Queries of ServiceWorkflow (and ``progress``, of its DeployWorkflow and ScaleWorkflow children)."""
 
     STATUS = "status"
     ENDPOINTS = "endpoints"
+    PROGRESS = "progress"  # DeployWorkflow, ScaleWorkflow: the pods brought up so far
 
 
 class U:
@@ -55,6 +56,15 @@ class S:
     IMAGE_REVOKED = "image_revoked"
     NODE_LOST = "node_lost"
     SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
+
+
+class NR:
+    """Messages of the NodeRegistry: the ``nodes`` query, the ``register`` update and the
+    ``heartbeat`` signal (a node's worker sends both, signed)."""
+
+    NODES = "nodes"
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
 
 
 # --- child workflow ids ------------------------------------------------------------------------

@@ -11,9 +11,10 @@ from pydantic import BaseModel, Field
 from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hms_mgmt import constants
+from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
-from hms_mgmt.models import NodeRecord, NodesOutput, NodeSpec, ServiceStatus
+from hms_mgmt.models import NodeRecord, NodeSpec, ServiceStatus
+from hms_mgmt.wire import NodesOutput
 
 
 class NodeView(BaseModel):
@@ -32,7 +33,7 @@ async def registry_nodes(client: Client, settings: Settings) -> builtins.list[No
     """The registry's records, or None when no registry runs for this control plane."""
     handle = client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
     try:
-        return (await handle.query("nodes", result_type=NodesOutput)).nodes
+        return (await handle.query(names.NR.NODES, result_type=NodesOutput)).nodes
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             return None
@@ -42,11 +43,10 @@ async def registry_nodes(client: Client, settings: Settings) -> builtins.list[No
 
 
 async def service_statuses(client: Client, task_queue: str) -> builtins.list[ServiceStatus]:
-    query = f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" AND TaskQueue = "{task_queue}"'
     out = []
-    async for wf in client.list_workflows(query):
+    async for wf in client.list_workflows(names.running_services_query(task_queue)):
         try:
-            out.append(await client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
+            out.append(await client.get_workflow_handle(wf.id).query(names.Q.STATUS, result_type=ServiceStatus))
         except (RPCError, WorkflowQueryFailedError):
             continue
     return out

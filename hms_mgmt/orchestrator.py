@@ -29,7 +29,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hms_mgmt import auth, connection, constants
+from hms_mgmt import auth, connection, constants, names
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import (
     HmsError,
@@ -39,23 +39,17 @@ from hms_mgmt.errors import (
     SpecError,
     error_for,
 )
-from hms_mgmt.models import (
+from hms_mgmt.models import Approval, DeployResult, PodStatus, RevisionRecord, ServiceSpec, ServiceStatus, UpdateOutcome
+from hms_mgmt.wire import (
     AdmissionRequest,
-    Approval,
-    DeployResult,
     LogsOutput,
     Placement,
     PodLogsInput,
     PodProgress,
-    PodStatus,
-    RevisionRecord,
     ScaleRequest,
     ServiceInput,
-    ServiceSpec,
-    ServiceStatus,
     SpecUpdate,
     UndeployRequest,
-    UpdateOutcome,
     WatchHeartbeat,
 )
 
@@ -243,7 +237,7 @@ class Orchestrator:
 
         def start_op() -> WithStartWorkflowOperation[Any, Any]:  # one use each
             return WithStartWorkflowOperation(
-                "ServiceWorkflow",
+                names.SERVICE_WORKFLOW,
                 inp,
                 id=wf_id,
                 task_queue=self.settings.task_queue,
@@ -262,7 +256,7 @@ class Orchestrator:
             try:
                 status = await asyncio.wait_for(
                     self.client.execute_update_with_start_workflow(
-                        "admission",
+                        names.U.ADMISSION,
                         _request(AdmissionRequest, f"deploy {spec.name}", until=until,
                                  timeout_s=min(max(timeout, 1.0), 3600.0)),
                         start_workflow_operation=start,
@@ -270,7 +264,7 @@ class Orchestrator:
                     ),
                     timeout + 30,
                 )
-                if status.deploy_request_id == request_id or status.phase not in ("Rejected", "Failed", "Stopped"):
+                if status.deploy_request_id == request_id or status.phase not in names.ENDED:
                     break
                 # An earlier run that has ended but not yet closed answered: start afresh once it has.
                 error = HmsError(f"deploy {spec.name}: an earlier run of the service is still closing")
@@ -293,7 +287,7 @@ class Orchestrator:
             # A changed spec for a running service: a new revision (or an in-place change).
             outcome = await self.update_spec(spec, wait=wait, timeout=timeout)
             revision = outcome.revision
-        elif wait and status.phase not in ("Running", "Scaling", "Healing"):
+        elif wait and status.phase not in names.SERVING:
             raise TimeoutError(f"service {spec.name} not Running after {timeout:g}s (phase {status.phase})")
         return DeployResult(workflow_id=wf_id, run_id=handle.result_run_id or handle.run_id,
                             web_ui_url=self.settings.web_ui_link(wf_id), already_running=already,
@@ -307,7 +301,7 @@ class Orchestrator:
         spec = load_spec(spec)
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
-            handle, "update_spec",
+            handle, names.U.UPDATE_SPEC,
             _request(SpecUpdate, f"update {spec.name}", spec=spec,
                      proof=self._prove("update", spec.name, spec=spec.digest()), request_id=uuid.uuid4().hex),
             what=f"update {spec.name}", result_type=UpdateOutcome)
@@ -320,7 +314,7 @@ class Orchestrator:
         """Roll back to ``revision`` (default: the one before the current) and its pinned image."""
         handle = await self._running_handle(name)
         outcome = await self._update(
-            handle, "rollback",
+            handle, names.U.ROLLBACK,
             _request(SpecUpdate, f"roll back {name}", to_revision=revision,
                      proof=self._prove("rollback", name, to_revision=revision), request_id=uuid.uuid4().hex),
             what=f"roll back {name}", result_type=UpdateOutcome)
@@ -334,11 +328,11 @@ class Orchestrator:
 
     async def wait_for_revision(self, name: str, revision: int, *, timeout: float = 300.0) -> ServiceStatus:
         handle = await self._running_handle(name)
-        status = await self._update(handle, "admission",
+        status = await self._update(handle, names.U.ADMISSION,
                                     _request(AdmissionRequest, f"wait for {name}", until="revision",
                                              revision=revision, timeout_s=timeout),
                                     what=f"roll out revision {revision} of {name}")
-        if status.revision < revision or status.phase not in ("Running", "Scaling", "Healing"):
+        if status.revision < revision or status.phase not in names.SERVING:
             raise TimeoutError(f"{name}: revision {revision} not rolled out after {timeout:g}s "
                                f"(phase {status.phase}, revision {status.revision})")
         return status
@@ -348,10 +342,10 @@ class Orchestrator:
         but had not closed yet as this deploy arrived; it has closed now, so start afresh."""
         handle = self.client.get_workflow_handle(wf_id)
         try:
-            current = await handle.query("status", result_type=ServiceStatus)
+            current = await handle.query(names.Q.STATUS, result_type=ServiceStatus)
         except (RPCError, WorkflowQueryFailedError):
             return False
-        if current.deploy_request_id == request_id or current.phase not in ("Rejected", "Failed", "Stopped"):
+        if current.deploy_request_id == request_id or current.phase not in names.ENDED:
             return False
         try:
             await asyncio.wait_for(handle.result(), 30)
@@ -365,10 +359,10 @@ class Orchestrator:
         handle = await self._running(name)
         if handle is None:  # it ended: say why, from its final status
             raise status_error(await self._final_status(name))
-        status = await self._update(handle, "admission",
+        status = await self._update(handle, names.U.ADMISSION,
                                     _request(AdmissionRequest, f"wait for {name}", until="running", timeout_s=timeout),
                                     what=f"wait for {name}")
-        if status.phase not in ("Running", "Scaling", "Healing"):
+        if status.phase not in names.SERVING:
             raise TimeoutError(f"service {name} not Running after {timeout:g}s (phase {status.phase})")
         return status
 
@@ -383,7 +377,7 @@ class Orchestrator:
         access rules to what they show (the dashboard, the worker's metrics)."""
         handle = self._handle(name)
         try:
-            status = await handle.query("status", result_type=ServiceStatus)
+            status = await handle.query(names.Q.STATUS, result_type=ServiceStatus)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise ServiceNotFound(f"no service named {name!r}") from e
@@ -399,10 +393,10 @@ class Orchestrator:
 
     async def _merge_rollout(self, status: ServiceStatus) -> ServiceStatus:
         """Pods a running rollout has brought up so far (its ``progress`` query)."""
-        child = (f"{status.workflow_id}-deploy-{status.revision}" if status.phase == "Deploying"
-                 else f"{status.workflow_id}-scale-{status.scale_count}")
+        child = (names.deploy_id(status.workflow_id, status.revision) if status.phase == "Deploying"
+                 else names.scale_id(status.workflow_id, status.scale_count))
         try:
-            pods = await self.client.get_workflow_handle(child).query("progress", result_type=builtins.list[PodStatus])
+            pods = await self.client.get_workflow_handle(child).query(names.Q.PROGRESS, result_type=builtins.list[PodStatus])
         except (RPCError, WorkflowQueryFailedError):
             return status
         merged = {p.id: p for p in status.pods}
@@ -476,21 +470,17 @@ class Orchestrator:
     async def scale(self, name: str, replicas: int, *, reason: str = "") -> ServiceStatus:
         """Set the replica count (a validated workflow update: out of range is refused)."""
         handle = await self._running_handle(name)
-        return await self._update(handle, "scale",
+        return await self._update(handle, names.U.SCALE,
                                   _request(ScaleRequest, f"scale {name}", replicas=replicas,
                                            proof=self._prove("scale", name, replicas=replicas), reason=reason),
                                   what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
     async def list(self) -> builtins.list[ServiceStatus]:
         self._check_reader("status")
-        query = (
-            f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" '
-            f'AND TaskQueue = "{self.settings.task_queue}"'
-        )
         out = []
-        async for wf in self.client.list_workflows(query):
+        async for wf in self.client.list_workflows(names.running_services_query(self.settings.task_queue)):
             try:
-                out.append(await self.client.get_workflow_handle(wf.id).query("status", result_type=ServiceStatus))
+                out.append(await self.client.get_workflow_handle(wf.id).query(names.Q.STATUS, result_type=ServiceStatus))
             except RPCError:
                 continue
         return sorted(out, key=lambda s: s.name)
@@ -526,7 +516,7 @@ class Orchestrator:
         The ``undeploy`` update answers once the request is accepted (or refused, typed); with
         ``wait`` this returns the final status once every pod is stopped."""
         handle = await self._running_handle(name)
-        await self._update(handle, "undeploy", _request(UndeployRequest, f"undeploy {name}",
+        await self._update(handle, names.U.UNDEPLOY, _request(UndeployRequest, f"undeploy {name}",
                                                         proof=self._prove("undeploy", name),
                                                         request_id=uuid.uuid4().hex),
                            what=f"undeploy {name}")
@@ -547,7 +537,8 @@ class Orchestrator:
     async def _decide(self, kind: str, name: str, reason: str) -> ServiceStatus:
         handle = await self._running_handle(name)
         approval = await self.approval(kind, name, reason=reason)
-        return await self._update(handle, kind, approval, what=f"{kind} {name}")
+        update = names.U.APPROVE if kind == "approve" else names.U.REJECT
+        return await self._update(handle, update, approval, what=f"{kind} {name}")
 
     async def approval(self, kind: str, name: str, *, reason: str = "",
                        ttl_s: float = auth.PROOF_TTL_S) -> Approval:
@@ -557,7 +548,7 @@ class Orchestrator:
         # What the proof must name, read without the client's own reader check: a refused token
         # should reach the workflow, which records the attempt (pending_approval.invalid_attempts).
         try:
-            status = await self._handle(name).query("status", result_type=ServiceStatus)
+            status = await self._handle(name).query(names.Q.STATUS, result_type=ServiceStatus)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise ServiceNotFound(f"no service named {name!r}") from e

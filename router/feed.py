@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from hms_mgmt import feed as wire
+from hms_mgmt import names
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.models import Endpoint, EndpointSet, ServiceStatus
 from router.names import service_problem
@@ -135,18 +136,17 @@ class FeedSync:
         """Load every running service's table; returns how many services were seen."""
         if self.client is None:
             self.client = await connect(self.settings)
-        query = (f'WorkflowType = "ServiceWorkflow" AND ExecutionStatus = "Running" '
-                 f'AND TaskQueue = "{self.settings.task_queue}"')
+        query = names.running_services_query(self.settings.task_queue)
         ids = [wf.id async for wf in self.client.list_workflows(query)]
 
         async def one(wf_id: str) -> EndpointSet | None:
             handle = self.client.get_workflow_handle(wf_id)
             timeout = timedelta(seconds=QUERY_TIMEOUT_S)
             try:
-                return await handle.query("endpoints", result_type=EndpointSet, rpc_timeout=timeout)
+                return await handle.query(names.Q.ENDPOINTS, result_type=EndpointSet, rpc_timeout=timeout)
             except Exception as e:  # noqa: BLE001 - an older workflow, or a worker that is down
                 try:
-                    return _from_status(await handle.query("status", result_type=ServiceStatus, rpc_timeout=timeout))
+                    return _from_status(await handle.query(names.Q.STATUS, result_type=ServiceStatus, rpc_timeout=timeout))
                 except Exception:  # noqa: BLE001
                     log.info("endpoint resync: %s did not answer: %s", wf_id, e)
                     return None

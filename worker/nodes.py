@@ -19,10 +19,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.pods import ORPHAN_GRACE_S
-from hms_mgmt import constants
+from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
-from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec, RegisterResult, ServiceStatus
+from hms_mgmt.models import NodeSpec, ServiceStatus
 from hms_mgmt.runtimes import PodRuntime
+from hms_mgmt.wire import NodeRegistration, NodeRegistryInput, RegisterResult
 from workflows.nodes import NodeRegistry
 
 log = logging.getLogger("hms.worker.node")
@@ -157,12 +158,12 @@ class NodeAgent:
         None when it cannot say (then nothing of it is removed)."""
         handle = self.client.get_workflow_handle(constants.service_workflow_id(service))
         try:
-            status = await asyncio.wait_for(handle.query("status", result_type=ServiceStatus), 10)
+            status = await asyncio.wait_for(handle.query(names.Q.STATUS, result_type=ServiceStatus), 10)
         except RPCError as e:
             return set() if e.status == RPCStatusCode.NOT_FOUND else None
         except (WorkflowQueryFailedError, TimeoutError):
             return None
-        if status.phase in ("Stopped", "Rejected", "Failed"):
+        if status.phase in names.ENDED:
             return set()
         return {p.id for p in status.pods}
 

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from hms_mgmt import auth
+from hms_mgmt import auth, names
 from hms_mgmt.cli.common import (
     _cli_errors,
     _connect,
@@ -505,7 +505,7 @@ def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")])
         for st in await orch.list():
             if st.spec.image == image:
                 # A hint: each service checks the trust store itself before it marks anything.
-                await orch.client.get_workflow_handle(st.workflow_id).signal("image_revoked", image)
+                await orch.client.get_workflow_handle(st.workflow_id).signal(names.S.IMAGE_REVOKED, image)
                 told.append(st.name)
         return told
 

@@ -10,17 +10,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from hms_mgmt.errors import ActivityErrorType
+from hms_mgmt.errors import PodRuntimeError as PodRuntimeError  # defined with the other errors; importable here too
 from hms_mgmt.models import ServiceSpec
 
 PodState = Literal["created", "running", "exited"]
-
-
-class PodRuntimeError(Exception):
-    """A runtime failure that retrying will not fix (bad image, unknown catalog entry)."""
-
-    def __init__(self, message: str, *, kind: str = "RuntimeFailure") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def check_pod_id(pod_id: str) -> str:
@@ -31,7 +25,7 @@ def check_pod_id(pod_id: str) -> str:
     except (ValueError, TypeError, AttributeError):
         ok = False
     if not ok:
-        raise PodRuntimeError(f"pod id {str(pod_id)[:80]!r} is not a UUID", kind="InvalidSpec")
+        raise PodRuntimeError(f"pod id {str(pod_id)[:80]!r} is not a UUID", error_type=ActivityErrorType.SPEC_UNRUNNABLE)
     return pod_id
 
 

@@ -21,6 +21,7 @@ import docker
 import docker.errors
 
 from hms_mgmt import constants as c
+from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
 
 log = logging.getLogger(__name__)
@@ -169,16 +170,16 @@ class DockerRuntime(PodRuntime):
         except docker.errors.ImageNotFound as e:
             raise PodRuntimeError(
                 f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
-                kind="ImageNotFound",
+                error_type=ActivityErrorType.IMAGE_NOT_FOUND,
             ) from e
         except docker.errors.APIError as e:
             if e.status_code == 400:
-                raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", kind="InvalidSpec") from e
+                raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", error_type=ActivityErrorType.SPEC_UNRUNNABLE) from e
             url = getattr(e.response, "url", "") or ""
             if url.split("?")[0].endswith("/images/create"):  # the pull run() tried for a missing image failed
                 raise PodRuntimeError(
                     f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
-                    kind="ImageNotFound",
+                    error_type=ActivityErrorType.IMAGE_NOT_FOUND,
                 ) from e
             raise
         container.reload()  # the published host port is known only once it runs
@@ -208,7 +209,7 @@ class DockerRuntime(PodRuntime):
     def logs(self, pod_id: str, tail: int = 100) -> list[str]:
         found = self._containers(pod_id=pod_id)
         if not found:
-            raise PodRuntimeError(f"no pod {pod_id} on node {self.node}", kind="PodNotFound")
+            raise PodRuntimeError(f"no pod {pod_id} on node {self.node}", error_type=ActivityErrorType.POD_NOT_FOUND)
         raw = found[0].logs(tail=tail if tail > 0 else "all", stdout=True, stderr=True)
         return raw.decode(errors="replace").splitlines()
 
@@ -283,7 +284,7 @@ class DockerRuntime(PodRuntime):
         try:
             return self.client.images.get(image).id
         except docker.errors.ImageNotFound as e:
-            raise PodRuntimeError(f"image {image!r} is not on node {self.node}", kind="ImageNotFound") from e
+            raise PodRuntimeError(f"image {image!r} is not on node {self.node}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
 
     def close(self) -> None:
         self._closed = True

@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from hms_mgmt.errors import ConfigError
+from hms_mgmt.errors import ActivityErrorType, ConfigError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.files import atomic_write, inside, load_yaml_mapping, open_private, private_dir
 from hms_mgmt.models import ServiceSpec
@@ -104,7 +104,7 @@ class ImageCatalog:
         raise PodRuntimeError(
             f"image {image!r} is not in the process runtime's image catalog ({self.path}); "
             f"known: {', '.join(sorted(entries))}",
-            kind="ImageNotFound",
+            error_type=ActivityErrorType.IMAGE_NOT_FOUND,
         )
 
     def content_id(self, image: str) -> str:
@@ -142,7 +142,7 @@ def ensure_pod_user(setting: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(names[-1])
     except KeyError as e:
-        raise PodRuntimeError(f"pod user {names[-1]!r} does not exist", kind="RuntimeFailure") from e
+        raise PodRuntimeError(f"pod user {names[-1]!r} does not exist", error_type=ActivityErrorType.RUNTIME_FAILURE) from e
 
 
 class ProcessRuntime(PodRuntime):
@@ -316,11 +316,11 @@ class ProcessRuntime(PodRuntime):
                 # A process cannot run old content: refuse rather than run what was not admitted.
                 raise PodRuntimeError(
                     f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
-                    kind="ImageUntrusted",
+                    error_type=ActivityErrorType.IMAGE_UNTRUSTED,
                 )
             problems = check_process_spec(req.spec, entry)
             if problems:
-                raise PodRuntimeError("; ".join(problems), kind="InvalidSpec")
+                raise PodRuntimeError("; ".join(problems), error_type=ActivityErrorType.SPEC_UNRUNNABLE)
             cwd = str(entry.get("cwd") or _REPO_ROOT)
             python: str = sys.executable
             user = self.pod_user()
@@ -397,7 +397,7 @@ class ProcessRuntime(PodRuntime):
                 except OSError as e:
                     shutil.rmtree(home, ignore_errors=True)
                     self._record_path(req.pod_id).unlink(missing_ok=True)
-                    raise PodRuntimeError(f"cannot start {command[0]!r}: {e}", kind="ImageNotFound") from e
+                    raise PodRuntimeError(f"cannot start {command[0]!r}: {e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
             self._children[req.pod_id] = child
             if not prlimit:
                 self._set_rlimits(req, child.pid, memory_mb)
@@ -500,7 +500,7 @@ class ProcessRuntime(PodRuntime):
     def logs(self, pod_id: str, tail: int = 100) -> list[str]:
         path = self._log_path(pod_id)
         if not path.exists():
-            raise PodRuntimeError(f"no logs for pod {pod_id} on node {self.node}", kind="PodNotFound")
+            raise PodRuntimeError(f"no logs for pod {pod_id} on node {self.node}", error_type=ActivityErrorType.POD_NOT_FOUND)
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()

@@ -27,9 +27,10 @@ from conftest import REPO, eventually, make_settings, seed_spec, sweep_pods, ter
 
 from dashboard import Dashboard
 from hms_mgmt import auth, constants
-from hms_mgmt.models import ServiceInput, ServiceSpec
+from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.wire import ServiceInput
 from worker.main import HmsWorker
 
 ARTIFACTS = REPO / "tests" / "artifacts"

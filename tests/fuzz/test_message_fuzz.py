@@ -21,17 +21,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
 from hms_mgmt.errors import SpecError
-from hms_mgmt.models import (
-    AdmissionRequest,
-    Approval,
-    HealAttempt,
-    NodeLost,
-    PodStatus,
-    ScaleRequest,
-    SpecUpdate,
-    UndeployRequest,
-)
+from hms_mgmt.models import Approval, PodStatus
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.wire import AdmissionRequest, HealAttempt, NodeLost, ScaleRequest, SpecUpdate, UndeployRequest
 from worker.main import HmsWorker
 
 NAME = "hms-fuzz"

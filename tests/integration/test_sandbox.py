@@ -19,7 +19,7 @@ from conftest import EXAMPLE_IMAGE, make_settings, node_pods, require_docker, se
 from temporalio.api.enums.v1 import RetryState
 
 from hms_mgmt import auth
-from hms_mgmt.errors import FailureKind, InvalidSpec
+from hms_mgmt.errors import ActivityErrorType, FailureKind, SpecUnrunnable
 from hms_mgmt.events import read_events
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
@@ -128,10 +128,10 @@ def test_process_spec_command_or_unlisted_env_is_refused_naming_the_field(tmp_pa
     rt = ProcessRuntime("sbx", tmp_path / "state")
     with pytest.raises(PodRuntimeError, match=r"^command: ") as e:
         rt.start(launch(rt, spec(command=["sh", "-c", "cat /etc/shadow"])))
-    assert e.value.kind == "InvalidSpec"
+    assert e.value.error_type == ActivityErrorType.SPEC_UNRUNNABLE
     with pytest.raises(PodRuntimeError, match=r"env\.PYTHONWARNINGS: not allowed") as e:
         rt.start(launch(rt, spec(env={"PYTHONWARNINGS": "ignore::x.y", "HMS_STARTUP_DELAY_S": "0"})))
-    assert e.value.kind == "InvalidSpec"
+    assert e.value.error_type == ActivityErrorType.SPEC_UNRUNNABLE
     assert rt.list() == [] and rt.check_spec(spec(env={"BROWSER": "sh"}))[0].startswith("env.BROWSER:")
     assert rt.check_spec(spec(env={"HMS_STARTUP_DELAY_S": "0"})) == []
 
@@ -178,11 +178,11 @@ async def test_deploy_the_runtime_refuses_fails_at_admission_naming_the_field(te
     async with HmsWorker(temporal_env.client, settings):
         hms = Orchestrator(temporal_env.client, settings)
         try:
-            with pytest.raises(InvalidSpec, match=r"env\.LD_PRELOAD: not allowed") as e:
+            with pytest.raises(SpecUnrunnable, match=r"env\.LD_PRELOAD: not allowed") as e:
                 await hms.deploy(seed_spec(min_replicas=1, env={"LD_PRELOAD": "/tmp/x.so"}))
-            assert e.value.kind == FailureKind.INVALID_SPEC
+            assert e.value.kind == FailureKind.SPEC_UNRUNNABLE
             st = await hms.status("hms-ach")
-            assert st.phase == "Failed" and st.failure is not None and st.failure.kind == FailureKind.INVALID_SPEC
+            assert st.phase == "Failed" and st.failure is not None and st.failure.kind == FailureKind.SPEC_UNRUNNABLE
             assert st.crash_count == 0 and st.heal_count == 0 and node_pods(settings) == []
             history = await temporal_env.client.get_workflow_handle("svc-hms-ach").fetch_history()
             scheduled = [ev.activity_task_scheduled_event_attributes.activity_type.name for ev in history.events

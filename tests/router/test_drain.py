@@ -18,7 +18,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.feed import FeedActivities
 from hms_mgmt import feed
 from hms_mgmt.config import Settings
-from hms_mgmt.models import DrainInput
+from hms_mgmt.wire import DrainInput
 
 
 async def pods_of(orch, service: str) -> set[str]:

@@ -55,3 +55,40 @@ def test_router_stats_merge_across_routers_in_either_format():
     assert ach["p50_ms"] == 3.0 and ach["p99_ms"] == 10.0  # the worst router's figure
     assert ach["pods"] == {"p1": {"state": "ready", "outstanding": 1, "latency_ms": 2.5}}
     assert "bad" not in merged
+
+
+def rollout(**kw):
+    """A RolloutStatus; ``workflow_id`` (the rolling child's id) arrives with another branch, so a
+    stand-in carries it where the model has no such field yet."""
+    from types import SimpleNamespace
+
+    from hms_mgmt.models import RolloutStatus
+
+    fields = dict(from_revision=1, to_revision=2, state="completed", started_at=NOW)
+    if "workflow_id" in kw and "workflow_id" not in RolloutStatus.model_fields:
+        return SimpleNamespace(**fields, **kw)
+    return RolloutStatus(**fields, **kw)
+
+
+def test_the_deploy_link_follows_the_revision_to_its_child():
+    from hms_mgmt.models import RevisionRecord
+
+    base = "http://localhost:8233/namespaces/default/workflows/"
+    spec = status().spec
+    revisions = [RevisionRecord(revision=1, spec=spec, outcome="replaced"), RevisionRecord(revision=2, spec=spec)]
+    first = service_view(status(revision=1, revisions=revisions[:1]))
+    assert first["deploy_workflow_id"] == "svc-hms-ach-deploy-1" and first["deploy_url"] == base + "svc-hms-ach-deploy-1"
+    assert first["revisions"][0]["workflow_url"] == base + "svc-hms-ach-deploy-1"
+    # After a rolling update the child is svc-<name>-deploy-<rev>-<n>-<m>: never guessed as deploy-<rev>.
+    rolled = status(revision=2, revisions=revisions).model_copy(
+        update={"rollout": rollout(workflow_id="svc-hms-ach-deploy-2-0-3")})
+    view = service_view(rolled)
+    assert view["deploy_url"] == base + "svc-hms-ach-deploy-2-0-3"
+    assert [r["workflow_id"] for r in view["revisions"]] == ["svc-hms-ach-deploy-1", "svc-hms-ach-deploy-2-0-3"]
+    # A rollout that did not record its child: no link rather than a dead one.
+    unknown = service_view(status(revision=2, revisions=revisions, rollout=rollout()))
+    assert unknown["deploy_url"] is None and unknown["revisions"][1]["workflow_url"] is None
+    # Nothing deployed yet: no link.
+    for phase in ("Validating", "AwaitingApproval", "VerifyingImage", "Rejected"):
+        assert service_view(status(phase=phase, pods=[]))["deploy_url"] is None
+    assert service_view(status(phase="Failed", pods=[]))["deploy_url"] is None

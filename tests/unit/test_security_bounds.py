@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.files import inside
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.sandbox import SAFE_ENV, allowed_env, check_process_spec
@@ -100,7 +101,7 @@ _SOME_POD = "1924729b-1c3f-42cc-8651-66cd86d896f3"
 def test_pod_id_must_be_a_canonical_uuid(bad: str) -> None:
     with pytest.raises(PodRuntimeError) as e:
         check_pod_id(bad)
-    assert e.value.kind == "InvalidSpec" and "not a UUID" in str(e.value)
+    assert e.value.error_type == ActivityErrorType.SPEC_UNRUNNABLE and "not a UUID" in str(e.value)
 
 
 def test_pod_id_uuid_passes() -> None:
@@ -122,7 +123,7 @@ def test_inside_refuses_escapes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["../../x", "../" + _SOME_POD, _SOME_POD.upper(), ""])
 def test_logs_input_pod_id_must_be_a_uuid(bad: str) -> None:
-    from hms_mgmt.models import PodLogsInput
+    from hms_mgmt.wire import PodLogsInput
 
     with pytest.raises(ValidationError) as e:
         PodLogsInput(pod_id=bad, service="hms-ach")

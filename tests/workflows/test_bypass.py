@@ -17,21 +17,20 @@ from temporalio.testing import ActivityEnvironment
 from activities.pods import PodActivities
 from hms_mgmt import tickets
 from hms_mgmt.events import EventSink, read_events
-from hms_mgmt.models import (
+from hms_mgmt.models import PodStatus, ServiceSpec
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
     DeployInput,
     HealInput,
     PodFailure,
     PodLogsInput,
-    PodStatus,
     ScaleInput,
     ServiceInput,
-    ServiceSpec,
     ServiceState,
     StartPodInput,
 )
-from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.runtimes import make_runtime
-from hms_mgmt.trust import TrustStore
 
 
 def denied(settings) -> list[str]:

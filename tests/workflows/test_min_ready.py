@@ -15,8 +15,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.pods import PodActivities
-from hms_mgmt.models import PodProgress, ServiceSpec, StartPodInput
+from hms_mgmt.models import ServiceSpec
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.wire import PodProgress, StartPodInput
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from hms_mgmt.models import NodeLost, NodeRecord, NodeRegistration, NodeRegistryInput, NodesOutput, NodeSpec
+from hms_mgmt.models import NodeRecord, NodeSpec
+from hms_mgmt.wire import NodeLost, NodeRegistration, NodeRegistryInput, NodesOutput
 from workflows.nodes import NodeRegistry
 
 LOST_AFTER_S = 2.0

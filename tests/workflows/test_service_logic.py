@@ -37,21 +37,21 @@ from hms_mgmt.errors import (
     RolloutFailed,
     ScaleRefused,
 )
-from hms_mgmt.models import (
+from hms_mgmt.models import EndpointSet, NodeSpec, PodStatus
+from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
+from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
-    EndpointSet,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
     ListPodsInput,
     ListPodsOutput,
     LogsOutput,
-    NodeSpec,
     PickNodeInput,
     PickNodeOutput,
     PodLogsInput,
-    PodStatus,
     StartPodInput,
     StopPodInput,
     TicketInput,
@@ -62,8 +62,6 @@ from hms_mgmt.models import (
     WatchInput,
     WatchResult,
 )
-from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
 from workflows import ALL_WORKFLOWS
 
 TOKENS = {"t-alice": ("alice", "ops_admin"), "t-bob": ("bob", "gov_approver"), "t-vic": ("vic", "viewer")}

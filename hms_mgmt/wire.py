@@ -1,0 +1,514 @@
+"""The wire types: the inputs and results of every workflow, child workflow, activity, signal
+and update (one model each, so fields can be added without breaking callers), and the state a
+ServiceWorkflow carries across continue-as-new. Internal: what callers of
+:mod:`hms_mgmt.orchestrator` see is in :mod:`hms_mgmt.models`.
+
+Class names and fields are the payloads in recorded histories: rename nothing, add fields with
+defaults. Workflows import this module through ``imports_passed_through``: keep it free of I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from hms_mgmt.models import (
+    MAX_REASON_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_TOKEN_CHARS,
+    Decision,
+    Failure,
+    Health,
+    NodeRecord,
+    NodeSpec,
+    PendingApproval,
+    Phase,
+    PodStatus,
+    Refusal,
+    RevisionRecord,
+    RolloutStatus,
+    ServiceSpec,
+    _Model,
+)
+from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
+
+__all__ = [
+    "AdmissionRequest",
+    "AuthorizeInput",
+    "AuthorizeOutput",
+    "DeployInput",
+    "DeployOutput",
+    "DrainInput",
+    "DrainResult",
+    "EventInput",
+    "FailedPod",
+    "GovernanceInput",
+    "GovernanceOutput",
+    "HealAttempt",
+    "HealInput",
+    "HealOutput",
+    "ListPodsInput",
+    "ListPodsOutput",
+    "LogsOutput",
+    "NodeLost",
+    "NodeRegistration",
+    "NodeRegistryInput",
+    "NodesOutput",
+    "PickNodeInput",
+    "PickNodeOutput",
+    "Placement",
+    "PodFailure",
+    "PodLogsInput",
+    "PodProgress",
+    "PublishResult",
+    "RegisterResult",
+    "ScaleInput",
+    "ScaleOutput",
+    "ScaleRequest",
+    "ServiceInput",
+    "ServiceState",
+    "SpecUpdate",
+    "StartPodInput",
+    "StopPodInput",
+    "TicketInput",
+    "TicketOutput",
+    "UndeployRequest",
+    "VerifyImageInput",
+    "VerifyImageOutput",
+    "WatchCpuInput",
+    "WatchHeartbeat",
+    "WatchInput",
+    "WatchResult",
+]
+
+
+class NodeRegistration(_Model):
+    """A worker's ``register`` update and ``heartbeat`` signal: the node as it runs now."""
+
+    spec: NodeSpec
+    worker: str = ""  # host/pid of the worker, for operators
+
+
+class RegisterResult(_Model):
+    """The registry's answer to ``register``: ``was_lost`` tells the worker to sweep stale pods."""
+
+    record: NodeRecord
+    was_lost: bool = False
+
+
+class NodeRegistryInput(_Model):
+    seed: list[NodeSpec] = Field(default_factory=list)  # the static ``nodes:`` of config.yaml
+    lost_after_s: float = Field(default=30.0, gt=0)
+    control_task_queue: str = "hms-control"
+    nodes: list[NodeRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+
+
+class NodesOutput(_Model):
+    nodes: list[NodeRecord] = Field(default_factory=list)
+
+
+class NodeLost(_Model):
+    """The ``node_lost`` signal to a ServiceWorkflow (and the registry's notify activity input)."""
+
+    node: str = Field(max_length=253)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+
+# --- workflow inputs and results -------------------------------------------------------
+
+
+class Placement(_Model):
+    """Where new pods go and on which task queue their activities run."""
+
+    control_task_queue: str
+    nodes: list[NodeSpec]
+    web_ui_base: str = "http://localhost:8233"
+    namespace: str = "default"
+    capacity_retry_max_s: float = 30.0
+    node_queue_prefix: str = "hms-node-"
+    watch_max_s: float = 1800.0  # the monitor returns at least this often, so the workflow can continue-as-new
+
+
+class ServiceState(_Model):
+    """Everything ServiceWorkflow owns; passed whole to continue-as-new."""
+
+    phase: Phase = "Validating"
+    revision: int = 1
+    desired_replicas: int = 0
+    pods: list[PodStatus] = Field(default_factory=list)
+    decisions: list[Decision] = Field(default_factory=list)
+    pending_approval: PendingApproval | None = None
+    crash_count: int = 0
+    backoff_s: float = 0.0
+    heal_counter: int = 0
+    scale_counter: int = 0
+    message: str | None = None
+    requested_by: str = ""
+    history: list[Recommendation] = Field(default_factory=list)  # autoscale stabilisation window
+    at_max_reported: bool = False
+    refusals: list[Refusal] = Field(default_factory=list)
+    approved_by: str | None = None
+    last_samples: list[CpuSample] = Field(default_factory=list)
+    failure: Failure | None = None
+    image_id: str = ""
+    ticket: str = ""  # the current revision's admission ticket
+    rollout: RolloutStatus | None = None
+    revisions: list[RevisionRecord] = Field(default_factory=list)
+    endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
+    used_proofs: dict[str, float] = Field(default_factory=dict)  # jti -> expiry (epoch s): each is used once
+
+
+class ServiceInput(_Model):
+    spec: ServiceSpec
+    placement: Placement
+    proof: str = ""  # the deployer's request proof, bound to the spec's digest
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
+    state: ServiceState | None = None
+    history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+    request_id: str = ""  # the deploy() call that started the service, so it can tell it was first
+
+
+class DeployInput(_Model):
+    """A first rollout (``pod_ids`` to start), or a rolling update: replace every pod in
+    ``current`` that is not of ``revision`` with ``replicas`` pods of it."""
+
+    spec: ServiceSpec
+    revision: int
+    pod_ids: list[str]
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+    image_id: str = ""
+    ticket: str = ""
+    rolling: bool = False
+    current: list[PodStatus] = Field(default_factory=list)
+    replicas: int = 0
+    rollback: bool = False
+
+
+class FailedPod(_Model):
+    pod_id: str
+    reason: str
+
+
+class DeployOutput(_Model):
+    pods: list[PodStatus]
+    failed: list[FailedPod] = Field(default_factory=list)
+    stopped: list[str] = Field(default_factory=list)  # old pods a rolling update removed
+    error: str | None = None  # a rolling update that gave up (deadline, crash loop): roll back
+    superseded: bool = False  # stopped early for a newer update
+
+
+class SpecUpdate(_Model):
+    """The ``update_spec`` update (a new revision, or an in-place change) and ``rollback``."""
+
+    spec: ServiceSpec | None = None
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # bound to the spec's digest (update) or to ``to_revision`` (rollback)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
+    to_revision: int | None = None  # rollback: this revision (default: the one before)
+    grant: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # set by the workflow once the proof is verified
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
+
+
+class PodLogsInput(_Model):
+    pod_id: str
+    node_task_queue: str = ""
+    tail: int = Field(default=100, ge=1, le=10_000)
+    service: str = ""
+    proof: str = ""  # a viewer's (or better) request proof, bound to the pod
+    grant: str = ""  # set by PodLogsWorkflow once the proof is verified; what the node checks
+
+    @field_validator("pod_id")
+    @classmethod
+    def _uuid(cls, v: str) -> str:
+        try:
+            if str(uuid.UUID(v)) == v:
+                return v
+        except ValueError:
+            pass
+        raise ValueError(f"not a UUID: {v[:60]!r}")
+
+
+# --- activity inputs and results ------------------------------------------------------
+
+
+class PickNodeInput(_Model):
+    service: str
+    spec: ServiceSpec
+    nodes: list[NodeSpec]
+    count: int = 1
+    placed: list[PodStatus] = Field(default_factory=list)
+    require_all: bool = False
+
+
+class PickNodeOutput(_Model):
+    nodes: list[NodeSpec | None]
+
+
+class StartPodInput(_Model):
+    pod_id: str
+    service: str
+    revision: int
+    node: str
+    spec: ServiceSpec
+    image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
+    ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
+    # A rolling update's new pod: it must stay up and answering this long after it first
+    # answered before start_pod returns it as ready (0: return at the first answer).
+    min_ready_s: float = Field(default=0.0, ge=0, le=3600)
+
+
+class StopPodInput(_Model):
+    pod_id: str
+    grace_s: float = 10.0
+
+
+class ListPodsInput(_Model):
+    service: str
+
+
+class ListPodsOutput(_Model):
+    pods: list[PodStatus]
+
+
+class LogsOutput(_Model):
+    lines: list[str]
+
+
+class EventInput(_Model):
+    type: str
+    service: str
+    reason: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- health monitor, healing and scaling ----------------------------------------------
+
+class PodFailure(_Model):
+    pod_id: str
+    kind: Literal["unhealthy", "exited"]
+    detail: str
+    consecutive_failures: int = 0
+    exit_code: int | None = None
+    node_lost: bool = False  # its node is Lost: the heal does not wait long to stop what is left of it
+
+
+class PodProgress(_Model):
+    """What the watch sees of one pod between its returns (its heartbeat details)."""
+
+    pod_id: str
+    health: Health
+    consecutive_failures: int = 0
+    cpu_percent: float | None = None
+
+
+class WatchInput(_Model):
+    service: str
+    spec: ServiceSpec
+    pods: list[PodStatus]  # the ready pods this node's watch pings and samples
+    known: list[str] = Field(default_factory=list)  # every pod id the workflow knows (incl. starting)
+    current: int = 0  # pods of the service in total, for the autoscale policy
+    max_duration_s: float = 1800.0
+    autoscale: bool = True
+    history: list[Recommendation] = Field(default_factory=list)
+    at_max_reported: bool = False
+
+
+class WatchResult(_Model):
+    reason: Literal["failed", "scale", "at_max", "timeout", "unknown_pods"]
+    failed: list[PodFailure] = Field(default_factory=list)
+    samples: list[CpuSample] = Field(default_factory=list)
+    decision: AutoscaleDecision | None = None
+    history: list[Recommendation] = Field(default_factory=list)
+    unknown_pods: list[str] = Field(default_factory=list)
+    progress: list[PodProgress] = Field(default_factory=list)
+
+
+class WatchCpuInput(_Model):
+    """The service's one autoscaler: merges every node watch's heartbeat samples."""
+
+    workflow_id: str
+    spec: ServiceSpec
+    current: int
+    pods: list[str] = Field(default_factory=list)  # the ready pods whose samples count
+    history: list[Recommendation] = Field(default_factory=list)
+    at_max_reported: bool = False
+    max_duration_s: float = 1800.0
+
+
+class WatchHeartbeat(_Model):
+    progress: list[PodProgress] = Field(default_factory=list)
+    samples: list[CpuSample] = Field(default_factory=list)
+    history: list[Recommendation] = Field(default_factory=list)
+    round: int = 0  # CPU sampling rounds so far: watch_cpu counts a node's samples once
+
+
+class HealInput(_Model):
+    spec: ServiceSpec
+    revision: int
+    failed: PodStatus
+    failure: PodFailure
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+    crash_count: int = 0  # earlier failures in a row: the first attempt already backs off
+    image_id: str = ""
+    ticket: str = ""
+
+
+class HealAttempt(_Model):
+    """Sent to the parent after each failed replacement, so status() shows the crash loop."""
+
+    failed_pod: str
+    replacement: str
+    attempt: int
+    reason: str
+    next_delay_s: float
+
+
+class HealOutput(_Model):
+    old_pod: str
+    replacement: PodStatus
+    attempts: int
+    stop_error: str | None = None  # the old pod could not be stopped (its node is gone)
+
+
+class ScaleInput(_Model):
+    spec: ServiceSpec
+    revision: int
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    samples: list[CpuSample] = Field(default_factory=list)
+    placement: Placement
+    existing: list[PodStatus] = Field(default_factory=list)
+    new_pod_ids: list[str] = Field(default_factory=list)
+    victims: list[PodStatus] = Field(default_factory=list)
+    image_id: str = ""
+    ticket: str = ""
+
+
+class ScaleOutput(_Model):
+    started: list[PodStatus] = Field(default_factory=list)
+    stopped: list[str] = Field(default_factory=list)
+    failed: list[FailedPod] = Field(default_factory=list)
+
+
+class ScaleRequest(_Model):
+    replicas: int
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # bound to ``replicas``
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
+
+
+# --- access, governance, image trust ---------------------------------------------------
+
+
+class AuthorizeInput(_Model):
+    proof: str = ""
+    action: str  # what the access matrix is asked
+    service: str
+    requester: str | None = None  # for approve: the deployer, who may not approve their own request
+    request_id: str = ""
+    claim: str = ""  # what the proof must ask for, when it differs from ``action`` (update, rollback)
+    bind: dict[str, Any] = Field(default_factory=dict)  # what the proof must be bound to
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True)
+
+
+class TicketInput(_Model):
+    """Admission, checked once more where it cannot be skipped, before the ticket is signed."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str
+    grant: str = ""  # the deployer's, from ``authorize``
+    approval_grant: str = ""  # a gov_approver's, when the spec is over the governance limit
+    prior_ticket: str = ""  # a rollback: the earlier revision's ticket (it was admitted then)
+    prior_revision: int | None = None
+
+
+    token: str = Field(default="", exclude=True)  # before grants; still decoded, never read
+    approval_token: str = Field(default="", exclude=True)
+
+
+class TicketOutput(_Model):
+    ticket: str
+
+
+class AuthorizeOutput(_Model):
+    allowed: bool
+    user: str | None = None
+    role: str | None = None
+    reason: str = ""
+    grant: str = ""  # the control plane's signed word for the verified identity and request
+
+
+class GovernanceInput(_Model):
+    spec: ServiceSpec
+
+
+class GovernanceOutput(_Model):
+    needs_approval: bool
+    reasons: list[str] = Field(default_factory=list)
+    approval_timeout_s: float = 86400.0
+
+
+class VerifyImageInput(_Model):
+    service: str
+    image: str
+    content_id: str = ""  # check this pinned content rather than what the tag points to now
+    one_try: bool = False  # a revocation check: answer now, do not wait for a signature
+    spec: ServiceSpec | None = None  # admission: would this node's runtime run it? (``check_spec``)
+
+
+class VerifyImageOutput(_Model):
+    content_id: str
+    detail: str
+
+
+class PublishResult(_Model):
+    written: bool = False
+    pushed: list[str] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
+
+
+class DrainInput(_Model):
+    """Pods being drained out of the routers: wait until every router says none of them has a
+    request in flight (and it sends them nothing new), at most ``max_s``."""
+
+    service: str = Field(max_length=63)
+    pods: list[str] = Field(max_length=256)
+    max_s: float = Field(ge=0, le=600)
+
+
+class DrainResult(_Model):
+    confirmed: bool = False  # every router answered idle for every pod
+    waited_s: float = 0.0
+    routers: dict[str, str] = Field(default_factory=dict)  # url -> "idle" or why not
+
+
+class UndeployRequest(_Model):
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
+    # Before request proofs, bearer tokens travelled here: still decoded (histories of that time
+    # replay), never read, never sent.
+    token: str = Field(default="", exclude=True, max_length=MAX_TOKEN_CHARS)
+
+
+class AdmissionRequest(_Model):
+    """The ``admission`` update: answer once the service has passed (or failed) admission,
+    or, with ``until="running"``, once it runs. Bounded, so no update outlives its caller."""
+
+    until: Literal["admitted", "running", "revision"] = "admitted"
+    revision: int | None = None  # until="revision": that revision runs (or was rolled back)
+    timeout_s: float = Field(default=300.0, gt=0, le=3600)

@@ -88,7 +88,7 @@ class DevServer:
     file in ``state_dir``; ``start()`` reuses a server already answering there."""
 
     def __init__(self, *, port: int, state_dir: Path, ui_port: int | None = None, namespace: str = "default",
-                 headless: bool = True) -> None:
+                 headless: bool = True, ready_timeout_s: float = SERVER_READY_TIMEOUT_S) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.ui_port = ui_port
@@ -98,6 +98,7 @@ class DevServer:
         self.log_path = state_dir / "temporal.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.reused = False
+        self.ready_timeout_s = ready_timeout_s
 
     @property
     def address(self) -> str:
@@ -148,7 +149,7 @@ class DevServer:
 
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SERVER_READY_TIMEOUT_S
+        deadline = loop.time() + self.ready_timeout_s
         last: Exception | None = None
         while loop.time() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -168,7 +169,7 @@ class DevServer:
                 f"something answers on {self.address} but it is not a Temporal server ({last}): stop it or use --port"
             )
         raise HmsError(
-            f"the Temporal dev server did not answer on {self.address} within {SERVER_READY_TIMEOUT_S:g} s "
+            f"the Temporal dev server did not answer on {self.address} within {self.ready_timeout_s:g} s "
             f"({last}); {self.log_path}:\n{self.log_tail()}"
         )
 

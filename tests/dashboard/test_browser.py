@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from hms_mgmt import auth, constants
 from hms_mgmt.models import ServiceInput, ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.testing import free_port
 from worker.main import HmsWorker
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -53,12 +53,6 @@ def chromium_or_skip() -> str:
     if os.environ.get("CI") == "true" or os.environ.get("HMS_REQUIRE_DOCKER") == "1":
         pytest.fail(why)
     pytest.skip(why)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StubRouter:

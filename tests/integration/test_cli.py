@@ -24,6 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import free_port
 from hms_mgmt.trust import TrustStore
 
 
@@ -203,12 +204,6 @@ async def test_auth_and_image_commands(tmp_path: Path):
     assert result.returncode == 1 and "no trust record" in result.stderr
     result = await hms("image", "sign", "registry.gov/unknown:1", env=env)
     assert result.returncode == 1 and "not in the process runtime's image catalog" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import urllib.request
 from typing import Any
 
@@ -19,13 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from hms_mgmt.events import EVENT_ID_HEADER, SIGNATURE_HEADER, read_events, verify_signature, webhook_secret
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.testing import free_port
 from worker.main import HmsWorker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:

@@ -2,7 +2,7 @@
 ``docker run`` of the same image x10 plus health polling, measured in the same run.
 
 Runs alternate (ours, peer, ours, peer, ...), each from a clean state (every container removed
-in between, not counted). Both sides use the same poller (``bench.common.HealthPoller``) and
+in between, not counted). Both sides use the same poller (``bench.lib.poll.HealthPoller``) and
 the same poll interval, started at t0, discovering endpoints by container label.
 
 Ours, three figures per run (t0 = the call to ``orch.deploy(spec, wait=True)``):
@@ -26,20 +26,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from bench.lib import EXAMPLE_IMAGE, REPO  # noqa: F401 - REPO: the repo on sys.path
-from bench.lib.cpu import CpuMeter
-from bench.lib.history import activity_timeline
-from bench.lib.poll import DEFAULT_POLL_S, HealthPoller, poll_until
-from bench.lib.ports import docker_client, docker_discoverer, remove_containers
-from bench.lib.results import Run, add_source_arg, print_table, run_main, verdict
-from bench.lib.source import use_source
-from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep
-from bench.lib.stats import median, pmax, rnd, summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
+
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.cpu import CpuMeter  # noqa: E402
+from bench.lib.history import activity_timeline  # noqa: E402
+from bench.lib.poll import DEFAULT_POLL_S, HealthPoller, poll_until  # noqa: E402
+from bench.lib.ports import docker_client, docker_discoverer, remove_containers  # noqa: E402
+from bench.lib.results import Run, add_source_arg, print_table, run_main, verdict  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep  # noqa: E402
+from bench.lib.stats import median, pmax, rnd, summary  # noqa: E402
 
 NAME = "deploy"
 TARGET = 1.3

@@ -37,20 +37,24 @@ import contextlib
 import datetime as _dt
 import os
 import signal
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.lib import EXAMPLE_IMAGE, REPO  # noqa: F401 - REPO: the repo on sys.path
-from bench.lib.history import activity_timeline
-from bench.lib.poll import http_status, poll_until
-from bench.lib.ports import docker_client, label_filter, remove_containers, running_endpoints
-from bench.lib.results import Run, add_source_arg, loadavg, print_table, run_main, verdict
-from bench.lib.source import use_source
-from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep, watch_armed
-from bench.lib.stats import median, rnd, summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
+
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.history import activity_timeline  # noqa: E402
+from bench.lib.poll import http_status, poll_until  # noqa: E402
+from bench.lib.ports import docker_client, label_filter, remove_containers, running_endpoints  # noqa: E402
+from bench.lib.results import Run, add_source_arg, loadavg, print_table, run_main, verdict  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep, watch_armed  # noqa: E402
+from bench.lib.stats import median, rnd, summary  # noqa: E402
 
 NAME = "heal"
 TARGET_A = 1.5  # ours / Docker restart policy

@@ -40,7 +40,7 @@ from bench.lib.cpu import CpuMeter  # noqa: E402
 from bench.lib.history import activity_timeline  # noqa: E402
 from bench.lib.poll import DEFAULT_POLL_S, HealthPoller, poll_until  # noqa: E402
 from bench.lib.ports import docker_client, docker_discoverer, remove_containers  # noqa: E402
-from bench.lib.results import Run, add_source_arg, print_table, run_main, verdict  # noqa: E402
+from bench.lib.results import Run, parse_common, parser, print_table, run_main, verdict  # noqa: E402
 from bench.lib.source import use_source  # noqa: E402
 from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep  # noqa: E402
 from bench.lib.stats import median, pmax, rnd, summary  # noqa: E402
@@ -336,7 +336,7 @@ async def main(args) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="counted runs per side (default 5)")
     ap.add_argument("--replicas", type=int, default=10, help="pods per deploy (default 10)")
     ap.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="poll interval, both sides (default %(default)s)")
@@ -344,10 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="interval of our status() poller (default 0.5); each call is a query + describe")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up runs per side (default 1)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause after each cleanup, not counted (default 1 s)")
-    ap.add_argument("--timeout", type=float, default=180.0, help="per-run timeout (default 180 s)")
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    add_source_arg(ap)
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=180.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":

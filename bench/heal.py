@@ -51,7 +51,7 @@ from bench.lib import EXAMPLE_IMAGE  # noqa: E402
 from bench.lib.history import activity_timeline  # noqa: E402
 from bench.lib.poll import http_status, poll_until  # noqa: E402
 from bench.lib.ports import docker_client, label_filter, remove_containers, running_endpoints  # noqa: E402
-from bench.lib.results import Run, add_source_arg, loadavg, print_table, run_main, verdict  # noqa: E402
+from bench.lib.results import Run, loadavg, parse_common, parser, print_table, run_main, verdict  # noqa: E402
 from bench.lib.source import use_source  # noqa: E402
 from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep, watch_armed  # noqa: E402
 from bench.lib.stats import median, rnd, summary  # noqa: E402
@@ -564,7 +564,7 @@ async def main(args) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="counted pairs for (a), runs per mode for (b) (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted (a) pairs first (default 1)")
     ap.add_argument("--replicas", type=int, default=1, help="pods of the service under test (default 1)")
@@ -581,10 +581,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="no router beside the worker: a drain is never confirmed, so a bad pod is "
                          "stopped only drain_s after its heal began")
     ap.add_argument("--settle", type=float, default=1.0, help="pause between measurements (default 1 s)")
-    ap.add_argument("--timeout", type=float, default=90.0)
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    add_source_arg(ap)
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=90.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":

@@ -243,12 +243,20 @@ def line(res: dict[str, Any]) -> str:
 # --- peers: nginx and a hand-configured HAProxy -------------------------------------------------
 
 
-class Nginx:
+class PeerProxy:
+    """A peer proxy's process, with its config under ``workdir/<kind>``."""
+
+    kind = ""
+
     def __init__(self, workdir: Path, port: int) -> None:
-        self.dir = workdir / "nginx"
+        self.dir = workdir / self.kind
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
+
+
+class Nginx(PeerProxy):
+    kind = "nginx"
 
     def write(self, endpoints: list[str]) -> None:
         servers = "\n".join(f"        server {e};" for e in endpoints)
@@ -295,12 +303,8 @@ http {{
                 self.proc.kill()
 
 
-class HandHAProxy:
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.dir = workdir / "haproxy-rr"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
+class HandHAProxy(PeerProxy):
+    kind = "haproxy-rr"
 
     def start(self, endpoints: list[str]) -> None:
         servers = "\n".join(f"    server pod{i} {e}" for i, e in enumerate(endpoints))

@@ -50,7 +50,7 @@ from bench.lib import EXAMPLE_IMAGE  # noqa: E402
 from bench.lib.history import activity_timeline  # noqa: E402
 from bench.lib.poll import HealthPoller, poll_until  # noqa: E402
 from bench.lib.ports import docker_client, docker_discoverer  # noqa: E402
-from bench.lib.results import Run, add_source_arg, loadavg, print_table, run_main  # noqa: E402
+from bench.lib.results import Run, loadavg, parse_common, parser, print_table, run_main  # noqa: E402
 from bench.lib.source import use_source  # noqa: E402
 from bench.lib.stack import grant_access, hms_stack, sweep_node, undeploy_and_sweep, watch_armed  # noqa: E402
 from bench.lib.stats import median, rnd, summary  # noqa: E402
@@ -453,17 +453,14 @@ async def main(args) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="runs (default 5)")
     ap.add_argument("--interval", type=float, default=2.0, help="scale_interval_s of the spec (default 2)")
     ap.add_argument("--burn", type=float, default=45.0,
                     help="CPU burn per pod, percent of ONE core (default 45 = ~90%% of the 0.5-CPU limit)")
     ap.add_argument("--observe", type=float, default=10.0, help="keep watching after 10 ready (default 10 s)")
     ap.add_argument("--settle", type=float, default=1.0)
-    ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    add_source_arg(ap)
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=120.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":

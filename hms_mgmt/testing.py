@@ -37,6 +37,7 @@ __all__ = [
     "dev_environment",
     "dev_server_pids",
     "free_port",
+    "kill_process_pod",
     "local_settings",
     "local_stack",
     "port_open",
@@ -161,3 +162,16 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(5)
+
+
+def kill_process_pod(settings: Settings, pod_id: str) -> None:
+    """SIGKILL a process-runtime pod of ``settings``' node, as a crash would."""
+    from hms_mgmt.runtimes import make_runtime
+
+    rt = make_runtime("process", node=settings.node, state_dir=settings.state_dir)
+    try:
+        handle = rt.find(pod_id)
+        assert handle is not None and handle.running, f"pod {pod_id} is not running"
+        os.kill(int(handle.extra["pid"]), signal.SIGKILL)
+    finally:
+        rt.close()

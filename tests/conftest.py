@@ -4,6 +4,7 @@ directory per test, so tests never see each other's workflows or pods."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from hms_mgmt.errors import HmsError
 from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
-from hms_mgmt.testing import WorkerProcess  # noqa: F401 - the tests import it from here
+from hms_mgmt.testing import WorkerProcess
 from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
 
@@ -185,6 +186,19 @@ def seed_spec(**overrides: object) -> dict[str, object]:
     }
     spec.update(overrides)
     return spec
+
+
+@contextlib.asynccontextmanager
+async def worker_process(env: WorkflowEnvironment, s: Settings, log_path: Path) -> AsyncIterator[WorkerProcess]:
+    """``python -m worker`` for ``s`` while the block runs; then its workflows and pods are gone."""
+    worker = WorkerProcess(s, log_path)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await terminate_running(env, s)
+        sweep_pods(s)
 
 
 async def eventually(predicate, *, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):

@@ -134,6 +134,21 @@ def print_table(rows: list[list[Any]], header: list[str]) -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths))
 
+def parser(doc: str | None) -> Any:
+    """An argument parser described by the first paragraph of a benchmark's docstring."""
+    import argparse
+
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+
+
+def parse_common(ap: Any, argv: list[str] | None, *, timeout_s: float, image: str) -> Any:
+    """Add what every docker benchmark takes (--timeout, --image, --source) and parse."""
+    ap.add_argument("--timeout", type=float, default=timeout_s)
+    ap.add_argument("--image", default=image)
+    add_source_arg(ap)
+    return ap.parse_args(argv)
+
+
 def add_source_arg(ap: Any) -> None:
     ap.add_argument("--source", default="snapshot",
                     help="product code to measure: snapshot (copy of the working tree, default), live, or a git ref")

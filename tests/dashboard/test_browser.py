@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -28,8 +27,7 @@ from dashboard import Dashboard
 from hms_mgmt import auth, constants
 from hms_mgmt.models import ServiceInput, ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.runtimes import make_runtime
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import free_port, kill_process_pod
 from worker.main import HmsWorker
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -199,13 +197,7 @@ async def test_killed_pod_is_replaced_without_reload(stack: Stack):
     before = await healthy_pod_ids(page, "hms-ach")
     assert len(before) == 2
     victim = before[0]
-    rt = make_runtime("process", node=stack.settings.node, state_dir=stack.settings.state_dir)
-    try:
-        handle = rt.find(victim)
-        assert handle is not None
-        os.kill(int(handle.extra["pid"]), signal.SIGKILL)
-    finally:
-        rt.close()
+    kill_process_pod(stack.settings, victim)
 
     async def replaced() -> bool:
         ids = await healthy_pod_ids(page, "hms-ach")

@@ -19,7 +19,16 @@ from pathlib import Path
 import psutil
 import pytest
 import pytest_asyncio
-from conftest import REPO, WorkerProcess, eventually, make_settings, node_pods, sweep_pods, terminate_running
+from conftest import (
+    REPO,
+    WorkerProcess,
+    eventually,
+    make_settings,
+    node_pods,
+    sweep_pods,
+    terminate_running,
+    worker_process,
+)
 from temporalio.testing import WorkflowEnvironment
 
 from hms_mgmt.config import Settings
@@ -57,15 +66,8 @@ def clean_env(**values: str) -> dict[str, str]:
 async def cli(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[tuple[Settings, dict[str, str]]]:
     """Settings and the environment an operator's shell would have, with a worker process running."""
     s = make_settings(temporal_env, tmp_path / "state", "process")
-    worker = WorkerProcess(s, tmp_path / "worker.log")
-    env = {**worker.env(), "COLUMNS": "200"}
-    worker.start()
-    try:
-        yield s, env
-    finally:
-        worker.stop()
-        await terminate_running(temporal_env, s)
-        sweep_pods(s)
+    async with worker_process(temporal_env, s, tmp_path / "worker.log") as worker:
+        yield s, {**worker.env(), "COLUMNS": "200"}
 
 
 async def test_deploy_status_logs_events_undeploy(temporal_env: WorkflowEnvironment, cli):

@@ -1,6 +1,6 @@
 """The Temporal dev server SIGKILLed and started again mid-rollout, on the same sqlite file.
 
-This test runs its own dev server (``temporal server start-dev --db-filename ...``), not the
+This test runs its own dev server (the test kit's ``DevServer``, on a sqlite file of its own), not the
 shared one, and a real worker process against it. The worker and the client ride out the
 outage; the rollout resumes from the server's persisted history and every pod ends on the new
 revision, with the books matching the process table."""

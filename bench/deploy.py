@@ -2,7 +2,7 @@
 ``docker run`` of the same image x10 plus health polling, measured in the same run.
 
 Runs alternate (ours, peer, ours, peer, ...), each from a clean state (every container removed
-in between, not counted). Both sides use the same poller (``bench.common.HealthPoller``) and
+in between, not counted). Both sides use the same poller (``bench.lib.poll.HealthPoller``) and
 the same poll interval, started at t0, discovering endpoints by container label.
 
 Ours, three figures per run (t0 = the call to ``orch.deploy(spec, wait=True)``):
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 import time
 import uuid
@@ -34,29 +33,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
 
-from bench.common import (  # noqa: E402
-    DEFAULT_POLL_S,
-    EXAMPLE_IMAGE,
-    CpuMeter,
-    HealthPoller,
-    Run,
-    activity_timeline,
-    docker_client,
-    docker_discoverer,
-    grant_access,
-    hms_stack,
-    median,
-    pmax,
-    poll_until,
-    print_table,
-    remove_containers,
-    rnd,
-    terminate_running,
-    use_source,
-    verdict,
-)
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.cpu import CpuMeter  # noqa: E402
+from bench.lib.history import activity_timeline  # noqa: E402
+from bench.lib.poll import DEFAULT_POLL_S, HealthPoller, poll_until  # noqa: E402
+from bench.lib.ports import docker_client, docker_discoverer, remove_containers  # noqa: E402
+from bench.lib.results import Run, parse_common, parser, print_table, run_main, verdict  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep  # noqa: E402
+from bench.lib.stats import median, pmax, rnd, summary  # noqa: E402
 
 NAME = "deploy"
 TARGET = 1.3
@@ -235,152 +222,121 @@ def summarize_breakdowns(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: rnd(median(v)) for k, v in segs.items()}
 
 
-# --- cleanup ------------------------------------------------------------------------------
-
-
-async def clean_ours(stack, name: str, dclient) -> None:
-    from hms_mgmt import constants
-
-    try:
-        await asyncio.wait_for(stack.orch.undeploy(name, wait=True), 60)
-    except Exception as e:  # noqa: BLE001 - a sweep below removes what is left
-        logging.getLogger("bench").warning("undeploy %s: %s", name, e)
-        await terminate_running(stack.client, stack.settings.task_queue)
-    await asyncio.to_thread(remove_containers, dclient, {constants.LABEL_NODE: stack.settings.node})
-
-
-async def settle(args) -> None:
-    await asyncio.sleep(args.settle)
-
-
 # --- main ------------------------------------------------------------------------------------
 
 
-async def main(args) -> int:
-    source = use_source(args.source)  # before the first product import
-    from hms_mgmt import constants
-
-    bench_run = Run(NAME)
-    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
-    dclient = docker_client(pool=max(32, args.replicas * 2))
-    try:
-        dclient.images.get(args.image)
-    except Exception as e:  # noqa: BLE001
-        print(f"image {args.image} is missing ({e}): run `make images`", file=sys.stderr)
-        return 2
+async def measure(stack, dclient, args, bench_run: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Alternating runs, ours then the peer's, each from a clean state; the warm-ups dropped."""
     poller = HealthPoller(interval_s=args.poll)
     pool = ThreadPoolExecutor(max_workers=args.replicas, thread_name_prefix="peer-docker-run")
     ours: list[dict[str, Any]] = []
     peer: list[dict[str, Any]] = []
+    try:
+        for k in range(args.warmup + args.runs):
+            tag = "" if k >= args.warmup else " (warm-up, not counted)"
+            r = await run_ours(stack, k, args.replicas, poller, dclient, args)
+            await undeploy_and_sweep(stack, dclient, r["service"], whole_node=True)
+            await asyncio.sleep(args.settle)
+            print(f"run {k}{tag}: ours status {r['status_s']:.3f}s http {r['http_s']:.3f}s "
+                  f"return {r['return_s']:.3f}s", flush=True)
+            p = await run_peer(k, args.replicas, poller, dclient, pool, args)
+            await asyncio.to_thread(remove_containers, dclient, {PEER_LABEL: "1"})
+            await asyncio.sleep(args.settle)
+            print(f"run {k}{tag}: peer http {p['http_s']:.3f}s (docker run returned {p['all_run_returned_s']:.3f}s)",
+                  flush=True)
+            if bench_run.source_changed():
+                r["source_changed"] = p["source_changed"] = True
+                print("  WARNING: product sources changed on disk since the start of the benchmark", flush=True)
+            if k >= args.warmup:
+                ours.append(r)
+                peer.append(p)
+    finally:
+        pool.shutdown(wait=False)
+    return ours, peer
+
+
+CPU_KEYS = ("self_cpu_s", "children_cpu_s", "docker_daemons_cpu_s", "machine_cpu_s")
+
+
+def figures(ours: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and max of each side's figures, the ratios to the peer's median, CPU medians."""
+    figs = {f"ours_{k}": summary((r.get(f"{k}_s") for r in ours), "_s") for k in ("status", "http", "return")}
+    figs["peer_http"] = summary((r.get("http_s") for r in peer), "_s")
+    peer_med = figs["peer_http"]["median_s"]
+    ratios = {k: (figs[f"ours_{k}"]["median_s"] / peer_med if peer_med and figs[f"ours_{k}"]["median_s"] else None)
+              for k in ("status", "http", "return")}
+    cpu = {side: {k: rnd(median(r["cpu"][k] for r in rows if "cpu" in r)) for k in CPU_KEYS}
+           for side, rows in (("ours", ours), ("peer", peer))}
+    return {"figures": figs, "ratios": ratios, "cpu": cpu, "where": summarize_breakdowns(ours)}
+
+
+def report(f: dict[str, Any], args) -> None:
+    figs, ratios = f["figures"], f["ratios"]
+    print(f"\ndeploy -> {args.replicas} healthy pods, {args.runs} runs each (alternating), poll {args.poll:g}s")
+    rows = [("ours: all answer /health (outside)", "ours_http", ratios["http"]),
+            ("ours: status() shows all healthy", "ours_status", ratios["status"]),
+            ("ours: deploy(wait=True) returned", "ours_return", ratios["return"]),
+            (f"peer: {args.replicas}x parallel docker run", "peer_http", 1.0)]
+    print_table([[label, figs[k]["median_s"], figs[k]["max_s"], x] for label, k, x in rows],
+                ["side", "median s", "max s", "x peer"])
+    ratio = ratios["http"]
+    print(f"ratio (ours /health median / peer median, same poller) = {ratio or float('nan'):.2f}x, "
+          f"target <= {TARGET}x: {verdict(ratio, TARGET)}")
+    if f["where"]:
+        print("\nwhere our time goes (median over runs, seconds, from workflow history):")
+        for k, v in f["where"].items():
+            print(f"  {k:<58} {v}")
+    print("\nCPU seconds used until all healthy (median): this process = client + in-process worker + pollers; "
+          "children = Temporal dev server")
+    print_table([[side, *(v[k] for k in CPU_KEYS)] for side, v in f["cpu"].items()],
+                ["side", "this process", "dev server", "dockerd+containerd", "machine (all)"])
+
+
+def payload(f: dict[str, Any], ours: list[dict[str, Any]], peer: list[dict[str, Any]], args) -> dict[str, Any]:
+    ratios = f["ratios"]
+    return {
+        "what": f"seconds from deploy() to {args.replicas} healthy pods vs parallel docker run x{args.replicas} + polling",
+        "peer_description": f"{args.replicas} threads each docker SDK containers.run(detach=True), same /health poller",
+        "image": args.image, "replicas": args.replicas, "runs": args.runs, "warmup_runs": args.warmup,
+        "poll_interval_s": args.poll, "status_poll_interval_s": args.status_poll or args.poll,
+        "target_ratio": TARGET,
+        "ratio": rnd(ratios["http"]),
+        "headline": "ours_http: all pods answer /health, same poller as the peer",
+        "ratio_status": rnd(ratios["status"]), "ratio_http": rnd(ratios["http"]), "ratio_return": rnd(ratios["return"]),
+        "pass": ratios["http"] is not None and ratios["http"] <= TARGET,
+        "figures": {k: {"median_s": v["median_s"], "max_s": v["max_s"]} for k, v in f["figures"].items()},
+        "breakdown_median_s": f["where"],
+        "cpu_median_s": f["cpu"],
+        "ours": ours,
+        "peer": peer,
+    }
+
+
+async def main(args) -> int:
+    use_source(args.source)  # before the first product import
+    bench_run = Run(NAME)
+    bench_run.announce(args.source)
+    dclient = docker_client(pool=max(32, args.replicas * 2))
+    if not require_image(dclient, args.image):
+        return 2
     node = None
     try:
         async with hms_stack("docker") as stack:
             node = stack.settings.node
             grant_access(stack, [args.image])
             remove_containers(dclient, {PEER_LABEL: "1"})
-            total = args.warmup + args.runs
-            for k in range(total):
-                counted = k >= args.warmup
-                tag = "" if counted else " (warm-up, not counted)"
-                r = await run_ours(stack, k, args.replicas, poller, dclient, args)
-                await clean_ours(stack, r["service"], dclient)
-                await settle(args)
-                print(f"run {k}{tag}: ours status {r['status_s']:.3f}s http {r['http_s']:.3f}s "
-                      f"return {r['return_s']:.3f}s", flush=True)
-                p = await run_peer(k, args.replicas, poller, dclient, pool, args)
-                await asyncio.to_thread(remove_containers, dclient, {PEER_LABEL: "1"})
-                await settle(args)
-                print(f"run {k}{tag}: peer http {p['http_s']:.3f}s (docker run returned {p['all_run_returned_s']:.3f}s)",
-                      flush=True)
-                if bench_run.source_changed():
-                    r["source_changed"] = p["source_changed"] = True
-                    print("  WARNING: product sources changed on disk since the start of the benchmark", flush=True)
-                if counted:
-                    ours.append(r)
-                    peer.append(p)
+            ours, peer = await measure(stack, dclient, args, bench_run)
     finally:
-        pool.shutdown(wait=False)
-        with contextlib.suppress(Exception):
-            remove_containers(dclient, {PEER_LABEL: "1"})
-        if node:
-            with contextlib.suppress(Exception):
-                remove_containers(dclient, {constants.LABEL_NODE: node})
+        sweep_node(dclient, node, {PEER_LABEL: "1"})
         dclient.close()
-
-    def col(rows, key):
-        return [r[key] for r in rows if r.get(key) is not None]
-
-    peer_med = median(col(peer, "http_s"))
-    figures = {
-        "ours_status": {"median_s": rnd(median(col(ours, "status_s"))), "max_s": rnd(pmax(col(ours, "status_s")))},
-        "ours_http": {"median_s": rnd(median(col(ours, "http_s"))), "max_s": rnd(pmax(col(ours, "http_s")))},
-        "ours_return": {"median_s": rnd(median(col(ours, "return_s"))), "max_s": rnd(pmax(col(ours, "return_s")))},
-        "peer_http": {"median_s": rnd(peer_med), "max_s": rnd(pmax(col(peer, "http_s")))},
-    }
-    ratio_status = figures["ours_status"]["median_s"] / peer_med if peer_med else None
-    ratio_http = figures["ours_http"]["median_s"] / peer_med if peer_med else None
-    ratio = ratio_http
-    ratio_return = figures["ours_return"]["median_s"] / peer_med if peer_med else None
-    where = summarize_breakdowns(ours)
-    cpu_keys = ("self_cpu_s", "children_cpu_s", "docker_daemons_cpu_s", "machine_cpu_s")
-    cpu_med = {side: {k: rnd(median(r["cpu"][k] for r in rows if "cpu" in r)) for k in cpu_keys}
-               for side, rows in (("ours", ours), ("peer", peer))}
-
-    print()
-    print(f"deploy -> {args.replicas} healthy pods, {args.runs} runs each (alternating), poll {args.poll:g}s")
-    print_table(
-        [
-            ["ours: all answer /health (outside)", figures["ours_http"]["median_s"], figures["ours_http"]["max_s"], ratio_http],
-            ["ours: status() shows all healthy", figures["ours_status"]["median_s"], figures["ours_status"]["max_s"],
-             ratio_status],
-            ["ours: deploy(wait=True) returned", figures["ours_return"]["median_s"], figures["ours_return"]["max_s"], ratio_return],
-            [f"peer: {args.replicas}x parallel docker run", figures["peer_http"]["median_s"], figures["peer_http"]["max_s"], 1.0],
-        ],
-        ["side", "median s", "max s", "x peer"],
-    )
-    print(f"ratio (ours /health median / peer median, same poller) = {ratio:.2f}x, target <= {TARGET}x: "
-          f"{verdict(ratio, TARGET)}")
-    if where:
-        print("\nwhere our time goes (median over runs, seconds, from workflow history):")
-        for k, v in where.items():
-            print(f"  {k:<58} {v}")
-
-    print("\nCPU seconds used until all healthy (median): this process = client + in-process worker + pollers; "
-          "children = Temporal dev server")
-    print_table([[side, *(v[k] for k in cpu_keys)] for side, v in cpu_med.items()],
-                ["side", "this process", "dev server", "dockerd+containerd", "machine (all)"])
-    path = bench_run.finish(
-        {
-            "what": f"seconds from deploy() to {args.replicas} healthy pods vs parallel docker run x{args.replicas} + polling",
-            "peer_description": f"{args.replicas} threads each docker SDK containers.run(detach=True), same /health poller",
-            "image": args.image,
-            "replicas": args.replicas,
-            "runs": args.runs,
-            "warmup_runs": args.warmup,
-            "poll_interval_s": args.poll,
-            "status_poll_interval_s": args.status_poll or args.poll,
-            "target_ratio": TARGET,
-            "ratio": rnd(ratio),
-            "headline": "ours_http: all pods answer /health, same poller as the peer",
-            "ratio_status": rnd(ratio_status),
-            "ratio_http": rnd(ratio_http),
-            "ratio_return": rnd(ratio_return),
-            "pass": ratio is not None and ratio <= TARGET,
-            "figures": figures,
-            "breakdown_median_s": where,
-            "cpu_median_s": cpu_med,
-            "ours": ours,
-            "peer": peer,
-        }
-    )
-    if bench_run.source_changed():
-        print("WARNING: product sources changed on disk during the run: figures mix code versions; run again")
-    print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    f = figures(ours, peer)
+    report(f, args)
+    bench_run.done(payload(f, ours, peer, args))
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="counted runs per side (default 5)")
     ap.add_argument("--replicas", type=int, default=10, help="pods per deploy (default 10)")
     ap.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="poll interval, both sides (default %(default)s)")
@@ -388,17 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="interval of our status() poller (default 0.5); each call is a query + describe")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted warm-up runs per side (default 1)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause after each cleanup, not counted (default 1 s)")
-    ap.add_argument("--timeout", type=float, default=180.0, help="per-run timeout (default 180 s)")
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    ap.add_argument("--source", default="snapshot",
-                    help="product code to measure: snapshot (copy of the working tree, default), live, or a git ref")
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=180.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        print("interrupted; containers removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, parse_args())

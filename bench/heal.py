@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as _dt
-import logging
 import os
 import signal
 import sys
@@ -46,27 +45,16 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
 
-from bench.common import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    Run,
-    activity_timeline,
-    docker_client,
-    grant_access,
-    hms_stack,
-    label_filter,
-    loadavg,
-    median,
-    pmax,
-    print_table,
-    remove_containers,
-    rnd,
-    terminate_running,
-    use_source,
-    verdict,
-    watch_armed,
-)
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.history import activity_timeline  # noqa: E402
+from bench.lib.poll import http_status, poll_until  # noqa: E402
+from bench.lib.ports import docker_client, label_filter, remove_containers, running_endpoints  # noqa: E402
+from bench.lib.results import Run, loadavg, parse_common, parser, print_table, run_main, verdict  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack, require_image, sweep_node, undeploy_and_sweep, watch_armed  # noqa: E402
+from bench.lib.stats import median, rnd, summary  # noqa: E402
 
 NAME = "heal"
 TARGET_A = 1.5  # ours / Docker restart policy
@@ -78,27 +66,8 @@ POLL_S = 0.05
 # --- the one poller both sides use ---------------------------------------------------------
 
 
-def running_endpoints(dclient, labels: dict[str, str], exclude_ids: set[str] = frozenset(),
-                      private_port: int = 8080) -> list[tuple[str, str]]:
-    """(container id, "127.0.0.1:PORT") of the running containers carrying ``labels``."""
-    out = []
-    for ct in dclient.api.containers(filters=label_filter(labels)):
-        if ct["Id"] in exclude_ids:
-            continue
-        for p in ct.get("Ports") or []:
-            if p.get("PrivatePort") == private_port and p.get("PublicPort"):
-                out.append((ct["Id"], f"{p.get('IP') or '127.0.0.1'}:{p['PublicPort']}"))
-                break
-    return out
-
-
 async def _probe(session: aiohttp.ClientSession, endpoint: str, path: str, timeout_s: float) -> bool:
-    try:
-        async with session.get(f"http://{endpoint}{path}", allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            return resp.status == 200
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return False
+    return await http_status(session, endpoint, path, timeout_s) == 200
 
 
 async def first_answer(dclient, labels: dict[str, str], *, t0: float, exclude_ids: set[str] = frozenset(),
@@ -124,17 +93,6 @@ async def first_answer(dclient, labels: dict[str, str], *, t0: float, exclude_id
                         return out
             await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - tick)))
     return out
-
-
-async def poll(check, *, t0: float, interval_s: float, timeout_s: float = 120.0) -> float | None:
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        tick = time.perf_counter()
-        with contextlib.suppress(Exception):
-            if await check():
-                return time.perf_counter() - t0
-        await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - tick)))
-    return None
 
 
 def kill9(dclient, container_id: str) -> tuple[int, float, float]:
@@ -245,18 +203,6 @@ async def heal_breakdown(stack, name: str, old_pod: str, t0_wall: float) -> dict
     }
 
 
-async def undeploy(stack, name: str, dclient) -> None:
-    from hms_mgmt import constants
-
-    try:
-        await asyncio.wait_for(stack.orch.undeploy(name, wait=True), 60)
-    except Exception as e:  # noqa: BLE001 - the sweep below removes what is left
-        logging.getLogger("bench").warning("undeploy %s: %s", name, e)
-        await terminate_running(stack.client, stack.settings.task_queue)
-    await asyncio.to_thread(remove_containers, dclient, {constants.LABEL_SERVICE: name,
-                                                         constants.LABEL_NODE: stack.settings.node})
-
-
 async def measure_ours_crash(stack, name: str, st, cids: list[str], dclient, args) -> dict[str, Any]:
     from hms_mgmt import constants
 
@@ -281,8 +227,8 @@ async def measure_ours_crash(stack, name: str, st, cids: list[str], dclient, arg
 
     http, t_status, t_removed = await asyncio.gather(
         first_answer(dclient, labels, t0=t0, exclude_ids=before, interval_s=args.poll, timeout_s=args.timeout),
-        poll(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
-        poll(removed, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+        poll_until(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+        poll_until(removed, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
     )
     if http["elapsed_s"] is None:
         raise RuntimeError(f"{name}: no replacement answered /health within {args.timeout}s")
@@ -368,7 +314,7 @@ async def run_pair(stack, k: int, dclient, args) -> tuple[dict[str, Any], dict[s
         r["order"] = p["order"] = "ours first" if ours_first else "peer first"
     finally:
         await asyncio.to_thread(remove_containers, dclient, {f"{PEER_LABEL}.run": run_label})
-        await undeploy(stack, name, dclient)
+        await undeploy_and_sweep(stack, dclient, name)
     return r, p
 
 
@@ -407,8 +353,8 @@ async def run_hung(stack, k: int, mode: str, dclient, args) -> dict[str, Any]:
 
         http, t_removed, t_status = await asyncio.gather(
             first_answer(dclient, labels, t0=t0, exclude_ids=before, interval_s=args.poll, timeout_s=args.timeout),
-            poll(removed, t0=t0, interval_s=args.poll, timeout_s=args.timeout),
-            poll(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
+            poll_until(removed, t0=t0, interval_s=args.poll, timeout_s=args.timeout),
+            poll_until(status_replaced, t0=t0, interval_s=args.status_poll, timeout_s=args.timeout),
         )
         if http["elapsed_s"] is None or t_removed is None:
             raise RuntimeError(f"{name}: hung pod not replaced/removed within {args.timeout}s: {http} {t_removed}")
@@ -426,15 +372,10 @@ async def run_hung(stack, k: int, mode: str, dclient, args) -> dict[str, Any]:
             "breakdown": await heal_breakdown(stack, name, victim.id, t0_wall),
         }
     finally:
-        await undeploy(stack, name, dclient)
+        await undeploy_and_sweep(stack, dclient, name)
 
 
 # --- main ----------------------------------------------------------------------------------------
-
-
-def stats(xs: list[float | None]) -> dict[str, float | None]:
-    xs = [x for x in xs if x is not None]
-    return {"median_s": rnd(median(xs)), "min_s": rnd(min(xs)) if xs else None, "max_s": rnd(pmax(xs)), "n": len(xs)}
 
 
 def med_breakdown(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -457,158 +398,114 @@ def med_breakdown(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.asynccontextmanager
-async def with_router(stack, port: int, *, enabled: bool):  # noqa: ANN001 - bench.common.Stack
-    """The builtin router on ``port``, a process of its own (``python -m router``, as ``hms up``
-    starts it), fed by the stack's worker."""
-    if not enabled:
-        yield
-        return
-    from router.server import RouterProcess
-
-    router = RouterProcess(stack.settings, port=port, engine="builtin")
-    router.start()
-    try:
-        await router.wait_ready(30)
-        yield
-    finally:
-        await asyncio.to_thread(router.stop)
-
-async def main(args) -> int:
-    source = use_source(args.source)
-    from hms_mgmt import constants
-
-    bench_run = Run(NAME)
-    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
-    dclient = docker_client()
-    try:
-        dclient.images.get(args.image)
-    except Exception as e:  # noqa: BLE001
-        print(f"image {args.image} is missing ({e})", file=sys.stderr)
-        return 2
-    modes = [m for m in args.b_modes.split(",") if m]
+async def measure_a(stack, dclient, args, bench_run: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(a): alternating pairs, SIGKILL of ours and of Docker's; the warm-ups dropped."""
     ours: list[dict[str, Any]] = []
     peer: list[dict[str, Any]] = []
-    hung: list[dict[str, Any]] = []
-    node = None
-    access: dict[str, Any] = {}
-    try:
-        port = free_port()
-        async with hms_stack("docker", routers=[f"http://127.0.0.1:{port}"]) as stack, \
-                with_router(stack, port, enabled=not args.no_router):
-            node = stack.settings.node
-            access = grant_access(stack, [args.image])
-            remove_containers(dclient, {PEER_LABEL: "1"})
-            if not args.skip_a:
-                for k in range(args.warmup + args.runs):
-                    counted = k >= args.warmup
-                    tag = "" if counted else " (warm-up, not counted)"
-                    r, p = await run_pair(stack, k, dclient, args)
-                    print(f"(a) pair {k}{tag} [{r['order']}]: ours replacement answers {r['http_s']:.3f}s "
-                          f"(status {r['status_replaced_s']}, dead removed {r['dead_container_removed_s']}) | "
-                          f"docker restart answers {p['http_s']:.3f}s | load {r['load_average']}", flush=True)
-                    if bench_run.source_changed():
-                        r["source_changed"] = True
-                        print("  WARNING: product sources changed on disk since the start", flush=True)
-                    if counted:
-                        ours.append(r)
-                        peer.append(p)
-                    await asyncio.sleep(args.settle)
-            for k in range(args.runs if modes else 0):
-                for j, mode in enumerate(modes if k % 2 == 0 else list(reversed(modes))):
-                    h = await run_hung(stack, k * len(modes) + j, mode, dclient, args)
-                    print(f"(b) run {k} {mode}: replacement answers {h['replacement_http_s']:.3f}s, bad pod removed "
-                          f"{h['bad_pod_removed_s']:.3f}s -> {h['total_s']:.3f}s | load {h['load_average']}",
-                          flush=True)
-                    hung.append(h)
-                    await asyncio.sleep(args.settle)
-    finally:
-        with contextlib.suppress(Exception):
-            remove_containers(dclient, {PEER_LABEL: "1"})
-        if node:
-            with contextlib.suppress(Exception):
-                remove_containers(dclient, {constants.LABEL_NODE: node})
-        dclient.close()
+    for k in range(0 if args.skip_a else args.warmup + args.runs):
+        tag = "" if k >= args.warmup else " (warm-up, not counted)"
+        r, p = await run_pair(stack, k, dclient, args)
+        print(f"(a) pair {k}{tag} [{r['order']}]: ours replacement answers {r['http_s']:.3f}s "
+              f"(status {r['status_replaced_s']}, dead removed {r['dead_container_removed_s']}) | "
+              f"docker restart answers {p['http_s']:.3f}s | load {r['load_average']}", flush=True)
+        if bench_run.source_changed():
+            r["source_changed"] = True
+            print("  WARNING: product sources changed on disk since the start", flush=True)
+        if k >= args.warmup:
+            ours.append(r)
+            peer.append(p)
+        await asyncio.sleep(args.settle)
+    return ours, peer
 
-    fig_a = {
-        "ours_replacement_http": stats([r["http_s"] for r in ours]),
-        "ours_status_replaced": stats([r["status_replaced_s"] for r in ours]),
-        "ours_dead_container_removed": stats([r["dead_container_removed_s"] for r in ours]),
-        "peer_docker_restart_http": stats([p["http_s"] for p in peer]),
+
+async def measure_b(stack, dclient, args, modes: list[str]) -> list[dict[str, Any]]:
+    """(b): each mode once per run, the order reversed every other run."""
+    hung: list[dict[str, Any]] = []
+    for k in range(args.runs if modes else 0):
+        for j, mode in enumerate(modes if k % 2 == 0 else list(reversed(modes))):
+            h = await run_hung(stack, k * len(modes) + j, mode, dclient, args)
+            print(f"(b) run {k} {mode}: replacement answers {h['replacement_http_s']:.3f}s, bad pod removed "
+                  f"{h['bad_pod_removed_s']:.3f}s -> {h['total_s']:.3f}s | load {h['load_average']}", flush=True)
+            hung.append(h)
+            await asyncio.sleep(args.settle)
+    return hung
+
+
+def figures_a(ours: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str, Any]:
+    fig = {
+        "ours_replacement_http": summary([r["http_s"] for r in ours], "_s"),
+        "ours_status_replaced": summary([r["status_replaced_s"] for r in ours], "_s"),
+        "ours_dead_container_removed": summary([r["dead_container_removed_s"] for r in ours], "_s"),
+        "peer_docker_restart_http": summary([p["http_s"] for p in peer], "_s"),
     }
-    peer_med = fig_a["peer_docker_restart_http"]["median_s"]
-    ours_med = fig_a["ours_replacement_http"]["median_s"]
-    ratio_a = ours_med / peer_med if ours_med is not None and peer_med else None
-    floor_b = args.b_failures * args.b_interval
+    peer_med = fig["peer_docker_restart_http"]["median_s"]
+    ours_med = fig["ours_replacement_http"]["median_s"]
+    return {"figures": fig, "ratio": ours_med / peer_med if ours_med is not None and peer_med else None}
+
+
+def figures_b(hung: list[dict[str, Any]], modes: list[str], floor_b: float) -> dict[str, Any]:
     fig_b: dict[str, Any] = {}
     for mode in modes:
         rows = [h for h in hung if h["mode"] == mode]
         med = median([h["total_s"] for h in rows])
         fig_b[mode] = {
-            "total": stats([h["total_s"] for h in rows]),
-            "replacement_http": stats([h["replacement_http_s"] for h in rows]),
-            "bad_pod_removed": stats([h["bad_pod_removed_s"] for h in rows]),
-            "status_replaced": stats([h["status_replaced_s"] for h in rows]),
+            "total": summary([h["total_s"] for h in rows], "_s"),
+            "replacement_http": summary([h["replacement_http_s"] for h in rows], "_s"),
+            "bad_pod_removed": summary([h["bad_pod_removed_s"] for h in rows], "_s"),
+            "status_replaced": summary([h["status_replaced_s"] for h in rows], "_s"),
             "ratio_to_floor": rnd(med / floor_b) if med is not None else None,
             "over_floor_s": rnd(med - floor_b) if med is not None else None,
             "pass": med is not None and med <= floor_b + SLACK_B,
             "breakdown_median_s": med_breakdown(rows),
         }
+    return fig_b
 
-    print()
-    if ours:
-        print(f"(a) SIGKILL -> a pod answers /health again, {len(ours)} pairs (alternating), poll {args.poll:g}s")
-        print_table(
-            [
-                ["ours: replacement answers /health", ours_med, fig_a["ours_replacement_http"]["max_s"], ratio_a],
-                ["ours: status() shows replacement ready", fig_a["ours_status_replaced"]["median_s"],
-                 fig_a["ours_status_replaced"]["max_s"], None],
-                ["ours: dead container removed", fig_a["ours_dead_container_removed"]["median_s"],
-                 fig_a["ours_dead_container_removed"]["max_s"], None],
-                ["peer: docker --restart=always", peer_med, fig_a["peer_docker_restart_http"]["max_s"], 1.0],
-            ],
-            ["side", "median s", "max s", "x peer"],
-        )
-        print("  where our time goes (median, s since kill):", med_breakdown(ours))
-    if hung:
-        print(f"\n(b) hung pod -> replacement answers and bad pod removed; health_interval_s={args.b_interval:g}, "
-              f"health_failures={args.b_failures}: floor {floor_b:g}s, target <= {floor_b + SLACK_B:g}s")
-        print_table(
-            [[mode, f["total"]["median_s"], f["total"]["max_s"], f["replacement_http"]["median_s"],
-              f["bad_pod_removed"]["median_s"], f["ratio_to_floor"], "PASS" if f["pass"] else "FAIL"]
-             for mode, f in fig_b.items()],
-            ["mode", "median s", "max s", "repl. answers", "bad removed", "x floor", "verdict"],
-        )
-        for mode, f in fig_b.items():
-            print(f"  where the time goes ({mode}, median, s since switch):", f["breakdown_median_s"])
-    print()
-    summary = []
-    if ratio_a is not None:
-        summary.append(f"(a) ratio ours/peer = {ratio_a:.2f}x, target <= {TARGET_A}x: {verdict(ratio_a, TARGET_A)}")
+
+def report_a(a: dict[str, Any], ours: list[dict[str, Any]], args) -> None:
+    fig = a["figures"]
+    print(f"(a) SIGKILL -> a pod answers /health again, {len(ours)} pairs (alternating), poll {args.poll:g}s")
+    rows = [("ours: replacement answers /health", "ours_replacement_http", a["ratio"]),
+            ("ours: status() shows replacement ready", "ours_status_replaced", None),
+            ("ours: dead container removed", "ours_dead_container_removed", None),
+            ("peer: docker --restart=always", "peer_docker_restart_http", 1.0)]
+    print_table([[label, fig[k]["median_s"], fig[k]["max_s"], x] for label, k, x in rows],
+                ["side", "median s", "max s", "x peer"])
+    print("  where our time goes (median, s since kill):", med_breakdown(ours))
+
+
+def report_b(fig_b: dict[str, Any], args, floor_b: float) -> None:
+    print(f"\n(b) hung pod -> replacement answers and bad pod removed; health_interval_s={args.b_interval:g}, "
+          f"health_failures={args.b_failures}: floor {floor_b:g}s, target <= {floor_b + SLACK_B:g}s")
+    print_table(
+        [[mode, f["total"]["median_s"], f["total"]["max_s"], f["replacement_http"]["median_s"],
+          f["bad_pod_removed"]["median_s"], f["ratio_to_floor"], "PASS" if f["pass"] else "FAIL"]
+         for mode, f in fig_b.items()],
+        ["mode", "median s", "max s", "repl. answers", "bad removed", "x floor", "verdict"],
+    )
     for mode, f in fig_b.items():
-        summary.append(f"(b/{mode}) {f['total']['median_s']}s = {f['ratio_to_floor']}x floor {floor_b:g}s, "
-                       f"target <= {floor_b + SLACK_B:g}s: {'PASS' if f['pass'] else 'FAIL'}")
-    print("\n".join(summary))
+        print(f"  where the time goes ({mode}, median, s since switch):", f["breakdown_median_s"])
 
-    path = bench_run.finish({
+
+def verdict_lines(ratio_a: float | None, fig_b: dict[str, Any], floor_b: float) -> list[str]:
+    lines = []
+    if ratio_a is not None:
+        lines.append(f"(a) ratio ours/peer = {ratio_a:.2f}x, target <= {TARGET_A}x: {verdict(ratio_a, TARGET_A)}")
+    for mode, f in fig_b.items():
+        lines.append(f"(b/{mode}) {f['total']['median_s']}s = {f['ratio_to_floor']}x floor {floor_b:g}s, "
+                     f"target <= {floor_b + SLACK_B:g}s: {'PASS' if f['pass'] else 'FAIL'}")
+    return lines
+
+
+def payload(a: dict[str, Any], fig_b: dict[str, Any], runs: dict[str, list[dict[str, Any]]], args,
+            modes: list[str], access: dict[str, Any]) -> dict[str, Any]:
+    floor_b = args.b_failures * args.b_interval
+    return {
         "what": "(a) seconds from SIGKILL of a pod's main process to a pod answering /health again, ours "
                 "(replacement pod) vs Docker --restart=always (in place); (b) seconds from a pod turning "
                 "unhealthy/hung to a replacement answering /health and the bad pod removed, vs "
                 "health_failures x health_interval_s",
-        "image": args.image,
-        "replicas": args.replicas,
-        "runs": args.runs,
-        "warmup_pairs": args.warmup,
-        "poll_interval_s": args.poll,
-        "status_poll_interval_s": args.status_poll,
+        "image": args.image, "replicas": args.replicas, "runs": args.runs, "warmup_pairs": args.warmup,
+        "poll_interval_s": args.poll, "status_poll_interval_s": args.status_poll,
         "min_pod_age_s": {"a": min_age(args, 5.0), "b": min_age(args, args.b_interval)},
         "access": access,
         "router": "builtin, a process of its own" if not args.no_router else None,
@@ -617,32 +514,57 @@ async def main(args) -> int:
                      "max_replicas": args.replicas},
             "peer_description": "docker run -d --restart=always (docker SDK), same image, SIGKILL of State.Pid; "
                                 "same poller (label discovery + GET /health every poll interval)",
-            "target_ratio": TARGET_A,
-            "ratio": rnd(ratio_a),
-            "pass": ratio_a is not None and ratio_a <= TARGET_A,
-            "figures": fig_a,
-            "breakdown_median_s": med_breakdown(ours),
-            "ours": ours,
-            "peer": peer,
+            "target_ratio": TARGET_A, "ratio": rnd(a["ratio"]),
+            "pass": a["ratio"] is not None and a["ratio"] <= TARGET_A,
+            "figures": a["figures"], "breakdown_median_s": med_breakdown(runs["ours"]),
+            "ours": runs["ours"], "peer": runs["peer"],
         },
         "b": {
-            "spec": {"health_interval_s": args.b_interval, "health_failures": args.b_failures,
-                     "stop_grace_s": 10.0},
-            "detection_floor_s": floor_b,
-            "target_s": floor_b + SLACK_B,
+            "spec": {"health_interval_s": args.b_interval, "health_failures": args.b_failures, "stop_grace_s": 10.0},
+            "detection_floor_s": floor_b, "target_s": floor_b + SLACK_B,
             "headline_mode": modes[0] if modes else None,
-            "figures": fig_b,
-            "runs": hung,
+            "figures": fig_b, "runs": runs["hung"],
         },
-    })
-    if bench_run.source_changed():
-        print("WARNING: product sources changed on disk during the run: figures mix code versions; run again")
-    print(f"\nwrote {path}")
+    }
+
+
+async def main(args) -> int:
+    use_source(args.source)
+    bench_run = Run(NAME)
+    bench_run.announce(args.source)
+    dclient = docker_client()
+    if not require_image(dclient, args.image):
+        return 2
+    modes = [m for m in args.b_modes.split(",") if m]
+    node = None
+    # Without a router, the worker still names one, where nobody listens: no drain is confirmed.
+    from bench.lib import ports
+
+    edge = {"routers": [f"http://127.0.0.1:{ports.free_port()}"]} if args.no_router else {"router_engine": "builtin"}
+    try:
+        async with hms_stack("docker", **edge) as stack:
+            node = stack.settings.node
+            access = grant_access(stack, [args.image])
+            remove_containers(dclient, {PEER_LABEL: "1"})
+            ours, peer = await measure_a(stack, dclient, args, bench_run)
+            hung = await measure_b(stack, dclient, args, modes)
+    finally:
+        sweep_node(dclient, node, {PEER_LABEL: "1"})
+        dclient.close()
+    floor_b = args.b_failures * args.b_interval
+    a, fig_b = figures_a(ours, peer), figures_b(hung, modes, floor_b)
+    print()
+    if ours:
+        report_a(a, ours, args)
+    if hung:
+        report_b(fig_b, args, floor_b)
+    print("\n" + "\n".join(verdict_lines(a["ratio"], fig_b, floor_b)))
+    bench_run.done(payload(a, fig_b, {"ours": ours, "peer": peer, "hung": hung}, args, modes, access))
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="counted pairs for (a), runs per mode for (b) (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted (a) pairs first (default 1)")
     ap.add_argument("--replicas", type=int, default=1, help="pods of the service under test (default 1)")
@@ -659,16 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="no router beside the worker: a drain is never confirmed, so a bad pod is "
                          "stopped only drain_s after its heal began")
     ap.add_argument("--settle", type=float, default=1.0, help="pause between measurements (default 1 s)")
-    ap.add_argument("--timeout", type=float, default=90.0)
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    ap.add_argument("--source", default="snapshot", help="snapshot (default), live, or a git ref")
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=90.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, parse_args())

@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -49,32 +48,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
-    grant_access,
-    hms_stack,
-    loadavg,
-    machine_info,
-    median,
-    print_table,
-    rnd,
-    verdict,
-    write_result,
-)
+from bench.lib.ports import docker_client  # noqa: E402
+from bench.lib.results import Run, add_source_arg, loadavg, print_table, verdict  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack  # noqa: E402
+from bench.lib.stats import median, rnd  # noqa: E402
 
 V1, V2 = "registry.gov/hms-ach:1.4", "registry.gov/hms-ach:1.5"
 SWARM_V1, SWARM_V2 = "hms-ach:1.4", "hms-ach:1.5"
 REPLICAS = 4
 TARGET = 1.0
 SETTLE_S = 1.0  # after a service is gone, before the next measured run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def steady_load(url: str, stop: asyncio.Event, clients: int = 8) -> dict[str, int]:
@@ -115,8 +103,10 @@ class Traffic:
                                                     client=self.client))
             await asyncio.wait_for(ready.wait(), 30)
             return self
+        from bench.lib.source import current
+
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--traffic", str(self.port),
+            sys.executable, __file__, "--traffic", str(self.port), "--source-root", current()["root"],
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         # Settings (with the bench's token) on stdin, not on a command line anyone can read.
         await self._send(self.settings.model_dump_json())
@@ -161,11 +151,13 @@ class Traffic:
         return await counts
 
 
-async def traffic_child(port: int) -> None:
+async def traffic_child(port: int, source_root: str | None) -> None:
     """``--traffic PORT``: serve the router and, on request, a steady load through it.
 
     Reads one line of settings JSON, then ``{"start": URL}`` / ``{"stop": true}`` lines; answers
     each with one JSON line on stdout. Ends when stdin closes."""
+    if source_root:  # the product code the parent measures
+        sys.path.insert(0, source_root)
     from hms_mgmt.config import Settings
     from router import serve
 
@@ -207,7 +199,9 @@ async def ours(runs: int, *, in_process: bool, before_each: Callable[[int], None
                ) -> dict[str, list[dict[str, float | int]]]:
     """Per run, one update with the spec's defaults and one with ``min_ready_s`` 0."""
     out: dict[str, list[dict[str, float | int]]] = {v: [] for v in VARIANTS}
-    port = free_port()
+    from bench.lib import ports
+
+    port = ports.free_port()
     async with hms_stack("docker", routers=[f"http://127.0.0.1:{port}"]) as stack:
         grant_access(stack, images=(V1, V2))
         async with Traffic(stack.settings, stack.client, port, in_process=in_process) as traffic:
@@ -269,8 +263,6 @@ def swarm_mode():
 def swarm_converged(name: str, t0: float, done: threading.Event) -> float | None:
     """Seconds from ``t0`` until every running task of ``name`` runs ``SWARM_V2`` and no task of
     another image runs (polled every 50 ms through the Docker API until ``done``)."""
-    from bench.common import docker_client
-
     client = docker_client()
     try:
         service = client.services.get(name)
@@ -321,17 +313,55 @@ def swarm_round(i: int, out: dict[str, list[float]], converged: dict[str, list[f
               f"{'-' if seen is None else f'{seen:.2f}'} s)", flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--in-process", action="store_true", help="router and load in the worker's process")
     ap.add_argument("--peer-unloaded", action="store_true",
                     help="no steady load while Swarm updates (only ours runs under load)")
+    add_source_arg(ap)
     ap.add_argument("--traffic", type=int, help=argparse.SUPPRESS)  # the child: router + load on this port
-    args = ap.parse_args()
+    ap.add_argument("--source-root", help=argparse.SUPPRESS)  # the child: the parent's measured code
+    return ap.parse_args(argv)
+
+
+def figures(runs: dict[str, list[dict[str, float | int]]], peer: dict[str, list[float]],
+            converged: dict[str, list[float | None]]) -> dict[str, Any]:
+    mine, fast = runs["defaults"], runs["min_ready_s 0"]
+    m = {"ours": median(r["seconds"] for r in mine), "ours_min_ready_0": median(r["seconds"] for r in fast),
+         "swarm_start_first": median(peer["start-first"]), "swarm_stop_first": median(peer["stop-first"]),
+         "swarm_start_first_converged": median(x for x in converged["start-first"] if x is not None)}
+    ratio = m["ours"] / m["swarm_start_first"] if m["ours"] and m["swarm_start_first"] else None
+    like = (m["ours_min_ready_0"] / m["swarm_start_first_converged"]
+            if m["ours_min_ready_0"] and m["swarm_start_first_converged"] else None)
+    return {"median_s": m, "ratio": ratio, "like_for_like": like,
+            "failed": {"defaults": sum(int(r["failed"]) for r in mine), "fast": sum(int(r["failed"]) for r in fast)}}
+
+
+def report(f: dict[str, Any]) -> None:
+    m, ratio, failed = f["median_s"], f["ratio"], f["failed"]
+    rows = [
+        ["ours, defaults (min_ready_s 1 per pod)", rnd(m["ours"], 2), f"{failed['defaults']} failed", ""],
+        ["swarm start-first, command returns (5 s check)", rnd(m["swarm_start_first"], 2), "-", ""],
+        ["swarm stop-first, command returns (5 s check)", rnd(m["swarm_stop_first"], 2), "-", ""],
+        ["ours / swarm start-first (the target)", rnd(ratio, 2), "", verdict(ratio, TARGET)],
+        ["ours, min_ready_s 0", rnd(m["ours_min_ready_0"], 2), f"{failed['fast']} failed", ""],
+        ["swarm start-first, every task on v2 (no check)", rnd(m["swarm_start_first_converged"], 2), "-", ""],
+        ["ours min_ready_s 0 / swarm converged", rnd(f["like_for_like"], 2), "", "reported"],
+    ]
+    print_table(rows, ["", "seconds (median)", "requests", f"target <= {TARGET}x"])
+    print("  Swarm's command waits 5 s after the last task runs v2 (UpdateConfig.Monitor) before it returns;\n"
+          "  Swarm counts a task as updated once its container runs, ours once the pod answers its health path.")
+
+
+def main() -> None:
+    args = parse_args()
     if args.traffic:
-        asyncio.run(traffic_child(args.traffic))
+        asyncio.run(traffic_child(args.traffic, args.source_root))
         return
+    use_source(args.source)  # before the first product import
+    bench_run = Run("rollout")
+    bench_run.announce(args.source)
     print("ours (rolling update through the router), alternating with the peer (docker service update, Swarm)",
           flush=True)
     peer: dict[str, list[float]] = {}
@@ -340,40 +370,19 @@ def main() -> None:
         runs = asyncio.run(ours(args.runs, in_process=args.in_process,
                                 before_each=lambda i: swarm_round(i, peer, converged),
                                 peer_loaded=not args.peer_unloaded))
-    mine, fast = runs["defaults"], runs["min_ready_s 0"]
-    ours_s = median(r["seconds"] for r in mine)
-    fast_s = median(r["seconds"] for r in fast)
-    start_first = median(peer["start-first"])
-    stop_first = median(peer["stop-first"])
-    start_first_converged = median(x for x in converged["start-first"] if x is not None)
-    failed = sum(int(r["failed"]) for r in mine + fast)
-    ratio = ours_s / start_first if ours_s and start_first else None
-    like_for_like = fast_s / start_first_converged if fast_s and start_first_converged else None
-    rows = [
-        ["ours, defaults (min_ready_s 1 per pod)", rnd(ours_s, 2), f"{sum(int(r['failed']) for r in mine)} failed", ""],
-        ["swarm start-first, command returns (5 s check)", rnd(start_first, 2), "-", ""],
-        ["swarm stop-first, command returns (5 s check)", rnd(stop_first, 2), "-", ""],
-        ["ours / swarm start-first (the target)", rnd(ratio, 2), "", verdict(ratio, TARGET)],
-        ["ours, min_ready_s 0", rnd(fast_s, 2), f"{sum(int(r['failed']) for r in fast)} failed", ""],
-        ["swarm start-first, every task on v2 (no check)", rnd(start_first_converged, 2), "-", ""],
-        ["ours min_ready_s 0 / swarm converged", rnd(like_for_like, 2), "", "reported"],
-    ]
-    print_table(rows, ["", "seconds (median)", "requests", f"target <= {TARGET}x"])
-    print("  Swarm's command waits 5 s after the last task runs v2 (UpdateConfig.Monitor) before it returns;\n"
-          "  Swarm counts a task as updated once its container runs, ours once the pod answers its health path.")
-    path = write_result("rollout", {
-        "argv": sys.argv[1:], "replicas": REPLICAS, "images": [V1, V2], "ours": mine, "ours_min_ready_0": fast, "swarm": peer,
-        "swarm_converged": converged,
+    f = figures(runs, peer, converged)
+    report(f)
+    bench_run.done({
+        "replicas": REPLICAS, "images": [V1, V2], "ours": runs["defaults"], "ours_min_ready_0": runs["min_ready_s 0"],
+        "swarm": peer, "swarm_converged": converged,
         "router_and_load": "worker's process" if args.in_process else "a process of their own",
         "load_during_swarm": not args.peer_unloaded,
-        "median_s": {"ours": ours_s, "ours_min_ready_0": fast_s, "swarm_start_first": start_first,
-                     "swarm_stop_first": stop_first, "swarm_start_first_converged": start_first_converged},
-        "ratio_vs_start_first": ratio, "ratio_min_ready_0_vs_start_first_converged": like_for_like,
-        "failed_requests": failed, "target": TARGET, "machine": machine_info(),
+        "median_s": f["median_s"],
+        "ratio_vs_start_first": f["ratio"], "ratio_min_ready_0_vs_start_first_converged": f["like_for_like"],
+        "failed_requests": f["failed"]["defaults"] + f["failed"]["fast"], "target": TARGET,
         "notes": "swarm seconds: until `docker service update` returns, which includes its 5 s stability check "
                  "(UpdateConfig.Monitor); swarm_converged: until every running task runs v2, read from the API",
     })
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

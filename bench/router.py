@@ -48,13 +48,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import math
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,19 +65,18 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import EXAMPLE_IMAGE, Run, docker_client, grant_access, hms_stack, print_table  # noqa: E402
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.ports import docker_client  # noqa: E402
+from bench.lib.results import Run, add_source_arg, print_table, run_main  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack  # noqa: E402
+from bench.lib.stats import nearest_rank  # noqa: E402, F401 - the tests import it from here
 
 NAME = "router"
 SERVICE = "bench-router"
 TARGETS = {"base_builtin": 0.5, "base_haproxy": 0.9, "slow_throughput": 1.5}
 PROXIES = ("builtin", "haproxy", "nginx", "haproxy-rr")
 PHASES = ("base", "slow", "kill")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- wrk ---------------------------------------------------------------------------------------
@@ -129,11 +126,6 @@ async def wrk(url: str, *, threads: int, connections: int, seconds: float) -> di
 
 
 # --- latency with unfinished requests counted ------------------------------------------------
-
-
-def nearest_rank(sorted_values: list[float], q: float) -> float:
-    """The q-quantile of sorted values, nearest rank: the smallest value with at least q of them at or below."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def latency_summary(done_ms: list[float], unfinished_ms: list[float]) -> dict[str, Any]:
@@ -251,12 +243,20 @@ def line(res: dict[str, Any]) -> str:
 # --- peers: nginx and a hand-configured HAProxy -------------------------------------------------
 
 
-class Nginx:
+class PeerProxy:
+    """A peer proxy's process, with its config under ``workdir/<kind>``."""
+
+    kind = ""
+
     def __init__(self, workdir: Path, port: int) -> None:
-        self.dir = workdir / "nginx"
+        self.dir = workdir / self.kind
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
+
+
+class Nginx(PeerProxy):
+    kind = "nginx"
 
     def write(self, endpoints: list[str]) -> None:
         servers = "\n".join(f"        server {e};" for e in endpoints)
@@ -303,12 +303,8 @@ http {{
                 self.proc.kill()
 
 
-class HandHAProxy:
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.dir = workdir / "haproxy-rr"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
+class HandHAProxy(PeerProxy):
+    kind = "haproxy-rr"
 
     def start(self, endpoints: list[str]) -> None:
         servers = "\n".join(f"    server pod{i} {e}" for i, e in enumerate(endpoints))
@@ -461,152 +457,182 @@ def print_summary(results: dict[str, dict[str, Any]], base_ratio: BaseRatios, ra
 # --- the run ----------------------------------------------------------------------------------
 
 
-async def main(args) -> int:
+def bad_args(args) -> str | None:
+    """Why the arguments cannot run, or None."""
     for tool in ("wrk", "nginx", "haproxy"):
         if shutil.which(tool) is None:
-            print(f"{tool} is missing: apt-get install wrk nginx haproxy", file=sys.stderr)
-            return 2
-    run = Run(NAME)
-    ports = {p: free_port() for p in PROXIES}
-    urls = {p: f"http://127.0.0.1:{port}" for p, port in ports.items()}
-    workdir = Path(tempfile.mkdtemp(prefix="hms-bench-router-"))
-    dclient = docker_client()
-    nginx = Nginx(workdir, ports["nginx"])
-    hand = HandHAProxy(workdir, ports["haproxy-rr"])
-    routers: list[Any] = []
-    results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
-    repeats: dict[str, dict[str, list[dict[str, Any]]]] = {"slow": {}, "kill": {}}
-    phases = set(args.phases.split(","))
-    proxies = [p for p in PROXIES if p in args.proxies.split(",")]
-    if not phases <= set(PHASES) or not proxies:
-        print(f"--phases takes {','.join(PHASES)}; --proxies takes {','.join(PROXIES)}", file=sys.stderr)
-        return 2
+            return f"{tool} is missing: apt-get install wrk nginx haproxy"
+    if not set(args.phases.split(",")) <= set(PHASES) or not set(args.proxies.split(",")) & set(PROXIES):
+        return f"--phases takes {','.join(PHASES)}; --proxies takes {','.join(PROXIES)}"
     if not 0 < args.probe_rate <= 1000:
-        print(f"--probe-rate must be in (0, 1000] requests/s, not {args.probe_rate:g}", file=sys.stderr)
-        return 2
-    base_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
-    w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration,
-         "probe_rate": args.probe_rate}
+        return f"--probe-rate must be in (0, 1000] requests/s, not {args.probe_rate:g}"
+    return None
 
-    async def measure(phase: str, proxy: str, url: str, store: bool = True) -> dict[str, Any]:
+
+class RouterBench:
+    """The proxies in front of one 3-pod service, and the phases measured through them."""
+
+    def __init__(self, args) -> None:
+        from bench.lib import ports
+
+        self.args = args
+        self.phases = set(args.phases.split(","))
+        self.proxies = [p for p in PROXIES if p in args.proxies.split(",")]
+        self.ports = {p: ports.free_port() for p in PROXIES}
+        self.urls = {p: f"http://127.0.0.1:{port}" for p, port in self.ports.items()}
+        self.workdir = Path(tempfile.mkdtemp(prefix="hms-bench-router-"))
+        self.dclient = docker_client()
+        self.nginx = Nginx(self.workdir, self.ports["nginx"])
+        self.hand = HandHAProxy(self.workdir, self.ports["haproxy-rr"])
+        self.routers: list[Any] = []
+        self.results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
+        self.repeats: dict[str, dict[str, list[dict[str, Any]]]] = {"slow": {}, "kill": {}}
+        self.base_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
+        self.w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration,
+                  "probe_rate": args.probe_rate}
+        self.path = f"/{SERVICE}/"
+
+    async def measure(self, phase: str, proxy: str, url: str, store: bool = True) -> dict[str, Any]:
+        args = self.args
         await wrk(url, threads=args.threads, connections=args.connections, seconds=2)  # warm-up
         await asyncio.sleep(args.settle)
-        res = await wrk_probed(url, **w)
+        res = await wrk_probed(url, **self.w)
         if proxy in ("builtin", "haproxy"):
             # The engine's own view right after the run: per-pod weights, latency estimates.
             with contextlib.suppress(Exception):
-                async with aiohttp.ClientSession() as http, http.get(f"{urls[proxy]}/-/stats") as r:
+                async with aiohttp.ClientSession() as http, http.get(f"{self.urls[proxy]}/-/stats") as r:
                     res["router_pods"] = (await r.json())["services"][SERVICE].get("pods")
         if store:
-            results[phase][proxy] = res
+            self.results[phase][proxy] = res
         print(f"  {phase:5s} {proxy:11s} {line(res)}", flush=True)
         await asyncio.sleep(args.settle)
         return res
 
-    try:
-        async with hms_stack("docker", routers=[urls["builtin"], urls["haproxy"]]) as stack:
-            grant_access(stack, [args.image])
-            from router.server import RouterProcess
+    async def setup(self, stack) -> list[Any]:
+        """Both engines as processes fed by the worker, the service, nginx and hand HAProxy; the pods."""
+        from router.server import RouterProcess
 
-            for engine in ("builtin", "haproxy"):
-                rp = RouterProcess(stack.settings, port=ports[engine], engine=engine,
-                                   log_path=workdir / f"router-{engine}.log")
-                rp.start()
-                routers.append(rp)
-            for rp in routers:
-                await rp.wait_ready()
-            spec = {"name": SERVICE, "image": args.image, "min_replicas": 3, "max_replicas": 3, "cpu_target": 60,
-                    "cpu_limit": args.cpus, "health_failures": 100, "drain_s": 1.0}
-            await stack.orch.deploy(spec, wait=True, timeout=180)
-            pods = await ready_endpoints(stack.orch, 3)
-            eps = sorted(p.endpoint for p in pods)
-            for engine in ("builtin", "haproxy"):
-                await wait_table(urls[engine], set(eps))
-            nginx.start(eps)
-            hand.start(eps)
-            await asyncio.sleep(1.0)
-            path = f"/{SERVICE}/"
+        grant_access(stack, [self.args.image])
+        for engine in ("builtin", "haproxy"):
+            rp = RouterProcess(stack.settings, port=self.ports[engine], engine=engine,
+                               log_path=self.workdir / f"router-{engine}.log")
+            rp.start()
+            self.routers.append(rp)
+        for rp in self.routers:
+            await rp.wait_ready()
+        spec = {"name": SERVICE, "image": self.args.image, "min_replicas": 3, "max_replicas": 3, "cpu_target": 60,
+                "cpu_limit": self.args.cpus, "health_failures": 100, "drain_s": 1.0}
+        await stack.orch.deploy(spec, wait=True, timeout=180)
+        pods = await ready_endpoints(stack.orch, 3)
+        eps = sorted(p.endpoint for p in pods)
+        for engine in ("builtin", "haproxy"):
+            await wait_table(self.urls[engine], set(eps))
+        self.nginx.start(eps)
+        self.hand.start(eps)
+        await asyncio.sleep(1.0)
+        return pods
 
-            if "base" in phases:
-                print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} "
-                      f"-d{args.duration:g}s, {args.rounds} rounds")
-            order = ["direct", *proxies]
-            for r in range(args.rounds if "base" in phases else 0):
-                for p in order[r % len(order):] + order[:r % len(order)]:  # each round starts elsewhere
-                    base_rounds[p].append(await measure("base", p, f"http://{eps[0]}/" if p == "direct"
-                                                        else urls[p] + path, store=False))
-            for p, runs in [(p, runs) for p, runs in base_rounds.items() if runs]:  # the median round stands for it
-                results["base"][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
-                                          rounds_rps=[x["rps"] for x in runs])
+    async def base(self, eps: list[str]) -> None:
+        args = self.args
+        if "base" not in self.phases:
+            return
+        print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} "
+              f"-d{args.duration:g}s, {args.rounds} rounds")
+        order = ["direct", *self.proxies]
+        for r in range(args.rounds):
+            for p in order[r % len(order):] + order[:r % len(order)]:  # each round starts elsewhere
+                url = f"http://{eps[0]}/" if p == "direct" else self.urls[p] + self.path
+                self.base_rounds[p].append(await self.measure("base", p, url, store=False))
+        for p, runs in [(p, runs) for p, runs in self.base_rounds.items() if runs]:  # the median round stands for it
+            self.results["base"][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
+                                            rounds_rps=[x["rps"] for x in runs])
 
-            ctrs = containers(dclient, stack.settings.node)
-            slow_pod = pods[0]
-            if "slow" in phases:
-                print(f"== slow: pod {slow_pod.id[:8]} at 0.02 CPU")
-                subprocess.run(["docker", "update", "--cpus", "0.02", ctrs[slow_pod.id].id], check=True,
-                               capture_output=True)
-                await asyncio.sleep(2.0)
-                for p in proxies * args.repeat:
-                    res = await measure("slow", p, urls[p] + path, store=False)
-                    repeats["slow"].setdefault(p, []).append(res)
-                subprocess.run(["docker", "update", "--cpus", str(args.cpus), ctrs[slow_pod.id].id], check=True,
-                               capture_output=True)
-                await asyncio.sleep(3.0)
+    async def slow(self, stack, slow_pod: Any) -> None:
+        if "slow" not in self.phases:
+            return
+        ctr = containers(self.dclient, stack.settings.node)[slow_pod.id]
+        print(f"== slow: pod {slow_pod.id[:8]} at 0.02 CPU")
+        subprocess.run(["docker", "update", "--cpus", "0.02", ctr.id], check=True, capture_output=True)
+        await asyncio.sleep(2.0)
+        for p in self.proxies * self.args.repeat:
+            res = await self.measure("slow", p, self.urls[p] + self.path, store=False)
+            self.repeats["slow"].setdefault(p, []).append(res)
+        subprocess.run(["docker", "update", "--cpus", str(self.args.cpus), ctr.id], check=True, capture_output=True)
+        await asyncio.sleep(3.0)
 
-            if "kill" in phases:
-                print("== kill: the oldest pod SIGKILLed 2 s into each run")
-            for p in proxies * args.repeat if "kill" in phases else []:
-                pods = await ready_endpoints(stack.orch, 3)
-                eps = sorted(x.endpoint for x in pods)
-                if p == "nginx":
-                    nginx.reload(eps)
-                elif p == "haproxy-rr":
-                    hand.restart(eps)
-                else:
-                    await wait_table(urls[p], set(eps))
-                victim = min(pods, key=lambda x: x.started_at.timestamp() if x.started_at else 0)
-                ctr = containers(dclient, stack.settings.node)[victim.id]
-                pid = ctr.attrs["State"]["Pid"]
-                await wrk(urls[p] + path, threads=args.threads, connections=args.connections, seconds=2)
+    async def kill(self, stack) -> None:
+        if "kill" not in self.phases:
+            return
+        print("== kill: the oldest pod SIGKILLed 2 s into each run")
+        for p in self.proxies * self.args.repeat:
+            await self.kill_one(stack, p)
 
-                async def killer(pid: int = pid) -> None:
-                    await asyncio.sleep(2.0)
-                    os.kill(pid, signal.SIGKILL)
+    async def kill_one(self, stack, p: str) -> None:
+        args = self.args
+        pods = await ready_endpoints(stack.orch, 3)
+        eps = sorted(x.endpoint for x in pods)
+        if p == "nginx":
+            self.nginx.reload(eps)
+        elif p == "haproxy-rr":
+            self.hand.restart(eps)
+        else:
+            await wait_table(self.urls[p], set(eps))
+        victim = min(pods, key=lambda x: x.started_at.timestamp() if x.started_at else 0)
+        pid = containers(self.dclient, stack.settings.node)[victim.id].attrs["State"]["Pid"]
+        await wrk(self.urls[p] + self.path, threads=args.threads, connections=args.connections, seconds=2)
 
-                k = asyncio.ensure_future(killer())
-                res = await wrk_probed(urls[p] + path, **w)
-                await k
-                res["killed_pod"] = victim.id
-                repeats["kill"].setdefault(p, []).append(res)
-                print(f"  kill  {p:11s} {line(res)} (wrk: non-2xx {res['non_2xx']}, socket {res['socket_errors']}"
-                      f"{' ' + str(res['socket_errors_by_kind']) if res['socket_errors'] else ''})", flush=True)
-                await ready_endpoints(stack.orch, 3, without={victim.id})
-            with contextlib.suppress(Exception):
-                await stack.orch.undeploy(SERVICE)
-    finally:
-        nginx.stop()
-        hand.stop()
-        for rp in routers:
-            rp.stop()
-        dclient.close()
+        async def killer() -> None:
+            await asyncio.sleep(2.0)
+            os.kill(pid, signal.SIGKILL)
 
-    for phase, by_proxy in repeats.items():  # one run stands for a proxy; with --repeat, all are kept
-        for p, runs in by_proxy.items():
-            if phase == "slow":  # the run with the median p99, unfinished requests counted
-                pick = sorted(runs, key=lambda x: get_probe(x, "p99_ms") or 0)[len(runs) // 2]
-            else:  # every failed request counts
-                pick = max(runs, key=lambda x: x["errors"])
-            results[phase][p] = dict(pick, runs=runs) if len(runs) > 1 else pick
-    if phases != set(PHASES) or proxies != list(PROXIES):
+        k = asyncio.ensure_future(killer())
+        res = await wrk_probed(self.urls[p] + self.path, **self.w)
+        await k
+        res["killed_pod"] = victim.id
+        self.repeats["kill"].setdefault(p, []).append(res)
+        print(f"  kill  {p:11s} {line(res)} (wrk: non-2xx {res['non_2xx']}, socket {res['socket_errors']}"
+              f"{' ' + str(res['socket_errors_by_kind']) if res['socket_errors'] else ''})", flush=True)
+        await ready_endpoints(stack.orch, 3, without={victim.id})
+
+    async def run(self) -> None:
+        try:
+            async with hms_stack("docker", routers=[self.urls["builtin"], self.urls["haproxy"]]) as stack:
+                pods = await self.setup(stack)
+                await self.base(sorted(p.endpoint for p in pods))
+                await self.slow(stack, pods[0])
+                await self.kill(stack)
+                with contextlib.suppress(Exception):
+                    await stack.orch.undeploy(SERVICE)
+        finally:
+            self.nginx.stop()
+            self.hand.stop()
+            for rp in self.routers:
+                rp.stop()
+            self.dclient.close()
+        self.pick_repeats()
+
+    def pick_repeats(self) -> None:
+        for phase, by_proxy in self.repeats.items():  # one run stands for a proxy; with --repeat, all are kept
+            for p, runs in by_proxy.items():
+                if phase == "slow":  # the run with the median p99, unfinished requests counted
+                    pick = sorted(runs, key=lambda x: get_probe(x, "p99_ms") or 0)[len(runs) // 2]
+                else:  # every failed request counts
+                    pick = max(runs, key=lambda x: x["errors"])
+                self.results[phase][p] = dict(pick, runs=runs) if len(runs) > 1 else pick
+
+    def partial(self) -> bool:
+        return self.phases != set(PHASES) or self.proxies != list(PROXIES)
+
+    def print_partial(self) -> None:
         print("\npartial run: " + "; ".join(
             f"{phase} {p} " + ", ".join(f"{r['rps']} req/s p99 {r.get('p99_ms')} ms (wrk, completed only), "
                                        f"{shown(r['probe'], 'p99')} ms (probe, {r['probe']['unfinished']} "
                                        f"unfinished) errors {r['errors']}" for r in runs)
-            for phase, by_proxy in repeats.items() for p, runs in by_proxy.items()) + "; no JSON written")
-        return 0
-    ratios, verdicts, base_ratio = judge(results, base_rounds)
-    print_summary(results, base_ratio, ratios, verdicts, args.probe_rate)
-    out = run.finish({
+            for phase, by_proxy in self.repeats.items() for p, runs in by_proxy.items()) + "; no JSON written")
+
+
+def payload(args, results: dict[str, Any], ratios: dict[str, Any], verdicts: dict[str, Any]) -> dict[str, Any]:
+    return {
         "command": "wrk " + f"-t{args.threads} -c{args.connections} -d{args.duration:g}s --latency",
         "probe_rate": args.probe_rate,
         "latency_note": "p50_ms/p99_ms/mean_ms/max_ms are wrk's, of completed requests only; probe.* count every "
@@ -620,8 +646,24 @@ async def main(args) -> int:
         "ratios": ratios,
         "targets": TARGETS,
         "verdicts": verdicts,
-    })
-    print(f"\nwrote {out}")
+    }
+
+
+async def main(args) -> int:
+    if why := bad_args(args):
+        print(why, file=sys.stderr)
+        return 2
+    use_source(args.source)  # before the first product import
+    run = Run(NAME)
+    run.announce(args.source)
+    bench = RouterBench(args)
+    await bench.run()
+    if bench.partial():
+        bench.print_partial()
+        return 0
+    ratios, verdicts, base_ratio = judge(bench.results, bench.base_rounds)
+    print_summary(bench.results, base_ratio, ratios, verdicts, args.probe_rate)
+    run.done(payload(args, bench.results, ratios, verdicts))
     return 0
 
 
@@ -641,13 +683,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="requests/s of the open-loop latency probe beside each wrk run (default 40)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="slow and kill phases: measure each proxy this many times (default 1)")
+    add_source_arg(ap)
     return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, parse_args())

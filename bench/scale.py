@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import re
 import sys
@@ -45,27 +44,16 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
 
-from bench.common import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    HealthPoller,
-    Run,
-    activity_timeline,
-    docker_client,
-    docker_discoverer,
-    grant_access,
-    hms_stack,
-    loadavg,
-    median,
-    pmax,
-    poll_until,
-    print_table,
-    remove_containers,
-    rnd,
-    use_source,
-    watch_armed,
-)
+from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.history import activity_timeline  # noqa: E402
+from bench.lib.poll import HealthPoller, poll_until  # noqa: E402
+from bench.lib.ports import docker_client, docker_discoverer  # noqa: E402
+from bench.lib.results import Run, loadavg, parse_common, parser, print_table, run_main  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stack import grant_access, hms_stack, sweep_node, undeploy_and_sweep, watch_armed  # noqa: E402
+from bench.lib.stats import median, rnd, summary  # noqa: E402
 
 NAME = "scale"
 TARGET_DECISIONS = 1
@@ -226,212 +214,204 @@ def pod_start_times(deploy_tl: dict[str, Any]) -> list[float]:
 # --- one run ------------------------------------------------------------------------------------
 
 
-async def run_once(stack, k: int, dclient, args) -> dict[str, Any]:
+async def deploy_idle(stack, name: str, args) -> dict[str, Any]:
+    """Deploy at ``MIN_R`` pods and wait for the monitor to watch them and take idle samples."""
     from hms_mgmt import constants
 
-    name = f"bench-scale-{k}-{uuid.uuid4().hex[:4]}"
     spec = {"name": name, "image": args.image, "min_replicas": MIN_R, "max_replicas": MAX_R,
             "cpu_target": CPU_TARGET, "cpu_limit": CPU_LIMIT, "scale_interval_s": args.interval}
+    await stack.orch.deploy(spec, wait=True, timeout=args.timeout)
+    st = await stack.orch.status(name)
+    deploy_tl = await activity_timeline(stack.client, f"{constants.service_workflow_id(name)}-deploy-1")
+    if not await watch_armed(stack, name, {p.id for p in st.pods}):
+        raise RuntimeError(f"{name}: the monitor is not watching its pods")
+    await asyncio.sleep(2 * args.interval + 0.5)  # idle samples first: the step is a step
+    return {"endpoints": [p.endpoint for p in st.pods], "one_pod_start": median(pod_start_times(deploy_tl)),
+            "load": loadavg(), "idle_scale_count": (await stack.orch.status(name, live=False)).scale_count}
+
+
+async def step_and_wait(stack, name: str, endpoints: list[str], dclient, args, t0: float) -> dict[str, Any]:
+    """Burn CPU on every pod at once (the step), then wait for ``MAX_R`` ready pods."""
+    from hms_mgmt import constants
+
+    async with aiohttp.ClientSession() as session:
+        async def burn(ep: str) -> None:
+            async with session.post(f"http://{ep}/admin/cpu", json={"percent": args.burn}) as resp:
+                resp.raise_for_status()
+
+        await asyncio.gather(*(burn(ep) for ep in endpoints))
+    t_step = time.perf_counter() - t0
+
+    async def ten_ready() -> bool:
+        return (await stack.orch.status(name, live=False)).ready_replicas >= MAX_R
+
+    labels = {constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}
+    t_status, http = await asyncio.gather(
+        poll_until(ten_ready, t0=t0, interval_s=0.1, timeout_s=args.timeout),
+        HealthPoller(interval_s=0.1).wait(docker_discoverer(dclient, labels), MAX_R, t0=t0, timeout_s=args.timeout),
+    )
+    if t_status is None:
+        raise RuntimeError(f"{name}: never reached {MAX_R} ready pods")
+    return {"t_step": t_step, "t_status": t_status, "http_s": http.elapsed_s}
+
+
+async def scale_workflows(stack, name: str, scale_count: int, t0_wall: float) -> list[dict[str, Any]]:
+    """The ScaleWorkflow executions of ``name``, with times since the step."""
+    from hms_mgmt import constants
+
     wf = constants.service_workflow_id(name)
-    rec = SampleRecorder(stack, name)
-    try:
-        await stack.orch.deploy(spec, wait=True, timeout=args.timeout)
-        st = await stack.orch.status(name)
-        endpoints = [p.endpoint for p in st.pods]
-        deploy_tl = await activity_timeline(stack.client, f"{wf}-deploy-1")
-        one_pod_start = median(pod_start_times(deploy_tl))
-        if not await watch_armed(stack, name, {p.id for p in st.pods}):
-            raise RuntimeError(f"{name}: the monitor is not watching its pods")
-        await asyncio.sleep(2 * args.interval + 0.5)  # idle samples first: the step is a step
-        load = loadavg()
-        idle_scale_count = (await stack.orch.status(name, live=False)).scale_count
-        labels = {constants.LABEL_SERVICE: name, constants.LABEL_NODE: stack.settings.node}
-
-        async def ten_ready() -> bool:
-            s = await stack.orch.status(name, live=False)
-            return s.ready_replicas >= MAX_R
-
-        t0_wall = time.time()
-        t0 = time.perf_counter()
-        rec.start(t0)
-        async with aiohttp.ClientSession() as session:
-            async def burn(ep: str) -> None:
-                async with session.post(f"http://{ep}/admin/cpu", json={"percent": args.burn}) as resp:
-                    resp.raise_for_status()
-
-            await asyncio.gather(*(burn(ep) for ep in endpoints))
-        t_step = time.perf_counter() - t0
-        poller = HealthPoller(interval_s=0.1)
-        t_status, http = await asyncio.gather(
-            poll_until(ten_ready, t0=t0, interval_s=0.1, timeout_s=args.timeout),
-            poller.wait(docker_discoverer(dclient, labels), MAX_R, t0=t0, timeout_s=args.timeout),
-        )
-        if t_status is None:
-            raise RuntimeError(f"{name}: never reached {MAX_R} ready pods")
-        await asyncio.sleep(args.observe)  # would a second decision follow?
-        await rec.stop()
-        final = await stack.orch.status(name, live=False)
-        scale_wfs = []
-        for n in range(1, final.scale_count + 1):
-            with contextlib.suppress(Exception):
-                tl = await activity_timeline(stack.client, f"{wf}-scale-{n}")
-                w = tl["workflow"]
-                starts = [a for a in tl["activities"] if a["type"] == "start_pod"]
-                scale_wfs.append({
-                    "id": f"{wf}-scale-{n}",
-                    "started_s": rnd(w["started"] - t0_wall) if "started" in w else None,
-                    "closed_s": rnd(w["closed"] - t0_wall) if "closed" in w else None,
-                    "pods_started": len(starts),
-                    "pod_start_to_ready_s": [rnd(x) for x in sorted(pod_start_times(tl))],
-                })
-        events = [e for e in read_events(stack.settings.state_dir, name, t0_wall) if e["t_s"] >= -1]
-        decisions = [d for d in final.last_decisions if d.kind == "scale"]
-    finally:
-        await rec.stop()
+    out = []
+    for n in range(1, scale_count + 1):
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(stack.orch.undeploy(name, wait=True), 90)
-        await asyncio.to_thread(remove_containers, dclient, {constants.LABEL_SERVICE: name,
-                                                             constants.LABEL_NODE: stack.settings.node})
+            tl = await activity_timeline(stack.client, f"{wf}-scale-{n}")
+            w = tl["workflow"]
+            out.append({
+                "id": f"{wf}-scale-{n}",
+                "started_s": rnd(w["started"] - t0_wall) if "started" in w else None,
+                "closed_s": rnd(w["closed"] - t0_wall) if "closed" in w else None,
+                "pods_started": sum(1 for a in tl["activities"] if a["type"] == "start_pod"),
+                "pod_start_to_ready_s": [rnd(x) for x in sorted(pod_start_times(tl))],
+            })
+    return out
 
-    # --- the seed's rule on the same samples ---
-    interval = args.interval
-    t_decision = scale_wfs[0]["started_s"] if scale_wfs else None
-    samples = post_step_samples(rec.sets, events, t_step, t_decision)
+
+def seed_figures(samples: list[dict[str, Any]], interval: float, one_pod_start: float | None,
+                 t_decision: float | None) -> dict[str, Any]:
+    """The seed's rule replayed on our post-step samples, and which sample our decision used."""
     totals = [s["total_cpu"] for s in samples]
     ticks = seed_replay(totals, target=CPU_TARGET, min_r=MIN_R, max_r=MAX_R, start=MIN_R) if totals else []
-    seed_decisions = sum(1 for t in ticks if t["action"] != 0)
-    seed_reached = bool(ticks) and ticks[-1]["pods_after"] >= MAX_R
+    reached = bool(ticks) and ticks[-1]["pods_after"] >= MAX_R
     last_tick = next((t["tick"] for t in reversed(ticks) if t["action"] != 0), None)
     seed_s = t_tick1 = None
-    if samples and last_tick is not None and seed_reached and one_pod_start is not None:
+    if samples and last_tick is not None and reached and one_pod_start is not None:
         t_tick1 = samples[0]["t_s"]
         seed_s = t_tick1 + (last_tick - 1) * interval + one_pod_start
     # Which post-step sample did our decision act on (1 = the first that showed the step)?
-    deciding = None
-    if t_decision is not None:
-        deciding = sum(1 for s in samples if s["t_s"] <= t_decision + 0.05)
+    deciding = None if t_decision is None else sum(1 for s in samples if s["t_s"] <= t_decision + 0.05)
+    seed = {"tick1_s": rnd(t_tick1), "totals_used": [rnd(x, 1) for x in totals], "ticks": ticks,
+            "decisions": sum(1 for t in ticks if t["action"] != 0), "reached_max": reached, "seconds": rnd(seed_s)}
+    return {"seed": seed, "ours_decided_on_sample": deciding}
 
+
+async def run_once(stack, k: int, dclient, args) -> dict[str, Any]:
+    name = f"bench-scale-{k}-{uuid.uuid4().hex[:4]}"
+    rec = SampleRecorder(stack, name)
+    try:
+        idle = await deploy_idle(stack, name, args)
+        t0_wall, t0 = time.time(), time.perf_counter()
+        rec.start(t0)
+        step = await step_and_wait(stack, name, idle["endpoints"], dclient, args, t0)
+        await asyncio.sleep(args.observe)  # would a second decision follow?
+        await rec.stop()
+        final = await stack.orch.status(name, live=False)
+        scale_wfs = await scale_workflows(stack, name, final.scale_count, t0_wall)
+        events = [e for e in read_events(stack.settings.state_dir, name, t0_wall) if e["t_s"] >= -1]
+    finally:
+        await rec.stop()
+        await undeploy_and_sweep(stack, dclient, name, timeout_s=90)
+    t_decision = scale_wfs[0]["started_s"] if scale_wfs else None
+    samples = post_step_samples(rec.sets, events, step["t_step"], t_decision)
     return {
-        "service": name,
-        "load_average": load,
-        "step_request_s": rnd(t_step),
-        "decisions": final.scale_count - idle_scale_count,
-        "scale_count": final.scale_count,
+        "service": name, "load_average": idle["load"], "step_request_s": rnd(step["t_step"]),
+        "decisions": final.scale_count - idle["idle_scale_count"], "scale_count": final.scale_count,
         "scale_workflows": scale_wfs,
-        "decision_reasons": [d.reason for d in decisions],
-        "first_decision_s": t_decision,
-        "status_10_ready_s": rnd(t_status),
-        "http_10_answer_s": rnd(http.elapsed_s),
-        "one_pod_start_s": rnd(one_pod_start),
+        "decision_reasons": [d.reason for d in final.last_decisions if d.kind == "scale"],
+        "first_decision_s": t_decision, "status_10_ready_s": rnd(step["t_status"]),
+        "http_10_answer_s": rnd(step["http_s"]), "one_pod_start_s": rnd(idle["one_pod_start"]),
         "events": [{k: v for k, v in e.items() if k != "data"} | {"data": e["data"]} for e in events],
-        "sample_sets": rec.sets,
-        "status_trace": rec.status,
-        "post_step_samples": samples,
-        "ours_decided_on_sample": deciding,
-        "seed": {
-            "tick1_s": rnd(t_tick1),
-            "totals_used": [rnd(x, 1) for x in totals],
-            "ticks": ticks,
-            "decisions": seed_decisions,
-            "reached_max": seed_reached,
-            "seconds": rnd(seed_s),
-        },
+        "sample_sets": rec.sets, "status_trace": rec.status, "post_step_samples": samples,
+        **seed_figures(samples, args.interval, idle["one_pod_start"], t_decision),
     }
 
 
 # --- main ----------------------------------------------------------------------------------------
 
 
-def stats(xs: list[float | None]) -> dict[str, Any]:
-    xs = [x for x in xs if x is not None]
-    return {"median": rnd(median(xs)), "min": rnd(min(xs)) if xs else None, "max": rnd(pmax(xs)), "n": len(xs)}
+async def measure(stack, dclient, args, bench_run: Run) -> list[dict[str, Any]]:
+    runs = []
+    for k in range(args.runs):
+        r = await run_once(stack, k, dclient, args)
+        runs.append(r)
+        print(f"run {k}: {r['decisions']} decision(s) {[w['id'].rsplit('-', 1)[-1] for w in r['scale_workflows']]}, "
+              f"first at {r['first_decision_s']}s; 10 ready (status) {r['status_10_ready_s']}s, "
+              f"10 answer {r['http_10_answer_s']}s | seed replay: {r['seed']['decisions']} decisions, "
+              f"{r['seed']['seconds']}s (totals {r['seed']['totals_used'][:4]}...) | load {r['load_average']}",
+              flush=True)
+        if bench_run.source_changed():
+            r["source_changed"] = True
+            print("  WARNING: product sources changed on disk since the start", flush=True)
+        await asyncio.sleep(args.settle)
+    return runs
 
 
-async def main(args) -> int:
-    source = use_source(args.source)
-    from hms_mgmt import constants
+def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    f = {
+        "ours_decisions": summary(r["decisions"] for r in runs),
+        "ours_first_decision_s": summary(r["first_decision_s"] for r in runs),
+        "ours_status_10_ready_s": summary(r["status_10_ready_s"] for r in runs),
+        "ours_http_10_answer_s": summary(r["http_10_answer_s"] for r in runs),
+        # ScaleWorkflow started -> 10 ready in status: what a decision costs once taken.
+        "ours_decision_to_10_ready_s": summary(r["status_10_ready_s"] - r["first_decision_s"] for r in runs
+                                               if r["first_decision_s"] is not None
+                                               and r["status_10_ready_s"] is not None),
+        "seed_decisions": summary(r["seed"]["decisions"] for r in runs),
+        "seed_s": summary(r["seed"]["seconds"] for r in runs),
+        "one_pod_start_s": summary(r["one_pod_start_s"] for r in runs),
+    }
+    ours_s, seed_s = f["ours_status_10_ready_s"]["median"], f["seed_s"]["median"]
+    f["time_ratio_ours_over_seed"] = rnd(ours_s / seed_s) if ours_s and seed_s else None
+    f["ours_decided_on_post_step_sample"] = summary(r["ours_decided_on_sample"] for r in runs)
+    f["runs_deciding_after_sample_2"] = sum(1 for r in runs if (r["ours_decided_on_sample"] or 0) > 2)
+    return f
 
-    bench_run = Run(NAME)
-    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
-    dclient = docker_client()
-    runs: list[dict[str, Any]] = []
-    node = None
-    access: dict[str, Any] = {}
-    try:
-        async with hms_stack("docker") as stack:
-            node = stack.settings.node
-            access = grant_access(stack, [args.image])
-            for k in range(args.runs):
-                r = await run_once(stack, k, dclient, args)
-                runs.append(r)
-                print(f"run {k}: {r['decisions']} decision(s) {[w['id'].rsplit('-', 1)[-1] for w in r['scale_workflows']]}, "
-                      f"first at {r['first_decision_s']}s; 10 ready (status) {r['status_10_ready_s']}s, "
-                      f"10 answer {r['http_10_answer_s']}s | seed replay: {r['seed']['decisions']} decisions, "
-                      f"{r['seed']['seconds']}s (totals {r['seed']['totals_used'][:4]}...) | load {r['load_average']}",
-                      flush=True)
-                if bench_run.source_changed():
-                    r["source_changed"] = True
-                    print("  WARNING: product sources changed on disk since the start", flush=True)
-                await asyncio.sleep(args.settle)
-    finally:
-        if node:
-            with contextlib.suppress(Exception):
-                remove_containers(dclient, {constants.LABEL_NODE: node})
-        dclient.close()
 
-    ours_dec = stats([r["decisions"] for r in runs])
-    seed_dec = stats([r["seed"]["decisions"] for r in runs])
-    ours_s = stats([r["status_10_ready_s"] for r in runs])
-    ours_http = stats([r["http_10_answer_s"] for r in runs])
-    seed_s = stats([r["seed"]["seconds"] for r in runs])
-    first = stats([r["first_decision_s"] for r in runs])
-    pod_start = stats([r["one_pod_start_s"] for r in runs])
-    # ScaleWorkflow started -> 10 ready in status: what a decision costs once taken.
-    act = stats([r["status_10_ready_s"] - r["first_decision_s"] for r in runs
-                 if r["first_decision_s"] is not None and r["status_10_ready_s"] is not None])
-    on_sample = stats([r["ours_decided_on_sample"] for r in runs])
+def projection(f: dict[str, Any]) -> dict[str, Any]:
+    """Both sides at the default 30 s interval, from this run's figures."""
     d30 = 30.0
-    seed_dec_n = seed_dec["median"] or 8
-    projection = {
+    seed_n = f["seed_decisions"]["median"] or 8
+    act = f["ours_decision_to_10_ready_s"]["median"] or 0
+    return {
         "interval_s": d30,
         "convention": "worst phase: the step lands just after a tick, so the first sample is a full interval "
                       "later; subtract interval/2 for the expected phase",
-        "seed_decisions": seed_dec_n,
-        "seed_s": rnd(seed_dec_n * d30 + (pod_start["median"] or 0)),
-        "seed_s_ticks_only": rnd(seed_dec_n * d30),
-        "ours_decisions": ours_dec["median"],
-        "ours_decided_on_sample": on_sample["median"],
-        "ours_s": rnd((on_sample["median"] or 2) * d30 + (act["median"] or 0)),
-        "ours_s_if_second_sample": rnd(2 * d30 + (act["median"] or 0)),
+        "seed_decisions": seed_n,
+        "seed_s": rnd(seed_n * d30 + (f["one_pod_start_s"]["median"] or 0)),
+        "seed_s_ticks_only": rnd(seed_n * d30),
+        "ours_decisions": f["ours_decisions"]["median"],
+        "ours_decided_on_sample": f["ours_decided_on_post_step_sample"]["median"],
+        "ours_s": rnd((f["ours_decided_on_post_step_sample"]["median"] or 2) * d30 + act),
+        "ours_s_if_second_sample": rnd(2 * d30 + act),
         "ours_s_note": "the post-step sample our decision acted on (measured median; 2 = one to see the step, "
                        "one to confirm) x 30 s + the measured decision-to-10-ready time",
     }
-    ratio_s = ours_s["median"] / seed_s["median"] if ours_s["median"] and seed_s["median"] else None
-    passed = ours_dec["max"] is not None and ours_dec["max"] <= TARGET_DECISIONS
 
-    print()
-    print(f"CPU step needing {MIN_R} -> {MAX_R} pods (cpu_target {CPU_TARGET}%, cpu_limit {CPU_LIMIT}, burn "
+
+def report(f: dict[str, Any], proj: dict[str, Any], runs: list[dict[str, Any]], args, passed: bool) -> None:
+    od, sd, os_, ss = f["ours_decisions"], f["seed_decisions"], f["ours_status_10_ready_s"], f["seed_s"]
+    print(f"\nCPU step needing {MIN_R} -> {MAX_R} pods (cpu_target {CPU_TARGET}%, cpu_limit {CPU_LIMIT}, burn "
           f"{args.burn}% of a core per pod), scale_interval_s={args.interval:g}, {len(runs)} runs")
     print_table(
-        [
-            ["ours (proportional)", ours_dec["median"], ours_dec["max"], first["median"], ours_s["median"],
-             ours_s["max"], ours_http["median"]],
-            ["seed rule (replayed on our samples)", seed_dec["median"], seed_dec["max"], None, seed_s["median"],
-             seed_s["max"], None],
-        ],
+        [["ours (proportional)", od["median"], od["max"], f["ours_first_decision_s"]["median"], os_["median"],
+          os_["max"], f["ours_http_10_answer_s"]["median"]],
+         ["seed rule (replayed on our samples)", sd["median"], sd["max"], None, ss["median"], ss["max"], None]],
         ["side", "decisions", "max", "1st decision s", "10 ready s (med)", "max s", "10 answer s"],
     )
-    print(f"one pod start (measured, median): {pod_start['median']}s; decision -> 10 ready: {act['median']}s; "
-          f"our decision acted on post-step sample #{[r['ours_decided_on_sample'] for r in runs]} "
-          f"(2 expected: see the step, confirm it)")
-    print(f"time ratio ours/seed = {ratio_s:.2f}x" if ratio_s else "time ratio: n/a")
-    print(f"default interval projection (30 s ticks): seed {projection['seed_decisions']} decisions ~ "
-          f"{projection['seed_s_ticks_only']:g}s (+{pod_start['median']}s pod start); ours "
-          f"{projection['ours_decisions']} decision ~ {projection['ours_s']:g}s "
-          f"({projection['ours_s_if_second_sample']:g}s when it acts on the 2nd sample)")
-    print(f"target: {TARGET_DECISIONS} decision: {'PASS' if passed else 'FAIL'} (max over runs {ours_dec['max']})")
+    pod_start = f["one_pod_start_s"]["median"]
+    print(f"one pod start (measured, median): {pod_start}s; decision -> 10 ready: "
+          f"{f['ours_decision_to_10_ready_s']['median']}s; our decision acted on post-step sample "
+          f"#{[r['ours_decided_on_sample'] for r in runs]} (2 expected: see the step, confirm it)")
+    ratio = f["time_ratio_ours_over_seed"]
+    print(f"time ratio ours/seed = {ratio:.2f}x" if ratio else "time ratio: n/a")
+    print(f"default interval projection (30 s ticks): seed {proj['seed_decisions']} decisions ~ "
+          f"{proj['seed_s_ticks_only']:g}s (+{pod_start}s pod start); ours "
+          f"{proj['ours_decisions']} decision ~ {proj['ours_s']:g}s "
+          f"({proj['ours_s_if_second_sample']:g}s when it acts on the 2nd sample)")
+    print(f"target: {TARGET_DECISIONS} decision: {'PASS' if passed else 'FAIL'} (max over runs {od['max']})")
 
-    path = bench_run.finish({
+
+def payload(f: dict[str, Any], proj: dict[str, Any], runs: list[dict[str, Any]], args, passed: bool,
+            access: dict[str, Any]) -> dict[str, Any]:
+    return {
         "what": f"CPU step needing {MIN_R}->{MAX_R} pods: scaling decisions and seconds until {MAX_R} ready, ours vs "
                 "the seed's one-pod-per-tick rule replayed on the same CPU samples",
         "spec": {"image": args.image, "min_replicas": MIN_R, "max_replicas": MAX_R, "cpu_target": CPU_TARGET,
@@ -439,55 +419,49 @@ async def main(args) -> int:
                  "scale_down_window_s": 300.0},
         "burn_percent_of_a_core": args.burn,
         "burn_percent_of_limit_nominal": rnd(args.burn / CPU_LIMIT, 1),
-        "runs": args.runs,
-        "observe_after_ready_s": args.observe,
-        "access": access,
-        "target_decisions": TARGET_DECISIONS,
-        "pass": passed,
-        "figures": {
-            "ours_decisions": ours_dec,
-            "ours_first_decision_s": first,
-            "ours_status_10_ready_s": ours_s,
-            "ours_http_10_answer_s": ours_http,
-            "ours_decision_to_10_ready_s": act,
-            "seed_decisions": seed_dec,
-            "seed_s": seed_s,
-            "one_pod_start_s": pod_start,
-            "time_ratio_ours_over_seed": rnd(ratio_s),
-            "ours_decided_on_post_step_sample": on_sample,
-            "runs_deciding_after_sample_2": sum(1 for r in runs if (r["ours_decided_on_sample"] or 0) > 2),
-        },
+        "runs": args.runs, "observe_after_ready_s": args.observe, "access": access,
+        "target_decisions": TARGET_DECISIONS, "pass": passed, "figures": f,
         "seed_rule": "per tick: mean CPU > target and pods < max -> +1; elif mean < target/2 and pods > min -> -1; "
                      "mean = total CPU of the tick's sample / the seed's pods; tick k = the k-th CPU sample the monitor "
                      "took after the step (heartbeats + service.at_max/service.scaled events), the last one held; "
                      "time = first post-step sample + (last acting tick - 1) x interval + one pod start",
-        "default_interval_projection": projection,
+        "default_interval_projection": proj,
         "runs_detail": runs,
-    })
-    if bench_run.source_changed():
-        print("WARNING: product sources changed on disk during the run: figures mix code versions; run again")
-    print(f"\nwrote {path}")
+    }
+
+
+async def main(args) -> int:
+    use_source(args.source)
+    bench_run = Run(NAME)
+    bench_run.announce(args.source)
+    dclient = docker_client()
+    node = None
+    try:
+        async with hms_stack("docker") as stack:
+            node = stack.settings.node
+            access = grant_access(stack, [args.image])
+            runs = await measure(stack, dclient, args, bench_run)
+    finally:
+        sweep_node(dclient, node)
+        dclient.close()
+    f = figures(runs)
+    proj = projection(f)
+    passed = f["ours_decisions"]["max"] is not None and f["ours_decisions"]["max"] <= TARGET_DECISIONS
+    report(f, proj, runs, args, passed)
+    bench_run.done(payload(f, proj, runs, args, passed, access))
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--runs", type=int, default=5, help="runs (default 5)")
     ap.add_argument("--interval", type=float, default=2.0, help="scale_interval_s of the spec (default 2)")
     ap.add_argument("--burn", type=float, default=45.0,
                     help="CPU burn per pod, percent of ONE core (default 45 = ~90%% of the 0.5-CPU limit)")
     ap.add_argument("--observe", type=float, default=10.0, help="keep watching after 10 ready (default 10 s)")
     ap.add_argument("--settle", type=float, default=1.0)
-    ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--image", default=EXAMPLE_IMAGE)
-    ap.add_argument("--source", default="snapshot", help="snapshot (default), live, or a git ref")
-    return ap.parse_args(argv)
+    return parse_common(ap, argv, timeout_s=120.0, image=EXAMPLE_IMAGE)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, parse_args())

@@ -37,54 +37,33 @@ import asyncio
 import contextlib
 import datetime as _dt
 import json
-import logging
 import math
 import os
 import random
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
 
-from bench.common import (  # noqa: E402
-    EXAMPLE_IMAGE,
-    Run,
-    loadavg,
-    median,
-    print_table,
-    rnd,
-    temporal_binary,
-    use_source,
-)
+from bench.lib import EXAMPLE_IMAGE, REPO  # noqa: E402
+from bench.lib.cpu import proc_cpu, proc_rss  # noqa: E402
+from bench.lib.results import Run, add_source_arg, loadavg, print_table, run_main  # noqa: E402
+from bench.lib.source import use_source  # noqa: E402
+from bench.lib.stats import median, pct, rnd  # noqa: E402
 
 NAME = "soak"
 TARGET_LAG_P99_S = 1.0
 REPLACE_SLACK_S = 1.5  # replacement target: 2 x health_interval_s + this
 SAMPLE_EVERY_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    """The q-quantile (0..1) of xs, nearest rank."""
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
 # --- the worker's /metrics -----------------------------------------------------------------------
@@ -204,34 +183,19 @@ class ProcSampler:
         self.server = psutil.Process(server_pid) if server_pid else None
         self.samples: list[dict[str, Any]] = []
 
-    def _cpu(self, procs) -> float:
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(Exception):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
-
-    def _rss(self, procs) -> int:
-        total = 0
-        for p in procs:
-            with contextlib.suppress(Exception):
-                total += p.memory_info().rss
-        return total
-
     def sample(self) -> dict[str, Any]:
         pods = self.worker.children(recursive=True)
         busy = self.ps.cpu_times()
         s = {
             "t": time.monotonic(),
-            "worker_cpu_s": self._cpu([self.worker]),
-            "worker_rss_mb": self._rss([self.worker]) / 2**20,
+            "worker_cpu_s": proc_cpu([self.worker]),
+            "worker_rss_mb": proc_rss([self.worker]) / 2**20,
             "worker_threads": self.worker.num_threads(),
-            "pods_cpu_s": self._cpu(pods),
-            "pods_rss_mb": self._rss(pods) / 2**20,
+            "pods_cpu_s": proc_cpu(pods),
+            "pods_rss_mb": proc_rss(pods) / 2**20,
             "pod_processes": len(pods),
-            "server_cpu_s": self._cpu([self.server]) if self.server else None,
-            "server_rss_mb": self._rss([self.server]) / 2**20 if self.server else None,
+            "server_cpu_s": proc_cpu([self.server]) if self.server else None,
+            "server_rss_mb": proc_rss([self.server]) / 2**20 if self.server else None,
             "machine_busy_s": sum(busy) - busy.idle - getattr(busy, "iowait", 0.0),
             "load": loadavg(),
         }
@@ -264,48 +228,6 @@ def cost_between(a: dict[str, Any], b: dict[str, Any], samples: list[dict[str, A
         "load_average_1m": {"min": min(loads, default=None), "mean": rnd(statistics.fmean(loads), 2) if loads else None,
                             "max": max(loads, default=None), "samples": len(loads)},
     }
-
-
-# --- the worker subprocess -------------------------------------------------------------------
-
-
-class WorkerProcess:
-    def __init__(self, settings, source_root: str, log_path: Path, extra_env: dict[str, str]) -> None:
-        self.settings = settings
-        self.source_root = source_root
-        self.log_path = log_path
-        self.extra_env = extra_env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
-        env.update(
-            HMS_TEMPORAL_ADDRESS=s.temporal_address,
-            HMS_STATE_DIR=str(s.state_dir),
-            HMS_TASK_QUEUE=s.task_queue,
-            HMS_NODE=s.node,
-            HMS_RUNTIME="process",
-            HMS_METRICS_PORT=str(s.metrics_port),
-            HMS_ROUTERS=",".join(s.routers),
-            HMS_NODE_MAX_PODS=str(s.node_max_pods),
-            PYTHONPATH=self.source_root,
-            **self.extra_env,
-        )
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=self.source_root,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
 
 
 def log_digest(path: Path, limit: int = 12) -> dict[str, Any]:
@@ -438,248 +360,283 @@ async def children_events(client, parent_id: str, t_from: float, t_to: float) ->
     return n
 
 
-async def soak(args, source: dict[str, Any]) -> dict[str, Any]:
-    from temporalio.common import SearchAttributeKey
-    from temporalio.contrib.pydantic import pydantic_data_converter
-    from temporalio.testing import WorkflowEnvironment
+class Soak:
+    """One soak: a dev server, a worker process, ``--services`` services; ``out`` collects the figures."""
 
-    from hms_mgmt import auth, constants
-    from hms_mgmt.config import Settings
-    from hms_mgmt.orchestrator import Orchestrator
-    from hms_mgmt.runtimes.process import ImageCatalog
-    from hms_mgmt.trust import TrustStore
+    def __init__(self, args, source: dict[str, Any]) -> None:
+        self.args, self.source = args, source
+        self.rng = random.Random(args.seed)
+        self.out: dict[str, Any] = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="hms-soak-"))
+        self.state = self.tmp / "state"
+        self.names = [f"soak-{i:03d}" for i in range(args.services)]
+        self.running: list[str] = []
+        self.sampler: ProcSampler | None = None
+        self._sampling: asyncio.Task[None] | None = None
 
-    rng = random.Random(args.seed)
-    out: dict[str, Any] = {}
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        data_converter=pydantic_data_converter,
-        search_attributes=[SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE),
-                           SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE)],
-        dev_server_log_level="error", ip="127.0.0.1", ui=False,
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="hms-soak-"))
-    state = tmp / "state"
-    state.mkdir()
-    tag = uuid.uuid4().hex[:8]
-    auth.init_keys(state)
-    settings = Settings(
-        temporal_address=env.client.service_client.config.target_host, state_dir=state, runtime="process",
-        task_queue=f"hms-soak-{tag}", node=f"s{tag}", metrics_port=free_port(),
-        token=auth.issue_token(state, user="soak", role="ops_admin"),
-        # Nobody listens there: each feed push is refused at once (no router in this benchmark).
-        routers=["http://127.0.0.1:9"],
-        node_max_pods=max(64, args.services * args.replicas + 2 * args.kills + 16),
-    )
-    TrustStore(state).sign(args.image, ImageCatalog(state).content_id(args.image), signer="bench")
-    extra_env = {"HMS_WATCH_MAX_S": str(args.watch_max_s)} if args.watch_max_s else {}
-    worker = WorkerProcess(settings, source["root"], tmp / "worker.log", extra_env)
-    import psutil
+    async def start(self) -> None:
+        """The dev server, the settings and trust, the worker process, the sampler."""
+        from hms_mgmt import auth
+        from hms_mgmt.orchestrator import Orchestrator
+        from hms_mgmt.runtimes.process import ImageCatalog
+        from hms_mgmt.testing import WorkerProcess, dev_environment, dev_server_pids, free_port, local_settings
+        from hms_mgmt.trust import TrustStore
 
-    server_pid = next((p.pid for p in psutil.Process().children(recursive=True)
-                       if "start-dev" in (p.cmdline() or [])), None)
-    orch = Orchestrator(env.client, settings)
-    names = [f"soak-{i:03d}" for i in range(args.services)]
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    session = aiohttp.ClientSession(connector=connector)
-    sampler_task: asyncio.Task[None] | None = None
-    try:
-        worker.start()
-        port = settings.metrics_port
+        args = self.args
+        self.env = await dev_environment(ui=False)
+        self.state.mkdir()
+        auth.init_keys(self.state)
+        self.settings = local_settings(
+            self.env.client.service_client.config.target_host, self.state, "process", queue_prefix="hms-soak",
+            node_prefix="s", metrics_port=free_port(), token=auth.issue_token(self.state, user="soak", role="ops_admin"),
+            # Nobody listens there: each feed push is refused at once (no router in this benchmark).
+            routers=["http://127.0.0.1:9"], node_max_pods=max(64, args.services * args.replicas + 2 * args.kills + 16),
+            capacity_retry_max_s=30.0)
+        TrustStore(self.state).sign(args.image, ImageCatalog(self.state).content_id(args.image), signer="bench")
+        extra_env = {"HMS_WATCH_MAX_S": str(args.watch_max_s)} if args.watch_max_s else {}
+        self.worker = WorkerProcess(self.settings, self.tmp / "worker.log", source_root=self.source["root"],
+                                    extra_env=extra_env)
+        self.orch = Orchestrator(self.env.client, self.settings)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        self.worker.start()
+        await self._wait_metrics()
+        self.sampler = ProcSampler(self.worker.proc.pid, next(iter(dev_server_pids()), None))  # type: ignore[union-attr]
+        self.sampler.sample()
+        self._sampling = asyncio.create_task(self._sample_forever())
+
+    async def _wait_metrics(self) -> None:
+        proc = self.worker.proc
         for _ in range(300):
             with contextlib.suppress(Exception):
-                await scrape(session, port)
-                break
-            if worker.proc and worker.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited ({worker.proc.returncode}); see {worker.log_path}")
+                await scrape(self.session, self.settings.metrics_port)
+                return
+            if proc and proc.poll() is not None:
+                raise RuntimeError(f"the worker exited ({proc.returncode}); see {self.worker.log_path}")
             await asyncio.sleep(0.2)
-        sampler = ProcSampler(worker.proc.pid, server_pid)  # type: ignore[union-attr]
-        sampler.sample()
 
-        async def sample_forever() -> None:
-            while True:
-                await asyncio.sleep(SAMPLE_EVERY_S)
-                await asyncio.to_thread(sampler.sample)
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_EVERY_S)
+            await asyncio.to_thread(self.sampler.sample)  # type: ignore[union-attr]
 
-        sampler_task = asyncio.create_task(sample_forever())
+    async def deploy(self) -> None:
+        args, sampler = self.args, self.sampler
+        assert sampler is not None
         print(f"deploying {args.services} services x {args.replicas} pods ({args.image}), "
               f"{args.deploy_concurrency} at a time ...", flush=True)
         s_deploy = sampler.sample()
-        out["deploy"] = await deploy_all(orch, names, args)
-        running = [n for n in names if n not in out["deploy"]["failed"]]
-        out["deploy"]["cost"] = cost_between(s_deploy, sampler.sample(), sampler.samples)
-        print(f"  {out['deploy']['running']}/{args.services} Running in {out['deploy']['total_s']} s "
-              f"(per service median {out['deploy']['per_service_median_s']} s); load {loadavg()}", flush=True)
-        if out["deploy"]["failed"]:
-            print(f"  failed: {dict(list(out['deploy']['failed'].items())[:5])}", flush=True)
-        if not running:
+        d = self.out["deploy"] = await deploy_all(self.orch, self.names, args)
+        self.running = [n for n in self.names if n not in d["failed"]]
+        d["cost"] = cost_between(s_deploy, sampler.sample(), sampler.samples)
+        print(f"  {d['running']}/{args.services} Running in {d['total_s']} s "
+              f"(per service median {d['per_service_median_s']} s); load {loadavg()}", flush=True)
+        if d["failed"]:
+            print(f"  failed: {dict(list(d['failed'].items())[:5])}", flush=True)
+        if not self.running:
             raise RuntimeError("no service is Running")
 
-        # --- the steady window, with kills -----------------------------------------------------
-        metrics_before = await scrape(session, port)
-        peer_out = tmp / "timer-peer.json"
+    async def steady_window(self) -> None:
+        """``--duration`` seconds with ``--kills`` pods killed; the worker's metrics and the
+        machine's idle-timer peer at both ends."""
+        port = self.settings.metrics_port
+        metrics_before = await scrape(self.session, port)
+        peer_out = self.tmp / "timer-peer.json"
         peer = subprocess.Popen([sys.executable, __file__, "--timer-peer", str(peer_out)],
-                                env={**os.environ, "PYTHONPATH": source["root"]})
-        s_start = sampler.sample()
-        t_start_wall = time.time()
-        t_start = time.perf_counter()
-        interval = args.health_interval
-        young_s = max(10.0, 3 * interval) + 2.0
-        lo, hi = young_s + 2, args.duration - min(args.replace_timeout * 0.5, 0.2 * args.duration)
-        hi = max(hi, lo + 1)
-        kill_at = sorted(rng.uniform(lo, hi) for _ in range(args.kills))
-        print(f"steady window {args.duration:g} s; {args.kills} kills at t = "
-              f"{', '.join(f'{k:.0f}' for k in kill_at)} s", flush=True)
-        busy: set[str] = set()
-        kill_tasks: list[asyncio.Task[dict[str, Any]]] = []
-        for k, at in enumerate(kill_at):
-            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t_start)))
-            recs = await asyncio.to_thread(pod_records, state, settings.node)
-            now = _dt.datetime.now(_dt.UTC)
-            candidates = [r for r in recs.values() if r["service"] in running and r["service"] not in busy
-                          and (now - _dt.datetime.fromisoformat(r["started_at"])).total_seconds() > young_s]
-            if not candidates:
-                print(f"  kill {k}: no ready pod old enough outside a running measurement; skipped", flush=True)
-                continue
-            victim = rng.choice(sorted(candidates, key=lambda r: r["pod_id"]))
-            name = victim["service"]
-            busy.add(name)
-
-            async def measured(name: str = name, victim: dict[str, Any] = victim, k: int = k) -> dict[str, Any]:
-                try:
-                    r = await kill_and_time(orch, state, settings.node, name, victim, args, session)
-                finally:
-                    busy.discard(name)
-                print(f"  kill {k}: {name}/{victim['pod_id'][:8]} -> replacement answers "
-                      f"{r.get('replacement_answers_s')} s, status whole {r.get('status_whole_s')} s; "
-                      f"load {r.get('load')}", flush=True)
-                return r
-
-            kill_tasks.append(asyncio.create_task(measured()))
-        await asyncio.sleep(max(0.0, args.duration - (time.perf_counter() - t_start)))
-        kills = list(await asyncio.gather(*kill_tasks))
-        s_end = sampler.sample()
-        t_end_wall = time.time()
-        metrics_after = await scrape(session, port)
+                                env={**os.environ, "PYTHONPATH": self.source["root"]})
+        s_start = self.sampler.sample()  # type: ignore[union-attr]
+        self.t_start_wall = time.time()
+        kills = await self._kills(time.perf_counter())
+        s_end = self.sampler.sample()  # type: ignore[union-attr]
+        self.t_end_wall = time.time()
+        metrics_after = await scrape(self.session, port)
         peer.terminate()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(peer.wait, 10)
-            out["peer_timer_lag"] = hist_summary(read_peer(peer_out))
+            self.out["peer_timer_lag"] = hist_summary(read_peer(peer_out))
+        self._probe_figures(metrics_before, metrics_after)
+        self.out["cost"] = cost_between(s_start, s_end, self.sampler.samples)  # type: ignore[union-attr]
+        self.kills = [k for k in kills if "skipped" not in k]
+        self.out["replacement"] = replacement_figures(self.kills, kills, 2 * self.args.health_interval + REPLACE_SLACK_S)
 
-        # --- figures ---------------------------------------------------------------------------
-        lag = hist_delta(histogram(metrics_before, "hms_health_probe_lag_seconds"),
-                         histogram(metrics_after, "hms_health_probe_lag_seconds"))
-        dur = hist_delta(histogram(metrics_before, "hms_health_probe_duration_seconds"),
-                         histogram(metrics_after, "hms_health_probe_duration_seconds"))
-        out["probe_lag"] = hist_summary(lag)
-        out["probe_duration"] = hist_summary(dur)
-        window_s = t_end_wall - t_start_wall
-        expected_pings = len(running) * args.replicas * window_s / interval
-        out["probe_lag"]["expected_pings_approx"] = int(expected_pings)
-        out["cost"] = cost_between(s_start, s_end, sampler.samples)
-        measured_kills = [k for k in kills if "skipped" not in k]
-        target_replace = 2 * interval + REPLACE_SLACK_S
-        status_xs = [k["status_whole_s"] for k in measured_kills if k["status_whole_s"] is not None]
-        http_xs = [k["replacement_answers_s"] for k in measured_kills if k["replacement_answers_s"] is not None]
-        out["replacement"] = {
-            "target_s": target_replace,
-            "kills": len(measured_kills),
-            "not_replaced_within_timeout": sum(1 for k in measured_kills if k["status_whole_s"] is None),
-            "status_whole": {"median_s": rnd(median(status_xs)), "p95_s": rnd(pct(status_xs, 0.95)),
-                             "max_s": rnd(max(status_xs, default=None))},
-            "replacement_answers": {"median_s": rnd(median(http_xs)), "p95_s": rnd(pct(http_xs, 0.95)),
-                                    "max_s": rnd(max(http_xs, default=None))},
-            "runs": kills,
-        }
+    def _kill_times(self) -> tuple[list[float], float]:
+        args = self.args
+        young_s = max(10.0, 3 * args.health_interval) + 2.0
+        lo, hi = young_s + 2, args.duration - min(args.replace_timeout * 0.5, 0.2 * args.duration)
+        return sorted(self.rng.uniform(lo, max(hi, lo + 1)) for _ in range(args.kills)), young_s
 
-        # History: a sample of never-killed services, and the killed ones with their heal children.
-        killed = sorted({k["service"] for k in measured_kills})
-        calm = [n for n in running if n not in killed]
-        sample = sorted(rng.sample(calm, min(args.history_sample, len(calm))))
-        hours = window_s / 3600
+    async def _kills(self, t_start: float) -> list[dict[str, Any]]:
+        args = self.args
+        kill_at, young_s = self._kill_times()
+        print(f"steady window {args.duration:g} s; {args.kills} kills at t = "
+              f"{', '.join(f'{k:.0f}' for k in kill_at)} s", flush=True)
+        busy: set[str] = set()
+        tasks: list[asyncio.Task[dict[str, Any]]] = []
+        for k, at in enumerate(kill_at):
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t_start)))
+            victim = await self._victim(busy, young_s)
+            if victim is None:
+                print(f"  kill {k}: no ready pod old enough outside a running measurement; skipped", flush=True)
+                continue
+            busy.add(victim["service"])
+            tasks.append(asyncio.create_task(self._measured_kill(k, victim, busy)))
+        await asyncio.sleep(max(0.0, args.duration - (time.perf_counter() - t_start)))
+        return list(await asyncio.gather(*tasks))
 
-        async def hist_of(name: str, with_children: bool) -> dict[str, Any]:
-            wid = constants.service_workflow_id(name)
-            h = await history_events(env.client, wid, t_start_wall, t_end_wall)
-            if with_children:
-                h["children_in_window"] = await children_events(env.client, wid, t_start_wall, t_end_wall)
-            return {"service": name, **h}
+    async def _victim(self, busy: set[str], young_s: float) -> dict[str, Any] | None:
+        recs = await asyncio.to_thread(pod_records, self.state, self.settings.node)
+        now = _dt.datetime.now(_dt.UTC)
+        candidates = [r for r in recs.values() if r["service"] in self.running and r["service"] not in busy
+                      and (now - _dt.datetime.fromisoformat(r["started_at"])).total_seconds() > young_s]
+        return self.rng.choice(sorted(candidates, key=lambda r: r["pod_id"])) if candidates else None
 
-        calm_h = [await hist_of(n, False) for n in sample]
-        killed_h = [await hist_of(n, True) for n in killed[: args.history_sample]]
-        per_hour = [h["in_window"] / hours for h in calm_h]
-        kills_of = {n: sum(1 for k in measured_kills if k["service"] == n) for n in killed}
-        per_heal = [(h["in_window"] + h.get("children_in_window", 0)) / max(1, kills_of[h["service"]])
-                    for h in killed_h]
-        out["history"] = {
-            "window_s": rnd(window_s, 1),
-            "watch_max_s": args.watch_max_s or 1800.0,
-            "note": ("a steady service's health monitor returns to its workflow only every watch_max_s; a "
-                     "window shorter than that sees none of those round trips"),
-            "calm_services": {"sampled": len(calm_h), "events_per_service_hour_median": rnd(median(per_hour), 1),
-                              "events_per_service_hour_max": rnd(max(per_hour, default=None), 1),
-                              "all_runs_total_events_median": median([h["all_runs_total"] for h in calm_h]),
-                              "runs_median": median([h["runs"] for h in calm_h])},
-            "killed_services": {"sampled": len(killed_h),
-                                "events_per_heal_median": rnd(median(per_heal), 1),
-                                "events_per_heal_max": rnd(max(per_heal, default=None), 1),
-                                "note": "events in the window of the service workflow and its heal children, "
-                                        "per pod killed: what one replacement adds to the books"},
-            "samples": calm_h + killed_h,
-        }
+    async def _measured_kill(self, k: int, victim: dict[str, Any], busy: set[str]) -> dict[str, Any]:
+        name = victim["service"]
+        try:
+            r = await kill_and_time(self.orch, self.state, self.settings.node, name, victim, self.args, self.session)
+        finally:
+            busy.discard(name)
+        print(f"  kill {k}: {name}/{victim['pod_id'][:8]} -> replacement answers "
+              f"{r.get('replacement_answers_s')} s, status whole {r.get('status_whole_s')} s; "
+              f"load {r.get('load')}", flush=True)
+        return r
 
-        # Everyone still whole at the end?
+    def _probe_figures(self, before: str, after: str) -> None:
+        for key, metric in (("probe_lag", "hms_health_probe_lag_seconds"),
+                            ("probe_duration", "hms_health_probe_duration_seconds")):
+            self.out[key] = hist_summary(hist_delta(histogram(before, metric), histogram(after, metric)))
+        window_s = self.t_end_wall - self.t_start_wall
+        expected = len(self.running) * self.args.replicas * window_s / self.args.health_interval
+        self.out["probe_lag"]["expected_pings_approx"] = int(expected)
+
+    async def history(self) -> None:
+        """History events: a sample of never-killed services, and the killed ones with their heal children."""
+        killed = sorted({k["service"] for k in self.kills})
+        calm = [n for n in self.running if n not in killed]
+        sample = sorted(self.rng.sample(calm, min(self.args.history_sample, len(calm))))
+        calm_h = [await self._history_of(n, False) for n in sample]
+        killed_h = [await self._history_of(n, True) for n in killed[: self.args.history_sample]]
+        kills_of = {n: sum(1 for k in self.kills if k["service"] == n) for n in killed}
+        self.out["history"] = history_figures(calm_h, killed_h, kills_of, self.t_end_wall - self.t_start_wall,
+                                              self.args.watch_max_s)
+
+    async def _history_of(self, name: str, with_children: bool) -> dict[str, Any]:
+        from hms_mgmt import constants
+
+        wid = constants.service_workflow_id(name)
+        client, t0, t1 = self.env.client, self.t_start_wall, self.t_end_wall
+        h = await history_events(client, wid, t0, t1)
+        if with_children:
+            h["children_in_window"] = await children_events(client, wid, t0, t1)
+        return {"service": name, **h}
+
+    async def end_state(self) -> None:
+        """Everyone still whole at the end?"""
         final = []
-        for n in running:
+        for n in self.running:
             with contextlib.suppress(Exception):
-                final.append(await orch.status(n, live=False))
-        out["end_state"] = {
+                final.append(await self.orch.status(n, live=False))
+        self.out["end_state"] = {
             "services_answering": len(final),
             "phases": {p: sum(1 for s in final if s.phase == p) for p in sorted({s.phase for s in final})},
             "ready_pods": sum(s.ready_replicas for s in final),
             "desired_pods": sum(s.desired_replicas for s in final),
         }
 
-        # --- teardown ----------------------------------------------------------------------------
+    async def undeploy(self) -> None:
         print("undeploying ...", flush=True)
         t_u = time.perf_counter()
-        gate = asyncio.Semaphore(args.deploy_concurrency)
+        gate = asyncio.Semaphore(self.args.deploy_concurrency)
 
         async def down(n: str) -> bool:
             async with gate:
                 try:
-                    await orch.undeploy(n, timeout=120)
+                    await self.orch.undeploy(n, timeout=120)
                     return True
                 except Exception:  # noqa: BLE001
                     return False
 
-        ok = await asyncio.gather(*(down(n) for n in running))
-        out["undeploy"] = {"services": len(running), "ok": sum(ok), "total_s": rnd(time.perf_counter() - t_u, 2)}
-        out["samples"] = [{k: (rnd(v, 2) if isinstance(v, float) else v) for k, v in s.items()}
-                          for s in sampler.samples]
-    finally:
-        if sampler_task is not None:
-            sampler_task.cancel()
-            with contextlib.suppress(BaseException):
-                await sampler_task
-        await session.close()
-        out["worker_exit_code"] = await asyncio.to_thread(worker.stop)
-        out["worker_log"] = log_digest(worker.log_path)
-        # Pods outlive their worker by design: stop what this run's node left (its records only).
-        left = pod_records(state, settings.node)
-        for rec in left.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(rec["pid"], signal.SIGKILL)
-        out["pods_left_after_undeploy"] = len(left)
-        with contextlib.suppress(Exception):
-            await env.shutdown()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            import shutil
+        ok = await asyncio.gather(*(down(n) for n in self.running))
+        self.out["undeploy"] = {"services": len(self.running), "ok": sum(ok),
+                                "total_s": rnd(time.perf_counter() - t_u, 2)}
+        self.out["samples"] = [{k: (rnd(v, 2) if isinstance(v, float) else v) for k, v in s.items()}
+                               for s in self.sampler.samples]  # type: ignore[union-attr]
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    async def stop(self) -> None:
+        if self._sampling is not None:
+            self._sampling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sampling
+        if hasattr(self, "session"):
+            await self.session.close()
+        if hasattr(self, "worker"):
+            self.out["worker_exit_code"] = await asyncio.to_thread(self.worker.stop, 60.0)
+            self.out["worker_log"] = log_digest(self.worker.log_path)
+        if hasattr(self, "settings"):
+            # Pods outlive their worker by design: stop what this run's node left (its records only).
+            left = pod_records(self.state, self.settings.node)
+            for rec in left.values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(rec["pid"], signal.SIGKILL)
+            self.out["pods_left_after_undeploy"] = len(left)
+        if hasattr(self, "env"):
+            with contextlib.suppress(Exception):
+                await self.env.shutdown()
+        if self.args.keep:
+            print(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def replacement_figures(measured: list[dict[str, Any]], kills: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    status_xs = [k["status_whole_s"] for k in measured if k["status_whole_s"] is not None]
+    http_xs = [k["replacement_answers_s"] for k in measured if k["replacement_answers_s"] is not None]
+    return {
+        "target_s": target,
+        "kills": len(measured),
+        "not_replaced_within_timeout": sum(1 for k in measured if k["status_whole_s"] is None),
+        "status_whole": {"median_s": rnd(median(status_xs)), "p95_s": rnd(pct(status_xs, 0.95)),
+                         "max_s": rnd(max(status_xs, default=None))},
+        "replacement_answers": {"median_s": rnd(median(http_xs)), "p95_s": rnd(pct(http_xs, 0.95)),
+                                "max_s": rnd(max(http_xs, default=None))},
+        "runs": kills,
+    }
+
+
+def history_figures(calm_h: list[dict[str, Any]], killed_h: list[dict[str, Any]], kills_of: dict[str, int],
+                    window_s: float, watch_max_s: float) -> dict[str, Any]:
+    per_hour = [h["in_window"] / (window_s / 3600) for h in calm_h]
+    per_heal = [(h["in_window"] + h.get("children_in_window", 0)) / max(1, kills_of[h["service"]])
+                for h in killed_h]
+    return {
+        "window_s": rnd(window_s, 1),
+        "watch_max_s": watch_max_s or 1800.0,
+        "note": ("a steady service's health monitor returns to its workflow only every watch_max_s; a "
+                 "window shorter than that sees none of those round trips"),
+        "calm_services": {"sampled": len(calm_h), "events_per_service_hour_median": rnd(median(per_hour), 1),
+                          "events_per_service_hour_max": rnd(max(per_hour, default=None), 1),
+                          "all_runs_total_events_median": median([h["all_runs_total"] for h in calm_h]),
+                          "runs_median": median([h["runs"] for h in calm_h])},
+        "killed_services": {"sampled": len(killed_h),
+                            "events_per_heal_median": rnd(median(per_heal), 1),
+                            "events_per_heal_max": rnd(max(per_heal, default=None), 1),
+                            "note": "events in the window of the service workflow and its heal children, "
+                                    "per pod killed: what one replacement adds to the books"},
+        "samples": calm_h + killed_h,
+    }
+
+
+async def soak(args, source: dict[str, Any]) -> dict[str, Any]:
+    run = Soak(args, source)
+    try:
+        await run.start()
+        await run.deploy()
+        await run.steady_window()
+        await run.history()
+        await run.end_state()
+        await run.undeploy()
+    finally:
+        await run.stop()
+    return run.out
 
 
 def verdicts(out: dict[str, Any], args) -> dict[str, Any]:
@@ -706,10 +663,10 @@ def verdicts(out: dict[str, Any], args) -> dict[str, Any]:
 
 async def main(args) -> int:
     source = use_source(args.source)
-    if source["root"] != str(Path(__file__).resolve().parents[1]):
+    if source["root"] != str(REPO):
         Path(source["root"]).chmod(0o755)  # a private temp dir: pods run as another user read the code there
     bench_run = Run(NAME)
-    print(f"measuring product source: {args.source} (fingerprint {source['fingerprint']})", flush=True)
+    bench_run.announce(args.source)
     out = await soak(args, source)
     v = verdicts(out, args)
     lag, rep, cost = out.get("probe_lag", {}), out.get("replacement", {}), out.get("cost", {})
@@ -741,7 +698,7 @@ async def main(args) -> int:
           f"{h.get('killed_services', {}).get('events_per_heal_median')} (service + heal child, median)")
     print(f"  end: {out.get('end_state')}; worker log {out.get('worker_log', {}).get('counts')}")
     print(f"\nverdict: {'PASS' if v['pass'] else 'FAIL'}")
-    path = bench_run.finish({
+    bench_run.done({
         "what": "one worker supervising many process-pod services: health-probe lag, time to replace a killed "
                 "pod, worker CPU/RSS, history events per service-hour",
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
@@ -756,9 +713,6 @@ async def main(args) -> int:
         "pass": v["pass"],
         **out,
     })
-    if bench_run.source_changed():
-        print("WARNING: product sources changed on disk during the run")
-    print(f"wrote {path}")
     return 0 if out.get("end_state") else 1
 
 
@@ -780,7 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image", default=EXAMPLE_IMAGE)
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--keep", action="store_true", help="keep the state directory (worker log, events)")
-    ap.add_argument("--source", default="snapshot", help="snapshot (default), live, or a git ref")
+    add_source_arg(ap)
     args = ap.parse_args(argv)
     args.services = args.services or (20 if args.quick else 100)
     args.duration = args.duration or (60.0 if args.quick else 600.0)
@@ -792,9 +746,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--timer-peer":
         timer_peer(sys.argv[2])
         sys.exit(0)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, parse_args())

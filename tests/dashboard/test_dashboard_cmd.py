@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,15 +13,10 @@ import urllib.request
 from conftest import REPO, WorkerProcess, eventually, make_settings
 
 from hms_mgmt import auth
+from hms_mgmt.testing import free_port
 
 APP = ("import typer; from hms_mgmt.cli.dashboard_cmd import dashboard; "
        "app = typer.Typer(); app.command()(dashboard); app()")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> dict:

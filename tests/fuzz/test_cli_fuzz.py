@@ -8,7 +8,6 @@ arguments that cannot start them."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from hms_mgmt.cli import app
+from hms_mgmt.testing import free_port
 
 # Each command's arguments and options; a value slot is drawn from VALUES (or a file slot from FILES).
 COMMANDS: dict[tuple[str, ...], list[str]] = {
@@ -87,12 +87,6 @@ def command_lines(draw: st.DrawFn, file_choices: list[str]) -> list[str]:
     if draw(st.integers(0, 9)) == 0:
         args.insert(draw(st.integers(0, len(args))), draw(VALUES))  # a stray word anywhere
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -19,11 +19,21 @@ from pathlib import Path
 import psutil
 import pytest
 import pytest_asyncio
-from conftest import REPO, WorkerProcess, eventually, make_settings, node_pods, sweep_pods, terminate_running
+from conftest import (
+    REPO,
+    WorkerProcess,
+    eventually,
+    make_settings,
+    node_pods,
+    sweep_pods,
+    terminate_running,
+    worker_process,
+)
 from temporalio.testing import WorkflowEnvironment
 
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import free_port
 from hms_mgmt.trust import TrustStore
 
 
@@ -56,15 +66,8 @@ def clean_env(**values: str) -> dict[str, str]:
 async def cli(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[tuple[Settings, dict[str, str]]]:
     """Settings and the environment an operator's shell would have, with a worker process running."""
     s = make_settings(temporal_env, tmp_path / "state", "process")
-    worker = WorkerProcess(s, tmp_path / "worker.log")
-    env = {**worker.env(), "COLUMNS": "200"}
-    worker.start()
-    try:
-        yield s, env
-    finally:
-        worker.stop()
-        await terminate_running(temporal_env, s)
-        sweep_pods(s)
+    async with worker_process(temporal_env, s, tmp_path / "worker.log") as worker:
+        yield s, {**worker.env(), "COLUMNS": "200"}
 
 
 async def test_deploy_status_logs_events_undeploy(temporal_env: WorkflowEnvironment, cli):
@@ -203,12 +206,6 @@ async def test_auth_and_image_commands(tmp_path: Path):
     assert result.returncode == 1 and "no trust record" in result.stderr
     result = await hms("image", "sign", "registry.gov/unknown:1", env=env)
     assert result.returncode == 1 and "not in the process runtime's image catalog" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,14 +25,9 @@ from conftest import make_settings, require_docker, sweep_pods, terminate_runnin
 
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import free_port
 from router import serve
 from worker.main import HmsWorker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["builtin", "haproxy"])

@@ -16,7 +16,6 @@ import pytest_asyncio
 from conftest import (
     CRASHLOOP_IMAGE,
     V2_IMAGE,
-    WorkerProcess,
     eventually,
     make_settings,
     node_pods,
@@ -25,6 +24,7 @@ from conftest import (
     sign_images,
     sweep_pods,
     terminate_running,
+    worker_process,
 )
 from router_helpers import Routed, engine, free_port, routed, run_load  # noqa: F401 - fixtures
 
@@ -120,14 +120,8 @@ async def test_broken_v2_rolls_back_to_v1_never_below_min(routed):
 @pytest_asyncio.fixture(loop_scope="session")
 async def worker_proc(temporal_env, tmp_path):
     settings = make_settings(temporal_env, tmp_path / "state", "process")
-    worker = WorkerProcess(settings, tmp_path / "worker.log")
-    worker.start()
-    try:
+    async with worker_process(temporal_env, settings, tmp_path / "worker.log") as worker:
         yield settings, worker
-    finally:
-        worker.stop()
-        await terminate_running(temporal_env, settings)
-        sweep_pods(settings)
 
 
 async def test_worker_killed_mid_rollout_completes_once_with_no_extra_pod(temporal_env, worker_proc):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import urllib.request
 from typing import Any
 
@@ -18,14 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hms_mgmt.events import EVENT_ID_HEADER, SIGNATURE_HEADER, read_events, verify_signature, webhook_secret
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.testing import free_port, kill_process_pod
 from worker.main import HmsWorker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:
@@ -64,16 +55,6 @@ class Receiver:
             self.runner = None
 
 
-def kill_pod(settings, pod_id: str) -> None:
-    rt = make_runtime("process", node=settings.node, state_dir=settings.state_dir)
-    try:
-        handle = rt.find(pod_id)
-        assert handle is not None
-        os.kill(int(handle.extra["pid"]), signal.SIGKILL)
-    finally:
-        rt.close()
-
-
 async def test_webhook_gets_every_event_once_signed_across_an_outage(temporal_env, tmp_path):
     port = free_port()
     settings = make_settings(temporal_env, tmp_path / "state", "process",
@@ -89,7 +70,7 @@ async def test_webhook_gets_every_event_once_signed_across_an_outage(temporal_en
 
             await receiver.stop()  # down: the heal must not wait for it
             st = await hms.status("hms-ach")
-            kill_pod(settings, st.pods[0].id)
+            kill_process_pod(settings, st.pods[0].id)
             await eventually(lambda: [e for e in read_events(settings.state_dir) if e.type == "pod.replaced"],
                              timeout=60, what="the heal, with the webhook down")
             await hms.scale("hms-ach", 2, reason="more")
@@ -159,7 +140,7 @@ async def test_metrics_move_as_pods_die_and_scale(temporal_env, tmp_path):
             assert await metric("hms_events_total", type="pod.started") == 1
 
             st = await hms.status("hms-ach")
-            kill_pod(settings, st.pods[0].id)
+            kill_process_pod(settings, st.pods[0].id)
 
             async def healed() -> bool:
                 return await metric("hms_heals_total", **svc) == 1 and await metric(

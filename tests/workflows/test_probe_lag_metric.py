@@ -4,20 +4,14 @@ the worker's /metrics: what bench/soak.py reads at scale. Real server, worker, p
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 from conftest import eventually, make_settings, seed_spec, sweep_pods, terminate_running
 from prometheus_client.parser import text_string_to_metric_families
 
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import free_port
 from worker.main import HmsWorker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -1,0 +1,177 @@
+"""The test kit: what the tests, the benchmarks and the scripts start to run hms-mgmt locally
+(after kopf's ``kopf.testing``).
+
+- the dev-server launcher (:mod:`hms_mgmt.devserver`, re-exported): :func:`dev_environment`,
+  :class:`DevServer`, :func:`free_port`, :func:`temporal_binary`;
+- :func:`local_settings` — settings with a fresh task queue, node and state directory, so a run
+  never sees anyone else's workflows or pods;
+- :func:`local_stack` — a dev server, a control+node worker in this process and, optionally, a
+  builtin router as a process of its own; everything stopped on exit;
+- :class:`WorkerProcess` — ``python -m worker`` as a real subprocess, to kill and start again.
+
+The worker is imported when a stack starts, not with this module: ``hms_mgmt`` itself does not
+depend on ``worker``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hms_mgmt.config import Settings
+from hms_mgmt.devserver import DevServer, dev_environment, dev_server_pids, free_port, port_open, temporal_binary
+
+__all__ = [
+    "DevServer",
+    "LocalStack",
+    "WorkerProcess",
+    "dev_environment",
+    "dev_server_pids",
+    "free_port",
+    "kill_process_pod",
+    "local_settings",
+    "local_stack",
+    "port_open",
+    "temporal_binary",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_settings(address: str, state_dir: Path, runtime: str, *, queue_prefix: str = "hms-control",
+                   node_prefix: str = "n", **extra: Any) -> Settings:
+    """Settings of one run: its own task queue and node (a random tag), its state dir (made)."""
+    tag = uuid.uuid4().hex[:8]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    values: dict[str, Any] = {"task_queue": f"{queue_prefix}-{tag}", "node": f"{node_prefix}{tag}",
+                              "capacity_retry_max_s": 1.0, **extra}
+    return Settings(temporal_address=address, state_dir=state_dir, runtime=runtime, **values)  # type: ignore[arg-type]
+
+
+@dataclass
+class LocalStack:
+    env: Any  # temporalio.testing.WorkflowEnvironment
+    client: Any  # temporalio.client.Client
+    settings: Settings
+    orch: Any  # hms_mgmt.orchestrator.Orchestrator
+    worker: Any  # worker.main.HmsWorker
+    router_url: str | None = None
+
+
+@contextlib.asynccontextmanager
+async def local_stack(runtime: str = "process", *, prefix: str = "hms-local", node_prefix: str = "n",
+                      router_engine: str | None = None, **settings_extra: Any) -> AsyncIterator[LocalStack]:
+    """A dev server, a control+node worker in this process for ``runtime`` and, with
+    ``router_engine``, ``python -m router`` fed by it (as ``hms up`` starts one)."""
+    from hms_mgmt.orchestrator import Orchestrator
+    from worker.main import HmsWorker
+
+    env = await dev_environment(ui=False)
+    tmp = tempfile.TemporaryDirectory(prefix=f"{prefix}-")
+    try:
+        router_port = free_port() if router_engine else None
+        if router_port is not None:
+            settings_extra.setdefault("routers", [f"http://127.0.0.1:{router_port}"])
+        settings = local_settings(env.client.service_client.config.target_host, Path(tmp.name) / "state", runtime,
+                                  queue_prefix=prefix, node_prefix=node_prefix, **settings_extra)
+        worker = HmsWorker(env.client, settings)
+        async with worker, _router(settings, router_port, router_engine) as router_url:
+            yield LocalStack(env=env, client=env.client, settings=settings, orch=Orchestrator(env.client, settings),
+                             worker=worker, router_url=router_url)
+    finally:
+        with contextlib.suppress(Exception):
+            await env.shutdown()
+        tmp.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _router(settings: Settings, port: int | None, engine: str | None) -> AsyncIterator[str | None]:
+    if port is None or engine is None:
+        yield None
+        return
+    import asyncio
+
+    from router.server import RouterProcess
+
+    router = RouterProcess(settings, port=port, engine=engine)
+    router.start()
+    try:
+        await router.wait_ready(30)
+        yield router.url
+    finally:
+        await asyncio.to_thread(router.stop)
+
+
+class WorkerProcess:
+    """``python -m worker`` as a real subprocess (the code under ``source_root``), configured
+    from ``settings`` through the environment, to kill with SIGKILL and start again."""
+
+    def __init__(self, settings: Settings, log_path: Path, *, source_root: Path | str = REPO,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.source_root = str(source_root)
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        s = self.settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HMS_")}
+        env.update(
+            HMS_TEMPORAL_ADDRESS=s.temporal_address,
+            HMS_STATE_DIR=str(s.state_dir),
+            HMS_TASK_QUEUE=s.task_queue,
+            HMS_NODE=s.node,
+            HMS_RUNTIME=s.runtime,
+            HMS_CAPACITY_RETRY_MAX_S=str(s.capacity_retry_max_s),
+            HMS_NODE_MAX_PODS=str(s.node_max_pods),
+            HMS_TOKEN=s.token or "",
+            HMS_ROUTERS=",".join(s.routers),
+            HMS_METRICS_PORT=str(s.metrics_port or 0),
+            PYTHONPATH=self.source_root,
+            **self.extra_env,
+        )
+        return env
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env(), cwd=self.source_root,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit code (None if never started)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+def kill_process_pod(settings: Settings, pod_id: str) -> None:
+    """SIGKILL a process-runtime pod of ``settings``' node, as a crash would."""
+    from hms_mgmt.runtimes import make_runtime
+
+    rt = make_runtime("process", node=settings.node, state_dir=settings.state_dir)
+    try:
+        handle = rt.find(pod_id)
+        assert handle is not None and handle.running, f"pod {pod_id} is not running"
+        os.kill(int(handle.extra["pid"]), signal.SIGKILL)
+    finally:
+        rt.close()

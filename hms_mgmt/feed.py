@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hms_mgmt.auth import keys_dir
-from hms_mgmt.files import atomic_write
+from hms_mgmt.files import atomic_write, inside
 from hms_mgmt.models import EndpointSet
 
 FEED_KEY_FILE = "feed.key"
@@ -80,7 +80,9 @@ def write_table(state_dir: Path, table: EndpointSet) -> Path:
     """Write ``feed/<service>.json`` atomically, unless the file already holds a newer version."""
     d = feed_dir(state_dir)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{table.service}.json"
+    # Checked again here (a table may be built without validation): a DNS label, never a path.
+    EndpointSet.model_validate({"service": table.service})
+    path = inside(d, f"{table.service}.json")
     try:
         if EndpointSet.model_validate_json(path.read_text()).version > table.version:
             return path

@@ -439,7 +439,8 @@ class EndpointSet(_Model):
     """A service's routable pods. ``version`` grows with every change (across continue-as-new
     and redeploys), so a router applies a table only if it is newer than the one it has."""
 
-    service: str
+    # A DNS label, as ServiceSpec.name: it names the router's file for the table and its routes.
+    service: str = Field(max_length=63, pattern=_DNS_LABEL.pattern)
     version: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
     stopped: bool = False  # the service is gone: a router forgets it

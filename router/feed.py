@@ -15,6 +15,7 @@ configuration (HAProxy's services map) and, elsewhere, file names. Engines subsc
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -120,13 +121,17 @@ class FeedSync:
             log.warning("refused an endpoint feed push: %s", why)
             return 401, {"error": f"feed push refused: {why}"}
         try:
-            table = EndpointSet.model_validate_json(body)
+            raw = json.loads(body)
         except ValueError as e:
             return 400, {"error": f"not an endpoint table: {e}"}
-        why = service_problem(table.service)
+        why = service_problem(raw.get("service") if isinstance(raw, dict) else None)
         if why is not None:
             log.warning("refused an endpoint feed push: %s", why)
             return 400, {"error": f"not an endpoint table: {why}"}
+        try:
+            table = EndpointSet.model_validate(raw)
+        except ValueError as e:
+            return 400, {"error": f"not an endpoint table: {e}"}
         applied = self.table.apply(table, pushed=True)
         return 200, {"service": table.service, "version": table.version, "applied": applied}
 

@@ -80,3 +80,20 @@ def test_a_process_pods_log_and_records_are_private(tmp_path: Path) -> None:
         assert log_files and all(mode(f) == 0o600 for f in log_files), [oct(mode(f)) for f in log_files]
     finally:
         rt.stop(pod.pod_id, 2)
+
+
+@pytest.mark.parametrize("service", ["../../keys/control", "a/b", "UPPER", "x" * 64, "", "-lead", "a\nb"])
+def test_an_endpoint_table_never_names_a_file_outside_the_feed(tmp_path: Path, service: str) -> None:
+    """``EndpointSet.service`` becomes ``feed/<service>.json``: anyone who reaches Temporal can send
+    a table to the publish activity, so a name that is not a service name is refused as data."""
+    from pydantic import ValidationError
+
+    from hms_mgmt.feed import write_table
+    from hms_mgmt.models import EndpointSet
+
+    with pytest.raises(ValidationError, match="service"):
+        EndpointSet.model_validate({"service": service, "version": 1})
+    forged = EndpointSet.model_construct(service=service, version=1, endpoints=[], stopped=False)
+    with pytest.raises(ValueError):
+        write_table(tmp_path / "state", forged)
+    assert not list(tmp_path.rglob("control.json"))

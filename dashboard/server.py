@@ -5,7 +5,8 @@ status queries concurrent with a bound), the router's ``/-/stats`` and the tail 
 ``events.jsonl``, and pushes the same prepared JSON to every open page over server-sent events:
 the cost does not grow with the number of viewers.
 
-Reading is open to whoever reaches the port (127.0.0.1 only). Approving or rejecting needs the
+Reading is open to whoever reaches the port (127.0.0.1 unless the stack listens on another
+address: ``hms up --listen``). Approving or rejecting needs the
 caller's own token (``Authorization: Bearer``), verified here; the workflow gets a one-time proof
 made from it (never the token), which its worker checks again; the dashboard's own identity
 never acts for a browser.
@@ -31,6 +32,7 @@ from aiohttp_sse import sse_response
 from temporalio.client import Client
 
 from hms_mgmt import auth, names
+from hms_mgmt.addresses import LOOPBACK, check_address, host_port
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
 from hms_mgmt.events import EventFollower
@@ -228,13 +230,14 @@ class Dashboard:
         self._runner: web.AppRunner | None = None
         self._follower: EventFollower | None = None
         self.port: int | None = None
+        self.host = LOOPBACK
         self.app = self._make_app()
 
     # --- lifecycle ------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{host_port(self.host, self.port or 0)}"
 
     @property
     def sign_in_url(self) -> str | None:
@@ -242,9 +245,14 @@ class Dashboard:
         fragment, which browsers never send to a server or put in a Referer."""
         return f"{self.url}/#token={self.token}" if self.token else None
 
-    async def start(self, *, port: int, host: str = "127.0.0.1") -> str:
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            raise HmsError(f"the dashboard binds to 127.0.0.1 only, not {host}")
+    async def start(self, *, port: int, host: str = LOOPBACK) -> str:
+        """Listen on ``host``: loopback, or one IP address of this machine (never all of them)."""
+        if host != "localhost":
+            try:
+                host = check_address(host)
+            except ValueError as e:
+                raise HmsError(f"the dashboard cannot listen on {host}: {e}") from None
+        self.host = host
         self._follower = EventFollower(self.settings.state_dir, tail_bytes=RECENT_EVENTS_BYTES)
         self.events.extend(e.model_dump(mode="json") for e in await asyncio.to_thread(self._follower.poll))
         self._tasks = [
@@ -414,7 +422,7 @@ class Dashboard:
         pointing its own name at 127.0.0.1 (DNS rebinding)."""
         raw = request.host or ""
         host = raw[: raw.find("]") + 1] if raw.startswith("[") else raw.rsplit(":", 1)[0]
-        if host.lower() not in LOCAL_HOSTS:
+        if host.lower() not in LOCAL_HOSTS | {self.host, f"[{self.host}]"}:
             return web.json_response({"error": "unknown host"}, status=421)
         return await handler(request)
 
@@ -527,12 +535,13 @@ class Dashboard:
 
 @contextlib.asynccontextmanager
 async def running_dashboard(
-    client: Client, settings: Settings, *, port: int | None = None, token: str | None = None, **kw: Any
+    client: Client, settings: Settings, *, port: int | None = None, token: str | None = None,
+    host: str = LOOPBACK, **kw: Any
 ) -> AsyncIterator[Dashboard]:
-    """The dashboard for the local stack: started on 127.0.0.1:``port`` (default
+    """The dashboard for the local stack: started on ``host``:``port`` (default 127.0.0.1 and
     ``settings.dashboard_port``; 0 picks a free one), stopped on exit."""
     dash = Dashboard(client, settings, token=token, **kw)
-    await dash.start(port=settings.dashboard_port if port is None else port)
+    await dash.start(port=settings.dashboard_port if port is None else port, host=host)
     try:
         yield dash
     finally:

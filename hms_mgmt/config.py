@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from hms_mgmt import constants
+from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import ConfigError
 from hms_mgmt.files import atomic_write, load_yaml_mapping, private_dir
 from hms_mgmt.models import NodeSpec
@@ -113,6 +114,8 @@ class Settings(BaseSettings):
     node_cpus: float | None = None  # CPUs offered to pods (default: cores x CPU_LIMIT_OVERCOMMIT)
     node_memory_mb: int | None = None  # default: the machine's memory
     node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
+    # Where this node's pods are reached (``hms worker --address``): its own IP on a network of hosts.
+    node_address: str = LOOPBACK
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
@@ -121,6 +124,11 @@ class Settings(BaseSettings):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return parse_labels(v) if isinstance(v, str) else v
+
+    @field_validator("node_address")
+    @classmethod
+    def _node_address(cls, v: str) -> str:
+        return check_address(v)
 
     # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
     # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
@@ -228,6 +236,7 @@ class Settings(BaseSettings):
             max_pods=self.node_max_pods,
             task_queue=constants.node_task_queue(self.node, self.node_queue_prefix),
             labels=self.node_labels,
+            address=self.node_address,
         )
 
     def pod_limits(self) -> PodLimits:
@@ -286,7 +295,8 @@ def _describe(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             problems.append(f"unknown setting {field!r}")
         elif field in Settings.model_fields:
-            problems.append(f"{where} ({env_var(field)}): {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where} ({env_var(field)}): {msg} (got {err.get('input')!r})")
         else:
             problems.append(f"{where}: {err['msg']}")
     return "; ".join(problems)

@@ -137,13 +137,16 @@ class DevServer:
             await self._wait_ready()
             return
         private_dir(self.state_dir)
-        # Temporal's sqlite file (and its -wal/-shm, which take its mode) private from the start.
-        os.close(open_private(self.state_dir / "temporal.db", os.O_WRONLY | os.O_CREAT))
+        # Temporal's sqlite file (and its -wal/-shm) private from the start: made by the server
+        # under umask 077, since an empty file it finds is taken for a database without tables.
+        db = self.state_dir / "temporal.db"
+        if db.exists():
+            db.chmod(0o600)
         with os.fdopen(open_private(self.log_path), "ab") as log:
             # Its own session: Ctrl-C in the terminal must not kill Temporal before `hms up` has
             # undeployed through it; we stop it ourselves, last.
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
         try:
             await self._wait_ready()
         except BaseException:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import FailureKind
 
 # The autoscale policy's types, importable from here as before (the wire types use them).
@@ -263,6 +264,7 @@ class NodeSpec(_Model):
     max_pods: int = Field(default=64, ge=0)
     task_queue: str
     labels: dict[str, str] = Field(default_factory=dict)
+    address: str = LOOPBACK  # where its pods are reached: they publish or bind here, endpoints name it
 
     @field_validator("name")
     @classmethod
@@ -270,6 +272,11 @@ class NodeSpec(_Model):
         if len(v) > 63 or not _DNS_LABEL.match(v):
             raise ValueError("node name must be a DNS-1123 label")
         return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return check_address(v)
 
 
 NodeState = Literal["Ready", "Lost"]

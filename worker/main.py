@@ -97,8 +97,10 @@ class HmsWorker:
             )
         if node:
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
-                                   docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink)
-            log.info("node %s: %s runtime, task queue %s", settings.node, runtime.name, settings.node_task_queue())
+                                   docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink,
+                                   address=settings.node_address)
+            log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
+                     settings.node_task_queue())
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe)
             self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
             self.workers.append(

@@ -76,8 +76,8 @@ def main(
     )
 
 
-PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port on 127.0.0.1.")]
-UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port on 127.0.0.1.")]
+PortOpt = Annotated[int, typer.Option("--port", help="Temporal gRPC port (on 127.0.0.1, or --listen).")]
+UiPortOpt = Annotated[int, typer.Option("--ui-port", help="Temporal Web UI port (on 127.0.0.1, or --listen).")]
 HeadlessOpt = Annotated[bool, typer.Option("--headless", help="Start the dev server without its Web UI.")]
 RouterPortOpt = Annotated[int | None, typer.Option("--router-port", help="Traffic router port on 127.0.0.1 "
                                                    "(default: HMS_ROUTER_PORT or 8000).")]
@@ -111,12 +111,23 @@ def up(
     dashboard_port: DashPortOpt = None,
     no_router: NoRouterOpt = False,
     no_dashboard: NoDashOpt = False,
+    listen: Annotated[str, typer.Option(
+        "--listen", help="The IP address Temporal, its Web UI, the router and the dashboard listen on "
+        "(another host's nodes and routers reach this one there).")] = "127.0.0.1",
+    no_node: Annotated[bool, typer.Option(
+        "--no-node", help="Run no pods on this host: the control plane, router and dashboard only.")] = False,
 ) -> None:
     """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
     the traffic router and the dashboard."""
+    from hms_mgmt.addresses import check_address
+
+    try:
+        listen = check_address(listen)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--listen") from None
     _setup_logging(logging.INFO)
     _run(_up(port, ui_port, headless, not no_worker,
-             _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard), listen=listen, run_node=not no_node))
 
 
 @app.command()
@@ -159,6 +170,9 @@ def worker(
     memory_mb: MemoryOpt = None,
     max_pods: MaxPodsOpt = None,
     labels: LabelsOpt = None,
+    node_address: Annotated[str | None, typer.Option(
+        "--address", help="This node's IP address: its pods publish or bind there and are reached there "
+        "(default: HMS_NODE_ADDRESS or 127.0.0.1). `hms --address` before the command is Temporal's.")] = None,
 ) -> None:
     """Run a worker: workflows and scheduling, plus pod activities for this node, which it
     registers with the NodeRegistry and keeps alive with heartbeats."""
@@ -168,7 +182,8 @@ def worker(
     # (this node, its runtime and capacity) are kept there too.
     node_overrides = _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(node=node or None, runtime=runtime or None, **node_overrides),
+    _run(worker_main(_settings(node=node or None, runtime=runtime or None, node_address=node_address or None,
+                               **node_overrides),
                      control=not no_control))
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from rich.text import Text
 
 from hms_mgmt import auth
+from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
@@ -58,6 +59,9 @@ class _Stack:
     router_engine: str = "builtin"
     dashboard_url: str | None = None
     metrics_url: str | None = None
+    listen: str = LOOPBACK  # `hms up --listen`: where Temporal, the Web UI, the router and the dashboard are
+    run_node: bool = True  # False (`hms up --no-node`): the worker runs no pods here
+    temporal_address: str = ""  # the dev server as others reach it (through a relay with --listen)
 
 
 @dataclass
@@ -81,9 +85,10 @@ async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
 
 @contextlib.asynccontextmanager
 async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool,
-                       edge: Edge | None = None) -> AsyncIterator[_Stack]:
+                       edge: Edge | None = None, listen: str = LOOPBACK, run_node: bool = True) -> AsyncIterator[_Stack]:
     """Temporal dev server + operator token + an in-process worker, the traffic router and the
-    dashboard; torn down in reverse."""
+    dashboard, all reached on ``listen``; torn down in reverse. Without ``run_node`` the worker is
+    the control plane only: this host runs no pods."""
     from hms_mgmt.config import connect
 
     settings = _settings()
@@ -97,13 +102,29 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace
     )
     await server.start()
+    relays: list[asyncio.Server] = []
     try:
+        address, ui_url = server.address, server.ui_url
+        # --- hms up --listen: the dev server stays on 127.0.0.1, relayed (hms_mgmt/relay.py says why)
+        if listen != LOOPBACK:
+            from hms_mgmt.relay import start_relay
+
+            for p in [port] + ([] if headless else [ui_port]):
+                try:
+                    relays.append(await start_relay(listen, p, server.host, p))
+                except OSError as e:
+                    raise HmsError(f"cannot listen on {host_port(listen, p)}: {e}") from e
+            address, ui_url = host_port(listen, port), f"http://{host_port(listen, ui_port)}"
+        if edge is not None and edge.router_port is not None and settings.routers == [
+                f"http://{LOOPBACK}:{settings.router_port}"]:  # the feed goes where the router listens
+            _add_cli_overrides(routers=[f"http://{host_port(listen, edge.router_port)}"])
+        # ---
         # This server, for every Settings this command builds from now on (the worker's reloads
         # included); a Web UI URL set in the environment is kept (a proxy in front of the UI).
-        ui_url = os.environ.get("HMS_WEB_UI_URL") or server.ui_url
-        _add_cli_overrides(temporal_address=server.address, web_ui_url=ui_url)
+        ui_url = os.environ.get("HMS_WEB_UI_URL") or ui_url
+        _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
         # And the config file, so `hms status` in another shell with this state dir finds it.
-        settings.write_config(temporal_address=server.address, web_ui_url=ui_url)
+        settings.write_config(temporal_address=address, web_ui_url=ui_url)
         settings = _settings()
         auth.ensure_local_operator(settings)
         client = await connect(settings)
@@ -112,9 +133,11 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         if run_worker:
             from worker.main import HmsWorker
 
-            worker = HmsWorker(client, settings, settings_loader=settings.reload, metrics=bool(settings.metrics_port))
+            worker = HmsWorker(client, settings, node=run_node, settings_loader=settings.reload,
+                               metrics=bool(settings.metrics_port))
             task = asyncio.create_task(worker.run())
-        stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task)
+        stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task,
+                       listen=listen, run_node=run_node, temporal_address=address)
         if worker is not None and settings.metrics_port:
             stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         try:
@@ -130,26 +153,28 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
                 except Exception as e:  # noqa: BLE001 - report, and still stop the server
                     err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
     finally:
+        for relay in relays:
+            relay.close()
         server.stop()
 
 
 @contextlib.asynccontextmanager
 async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
-    """The router and the dashboard, in this process, on 127.0.0.1."""
+    """The router and the dashboard, in this process, on the stack's address (127.0.0.1 by default)."""
     router_task: asyncio.Task[None] | None = None
     async with contextlib.AsyncExitStack() as stop:
         if edge.router_port is not None:
             from router.server import serve as serve_router
 
-            if not _port_free(edge.router_port):
+            if not _port_free(edge.router_port, stack.listen):
                 raise HmsError(f"port {edge.router_port} is taken: the router needs it (--router-port, or --no-router)")
             ready = asyncio.Event()
             router_task = asyncio.create_task(serve_router(stack.settings, port=edge.router_port, engine=edge.engine,
-                                                           ready=ready, client=client))
+                                                           ready=ready, client=client, host=stack.listen))
             await _first(ready.wait(), router_task)
             if router_task.done():
                 router_task.result()  # its error, say why
-            stack.router_url = f"http://127.0.0.1:{edge.router_port}"
+            stack.router_url = f"http://{host_port(stack.listen, edge.router_port)}"
             stack.router_engine = edge.engine
 
             async def stop_router() -> None:
@@ -161,34 +186,38 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
         if edge.dashboard_port is not None:
             from dashboard import running_dashboard
 
-            if not _port_free(edge.dashboard_port):
+            if not _port_free(edge.dashboard_port, stack.listen):
                 raise HmsError(f"port {edge.dashboard_port} is taken: the dashboard needs it "
                                "(--dashboard-port, or --no-dashboard)")
-            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port))
+            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port,
+                                                                    host=stack.listen))
             stack.dashboard_url = dash.url
         yield
 
 
-def _port_free(port: int) -> bool:
-    return not port_open("127.0.0.1", port)
+def _port_free(port: int, host: str = LOOPBACK) -> bool:
+    return not port_open(host, port)
 
 
 def _print_stack(stack: _Stack) -> None:
     s = stack.settings
     how = "reused" if stack.server.reused else "started"
-    out.print(Text.assemble(("Temporal  ", "bold"), f"{stack.server.address} ({how}, namespace {s.namespace})"))
+    out.print(Text.assemble(("Temporal  ", "bold"), f"{stack.temporal_address} ({how}, namespace {s.namespace})"))
     if stack.server.headless and not stack.server.reused:
         out.print(Text.assemble(("Web UI    ", "bold"), "off (--headless)"))
     else:
         out.print(Text.assemble(("Web UI    ", "bold"), (s.web_ui_url, "cyan underline")))
     out.print(Text.assemble(("state     ", "bold"), str(s.state_dir)))
-    if stack.worker_task is not None:
+    if stack.worker_task is not None and not stack.run_node:
+        out.print(Text.assemble(("worker    ", "bold"), f"control plane only (--no-node), task queue {s.task_queue}"))
+    elif stack.worker_task is not None:
         from hms_mgmt.runtimes import resolve_runtime_name
 
         out.print(
             Text.assemble(
                 ("worker    ", "bold"),
-                f"node {s.node} ({resolve_runtime_name(s.runtime)} runtime), task queue {s.task_queue}",
+                f"node {s.node} at {s.node_address} ({resolve_runtime_name(s.runtime)} runtime), "
+                f"task queue {s.task_queue}",
             )
         )
     if stack.router_url:
@@ -208,11 +237,12 @@ def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asy
         raise HmsError(f"the Temporal dev server exited; {stack.server.log_path}:\n{stack.server.log_tail()}")
 
 
-async def _up(port: int, ui_port: int, headless: bool, run_worker: bool, edge: Edge | None = None) -> None:
+async def _up(port: int, ui_port: int, headless: bool, run_worker: bool, edge: Edge | None = None, *,
+              listen: str = LOOPBACK, run_node: bool = True) -> None:
     stopper = _Stopper()
     stopper.install()
     async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker,
-                            edge=edge if run_worker else None) as stack:
+                            edge=edge if run_worker else None, listen=listen, run_node=run_node) as stack:
         _print_stack(stack)
         out.print("ready: Ctrl-C stops " + ("the worker and " if run_worker else "") + "the server")
         server_exit = asyncio.ensure_future(stack.server.wait_exit())

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.errors import PodRuntimeError as PodRuntimeError  # defined with the other errors; importable here too
 from hms_mgmt.models import ServiceSpec
@@ -78,8 +79,9 @@ class PodRuntime(abc.ABC):
 
     name: str
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, address: str = LOOPBACK) -> None:
         self.node = node
+        self.address = check_address(address)  # pods publish or bind here; endpoints name it
 
     @abc.abstractmethod
     def start(self, req: PodLaunch) -> PodHandle:

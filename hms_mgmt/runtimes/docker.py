@@ -1,6 +1,6 @@
 """Pods as Docker containers, through the docker SDK.
 
-Containers carry our labels, publish their port on 127.0.0.1 only, get the spec's cpu/memory
+Containers carry our labels, publish their port on the node's address only (127.0.0.1 on one host), get the spec's cpu/memory
 limits and no restart policy: healing is ours, so that every replacement is a decision the
 workflow history explains. Every pod is also boxed whatever its spec says: a default memory
 limit, a pids limit, ``no-new-privileges``, all capabilities dropped (the spec's ``cap_add``
@@ -21,6 +21,7 @@ import docker
 import docker.errors
 
 from hms_mgmt import constants as c
+from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
 
@@ -54,9 +55,10 @@ class DockerRuntime(PodRuntime):
     name = "docker"
 
     def __init__(
-        self, node: str, client: docker.DockerClient | None = None, *, limits: PodLimits | None = None
+        self, node: str, client: docker.DockerClient | None = None, *, limits: PodLimits | None = None,
+        address: str = LOOPBACK,
     ) -> None:
-        super().__init__(node)
+        super().__init__(node, address)
         self.client = client or docker.from_env(timeout=60)
         self.limits = limits or PodLimits()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
@@ -88,7 +90,7 @@ class DockerRuntime(PodRuntime):
         ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
         for binding in ports.values():
             if binding:
-                endpoint = f"{binding[0]['HostIp'] or '127.0.0.1'}:{binding[0]['HostPort']}"
+                endpoint = host_port(binding[0]["HostIp"] or self.address, int(binding[0]["HostPort"]))
                 break
         nano = (attrs.get("HostConfig") or {}).get("NanoCpus") or 0
         return PodHandle(
@@ -160,7 +162,7 @@ class DockerRuntime(PodRuntime):
                     c.LABEL_MANAGED: "1",
                 },
                 environment=env,
-                ports={f"{spec.port}/tcp": ("127.0.0.1", None)},
+                ports={f"{spec.port}/tcp": (self.address, None)},
                 pids_limit=self.limits.pids,
                 security_opt=["no-new-privileges"],
                 cap_drop=["ALL"],

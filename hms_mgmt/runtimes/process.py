@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.errors import ActivityErrorType, ConfigError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.files import atomic_write, inside, load_yaml_mapping, open_private, private_dir
@@ -115,9 +116,10 @@ class ImageCatalog:
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(address: str) -> int:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -149,9 +151,10 @@ class ProcessRuntime(PodRuntime):
     name = "process"
 
     def __init__(
-        self, node: str, state_dir: Path, *, limits: PodLimits | None = None, events: EventSink | None = None
+        self, node: str, state_dir: Path, *, limits: PodLimits | None = None, events: EventSink | None = None,
+        address: str = LOOPBACK,
     ) -> None:
-        super().__init__(node)
+        super().__init__(node, address)
         self.state_dir = state_dir
         self.records = state_dir / "pods" / node
         self.log_dir = state_dir / "logs" / node
@@ -210,7 +213,8 @@ class ProcessRuntime(PodRuntime):
             self._python_for[cwd] = found
         return self._python_for[cwd]
 
-    def _environment(self, req: PodLaunch, entry: dict[str, Any], port: int, home: str) -> dict[str, str]:
+    def _environment(self, req: PodLaunch, entry: dict[str, Any], port: int, home: str,
+                     address: str) -> dict[str, str]:
         """A fresh environment: nothing of the worker's (its tokens, its HMS_* settings, its
         PYTHON*/LD_* variables), the catalog entry's own env, then the spec's allowed names."""
         env = {"PATH": POD_PATH, "LANG": "C.UTF-8", "HOME": home}
@@ -220,7 +224,7 @@ class ProcessRuntime(PodRuntime):
         env.update(
             {
                 "PORT": str(port),
-                "HOST": "127.0.0.1",
+                "HOST": address,  # the node's address: the pod binds there, and is dialled there
                 "HMS_POD_ID": req.pod_id,
                 "HMS_SERVICE": req.service,
                 "HMS_REVISION": str(req.revision),
@@ -295,7 +299,7 @@ class ProcessRuntime(PodRuntime):
             node=rec["node"],
             image=rec["image"],
             state="running" if alive else "exited",
-            endpoint=f"127.0.0.1:{rec['port']}",
+            endpoint=host_port(rec.get("address", LOOPBACK), rec["port"]),
             started_at=datetime.fromisoformat(rec["started_at"]),
             exit_code=None if alive else rec.get("exit_code"),
             cpu_limit=rec.get("cpu_limit"),
@@ -352,11 +356,11 @@ class ProcessRuntime(PodRuntime):
                 except OSError as e:
                     self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
                     cgroups = None
-            port = _free_port()
+            port = _free_port(self.address)
             home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
             if user is not None:
                 os.chown(home, user.pw_uid, user.pw_gid)
-            env = self._environment(req, entry, port, home)
+            env = self._environment(req, entry, port, home, self.address)
             log_path = self._log_path(req.pod_id)
             rec = {
                 "pod_id": req.pod_id,
@@ -367,6 +371,7 @@ class ProcessRuntime(PodRuntime):
                 "pid": 0,
                 "create_time": 0.0,
                 "port": port,
+                "address": self.address,
                 "cpu_limit": req.spec.cpu_limit,
                 "started_at": datetime.now(UTC).isoformat(),
                 "log": str(log_path),
@@ -409,7 +414,7 @@ class ProcessRuntime(PodRuntime):
             rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
             self._write(rec)
             self._exits.poke()
-            log.info("started pod %s (%s) pid %s on 127.0.0.1:%s", req.pod_id, req.service, child.pid, port)
+            log.info("started pod %s (%s) pid %s on %s", req.pod_id, req.service, child.pid, host_port(self.address, port))
             return self._handle(rec)
 
     def _set_rlimits(self, req: PodLaunch, pid: int, memory_mb: int) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from hms_mgmt.config import Settings
+from hms_mgmt.devserver import port_open
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, port_open, tails, wait_until
+from .conftest import Network, hms_argv, tails, wait_until
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
 

@@ -6,12 +6,12 @@ health probe reaches it there (the pod became ready). 127.0.0.2 is this host too
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 import pytest
 from conftest import make_settings, node_pods, seed_spec, sweep_pods
 
+from hms_mgmt.devserver import port_open
 from hms_mgmt.orchestrator import Orchestrator
 
 ADDRESS = "127.0.0.2"
@@ -22,14 +22,6 @@ def settings(temporal_env, tmp_path, runtime_name):
     s = make_settings(temporal_env, tmp_path / "state", runtime_name, node_address=ADDRESS)
     yield s
     sweep_pods(s)
-
-
-def answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def get_pod_header(url: str) -> str | None:
@@ -46,7 +38,7 @@ async def test_pods_publish_and_bind_on_the_node_address(hms: Orchestrator, sett
         assert host == ADDRESS, pod.endpoint
         assert await asyncio.to_thread(get_pod_header, f"http://{pod.endpoint}/health") == pod.id
         # Only on the node's address: not on the loopback's 127.0.0.1 at the same port.
-        assert not await asyncio.to_thread(answers, "127.0.0.1", int(port))
+        assert not await asyncio.to_thread(port_open, "127.0.0.1", int(port), 1.0)
     handles = node_pods(settings, "hms-addr")
     assert sorted(h.endpoint or "" for h in handles) == sorted(p.endpoint or "" for p in status.pods)
     if settings.runtime == "docker":

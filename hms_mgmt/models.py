@@ -358,6 +358,7 @@ class RolloutStatus(_Model):
     updated: int = 0  # pods of to_revision ready
     desired: int = 0
     message: str = ""
+    workflow_id: str = ""  # the rolling DeployWorkflow's id, so the dashboard can link to it
 
 
 class Refusal(_Model):
@@ -452,8 +453,24 @@ class Placement(_Model):
     watch_max_s: float = 1800.0  # the monitor returns at least this often, so the workflow can continue-as-new
 
 
+class PendingEvent(_Model):
+    """An event a signal handler raised (handlers cannot run activities): the run loop writes it."""
+
+    type: str
+    reason: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalledApproval(_Model):
+    """An ``approve`` / ``reject`` signal waiting for the run loop to check it."""
+
+    kind: Literal["approve", "reject"]
+    approval: Approval
+
+
 class ServiceState(_Model):
-    """Everything ServiceWorkflow owns; passed whole to continue-as-new."""
+    """Everything ServiceWorkflow owns; passed whole to continue-as-new, the signal inboxes too
+    (a signal taken in just before continue-as-new is acted on by the next run)."""
 
     phase: Phase = "Validating"
     revision: int = 1
@@ -479,6 +496,11 @@ class ServiceState(_Model):
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
     used_proofs: dict[str, float] = Field(default_factory=dict)  # jti -> expiry (epoch s): each is used once
+    # Inboxes: what signal handlers leave for the run loop.
+    lost_nodes: list[NodeLost] = Field(default_factory=list)  # from the NodeRegistry
+    outbox: list[PendingEvent] = Field(default_factory=list)  # events to write
+    approvals: list[SignalledApproval] = Field(default_factory=list)  # approve/reject signals to check
+    revoke_check: bool = False  # an image_revoked hint: re-check the pinned image's trust
 
 
 class ServiceInput(_Model):

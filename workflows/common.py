@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         StartPodInput,
         StopPodInput,
     )
+    from hms_mgmt.names import service_workflow_id
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNotFound", "ImageUntrusted"]
@@ -121,7 +122,7 @@ async def require_parent(kind: str, service: str) -> None:
     Temporal CLI) ends at once, refused, with an ``access.denied`` event and no pod started."""
     if workflow.info().parent is not None:
         return
-    reason = f"{kind} started on its own (not by svc-{service}): refused, nothing started"
+    reason = f"{kind} started on its own (not by {service_workflow_id(service)}): refused, nothing started"
     await workflow.execute_activity_method(
         ControlActivities.emit_event,
         EventInput(type="access.denied", service=service, reason=reason, data={"workflow": workflow.info().workflow_id}),

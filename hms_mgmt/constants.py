@@ -6,7 +6,6 @@ CONTROL_TASK_QUEUE = "hms-control"
 NODE_TASK_QUEUE_PREFIX = "hms-node-"
 SERVICE_WORKFLOW_ID_PREFIX = "svc-"
 NODE_REGISTRY_ID = "hms-nodes"
-NODE_LOST_SIGNAL = "node_lost"  # NodeRegistry -> ServiceWorkflow: treat this node's pods as failed
 
 LABEL_SERVICE = "hms.service"
 LABEL_POD = "hms.pod"

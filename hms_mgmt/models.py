@@ -341,6 +341,7 @@ class RolloutStatus(_Model):
     updated: int = 0  # pods of to_revision ready
     desired: int = 0
     message: str = ""
+    workflow_id: str = ""  # the rolling DeployWorkflow's id, so the dashboard can link to it
 
 
 class Refusal(_Model):

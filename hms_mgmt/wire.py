@@ -18,6 +18,7 @@ from hms_mgmt.models import (
     MAX_REASON_CHARS,
     MAX_REQUEST_ID_CHARS,
     MAX_TOKEN_CHARS,
+    Approval,
     Decision,
     Failure,
     Health,
@@ -35,6 +36,8 @@ from hms_mgmt.models import (
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
 
 __all__ = [
+    "PendingEvent",
+    "SignalledApproval",
     "AdmissionRequest",
     "AuthorizeInput",
     "AuthorizeOutput",
@@ -132,6 +135,21 @@ class Placement(_Model):
     watch_max_s: float = 1800.0  # the monitor returns at least this often, so the workflow can continue-as-new
 
 
+class PendingEvent(_Model):
+    """An event a signal handler raised (handlers cannot run activities): the run loop writes it."""
+
+    type: str
+    reason: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalledApproval(_Model):
+    """An ``approve`` / ``reject`` signal waiting for the run loop to check it."""
+
+    kind: Literal["approve", "reject"]
+    approval: Approval
+
+
 class ServiceState(_Model):
     """Everything ServiceWorkflow owns; passed whole to continue-as-new."""
 
@@ -159,6 +177,11 @@ class ServiceState(_Model):
     revisions: list[RevisionRecord] = Field(default_factory=list)
     endpoints_version: int = 0  # the feed's last published version, carried across continue-as-new
     used_proofs: dict[str, float] = Field(default_factory=dict)  # jti -> expiry (epoch s): each is used once
+    # Inboxes: what signal handlers leave for the run loop, carried across continue-as-new.
+    lost_nodes: list[NodeLost] = Field(default_factory=list)  # from the NodeRegistry
+    outbox: list[PendingEvent] = Field(default_factory=list)  # events to write
+    approvals: list[SignalledApproval] = Field(default_factory=list)  # approve/reject signals to check
+    revoke_check: bool = False  # an image_revoked hint: re-check the pinned image's trust
 
 
 class ServiceInput(_Model):

@@ -19,7 +19,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from activities.feed import FeedActivities
     from activities.pods import PodActivities
-    from hms_mgmt import constants
+    from hms_mgmt import constants, errors
+    from hms_mgmt.errors import ActivityErrorType
     from hms_mgmt.models import (
         DrainInput,
         EventInput,
@@ -31,9 +32,10 @@ with workflow.unsafe.imports_passed_through():
         StartPodInput,
         StopPodInput,
     )
+    from hms_mgmt.names import service_workflow_id
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
-POD_FATAL = ["PodExited", "PodNotReady", "ImageNotFound", "InvalidSpec", "PodNotFound", "ImageUntrusted"]
+POD_FATAL = list(errors.POD_FATAL)
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
@@ -121,14 +123,14 @@ async def require_parent(kind: str, service: str) -> None:
     Temporal CLI) ends at once, refused, with an ``access.denied`` event and no pod started."""
     if workflow.info().parent is not None:
         return
-    reason = f"{kind} started on its own (not by svc-{service}): refused, nothing started"
+    reason = f"{kind} started on its own (not by {service_workflow_id(service)}): refused, nothing started"
     await workflow.execute_activity_method(
         ControlActivities.emit_event,
         EventInput(type="access.denied", service=service, reason=reason, data={"workflow": workflow.info().workflow_id}),
         task_queue=workflow.info().task_queue,
         start_to_close_timeout=timedelta(seconds=30),
     )
-    raise ApplicationError(reason, type="AccessDenied", non_retryable=True)
+    raise ApplicationError(reason, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
 
 
 async def emit(placement: Placement, type_: str, service: str, reason: str, **data: object) -> None:

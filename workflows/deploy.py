@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         PodStatus,
         rollout_budget,
     )
+    from hms_mgmt.names import DEPLOY_WORKFLOW, S
 
 from workflows.common import (
     POD_HEARTBEAT,
@@ -42,9 +43,6 @@ from workflows.common import (
     stop_pod,
 )
 
-POD_REPORTED = "pod_reported"
-PODS_DRAINING = "pods_draining"
-SUPERSEDE = "supersede"
 CRASH_LIMIT = 3  # new pods of the revision failing in a rolling update before it gives up
 PIPELINED = "rollout-pipelined"  # patch: min_ready_s watched in start_pod, placement asked a round ahead
 
@@ -54,7 +52,7 @@ async def report_to_parent(pod: PodStatus) -> None:
     ``status()`` and the routers see it live rather than when the whole rollout ends."""
     parent = workflow.info().parent
     if parent is not None:
-        await workflow.get_external_workflow_handle(parent.workflow_id).signal(POD_REPORTED, pod)
+        await workflow.get_external_workflow_handle(parent.workflow_id).signal(S.POD_REPORTED, pod)
 
 
 class RolloutProgress:
@@ -68,7 +66,7 @@ class RolloutProgress:
         self.pods[pod.id] = pod
 
 
-@workflow.defn
+@workflow.defn(name=DEPLOY_WORKFLOW)
 class DeployWorkflow:
     def __init__(self) -> None:
         self.rollout = RolloutProgress()
@@ -78,14 +76,14 @@ class DeployWorkflow:
     def progress(self) -> list[PodStatus]:
         return list(self.rollout.pods.values())
 
-    @workflow.signal(name=SUPERSEDE)
+    @workflow.signal(name=S.SUPERSEDE)
     def supersede(self) -> None:
         """A newer update arrived: stop at the next safe point and hand back the pods as they are."""
         self.superseded = True
 
     @workflow.run
     async def run(self, inp: DeployInput) -> DeployOutput:
-        await require_parent("DeployWorkflow", inp.spec.name)
+        await require_parent(DEPLOY_WORKFLOW, inp.spec.name)
         if inp.rolling:
             return await RollingUpdate(inp, self).run()
         ready, failed = await start_pods(
@@ -271,7 +269,7 @@ class RollingUpdate:
         await asyncio.gather(*after)
         parent = workflow.info().parent
         if parent is not None:
-            await workflow.get_external_workflow_handle(parent.workflow_id).signal(PODS_DRAINING, [p.id for p in pods])
+            await workflow.get_external_workflow_handle(parent.workflow_id).signal(S.PODS_DRAINING, [p.id for p in pods])
         await drain(self.inp.placement, self.inp.spec, [p.id for p in pods])
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))
         self.stopped += [p.id for p in pods]

@@ -31,7 +31,7 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
-SPEC_INVALID = "spec_invalid"  # hms_mgmt.errors.FailureKind.SPEC_INVALID: the client raises SpecError
+SPEC_INVALID = "spec_invalid"  # hms_mgmt.errors.FailureKind.SPEC_MALFORMED: the client raises SpecError
 
 
 class MessageGuard(Interceptor):

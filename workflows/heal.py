@@ -13,6 +13,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
+    from hms_mgmt.names import HEAL_WORKFLOW, S
     from hms_mgmt.policy.backoff import backoff_delay
 
 from workflows.common import (
@@ -27,15 +28,14 @@ from workflows.common import (
 )
 from workflows.deploy import report_to_parent
 
-HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
 LOST_NODE_STOP_WAIT = timedelta(seconds=10)  # for a Lost node's worker to take the old pod's stop
 
 
-@workflow.defn
+@workflow.defn(name=HEAL_WORKFLOW)
 class HealWorkflow:
     @workflow.run
     async def run(self, inp: HealInput) -> HealOutput:
-        await require_parent("HealWorkflow", inp.spec.name)
+        await require_parent(HEAL_WORKFLOW, inp.spec.name)
         spec = inp.spec
         attempt = 0
         while True:
@@ -57,7 +57,7 @@ class HealWorkflow:
                 parent = workflow.info().parent
                 if parent is not None:
                     await workflow.get_external_workflow_handle(parent.workflow_id).signal(
-                        HEAL_ATTEMPT_FAILED,
+                        S.HEAL_ATTEMPT_FAILED,
                         HealAttempt(failed_pod=inp.failed.id, replacement=pod_id, attempt=attempt,
                                     reason=error_message(e), next_delay_s=next_delay),
                     )

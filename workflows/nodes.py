@@ -24,11 +24,12 @@ with workflow.unsafe.imports_passed_through():
         NodesOutput,
         RegisterResult,
     )
+    from hms_mgmt.names import NODE_REGISTRY_WORKFLOW
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
 
 
-@workflow.defn
+@workflow.defn(name=NODE_REGISTRY_WORKFLOW)
 class NodeRegistry:
     @workflow.init
     def __init__(self, inp: NodeRegistryInput) -> None:

@@ -11,12 +11,13 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import FailedPod, PodStatus, ScaleInput, ScaleOutput
+    from hms_mgmt.names import SCALE_WORKFLOW
 
 from workflows.common import node_queue, require_parent, start_pods, stop_pod
 from workflows.deploy import RolloutProgress
 
 
-@workflow.defn
+@workflow.defn(name=SCALE_WORKFLOW)
 class ScaleWorkflow:
     def __init__(self) -> None:
         self.rollout = RolloutProgress()
@@ -27,7 +28,7 @@ class ScaleWorkflow:
 
     @workflow.run
     async def run(self, inp: ScaleInput) -> ScaleOutput:
-        await require_parent("ScaleWorkflow", inp.spec.name)
+        await require_parent(SCALE_WORKFLOW, inp.spec.name)
         out = ScaleOutput()
         if inp.new_pod_ids:
             ready, failed = await start_pods(

@@ -1,0 +1,371 @@
+"""ServiceWorkflow (id ``svc-<name>``): the one writer of a service's desired and actual state.
+
+A long-lived entity. Rollouts, heals and scaling actions are child workflows so each is its
+own execution in the Web UI; children report back and this workflow applies the result.
+Between actions it waits on one long-running watch activity per node, which returns only
+when something needs a decision — a steady service adds a handful of events per hour.
+
+This class holds the messages (handlers and their validators) and the run loop; its state is
+one ``ServiceRun`` and each concern is a helper over it (approvals, admission, updates,
+supervision, the endpoint feed), like samples-python's ``updatable_timer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from hms_mgmt.errors import FailureKind
+    from hms_mgmt.models import (
+        AdmissionRequest,
+        Approval,
+        EndpointSet,
+        Failure,
+        HealAttempt,
+        NodeLost,
+        PodStatus,
+        ScaleRequest,
+        ServiceInput,
+        ServiceState,
+        ServiceStatus,
+        SpecUpdate,
+        UndeployRequest,
+        UpdateOutcome,
+        WatchResult,
+    )
+    from hms_mgmt.names import ADMITTING, ENDED, SERVICE_WORKFLOW, SUPERVISED, Q, S, U
+
+from workflows.service.access import Access
+from workflows.service.admission import Admission
+from workflows.service.approvals import ApprovalGate
+from workflows.service.feed import EndpointFeed
+from workflows.service.lifecycle import Lifecycle
+from workflows.service.state import SERVICE_KEY, ServiceRun, cancel_quietly, refuse
+from workflows.service.supervision import Supervision
+from workflows.service.updates import Updates
+
+DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
+
+
+@workflow.defn(name=SERVICE_WORKFLOW)
+class ServiceWorkflow:
+    @workflow.init
+    def __init__(self, inp: ServiceInput) -> None:
+        self.run_state = run = ServiceRun(inp)
+        self.access = Access(run)
+        self.feed = EndpointFeed(run)
+        self.approvals = ApprovalGate(run, self.access)
+        self.admission = Admission(run, self.access, self.approvals)
+        self.supervision = Supervision(run, self.feed)
+        self.lifecycle = Lifecycle(run, self.feed, self.supervision)
+        self.updates = Updates(run, self.access, self.admission, self.approvals, self.supervision, self.feed)
+
+    # --- queries -----------------------------------------------------------------------
+
+    @workflow.query(name=Q.STATUS)
+    def status(self) -> ServiceStatus:
+        return self.run_state.status()
+
+    @workflow.query(name=Q.ENDPOINTS)
+    def endpoints(self) -> EndpointSet:
+        """The routable pods as last published to the routers: what a router loads at start."""
+        return self.feed.current()
+
+    # --- admission and undeploy --------------------------------------------------------
+
+    @workflow.update(name=U.ADMISSION)
+    async def admission(self, req: AdmissionRequest) -> ServiceStatus:
+        """Answer once admission is decided (access, governance, image trust) or, with
+        ``until="running"``, once the service runs; a refusal fails the update with its kind.
+        Bounded by ``req.timeout_s``: then it answers with the phase reached so far."""
+        run = self.run_state
+        try:
+            await workflow.wait_condition(lambda: self._reached(req), timeout=timedelta(seconds=req.timeout_s))
+        except TimeoutError:
+            return run.status()
+        if req.until == "revision" and req.revision in run.revision_failures:
+            failure = run.revision_failures[req.revision]
+            raise refuse(failure.kind, failure.message)
+        failure = run.state.failure
+        if run.state.phase in ENDED or (req.until != "admitted" and run.state.phase == "Degraded"):
+            if failure is not None:
+                raise refuse(failure.kind, failure.message)
+            raise refuse(FailureKind.UNDEPLOYED, f"{run.spec.name} is {run.state.phase}")
+        return run.status()
+
+    def _reached(self, req: AdmissionRequest) -> bool:
+        run = self.run_state
+        phase = run.state.phase
+        if phase in ENDED or phase == "Undeploying":
+            return True
+        if req.until == "admitted":
+            return phase not in ADMITTING
+        if req.until == "revision" and req.revision is not None:
+            if req.revision in run.revision_failures:
+                return True
+            return run.state.revision >= req.revision and phase in SUPERVISED and run.updating is None
+        return phase in SUPERVISED
+
+    @workflow.update(name=U.UNDEPLOY)
+    async def undeploy(self, req: UndeployRequest) -> ServiceStatus:
+        """Only an ops_admin may undeploy (checked here, in the worker); the answer comes once
+        the request is accepted, and the run ends when every pod is stopped."""
+        run = self.run_state
+        allowed = await self.access.authorize("undeploy", req.proof, request_id=req.request_id)
+        if not allowed.allowed:
+            raise refuse(FailureKind.ACCESS_DENIED, f"undeploy {run.spec.name} refused: {allowed.reason}")
+        run.undeploy_requested = True
+        return run.status()
+
+    @undeploy.validator
+    def _validate_undeploy(self, req: UndeployRequest) -> None:
+        run = self.run_state
+        if run.undeploy_requested or run.state.phase in ENDED or run.state.phase == "Undeploying":
+            raise refuse(FailureKind.REFUSED, f"{run.spec.name} is already {run.state.phase.lower()}")
+
+    # --- approvals ---------------------------------------------------------------------
+
+    @workflow.update(name=U.APPROVE)
+    async def approve_update(self, approval: Approval) -> ServiceStatus:
+        """Approve a deployment in AwaitingApproval: a gov_approver who did not ask for it."""
+        await self.approvals.decide_by_update("approve", approval)
+        return self.run_state.status()
+
+    @approve_update.validator
+    def _validate_approve(self, approval: Approval) -> None:
+        self.approvals.require_pending("approve")
+
+    @workflow.update(name=U.REJECT)
+    async def reject_update(self, approval: Approval) -> ServiceStatus:
+        await self.approvals.decide_by_update("reject", approval)
+        return self.run_state.status()
+
+    @reject_update.validator
+    def _validate_reject(self, approval: Approval) -> None:
+        self.approvals.require_pending("reject")
+
+    @workflow.signal(name=S.APPROVE)
+    def approve_signal(self, approval: Approval) -> None:
+        """The same decision as a signal, for the Temporal CLI and the Web UI's "Send a signal"
+        form (``hms approve NAME --print-signal`` prints the input); checked exactly like the
+        update, by the run loop."""
+        self.approvals.signalled("approve", approval)
+
+    @workflow.signal(name=S.REJECT)
+    def reject_signal(self, approval: Approval) -> None:
+        self.approvals.signalled("reject", approval)
+
+    # --- hints and reports from children and the NodeRegistry ----------------------------
+
+    @workflow.signal(name=S.PODS_DRAINING)
+    def pods_draining(self, pod_ids: list[str]) -> None:
+        """A rolling update is about to stop these: routers get them as draining at once."""
+        run = self.run_state
+        if run.state.phase == "Updating":
+            run.stopping |= set(pod_ids) & {p.id for p in run.state.pods}
+
+    @workflow.signal(name=S.IMAGE_REVOKED)
+    def image_revoked(self, image: str) -> None:
+        """A hint that an image lost its trust: the workflow checks for itself, with the trust
+        store, before it marks anything (anyone who reaches Temporal can send this)."""
+        if image == self.run_state.spec.image:
+            self.run_state.state.revoke_check = True
+
+    @workflow.signal(name=S.POD_REPORTED)
+    def pod_reported(self, pod: PodStatus) -> None:
+        """Live progress from a child; the child's result is still the authority."""
+        run = self.run_state
+        if not (run.heals or run.state.phase in ("Deploying", "Scaling", "Updating")):
+            run.post("access.denied", f"ignored a pod_reported signal for pod {pod.id[:8]}: "
+                                      "no rollout, scaling or heal is running")
+            return
+        if pod.health == "exited" and not any(p.id == pod.id for p in run.state.pods):
+            return
+        run.upsert_pod(pod)
+
+    @workflow.signal(name=S.NODE_LOST)
+    def node_lost(self, lost: NodeLost) -> None:
+        """The NodeRegistry lost a node: its pods are failed, and healed elsewhere."""
+        self.run_state.state.lost_nodes.append(lost)
+        self.run_state.pods_changed = True  # stop watching the lost node's pods
+
+    @workflow.signal(name=S.HEAL_ATTEMPT_FAILED)
+    def heal_attempt_failed(self, attempt: HealAttempt) -> None:
+        run = self.run_state
+        # From a heal this workflow runs, about a replacement that is not a live pod of ours:
+        # anything else is not ours to believe (anyone can signal), and could unbook a live pod.
+        if attempt.failed_pod not in run.heals or any(p.id == attempt.replacement and p.ready
+                                                      for p in run.state.pods):
+            run.post("access.denied", f"ignored a heal_attempt_failed signal for pod "
+                                      f"{attempt.failed_pod[:8]}: no heal of it is running")
+            return
+        state = run.state
+        state.crash_count += 1
+        state.backoff_s = attempt.next_delay_s
+        state.pods = [p for p in state.pods if p.id != attempt.replacement]
+        reason = (
+            f"replacement {attempt.replacement[:8]} for pod {attempt.failed_pod[:8]} failed "
+            f"(attempt {attempt.attempt}): {attempt.reason}; next try in {attempt.next_delay_s:g}s"
+        )
+        state.message = reason
+        if state.crash_count >= DEGRADED_AFTER:
+            run.fail(FailureKind.CRASH_LOOP, reason)
+        if state.crash_count >= DEGRADED_AFTER and state.phase != "Degraded":
+            run.set_phase("Degraded")
+            run.decide("degraded", reason, pod=attempt.failed_pod)
+            run.post("service.degraded", reason, crash_count=state.crash_count, backoff_s=attempt.next_delay_s)
+
+    # --- spec updates and scaling ------------------------------------------------------
+
+    @workflow.update(name=U.UPDATE_SPEC)
+    async def update_spec(self, req: SpecUpdate) -> UpdateOutcome:
+        """A changed spec: a new revision rolled out with surge and automatic rollback, or —
+        when no pod field changed — applied in place. Answers once it is admitted (or refused);
+        a newer update supersedes one that has not finished."""
+        return await self.updates.request(req, "deploy")
+
+    @update_spec.validator
+    def _validate_update_spec(self, req: SpecUpdate) -> None:
+        self._require_updatable()
+        name = self.run_state.spec.name
+        if req.spec is None:
+            raise refuse(FailureKind.SPEC_MALFORMED, "update_spec needs a spec")
+        if req.spec.name != name:
+            raise refuse(FailureKind.SPEC_MALFORMED, f"spec names {req.spec.name}, not {name}")
+
+    @workflow.update(name=U.ROLLBACK)
+    async def rollback(self, req: SpecUpdate) -> UpdateOutcome:
+        """Go back to an earlier revision (default: the one before the current), its pinned image."""
+        return await self.updates.request(req, "deploy")
+
+    @rollback.validator
+    def _validate_rollback(self, req: SpecUpdate) -> None:
+        self._require_updatable()
+        self.updates.rollback_target(req.to_revision)
+
+    def _require_updatable(self) -> None:
+        run = self.run_state
+        if run.undeploy_requested or run.state.phase not in (*SUPERVISED, "Updating"):
+            raise refuse(FailureKind.REFUSED, f"{run.spec.name} is {run.state.phase}; it can be updated once it runs")
+
+    @workflow.update(name=U.SCALE)
+    async def scale(self, req: ScaleRequest) -> ServiceStatus:
+        """Set the replica count by hand, like ``kubectl scale`` on an HPA-managed deployment:
+        the autoscaler keeps running and its next decision may change the count again, but a
+        manual value holds off its scale-down for the stabilisation window."""
+        run = self.run_state
+        allowed = await self.access.authorize("scale", req.proof, request_id="", bind={"replicas": req.replicas})
+        if not allowed.allowed:
+            raise refuse(FailureKind.ACCESS_DENIED, f"scale {run.spec.name} refused: {allowed.reason}")
+        await self.supervision.scale(req.replicas, req.reason or f"manual scale to {req.replicas}", manual=True)
+        return run.status()
+
+    @scale.validator
+    def _validate_scale(self, req: ScaleRequest) -> None:
+        run = self.run_state
+        spec = run.spec
+        if not spec.min_replicas <= req.replicas <= spec.max_replicas:
+            raise refuse(FailureKind.REFUSED,
+                         f"scale {spec.name} to {req.replicas} refused: replicas {req.replicas} is outside "
+                         f"[min_replicas {spec.min_replicas}, max_replicas {spec.max_replicas}]")
+        if run.state.phase not in SUPERVISED or run.undeploy_requested:
+            raise refuse(FailureKind.REFUSED,
+                         f"scale {spec.name} refused: it is {run.state.phase}; it can be scaled once it runs")
+
+    # --- run ---------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, inp: ServiceInput) -> ServiceStatus:
+        feed = asyncio.ensure_future(self.feed.loop())
+        try:
+            return await self._run(inp)
+        finally:
+            cancel_quietly(feed)
+
+    async def _run(self, inp: ServiceInput) -> ServiceStatus:
+        run = self.run_state
+        if inp.state is not None and workflow.info().continued_run_id is None:
+            # Carried-over state skips admission: only this workflow's own continue-as-new may.
+            reason = "a ServiceWorkflow started with state of its own (only continue-as-new carries state)"
+            run.state = ServiceState(phase="Rejected", failure=Failure(kind=FailureKind.ACCESS_DENIED, message=reason),
+                                     message=reason)
+            await run.emit("access.denied", reason)
+            return run.status()
+        if inp.state is None:
+            workflow.upsert_search_attributes([SERVICE_KEY.value_set(run.spec.name)])
+            run.set_phase("Validating", force=True)
+            if not await self.admission.admit(inp.proof):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return run.status()  # refused before any pod started: nothing to undo
+            await self.lifecycle.deploy()
+        while True:
+            await self._supervise()
+            if run.undeploy_requested:
+                break
+            # Continue-as-new was due. Handlers still running may change the picture (an undeploy
+            # accepted, an update that started a rollout): decide again once they are done. The
+            # inboxes signals fill meanwhile are in the state handed over.
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if not run.undeploy_requested and run.continue_as_new_ready():
+                workflow.continue_as_new(inp.model_copy(update={"state": run.state, "spec": run.spec}))
+        await self.lifecycle.undeploy()
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return run.status()
+
+    async def _supervise(self) -> None:
+        """Act on what the signals left and on what the watch returns, until an undeploy or
+        until continue-as-new is due; then let what is in flight settle."""
+        run = self.run_state
+        watch: asyncio.Task[WatchResult | None] | None = None
+        while True:
+            await run.flush_outbox()
+            await self.supervision.replace_lost()
+            if run.undeploy_requested or run.continue_as_new_ready():
+                break
+            if run.state.revoke_check:
+                await self.admission.check_revoked()
+            if watch is None and run.state.phase in SUPERVISED:
+                watch = asyncio.ensure_future(self.supervision.watch())
+            await workflow.wait_condition(
+                lambda: run.undeploy_requested
+                or (watch is not None and watch.done())
+                or run.pods_changed
+                or bool(run.state.outbox)
+                or run.state.revoke_check
+                or bool(run.state.lost_nodes)
+                or run.continue_as_new_ready()
+            )
+            if run.pods_changed and watch is not None and not watch.done():
+                cancel_quietly(watch)  # the pod set changed: watch the new one
+            run.pods_changed = False
+            if watch is not None and watch.done():
+                result = await self._watch_result(watch)
+                watch = None
+                if result is not None:
+                    await self.supervision.on_watch(result)
+        if watch is not None and not watch.done():
+            cancel_quietly(watch)
+        for task in list(run.heals.values()) + ([run.scaling] if run.scaling else []):
+            if run.undeploy_requested:
+                task.cancel()
+        # An update in flight stops at its next safe point (the rollout is told to hand back).
+        await workflow.wait_condition(lambda: run.updating is None)
+        if not run.undeploy_requested:
+            await workflow.wait_condition(lambda: not run.heals and run.scaling is None)
+
+    @staticmethod
+    async def _watch_result(watch: asyncio.Task[WatchResult | None]) -> WatchResult | None:
+        """What a finished watch returned; None when it was cancelled or failed (then after a
+        second's pause, so a failing watch does not spin)."""
+        try:
+            return watch.result()
+        except asyncio.CancelledError:
+            return None
+        except ActivityError as e:
+            workflow.logger.warning("watch failed: %s", e)
+            await workflow.sleep(timedelta(seconds=1))
+            return None

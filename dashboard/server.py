@@ -70,7 +70,7 @@ def deploy_workflow_id(status: ServiceStatus) -> str | None:
             status.phase == "Failed" and not status.revisions):
         return None
     if status.rollout is not None:
-        return getattr(status.rollout, "workflow_id", "") or None
+        return status.rollout.workflow_id or None
     return names.deploy_id(status.workflow_id, status.revision)
 
 
@@ -80,7 +80,7 @@ def revision_workflow_id(status: ServiceStatus, record: RevisionRecord) -> str |
     run starts at revision 1; a rollout makes a higher one)."""
     rollout = status.rollout
     if rollout is not None and rollout.to_revision == record.revision:
-        child: str = getattr(rollout, "workflow_id", "")
+        child = rollout.workflow_id
         if child:
             return child
     if record.revision == 1:

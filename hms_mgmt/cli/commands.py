@@ -86,6 +86,8 @@ DashPortOpt = Annotated[int | None, typer.Option("--dashboard-port", help="Dashb
                                                  "(default: HMS_DASHBOARD_PORT or 8088).")]
 NoRouterOpt = Annotated[bool, typer.Option("--no-router", help="Do not start the traffic router.")]
 NoDashOpt = Annotated[bool, typer.Option("--no-dashboard", help="Do not start the dashboard.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Use a server already on --port that this state dir did "
+                                        "not start and its configuration does not name (refused without).")]
 
 
 def _edge(router_port: int | None, engine: str, dashboard_port: int | None, no_router: bool,
@@ -116,9 +118,10 @@ def up(
         "(another host's nodes and routers reach this one there).")] = "127.0.0.1",
     no_node: Annotated[bool, typer.Option(
         "--no-node", help="Run no pods on this host: the control plane, router and dashboard only.")] = False,
+    reuse: ReuseOpt = False,
 ) -> None:
-    """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
-    the traffic router and the dashboard."""
+    """Run the local stack until Ctrl-C: Temporal dev server (an earlier `hms up`'s on this state
+    dir is reused), a worker, the traffic router and the dashboard."""
     from hms_mgmt.addresses import check_address
 
     try:
@@ -127,7 +130,8 @@ def up(
         raise typer.BadParameter(str(e), param_hint="--listen") from None
     _setup_logging(logging.INFO)
     _run(_up(port, ui_port, headless, not no_worker,
-             _edge(router_port, engine, dashboard_port, no_router, no_dashboard), listen=listen, run_node=not no_node))
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard), listen=listen, run_node=not no_node,
+             reuse=reuse))
 
 
 @app.command()
@@ -143,12 +147,13 @@ def demo(
     dashboard_port: DashPortOpt = None,
     no_router: NoRouterOpt = False,
     no_dashboard: NoDashOpt = False,
+    reuse: ReuseOpt = False,
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
     _quiet_temporal_core()
     _run(_demo(port, ui_port, headless, exit_after, timeout,
-               _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
+               _edge(router_port, engine, dashboard_port, no_router, no_dashboard), reuse=reuse))
 
 
 DockerHostOpt = Annotated[str | None, typer.Option(

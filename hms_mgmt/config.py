@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     node_address: str = LOOPBACK
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
+    # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
+    # by its node this long after the node first saw it so (worker/nodes.py).
+    orphan_grace_s: float = Field(default=60.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")

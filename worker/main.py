@@ -102,7 +102,8 @@ class HmsWorker:
             log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
                      settings.node_task_queue())
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe)
-            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
+                                   events=sink)
             self.workers.append(
                 Worker(
                     client,

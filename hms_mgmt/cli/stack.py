@@ -59,6 +59,7 @@ class _Stack:
     router_url: str | None = None
     router_engine: str = "builtin"
     dashboard_url: str | None = None
+    dashboard_sign_in: str | None = None  # the dashboard's link that signs a browser in as a viewer
     metrics_url: str | None = None
     listen: str = LOOPBACK  # `hms up --listen`: where Temporal, the Web UI, the router and the dashboard are
     run_node: bool = True  # False (`hms up --no-node`): the worker runs no pods here
@@ -72,6 +73,7 @@ class Edge:
     router_port: int | None = None
     engine: str = "builtin"
     dashboard_port: int | None = None
+    public_read: bool = False  # the dashboard's read with no token (`--public-read`)
 
 
 async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
@@ -193,9 +195,11 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
             if not _port_free(edge.dashboard_port, stack.listen):
                 raise HmsError(f"port {edge.dashboard_port} is taken: the dashboard needs it "
                                "(--dashboard-port, or --no-dashboard)")
-            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port,
-                                                                    host=stack.listen))
+            dash = await stop.enter_async_context(running_dashboard(
+                client, stack.settings, port=edge.dashboard_port, host=stack.listen, public_read=edge.public_read,
+                token=None if edge.public_read else _viewer_token(stack.settings)))
             stack.dashboard_url = dash.url
+            stack.dashboard_sign_in = dash.sign_in_url
         yield
 
 
@@ -219,6 +223,14 @@ def _names_server(state_dir: Path, port: int, listen: str) -> bool:
 
 
 # ---
+
+
+def _viewer_token(settings: Settings) -> str | None:
+    """A viewer's token for the dashboard's sign-in link (reading needs one: issue 19)."""
+    try:
+        return auth.issue_token(settings.state_dir, user=os.environ.get("USER") or "operator", role="viewer")
+    except HmsError:
+        return None
 
 
 def _port_free(port: int, host: str = LOOPBACK) -> bool:
@@ -251,6 +263,9 @@ def _print_stack(stack: _Stack) -> None:
                                 f" ({stack.router_engine} engine)"))
     if stack.dashboard_url:
         out.print(Text.assemble(("dashboard ", "bold"), (stack.dashboard_url, "cyan underline")))
+    if stack.dashboard_sign_in:
+        out.print(Text.assemble(("sign in   ", "bold"), stack.dashboard_sign_in, (" (a viewer, for 8 hours)", "dim")),
+                  soft_wrap=True)
     if stack.metrics_url:
         out.print(Text.assemble(("metrics   ", "bold"), stack.metrics_url))
 

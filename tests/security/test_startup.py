@@ -71,11 +71,11 @@ def hms_up(state: Path, port: int, *args: str, env: dict[str, str] | None = None
                 break
             time.sleep(0.1)
     finally:
-        if proc.poll() is None:
+        hung = proc.poll() is None
+        if hung:
             proc.kill()
             proc.wait(10)
-            return None, log.read_text(errors="replace")
-    return proc.returncode, log.read_text(errors="replace")
+    return None if hung else proc.returncode, log.read_text(errors="replace")
 
 
 def test_hms_up_refuses_a_server_it_did_not_start(tmp_path: Path, foreign_server) -> None:

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     node_address: str = LOOPBACK
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
+    # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
+    # by its node this long after the node first saw it so (worker/nodes.py).
+    orphan_grace_s: float = Field(default=60.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")
@@ -137,6 +140,8 @@ class Settings(BaseSettings):
     pod_memory_mb: int = Field(default=512, ge=16, description="memory limit of a pod whose spec sets none")
     pod_pids_limit: int = Field(default=256, ge=16, description="processes and threads per pod")
     pod_nofile_limit: int = Field(default=4096, ge=64, description="open files per process-pod process")
+    pod_firewall: bool = Field(default=True, description="process pods of a root worker may not connect to the "
+                               "control plane's ports (iptables; hms_mgmt/runtimes/podnet.py)")
     pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
                           "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
 

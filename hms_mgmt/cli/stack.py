@@ -15,12 +15,12 @@ from rich.text import Text
 
 from hms_mgmt import auth
 from hms_mgmt.addresses import LOOPBACK, host_port
-from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
+from hms_mgmt.cli.common import _add_cli_overrides, _cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
 from hms_mgmt.devserver import DevServer, port_open
 from hms_mgmt.errors import HmsError, ServiceNotFound
-from hms_mgmt.files import secure_state_dir
+from hms_mgmt.files import atomic_write, load_yaml_mapping, secure_state_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator, load_spec
 
@@ -29,6 +29,7 @@ T = TypeVar("T")
 EXAMPLE_FILES = ("hms-ach.yaml", "hms-frm.yaml", "hms-notify.yaml")
 WORKER_STOP_TIMEOUT_S = 30.0
 UNDEPLOY_TIMEOUT_S = 120.0
+RECORDED_ADDRESS = "temporal-address.recorded"  # what `hms up` itself wrote to config.yaml: no one's choice
 
 
 class _Stopper:
@@ -58,6 +59,7 @@ class _Stack:
     router_url: str | None = None
     router_engine: str = "builtin"
     dashboard_url: str | None = None
+    dashboard_sign_in: str | None = None  # the dashboard's link that signs a browser in as a viewer
     metrics_url: str | None = None
     listen: str = LOOPBACK  # `hms up --listen`: where Temporal, the Web UI, the router and the dashboard are
     run_node: bool = True  # False (`hms up --no-node`): the worker runs no pods here
@@ -71,6 +73,7 @@ class Edge:
     router_port: int | None = None
     engine: str = "builtin"
     dashboard_port: int | None = None
+    public_read: bool = False  # the dashboard's read with no token (`--public-read`)
 
 
 async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
@@ -85,7 +88,8 @@ async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
 
 @contextlib.asynccontextmanager
 async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool,
-                       edge: Edge | None = None, listen: str = LOOPBACK, run_node: bool = True) -> AsyncIterator[_Stack]:
+                       edge: Edge | None = None, listen: str = LOOPBACK, run_node: bool = True,
+                       reuse: bool = False) -> AsyncIterator[_Stack]:
     """Temporal dev server + operator token + an in-process worker, the traffic router and the
     dashboard, all reached on ``listen``; torn down in reverse. Without ``run_node`` the worker is
     the control plane only: this host runs no pods."""
@@ -99,7 +103,8 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         )
     secure_state_dir(settings.state_dir)
     server = DevServer(
-        port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace
+        port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace,
+        reuse=reuse, named=_names_server(settings.state_dir, port, listen),
     )
     await server.start()
     relays: list[asyncio.Server] = []
@@ -125,6 +130,7 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
         _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
         # And the config file, so `hms status` in another shell with this state dir finds it.
         settings.write_config(temporal_address=address, web_ui_url=ui_url)
+        atomic_write(settings.state_dir / RECORDED_ADDRESS, address + "\n", mode=0o600)
         settings = _settings()
         auth.ensure_local_operator(settings)
         client = await connect(settings)
@@ -189,10 +195,42 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
             if not _port_free(edge.dashboard_port, stack.listen):
                 raise HmsError(f"port {edge.dashboard_port} is taken: the dashboard needs it "
                                "(--dashboard-port, or --no-dashboard)")
-            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port,
-                                                                    host=stack.listen))
+            dash = await stop.enter_async_context(running_dashboard(
+                client, stack.settings, port=edge.dashboard_port, host=stack.listen, public_read=edge.public_read,
+                token=None if edge.public_read else _viewer_token(stack.settings)))
             stack.dashboard_url = dash.url
+            stack.dashboard_sign_in = dash.sign_in_url
         yield
+
+
+# --- hms up --reuse (issue 19): a server already on the port is used only if someone chose it -------
+
+
+def _names_server(state_dir: Path, port: int, listen: str) -> bool:
+    """Whether the operator named a Temporal server on ``port`` of this host on purpose: with
+    HMS_TEMPORAL_ADDRESS, ``hms --address`` or config.yaml; not config.yaml's value that an
+    earlier ``hms up`` recorded there itself (``RECORDED_ADDRESS``)."""
+    config = state_dir / "config.yaml"
+    from_file = load_yaml_mapping(config, what="setting to value").get("temporal_address") if config.exists() else None
+    try:
+        recorded = (state_dir / RECORDED_ADDRESS).read_text().strip()
+    except OSError:
+        recorded = None
+    chosen = [os.environ.get("HMS_TEMPORAL_ADDRESS"), _cli_overrides.get("temporal_address"),
+              from_file if from_file != recorded else None]
+    here = {f"{h}:{port}" for h in (LOOPBACK, "localhost", listen)}
+    return any(isinstance(a, str) and a.strip() in here for a in chosen)
+
+
+# ---
+
+
+def _viewer_token(settings: Settings) -> str | None:
+    """A viewer's token for the dashboard's sign-in link (reading needs one: issue 19)."""
+    try:
+        return auth.issue_token(settings.state_dir, user=os.environ.get("USER") or "operator", role="viewer")
+    except HmsError:
+        return None
 
 
 def _port_free(port: int, host: str = LOOPBACK) -> bool:
@@ -225,6 +263,9 @@ def _print_stack(stack: _Stack) -> None:
                                 f" ({stack.router_engine} engine)"))
     if stack.dashboard_url:
         out.print(Text.assemble(("dashboard ", "bold"), (stack.dashboard_url, "cyan underline")))
+    if stack.dashboard_sign_in:
+        out.print(Text.assemble(("sign in   ", "bold"), stack.dashboard_sign_in, (" (a viewer, for 8 hours)", "dim")),
+                  soft_wrap=True)
     if stack.metrics_url:
         out.print(Text.assemble(("metrics   ", "bold"), stack.metrics_url))
 
@@ -238,11 +279,12 @@ def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asy
 
 
 async def _up(port: int, ui_port: int, headless: bool, run_worker: bool, edge: Edge | None = None, *,
-              listen: str = LOOPBACK, run_node: bool = True) -> None:
+              listen: str = LOOPBACK, run_node: bool = True, reuse: bool = False) -> None:
     stopper = _Stopper()
     stopper.install()
     async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker,
-                            edge=edge if run_worker else None, listen=listen, run_node=run_node) as stack:
+                            edge=edge if run_worker else None, listen=listen, run_node=run_node,
+                            reuse=reuse) as stack:
         _print_stack(stack)
         out.print("ready: Ctrl-C stops " + ("the worker and " if run_worker else "") + "the server")
         server_exit = asyncio.ensure_future(stack.server.wait_exit())
@@ -385,13 +427,14 @@ async def _demo_run(
 
 
 async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float,
-                edge: Edge | None = None) -> None:
+                edge: Edge | None = None, *, reuse: bool = False) -> None:
     examples = _examples_dir()
     specs = [load_spec(examples / f) for f in EXAMPLE_FILES]  # a broken example fails before anything starts
     names = [s.name for s in specs]
     stopper = _Stopper()
     stopper.install()
-    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True, edge=edge) as stack:
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True, edge=edge,
+                            reuse=reuse) as stack:
         _print_stack(stack)
         assert stack.worker_task is not None
         server_exit = asyncio.ensure_future(stack.server.wait_exit())

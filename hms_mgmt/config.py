@@ -458,9 +458,9 @@ def _connect_hint(settings: Settings, error: str) -> str:
                 "or use the TLS port")
     if "Unauthenticated" in error or "PermissionDenied" in error:
         return "the server refused the credentials (HMS_TEMPORAL_API_KEY or the client certificate)"
-    if not tls_on and ("connection closed" in error or "operation was canceled" in error):
-        return ("the server closed the connection: if it requires TLS, set HMS_TEMPORAL_TLS_CA (a private CA) "
-                "or HMS_TEMPORAL_TLS=true (a public one)")
+    if not tls_on and "error after connection" in error:
+        return ("the server accepted the connection and then dropped it: if it requires TLS, set "
+                "HMS_TEMPORAL_TLS_CA (a private CA) or HMS_TEMPORAL_TLS=true (a public one)")
     return "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
 
 

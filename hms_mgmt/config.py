@@ -443,23 +443,23 @@ def _connect_hint(settings: Settings, error: str) -> str:
     tls_on = temporal_tls(settings) is not False
     if "UnknownIssuer" in error or "BadSignature" in error:
         if settings.tls_ca:
-            return f"the server's certificate is not signed by the CA in HMS_TEMPORAL_TLS_CA ({settings.tls_ca})"
-        return ("the server's certificate is not signed by a CA this machine trusts: set HMS_TEMPORAL_TLS_CA "
+            return f"The server's certificate is not signed by the CA in HMS_TEMPORAL_TLS_CA ({settings.tls_ca})"
+        return ("The server's certificate is not signed by a CA this machine trusts: set HMS_TEMPORAL_TLS_CA "
                 "to the CA that signed it")
     if "NotValidForName" in error:
-        return ("the server's certificate does not carry the name dialled: set HMS_TEMPORAL_TLS_SERVER_NAME "
+        return ("The server's certificate does not carry the name dialled: set HMS_TEMPORAL_TLS_SERVER_NAME "
                 "to a name it carries (listed above as 'presented')")
     if "CertificateRequired" in error:
-        return "the server requires a client certificate: set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY"
+        return "The server requires a client certificate: set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY"
     if any(alert in error for alert in ("BadCertificate", "UnknownCA", "CertificateUnknown", "AccessDenied")):
-        return "the server refused our client certificate (HMS_TEMPORAL_TLS_CERT): is it signed by a CA it trusts?"
+        return "The server refused our client certificate (HMS_TEMPORAL_TLS_CERT): is it signed by a CA it trusts?"
     if tls_on and ("InvalidContentType" in error or "CorruptMessage" in error):
-        return ("the server does not speak TLS there (the dev server does not): unset the TLS settings, "
+        return ("The server does not speak TLS there (the dev server does not): unset the TLS settings, "
                 "or use the TLS port")
     if "Unauthenticated" in error or "PermissionDenied" in error:
-        return "the server refused the credentials (HMS_TEMPORAL_API_KEY or the client certificate)"
+        return "The server refused the credentials (HMS_TEMPORAL_API_KEY or the client certificate)"
     if not tls_on and "error after connection" in error:
-        return ("the server accepted the connection and then dropped it: if it requires TLS, set "
+        return ("The server accepted the connection and then dropped it: if it requires TLS, set "
                 "HMS_TEMPORAL_TLS_CA (a private CA) or HMS_TEMPORAL_TLS=true (a public one)")
     return "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
 

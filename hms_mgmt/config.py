@@ -458,9 +458,18 @@ def _connect_hint(settings: Settings, error: str) -> str:
                 "or use the TLS port")
     if "Unauthenticated" in error or "PermissionDenied" in error:
         return "The server refused the credentials (HMS_TEMPORAL_API_KEY or the client certificate)"
-    if not tls_on and "error after connection" in error:
-        return ("The server accepted the connection and then dropped it: if it requires TLS, set "
-                "HMS_TEMPORAL_TLS_CA (a private CA) or HMS_TEMPORAL_TLS=true (a public one)")
+    if "error after connection" in error:
+        # The server closed the connection after it was set up. In TLS 1.3 the client's side of
+        # the handshake is done before the server has judged its certificate, so a refusal of
+        # the client certificate often arrives as a broken pipe rather than as the alert.
+        if not tls_on:
+            return ("The server accepted the connection and then dropped it: if it requires TLS, set "
+                    "HMS_TEMPORAL_TLS_CA (a private CA) or HMS_TEMPORAL_TLS=true (a public one)")
+        if not settings.tls_cert:
+            return ("The server dropped the connection after the TLS handshake: if it requires a client "
+                    "certificate, set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY")
+        return ("The server dropped the connection after the TLS handshake: it may have refused our client "
+                "certificate (HMS_TEMPORAL_TLS_CERT): is it signed by a CA it trusts?")
     return "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
 
 

@@ -106,9 +106,9 @@ async def test_mtls_needs_the_client_certificate(base: Settings, fronts: dict[st
                                                  named_pki: Pki) -> None:
     mtls = through(base, fronts["mtls"], tls_ca=str(pki.ca))
     await refused(mtls, f"TLS, server verified against {pki.ca}",
-                  "the server requires a client certificate: set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY")
+                  "client certificate", "set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY")
     stranger = mtls.model_copy(update={"tls_cert": str(named_pki.client_cert), "tls_key": str(named_pki.client_key)})
-    await refused(stranger, "the server refused our client certificate")
+    await refused(stranger, "refused our client certificate (HMS_TEMPORAL_TLS_CERT)")
     good = mtls.model_copy(update={"tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)})
     assert isinstance(await reaches(good), list)
 
@@ -144,7 +144,7 @@ async def test_an_api_key_with_a_private_ca_and_without(base: Settings, fronts: 
 async def test_tls_to_a_plaintext_server_says_so(temporal_env: WorkflowEnvironment, base: Settings, pki: Pki) -> None:
     s = base.model_copy(update={"tls_ca": str(pki.ca), "temporal_connect_timeout_s": 3.0})
     assert s.temporal_address == temporal_address(temporal_env)
-    await refused(s, "the server does not speak TLS there")
+    await refused(s, "The server does not speak TLS there")
 
 
 async def test_a_server_that_never_answers_is_bounded(base: Settings) -> None:

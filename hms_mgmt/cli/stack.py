@@ -93,13 +93,13 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
     """Temporal dev server + operator token + an in-process worker, the traffic router and the
     dashboard, all reached on ``listen``; torn down in reverse. Without ``run_node`` the worker is
     the control plane only: this host runs no pods."""
-    from hms_mgmt.config import connect
+    from hms_mgmt.config import connect, temporal_tls
 
     settings = _settings()
-    if settings.tls_cert or settings.api_key:
+    if temporal_tls(settings) is not False:
         raise HmsError(
-            "`hms up` runs a local dev server without TLS, but HMS_TEMPORAL_TLS_CERT or HMS_TEMPORAL_API_KEY "
-            "is set: unset them, or run `hms worker` against your cluster instead"
+            "`hms up` runs a local dev server without TLS, but the HMS_TEMPORAL_TLS_* or HMS_TEMPORAL_API_KEY "
+            "settings ask for TLS: unset them, or run `hms worker` against your cluster instead"
         )
     secure_state_dir(settings.state_dir)
     server = DevServer(

@@ -109,59 +109,76 @@ async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: b
     await server.start()
     relays: list[asyncio.Server] = []
     try:
-        address, ui_url = server.address, server.ui_url
-        # --- hms up --listen: the dev server stays on 127.0.0.1, relayed (hms_mgmt/relay.py says why)
-        if listen != LOOPBACK:
-            from hms_mgmt.relay import start_relay
-
-            for p in [port] + ([] if headless else [ui_port]):
-                try:
-                    relays.append(await start_relay(listen, p, server.host, p))
-                except OSError as e:
-                    raise HmsError(f"cannot listen on {host_port(listen, p)}: {e}") from e
-            address, ui_url = host_port(listen, port), f"http://{host_port(listen, ui_port)}"
+        address, ui_url = await _listen_on(listen, server, relays, port=port, ui_port=ui_port, headless=headless)
         if edge is not None and edge.router_port is not None and settings.routers == [
                 f"http://{LOOPBACK}:{settings.router_port}"]:  # the feed goes where the router listens
             _add_cli_overrides(routers=[f"http://{host_port(listen, edge.router_port)}"])
-        # ---
-        # This server, for every Settings this command builds from now on (the worker's reloads
-        # included); a Web UI URL set in the environment is kept (a proxy in front of the UI).
-        ui_url = os.environ.get("HMS_WEB_UI_URL") or ui_url
-        _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
-        # And the config file, so `hms status` in another shell with this state dir finds it.
-        settings.write_config(temporal_address=address, web_ui_url=ui_url)
-        atomic_write(settings.state_dir / RECORDED_ADDRESS, address + "\n", mode=0o600)
-        settings = _settings()
+        settings = _record_address(settings, address, ui_url)
         auth.ensure_local_operator(settings)
         client = await connect(settings)
-        worker = None
-        task: asyncio.Task[None] | None = None
-        if run_worker:
-            from worker.main import HmsWorker
-
-            worker = HmsWorker(client, settings, node=run_node, settings_loader=settings.reload,
-                               metrics=bool(settings.metrics_port))
-            task = asyncio.create_task(worker.run())
-        stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task,
-                       listen=listen, run_node=run_node, temporal_address=address)
-        if worker is not None and settings.metrics_port:
-            stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-        try:
+        async with _in_process_worker(client, settings, run=run_worker, run_node=run_node) as task:
+            stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task,
+                           listen=listen, run_node=run_node, temporal_address=address)
+            if task is not None and settings.metrics_port:
+                stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
             async with _edge(stack, client, edge or Edge()):
                 yield stack
-        finally:
-            if worker is not None and task is not None:
-                if not task.done():
-                    with contextlib.suppress(Exception):
-                        await worker.stop()
-                try:
-                    await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
-                except Exception as e:  # noqa: BLE001 - report, and still stop the server
-                    err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
     finally:
         for relay in relays:
             relay.close()
         server.stop()
+
+
+async def _listen_on(listen: str, server: DevServer, relays: list[asyncio.Server], *, port: int, ui_port: int,
+                     headless: bool) -> tuple[str, str]:
+    """(Temporal address, Web UI URL) as other hosts reach them. With ``hms up --listen`` the dev
+    server stays on 127.0.0.1 and is relayed (hms_mgmt/relay.py says why); ``relays`` collects
+    the relays for the caller to close."""
+    if listen == LOOPBACK:
+        return server.address, server.ui_url
+    from hms_mgmt.relay import start_relay
+
+    for p in [port] + ([] if headless else [ui_port]):
+        try:
+            relays.append(await start_relay(listen, p, server.host, p))
+        except OSError as e:
+            raise HmsError(f"cannot listen on {host_port(listen, p)}: {e}") from e
+    return host_port(listen, port), f"http://{host_port(listen, ui_port)}"
+
+
+def _record_address(settings: Settings, address: str, ui_url: str) -> Settings:
+    """This server, for every Settings this command builds from now on (the worker's reloads
+    included) and in the config file, so `hms status` in another shell with this state dir finds
+    it; a Web UI URL set in the environment is kept (a proxy in front of the UI)."""
+    ui_url = os.environ.get("HMS_WEB_UI_URL") or ui_url
+    _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
+    settings.write_config(temporal_address=address, web_ui_url=ui_url)
+    atomic_write(settings.state_dir / RECORDED_ADDRESS, address + "\n", mode=0o600)
+    return _settings()
+
+
+@contextlib.asynccontextmanager
+async def _in_process_worker(client: Any, settings: Settings, *, run: bool,
+                             run_node: bool) -> AsyncIterator[asyncio.Task[None] | None]:
+    """The worker as a task of this process (None without ``run``), stopped on the way out."""
+    if not run:
+        yield None
+        return
+    from worker.main import HmsWorker
+
+    worker = HmsWorker(client, settings, node=run_node, settings_loader=settings.reload,
+                       metrics=bool(settings.metrics_port))
+    task = asyncio.create_task(worker.run())
+    try:
+        yield task
+    finally:
+        if not task.done():
+            with contextlib.suppress(Exception):
+                await worker.stop()
+        try:
+            await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - report, and still stop the server
+            err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
 
 
 @contextlib.asynccontextmanager

@@ -2,10 +2,11 @@
 19, item 4). The attack: a local user starts their own server on the port first; `hms up` used
 to take it silently and hand it every request proof, pod report and grant.
 
-Real `temporal server start-dev` processes and a real `hms up --no-worker` (about 15 s)."""
+Real Temporal dev servers and a real `hms up --no-worker` (about 15 s)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from hms_mgmt.devserver import free_port, port_open, temporal_binary
+from hms_mgmt.devserver import DevServer, free_port
 
 UP_TIMEOUT_S = 45.0
 
@@ -28,25 +29,20 @@ def hms_env(state: Path, **values: str) -> dict[str, str]:
     return env
 
 
-def start_dev_server(port: int, db: Path | None = None) -> subprocess.Popen[bytes]:
-    cmd = [temporal_binary(), "server", "start-dev", "--ip", "127.0.0.1", "--port", str(port), "--headless",
-           "--log-level", "error"]
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        cmd += ["--db-filename", str(db)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while not port_open("127.0.0.1", port):
-        assert proc.poll() is None and time.monotonic() < deadline, "the dev server did not start"
-        time.sleep(0.1)
-    return proc
+def start_dev_server(port: int, state_dir: Path) -> subprocess.Popen[bytes]:
+    """A dev server on ``port`` with its sqlite file in ``state_dir``, as the launcher starts one."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    server = DevServer(port=port, state_dir=state_dir)
+    asyncio.run(server.start())
+    assert server.proc is not None and not server.reused
+    return server.proc
 
 
 @pytest.fixture
-def foreign_server() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """Somebody else's Temporal server (in memory, their own) on a port `hms up` is told to use."""
+def foreign_server(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """Somebody else's Temporal server (their own state) on a port `hms up` is told to use."""
     port = free_port()
-    proc = start_dev_server(port)
+    proc = start_dev_server(port, tmp_path / "theirs")
     try:
         yield port, proc
     finally:
@@ -112,7 +108,7 @@ def test_hms_up_reuses_the_server_an_earlier_hms_up_left_on_its_state_dir(tmp_pa
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     port = free_port()
-    left = start_dev_server(port, state / "temporal.db")
+    left = start_dev_server(port, state)
     try:
         code, output = hms_up(state, port)
         assert code == 0 and "(reused" in output, output

@@ -41,6 +41,7 @@ from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.files import secure_state_dir
+from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -338,11 +339,13 @@ def scale(
 
     async def go() -> None:
         orch = await _connect()
-        result = await orch.scale(name, replicas, reason=reason)
-        if wait:
-            result = await with_progress(orch, [name], orch.wait_for(name, timeout=timeout), mode=progress,
-                                         console=out, totals={name: replicas})
-        _print_outcome(f"scale {name} to {replicas}", result)
+
+        async def work() -> ServiceStatus:
+            result = await orch.scale(name, replicas, reason=reason)
+            return await orch.wait_for(name, timeout=timeout) if wait else result
+
+        _print_outcome(f"scale {name} to {replicas}",
+                       await with_progress(orch, [name], work(), mode=progress, console=out, totals={name: replicas}))
 
     _run(go())
 

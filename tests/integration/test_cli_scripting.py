@@ -71,7 +71,7 @@ def spec_file(tmp_path: Path, name: str, **fields: object) -> Path:
 
 
 async def test_piped_deploy_of_an_unsigned_image_says_how_to_sign_it_then_completes(
-        temporal_env: WorkflowEnvironment, cli, tmp_path: Path):
+        temporal_env: WorkflowEnvironment, cli, tmp_path: Path):  # noqa: F811 - the fixture
     s, env = cli
     name = f"cli-sig-{uuid.uuid4().hex[:6]}"
     assert TrustStore(s.state_dir).revoke(EXAMPLE_IMAGE)
@@ -143,7 +143,7 @@ async def watch_and_follow(env: dict[str, str], name: str) -> None:
 
 
 async def test_every_wait_is_in_status_and_each_outcome_has_its_exit_code(
-        temporal_env: WorkflowEnvironment, cli, tmp_path: Path):
+        temporal_env: WorkflowEnvironment, cli, tmp_path: Path):  # noqa: F811 - the fixture
     s, env = cli
     name = f"cli-gov-{uuid.uuid4().hex[:6]}"
     spec = spec_file(tmp_path, name, max_replicas=20)  # over the governance limit: waits for approval

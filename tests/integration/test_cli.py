@@ -255,7 +255,8 @@ def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
             proc.communicate()
     assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     for name, replicas in (("hms-ach", "2/2"), ("hms-frm", "1/1"), ("hms-notify", "1/1")):
-        assert re.search(rf"{name}\s.*{replicas} pods ready\s+Running", stdout), stdout
+        # Piped: one plain line per change (issue 24), not progress bars.
+        assert re.search(rf"{name}\s+Running\s+{replicas} ready", stdout), stdout
         assert f"http://localhost:{ui_port}/namespaces/default/workflows/svc-{name}" in stdout
         assert f"undeployed {name} (Stopped)" in stdout
         assert TrustStore(state).get(f"registry.gov/{name}:{'1.4' if name == 'hms-ach' else '1.0'}") is not None

@@ -250,6 +250,8 @@ class PodActivities:
                                        non_retryable=inp.one_try) from e
         ok, detail = await asyncio.to_thread(self.trust.verify, inp.image, content_id)
         if not ok:
+            if not inp.one_try:
+                await self._awaiting_signature(inp, detail)
             raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type=ActivityErrorType.IMAGE_UNTRUSTED,
                                    non_retryable=inp.one_try)
         if inp.spec is not None:
@@ -259,6 +261,21 @@ class PodActivities:
                 raise ApplicationError("; ".join(problems) + f" (node {self.runtime.node})",
                                        type=ActivityErrorType.SPEC_UNRUNNABLE, non_retryable=True)
         return VerifyImageOutput(content_id=content_id, detail=detail)
+
+    async def _awaiting_signature(self, inp: VerifyImageInput, detail: str) -> None:
+        """A deploy now waits for a signature: say so once (the first failed attempt; the retries
+        that follow are the wait itself), with the command that ends the wait and its deadline."""
+        info = activity.info()
+        if info.attempt != 1 or self.sink is None:
+            return
+        command = f"hms image sign {inp.image}"
+        deadline = info.scheduled_time + info.schedule_to_close_timeout if info.schedule_to_close_timeout else None
+        until = f" before {deadline.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}" if deadline else ""
+        reason = (f"{inp.service} waits for image {inp.image} to be signed ({detail}): run `{command}`{until}, "
+                  "or the deploy fails")
+        await self.sink.publish(Event(type="image.awaiting_signature", service=inp.service, reason=reason,
+                                      data={"image": inp.image, "command": command, "node": self.runtime.node,
+                                            "deadline": deadline.isoformat() if deadline else None}))
 
     @activity.defn(name="watch_pods")
     async def watch_pods(self, inp: WatchInput) -> WatchResult:

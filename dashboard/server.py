@@ -144,6 +144,7 @@ def service_view(status: ServiceStatus) -> dict[str, Any]:
         "deploy_url": child_url(status, deploy_id) if deploy_id else None,
         "revisions": revisions,
         "message": status.message,
+        "waiting_for": status.waiting_for.model_dump(mode="json") if status.waiting_for else None,
         "backoff_s": status.backoff_s,
         "crash_count": status.crash_count,
         "heal_count": status.heal_count,

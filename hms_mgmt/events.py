@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -297,14 +297,24 @@ class EventFollower:
             self._f = None
 
 
+def type_matches(event_type: str, wanted: Iterable[str]) -> bool:
+    """An exact type (``pod.started``) or a family (``pod.`` or ``pod.*``); nothing wanted: all."""
+    wanted = list(wanted)
+    return not wanted or any(
+        event_type == w or (w.endswith((".", "*")) and event_type.startswith(w.rstrip("*"))) for w in wanted)
+
+
 def read_events(
-    state_dir: Path, *, service: str | None = None, follow: bool = False, poll_s: float = 0.5
+    state_dir: Path, *, service: str | None = None, follow: bool = False, poll_s: float = 0.5,
+    types: Iterable[str] = (),
 ) -> Iterator[Event]:
-    """Every recorded event, oldest first (rotated files too); with ``follow``, then new ones."""
+    """Every recorded event, oldest first (rotated files too); with ``follow``, then new ones;
+    only those of ``types`` (see :func:`type_matches`) when given."""
     follower = EventFollower(state_dir, service=service)
+    types = list(types)
     try:
         while True:
-            yield from follower.poll()
+            yield from (ev for ev in follower.poll() if type_matches(ev.type, types))
             if not follow:
                 return
             time.sleep(poll_s)

@@ -365,6 +365,20 @@ class PendingApproval(_Model):
     invalid_attempts: list[str] = Field(default_factory=list)
 
 
+WaitKind = Literal["approval", "image_signature", "capacity", "heal", "time_slot", "drain"]
+
+
+class WaitingFor(_Model):
+    """What a service waits for now and what ends the wait (``status().waiting_for``): the CLI,
+    the dashboard and scripts show it so that no wait is silent."""
+
+    kind: WaitKind
+    reason: str
+    since: datetime | None = None
+    until: datetime | None = None  # the wait's deadline, when it has one
+    command: str = ""  # what ends it from a shell, e.g. ``hms image sign IMAGE``
+
+
 class Failure(_Model):
     """Why a service ended or stopped making progress, typed: the client maps ``kind`` to an
     exception class in one place (``hms_mgmt.errors.error_for``)."""
@@ -397,6 +411,7 @@ class ServiceStatus(_Model):
     image_id: str = ""  # the current revision's image, pinned at admission
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
+    waiting_for: WaitingFor | None = None
 
 
 class Approval(_Model):

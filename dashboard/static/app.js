@@ -251,6 +251,7 @@ function serviceBlock(s, router, now) {
     trafficCell(s, router));
   const body = el("div", { class: "svc-body" });
   if (s.message && s.phase !== "Running") body.append(el("div", { class: "svc-msg" }, s.message));
+  if (s.waiting_for) body.append(waitingLine(s.waiting_for));
   if (s.pods.length) {
     body.append(el("table", { class: "pods" },
       el("thead", {}, el("tr", {}, ["pod", "node", "endpoint", "health", "ready", "failed pings", "CPU", "age", "rev", "router"].map(
@@ -565,3 +566,12 @@ function setup() {
 }
 
 document.addEventListener("DOMContentLoaded", setup);
+
+// What the service waits for and what ends the wait (status().waiting_for).
+function waitingLine(w) {
+  const parts = ["waiting for " + w.kind.replace(/_/g, " ") + ": " + w.reason];
+  if (w.until) parts.push("until " + new Date(w.until).toLocaleString());
+  const line = el("div", { class: "svc-msg svc-wait", "data-waiting": w.kind }, parts.join("; "));
+  if (w.command) line.append(" — run ", el("code", {}, w.command));
+  return line;
+}

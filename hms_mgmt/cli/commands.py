@@ -27,14 +27,11 @@ from hms_mgmt.cli.common import (
     app,
 )
 from hms_mgmt.cli.dashboard_cmd import dashboard
+from hms_mgmt.cli.output import Format, JsonAliasOpt, OutputOpt, chosen, show, show_item
+from hms_mgmt.cli.progress import ProgressOpt, deploy_with_progress, plain_wanted, with_progress
 from hms_mgmt.cli.render import (
-    _deploy_with_progress,
     _phase,
-    _pods_table,
     _print_outcome,
-    _services_table,
-    _short,
-    _web_ui_url,
     _when,
     err,
     out,
@@ -44,6 +41,7 @@ from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.files import secure_state_dir
+from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -202,14 +200,16 @@ def deploy(
     file: Annotated[Path, typer.Argument(help="A service spec (YAML or JSON).")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the service is Running.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+    progress: ProgressOpt = "auto",
 ) -> None:
     """Deploy a service from a spec file."""
     spec = load_spec(file)  # a bad spec fails here, with no server needed
+    plain_wanted(progress)  # a bad --progress fails before anything is sent
 
     async def go() -> None:
         orch = await _connect()
         if wait:
-            [result] = await _deploy_with_progress(orch, [spec], timeout=timeout)
+            [result] = await deploy_with_progress(orch, [spec], timeout=timeout, mode=progress)
             st = await orch.status(spec.name)
             if result.revision is not None:
                 out.print(Text.assemble((spec.name, "bold"), f": rolled out revision {result.revision}"))
@@ -236,54 +236,28 @@ def deploy(
 
 @app.command()
 @_cli_errors
-def status(name: Annotated[str | None, typer.Argument(help="A service; without it, all services.")] = None) -> None:
-    """Services and their pods."""
+def status(
+    name: Annotated[str | None, typer.Argument(help="A service; without it, all services.")] = None,
+    output: OutputOpt = Format.table,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Keep showing changes until Ctrl-C: redrawn on a "
+                                        "terminal; otherwise a line (or a JSON object) per change.")] = False,
+) -> None:
+    """Services and their pods (-o json: ServiceStatus, or a list of them without NAME)."""
+    from hms_mgmt.cli.watch import fetch, status_view, watch_status
 
     async def go() -> None:
         orch = await _connect()
-        settings = orch.settings
-        if name is None:
-            statuses = await orch.list()
-            if not statuses:
-                out.print("no services (deploy one with `hms deploy FILE`)")
-                return
-            out.print(_services_table(settings, statuses))
+        if watch:
+            await watch_status(orch, name, output)
             return
-        st = await orch.status(name)
-        out.print(
-            Text.assemble(
-                (st.name, "bold"),
-                "  ",
-                _phase(st.phase),
-                f"  revision {st.revision}  {st.ready_replicas}/{st.desired_replicas} ready  ",
-                st.spec.image,
-            )
-        )
-        out.print(Text.assemble(("Web UI ", "bold"), (_web_ui_url(settings, st), "cyan underline")))
-        if st.message:
-            out.print(Text(st.message, style="yellow"))
-        out.print(_pods_table([st]) if st.pods else "no pods")
-        if st.last_decisions:
-            table = Table(title="last decisions", title_justify="left")
-            for col in ("at", "kind", "replicas", "pod", "reason"):
-                table.add_column(col, no_wrap=col != "reason")
-            for d in st.last_decisions:
-                replicas = f"{d.from_replicas} -> {d.to_replicas}" if d.to_replicas is not None else "-"
-                table.add_row(_when(d.at), d.kind, replicas, _short(d.pod) if d.pod else "-", d.reason)
-            out.print(table)
-        pa = st.pending_approval
-        if pa is not None:
-            out.print(
-                Text.assemble(
-                    ("pending approval: ", "bold magenta"),
-                    f"requested by {pa.requested_by} at {_when(pa.requested_at)}: {pa.reason}",
-                )
-            )
-            for attempt in pa.invalid_attempts:
-                out.print(Text(f"  refused attempt: {attempt}", style="yellow"))
-            out.print(f"  decide with `hms approve {st.name}` or `hms reject {st.name}` (role gov_approver)")
+        statuses = await fetch(orch, name)
+        show(statuses if name is None else statuses[0], output,
+             lambda: out.print(status_view(orch.settings, statuses, name)))
 
-    _run(go())
+    try:
+        _run(go())
+    except KeyboardInterrupt:
+        return  # the way to end --watch
 
 
 @app.command()
@@ -308,12 +282,15 @@ def logs(
 def undeploy(
     name: Annotated[str, typer.Argument(help="The service.")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until every pod is stopped.")] = True,
+    progress: ProgressOpt = "auto",
 ) -> None:
     """Stop a service's pods and end its workflow."""
+    plain_wanted(progress)
 
     async def go() -> None:
         orch = await _connect()
-        final = await orch.undeploy(name, wait=wait)
+        final = await with_progress(orch, [name], orch.undeploy(name, wait=wait), mode=progress, console=out) \
+            if wait else await orch.undeploy(name, wait=False)
         if final is None:
             out.print(f"undeploying {name}")
         else:
@@ -325,16 +302,20 @@ def undeploy(
 @app.command()
 @_cli_errors
 def events(
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events as they are written.")] = False,
     service: Annotated[str | None, typer.Option("--service", help="Only this service's events.")] = None,
+    type_: Annotated[list[str] | None, typer.Option("--type", help="Only events of this type (pod.started) or "
+                                                    "family (pod. or pod.*); repeatable.")] = None,
+    output: OutputOpt = Format.table,
 ) -> None:
-    """What happened to the services and why, one line per event."""
+    """What happened to the services and why, one line per event (-o json: JSON Lines)."""
+    from hms_mgmt.cli.watch import event_line
     from hms_mgmt.events import read_events
 
     settings = _settings()
     try:
-        for ev in read_events(settings.state_dir, service=service, follow=follow):
-            typer.echo(f"{_when(ev.time)}  {ev.type:<20} {ev.service:<14} {ev.reason}")
+        for ev in read_events(settings.state_dir, service=service, follow=follow, types=type_ or []):
+            show_item(ev, output, lambda ev=ev: typer.echo(event_line(ev)))
     except KeyboardInterrupt:
         return  # the way to end --follow
 
@@ -348,13 +329,23 @@ def scale(
     name: Annotated[str, typer.Argument(help="The service.")],
     replicas: Annotated[int, typer.Argument(help="Desired number of pods.", min=0)],
     reason: ReasonOpt = "",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the service runs with N ready pods.")]
+    = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+    progress: ProgressOpt = "auto",
 ) -> None:
     """Set a service's replicas by hand (within min..max of its spec)."""
+    plain_wanted(progress)
 
     async def go() -> None:
         orch = await _connect()
-        result = await orch.scale(name, replicas, reason=reason)
-        _print_outcome(f"scale {name} to {replicas}", result)
+
+        async def work() -> ServiceStatus:
+            result = await orch.scale(name, replicas, reason=reason)
+            return await orch.wait_for(name, timeout=timeout) if wait else result
+
+        _print_outcome(f"scale {name} to {replicas}",
+                       await with_progress(orch, [name], work(), mode=progress, console=out, totals={name: replicas}))
 
     _run(go())
 
@@ -495,20 +486,24 @@ def image_sign(
 
 @image_app.command("list")
 @_cli_errors
-def image_list() -> None:
-    """The trust store's records."""
+def image_list(output: OutputOpt = Format.table) -> None:
+    """The trust store's records (-o json: a list of TrustRecord)."""
     from hms_mgmt.trust import TrustStore
 
     records = TrustStore(_settings().state_dir).list()
-    if not records:
-        out.print("no signed images (sign one with `hms image sign IMAGE`)")
-        return
-    table = Table()
-    for col in ("image", "content", "signer", "signed at"):
-        table.add_column(col, no_wrap=True)
-    for r in records:
-        table.add_row(r.image, r.content_id[:19], r.signer, _when(r.signed_at))
-    out.print(table)
+
+    def table() -> None:
+        if not records:
+            out.print("no signed images (sign one with `hms image sign IMAGE`)")
+            return
+        table = Table()
+        for col in ("image", "content", "signer", "signed at"):
+            table.add_column(col, no_wrap=True)
+        for r in records:
+            table.add_row(r.image, r.content_id[:19], r.signer, _when(r.signed_at))
+        out.print(table)
+
+    show(records, output, table)
 
 
 @image_app.command("revoke")
@@ -547,12 +542,15 @@ def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")])
 
 @rollout_app.command("status")
 @_cli_errors
-def rollout_status(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
-    """The rolling update in progress, or the last one."""
+def rollout_status(name: Annotated[str, typer.Argument(help="The service.")], output: OutputOpt = Format.table) -> None:
+    """The rolling update in progress, or the last one (-o json: RolloutStatus, null before any)."""
 
     async def go() -> None:
         st = await (await _connect()).status(name)
         r = st.rollout
+        if output is not Format.table:
+            show(r, output, lambda: None)
+            return
         out.print(Text.assemble((st.name, "bold"), "  ", _phase(st.phase), f"  revision {st.revision}  {st.spec.image}"))
         out.print(f"  image id {st.image_id or '-'}")
         if r is None:
@@ -566,8 +564,9 @@ def rollout_status(name: Annotated[str, typer.Argument(help="The service.")]) ->
 
 @rollout_app.command("history")
 @_cli_errors
-def rollout_history(name: Annotated[str, typer.Argument(help="The service.")]) -> None:
-    """Every revision: image, pinned content, who deployed it and when, how it ended."""
+def rollout_history(name: Annotated[str, typer.Argument(help="The service.")], output: OutputOpt = Format.table) -> None:
+    """Every revision: image, pinned content, who deployed it and when, how it ended (-o json: a
+    list of RevisionRecord)."""
 
     async def go() -> None:
         records = await (await _connect()).rollout_history(name)
@@ -577,7 +576,7 @@ def rollout_history(name: Annotated[str, typer.Argument(help="The service.")]) -
         for r in records:
             table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
                           _when(r.deployed_at), r.outcome, r.reason)
-        out.print(table)
+        show(records, output, lambda: out.print(table))
 
     _run(go())
 
@@ -589,11 +588,15 @@ def rollout_undo(
     to_revision: Annotated[int | None, typer.Option("--to-revision", help="Default: the one before.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it runs everywhere.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
+    progress: ProgressOpt = "auto",
 ) -> None:
     """Roll back to an earlier revision and its pinned image (as a new revision)."""
+    plain_wanted(progress)
 
     async def go() -> None:
-        outcome = await (await _connect()).rollback(name, to_revision, wait=wait, timeout=timeout)
+        orch = await _connect()
+        work = orch.rollback(name, to_revision, wait=wait, timeout=timeout)
+        outcome = await (with_progress(orch, [name], work, mode=progress, console=out) if wait else work)
         what = "in place" if outcome.in_place else f"as revision {outcome.revision}"
         out.print(f"rolled back {name} {what}: {outcome.status.spec.image}")
 
@@ -621,20 +624,20 @@ def _node_options(docker_host: str | None, cpus: float | None, memory_mb: int | 
 
 @app.command()
 @_cli_errors
-def nodes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """The nodes pods may run on: capacity, use, pods and state (Ready, or Lost after a silence)."""
-    import json
-
-    from hms_mgmt.nodes import as_rows, list_nodes
+def nodes(output: OutputOpt = Format.table, as_json: JsonAliasOpt = False) -> None:
+    """The nodes pods may run on: capacity, use, pods and state (Ready, or Lost after a silence).
+    -o json: a list of NodeView."""
+    from hms_mgmt.nodes import list_nodes
 
     async def go():
         orch = await _connect()
         return await list_nodes(orch.client, orch.settings)
 
     views = _run(go())
-    if as_json:
-        typer.echo(json.dumps(as_rows(views), indent=2))
-        return
+    show(views, chosen(output, as_json), lambda: _nodes_table(views))
+
+
+def _nodes_table(views: list) -> None:
     if not views:
         out.print("no nodes (start one with `hms worker --node NAME`)")
         return

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from enum import IntEnum
 from typing import Any, TypeVar
 
 import typer
@@ -18,7 +19,15 @@ from temporalio.service import RPCError
 from hms_mgmt import auth
 from hms_mgmt.cli.render import _fail
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import HmsError, SpecError
+from hms_mgmt.errors import (
+    AccessDenied,
+    ApprovalRejected,
+    HmsError,
+    ImageUntrusted,
+    RequestRefused,
+    ServiceNotFound,
+    SpecError,
+)
 from hms_mgmt.orchestrator import Orchestrator
 
 T = TypeVar("T")
@@ -33,6 +42,29 @@ app = typer.Typer(
 )
 
 
+class Exit(IntEnum):
+    """The exit codes scripts can tell apart (README: "Scripting")."""
+
+    DONE = 0
+    ERROR = 1  # anything else: Temporal unreachable, a deploy that failed, a pod runtime error
+    INVALID = 2  # invalid input: a bad spec or option (the usage errors' code too)
+    REFUSED = 3  # access denied, governance rejected, image untrusted, a request refused
+    NOT_FOUND = 4  # no such service (or pod, record)
+    TIMED_OUT = 5  # waited longer than --timeout (or an approval's timeout)
+
+
+_EXIT_FOR: list[tuple[type[BaseException], Exit]] = [
+    (SpecError, Exit.INVALID),
+    (TimeoutError, Exit.TIMED_OUT),  # before ApprovalRejected: ApprovalTimedOut is both
+    ((AccessDenied, ApprovalRejected, ImageUntrusted, RequestRefused), Exit.REFUSED),  # type: ignore[list-item]
+    (ServiceNotFound, Exit.NOT_FOUND),
+]
+
+
+def exit_code(e: BaseException) -> Exit:
+    return next((code for kinds, code in _EXIT_FOR if isinstance(e, kinds)), Exit.ERROR)
+
+
 def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """User errors become one red line and an exit code, never a traceback."""
 
@@ -42,12 +74,8 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
 
         try:
             return fn(*args, **kwargs)
-        except SpecError as e:
-            raise _fail(str(e), 2) from None
-        except (HmsError, PodRuntimeError) as e:
-            raise _fail(str(e), 1) from None
-        except TimeoutError as e:
-            raise _fail(str(e) or "timed out", 1) from None
+        except (HmsError, PodRuntimeError, TimeoutError) as e:
+            raise _fail(str(e) or "timed out", exit_code(e)) from None
         except RPCError as e:
             raise _fail(f"Temporal: {e.message}", 1) from None
         except TemporalError as e:

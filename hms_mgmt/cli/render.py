@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import Iterable
@@ -12,14 +10,11 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import HmsError
-from hms_mgmt.models import ServiceSpec, ServiceStatus
-from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.models import ServiceStatus
 
 T = TypeVar("T")
 
@@ -105,57 +100,6 @@ def _services_table(settings: Settings, statuses: Iterable[ServiceStatus]) -> Ta
             _web_ui_url(settings, st),
         )
     return table
-
-
-async def _poll_rollout(orch: Orchestrator, progress: Progress, tasks: dict[str, TaskID]) -> None:
-    for name, task in tasks.items():
-        try:
-            st = await orch.status(name)
-        except Exception:  # noqa: BLE001 - the display is best effort; the deploy itself reports errors
-            continue
-        progress.update(task, total=max(st.desired_replicas, 1), completed=st.ready_replicas, phase=st.phase)
-
-
-async def _deploy_with_progress(orch: Orchestrator, specs: list[ServiceSpec], *, timeout: float) -> list[Any]:
-    """Deploy in parallel (``wait=True``) while a progress bar per service counts ready pods."""
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.fields[service]:<12}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("pods ready  {task.fields[phase]}"),
-        TimeElapsedColumn(),
-        console=out,
-    )
-    with progress:
-        tasks = {
-            s.name: progress.add_task(s.name, total=max(s.min_replicas, 1), service=s.name, phase="starting")
-            for s in specs
-        }
-
-        async def poll_forever() -> None:
-            while True:
-                await _poll_rollout(orch, progress, tasks)
-                await asyncio.sleep(0.5)
-
-        poller = asyncio.create_task(poll_forever())
-        try:
-            results = await asyncio.gather(
-                *(orch.deploy(s, wait=True, timeout=timeout) for s in specs), return_exceptions=True
-            )
-        finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-        # The poller may have been cancelled mid-way: show the final state, not a stale one.
-        with contextlib.suppress(Exception):
-            await _poll_rollout(orch, progress, tasks)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise HmsError("; ".join(str(e) or type(e).__name__ for e in errors))
-    return results
 
 
 def _print_outcome(what: str, result: Any) -> None:

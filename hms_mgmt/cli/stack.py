@@ -16,7 +16,8 @@ from rich.text import Text
 from hms_mgmt import auth
 from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.cli.common import _add_cli_overrides, _cli_overrides, _settings, _signer
-from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
+from hms_mgmt.cli.progress import deploy_with_progress as _deploy_with_progress
+from hms_mgmt.cli.render import _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
 from hms_mgmt.devserver import DevServer, port_open
 from hms_mgmt.errors import HmsError, ServiceNotFound

@@ -92,7 +92,11 @@ class Admission:
         content it resolves to now is pinned for every pod of this revision."""
         run = self.run
         run.set_phase("VerifyingImage")
-        content_id, problem, kind = await self.resolve_image(run.spec)
+        image = run.spec.image
+        until = workflow.now() + timedelta(seconds=run.spec.image_verify_timeout_s)
+        with run.waiting("image_signature", f"image {image} to be signed and safe on every node", until=until,
+                         command=f"hms image sign {image}"):
+            content_id, problem, kind = await self.resolve_image(run.spec)
         if content_id is None:
             run.fail(kind, problem)
             run.set_phase("Failed")

@@ -86,7 +86,11 @@ class ApprovalGate:
         if not running:
             run.set_phase("AwaitingApproval")
         await run.emit("approval.requested", reason, requested_by=run.state.requested_by, timeout_s=timeout_s)
-        if not await self._decided(reason, timeout_s):
+        name = run.spec.name
+        with run.waiting("approval", f"a gov_approver to decide: {reason}", until=now + timedelta(seconds=timeout_s),
+                         command=f"hms approve {name}"):
+            decided = await self._decided(reason, timeout_s)
+        if not decided:
             return False
         run.state.approvals.clear()
         run.state.pending_approval = None

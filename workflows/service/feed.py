@@ -84,4 +84,8 @@ class EndpointFeed:
         """Publish the pods in ``stopping`` as draining, then give their in-flight requests
         up to ``spec.drain_s`` (less once every router is done with them) before anything stops them."""
         await self.publish()
-        await drain(self.run.placement, self.run.spec, sorted(self.run.stopping))
+        run = self.run
+        until = workflow.now() + timedelta(seconds=run.spec.drain_s)
+        with run.waiting("drain", f"routers to finish their requests to {len(run.stopping)} draining pod(s)",
+                         until=until):
+            await drain(run.placement, run.spec, sorted(run.stopping))

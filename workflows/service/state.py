@@ -8,7 +8,9 @@ Every helper of the workflow holds this one object; nothing else is shared betwe
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
@@ -31,6 +33,8 @@ with workflow.unsafe.imports_passed_through():
         ServiceStatus,
         SpecUpdate,
         UpdateOutcome,
+        WaitingFor,
+        WaitKind,
     )
     from hms_mgmt.policy.phases import can_move
 
@@ -82,6 +86,7 @@ class ServiceRun:
         self.updating: asyncio.Task[None] | None = None
         self.update_outcomes: dict[str, UpdateOutcome | Failure] = {}  # request id -> what it became
         self.revision_failures: dict[int, Failure] = {}
+        self.waits: list[WaitingFor] = []  # the waits in progress, the latest last (status().waiting_for)
 
     # --- what the run reports --------------------------------------------------------------
 
@@ -111,7 +116,34 @@ class ServiceRun:
             image_id=s.image_id,
             rollout=self.rollout_view(),
             revisions=s.revisions,
+            waiting_for=self.waiting_for(),
         )
+
+    # --- waits (issue 24): every wait says what it waits for -------------------------------
+
+    @contextlib.contextmanager
+    def waiting(self, kind: WaitKind, reason: str, *, until: datetime | None = None,
+                command: str = "") -> Iterator[None]:
+        """Around a wait: ``status().waiting_for`` says what it waits for and what ends it.
+        Data only (no command), so histories from before it replay unchanged."""
+        wait = WaitingFor(kind=kind, reason=reason, since=workflow.now(), until=until, command=command)
+        self.waits.append(wait)
+        try:
+            yield
+        finally:
+            self.waits.remove(wait)
+
+    def waiting_for(self) -> WaitingFor | None:
+        if self.waits:
+            return self.waits[-1]
+        if self.heals:
+            pods = ", ".join(sorted(p[:8] for p in self.heals))
+            return WaitingFor(kind="heal", reason=f"a replacement for pod(s) {pods} to be ready")
+        return None
+
+    def wait_for_heals(self, what: str) -> contextlib.AbstractContextManager[None]:
+        pods = ", ".join(sorted(p[:8] for p in {*self.heals, *self.failing}))
+        return self.waiting("heal", f"{what} waits for the heal of pod(s) {pods} to finish")
 
     def rollout_view(self) -> RolloutStatus | None:
         r = self.state.rollout

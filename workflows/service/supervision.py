@@ -275,7 +275,8 @@ class Supervision:
         run = self.run
         try:
             async with run.lock:
-                await workflow.wait_condition(lambda: not run.heals and not run.failing)
+                with run.wait_for_heals(f"scaling to {replicas}"):
+                    await workflow.wait_condition(lambda: not run.heals and not run.failing)
                 current = [p for p in run.state.pods if p.id not in run.heals]
                 if replicas == len(current):
                     run.state.desired_replicas = replicas

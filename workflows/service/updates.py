@@ -188,7 +188,8 @@ class Updates:
         """Roll every pod to ``record``; on failure, roll back to the revision that ran before."""
         run = self.run
         async with run.lock:
-            await workflow.wait_condition(lambda: not run.heals and not run.failing)
+            with run.wait_for_heals(f"the rollout to revision {record.revision}"):
+                await workflow.wait_condition(lambda: not run.heals and not run.failing)
             previous = next((r for r in run.state.revisions if r.revision == run.state.revision), None)
             prior_phase = run.state.phase
             rollout = RolloutStatus(from_revision=run.state.revision, to_revision=record.revision,

@@ -30,8 +30,10 @@ with workflow.unsafe.imports_passed_through():
         ServiceState,
         ServiceStatus,
         SpecUpdate,
+        TimeSlot,
         UpdateOutcome,
     )
+    from hms_mgmt.policy import slots as clock
     from hms_mgmt.policy.phases import can_move
 
 from workflows.common import emit, node_queue
@@ -111,6 +113,7 @@ class ServiceRun:
             image_id=s.image_id,
             rollout=self.rollout_view(),
             revisions=s.revisions,
+            active_slot=s.active_slot,
         )
 
     def rollout_view(self) -> RolloutStatus | None:
@@ -164,6 +167,25 @@ class ServiceRun:
             await self.emit(event.type, event.reason, **event.data)
 
     # --- questions ---------------------------------------------------------------------------
+
+    def slot(self) -> TimeSlot | None:
+        """The time slot whose bounds apply now (of those on, the highest floor)."""
+        on = [t for t in self.spec.time_slots if t.name in self.state.slots_on]
+        return clock.winner(on, self.spec.max_replicas) if on else None  # type: ignore[return-value]
+
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) replicas now: the active time slot's, else the spec's."""
+        slot = self.slot()
+        return (self.spec.min_replicas, self.spec.max_replicas) if slot is None else \
+            clock.slot_bounds(slot, self.spec.max_replicas)
+
+    def scaling_spec(self) -> ServiceSpec:
+        """The spec the autoscaler works with: the active slot's bounds in place of the spec's
+        (the spec itself when no slot is on). A landed service has no pod to scale."""
+        if self.slot() is None:
+            return self.spec
+        low, high = self.bounds()
+        return self.spec.model_copy(update={"min_replicas": low, "max_replicas": max(high, 1)})
 
     def node_queue(self, node: str) -> str:
         return node_queue(self.placement, node)

@@ -67,6 +67,10 @@ class SlotActivities:
         self.settings = settings
         self.sink = sink
 
+    def all(self) -> list[Callable[..., object]]:
+        """The activities, as the control worker registers them."""
+        return [self.sync_slot_schedules, self.check_slot_edge]
+
     # --- schedules, with the spec ----------------------------------------------------------------
 
     @activity.defn(name="sync_slot_schedules")

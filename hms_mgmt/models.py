@@ -16,9 +16,9 @@ import hashlib
 import json
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import FailureKind
@@ -90,6 +90,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _label(v: str, limit: int, message: str) -> str:
+    """``v`` when it is a DNS-1123 label of at most ``limit`` characters."""
+    if len(v) > limit or not _DNS_LABEL.match(v):
+        raise ValueError(message)
+    return v
+
+
 MAX_TIME_SLOTS = 16
 
 
@@ -99,9 +106,13 @@ class TimeSlot(_Model):
     instants (a one-off). ``min_replicas: 0, max_replicas: 0`` lands the service."""
 
     name: str = Field(description="DNS-1123 label, at most 30 characters: it names the slot's schedules")
-    start: str = Field(max_length=64, description="cron ('0 8 * * 1-5') or an ISO-8601 instant")
-    end: str = Field(max_length=64, description="cron or an ISO-8601 instant, of the same kind as start")
-    timezone: str = Field(default="UTC", max_length=64, description="IANA time zone for cron and naive instants")
+    # Syntax only here (the zone matters once both edges are read, in _window).
+    start: Annotated[str, AfterValidator(_clock.check_edge)] = Field(
+        max_length=64, description="cron ('0 8 * * 1-5') or an ISO-8601 instant")
+    end: Annotated[str, AfterValidator(_clock.check_edge)] = Field(
+        max_length=64, description="cron or an ISO-8601 instant, of the same kind as start")
+    timezone: Annotated[str, AfterValidator(_clock.check_zone)] = Field(
+        default="UTC", max_length=64, description="IANA time zone for cron and naive instants")
     min_replicas: int = Field(ge=0, le=MAX_REPLICAS)
     max_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS,
                                      description="default: the spec's max_replicas (at least min_replicas)")
@@ -109,20 +120,7 @@ class TimeSlot(_Model):
     @field_validator("name")
     @classmethod
     def _slot_name(cls, v: str) -> str:
-        if len(v) > 30 or not _DNS_LABEL.match(v):
-            raise ValueError("must be a DNS-1123 label of at most 30 characters")
-        return v
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        _clock.zone(v)
-        return v
-
-    @field_validator("start", "end")
-    @classmethod
-    def _edge(cls, v: str) -> str:
-        return _clock.check_edge(v, "UTC")  # syntax only: the zone matters once both are read
+        return _label(v, 30, "must be a DNS-1123 label of at most 30 characters")
 
     @model_validator(mode="after")
     def _window(self) -> TimeSlot:
@@ -320,9 +318,7 @@ class NodeSpec(_Model):
     @field_validator("name")
     @classmethod
     def _node_name(cls, v: str) -> str:
-        if len(v) > 63 or not _DNS_LABEL.match(v):
-            raise ValueError("node name must be a DNS-1123 label")
-        return v
+        return _label(v, 63, "node name must be a DNS-1123 label")
 
     @field_validator("address")
     @classmethod

@@ -84,7 +84,6 @@ class HmsWorker:
             # The admission-ticket key, made before any node needs its public half.
             tickets.ensure_control_key(settings.state_dir)
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
-            slots = SlotActivities(client, settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(
                 Worker(
@@ -93,7 +92,7 @@ class HmsWorker:
                     workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
-                                ctl.watch_cpu, slots.sync_slot_schedules, slots.check_slot_edge],
+                                ctl.watch_cpu, *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.

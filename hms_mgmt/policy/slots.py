@@ -43,6 +43,11 @@ def zone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r} (an IANA name such as 'UTC' or 'Europe/Paris')") from None
 
 
+def check_zone(name: str) -> str:
+    zone(name)
+    return name
+
+
 def is_cron(text: str) -> bool:
     return len(text.split()) == 5 and croniter.is_valid(text)
 
@@ -58,7 +63,7 @@ def instant(text: str, tz: str) -> datetime | None:
     return at if at.tzinfo is not None else at.replace(tzinfo=zone(tz))
 
 
-def check_edge(text: str, tz: str) -> str:
+def check_edge(text: str, tz: str = "UTC") -> str:
     """``text`` unchanged when it is a 5-field cron expression or an ISO-8601 instant."""
     if is_cron(text) or instant(text, tz) is not None:
         return text

@@ -150,7 +150,7 @@ class Slots:
         low, high = run.bounds()
         started = was.started_at if was is not None and was.name == slot.name else now
         run.state.active_slot = ActiveSlot(name=slot.name, min_replicas=low, max_replicas=high, started_at=started,
-                                           ends_at=clock.next_edge(slot.end, slot.timezone, now),
+                                           ends_at=_ends(slot.end, slot.timezone, now),
                                            landed=clock.is_landing((low, high)))
         return run.state.active_slot
 
@@ -181,6 +181,11 @@ class Slots:
     async def _scale(self, replicas: int, reason: str) -> None:
         if replicas != self.run.state.desired_replicas or replicas != self.run.effective():
             await self.supervision.scale(replicas, reason)
+
+
+def _ends(end: str, tz: str, now: datetime) -> datetime | None:
+    """The slot's next end; a one-off's own end even when its edges arrive late."""
+    return clock.next_edge(end, tz, now) or clock.instant(end, tz)
 
 
 def _iso(at: datetime | None) -> str | None:

@@ -26,8 +26,16 @@ def _table(rows: list[SlotClock]) -> Table:
             state += f" (paused: {', '.join(c.paused)})"
         table.add_row(c.service, c.name, f"{c.min_replicas}/{c.max_replicas}" + (" landed" if c.max_replicas == 0 else ""),
                       state, _when(c.next_start), _when(c.next_end), f"{c.start} / {c.end} ({c.timezone})",
-                      " ".join(c.schedules.values()) or "-")
+                      _ids(c))
     return table
+
+
+def _ids(c: SlotClock) -> str:
+    """``svc-NAME-slot-SLOT-{start,end}``: the schedules that exist, in one short cell."""
+    if not c.schedules:
+        return "-"
+    stem = next(iter(c.schedules.values())).rsplit("-", 1)[0]
+    return f"{stem}-{{{','.join(c.schedules)}}}" if len(c.schedules) > 1 else next(iter(c.schedules.values()))
 
 
 @schedule_app.command("list")

@@ -29,12 +29,13 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.control import _grant_identity
 from hms_mgmt import auth, names, tickets
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import AccessDenied, HmsError
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import ServiceSpec, TimeSlot
 from hms_mgmt.policy import slots as clock
@@ -78,9 +79,18 @@ class SlotActivities:
         """Make the service's schedules exactly one per edge of ``inp.spec.time_slots`` (one-offs
         already past need none), each acting for the deployer of ``inp.revision``; remove every
         other schedule of the service. ``spec=None`` (undeploy) removes them all."""
+        try:
+            return await self._sync(inp)
+        except (AccessDenied, HmsError) as e:
+            raise ApplicationError(f"time slot schedules refused: {e}", type=ActivityErrorType.ACCESS_DENIED,
+                                   non_retryable=True) from None
+
+    async def _sync(self, inp: SlotSchedules) -> SlotSchedulesOutput:
         settings = await asyncio.to_thread(self.settings)
         wanted: dict[str, Schedule] = {}
         if inp.spec is not None:
+            if await self._ending(inp.workflow_id):  # a late attempt must not outlive the service
+                raise AccessDenied(f"{inp.service} is ending or gone: no schedule is made for it")
             deployer = await asyncio.to_thread(self._deployer, settings, inp)
             wanted = await asyncio.to_thread(self._schedules, settings, inp, inp.spec, deployer)
         elif not await self._ending(inp.workflow_id):

@@ -40,3 +40,14 @@ async def schedules(client: Client, service: str) -> list[str]:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
     return alive
+
+
+async def no_schedules(client: Client, service: str, timeout: float = 10.0) -> None:
+    """Until the service has no slot schedule (a deleted schedule may answer a describe briefly)."""
+    from conftest import eventually
+
+    await eventually(lambda: _none(client, service), timeout=timeout, what=f"no schedule of {service}")
+
+
+async def _none(client: Client, service: str) -> bool:
+    return not await schedules(client, service)

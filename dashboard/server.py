@@ -143,6 +143,7 @@ def service_view(status: ServiceStatus) -> dict[str, Any]:
         "deploy_workflow_id": deploy_id,
         "deploy_url": child_url(status, deploy_id) if deploy_id else None,
         "revisions": revisions,
+        "active_slot": status.active_slot.model_dump(mode="json") if status.active_slot else None,
         "message": status.message,
         "waiting_for": status.waiting_for.model_dump(mode="json") if status.waiting_for else None,
         "backoff_s": status.backoff_s,

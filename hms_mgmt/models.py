@@ -16,12 +16,13 @@ import hashlib
 import json
 import re
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import FailureKind
+from hms_mgmt.policy import slots as _clock
 
 # The autoscale policy's types, importable from here as before (the wire types use them).
 from hms_mgmt.policy.autoscale import AutoscaleDecision as AutoscaleDecision
@@ -89,6 +90,46 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _label(v: str, limit: int, message: str) -> str:
+    """``v`` when it is a DNS-1123 label of at most ``limit`` characters."""
+    if len(v) > limit or not _DNS_LABEL.match(v):
+        raise ValueError(message)
+    return v
+
+
+MAX_TIME_SLOTS = 16
+
+
+class TimeSlot(_Model):
+    """A window whose replica bounds replace the spec's (KEDA's cron scaler, with bounds).
+    ``start``/``end``: both 5-field cron expressions (read in ``timezone``) or both ISO-8601
+    instants (a one-off). ``min_replicas: 0, max_replicas: 0`` lands the service."""
+
+    name: str = Field(description="DNS-1123 label, at most 30 characters: it names the slot's schedules")
+    # Syntax only here (the zone matters once both edges are read, in _window).
+    start: Annotated[str, AfterValidator(_clock.check_edge)] = Field(
+        max_length=64, description="cron ('0 8 * * 1-5') or an ISO-8601 instant")
+    end: Annotated[str, AfterValidator(_clock.check_edge)] = Field(
+        max_length=64, description="cron or an ISO-8601 instant, of the same kind as start")
+    timezone: Annotated[str, AfterValidator(_clock.check_zone)] = Field(
+        default="UTC", max_length=64, description="IANA time zone for cron and naive instants")
+    min_replicas: int = Field(ge=0, le=MAX_REPLICAS)
+    max_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS,
+                                     description="default: the spec's max_replicas (at least min_replicas)")
+
+    @field_validator("name")
+    @classmethod
+    def _slot_name(cls, v: str) -> str:
+        return _label(v, 30, "must be a DNS-1123 label of at most 30 characters")
+
+    @model_validator(mode="after")
+    def _window(self) -> TimeSlot:
+        _clock.check_slot(self.start, self.end, self.timezone)
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+
 class ServiceSpec(_Model):
     """What the user asks for. The seed's dict literal is valid as it stands."""
 
@@ -133,6 +174,9 @@ class ServiceSpec(_Model):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="node labels a pod's node must carry, e.g. {zone: a}"
     )
+    time_slots: list[TimeSlot] = Field(default_factory=list, max_length=MAX_TIME_SLOTS,
+                                       description="windows whose bounds replace min/max_replicas "
+                                       "(README: Time slots)")
 
     @field_validator("max_surge", "max_unavailable")
     @classmethod
@@ -222,7 +266,9 @@ class ServiceSpec(_Model):
 
     def digest(self) -> str:
         """The whole spec, canonically hashed: what a deploy, an update or an approval names."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Without time slots, the digest is the one specs had before slots existed.
+        dump = self.model_dump(mode="json", exclude=None if self.time_slots else {"time_slots"})
+        blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
     def pod_template(self) -> dict[str, Any]:
@@ -238,6 +284,9 @@ class ServiceSpec(_Model):
             )
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        names = [slot.name for slot in self.time_slots]
+        if len(set(names)) != len(names):
+            raise ValueError(f"time_slots: each slot needs its own name (got {', '.join(names)})")
         return self
 
 
@@ -269,9 +318,7 @@ class NodeSpec(_Model):
     @field_validator("name")
     @classmethod
     def _node_name(cls, v: str) -> str:
-        if len(v) > 63 or not _DNS_LABEL.match(v):
-            raise ValueError("node name must be a DNS-1123 label")
-        return v
+        return _label(v, 63, "node name must be a DNS-1123 label")
 
     @field_validator("address")
     @classmethod
@@ -387,6 +434,35 @@ class Failure(_Model):
     message: str
 
 
+class ActiveSlot(_Model):
+    """The time slot whose bounds apply now (``status().active_slot``)."""
+
+    name: str
+    min_replicas: int
+    max_replicas: int
+    started_at: datetime | None = None
+    ends_at: datetime | None = None  # its next end edge
+    landed: bool = False  # 0/0: every pod stopped until ends_at
+
+
+class SlotClock(_Model):
+    """One time slot as ``orchestrator.time_slots`` and ``hms schedule list`` show it."""
+
+    service: str
+    name: str
+    start: str
+    end: str
+    timezone: str
+    min_replicas: int
+    max_replicas: int
+    active: bool = False  # its bounds apply now
+    on: bool = False  # started and not ended (an overlapping slot may win)
+    next_start: datetime | None = None
+    next_end: datetime | None = None
+    schedules: dict[str, str] = Field(default_factory=dict)  # edge -> Temporal Schedule id
+    paused: list[str] = Field(default_factory=list)  # edges whose schedule is paused
+
+
 class ServiceStatus(_Model):
     name: str
     phase: Phase
@@ -412,6 +488,7 @@ class ServiceStatus(_Model):
     rollout: RolloutStatus | None = None
     revisions: list[RevisionRecord] = Field(default_factory=list)
     waiting_for: WaitingFor | None = None
+    active_slot: ActiveSlot | None = None
 
 
 class Approval(_Model):
@@ -467,11 +544,12 @@ class EndpointSet(_Model):
     version: int = 0
     endpoints: list[Endpoint] = Field(default_factory=list)
     stopped: bool = False  # the service is gone: a router forgets it
+    landed_until: datetime | None = None  # landed by a time slot: routers answer 503, Retry-After this
 
     def same_pods(self, other: EndpointSet | None) -> bool:
         """Equal but for the version: publishing it again would change nothing."""
         return (other is not None and other.service == self.service and other.stopped == self.stopped
-                and other.endpoints == self.endpoints)
+                and other.endpoints == self.endpoints and other.landed_until == self.landed_until)
 
 
 # --- compatibility: the wire types, importable from here as before ---------------------------

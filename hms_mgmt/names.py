@@ -14,6 +14,7 @@ __all__ = [
     "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
     "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
     "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
+    "SLOT_EDGE_WORKFLOW", "slot_schedule_id", "slot_schedule_prefix",
 ]
 
 # --- workflow types ----------------------------------------------------------------------------
@@ -22,6 +23,7 @@ DEPLOY_WORKFLOW = "DeployWorkflow"
 SCALE_WORKFLOW = "ScaleWorkflow"
 HEAL_WORKFLOW = "HealWorkflow"
 NODE_REGISTRY_WORKFLOW = "NodeRegistry"
+SLOT_EDGE_WORKFLOW = "SlotEdgeWorkflow"  # started by a time slot's Temporal Schedule
 
 
 class Q:
@@ -55,6 +57,7 @@ class S:
     HEAL_ATTEMPT_FAILED = "heal_attempt_failed"
     IMAGE_REVOKED = "image_revoked"
     NODE_LOST = "node_lost"
+    SLOT_EDGE = "slot_edge"  # a time slot's schedule -> ServiceWorkflow (checked against a standing grant)
     SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
 
 
@@ -89,6 +92,16 @@ def scale_id(service_wf_id: str, n: int) -> str:
 def heal_id(service_wf_id: str, pod_id: str) -> str:
     """The replacement of one failed pod: ``svc-<name>-heal-<pod>``."""
     return f"{service_wf_id}-heal-{pod_id}"
+
+
+def slot_schedule_prefix(service_wf_id: str) -> str:
+    """Every time-slot schedule of a service starts with this: ``svc-<name>-slot-``."""
+    return f"{service_wf_id}-slot-"
+
+
+def slot_schedule_id(service_wf_id: str, slot: str, edge: str) -> str:
+    """The Temporal Schedule of one edge of a time slot: ``svc-<name>-slot-<slot>-<start|end>``."""
+    return f"{slot_schedule_prefix(service_wf_id)}{slot}-{edge}"
 
 
 def service_of(workflow_id: str) -> str:

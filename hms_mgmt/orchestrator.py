@@ -30,6 +30,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import auth, connection, constants, names
+from hms_mgmt.clock import service_clock
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import (
     HmsError,
@@ -39,7 +40,16 @@ from hms_mgmt.errors import (
     SpecError,
     error_for,
 )
-from hms_mgmt.models import Approval, DeployResult, PodStatus, RevisionRecord, ServiceSpec, ServiceStatus, UpdateOutcome
+from hms_mgmt.models import (
+    Approval,
+    DeployResult,
+    PodStatus,
+    RevisionRecord,
+    ServiceSpec,
+    ServiceStatus,
+    SlotClock,
+    UpdateOutcome,
+)
 from hms_mgmt.wire import (
     AdmissionRequest,
     LogsOutput,
@@ -483,6 +493,12 @@ class Orchestrator:
                                            proof=self._prove("scale", name, replicas=replicas), reason=reason),
                                   what=f"scale {name} to {replicas}", refine=ScaleRefused)
 
+    async def time_slots(self, name: str) -> builtins.list[SlotClock]:
+        """Each time slot of ``name`` with its next start and end (as its Temporal Schedules
+        will fire them: none while paused), whether it is on and whether its bounds apply."""
+        self._check_reader("status")
+        return await service_clock(self.client, await self.read_status(name, live=False))
+
     async def list(self) -> builtins.list[ServiceStatus]:
         self._check_reader("status")
         out = []
@@ -682,6 +698,11 @@ def rollback(name: str, revision: int | None = None, *, settings: Settings | Non
              **kw: Any) -> UpdateOutcome:
     """Roll a service back to ``revision`` (default: the one before the current), its pinned image."""
     return _sync("rollback", name, revision, settings=settings, **kw)
+
+
+def time_slots(name: str, *, settings: Settings | None = None) -> builtins.list[SlotClock]:
+    """Each time slot of ``name`` with its next start and end."""
+    return _sync("time_slots", name, settings=settings)
 
 
 def rollout_history(name: str, *, settings: Settings | None = None) -> builtins.list[RevisionRecord]:

@@ -121,12 +121,14 @@ def verify(state_dir: Path, ticket: str, *, service: str, revision: int, spec: S
 GRANT_TTL_S = 32 * 86400.0  # outlives the longest approval wait (30 days) and the image check after it
 
 
-def grant(state_dir: Path, *, action: str, service: str, user: str, role: str, bind: dict[str, Any]) -> str:
+def grant(state_dir: Path, *, action: str, service: str, user: str, role: str, bind: dict[str, Any],
+          ttl_s: float = GRANT_TTL_S) -> str:
     """The control plane's word that ``user`` (``role``) was allowed ``action`` on ``service``
-    for exactly ``bind``: what a workflow keeps instead of the caller's token."""
+    for exactly ``bind``: what a workflow keeps instead of the caller's token. A standing grant
+    (a time slot's schedule acting for its deployer) lives longer: ``ttl_s``."""
     now = int(time.time())
     return _sign(state_dir, {"typ": "grant", "act": action, "svc": service, "sub": user, "role": role,
-                             "bind": bind, "iat": now, "exp": now + int(GRANT_TTL_S)})
+                             "bind": bind, "iat": now, "exp": now + int(ttl_s)})
 
 
 def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collection[str],

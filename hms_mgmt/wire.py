@@ -18,6 +18,7 @@ from hms_mgmt.models import (
     MAX_REASON_CHARS,
     MAX_REQUEST_ID_CHARS,
     MAX_TOKEN_CHARS,
+    ActiveSlot,
     Approval,
     Decision,
     Failure,
@@ -38,6 +39,11 @@ from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendati
 __all__ = [
     "PendingEvent",
     "SignalledApproval",
+    "SlotEdge",
+    "SlotEdgeCheck",
+    "SlotEdgeVerdict",
+    "SlotSchedules",
+    "SlotSchedulesOutput",
     "AdmissionRequest",
     "AuthorizeInput",
     "AuthorizeOutput",
@@ -150,6 +156,54 @@ class SignalledApproval(_Model):
     approval: Approval
 
 
+class SlotEdge(_Model):
+    """A time slot's edge, as its Temporal Schedule starts it (the action's input) and as the
+    ``slot_edge`` signal delivers it. ``grant`` is the deployer's standing grant for exactly
+    this schedule, revision and edge; the workflow ids are set by the run that delivers it."""
+
+    service: str = Field(max_length=63)
+    slot: str = Field(max_length=30)
+    edge: Literal["start", "end"]
+    schedule_id: str = Field(max_length=200)
+    revision: int
+    grant: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    workflow_id: str = Field(default="", max_length=300)
+    run_id: str = Field(default="", max_length=64)
+
+
+class SlotEdgeCheck(_Model):
+    """``check_slot_edge``: is this edge the act of the deployer's standing grant for what the
+    service runs now (its revision and spec), delivered by the run its schedule started?"""
+
+    edge: SlotEdge
+    revision: int
+    spec_digest: str
+
+
+class SlotEdgeVerdict(_Model):
+    allowed: bool
+    user: str | None = None
+    reason: str = ""
+
+
+class SlotSchedules(_Model):
+    """``sync_slot_schedules``: make the service's Temporal Schedules match ``spec.time_slots``
+    for ``revision`` (none, with ``spec=None``: the service is being undeployed)."""
+
+    service: str
+    workflow_id: str
+    revision: int
+    spec: ServiceSpec | None = None
+    grant: str = ""  # the deployer's grant (deploy, update or rollback) for this revision
+    known: list[str] = Field(default_factory=list)  # the schedule ids made before
+    task_queue: str = "hms-control"
+
+
+class SlotSchedulesOutput(_Model):
+    schedules: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+
+
 class ServiceState(_Model):
     """Everything ServiceWorkflow owns; passed whole to continue-as-new."""
 
@@ -182,6 +236,12 @@ class ServiceState(_Model):
     outbox: list[PendingEvent] = Field(default_factory=list)  # events to write
     approvals: list[SignalledApproval] = Field(default_factory=list)  # approve/reject signals to check
     revoke_check: bool = False  # an image_revoked hint: re-check the pinned image's trust
+    # Time slots: the slots whose start edge came (and no end since), the view status() shows,
+    # the schedules made for them, and the slot_edge signals waiting for their check.
+    slots_on: list[str] = Field(default_factory=list)
+    active_slot: ActiveSlot | None = None
+    slot_schedules: list[str] = Field(default_factory=list)
+    slot_edges: list[SlotEdge] = Field(default_factory=list)
 
 
 class ServiceInput(_Model):

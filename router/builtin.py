@@ -21,6 +21,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import aiohttp
@@ -59,8 +61,10 @@ class ServicePool:
         self.pods: dict[str, policy.PodState] = {}
         self.budget = policy.RetryBudget()
         self.known = True
+        self.landed_until: datetime | None = None  # landed by a time slot, until then
 
     def update(self, table: EndpointSet) -> None:
+        self.landed_until = table.landed_until
         seen = set()
         for ep in table.endpoints:
             seen.add(ep.pod)
@@ -75,6 +79,16 @@ class ServicePool:
     def counts(self) -> tuple[int, int]:
         ready = sum(1 for p in self.pods.values() if not p.draining)
         return ready, len(self.pods) - ready
+
+
+def retry_after(until: datetime) -> str:
+    """``Retry-After`` as an HTTP-date (RFC 9110): the landing slot's end."""
+    return format_datetime(until.astimezone(UTC), usegmt=True)
+
+
+def landed_body(service: str, until: datetime) -> dict[str, Any]:
+    return {"error": "landed", "service": service, "until": until.isoformat(),
+            "reason": f"landed by a time slot until {until.isoformat()}: no pod runs"}
 
 
 class _Truncated(Exception):
@@ -171,6 +185,10 @@ class BuiltinEngine:
         if pool is None:
             return self._json_error(404, {"error": "unknown service", "service": service}, rid)
         ready, draining = pool.counts()
+        if ready == 0 and pool.landed_until is not None:
+            self.stats.record(service, "-", 503, time.monotonic() - t0)
+            return self._json_error(503, landed_body(service, pool.landed_until), rid,
+                                    **{"Retry-After": retry_after(pool.landed_until)})
         if ready == 0:
             self.stats.record(service, "-", 503, time.monotonic() - t0)
             reason = (f"no ready pod: {draining} draining" if draining

@@ -19,6 +19,7 @@ from temporalio.worker import Worker
 from activities.control import ControlActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
+from activities.slots import SlotActivities
 from hms_mgmt import constants, tickets
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
@@ -28,7 +29,7 @@ from hms_mgmt.runtimes.podnet import PodFirewall
 from hms_mgmt.trust import TrustStore
 from worker.metrics import WorkerMetrics
 from worker.nodes import NodeAgent
-from workflows import ALL_WORKFLOWS, MessageGuard
+from workflows import ALL_WORKFLOWS, SCHEDULED_WORKFLOWS, MessageGuard
 
 log = logging.getLogger("hms.worker")
 
@@ -88,10 +89,10 @@ class HmsWorker:
                 Worker(
                     client,
                     task_queue=settings.task_queue,
-                    workflows=ALL_WORKFLOWS,
+                    workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
-                                ctl.watch_cpu],
+                                ctl.watch_cpu, *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.

@@ -229,6 +229,13 @@ function routedPods(s, router) {
   return t && t.pods && Object.keys(t.pods).length ? t.pods : null;
 }
 
+function slotLine(slot) {
+  if (!slot) return null;
+  const until = slot.ends_at ? " until " + new Date(slot.ends_at).toLocaleString() : "";
+  const what = slot.landed ? "landed" : slot.min_replicas + "–" + slot.max_replicas + " pods";
+  return el("div", { class: "slot", "data-slot": slot.name }, "time slot " + slot.name + ": " + what + until);
+}
+
 function serviceBlock(s, router, now) {
   const pct = s.desired_replicas ? Math.min(100, (100 * s.ready_replicas) / s.desired_replicas) : 100;
   const bar = el("span");
@@ -245,7 +252,8 @@ function serviceBlock(s, router, now) {
       el("div", {}, "revision ", link(s.deploy_url, String(s.revision), "rev-link")),
       el("div", {}, "heals " + s.heal_count + " · scales " + s.scale_count +
         (s.crash_count ? " · crashes " + s.crash_count : "") + (s.backoff_s ? " · backoff " + fmt(s.backoff_s, 0, "s") : "")),
-      s.approved_by ? el("div", {}, "approved by " + s.approved_by) : null),
+      s.approved_by ? el("div", {}, "approved by " + s.approved_by) : null,
+      slotLine(s.active_slot)),
     cpuChart(s),
     replicaChart(s),
     trafficCell(s, router));

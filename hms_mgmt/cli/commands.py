@@ -37,6 +37,7 @@ from hms_mgmt.cli.render import (
     out,
 )
 from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.schedule_cmd import schedule_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
@@ -690,4 +691,5 @@ if __name__ == "__main__":
 
 
 app.command()(router)
+app.add_typer(schedule_app, name="schedule")
 app.command()(dashboard)

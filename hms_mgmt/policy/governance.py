@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from hms_mgmt.models import ServiceSpec
+from hms_mgmt.policy.slots import slot_bounds
 
 # A pod with no cpu_limit is counted as one CPU against the budget.
 DEFAULT_POD_CPUS = 1.0
@@ -34,24 +35,36 @@ class GovernanceVerdict(BaseModel):
     reasons: list[str] = Field(default_factory=list)
 
 
-def max_cpus(spec: ServiceSpec) -> float:
-    """The most CPU the service can claim at full scale."""
-    return spec.max_replicas * (spec.cpu_limit if spec.cpu_limit is not None else DEFAULT_POD_CPUS)
+def max_cpus(spec: ServiceSpec, replicas: int | None = None) -> float:
+    """The most CPU the service can claim at full scale (``replicas``: a time slot's ceiling)."""
+    top = spec.max_replicas if replicas is None else replicas
+    return top * (spec.cpu_limit if spec.cpu_limit is not None else DEFAULT_POD_CPUS)
+
+
+def _ceilings(spec: ServiceSpec) -> list[tuple[str, int]]:
+    """Every replica ceiling the spec can reach, named by its field: the spec's, then each time
+    slot's (its bounds replace the spec's while it is on, so they need the same approval)."""
+    out = [("max_replicas", spec.max_replicas)]
+    for i, slot in enumerate(spec.time_slots):
+        out.append((f"time_slots[{i}] ({slot.name}) max_replicas", slot_bounds(slot, spec.max_replicas)[1]))
+    return out
 
 
 def evaluate(spec: ServiceSpec, policy: GovernancePolicy) -> GovernanceVerdict:
     """Check a spec against the policy; deterministic, so safe inside a workflow."""
     reasons: list[str] = []
     limit = policy.max_replicas_without_approval
-    if spec.max_replicas > limit:
-        reasons.append(f"max_replicas {spec.max_replicas} exceeds the limit of {limit} without approval")
+    for field, top in _ceilings(spec):
+        if top > limit:
+            reasons.append(f"{field} {top} exceeds the limit of {limit} without approval")
     if policy.cpu_budget is not None:
-        total = max_cpus(spec)
-        if total > policy.cpu_budget + _EPSILON:
-            cpu = spec.cpu_limit if spec.cpu_limit is not None else DEFAULT_POD_CPUS
-            default = "" if spec.cpu_limit is not None else " (default)"
-            reasons.append(
-                f"up to {total:g} CPUs (max_replicas {spec.max_replicas} x cpu_limit {cpu:g}{default}) "
-                f"exceeds the CPU budget of {policy.cpu_budget:g} without approval"
-            )
+        cpu = spec.cpu_limit if spec.cpu_limit is not None else DEFAULT_POD_CPUS
+        default = "" if spec.cpu_limit is not None else " (default)"
+        for field, top in _ceilings(spec):
+            total = max_cpus(spec, top)
+            if total > policy.cpu_budget + _EPSILON:
+                reasons.append(
+                    f"up to {total:g} CPUs ({field} {top} x cpu_limit {cpu:g}{default}) "
+                    f"exceeds the CPU budget of {policy.cpu_budget:g} without approval"
+                )
     return GovernanceVerdict(needs_approval=bool(reasons), reasons=reasons)

@@ -36,8 +36,10 @@ class EndpointFeed:
             else:
                 continue
             eps.append(Endpoint(pod=p.id, address=p.endpoint, state=state, node=p.node, revision=p.revision))
+        slot = run.state.active_slot
         return EndpointSet(service=run.spec.name, version=run.state.endpoints_version, endpoints=eps,
-                           stopped=run.service_stopped)
+                           stopped=run.service_stopped,
+                           landed_until=slot.ends_at if slot is not None and slot.landed else None)
 
     def current(self) -> EndpointSet:
         """The routable pods as last published to the routers: what a router loads at start."""

@@ -32,10 +32,12 @@ with workflow.unsafe.imports_passed_through():
         ServiceState,
         ServiceStatus,
         SpecUpdate,
+        TimeSlot,
         UpdateOutcome,
         WaitingFor,
         WaitKind,
     )
+    from hms_mgmt.policy import slots as clock
     from hms_mgmt.policy.phases import can_move
 
 from workflows.common import emit, node_queue
@@ -117,6 +119,7 @@ class ServiceRun:
             rollout=self.rollout_view(),
             revisions=s.revisions,
             waiting_for=self.waiting_for(),
+            active_slot=s.active_slot,
         )
 
     # --- waits (issue 24): every wait says what it waits for -------------------------------
@@ -139,6 +142,10 @@ class ServiceRun:
         if self.heals:
             pods = ", ".join(sorted(p[:8] for p in self.heals))
             return WaitingFor(kind="heal", reason=f"a replacement for pod(s) {pods} to be ready")
+        slot = self.state.active_slot
+        if slot is not None and slot.landed:
+            return WaitingFor(kind="time_slot", reason=f"landed by time slot {slot.name}: takes off when it ends",
+                              since=slot.started_at or workflow.now(), until=slot.ends_at)
         return None
 
     def wait_for_heals(self, what: str) -> contextlib.AbstractContextManager[None]:
@@ -196,6 +203,25 @@ class ServiceRun:
             await self.emit(event.type, event.reason, **event.data)
 
     # --- questions ---------------------------------------------------------------------------
+
+    def slot(self) -> TimeSlot | None:
+        """The time slot whose bounds apply now (of those on, the highest floor)."""
+        on = [t for t in self.spec.time_slots if t.name in self.state.slots_on]
+        return clock.winner(on, self.spec.max_replicas) if on else None  # type: ignore[return-value]
+
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) replicas now: the active time slot's, else the spec's."""
+        slot = self.slot()
+        return (self.spec.min_replicas, self.spec.max_replicas) if slot is None else \
+            clock.slot_bounds(slot, self.spec.max_replicas)
+
+    def scaling_spec(self) -> ServiceSpec:
+        """The spec the autoscaler works with: the active slot's bounds in place of the spec's
+        (the spec itself when no slot is on). A landed service has no pod to scale."""
+        if self.slot() is None:
+            return self.spec
+        low, high = self.bounds()
+        return self.spec.model_copy(update={"min_replicas": low, "max_replicas": max(high, 1)})
 
     def node_queue(self, node: str) -> str:
         return node_queue(self.placement, node)

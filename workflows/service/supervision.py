@@ -81,13 +81,14 @@ class Supervision:
             # Recovery is "pods stay ready": a quiet round of this length proves it.
             max_s = min(max_s, max(10.0, 3 * run.spec.health_interval_s))
         known = [p.id for p in run.state.pods]
-        autoscaling = run.spec.min_replicas < run.spec.max_replicas and run.scaling is None
+        spec = run.scaling_spec()  # the active time slot's bounds, if one is on
+        autoscaling = spec.min_replicas < spec.max_replicas and run.scaling is None
         tasks = [
             asyncio.ensure_future(
                 workflow.execute_activity_method(
                     PodActivities.watch_pods,
                     WatchInput(
-                        service=run.spec.name, spec=run.spec, pods=pods, known=known,
+                        service=run.spec.name, spec=spec, pods=pods, known=known,
                         current=run.effective(), max_duration_s=max_s, autoscale=False,
                         history=run.state.history, at_max_reported=run.state.at_max_reported,
                     ),
@@ -104,7 +105,7 @@ class Supervision:
             tasks.append(asyncio.ensure_future(
                 workflow.execute_activity_method(
                     ControlActivities.watch_cpu,
-                    WatchCpuInput(workflow_id=workflow.info().workflow_id, spec=run.spec, current=run.effective(),
+                    WatchCpuInput(workflow_id=workflow.info().workflow_id, spec=spec, current=run.effective(),
                                   pods=[p.id for p in healthy], history=run.state.history,
                                   at_max_reported=run.state.at_max_reported, max_duration_s=max_s),
                     task_queue=run.placement.control_task_queue,
@@ -252,10 +253,11 @@ class Supervision:
     async def _autoscale(self, samples: list[CpuSample]) -> None:
         """Re-check the watch's recommendation with the same pure policy before acting."""
         run = self.run
+        low, high = run.bounds()  # the active time slot's, if one is on
         decision = autoscale(
             AutoscaleInput(
-                current=run.effective(), samples=samples, min_replicas=run.spec.min_replicas,
-                max_replicas=run.spec.max_replicas, cpu_target=run.spec.cpu_target,
+                current=run.effective(), samples=samples, min_replicas=low,
+                max_replicas=high, cpu_target=run.spec.cpu_target,
                 scale_down_window_s=run.spec.scale_down_window_s, history=run.state.history,
                 now=workflow.now(),
             )

@@ -33,6 +33,7 @@ from workflows.service.access import Access
 from workflows.service.admission import Admission
 from workflows.service.approvals import ApprovalGate
 from workflows.service.feed import EndpointFeed
+from workflows.service.slots import Slots
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun, refuse
 from workflows.service.supervision import Supervision
 
@@ -49,6 +50,7 @@ class Updates:
     approvals: ApprovalGate
     supervision: Supervision
     feed: EndpointFeed
+    slots: Slots
 
     def rollback_target(self, to_revision: int | None) -> RevisionRecord:
         """The revision a rollback goes to; refuses the caller when there is none."""
@@ -89,7 +91,9 @@ class Updates:
                 for old, _ in older:
                     run.update_outcomes[old.request_id] = Failure(
                         kind=FailureKind.SUPERSEDED, message=f"superseded by a newer update of {run.spec.name}")
+                before = run.spec
                 await self._apply(req, user)
+                await self.slots.spec_changed(before, req.grant)
             for req, _ in run.spec_requests:
                 run.update_outcomes[req.request_id] = Failure(
                     kind=FailureKind.UNDEPLOYED, message=f"{run.spec.name} is being undeployed")
@@ -178,7 +182,8 @@ class Updates:
         run.decide("update", reason)
         run.pods_changed = True  # restart the watch with the new intervals and targets
         await run.emit("service.updated", reason, changed=changed)
-        desired = min(max(run.state.desired_replicas, spec.min_replicas), spec.max_replicas)
+        low, high = run.bounds()  # the active time slot's, if one is on
+        desired = min(max(run.state.desired_replicas, low), high)
         if desired != run.state.desired_replicas and run.state.phase in SUPERVISED:
             await self.supervision.scale(desired, f"{reason}: replicas now within bounds")
 

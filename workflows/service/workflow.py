@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ServiceInput,
         ServiceState,
         ServiceStatus,
+        SlotEdge,
         SpecUpdate,
         UndeployRequest,
         UpdateOutcome,
@@ -44,6 +45,7 @@ from workflows.service.admission import Admission
 from workflows.service.approvals import ApprovalGate
 from workflows.service.feed import EndpointFeed
 from workflows.service.lifecycle import Lifecycle
+from workflows.service.slots import Slots
 from workflows.service.state import SERVICE_KEY, ServiceRun, cancel_quietly, refuse
 from workflows.service.supervision import Supervision
 from workflows.service.updates import Updates
@@ -62,7 +64,9 @@ class ServiceWorkflow:
         self.admission = Admission(run, self.access, self.approvals)
         self.supervision = Supervision(run, self.feed)
         self.lifecycle = Lifecycle(run, self.feed, self.supervision)
-        self.updates = Updates(run, self.access, self.admission, self.approvals, self.supervision, self.feed)
+        self.slots = Slots(run, self.supervision)
+        self.updates = Updates(run, self.access, self.admission, self.approvals, self.supervision, self.feed,
+                               self.slots)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -193,6 +197,12 @@ class ServiceWorkflow:
         self.run_state.state.lost_nodes.append(lost)
         self.run_state.pods_changed = True  # stop watching the lost node's pods
 
+    @workflow.signal(name=S.SLOT_EDGE)
+    def slot_edge(self, edge: SlotEdge) -> None:
+        """A time slot's edge, from the SlotEdgeWorkflow its Temporal Schedule started: believed
+        only once the control worker has checked its standing grant (the run loop asks)."""
+        self.slots.signalled(edge)
+
     @workflow.signal(name=S.HEAL_ATTEMPT_FAILED)
     def heal_attempt_failed(self, attempt: HealAttempt) -> None:
         run = self.run_state
@@ -268,10 +278,13 @@ class ServiceWorkflow:
     def _validate_scale(self, req: ScaleRequest) -> None:
         run = self.run_state
         spec = run.spec
-        if not spec.min_replicas <= req.replicas <= spec.max_replicas:
+        low, high = run.bounds()
+        if not low <= req.replicas <= high:
+            slot = run.slot()
             raise refuse(FailureKind.REFUSED,
                          f"scale {spec.name} to {req.replicas} refused: replicas {req.replicas} is outside "
-                         f"[min_replicas {spec.min_replicas}, max_replicas {spec.max_replicas}]")
+                         f"[min_replicas {low}, max_replicas {high}]"
+                         + (f" of time slot {slot.name}" if slot is not None else ""))
         if run.state.phase not in SUPERVISED or run.undeploy_requested:
             raise refuse(FailureKind.REFUSED,
                          f"scale {spec.name} refused: it is {run.state.phase}; it can be scaled once it runs")
@@ -301,6 +314,7 @@ class ServiceWorkflow:
             if not await self.admission.admit(inp.proof):
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return run.status()  # refused before any pod started: nothing to undo
+            await self.slots.take_the_clock()
             await self.lifecycle.deploy()
         while True:
             await self._supervise()
@@ -313,6 +327,7 @@ class ServiceWorkflow:
             if not run.undeploy_requested and run.continue_as_new_ready():
                 workflow.continue_as_new(inp.model_copy(update={"state": run.state, "spec": run.spec}))
         await self.lifecycle.undeploy()
+        await self.slots.release()
         await workflow.wait_condition(workflow.all_handlers_finished)
         return run.status()
 
@@ -328,6 +343,8 @@ class ServiceWorkflow:
                 break
             if run.state.revoke_check:
                 await self.admission.check_revoked()
+            if run.state.slot_edges:
+                await self.slots.on_edges()
             if watch is None and run.state.phase in SUPERVISED:
                 watch = asyncio.ensure_future(self.supervision.watch())
             await workflow.wait_condition(
@@ -336,6 +353,7 @@ class ServiceWorkflow:
                 or run.pods_changed
                 or bool(run.state.outbox)
                 or run.state.revoke_check
+                or bool(run.state.slot_edges)
                 or bool(run.state.lost_nodes)
                 or run.continue_as_new_ready()
             )

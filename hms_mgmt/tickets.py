@@ -12,6 +12,10 @@ verified a request proof — the verified identity (user, role), the action, the
 the proof was bound to. A workflow keeps grants, never tokens; ``issue_ticket`` admits from
 grants (the deployer's, and a gov_approver's for a spec over the governance limit).
 
+A revision's ticket is the record that it was admitted; what a node takes is a *start ticket*
+for one pod on one node, re-issued from it before each start, and a *stop grant* for one stop.
+Grants, start tickets and stop grants expire within minutes.
+
 Pure functions over files in the state directory; no Temporal here.
 """
 

@@ -3,7 +3,7 @@ service-wide autoscaler, events, and the control plane's signatures (grants, tic
 
 Anyone who reaches Temporal can run these from a workflow of their own, so each one that acts
 believes only a caller the server records as the service's own workflow (``activities.callers``)
-or checks a signature of ours bound to exactly that act (SECURITY.md, "Acting activities")."""
+or checks a signature of ours bound to exactly that act (SECURITY.md, "The trust rule")."""
 
 from __future__ import annotations
 

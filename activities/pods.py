@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
 from hms_mgmt import tickets
-from hms_mgmt.errors import AccessDenied, ActivityErrorType
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import PodStatus
 from hms_mgmt.policy.autoscale import CpuSample
@@ -189,18 +189,19 @@ class PodActivities:
                                     revision=inp.revision, spec=inp.spec, image_id=inp.image_id, pod_id=inp.pod_id,
                                     node=self.runtime.node)
         except AccessDenied as e:
-            await self._refuse(inp.service, "start_pod", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
+            await self._refuse(inp.service, "start_pod", e, f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
                                node=inp.node)
 
-    async def _refuse(self, service: str, action: str, reason: str, **data: object) -> NoReturn:
+    async def _refuse(self, service: str, action: str, error: AccessDenied, reason: str, **data: object) -> NoReturn:
         """An ``access.denied`` event (naming the calling workflow, as the server gave it) and a
-        non-retryable refusal."""
+        non-retryable refusal (``GrantExpired`` for a signature that is only too old: ask again)."""
         info = activity.info()
         if self.sink is not None:
             await self.sink.publish(Event(type="access.denied", service=service, reason=reason,
                                           data={"action": action, **data, "workflow": info.workflow_id,
                                                 "workflow_type": info.workflow_type}))
-        raise ApplicationError(reason, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
+        kind = ActivityErrorType.GRANT_EXPIRED if isinstance(error, GrantExpired) else ActivityErrorType.ACCESS_DENIED
+        raise ApplicationError(reason, type=kind, non_retryable=True)
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for
@@ -224,7 +225,7 @@ class PodActivities:
                 if handle is not None and handle.service != service:
                     raise AccessDenied(f"pod {inp.pod_id} is not a pod of {service}")
             except AccessDenied as e:
-                await self._refuse(inp.service, "stop_pod", f"pod {inp.pod_id} not stopped: {e}", pod=inp.pod_id,
+                await self._refuse(inp.service, "stop_pod", e, f"pod {inp.pod_id} not stopped: {e}", pod=inp.pod_id,
                                    node=self.runtime.node)
         return await heartbeating(self.runtime.stop, inp.pod_id, inp.grace_s)
 
@@ -246,7 +247,7 @@ class PodActivities:
                 if handle is not None and handle.service != inp.service:
                     raise AccessDenied(f"pod {inp.pod_id} is not a pod of {inp.service}")
             except AccessDenied as e:
-                await self._refuse(inp.service, "logs", f"logs of pod {inp.pod_id} refused: {e}", pod=inp.pod_id)
+                await self._refuse(inp.service, "logs", e, f"logs of pod {inp.pod_id} refused: {e}", pod=inp.pod_id)
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
 

@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hms_mgmt.errors import AccessDenied
+from hms_mgmt.errors import AccessDenied, GrantExpired
 from hms_mgmt.files import atomic_write
 from hms_mgmt.models import ServiceSpec
 
@@ -171,7 +171,7 @@ def _check_claims(claims: dict[str, Any], want: dict[str, Any], what: str) -> No
         raise AccessDenied(f"the {what} is for another " + ", ".join(wrong) + " ("
                            + ", ".join(f"{k} {claims.get(k)!r}" for k in wrong) + ")")
     if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
-        raise AccessDenied(f"the {what} has expired")
+        raise GrantExpired(f"the {what} has expired")
 
 
 def start_ticket(state_dir: Path, *, service: str, revision: int, spec: ServiceSpec, image_id: str, pod_id: str,

@@ -10,6 +10,7 @@ import base64
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -33,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         StartTicketInput,
         StopGrantInput,
         StopPodInput,
+        TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
 
@@ -173,11 +175,12 @@ async def pick_nodes(
     return result.nodes
 
 
-async def signed(activity: Callable[..., Awaitable[object]], inp: object, summary: str) -> str:
+async def signed(activity: Callable[[ControlActivities, Any], Awaitable[TicketOutput]], inp: object,
+                 summary: str) -> str:
     """The control worker's signature on one act of this service's (a stop grant, a start
     ticket): it signs only for the service's own workflow and its children (our control queue)."""
     out = await workflow.execute_activity_method(
-        activity,  # type: ignore[arg-type]
+        activity,
         inp,
         task_queue=workflow.info().task_queue,
         start_to_close_timeout=timedelta(seconds=30),
@@ -185,28 +188,39 @@ async def signed(activity: Callable[..., Awaitable[object]], inp: object, summar
                                  non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED]),
         summary=summary,
     )
-    return out.ticket  # type: ignore[attr-defined]
+    return out.ticket
 
 
 async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None,
                    schedule_to_start: timedelta | None = None) -> None:
     """Stop and remove one pod on its node. ``schedule_to_start`` bounds the wait for the
     node's worker to pick it up (a lost node's may never come back)."""
-    grant = ""
-    if workflow.patched(SIGNED_STOP):
-        grant = await signed(ControlActivities.stop_grant, StopGrantInput(service=spec.name, pod_id=pod.id, node=pod.node),
-                             f"sign: stop {pod.id[:8]}")
-    await workflow.execute_activity_method(
-        PodActivities.stop_pod,
-        StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s, service=spec.name,
-                     node=pod.node, grant=grant),
-        task_queue=task_queue,
-        schedule_to_start_timeout=schedule_to_start,
-        start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
-        heartbeat_timeout=POD_HEARTBEAT,
-        retry_policy=POD_RETRY,
-        summary=f"stop {pod.id[:8]}",
-    )
+    signing = workflow.patched(SIGNED_STOP)
+
+    async def once() -> None:
+        grant = ""
+        if signing:
+            grant = await signed(ControlActivities.stop_grant,
+                                 StopGrantInput(service=spec.name, pod_id=pod.id, node=pod.node),
+                                 f"sign: stop {pod.id[:8]}")
+        await workflow.execute_activity_method(
+            PodActivities.stop_pod,
+            StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s,
+                         service=spec.name, node=pod.node, grant=grant),
+            task_queue=task_queue,
+            schedule_to_start_timeout=schedule_to_start,
+            start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
+            heartbeat_timeout=POD_HEARTBEAT,
+            retry_policy=POD_RETRY,
+            summary=f"stop {pod.id[:8]}",
+        )
+
+    try:
+        await once()
+    except ActivityError as e:
+        if error_type(e) != ActivityErrorType.GRANT_EXPIRED:
+            raise
+        await once()  # its node took the stop only after the grant's minutes (a worker restarting)
 
 
 async def start_and_wait(

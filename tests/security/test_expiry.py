@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from conftest import seed_spec
+from conftest import node_pods, seed_spec
 from outsider import outsider
 from temporalio.exceptions import ApplicationError
 
@@ -117,3 +117,23 @@ async def test_copied_tickets_and_grants_start_and_read_nothing(temporal_env, hm
     assert {e.data.get("action") for e in refusals} >= {"logs", "start_ticket", "start_pod"}
     assert all(e.data.get("workflow") == wf_id for e in refusals)
     assert [p.id for p in (await hms.status("hms-ach")).pods] == [pod.id]
+
+
+@pytest.mark.parametrize("runtime_name", ["process"])
+async def test_a_stop_taken_after_its_grant_expired_is_asked_again(temporal_env, hms: Orchestrator, settings,
+                                                                   monkeypatch):
+    """A node whose worker takes a stop only after the grant's minutes (restarting, say) refuses
+    it as expired; the workflow asks the control worker for a fresh grant and the stop happens."""
+    await hms.deploy(seed_spec(min_replicas=1, max_replicas=1), wait=True, timeout=120)
+    real = tickets.verify_stop
+    expired: list[str] = []
+
+    def first_one_expired(*args, **kw):
+        if not expired:
+            expired.append(kw["pod_id"])
+            raise tickets.GrantExpired("the stop grant has expired")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tickets, "verify_stop", first_one_expired)
+    await hms.undeploy("hms-ach")
+    assert expired and not [h for h in node_pods(settings, "hms-ach") if h.running]

@@ -1,5 +1,9 @@
 """Control-plane activities (task queue ``hms-control``): scheduling, node loss, the
-service-wide autoscaler, and events."""
+service-wide autoscaler, events, and the control plane's signatures (grants, tickets, stops).
+
+Anyone who reaches Temporal can run these from a workflow of their own, so each one that acts
+believes only a caller the server records as the service's own workflow (``activities.callers``)
+or checks a signature of ours bound to exactly that act (SECURITY.md, "The trust rule")."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from temporalio.client import Client, WorkflowQueryFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.callers import Caller, Callers, deny
 from activities.scaling import ScaleCheck
 from hms_mgmt import auth, constants, names, tickets
 from hms_mgmt.config import Settings
@@ -35,6 +40,8 @@ from hms_mgmt.wire import (
     NodesOutput,
     PickNodeInput,
     PickNodeOutput,
+    StartTicketInput,
+    StopGrantInput,
     TicketInput,
     TicketOutput,
     WatchCpuInput,
@@ -59,11 +66,53 @@ def _grant_identity(claims: dict[str, object]) -> auth.Identity:
 
 
 class ControlActivities:
-    def __init__(self, client: Client, settings: Callable[[], Settings], sink: EventSink) -> None:
+    def __init__(self, client: Client, settings: Callable[[], Settings], sink: EventSink,
+                 callers: Callers | None = None) -> None:
         self.client = client
         self.settings = settings  # re-read on each call: an operator adds nodes without a restart
         self.sink = sink
+        self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
+
+    async def _entitled(self, service: str, action: str, **data: object) -> Caller:
+        """The calling run, if the server records it as ``service``'s own workflow (or its child)
+        on our control queue; else an ``access.denied`` event naming it and a non-retryable refusal."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            return await self.callers.entitled(service, settings.task_queue)
+        except AccessDenied as e:
+            caller = await self.callers.current()
+            await deny(self.sink, service, action, f"{action} refused: {e}", **data, **caller.data())
+
+    @activity.defn(name="start_ticket")
+    async def start_ticket(self, inp: StartTicketInput) -> TicketOutput:
+        """A fresh, short-lived ticket to start one pod (this pod id, on this node) of an admitted
+        revision, re-issued from the revision's own admission ticket, for the service's workflow only.
+
+        The one place a pod start is authorized: a check that must hold *now*, at each start
+        (heals and scale-ups come long after admission), goes here."""
+        await self._entitled(inp.service, "start_ticket", pod=inp.pod_id, node=inp.node, revision=inp.revision)
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+            ticket = await asyncio.to_thread(tickets.start_ticket, settings.state_dir, service=inp.service,
+                                             revision=inp.revision, spec=inp.spec, image_id=inp.image_id,
+                                             pod_id=inp.pod_id, node=inp.node)
+        except AccessDenied as e:
+            await deny(self.sink, inp.service, "start_ticket", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
+                       node=inp.node, revision=inp.revision)
+        return TicketOutput(ticket=ticket)
+
+    @activity.defn(name="stop_grant")
+    async def stop_grant(self, inp: StopGrantInput) -> TicketOutput:
+        """The control plane's signature on one stop (this pod of this service, on this node, for a
+        few minutes), for the service's own workflow only: what a node's ``stop_pod`` checks."""
+        await self._entitled(inp.service, "stop_grant", pod=inp.pod_id, node=inp.node)
+        settings = await asyncio.to_thread(self.settings)
+        grant = await asyncio.to_thread(tickets.stop_grant, settings.state_dir, service=inp.service,
+                                        pod_id=inp.pod_id, node=inp.node)
+        return TicketOutput(ticket=grant)
 
     async def _other_services(self, exclude: str, task_queue: str) -> list[ServiceStatus]:
         """Every other running service's status. Placements that ask at the same time share
@@ -99,6 +148,7 @@ class ControlActivities:
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
+        await self._entitled(inp.service, "pick_node")
         settings = await asyncio.to_thread(self.settings)
         # The nodes and the other services' pods: two reads, at the same time.
         others = asyncio.ensure_future(self._other_services(inp.service, settings.task_queue))
@@ -181,6 +231,11 @@ class ControlActivities:
         """Tell every running service with pods on the lost node (``node_lost`` signal); they
         replace those pods elsewhere. Returns how many services were told."""
         settings = await asyncio.to_thread(self.settings)
+        caller = await self.callers.current()
+        if (caller.workflow_type != names.NODE_REGISTRY_WORKFLOW or caller.task_queue != settings.task_queue
+                or caller.workflow_id != constants.node_registry_id(settings.task_queue)):
+            await deny(self.sink, "", "notify_node_lost", f"node.lost of {inp.node} refused: {caller} is not the "
+                       "NodeRegistry", node=inp.node, **caller.data())
         told = 0
         for st in await self._other_services("", settings.task_queue):
             if not any(p.node == inp.node for p in st.pods):
@@ -275,9 +330,10 @@ class ControlActivities:
                 auth.check_approver(identity, inp.requester, matrix)
             else:
                 auth.authorize(identity, inp.action, matrix)
+            # A grant to read logs is good for the one request (workflow run) that asked for it.
+            bind = {**inp.bind, "run": activity.info().workflow_run_id} if inp.action == "logs" else inp.bind
             grant = await asyncio.to_thread(tickets.grant, settings.state_dir, action=inp.claim or inp.action,
-                                            service=inp.service, user=identity.user, role=identity.role,
-                                            bind=inp.bind)
+                                            service=inp.service, user=identity.user, role=identity.role, bind=bind)
         except (AccessDenied, HmsError) as e:
             reason = str(e)
             # A proof of another request (a copied approval) is an access attempt, not a vote.
@@ -305,6 +361,7 @@ class ControlActivities:
         a spec over the governance limit carries a gov_approver's approval (not the deployer's),
         or is a rollback to a revision that was admitted before; the pinned content is still
         signed. Then the control plane signs the ticket every node checks before a pod starts."""
+        await self._entitled(inp.service, "admit", revision=inp.revision)
         settings = await asyncio.to_thread(self.settings)
         try:
             await asyncio.to_thread(self._admit, settings, inp)
@@ -321,17 +378,23 @@ class ControlActivities:
     def _admit(settings: Settings, inp: TicketInput) -> None:
         state_dir = settings.state_dir
         matrix = auth.load_access_matrix(state_dir)
+        policy = load_governance_policy(state_dir)
+        verdict = evaluate(inp.spec, policy)
+        # The deployer's grant waited, in the service's own workflow, for the image check and (over
+        # the limit) the approval: it is good for as long as this spec lets those take.
+        waited = inp.spec.image_verify_timeout_s + tickets.GRANT_TTL_S
+        if verdict.needs_approval and not inp.prior_ticket:
+            waited += min(policy.approval_timeout_s, inp.spec.approval_timeout_s)
         if inp.prior_ticket:
             deployer = tickets.check_grant(state_dir, inp.grant, service=inp.service, actions={"rollback"})
         else:
             deployer = tickets.check_grant(state_dir, inp.grant, service=inp.service, actions={"deploy", "update"},
-                                           bind={"spec": inp.spec.digest()})
+                                           bind={"spec": inp.spec.digest()}, max_age_s=waited)
         auth.authorize(_grant_identity(deployer), "deploy", matrix)
         if inp.prior_ticket:
             tickets.verify(state_dir, inp.prior_ticket, service=inp.service, revision=inp.prior_revision or 0,
                            spec=inp.spec, image_id=inp.image_id)
         else:
-            verdict = evaluate(inp.spec, load_governance_policy(state_dir))
             if verdict.needs_approval:
                 if not inp.approval_grant:
                     raise AccessDenied("over the governance limit and not approved: " + "; ".join(verdict.reasons))
@@ -345,4 +408,18 @@ class ControlActivities:
 
     @activity.defn(name="emit_event")
     async def emit_event(self, inp: EventInput) -> None:
-        await self.sink.publish(Event(type=inp.type, service=inp.service, reason=inp.reason, data=inp.data))
+        """Write an event for the service's own workflow. A run of our code that is not the
+        service's (a child started on its own) may record only its own refusal, which names it."""
+        settings = await asyncio.to_thread(self.settings)
+        data = inp.data
+        try:
+            await self.callers.entitled(inp.service, settings.task_queue)
+        except AccessDenied as e:
+            ours = await self.callers.runs_our_code(settings.task_queue)
+            caller = await self.callers.current()
+            if ours is None or inp.type != "access.denied":
+                await deny(self.sink, inp.service, "emit_event", f"event {inp.type} refused: {e}", event=inp.type,
+                           **caller.data())
+            data = {**inp.data, "workflow": caller.workflow_id}
+        await self.sink.publish(Event(type=inp.type, service=inp.service, reason=inp.reason, data=data))
+

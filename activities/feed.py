@@ -2,6 +2,10 @@
 ``publish_endpoints`` whenever its set of ready and draining pods changes, and
 ``await_drained`` to learn when every router is done with the pods it drains.
 
+The control worker signs every push, so ``publish_endpoints`` believes nothing in the table it
+is given but the service's name: it runs only for that service's own workflow (as the server
+records the caller) and pushes what that workflow's ``endpoints`` query answers.
+
 It must never hold the workflow up: each push has a short timeout and a failed one is logged,
 not retried — routers also reload the whole table from the workflows every few seconds.
 """
@@ -15,9 +19,13 @@ from collections.abc import Callable
 
 import aiohttp
 from temporalio import activity
+from temporalio.client import Client
 
-from hms_mgmt import feed
+from activities.callers import Callers, deny
+from hms_mgmt import feed, names
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied
+from hms_mgmt.events import EventSink
 from hms_mgmt.models import EndpointSet
 from hms_mgmt.wire import DrainInput, DrainResult, PublishResult
 
@@ -30,8 +38,12 @@ DRAIN_ANSWER_SLACK_S = 0.2
 
 
 class FeedActivities:
-    def __init__(self, settings: Callable[[], Settings]) -> None:
+    def __init__(self, settings: Callable[[], Settings], *, client: Client | None = None,
+                 sink: EventSink | None = None, callers: Callers | None = None) -> None:
         self.settings = settings
+        self.client = client  # with sink: what publish_endpoints needs (await_drained only reads)
+        self.sink = sink
+        self.callers = callers or (Callers(client) if client is not None else None)
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -43,9 +55,25 @@ class FeedActivities:
         if self._session is not None:
             await self._session.close()
 
+    async def _truth(self, asked: EndpointSet, settings: Settings) -> EndpointSet:
+        """The table of ``asked.service`` as its own workflow holds it, for that workflow only."""
+        if self.client is None or self.sink is None or self.callers is None:
+            raise RuntimeError("publish_endpoints needs the control worker's client and event sink")
+        try:
+            await self.callers.entitled(asked.service, settings.task_queue)
+        except AccessDenied as e:
+            caller = await self.callers.current()
+            await deny(self.sink, asked.service, "publish_endpoints", f"endpoint table refused: {e}",
+                       version=asked.version, **caller.data())
+        handle = self.client.get_workflow_handle(names.service_workflow_id(asked.service))
+        return await handle.query(names.Q.ENDPOINTS, result_type=EndpointSet)
+
     @activity.defn(name="publish_endpoints")
-    async def publish_endpoints(self, table: EndpointSet) -> PublishResult:
+    async def publish_endpoints(self, asked: EndpointSet) -> PublishResult:
+        """Push the service's table to every router (and write it under ``feed/``). Only the
+        service's name is taken from ``asked``: the table is the one its workflow answers."""
         settings = await asyncio.to_thread(self.settings)
+        table = await self._truth(asked, settings)
         await asyncio.to_thread(feed.write_table, settings.state_dir, table)
         key = await asyncio.to_thread(feed.feed_key, settings.state_dir)
         body = table.model_dump_json().encode()

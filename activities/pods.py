@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 from temporalio import activity
@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
 from hms_mgmt import tickets
-from hms_mgmt.errors import AccessDenied, ActivityErrorType
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import PodStatus
 from hms_mgmt.policy.autoscale import CpuSample
@@ -180,19 +180,28 @@ class PodActivities:
                 unsubscribe()
 
     async def _check_ticket(self, inp: StartPodInput) -> None:
-        """Only an admitted revision starts pods, whoever scheduled this activity."""
+        """Only a start the control plane signed for exactly this pod, on this node, starts it,
+        whoever scheduled this activity."""
         if self.trust is None:
             return
         try:
-            await asyncio.to_thread(tickets.verify, self.trust.state_dir, inp.ticket, service=inp.service,
-                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+            await asyncio.to_thread(tickets.verify_start, self.trust.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id, pod_id=inp.pod_id,
+                                    node=self.runtime.node)
         except AccessDenied as e:
-            if self.sink is not None:
-                await self.sink.publish(Event(type="access.denied", service=inp.service,
-                                              reason=f"pod {inp.pod_id} not started: {e}",
-                                              data={"action": "start_pod", "pod": inp.pod_id, "node": inp.node}))
-            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type=ActivityErrorType.ACCESS_DENIED,
-                                   non_retryable=True) from None
+            await self._refuse(inp.service, "start_pod", e, f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
+                               node=inp.node)
+
+    async def _refuse(self, service: str, action: str, error: AccessDenied, reason: str, **data: object) -> NoReturn:
+        """An ``access.denied`` event (naming the calling workflow, as the server gave it) and a
+        non-retryable refusal (``GrantExpired`` for a signature that is only too old: ask again)."""
+        info = activity.info()
+        if self.sink is not None:
+            await self.sink.publish(Event(type="access.denied", service=service, reason=reason,
+                                          data={"action": action, **data, "workflow": info.workflow_id,
+                                                "workflow_type": info.workflow_type}))
+        kind = ActivityErrorType.GRANT_EXPIRED if isinstance(error, GrantExpired) else ActivityErrorType.ACCESS_DENIED
+        raise ApplicationError(reason, type=kind, non_retryable=True)
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for
@@ -206,6 +215,18 @@ class PodActivities:
 
     @activity.defn(name="stop_pod")
     async def stop_pod(self, inp: StopPodInput) -> bool:
+        """Stop and remove a pod, for the control plane's signed word (``stop_grant``) that its own
+        service's workflow stops exactly this pod on this node."""
+        if self.trust is not None:
+            try:
+                service = await asyncio.to_thread(tickets.verify_stop, self.trust.state_dir, inp.grant,
+                                                  pod_id=inp.pod_id, node=self.runtime.node)
+                handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
+                if handle is not None and handle.service != service:
+                    raise AccessDenied(f"pod {inp.pod_id} is not a pod of {service}")
+            except AccessDenied as e:
+                await self._refuse(inp.service, "stop_pod", e, f"pod {inp.pod_id} not stopped: {e}", pod=inp.pod_id,
+                                   node=self.runtime.node)
         return await heartbeating(self.runtime.stop, inp.pod_id, inp.grace_s)
 
     @activity.defn(name="list_pods")
@@ -219,17 +240,14 @@ class PodActivities:
         logs (its grant, from ``PodLogsWorkflow``), and only for a pod of that service."""
         if self.trust is not None:
             try:
+                # The grant is for this one request: the run of PodLogsWorkflow it was issued to.
                 await asyncio.to_thread(tickets.check_grant, self.trust.state_dir, inp.grant, service=inp.service,
-                                        actions={"logs"}, bind={"pod": inp.pod_id})
+                                        actions={"logs"}, bind={"pod": inp.pod_id, "run": activity.info().workflow_run_id})
                 handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
                 if handle is not None and handle.service != inp.service:
                     raise AccessDenied(f"pod {inp.pod_id} is not a pod of {inp.service}")
             except AccessDenied as e:
-                if self.sink is not None:
-                    await self.sink.publish(Event(type="access.denied", service=inp.service,
-                                                  reason=f"logs of pod {inp.pod_id} refused: {e}",
-                                                  data={"action": "logs", "pod": inp.pod_id}))
-                raise ApplicationError(f"logs refused: {e}", type=ActivityErrorType.ACCESS_DENIED, non_retryable=True) from None
+                await self._refuse(inp.service, "logs", e, f"logs of pod {inp.pod_id} refused: {e}", pod=inp.pod_id)
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)
 

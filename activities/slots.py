@@ -32,6 +32,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.callers import Callers, deny
 from activities.control import _grant_identity
 from hms_mgmt import auth, names, tickets
 from hms_mgmt.config import Settings
@@ -67,6 +68,7 @@ class SlotActivities:
         self.client = client
         self.settings = settings
         self.sink = sink
+        self.callers = Callers(client)
 
     def all(self) -> list[Callable[..., object]]:
         """The activities, as the control worker registers them."""
@@ -80,6 +82,12 @@ class SlotActivities:
         already past need none), each acting for the deployer of ``inp.revision``; remove every
         other schedule of the service. ``spec=None`` (undeploy) removes them all."""
         try:
+            control_queue = (await asyncio.to_thread(self.settings)).task_queue
+            caller = await self.callers.current()
+            if not await self.callers.serves(caller, inp.service, control_queue) \
+                    or caller.workflow_id != inp.workflow_id:
+                await deny(self.sink, inp.service, "sync_slot_schedules",
+                           f"{caller} may not change {inp.service}'s time slot schedules", **caller.data())
             return await self._sync(inp)
         except (AccessDenied, HmsError) as e:
             raise ApplicationError(f"time slot schedules refused: {e}", type=ActivityErrorType.ACCESS_DENIED,

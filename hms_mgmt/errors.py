@@ -48,6 +48,7 @@ class ActivityErrorType(StrEnum):
     because they are what histories have always recorded."""
 
     ACCESS_DENIED = "AccessDenied"
+    GRANT_EXPIRED = "GrantExpired"  # a stop grant or start ticket that waited too long: ask for a fresh one
     IMAGE_UNTRUSTED = "ImageUntrusted"
     IMAGE_NOT_FOUND = "ImageNotFound"
     SPEC_UNRUNNABLE = "InvalidSpec"  # a node's runtime refuses the spec (or a pod id is no UUID)
@@ -99,6 +100,10 @@ class AccessDenied(HmsError, PermissionError):
     """The caller's identity may not perform the action."""
 
     kind = FailureKind.ACCESS_DENIED
+
+
+class GrantExpired(AccessDenied):
+    """A signature of the control plane that was good for exactly this act, but is too old now."""
 
 
 class ApprovalRejected(HmsError):
@@ -208,6 +213,7 @@ _BY_KIND: dict[FailureKind, type[HmsError]] = {
 # handles it itself, e.g. a pod that exited is replaced).
 _KIND_OF_ACTIVITY_ERROR: dict[ActivityErrorType, FailureKind | None] = {
     ActivityErrorType.ACCESS_DENIED: FailureKind.ACCESS_DENIED,
+    ActivityErrorType.GRANT_EXPIRED: FailureKind.ACCESS_DENIED,
     ActivityErrorType.IMAGE_UNTRUSTED: FailureKind.IMAGE_UNTRUSTED,
     ActivityErrorType.IMAGE_NOT_FOUND: None,
     ActivityErrorType.SPEC_UNRUNNABLE: FailureKind.SPEC_UNRUNNABLE,

@@ -12,6 +12,10 @@ verified a request proof — the verified identity (user, role), the action, the
 the proof was bound to. A workflow keeps grants, never tokens; ``issue_ticket`` admits from
 grants (the deployer's, and a gov_approver's for a spec over the governance limit).
 
+A revision's ticket is the record that it was admitted; what a node takes is a *start ticket*
+for one pod on one node, re-issued from it before each start, and a *stop grant* for one stop.
+Grants, start tickets and stop grants expire within minutes.
+
 Pure functions over files in the state directory; no Temporal here.
 """
 
@@ -29,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from hms_mgmt.errors import AccessDenied
+from hms_mgmt.errors import AccessDenied, GrantExpired
 from hms_mgmt.files import atomic_write
 from hms_mgmt.models import ServiceSpec
 
@@ -118,7 +122,13 @@ def verify(state_dir: Path, ticket: str, *, service: str, revision: int, spec: S
                            f"revision {claims.get('rev')})")
 
 
-GRANT_TTL_S = 32 * 86400.0  # outlives the longest approval wait (30 days) and the image check after it
+# A grant is used at once (a log read, an admission right after the checks). One that must wait
+# for an approval or an image signature is kept only by the service's own workflow, and
+# ``issue_ticket`` (which believes no other caller) accepts it for as long as that spec's own wait
+# may last (``max_age_s``).
+GRANT_TTL_S = 300.0
+START_TICKET_TTL_S = 300.0  # a pod start (and its retries) that takes longer asks again
+STOP_GRANT_TTL_S = 300.0
 
 
 def grant(state_dir: Path, *, action: str, service: str, user: str, role: str, bind: dict[str, Any],
@@ -132,9 +142,10 @@ def grant(state_dir: Path, *, action: str, service: str, user: str, role: str, b
 
 
 def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collection[str],
-                bind: dict[str, Any] | None = None) -> dict[str, Any]:
+                bind: dict[str, Any] | None = None, max_age_s: float | None = None) -> dict[str, Any]:
     """The grant's claims (``sub``, ``role``, ``act``, ``bind``), or AccessDenied unless it was
-    issued here for one of ``actions`` on ``service``, bound to ``bind``, and has not expired."""
+    issued here for one of ``actions`` on ``service``, bound to ``bind``, and has not expired
+    (with ``max_age_s``: is no older than that, whatever its own expiry)."""
     if not signed:
         raise AccessDenied("no grant: the request was never authorized")
     claims = _open(state_dir, signed, "grant")
@@ -147,6 +158,60 @@ def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collecti
     for name, want in sorted((bind or {}).items()):
         if got.get(name) != want:
             raise AccessDenied(f"the grant is for another {name} ({got.get(name)!r}, not {want!r})")
-    if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
+    if max_age_s is not None:
+        if not isinstance(claims.get("iat"), int) or claims["iat"] + max_age_s < time.time():
+            raise AccessDenied(f"the grant has expired (older than {max_age_s:g}s)")
+    elif not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
         raise AccessDenied("the grant has expired")
     return claims
+
+
+def _check_claims(claims: dict[str, Any], want: dict[str, Any], what: str) -> None:
+    """AccessDenied naming every claim that differs from ``want``, or an expiry in the past."""
+    wrong = sorted(k for k, v in want.items() if claims.get(k) != v)
+    if wrong:
+        raise AccessDenied(f"the {what} is for another " + ", ".join(wrong) + " ("
+                           + ", ".join(f"{k} {claims.get(k)!r}" for k in wrong) + ")")
+    if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
+        raise GrantExpired(f"the {what} has expired")
+
+
+def start_ticket(state_dir: Path, *, service: str, revision: int, spec: ServiceSpec, image_id: str, pod_id: str,
+                 node: str) -> str:
+    """A ticket to start exactly one pod of an admitted revision on one node, for a few minutes:
+    what ``start_pod`` checks (the revision's admission ticket is only the record it comes from)."""
+    now = int(time.time())
+    return _sign(state_dir, {"typ": "start", "svc": service, "rev": revision, "spec": spec_digest(spec),
+                             "img": image_id, "pod": pod_id, "node": node, "iat": now,
+                             "exp": now + int(START_TICKET_TTL_S)})
+
+
+def verify_start(state_dir: Path, ticket: str, *, service: str, revision: int, spec: ServiceSpec, image_id: str,
+                 pod_id: str, node: str) -> None:
+    """Raise AccessDenied unless ``ticket`` is a current start ticket for exactly this pod."""
+    if not ticket:
+        raise AccessDenied("no admission ticket: only an admitted revision may start pods")
+    claims = _open(state_dir, ticket, "start ticket")
+    if claims.get("typ") != "start":
+        raise AccessDenied("not a start ticket (a revision's admission ticket no longer starts a pod by itself: "
+                           "the control plane issues one per start)")
+    _check_claims(claims, {"svc": service, "rev": revision, "spec": spec_digest(spec), "img": image_id,
+                           "pod": pod_id, "node": node}, "start ticket")
+
+
+def stop_grant(state_dir: Path, *, service: str, pod_id: str, node: str) -> str:
+    """The control plane's word, for a few minutes, that ``service``'s workflow stops ``pod_id`` on ``node``."""
+    now = int(time.time())
+    return _sign(state_dir, {"typ": "stop", "svc": service, "pod": pod_id, "node": node, "iat": now,
+                             "exp": now + int(STOP_GRANT_TTL_S)})
+
+
+def verify_stop(state_dir: Path, grant: str, *, pod_id: str, node: str) -> str:
+    """The service a current stop grant for exactly this pod on this node names, or AccessDenied."""
+    if not grant:
+        raise AccessDenied("no stop grant: only the pod's own service workflow may stop it")
+    claims = _open(state_dir, grant, "stop grant")
+    if claims.get("typ") != "stop":
+        raise AccessDenied("not a stop grant")
+    _check_claims(claims, {"pod": pod_id, "node": node}, "stop grant")
+    return str(claims.get("svc"))

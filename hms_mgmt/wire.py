@@ -80,6 +80,8 @@ __all__ = [
     "ServiceState",
     "SpecUpdate",
     "StartPodInput",
+    "StartTicketInput",
+    "StopGrantInput",
     "StopPodInput",
     "TicketInput",
     "TicketOutput",
@@ -350,6 +352,32 @@ class StartPodInput(_Model):
 class StopPodInput(_Model):
     pod_id: str
     grace_s: float = 10.0
+    # The control plane's signed word that this service's workflow stops this pod on this node
+    # (``stop_grant``), and what it names; empty only in histories from before it was asked for.
+    service: str = ""
+    node: str = ""
+    grant: str = ""
+
+
+class StopGrantInput(_Model):
+    """Ask the control worker to sign one stop: this pod, of this service, on this node."""
+
+    service: str
+    pod_id: str
+    node: str
+
+
+class StartTicketInput(_Model):
+    """Ask the control worker for a short-lived ticket to start one pod of an admitted revision;
+    ``ticket`` is the revision's admission ticket (its record: proof it was admitted)."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str = ""
+    ticket: str = ""
+    pod_id: str
+    node: str
 
 
 class ListPodsInput(_Model):

@@ -31,6 +31,9 @@ from router.names import service_problem
 log = logging.getLogger("hms.router.feed")
 
 RESYNC_INTERVAL_S = 5.0
+# Versions are milliseconds since the epoch (workflows/service/feed.py): one further ahead of this
+# router's clock than a push's signature may be (MAX_SKEW_S) is refused, so no table can pin itself.
+MAX_VERSION_AHEAD_MS = int(wire.MAX_SKEW_S * 1000)
 QUERY_TIMEOUT_S = 3.0
 PUSH_GRACE_S = 15.0  # a pushed service missing from a listing is kept this long (visibility lags)
 
@@ -57,6 +60,9 @@ class EndpointTable:
         why = service_problem(table.service)
         if why is not None:
             log.warning("refused an endpoint table: %s", why)
+            return False
+        if table.version > time.time() * 1000 + MAX_VERSION_AHEAD_MS:
+            log.warning("refused an endpoint table of %s: version %d is in the future", table.service, table.version)
             return False
         held = self.services.get(table.service)
         if held is not None and table.version <= held.version:

@@ -16,6 +16,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSe
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.callers import Callers
 from activities.control import ControlActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
@@ -83,16 +84,18 @@ class HmsWorker:
         if control:
             # The admission-ticket key, made before any node needs its public half.
             tickets.ensure_control_key(settings.state_dir)
-            ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
-            self.feed = FeedActivities(settings_loader or (lambda: settings))
+            callers = Callers(client)  # one cache of described runs for every control activity
+            ctl = ControlActivities(client, settings_loader or (lambda: settings), sink, callers)
+            self.feed = FeedActivities(settings_loader or (lambda: settings), client=client, sink=sink, callers=callers)
             self.workers.append(
                 Worker(
                     client,
                     task_queue=settings.task_queue,
                     workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
-                                ctl.watch_cpu, *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
+                                ctl.issue_ticket, ctl.start_ticket, ctl.stop_grant, self.feed.publish_endpoints,
+                                self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
+                                *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.

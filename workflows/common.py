@@ -10,6 +10,7 @@ import base64
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -30,7 +31,10 @@ with workflow.unsafe.imports_passed_through():
         PodStatus,
         ServiceSpec,
         StartPodInput,
+        StartTicketInput,
+        StopGrantInput,
         StopPodInput,
+        TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
 
@@ -47,6 +51,9 @@ Report = Callable[[PodStatus], Awaitable[None]]
 
 # patch: a drain ends once every router confirms it is done with the pods (else after drain_s)
 DRAIN_CONFIRMED = "drain-confirmed"
+# patch: each stop carries the control plane's signature on it; each start a fresh ticket for that pod
+SIGNED_STOP = "signed-stop"
+START_TICKET = "start-ticket"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
@@ -168,20 +175,52 @@ async def pick_nodes(
     return result.nodes
 
 
+async def signed(activity: Callable[[ControlActivities, Any], Awaitable[TicketOutput]], inp: object,
+                 summary: str) -> str:
+    """The control worker's signature on one act of this service's (a stop grant, a start
+    ticket): it signs only for the service's own workflow and its children (our control queue)."""
+    out = await workflow.execute_activity_method(
+        activity,
+        inp,
+        task_queue=workflow.info().task_queue,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10),
+                                 non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED]),
+        summary=summary,
+    )
+    return out.ticket
+
+
 async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_s: float | None = None,
                    schedule_to_start: timedelta | None = None) -> None:
     """Stop and remove one pod on its node. ``schedule_to_start`` bounds the wait for the
     node's worker to pick it up (a lost node's may never come back)."""
-    await workflow.execute_activity_method(
-        PodActivities.stop_pod,
-        StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s),
-        task_queue=task_queue,
-        schedule_to_start_timeout=schedule_to_start,
-        start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
-        heartbeat_timeout=POD_HEARTBEAT,
-        retry_policy=POD_RETRY,
-        summary=f"stop {pod.id[:8]}",
-    )
+    signing = workflow.patched(SIGNED_STOP)
+
+    async def once() -> None:
+        grant = ""
+        if signing:
+            grant = await signed(ControlActivities.stop_grant,
+                                 StopGrantInput(service=spec.name, pod_id=pod.id, node=pod.node),
+                                 f"sign: stop {pod.id[:8]}")
+        await workflow.execute_activity_method(
+            PodActivities.stop_pod,
+            StopPodInput(pod_id=pod.id, grace_s=spec.stop_grace_s if grace_s is None else grace_s,
+                         service=spec.name, node=pod.node, grant=grant),
+            task_queue=task_queue,
+            schedule_to_start_timeout=schedule_to_start,
+            start_to_close_timeout=timedelta(seconds=spec.stop_grace_s + 60),
+            heartbeat_timeout=POD_HEARTBEAT,
+            retry_policy=POD_RETRY,
+            summary=f"stop {pod.id[:8]}",
+        )
+
+    try:
+        await once()
+    except ActivityError as e:
+        if error_type(e) != ActivityErrorType.GRANT_EXPIRED:
+            raise
+        await once()  # its node took the stop only after the grant's minutes (a worker restarting)
 
 
 async def start_and_wait(
@@ -194,6 +233,13 @@ async def start_and_wait(
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
     """
+    if workflow.patched(START_TICKET):
+        # The revision's ticket is the record that it was admitted; the node takes only a ticket
+        # for this pod, issued now (a heal or a scale-up may come long after admission).
+        ticket = await signed(ControlActivities.start_ticket,
+                              StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id,
+                                               ticket=ticket, pod_id=pod_id, node=node.name),
+                              f"ticket: start {pod_id[:8]} on {node.name}")
     try:
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,

@@ -32,7 +32,7 @@ FAILURE_KIND_VALUES = {
 }
 ACTIVITY_ERROR_VALUES = {
     "AccessDenied", "ImageUntrusted", "ImageNotFound", "InvalidSpec", "CapacityUnavailable", "PodExited",
-    "PodNotReady", "PodNotFound", "RuntimeFailure",
+    "PodNotReady", "PodNotFound", "RuntimeFailure", "GrantExpired",
 }
 
 

@@ -135,24 +135,29 @@ async def test_start_pod_without_a_valid_ticket_is_refused(settings, tmp_path):
     runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     image_id = runtime.content_id(spec.image)
     acts = PodActivities(runtime, store, EventSink(settings.state_dir))
-    good = tickets.issue(settings.state_dir, service="hms-ach", revision=1, spec=spec, image_id=image_id)
+    pod = str(uuid.uuid4())
+    admitted = dict(service="hms-ach", revision=1, spec=spec, image_id=image_id)
+    revision_ticket = tickets.issue(settings.state_dir, **admitted)
+    good = tickets.start_ticket(settings.state_dir, **admitted, pod_id=pod, node=settings.node)
     other = tmp_path / "other"
     other.mkdir()
-    forged = tickets.issue(other, service="hms-ach", revision=1, spec=spec, image_id=image_id)
+    forged = tickets.start_ticket(other, **admitted, pod_id=pod, node=settings.node)
     bigger = spec.model_copy(update={"cpu_limit": 4.0})
-    cases = {
-        "": "no admission ticket",
-        forged: "forged",
-        good: "another spec",  # a ticket for revision 1's spec, asked to start a different one
-    }
+    cases = [
+        ("", spec, pod, "no admission ticket"),
+        (forged, spec, pod, "forged"),
+        (good, bigger, pod, "another spec"),  # a ticket for revision 1's spec, asked to start a different one
+        (good, spec, str(uuid.uuid4()), "another pod"),  # a ticket copied from history, for another pod
+        (revision_ticket, spec, pod, "not a start ticket"),  # the revision's record alone starts nothing
+    ]
     try:
-        for ticket, why in cases.items():
-            inp = StartPodInput(pod_id=str(uuid.uuid4()), service="hms-ach", revision=1, node=settings.node,
-                                spec=bigger if ticket == good else spec, image_id=image_id, ticket=ticket)
+        for ticket, pod_spec, pod_id, why in cases:
+            inp = StartPodInput(pod_id=pod_id, service="hms-ach", revision=1, node=settings.node,
+                                spec=pod_spec, image_id=image_id, ticket=ticket)
             with pytest.raises(ApplicationError, match=why):
                 await ActivityEnvironment().run(acts.start_pod, inp)
         assert node_pods(settings) == []
-        assert len([r for r in denied(settings) if "not started" in r]) == 3
+        assert len([r for r in denied(settings) if "not started" in r]) == len(cases)
     finally:
         await acts.close()
 

@@ -54,6 +54,8 @@ from hms_mgmt.wire import (
     PickNodeOutput,
     PodLogsInput,
     StartPodInput,
+    StartTicketInput,
+    StopGrantInput,
     StopPodInput,
     TicketInput,
     TicketOutput,
@@ -181,6 +183,16 @@ class FakeCluster:
             raise ApplicationError("admission refused: bad token", type="AccessDenied", non_retryable=True)
         return TicketOutput(ticket=f"ticket-{inp.service}-{inp.revision}-{inp.image_id[-8:]}")
 
+    @activity.defn(name="start_ticket")
+    async def start_ticket(self, inp: StartTicketInput) -> TicketOutput:
+        if not inp.ticket.startswith(f"ticket-{inp.service}-{inp.revision}-"):
+            raise ApplicationError("not admitted", type="AccessDenied", non_retryable=True)
+        return TicketOutput(ticket=f"{inp.ticket}/start/{inp.pod_id}")
+
+    @activity.defn(name="stop_grant")
+    async def stop_grant(self, inp: StopGrantInput) -> TicketOutput:
+        return TicketOutput(ticket=f"stop/{inp.pod_id}")
+
     @activity.defn(name="publish_endpoints")
     async def publish_endpoints(self, table: EndpointSet) -> None:
         self.tables.append(table)
@@ -201,7 +213,7 @@ class FakeCluster:
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
-                self.publish_endpoints, self.issue_ticket, self.watch_cpu]
+                self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant]
 
 
 @contextlib.asynccontextmanager
@@ -394,7 +406,8 @@ async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, f
     assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 3 and len(cluster.pods) == 3
     assert [s.image_id for s in cluster.starts[3:]] == [st.image_id] * 3  # every new pod from the pinned id
     assert {s.min_ready_s for s in cluster.starts[3:]} == {0.2}  # each must stay up min_ready_s to count
-    assert {s.ticket for s in cluster.starts[3:]} == {st.revisions[-1].ticket} != {""}  # and its revision's ticket
+    # and a ticket for that very pod, from its revision's
+    assert all(s.ticket == f"{st.revisions[-1].ticket}/start/{s.pod_id}" for s in cluster.starts[3:])
     assert min(ready_counts(cluster)[1:]) >= 3, ready_counts(cluster)  # never below min_replicas ready
     assert [(r.revision, r.outcome) for r in st.revisions] == [(1, "replaced"), (2, "active")]
     assert st.rollout.state == "completed"

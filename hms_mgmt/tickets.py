@@ -148,3 +148,16 @@ def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collecti
     if not isinstance(claims.get("exp"), int) or claims["exp"] < time.time():
         raise AccessDenied("the grant has expired")
     return claims
+
+
+# --- node enrolment (hms_mgmt/nodeid.py): the same key signs node certificates and trust stamps ---
+
+
+def sign_claims(state_dir: Path, claims: dict[str, Any]) -> str:
+    """Sign ``claims`` with the control plane's key (their ``typ`` says what they are)."""
+    return _sign(state_dir, claims)
+
+
+def open_claims(state_dir: Path, signed: str, what: str) -> dict[str, Any]:
+    """The claims of something the control plane signed, or AccessDenied."""
+    return _open(state_dir, signed, what)

@@ -16,9 +16,10 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.control import ControlActivities
+from activities.enrolment import NodeTrustActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
-from hms_mgmt import constants, tickets
+from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.files import secure_state_dir
@@ -80,6 +81,7 @@ class HmsWorker:
             # The admission-ticket key, made before any node needs its public half.
             tickets.ensure_control_key(settings.state_dir)
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink)
+            trust = NodeTrustActivities(settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings))
             self.workers.append(
                 Worker(
@@ -88,7 +90,8 @@ class HmsWorker:
                     workflows=ALL_WORKFLOWS,
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
-                                ctl.watch_cpu],
+                                ctl.watch_cpu, trust.enrol_node, trust.check_nodes, trust.node_removed,
+                                trust.check_pod_report, trust.stamp_start],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.
@@ -96,13 +99,17 @@ class HmsWorker:
                 )
             )
         if node:
+            # Its own key and certificate: made here on the control plane's host, from `hms node join` elsewhere.
+            identity = nodeid.node_identity(settings.state_dir, settings.node, settings.node_address)
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
                                    docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink,
                                    address=settings.node_address)
             log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
                      settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe)
-            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader)
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe,
+                                      identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
+            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
+                                   identity=identity)
             self.workers.append(
                 Worker(
                     client,

@@ -22,6 +22,7 @@ from activities.pods import ORPHAN_GRACE_S
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
 from hms_mgmt.models import NodeSpec, ServiceStatus
+from hms_mgmt.nodeid import NodeIdentity
 from hms_mgmt.runtimes import PodRuntime
 from hms_mgmt.wire import NodeRegistration, NodeRegistryInput, RegisterResult
 from workflows.nodes import NodeRegistry
@@ -36,13 +37,15 @@ class NodeAgent:
     """Keeps this node in the registry while the worker runs."""
 
     def __init__(self, client: Client, settings: Settings, spec: NodeSpec, runtime: PodRuntime,
-                 settings_loader: Callable[[], Settings] | None = None) -> None:
+                 settings_loader: Callable[[], Settings] | None = None, identity: NodeIdentity | None = None) -> None:
         self.client = client
         self.settings = settings
         self.settings_loader = settings_loader  # re-read each heartbeat: an operator resizes a node live
         self.spec = spec
         self.runtime = runtime
-        self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}")
+        self.identity = identity  # signs every registration and heartbeat (the registry checks)
+        self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}",
+                                             cert=identity.cert if identity else "")
         self.registry_id = constants.node_registry_id(settings.task_queue)
         self.registered = asyncio.Event()
         self._sweeping: asyncio.Task[list[str]] | None = None
@@ -62,8 +65,15 @@ class NodeAgent:
             static_summary="the nodes pods may run on",
         )
         return await self.client.execute_update_with_start_workflow(
-            NodeRegistry.register, self.registration, start_workflow_operation=start
+            NodeRegistry.register, self._signed("register"), start_workflow_operation=start
         )
+
+    def _signed(self, kind: str) -> NodeRegistration:
+        """The registration as it is now, signed by this node's key for ``kind``, fresh."""
+        reg = self.registration
+        if self.identity is None:
+            return reg
+        return reg.model_copy(update={"proof": self.identity.say(kind, reg.signed_part())})
 
     async def run(self) -> None:
         """Register, then heartbeat every ``node_heartbeat_s`` until cancelled."""
@@ -82,7 +92,7 @@ class NodeAgent:
                 else:
                     await self._refresh()
                     await self.client.get_workflow_handle(self.registry_id).signal(
-                        NodeRegistry.heartbeat, self.registration)
+                        NodeRegistry.heartbeat, self._signed("heartbeat"))
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + SWEEP_EVERY_S
                     self._sweep_aside()

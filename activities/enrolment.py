@@ -40,13 +40,13 @@ class NodeTrustActivities:
         self.sink = sink
         self._told: dict[tuple[str, str], float] = {}
 
-    async def _denied(self, reason: str, **data: object) -> None:
+    async def _denied(self, reason: str, *, service: str = "", **data: object) -> None:
         key = (str(data.get("node", "")), reason)
         now = time.monotonic()
         if now - self._told.get(key, -QUIET_S) < QUIET_S:
             return
         self._told[key] = now
-        await self.sink.publish(Event(type="access.denied", service="", reason=reason, data=data))
+        await self.sink.publish(Event(type="access.denied", service=service, reason=reason, data=data))
 
     @activity.defn(name="enrol_node")
     async def enrol_node(self, inp: EnrolInput) -> EnrolOutput:
@@ -128,12 +128,15 @@ class NodeTrustActivities:
             await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
                                     revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
         except AccessDenied as e:
-            await self._denied(f"pod {inp.pod_id} of {inp.service} not stamped: {e}", action="start_pod",
-                               node=inp.node, pod=inp.pod_id)
+            await self._denied(f"pod {inp.pod_id} of {inp.service} not stamped: {e}", service=inp.service,
+                               action="start_pod", node=inp.node, pod=inp.pod_id)
             raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type=ActivityErrorType.ACCESS_DENIED,
                                    non_retryable=True) from None
         ok, detail = await asyncio.to_thread(TrustStore(settings.state_dir).verify, inp.spec.image, inp.image_id)
         if not ok:
+            await self._denied(f"pod {inp.pod_id} not started on node {inp.node}: image {inp.spec.image} is not "
+                               f"trusted now ({detail})", service=inp.service, action="start_pod", node=inp.node,
+                               pod=inp.pod_id)
             raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}",
                                    type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
         stamp = await asyncio.to_thread(nodeid.issue_stamp, settings.state_dir, service=inp.service,

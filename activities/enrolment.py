@@ -29,6 +29,8 @@ from hms_mgmt.wire import (
     PodReportVerdict,
     StampInput,
     StampOutput,
+    VerifyImageInput,
+    VerifyImageOutput,
 )
 
 QUIET_S = 60.0  # the same refusal for the same node is written to the event log once a minute
@@ -143,3 +145,14 @@ class NodeTrustActivities:
                                         revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
                                         node=inp.node)
         return StampOutput(stamp=stamp)
+
+    @activity.defn(name="trust_now")
+    async def trust_now(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        """Is the pinned content still signed and not revoked? Asked of the control plane (an
+        ``image_revoked`` hint's re-check): nodes keep no trust store to ask."""
+        settings = await asyncio.to_thread(self.settings)
+        ok, detail = await asyncio.to_thread(TrustStore(settings.state_dir).verify, inp.image, inp.content_id)
+        if not ok:
+            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type=ActivityErrorType.IMAGE_UNTRUSTED,
+                                   non_retryable=True)
+        return VerifyImageOutput(content_id=inp.content_id, detail=detail)

@@ -91,7 +91,7 @@ class HmsWorker:
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, self.feed.publish_endpoints, self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost,
                                 ctl.watch_cpu, trust.enrol_node, trust.check_nodes, trust.node_removed,
-                                trust.check_pod_report, trust.stamp_start],
+                                trust.check_pod_report, trust.stamp_start, trust.trust_now],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
                     # One watch_cpu per service runs here the whole time.

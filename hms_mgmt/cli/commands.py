@@ -188,7 +188,19 @@ def worker(
     settings = _settings(node=node or None, runtime=runtime or None, node_address=node_address or None,
                          **node_overrides)
     # A host that joined with a token is a node only: the control worker (and its keys) stay on the control host.
-    _run(worker_main(settings, control=not no_control and not nodeid.is_joined(settings.state_dir)))
+    control = not no_control and not nodeid.is_joined(settings.state_dir)
+    if control and not nodeid.has_control_key(settings.state_dir) and not _local_temporal(settings.temporal_address):
+        # Neither joined nor a control plane, against another host's Temporal: making a control
+        # plane of its own here would answer that cluster's control activities with other keys.
+        raise nodeid.NotJoined(f"this host has not joined the control plane at {settings.temporal_address} "
+                               "(no node certificate in its state directory): run `hms node join-token` on the "
+                               "control host, then `hms node join TOKEN --name NAME --address ADDR` here")
+    _run(worker_main(settings, control=control))
+
+
+def _local_temporal(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") or address
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
 @app.command()

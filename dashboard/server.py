@@ -5,8 +5,14 @@ status queries concurrent with a bound), the router's ``/-/stats`` and the tail 
 ``events.jsonl``, and pushes the same prepared JSON to every open page over server-sent events:
 the cost does not grow with the number of viewers.
 
-Reading is open to whoever reaches the port (127.0.0.1 unless the stack listens on another
-address: ``hms up --listen``). Approving or rejecting needs the
+Reading (``/api/*`` and the event stream) needs a token that may ``status`` (a viewer's, or any
+role's) once identities are configured (``keys/token.pub`` exists); ``public_read``
+(``hms dashboard --public-read``, ``hms up --public-read``) opens it to whoever reaches the port
+(127.0.0.1 unless the stack listens on another address: ``hms up --listen``), as it was before.
+The event stream is an ``EventSource``, which cannot send a header: the page trades its token
+for a stream ticket (``POST /api/stream-ticket``), good for one connection within a minute, and
+the stream ends when the token expires. At most ``max_subscribers`` pages stream at once (503
+beyond). Approving or rejecting needs the
 caller's own token (``Authorization: Bearer``), verified here; the workflow gets a one-time proof
 made from it (never the token), which its worker checks again; the dashboard's own identity
 never acts for a browser.
@@ -15,11 +21,15 @@ never acts for a browser.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -51,6 +61,8 @@ CSP = (
 )
 DECIDE_TIMEOUT_S = 30.0
 RECENT_EVENTS_BYTES = 256 * 1024  # of the event log read at start: ~1,500 events, enough for the page
+MAX_SUBSCRIBERS = 64  # live pages at once: each holds a connection and a queue
+STREAM_TICKET_TTL_S = 60.0
 
 
 def child_url(status: ServiceStatus, child_id: str) -> str | None:
@@ -90,7 +102,7 @@ def revision_workflow_id(status: ServiceStatus, record: RevisionRecord) -> str |
 
 def service_view(status: ServiceStatus) -> dict[str, Any]:
     """What the page shows of one service. The spec is trimmed: its env may hold secrets and
-    anyone reaching the port may read this."""
+    every viewer (with ``public_read``, anyone reaching the port) may read this."""
     spec = status.spec
     decisions = []
     scale_n = status.scale_count
@@ -188,6 +200,46 @@ class _Subscriber:
         self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=256)
 
 
+def _json_error(kind: type[web.HTTPException], message: str) -> web.HTTPException:
+    return kind(text=json.dumps({"error": message}), content_type="application/json")
+
+
+class _StreamTickets:
+    """Short-lived tickets for the event stream (an ``EventSource`` sends no header): signed with
+    a key of this process, good for one connection within ``STREAM_TICKET_TTL_S``, and carrying
+    the token's expiry, when the stream ends."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._used: dict[str, float] = {}  # ticket id -> its expiry, until then
+
+    def issue(self, identity: auth.Identity) -> str:
+        body = json.dumps({"id": secrets.token_urlsafe(12), "exp": time.time() + STREAM_TICKET_TTL_S,
+                           "until": identity.expires_at.timestamp(), "user": identity.user}).encode()
+        payload = base64.urlsafe_b64encode(body).decode().rstrip("=")
+        return f"{payload}.{self._mac(payload)}"
+
+    def _mac(self, payload: str) -> str:
+        return hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def redeem(self, ticket: str) -> float | None:
+        """The token's expiry for a good, unused, unexpired ticket (now used); else None."""
+        payload, _, mac = ticket.partition(".")
+        if len(ticket) > 512 or not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            tid, exp, until = str(claims["id"]), float(claims["exp"]), float(claims["until"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        now = time.time()
+        self._used = {t: e for t, e in self._used.items() if e > now}
+        if exp <= now or until <= now or tid in self._used:
+            return None
+        self._used[tid] = exp
+        return until
+
+
 class Dashboard:
     """The dashboard's state and its aiohttp app. ``start()`` / ``stop()`` run it in-process
     (the local stack); :func:`serve` runs it until cancelled (``hms dashboard``)."""
@@ -204,8 +256,13 @@ class Dashboard:
         router_url: str | list[str] | None = None,
         concurrency: int = 16,
         events_kept: int = 200,
+        public_read: bool = False,
+        max_subscribers: int = MAX_SUBSCRIBERS,
     ) -> None:
         self.client = client
+        self.public_read = public_read
+        self.max_subscribers = max_subscribers
+        self._tickets = _StreamTickets()
         self.settings = settings.model_copy(update={"token": token}) if token else settings
         self.token = token
         self.orch = Orchestrator(client, self.settings)
@@ -411,6 +468,7 @@ class Dashboard:
         app.router.add_get("/api/state", self._api_state)
         app.router.add_get("/api/events", self._api_events)
         app.router.add_get("/api/stream", self._api_stream)
+        app.router.add_post("/api/stream-ticket", self._api_stream_ticket)
         app.router.add_get("/api/me", self._api_me)
         app.router.add_post("/api/services/{name}/{action:approve|reject}", self._api_decide)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
@@ -441,16 +499,52 @@ class Dashboard:
         return web.json_response({"ok": self.fleet_error is None, "services": len(self.services)})
 
     async def _api_state(self, request: web.Request) -> web.Response:
+        await self._reader(request)
         return web.Response(text=self.state_json, content_type="application/json")
 
     async def _api_events(self, request: web.Request) -> web.Response:
+        await self._reader(request)
         return web.json_response(list(self.events))
 
     def _init_payload(self) -> str:
         history = {name: list(ring) for name, ring in self.history.items()}
         return json.dumps({"history": history, "events": list(self.events), "history_len": self.history_len})
 
+    # --- who may read (issue 19: the fleet's state is not for whoever reaches the port) ------
+
+    def _read_is_open(self) -> bool:
+        """Open with ``public_read``, or where no identity can be checked (no ``keys/token.pub``)."""
+        return self.public_read or not (auth.keys_dir(self.settings.state_dir) / auth.TOKEN_PUB_FILE).exists()
+
+    async def _reader(self, request: web.Request) -> auth.Identity | None:
+        """The caller's identity, which may ``status``; None when reading is open to anyone."""
+        if self._read_is_open():
+            return None
+        _token, identity = await self._identity(request, why="reading needs a viewer token")
+        matrix = await asyncio.to_thread(auth.load_access_matrix, self.settings.state_dir)
+        try:
+            auth.authorize(identity, "status", matrix)
+        except AccessDenied as e:
+            raise _json_error(web.HTTPForbidden, str(e)) from None
+        return identity
+
+    async def _api_stream_ticket(self, request: web.Request) -> web.Response:
+        identity = await self._reader(request)
+        if identity is None:
+            return web.json_response({"ticket": None, "expires_in": None})  # open: the stream needs none
+        return web.json_response({"ticket": self._tickets.issue(identity), "expires_in": STREAM_TICKET_TTL_S})
+
     async def _api_stream(self, request: web.Request) -> web.StreamResponse:
+        until: float | None = None  # the token's expiry, as a time.time()
+        if not self._read_is_open():
+            ticket = request.query.get("ticket", "")
+            until = self._tickets.redeem(ticket) if ticket else None
+            if until is None:
+                raise _json_error(web.HTTPUnauthorized, "sign in: the stream needs a fresh ticket "
+                                  "(POST /api/stream-ticket with Authorization: Bearer <token>)")
+        if len(self._subscribers) >= self.max_subscribers:
+            raise _json_error(web.HTTPServiceUnavailable, f"too many live pages ({self.max_subscribers} stream "
+                              "already): close one, or try again later")
         sub = _Subscriber()
         self._subscribers.add(sub)
         resp: web.StreamResponse | None = None
@@ -459,7 +553,13 @@ class Dashboard:
                 await resp.send(self._init_payload(), event="init")
                 await resp.send(self.state_json, event="state")
                 while resp.is_connected():
-                    item = await sub.queue.get()
+                    if until is None:
+                        item = await sub.queue.get()
+                    else:
+                        try:
+                            item = await asyncio.wait_for(sub.queue.get(), max(0.0, until - time.time()))
+                        except TimeoutError:
+                            break  # the token expired: the page signs in again
                     if item is None:
                         break
                     name, data = item
@@ -470,13 +570,12 @@ class Dashboard:
             self._subscribers.discard(sub)
         return resp if resp is not None else web.Response(status=204)
 
-    async def _identity(self, request: web.Request) -> tuple[str, auth.Identity]:
+    async def _identity(self, request: web.Request, *, why: str = "sign in") -> tuple[str, auth.Identity]:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise web.HTTPUnauthorized(text=json.dumps({"error": "sign in: send Authorization: Bearer <token>"}),
-                                       content_type="application/json")
+            raise _json_error(web.HTTPUnauthorized, f"{why}: send Authorization: Bearer <token>")
         try:
             identity = await asyncio.to_thread(auth.verify_token, token, state_dir=self.settings.state_dir)
         except (AccessDenied, HmsError) as e:

@@ -12,10 +12,14 @@ same keyword arguments; nothing writes ``os.environ``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -96,11 +100,16 @@ class Settings(BaseSettings):
 
     temporal_address: str = constants.DEFAULT_TEMPORAL_ADDRESS
     namespace: str = constants.DEFAULT_NAMESPACE
-    # Four fields whose variable is not HMS_<FIELD>: the Temporal connection's.
+    # The Temporal connection's TLS (see temporal_tls()). None: on when any setting below asks
+    # for it; True: on, with the system's roots unless tls_ca says otherwise; False: plaintext.
+    temporal_tls: bool | None = None
+    # Five fields whose variable is not HMS_<FIELD>.
     tls_cert: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_CERT"))
     tls_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_KEY"))
     tls_ca: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_CA"))
+    tls_server_name: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_SERVER_NAME"))
     api_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_API_KEY"))
+    temporal_connect_timeout_s: float = Field(default=10.0, gt=0)
     runtime: Literal["auto", "docker", "process"] = "auto"
     state_dir: Path = Field(default_factory=default_state_dir)
     token: str | None = None
@@ -128,6 +137,9 @@ class Settings(BaseSettings):
     node_address: str = LOOPBACK
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
+    # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
+    # by its node this long after the node first saw it so (worker/nodes.py).
+    orphan_grace_s: float = Field(default=60.0, gt=0)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")
@@ -147,6 +159,8 @@ class Settings(BaseSettings):
     pod_memory_mb: int = Field(default=512, ge=16, description="memory limit of a pod whose spec sets none")
     pod_pids_limit: int = Field(default=256, ge=16, description="processes and threads per pod")
     pod_nofile_limit: int = Field(default=4096, ge=64, description="open files per process-pod process")
+    pod_firewall: bool = Field(default=True, description="process pods of a root worker may not connect to the "
+                               "control plane's ports (iptables; hms_mgmt/runtimes/podnet.py)")
     pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
                           "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
 
@@ -323,36 +337,188 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+# Every setting that decides how connect() reaches Temporal, besides address and namespace.
+TEMPORAL_TLS_SETTINGS = ("temporal_tls", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "api_key")
+# The settings that only make sense with TLS, in the order errors name them.
+_TLS_FIELDS = ("tls_cert", "tls_key", "tls_ca", "tls_server_name")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def temporal_tls(settings: Settings):  # -> bool | temporalio.client.TLSConfig
+    """``Client.connect``'s ``tls=`` for ``settings``, after checking them: a half-done or
+    contradictory TLS setting is a ConfigError that names it, never a plaintext connection.
+
+    TLS is on when ``HMS_TEMPORAL_TLS`` says so or, unset, when a CA, a client certificate or an
+    API key is set (Temporal Cloud takes API keys over TLS only); without ``HMS_TEMPORAL_TLS_CA``
+    the server is verified against the system's CAs. An API key in plaintext takes
+    ``HMS_TEMPORAL_TLS=false``.
+    """
+    from temporalio.client import TLSConfig
+
+    s = settings
+    if bool(s.tls_cert) != bool(s.tls_key):
+        have, missing = ("tls_cert", "tls_key") if s.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(f"{env_var(have)} is set but {env_var(missing)} is not: "
+                          "a client certificate (mTLS) needs both the certificate and its key")
+    if s.temporal_tls is False:
+        given = [env_var(f) for f in _TLS_FIELDS if getattr(s, f)]
+        if given:
+            raise ConfigError(f"HMS_TEMPORAL_TLS is false but {' and '.join(given)} "
+                              f"{'is' if len(given) == 1 else 'are'} set: unset one or the other")
+        return False
+    if not (s.temporal_tls or s.tls_cert or s.tls_ca or s.api_key):
+        if s.tls_server_name:
+            raise ConfigError("HMS_TEMPORAL_TLS_SERVER_NAME is set but TLS is not on: set HMS_TEMPORAL_TLS_CA "
+                              "(a private CA) or HMS_TEMPORAL_TLS=true (the system's CAs) as well")
+        return False
+    if s.tls_server_name is not None and not _valid_server_name(s.tls_server_name):
+        raise ConfigError(f"HMS_TEMPORAL_TLS_SERVER_NAME: {s.tls_server_name!r} is not a host name or IP address "
+                          "(no scheme, no port)")
+    client_cert = client_key = None
+    if s.tls_cert and s.tls_key:
+        client_cert, client_key = _client_pair(s.tls_cert, s.tls_key)
+    return TLSConfig(
+        server_root_ca_cert=_pem_certificates("tls_ca", s.tls_ca)[0] if s.tls_ca else None,
+        domain=s.tls_server_name,
+        client_cert=client_cert,
+        client_private_key=client_key,
+    )
+
+
+def describe_temporal_tls(settings: Settings) -> str:
+    """How ``connect`` reaches Temporal, in words, for logs and errors (the settings are checked)."""
+    tls = temporal_tls(settings)
+    if tls is False:
+        how = "plaintext"
+    else:
+        how = f"TLS, server verified against {settings.tls_ca or 'the system CAs'}"
+        if settings.tls_server_name:
+            how += f" as {settings.tls_server_name}"
+        if settings.tls_cert:
+            how += f", client certificate {settings.tls_cert}"
+    return how + (", API key" if settings.api_key else "")
+
+
+def _valid_server_name(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(name))
+
+
+def _read_setting(field: str, path: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{env_var(field)}: cannot read {path}: {e.strerror or e}") from e
+
+
+def _pem_certificates(field: str, path: str):  # -> (bytes, [x509.Certificate])
+    from cryptography import x509
+
+    data = _read_setting(field, path)
+    try:
+        return data, x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ConfigError(f"{env_var(field)}: {path} holds no PEM certificate "
+                          "(a '-----BEGIN CERTIFICATE-----' block)") from e
+
+
+def _client_pair(cert_path: str, key_path: str) -> tuple[bytes, bytes]:
+    """The client certificate and its key, checked: PEM, unencrypted, the key of that
+    certificate, and the certificate not expired."""
+    import datetime
+
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+
+    cert_pem, certs = _pem_certificates("tls_cert", cert_path)
+    key_pem = _read_setting("tls_key", key_path)
+    try:
+        key = load_pem_private_key(key_pem, password=None)
+    except TypeError as e:
+        raise ConfigError(f"HMS_TEMPORAL_TLS_KEY: {key_path} is encrypted; the Temporal client needs it unencrypted "
+                          "(openssl pkey -in KEY -out PLAIN, kept private)") from e
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ConfigError(f"HMS_TEMPORAL_TLS_KEY: {key_path} holds no PEM private key "
+                          "(a '-----BEGIN ... PRIVATE KEY-----' block)") from e
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != certs[0].public_key().public_bytes(*spki):
+        raise ConfigError(f"HMS_TEMPORAL_TLS_KEY: {key_path} is not the key of the certificate in "
+                          f"HMS_TEMPORAL_TLS_CERT ({cert_path})")
+    expires = certs[0].not_valid_after_utc
+    if expires < datetime.datetime.now(datetime.UTC):
+        raise ConfigError(f"HMS_TEMPORAL_TLS_CERT: the certificate in {cert_path} expired at {expires:%Y-%m-%d %H:%M} UTC")
+    return cert_pem, key_pem
+
+
+# What the Temporal client's connect errors mean, for the operator (rustls and tonic's words).
+def _connect_hint(settings: Settings, error: str) -> str:
+    tls_on = temporal_tls(settings) is not False
+    if "UnknownIssuer" in error or "BadSignature" in error:
+        if settings.tls_ca:
+            return f"The server's certificate is not signed by the CA in HMS_TEMPORAL_TLS_CA ({settings.tls_ca})"
+        return ("The server's certificate is not signed by a CA this machine trusts: set HMS_TEMPORAL_TLS_CA "
+                "to the CA that signed it")
+    if "NotValidForName" in error:
+        return ("The server's certificate does not carry the name dialled: set HMS_TEMPORAL_TLS_SERVER_NAME "
+                "to a name it carries (listed above as 'presented')")
+    if "CertificateRequired" in error:
+        return "The server requires a client certificate: set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY"
+    if any(alert in error for alert in ("BadCertificate", "UnknownCA", "CertificateUnknown", "AccessDenied")):
+        return "The server refused our client certificate (HMS_TEMPORAL_TLS_CERT): is it signed by a CA it trusts?"
+    if tls_on and ("InvalidContentType" in error or "CorruptMessage" in error):
+        return ("The server does not speak TLS there (the dev server does not): unset the TLS settings, "
+                "or use the TLS port")
+    if "Unauthenticated" in error or "PermissionDenied" in error:
+        return "The server refused the credentials (HMS_TEMPORAL_API_KEY or the client certificate)"
+    if "error after connection" in error:
+        # The server closed the connection after it was set up. In TLS 1.3 the client's side of
+        # the handshake is done before the server has judged its certificate, so a refusal of
+        # the client certificate often arrives as a broken pipe rather than as the alert.
+        if not tls_on:
+            return ("The server accepted the connection and then dropped it: if it requires TLS, set "
+                    "HMS_TEMPORAL_TLS_CA (a private CA) or HMS_TEMPORAL_TLS=true (a public one)")
+        if not settings.tls_cert:
+            return ("The server dropped the connection after the TLS handshake: if it requires a client "
+                    "certificate, set HMS_TEMPORAL_TLS_CERT and HMS_TEMPORAL_TLS_KEY")
+        return ("The server dropped the connection after the TLS handshake: it may have refused our client "
+                "certificate (HMS_TEMPORAL_TLS_CERT): is it signed by a CA it trusts?")
+    return "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
+
+
 async def connect(settings: Settings | None = None):  # -> temporalio.client.Client
-    """A Temporal client with the pydantic converter, TLS and API key from settings."""
-    from temporalio.client import Client, TLSConfig
+    """A Temporal client with the pydantic converter, TLS and API key from ``settings``; a bad
+    TLS setting is refused before dialling, and an unreachable server fails within
+    ``temporal_connect_timeout_s``. Every client of hms (worker, CLI, router, dashboard, node
+    join) connects here."""
+    from temporalio.client import Client
     from temporalio.contrib.pydantic import pydantic_data_converter
 
-    settings = settings or Settings.from_env()
-    tls: bool | TLSConfig = False
-    if settings.tls_cert and settings.tls_key:
-        tls = TLSConfig(
-            client_cert=Path(settings.tls_cert).read_bytes(),
-            client_private_key=Path(settings.tls_key).read_bytes(),
-            server_root_ca_cert=Path(settings.tls_ca).read_bytes() if settings.tls_ca else None,
-        )
-    elif settings.api_key:
-        tls = True
     from hms_mgmt import connection
+    from hms_mgmt.errors import HmsError
 
+    settings = settings or Settings.from_env()
+    tls = temporal_tls(settings)
+    timeout = settings.temporal_connect_timeout_s
     try:
-        return await Client.connect(
-            settings.temporal_address,
-            runtime=connection.runtime(),
-            namespace=settings.namespace,
-            data_converter=pydantic_data_converter,
-            tls=tls,
-            api_key=settings.api_key,
+        return await asyncio.wait_for(
+            Client.connect(
+                settings.temporal_address,
+                runtime=connection.runtime(),
+                namespace=settings.namespace,
+                data_converter=pydantic_data_converter,
+                tls=tls,
+                api_key=settings.api_key,
+                connect_timeout=timedelta(seconds=timeout),
+            ),
+            # connect_timeout bounds the dial and handshake; this, the first call after it too.
+            timeout * 2,
         )
     except Exception as e:  # noqa: BLE001 - turn a connection failure into one clear error
-        from hms_mgmt.errors import HmsError
-
+        reason = str(e) or f"no answer within {timeout * 2:g} s"
         raise HmsError(
-            f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.namespace}): {e}. "
-            "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
+            f"cannot reach Temporal at {settings.temporal_address} (namespace {settings.namespace}, "
+            f"{describe_temporal_tls(settings)}): {reason}. {_connect_hint(settings, reason)}"
         ) from e

@@ -67,8 +67,9 @@ def _register_shutdown() -> None:
 
 
 def _key(settings: Settings) -> tuple[Any, ...]:
-    return (settings.temporal_address, settings.namespace, settings.tls_cert, settings.tls_key, settings.tls_ca,
-            settings.api_key)
+    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
+
+    return (settings.temporal_address, settings.namespace, *(getattr(settings, f) for f in TEMPORAL_TLS_SETTINGS))
 
 
 def _loop_thread() -> asyncio.AbstractEventLoop:

@@ -84,12 +84,51 @@ def dev_server_pids() -> list[int]:
     return found
 
 
+def port_holder(host: str, port: int) -> Any:
+    """The process listening on ``host``:``port`` (a ``psutil.Process``), or None when it cannot
+    be told (another user's process, seen by a non-root caller)."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid \
+                and c.laddr.ip in (host, "0.0.0.0", "::", "::ffff:" + host):
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(c.pid)
+    return None
+
+
+def describe_process(proc: Any) -> str:
+    """``pid N: command line`` of a ``psutil.Process`` (for an error message)."""
+    try:
+        cmd = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001 - gone or not ours to read
+        cmd = "?"
+    return f"pid {proc.pid}: {cmd[:200]}"
+
+
+def runs_on_db(proc: Any, db: Path) -> bool:
+    """Whether ``proc`` is a dev server on the sqlite file ``db`` (as ``make clean`` finds one)."""
+    try:
+        cmd = proc.cmdline() or []
+    except Exception:  # noqa: BLE001
+        return False
+    return "start-dev" in cmd and str(db) in cmd
+
+
 class DevServer:
     """``temporal server start-dev`` as a process of its own session, on ``port`` with its sqlite
-    file in ``state_dir``; ``start()`` reuses a server already answering there."""
+    file in ``state_dir``. ``start()`` reuses a server already answering there only when it is
+    ours (a dev server on this state dir's sqlite file, left by an earlier ``hms up``), when the
+    configuration names its address (``named``), or with ``reuse``: anything else on the port
+    may be anyone's, and the worker would hand it every request, token proof and pod report."""
 
     def __init__(self, *, port: int, state_dir: Path, ui_port: int | None = None, namespace: str = "default",
-                 headless: bool = True, ready_timeout_s: float = SERVER_READY_TIMEOUT_S) -> None:
+                 headless: bool = True, ready_timeout_s: float = SERVER_READY_TIMEOUT_S,
+                 reuse: bool = False, named: bool = False) -> None:
         self.host = "127.0.0.1"
         self.port = port
         self.ui_port = ui_port
@@ -100,6 +139,8 @@ class DevServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.reused = False
         self.ready_timeout_s = ready_timeout_s
+        self.reuse = reuse
+        self.named = named
 
     @property
     def address(self) -> str:
@@ -133,6 +174,7 @@ class DevServer:
         """Start (or reuse) the server and wait until it answers; a restart after ``kill()`` too."""
         self.reused = False
         if port_open(self.host, self.port):
+            self._check_reuse()
             self.reused = True
             await self._wait_ready()
             return
@@ -152,6 +194,17 @@ class DevServer:
         except BaseException:
             self.stop()
             raise
+
+    def _check_reuse(self) -> None:
+        holder = port_holder(self.host, self.port)
+        if self.reuse or self.named or (holder is not None and runs_on_db(holder, self.state_dir / "temporal.db")):
+            return
+        who = describe_process(holder) if holder is not None else "a process this user cannot see"
+        raise HmsError(
+            f"port {self.port} on {self.host} is taken by a server this state dir did not start ({who}), and "
+            f"neither HMS_TEMPORAL_ADDRESS nor {self.state_dir / 'config.yaml'} names {self.address}: stop it, "
+            "choose another --port, or pass --reuse if it is a Temporal server you trust"
+        )
 
     async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()

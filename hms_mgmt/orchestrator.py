@@ -235,51 +235,8 @@ class Orchestrator:
                            proof=self._prove("deploy", spec.name, spec=spec.digest()),
                            history_threshold=self.settings.history_threshold, request_id=request_id)
 
-        def start_op() -> WithStartWorkflowOperation[Any, Any]:  # one use each
-            return WithStartWorkflowOperation(
-                names.SERVICE_WORKFLOW,
-                inp,
-                id=wf_id,
-                task_queue=self.settings.task_queue,
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                static_summary=f"service {spec.name}: {spec.image}, {spec.min_replicas}-{spec.max_replicas} pods",
-            )
-
         until = "running" if wait else "admitted"
-        loop = asyncio.get_running_loop()
-        not_ready_until = loop.time() + NOT_READY_RETRY_S
-        attempts = 0
-        while attempts < 3:
-            attempts += 1
-            start = start_op()
-            try:
-                status = await asyncio.wait_for(
-                    self.client.execute_update_with_start_workflow(
-                        names.U.ADMISSION,
-                        _request(AdmissionRequest, f"deploy {spec.name}", until=until,
-                                 timeout_s=min(max(timeout, 1.0), 3600.0)),
-                        start_workflow_operation=start,
-                        result_type=ServiceStatus,
-                    ),
-                    timeout + 30,
-                )
-                if status.deploy_request_id == request_id or status.phase not in names.ENDED:
-                    break
-                # An earlier run that has ended but not yet closed answered: start afresh once it has.
-                error = HmsError(f"deploy {spec.name}: an earlier run of the service is still closing")
-            except WorkflowUpdateFailedError as e:
-                error = failure_error(e, f"deploy {spec.name}")
-            except RPCError as e:
-                if workflow_not_ready(e) and loop.time() < not_ready_until:
-                    attempts -= 1
-                    await asyncio.sleep(1.0)
-                    continue
-                raise HmsError(f"deploy {spec.name}: Temporal refused the start: {e.message}") from e
-            if not await self._ending_other_run(wf_id, request_id):
-                raise error
-        else:
-            raise HmsError(f"deploy {spec.name}: an earlier run of the service kept ending; try again")
+        status, start = await self._admission_with_start(spec, inp, until=until, timeout=timeout)
         handle = await start.workflow_handle()
         already = status.deploy_request_id != request_id
         revision: int | None = None
@@ -292,6 +249,57 @@ class Orchestrator:
         return DeployResult(workflow_id=wf_id, run_id=handle.result_run_id or handle.run_id,
                             web_ui_url=self.settings.web_ui_link(wf_id), already_running=already,
                             revision=revision)
+
+    async def _admission_with_start(self, spec: ServiceSpec, inp: ServiceInput, *, until: str,
+                                    timeout: float) -> tuple[ServiceStatus, WithStartWorkflowOperation[Any, Any]]:
+        """Start ``svc-<name>`` (or find it running) and ask ``admission`` in one call. Retries
+        while the namespace is not ready yet, and when a run that has ended but not closed
+        answers instead of ours; a refusal is raised typed."""
+        wf_id = constants.service_workflow_id(spec.name)
+        loop = asyncio.get_running_loop()
+        not_ready_until = loop.time() + NOT_READY_RETRY_S
+        attempts = 0
+        while attempts < 3:
+            attempts += 1
+            start = self._start_operation(spec, inp)
+            try:
+                status = await asyncio.wait_for(
+                    self.client.execute_update_with_start_workflow(
+                        names.U.ADMISSION,
+                        _request(AdmissionRequest, f"deploy {spec.name}", until=until,
+                                 timeout_s=min(max(timeout, 1.0), 3600.0)),
+                        start_workflow_operation=start,
+                        result_type=ServiceStatus,
+                    ),
+                    timeout + 30,
+                )
+                if status.deploy_request_id == inp.request_id or status.phase not in names.ENDED:
+                    return status, start
+                # An earlier run that has ended but not yet closed answered: start afresh once it has.
+                error = HmsError(f"deploy {spec.name}: an earlier run of the service is still closing")
+            except WorkflowUpdateFailedError as e:
+                error = failure_error(e, f"deploy {spec.name}")
+            except RPCError as e:
+                if workflow_not_ready(e) and loop.time() < not_ready_until:
+                    attempts -= 1
+                    await asyncio.sleep(1.0)
+                    continue
+                raise HmsError(f"deploy {spec.name}: Temporal refused the start: {e.message}") from e
+            if not await self._ending_other_run(wf_id, inp.request_id):
+                raise error
+        raise HmsError(f"deploy {spec.name}: an earlier run of the service kept ending; try again")
+
+    def _start_operation(self, spec: ServiceSpec, inp: ServiceInput) -> WithStartWorkflowOperation[Any, Any]:
+        """The start half of update-with-start (an operation is good for one call)."""
+        return WithStartWorkflowOperation(
+            names.SERVICE_WORKFLOW,
+            inp,
+            id=constants.service_workflow_id(spec.name),
+            task_queue=self.settings.task_queue,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"service {spec.name}: {spec.image}, {spec.min_replicas}-{spec.max_replicas} pods",
+        )
 
     async def update_spec(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0) -> UpdateOutcome:
         """Change a running service's spec: a new revision rolled out (surge, min_ready_s, drain,

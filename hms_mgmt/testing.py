@@ -7,7 +7,8 @@
   never sees anyone else's workflows or pods;
 - :func:`local_stack` — a dev server, a control+node worker in this process and, optionally, a
   builtin router as a process of its own; everything stopped on exit;
-- :class:`WorkerProcess` — ``python -m worker`` as a real subprocess, to kill and start again.
+- :class:`WorkerProcess` — ``python -m worker`` as a real subprocess, to kill and start again;
+- a TLS front for Temporal (:mod:`hms_mgmt.tlsfront`, re-exported): :func:`make_pki`, :class:`TlsFront`.
 
 The worker is imported when a stack starts, not with this module: ``hms_mgmt`` itself does not
 depend on ``worker``.
@@ -27,12 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hms_mgmt.config import Settings
+from hms_mgmt.config import TEMPORAL_TLS_SETTINGS, Settings, env_var
 from hms_mgmt.devserver import DevServer, dev_environment, dev_server_pids, free_port, port_open, temporal_binary
+from hms_mgmt.tlsfront import Pki, TlsFront, make_pki
 
 __all__ = [
     "DevServer",
     "LocalStack",
+    "Pki",
+    "TlsFront",
     "WorkerProcess",
     "dev_environment",
     "dev_server_pids",
@@ -40,6 +44,7 @@ __all__ = [
     "kill_process_pod",
     "local_settings",
     "local_stack",
+    "make_pki",
     "port_open",
     "temporal_binary",
 ]
@@ -138,8 +143,13 @@ class WorkerProcess:
             HMS_ROUTERS=",".join(s.routers),
             HMS_METRICS_PORT=str(s.metrics_port or 0),
             PYTHONPATH=self.source_root,
-            **self.extra_env,
         )
+        # The same Temporal connection as the settings' (TLS, API key).
+        for field in TEMPORAL_TLS_SETTINGS:
+            value = getattr(s, field)
+            if value is not None:
+                env[env_var(field)] = str(value).lower() if isinstance(value, bool) else value
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -34,22 +35,19 @@ DRAIN_POLL_S = 0.02
 MAX_DRAIN_WAITERS = 64
 
 
+@dataclass(eq=False)
 class Control:
     """Handlers for the control endpoints; ``pods_info(service)`` adds the engine's per-pod view."""
 
-    def __init__(self, engine: str, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
-                 pods_info: Callable[[str], dict[str, Any]] | None = None,
-                 before_metrics: Callable[[], Any] | None = None, applied: asyncio.Event | None = None,
-                 applied_versions: dict[str, int] | None = None) -> None:
-        self.engine = engine
-        self.table = table
-        self.sync = sync
-        self.stats = stats
-        self.pods_info = pods_info
-        self.before_metrics = before_metrics
-        self.applied = applied  # set once the engine carries the first full table (default: at load)
-        self.applied_versions = applied_versions  # service -> table version the engine carries
-        self.drain_waiters = 0
+    engine: str
+    table: EndpointTable
+    sync: FeedSync
+    stats: TrafficStats
+    pods_info: Callable[[str], dict[str, Any]] | None = None
+    before_metrics: Callable[[], Any] | None = None
+    applied: asyncio.Event | None = None  # set once the engine carries the first full table (default: at load)
+    applied_versions: dict[str, int] | None = None  # service -> table version the engine carries
+    drain_waiters: int = field(default=0, init=False)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/-/health", self.health)

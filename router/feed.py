@@ -122,13 +122,11 @@ class FeedSync:
             return 401, {"error": f"feed push refused: {why}"}
         try:
             raw = json.loads(body)
-        except ValueError as e:
-            return 400, {"error": f"not an endpoint table: {e}"}
-        why = service_problem(raw.get("service") if isinstance(raw, dict) else None)
-        if why is not None:
-            log.warning("refused an endpoint feed push: %s", why)
-            return 400, {"error": f"not an endpoint table: {why}"}
-        try:
+            # The name first: it reaches file names and HAProxy's maps, and a refusal is logged.
+            why = service_problem(raw.get("service") if isinstance(raw, dict) else None)
+            if why is not None:
+                log.warning("refused an endpoint feed push: %s", why)
+                raise ValueError(why)
             table = EndpointSet.model_validate(raw)
         except ValueError as e:
             return 400, {"error": f"not an endpoint table: {e}"}

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hms_mgmt.config import Settings
+from hms_mgmt.config import Settings, temporal_tls
 from hms_mgmt.errors import ConfigError
 from router.feed import RESYNC_INTERVAL_S, EndpointTable, FeedSync
 from router.stats import TrafficStats
@@ -33,6 +33,8 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
     port answers. ``client``: a Temporal client to reuse (else one is made from ``settings``)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown router engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if client is None:
+        temporal_tls(settings)  # a half-done TLS setting stops the router now, not at its first resync
     table = EndpointTable()
     sync = FeedSync(settings, table, interval_s=resync_interval_s, client=client)
     stats = TrafficStats(engine)

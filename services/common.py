@@ -305,116 +305,142 @@ class Service:
         raise HttpError(404, f"no route for {req.path}")
 
 
-def _make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
-    access_log = os.environ.get("HMS_ACCESS_LOG", "1").strip().lower() not in _FALSE
+class Records:
+    """A pod's in-memory records (payments, messages), keyed by their id field; thread-safe.
+    ``get`` of an unknown id is a 404 that names the field."""
 
-    class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.1 keep-alive matters for a proxy in front of the pods; every reply sets Content-Length.
-        protocol_version = "HTTP/1.1"
-        server_version = service.name
-        # Idle keep-alive connections must not pin threads forever.
-        timeout = 60
+    def __init__(self, id_field: str) -> None:
+        self.id_field = id_field
+        self._items: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
-        def end_headers(self) -> None:
-            # Here rather than in _send so error pages from BaseHTTPRequestHandler carry it too.
-            self.send_header("X-HMS-Pod", service.pod)
-            super().end_headers()
+    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self._items[record[self.id_field]] = record
+        return record
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-            if access_log:
-                sys.stderr.write(f"{service.name} {service.pod} {self.address_string()} {format % args}\n")
-                sys.stderr.flush()
+    def get(self, key: str) -> dict[str, Any]:
+        with self._lock:
+            record = self._items.get(key)
+        if record is None:
+            raise HttpError(404, f"unknown {self.id_field}", field=self.id_field)
+        return record
 
-        def _read_body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                return self._read_chunked()
-            length = self.headers.get("Content-Length")
-            if not length:
-                return b""
+
+class PodHandler(BaseHTTPRequestHandler):
+    """One pod's HTTP handler; ``_make_handler`` binds it to its ``Service``."""
+
+    service: Service
+    access_log = True
+    # HTTP/1.1 keep-alive matters for a proxy in front of the pods; every reply sets Content-Length.
+    protocol_version = "HTTP/1.1"
+    # Idle keep-alive connections must not pin threads forever.
+    timeout = 60
+
+    def end_headers(self) -> None:
+        # Here rather than in _send so error pages from BaseHTTPRequestHandler carry it too.
+        self.send_header("X-HMS-Pod", self.service.pod)
+        super().end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.access_log:
+            sys.stderr.write(f"{self.service.name} {self.service.pod} {self.address_string()} {format % args}\n")
+            sys.stderr.flush()
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._read_chunked()
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        try:
+            n = int(length)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length", field="Content-Length") from None
+        if n < 0 or n > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise HttpError(413, "body too large", field="body")
+        return self.rfile.read(n)
+
+    def _read_chunked(self) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
             try:
-                n = int(length)
+                size = int(size_line, 16)
             except ValueError:
-                raise HttpError(400, "bad Content-Length", field="Content-Length") from None
-            if n < 0 or n > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise HttpError(400, "bad chunked encoding", field="body") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > MAX_BODY_BYTES:
                 self.close_connection = True
                 raise HttpError(413, "body too large", field="body")
-            return self.rfile.read(n)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(1024)
 
-        def _read_chunked(self) -> bytes:
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_line, 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise HttpError(400, "bad chunked encoding", field="body") from None
-                if size == 0:
-                    while self.rfile.readline(1024).strip():  # trailers
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > MAX_BODY_BYTES:
-                    self.close_connection = True
-                    raise HttpError(413, "body too large", field="body")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(1024)
-
-        def _send(self, resp: Response) -> None:
-            payload = json.dumps(resp.body, separators=(",", ":")).encode() + b"\n"
-            self.send_response(resp.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for k, v in resp.headers.items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            if not hasattr(self, "_headers_buffer"):  # HTTP/0.9: no headers at all
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                self.wfile.flush()
-                return
-            # Headers and body in one write: a pod killed mid-reply sends all of it or nothing,
-            # never headers without their body (which no proxy can retry once it has passed them on).
-            self.send_header("X-HMS-Pod", service.pod)
-            self._headers_buffer.append(b"\r\n")
+    def _send(self, resp: Response) -> None:
+        payload = json.dumps(resp.body, separators=(",", ":")).encode() + b"\n"
+        self.send_response(resp.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for k, v in resp.headers.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if not hasattr(self, "_headers_buffer"):  # HTTP/0.9: no headers at all
+            self.end_headers()
             if self.command != "HEAD":
-                self._headers_buffer.append(payload)
-            self.flush_headers()
+                self.wfile.write(payload)
             self.wfile.flush()
+            return
+        # Headers and body in one write: a pod killed mid-reply sends all of it or nothing,
+        # never headers without their body (which no proxy can retry once it has passed them on).
+        self.send_header("X-HMS-Pod", self.service.pod)
+        self._headers_buffer.append(b"\r\n")
+        if self.command != "HEAD":
+            self._headers_buffer.append(payload)
+        self.flush_headers()
+        self.wfile.flush()
 
-        def _handle(self) -> None:
-            service.state.enter()
+    def _handle(self) -> None:
+        self.service.state.enter()
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
             try:
-                url = urllib.parse.urlsplit(self.path)
-                query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-                try:
-                    body = self._read_body()
-                    method = "GET" if self.command == "HEAD" else self.command
-                    req = Request(method, url.path or "/", query, body)
-                    resp = service.dispatch(req)
-                except HttpError as err:
-                    resp = Response(err.status, err.payload)
-                    if err.status == 405:
-                        resp.headers["Allow"] = ", ".join(err.payload.get("allow", []))
-                except Exception as exc:  # a demo service should answer 500, not drop the socket
-                    resp = Response(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
-                exit_code = resp.headers.get("X-HMS-Exit")
-                if exit_code is not None:
-                    self.close_connection = True
-                self._send(resp)
-                if exit_code is not None:
-                    sys.stderr.write(f"{service.name} {service.pod} exiting with code {exit_code} (admin)\n")
-                    sys.stderr.flush()
-                    os._exit(int(exit_code))
-            finally:
-                service.state.leave()
+                body = self._read_body()
+                method = "GET" if self.command == "HEAD" else self.command
+                req = Request(method, url.path or "/", query, body)
+                resp = self.service.dispatch(req)
+            except HttpError as err:
+                resp = Response(err.status, err.payload)
+                if err.status == 405:
+                    resp.headers["Allow"] = ", ".join(err.payload.get("allow", []))
+            except Exception as exc:  # a demo service should answer 500, not drop the socket
+                resp = Response(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            exit_code = resp.headers.get("X-HMS-Exit")
+            if exit_code is not None:
+                self.close_connection = True
+            self._send(resp)
+            if exit_code is not None:
+                sys.stderr.write(f"{self.service.name} {self.service.pod} exiting with code {exit_code} (admin)\n")
+                sys.stderr.flush()
+                os._exit(int(exit_code))
+        finally:
+            self.service.state.leave()
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
-    return Handler
+
+def _make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
+    access_log = os.environ.get("HMS_ACCESS_LOG", "1").strip().lower() not in _FALSE
+    return type("Handler", (PodHandler,), {"service": service, "access_log": access_log,
+                                           "server_version": service.name})
 
 
 class _Server(ThreadingHTTPServer):

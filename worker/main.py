@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -24,6 +25,7 @@ from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.files import secure_state_dir
 from hms_mgmt.runtimes import make_runtime
+from hms_mgmt.runtimes.podnet import PodFirewall
 from hms_mgmt.trust import TrustStore
 from worker.metrics import WorkerMetrics
 from worker.nodes import NodeAgent
@@ -73,6 +75,7 @@ class HmsWorker:
         self.serve_metrics = metrics  # /metrics on 127.0.0.1:settings.metrics_port
         self.metrics = WorkerMetrics()
         self.agent: NodeAgent | None = None
+        self.pod_firewall: PodFirewall | None = None
         self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
         sink.listeners.append(self.metrics.on_event)
@@ -109,7 +112,7 @@ class HmsWorker:
             self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe,
                                       identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
             self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
-                                   identity=identity)
+                                   events=sink, identity=identity)
             self.workers.append(
                 Worker(
                     client,
@@ -150,6 +153,7 @@ class HmsWorker:
 
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
+        await self._guard_pods()
         self._start_agent()
         try:
             async with self._extras():
@@ -160,6 +164,30 @@ class HmsWorker:
     def _start_agent(self) -> None:
         if self.agent is not None:
             self._agent_task = asyncio.ensure_future(self.agent.run())
+
+    # --- process pods may not reach the control plane's ports (issue 19; hms_mgmt/runtimes/podnet.py)
+
+    async def _guard_pods(self) -> None:
+        runtime = self.pods.runtime if self.pods is not None else None
+        if runtime is None or runtime.name != "process" or not self.settings.pod_firewall or os.geteuid() != 0:
+            return
+        user = await asyncio.to_thread(runtime.pod_user)  # type: ignore[attr-defined]
+        if user is None or user.pw_uid == 0:
+            return
+        firewall = PodFirewall(self.settings, user.pw_uid)
+        try:
+            await asyncio.to_thread(firewall.install)
+        except OSError as e:
+            log.warning("process pods can reach Temporal and the control ports of this host: %s", e)
+            return
+        self.pod_firewall = firewall
+
+    async def _unguard_pods(self) -> None:
+        if self.pod_firewall is not None:
+            await asyncio.to_thread(self.pod_firewall.remove)
+            self.pod_firewall = None
+
+    # ---
 
     async def _stop_agent(self) -> None:
         """Stop heartbeating: the registry calls the node Lost once ``node_lost_after_s`` pass."""
@@ -173,6 +201,7 @@ class HmsWorker:
         if self.agent is not None and self.settings.sweep_on_exit:
             # After the workers stopped: no activity can start a pod here any more.
             await self.agent.stop_all()
+        await self._unguard_pods()
         if self.pods is not None:
             await self.pods.close()
         if self.feed is not None:
@@ -186,6 +215,7 @@ class HmsWorker:
         await ensure_search_attributes(self.client, self.settings.namespace)
         self._extras_cm = self._extras()
         await self._extras_cm.__aenter__()
+        await self._guard_pods()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
         self._start_agent()
         if self.agent is not None:  # the node is Ready before the caller deploys onto it

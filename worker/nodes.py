@@ -2,7 +2,9 @@
 
 A node that was Lost had its pods replaced elsewhere; when its worker registers again, the
 pods it still runs that no service has on record are stale and are removed at once. Every
-minute it also removes unknown pods older than the orphan grace (a crash at the wrong moment).
+minute it also removes unknown pods older than the orphan grace (a crash at the wrong moment),
+and pods whose service has no running ServiceWorkflow (terminated from outside, ended): those
+``orphan_grace_s`` after the node first saw them so, with a ``pod.orphaned`` event.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import os
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowQueryFailedError
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.pods import ORPHAN_GRACE_S
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
+from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import NodeSpec, ServiceStatus
 from hms_mgmt.nodeid import NodeIdentity
 from hms_mgmt.runtimes import PodRuntime
@@ -33,12 +37,24 @@ REGISTER_TIMEOUT_S = 30.0
 SWEEP_EVERY_S = 60.0
 
 
+class _Service(NamedTuple):
+    """What a sweep learns of one service: whether its workflow runs (else ``how`` it is not),
+    and the pods it has on record."""
+
+    running: bool
+    pods: set[str]
+    how: str = "running"
+
+
 class NodeAgent:
     """Keeps this node in the registry while the worker runs."""
 
     def __init__(self, client: Client, settings: Settings, spec: NodeSpec, runtime: PodRuntime,
-                 settings_loader: Callable[[], Settings] | None = None, identity: NodeIdentity | None = None) -> None:
+                 settings_loader: Callable[[], Settings] | None = None, events: EventSink | None = None,
+                 identity: NodeIdentity | None = None) -> None:
         self.client = client
+        self.events = events
+        self._orphaned_since: dict[str, datetime] = {}  # pod id -> when a sweep first found its service not running
         self.settings = settings
         self.settings_loader = settings_loader  # re-read each heartbeat: an operator resizes a node live
         self.spec = spec
@@ -78,7 +94,7 @@ class NodeAgent:
     async def run(self) -> None:
         """Register, then heartbeat every ``node_heartbeat_s`` until cancelled."""
         loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + SWEEP_EVERY_S
+        next_sweep = loop.time() + self.sweep_every_s
         while True:
             try:
                 if not self.registered.is_set():
@@ -94,7 +110,7 @@ class NodeAgent:
                     await self.client.get_workflow_handle(self.registry_id).signal(
                         NodeRegistry.heartbeat, self._signed("heartbeat"))
                 if loop.time() >= next_sweep:
-                    next_sweep = loop.time() + SWEEP_EVERY_S
+                    next_sweep = loop.time() + self.sweep_every_s
                     self._sweep_aside()
             except asyncio.CancelledError:
                 if self._sweeping is not None:
@@ -108,6 +124,11 @@ class NodeAgent:
             except Exception as e:  # noqa: BLE001 - keep heartbeating whatever one round hit
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)
             await asyncio.sleep(self.settings.node_heartbeat_s)
+
+    @property
+    def sweep_every_s(self) -> float:
+        """Often enough that an orphan goes within about twice the grace; at most once a minute."""
+        return min(SWEEP_EVERY_S, max(self.settings.orphan_grace_s / 2, 0.5))
 
     def _sweep_aside(self, *, started_before: datetime | None = None) -> None:
         """Sweep beside the heartbeat, never in its way: a sweep asks every service for its
@@ -141,41 +162,71 @@ class NodeAgent:
     async def sweep(self, *, started_before: datetime | None = None) -> list[str]:
         """Remove this node's pods that no service has on record. With ``started_before``
         (the node was lost), every such pod started before then; otherwise only those older
-        than the orphan grace, since a young one may be a start in flight."""
+        than the orphan grace, since a young one may be a start in flight. A pod whose service
+        has no running workflow goes ``orphan_grace_s`` after a sweep first saw it so: a
+        workflow that runs, however young, keeps its pods to the rules above."""
         handles = await asyncio.to_thread(self.runtime.list)
         now = datetime.now(UTC)
-        known: dict[str, set[str] | None] = {}
-        removed = []
+        known: dict[str, _Service | None] = {}
+        removed: list[str] = []
+        orphans: set[str] = set()
         for h in handles:
             if h.service not in known:
-                known[h.service] = await self._known_pods(h.service)
-            pods = known[h.service]
-            if pods is None or h.pod_id in pods:
+                known[h.service] = await self._service(h.service)
+            svc = known[h.service]
+            if svc is None or h.pod_id in svc.pods:
                 continue
-            if started_before is not None:
-                stale = h.started_at is None or h.started_at < started_before
+            if not svc.running:
+                orphans.add(h.pod_id)
+                since = self._orphaned_since.setdefault(h.pod_id, now)
+                if (now - since).total_seconds() < self.settings.orphan_grace_s:
+                    continue
+                why = (f"its service has no running workflow ({constants.service_workflow_id(h.service)} "
+                       f"is {svc.how}) for {self.settings.orphan_grace_s:g} s")
+            elif started_before is not None:
+                if h.started_at is not None and h.started_at >= started_before:
+                    continue
+                why = "no service has it on record (the node was lost and its pods replaced)"
             else:
-                stale = h.started_at is None or (now - h.started_at).total_seconds() > ORPHAN_GRACE_S
-            if stale:
-                await asyncio.to_thread(self.runtime.stop, h.pod_id, 0)
-                removed.append(h.pod_id)
-                log.warning("node %s: removed stale pod %s of %s (no service has it on record)",
-                            self.spec.name, h.pod_id, h.service)
+                if h.started_at is not None and (now - h.started_at).total_seconds() <= ORPHAN_GRACE_S:
+                    continue
+                why = "no service has it on record"
+            await asyncio.to_thread(self.runtime.stop, h.pod_id, 0)
+            removed.append(h.pod_id)
+            log.warning("node %s: removed stale pod %s of %s: %s", self.spec.name, h.pod_id, h.service, why)
+            await self._orphaned(h.service, h.pod_id, why)
+        self._orphaned_since = {p: t for p, t in self._orphaned_since.items() if p in orphans and p not in removed}
         return removed
 
-    async def _known_pods(self, service: str) -> set[str] | None:
-        """The pod ids the service's workflow has on record; empty if it no longer runs;
-        None when it cannot say (then nothing of it is removed)."""
+    async def _orphaned(self, service: str, pod_id: str, why: str) -> None:
+        if self.events is not None:
+            await self.events.publish(Event(type="pod.orphaned", service=service, reason=f"removed pod {pod_id}: {why}",
+                                            data={"pod": pod_id, "node": self.spec.name}))
+
+    async def _service(self, service: str) -> _Service | None:
+        """Whether the service's workflow runs (its latest run, from Temporal itself) and the pod
+        ids it has on record (none once its phase has ended); None when it cannot say (then
+        nothing of it is removed)."""
         handle = self.client.get_workflow_handle(constants.service_workflow_id(service))
+        try:
+            desc = await asyncio.wait_for(handle.describe(), 10)
+        except RPCError as e:
+            return _Service(False, set(), "not found") if e.status == RPCStatusCode.NOT_FOUND else None
+        except TimeoutError:
+            return None
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            if desc.status in (None, WorkflowExecutionStatus.CONTINUED_AS_NEW):
+                return None  # between two runs: ask again next sweep
+            return _Service(False, set(), desc.status.name.lower().replace("_", " "))
         try:
             status = await asyncio.wait_for(handle.query(names.Q.STATUS, result_type=ServiceStatus), 10)
         except RPCError as e:
-            return set() if e.status == RPCStatusCode.NOT_FOUND else None
+            return _Service(False, set(), "not found") if e.status == RPCStatusCode.NOT_FOUND else None
         except (WorkflowQueryFailedError, TimeoutError):
             return None
         if status.phase in names.ENDED:
-            return set()
-        return {p.id for p in status.pods}
+            return _Service(True, set())
+        return _Service(True, {p.id for p in status.pods})
 
     async def stop_all(self) -> int:
         """Stop every pod of this node (``sweep_on_exit``: a stack going down leaves none)."""

@@ -424,11 +424,51 @@ function toast(text, bad) {
 
 // --- live stream -------------------------------------------------------------------------
 
-function connect() {
-  const es = new EventSource("/api/stream");
+// Reading needs a viewer token (unless the dashboard runs with --public-read). An EventSource
+// cannot send a header, so the page trades its token for a one-connection stream ticket first;
+// when the stream closes (a ticket is good once, a token expires) it asks for a new one.
+let stream = null;
+let streamRetry = null;
+
+async function streamUrl() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return "/api/stream";
+  const resp = await fetch("/api/stream-ticket", { method: "POST", headers: { Authorization: "Bearer " + token } });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(body.error || "no stream ticket (" + resp.status + ")");
+  return body.ticket ? "/api/stream?ticket=" + encodeURIComponent(body.ticket) : "/api/stream";
+}
+
+function reconnect() {
+  if (stream) { stream.close(); stream = null; }
+  clearTimeout(streamRetry);
+  connect();
+}
+
+async function connect() {
   const conn = $("conn");
+  let url;
+  try {
+    url = await streamUrl();
+  } catch (e) {
+    conn.className = "conn conn-bad";
+    conn.textContent = "sign in to view";
+    streamRetry = setTimeout(reconnect, 5000);
+    return;
+  }
+  const es = new EventSource(url);
+  stream = es;
   es.addEventListener("open", () => { conn.className = "conn conn-ok"; conn.textContent = "live"; });
-  es.addEventListener("error", () => { conn.className = "conn conn-wait"; conn.textContent = "reconnecting…"; });
+  es.addEventListener("error", () => {
+    if (es.readyState === EventSource.CLOSED) {  // refused (401, 503) or its ticket is spent: start over
+      conn.className = "conn conn-bad";
+      conn.textContent = sessionStorage.getItem(TOKEN_KEY) ? "reconnecting…" : "sign in to view";
+      if (stream === es) streamRetry = setTimeout(reconnect, 2000);
+    } else {
+      conn.className = "conn conn-wait";
+      conn.textContent = "reconnecting…";
+    }
+  });
   es.addEventListener("init", (m) => {
     const init = JSON.parse(m.data);
     state.history = init.history || {};
@@ -495,13 +535,14 @@ async function signIn(token) {
     $("signin").hidden = false;
   }
   showIdentity();
+  reconnect();  // the stream as this identity (or as nobody)
 }
 
 function setup() {
   $("signin-open").addEventListener("click", () => { $("signin").hidden = false; $("token").focus(); });
   $("signin-cancel").addEventListener("click", () => { $("signin").hidden = true; });
   $("signin").addEventListener("submit", (ev) => { ev.preventDefault(); const t = $("token").value.trim(); if (t) signIn(t); });
-  $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); state.me = null; showIdentity(); });
+  $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); state.me = null; showIdentity(); reconnect(); });
   $("filter").addEventListener("input", render);
   $("problems").addEventListener("change", render);
   $("event-filter").addEventListener("input", renderEvents);
@@ -517,13 +558,9 @@ function setup() {
     if (linked !== null && !/^[A-Za-z0-9._~-]+$/.test(linked)) linked = null;
     history.replaceState(null, "", location.pathname + location.search);
   }
-  if (linked) {
-    signIn(linked);
-  } else {
-    const saved = sessionStorage.getItem(TOKEN_KEY);
-    if (saved) signIn(saved);
-  }
-  connect();
+  const saved = linked || sessionStorage.getItem(TOKEN_KEY);
+  if (saved) signIn(saved);  // connects once signed in
+  else connect();
   setInterval(tick, 1000);
 }
 

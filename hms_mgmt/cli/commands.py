@@ -88,17 +88,21 @@ DashPortOpt = Annotated[int | None, typer.Option("--dashboard-port", help="Dashb
                                                  "(default: HMS_DASHBOARD_PORT or 8088).")]
 NoRouterOpt = Annotated[bool, typer.Option("--no-router", help="Do not start the traffic router.")]
 NoDashOpt = Annotated[bool, typer.Option("--no-dashboard", help="Do not start the dashboard.")]
+PublicReadOpt = Annotated[bool, typer.Option("--public-read", help="The dashboard's read (fleet, events) open to "
+                                             "whoever reaches its port, with no token.")]
+ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Use a server already on --port that this state dir did "
+                                        "not start and its configuration does not name (refused without).")]
 
 
 def _edge(router_port: int | None, engine: str, dashboard_port: int | None, no_router: bool,
-          no_dashboard: bool) -> Edge:
+          no_dashboard: bool, public_read: bool = False) -> Edge:
     from router.server import ENGINES
 
     if engine not in ENGINES:
         raise typer.BadParameter(f"choose one of {', '.join(ENGINES)}", param_hint="--engine")
     s = _settings()
     return Edge(router_port=None if no_router else (router_port or s.router_port), engine=engine,
-                dashboard_port=None if no_dashboard else (dashboard_port or s.dashboard_port))
+                dashboard_port=None if no_dashboard else (dashboard_port or s.dashboard_port), public_read=public_read)
 
 
 @app.command()
@@ -118,9 +122,11 @@ def up(
         "(another host's nodes and routers reach this one there).")] = "127.0.0.1",
     no_node: Annotated[bool, typer.Option(
         "--no-node", help="Run no pods on this host: the control plane, router and dashboard only.")] = False,
+    reuse: ReuseOpt = False,
+    public_read: PublicReadOpt = False,
 ) -> None:
-    """Run the local stack until Ctrl-C: Temporal dev server (reused if one answers), a worker,
-    the traffic router and the dashboard."""
+    """Run the local stack until Ctrl-C: Temporal dev server (an earlier `hms up`'s on this state
+    dir is reused), a worker, the traffic router and the dashboard."""
     from hms_mgmt.addresses import check_address
 
     try:
@@ -129,7 +135,8 @@ def up(
         raise typer.BadParameter(str(e), param_hint="--listen") from None
     _setup_logging(logging.INFO)
     _run(_up(port, ui_port, headless, not no_worker,
-             _edge(router_port, engine, dashboard_port, no_router, no_dashboard), listen=listen, run_node=not no_node))
+             _edge(router_port, engine, dashboard_port, no_router, no_dashboard, public_read), listen=listen, run_node=not no_node,
+             reuse=reuse))
 
 
 @app.command()
@@ -145,12 +152,14 @@ def demo(
     dashboard_port: DashPortOpt = None,
     no_router: NoRouterOpt = False,
     no_dashboard: NoDashOpt = False,
+    reuse: ReuseOpt = False,
+    public_read: PublicReadOpt = False,
 ) -> None:
     """`hms up`, then deploy hms-ach, hms-frm and hms-notify; Ctrl-C undeploys them and stops everything."""
     _setup_logging(logging.WARNING)
     _quiet_temporal_core()
     _run(_demo(port, ui_port, headless, exit_after, timeout,
-               _edge(router_port, engine, dashboard_port, no_router, no_dashboard)))
+               _edge(router_port, engine, dashboard_port, no_router, no_dashboard, public_read), reuse=reuse))
 
 
 DockerHostOpt = Annotated[str | None, typer.Option(

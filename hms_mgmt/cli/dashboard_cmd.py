@@ -31,7 +31,8 @@ def read_token_file(path: Path, settings: Settings) -> str:
     return token
 
 
-async def run_dashboard_until_signal(settings: Settings, *, port: int, token: str | None) -> None:
+async def run_dashboard_until_signal(settings: Settings, *, port: int, token: str | None,
+                                     public_read: bool = False) -> None:
     """Serve until SIGINT/SIGTERM, printing the URL (and the sign-in link for ``token``)."""
     from dashboard import running_dashboard
     from hms_mgmt.config import connect
@@ -41,7 +42,7 @@ async def run_dashboard_until_signal(settings: Settings, *, port: int, token: st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_dashboard(client, settings, port=port, token=token) as dash:
+    async with running_dashboard(client, settings, port=port, token=token, public_read=public_read) as dash:
         out.print(Text.assemble(("dashboard ", "bold"), (dash.url, "cyan underline")), soft_wrap=True)
         if dash.sign_in_url:
             out.print(Text.assemble(("sign in   ", "bold"), dash.sign_in_url,
@@ -57,9 +58,11 @@ def dashboard(
         Path | None,
         typer.Option("--token-file", help="A token (e.g. a gov_approver's) to sign the browser in with, via a printed link."),
     ] = None,
+    public_read: Annotated[bool, typer.Option(
+        "--public-read", help="Let anyone who reaches the port read the fleet and events, with no token.")] = False,
 ) -> None:
     """The live operations page: services, pods, charts, traffic, approvals and events."""
     _setup_logging(logging.WARNING)
     settings = _settings()
     token = read_token_file(token_file, settings) if token_file else None
-    _run(run_dashboard_until_signal(settings, port=port, token=token))
+    _run(run_dashboard_until_signal(settings, port=port, token=token, public_read=public_read))

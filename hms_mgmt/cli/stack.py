@@ -15,12 +15,12 @@ from rich.text import Text
 
 from hms_mgmt import auth
 from hms_mgmt.addresses import LOOPBACK, host_port
-from hms_mgmt.cli.common import _add_cli_overrides, _settings, _signer
+from hms_mgmt.cli.common import _add_cli_overrides, _cli_overrides, _settings, _signer
 from hms_mgmt.cli.render import _deploy_with_progress, _pods_table, _short, _web_ui_url, err, out
 from hms_mgmt.config import Settings
 from hms_mgmt.devserver import DevServer, port_open
 from hms_mgmt.errors import HmsError, ServiceNotFound
-from hms_mgmt.files import secure_state_dir
+from hms_mgmt.files import atomic_write, load_yaml_mapping, secure_state_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator, load_spec
 
@@ -29,6 +29,7 @@ T = TypeVar("T")
 EXAMPLE_FILES = ("hms-ach.yaml", "hms-frm.yaml", "hms-notify.yaml")
 WORKER_STOP_TIMEOUT_S = 30.0
 UNDEPLOY_TIMEOUT_S = 120.0
+RECORDED_ADDRESS = "temporal-address.recorded"  # what `hms up` itself wrote to config.yaml: no one's choice
 
 
 class _Stopper:
@@ -58,6 +59,7 @@ class _Stack:
     router_url: str | None = None
     router_engine: str = "builtin"
     dashboard_url: str | None = None
+    dashboard_sign_in: str | None = None  # the dashboard's link that signs a browser in as a viewer
     metrics_url: str | None = None
     listen: str = LOOPBACK  # `hms up --listen`: where Temporal, the Web UI, the router and the dashboard are
     run_node: bool = True  # False (`hms up --no-node`): the worker runs no pods here
@@ -71,6 +73,7 @@ class Edge:
     router_port: int | None = None
     engine: str = "builtin"
     dashboard_port: int | None = None
+    public_read: bool = False  # the dashboard's read with no token (`--public-read`)
 
 
 async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
@@ -85,77 +88,97 @@ async def _first(*aws: Awaitable[Any]) -> set[asyncio.Future[Any]]:
 
 @contextlib.asynccontextmanager
 async def _local_stack(*, port: int, ui_port: int, headless: bool, run_worker: bool,
-                       edge: Edge | None = None, listen: str = LOOPBACK, run_node: bool = True) -> AsyncIterator[_Stack]:
+                       edge: Edge | None = None, listen: str = LOOPBACK, run_node: bool = True,
+                       reuse: bool = False) -> AsyncIterator[_Stack]:
     """Temporal dev server + operator token + an in-process worker, the traffic router and the
     dashboard, all reached on ``listen``; torn down in reverse. Without ``run_node`` the worker is
     the control plane only: this host runs no pods."""
-    from hms_mgmt.config import connect
+    from hms_mgmt.config import connect, temporal_tls
 
     settings = _settings()
-    if settings.tls_cert or settings.api_key:
+    if temporal_tls(settings) is not False:
         raise HmsError(
-            "`hms up` runs a local dev server without TLS, but HMS_TEMPORAL_TLS_CERT or HMS_TEMPORAL_API_KEY "
-            "is set: unset them, or run `hms worker` against your cluster instead"
+            "`hms up` runs a local dev server without TLS, but the HMS_TEMPORAL_TLS_* or HMS_TEMPORAL_API_KEY "
+            "settings ask for TLS: unset them, or run `hms worker` against your cluster instead"
         )
     secure_state_dir(settings.state_dir)
     server = DevServer(
-        port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace
+        port=port, ui_port=ui_port, headless=headless, state_dir=settings.state_dir, namespace=settings.namespace,
+        reuse=reuse, named=_names_server(settings.state_dir, port, listen),
     )
     await server.start()
     relays: list[asyncio.Server] = []
     try:
-        address, ui_url = server.address, server.ui_url
-        # --- hms up --listen: the dev server stays on 127.0.0.1, relayed (hms_mgmt/relay.py says why)
-        if listen != LOOPBACK:
-            from hms_mgmt.relay import start_relay
-
-            for p in [port] + ([] if headless else [ui_port]):
-                try:
-                    relays.append(await start_relay(listen, p, server.host, p))
-                except OSError as e:
-                    raise HmsError(f"cannot listen on {host_port(listen, p)}: {e}") from e
-            address, ui_url = host_port(listen, port), f"http://{host_port(listen, ui_port)}"
+        address, ui_url = await _listen_on(listen, server, relays, port=port, ui_port=ui_port, headless=headless)
         if edge is not None and edge.router_port is not None and settings.routers == [
                 f"http://{LOOPBACK}:{settings.router_port}"]:  # the feed goes where the router listens
             _add_cli_overrides(routers=[f"http://{host_port(listen, edge.router_port)}"])
-        # ---
-        # This server, for every Settings this command builds from now on (the worker's reloads
-        # included); a Web UI URL set in the environment is kept (a proxy in front of the UI).
-        ui_url = os.environ.get("HMS_WEB_UI_URL") or ui_url
-        _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
-        # And the config file, so `hms status` in another shell with this state dir finds it.
-        settings.write_config(temporal_address=address, web_ui_url=ui_url)
-        settings = _settings()
+        settings = _record_address(settings, address, ui_url)
         auth.ensure_local_operator(settings)
         client = await connect(settings)
-        worker = None
-        task: asyncio.Task[None] | None = None
-        if run_worker:
-            from worker.main import HmsWorker
-
-            worker = HmsWorker(client, settings, node=run_node, settings_loader=settings.reload,
-                               metrics=bool(settings.metrics_port))
-            task = asyncio.create_task(worker.run())
-        stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task,
-                       listen=listen, run_node=run_node, temporal_address=address)
-        if worker is not None and settings.metrics_port:
-            stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-        try:
+        async with _in_process_worker(client, settings, run=run_worker, run_node=run_node) as task:
+            stack = _Stack(server=server, settings=settings, orch=Orchestrator(client, settings), worker_task=task,
+                           listen=listen, run_node=run_node, temporal_address=address)
+            if task is not None and settings.metrics_port:
+                stack.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
             async with _edge(stack, client, edge or Edge()):
                 yield stack
-        finally:
-            if worker is not None and task is not None:
-                if not task.done():
-                    with contextlib.suppress(Exception):
-                        await worker.stop()
-                try:
-                    await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
-                except Exception as e:  # noqa: BLE001 - report, and still stop the server
-                    err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
     finally:
         for relay in relays:
             relay.close()
         server.stop()
+
+
+async def _listen_on(listen: str, server: DevServer, relays: list[asyncio.Server], *, port: int, ui_port: int,
+                     headless: bool) -> tuple[str, str]:
+    """(Temporal address, Web UI URL) as other hosts reach them. With ``hms up --listen`` the dev
+    server stays on 127.0.0.1 and is relayed (hms_mgmt/relay.py says why); ``relays`` collects
+    the relays for the caller to close."""
+    if listen == LOOPBACK:
+        return server.address, server.ui_url
+    from hms_mgmt.relay import start_relay
+
+    for p in [port] + ([] if headless else [ui_port]):
+        try:
+            relays.append(await start_relay(listen, p, server.host, p))
+        except OSError as e:
+            raise HmsError(f"cannot listen on {host_port(listen, p)}: {e}") from e
+    return host_port(listen, port), f"http://{host_port(listen, ui_port)}"
+
+
+def _record_address(settings: Settings, address: str, ui_url: str) -> Settings:
+    """This server, for every Settings this command builds from now on (the worker's reloads
+    included) and in the config file, so `hms status` in another shell with this state dir finds
+    it; a Web UI URL set in the environment is kept (a proxy in front of the UI)."""
+    ui_url = os.environ.get("HMS_WEB_UI_URL") or ui_url
+    _add_cli_overrides(temporal_address=address, web_ui_url=ui_url)
+    settings.write_config(temporal_address=address, web_ui_url=ui_url)
+    atomic_write(settings.state_dir / RECORDED_ADDRESS, address + "\n", mode=0o600)
+    return _settings()
+
+
+@contextlib.asynccontextmanager
+async def _in_process_worker(client: Any, settings: Settings, *, run: bool,
+                             run_node: bool) -> AsyncIterator[asyncio.Task[None] | None]:
+    """The worker as a task of this process (None without ``run``), stopped on the way out."""
+    if not run:
+        yield None
+        return
+    from worker.main import HmsWorker
+
+    worker = HmsWorker(client, settings, node=run_node, settings_loader=settings.reload,
+                       metrics=bool(settings.metrics_port))
+    task = asyncio.create_task(worker.run())
+    try:
+        yield task
+    finally:
+        if not task.done():
+            with contextlib.suppress(Exception):
+                await worker.stop()
+        try:
+            await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - report, and still stop the server
+            err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
 
 
 @contextlib.asynccontextmanager
@@ -189,10 +212,42 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
             if not _port_free(edge.dashboard_port, stack.listen):
                 raise HmsError(f"port {edge.dashboard_port} is taken: the dashboard needs it "
                                "(--dashboard-port, or --no-dashboard)")
-            dash = await stop.enter_async_context(running_dashboard(client, stack.settings, port=edge.dashboard_port,
-                                                                    host=stack.listen))
+            dash = await stop.enter_async_context(running_dashboard(
+                client, stack.settings, port=edge.dashboard_port, host=stack.listen, public_read=edge.public_read,
+                token=None if edge.public_read else _viewer_token(stack.settings)))
             stack.dashboard_url = dash.url
+            stack.dashboard_sign_in = dash.sign_in_url
         yield
+
+
+# --- hms up --reuse (issue 19): a server already on the port is used only if someone chose it -------
+
+
+def _names_server(state_dir: Path, port: int, listen: str) -> bool:
+    """Whether the operator named a Temporal server on ``port`` of this host on purpose: with
+    HMS_TEMPORAL_ADDRESS, ``hms --address`` or config.yaml; not config.yaml's value that an
+    earlier ``hms up`` recorded there itself (``RECORDED_ADDRESS``)."""
+    config = state_dir / "config.yaml"
+    from_file = load_yaml_mapping(config, what="setting to value").get("temporal_address") if config.exists() else None
+    try:
+        recorded = (state_dir / RECORDED_ADDRESS).read_text().strip()
+    except OSError:
+        recorded = None
+    chosen = [os.environ.get("HMS_TEMPORAL_ADDRESS"), _cli_overrides.get("temporal_address"),
+              from_file if from_file != recorded else None]
+    here = {f"{h}:{port}" for h in (LOOPBACK, "localhost", listen)}
+    return any(isinstance(a, str) and a.strip() in here for a in chosen)
+
+
+# ---
+
+
+def _viewer_token(settings: Settings) -> str | None:
+    """A viewer's token for the dashboard's sign-in link (reading needs one: issue 19)."""
+    try:
+        return auth.issue_token(settings.state_dir, user=os.environ.get("USER") or "operator", role="viewer")
+    except HmsError:
+        return None
 
 
 def _port_free(port: int, host: str = LOOPBACK) -> bool:
@@ -225,6 +280,9 @@ def _print_stack(stack: _Stack) -> None:
                                 f" ({stack.router_engine} engine)"))
     if stack.dashboard_url:
         out.print(Text.assemble(("dashboard ", "bold"), (stack.dashboard_url, "cyan underline")))
+    if stack.dashboard_sign_in:
+        out.print(Text.assemble(("sign in   ", "bold"), stack.dashboard_sign_in, (" (a viewer, for 8 hours)", "dim")),
+                  soft_wrap=True)
     if stack.metrics_url:
         out.print(Text.assemble(("metrics   ", "bold"), stack.metrics_url))
 
@@ -238,11 +296,12 @@ def _check_alive(stack: _Stack, done: set[asyncio.Future[Any]], server_exit: asy
 
 
 async def _up(port: int, ui_port: int, headless: bool, run_worker: bool, edge: Edge | None = None, *,
-              listen: str = LOOPBACK, run_node: bool = True) -> None:
+              listen: str = LOOPBACK, run_node: bool = True, reuse: bool = False) -> None:
     stopper = _Stopper()
     stopper.install()
     async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=run_worker,
-                            edge=edge if run_worker else None, listen=listen, run_node=run_node) as stack:
+                            edge=edge if run_worker else None, listen=listen, run_node=run_node,
+                            reuse=reuse) as stack:
         _print_stack(stack)
         out.print("ready: Ctrl-C stops " + ("the worker and " if run_worker else "") + "the server")
         server_exit = asyncio.ensure_future(stack.server.wait_exit())
@@ -385,13 +444,14 @@ async def _demo_run(
 
 
 async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | None, timeout: float,
-                edge: Edge | None = None) -> None:
+                edge: Edge | None = None, *, reuse: bool = False) -> None:
     examples = _examples_dir()
     specs = [load_spec(examples / f) for f in EXAMPLE_FILES]  # a broken example fails before anything starts
     names = [s.name for s in specs]
     stopper = _Stopper()
     stopper.install()
-    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True, edge=edge) as stack:
+    async with _local_stack(port=port, ui_port=ui_port, headless=headless, run_worker=True, edge=edge,
+                            reuse=reuse) as stack:
         _print_stack(stack)
         assert stack.worker_task is not None
         server_exit = asyncio.ensure_future(stack.server.wait_exit())

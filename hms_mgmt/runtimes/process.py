@@ -315,30 +315,9 @@ class ProcessRuntime(PodRuntime):
                 if self._process(rec) is not None:
                     return self._handle(rec)
                 self._stop_record(rec, 0)
-            entry = self.catalog.resolve(req.spec.image)
-            if req.image_id and self.catalog.content_id(req.spec.image) != req.image_id:
-                # A process cannot run old content: refuse rather than run what was not admitted.
-                raise PodRuntimeError(
-                    f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
-                    error_type=ActivityErrorType.IMAGE_UNTRUSTED,
-                )
-            problems = check_process_spec(req.spec, entry)
-            if problems:
-                raise PodRuntimeError("; ".join(problems), error_type=ActivityErrorType.SPEC_UNRUNNABLE)
+            entry = self._admitted_entry(req)
             cwd = str(entry.get("cwd") or _REPO_ROOT)
-            python: str = sys.executable
-            user = self.pod_user()
-            if user is None:
-                why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
-                self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
-            if user is not None:
-                found, why = self._python_for_user(user, cwd)
-                if found is None:
-                    self._degraded(req, f"runs as the worker's user, not {user.pw_name}: {user.pw_name} cannot "
-                                        f"run Python in {cwd} ({why}); it can read the state directory's keys")
-                    user = None
-                else:
-                    python = found
+            user, python = self._run_as(req, cwd)
             command = [part.replace(PYTHON, python) for part in (req.spec.command or entry["command"])]
             memory_mb = req.spec.memory_mb or self.limits.memory_mb
             rlimits = [f"--nofile={self.limits.nofile}",
@@ -346,63 +325,17 @@ class ProcessRuntime(PodRuntime):
             prlimit = shutil.which("prlimit")
             if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
                 command = [prlimit, *rlimits, "--", *command]
-            cgroups: PodCgroups | None = self.cgroups()
-            if not cgroups.available():
-                self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {cgroups.reason}")
-                cgroups = None
-            else:
-                try:
-                    cgroups.create(req.pod_id, memory_mb=memory_mb, cpus=req.spec.cpu_limit, pids=self.limits.pids)
-                except OSError as e:
-                    self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
-                    cgroups = None
+            cgroups = self._pod_cgroups(req, memory_mb)
             port = _free_port(self.address)
             home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
             if user is not None:
                 os.chown(home, user.pw_uid, user.pw_gid)
             env = self._environment(req, entry, port, home, self.address)
-            log_path = self._log_path(req.pod_id)
-            rec = {
-                "pod_id": req.pod_id,
-                "service": req.service,
-                "revision": req.revision,
-                "node": self.node,
-                "image": req.spec.image,
-                "pid": 0,
-                "create_time": 0.0,
-                "port": port,
-                "address": self.address,
-                "cpu_limit": req.spec.cpu_limit,
-                "started_at": datetime.now(UTC).isoformat(),
-                "log": str(log_path),
-                "command": command,
-                "user": user.pw_name if user else "",
-                "home": home,
-            }
+            rec = self._new_record(req, port, command, user, home)
             # On record before it exists: a worker killed between the spawn and the pid below
             # leaves this, and the next start or stop of the pod finds the process (_strays).
             self._write(rec)
-            # The log is opened here and handed over as stdout: the pod writes it without any
-            # access to the state directory.
-            with os.fdopen(open_private(log_path), "ab") as log_file:
-                try:
-                    child = subprocess.Popen(
-                        command,
-                        env=env,
-                        cwd=cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        user=user.pw_uid if user else None,
-                        group=user.pw_gid if user else None,
-                        extra_groups=[] if user else None,  # drop root's supplementary groups too
-                        umask=0o077,
-                    )
-                except OSError as e:
-                    shutil.rmtree(home, ignore_errors=True)
-                    self._record_path(req.pod_id).unlink(missing_ok=True)
-                    raise PodRuntimeError(f"cannot start {command[0]!r}: {e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
+            child = self._spawn(req, rec, env, cwd, user)
             self._children[req.pod_id] = child
             if not prlimit:
                 self._set_rlimits(req, child.pid, memory_mb)
@@ -416,6 +349,93 @@ class ProcessRuntime(PodRuntime):
             self._exits.poke()
             log.info("started pod %s (%s) pid %s on %s", req.pod_id, req.service, child.pid, host_port(self.address, port))
             return self._handle(rec)
+
+    def _admitted_entry(self, req: PodLaunch) -> dict[str, Any]:
+        """The image's catalog entry, if it is still the content admitted and would run this spec."""
+        entry = self.catalog.resolve(req.spec.image)
+        if req.image_id and self.catalog.content_id(req.spec.image) != req.image_id:
+            # A process cannot run old content: refuse rather than run what was not admitted.
+            raise PodRuntimeError(
+                f"image {req.spec.image} changed since it was admitted ({req.image_id[:19]}): redeploy it",
+                error_type=ActivityErrorType.IMAGE_UNTRUSTED,
+            )
+        problems = check_process_spec(req.spec, entry)
+        if problems:
+            raise PodRuntimeError("; ".join(problems), error_type=ActivityErrorType.SPEC_UNRUNNABLE)
+        return entry
+
+    def _run_as(self, req: PodLaunch, cwd: str) -> tuple[pwd.struct_passwd | None, str]:
+        """(the pod user, its Python), or (None, the worker's Python) with a sandbox warning."""
+        user = self.pod_user()
+        if user is None:
+            why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
+            self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
+            return None, sys.executable
+        found, why = self._python_for_user(user, cwd)
+        if found is None:
+            self._degraded(req, f"runs as the worker's user, not {user.pw_name}: {user.pw_name} cannot "
+                                f"run Python in {cwd} ({why}); it can read the state directory's keys")
+            return None, sys.executable
+        return user, found
+
+    def _pod_cgroups(self, req: PodLaunch, memory_mb: int) -> PodCgroups | None:
+        """The pod's cgroup, made; None (with a sandbox warning) where cgroups cannot limit it."""
+        cgroups: PodCgroups = self.cgroups()
+        if not cgroups.available():
+            self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {cgroups.reason}")
+            return None
+        try:
+            cgroups.create(req.pod_id, memory_mb=memory_mb, cpus=req.spec.cpu_limit, pids=self.limits.pids)
+        except OSError as e:
+            self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
+            return None
+        return cgroups
+
+    def _new_record(self, req: PodLaunch, port: int, command: list[str], user: pwd.struct_passwd | None,
+                    home: str) -> dict[str, Any]:
+        return {
+            "pod_id": req.pod_id,
+            "service": req.service,
+            "revision": req.revision,
+            "node": self.node,
+            "image": req.spec.image,
+            "pid": 0,
+            "create_time": 0.0,
+            "port": port,
+            "address": self.address,
+            "cpu_limit": req.spec.cpu_limit,
+            "started_at": datetime.now(UTC).isoformat(),
+            "log": str(self._log_path(req.pod_id)),
+            "command": command,
+            "user": user.pw_name if user else "",
+            "home": home,
+        }
+
+    def _spawn(self, req: PodLaunch, rec: dict[str, Any], env: dict[str, str], cwd: str,
+               user: pwd.struct_passwd | None) -> subprocess.Popen[bytes]:
+        """The pod's process in a session of its own, as ``user``. The log is opened here and
+        handed over as stdout: the pod writes it without any access to the state directory."""
+        command = rec["command"]
+        with os.fdopen(open_private(rec["log"]), "ab") as log_file:
+            try:
+                return subprocess.Popen(
+                    command,
+                    env=env,
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    user=user.pw_uid if user else None,
+                    group=user.pw_gid if user else None,
+                    extra_groups=[] if user else None,  # drop root's supplementary groups too
+                    umask=0o077,
+                )
+            except OSError as e:
+                shutil.rmtree(rec["home"], ignore_errors=True)
+                self._record_path(req.pod_id).unlink(missing_ok=True)
+                raise PodRuntimeError(f"cannot start {command[0]!r}: {e}",
+                                      error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
 
     def _set_rlimits(self, req: PodLaunch, pid: int, memory_mb: int) -> None:
         """Without the prlimit tool: the same limits through prlimit(2), just after the start."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
-from typing import Any
 
 from services.common import (
     HttpError,
+    Records,
     Request,
     Response,
     Route,
@@ -28,8 +27,7 @@ _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 
 def build_service() -> Service:
     """Build the service; state lives in closures so each pod process has its own ledger."""
-    payments: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
+    payments = Records("payment_id")
     pod = pod_id()
 
     def create(req: Request) -> Response:
@@ -41,7 +39,7 @@ def build_service() -> Service:
         currency = data.get("currency", "USD")
         if not isinstance(currency, str) or not _CURRENCY_RE.match(currency):
             raise HttpError(400, "currency must be a 3-letter ISO code", field="currency")
-        payment = {
+        payment = payments.add({
             "payment_id": f"pay_{uuid.uuid4().hex}",
             "status": "accepted",
             "amount": round(amount, 2),
@@ -49,17 +47,11 @@ def build_service() -> Service:
             "account": account,
             "created_at": time.time(),
             "pod": pod,
-        }
-        with lock:
-            payments[payment["payment_id"]] = payment
+        })
         return Response(202, {"payment_id": payment["payment_id"], "status": "accepted", "pod": pod})
 
     def get(req: Request) -> Response:
-        with lock:
-            payment = payments.get(req.params["id"])
-        if payment is None:
-            raise HttpError(404, "unknown payment_id", field="payment_id")
-        return Response(200, payment)
+        return Response(200, payments.get(req.params["id"]))
 
     routes: list[Route] = [
         route("POST", "/payments", create),

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 import uuid
-from typing import Any
 
-from services.common import HttpError, Request, Response, Route, Service, pod_id, require, route
+from services.common import HttpError, Records, Request, Response, Route, Service, pod_id, require, route
 
 NAME = "hms-notify"
 _E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -19,8 +17,7 @@ MAX_MESSAGE_CHARS = 1600
 def build_service() -> Service:
     """Build the service; a queued SMS reads as "sent" once HMS_SMS_SEND_DELAY_S has passed."""
     send_delay = float(os.environ.get("HMS_SMS_SEND_DELAY_S") or 1.0)
-    messages: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
+    messages = Records("sms_id")
     pod = pod_id()
 
     def create(req: Request) -> Response:
@@ -33,22 +30,17 @@ def build_service() -> Service:
             raise HttpError(400, "message must be a string", field="message")
         if len(message) > MAX_MESSAGE_CHARS:
             raise HttpError(400, f"message longer than {MAX_MESSAGE_CHARS} characters", field="message")
-        sms = {
+        sms = messages.add({
             "sms_id": f"sms_{uuid.uuid4().hex}",
             "to": to.replace(" ", ""),
             "length": len(message),
             "created_at": time.time(),
             "pod": pod,
-        }
-        with lock:
-            messages[sms["sms_id"]] = sms
+        })
         return Response(202, {"sms_id": sms["sms_id"], "status": "queued", "pod": pod})
 
     def get(req: Request) -> Response:
-        with lock:
-            sms = messages.get(req.params["id"])
-        if sms is None:
-            raise HttpError(404, "unknown sms_id", field="sms_id")
+        sms = messages.get(req.params["id"])
         status = "sent" if time.time() - sms["created_at"] >= send_delay else "queued"
         return Response(200, {**sms, "status": status})
 

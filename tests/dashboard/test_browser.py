@@ -142,7 +142,9 @@ async def stack(temporal_env, tmp_path_factory) -> AsyncIterator[Stack]:
                         page.on("pageerror", lambda e: errors.append(str(e)))
                         page.on("console", lambda m: m.type == "error" and errors.append(m.text))
                         await page.goto(dash.url)
-                        yield Stack(settings, Orchestrator(temporal_env.client, settings), dash, page, router)
+                        stk = Stack(settings, Orchestrator(temporal_env.client, settings), dash, page, router)
+                        await stk.sign_in(stk.token("val", "viewer"), "viewer")  # reading needs a viewer
+                        yield stk
                     finally:
                         await browser.close()
             finally:
@@ -245,7 +247,7 @@ async def test_viewer_gets_no_buttons(stack: Stack):
     await stack.orch.deploy(seed_spec(name="hms-big", min_replicas=1, max_replicas=12))
     card = 'div[data-approval="hms-big"]'
     await page.wait_for_selector(card)
-    assert await page.locator(f"{card} button").count() == 0  # anonymous
+    assert await page.locator(f"{card} button").count() == 0  # a viewer (reading needs one)
     viewer = stack.token("vic", "viewer")
     await stack.sign_in(viewer, "viewer")
     await page.wait_for_selector(f"{card} >> text=may not approve")
@@ -308,6 +310,7 @@ async def test_holds_up_with_fifty_services(stack: Stack):
     Started straight through the client: this is about the page, not about deploy's admission wait."""
     page = stack.page
     orch = stack.orch
+    await stack.sign_in(stack.token("val", "viewer"), "viewer")  # the sign-in link test left nobody signed in
     # Beside whatever earlier tests of this module left deployed (none when this test runs alone).
     expected = 50
     for n in range(expected - len(await orch.list())):

@@ -28,7 +28,8 @@ async def dashboard_view(dash: Dashboard, name: str, **expect: Any) -> dict[str,
     """The service as the dashboard's ``/api/state`` shows it, once it matches ``expect``."""
 
     async def read() -> dict[str, Any] | None:
-        async with aiohttp.ClientSession() as session, session.get(f"{dash.url}/api/state") as resp:
+        auth = {"Authorization": f"Bearer {dash.settings.token}"}  # reading needs a token (issue 19)
+        async with aiohttp.ClientSession() as session, session.get(f"{dash.url}/api/state", headers=auth) as resp:
             state = await resp.json()
         view = next((s for s in state["services"] if s["name"] == name), None)
         return view if view is not None and all(view.get(k) == v for k, v in expect.items()) else None

@@ -181,27 +181,16 @@ def _signed(tmp_path: Path, claims: dict) -> str:
     return jwt.encode(claims, auth.load_token_key(tmp_path), algorithm="EdDSA")
 
 
-def test_unknown_role_in_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("claims", "why"), [
+    ({"sub": "a", "role": "root", "iss": "hms-mgmt"}, "unknown role 'root'"),
+    ({"sub": "a", "role": "viewer", "iss": "someone-else"}, "issued by 'someone-else', not 'hms-mgmt'"),
+    ({"sub": "a", "iss": "hms-mgmt"}, "missing the 'role' claim"),
+], ids=["unknown-role", "wrong-issuer", "missing-claim"])
+def test_a_token_with_bad_claims_is_refused(tmp_path: Path, claims: dict, why: str) -> None:
     init_keys(tmp_path)
     iat = int(T0.timestamp())
-    token = _signed(tmp_path, {"sub": "a", "role": "root", "iat": iat, "exp": iat + 60, "iss": "hms-mgmt"})
-    with pytest.raises(AccessDenied, match="unknown role 'root'"):
-        verify_token(token, state_dir=tmp_path, now=T0)
-
-
-def test_wrong_issuer(tmp_path: Path) -> None:
-    init_keys(tmp_path)
-    iat = int(T0.timestamp())
-    token = _signed(tmp_path, {"sub": "a", "role": "viewer", "iat": iat, "exp": iat + 60, "iss": "someone-else"})
-    with pytest.raises(AccessDenied, match="issued by 'someone-else', not 'hms-mgmt'"):
-        verify_token(token, state_dir=tmp_path, now=T0)
-
-
-def test_missing_claim(tmp_path: Path) -> None:
-    init_keys(tmp_path)
-    iat = int(T0.timestamp())
-    token = _signed(tmp_path, {"sub": "a", "iat": iat, "exp": iat + 60, "iss": "hms-mgmt"})
-    with pytest.raises(AccessDenied, match="missing the 'role' claim"):
+    token = _signed(tmp_path, {**claims, "iat": iat, "exp": iat + 60})
+    with pytest.raises(AccessDenied, match=why):
         verify_token(token, state_dir=tmp_path, now=T0)
 
 

@@ -9,6 +9,7 @@ pods live beside this file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -203,23 +204,34 @@ class FakeCluster:
                 self.publish_endpoints, self.issue_ticket, self.watch_cpu]
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[FakeCluster, Settings]]:
+@contextlib.asynccontextmanager
+async def fake_cluster(env: WorkflowEnvironment, tmp_path, cls: type[FakeCluster] = None,  # type: ignore[assignment]
+                       prefix: str = "hms-logic") -> AsyncIterator[tuple[FakeCluster, Settings]]:
+    """A control worker (our workflows) and a node worker, both with ``cls``'s stand-in activities."""
     tag = uuid.uuid4().hex[:8]
-    settings = Settings(temporal_address="unused", task_queue=f"hms-logic-{tag}", node=f"n{tag}",
+    settings = Settings(temporal_address="unused", task_queue=f"{prefix}-{tag}", node=f"n{tag}",
                         history_threshold=None, state_dir=tmp_path / "state")
     auth.init_keys(settings.state_dir)
     settings.token = real_token(settings.state_dir, "t-alice")
-    cluster = FakeCluster(node=settings.node_specs()[0], state_dir=settings.state_dir)
+    cluster = (cls or FakeCluster)(node=settings.node_specs()[0], state_dir=settings.state_dir)
     # One worker serves both queues: workflows + control activities, and the node's pod activities.
-    control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
+    control = Worker(env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
                      activities=cluster.activities())
-    node = Worker(temporal_env.client, task_queue=settings.node_task_queue(), activities=cluster.activities())
+    node = Worker(env.client, task_queue=settings.node_task_queue(), activities=cluster.activities())
     async with control, node:
         try:
             yield cluster, settings
         finally:
-            await terminate_running(temporal_env, settings)
+            release = getattr(cluster, "release", None)
+            if release is not None:
+                release.set()
+            await terminate_running(env, settings)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fake(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[FakeCluster, Settings]]:
+    async with fake_cluster(temporal_env, tmp_path) as running:
+        yield running
 
 
 def as_user(env: WorkflowEnvironment, settings: Settings, token: str | None, **kw: object) -> Orchestrator:

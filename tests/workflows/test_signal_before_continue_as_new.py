@@ -10,24 +10,20 @@ The moment is built, not hoped for: a ``scale`` update is held in its ``authoriz
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest_asyncio
-from conftest import eventually, seed_spec, terminate_running
+from conftest import eventually, seed_spec
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
-from test_service_logic import FakeCluster, as_user, real_token
+from test_service_logic import FakeCluster, as_user, fake_cluster
 
-from hms_mgmt import auth
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import FailureKind
 from hms_mgmt.models import AuthorizeInput, AuthorizeOutput
 from hms_mgmt.names import S, service_workflow_id
-from workflows import ALL_WORKFLOWS
 
 THRESHOLD = 40  # events: above a steady run's history, crossed by the test's own signals
 
@@ -49,21 +45,8 @@ class HeldCluster(FakeCluster):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def held(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[HeldCluster, Settings]]:
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(temporal_address="unused", task_queue=f"hms-can-{tag}", node=f"n{tag}",
-                        history_threshold=None, state_dir=tmp_path / "state")
-    auth.init_keys(settings.state_dir)
-    settings.token = real_token(settings.state_dir, "t-alice")
-    cluster = HeldCluster(node=settings.node_specs()[0], state_dir=settings.state_dir)
-    control = Worker(temporal_env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
-                     activities=cluster.activities())
-    node = Worker(temporal_env.client, task_queue=settings.node_task_queue(), activities=cluster.activities())
-    async with control, node:
-        try:
-            yield cluster, settings
-        finally:
-            cluster.release.set()
-            await terminate_running(temporal_env, settings)
+    async with fake_cluster(temporal_env, tmp_path, HeldCluster, "hms-can") as running:
+        yield running  # type: ignore[misc]
 
 
 async def test_image_revoked_while_waiting_to_continue_as_new_is_checked_by_the_next_run(temporal_env, held):

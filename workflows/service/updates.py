@@ -5,6 +5,7 @@ DeployWorkflow, rolled back automatically when it fails."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from temporalio import workflow
 
@@ -38,15 +39,16 @@ from workflows.service.supervision import Supervision
 MAX_REVISIONS = 20
 
 
+@dataclass(eq=False)
 class Updates:
-    def __init__(self, run: ServiceRun, access: Access, admission: Admission, approvals: ApprovalGate,
-                 supervision: Supervision, feed: EndpointFeed) -> None:
-        self.run = run
-        self.access = access
-        self.admission = admission
-        self.approvals = approvals
-        self.supervision = supervision
-        self.feed = feed
+    """The update queue (newest first, an older one superseded) and the rollout with rollback."""
+
+    run: ServiceRun
+    access: Access
+    admission: Admission
+    approvals: ApprovalGate
+    supervision: Supervision
+    feed: EndpointFeed
 
     def rollback_target(self, to_revision: int | None) -> RevisionRecord:
         """The revision a rollback goes to; refuses the caller when there is none."""

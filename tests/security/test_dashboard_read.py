@@ -1,0 +1,97 @@
+"""The dashboard's read is not for whoever reaches its port (issue 19, item 7).
+
+With identities configured (``keys/token.pub``), ``/api/state``, ``/api/events`` and the event
+stream need a token that may ``status`` (a viewer's); the stream, an ``EventSource`` that cannot
+send a header, takes a one-connection ticket from ``POST /api/stream-ticket``. ``public_read``
+(``hms dashboard --public-read``) opens reading as before. At most 64 pages stream at once.
+The attacks are plain HTTP requests, as from any local process or a page that reaches the port.
+A real dev server; about 5 s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from conftest import make_settings, temporal_address
+
+from dashboard import Dashboard
+from hms_mgmt import auth, testing
+
+
+@contextlib.asynccontextmanager
+async def dashboard(temporal_env, settings, **kw) -> AsyncIterator[Dashboard]:
+    dash = Dashboard(temporal_env.client, settings, refresh_s=0.5, router_url="http://127.0.0.1:9/-/stats", **kw)
+    await dash.start(port=0)
+    try:
+        yield dash
+    finally:
+        await dash.stop()
+
+
+async def first_event(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """Open the stream; its status and the first event's name (empty when refused)."""
+    async with http.get(url) as resp:
+        if resp.status != 200:
+            return resp.status, (await resp.json())["error"]
+        async for line in resp.content:
+            if line.startswith(b"event:"):
+                return resp.status, line.decode().split(":", 1)[1].strip()
+    return resp.status, ""
+
+
+async def test_reading_needs_a_viewer_token(temporal_env, tmp_path):
+    settings = make_settings(temporal_env, tmp_path / "state", "process", trusted=False)
+    viewer = auth.issue_token(settings.state_dir, user="vic", role="viewer")
+    bearer = {"Authorization": f"Bearer {viewer}"}
+    async with dashboard(temporal_env, settings) as dash, aiohttp.ClientSession(dash.url) as http:
+        for path in ("/api/state", "/api/events", "/api/stream"):
+            async with http.get(path) as resp:
+                assert resp.status == 401, f"{path} answered {resp.status} with no token"
+                assert "viewer token" in (await resp.json())["error"] or "ticket" in (await resp.json())["error"]
+        async with http.get("/api/state", headers={"Authorization": "Bearer forged.token~value"}) as resp:
+            assert resp.status == 401
+        async with http.post("/api/stream-ticket") as resp:
+            assert resp.status == 401
+        assert (await first_event(http, "/api/stream?ticket=forged.ticket"))[0] == 401
+
+        async with http.get("/api/state", headers=bearer) as resp:
+            assert resp.status == 200 and "services" in await resp.json()
+        async with http.post("/api/stream-ticket", headers=bearer) as resp:
+            ticket = (await resp.json())["ticket"]
+        assert await first_event(http, f"/api/stream?ticket={ticket}") == (200, "init")
+        assert (await first_event(http, f"/api/stream?ticket={ticket}"))[0] == 401  # good for one stream
+        async with http.get("/healthz") as resp:  # liveness stays open
+            assert resp.status == 200
+
+
+async def test_public_read_keeps_reading_open(temporal_env, tmp_path):
+    settings = make_settings(temporal_env, tmp_path / "state", "process", trusted=False)
+    async with dashboard(temporal_env, settings, public_read=True) as dash, aiohttp.ClientSession(dash.url) as http:
+        async with http.get("/api/state") as resp:
+            assert resp.status == 200
+        assert await first_event(http, "/api/stream") == (200, "init")
+
+
+async def test_the_65th_stream_is_refused(temporal_env, tmp_path):
+    # No identities here (no keys): reading is open, so 65 pages need no tickets.
+    settings = testing.local_settings(temporal_address(temporal_env), tmp_path / "state", "process")
+    async with dashboard(temporal_env, settings) as dash, \
+            aiohttp.ClientSession(dash.url, connector=aiohttp.TCPConnector(limit=0)) as http:
+        opened = []
+        try:
+            for _ in range(64):
+                resp = await http.get("/api/stream")
+                opened.append(resp)
+                assert resp.status == 200
+                await resp.content.readline()  # the stream is being served
+            await asyncio.sleep(0.2)
+            async with http.get("/api/stream") as resp:
+                assert resp.status == 503, f"the 65th stream got {resp.status}"
+                assert "too many live pages (64" in (await resp.json())["error"]
+        finally:
+            for resp in opened:
+                resp.close()
+        await asyncio.sleep(0.5)  # the server notices they left
+        assert await first_event(http, "/api/stream") == (200, "init")

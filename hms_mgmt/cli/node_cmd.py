@@ -122,8 +122,11 @@ def join(
     if claims["node"] != node or nodeid.pub_of(claims) != nodeid.raw_public(key) or claims["addr"] != address:
         raise AccessDenied("the certificate the control plane sent is not for this node's key, name and address")
     atomic_write(nodeid.node_cert_path(sdir, node), answer.cert + "\n", mode=0o644)
+    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
+
+    tls = {k: getattr(settings, k) for k in TEMPORAL_TLS_SETTINGS}  # as given for the join: the worker connects alike
     path = _write_node_config(sdir, {
-        "temporal_address": parsed.temporal_address, "task_queue": parsed.task_queue, "node": node,
+        **tls, "temporal_address": parsed.temporal_address, "task_queue": parsed.task_queue, "node": node,
         "node_address": address, "runtime": runtime, "node_cpus": cpus, "node_memory_mb": memory_mb,
         "node_max_pods": max_pods,
     })

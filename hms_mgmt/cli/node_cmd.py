@@ -20,7 +20,10 @@ node_app = typer.Typer(help="Hosts: join one to the control plane with a token, 
 
 
 def _control_host(state_dir: Path) -> None:
-    if not nodeid.has_control_key(state_dir):
+    """A control host's state directory: its control key, or its identity-token key (`hms auth init`)."""
+    from hms_mgmt import auth
+
+    if not nodeid.has_control_key(state_dir) and not (auth.keys_dir(state_dir) / auth.TOKEN_KEY_FILE).exists():
         raise HmsError(f"{state_dir} holds no control plane key: run this on the control host "
                        "(where `hms up` runs), or point --state-dir / HMS_STATE_DIR at its state directory")
 

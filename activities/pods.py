@@ -14,7 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
-from hms_mgmt import tickets
+from hms_mgmt import nodeid, tickets
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import PodStatus
@@ -85,9 +85,14 @@ class PodActivities:
     """Activities bound to one node's runtime."""
 
     def __init__(self, runtime: PodRuntime, trust: TrustStore | None = None, sink: EventSink | None = None, *,
-                 on_probe: Callable[[float, float], None] | None = None) -> None:
+                 on_probe: Callable[[float, float], None] | None = None,
+                 identity: nodeid.NodeIdentity | None = None, trust_here: bool = True) -> None:
         self.runtime = runtime
         self.trust = trust  # with it, the node also checks admission tickets (keys beside the trust store)
+        # --- node identity (hms_mgmt/nodeid.py): this node signs its reports; a joined node keeps
+        # no trust store (trust_here False) and starts a pod only with the control plane's stamp.
+        self.identity = identity
+        self.trust_here = trust_here
         self.sink = sink
         # The health monitor reports each ping's lag behind its schedule and its duration (seconds):
         # how far a loaded worker lets the monitor drift (the worker's Prometheus histograms).
@@ -115,7 +120,9 @@ class PodActivities:
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
         await self._check_ticket(inp)
-        if inp.image_id:
+        if inp.stamp or not self.trust_here:
+            await self._check_stamp(inp)
+        elif inp.image_id:
             await self._check_pinned(inp.spec.image, inp.image_id)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
                         image_id=inp.image_id)
@@ -155,7 +162,7 @@ class PodActivities:
                     now = time.monotonic()
                     ready_since = now if ready_since is None else ready_since
                     if now - ready_since >= inp.min_ready_s:
-                        return pod_status(handle, health="healthy", ready=True)
+                        return self._signed(inp.service, pod_status(handle, health="healthy", ready=True))
                     wait = min(0.5, ready_since + inp.min_ready_s - now)
                 else:
                     ready_since = None
@@ -202,6 +209,28 @@ class PodActivities:
                                                 "workflow_type": info.workflow_type}))
         kind = ActivityErrorType.GRANT_EXPIRED if isinstance(error, GrantExpired) else ActivityErrorType.ACCESS_DENIED
         raise ApplicationError(reason, type=kind, non_retryable=True)
+
+    def _signed(self, service: str, pod: PodStatus) -> PodStatus:
+        """The report as this node's own word (the service checks it before it believes it)."""
+        if self.identity is None:
+            return pod
+        return pod.model_copy(update={"report": self.identity.say("pod", nodeid.pod_report_message(service, pod))})
+
+    async def _check_stamp(self, inp: StartPodInput) -> None:
+        """The control plane's word, for this very start, that the pinned image is trusted now."""
+        state_dir = self.trust.state_dir if self.trust is not None else None
+        try:
+            if state_dir is None:
+                raise AccessDenied("this node cannot check trust stamps (no state directory)")
+            await asyncio.to_thread(nodeid.check_stamp, state_dir, inp.stamp, service=inp.service,
+                                    revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+        except AccessDenied as e:
+            if self.sink is not None:
+                await self.sink.publish(Event(type="access.denied", service=inp.service,
+                                              reason=f"pod {inp.pod_id} not started: {e}",
+                                              data={"action": "start_pod", "pod": inp.pod_id, "node": inp.node}))
+            raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {e}",
+                                   type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True) from None
 
     async def _check_pinned(self, image: str, image_id: str) -> None:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for
@@ -259,6 +288,8 @@ class PodActivities:
         until ``image_verify_timeout_s``, so signing it meanwhile lets the rollout go on."""
         if self.trust is None:
             raise ApplicationError("this node has no trust store", type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
+        if not self.trust_here:
+            return await self._resolve_only(inp)
         content_id = inp.content_id
         if not content_id:
             try:
@@ -294,6 +325,22 @@ class PodActivities:
         await self.sink.publish(Event(type="image.awaiting_signature", service=inp.service, reason=reason,
                                       data={"image": inp.image, "command": command, "node": self.runtime.node,
                                             "deadline": deadline.isoformat() if deadline else None}))
+
+    async def _resolve_only(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        """A joined node keeps no trust store: it says what content it would run and whether its
+        runtime would run the spec; the control plane judges the trust (``issue_ticket``, and a
+        stamp at every start)."""
+        try:
+            content_id = inp.content_id or await asyncio.to_thread(self.runtime.content_id, inp.image)
+        except PodRuntimeError as e:
+            raise ApplicationError(f"image {inp.image}: {e}", type=ActivityErrorType.IMAGE_UNTRUSTED,
+                                   non_retryable=inp.one_try) from e
+        if inp.spec is not None:
+            problems = await asyncio.to_thread(self.runtime.check_spec, inp.spec)
+            if problems:
+                raise ApplicationError("; ".join(problems) + f" (node {self.runtime.node})",
+                                       type=ActivityErrorType.SPEC_UNRUNNABLE, non_retryable=True)
+        return VerifyImageOutput(content_id=content_id, detail=f"trust is the control plane's (node {self.runtime.node})")
 
     @activity.defn(name="watch_pods")
     async def watch_pods(self, inp: WatchInput) -> WatchResult:

@@ -54,6 +54,16 @@ def default_state_dir() -> Path:
     return Path.home() / ".hms"
 
 
+def default_node_name() -> str:
+    """This host's name as a node name (a DNS label), as Swarm and Kubernetes name nodes."""
+    import re
+    import socket
+
+    label = socket.gethostname().split(".")[0].lower()
+    label = re.sub(r"[^a-z0-9-]+", "-", label).strip("-")[:63].strip("-")
+    return label or "local"
+
+
 class _EnvSource(EnvSettingsSource):
     """``HMS_*`` variables from os.environ, or from the mapping ``from_env(env=...)`` was given."""
 
@@ -105,7 +115,7 @@ class Settings(BaseSettings):
     token: str | None = None
     task_queue: str = constants.CONTROL_TASK_QUEUE
     node_queue_prefix: str = constants.NODE_TASK_QUEUE_PREFIX
-    node: str = "local"
+    node: str = Field(default_factory=default_node_name)  # HMS_NODE; default: the host name
     node_max_pods: int = 64
     capacity_retry_max_s: float = 30.0
     watch_max_s: float = 1800.0

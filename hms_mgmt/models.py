@@ -339,6 +339,9 @@ class NodeRecord(_Model):
     last_heartbeat: datetime | None = None
     lost_at: datetime | None = None
     rejoins: int = 0
+    key_id: str = ""  # the enrolled key it registered with (another key is refused while Ready)
+    last_proof_at: float = 0.0  # its last signed statement's time: a replayed one is older
+    removed: bool = False  # `hms node remove`: its certificate is revoked, its pods replaced
 
 
 class PodStatus(_Model):
@@ -352,6 +355,9 @@ class PodStatus(_Model):
     consecutive_failures: int = 0
     cpu_percent: float | None = None
     started_at: datetime | None = None
+    # The node's signature over this report (hms_mgmt.nodeid), checked before it changes anything;
+    # empty once the service has checked it.
+    report: str = Field(default="", max_length=4096)
 
 
 class Decision(_Model):

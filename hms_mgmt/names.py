@@ -63,11 +63,13 @@ class S:
 
 class NR:
     """Messages of the NodeRegistry: the ``nodes`` query, the ``register`` update and the
-    ``heartbeat`` signal (a node's worker sends both, signed)."""
+    ``heartbeat`` signal (a node's worker sends both, signed), ``enrol`` and ``remove``."""
 
     NODES = "nodes"
     REGISTER = "register"
     HEARTBEAT = "heartbeat"
+    ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
+    REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
 
 
 # --- child workflow ids ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class NodeView(BaseModel):
     """One node: capacity, use (pods of every service placed there) and state."""
 
     spec: NodeSpec
-    state: str  # Ready | Lost | Configured (no registry yet)
+    state: str  # Ready | Lost | Removed (`hms node remove`) | Configured (no registry yet)
     last_heartbeat: datetime | None = None
     pods: int = 0
     cpu_used: float = 0.0
@@ -60,7 +60,8 @@ async def list_nodes(client: Client, settings: Settings) -> builtins.list[NodeVi
             views[spec.name] = NodeView(spec=spec, state="Configured")
     else:
         for rec in records:
-            views[rec.spec.name] = NodeView(spec=rec.spec, state=rec.state, last_heartbeat=rec.last_heartbeat)
+            views[rec.spec.name] = NodeView(spec=rec.spec, state="Removed" if rec.removed else rec.state,
+                                            last_heartbeat=rec.last_heartbeat)
     for st in await service_statuses(client, settings.task_queue):
         for pod in st.pods:
             if pod.health == "exited":

@@ -185,3 +185,17 @@ def kill_process_pod(settings: Settings, pod_id: str) -> None:
         os.kill(int(handle.extra["pid"]), signal.SIGKILL)
     finally:
         rt.close()
+
+
+def enrol_node_dir(control_state: Path, node_state: Path, node: str, address: str = "127.0.0.1") -> None:
+    """What ``hms node join`` leaves in a node's state directory, made directly (tests running a
+    second node in one process): its key, its certificate signed by ``control_state``'s key, and
+    that key's public half."""
+    from hms_mgmt import nodeid, tickets
+    from hms_mgmt.files import atomic_write
+
+    tickets.ensure_control_key(control_state)
+    key = nodeid.ensure_node_key(node_state, node)
+    cert = nodeid.enrol_key(control_state, node=node, address=address, public_key=nodeid.raw_public(key))
+    atomic_write(node_state / "keys" / tickets.PUBLIC_FILE, nodeid.control_public_pem(control_state), mode=0o644)
+    atomic_write(nodeid.node_cert_path(node_state, node), cert + "\n", mode=0o644)

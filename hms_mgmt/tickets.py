@@ -215,3 +215,16 @@ def verify_stop(state_dir: Path, grant: str, *, pod_id: str, node: str) -> str:
         raise AccessDenied("not a stop grant")
     _check_claims(claims, {"pod": pod_id, "node": node}, "stop grant")
     return str(claims.get("svc"))
+
+
+# --- node enrolment (hms_mgmt/nodeid.py): the same key signs node certificates and trust stamps ---
+
+
+def sign_claims(state_dir: Path, claims: dict[str, Any]) -> str:
+    """Sign ``claims`` with the control plane's key (their ``typ`` says what they are)."""
+    return _sign(state_dir, claims)
+
+
+def open_claims(state_dir: Path, signed: str, what: str) -> dict[str, Any]:
+    """The claims of something the control plane signed, or AccessDenied."""
+    return _open(state_dir, signed, what)

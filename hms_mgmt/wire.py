@@ -62,6 +62,15 @@ __all__ = [
     "ListPodsOutput",
     "LogsOutput",
     "NodeLost",
+    "NodeVerdict",
+    "NodeCheckInput",
+    "NodeCheckOutput",
+    "EnrolInput",
+    "EnrolOutput",
+    "PodReportCheck",
+    "PodReportVerdict",
+    "StampInput",
+    "StampOutput",
     "NodeRegistration",
     "NodeRegistryInput",
     "NodesOutput",
@@ -100,6 +109,12 @@ class NodeRegistration(_Model):
 
     spec: NodeSpec
     worker: str = ""  # host/pid of the worker, for operators
+    cert: str = Field(default="", max_length=4096)  # the node's certificate (hms_mgmt.nodeid), from enrolment
+    proof: str = Field(default="", max_length=4096)  # the node's signature over the rest, fresh (nodeid.statement)
+
+    def signed_part(self) -> dict[str, Any]:
+        """What ``proof`` signs: everything but itself."""
+        return self.model_dump(mode="json", exclude={"proof"})
 
 
 class RegisterResult(_Model):
@@ -115,6 +130,65 @@ class NodeRegistryInput(_Model):
     control_task_queue: str = "hms-control"
     nodes: list[NodeRecord] | None = None  # carried over by continue-as-new
     history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+
+
+class NodeVerdict(_Model):
+    """The control plane's check of one signed registration or heartbeat (``check_nodes``)."""
+
+    node: str
+    ok: bool
+    reason: str = ""
+    key_id: str = ""  # which key signed: a second key for a Ready node is refused
+    at: float = 0.0  # the statement's time: each must be newer than the node's last
+
+
+class NodeCheckInput(_Model):
+    registrations: list[NodeRegistration] = Field(default_factory=list)
+    kind: Literal["register", "heartbeat"] = "heartbeat"
+
+
+class NodeCheckOutput(_Model):
+    verdicts: list[NodeVerdict] = Field(default_factory=list)
+
+
+class EnrolInput(_Model):
+    """``hms node join``'s ``enrol`` update: an enrolment request signed with a join token's key."""
+
+    request: str = Field(max_length=4096)
+
+
+class EnrolOutput(_Model):
+    cert: str
+    control_pub: str  # the control plane's public key (PEM): the joining host checks its fingerprint
+
+
+class PodReportCheck(_Model):
+    """Is this ``pod_reported`` signal a node's own report about its own pod (``check_pod_report``)?"""
+
+    service: str
+    pod: PodStatus
+    recorded_node: str = ""  # the node the service has this pod on, if it knows the pod
+
+
+class PodReportVerdict(_Model):
+    ok: bool
+    reason: str = ""
+
+
+class StampInput(_Model):
+    """Ask the control plane for a trust stamp for one pod start (``stamp_start``)."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str
+    ticket: str
+    pod_id: str
+    node: str
+
+
+class StampOutput(_Model):
+    stamp: str
 
 
 class NodesOutput(_Model):
@@ -344,6 +418,7 @@ class StartPodInput(_Model):
     spec: ServiceSpec
     image_id: str = ""  # pinned at admission: start exactly this content, if it is still trusted
     ticket: str = ""  # the admission ticket of this revision (hms_mgmt.tickets)
+    stamp: str = ""  # the control plane's word, for this start, that the image is trusted now (nodeid)
     # A rolling update's new pod: it must stay up and answering this long after it first
     # answered before start_pod returns it as ready (0: return at the first answer).
     min_ready_s: float = Field(default=0.0, ge=0, le=3600)

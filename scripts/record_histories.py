@@ -31,7 +31,11 @@ sys.path.insert(0, str(REPO))
 
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
 
-from hms_mgmt import auth, constants  # noqa: E402
+from hms_mgmt import (  # noqa: E402
+    auth,
+    constants,
+    nodeid,  # noqa: E402
+)
 from hms_mgmt.config import Settings  # noqa: E402
 from hms_mgmt.errors import RolloutFailed  # noqa: E402
 from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
@@ -199,11 +203,18 @@ async def registry(s: Stack) -> None:
         NodeRegistryInput(seed=seed, lost_after_s=2.0, control_task_queue=queue, history_threshold=40),
         id=f"{constants.node_registry_id(queue)}-recorded", task_queue=queue,
     )
-    node = NodeRegistration(spec=NodeSpec(name="w", task_queue="hms-node-w"), worker="recorder")
-    await handle.execute_update(NodeRegistry.register, node)
+    # An enrolled node (the recorder's state dir holds the control key: it enrols itself), signing each message.
+    ident = nodeid.node_identity(s.settings.state_dir, "w", "127.0.0.1")
+    node = NodeRegistration(spec=NodeSpec(name="w", task_queue=constants.node_task_queue("w")), worker="recorder",
+                            cert=ident.cert)
+
+    def signed(kind: str) -> NodeRegistration:
+        return node.model_copy(update={"proof": ident.say(kind, node.signed_part())})
+
+    await handle.execute_update(NodeRegistry.register, signed("register"))
     first = (await handle.describe()).run_id
     for _ in range(25):
-        await handle.signal(NodeRegistry.heartbeat, node)
+        await handle.signal(NodeRegistry.heartbeat, signed("heartbeat"))
     latest = s.client.get_workflow_handle(handle.id)
 
     async def moved_on() -> bool:

@@ -10,7 +10,7 @@ from worker.main import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m worker")
-    parser.add_argument("--node", help="this node's name (default: HMS_NODE or 'local')")
+    parser.add_argument("--node", help="this node's name (default: HMS_NODE or the host name)")
     parser.add_argument("--no-control", action="store_true", help="run only the node's pod activities")
     parser.add_argument("--runtime", choices=["auto", "docker", "process"])
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1 (default 9464; 0: off)")

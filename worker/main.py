@@ -18,10 +18,11 @@ from temporalio.worker import Worker
 
 from activities.callers import Callers
 from activities.control import ControlActivities
+from activities.enrolment import NodeTrustActivities
 from activities.feed import FeedActivities
 from activities.pods import PodActivities
 from activities.slots import SlotActivities
-from hms_mgmt import constants, tickets
+from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.files import secure_state_dir
@@ -86,6 +87,7 @@ class HmsWorker:
             tickets.ensure_control_key(settings.state_dir)
             callers = Callers(client)  # one cache of described runs for every control activity
             ctl = ControlActivities(client, settings_loader or (lambda: settings), sink, callers)
+            trust = NodeTrustActivities(settings_loader or (lambda: settings), sink)
             self.feed = FeedActivities(settings_loader or (lambda: settings), client=client, sink=sink, callers=callers)
             self.workers.append(
                 Worker(
@@ -95,6 +97,8 @@ class HmsWorker:
                     activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
                                 ctl.issue_ticket, ctl.start_ticket, ctl.stop_grant, self.feed.publish_endpoints,
                                 self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
+                                trust.enrol_node, trust.check_nodes, trust.node_removed, trust.check_pod_report,
+                                trust.stamp_start, trust.trust_now,
                                 *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
                     # MessageGuard: a malformed signal or update never reaches a workflow's handler.
                     interceptors=[self.metrics.interceptor, MessageGuard()],
@@ -103,14 +107,17 @@ class HmsWorker:
                 )
             )
         if node:
+            # Its own key and certificate: made here on the control plane's host, from `hms node join` elsewhere.
+            identity = nodeid.node_identity(settings.state_dir, settings.node, settings.node_address)
             runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
                                    docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink,
                                    address=settings.node_address)
             log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
                      settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe)
+            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe,
+                                      identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
             self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
-                                   events=sink)
+                                   events=sink, identity=identity)
             self.workers.append(
                 Worker(
                     client,

@@ -26,6 +26,7 @@ from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import NodeSpec, ServiceStatus
+from hms_mgmt.nodeid import NodeIdentity
 from hms_mgmt.runtimes import PodRuntime
 from hms_mgmt.wire import NodeRegistration, NodeRegistryInput, RegisterResult
 from workflows.nodes import NodeRegistry
@@ -49,7 +50,8 @@ class NodeAgent:
     """Keeps this node in the registry while the worker runs."""
 
     def __init__(self, client: Client, settings: Settings, spec: NodeSpec, runtime: PodRuntime,
-                 settings_loader: Callable[[], Settings] | None = None, events: EventSink | None = None) -> None:
+                 settings_loader: Callable[[], Settings] | None = None, events: EventSink | None = None,
+                 identity: NodeIdentity | None = None) -> None:
         self.client = client
         self.events = events
         self._orphaned_since: dict[str, datetime] = {}  # pod id -> when a sweep first found its service not running
@@ -57,7 +59,9 @@ class NodeAgent:
         self.settings_loader = settings_loader  # re-read each heartbeat: an operator resizes a node live
         self.spec = spec
         self.runtime = runtime
-        self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}")
+        self.identity = identity  # signs every registration and heartbeat (the registry checks)
+        self.registration = NodeRegistration(spec=spec, worker=f"{socket.gethostname()}:{os.getpid()}",
+                                             cert=identity.cert if identity else "")
         self.registry_id = constants.node_registry_id(settings.task_queue)
         self.registered = asyncio.Event()
         self._sweeping: asyncio.Task[list[str]] | None = None
@@ -77,8 +81,15 @@ class NodeAgent:
             static_summary="the nodes pods may run on",
         )
         return await self.client.execute_update_with_start_workflow(
-            NodeRegistry.register, self.registration, start_workflow_operation=start
+            NodeRegistry.register, self._signed("register"), start_workflow_operation=start
         )
+
+    def _signed(self, kind: str) -> NodeRegistration:
+        """The registration as it is now, signed by this node's key for ``kind``, fresh."""
+        reg = self.registration
+        if self.identity is None:
+            return reg
+        return reg.model_copy(update={"proof": self.identity.say(kind, reg.signed_part())})
 
     async def run(self) -> None:
         """Register, then heartbeat every ``node_heartbeat_s`` until cancelled."""
@@ -97,7 +108,7 @@ class NodeAgent:
                 else:
                     await self._refresh()
                     await self.client.get_workflow_handle(self.registry_id).signal(
-                        NodeRegistry.heartbeat, self.registration)
+                        NodeRegistry.heartbeat, self._signed("heartbeat"))
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.sweep_every_s
                     self._sweep_aside()

@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
+    from activities.enrolment import NodeTrustActivities
     from activities.feed import FeedActivities
     from activities.pods import PodActivities
     from hms_mgmt import constants, errors
@@ -37,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
+    from hms_mgmt.wire import StampInput
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
@@ -49,6 +51,8 @@ NODE_PICKUP = timedelta(seconds=60)
 
 Report = Callable[[PodStatus], Awaitable[None]]
 
+# patch: each pod start carries the control plane's fresh word that its image is trusted now
+TRUST_STAMP = "trust-stamp"
 # patch: a drain ends once every router confirms it is done with the pods (else after drain_s)
 DRAIN_CONFIRMED = "drain-confirmed"
 # patch: each stop carries the control plane's signature on it; each start a fresh ticket for that pod
@@ -233,6 +237,19 @@ async def start_and_wait(
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
     """
+    stamp = ""
+    if workflow.patched(TRUST_STAMP):
+        # Asked now, not at admission: heals and scale-ups start pods long after it, and a
+        # revocation on the control host must stop them on every host (no node keeps a trust store).
+        stamp = (await workflow.execute_activity_method(
+            NodeTrustActivities.stamp_start,
+            StampInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                       pod_id=pod_id, node=node.name),
+            task_queue=workflow.info().task_queue,  # children run on the control queue
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL),
+            summary=f"trust stamp for {pod_id[:8]}",
+        )).stamp
     if workflow.patched(START_TICKET):
         # The revision's ticket is the record that it was admitted; the node takes only a ticket
         # for this pod, issued now (a heal or a scale-up may come long after admission).
@@ -244,7 +261,7 @@ async def start_and_wait(
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
-                          image_id=image_id, ticket=ticket, min_ready_s=min_ready_s),
+                          image_id=image_id, ticket=ticket, min_ready_s=min_ready_s, stamp=stamp),
             task_queue=node.task_queue,
             schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s + min_ready_s),

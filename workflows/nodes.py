@@ -13,10 +13,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from temporalio import workflow
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
+    from activities.enrolment import NodeTrustActivities
+    from hms_mgmt.errors import ActivityErrorType
     from hms_mgmt.models import (
+        EventInput,
         NodeLost,
         NodeRecord,
         NodeRegistration,
@@ -24,9 +28,14 @@ with workflow.unsafe.imports_passed_through():
         NodesOutput,
         RegisterResult,
     )
-    from hms_mgmt.names import NODE_REGISTRY_WORKFLOW
+    from hms_mgmt.names import NODE_REGISTRY_WORKFLOW, NR
+    from hms_mgmt.wire import EnrolInput, EnrolOutput, NodeCheckInput, NodeVerdict
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
+CHECK_TIMEOUT = timedelta(seconds=30)
+# patch: only enrolled nodes, with a fresh signature, register and heartbeat (checked by the control worker)
+ENROLMENT = "node-enrolment"
+MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per node is kept)
 
 
 @workflow.defn(name=NODE_REGISTRY_WORKFLOW)
@@ -46,27 +55,118 @@ class NodeRegistry:
                 self.nodes[spec.name] = NodeRecord(spec=spec, source="config", registered_at=now, last_heartbeat=now)
         self.newly_lost: list[str] = []
         self.wake = False
+        self.beats: dict[str, NodeRegistration] = {}  # heartbeats waiting for their check, latest per node
+        self.removals: list[str] = []  # `remove` hints to check
 
     @workflow.query
     def nodes(self) -> NodesOutput:
         return NodesOutput(nodes=sorted(self.nodes.values(), key=lambda r: r.spec.name))
 
-    @workflow.update
-    def register(self, reg: NodeRegistration) -> RegisterResult:
-        """A worker (re)joins. ``was_lost`` tells it to remove the stale pods it still runs."""
-        return self._upsert(reg)
+    @workflow.update(name=NR.REGISTER)
+    async def register(self, reg: NodeRegistration) -> RegisterResult:
+        """A worker (re)joins. ``was_lost`` tells it to remove the stale pods it still runs.
+        Only an enrolled node, signing this very registration with its key, is let in."""
+        if not workflow.patched(ENROLMENT):
+            return self._upsert(reg)
+        verdict = (await self._check([reg], "register"))[0]
+        refusal = self._refusal(reg, verdict)
+        if refusal:
+            if verdict.ok:  # the control worker wrote the event for a bad signature; this one is ours
+                await self._denied(refusal, reg.spec.name)
+            raise ApplicationError(refusal, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
+        return self._upsert(reg, verdict)
 
-    @workflow.signal
+    @workflow.update(name=NR.ENROL)
+    async def enrol(self, inp: EnrolInput) -> EnrolOutput:
+        """``hms node join``: the control worker checks the join token's signature and signs the
+        node's certificate (the registry only carries the message; it learns of the node when
+        its worker registers)."""
+        return await workflow.execute_activity_method(
+            NodeTrustActivities.enrol_node, inp, task_queue=self.inp.control_task_queue,
+            start_to_close_timeout=CHECK_TIMEOUT, summary="enrol a joining node")
+
+    @workflow.signal(name=NR.HEARTBEAT)
     def heartbeat(self, reg: NodeRegistration) -> None:
         """A live node. A heartbeat from a node the registry does not know (or knew as Lost)
-        registers it again, so a registry restarted from its seed relearns every node."""
+        registers it again, so a registry restarted from its seed relearns every node. Each is
+        checked (a batch at a time, by the run loop) before it counts."""
+        if workflow.patched(ENROLMENT):
+            if reg.spec.name in self.beats or len(self.beats) < MAX_PENDING_BEATS:
+                self.beats[reg.spec.name] = reg
+                self.wake = True
+            return
+        self._beat(reg)
+
+    def _beat(self, reg: NodeRegistration, verdict: NodeVerdict | None = None) -> None:
         rec = self.nodes.get(reg.spec.name)
         if rec is None or rec.state != "Ready" or rec.spec != reg.spec:
-            self._upsert(reg)
+            self._upsert(reg, verdict)
         else:
             rec.last_heartbeat = workflow.now()
+            if verdict is not None:
+                rec.last_proof_at = verdict.at
 
-    def _upsert(self, reg: NodeRegistration) -> RegisterResult:
+    @workflow.signal(name=NR.REMOVE)
+    def remove(self, node: str) -> None:
+        """A hint from `hms node remove`: the registry asks the control worker whether the node
+        was really revoked before it drops it (anyone who reaches Temporal can send this)."""
+        if node in self.nodes and node not in self.removals:
+            self.removals.append(node)
+            self.wake = True
+
+    async def _check(self, regs: list[NodeRegistration], kind: str) -> list[NodeVerdict]:
+        out = await workflow.execute_activity_method(
+            NodeTrustActivities.check_nodes, NodeCheckInput(registrations=regs, kind=kind),  # type: ignore[arg-type]
+            task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT,
+            summary=f"check {len(regs)} signed {kind}(s)")
+        return out.verdicts
+
+    def _refusal(self, reg: NodeRegistration, verdict: NodeVerdict) -> str:
+        """Why a checked registration or heartbeat is still refused here, or ""."""
+        if not verdict.ok:
+            return verdict.reason or f"node {reg.spec.name}: refused"
+        rec = self.nodes.get(reg.spec.name)
+        if rec is None:
+            return ""
+        if rec.state == "Ready" and rec.key_id and rec.key_id != verdict.key_id:
+            return f"node {reg.spec.name} is Ready with another key: a second worker for it is refused"
+        if verdict.at <= rec.last_proof_at:
+            return f"node {reg.spec.name}: a replayed signature (not newer than its last)"
+        return ""
+
+    async def _denied(self, reason: str, node: str) -> None:
+        await workflow.execute_activity_method(
+            ControlActivities.emit_event,
+            EventInput(type="access.denied", service="", reason=reason, data={"node": node}),
+            task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT)
+
+    async def _check_beats(self) -> None:
+        batch = list(self.beats.values())
+        self.beats.clear()
+        for reg, verdict in zip(batch, await self._check(batch, "heartbeat"), strict=True):
+            refusal = self._refusal(reg, verdict)
+            if not refusal:
+                self._beat(reg, verdict)
+            elif verdict.ok and "replayed" not in refusal:
+                await self._denied(refusal, reg.spec.name)
+
+    async def _check_removals(self) -> None:
+        while self.removals:
+            node = self.removals.pop(0)
+            revoked = await workflow.execute_activity_method(
+                NodeTrustActivities.node_removed, NodeLost(node=node), task_queue=self.inp.control_task_queue,
+                start_to_close_timeout=CHECK_TIMEOUT, summary=f"was {node} removed?")
+            rec = self.nodes.get(node)
+            if not revoked or rec is None or rec.removed:
+                continue
+            rec.removed = True
+            if rec.state == "Ready":
+                rec.state = "Lost"
+                rec.lost_at = workflow.now()
+                self.newly_lost.append(node)
+                workflow.logger.warning("node %s removed: its pods are replaced elsewhere", node)
+
+    def _upsert(self, reg: NodeRegistration, verdict: NodeVerdict | None = None) -> RegisterResult:
         now = workflow.now()
         old = self.nodes.get(reg.spec.name)
         was_lost = old is not None and old.state == "Lost"
@@ -77,6 +177,8 @@ class NodeRegistry:
             registered_at=now,
             last_heartbeat=now,
             rejoins=(old.rejoins + 1) if was_lost and old is not None else (old.rejoins if old else 0),
+            key_id=verdict.key_id if verdict is not None else "",
+            last_proof_at=verdict.at if verdict is not None else 0.0,
         )
         self.nodes[reg.spec.name] = rec
         if was_lost:
@@ -94,6 +196,10 @@ class NodeRegistry:
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
         while not self._continue_as_new_due():
+            if self.beats:
+                await self._check_beats()
+            if self.removals:
+                await self._check_removals()
             while self.newly_lost:
                 await self._notify(self.newly_lost.pop(0))
             deadline = self._next_deadline()
@@ -102,7 +208,8 @@ class NodeRegistry:
                 self.wake = False
                 try:
                     await workflow.wait_condition(
-                        lambda: self.wake or self._continue_as_new_due(),
+                        lambda: self.wake or bool(self.beats) or bool(self.removals)
+                        or self._continue_as_new_due(),
                         timeout=None if deadline is None else deadline - now,
                         timeout_summary="next node heartbeat due",
                     )

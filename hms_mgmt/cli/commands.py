@@ -27,6 +27,7 @@ from hms_mgmt.cli.common import (
     app,
 )
 from hms_mgmt.cli.dashboard_cmd import dashboard
+from hms_mgmt.cli.node_cmd import node_app
 from hms_mgmt.cli.output import Format, JsonAliasOpt, OutputOpt, chosen, show, show_item
 from hms_mgmt.cli.progress import ProgressOpt, deploy_with_progress, plain_wanted, with_progress
 from hms_mgmt.cli.render import (
@@ -57,6 +58,7 @@ rollout_app = typer.Typer(help="Rolling updates: progress, history, undo.", no_a
 app.add_typer(auth_app, name="auth")
 app.add_typer(image_app, name="image")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(node_app, name="node")
 
 
 @app.callback()
@@ -170,7 +172,7 @@ LabelsOpt = Annotated[str | None, typer.Option("--labels", help="Node labels for
 @app.command()
 @_cli_errors
 def worker(
-    node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or 'local').")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or the host name).")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Run only this node's pod activities.")] = False,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
     docker_host: DockerHostOpt = None,
@@ -184,15 +186,29 @@ def worker(
 ) -> None:
     """Run a worker: workflows and scheduling, plus pod activities for this node, which it
     registers with the NodeRegistry and keeps alive with heartbeats."""
-    from worker.main import main as worker_main
-
     # The worker re-reads settings (settings.reload()) on every scheduling call; the overrides
     # (this node, its runtime and capacity) are kept there too.
+    from hms_mgmt import nodeid
+    from worker.main import main as worker_main
+
     node_overrides = _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
-    _run(worker_main(_settings(node=node or None, runtime=runtime or None, node_address=node_address or None,
-                               **node_overrides),
-                     control=not no_control))
+    settings = _settings(node=node or None, runtime=runtime or None, node_address=node_address or None,
+                         **node_overrides)
+    # A host that joined with a token is a node only: the control worker (and its keys) stay on the control host.
+    control = not no_control and not nodeid.is_joined(settings.state_dir)
+    if control and not nodeid.has_control_key(settings.state_dir) and not _local_temporal(settings.temporal_address):
+        # Neither joined nor a control plane, against another host's Temporal: making a control
+        # plane of its own here would answer that cluster's control activities with other keys.
+        raise nodeid.NotJoined(f"this host has not joined the control plane at {settings.temporal_address} "
+                               "(no node certificate in its state directory): run `hms node join-token` on the "
+                               "control host, then `hms node join TOKEN --name NAME --address ADDR` here")
+    _run(worker_main(settings, control=control))
+
+
+def _local_temporal(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") or address
+    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
 
 
 @app.command()
@@ -473,6 +489,11 @@ def image_sign(
     from hms_mgmt.trust import TrustStore
 
     settings = _settings(runtime=runtime)
+    if not (auth.keys_dir(settings.state_dir) / auth.PRIVATE_KEY_FILE).exists():
+        raise HmsError(f"no image signing key here ({auth.keys_dir(settings.state_dir) / auth.PRIVATE_KEY_FILE}): "
+                       "images are signed on the control host, where `hms up` runs (its state directory), "
+                       "and every node learns of it at each pod start (on a new single host, `hms up` or "
+                       "`hms auth init` makes the keys first)")
     rt = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     try:
         content_id = rt.content_id(image)
@@ -643,12 +664,14 @@ def _nodes_table(views: list) -> None:
         out.print("no nodes (start one with `hms worker --node NAME`)")
         return
     table = Table()
-    for col in ("node", "state", "runtime", "pods", "cpu", "memory MB", "labels", "services", "last heartbeat"):
+    for col in ("node", "address", "state", "runtime", "pods", "cpu", "memory MB", "labels", "services",
+                "last heartbeat"):
         table.add_column(col, no_wrap=col not in ("services", "labels"))
     for v in views:
-        style = {"Ready": "green", "Lost": "red"}.get(v.state, "yellow")
+        style = {"Ready": "green", "Lost": "red", "Removed": "red"}.get(v.state, "yellow")
         table.add_row(
             v.spec.name,
+            v.spec.address,
             Text(v.state, style=style),
             v.spec.runtime,
             f"{v.pods}/{v.spec.max_pods}",

@@ -231,3 +231,29 @@ def tails(logs: list[Path], lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
     return "\n".join(parts)
+
+
+def join_host(control: Host, host: Host, name: str, *, runtime: str = "process") -> str:
+    """``hms node join-token`` on ``control``, ``hms node join`` on ``host`` (as an operator would,
+    each in its own namespace); returns what the join printed."""
+    made = control.run(hms_argv("node", "join-token", "--ttl", "10m"), env=control.env())
+    assert made.returncode == 0, made.stdout + made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    joined = host.run(hms_argv("node", "join", token, "--name", name, "--address", host.address, "--runtime", runtime),
+                      env=host.env())
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    return joined.stdout
+
+
+CONTROL_PORTS = (7233, 8233, 8000, 8088)  # Temporal, its Web UI, the router, the dashboard
+
+
+def start_control(a: Host, log: Path, *, logs: list[Path]) -> subprocess.Popen[bytes]:
+    """``hms up --listen A --no-node`` on host A, until its ports answer and its control key exists."""
+    from hms_mgmt.devserver import port_open
+
+    up = a.start(hms_argv("up", "--listen", a.address, "--no-node"), env=a.env(HMS_RUNTIME="process"), log=log)
+    wait_until(lambda: all(port_open(a.address, p) for p in CONTROL_PORTS)
+               and (a.state_dir / "keys" / "control.pub").exists(),
+               timeout=90, what="hms up on host A", procs=[up], logs=logs)
+    return up

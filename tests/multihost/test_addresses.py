@@ -1,13 +1,12 @@
 """Issue 18, part 1 on separate hosts: host A runs ``hms up --listen A --no-node`` (Temporal, the
 Web UI, the control worker, the router and the dashboard, no pods); host B runs
-``hms worker --node b --address B``. A service's pods run on B at B's address, and a GET through
+``hms node join TOKEN --name b --address B`` with a token from A, then ``hms worker``. A service's pods run on B at B's address, and a GET through
 A's router reaches them there — never a decoy on A's loopback at a pod's port."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -15,19 +14,15 @@ from pathlib import Path
 import pytest
 
 from hms_mgmt.config import Settings
-from hms_mgmt.devserver import port_open
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, tails, wait_until
+from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
 
 IMAGE = "registry.gov/hms-ach:1.4"
 SERVICE = "hms-mh"
 TEMPORAL_PORT, UI_PORT, ROUTER_PORT, DASHBOARD_PORT = 7233, 8233, 8000, 8088
-# What a node needs from the control host until joining with a token exists (part 2): the public
-# halves of the ticket key and the image signing key, and the trust records signed with it.
-NODE_FILES = ("keys/control.pub", "keys/signing.pub", "trust/store.json")
 
 # A server on host A's loopback at a pod's port: if the router ever dialled its own 127.0.0.1,
 # this would answer (with a 200, which passive ejection would count as a success).
@@ -65,10 +60,7 @@ async def test_pods_on_b_are_reached_at_b_through_the_router_on_a(network: Netwo
     logs = [log_a, log_b]
 
     # Host A: the control plane, router and dashboard on A's address; no node.
-    up = a.start(hms_argv("up", "--listen", a.address, "--no-node"), env=a.env(HMS_RUNTIME="process"), log=log_a)
-    ports = (TEMPORAL_PORT, UI_PORT, ROUTER_PORT, DASHBOARD_PORT)
-    wait_until(lambda: all(port_open(a.address, p) for p in ports) and (a.state_dir / NODE_FILES[0]).exists(),
-               timeout=90, what="hms up on host A", procs=[up], logs=logs)
+    up = start_control(a, log_a, logs=logs)
     for port in (ROUTER_PORT, DASHBOARD_PORT):  # ... and only there
         assert listeners(a, port) == {a.address}, (port, listeners(a, port))
     for port in (TEMPORAL_PORT, UI_PORT):  # the dev server itself on A's loopback (hms_mgmt/relay.py)
@@ -77,12 +69,9 @@ async def test_pods_on_b_are_reached_at_b_through_the_router_on_a(network: Netwo
     signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
     assert signed.returncode == 0, signed.stdout + signed.stderr
 
-    # Host B: copy what a node needs, no more, then run a node-only worker at B's address.
-    for rel in NODE_FILES:
-        (b.state_dir / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.copy2(a.state_dir / rel, b.state_dir / rel)
-    worker = b.start(hms_argv("worker", "--node", "b", "--address", b.address, "--no-control", "--runtime", "process"),
-                     env=b.env(HMS_TEMPORAL_ADDRESS=f"{a.address}:{TEMPORAL_PORT}"), log=log_b)
+    # Host B joins with a token from A, then runs its worker (node-only: it joined) at B's address.
+    join_host(a, b, "b")
+    worker = b.start(hms_argv("worker"), env=b.env(), log=log_b)
     wait_until(lambda: "node b registered" in log_b.read_text(errors="replace"), timeout=60,
                what="node b to register", procs=[worker, up], logs=logs)
 

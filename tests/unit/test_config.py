@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hms_mgmt import constants
-from hms_mgmt.config import Settings, env_var
+from hms_mgmt.config import Settings, default_node_name, env_var
 from hms_mgmt.errors import ConfigError
 
 
@@ -19,8 +19,8 @@ def test_defaults(tmp_path: Path) -> None:
     s = Settings.from_env(env_for(tmp_path))
     assert s.state_dir == tmp_path
     assert s.temporal_address == constants.DEFAULT_TEMPORAL_ADDRESS
-    assert s.runtime == "auto" and s.node == "local" and s.token is None
-    assert s.node_task_queue() == constants.node_task_queue("local")
+    assert s.runtime == "auto" and s.node == default_node_name() and s.token is None
+    assert s.node_task_queue() == constants.node_task_queue(default_node_name())
 
 
 def test_default_state_dir_is_in_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ back, and survive continue-as-new."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +18,15 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from hms_mgmt.models import NodeRecord, NodeSpec
-from hms_mgmt.wire import NodeLost, NodeRegistration, NodeRegistryInput, NodesOutput
+from hms_mgmt.wire import (
+    NodeCheckInput,
+    NodeCheckOutput,
+    NodeLost,
+    NodeRegistration,
+    NodeRegistryInput,
+    NodesOutput,
+    NodeVerdict,
+)
 from workflows.nodes import NodeRegistry
 
 LOST_AFTER_S = 2.0
@@ -52,8 +61,14 @@ async def registry(temporal_env: WorkflowEnvironment) -> AsyncIterator[Registry]
         r.lost.append(inp.node)
         return 0
 
+    @activity.defn(name="check_nodes")
+    async def check_nodes(inp: NodeCheckInput) -> NodeCheckOutput:
+        """A stand-in that believes every node (signatures are tests/workflows/test_node_enrolment.py's)."""
+        return NodeCheckOutput(verdicts=[NodeVerdict(node=reg.spec.name, ok=True, at=time.time())
+                                         for reg in inp.registrations])
+
     async with Worker(temporal_env.client, task_queue=r.queue, workflows=[NodeRegistry],
-                      activities=[notify_node_lost]):
+                      activities=[notify_node_lost, check_nodes]):
         yield r
         async for wf in temporal_env.client.list_workflows(f'TaskQueue = "{r.queue}" AND ExecutionStatus = "Running"'):
             await temporal_env.client.get_workflow_handle(wf.id).terminate("test teardown")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from conftest import eventually, make_settings, node_pods, require_docker, seed_
 from temporalio.testing import WorkflowEnvironment
 from test_scale import burn
 
-from hms_mgmt import tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.events import read_events
 from hms_mgmt.nodes import list_nodes
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import enrol_node_dir
 from worker.main import HmsWorker
 
 LOST_AFTER_S = 5.0
@@ -44,11 +43,8 @@ class Cluster:
     started: list[HmsWorker] = field(default_factory=list)
 
     async def start_b(self) -> None:
-        # As on a second host: the node checks admission tickets with the control plane's public key.
-        keys = self.b.state_dir / "keys"
-        keys.mkdir(parents=True, exist_ok=True)
-        tickets.ensure_control_key(self.a.state_dir)
-        shutil.copy(self.a.state_dir / "keys" / tickets.PUBLIC_FILE, keys / tickets.PUBLIC_FILE)
+        # As on a second host that joined: its own key and certificate, the control plane's public key.
+        enrol_node_dir(self.a.state_dir, self.b.state_dir, self.b.node, self.b.node_address)
         self.b_worker = HmsWorker(self.env.client, self.b, control=False)
         await self.b_worker.__aenter__()
 

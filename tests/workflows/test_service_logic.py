@@ -53,6 +53,10 @@ from hms_mgmt.wire import (
     PickNodeInput,
     PickNodeOutput,
     PodLogsInput,
+    PodReportCheck,
+    PodReportVerdict,
+    StampInput,
+    StampOutput,
     StartPodInput,
     StartTicketInput,
     StopGrantInput,
@@ -135,6 +139,20 @@ class FakeCluster:
                                    non_retryable=True)
         return VerifyImageOutput(content_id=content_id(inp.image), detail="signed by test")
 
+    @activity.defn(name="trust_now")
+    async def trust_now(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        return await self.verify_image(inp)
+
+    @activity.defn(name="stamp_start")
+    async def stamp_start(self, inp: StampInput) -> StampOutput:
+        await self.verify_image(VerifyImageInput(service=inp.service, image=inp.spec.image))
+        return StampOutput(stamp=f"stamp-{inp.pod_id}")
+
+    @activity.defn(name="check_pod_report")
+    async def check_pod_report(self, inp: PodReportCheck) -> PodReportVerdict:
+        """The stand-in nodes sign nothing: every report of theirs is believed."""
+        return PodReportVerdict(ok=True)
+
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         return PickNodeOutput(nodes=[self.node] * inp.count)
@@ -213,7 +231,8 @@ class FakeCluster:
     def activities(self) -> list[object]:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
-                self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant]
+                self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant,
+                self.trust_now, self.stamp_start, self.check_pod_report]
 
 
 @contextlib.asynccontextmanager

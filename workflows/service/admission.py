@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
+    from activities.enrolment import NodeTrustActivities
     from activities.pods import PodActivities
     from hms_mgmt.errors import ActivityErrorType, FailureKind
     from hms_mgmt.models import GovernanceInput, RevisionRecord, ServiceSpec, TicketInput, VerifyImageInput
@@ -20,6 +21,8 @@ from workflows.common import error_message, error_type
 from workflows.service.access import Access
 from workflows.service.approvals import ApprovalGate
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun
+
+TRUST_ON_CONTROL = "trust-on-control"  # patch: an image_revoked hint is re-checked by the control worker
 
 
 class Admission:
@@ -145,12 +148,14 @@ class Admission:
         run = self.run
         run.state.revoke_check = False
         node = run.placement.nodes[0].task_queue if run.placement.nodes else run.node_queue("local")
+        # The control plane judges trust (a joined node keeps no trust store): ask it, not a node.
+        on_control = workflow.patched(TRUST_ON_CONTROL)
         try:
             await workflow.execute_activity_method(
-                PodActivities.verify_image,
+                NodeTrustActivities.trust_now if on_control else PodActivities.verify_image,
                 VerifyImageInput(service=run.spec.name, image=run.spec.image, content_id=run.state.image_id,
                                  one_try=True),
-                task_queue=node,
+                task_queue=run.placement.control_task_queue if on_control else node,
                 start_to_close_timeout=CONTROL_TIMEOUT,
                 retry_policy=RetryPolicy(maximum_attempts=3, non_retryable_error_types=[ActivityErrorType.IMAGE_UNTRUSTED]),
                 summary=f"still trusted? {run.spec.image}",

@@ -45,6 +45,7 @@ from workflows.service.admission import Admission
 from workflows.service.approvals import ApprovalGate
 from workflows.service.feed import EndpointFeed
 from workflows.service.lifecycle import Lifecycle
+from workflows.service.reports import PodReports
 from workflows.service.slots import Slots
 from workflows.service.state import SERVICE_KEY, ServiceRun, cancel_quietly, refuse
 from workflows.service.supervision import Supervision
@@ -67,6 +68,7 @@ class ServiceWorkflow:
         self.slots = Slots(run, self.supervision)
         self.updates = Updates(run, self.access, self.admission, self.approvals, self.supervision, self.feed,
                                self.slots)
+        self.reports = PodReports(run)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -166,9 +168,11 @@ class ServiceWorkflow:
     # --- hints and reports from children and the NodeRegistry ----------------------------
 
     @workflow.signal(name=S.PODS_DRAINING)
-    def pods_draining(self, pod_ids: list[str]) -> None:
-        """A rolling update is about to stop these: routers get them as draining at once."""
+    async def pods_draining(self, pod_ids: list[str]) -> None:
+        """A rolling update is about to stop these: routers get them as draining at once (once
+        the reports of the pods replacing them are checked and in the table)."""
         run = self.run_state
+        await self.reports.settled()
         if run.state.phase == "Updating":
             run.stopping |= set(pod_ids) & {p.id for p in run.state.pods}
 
@@ -180,8 +184,9 @@ class ServiceWorkflow:
             self.run_state.state.revoke_check = True
 
     @workflow.signal(name=S.POD_REPORTED)
-    def pod_reported(self, pod: PodStatus) -> None:
-        """Live progress from a child; the child's result is still the authority."""
+    async def pod_reported(self, pod: PodStatus) -> None:
+        """Live progress from a child; the child's result is still the authority. A report
+        changes the pods (and the routers' table) only as its node's own signed word."""
         run = self.run_state
         if not (run.heals or run.state.phase in ("Deploying", "Scaling", "Updating")):
             run.post("access.denied", f"ignored a pod_reported signal for pod {pod.id[:8]}: "
@@ -189,7 +194,10 @@ class ServiceWorkflow:
             return
         if pod.health == "exited" and not any(p.id == pod.id for p in run.state.pods):
             return
-        run.upsert_pod(pod)
+        if not await self.reports.believe(pod) or not (run.heals or run.state.phase in ("Deploying", "Scaling",
+                                                                                          "Updating")):
+            return
+        run.upsert_pod(pod.model_copy(update={"report": ""}))
 
     @workflow.signal(name=S.NODE_LOST)
     def node_lost(self, lost: NodeLost) -> None:

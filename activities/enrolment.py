@@ -1,0 +1,158 @@
+"""Control-plane activities of node identity (task queue ``hms-control``): enrol a joining host,
+check what nodes sign (registrations, heartbeats, pod reports) and stamp each pod start with the
+control plane's word that its image is trusted now. Workflows cannot do this themselves: the
+enrolment record and the keys are files on the control host (hms_mgmt/nodeid.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from hms_mgmt import constants, nodeid, tickets
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
+from hms_mgmt.events import Event, EventSink
+from hms_mgmt.trust import TrustStore
+from hms_mgmt.wire import (
+    EnrolInput,
+    EnrolOutput,
+    NodeCheckInput,
+    NodeCheckOutput,
+    NodeLost,
+    NodeRegistration,
+    NodeVerdict,
+    PodReportCheck,
+    PodReportVerdict,
+    StampInput,
+    StampOutput,
+    VerifyImageInput,
+    VerifyImageOutput,
+)
+
+QUIET_S = 60.0  # the same refusal for the same node is written to the event log once a minute
+
+
+class NodeTrustActivities:
+    def __init__(self, settings: Callable[[], Settings], sink: EventSink) -> None:
+        self.settings = settings
+        self.sink = sink
+        self._told: dict[tuple[str, str], float] = {}
+
+    async def _denied(self, reason: str, *, service: str = "", **data: object) -> None:
+        key = (str(data.get("node", "")), reason)
+        now = time.monotonic()
+        if now - self._told.get(key, -QUIET_S) < QUIET_S:
+            return
+        self._told[key] = now
+        await self.sink.publish(Event(type="access.denied", service=service, reason=reason, data=data))
+
+    @activity.defn(name="enrol_node")
+    async def enrol_node(self, inp: EnrolInput) -> EnrolOutput:
+        """A host joins: its request must be signed with a live join token's key."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            cert = await asyncio.to_thread(nodeid.enrol, settings.state_dir, inp.request)
+            pub = await asyncio.to_thread(nodeid.control_public_pem, settings.state_dir)
+        except (AccessDenied, HmsError, ValueError) as e:
+            await self._denied(f"node enrolment refused: {e}", action="enrol")
+            raise ApplicationError(f"enrolment refused: {e}", type=ActivityErrorType.ACCESS_DENIED,
+                                   non_retryable=True) from None
+        claims = nodeid.open_cert(settings.state_dir, cert)
+        await self.sink.publish(Event(type="node.enrolled", service="", reason=f"node {claims['node']} joined at "
+                                      f"{claims['addr']}", data={"node": claims["node"], "address": claims["addr"]}))
+        return EnrolOutput(cert=cert, control_pub=pub.decode())
+
+    @activity.defn(name="check_nodes")
+    async def check_nodes(self, inp: NodeCheckInput) -> NodeCheckOutput:
+        """Each registration (or heartbeat): a valid certificate of an enrolled, unremoved node
+        for exactly this spec's name, address and queue, and a fresh signature by its key."""
+        settings = await asyncio.to_thread(self.settings)
+        verdicts = []
+        for reg in inp.registrations:
+            name = reg.spec.name
+            try:
+                at, kid = await asyncio.to_thread(self._check, settings, reg, inp.kind)
+                verdicts.append(NodeVerdict(node=name, ok=True, key_id=kid, at=at))
+            except (AccessDenied, ValueError) as e:
+                reason = f"node {name}: {inp.kind} refused: {e}"
+                await self._denied(reason, action=inp.kind, node=name, worker=reg.worker[:200])
+                verdicts.append(NodeVerdict(node=name, ok=False, reason=reason))
+        return NodeCheckOutput(verdicts=verdicts)
+
+    @staticmethod
+    def _check(settings: Settings, reg: NodeRegistration, kind: str) -> tuple[float, str]:
+        spec = reg.spec
+        claims = nodeid.check_cert(settings.state_dir, reg.cert, spec.name)
+        if claims.get("addr") != spec.address:
+            raise AccessDenied(f"it enrolled at address {claims.get('addr')}, not {spec.address}")
+        queue = constants.node_task_queue(spec.name, settings.node_queue_prefix)
+        if spec.task_queue != queue:
+            raise AccessDenied(f"its task queue is {queue}, not {spec.task_queue}")
+        at = nodeid.check_statement(nodeid.pub_of(claims), reg.proof, node=spec.name, kind=kind,
+                                    message=reg.signed_part())
+        return at, nodeid.key_id(claims)
+
+    @activity.defn(name="node_removed")
+    async def node_removed(self, inp: NodeLost) -> bool:
+        """Whether ``hms node remove`` revoked the node: what the registry checks before it
+        believes a ``remove`` hint."""
+        settings = await asyncio.to_thread(self.settings)
+        rec = (await asyncio.to_thread(nodeid.enrolled, settings.state_dir)).get(inp.node)
+        return bool(rec and rec.get("revoked_at"))
+
+    @activity.defn(name="check_pod_report")
+    async def check_pod_report(self, inp: PodReportCheck) -> PodReportVerdict:
+        """A ``pod_reported`` signal counts only as its node's own signed word about its own pod."""
+        settings = await asyncio.to_thread(self.settings)
+        pod = inp.pod
+        try:
+            if inp.recorded_node and inp.recorded_node != pod.node:
+                raise AccessDenied(f"pod {pod.id[:8]} runs on node {inp.recorded_node}, not {pod.node}")
+            pub = await asyncio.to_thread(nodeid.node_public_key, settings.state_dir, pod.node)
+            nodeid.check_statement(pub, pod.report, node=pod.node, kind="pod",
+                                   message=nodeid.pod_report_message(inp.service, pod),
+                                   max_age_s=nodeid.REPORT_MAX_AGE_S)
+        except AccessDenied as e:
+            return PodReportVerdict(ok=False, reason=str(e))
+        return PodReportVerdict(ok=True)
+
+    @activity.defn(name="stamp_start")
+    async def stamp_start(self, inp: StampInput) -> StampOutput:
+        """The control plane's word for one pod start: the revision was admitted (its ticket) and
+        its pinned image is signed and not revoked now. A revocation here stops new pods on
+        every host at once: none of them keeps a trust store of its own."""
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+        except AccessDenied as e:
+            await self._denied(f"pod {inp.pod_id} of {inp.service} not stamped: {e}", service=inp.service,
+                               action="start_pod", node=inp.node, pod=inp.pod_id)
+            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type=ActivityErrorType.ACCESS_DENIED,
+                                   non_retryable=True) from None
+        ok, detail = await asyncio.to_thread(TrustStore(settings.state_dir).verify, inp.spec.image, inp.image_id)
+        if not ok:
+            await self._denied(f"pod {inp.pod_id} not started on node {inp.node}: image {inp.spec.image} is not "
+                               f"trusted now ({detail})", service=inp.service, action="start_pod", node=inp.node,
+                               pod=inp.pod_id)
+            raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}",
+                                   type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
+        stamp = await asyncio.to_thread(nodeid.issue_stamp, settings.state_dir, service=inp.service,
+                                        revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
+                                        node=inp.node)
+        return StampOutput(stamp=stamp)
+
+    @activity.defn(name="trust_now")
+    async def trust_now(self, inp: VerifyImageInput) -> VerifyImageOutput:
+        """Is the pinned content still signed and not revoked? Asked of the control plane (an
+        ``image_revoked`` hint's re-check): nodes keep no trust store to ask."""
+        settings = await asyncio.to_thread(self.settings)
+        ok, detail = await asyncio.to_thread(TrustStore(settings.state_dir).verify, inp.image, inp.content_id)
+        if not ok:
+            raise ApplicationError(f"image {inp.image} is not trusted: {detail}", type=ActivityErrorType.IMAGE_UNTRUSTED,
+                                   non_retryable=True)
+        return VerifyImageOutput(content_id=inp.content_id, detail=detail)

@@ -79,6 +79,24 @@ async def test_a_service_started_with_state_of_its_own_is_refused(temporal_env, 
     assert any("state of its own" in r for r in denied(settings))
 
 
+async def test_a_service_whose_placement_names_another_control_queue_is_refused(temporal_env, hms: Orchestrator,
+                                                                                   settings):
+    """The placement is the starter's word: pointing its control queue at the attacker's own
+    worker would have them answer authorize and issue tickets. The run refuses at once."""
+    spec = ServiceSpec.model_validate(seed_spec())
+    evil_queue = f"evil-{uuid.uuid4().hex[:6]}"
+    placement = hms._placement().model_copy(update={"control_task_queue": evil_queue})
+    inp = ServiceInput(spec=spec, placement=placement)
+    await asyncio.to_thread(cli_start, settings, "ServiceWorkflow", inp.model_dump_json(), "svc-hms-ach")
+    final = await temporal_env.client.get_workflow_handle("svc-hms-ach").result()
+    assert final["phase"] == "Rejected" and final["failure"]["kind"] == "access_denied"
+    assert any(evil_queue in r for r in denied(settings))
+    history = await temporal_env.client.get_workflow_handle("svc-hms-ach").fetch_history()
+    assert evil_queue not in {e.activity_task_scheduled_event_attributes.task_queue.name for e in history.events
+                              if e.HasField("activity_task_scheduled_event_attributes")}
+    assert node_pods(settings) == []
+
+
 async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchestrator, settings):
     await hms.deploy(seed_spec(), wait=True, timeout=120)
     st = await hms.status("hms-ach")

@@ -316,6 +316,17 @@ class ServiceWorkflow:
                                      message=reason)
             await run.emit("access.denied", reason)
             return run.status()
+        own_queue = workflow.info().task_queue
+        if inp.placement.control_task_queue != own_queue:
+            # Whoever starts the workflow writes its placement: the control queue it names is where
+            # authorize and the tickets would run. Only the queue this run is served on is ours.
+            reason = (f"a ServiceWorkflow whose placement names control queue {inp.placement.control_task_queue[:80]!r}, "
+                      f"not the queue it runs on ({own_queue}): refused, nothing started")
+            run.placement = run.placement.model_copy(update={"control_task_queue": own_queue})
+            run.state = ServiceState(phase="Rejected", failure=Failure(kind=FailureKind.ACCESS_DENIED, message=reason),
+                                     message=reason)
+            await run.emit("access.denied", reason)
+            return run.status()
         if inp.state is None:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(run.spec.name)])
             run.set_phase("Validating", force=True)

@@ -13,17 +13,28 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_settings, node_pods, seed_spec, sweep_pods, temporal_binary, terminate_running
+from conftest import eventually, make_settings, node_pods, seed_spec, sweep_pods, temporal_binary, terminate_running
 from fuzz_profiles import fuzz
 from hypothesis import example, given
 from hypothesis import strategies as st
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 
+from hms_mgmt import constants
 from hms_mgmt.errors import SpecError
 from hms_mgmt.models import Approval, PodStatus
+from hms_mgmt.nodes import registry_nodes
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.wire import AdmissionRequest, HealAttempt, NodeLost, ScaleRequest, SpecUpdate, UndeployRequest
+from hms_mgmt.wire import (
+    AdmissionRequest,
+    EnrolInput,
+    HealAttempt,
+    NodeLost,
+    NodeRegistration,
+    ScaleRequest,
+    SpecUpdate,
+    UndeployRequest,
+)
 from worker.main import HmsWorker
 
 NAME = "hms-fuzz"
@@ -157,6 +168,72 @@ async def test_signal_and_update_payloads_leave_the_service_healthy(temporal_env
             assert not failed, failed[0].workflow_task_failed_event_attributes.failure.message
             final = await orch.undeploy(NAME)
             assert final is not None and final.phase == "Stopped" and node_pods(settings, NAME) == []
+    finally:
+        await terminate_running(temporal_env, settings)
+        sweep_pods(settings)
+
+
+# --- the NodeRegistry: enrolment, registration and heartbeats (signed) ---------------------------
+REGISTRY_SIGNALS = {"heartbeat": NodeRegistration, "remove": None, "no_such_signal": None}
+REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "no_such_update": None}
+
+
+@st.composite
+def registry_messages(draw: st.DrawFn) -> list[str]:
+    """A forged or malformed enrolment, registration, heartbeat or removal, as the CLI sends it."""
+    kind = draw(st.sampled_from(["signal", "update"]))
+    table = REGISTRY_SIGNALS if kind == "signal" else REGISTRY_UPDATES
+    name = draw(st.sampled_from(sorted(table)))
+    cmd = (["signal"] if kind == "signal" else ["update", "execute"]) + ["--name", name]
+    mode = draw(st.sampled_from(["json", "shaped", "shaped", "raw", "none"]))
+    if mode in ("json", "shaped"):
+        cmd += ["--input", json.dumps(draw(shaped(table[name]) if mode == "shaped" else json_values))[:ARGV_MAX]]
+    elif mode == "raw":
+        cmd += ["--input", draw(st.sampled_from(["{", "nope", "[1,]", "NaN"]))]
+    return cmd
+
+
+async def test_forged_node_messages_leave_the_registry_as_it_was(temporal_env, tmp_path: Path):
+    """Anyone who reaches Temporal can send the NodeRegistry an enrolment, a registration or a
+    heartbeat: fuzzed, shaped like the real ones, or the real node's own registration with a
+    changed address. None adds a node, changes the enrolled one, or fails a workflow task."""
+    settings = make_settings(temporal_env, tmp_path / "state", "process")
+    try:
+        async with HmsWorker(temporal_env.client, settings):
+            registry_id = constants.node_registry_id(settings.task_queue)
+            handle = temporal_env.client.get_workflow_handle(registry_id)
+            loop = asyncio.get_running_loop()
+
+            async def read() -> dict[str, tuple[str, str]]:
+                records = await registry_nodes(temporal_env.client, settings) or []
+                return {r.spec.name: (r.spec.address, r.state) for r in records}
+
+            def nodes() -> dict[str, tuple[str, str]]:  # from the fuzzing thread
+                return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=30)
+
+            async def registered() -> bool:
+                return (await read()).get(settings.node, ("", ""))[1] == "Ready"
+
+            await eventually(registered, timeout=60, what="the node registered")
+            before = await read()
+
+            @fuzz(40, chaos_examples=1_000)
+            @given(registry_messages())
+            @example(["update", "execute", "--name", "register", "--input",
+                      json.dumps({"spec": {"name": "evil", "address": "127.0.0.1"}})])
+            @example(["update", "execute", "--name", "register", "--input",
+                      json.dumps({"spec": {"name": settings.node, "address": "127.0.0.9"}, "cert": "x", "proof": "y"})])
+            @example(["signal", "--name", "heartbeat", "--input", json.dumps({"spec": {"name": "evil"}})])
+            @example(["update", "execute", "--name", "enrol", "--input", json.dumps({"name": "evil"})])
+            def send(cmd: list[str]) -> None:
+                subprocess.run([temporal_binary(), "workflow", *cmd, "--address", settings.temporal_address,
+                                "--workflow-id", registry_id], capture_output=True, timeout=60)
+                assert nodes() == before
+
+            await asyncio.to_thread(send)
+            failed = [e async for e in handle.fetch_history_events()
+                      if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+            assert not failed, failed[0].workflow_task_failed_event_attributes.failure.message
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)

@@ -89,9 +89,10 @@ async def test_piped_deploy_of_an_unsigned_image_says_how_to_sign_it_then_comple
     assert waiting.data["command"] == f"hms image sign {EXAMPLE_IMAGE}" and waiting.data["deadline"]
 
     ok(await hms("image", "sign", "--runtime", "process", EXAMPLE_IMAGE, env=env))
-    out, err = await asyncio.to_thread(deploy.proc.communicate, timeout=120)
-    assert deploy.proc.returncode == 0, err
-    assert f"{name} is Running: 1/1 pods ready" in out
+    await asyncio.to_thread(deploy.proc.wait, 120)
+    deploy.reader.join(timeout=10)  # stdout is the reader's: every line is in deploy.lines
+    assert deploy.proc.returncode == 0, deploy.proc.stderr.read() if deploy.proc.stderr else ""
+    assert f"{name} is Running: 1/1 pods ready" in deploy.text()
     # One line per change, each with a time, the service and its phase: never silent.
     progress = [x for _, x in deploy.lines if f"  {name}  " in x]
     assert any("VerifyingImage" in x for x in progress) and any("Running  1/1 ready" in x for x in progress)

@@ -87,7 +87,7 @@ async def test_publish_endpoints_from_an_outsider_redirects_no_traffic(temporal_
     our control worker's ``publish_endpoints`` (which signs the push to every router)."""
     orch, settings, url = routed
     await orch.deploy(seed_spec(min_replicas=1, max_replicas=2), wait=True, timeout=120)
-    ours = await eventually(lambda: router_table(url, "hms-ach"), what="the router's table for hms-ach")
+    ours = await eventually(lambda: _ready_table(url, 1), what="the router's table for hms-ach with its pod")
     wf_id = f"svc-hms-ach-heal-{uuid.uuid4()}"  # their choice of id, like one of our children's
     async with listener() as theirs, outsider(temporal_env.client) as them:
         forged = EndpointSet.model_validate({
@@ -108,13 +108,14 @@ async def test_publish_endpoints_from_an_outsider_redirects_no_traffic(temporal_
     assert refusals and refusals[-1].data.get("workflow") == wf_id, refusals
     # The service's own next change still reaches the router: nothing was pinned.
     await orch.scale("hms-ach", 2)
-    await eventually(lambda: _two_ready(url),
-                     timeout=60, what="the router's table with both pods")
+    await eventually(lambda: _ready_table(url, 2), timeout=60, what="the router's table with both pods")
 
 
-async def _two_ready(url: str) -> bool:
+async def _ready_table(url: str, ready: int) -> dict | None:
+    """The router's table for hms-ach once it holds ``ready`` ready pods (the deploy answers
+    before its table reaches the router)."""
     t = await router_table(url, "hms-ach")
-    return t is not None and sum(e["state"] == "ready" for e in t["endpoints"]) == 2
+    return t if t is not None and sum(e["state"] == "ready" for e in t["endpoints"]) == ready else None
 
 
 @pytest.mark.parametrize("runtime_name", ["process"])

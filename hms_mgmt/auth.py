@@ -229,6 +229,15 @@ def issue_token(
     return f"{cert}{HOLDER_SEP}{_b64(holder.private_bytes_raw())}"
 
 
+def _issuer_key(public_key: Any, state_dir: Path | None, caller: str) -> Ed25519PublicKey:
+    """The key that signed tokens: the one given, else the one kept in ``state_dir``."""
+    if public_key is not None:
+        return _coerce_public_key(public_key)
+    if state_dir is None:
+        raise ValueError(f"{caller} needs state_dir or public_key")
+    return load_token_public_key(state_dir)
+
+
 def _coerce_public_key(public_key: Any) -> Ed25519PublicKey:
     if isinstance(public_key, Ed25519PublicKey):
         return public_key
@@ -346,12 +355,7 @@ def verify_token(
     """The identity a whole token (certificate and holder key) proves, or AccessDenied saying
     exactly why it proves none. For the token's own holder; workers verify proofs."""
     cert, holder = _split_token(token)
-    if public_key is None:
-        if state_dir is None:
-            raise ValueError("verify_token needs state_dir or public_key")
-        key = load_token_public_key(state_dir)
-    else:
-        key = _coerce_public_key(public_key)
+    key = _issuer_key(public_key, state_dir, "verify_token")
     identity, cnf_x = _verify_cert(cert, key, now)
     _holder_key(holder, cnf_x)
     return identity
@@ -455,12 +459,7 @@ def verify_proof(
     if header.get("typ") != PROOF_TYPE or not isinstance(unverified.get("cert"), str):
         raise AccessDenied("not a request proof: requests carry a proof made from the token "
                            "(`hms`, the Python API and `hms approve --print-signal` make them), never a token")
-    if public_key is None:
-        if state_dir is None:
-            raise ValueError("verify_proof needs state_dir or public_key")
-        key = load_token_public_key(state_dir)
-    else:
-        key = _coerce_public_key(public_key)
+    key = _issuer_key(public_key, state_dir, "verify_proof")
     identity, cnf_x = _verify_cert(unverified["cert"], key, now)
     try:
         holder = Ed25519PublicKey.from_public_bytes(_unb64(cnf_x))

@@ -280,18 +280,15 @@ def _holder_key(holder: str, cnf_x: str) -> Ed25519PrivateKey:
     return key
 
 
-def _verify_cert(
-    cert: str, key: Ed25519PublicKey | None, now: datetime | None
-) -> tuple[Identity, str]:
-    """The identity a token's certificate proves and its holder key's public half (``cnf.x``).
-    With ``key`` None the signature is not checked (a client without the token key's public
-    half checking its own token; never a worker)."""
+def _decode_cert(cert: str, key: Ed25519PublicKey | None) -> dict[str, Any]:
+    """A certificate's claims, its signature checked with ``key`` (when given), or AccessDenied
+    saying what is wrong with it."""
     try:
-        claims = jwt.decode(
+        return jwt.decode(
             cert,
             key,
             algorithms=[ALGORITHM],
-            # Time and issuer are checked below, against ``now`` and with precise messages.
+            # Time and issuer are checked by _verify_cert, against ``now`` and with precise messages.
             options={
                 "verify_signature": key is not None,
                 "verify_exp": False,
@@ -316,6 +313,14 @@ def _verify_cert(
     except jwt.InvalidTokenError as e:
         raise AccessDenied(f"invalid token: {e}") from e
 
+
+def _verify_cert(
+    cert: str, key: Ed25519PublicKey | None, now: datetime | None
+) -> tuple[Identity, str]:
+    """The identity a token's certificate proves and its holder key's public half (``cnf.x``).
+    With ``key`` None the signature is not checked (a client without the token key's public
+    half checking its own token; never a worker)."""
+    claims = _decode_cert(cert, key)
     if claims.get("iss") != ISSUER:
         raise AccessDenied(f"token was issued by {claims.get('iss')!r}, not {ISSUER!r}")
     user = claims.get("sub")

@@ -201,28 +201,31 @@ class ControlActivities:
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
         """The Scheduler's nodes: the registry's Ready ones; the configured ones while no
         registry runs yet (a control plane from before the registry, or its very first start)."""
+        try:
+            out = await self._registry_nodes(settings)
+        except WorkflowQueryFailedError:
+            out = None
+        if out is None:
+            return await asyncio.to_thread(settings.node_specs)
+        return [r.spec for r in out.nodes if r.state == "Ready"]
+
+    async def _registry_nodes(self, settings: Settings) -> NodesOutput | None:
+        """What the NodeRegistry holds, or None while no registry runs."""
         handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
-            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
+            return await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
-            return await asyncio.to_thread(settings.node_specs)
-        except WorkflowQueryFailedError:
-            return await asyncio.to_thread(settings.node_specs)
-        return [r.spec for r in out.nodes if r.state == "Ready"]
+            return None
 
     @activity.defn(name="node_is_lost")
     async def node_is_lost(self, inp: NodeLost) -> bool:
         """Whether the NodeRegistry itself holds ``inp.node`` as Lost: what a service checks before
         it believes a ``node_lost`` signal (anyone who reaches Temporal can send one)."""
         settings = await asyncio.to_thread(self.settings)
-        handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
-        try:
-            out = await handle.query(names.NR.NODES, result_type=NodesOutput)
-        except RPCError as e:
-            if e.status != RPCStatusCode.NOT_FOUND:
-                raise
+        out = await self._registry_nodes(settings)
+        if out is None:
             return False  # no registry runs: no node can have been declared lost
         return any(r.spec.name == inp.node and r.state == "Lost" for r in out.nodes)
 

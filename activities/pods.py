@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import aiohttp
 from temporalio import activity
@@ -18,7 +18,7 @@ from hms_mgmt import nodeid, tickets
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import PodStatus
-from hms_mgmt.policy.autoscale import CpuSample
+from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
 from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
 from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
@@ -126,8 +126,7 @@ class PodActivities:
             await self._check_pinned(inp.spec.image, inp.image_id)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
                         image_id=inp.image_id)
-        handle: PodHandle | None = await heartbeating(self.runtime.start, req)
-        spec = inp.spec
+        await heartbeating(self.runtime.start, req)
         loop = asyncio.get_running_loop()
         died = asyncio.Event()
 
@@ -138,53 +137,52 @@ class PodActivities:
         # Learn of an exit from the runtime's event stream rather than asking the engine
         # several times a second per pod while a rollout is booting them all.
         unsubscribe = self.runtime.subscribe_exits(on_exit)
-        state_every = 0.5 if unsubscribe is None else 5.0
         try:
-            handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)  # died before we listened?
-            deadline = time.monotonic() + spec.ready_timeout_s
-            last_state_check = time.monotonic()
-            delay = 0.05
-            ready_since: float | None = None
-            while True:
-                if handle is None or not handle.running:
-                    code = handle.exit_code if handle else None
-                    when = "before it was ready" if ready_since is None else f"within min_ready_s {inp.min_ready_s:g}s"
-                    raise ApplicationError(
-                        f"pod {inp.pod_id} exited {when} (exit code {code})",
-                        {"exit_code": code},
-                        type=ActivityErrorType.POD_EXITED,
-                        non_retryable=True,
-                    )
-                answers = await probe(self.session(), handle.endpoint, spec.health_path)
-                # Details: whether it answers yet (in the Web UI's pending activity).
-                activity.heartbeat(PodProgress(pod_id=inp.pod_id, health="healthy" if answers else "starting"))
-                if answers:
-                    now = time.monotonic()
-                    ready_since = now if ready_since is None else ready_since
-                    if now - ready_since >= inp.min_ready_s:
-                        return self._signed(inp.service, pod_status(handle, health="healthy", ready=True))
-                    wait = min(0.5, ready_since + inp.min_ready_s - now)
-                else:
-                    ready_since = None
-                    if time.monotonic() > deadline:
-                        raise ApplicationError(
-                            f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
-                            type=ActivityErrorType.POD_NOT_READY,
-                            non_retryable=True,
-                        )
-                    wait = delay
-                    delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
-                try:
-                    await asyncio.wait_for(died.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
-                if died.is_set() or time.monotonic() - last_state_check > state_every:
-                    died.clear()
-                    handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
-                    last_state_check = time.monotonic()
+            return await self._until_ready(inp, died, state_every=0.5 if unsubscribe is None else 5.0)
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+
+    async def _until_ready(self, inp: StartPodInput, died: asyncio.Event, *, state_every: float) -> PodStatus:
+        """Probe the started pod until it has answered for ``min_ready_s``; an exit, or no answer
+        within ``ready_timeout_s``, fails the start. Its state is read again when ``died`` is set,
+        and at least every ``state_every`` seconds."""
+        spec = inp.spec
+        handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)  # died before we listened?
+        deadline = time.monotonic() + spec.ready_timeout_s
+        last_state_check = time.monotonic()
+        delay = 0.05
+        ready_since: float | None = None
+        while True:
+            if handle is None or not handle.running:
+                raise _exited_error(inp, handle, ready_since)
+            answers = await probe(self.session(), handle.endpoint, spec.health_path)
+            # Details: whether it answers yet (in the Web UI's pending activity).
+            activity.heartbeat(PodProgress(pod_id=inp.pod_id, health="healthy" if answers else "starting"))
+            if answers:
+                now = time.monotonic()
+                ready_since = now if ready_since is None else ready_since
+                if now - ready_since >= inp.min_ready_s:
+                    return self._signed(inp.service, pod_status(handle, health="healthy", ready=True))
+                wait = min(0.5, ready_since + inp.min_ready_s - now)
+            else:
+                ready_since = None
+                if time.monotonic() > deadline:
+                    raise ApplicationError(
+                        f"pod {inp.pod_id} did not answer {spec.health_path} within {spec.ready_timeout_s:g}s",
+                        type=ActivityErrorType.POD_NOT_READY,
+                        non_retryable=True,
+                    )
+                wait = delay
+                delay = min(delay * 1.5, 0.1)  # a local GET is cheap; readiness seen late costs more
+            try:
+                await asyncio.wait_for(died.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+            if died.is_set() or time.monotonic() - last_state_check > state_every:
+                died.clear()
+                handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
+                last_state_check = time.monotonic()
 
     async def _check_ticket(self, inp: StartPodInput) -> None:
         """Only a start the control plane signed for exactly this pod, on this node, starts it,
@@ -354,6 +352,18 @@ class PodActivities:
         return await _Watch(self, inp).run()
 
 
+def _exited_error(inp: StartPodInput, handle: PodHandle | None, ready_since: float | None) -> ApplicationError:
+    """A start failed for good: the pod exited before it was ready, or within ``min_ready_s``."""
+    code = handle.exit_code if handle else None
+    when = "before it was ready" if ready_since is None else f"within min_ready_s {inp.min_ready_s:g}s"
+    return ApplicationError(
+        f"pod {inp.pod_id} exited {when} (exit code {code})",
+        {"exit_code": code},
+        type=ActivityErrorType.POD_EXITED,
+        non_retryable=True,
+    )
+
+
 class _Watch:
     def __init__(self, acts: PodActivities, inp: WatchInput) -> None:
         self.acts = acts
@@ -365,6 +375,8 @@ class _Watch:
         self.cpu: dict[str, float | None] = {pid: None for pid in self.pods}
         self.history = list(inp.history)
         self.samples: list[CpuSample] = []
+        self.cpu_before: dict[str, float] = {}  # CPU seconds of each pod at the last round, read at cpu_at
+        self.cpu_at = 0.0
         self.exited: set[str] = set()
         self.rounds = 0
         self.wake = asyncio.Event()
@@ -403,85 +415,114 @@ class _Watch:
 
     async def run(self) -> WatchResult:
         loop = asyncio.get_running_loop()
-        inp, spec = self.inp, self.spec
-        ids = list(self.pods)
 
         def on_exit(pod_id: str) -> None:
             loop.call_soon_threadsafe(self._mark_exited, pod_id)
 
         unsubscribe = self.runtime.subscribe_exits(on_exit)
         try:
-            start = loop.time()
-            deadline = start + inp.max_duration_s
-            next_health = start + spec.health_interval_s
-            next_scale = start + spec.scale_interval_s
-            next_orphans = start
-            cpu_before = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
-            cpu_at = loop.time()
-            for pid in await asyncio.to_thread(self.runtime.exited, ids):
-                self._mark_exited(pid)
-            while True:
-                if self.exited:
-                    return self.result("failed", failed=await self.exited_failures(sorted(self.exited)))
-                now = loop.time()
-                if now >= next_health and ids:
-                    oks = await asyncio.gather(*(self.ping(p, scheduled=next_health) for p in ids))
-                    for pid, ok in zip(ids, oks, strict=True):
-                        self.failures[pid] = 0 if ok else self.failures[pid] + 1
-                    next_health = max(next_health + spec.health_interval_s, loop.time())
-                    failing = [p for p in ids if self.failures[p] >= spec.health_failures]
-                    if failing:
-                        gone = set(await asyncio.to_thread(self.runtime.exited, failing))
-                        failed = await self.exited_failures(sorted(gone))
-                        failed += [
-                            PodFailure(pod_id=p, kind="unhealthy", consecutive_failures=self.failures[p],
-                                       detail=f"{spec.health_path} failed {self.failures[p]} times in a row")
-                            for p in failing if p not in gone
-                        ]
-                        return self.result("failed", failed=failed)
-                if now >= next_scale and ids:
-                    cpu_now = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
-                    elapsed = max(loop.time() - cpu_at, 1e-3)
-                    cpu_at = loop.time()
-                    self.samples = []
-                    for pid in ids:
-                        pct = None
-                        if pid in cpu_now and pid in cpu_before:
-                            limit = spec.cpu_limit or 1.0
-                            pct = round(max(0.0, cpu_now[pid] - cpu_before[pid]) / elapsed / limit * 100, 1)
-                        self.cpu[pid] = pct
-                        self.samples.append(CpuSample(pod_id=pid, cpu_percent=pct, ready=True))
-                    cpu_before = cpu_now
-                    next_scale = max(next_scale + spec.scale_interval_s, loop.time())
-                    self.rounds += 1
-                    if self.scaler is not None:
-                        verdict = self.scaler.check(self.samples)
-                        self.history = self.scaler.history
-                        if verdict is not None:
-                            return self.result(verdict[0], decision=verdict[1])
-                if now >= next_orphans:
-                    next_orphans = now + 30.0
-                    unknown = await self.unknown_pods()
-                    if unknown:
-                        return self.result("unknown_pods", unknown_pods=unknown)
-                if now >= deadline:
-                    return self.result("timeout")
-                activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
-                                                  history=self.history, round=self.rounds))
-                wait = min(next_health, next_scale, deadline, next_orphans) - loop.time()
-                if unsubscribe is None:  # no event stream: poll for exits, cheaply
-                    wait = min(wait, 0.1)
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
-                except TimeoutError:
-                    pass
-                if unsubscribe is None and ids:
-                    for pid in await asyncio.to_thread(self.runtime.exited, ids):
-                        self._mark_exited(pid)
+            return await self._rounds(list(self.pods), poll_exits=unsubscribe is None)
         finally:
             if unsubscribe is not None:
                 unsubscribe()
+
+    async def _rounds(self, ids: list[str], *, poll_exits: bool) -> WatchResult:
+        """Health, CPU and orphan rounds, each on its own period, until one of them needs the
+        workflow or ``max_duration_s`` is up. ``poll_exits``: the runtime has no event stream."""
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        start = loop.time()
+        deadline = start + self.inp.max_duration_s
+        next_health = start + spec.health_interval_s
+        next_scale = start + spec.scale_interval_s
+        next_orphans = start
+        self.cpu_before = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
+        self.cpu_at = loop.time()
+        await self._poll_exits(ids)
+        while True:
+            if self.exited:
+                return self.result("failed", failed=await self.exited_failures(sorted(self.exited)))
+            now = loop.time()
+            if now >= next_health and ids:
+                failing = await self._health_round(ids, scheduled=next_health)
+                next_health = max(next_health + spec.health_interval_s, loop.time())
+                if failing:
+                    return self.result("failed", failed=await self._failures(failing))
+            if now >= next_scale and ids:
+                await self._cpu_round(ids)
+                next_scale = max(next_scale + spec.scale_interval_s, loop.time())
+                verdict = self._scale_verdict()
+                if verdict is not None:
+                    return self.result(verdict[0], decision=verdict[1])
+            if now >= next_orphans:
+                next_orphans = now + 30.0
+                unknown = await self.unknown_pods()
+                if unknown:
+                    return self.result("unknown_pods", unknown_pods=unknown)
+            if now >= deadline:
+                return self.result("timeout")
+            activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
+                                              history=self.history, round=self.rounds))
+            await self._sleep(min(next_health, next_scale, deadline, next_orphans) - loop.time(), poll_exits)
+            if poll_exits and ids:
+                await self._poll_exits(ids)
+
+    async def _health_round(self, ids: list[str], *, scheduled: float) -> list[str]:
+        """Ping every pod; the pods that have now failed ``health_failures`` times in a row."""
+        oks = await asyncio.gather(*(self.ping(p, scheduled=scheduled) for p in ids))
+        for pid, ok in zip(ids, oks, strict=True):
+            self.failures[pid] = 0 if ok else self.failures[pid] + 1
+        return [p for p in ids if self.failures[p] >= self.spec.health_failures]
+
+    async def _failures(self, failing: list[str]) -> list[PodFailure]:
+        """What happened to each failing pod: it exited meanwhile, or it is still there but unhealthy."""
+        gone = set(await asyncio.to_thread(self.runtime.exited, failing))
+        failed = await self.exited_failures(sorted(gone))
+        failed += [
+            PodFailure(pod_id=p, kind="unhealthy", consecutive_failures=self.failures[p],
+                       detail=f"{self.spec.health_path} failed {self.failures[p]} times in a row")
+            for p in failing if p not in gone
+        ]
+        return failed
+
+    async def _cpu_round(self, ids: list[str]) -> None:
+        """Each pod's CPU since the last round, as a percent of its limit, into ``samples``."""
+        loop = asyncio.get_running_loop()
+        cpu_now = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
+        elapsed = max(loop.time() - self.cpu_at, 1e-3)
+        self.cpu_at = loop.time()
+        self.samples = []
+        for pid in ids:
+            pct = None
+            if pid in cpu_now and pid in self.cpu_before:
+                limit = self.spec.cpu_limit or 1.0
+                pct = round(max(0.0, cpu_now[pid] - self.cpu_before[pid]) / elapsed / limit * 100, 1)
+            self.cpu[pid] = pct
+            self.samples.append(CpuSample(pod_id=pid, cpu_percent=pct, ready=True))
+        self.cpu_before = cpu_now
+        self.rounds += 1
+
+    def _scale_verdict(self) -> tuple[Literal["scale", "at_max"], AutoscaleDecision] | None:
+        """The autoscaler's reason to return on this round's samples, when this watch decides."""
+        if self.scaler is None:
+            return None
+        verdict = self.scaler.check(self.samples)
+        self.history = self.scaler.history
+        return verdict
+
+    async def _sleep(self, wait: float, poll_exits: bool) -> None:
+        """Until the next round is due or a pod exits (at most 1 s; 0.1 s when exits are polled)."""
+        if poll_exits:  # no event stream: poll for exits, cheaply
+            wait = min(wait, 0.1)
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
+        except TimeoutError:
+            pass
+
+    async def _poll_exits(self, ids: list[str]) -> None:
+        for pid in await asyncio.to_thread(self.runtime.exited, ids):
+            self._mark_exited(pid)
 
     async def ping(self, pod_id: str, *, scheduled: float) -> bool:
         loop = asyncio.get_running_loop()

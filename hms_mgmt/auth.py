@@ -229,6 +229,15 @@ def issue_token(
     return f"{cert}{HOLDER_SEP}{_b64(holder.private_bytes_raw())}"
 
 
+def _issuer_key(public_key: Any, state_dir: Path | None, caller: str) -> Ed25519PublicKey:
+    """The key that signed tokens: the one given, else the one kept in ``state_dir``."""
+    if public_key is not None:
+        return _coerce_public_key(public_key)
+    if state_dir is None:
+        raise ValueError(f"{caller} needs state_dir or public_key")
+    return load_token_public_key(state_dir)
+
+
 def _coerce_public_key(public_key: Any) -> Ed25519PublicKey:
     if isinstance(public_key, Ed25519PublicKey):
         return public_key
@@ -271,18 +280,15 @@ def _holder_key(holder: str, cnf_x: str) -> Ed25519PrivateKey:
     return key
 
 
-def _verify_cert(
-    cert: str, key: Ed25519PublicKey | None, now: datetime | None
-) -> tuple[Identity, str]:
-    """The identity a token's certificate proves and its holder key's public half (``cnf.x``).
-    With ``key`` None the signature is not checked (a client without the token key's public
-    half checking its own token; never a worker)."""
+def _decode_cert(cert: str, key: Ed25519PublicKey | None) -> dict[str, Any]:
+    """A certificate's claims, its signature checked with ``key`` (when given), or AccessDenied
+    saying what is wrong with it."""
     try:
-        claims = jwt.decode(
+        return jwt.decode(
             cert,
             key,
             algorithms=[ALGORITHM],
-            # Time and issuer are checked below, against ``now`` and with precise messages.
+            # Time and issuer are checked by _verify_cert, against ``now`` and with precise messages.
             options={
                 "verify_signature": key is not None,
                 "verify_exp": False,
@@ -307,6 +313,14 @@ def _verify_cert(
     except jwt.InvalidTokenError as e:
         raise AccessDenied(f"invalid token: {e}") from e
 
+
+def _verify_cert(
+    cert: str, key: Ed25519PublicKey | None, now: datetime | None
+) -> tuple[Identity, str]:
+    """The identity a token's certificate proves and its holder key's public half (``cnf.x``).
+    With ``key`` None the signature is not checked (a client without the token key's public
+    half checking its own token; never a worker)."""
+    claims = _decode_cert(cert, key)
     if claims.get("iss") != ISSUER:
         raise AccessDenied(f"token was issued by {claims.get('iss')!r}, not {ISSUER!r}")
     user = claims.get("sub")
@@ -346,12 +360,7 @@ def verify_token(
     """The identity a whole token (certificate and holder key) proves, or AccessDenied saying
     exactly why it proves none. For the token's own holder; workers verify proofs."""
     cert, holder = _split_token(token)
-    if public_key is None:
-        if state_dir is None:
-            raise ValueError("verify_token needs state_dir or public_key")
-        key = load_token_public_key(state_dir)
-    else:
-        key = _coerce_public_key(public_key)
+    key = _issuer_key(public_key, state_dir, "verify_token")
     identity, cnf_x = _verify_cert(cert, key, now)
     _holder_key(holder, cnf_x)
     return identity
@@ -455,12 +464,7 @@ def verify_proof(
     if header.get("typ") != PROOF_TYPE or not isinstance(unverified.get("cert"), str):
         raise AccessDenied("not a request proof: requests carry a proof made from the token "
                            "(`hms`, the Python API and `hms approve --print-signal` make them), never a token")
-    if public_key is None:
-        if state_dir is None:
-            raise ValueError("verify_proof needs state_dir or public_key")
-        key = load_token_public_key(state_dir)
-    else:
-        key = _coerce_public_key(public_key)
+    key = _issuer_key(public_key, state_dir, "verify_proof")
     identity, cnf_x = _verify_cert(unverified["cert"], key, now)
     try:
         holder = Ed25519PublicKey.from_public_bytes(_unb64(cnf_x))

@@ -90,6 +90,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _at_most(count: int, limit: int, what: str) -> None:
+    """Refuse a list, map or size over its bound, saying the bound and what was given."""
+    if count > limit:
+        raise ValueError(f"at most {limit} {what} (got {count})")
+
+
 def _label(v: str, limit: int, message: str) -> str:
     """``v`` when it is a DNS-1123 label of at most ``limit`` characters."""
     if len(v) > limit or not _DNS_LABEL.match(v):
@@ -216,16 +222,13 @@ class ServiceSpec(_Model):
     @field_validator("env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        if len(v) > MAX_ENV_ENTRIES:
-            raise ValueError(f"at most {MAX_ENV_ENTRIES} variables (got {len(v)})")
+        _at_most(len(v), MAX_ENV_ENTRIES, "variables")
         for key, value in v.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
             if "\0" in value:
                 raise ValueError(f"{key}: a value may not contain a NUL byte")
-        size = sum(len(k.encode()) + len(val.encode()) + 2 for k, val in v.items())
-        if size > MAX_ENV_BYTES:
-            raise ValueError(f"at most {MAX_ENV_BYTES} bytes in all (got {size})")
+        _at_most(sum(len(k.encode()) + len(val.encode()) + 2 for k, val in v.items()), MAX_ENV_BYTES, "bytes in all")
         return v
 
     @field_validator("command")
@@ -237,16 +240,13 @@ class ServiceSpec(_Model):
             raise ValueError(f"must have 1 to {MAX_COMMAND_ARGS} arguments (got {len(v)})")
         if any("\0" in arg for arg in v):
             raise ValueError("an argument may not contain a NUL byte")
-        size = sum(len(arg.encode()) + 1 for arg in v)
-        if size > MAX_COMMAND_BYTES:
-            raise ValueError(f"at most {MAX_COMMAND_BYTES} bytes in all (got {size})")
+        _at_most(sum(len(arg.encode()) + 1 for arg in v), MAX_COMMAND_BYTES, "bytes in all")
         return v
 
     @field_validator("node_selector")
     @classmethod
     def _selector_bounded(cls, v: dict[str, str]) -> dict[str, str]:
-        if len(v) > MAX_SELECTOR_LABELS:
-            raise ValueError(f"at most {MAX_SELECTOR_LABELS} labels (got {len(v)})")
+        _at_most(len(v), MAX_SELECTOR_LABELS, "labels")
         for key, value in v.items():
             if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
                 raise ValueError(f"label {key!r}: a name of 1 to {MAX_LABEL_CHARS} characters and a value "

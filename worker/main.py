@@ -83,61 +83,68 @@ class HmsWorker:
         sink.listeners.append(self.metrics.on_event)
         self.sink = sink
         if control:
-            # The admission-ticket key, made before any node needs its public half.
-            tickets.ensure_control_key(settings.state_dir)
-            callers = Callers(client)  # one cache of described runs for every control activity
-            ctl = ControlActivities(client, settings_loader or (lambda: settings), sink, callers)
-            trust = NodeTrustActivities(settings_loader or (lambda: settings), sink)
-            self.feed = FeedActivities(settings_loader or (lambda: settings), client=client, sink=sink, callers=callers)
-            self.workers.append(
-                Worker(
-                    client,
-                    task_queue=settings.task_queue,
-                    workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
-                    activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                                ctl.issue_ticket, ctl.start_ticket, ctl.stop_grant, self.feed.publish_endpoints,
-                                self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
-                                trust.enrol_node, trust.check_nodes, trust.node_removed, trust.check_pod_report,
-                                trust.stamp_start, trust.trust_now,
-                                *SlotActivities(client, settings_loader or (lambda: settings), sink).all()],
-                    # MessageGuard: a malformed signal or update never reaches a workflow's handler.
-                    interceptors=[self.metrics.interceptor, MessageGuard()],
-                    # One watch_cpu per service runs here the whole time.
-                    max_concurrent_activities=500,
-                )
-            )
+            self.workers.append(self._control_worker(settings_loader or (lambda: settings)))
         if node:
-            # Its own key and certificate: made here on the control plane's host, from `hms node join` elsewhere.
-            identity = nodeid.node_identity(settings.state_dir, settings.node, settings.node_address)
-            runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
-                                   docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink,
-                                   address=settings.node_address)
-            log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
-                     settings.node_task_queue())
-            self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe,
-                                      identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
-            self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
-                                   events=sink, identity=identity)
-            self.workers.append(
-                Worker(
-                    client,
-                    task_queue=settings.node_task_queue(),
-                    activities=[
-                        self.pods.start_pod,
-                        self.pods.stop_pod,
-                        self.pods.list_pods,
-                        self.pods.pod_logs,
-                        self.pods.watch_pods,
-                        self.pods.verify_image,
-                    ],
-                    max_concurrent_activities=500,
-                    # Heartbeats carry the monitor's live view (failures, CPU) to status():
-                    # send them each second rather than at 80% of the heartbeat timeout.
-                    max_heartbeat_throttle_interval=timedelta(seconds=1),
-                    default_heartbeat_throttle_interval=timedelta(seconds=1),
-                    interceptors=[self.metrics.interceptor],
-                )
-            )
+            self.workers.append(self._node_worker(settings_loader))
+
+    def _control_worker(self, load: Callable[[], Settings]) -> Worker:
+        """The control queue: every workflow, and the activities that decide (access, governance,
+        tickets, the Scheduler, the endpoint feed, node trust, slot schedules)."""
+        client, settings, sink = self.client, self.settings, self.sink
+        # The admission-ticket key, made before any node needs its public half.
+        tickets.ensure_control_key(settings.state_dir)
+        callers = Callers(client)  # one cache of described runs for every control activity
+        ctl = ControlActivities(client, load, sink, callers)
+        trust = NodeTrustActivities(load, sink)
+        self.feed = FeedActivities(load, client=client, sink=sink, callers=callers)
+        return Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
+            activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
+                        ctl.issue_ticket, ctl.start_ticket, ctl.stop_grant, self.feed.publish_endpoints,
+                        self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
+                        trust.enrol_node, trust.check_nodes, trust.node_removed, trust.check_pod_report,
+                        trust.stamp_start, trust.trust_now,
+                        *SlotActivities(client, load, sink).all()],
+            # MessageGuard: a malformed signal or update never reaches a workflow's handler.
+            interceptors=[self.metrics.interceptor, MessageGuard()],
+            # One watch_cpu per service runs here the whole time.
+            max_concurrent_activities=500,
+        )
+
+    def _node_worker(self, settings_loader: Callable[[], Settings] | None) -> Worker:
+        """This node's queue: the pod activities over its runtime; and its NodeAgent."""
+        client, settings, sink = self.client, self.settings, self.sink
+        # Its own key and certificate: made here on the control plane's host, from `hms node join` elsewhere.
+        identity = nodeid.node_identity(settings.state_dir, settings.node, settings.node_address)
+        runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
+                               docker_host=settings.docker_host, limits=settings.pod_limits(), events=sink,
+                               address=settings.node_address)
+        log.info("node %s at %s: %s runtime, task queue %s", settings.node, settings.node_address, runtime.name,
+                 settings.node_task_queue())
+        self.pods = PodActivities(runtime, TrustStore(settings.state_dir), sink, on_probe=self.metrics.on_probe,
+                                  identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
+        self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
+                               events=sink, identity=identity)
+        return Worker(
+            client,
+            task_queue=settings.node_task_queue(),
+            activities=[
+                self.pods.start_pod,
+                self.pods.stop_pod,
+                self.pods.list_pods,
+                self.pods.pod_logs,
+                self.pods.watch_pods,
+                self.pods.verify_image,
+            ],
+            max_concurrent_activities=500,
+            # Heartbeats carry the monitor's live view (failures, CPU) to status():
+            # send them each second rather than at 80% of the heartbeat timeout.
+            max_heartbeat_throttle_interval=timedelta(seconds=1),
+            default_heartbeat_throttle_interval=timedelta(seconds=1),
+            interceptors=[self.metrics.interceptor],
+        )
 
     @property
     def runtime_name(self) -> str | None:

@@ -3,8 +3,10 @@
 HAProxy 2.6 (Debian) cannot create backends at run time, so the generated configuration holds
 a pool of empty backends (``be_0`` .. ``be_<N-1>``, ``balance random(2)``); a service is given
 one the first time the feed names it, through the runtime map ``services.map`` (``add map``),
-which the frontend reads to choose the backend from the first path segment. Everything after
-that goes through the Runtime API on a unix socket (``stats socket ... level admin``):
+which the frontend reads to choose the backend from the first path segment (a service landed
+by a time slot is also in ``landed.map``, service -> the slot's end in epoch seconds, and the
+frontend answers it itself: 503, ``Retry-After`` at that end, ``{"error": "landed", ...}``).
+Everything after that goes through the Runtime API on a unix socket (``stats socket ... level admin``):
 
 - a pod appears        ``add server be_N/<pod> ADDR check ... observe layer7 error-limit 3
                        on-error mark-down``, ``enable health``, ``enable server``;

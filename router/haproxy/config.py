@@ -15,12 +15,12 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, control_port: int, log_port: int,
-                  pool_size: int, connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0,
+def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, landed_path: Path, control_port: int,
+                  log_port: int, pool_size: int, connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0,
                   balance: str = "random(2)", log_lines_per_s: int = LOG_LINES_PER_S) -> str:
     """The whole configuration: one frontend, the control backend and ``pool_size`` empty backends."""
     lines = (_head(socket_path, log_port, connect_timeout_s, read_timeout_s)
-             + _frontend(host, port, map_path, log_lines_per_s)
+             + _frontend(host, port, map_path, landed_path, log_lines_per_s)
              + ["", "backend be_control", "    no log", f"    server control 127.0.0.1:{control_port}"])
     for i in range(pool_size):
         lines += [
@@ -65,10 +65,14 @@ def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeo
     ]
 
 
-def _frontend(host: str, port: int, map_path: Path, log_lines_per_s: int) -> list[str]:
+def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines_per_s: int) -> list[str]:
     """The service is the first path segment, looked up in the runtime map; ``/-/*`` and
-    ``/metrics`` go to the control backend."""
+    ``/metrics`` go to the control backend. A service in the landed map (landed by a time slot,
+    no ready pod) is answered 503 with ``Retry-After`` at its slot's end, as the builtin engine does."""
     unknown = _q('{"error":"unknown service","service":"%[var(txn.svc)]"}')
+    until = "%[var(txn.landed),utime(%Y-%m-%dT%H:%M:%S+00:00)]"
+    landed = _q(f'{{"error":"landed","service":"%[var(txn.svc)]","until":"{until}",'
+                f'"reason":"landed by a time slot until {until}: no pod runs"}}')
     return [
         "",
         "frontend fe_router",
@@ -83,6 +87,9 @@ def _frontend(host: str, port: int, map_path: Path, log_lines_per_s: int) -> lis
         "    acl control path_beg /-/ || path /metrics",
         f"    acl known var(txn.svc),map({map_path}) -m found",
         f"    http-request return status 404 content-type application/json lf-string {unknown} if !known !control",
+        f"    http-request set-var(txn.landed) var(txn.svc),map({landed_path}) if !control",
+        "    http-request return status 503 content-type application/json"
+        f' hdr Retry-After "%[var(txn.landed),http_date]" lf-string {landed} if {{ var(txn.landed) -m found }}',
         "    use_backend be_control if control",
         f"    use_backend %[var(txn.svc),map({map_path})]",
     ]

@@ -61,9 +61,10 @@ class HAProxyEngine:
 
     async def start(self, control_port: int, log_port: int) -> None:
         p = self.process
-        await p.start(render_config(host=self.host, port=self.port, socket_path=p.socket_path, map_path=p.map_path,
-                                    control_port=control_port, log_port=log_port, pool_size=len(self.backends)),
-                      self.api, binary=self.binary)
+        config = render_config(host=self.host, port=self.port, socket_path=p.socket_path, map_path=p.map_path,
+                               landed_path=p.landed_path, control_port=control_port, log_port=log_port,
+                               pool_size=len(self.backends))
+        await p.start(config, self.api, binary=self.binary)
         log.info("haproxy %s on http://%s:%d (runtime API %s)", p.binary, self.host, self.port, p.socket_path)
 
     def stop(self) -> None:
@@ -77,12 +78,15 @@ class HAProxyEngine:
     async def reconcile(self) -> None:
         """Make HAProxy's servers match the endpoint table (idempotent; runs on every change)."""
         wanted = dict(self.table.services)
-        await self._act(plan_servers(self.backends, wanted, time.monotonic(), map_path=str(self.process.map_path),
-                             first_id=self.server_ids + 1))
+        await self._act(plan_servers(self.backends, wanted, time.monotonic(), **self._maps(),
+                                     first_id=self.server_ids + 1))
         held = self.by_service
         self.applied_versions.update({name: t.version for name, t in wanted.items() if name in held})
         for name in [n for n in self.applied_versions if n not in held]:
             del self.applied_versions[name]
+
+    def _maps(self) -> dict[str, str]:
+        return {"map_path": str(self.process.map_path), "landed_path": str(self.process.landed_path)}
 
     async def _act(self, p: Plan) -> None:
         for why in p.refused:
@@ -107,7 +111,7 @@ class HAProxyEngine:
         self.samples.clear()
         weights = {be.name: policy.weights(list(be.pods.values()), now) for be in self.backends if be.pods}
         await self._act(plan_weights(self.backends, weights))
-        await self._act(plan_removals(self.backends, self.table.services, now, map_path=str(self.process.map_path)))
+        await self._act(plan_removals(self.backends, self.table.services, now, **self._maps()))
 
     async def run(self) -> None:
         """Reconcile on every table change, tick every ``TICK_S``; until cancelled."""

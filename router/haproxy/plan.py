@@ -5,6 +5,10 @@ A plan is a list of steps; a step's commands are sent in order and the step stop
 ``add server`` or ``del server`` that did not work (:func:`router.haproxy.state.succeeded`), so
 nothing is enabled that was not added and no route is removed while a server is left.
 
+A landed service (``EndpointSet.landed_until`` set and no ready pod, as the builtin engine
+decides) is also in a second runtime map, service -> the slot's end in epoch seconds, which the
+frontend answers with 503 and ``Retry-After`` at that end.
+
 Names are checked here (issue 19): a service, pod id or address outside :mod:`router.names`'
 rules never becomes a command; the plan lists it in ``refused`` with the reason instead.
 """
@@ -47,9 +51,10 @@ class Plan:
 
 
 def plan_servers(backends: Sequence[Backend], wanted: Mapping[str, EndpointSet], now: float, *, map_path: str,
-         first_id: int) -> Plan:
-    """Servers for every wanted service (a new one takes a free backend, then its route), and
-    every other service's servers and route removed. New servers are numbered from ``first_id``."""
+                 landed_path: str, first_id: int) -> Plan:
+    """Servers for every wanted service (a new one takes a free backend, then its route, then its
+    landed entry), and every other service's servers and route removed. New servers are numbered
+    from ``first_id``."""
     out = Plan()
     ids = itertools.count(first_id)
     held = {b.service: b for b in backends if b.service is not None}
@@ -64,21 +69,24 @@ def plan_servers(backends: Sequence[Backend], wanted: Mapping[str, EndpointSet],
             out.refused.append(f"no free backend for service {name}: the pool holds {len(backends)} "
                                "(restart with a larger pool)")
             continue
-        out.steps += _servers(be, name, _routable(table, out.refused), now, ids)
+        eps = _routable(table, out.refused)
+        out.steps += _servers(be, name, eps, now, ids)
         if not be.routed:  # servers first, then the route: no request meets an empty backend
             out.steps.append((Command("map-add", be.name, name, f"add map {map_path} {name} {be.name}"),))
+        out.steps += _landing(be, name, landed_until(table, eps), landed_path)
     for name, be in held.items():
         if name not in wanted:
-            out.steps.append(_retire(be, name, now, map_path))
+            out.steps.append(_retire(be, name, now, map_path, landed_path))
     return out
 
 
-def plan_removals(backends: Sequence[Backend], wanted: Mapping[str, object], now: float, *, map_path: str) -> Plan:
+def plan_removals(backends: Sequence[Backend], wanted: Mapping[str, object], now: float, *, map_path: str,
+                  landed_path: str) -> Plan:
     """Only the deletions still pending (a server that had connections left, a route not yet removed)."""
     out = Plan()
     for be in backends:
         if be.service is not None and be.service not in wanted:
-            out.steps.append(_retire(be, be.service, now, map_path))
+            out.steps.append(_retire(be, be.service, now, map_path, landed_path))
             continue
         for srv in be.servers.values():
             if srv.state == "removing":
@@ -98,6 +106,29 @@ def plan_weights(backends: Sequence[Backend], weights: Mapping[str, Mapping[str,
             if abs(w - srv.weight) > WEIGHT_MIN_CHANGE * max(w, srv.weight):
                 step.append(_cmd("weight", be, be.service or "", pod, f"set server {be.name}/{pod} weight {w}", str(w)))
     return Plan(steps=[tuple(step)] if step else [])
+
+
+def landed_until(table: EndpointSet, eps: Mapping[str, Endpoint]) -> int | None:
+    """The slot's end (epoch seconds) while the service is landed and no pod is ready, else None."""
+    if table.landed_until is None or any(ep.state == "ready" for ep in eps.values()):
+        return None
+    return int(table.landed_until.timestamp())
+
+
+def _landing(be: Backend, service: str, until: int | None, landed_path: str) -> list[Step]:
+    """The service's landed entry made to say ``until`` (``add map`` once, ``set map`` after: an
+    added key is added again, not replaced), or deleted."""
+    if until == be.landed:
+        return []
+    if until is None:
+        return [(_landed_del(be, service, landed_path),)]
+    if be.landed is None:
+        return [(Command("landed-add", be.name, service, f"add map {landed_path} {service} {until}", value=str(until)),)]
+    return [(Command("landed-set", be.name, service, f"set map {landed_path} {service} {until}", value=str(until)),)]
+
+
+def _landed_del(be: Backend, service: str, landed_path: str) -> Command:
+    return Command("landed-del", be.name, service, f"del map {landed_path} {service}")
 
 
 def _routable(table: EndpointSet, refused: list[str]) -> dict[str, Endpoint]:
@@ -149,13 +180,14 @@ def _removal(be: Backend, service: str, srv: Server, now: float, *, force: bool 
     return _take_out(be, service, srv) + _cut(be, service, srv, now, force) + (_delete(be, service, srv),)
 
 
-def _retire(be: Backend, service: str, now: float, map_path: str) -> Step:
-    """A service no longer wanted: every server out of rotation, then deleted, then its route.
-    All maintenance commands come before the first ``del``, which may be deferred."""
+def _retire(be: Backend, service: str, now: float, map_path: str, landed_path: str) -> Step:
+    """A service no longer wanted: every server out of rotation, then deleted, then its landed
+    entry and its route. All maintenance commands come before the first ``del``, which may be deferred."""
     servers = list(be.servers.values())
     return (tuple(c for s in servers for c in _take_out(be, service, s))
             + tuple(c for s in servers for c in _cut(be, service, s, now, False))
             + tuple(_delete(be, service, s) for s in servers)
+            + ((_landed_del(be, service, landed_path),) if be.landed is not None else ())
             + (Command("map-del", be.name, service, f"del map {map_path} {service}"),))
 
 

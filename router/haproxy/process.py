@@ -40,6 +40,7 @@ class HAProxyProcess:
             tempfile.mkdtemp(prefix="hms-haproxy-"))
         self.socket_path = elsewhere / "admin.sock"
         self.map_path = elsewhere / "services.map"
+        self.landed_path = elsewhere / "landed.map"  # landed services -> their slot's end, epoch seconds
         self.config_path = dir / "haproxy.cfg"
         self.log_path = dir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,6 +55,7 @@ class HAProxyProcess:
         binary = self.binary = binary or haproxy_binary()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.map_path.write_text("")
+        self.landed_path.write_text("")
         self.socket_path.unlink(missing_ok=True)
         self.config_path.write_text(config)
         check = await asyncio.to_thread(subprocess.run, [binary, "-c", "-f", str(self.config_path)],

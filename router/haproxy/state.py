@@ -10,7 +10,7 @@ from router import policy
 
 ServerState = Literal["ready", "draining", "removing"]
 Op = Literal["add", "enable-health", "enable", "drain", "ready", "maint", "shutdown", "del", "weight", "map-add",
-             "map-del"]
+             "map-del", "landed-add", "landed-set", "landed-del"]
 
 # The answers that say a command did what it asked; other commands are taken as done once sent.
 EXPECTED = {"add": "New server registered", "del": "Server deleted"}
@@ -31,6 +31,7 @@ class Backend:
     name: str
     service: str | None = None
     routed: bool = False  # the services map sends the service here
+    landed: int | None = None  # what the landed map holds for the service: its slot's end, epoch seconds
     servers: dict[str, Server] = field(default_factory=dict)
     pods: dict[str, policy.PodState] = field(default_factory=dict)
 
@@ -44,7 +45,7 @@ class Command:
     service: str
     line: str
     server: str = ""
-    value: str = ""  # add: the address; weight: the weight
+    value: str = ""  # add: the address; weight: the weight; landed-add/-set: the slot's end
 
 
 def succeeded(command: Command, answer: str) -> bool:
@@ -70,6 +71,10 @@ def record(be: Backend, command: Command, answer: str, now: float) -> bool:
     elif op == "map-del":
         be.service, be.routed = None, False
         be.pods.clear()
+    elif op in ("landed-add", "landed-set"):
+        be.landed = int(command.value)
+    elif op == "landed-del":
+        be.landed = None
     elif srv is not None and op in ("drain", "ready", "maint"):
         srv.state = STATE_AFTER[op]
         if op == "maint":

@@ -18,7 +18,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.feed import FeedActivities
 from hms_mgmt import feed
 from hms_mgmt.config import Settings
-from hms_mgmt.wire import DrainInput
+from hms_mgmt.wire import DrainInput, DrainResult
 
 
 async def pods_of(orch, service: str) -> set[str]:
@@ -90,16 +90,21 @@ async def test_the_router_says_which_pods_it_is_not_done_with_and_only_to_the_fe
             assert status == 400 and "error" in body, bad
 
 
-async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    acts = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[dead]))
+async def drain_through(tmp_path, router: str, max_s: float) -> tuple[DrainResult, float]:
+    """``await_drained`` for pod p1 with ``router`` as the only router: its result and how long it took."""
+    acts = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[router]))
     try:
         t0 = time.monotonic()
         result = await ActivityEnvironment().run(
-            acts.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=0.8))
-        waited = time.monotonic() - t0
+            acts.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=max_s))
+        return result, time.monotonic() - t0
     finally:
         await acts.close()
+
+
+async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result, waited = await drain_through(tmp_path, dead, 0.8)
     assert result.confirmed is False
     assert waited >= 0.75, f"gave up after {waited:.2f} s of a 0.8 s drain"
     assert result.routers[dead].startswith("no answer")
@@ -113,15 +118,9 @@ async def test_a_router_that_does_not_answer_means_the_whole_drain_is_waited(tmp
         writer.close()
 
     hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    hung_url = f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}"
-    stuck = FeedActivities(lambda: Settings(state_dir=tmp_path, routers=[hung_url]))
     try:
-        t0 = time.monotonic()
-        result = await ActivityEnvironment().run(
-            stuck.await_drained, DrainInput(service="hms-ach", pods=["p1"], max_s=1.5))
-        waited = time.monotonic() - t0
+        result, waited = await drain_through(tmp_path, f"http://127.0.0.1:{hung.sockets[0].getsockname()[1]}", 1.5)
     finally:
-        await stuck.close()
         done.set()
         hung.close()
         await hung.wait_closed()

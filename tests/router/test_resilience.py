@@ -20,6 +20,15 @@ from hms_mgmt.runtimes import make_runtime
 PAYMENT = json.dumps({"amount": 12.5, "account": "DE-1234-5678", "currency": "EUR"}).encode()
 
 
+def gets_and_posts(routed, stop: asyncio.Event, *, posters: int) -> tuple[asyncio.Future, asyncio.Future]:
+    """GETs (8 at a time) and payment POSTs (``posters`` at a time) through the router until ``stop``."""
+    gets = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=8, seconds=30, max_requests=20000,
+                                          stop=stop))
+    posts = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/payments", method="POST", body=PAYMENT,
+                                           concurrency=posters, seconds=30, max_requests=20000, stop=stop))
+    return gets, posts
+
+
 def pod_pid(settings, pod_id: str) -> int:
     rt = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     try:
@@ -72,10 +81,7 @@ async def test_a_pod_killed_under_load_fails_no_get_and_no_unsent_post(routed):
     pods = (await routed.orch.status("hms-ach")).pods
     await routed.wait_pods("hms-ach", 3)
     stop = asyncio.Event()
-    gets = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=8, seconds=30, max_requests=20000,
-                                          stop=stop))
-    posts = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/payments", method="POST", body=PAYMENT,
-                                           concurrency=4, seconds=30, max_requests=20000, stop=stop))
+    gets, posts = gets_and_posts(routed, stop, posters=4)
     await asyncio.sleep(1.5)
     victim = pods[0]
     os.kill(pod_pid(routed.settings, victim.id), signal.SIGKILL)
@@ -97,10 +103,7 @@ async def test_scale_down_under_load_drains_without_error(routed):
     await routed.orch.scale("hms-ach", 3)
     await routed.wait_pods("hms-ach", 3)
     stop = asyncio.Event()
-    gets = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=8, seconds=30, max_requests=20000,
-                                          stop=stop))
-    posts = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/payments", method="POST", body=PAYMENT,
-                                           concurrency=2, seconds=30, max_requests=20000, stop=stop))
+    gets, posts = gets_and_posts(routed, stop, posters=2)
     await asyncio.sleep(1.0)
     st = await routed.orch.scale("hms-ach", 1)
     assert st.desired_replicas == 1

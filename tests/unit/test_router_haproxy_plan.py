@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -15,7 +16,7 @@ from router.haproxy.plan import DRAIN_FORCE_S, Plan, plan_removals, plan_servers
 from router.haproxy.runtime import apply
 from router.haproxy.state import Backend
 
-MAP = "/state/services.map"
+MAP, LANDED = "/state/services.map", "/state/landed.map"
 A, B = "127.0.0.1:9001", "127.0.0.1:9002"
 
 
@@ -23,9 +24,10 @@ def pool(n: int = 2) -> list[Backend]:
     return [Backend(f"be_{i}") for i in range(n)]
 
 
-def table(service: str, *eps: Endpoint) -> dict[str, EndpointSet]:
+def table(service: str, *eps: Endpoint, landed_until: datetime | None = None) -> dict[str, EndpointSet]:
     # Built without validation, as a forged table arrives: the plan checks every name itself.
-    return {service: EndpointSet.model_construct(service=service, version=1, endpoints=list(eps), stopped=False)}
+    return {service: EndpointSet.model_construct(service=service, version=1, endpoints=list(eps), stopped=False,
+                                                 landed_until=landed_until)}
 
 
 def ep(pod: str, address: str = A, state: str = "ready") -> Endpoint:
@@ -33,7 +35,11 @@ def ep(pod: str, address: str = A, state: str = "ready") -> Endpoint:
 
 
 def plan(backends: list[Backend], wanted: dict[str, EndpointSet], now: float = 0.0) -> Plan:
-    return plan_servers(backends, wanted, now, map_path=MAP, first_id=1001)
+    return plan_servers(backends, wanted, now, map_path=MAP, landed_path=LANDED, first_id=1001)
+
+
+def removals(backends: list[Backend], wanted: dict[str, EndpointSet], now: float) -> Plan:
+    return plan_removals(backends, wanted, now, map_path=MAP, landed_path=LANDED)
 
 
 def short(p: Plan) -> list[str]:
@@ -90,7 +96,7 @@ async def test_once_carried_the_same_table_plans_nothing():
     assert backends[0].service == "svc" and backends[0].routed
     assert backends[0].servers["b"].state == "draining" and backends[0].pods["b"].draining
     assert plan(backends, wanted).steps == []
-    assert plan_removals(backends, wanted, 0.0, map_path=MAP).steps == []
+    assert removals(backends, wanted, 0.0).steps == []
     assert plan_weights(backends, {"be_0": {"a": 256, "b": 10}}).steps == []
 
 
@@ -109,9 +115,9 @@ async def test_a_gone_pod_is_put_in_maintenance_before_it_is_deleted_and_cut_onl
     assert short(p) == ["set server be_0/a state maint", "del server be_0/a"]
     await carry(backends, p, haproxy, now=100.0)  # it still has connections: deferred
     assert backends[0].servers["a"].state == "removing"
-    assert plan_removals(backends, table("svc", ep("b", B)), 100.0 + DRAIN_FORCE_S, map_path=MAP).lines() == [
+    assert removals(backends, table("svc", ep("b", B)), 100.0 + DRAIN_FORCE_S).lines() == [
         "del server be_0/a"]
-    late = plan_removals(backends, table("svc", ep("b", B)), 100.0 + DRAIN_FORCE_S + 1, map_path=MAP)
+    late = removals(backends, table("svc", ep("b", B)), 100.0 + DRAIN_FORCE_S + 1)
     assert late.lines() == ["shutdown sessions server be_0/a", "del server be_0/a"]
     haproxy.busy.clear()
     await carry(backends, late, haproxy)
@@ -138,7 +144,7 @@ async def test_a_gone_service_loses_every_server_then_its_route_and_frees_its_ba
     await carry(backends, p, haproxy)
     assert backends[0].service == "svc" and backends[0].routed  # a server is left: the route stays
     haproxy.busy.clear()
-    await carry(backends, plan_removals(backends, {}, 1.0, map_path=MAP), haproxy)
+    await carry(backends, removals(backends, {}, 1.0), haproxy)
     assert backends[0] == Backend("be_0")
     assert short(plan(backends, table("other", ep("c"))))[-1] == f"add map {MAP} other be_0"
 
@@ -151,6 +157,45 @@ async def test_weights_go_to_ready_servers_only_and_only_when_they_change_enough
     assert p.lines() == ["set server be_0/a weight 100"]
     await carry(backends, p)
     assert backends[0].servers["a"].weight == 100 and plan_weights(backends, {"be_0": {"a": 100}}).steps == []
+
+
+# --- a landed service: the landed map says until when --------------------------------------------
+
+END = datetime(2026, 12, 24, 21, 0, tzinfo=UTC)
+END_S = int(END.timestamp())
+
+
+async def test_a_landed_service_gets_its_route_then_its_landed_entry_set_as_the_slot_moves_then_deleted():
+    backends = pool()
+    p = plan(backends, table("svc", landed_until=END))
+    assert p.lines() == [f"add map {MAP} svc be_0", f"add map {LANDED} svc {END_S}"]
+    await carry(backends, p)
+    assert backends[0].landed == END_S and plan(backends, table("svc", landed_until=END)).steps == []
+    later = END + timedelta(hours=1)
+    p = plan(backends, table("svc", landed_until=later))
+    assert p.lines() == [f"set map {LANDED} svc {END_S + 3600}"]  # add map would add a second entry
+    await carry(backends, p)
+    p = plan(backends, table("svc", ep("a", A)))  # it took off: the pod first, then no landed answer
+    assert short(p) == [f"add server be_0/a {A}", "enable health be_0/a", "enable server be_0/a",
+                        f"del map {LANDED} svc"]
+    await carry(backends, p)
+    assert backends[0].landed is None and plan(backends, table("svc", ep("a", A))).steps == []
+
+
+async def test_a_landed_service_with_a_ready_pod_is_not_answered_landed_but_one_with_only_draining_pods_is():
+    backends = pool()
+    assert f"add map {LANDED} svc {END_S}" not in plan(backends, table("svc", ep("a"), landed_until=END)).lines()
+    assert plan(backends, table("svc", ep("a", state="draining"), landed_until=END)).lines()[-1] == \
+        f"add map {LANDED} svc {END_S}"
+
+
+async def test_a_gone_landed_service_loses_its_landed_entry_before_its_route():
+    backends = pool()
+    await carry(backends, plan(backends, table("svc", landed_until=END)))
+    p = plan(backends, {})
+    assert p.lines() == [f"del map {LANDED} svc", f"del map {MAP} svc"]
+    await carry(backends, p)
+    assert backends[0] == Backend("be_0")
 
 
 def test_a_full_pool_refuses_a_new_service_and_says_why():

@@ -6,7 +6,7 @@ import asyncio
 import urllib.request
 
 import pytest
-from conftest import WorkerProcess, eventually, make_settings, node_pods, seed_spec, sweep_pods, terminate_running
+from conftest import eventually, make_settings, node_pods, seed_spec, sweep_pods, terminate_running, worker_process
 from temporalio.client import WorkflowExecutionStatus
 
 from hms_mgmt.errors import SpecError
@@ -89,9 +89,7 @@ async def test_worker_killed_mid_deploy_finishes_with_exact_pods_and_no_orphan(t
     """SIGKILL the worker while pods are coming up; a new worker finishes the same rollout."""
     settings = make_settings(temporal_env, tmp_path / "state", runtime_name)
     hms = Orchestrator(temporal_env.client, settings)
-    worker = WorkerProcess(settings, tmp_path / "worker.log")
-    worker.start()
-    try:
+    async with worker_process(temporal_env, settings, tmp_path / "worker.log") as worker:
         # Pods that take 3 s to answer /health keep the rollout in flight long enough to kill it.
         spec = seed_spec(min_replicas=3, env={"HMS_STARTUP_DELAY_S": "3"})
         await hms.deploy(spec)
@@ -110,10 +108,6 @@ async def test_worker_killed_mid_deploy_finishes_with_exact_pods_and_no_orphan(t
         assert node_pods(settings) == []
         desc = await hms.client.get_workflow_handle("svc-hms-ach").describe()
         assert desc.status == WorkflowExecutionStatus.COMPLETED
-    finally:
-        worker.stop()
-        await terminate_running(temporal_env, settings)
-        sweep_pods(settings)
 
 
 async def test_no_capacity_raises_an_alert_and_resumes_when_a_node_grows(temporal_env, tmp_path):

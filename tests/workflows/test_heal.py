@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 from conftest import (
-    WorkerProcess,
     eventually,
     make_settings,
     node_pods,
@@ -24,6 +23,7 @@ from conftest import (
     sweep_pods,
     terminate_running,
     wait_phase,
+    worker_process,
 )
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
@@ -211,9 +211,7 @@ async def test_recovers_once_replacements_stay_ready(temporal_env, tmp_path):
 async def test_worker_killed_during_heal_makes_exactly_one_replacement(temporal_env, tmp_path, runtime_name):
     settings = make_settings(temporal_env, tmp_path / "state", runtime_name)
     hms = Orchestrator(temporal_env.client, settings)
-    worker = WorkerProcess(settings, tmp_path / "worker.log")
-    worker.start()
-    try:
+    async with worker_process(temporal_env, settings, tmp_path / "worker.log") as worker:
         # Replacements take 3 s to answer, so the heal is in flight when the worker dies.
         await hms.deploy(seed_spec(env={"HMS_STARTUP_DELAY_S": "3"}, **FAST), wait=True, timeout=120)
         victim = (await hms.status("hms-ach")).pods[0]
@@ -232,10 +230,6 @@ async def test_worker_killed_during_heal_makes_exactly_one_replacement(temporal_
         await asyncio.sleep(2.0)
         assert len(events(settings, "pod.replaced")) == 1
         assert (await hms.status("hms-ach")).heal_count == 1
-    finally:
-        worker.stop()
-        await terminate_running(temporal_env, settings)
-        sweep_pods(settings)
 
 
 async def test_steady_service_history_stays_within_budget(temporal_env, tmp_path):

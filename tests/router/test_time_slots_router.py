@@ -15,7 +15,8 @@ from slot_helpers import events, no_schedules, one_off, schedules
 
 async def test_a_landed_service_answers_503_until_its_slot_ends(routed):  # noqa: F811
     hms, s = routed.orch, routed.settings
-    slot = one_off("quiet", 15, 30, 0, 0)  # after the deploy, even on a loaded machine
+    # After the deploy, and long enough to see it landed, even on a loaded machine.
+    slot = one_off("quiet", 15, 50, 0, 0)
     await hms.deploy(seed_spec(min_replicas=1, max_replicas=2, time_slots=[slot]), wait=True, timeout=60)
     assert await schedules(hms.client, "hms-ach") == ["svc-hms-ach-slot-quiet-end", "svc-hms-ach-slot-quiet-start"]
     await routed.wait_pods("hms-ach", 1)

@@ -125,7 +125,9 @@ async def test_large_deploy_waits_for_a_four_eyes_approval(gov, tmp_path):
     assert st.pending_approval.requested_by == "alice"
     assert "max_replicas 12 exceeds the limit of 10" in st.pending_approval.reason
     assert node_pods(settings) == []
-    requested = events(settings, "approval.requested")
+    # The phase is set as the event is written: the answer may come first.
+    requested = await eventually(lambda: events(settings, "approval.requested"), timeout=30,
+                                 what="the approval.requested event")
     assert len(requested) == 1
 
     # The Web UI's filter finds it by search attribute.

@@ -504,6 +504,12 @@ def run(service: Service) -> int:
         f"{service.name} {service.version} pod={service.pod} listening on {host}:{bound_port} (pid {os.getpid()})\n"
     )
     sys.stderr.flush()
+    exit_after = _env_float("HMS_EXIT_AFTER_S")
+    if exit_after is not None:
+        # A pod that answers, then crashes: it dies this long after it starts serving.
+        crash = threading.Timer(exit_after, os._exit, args=(3,))
+        crash.daemon = True
+        crash.start()
 
     # Polling wait: the main thread must return to the interpreter for signal handlers to run.
     while not stop.wait(0.5):

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from conftest import V2_IMAGE, seed_spec
+from conftest import seed_spec
 
 from hms_mgmt.errors import HmsError
 from hms_mgmt.models import DeployOutput, ServiceStatus
@@ -138,4 +138,4 @@ def write(records: list[RunRecord], path: Path) -> None:
     path.write_text("\n".join(json.dumps(asdict(r)) for r in records) + "\n")
 
 
-__all__ = ["V2_IMAGE", "RunRecord", "Sampler", "back_on", "dump_histories", "spec", "v3_fates", "write"]
+__all__ = ["RunRecord", "Sampler", "back_on", "dump_histories", "spec", "v3_fates", "write"]

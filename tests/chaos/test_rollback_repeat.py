@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from chaos_helpers import FULL, report
-from conftest import CRASHLOOP_IMAGE, sign_images
-from rollback_scenario import RunRecord, Sampler, V2_IMAGE, back_on, dump_histories, spec, v3_fates, write
+from conftest import CRASHLOOP_IMAGE, V2_IMAGE, sign_images
+from rollback_scenario import RunRecord, Sampler, back_on, dump_histories, spec, v3_fates, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' fixtures
 from router_helpers import routed, run_load  # noqa: E402, F401 - fixtures

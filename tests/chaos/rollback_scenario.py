@@ -30,6 +30,7 @@ class Sample:
     revision: int
     ready: int
     pods: list[tuple[str, int, bool, str]]
+    waiting_for: str = ""
 
 
 @dataclass
@@ -58,6 +59,18 @@ def spec(name: str, **over: object) -> dict[str, object]:
     return seed_spec(name=name, min_replicas=REPLICAS, max_replicas=REPLICAS, **TIMINGS) | over
 
 
+# The broken v3 kinds (Docker images; the example images' code has no crash-after knob built in).
+CRASH_3S = ["sh", "-c", "exec timeout -s KILL 4 python3 -m services.$HMS_SERVICE_MODULE"]  # answers ~1 s in
+
+
+def broken(kind: str, exits_image: str, v2_image: str) -> dict[str, object]:
+    """The v3 spec's changes for ``kind``: exits at once, never answers (503), or crashes ~3 s
+    after it first answers, inside ``min_ready_s``."""
+    return {"exits": {"image": exits_image},
+            "unhealthy": {"image": v2_image, "env": {"HMS_FAIL_HEALTH": "1"}},
+            "crashes": {"image": v2_image, "command": CRASH_3S, "min_ready_s": 6.0}}[kind]
+
+
 class Sampler:
     """status() every 0.2 s: the lowest ready count and every change of phase or rollout state."""
 
@@ -69,7 +82,7 @@ class Sampler:
         self.task = asyncio.ensure_future(self._loop())
 
     async def _loop(self) -> None:
-        seen: tuple[str, str] | None = None
+        seen: tuple[str, str, str] | None = None
         while True:
             with contextlib.suppress(HmsError, OSError):
                 st = await self.orch.status(self.name, live=False)
@@ -77,13 +90,14 @@ class Sampler:
                 ready = sum(1 for p in st.pods if p.ready and p.health != "exited")
                 r = self.record
                 r.lowest_ready = ready if r.lowest_ready is None else min(r.lowest_ready, ready)
-                key = (st.phase, st.rollout.state if st.rollout else "")
+                key = (st.phase, st.rollout.state if st.rollout else "", st.waiting_for.reason if st.waiting_for else "")
                 if st.rollout is not None and st.rollout.workflow_id not in self.children:
                     self.children.append(st.rollout.workflow_id)
                 if key != seen:
                     seen = key
                     r.timeline.append(Sample(t=round(time.monotonic() - self.t0, 2), phase=st.phase, rollout=key[1],
                                              revision=st.revision, ready=ready,
+                                             waiting_for=key[2],
                                              pods=[(p.id[:8], p.revision, p.ready, p.health) for p in st.pods]))
             await self._routed()
             await asyncio.sleep(0.2)
@@ -138,4 +152,4 @@ def write(records: list[RunRecord], path: Path) -> None:
     path.write_text("\n".join(json.dumps(asdict(r)) for r in records) + "\n")
 
 
-__all__ = ["RunRecord", "Sampler", "back_on", "dump_histories", "spec", "v3_fates", "write"]
+__all__ = ["broken", "RunRecord", "Sampler", "back_on", "dump_histories", "spec", "v3_fates", "write"]

@@ -213,7 +213,8 @@ class RollingUpdate:
                 pod = await start_and_wait(inp.spec, inp.revision, pod_id, node, self._report_soon,
                                            image_id=inp.image_id, ticket=inp.ticket, min_ready_s=inp.spec.min_ready_s)
             except ActivityError as e:
-                self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
+                if not self.expired:  # else cancelled by the deadline: _surge_by books it, with why
+                    self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
                 return None
             finally:
                 self.in_flight.pop(pod_id, None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from chaos_helpers import FULL, report
-from conftest import CRASHLOOP_IMAGE, V2_IMAGE, sign_images
+from conftest import CRASHLOOP_IMAGE, EXAMPLE_IMAGE, V2_IMAGE, sign_images
 from rollback_scenario import RunRecord, Sampler, back_on, broken, dump_histories, spec, v3_fates, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' fixtures
@@ -32,6 +32,8 @@ PAUSE_S = float(os.environ.get("HMS_ROLLBACK_PAUSE_S") or 0)  # v2 supervised th
 async def one_run(routed, i: int, out: Path) -> RunRecord:  # noqa: ANN001
     orch, name = routed.orch, f"rb{i}-{routed.settings.node[1:5]}"
     record = RunRecord(run=i, kind=KIND)
+    # Others on this machine may rebuild the example images (`make images`): sign what is there now.
+    sign_images(routed.settings, EXAMPLE_IMAGE, V2_IMAGE, V3_IMAGE)
     base = spec(name, progress_deadline_s=DEADLINE_S)
     await orch.deploy(base, wait=True, timeout=120)
     await routed.wait_pods(name, 3)
@@ -73,7 +75,6 @@ async def one_run(routed, i: int, out: Path) -> RunRecord:  # noqa: ANN001
 async def test_broken_revision_rolls_back_every_time(routed, capsys, tmp_path):
     out = Path(os.environ.get("HMS_ROLLBACK_LOG") or tmp_path / "rollback.jsonl")
     records: list[RunRecord] = []
-    sign_images(routed.settings, V3_IMAGE)
     for i in range(RUNS):
         try:
             records.append(await one_run(routed, i, out.parent))

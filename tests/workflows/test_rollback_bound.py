@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-import pytest_asyncio
 from conftest import CRASHLOOP_IMAGE, V2_IMAGE, eventually, node_pods, seed_spec, sign_images
 from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
@@ -53,14 +51,12 @@ class HungCluster(FakeCluster):
             raise
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def hung(temporal_env: WorkflowEnvironment, tmp_path) -> AsyncIterator[tuple[HungCluster, Settings]]:
-    async with fake_cluster(temporal_env, tmp_path, HungCluster, "hms-hung") as running:
-        yield running  # type: ignore[misc]
+async def test_a_start_that_never_ends_is_cut_at_the_progress_deadline(temporal_env, tmp_path):
+    async with fake_cluster(temporal_env, tmp_path, HungCluster, "hms-hung") as (cluster, settings):
+        await _cut_at_the_deadline(temporal_env, cluster, settings)
 
 
-async def test_a_start_that_never_ends_is_cut_at_the_progress_deadline(temporal_env, hung):
-    cluster, settings = hung
+async def _cut_at_the_deadline(temporal_env: WorkflowEnvironment, cluster: HungCluster, settings: Settings) -> None:
     alice = as_user(temporal_env, settings, "t-alice")
     spec = seed_spec(min_replicas=2, max_replicas=2, drain_s=0.1, min_ready_s=0.1, progress_deadline_s=3,
                      ready_timeout_s=600)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import CRASHLOOP_IMAGE, V2_IMAGE, eventually, node_pods, seed_spec, sign_images
+from conftest import CRASHLOOP_IMAGE, V2_IMAGE, eventually, node_pods, seed_spec, sign_images, wait_phase
 from temporalio import activity
 from temporalio.testing import WorkflowEnvironment
 from test_service_logic import FakeCluster, as_user, fake_cluster, ready_counts
@@ -25,7 +25,7 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import HmsError, RolloutFailed
 from hms_mgmt.models import PodStatus
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.wire import StartPodInput
+from hms_mgmt.wire import StartPodInput, WatchResult
 
 SLACK_S = 10.0  # admission, stopping the pods in flight, the rollback child, a busy 2-core machine
 
@@ -76,6 +76,32 @@ async def _cut_at_the_deadline(temporal_env: WorkflowEnvironment, cluster: HungC
     await eventually(lambda: set(hung_pods) <= set(cluster.cancelled), timeout=20, what="the hung starts cancelled")
 
 
+async def test_an_update_held_by_a_heal_says_so_then_rolls(temporal_env, tmp_path):
+    """The bound counts from the rollout's start: an update first waits for a heal in flight,
+    and ``status().rollout`` says so meanwhile (state ``waiting``), so no hold is silent."""
+    async with fake_cluster(temporal_env, tmp_path) as (cluster, settings):
+        alice = as_user(temporal_env, settings, "t-alice")
+        spec = seed_spec(backoff_initial_s=2, backoff_max_s=2, drain_s=0.1, min_ready_s=0.1)
+        await alice.deploy(spec, wait=True, timeout=30)
+        victim = (await alice.status("hms-ach")).pods[0].id
+        cluster.fail_starts = 1  # the first replacement dies: the heal backs off 2 s, twice
+        await cluster.watch_results.put(WatchResult(reason="failed", failed=[
+            {"pod_id": victim, "kind": "exited", "detail": "exit code 137", "exit_code": 137}]))
+        await wait_phase(alice, "hms-ach", {"Healing", "Degraded"}, timeout=10)
+        outcome = await alice.update_spec({**spec, "image": V2_IMAGE})
+        st = await alice.status("hms-ach", live=False)
+        assert st.rollout is not None and st.rollout.state == "waiting" and st.rollout.to_revision == 2
+        assert st.waiting_for is not None and st.waiting_for.kind == "heal"
+        st = await eventually(lambda: _rolled(alice, outcome.revision), timeout=60, what="the held rollout done")
+        assert {p.revision for p in st.pods} == {2}
+
+
+async def _rolled(orch: Orchestrator, revision: int):
+    st = await orch.status("hms-ach", live=False)
+    return st if st.rollout is not None and st.rollout.to_revision == revision and st.rollout.state == "completed" \
+        else None
+
+
 # --- real pods, one of each broken kind -----------------------------------------------------
 
 CRASHES_IMAGE = "registry.gov/hms-ach-crashes:3.0"  # answers, then exits 3 s later
@@ -105,6 +131,7 @@ def runtime_name() -> str:
     return "process"
 
 
+@pytest.mark.serial  # it asserts a time bound: run alone, after the parallel part
 @pytest.mark.parametrize("kind", list(KINDS))
 async def test_each_broken_kind_rolls_back_within_the_bound(hms, settings, kind):
     (settings.state_dir / "images.yaml").write_text(

@@ -460,6 +460,15 @@ def _env_float(name: str) -> float | None:
         return None
 
 
+def _exit_after_serving() -> None:
+    """``HMS_EXIT_AFTER_S``: a pod that answers, then crashes (exit 3) this long after it starts serving."""
+    exit_after = _env_float("HMS_EXIT_AFTER_S")
+    if exit_after is not None:
+        crash = threading.Timer(exit_after, os._exit, args=(3,))
+        crash.daemon = True
+        crash.start()
+
+
 def run(service: Service) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     exit_at_start = _env_float("HMS_EXIT_AT_START")
@@ -504,6 +513,7 @@ def run(service: Service) -> int:
         f"{service.name} {service.version} pod={service.pod} listening on {host}:{bound_port} (pid {os.getpid()})\n"
     )
     sys.stderr.flush()
+    _exit_after_serving()
 
     # Polling wait: the main thread must return to the interpreter for signal handlers to run.
     while not stop.wait(0.5):

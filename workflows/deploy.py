@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -45,6 +45,9 @@ from workflows.common import (
 
 CRASH_LIMIT = 3  # new pods of the revision failing in a rolling update before it gives up
 PIPELINED = "rollout-pipelined"  # patch: min_ready_s watched in start_pod, placement asked a round ahead
+# patch (issue 25): progress_deadline_s also ends a round in flight (a start that has not failed
+# yet, a placement that waits for room), not only the check between rounds.
+ROUND_DEADLINE = "rollout-deadline-in-round"
 
 
 async def report_to_parent(pod: PodStatus) -> None:
@@ -116,6 +119,9 @@ class RollingUpdate:
         self.stopped: list[str] = []
         self.failures: list[FailedPod] = []
         self.pipelined = False
+        self.bounded = False  # ROUND_DEADLINE
+        self.expired = False  # the deadline ended a round in flight
+        self.in_flight: dict[str, str] = {}  # new pods starting now: id -> node
         self.reports: list[asyncio.Task[None]] = []  # ready reports in flight: a drain waits for them
         self.placing: tuple[int, asyncio.Task[list[NodeSpec | None]]] | None = None
 
@@ -132,26 +138,23 @@ class RollingUpdate:
     async def run(self) -> DeployOutput:
         # Histories recorded before the pipelined rounds replay the way they ran.
         self.pipelined = workflow.patched(PIPELINED)
-        inp, n = self.inp, self.inp.replicas
+        self.bounded = self.pipelined and workflow.patched(ROUND_DEADLINE)
+        n = self.inp.replicas
         last_progress = workflow.now()
         error: str | None = None
         retiring: list[asyncio.Task[None]] = []
         while len(self.new) < n or self.old:
             if self.wf.superseded:
                 break
-            if len(self.failures) >= CRASH_LIMIT:
-                error = (f"revision {inp.revision}: {len(self.failures)} new pods failed "
-                         f"(last: {self.failures[-1].reason})")
-                break
-            if (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
-                error = f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
+            error = self._given_up(last_progress)
+            if error is not None:
                 break
             k, room = self._plan(len(self.new), len(self.old))
             victims, self.old = self.old[:k], self.old[k:]
             if victims:
                 retiring.append(asyncio.ensure_future(self._retire(victims, after=list(self.reports))))
             if room > 0:
-                if await self._surge(room):
+                if await self._surge_by(last_progress, room):
                     last_progress = workflow.now()
             elif not victims:
                 break  # no budget to move (max_surge 0 and max_unavailable 0): nothing can change
@@ -159,6 +162,39 @@ class RollingUpdate:
         await asyncio.gather(*retiring, *self.reports)
         return DeployOutput(pods=self.new + self.old, failed=self.failures, stopped=self.stopped, error=error,
                             superseded=self.wf.superseded and error is None)
+
+    def _given_up(self, last_progress: datetime) -> str | None:
+        """Why the rollout stops here: ``CRASH_LIMIT`` new pods failed, or no new pod became
+        ready within ``progress_deadline_s`` of the last one that did (or of the start)."""
+        inp = self.inp
+        if len(self.failures) >= CRASH_LIMIT:
+            return f"revision {inp.revision}: {len(self.failures)} new pods failed (last: {self.failures[-1].reason})"
+        if self.expired or (workflow.now() - last_progress).total_seconds() > inp.spec.progress_deadline_s:
+            return f"revision {inp.revision}: no progress within progress_deadline_s {inp.spec.progress_deadline_s:g}s"
+        return None
+
+    async def _surge_by(self, last_progress: datetime, count: int) -> bool:
+        """``_surge``, cut short when ``progress_deadline_s`` passes while it runs: the pods still
+        starting then are stopped and count as failed (a pod that never answers, a placement
+        that waits for room, a start that keeps being retried: none holds the rollout past it)."""
+        if not self.bounded:
+            return await self._surge(count)
+        deadline = self.inp.spec.progress_deadline_s
+        left = deadline - (workflow.now() - last_progress).total_seconds()
+        surge = asyncio.ensure_future(self._surge(count))
+        try:
+            await workflow.wait_condition(surge.done, timeout=max(left, 0.001),
+                                          timeout_summary=f"progress_deadline_s {deadline:g}")
+        except TimeoutError:
+            self.expired = True
+            starting = dict(self.in_flight)
+            surge.cancel()  # each start in flight stops its pod before it lets go (start_and_wait)
+            with contextlib.suppress(asyncio.CancelledError):
+                await surge
+            self.failures += [FailedPod(pod_id=p, reason=f"pod {p} not ready within progress_deadline_s {deadline:g}s")
+                              for p in starting]
+            return False
+        return surge.result()
 
     async def _surge(self, count: int) -> bool:
         """Start ``count`` new pods, wait ``min_ready_s``, keep those still running."""
@@ -172,15 +208,20 @@ class RollingUpdate:
         self._place_next(starting)
 
         async def one(pod_id: str, node) -> PodStatus | None:  # noqa: ANN001 - a NodeSpec
+            self.in_flight[pod_id] = node.name
             try:
-                return await start_and_wait(inp.spec, inp.revision, pod_id, node, self._report_soon,
-                                            image_id=inp.image_id, ticket=inp.ticket, min_ready_s=inp.spec.min_ready_s)
+                pod = await start_and_wait(inp.spec, inp.revision, pod_id, node, self._report_soon,
+                                           image_id=inp.image_id, ticket=inp.ticket, min_ready_s=inp.spec.min_ready_s)
             except ActivityError as e:
-                self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
+                if not self.expired:  # else cancelled by the deadline: _surge_by books it, with why
+                    self.failures.append(FailedPod(pod_id=pod_id, reason=error_message(e)))
                 return None
+            finally:
+                self.in_flight.pop(pod_id, None)
+            self.new.append(pod)  # now, not after the round: a round cut short keeps its ready pods
+            return pod
 
         started = [p for p in await asyncio.gather(*(one(i, n) for i, n in zip(ids, nodes, strict=True))) if p]
-        self.new += started
         return bool(started)
 
     async def _report_soon(self, pod: PodStatus) -> None:

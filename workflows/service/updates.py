@@ -193,6 +193,10 @@ class Updates:
         """Roll every pod to ``record``; on failure, roll back to the revision that ran before."""
         run = self.run
         async with run.lock:
+            if run.heals or run.failing:  # status().rollout says what holds it (its clock starts after)
+                run.state.rollout = RolloutStatus(from_revision=run.state.revision, to_revision=record.revision,
+                                                  state="waiting", started_at=workflow.now(),
+                                                  message="waits for the heals in flight to finish")
             with run.wait_for_heals(f"the rollout to revision {record.revision}"):
                 await workflow.wait_condition(lambda: not run.heals and not run.failing)
             previous = next((r for r in run.state.revisions if r.revision == run.state.revision), None)

@@ -45,6 +45,7 @@ from hms_mgmt.models import (
     DeployResult,
     PodStatus,
     RevisionRecord,
+    SecretInfo,
     ServiceSpec,
     ServiceStatus,
     SlotClock,
@@ -498,6 +499,42 @@ class Orchestrator:
         will fire them: none while paused), whether it is on and whether its bounds apply."""
         self._check_reader("status")
         return await service_clock(self.client, await self.read_status(name, live=False))
+
+    # --- secrets (on the control host: they need its state directory's secrets key) -------------
+
+    def _secrets_admin(self) -> str:
+        """The caller, if its token is an ops_admin's (the ``secrets`` action): who set a secret."""
+        identity = auth.verify_token(self.settings.token, state_dir=self.settings.state_dir)
+        auth.authorize(identity, "secrets", auth.load_access_matrix(self.settings.state_dir))
+        return identity.user
+
+    async def set_secret(self, name: str, value: bytes | str) -> SecretInfo:
+        """Store ``value`` as ``name``'s next version, encrypted at rest. Pods started from now on
+        (scale-ups, heals, the next rollout) get it; running pods keep theirs (README: Secrets)."""
+        from hms_mgmt import secrets
+
+        user = self._secrets_admin()
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return await asyncio.to_thread(secrets.set_secret, self.settings.state_dir, name, data, by=user)
+
+    async def list_secrets(self) -> builtins.list[SecretInfo]:
+        """Names, versions, who set each and when: never a value."""
+        from hms_mgmt import secrets
+
+        self._secrets_admin()
+        return await asyncio.to_thread(secrets.list_secrets, self.settings.state_dir)
+
+    async def remove_secret(self, name: str) -> None:
+        """Remove ``name``, refused while a running service's spec names it."""
+        from hms_mgmt import secrets
+
+        self._secrets_admin()
+        users = [st.name for st in await self.list() if any(ref.name == name for ref in st.spec.secrets)]
+        if users:
+            raise SpecError(f"secret {name} is named by running service(s) {', '.join(users)}: remove it from their "
+                            "specs (hms update) or undeploy them first")
+        if not await asyncio.to_thread(secrets.remove_secret, self.settings.state_dir, name):
+            raise HmsError(f"no secret {name!r}")
 
     async def list(self) -> builtins.list[ServiceStatus]:
         self._check_reader("status")

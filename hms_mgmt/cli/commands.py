@@ -39,6 +39,7 @@ from hms_mgmt.cli.render import (
 )
 from hms_mgmt.cli.router_cmd import router
 from hms_mgmt.cli.schedule_cmd import schedule_app
+from hms_mgmt.cli.secret_cmd import secret_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
@@ -59,6 +60,7 @@ app.add_typer(auth_app, name="auth")
 app.add_typer(image_app, name="image")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(node_app, name="node")
+app.add_typer(secret_app, name="secret")
 
 
 @app.callback()

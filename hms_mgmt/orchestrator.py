@@ -240,6 +240,7 @@ class Orchestrator:
         ``wait=True``, return once the service is Running, or raise why it is not.
         """
         spec = load_spec(spec)
+        self._check_secrets_here(spec)
         wf_id = constants.service_workflow_id(spec.name)
         request_id = uuid.uuid4().hex
         inp = ServiceInput(spec=spec, placement=await self._placement_now(),
@@ -318,6 +319,7 @@ class Orchestrator:
         update is admitted; with ``wait``, once the revision runs everywhere — or raises
         ``RolloutFailed`` when it rolled back."""
         spec = load_spec(spec)
+        self._check_secrets_here(spec)
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
             handle, names.U.UPDATE_SPEC,
@@ -499,6 +501,14 @@ class Orchestrator:
         will fire them: none while paused), whether it is on and whether its bounds apply."""
         self._check_reader("status")
         return await service_clock(self.client, await self.read_status(name, live=False))
+
+    def _check_secrets_here(self, spec: ServiceSpec) -> None:
+        """On the control host, refuse before anything reaches Temporal's history: a secret's value
+        pasted into ``env``, or a secret that does not exist. Admission checks both again."""
+        from hms_mgmt import secrets
+
+        if secrets.store_here(self.settings.state_dir):
+            secrets.check_spec(self.settings.state_dir, spec)
 
     # --- secrets (on the control host: they need its state directory's secrets key) -------------
 

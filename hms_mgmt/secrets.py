@@ -164,6 +164,11 @@ def values_equal_to(state_dir: Path, env: dict[str, str]) -> list[str]:
     return sorted(k for k, v in env.items() if v.encode() in stored)
 
 
+def store_here(state_dir: Path) -> bool:
+    """Whether this host holds the secrets store (the control host)."""
+    return (Path(state_dir) / "keys" / KEY_FILE).exists()
+
+
 def check_spec(state_dir: Path, spec: Any) -> None:
     """Admission: every secret the spec names is stored, and no ``env`` value is a secret's value."""
     gone = missing(state_dir, spec.secrets) if spec.secrets else []

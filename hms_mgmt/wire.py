@@ -69,6 +69,8 @@ __all__ = [
     "EnrolOutput",
     "PodReportCheck",
     "PodReportVerdict",
+    "SealInput",
+    "SealOutput",
     "StampInput",
     "StampOutput",
     "NodeRegistration",

@@ -12,10 +12,13 @@ import os
 import pwd
 import secrets as random
 import stat
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import seed_spec, wait_phase, worker_process
+from outsider import outsider
+from temporalio.exceptions import ApplicationError
 
 from dashboard.server import service_view
 from hms_mgmt import secrets as store
@@ -102,6 +105,14 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
                 assert pwd.getpwuid(uid).pw_name != "root"  # the pod user's
             _assert_absent(value, "the pod's environment", env)
             _assert_absent(value, "docker inspect", inspect)
+
+        # An outsider asking the control worker to seal the secrets (for a pod of their own) is refused.
+        ask = {"service": "hms-ach", "revision": st.revision, "spec": st.spec.model_dump(mode="json"),
+               "image_id": "", "ticket": "", "pod_id": str(uuid.uuid4()), "node": settings.node}
+        async with outsider(temporal_env.client) as them:
+            with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
+                await them.run("seal_secrets", ask, settings.task_queue, wf_id=f"svc-hms-ach-heal-{uuid.uuid4()}")
+            assert refused.value.type == "AccessDenied"
 
         # rm is refused while a running spec names it.
         with pytest.raises(SpecError, match="named by running service"):

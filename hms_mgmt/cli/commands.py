@@ -36,6 +36,7 @@ from hms_mgmt.cli.render import (
     _when,
     err,
     out,
+    print_records,
 )
 from hms_mgmt.cli.router_cmd import router
 from hms_mgmt.cli.schedule_cmd import schedule_app
@@ -517,15 +518,9 @@ def image_list(output: OutputOpt = Format.table) -> None:
     records = TrustStore(_settings().state_dir).list()
 
     def table() -> None:
-        if not records:
-            out.print("no signed images (sign one with `hms image sign IMAGE`)")
-            return
-        table = Table()
-        for col in ("image", "content", "signer", "signed at"):
-            table.add_column(col, no_wrap=True)
-        for r in records:
-            table.add_row(r.image, r.content_id[:19], r.signer, _when(r.signed_at))
-        out.print(table)
+        print_records(("image", "content", "signer", "signed at"),
+                      ((r.image, r.content_id[:19], r.signer, _when(r.signed_at)) for r in records),
+                      empty="no signed images (sign one with `hms image sign IMAGE`)")
 
     show(records, output, table)
 

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from hms_mgmt.cli.common import _cli_errors, _connect, _run
 from hms_mgmt.cli.output import Format, OutputOpt, show
-from hms_mgmt.cli.render import _when, out
+from hms_mgmt.cli.render import _when, out, print_records
 from hms_mgmt.errors import SpecError
 
 secret_app = typer.Typer(help="Secrets: stored encrypted on the control host, delivered to pods as files.",
@@ -60,15 +59,9 @@ def secret_list(output: OutputOpt = Format.table) -> None:
         infos = await (await _connect()).list_secrets()
 
         def table() -> None:
-            if not infos:
-                out.print("no secrets (store one with `hms secret set NAME < file`)")
-                return
-            t = Table()
-            for col in ("name", "version", "set by", "set at"):
-                t.add_column(col, no_wrap=True)
-            for i in infos:
-                t.add_row(i.name, f"v{i.version}", i.set_by, _when(i.set_at))
-            out.print(t)
+            print_records(("name", "version", "set by", "set at"),
+                          ((i.name, f"v{i.version}", i.set_by, _when(i.set_at)) for i in infos),
+                          empty="no secrets (store one with `hms secret set NAME < file`)")
 
         show(infos, output, table)
 

@@ -140,7 +140,7 @@ class DockerRuntime(PodRuntime):
                 "HMS_REVISION": str(req.revision),
             }
         )
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, object] = {"mounts": self._secrets_mount(req)} if req.secrets else {}
         if spec.cpu_limit:
             kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
         memory_mb = spec.memory_mb or self.limits.memory_mb
@@ -149,8 +149,6 @@ class DockerRuntime(PodRuntime):
         if spec.read_only_root:
             kwargs["read_only"] = True
             kwargs["tmpfs"] = {"/tmp": "rw,noexec,nosuid,size=64m"}
-        if req.secrets:
-            kwargs["mounts"] = self._secrets_mount(req)
         try:
             container = self.client.containers.run(  # pulls the image first when it is missing
                 req.image_id or spec.image,  # the pinned content id: a re-pointed tag changes nothing

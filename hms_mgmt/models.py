@@ -115,6 +115,8 @@ class SecretRef(_Model):
 
     name: str = Field(description="a stored secret: letters, digits, '_', '.', '-', at most 63")
     target: str = Field(default="", description="the file's name (default: the secret's name)")
+    version: int | None = Field(default=None, ge=1, description="a stored version (default: the latest at each "
+                                "pod start); `hms secret set` pins the new one in every running spec that names it")
 
     @field_validator("name", "target")
     @classmethod
@@ -143,6 +145,7 @@ class SecretInfo(_Model):
     version: int
     set_by: str
     set_at: datetime
+    used_by: list[str] = Field(default_factory=list, description="running services whose spec names it")
 
 
 class TimeSlot(_Model):

@@ -519,27 +519,41 @@ class Orchestrator:
         return identity.user
 
     async def set_secret(self, name: str, value: bytes | str) -> SecretInfo:
-        """Store ``value`` as ``name``'s next version, encrypted at rest. Pods started from now on
-        (scale-ups, heals, the next rollout) get it; running pods keep theirs (README: Secrets)."""
+        """Store ``value`` as ``name``'s next version, encrypted at rest, then roll every running
+        service that names it onto that version: a new revision (its spec pins ``version``), the
+        usual rolling update (surge, readiness, drain), ``secret NAME vN`` in its rollout history."""
         from hms_mgmt import secrets
 
         user = self._secrets_admin()
         data = value.encode() if isinstance(value, str) else bytes(value)
-        return await asyncio.to_thread(secrets.set_secret, self.settings.state_dir, name, data, by=user)
+        info = await asyncio.to_thread(secrets.set_secret, self.settings.state_dir, name, data, by=user)
+        for st in await self._using_secret(name):
+            refs = [ref.model_copy(update={"version": info.version}) if ref.name == name else ref
+                    for ref in st.spec.secrets]
+            await self.update_spec(st.spec.model_copy(update={"secrets": refs}))
+            info.used_by.append(st.name)
+        return info
+
+    async def _using_secret(self, name: str) -> builtins.list[ServiceStatus]:
+        return [st for st in await self.list() if any(ref.name == name for ref in st.spec.secrets)]
 
     async def list_secrets(self) -> builtins.list[SecretInfo]:
-        """Names, versions, who set each and when: never a value."""
+        """Names, versions, who set each and when, and the running services naming each: never a value."""
         from hms_mgmt import secrets
 
         self._secrets_admin()
-        return await asyncio.to_thread(secrets.list_secrets, self.settings.state_dir)
+        infos = await asyncio.to_thread(secrets.list_secrets, self.settings.state_dir)
+        running = await self.list()
+        for info in infos:
+            info.used_by = [st.name for st in running if any(ref.name == info.name for ref in st.spec.secrets)]
+        return infos
 
     async def remove_secret(self, name: str) -> None:
         """Remove ``name``, refused while a running service's spec names it."""
         from hms_mgmt import secrets
 
         self._secrets_admin()
-        users = [st.name for st in await self.list() if any(ref.name == name for ref in st.spec.secrets)]
+        users = [st.name for st in await self._using_secret(name)]
         if users:
             raise SpecError(f"secret {name} is named by running service(s) {', '.join(users)}: remove it from their "
                             "specs (hms update) or undeploy them first")

@@ -47,6 +47,7 @@ from hms_mgmt.runtimes.base import SecretFile, check_pod_id
 STORE_FILE = "secrets.json"
 KEY_FILE = "secrets.key"
 MAX_VALUE_BYTES = 64 * 1024
+KEEP_VERSIONS = 5  # earlier versions kept (encrypted) for pinned revisions and rollbacks
 SEAL_TTL_S = 300.0  # a sealed bundle opens within this of its sealing (like a start ticket)
 TMPFS_ROOT = Path("/dev/shm/hms-secrets")
 _HKDF_INFO = b"hms-secrets-seal-v1"
@@ -120,9 +121,12 @@ def set_secret(state_dir: Path, name: str, value: bytes, *, by: str) -> SecretIn
         raise SpecError(f"secret {name}: at most {MAX_VALUE_BYTES} bytes (got {len(value)})")
     box = _store_key(state_dir, create=True)
     with _locked(state_dir, write=True) as records:
-        version = int(records.get(name, {}).get("version", 0)) + 1
+        prev = records.get(name, {})
+        version = int(prev.get("version", 0)) + 1
+        kept = {**prev.get("old", {}), **({str(prev["version"]): {"nonce": prev["nonce"], "ct": prev["ct"]}} if prev else {})}
+        kept = {v: kept[v] for v in sorted(kept, key=int)[-KEEP_VERSIONS:]}  # a rollback may still need them
         nonce = _random.token_bytes(12)
-        records[name] = {"version": version, "set_by": by, "set_at": datetime.now(UTC).isoformat(),
+        records[name] = {"version": version, "set_by": by, "set_at": datetime.now(UTC).isoformat(), "old": kept,
                          "nonce": _b64(nonce), "ct": _b64(box.encrypt(nonce, value, _aad(name, version)))}
         return _info(name, records[name])
 
@@ -137,23 +141,39 @@ def remove_secret(state_dir: Path, name: str) -> bool:
         return records.pop(name, None) is not None
 
 
-def read_secret(state_dir: Path, name: str) -> tuple[int, bytes]:
-    """(version, value) of a stored secret: on the control host only."""
-    box = _store_key(state_dir, create=False)
-    with _locked(state_dir, write=False) as records:
-        rec = records.get(name)
+def _record(records: dict[str, Any], name: str, version: int | None) -> tuple[int, dict[str, Any]]:
+    rec = records.get(name)
     if rec is None:
         raise SecretMissing(f"no secret {name!r} (set it with `hms secret set {name}`)")
+    if version is None or version == rec["version"]:
+        return rec["version"], rec
+    old = rec.get("old", {}).get(str(version))
+    if old is None:
+        raise SecretMissing(f"secret {name} v{version} is not kept (the store keeps the last {KEEP_VERSIONS + 1})")
+    return version, old
+
+
+def read_secret(state_dir: Path, name: str, version: int | None = None) -> tuple[int, bytes]:
+    """(version, value) of a stored secret, the latest or ``version``: on the control host only."""
+    box = _store_key(state_dir, create=False)
+    with _locked(state_dir, write=False) as records:
+        version, rec = _record(records, name, version)
     try:
-        return rec["version"], box.decrypt(_unb64(rec["nonce"]), _unb64(rec["ct"]), _aad(name, rec["version"]))
+        return version, box.decrypt(_unb64(rec["nonce"]), _unb64(rec["ct"]), _aad(name, version))
     except InvalidTag:
         raise HmsError(f"secret {name}: the stored value is damaged or not for this key") from None
 
 
 def missing(state_dir: Path, refs: list[SecretRef]) -> list[str]:
-    """The names in ``refs`` the store does not hold."""
+    """The secrets (or pinned versions) in ``refs`` the store does not hold."""
+    gone = []
     with _locked(state_dir, write=False) as records:
-        return [ref.name for ref in refs if ref.name not in records]
+        for ref in refs:
+            try:
+                _record(records, ref.name, ref.version)
+            except SecretMissing:
+                gone.append(ref.name + (f" v{ref.version}" if ref.version else ""))
+    return gone
 
 
 def values_equal_to(state_dir: Path, env: dict[str, str]) -> list[str]:
@@ -223,7 +243,7 @@ def seal(state_dir: Path, refs: list[SecretRef], node_key: bytes, *, service: st
     one pod, signed by the control plane. Returns (bundle, name -> version)."""
     files, versions = [], {}
     for ref in refs:
-        version, value = read_secret(state_dir, ref.name)
+        version, value = read_secret(state_dir, ref.name, ref.version)
         versions[ref.name] = version
         files.append({"name": ref.name, "file": ref.file, "v": version, "value": _b64(value)})
     node_pub = x25519_public(node_key)

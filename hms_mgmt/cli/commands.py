@@ -593,8 +593,9 @@ def rollout_history(name: Annotated[str, typer.Argument(help="The service.")], o
         for col in ("revision", "image", "image id", "by", "at", "outcome", "reason"):
             table.add_column(col, no_wrap=col != "reason")
         for r in records:
+            pinned = ", ".join(f"secret {ref.name} v{ref.version}" for ref in r.spec.secrets if ref.version)
             table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
-                          _when(r.deployed_at), r.outcome, r.reason)
+                          _when(r.deployed_at), r.outcome, "; ".join(x for x in (pinned, r.reason) if x))
         show(records, output, lambda: out.print(table))
 
     _run(go())

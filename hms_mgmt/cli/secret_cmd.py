@@ -37,15 +37,15 @@ def secret_set(
     from_file: Annotated[Path | None, typer.Option("--from-file", exists=True, dir_okay=False,
                                                    help="Read the value from this file (as is).")] = None,
 ) -> None:
-    """Store a secret (its next version): the value from stdin (one trailing newline dropped) or --from-file."""
+    """Store a secret (its next version): the value from stdin (one trailing newline dropped) or
+    --from-file. Every running service that names it rolls onto the new version."""
     value = _value(from_file)
 
     async def go() -> None:
         info = await (await _connect()).set_secret(name, value)
         out.print(f"secret {info.name} v{info.version} set by {info.set_by}")
-        if info.version > 1:
-            out.print("  running pods keep the version they started with; new pods (scale-ups, heals, the next "
-                      "rollout) get this one")
+        for service in info.used_by:
+            out.print(f"  {service}: rolling onto v{info.version} (`hms rollout status {service}`)")
 
     _run(go())
 
@@ -59,8 +59,9 @@ def secret_list(output: OutputOpt = Format.table) -> None:
         infos = await (await _connect()).list_secrets()
 
         def table() -> None:
-            print_records(("name", "version", "set by", "set at"),
-                          ((i.name, f"v{i.version}", i.set_by, _when(i.set_at)) for i in infos),
+            print_records(("name", "version", "set by", "set at", "used by"),
+                          ((i.name, f"v{i.version}", i.set_by, _when(i.set_at), ", ".join(i.used_by) or "-")
+                           for i in infos),
                           empty="no secrets (store one with `hms secret set NAME < file`)")
 
         show(infos, output, table)

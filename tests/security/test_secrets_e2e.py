@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import seed_spec, wait_phase, worker_process
+from conftest import eventually, seed_spec, wait_phase, worker_process
 from outsider import outsider
 from temporalio.exceptions import ApplicationError
 
@@ -127,12 +127,34 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
             **await _histories(temporal_env.client, settings.task_queue),
         }
         assert any(b"seal_secrets" in data for data in places.values())  # the value travelled sealed
+
+        # Rotation: the new version rolls the service as a new revision that pins it.
+        rotated = random.token_hex(16).encode()
+        info = await orch.set_secret("bank-key", rotated)
+        assert (info.version, info.used_by) == (2, ["hms-ach"])
+
+        async def rolled() -> bool:
+            now = await orch.status("hms-ach")
+            return now.phase == "Running" and now.revision == 2 and bool(now.pods) and all(
+                p.revision == 2 and p.ready for p in now.pods)
+
+        await eventually(rolled, timeout=120, what="the rollout onto bank-key v2")
+        new_pod = (await orch.status("hms-ach")).pods[0]
+        assert _pod_view(settings.runtime, new_pod.id, "b.pem")[0] == rotated
+        history = await orch.rollout_history("hms-ach")
+        assert [(r.revision, [(x.name, x.version) for x in r.spec.secrets]) for r in history][-1] == (
+            2, [("bank-key", 2), ("bank-key", 2)])
+        assert (await orch.list_secrets())[0].used_by == ["hms-ach"]
+        places["status after rotation"] = (await orch.status("hms-ach")).model_dump_json().encode()
+        places.update({f"{k} (after rotation)": v for k, v in (await _histories(temporal_env.client,
+                                                                                 settings.task_queue)).items()})
         await orch.undeploy("hms-ach")
     places["events.jsonl"] = b"".join(p.read_bytes() for p in settings.state_dir.glob("events.jsonl*"))
     places["worker log"] = log_path.read_bytes()
     places["secrets.json (at rest)"] = (settings.state_dir / "secrets.json").read_bytes()
     for where, data in places.items():
         _assert_absent(value, where, data)
+        _assert_absent(rotated, where, data)
     assert b"bank-key" in places["status"]  # names travel; values do not
     assert not store.pod_dir(pod.id).exists()  # gone with its pod
     await orch.remove_secret("bank-key")

@@ -163,3 +163,19 @@ def test_pod_files_on_tmpfs_0400(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     finally:
         store.remove_pod_files(pod)
     assert not where.exists()
+
+
+def test_earlier_versions_kept_for_pinned_revisions(state: Path) -> None:
+    for n in range(1, 8):
+        store.set_secret(state, "a", f"value-{n}".encode(), by="alice")
+    assert store.read_secret(state, "a") == (7, b"value-7")
+    assert store.read_secret(state, "a", 2) == (2, b"value-2")
+    assert store.missing(state, [SecretRef(name="a", version=1), SecretRef(name="a", version=3), SecretRef(name="b")]
+                         ) == ["a v1", "b"]
+    key = Ed25519PrivateKey.generate()
+    bundle, versions = store.seal(state, [SecretRef(name="a", version=4)], nodeid.raw_public(key), service="hms-ach",
+                                  revision=1, pod_id=POD, node="n1")
+    assert versions == {"a": 4}
+    opened = store.open_bundle(state, key, bundle, service="hms-ach", revision=1, pod_id=POD, node="n1")
+    assert [(f.version, f.value) for f in opened] == [(4, b"value-4")]
+    assert b"value-" not in (state / "secrets.json").read_bytes()

@@ -81,6 +81,45 @@ def _is_pod(pid: str, pod_id: str) -> bool:
         return False
 
 
+async def _refused_at_admission(orch: Orchestrator, value: bytes) -> None:
+    """A missing secret, and a secret's value pasted into env, are refused; nothing starts."""
+    with pytest.raises(HmsError, match="no secret other"):
+        await orch.deploy(seed_spec(name="hms-bad", min_replicas=1, max_replicas=1, secrets=["other"]))
+    with pytest.raises(HmsError, match="env LOG_LEVEL.*secrets:"):
+        await orch.deploy(seed_spec(name="hms-env", min_replicas=1, max_replicas=1, env={"LOG_LEVEL": value.decode()}))
+
+
+async def _outsider_refused(client, settings, st) -> None:  # noqa: ANN001 - Client, Settings, ServiceStatus
+    """An outsider asking the control worker to seal the secrets (for a pod of their own) is refused."""
+    ask = {"service": "hms-ach", "revision": st.revision, "spec": st.spec.model_dump(mode="json"),
+           "image_id": "", "ticket": "", "pod_id": str(uuid.uuid4()), "node": settings.node}
+    async with outsider(client) as them:
+        with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
+            await them.run("seal_secrets", ask, settings.task_queue, wf_id=f"svc-hms-ach-heal-{uuid.uuid4()}")
+        assert refused.value.type == "AccessDenied"
+
+
+async def _rotate(orch: Orchestrator, settings) -> bytes:  # noqa: ANN001 - Settings
+    """A new value rolls the service as a new revision that pins it; its pod reads the new value."""
+    rotated = random.token_hex(16).encode()
+    info = await orch.set_secret("bank-key", rotated)
+    assert (info.version, info.used_by) == (2, ["hms-ach"])
+
+    async def rolled() -> bool:
+        now = await orch.status("hms-ach")
+        return now.phase == "Running" and now.revision == 2 and bool(now.pods) and all(
+            p.revision == 2 and p.ready for p in now.pods)
+
+    await eventually(rolled, timeout=120, what="the rollout onto bank-key v2")
+    new_pod = (await orch.status("hms-ach")).pods[0]
+    assert _pod_view(settings.runtime, new_pod.id, "b.pem")[0] == rotated
+    history = await orch.rollout_history("hms-ach")
+    assert [(r.revision, [(x.name, x.version) for x in r.spec.secrets]) for r in history][-1] == (
+        2, [("bank-key", 2), ("bank-key", 2)])
+    assert (await orch.list_secrets())[0].used_by == ["hms-ach"]
+    return rotated
+
+
 async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env, settings, tmp_path):
     value = random.token_hex(16).encode()  # 32 random characters
     orch = Orchestrator(temporal_env.client, settings)
@@ -88,12 +127,7 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
     assert (info.name, info.version, info.set_by) == ("bank-key", 1, "alice")
     log_path = tmp_path / "worker.log"
     async with worker_process(temporal_env, settings, log_path):
-        # Admission: a missing secret, and a secret's value pasted into env, are refused; nothing starts.
-        with pytest.raises(HmsError, match="no secret other"):
-            await orch.deploy(seed_spec(name="hms-bad", min_replicas=1, max_replicas=1, secrets=["other"]))
-        with pytest.raises(HmsError, match="env LOG_LEVEL.*secrets:"):
-            await orch.deploy(seed_spec(name="hms-env", min_replicas=1, max_replicas=1, env={"LOG_LEVEL": value.decode()}))
-
+        await _refused_at_admission(orch, value)
         spec = seed_spec(min_replicas=1, max_replicas=1, secrets=["bank-key", {"name": "bank-key", "target": "b.pem"}])
         await orch.deploy(spec)
         st = await wait_phase(orch, "hms-ach", {"Running"}, timeout=120)
@@ -106,16 +140,8 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
             _assert_absent(value, "the pod's environment", env)
             _assert_absent(value, "docker inspect", inspect)
 
-        # An outsider asking the control worker to seal the secrets (for a pod of their own) is refused.
-        ask = {"service": "hms-ach", "revision": st.revision, "spec": st.spec.model_dump(mode="json"),
-               "image_id": "", "ticket": "", "pod_id": str(uuid.uuid4()), "node": settings.node}
-        async with outsider(temporal_env.client) as them:
-            with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
-                await them.run("seal_secrets", ask, settings.task_queue, wf_id=f"svc-hms-ach-heal-{uuid.uuid4()}")
-            assert refused.value.type == "AccessDenied"
-
-        # rm is refused while a running spec names it.
-        with pytest.raises(SpecError, match="named by running service"):
+        await _outsider_refused(temporal_env.client, settings, st)
+        with pytest.raises(SpecError, match="named by running service"):  # rm, while a running spec names it
             await orch.remove_secret("bank-key")
 
         places = {
@@ -128,23 +154,7 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
         }
         assert any(b"seal_secrets" in data for data in places.values())  # the value travelled sealed
 
-        # Rotation: the new version rolls the service as a new revision that pins it.
-        rotated = random.token_hex(16).encode()
-        info = await orch.set_secret("bank-key", rotated)
-        assert (info.version, info.used_by) == (2, ["hms-ach"])
-
-        async def rolled() -> bool:
-            now = await orch.status("hms-ach")
-            return now.phase == "Running" and now.revision == 2 and bool(now.pods) and all(
-                p.revision == 2 and p.ready for p in now.pods)
-
-        await eventually(rolled, timeout=120, what="the rollout onto bank-key v2")
-        new_pod = (await orch.status("hms-ach")).pods[0]
-        assert _pod_view(settings.runtime, new_pod.id, "b.pem")[0] == rotated
-        history = await orch.rollout_history("hms-ach")
-        assert [(r.revision, [(x.name, x.version) for x in r.spec.secrets]) for r in history][-1] == (
-            2, [("bank-key", 2), ("bank-key", 2)])
-        assert (await orch.list_secrets())[0].used_by == ["hms-ach"]
+        rotated = await _rotate(orch, settings)
         places["status after rotation"] = (await orch.status("hms-ach")).model_dump_json().encode()
         places.update({f"{k} (after rotation)": v for k, v in (await _histories(temporal_env.client,
                                                                                  settings.task_queue)).items()})

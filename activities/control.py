@@ -20,7 +20,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.callers import Caller, Callers, deny
 from activities.scaling import ScaleCheck
-from hms_mgmt import auth, constants, names, tickets
+from hms_mgmt import auth, constants, names, nodeid, tickets
+from hms_mgmt import secrets as secret_store
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
@@ -40,6 +41,8 @@ from hms_mgmt.wire import (
     NodesOutput,
     PickNodeInput,
     PickNodeOutput,
+    SealInput,
+    SealOutput,
     StartTicketInput,
     StopGrantInput,
     TicketInput,
@@ -103,6 +106,25 @@ class ControlActivities:
             await deny(self.sink, inp.service, "start_ticket", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
                        node=inp.node, revision=inp.revision)
         return TicketOutput(ticket=ticket)
+
+    @activity.defn(name="seal_secrets")
+    async def seal_secrets(self, inp: SealInput) -> SealOutput:
+        """The spec's secrets for one pod start, sealed to the node's key (only it can open them)
+        and signed, for the service's own workflow and an admitted revision only. Workflows
+        carry the bundle and the names and versions; never a value (hms_mgmt/secrets.py)."""
+        await self._entitled(inp.service, "seal_secrets", pod=inp.pod_id, node=inp.node, revision=inp.revision)
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
+                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+            node_key = await asyncio.to_thread(nodeid.node_public_key, settings.state_dir, inp.node)
+            bundle, versions = await asyncio.to_thread(
+                secret_store.seal, settings.state_dir, inp.spec.secrets, node_key, service=inp.service,
+                revision=inp.revision, pod_id=inp.pod_id, node=inp.node)
+        except (AccessDenied, HmsError) as e:
+            await deny(self.sink, inp.service, "seal_secrets", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
+                       node=inp.node, revision=inp.revision)
+        return SealOutput(bundle=bundle, versions=versions)
 
     @activity.defn(name="stop_grant")
     async def stop_grant(self, inp: StopGrantInput) -> TicketOutput:
@@ -380,6 +402,7 @@ class ControlActivities:
     @staticmethod
     def _admit(settings: Settings, inp: TicketInput) -> None:
         state_dir = settings.state_dir
+        secret_store.check_spec(state_dir, inp.spec)  # its secrets exist; no env value is one of them
         matrix = auth.load_access_matrix(state_dir)
         policy = load_governance_policy(state_dir)
         verdict = evaluate(inp.spec, policy)

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.scaling import ScaleCheck
 from hms_mgmt import nodeid, tickets
+from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.models import PodStatus
@@ -126,6 +127,8 @@ class PodActivities:
             await self._check_pinned(inp.spec.image, inp.image_id)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
                         image_id=inp.image_id)
+        # issue 21: the spec's sealed secrets, opened with this node's key (hms_mgmt/secrets.py)
+        req.secrets = await heartbeating(pod_secrets.open_for_pod, self.identity, self.trust and self.trust.state_dir, inp)
         await heartbeating(self.runtime.start, req)
         loop = asyncio.get_running_loop()
         died = asyncio.Event()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Role = Literal["ops_admin", "gov_approver", "viewer"]
-Action = Literal["deploy", "scale", "undeploy", "update", "approve", "reject", "status", "logs"]
+Action = Literal["deploy", "scale", "undeploy", "update", "approve", "reject", "status", "logs", "secrets"]
 
 ROLES: tuple[str, ...] = get_args(Role)
 ACTIONS: tuple[str, ...] = get_args(Action)
@@ -63,7 +63,7 @@ PROOF_TTL_S = 300.0  # a request proof is used at once
 MAX_PROOF_TTL_S = 3600.0  # an approval pasted into the Web UI may take a while, not a day
 
 DEFAULT_ACCESS: dict[str, list[str]] = {
-    "ops_admin": ["deploy", "scale", "undeploy", "update", "status", "logs"],
+    "ops_admin": ["deploy", "scale", "undeploy", "update", "status", "logs", "secrets"],
     "gov_approver": ["approve", "reject", "status", "logs"],
     "viewer": ["status", "logs"],
 }

@@ -104,6 +104,48 @@ def _label(v: str, limit: int, message: str) -> str:
 
 
 MAX_TIME_SLOTS = 16
+MAX_SECRETS = 32
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class SecretRef(_Model):
+    """A secret a pod gets as a file: ``name`` in the control host's store (``hms secret set``),
+    ``target`` the file's name (``/run/secrets/TARGET``; ``$HMS_SECRETS_DIR/TARGET`` for a process
+    pod), the name by default. A spec carries names only, never a value."""
+
+    name: str = Field(description="a stored secret: letters, digits, '_', '.', '-', at most 63")
+    target: str = Field(default="", description="the file's name (default: the secret's name)")
+    version: int | None = Field(default=None, ge=1, description="a stored version (default: the latest at each "
+                                "pod start); `hms secret set` pins the new one in every running spec that names it")
+
+    @field_validator("name", "target")
+    @classmethod
+    def _file_name(cls, v: str, info: Any) -> str:
+        if (v or info.field_name == "name") and not _SECRET_NAME.match(v):
+            raise ValueError("must be 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        return v
+
+    @property
+    def file(self) -> str:
+        return self.target or self.name
+
+
+def check_secret_name(name: str) -> str:
+    """``name`` if it can name a secret (and a file), else ValueError."""
+    if not _SECRET_NAME.match(name):
+        raise ValueError(f"secret name {name[:80]!r}: 1 to 63 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+class SecretInfo(_Model):
+    """A stored secret as ``hms secret list`` shows it: never its value."""
+
+    name: str
+    version: int
+    set_by: str
+    set_at: datetime
+    used_by: list[str] = Field(default_factory=list, description="running services whose spec names it")
 
 
 class TimeSlot(_Model):
@@ -183,6 +225,14 @@ class ServiceSpec(_Model):
     time_slots: list[TimeSlot] = Field(default_factory=list, max_length=MAX_TIME_SLOTS,
                                        description="windows whose bounds replace min/max_replicas "
                                        "(README: Time slots)")
+    secrets: list[SecretRef] = Field(default_factory=list, max_length=MAX_SECRETS,
+                                     description="secrets each pod gets as a file (names, or {name, target}; "
+                                     "README: Secrets)")
+
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secret_names(cls, v: Any) -> Any:
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
     @field_validator("max_surge", "max_unavailable")
     @classmethod
@@ -266,15 +316,16 @@ class ServiceSpec(_Model):
 
     def digest(self) -> str:
         """The whole spec, canonically hashed: what a deploy, an update or an approval names."""
-        # Without time slots, the digest is the one specs had before slots existed.
-        dump = self.model_dump(mode="json", exclude=None if self.time_slots else {"time_slots"})
+        # Without time slots (secrets), the digest is the one specs had before slots (secrets) existed.
+        absent = {field for field in ("time_slots", "secrets") if not getattr(self, field)}
+        dump = self.model_dump(mode="json", exclude=absent or None)
         blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
     def pod_template(self) -> dict[str, Any]:
         """The fields that shape a pod: a change to any of them needs new pods (a rolling update);
         any other change (replica bounds, targets, intervals) applies in place."""
-        return self.model_dump(include=POD_TEMPLATE_FIELDS)
+        return self.model_dump(include=POD_TEMPLATE_FIELDS | ({"secrets"} if self.secrets else set()))
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServiceSpec:
@@ -287,6 +338,9 @@ class ServiceSpec(_Model):
         names = [slot.name for slot in self.time_slots]
         if len(set(names)) != len(names):
             raise ValueError(f"time_slots: each slot needs its own name (got {', '.join(names)})")
+        files = [ref.file for ref in self.secrets]
+        if len(set(files)) != len(files):
+            raise ValueError(f"secrets: each needs its own file (target) (got {', '.join(files)})")
         return self
 
 

@@ -45,6 +45,7 @@ from hms_mgmt.models import (
     DeployResult,
     PodStatus,
     RevisionRecord,
+    SecretInfo,
     ServiceSpec,
     ServiceStatus,
     SlotClock,
@@ -239,6 +240,7 @@ class Orchestrator:
         ``wait=True``, return once the service is Running, or raise why it is not.
         """
         spec = load_spec(spec)
+        self._check_secrets_here(spec)
         wf_id = constants.service_workflow_id(spec.name)
         request_id = uuid.uuid4().hex
         inp = ServiceInput(spec=spec, placement=await self._placement_now(),
@@ -317,6 +319,7 @@ class Orchestrator:
         update is admitted; with ``wait``, once the revision runs everywhere — or raises
         ``RolloutFailed`` when it rolled back."""
         spec = load_spec(spec)
+        self._check_secrets_here(spec)
         handle = await self._running_handle(spec.name)
         outcome = await self._update(
             handle, names.U.UPDATE_SPEC,
@@ -498,6 +501,64 @@ class Orchestrator:
         will fire them: none while paused), whether it is on and whether its bounds apply."""
         self._check_reader("status")
         return await service_clock(self.client, await self.read_status(name, live=False))
+
+    def _check_secrets_here(self, spec: ServiceSpec) -> None:
+        """On the control host, refuse before anything reaches Temporal's history: a secret's value
+        pasted into ``env``, or a secret that does not exist. Admission checks both again."""
+        from hms_mgmt import secrets
+
+        if secrets.store_here(self.settings.state_dir):
+            secrets.check_spec(self.settings.state_dir, spec)
+
+    # --- secrets (on the control host: they need its state directory's secrets key) -------------
+
+    def _secrets_admin(self) -> str:
+        """The caller, if its token is an ops_admin's (the ``secrets`` action): who set a secret."""
+        identity = auth.verify_token(self.settings.token, state_dir=self.settings.state_dir)
+        auth.authorize(identity, "secrets", auth.load_access_matrix(self.settings.state_dir))
+        return identity.user
+
+    async def set_secret(self, name: str, value: bytes | str) -> SecretInfo:
+        """Store ``value`` as ``name``'s next version, encrypted at rest, then roll every running
+        service that names it onto that version: a new revision (its spec pins ``version``), the
+        usual rolling update (surge, readiness, drain), ``secret NAME vN`` in its rollout history."""
+        from hms_mgmt import secrets
+
+        user = self._secrets_admin()
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        info = await asyncio.to_thread(secrets.set_secret, self.settings.state_dir, name, data, by=user)
+        for st in await self._using_secret(name):
+            refs = [ref.model_copy(update={"version": info.version}) if ref.name == name else ref
+                    for ref in st.spec.secrets]
+            await self.update_spec(st.spec.model_copy(update={"secrets": refs}))
+            info.used_by.append(st.name)
+        return info
+
+    async def _using_secret(self, name: str) -> builtins.list[ServiceStatus]:
+        return [st for st in await self.list() if any(ref.name == name for ref in st.spec.secrets)]
+
+    async def list_secrets(self) -> builtins.list[SecretInfo]:
+        """Names, versions, who set each and when, and the running services naming each: never a value."""
+        from hms_mgmt import secrets
+
+        self._secrets_admin()
+        infos = await asyncio.to_thread(secrets.list_secrets, self.settings.state_dir)
+        running = await self.list()
+        for info in infos:
+            info.used_by = [st.name for st in running if any(ref.name == info.name for ref in st.spec.secrets)]
+        return infos
+
+    async def remove_secret(self, name: str) -> None:
+        """Remove ``name``, refused while a running service's spec names it."""
+        from hms_mgmt import secrets
+
+        self._secrets_admin()
+        users = [st.name for st in await self._using_secret(name)]
+        if users:
+            raise SpecError(f"secret {name} is named by running service(s) {', '.join(users)}: remove it from their "
+                            "specs (hms update) or undeploy them first")
+        if not await asyncio.to_thread(secrets.remove_secret, self.settings.state_dir, name):
+            raise HmsError(f"no secret {name!r}")
 
     async def list(self) -> builtins.list[ServiceStatus]:
         self._check_reader("status")

@@ -69,6 +69,8 @@ __all__ = [
     "EnrolOutput",
     "PodReportCheck",
     "PodReportVerdict",
+    "SealInput",
+    "SealOutput",
     "StampInput",
     "StampOutput",
     "NodeRegistration",
@@ -189,6 +191,13 @@ class StampInput(_Model):
 
 class StampOutput(_Model):
     stamp: str
+
+
+
+
+class SealOutput(_Model):
+    bundle: str  # signed by the control plane, the values encrypted to the node's key
+    versions: dict[str, int] = Field(default_factory=dict)  # name -> version sealed: names and versions only
 
 
 class NodesOutput(_Model):
@@ -422,6 +431,9 @@ class StartPodInput(_Model):
     # A rolling update's new pod: it must stay up and answering this long after it first
     # answered before start_pod returns it as ready (0: return at the first answer).
     min_ready_s: float = Field(default=0.0, ge=0, le=3600)
+    # The spec's secrets, sealed by the control plane for this pod on this node (hms_mgmt/secrets.py):
+    # only that node's key opens it. "" when the spec names none.
+    secrets: str = Field(default="", max_length=1024 * 1024)
 
 
 class StopPodInput(_Model):
@@ -453,6 +465,11 @@ class StartTicketInput(_Model):
     ticket: str = ""
     pod_id: str
     node: str
+
+
+class SealInput(StartTicketInput):
+    """Ask the control plane to seal a spec's secrets for one pod start (``seal_secrets``):
+    the same facts as a start ticket; the answer opens only on ``node``."""
 
 
 class ListPodsInput(_Model):

@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
-    from hms_mgmt.wire import StampInput
+    from hms_mgmt.wire import SealInput, StampInput
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
@@ -58,6 +58,8 @@ DRAIN_CONFIRMED = "drain-confirmed"
 # patch: each stop carries the control plane's signature on it; each start a fresh ticket for that pod
 SIGNED_STOP = "signed-stop"
 START_TICKET = "start-ticket"
+# patch: a spec's secrets travel to the pod's node sealed for it (asked only when the spec names some)
+POD_SECRETS = "pod-secrets"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
@@ -238,6 +240,7 @@ async def start_and_wait(
     nothing of it is left behind.
     """
     stamp = ""
+    admitted = ticket
     if workflow.patched(TRUST_STAMP):
         # Asked now, not at admission: heals and scale-ups start pods long after it, and a
         # revocation on the control host must stop them on every host (no node keeps a trust store).
@@ -257,11 +260,12 @@ async def start_and_wait(
                               StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id,
                                                ticket=ticket, pod_id=pod_id, node=node.name),
                               f"ticket: start {pod_id[:8]} on {node.name}")
+    sealed = await seal_secrets(spec, revision, pod_id, node, image_id=image_id, ticket=admitted)
     try:
         ready = await workflow.execute_activity_method(
             PodActivities.start_pod,
             StartPodInput(pod_id=pod_id, service=spec.name, revision=revision, node=node.name, spec=spec,
-                          image_id=image_id, ticket=ticket, min_ready_s=min_ready_s, stamp=stamp),
+                          image_id=image_id, ticket=ticket, min_ready_s=min_ready_s, stamp=stamp, secrets=sealed),
             task_queue=node.task_queue,
             schedule_to_start_timeout=NODE_PICKUP,
             start_to_close_timeout=timedelta(seconds=120 + spec.ready_timeout_s + min_ready_s),
@@ -278,6 +282,25 @@ async def start_and_wait(
         raise
     await report(ready)
     return ready
+
+
+async def seal_secrets(spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, *, image_id: str,
+                       ticket: str) -> str:
+    """The spec's secrets sealed by the control worker for this pod on ``node`` ("" when it names
+    none: a spec without secrets issues exactly the commands it did before secrets existed).
+    History holds the sealed bundle and the names and versions, never a value."""
+    if not spec.secrets or not workflow.patched(POD_SECRETS):
+        return ""
+    out = await workflow.execute_activity_method(
+        ControlActivities.seal_secrets,
+        SealInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket, pod_id=pod_id,
+                  node=node.name),
+        task_queue=workflow.info().task_queue,  # children run on the control queue
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL),
+        summary=f"seal secrets {', '.join(ref.name for ref in spec.secrets)}"[:160] + f" for {pod_id[:8]}",
+    )
+    return out.bundle
 
 
 async def start_pods(

@@ -36,9 +36,11 @@ from hms_mgmt.cli.render import (
     _when,
     err,
     out,
+    print_records,
 )
 from hms_mgmt.cli.router_cmd import router
 from hms_mgmt.cli.schedule_cmd import schedule_app
+from hms_mgmt.cli.secret_cmd import secret_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
@@ -59,6 +61,7 @@ app.add_typer(auth_app, name="auth")
 app.add_typer(image_app, name="image")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(node_app, name="node")
+app.add_typer(secret_app, name="secret")
 
 
 @app.callback()
@@ -515,15 +518,9 @@ def image_list(output: OutputOpt = Format.table) -> None:
     records = TrustStore(_settings().state_dir).list()
 
     def table() -> None:
-        if not records:
-            out.print("no signed images (sign one with `hms image sign IMAGE`)")
-            return
-        table = Table()
-        for col in ("image", "content", "signer", "signed at"):
-            table.add_column(col, no_wrap=True)
-        for r in records:
-            table.add_row(r.image, r.content_id[:19], r.signer, _when(r.signed_at))
-        out.print(table)
+        print_records(("image", "content", "signer", "signed at"),
+                      ((r.image, r.content_id[:19], r.signer, _when(r.signed_at)) for r in records),
+                      empty="no signed images (sign one with `hms image sign IMAGE`)")
 
     show(records, output, table)
 
@@ -596,8 +593,9 @@ def rollout_history(name: Annotated[str, typer.Argument(help="The service.")], o
         for col in ("revision", "image", "image id", "by", "at", "outcome", "reason"):
             table.add_column(col, no_wrap=col != "reason")
         for r in records:
+            pinned = ", ".join(f"secret {ref.name} v{ref.version}" for ref in r.spec.secrets if ref.version)
             table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
-                          _when(r.deployed_at), r.outcome, r.reason)
+                          _when(r.deployed_at), r.outcome, "; ".join(x for x in (pinned, r.reason) if x))
         show(records, output, lambda: out.print(table))
 
     _run(go())

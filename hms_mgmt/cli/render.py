@@ -117,3 +117,17 @@ def _fail(message: str, code: int) -> typer.Exit:
     # Text, not markup: messages quote specs and paths that may contain '[...]'.
     err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
     return typer.Exit(code)
+
+
+def print_records(columns: tuple[str, ...], rows: Iterable[tuple[str, ...]], *, empty: str) -> None:
+    """A plain table of records (``hms image list``, ``hms secret list``), or ``empty`` when none."""
+    rows = list(rows)
+    if not rows:
+        out.print(empty)
+        return
+    table = Table()
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)

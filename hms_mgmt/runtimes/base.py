@@ -30,6 +30,16 @@ def check_pod_id(pod_id: str) -> str:
     return pod_id
 
 
+@dataclass(frozen=True)
+class SecretFile:
+    """One opened secret for one pod: its file's name and its value (never in a repr or a log)."""
+
+    name: str
+    file: str
+    version: int
+    value: bytes = field(repr=False)
+
+
 @dataclass
 class PodLaunch:
     """What a runtime needs to start one pod (not to be confused with the scheduler's
@@ -41,6 +51,7 @@ class PodLaunch:
     node: str
     spec: ServiceSpec
     image_id: str = ""  # content pinned at admission: run exactly this, whatever the tag points to now
+    secrets: list[SecretFile] = field(default_factory=list)  # opened on this node, written to a tmpfs only
 
 
 @dataclass(frozen=True)

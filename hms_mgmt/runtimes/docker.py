@@ -19,8 +19,10 @@ from pathlib import Path
 
 import docker
 import docker.errors
+from docker.types import Mount
 
 from hms_mgmt import constants as c
+from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
@@ -138,7 +140,7 @@ class DockerRuntime(PodRuntime):
                 "HMS_REVISION": str(req.revision),
             }
         )
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, object] = {"mounts": self._secrets_mount(req)} if req.secrets else {}
         if spec.cpu_limit:
             kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
         memory_mb = spec.memory_mb or self.limits.memory_mb
@@ -188,6 +190,17 @@ class DockerRuntime(PodRuntime):
         log.info("started pod %s (%s) as container %s", req.pod_id, req.service, container.short_id)
         return self._handle(container)
 
+    def _secrets_mount(self, req: PodLaunch) -> list[Mount]:
+        """``/run/secrets``: the pod's files on the node's tmpfs (0400, owned by the image's user),
+        bind-mounted read-only. ``docker inspect`` shows the mount's path, never a value."""
+        user = (self.client.images.get(req.image_id or req.spec.image).attrs.get("Config") or {}).get("User") or "0"
+        uid, _, gid = user.partition(":")
+        if not uid.isdigit() or not (gid or uid).isdigit():
+            raise PodRuntimeError(f"image {req.spec.image} runs as user {user!r}: a pod with secrets needs a numeric "
+                                  "USER (uid[:gid]) so its files can be owned by it", error_type=ActivityErrorType.SPEC_UNRUNNABLE)
+        where = pod_secrets.write_pod_files(req.pod_id, req.secrets, uid=int(uid), gid=int(gid or uid))
+        return [Mount(target="/run/secrets", source=str(where), type="bind", read_only=True)]
+
     def find(self, pod_id: str) -> PodHandle | None:
         found = self._containers(pod_id=pod_id)
         return self._handle(found[0]) if found else None
@@ -206,6 +219,7 @@ class DockerRuntime(PodRuntime):
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+        pod_secrets.remove_pod_files(pod_id)
         return bool(found)
 
     def logs(self, pod_id: str, tail: int = 100) -> list[str]:

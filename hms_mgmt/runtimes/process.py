@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.errors import ActivityErrorType, ConfigError
 from hms_mgmt.events import Event, EventSink
@@ -332,6 +333,9 @@ class ProcessRuntime(PodRuntime):
                 os.chown(home, user.pw_uid, user.pw_gid)
             env = self._environment(req, entry, port, home, self.address)
             rec = self._new_record(req, port, command, user, home)
+            if req.secrets:  # files on a tmpfs, named by HMS_SECRETS_DIR: never in the environment
+                env["HMS_SECRETS_DIR"] = rec["secrets_dir"] = str(pod_secrets.write_pod_files(
+                    req.pod_id, req.secrets, uid=user.pw_uid if user else os.getuid(), gid=user.pw_gid if user else os.getgid()))
             # On record before it exists: a worker killed between the spawn and the pid below
             # leaves this, and the next start or stop of the pod finds the process (_strays).
             self._write(rec)
@@ -510,6 +514,8 @@ class ProcessRuntime(PodRuntime):
                 log.warning("pod %s did not exit after SIGKILL", rec["pod_id"])
         if rec.get("home"):
             shutil.rmtree(rec["home"], ignore_errors=True)
+        if rec.get("secrets_dir"):
+            pod_secrets.remove_pod_files(rec["pod_id"])
         if self.cgroups().available():
             self.cgroups().remove(rec["pod_id"])
         self._record_path(rec["pod_id"]).unlink(missing_ok=True)

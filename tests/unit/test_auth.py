@@ -229,7 +229,7 @@ def test_parse_ttl_errors(text: str) -> None:
 # --- access -------------------------------------------------------------------------
 
 EXPECTED = {
-    "ops_admin": {"deploy", "scale", "undeploy", "update", "status", "logs"},
+    "ops_admin": {"deploy", "scale", "undeploy", "update", "status", "logs", "secrets"},
     "gov_approver": {"approve", "reject", "status", "logs"},
     "viewer": {"status", "logs"},
 }

@@ -7,7 +7,9 @@ Real dockerd, real registry, real Temporal; `hms image sign` as an operator runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import FailureKind
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import LocalRegistry
+from hms_mgmt.testing import LocalRegistry, enrol_node_dir
 from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
 
@@ -48,11 +50,16 @@ def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
 
 
 @pytest.fixture
-def client() -> Iterator[docker.DockerClient]:
+def client(registry: LocalRegistry) -> Iterator[docker.DockerClient]:
+    """The engine; afterwards, every image named after the test's registry is gone from it."""
     c = docker.from_env(timeout=120)
     try:
         yield c
     finally:
+        for image in c.images.list():
+            if any(r.startswith(f"{registry.address}/") for r in image.tags + image.attrs.get("RepoDigests", [])):
+                with contextlib.suppress(docker.errors.APIError):
+                    c.images.remove(image.id, force=True)
         c.close()
 
 
@@ -108,8 +115,6 @@ async def test_a_node_without_the_image_pulls_the_signed_content_by_digest_never
         assert client.images.get(digest).id == content_id
         assert client.images.get(ref).id == impostor  # the tag was never used, nor moved
         await orch.undeploy("hms-ach")
-    client.images.remove(ref, force=True)
-    client.images.remove(digest, force=True)
 
 
 async def test_a_node_that_cannot_get_the_content_refuses_the_pod_and_says_why(
@@ -137,11 +142,35 @@ async def test_a_node_that_cannot_get_the_content_refuses_the_pod_and_says_why(
         registry.start()
         status = await eventually(lambda: _ready(orch), timeout=120, what="a pod of the signed content")
         assert container_image(client, status.pods[0].id) == content_id
+        assert client.images.get(ref).id == impostor  # the tag here was neither run nor moved
         await orch.undeploy("hms-ach")
-    client.images.remove(impostor, force=True)
-    client.images.remove(digest, force=True)
 
 
 async def _ready(orch: Orchestrator):
     status = await orch.status("hms-ach")
     return status if status.ready_replicas == 1 else None
+
+
+async def test_a_joined_node_without_a_trust_store_gets_the_signed_content_too(
+        temporal_env: WorkflowEnvironment, tmp_path: Path, registry: LocalRegistry, client):
+    """Node b joined (no trust store, no control key): it pulls the tag once at admission only to
+    say what it holds; its pod runs the content the control plane stamped, by id."""
+    a = make_settings(temporal_env, tmp_path / "a", "docker", trusted=False)
+    b = make_settings(temporal_env, tmp_path / "b", "docker", trusted=False,
+                      docker_host=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+    b = b.model_copy(update={"task_queue": a.task_queue, "node": f"{a.node}-b"})
+    ref = f"{registry.address}/hms-ach-{uuid.uuid4().hex[:8]}:1.4"
+    content_id, digest = await push_and_sign(client, a, ref)
+    enrol_node_dir(a.state_dir, b.state_dir, b.node, b.node_address)
+    try:
+        async with HmsWorker(temporal_env.client, a), HmsWorker(temporal_env.client, b, control=False):
+            orch = Orchestrator(temporal_env.client, a)
+            await orch.deploy(seed_spec(image=ref, min_replicas=2, max_replicas=2), wait=True, timeout=120)
+            status = await orch.status("hms-ach")
+            assert status.ready_replicas == 2 and {p.node for p in status.pods} == {a.node, b.node}
+            assert status.image_id == content_id
+            assert {container_image(client, p.id) for p in status.pods} == {content_id}
+            await orch.undeploy("hms-ach")
+    finally:
+        sweep_pods(a)
+        sweep_pods(b)

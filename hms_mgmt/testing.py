@@ -206,13 +206,15 @@ def enrol_node_dir(control_state: Path, node_state: Path, node: str, address: st
 
 
 class LocalRegistry:
-    """Debian's ``docker-registry`` (distribution 2.8) as a process of our own on 127.0.0.1, with
-    its config and storage in ``root``; dockerd takes plain HTTP from 127.0.0.0/8 registries."""
+    """Debian's ``docker-registry`` (distribution 2.8) as a process of our own on ``host``
+    (127.0.0.1 by default), with its config and storage in ``root``. dockerd takes plain HTTP
+    from 127.0.0.0/8 registries; another address needs ``--insecure-registry ADDR:PORT``."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, *, host: str = "127.0.0.1") -> None:
         self.root = Path(root)
+        self.host = host
         self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> LocalRegistry:
@@ -226,7 +228,7 @@ class LocalRegistry:
         with open(self.root / "registry.log", "ab") as log:
             self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not port_open("127.0.0.1", self.port):
+        while not port_open(self.host, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"docker-registry did not listen on {self.address}: see {self.root / 'registry.log'}")

@@ -31,9 +31,11 @@ from temporalio.testing import WorkflowEnvironment
 from test_cli import hms, ok
 
 from hms_mgmt.config import Settings
-from hms_mgmt.errors import FailureKind
+from hms_mgmt.errors import ActivityErrorType, FailureKind
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.runtimes.base import PodRuntimeError
+from hms_mgmt.runtimes.docker import DockerRuntime
 from hms_mgmt.testing import LocalRegistry, enrol_node_dir
 from hms_mgmt.trust import TrustStore
 from worker.main import HmsWorker
@@ -174,3 +176,32 @@ async def test_a_joined_node_without_a_trust_store_gets_the_signed_content_too(
     finally:
         sweep_pods(a)
         sweep_pods(b)
+
+
+def pushed(client: docker.DockerClient, runtime: DockerRuntime, ref: str) -> tuple[str, str]:
+    """Build and push unique content, then drop it here: (content id, repo digest)."""
+    content_id = unique_image(client, ref)
+    repo, _, tag = ref.rpartition(":")
+    client.images.push(repo, tag=tag)
+    digest = runtime.repo_digest(ref)
+    client.images.remove(ref, force=True)
+    return content_id, digest
+
+
+def test_the_runtime_keeps_a_pull_only_if_it_is_the_signed_content(registry: LocalRegistry, client):
+    """A digest that names other content (a record for another image, a registry mix-up) is
+    refused and leaves nothing behind; content signed with no digest cannot be fetched at all."""
+    runtime = DockerRuntime(f"n{uuid.uuid4().hex[:6]}", docker.from_env(timeout=120))
+    try:
+        wanted, _ = pushed(client, runtime, f"{registry.address}/want-{uuid.uuid4().hex[:8]}:1")
+        _, other_digest = pushed(client, runtime, f"{registry.address}/other-{uuid.uuid4().hex[:8]}:1")
+        with pytest.raises(PodRuntimeError, match="not the signed") as wrong:
+            runtime.fetch(wanted, other_digest)
+        assert wrong.value.error_type == ActivityErrorType.IMAGE_UNTRUSTED
+        with pytest.raises(docker.errors.ImageNotFound):
+            client.images.get(other_digest)  # not kept
+        with pytest.raises(PodRuntimeError, match="no registry digest") as nowhere:
+            runtime.fetch(wanted, "")
+        assert nowhere.value.error_type == ActivityErrorType.IMAGE_NOT_FOUND
+    finally:
+        runtime.close()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from conftest import (
     EXAMPLE_IMAGE,
     WorkerProcess,
+    docker_required,
     eventually,
     make_settings,
     node_pods,
@@ -44,6 +46,11 @@ from worker.main import HmsWorker
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     require_docker()
+    if shutil.which("docker-registry") is None:
+        why = "no docker-registry binary: apt-get install docker-registry (.ci/run does)"
+        if docker_required():
+            pytest.fail(why)
+        pytest.skip(why)
     reg = LocalRegistry(tmp_path / "registry").start()
     try:
         yield reg

@@ -228,7 +228,8 @@ class PodActivities:
             if state_dir is None:
                 raise AccessDenied("this node cannot check trust stamps (no state directory)")
             return await asyncio.to_thread(nodeid.check_stamp, state_dir, inp.stamp, service=inp.service,
-                                    revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+                                           revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
+                                           node=inp.node)
         except AccessDenied as e:
             if self.sink is not None:
                 await self.sink.publish(Event(type="access.denied", service=inp.service,
@@ -333,8 +334,7 @@ class PodActivities:
     def _signed_content(self, image: str) -> str:
         """The content a pod of ``image`` would run here. Signed with a registry digest, that is the
         signed content, whatever the tag holds on this node: a pod pulls it by digest if missing."""
-        assert self.trust is not None
-        record, _ = self.trust.checked(image)
+        record = self.trust.checked(image)[0] if self.trust is not None else None
         if record is not None and record.repo_digest:
             return record.content_id
         return self.runtime.content_id(image)

@@ -12,12 +12,13 @@ import io
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
 import pytest
+import pytest_asyncio
 from conftest import (
     EXAMPLE_IMAGE,
     WorkerProcess,
@@ -28,6 +29,7 @@ from conftest import (
     require_docker,
     seed_spec,
     sweep_pods,
+    terminate_running,
 )
 from temporalio.testing import WorkflowEnvironment
 from test_cli import hms, ok
@@ -72,11 +74,14 @@ def client(registry: LocalRegistry) -> Iterator[docker.DockerClient]:
         c.close()
 
 
-@pytest.fixture
-def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> Iterator[Settings]:
+@pytest_asyncio.fixture(loop_scope="session")
+async def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Settings]:
     s = make_settings(temporal_env, tmp_path / "state", "docker", trusted=False)
-    yield s
-    sweep_pods(s)
+    try:
+        yield s
+    finally:
+        await terminate_running(temporal_env, s)  # a failed test leaves no service for the next one
+        sweep_pods(s)
 
 
 def unique_image(client: docker.DockerClient, ref: str) -> str:
@@ -150,7 +155,8 @@ async def test_a_node_that_cannot_get_the_content_refuses_the_pod_and_says_why(
         # The registry back: the next heal pulls the signed content and runs it.
         registry.start()
         status = await eventually(lambda: _ready(orch), timeout=120, what="a pod of the signed content")
-        assert container_image(client, status.pods[0].id) == content_id
+        ready = next(p for p in status.pods if p.ready)
+        assert container_image(client, ready.id) == content_id
         assert client.images.get(ref).id == impostor  # the tag here was neither run nor moved
         await orch.undeploy("hms-ach")
 
@@ -181,6 +187,7 @@ async def test_a_joined_node_without_a_trust_store_gets_the_signed_content_too(
             assert {container_image(client, p.id) for p in status.pods} == {content_id}
             await orch.undeploy("hms-ach")
     finally:
+        await terminate_running(temporal_env, a)
         sweep_pods(a)
         sweep_pods(b)
 

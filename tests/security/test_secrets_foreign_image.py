@@ -9,13 +9,14 @@ import io
 import json
 import secrets as random
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import docker
 import pytest
-from conftest import make_settings, require_docker, seed_spec, sign_images, sweep_pods, wait_phase
+import pytest_asyncio
+from conftest import make_settings, require_docker, seed_spec, sign_images, sweep_pods, terminate_running, wait_phase
 from temporalio.testing import WorkflowEnvironment
 from test_secrets_e2e import _assert_absent, _pod_view
 
@@ -42,11 +43,14 @@ def foreign_image() -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture
-def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> Iterator[Settings]:
+@pytest_asyncio.fixture(loop_scope="session")
+async def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Settings]:
     s = make_settings(temporal_env, tmp_path / "state", "docker", trusted=False)
-    yield s
-    sweep_pods(s)
+    try:
+        yield s
+    finally:
+        await terminate_running(temporal_env, s)  # a failed test leaves no service for the next one
+        sweep_pods(s)
 
 
 async def test_a_foreign_image_reads_its_secret_at_run_secrets(temporal_env: WorkflowEnvironment, node: Settings,

@@ -141,9 +141,10 @@ class NodeTrustActivities:
                                pod=inp.pod_id)
             raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}",
                                    type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
+        digest = await asyncio.to_thread(TrustStore(settings.state_dir).repo_digest, inp.spec.image, inp.image_id)
         stamp = await asyncio.to_thread(nodeid.issue_stamp, settings.state_dir, service=inp.service,
                                         revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
-                                        node=inp.node)
+                                        node=inp.node, repo_digest=digest)
         return StampOutput(stamp=stamp)
 
     @activity.defn(name="trust_now")

@@ -403,15 +403,17 @@ def pub_of(cert_claims: dict[str, Any]) -> bytes:
 
 
 def issue_stamp(state_dir: Path, *, service: str, revision: int, image_id: str, pod_id: str, node: str,
-                now: float | None = None) -> str:
+                now: float | None = None, repo_digest: str = "") -> str:
+    """``repo_digest``: where the node may pull the signed content by digest when it lacks it."""
     now = time.time() if now is None else now
-    return tickets.sign_claims(state_dir, {"typ": "stamp", "svc": service, "rev": revision, "img": image_id,
-                                           "pod": pod_id, "node": node, "iat": int(now),
-                                           "exp": int(now + STAMP_TTL_S)})
+    claims = {"typ": "stamp", "svc": service, "rev": revision, "img": image_id, "pod": pod_id, "node": node,
+              "iat": int(now), "exp": int(now + STAMP_TTL_S)}
+    return tickets.sign_claims(state_dir, {**claims, "dig": repo_digest} if repo_digest else claims)
 
 
 def check_stamp(state_dir: Path, stamp: str, *, service: str, revision: int, image_id: str, pod_id: str,
-                node: str, now: float | None = None) -> None:
+                node: str, now: float | None = None) -> str:
+    """Refuses (AccessDenied) a stamp for anything else; returns its repo digest ("" if none)."""
     if not stamp:
         raise AccessDenied("no trust stamp from the control plane for this start")
     claims = tickets.open_claims(state_dir, stamp, "trust stamp")
@@ -422,6 +424,7 @@ def check_stamp(state_dir: Path, stamp: str, *, service: str, revision: int, ima
     exp = claims.get("exp")
     if not isinstance(exp, int) or exp < (time.time() if now is None else now):
         raise AccessDenied("the trust stamp has expired")
+    return str(claims.get("dig") or "")
 
 
 def pod_report_message(service: str, pod: Any) -> dict[str, Any]:

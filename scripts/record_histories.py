@@ -193,6 +193,21 @@ async def rollout(s: Stack) -> None:
     await s.alice.undeploy("hms-ach")
 
 
+async def secrets(s: Stack) -> None:
+    """A spec naming a secret (its value sealed per pod start: the pod-secrets branch), a pod of
+    it healed, then a new value that rolls the service onto a revision pinning version 2."""
+    await s.alice.set_secret("bank-key", b"recorded-value-1")
+    await s.alice.deploy(spec(secrets=["bank-key"]), wait=True, timeout=120)
+    await s.kill_and_heal()
+    await s.alice.set_secret("bank-key", b"recorded-value-2")
+
+    async def rotated() -> bool:
+        st = await s.alice.status("hms-ach")
+        return st.revision == 2 and st.phase == "Running" and all(p.revision == 2 and p.ready for p in st.pods)
+    await until("the rollout onto bank-key v2", rotated)
+    await s.alice.undeploy("hms-ach")
+
+
 async def registry(s: Stack) -> None:
     """A NodeRegistry of its own: a worker node registers and heartbeats until continue-as-new
     (history_threshold), a silent seeded node turns Lost and services are told."""
@@ -236,6 +251,7 @@ SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]
     "continue_as_new": (continue_as_new, {"history_threshold": 12}),
     "rollout": (rollout, {}),
     "registry": (registry, {}),
+    "secrets": (secrets, {}),
 }
 
 

@@ -489,7 +489,7 @@ def image_sign(
 ) -> None:
     """Mark an image signed and safe, bound to its current content."""
     from hms_mgmt.runtimes import make_runtime
-    from hms_mgmt.trust import TrustStore
+    from hms_mgmt.trust import TrustStore, sign_from
 
     settings = _settings(runtime=runtime)
     if not (auth.keys_dir(settings.state_dir) / auth.PRIVATE_KEY_FILE).exists():
@@ -499,13 +499,13 @@ def image_sign(
                        "`hms auth init` makes the keys first)")
     rt = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     try:
-        content_id = rt.content_id(image)
-        runtime_name = rt.name
+        record = sign_from(TrustStore(settings.state_dir), rt, image, signer=_signer(settings))
     finally:
         rt.close()
-    record = TrustStore(settings.state_dir).sign(image, content_id, signer=_signer(settings))
     out.print(f"signed {record.image}")
-    out.print(f"  content {record.content_id} ({runtime_name} runtime)")
+    out.print(f"  content {record.content_id} ({rt.name} runtime)")
+    out.print(f"  digest {record.repo_digest}" if record.repo_digest else
+              "  digest - (not pushed to a registry: only nodes that hold this content can run it)")
     out.print(f"  by {record.signer} at {_when(record.signed_at)}")
 
 

@@ -331,7 +331,7 @@ def _sign_images(settings: Settings, images: list[str]) -> list[str]:
     """Vouch for the example images so an image-trust gate lets them start."""
     from hms_mgmt.runtimes import make_runtime
     from hms_mgmt.runtimes.base import PodRuntimeError
-    from hms_mgmt.trust import TrustStore
+    from hms_mgmt.trust import TrustStore, sign_from
 
     store = TrustStore(settings.state_dir)
     signer = _signer(settings)
@@ -340,10 +340,9 @@ def _sign_images(settings: Settings, images: list[str]) -> list[str]:
     try:
         for image in images:
             try:
-                content_id = runtime.content_id(image)
+                sign_from(store, runtime, image, signer=signer)
             except PodRuntimeError:
                 continue  # not built here: the deploy will say so, with the fix
-            store.sign(image, content_id, signer=signer)
             signed.append(image)
     finally:
         runtime.close()

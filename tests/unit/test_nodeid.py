@@ -146,6 +146,14 @@ def test_a_trust_stamp_is_for_one_start_and_expires(control: Path) -> None:
         nodeid.check_stamp(control, "", **args)  # type: ignore[arg-type]
 
 
+def test_a_trust_stamp_names_where_the_node_may_pull_the_content(control: Path) -> None:
+    args = dict(service="s", revision=2, image_id="sha256:abc", pod_id="p1", node="b")
+    digest = "127.0.0.1:5000/s@sha256:" + "d" * 64
+    assert nodeid.check_stamp(control, nodeid.issue_stamp(control, **args), **args) == ""  # type: ignore[arg-type]
+    stamp = nodeid.issue_stamp(control, repo_digest=digest, **args)  # type: ignore[arg-type]
+    assert nodeid.check_stamp(control, stamp, **args) == digest  # type: ignore[arg-type]
+
+
 def test_the_control_host_enrols_its_own_node_and_a_joined_one_holds_no_control_key(control: Path,
                                                                                    tmp_path: Path) -> None:
     ident = nodeid.node_identity(control, "a", "127.0.0.1")

@@ -38,7 +38,7 @@ from hms_mgmt.cli.render import (
     out,
     print_records,
 )
-from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.router_cmd import router_app, routers
 from hms_mgmt.cli.schedule_cmd import schedule_app
 from hms_mgmt.cli.secret_cmd import secret_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
@@ -711,6 +711,7 @@ if __name__ == "__main__":
     app()
 
 
-app.command()(router)
+app.add_typer(router_app, name="router")
+app.command("routers")(routers)
 app.add_typer(schedule_app, name="schedule")
 app.command()(dashboard)

@@ -98,8 +98,9 @@ class FeedActivities:
                 log.info("router registry not read (keeping the last list): %s", e)
             self._registry_at = now
         live = dict(self._registry)
-        for url in settings.routers:
-            live.setdefault(_norm(url), "")
+        if settings.routers != [f"http://127.0.0.1:{settings.router_port}"]:  # the default: the local router registers
+            for url in settings.routers:
+                live.setdefault(_norm(url), "")
         return live
 
     @activity.defn(name="publish_endpoints")

@@ -145,6 +145,25 @@ class FeedActivities:
                                message=feed.drained_answer(question, body))
         return signer
 
+    async def _ask(self, state_dir: Path, url: str, name: str, service: str, pods: str, wait: float,
+                   deadline: float) -> tuple[bool, str]:
+        """One signed drain question to one router: (idle, what it said), its answer signed by it."""
+        w = f"{wait:.2f}"
+        question = await asyncio.to_thread(feed.sign, state_dir, feed.drained_query(service, pods, w), kind="drained")
+        async with self._http().get(
+            url + feed.DRAINED_PATH, params={"service": service, "pods": pods, "wait": w},
+            headers={feed.SIGNATURE_HEADER: question},
+            # never past the drain's end: the router answers by ``wait``, a hung one is cut
+            timeout=aiohttp.ClientTimeout(total=max(0.05, min(wait + PUSH_TIMEOUT_S, deadline - time.monotonic()))),
+        ) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}")
+            signer = await asyncio.to_thread(self._signer, state_dir, name, question, resp.headers, raw)
+        body = json.loads(raw)
+        idle = isinstance(body, dict) and body.get("idle") is True
+        return idle, f"idle (router {signer})" if idle else f"busy: {body.get('busy')}"
+
     @activity.defn(name="await_drained")
     async def await_drained(self, inp: DrainInput) -> DrainResult:
         """Return once every live router says it sends ``inp.pods`` nothing new and has no
@@ -162,27 +181,11 @@ class FeedActivities:
         pods = ",".join(inp.pods)
 
         async def ask(url: str, name: str, wait: float) -> bool:
-            w = f"{wait:.2f}"
-            question = await asyncio.to_thread(feed.sign, settings.state_dir, feed.drained_query(inp.service, pods, w),
-                                               kind="drained")
             try:
-                async with self._http().get(
-                    url + feed.DRAINED_PATH, params={"service": inp.service, "pods": pods, "wait": w},
-                    headers={feed.SIGNATURE_HEADER: question},
-                    # never past the drain's end: the router answers by ``wait``, a hung one is cut
-                    timeout=aiohttp.ClientTimeout(total=max(0.05, min(wait + PUSH_TIMEOUT_S,
-                                                                      deadline - time.monotonic()))),
-                ) as resp:
-                    raw = await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}")
-                    signer = await asyncio.to_thread(self._signer, settings.state_dir, name, question, resp.headers, raw)
-                    body = json.loads(raw)
-                    idle = isinstance(body, dict) and body.get("idle") is True
-                    answers[url] = f"idle (router {signer})" if idle else f"busy: {body.get('busy')}"
-                    if not idle and wait < DRAIN_RETRY_S:  # a short poll near the end: do not spin
-                        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-                    return idle
+                idle, answers[url] = await self._ask(settings.state_dir, url, name, inp.service, pods, wait, deadline)
+                if not idle and wait < DRAIN_RETRY_S:  # a short poll near the end: do not spin
+                    await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                return idle
             except AccessDenied as e:
                 answers[url] = f"refused answer: {e}"
             except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError, ValueError) as e:

@@ -28,7 +28,7 @@ from hms_mgmt.events import read_events
 from hms_mgmt.models import Endpoint, EndpointSet
 from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import activity_results, free_port
 from hms_mgmt.wire import DrainResult, PublishResult, RouterRegistration
 from router.server import RouterProcess
 from worker.main import HmsWorker
@@ -61,21 +61,6 @@ async def join_router(control: Settings, router_dir: Path, name: str) -> Setting
     keys = sorted(p.name for p in (router_dir / "keys").iterdir())
     assert keys == ["control.pub", f"router-{name}.crt", f"router-{name}.pem"], keys  # no control-plane secret
     return Settings.from_env(env={"HMS_STATE_DIR": str(router_dir), **ROUTER_ENV})
-
-
-async def activity_results(client, s: Settings, activity: str, result_type: type) -> list:
-    """Every completed ``activity``'s result in the histories of this control plane's workflows."""
-    out = []
-    async for wf in client.list_workflows(f'TaskQueue = "{s.task_queue}"'):
-        scheduled: dict[int, str] = {}
-        async for ev in client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history_events():
-            if ev.HasField("activity_task_scheduled_event_attributes"):
-                scheduled[ev.event_id] = ev.activity_task_scheduled_event_attributes.activity_type.name
-            elif ev.HasField("activity_task_completed_event_attributes"):
-                done = ev.activity_task_completed_event_attributes
-                if scheduled.get(done.scheduled_event_id) == activity:
-                    out.extend(await client.data_converter.decode(done.result.payloads, [result_type]))
-    return out
 
 
 async def start_router(s: Settings, port: int, engine: str, log: Path, monkeypatch, **env: str) -> RouterProcess:
@@ -142,7 +127,7 @@ async def router_pods(url: str, service: str) -> set[str]:
 async def check_feed_and_drains(client, s: Settings, orch: Orchestrator, a, b, b_name: str) -> None:
     await orch.deploy(seed_spec(min_replicas=2, max_replicas=2, drain_s=60.0), wait=True, timeout=120)
     async def pushed_to_both() -> bool:
-        pushed = await activity_results(client, s, "publish_endpoints", PublishResult)
+        pushed = await activity_results(client, s.task_queue, "publish_endpoints", PublishResult)
         return any(set(p.pushed) == {a.url, b.url} and not p.failed for p in pushed)
 
     await eventually(pushed_to_both, timeout=30, what="a feed push that reached both routers")
@@ -151,7 +136,7 @@ async def check_feed_and_drains(client, s: Settings, orch: Orchestrator, a, b, b
 
     # drain_s 60: a drain the routers did not confirm would hold the rollout past its timeout.
     await orch.deploy(seed_spec(image=V2_IMAGE, min_replicas=2, max_replicas=2, drain_s=60.0), wait=True, timeout=100)
-    drains = [d for d in await activity_results(client, s, "await_drained", DrainResult) if d.routers]
+    drains = [d for d in await activity_results(client, s.task_queue, "await_drained", DrainResult) if d.routers]
     assert len(drains) >= 2, drains  # one per old pod
     for d in drains:
         assert d.confirmed, d
@@ -187,7 +172,7 @@ async def check_dead_router_dropped(client, s: Settings, orch: Orchestrator, a, 
     b.proc.wait(10)
     # drain_s 60: a drain that waited for the dead router would hold the rollout past its timeout.
     await orch.deploy(seed_spec(min_replicas=2, max_replicas=2, drain_s=60.0), wait=True, timeout=100)
-    drains = [d for d in await activity_results(client, s, "await_drained", DrainResult)
+    drains = [d for d in await activity_results(client, s.task_queue, "await_drained", DrainResult)
               if not d.routers.get(b.url, "").startswith("idle")]  # since b died
     assert len(drains) == 2, drains  # one per old pod
     for d in drains:

@@ -700,6 +700,9 @@ def init_state(
     if values:
         settings.write_config(**values)
     auth.ensure_local_operator(settings)
+    from hms_mgmt import tickets
+
+    tickets.ensure_control_key(settings.state_dir)  # the local router enrols itself with it
     signed = _sign_images(settings, list(sign or []))
     missing = sorted(set(sign or []) - set(signed))
     out.print(f"state {settings.state_dir}: config.yaml with an ops_admin token; signed {len(signed)} image(s)")

@@ -68,7 +68,7 @@ async def test_a_router_on_c_joins_gets_the_feed_and_confirms_drains(network: Ne
             await asyncio.to_thread(wait_until, lambda url=url: pod_answering(url) in pods, timeout=30,
                                     what=f"{host.name}'s router to reach B's pods", logs=logs)
         # A rolling update: drain_s 60 each, so it ends within its timeout only on the routers' word.
-        await orch.deploy({**spec, "env": {"EDGE": "2"}}, wait=True, timeout=100)
+        await orch.deploy({**spec, "env": {"LOG_LEVEL": "INFO"}}, wait=True, timeout=100)
         drains = [d for d in await activity_results(orch.client, orch.settings.task_queue, "await_drained",
                                                     DrainResult) if d.routers]
         assert len(drains) == 2, drains

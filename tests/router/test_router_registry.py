@@ -3,8 +3,8 @@
 the real CLI) or, on the control host, enrols itself; both register and heartbeat, signed. The
 endpoint feed, signed by the control plane's key, reaches every live router with no router list
 kept anywhere; a rollout's drains are confirmed by both, each answer signed by its router; a
-router killed mid-drain stops heartbeating, is dropped, and the drain still ends early. A forged
-push and an unenrolled registration are refused."""
+router killed mid-drain stops heartbeating, is dropped, and the drain still ends early; a removed
+one is refused at its next heartbeat. A forged push and an unenrolled registration are refused."""
 
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ async def test_every_live_router_gets_the_feed_and_confirms_drains(temporal_env,
             await check_forged_pushes(a, s, tmp_path, b_name)
             await check_unenrolled_registration(client, s, a.url)
             await check_dead_router_dropped(client, s, orch, a, b)
+            await check_removed_router_dropped(client, s)
     finally:
         for rp in procs:
             rp.stop()
@@ -180,3 +181,17 @@ async def check_dead_router_dropped(client, s: Settings, orch: Orchestrator, a, 
         assert d.routers.get(b.url, "dropped").startswith("dropped"), d
     lost = {r.name: r.state for r in await list_routers(client, s)}
     assert list(lost.values()).count("Lost") == 1 and lost["edge-a"] == "Ready", lost
+
+
+async def check_removed_router_dropped(client, s: Settings) -> None:
+    """`hms router remove` revokes the router: its next heartbeat is refused and it is Lost."""
+    removed = await asyncio.to_thread(hms_cli, "--address", s.temporal_address, "router", "remove", "edge-a",
+                                      state_dir=s.state_dir, HMS_TASK_QUEUE=s.task_queue)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+
+    async def lost() -> bool:
+        return {r.name: r.state for r in await list_routers(client, s)}.get("edge-a") == "Lost"
+
+    await eventually(lost, timeout=30, what="the removed router Lost")
+    assert any("router edge-a: heartbeat refused" in e.reason and "removed" in e.reason
+               for e in read_events(s.state_dir) if e.type == "access.denied")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hms_mgmt.constants import SERVICE_WORKFLOW_ID_PREFIX, service_workflow_id
 
 __all__ = [
-    "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
+    "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW", "ROUTER_REGISTRY_WORKFLOW", "RR",
     "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
     "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
     "SLOT_EDGE_WORKFLOW", "slot_schedule_id", "slot_schedule_prefix",
@@ -23,6 +23,7 @@ DEPLOY_WORKFLOW = "DeployWorkflow"
 SCALE_WORKFLOW = "ScaleWorkflow"
 HEAL_WORKFLOW = "HealWorkflow"
 NODE_REGISTRY_WORKFLOW = "NodeRegistry"
+ROUTER_REGISTRY_WORKFLOW = "RouterRegistry"
 SLOT_EDGE_WORKFLOW = "SlotEdgeWorkflow"  # started by a time slot's Temporal Schedule
 
 
@@ -70,6 +71,16 @@ class NR:
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
+
+
+class RR:
+    """Messages of the RouterRegistry: the ``routers`` query, the ``register`` update and the
+    ``heartbeat`` signal (a router sends both, signed with its key) and ``enrol`` (`hms router join`)."""
+
+    ROUTERS = "routers"
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    ENROL = "enrol"
 
 
 # --- child workflow ids ------------------------------------------------------------------------

@@ -243,3 +243,19 @@ class LocalRegistry:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+async def activity_results(client: Any, task_queue: str, activity: str, result_type: type) -> list[Any]:
+    """Every completed ``activity``'s result in the histories of the workflows on ``task_queue``
+    (what a rollout's drains or a service's feed pushes answered, as Temporal recorded them)."""
+    out: list[Any] = []
+    async for wf in client.list_workflows(f'TaskQueue = "{task_queue}"'):
+        scheduled: dict[int, str] = {}
+        async for ev in client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history_events():
+            if ev.HasField("activity_task_scheduled_event_attributes"):
+                scheduled[ev.event_id] = ev.activity_task_scheduled_event_attributes.activity_type.name
+            elif ev.HasField("activity_task_completed_event_attributes"):
+                done = ev.activity_task_completed_event_attributes
+                if scheduled.get(done.scheduled_event_id) == activity:
+                    out.extend(await client.data_converter.decode(done.result.payloads, [result_type]))
+    return out

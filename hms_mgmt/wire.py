@@ -10,6 +10,7 @@ defaults. Workflows import this module through ``imports_passed_through``: keep 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -37,6 +38,11 @@ from hms_mgmt.models import (
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
 
 __all__ = [
+    "RouterCheckInput",
+    "RouterRecord",
+    "RouterRegistration",
+    "RouterRegistryInput",
+    "RoutersOutput",
     "PendingEvent",
     "SignalledApproval",
     "SlotEdge",
@@ -117,6 +123,53 @@ class NodeRegistration(_Model):
     def signed_part(self) -> dict[str, Any]:
         """What ``proof`` signs: everything but itself."""
         return self.model_dump(mode="json", exclude={"proof"})
+
+
+class RouterRegistration(_Model):
+    """A router's ``register`` update and ``heartbeat`` signal: where it takes the feed."""
+
+    name: str = Field(min_length=1, max_length=63)
+    address: str = Field(max_length=253)  # the address it enrolled with (its certificate says)
+    url: str = Field(max_length=300)  # where the feed is pushed and drains are asked: http://ADDR:PORT
+    engine: str = Field(default="", max_length=20)
+    worker: str = Field(default="", max_length=300)  # host/pid, for operators
+    cert: str = Field(default="", max_length=4096)  # the router's certificate (hms_mgmt.nodeid, role router)
+    proof: str = Field(default="", max_length=4096)  # the router's signature over the rest, fresh
+
+    def signed_part(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"proof"})
+
+
+class RouterRecord(_Model):
+    """What the RouterRegistry knows of one router."""
+
+    name: str
+    address: str
+    url: str
+    engine: str = ""
+    worker: str = ""
+    state: Literal["Ready", "Lost"] = "Ready"
+    registered_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    lost_at: datetime | None = None
+    key_id: str = ""
+    last_proof_at: float = 0.0
+
+
+class RouterRegistryInput(_Model):
+    lost_after_s: float = Field(default=30.0, gt=0)
+    control_task_queue: str = "hms-control"
+    routers: list[RouterRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None
+
+
+class RoutersOutput(_Model):
+    routers: list[RouterRecord] = Field(default_factory=list)
+
+
+class RouterCheckInput(_Model):
+    registrations: list[RouterRegistration] = Field(default_factory=list)
+    kind: Literal["register", "heartbeat"] = "heartbeat"
 
 
 class RegisterResult(_Model):

@@ -2,7 +2,7 @@
 
 Runs each scenario against a fresh Temporal dev server with a real worker and real process pods,
 then saves the history of every workflow execution it made (ServiceWorkflow runs and their
-children, NodeRegistry) as Temporal's JSON history format under
+children, NodeRegistry, RouterRegistry) as Temporal's JSON history format under
 tests/replay/histories/<set>/<scenario>/, one set per recording (default: the UTC date, time and the
 commit, e.g. ``20261129-1630-abc1234``, so sets sort by age; ``HMS_HISTORY_SET`` names it).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError  # noqa: E402
 
 from hms_mgmt import (  # noqa: E402
     auth,
@@ -43,8 +43,10 @@ from hms_mgmt.orchestrator import Orchestrator  # noqa: E402
 from hms_mgmt.runtimes import make_runtime  # noqa: E402
 from hms_mgmt.testing import dev_environment, kill_process_pod  # noqa: E402
 from hms_mgmt.trust import TrustStore  # noqa: E402
+from hms_mgmt.wire import RouterRegistration, RouterRegistryInput  # noqa: E402
 from worker.main import HmsWorker  # noqa: E402
 from workflows.nodes import NodeRegistry  # noqa: E402
+from workflows.routers import RouterRegistry  # noqa: E402
 
 OUT = REPO / "tests" / "replay" / "histories"
 V1 = "registry.gov/hms-ach:1.4"
@@ -240,6 +242,42 @@ async def registry(s: Stack) -> None:
         out = await latest.query(NodeRegistry.nodes)
         return any(r.spec.name == "static" and r.state == "Lost" for r in out.nodes)
     await until("the silent node Lost", static_lost, timeout=20)
+    await router_registry(s)
+
+
+async def router_registry(s: Stack) -> None:
+    """A RouterRegistry: an enrolled router registers and heartbeats until continue-as-new, a
+    registration without a certificate is refused, and the silent router turns Lost."""
+    queue = s.settings.task_queue
+    handle = await s.client.start_workflow(
+        RouterRegistry.run, RouterRegistryInput(lost_after_s=2.0, control_task_queue=queue, history_threshold=40),
+        id=constants.router_registry_id(queue), task_queue=queue)
+    ident = nodeid.node_identity(s.settings.state_dir, "edge", "127.0.0.1", role="router")
+    reg = RouterRegistration(name="edge", address="127.0.0.1", url="http://127.0.0.1:9", worker="recorder",
+                             cert=ident.cert)
+
+    def signed(kind: str) -> RouterRegistration:
+        return reg.model_copy(update={"proof": ident.say(f"router-{kind}", reg.signed_part())})
+
+    await handle.execute_update(RouterRegistry.register, signed("register"))
+    try:
+        await handle.execute_update(RouterRegistry.register, RouterRegistration(name="intruder", address="127.0.0.1",
+                                                                                url="http://127.0.0.1:9"))
+        raise AssertionError("an unenrolled router registered")
+    except WorkflowUpdateFailedError:
+        pass
+    first = (await handle.describe()).run_id
+    for _ in range(25):
+        await handle.signal(RouterRegistry.heartbeat, signed("heartbeat"))
+    latest = s.client.get_workflow_handle(handle.id)
+
+    async def moved_on() -> bool:
+        return (await latest.describe()).run_id != first
+    await until("a continue-as-new of the router registry", moved_on, timeout=20)
+
+    async def lost() -> bool:
+        return any(r.state == "Lost" for r in (await latest.query(RouterRegistry.routers_query)).routers)
+    await until("the silent router Lost", lost, timeout=20)
 
 
 SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]]] = {

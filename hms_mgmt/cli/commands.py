@@ -38,7 +38,7 @@ from hms_mgmt.cli.render import (
     out,
     print_records,
 )
-from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.router_cmd import router_app, routers
 from hms_mgmt.cli.schedule_cmd import schedule_app
 from hms_mgmt.cli.secret_cmd import secret_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
@@ -700,6 +700,9 @@ def init_state(
     if values:
         settings.write_config(**values)
     auth.ensure_local_operator(settings)
+    from hms_mgmt import tickets
+
+    tickets.ensure_control_key(settings.state_dir)  # the local router enrols itself with it
     signed = _sign_images(settings, list(sign or []))
     missing = sorted(set(sign or []) - set(signed))
     out.print(f"state {settings.state_dir}: config.yaml with an ops_admin token; signed {len(signed)} image(s)")
@@ -711,6 +714,7 @@ if __name__ == "__main__":
     app()
 
 
-app.command()(router)
+app.add_typer(router_app, name="router")
+app.command("routers")(routers)
 app.add_typer(schedule_app, name="schedule")
 app.command()(dashboard)

@@ -192,6 +192,11 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
 
             if not _port_free(edge.router_port, stack.listen):
                 raise HmsError(f"port {edge.router_port} is taken: the router needs it (--router-port, or --no-router)")
+            from hms_mgmt import tickets
+
+            # The control key signs the local router's certificate (it enrols itself), made here
+            # if the worker has not made it yet.
+            tickets.ensure_control_key(stack.settings.state_dir)
             ready = asyncio.Event()
             router_task = asyncio.create_task(serve_router(stack.settings, port=edge.router_port, engine=edge.engine,
                                                            ready=ready, client=client, host=stack.listen))

@@ -592,6 +592,7 @@ class DryRunCheck(_Model):
     name: Literal["access", "approval", "secrets", "image", "placement", "change"]
     ok: bool
     detail: str = ""
+    kind: FailureKind | None = None  # failing: the failure a deploy would meet
 
 
 class NodePlan(_Model):
@@ -667,6 +668,12 @@ class DryRunVerdict(_Model):
     change: SpecChange | None = None  # a running service: what would change
     time_slots: list[SlotEdges] = Field(default_factory=list)
     checks: list[DryRunCheck] = Field(default_factory=list)
+
+    def error(self) -> Exception | None:
+        """The exception a deploy of this spec would raise (None when it would be admitted)."""
+        from hms_mgmt.errors import error_for
+
+        return None if self.failure is None else error_for(self.failure.kind, self.failure.message)
 
 # --- the router's endpoint feed ------------------------------------------------------------
 

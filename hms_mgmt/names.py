@@ -70,6 +70,7 @@ class NR:
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
+    DRY_RUN = "dry_run"  # `hms deploy --dry-run`: admission's checks on the control worker, nothing started
 
 
 # --- child workflow ids ------------------------------------------------------------------------

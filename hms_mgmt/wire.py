@@ -22,7 +22,9 @@ from hms_mgmt.models import (
     Approval,
     Decision,
     Failure,
+    FailureKind,
     Health,
+    NodePlan,
     NodeRecord,
     NodeSpec,
     PendingApproval,
@@ -32,6 +34,8 @@ from hms_mgmt.models import (
     RevisionRecord,
     RolloutStatus,
     ServiceSpec,
+    SlotEdges,
+    SpecChange,
     _Model,
 )
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
@@ -417,6 +421,35 @@ class PickNodeInput(_Model):
 
 class PickNodeOutput(_Model):
     nodes: list[NodeSpec | None]
+
+
+class DryRunInput(_Model):
+    """The NodeRegistry's ``dry_run`` update: admission's checks for ``spec``, nothing started.
+    ``proof`` is the caller's, made for ``dry_run`` and bound to the spec's digest."""
+
+    spec: ServiceSpec
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
+
+
+class PlanInput(_Model):
+    """``plan_deploy``: the dry run's read-only checks, for the holder of a ``dry_run`` grant."""
+
+    spec: ServiceSpec
+    grant: str = ""
+
+
+class PlanOutput(_Model):
+    needs_approval: bool = False
+    approval_reasons: list[str] = Field(default_factory=list)
+    secrets_problem: str = ""
+    secrets_kind: FailureKind | None = None
+    replicas: int = 0
+    unplaced: int = 0
+    placement: list[NodePlan] = Field(default_factory=list)
+    capacity: str = ""  # why pods do not fit, as pick_node says it
+    change: SpecChange | None = None
+    time_slots: list[SlotEdges] = Field(default_factory=list)
 
 
 class StartPodInput(_Model):

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -26,7 +26,7 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.governance_config import load_governance_policy
-from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus
+from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.plan import plan_change, plan_placement, slot_edges
@@ -35,6 +35,8 @@ from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
+    CapacityWaitsInput,
+    CapacityWaitsOutput,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
@@ -79,6 +81,9 @@ class ControlActivities:
         self.sink = sink
         self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        # service -> {the placing workflow's id: its wait}: placements waiting for room now, what
+        # status().waiting_for shows (the service re-reads them on a ``capacity_changed`` hint)
+        self._short: dict[str, dict[str, WaitingFor]] = {}
 
     async def _entitled(self, service: str, action: str, **data: object) -> Caller:
         """The calling run, if the server records it as ``service``'s own workflow (or its child)
@@ -216,7 +221,7 @@ class ControlActivities:
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
-        await self._entitled(inp.service, "pick_node")
+        caller = await self._entitled(inp.service, "pick_node")
         nodes, usage = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
         request = placement_request(inp.spec)
         picked = pick_nodes(list(usage.values()), request, inp.count)
@@ -229,8 +234,43 @@ class ControlActivities:
             if info.attempt == 1 or info.attempt % 20 == 0:
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
+            await self._waiting(inp.service, caller.workflow_id, reason)
             raise ApplicationError(reason, type=ActivityErrorType.CAPACITY_UNAVAILABLE)
+        await self._waiting(inp.service, caller.workflow_id, None)
         return result
+
+    async def _waiting(self, service: str, placer: str, reason: str | None) -> None:
+        """Record that ``placer`` (a workflow of ``service``) waits for room, or no longer does;
+        when that changes, hint the service to re-read its waits (``capacity_waits``)."""
+        waits = self._short.setdefault(service, {})
+        known = waits.get(placer)
+        if reason is not None:
+            waits[placer] = WaitingFor(kind="capacity", reason=reason, since=known.since if known else datetime.now(UTC))
+        else:
+            waits.pop(placer, None)
+        if not waits:
+            self._short.pop(service, None)
+        if (known is None) == (reason is None):
+            return  # it went on waiting, or never waited: nothing the service does not know
+        try:
+            await self.client.get_workflow_handle(constants.service_workflow_id(service)).signal(names.S.CAPACITY)
+        except RPCError as e:
+            log.warning("could not tell %s its capacity waits changed: %s", service, e.message)
+
+    @activity.defn(name="capacity_waits")
+    async def capacity_waits(self, inp: CapacityWaitsInput) -> CapacityWaitsOutput:
+        """The placements of ``inp.service`` that wait for room now, each with what it needs: for
+        the service's own workflow (``status().waiting_for``), read from the Scheduler itself."""
+        await self._entitled(inp.service, "capacity_waits")
+        waits = self._short.get(inp.service, {})
+        for placer in list(waits):  # a placement cancelled while it waited says nothing: ask the server
+            try:
+                gone = (await self.client.get_workflow_handle(placer).describe()).status != WorkflowExecutionStatus.RUNNING
+            except RPCError:
+                gone = True
+            if gone:
+                waits.pop(placer, None)
+        return CapacityWaitsOutput(waits=[waits[k] for k in sorted(waits)])
 
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
         """The Scheduler's nodes: the registry's Ready ones; the configured ones while no

@@ -58,6 +58,7 @@ class S:
     IMAGE_REVOKED = "image_revoked"
     NODE_LOST = "node_lost"
     SLOT_EDGE = "slot_edge"  # a time slot's schedule -> ServiceWorkflow (checked against a standing grant)
+    CAPACITY = "capacity_changed"  # the Scheduler -> ServiceWorkflow: a hint to re-read its capacity waits
     SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
 
 

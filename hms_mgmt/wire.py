@@ -36,6 +36,7 @@ from hms_mgmt.models import (
     ServiceSpec,
     SlotEdges,
     SpecChange,
+    WaitingFor,
     _Model,
 )
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
@@ -51,6 +52,8 @@ __all__ = [
     "AdmissionRequest",
     "AuthorizeInput",
     "AuthorizeOutput",
+    "CapacityWaitsInput",
+    "CapacityWaitsOutput",
     "DeployInput",
     "DeployOutput",
     "DrainInput",
@@ -424,6 +427,16 @@ class PickNodeInput(_Model):
 
 class PickNodeOutput(_Model):
     nodes: list[NodeSpec | None]
+
+
+class CapacityWaitsInput(_Model):
+    service: str
+
+
+class CapacityWaitsOutput(_Model):
+    """The service's pods the Scheduler has no room for now, one wait per placement that waits."""
+
+    waits: list[WaitingFor] = Field(default_factory=list)
 
 
 class DryRunInput(_Model):

@@ -457,6 +457,8 @@ class ControlActivities:
         count, placed = spec.min_replicas, []
         if running is not None:
             out.change = plan_change(running, spec)
+            if out.change.no_op:  # deploying the spec that runs changes nothing: nothing to approve
+                out.needs_approval, out.approval_reasons = False, []
             rollout_plan = out.change.rollout
             count = rollout_plan.rounds[0].start if rollout_plan and rollout_plan.rounds else 0
             placed = [p for p in running.pods if p.health != "exited"]

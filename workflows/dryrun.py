@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.pods import PodActivities
     from hms_mgmt.errors import ActivityErrorType, FailureKind
     from hms_mgmt.models import DryRunCheck, DryRunVerdict, Failure, NodeSpec, ServiceSpec, SpecChange
+    from hms_mgmt.names import SUPERVISED
     from hms_mgmt.wire import AuthorizeInput, DryRunInput, PlanInput, PlanOutput, VerifyImageInput
 
 from workflows.common import error_message, error_type
@@ -62,8 +63,10 @@ def _apply_plan(verdict: DryRunVerdict, spec: ServiceSpec, plan: PlanOutput) -> 
     verdict.needs_approval, verdict.approval_reasons = plan.needs_approval, plan.approval_reasons
     verdict.replicas, verdict.unplaced, verdict.placement = plan.replicas, plan.unplaced, plan.placement
     verdict.change, verdict.time_slots = plan.change, plan.time_slots
+    no_op = plan.change is not None and plan.change.no_op
     _check(verdict, "approval", True, "needs a gov_approver's approval: " + "; ".join(plan.approval_reasons)
-           if plan.needs_approval else "within the governance policy: no approval needed")
+           if plan.needs_approval else "no change: nothing to approve" if no_op
+           else "within the governance policy: no approval needed")
     named = ", ".join(ref.name for ref in spec.secrets)
     _check(verdict, "secrets", not plan.secrets_problem,
            plan.secrets_problem or (f"stored: {named}" if named else "none named"),
@@ -72,7 +75,12 @@ def _apply_plan(verdict: DryRunVerdict, spec: ServiceSpec, plan: PlanOutput) -> 
     _check(verdict, "placement", not plan.unplaced,
            plan.capacity if plan.unplaced else f"{plan.replicas} new pod(s) placed on {on}", FailureKind.CAPACITY)
     if plan.change is not None:
-        _check(verdict, "change", True, _change_text(plan.change))
+        c = plan.change
+        # A changed spec is an update, which the service takes only while it runs (not while it
+        # waits for approval or its image, or is being undeployed).
+        updatable = c.no_op or c.phase in (*SUPERVISED, "Updating")
+        _check(verdict, "change", updatable, _change_text(c) if updatable else
+               f"{verdict.service} is {c.phase}; it can be updated once it runs", FailureKind.REFUSED)
 
 
 def _change_text(c: SpecChange) -> str:

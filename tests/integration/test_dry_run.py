@@ -93,6 +93,15 @@ async def test_a_spec_over_the_governance_limit_needs_approval_and_exits_0(contr
     [approval] = [c for c in verdict.checks if c.name == "approval"]
     assert "gov_approver" in approval.detail
 
+    # Deployed, it waits for that approval: a changed spec cannot update it before it runs.
+    name = f"dry-{uuid.uuid4().hex[:6]}"
+    ok(await hms("deploy", str(spec_file(tmp_path, name, max_replicas=12)), "--no-wait", env=env))
+    waiting = await dry_run(env, spec_file(tmp_path, name, max_replicas=12, min_replicas=2), code=3)
+    assert waiting.failure is not None and waiting.failure.kind == "refused"
+    assert "AwaitingApproval; it can be updated once it runs" in waiting.failure.message
+    same = await dry_run(env, spec_file(tmp_path, name, max_replicas=12))
+    assert same.change is not None and same.change.no_op and not same.needs_approval
+
 
 async def test_refusals_exit_with_their_code_and_name_the_reason(control, tmp_path: Path):
     s, env, node = control

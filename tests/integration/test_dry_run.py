@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest_asyncio
+import yaml
 from conftest import EXAMPLE_IMAGE, V2_IMAGE, eventually, node_pods, temporal_address
 from temporalio.testing import WorkflowEnvironment
 from test_cli import cli, hms, ok  # noqa: F401 - cli is a fixture
@@ -75,6 +76,8 @@ async def test_a_valid_spec_shows_placement_and_starts_nothing(temporal_env: Wor
     assert slot.next_end is not None and slot.next_end.hour == 10
     assert [c.name for c in verdict.checks] == ["access", "approval", "secrets", "image", "placement"]
 
+    as_yaml = yaml.safe_load(ok(await hms("deploy", str(spec), "--dry-run", "-o", "yaml", env=env)))
+    assert DryRunVerdict.model_validate(as_yaml).placement == verdict.placement
     table = ok(await hms("deploy", str(spec), "--dry-run", env=env))
     assert f"{name} would be admitted" in table and s.node in table and "payday" in table, table
     py = await deploy_async(spec, settings=s, dry_run=True)

@@ -32,6 +32,9 @@ ONE_TRY = RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2),
 
 
 async def dry_run(inp: DryRunInput, control_queue: str, nodes: list[NodeSpec]) -> DryRunVerdict:
+    """The verdict for ``inp.spec`` on ``nodes``: a refused caller learns only that it was refused;
+    otherwise every check runs (the plan and the image at once) and the first failing one, in
+    admission's order, is the verdict's failure."""
     spec = inp.spec
     verdict = DryRunVerdict(service=spec.name, image=spec.image)
     allowed = await workflow.execute_activity_method(

@@ -109,6 +109,8 @@ async def test_a_spec_over_the_governance_limit_needs_approval_and_exits_0(contr
 async def test_refusals_exit_with_their_code_and_name_the_reason(control, tmp_path: Path):
     s, env, node = control
     name = f"dry-{uuid.uuid4().hex[:6]}"
+    bad = await hms("deploy", str(spec_file(tmp_path, name, cpu_target=0)), "--dry-run", env=env)
+    assert bad.returncode == 2 and "cpu_target" in bad.stderr, bad.stderr  # a bad spec: nothing is even sent
     viewer = {**env, "HMS_TOKEN": auth.issue_token(s.state_dir, user="vic", role="viewer")}
     denied = await dry_run(viewer, spec_file(tmp_path, name), code=3)
     assert denied.failure is not None and denied.failure.kind == "access_denied"

@@ -230,6 +230,8 @@ def deploy(
     """Deploy a service from a spec file."""
     spec = load_spec(file)  # a bad spec fails here, with no server needed
     plain_wanted(progress)  # a bad --progress fails before anything is sent
+    if output is not Format.table and not dry_run:
+        raise SpecError(f"-o {output.value} shows a dry run's verdict: add --dry-run (a deploy prints its progress)")
     if dry_run:
         verdict = _run(_dry_run(spec))
         show_verdict(verdict, output)

@@ -463,7 +463,8 @@ class ControlActivities:
             count = rollout_plan.rounds[0].start if rollout_plan and rollout_plan.rounds else 0
             placed = [p for p in running.pods if p.health != "exited"]
         _, usage = await self._usage(spec.name, spec, placed, [])
-        out.replicas, out.placement, out.unplaced = count, *plan_placement(spec, usage, count)
+        out.placement, out.pod_nodes = plan_placement(spec, usage, count)
+        out.replicas, out.unplaced = count, out.pod_nodes.count(None)
         if out.unplaced:
             out.capacity = self._shortage(spec.name, placement_request(spec), usage, out.unplaced)
         return out

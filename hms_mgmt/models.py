@@ -665,6 +665,7 @@ class DryRunVerdict(_Model):
     replicas: int = 0  # new pods to place now (a rolling update: its first round)
     unplaced: int = 0  # of those, pods no node has room for
     placement: list[NodePlan] = Field(default_factory=list)
+    pod_nodes: list[str | None] = Field(default_factory=list)  # each new pod's node, as pick_node places them
     change: SpecChange | None = None  # a running service: what would change
     time_slots: list[SlotEdges] = Field(default_factory=list)
     checks: list[DryRunCheck] = Field(default_factory=list)

@@ -463,6 +463,7 @@ class PlanOutput(_Model):
     replicas: int = 0
     unplaced: int = 0
     placement: list[NodePlan] = Field(default_factory=list)
+    pod_nodes: list[str | None] = Field(default_factory=list)
     capacity: str = ""  # why pods do not fit, as pick_node says it
     change: SpecChange | None = None
     time_slots: list[SlotEdges] = Field(default_factory=list)

@@ -65,6 +65,7 @@ async def dry_run(inp: DryRunInput, control_queue: str, nodes: list[NodeSpec]) -
 def _apply_plan(verdict: DryRunVerdict, spec: ServiceSpec, plan: PlanOutput) -> None:
     verdict.needs_approval, verdict.approval_reasons = plan.needs_approval, plan.approval_reasons
     verdict.replicas, verdict.unplaced, verdict.placement = plan.replicas, plan.unplaced, plan.placement
+    verdict.pod_nodes = plan.pod_nodes
     verdict.change, verdict.time_slots = plan.change, plan.time_slots
     no_op = plan.change is not None and plan.change.no_op
     _check(verdict, "approval", True, "needs a gov_approver's approval: " + "; ".join(plan.approval_reasons)

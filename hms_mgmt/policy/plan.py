@@ -37,9 +37,10 @@ def plan_change(status: ServiceStatus, spec: ServiceSpec) -> SpecChange:
     return change
 
 
-def plan_placement(spec: ServiceSpec, usage: dict[str, NodeUsage], count: int) -> tuple[list[NodePlan], int]:
+def plan_placement(spec: ServiceSpec, usage: dict[str, NodeUsage],
+                   count: int) -> tuple[list[NodePlan], list[str | None]]:
     """(each node with the new pods ``pick_nodes`` puts there and the room left after them,
-    how many pods fit nowhere)."""
+    each new pod's node in the order they are placed: None where it fits nowhere)."""
     request = placement_request(spec)
     picked = pick_nodes(list(usage.values()), request, count)
     per = Counter(p for p in picked if p is not None)
@@ -49,7 +50,7 @@ def plan_placement(spec: ServiceSpec, usage: dict[str, NodeUsage], count: int) -
                  memory_left_mb=u.memory_mb - u.used_memory_mb - per[u.name] * request.memory_mb)
         for u in sorted(usage.values(), key=lambda u: u.name)
     ]
-    return plans, sum(1 for p in picked if p is None)
+    return plans, picked
 
 
 def slot_edges(spec: ServiceSpec, now: datetime) -> list[SlotEdges]:

@@ -70,6 +70,7 @@ async def test_a_valid_spec_shows_placement_and_starts_nothing(temporal_env: Wor
     assert verdict.image == EXAMPLE_IMAGE and verdict.image_id.startswith("sha256:")
     [plan] = verdict.placement
     assert (plan.node, plan.pods, verdict.replicas, verdict.unplaced) == (s.node, 2, 2, 0)
+    assert verdict.pod_nodes == [s.node, s.node]
     assert plan.pods_left == node.max_pods - 2 and plan.cpu_left == round(node.cpu - 0.5, 6)
     [slot] = verdict.time_slots
     assert slot.name == "payday" and slot.next_start is not None and slot.next_start.hour == 8
@@ -129,7 +130,7 @@ async def test_refusals_exit_with_their_code_and_name_the_reason(control, tmp_pa
     full = await dry_run(env, big, code=1)
     assert full.failure is not None and full.failure.kind == "capacity"
     assert "no node has room for 2 more pod(s)" in full.failure.message and full.unplaced == 2
-    assert [(p.node, p.pods) for p in full.placement] == [(s.node, 1)]
+    assert [(p.node, p.pods) for p in full.placement] == [(s.node, 1)] and full.pod_nodes == [s.node, None, None]
     text = await hms("deploy", str(big), "--dry-run", env=env)
     assert text.returncode == 1 and "would be refused" in text.stdout and "no node has room" in text.stdout
     assert [e.type for e in events(s, name)] == ["access.denied"]

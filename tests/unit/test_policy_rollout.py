@@ -72,12 +72,12 @@ def test_plan_change_compares_with_the_revision_rolling_out() -> None:
 
 def test_plan_placement_spreads_and_says_the_room_left() -> None:
     usage = {n: NodeUsage(name=n, cpu=2.0, memory_mb=1024, max_pods=3) for n in ("a", "b")}
-    plans, unplaced = plan_placement(spec(cpu_limit=0.5, memory_mb=256), usage, 3)
-    assert unplaced == 0
+    plans, pods = plan_placement(spec(cpu_limit=0.5, memory_mb=256), usage, 3)
+    assert pods == ["a", "b", "a"]  # spread first, then pack
     assert [(p.node, p.pods, p.pods_left, p.cpu_left, p.memory_left_mb) for p in plans] == \
         [("a", 2, 1, 1.0, 512), ("b", 1, 2, 1.5, 768)]
-    _, unplaced = plan_placement(spec(cpu_limit=1.5), usage, 3)
-    assert unplaced == 1
+    _, pods = plan_placement(spec(cpu_limit=1.5), usage, 3)
+    assert pods == ["a", "b", None]
 
 
 def test_slot_edges() -> None:

@@ -29,7 +29,7 @@ from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.plan import plan_change, plan_placement, slot_edges
+from hms_mgmt.policy.plan import first_replicas, plan_change, plan_placement, slot_edges
 from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes, placement_request
 from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
@@ -454,7 +454,7 @@ class ControlActivities:
         except HmsError as e:
             out.secrets_problem, out.secrets_kind = str(e), e.kind
         running = await self._running_status(spec.name)
-        count, placed = spec.min_replicas, []
+        count, placed = first_replicas(spec, datetime.now(UTC)), []
         if running is not None:
             out.change = plan_change(running, spec)
             if out.change.no_op:  # deploying the spec that runs changes nothing: nothing to approve

@@ -53,6 +53,15 @@ def plan_placement(spec: ServiceSpec, usage: dict[str, NodeUsage],
     return plans, picked
 
 
+def first_replicas(spec: ServiceSpec, now: datetime) -> int:
+    """The replica count a first deploy at ``now`` starts with: ``min_replicas``, within the bounds
+    of the time slot on now that wins (as the service takes the clock at its first deploy)."""
+    slot = clock.winner([s for s in spec.time_slots if s.name in clock.on_now(spec.time_slots, now)],
+                        spec.max_replicas)
+    bounds = (spec.min_replicas, spec.max_replicas) if slot is None else clock.slot_bounds(slot, spec.max_replicas)
+    return clock.clamp(spec.min_replicas, bounds)
+
+
 def slot_edges(spec: ServiceSpec, now: datetime) -> list[SlotEdges]:
     """Each time slot of the spec: on now, and its next start and end."""
     out = []

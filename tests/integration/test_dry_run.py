@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest_asyncio
@@ -62,8 +63,10 @@ async def test_a_valid_spec_shows_placement_and_starts_nothing(temporal_env: Wor
                                                                tmp_path: Path):
     s, env, node = control
     name = f"dry-{uuid.uuid4().hex[:6]}"
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
     spec = spec_file(tmp_path, name, min_replicas=2, cpu_limit=0.25, time_slots=[
-        {"name": "payday", "start": "0 8 * * *", "end": "0 10 * * *", "min_replicas": 3, "max_replicas": 3}])
+        {"name": "payday", "start": start.isoformat(), "end": (start + timedelta(hours=2)).isoformat(),
+         "min_replicas": 3, "max_replicas": 3}])
     verdict = await dry_run(env, spec)
     assert verdict.admitted and verdict.failure is None and not verdict.needs_approval
     assert (verdict.user, verdict.role) == ("alice", "ops_admin")
@@ -73,8 +76,7 @@ async def test_a_valid_spec_shows_placement_and_starts_nothing(temporal_env: Wor
     assert verdict.pod_nodes == [s.node, s.node]
     assert plan.pods_left == node.max_pods - 2 and plan.cpu_left == round(node.cpu - 0.5, 6)
     [slot] = verdict.time_slots
-    assert slot.name == "payday" and slot.next_start is not None and slot.next_start.hour == 8
-    assert slot.next_end is not None and slot.next_end.hour == 10
+    assert (slot.name, slot.on, slot.next_start, slot.next_end) == ("payday", False, start, start + timedelta(hours=2))
     assert [c.name for c in verdict.checks] == ["access", "approval", "secrets", "image", "placement"]
 
     as_yaml = yaml.safe_load(ok(await hms("deploy", str(spec), "--dry-run", "-o", "yaml", env=env)))

@@ -8,7 +8,7 @@ import pytest
 
 from hms_mgmt.models import PodStatus, RevisionRecord, ServiceSpec, ServiceStatus
 from hms_mgmt.policy import rollout
-from hms_mgmt.policy.plan import plan_change, plan_placement, slot_edges
+from hms_mgmt.policy.plan import first_replicas, plan_change, plan_placement, slot_edges
 from hms_mgmt.policy.scheduler import NodeUsage
 
 
@@ -78,6 +78,16 @@ def test_plan_placement_spreads_and_says_the_room_left() -> None:
         [("a", 2, 1, 1.0, 512), ("b", 1, 2, 1.5, 768)]
     _, pods = plan_placement(spec(cpu_limit=1.5), usage, 3)
     assert pods == ["a", "b", None]
+
+
+def test_a_first_deploy_inside_a_slot_starts_with_its_bounds() -> None:
+    s = spec(min_replicas=2, time_slots=[{"name": "payday", "start": "0 8 * * *", "end": "0 10 * * *",
+                                          "min_replicas": 4},
+                                         {"name": "night", "start": "0 22 * * *", "end": "0 6 * * *",
+                                          "min_replicas": 0, "max_replicas": 0}])
+    assert first_replicas(s, datetime(2026, 1, 5, 9, 0, tzinfo=UTC)) == 4
+    assert first_replicas(s, datetime(2026, 1, 5, 12, 0, tzinfo=UTC)) == 2
+    assert first_replicas(s, datetime(2026, 1, 5, 23, 0, tzinfo=UTC)) == 0  # landed: no pod
 
 
 def test_slot_edges() -> None:

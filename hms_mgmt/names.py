@@ -59,6 +59,7 @@ class S:
     IMAGE_REVOKED = "image_revoked"
     NODE_LOST = "node_lost"
     SLOT_EDGE = "slot_edge"  # a time slot's schedule -> ServiceWorkflow (checked against a standing grant)
+    CAPACITY = "capacity_changed"  # the Scheduler -> ServiceWorkflow: a hint to re-read its capacity waits
     SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
 
 
@@ -71,6 +72,7 @@ class NR:
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
+    DRY_RUN = "dry_run"  # `hms deploy --dry-run`: admission's checks on the control worker, nothing started
 
 
 class RR:

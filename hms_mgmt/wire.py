@@ -23,7 +23,9 @@ from hms_mgmt.models import (
     Approval,
     Decision,
     Failure,
+    FailureKind,
     Health,
+    NodePlan,
     NodeRecord,
     NodeSpec,
     PendingApproval,
@@ -33,6 +35,9 @@ from hms_mgmt.models import (
     RevisionRecord,
     RolloutStatus,
     ServiceSpec,
+    SlotEdges,
+    SpecChange,
+    WaitingFor,
     _Model,
 )
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
@@ -53,10 +58,13 @@ __all__ = [
     "AdmissionRequest",
     "AuthorizeInput",
     "AuthorizeOutput",
+    "CapacityWaitsInput",
+    "CapacityWaitsOutput",
     "DeployInput",
     "DeployOutput",
     "DrainInput",
     "DrainResult",
+    "DryRunInput",
     "EventInput",
     "FailedPod",
     "GovernanceInput",
@@ -84,6 +92,8 @@ __all__ = [
     "NodesOutput",
     "PickNodeInput",
     "PickNodeOutput",
+    "PlanInput",
+    "PlanOutput",
     "Placement",
     "PodFailure",
     "PodLogsInput",
@@ -470,6 +480,46 @@ class PickNodeInput(_Model):
 
 class PickNodeOutput(_Model):
     nodes: list[NodeSpec | None]
+
+
+class CapacityWaitsInput(_Model):
+    service: str
+
+
+class CapacityWaitsOutput(_Model):
+    """The service's pods the Scheduler has no room for now, one wait per placement that waits."""
+
+    waits: list[WaitingFor] = Field(default_factory=list)
+
+
+class DryRunInput(_Model):
+    """The NodeRegistry's ``dry_run`` update: admission's checks for ``spec``, nothing started.
+    ``proof`` is the caller's, made for ``dry_run`` and bound to the spec's digest."""
+
+    spec: ServiceSpec
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
+
+
+class PlanInput(_Model):
+    """``plan_deploy``: the dry run's read-only checks, for the holder of a ``dry_run`` grant."""
+
+    spec: ServiceSpec
+    grant: str = ""
+
+
+class PlanOutput(_Model):
+    needs_approval: bool = False
+    approval_reasons: list[str] = Field(default_factory=list)
+    secrets_problem: str = ""
+    secrets_kind: FailureKind | None = None
+    replicas: int = 0
+    unplaced: int = 0
+    placement: list[NodePlan] = Field(default_factory=list)
+    pod_nodes: list[str | None] = Field(default_factory=list)
+    capacity: str = ""  # why pods do not fit, as pick_node says it
+    change: SpecChange | None = None
+    time_slots: list[SlotEdges] = Field(default_factory=list)
 
 
 class StartPodInput(_Model):

@@ -39,6 +39,7 @@ from hms_mgmt import (  # noqa: E402
 from hms_mgmt.config import Settings  # noqa: E402
 from hms_mgmt.errors import RolloutFailed  # noqa: E402
 from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
+from hms_mgmt.nodes import registry_nodes  # noqa: E402
 from hms_mgmt.orchestrator import Orchestrator  # noqa: E402
 from hms_mgmt.runtimes import make_runtime  # noqa: E402
 from hms_mgmt.testing import dev_environment, kill_process_pod  # noqa: E402
@@ -120,8 +121,12 @@ class Stack:
 
 
 async def deploy(s: Stack) -> None:
-    """Deploy the seed's spec, wait until Running, read a pod's log, undeploy."""
+    """A dry run (the NodeRegistry's dry_run update), then deploy the seed's spec, wait until
+    Running, dry-run a changed spec, read a pod's log, undeploy."""
+    await until("the node registered", lambda: registry_nodes(s.client, s.settings))
+    assert (await s.alice.dry_run(spec(min_replicas=2))).admitted
     await s.alice.deploy(spec(min_replicas=2), wait=True, timeout=120)
+    assert (await s.alice.dry_run(spec(min_replicas=2, image=V2))).change is not None
     await s.alice.logs("hms-ach", (await s.alice.status("hms-ach")).pods[0].id, tail=5)
     await s.alice.undeploy("hms-ach")
 
@@ -166,6 +171,21 @@ async def approval(s: Stack) -> None:
     for name in ("hms-ach", "hms-frm"):
         await s.alice.wait_for(name, timeout=60)
         await s.alice.undeploy(name)
+
+
+async def capacity(s: Stack) -> None:
+    """One pod slot: a second service waits for capacity (status().waiting_for, re-read on the
+    Scheduler's hint) until the first one is undeployed."""
+    await s.alice.deploy(spec(), wait=True, timeout=120)
+    await s.alice.deploy(spec(name="hms-frm"))
+
+    async def waiting() -> bool:
+        w = (await s.alice.status("hms-frm")).waiting_for
+        return w is not None and w.kind == "capacity"
+    await until("the capacity wait", waiting)
+    await s.alice.undeploy("hms-ach")
+    await s.alice.wait_for("hms-frm", timeout=60)
+    await s.alice.undeploy("hms-frm")
 
 
 async def continue_as_new(s: Stack) -> None:
@@ -290,6 +310,7 @@ SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]
     "rollout": (rollout, {}),
     "registry": (registry, {}),
     "secrets": (secrets, {}),
+    "capacity": (capacity, {"node_max_pods": 1}),
 }
 
 

@@ -101,7 +101,7 @@ class HmsWorker:
             client,
             task_queue=settings.task_queue,
             workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
-            activities=[ctl.pick_node, ctl.emit_event, ctl.authorize, ctl.check_governance,
+            activities=[ctl.pick_node, ctl.capacity_waits, ctl.plan_deploy, ctl.emit_event, ctl.authorize, ctl.check_governance,
                         ctl.issue_ticket, ctl.start_ticket, ctl.seal_secrets, ctl.stop_grant,
                         self.feed.publish_endpoints,
                         self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,

@@ -27,6 +27,7 @@ from hms_mgmt.cli.common import (
     app,
 )
 from hms_mgmt.cli.dashboard_cmd import dashboard
+from hms_mgmt.cli.dryrun_cmd import show_verdict, verdict_exit
 from hms_mgmt.cli.node_cmd import node_app
 from hms_mgmt.cli.output import Format, JsonAliasOpt, OutputOpt, chosen, show, show_item
 from hms_mgmt.cli.progress import ProgressOpt, deploy_with_progress, plain_wanted, with_progress
@@ -45,7 +46,7 @@ from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.files import secure_state_dir
-from hms_mgmt.models import ServiceStatus
+from hms_mgmt.models import DryRunVerdict, ServiceSpec, ServiceStatus
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -221,10 +222,20 @@ def deploy(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the service is Running.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
     progress: ProgressOpt = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the admission verdict (access, approval, image, "
+                                          "placement, changes, rollout plan) and start nothing. Exit 0 when it "
+                                          "would be admitted.")] = False,
+    output: OutputOpt = Format.table,
 ) -> None:
     """Deploy a service from a spec file."""
     spec = load_spec(file)  # a bad spec fails here, with no server needed
     plain_wanted(progress)  # a bad --progress fails before anything is sent
+    if output is not Format.table and not dry_run:
+        raise SpecError(f"-o {output.value} shows a dry run's verdict: add --dry-run (a deploy prints its progress)")
+    if dry_run:
+        verdict = _run(_dry_run(spec))
+        show_verdict(verdict, output)
+        raise typer.Exit(verdict_exit(verdict))
 
     async def go() -> None:
         orch = await _connect()
@@ -252,6 +263,10 @@ def deploy(
         out.print(Text.assemble(("Web UI ", "bold"), (result.web_ui_url, "cyan underline")))
 
     _run(go())
+
+
+async def _dry_run(spec: ServiceSpec) -> DryRunVerdict:
+    return await (await _connect()).dry_run(spec)
 
 
 @app.command()

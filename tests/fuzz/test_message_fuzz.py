@@ -29,6 +29,7 @@ from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import free_port
 from hms_mgmt.wire import (
     AdmissionRequest,
+    DryRunInput,
     EnrolInput,
     HealAttempt,
     NodeLost,
@@ -43,7 +44,8 @@ from worker.main import HmsWorker
 NAME = "hms-fuzz"
 ARGV_MAX = 100_000  # one command-line argument may hold 128 KiB on Linux: longer inputs go in a file
 SIGNALS = {"approve": Approval, "reject": Approval, "node_lost": NodeLost, "pod_reported": PodStatus,
-           "heal_attempt_failed": HealAttempt, "pods_draining": None, "image_revoked": None, "no_such_signal": None}
+           "heal_attempt_failed": HealAttempt, "pods_draining": None, "image_revoked": None, "capacity_changed": None,
+           "no_such_signal": None}
 UPDATES = {"scale": ScaleRequest, "update_spec": SpecUpdate, "rollback": SpecUpdate, "undeploy": UndeployRequest,
            "approve": Approval, "reject": Approval, "admission": AdmissionRequest, "no_such_update": None}
 # A well-formed `admission` legitimately waits (up to its timeout_s) for a phase: only malformed ones.
@@ -178,7 +180,7 @@ async def test_signal_and_update_payloads_leave_the_service_healthy(temporal_env
 
 # --- the NodeRegistry: enrolment, registration and heartbeats (signed) ---------------------------
 REGISTRY_SIGNALS = {"heartbeat": NodeRegistration, "remove": None, "no_such_signal": None}
-REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "no_such_update": None}
+REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "dry_run": DryRunInput, "no_such_update": None}
 ROUTER_SIGNALS = {"heartbeat": RouterRegistration, "no_such_signal": None}
 ROUTER_UPDATES = {"register": RouterRegistration, "enrol": EnrolInput, "no_such_update": None}
 

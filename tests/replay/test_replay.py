@@ -25,7 +25,7 @@ from workflows import ALL_WORKFLOWS, MessageGuard
 HISTORIES = Path(__file__).parent / "histories"
 # What the recorder must keep covered; a scenario dropped by mistake fails here.
 SCENARIOS = {"deploy", "heal", "crashloop", "scale", "approval", "continue_as_new", "rollout", "registry",
-             "secrets"}
+             "secrets", "capacity"}
 
 
 def load(path: Path) -> WorkflowHistory:

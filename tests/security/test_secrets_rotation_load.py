@@ -1,6 +1,6 @@
 """A secret rotated under load: `set_secret` with a new value rolls the service that names it
 (surge, readiness, drain) while GETs flow through a real router, and not one of them fails; every
-pod then reads the new value. Real Temporal, real process pods, the builtin router."""
+pod then reads the new value. Real Temporal, real process and Docker pods, the builtin router."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.parametrize("engine", ["builtin"])
+@pytest.mark.parametrize("routed", ["process", "docker"], indirect=True)
 async def test_a_rotation_under_load_loses_no_request_and_every_pod_reads_the_new_value(routed):  # noqa: F811
     orch = routed.orch
     old, new = random.token_hex(16).encode(), random.token_hex(16).encode()
@@ -31,7 +32,8 @@ async def test_a_rotation_under_load_loses_no_request_and_every_pod_reads_the_ne
                       wait=True, timeout=120)
     await routed.wait_pods("hms-ach", REPLICAS)
     before = {p.id for p in (await orch.status("hms-ach")).pods}
-    assert all(_pod_view("process", pod, "bank-key")[0] == old for pod in before)
+    runtime = routed.settings.runtime
+    assert all(_pod_view(runtime, pod, "bank-key")[0] == old for pod in before)
 
     stop = asyncio.Event()
     load = asyncio.ensure_future(run_load(f"{routed.url}/hms-ach/", concurrency=6, seconds=150,
@@ -60,6 +62,6 @@ async def test_a_rotation_under_load_loses_no_request_and_every_pod_reads_the_ne
     assert not after & before  # every pod was replaced ...
     assert before & set(g.pods) and after & set(g.pods)  # ... while the load reached old and new pods
     for pod in after:
-        assert _pod_view("process", pod, "bank-key")[0] == new
+        assert _pod_view(runtime, pod, "bank-key")[0] == new
     assert [r.spec.secrets[0].version for r in await orch.rollout_history("hms-ach")][-2:] == [None, 2]  # v2 pinned
     await orch.undeploy("hms-ach", timeout=120)

@@ -316,15 +316,27 @@ class DockerRuntime(PodRuntime):
         return next((d for d in digests if d.partition("@")[0] == repo), "")
 
     def pull_content_id(self, image: str) -> str:
+        """What the registry named in ``image`` serves under it (a local tag may hold other
+        content: a pod runs what was signed, never what a tag on this node says), pulled by
+        digest when missing here; the local content when no registry answers."""
+        if "/" not in image.partition("@")[0]:
+            return self.content_id(image)  # names no registry: only this node's copy counts
         try:
-            return self.content_id(image)
-        except PodRuntimeError:
-            if "/" not in image.partition("@")[0]:
-                raise  # names no registry: nothing to pull from
-        try:
-            return self.client.images.pull(image).id
+            served = f"{_repository(image)}@{self.client.images.get_registry_data(image).id}"
         except docker.errors.APIError as e:
-            raise PodRuntimeError(f"image {image!r} is not on node {self.node} and cannot be pulled: "
+            try:
+                return self.content_id(image)
+            except PodRuntimeError:
+                raise PodRuntimeError(f"image {image!r} is not on node {self.node} and cannot be pulled: "
+                                      f"{e.explanation or e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
+        try:
+            return self.client.images.get(served).id
+        except docker.errors.ImageNotFound:
+            pass
+        try:
+            return self.client.images.pull(served).id
+        except docker.errors.APIError as e:
+            raise PodRuntimeError(f"image {image!r} is not on node {self.node} and cannot be pulled from {served}: "
                                   f"{e.explanation or e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
 
     def fetch(self, content_id: str, repo_digest: str) -> None:

@@ -4,7 +4,8 @@ address through A's router.
 
 The image is built and pushed from D's engine (a build host, as an operator's CI would be), signed
 on A (`hms image sign` reads its digest through that engine), then removed from D: D holds no copy
-until a pod needs one, and then holds exactly the signed content."""
+until a pod needs one, and then runs exactly the signed content, though another image sits under
+the signed tag on D."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .dockerhost import start_dockerd, start_registry, why_no_docker
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
 BASE = "registry.gov/hms-ach:1.4"  # built by scripts/build_images.sh on this machine's engine
+IMPOSTOR = "registry.gov/hms-notify:1.0"
 SERVICE = "hms-dock"
 ROUTER_PORT = 8000
 
@@ -47,8 +49,8 @@ def load_into(engine, image: str) -> None:
 async def test_a_docker_host_pulls_the_signed_content_by_digest_and_serves_at_its_address(
         network: Network, tmp_path: Path) -> None:
     why = why_no_docker()
-    if why or subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode != 0:
-        pytest.skip(why or f"{BASE} is not built (make images)")
+    if why or subprocess.run(["docker", "image", "inspect", BASE, IMPOSTOR], capture_output=True).returncode != 0:
+        pytest.skip(why or f"{BASE} and {IMPOSTOR} are not built (make images)")
     a, d = network.add_host("a"), network.add_host("d")
     logs = [tmp_path / n for n in ("a-up.log", "registry.log", "dockerd.log", "d-worker.log")]
     up = start_control(a, logs[0], logs=logs)
@@ -66,6 +68,9 @@ async def test_a_docker_host_pulls_the_signed_content_by_digest_and_serves_at_it
         assert f"digest {registry}/hms-ach@sha256:" in signed.stdout, signed.stdout
         content_id = json.loads(engine.docker("inspect", image).stdout)[0]["Id"]
         assert engine.docker("rmi", image, BASE).returncode == 0  # D holds no copy now
+        # ... but an impostor under the signed tag: never run, whatever the tag says on D.
+        await asyncio.to_thread(load_into, engine, IMPOSTOR)
+        assert engine.docker("tag", IMPOSTOR, image).returncode == 0
 
         join_host(a, d, "d", runtime="docker")
         worker = d.start(hms_argv("worker"), env=d.env(DOCKER_HOST=engine.docker_host), log=logs[3])

@@ -10,14 +10,15 @@ from __future__ import annotations
 from workflows.deploy import DeployWorkflow
 from workflows.guard import MessageGuard
 from workflows.heal import HealWorkflow
-from workflows.logs import PodLogsWorkflow
+from workflows.logs import PodLogGrantWorkflow, PodLogsWorkflow
 from workflows.nodes import NodeRegistry
 from workflows.scale import ScaleWorkflow
 from workflows.service import ServiceWorkflow
 from workflows.slot_edge import SlotEdgeWorkflow
 
-ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow, NodeRegistry]
+ALL_WORKFLOWS = [ServiceWorkflow, DeployWorkflow, HealWorkflow, ScaleWorkflow, PodLogsWorkflow, PodLogGrantWorkflow,
+                 NodeRegistry]
 # Started by Temporal Schedules (a time slot's edges), not by a service: recorded apart.
 SCHEDULED_WORKFLOWS = [SlotEdgeWorkflow]
 
-__all__ = ["ALL_WORKFLOWS", "SCHEDULED_WORKFLOWS", "SlotEdgeWorkflow", "DeployWorkflow", "MessageGuard", "HealWorkflow", "NodeRegistry", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]
+__all__ = ["ALL_WORKFLOWS", "SCHEDULED_WORKFLOWS", "SlotEdgeWorkflow", "DeployWorkflow", "MessageGuard", "HealWorkflow", "NodeRegistry", "PodLogGrantWorkflow", "PodLogsWorkflow", "ScaleWorkflow", "ServiceWorkflow"]

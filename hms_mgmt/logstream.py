@@ -245,17 +245,22 @@ async def read_pod(session: aiohttp.ClientSession, endpoint: LogEndpoint, grant:
     params = {"service": service, "tail": str(tail), "follow": "1" if follow else "0"}
     headers = {"Authorization": f"Bearer {grant}", KEY_HEADER: key}
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=None)
-    async with session.get(url, params=params, headers=headers, timeout=timeout) as resp:
-        if resp.status != 200:
-            text = (await resp.text())[:500]
-            kind = AccessDenied if resp.status in (401, 403) else ServiceNotFound if resp.status == 404 else HmsError
-            raise kind(f"node {endpoint.node} refused the log stream of pod {endpoint.pod} ({resp.status}): {text}")
-        async for event, data in _sse(resp):
-            if event == "end":
-                if follow:
-                    yield StreamLine(endpoint.pod, data, end=True)
-                return
-            yield StreamLine(endpoint.pod, data)
+    try:
+        async with session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                text = (await resp.text())[:500]
+                kind = AccessDenied if resp.status in (401, 403) else ServiceNotFound if resp.status == 404 else HmsError
+                raise kind(f"node {endpoint.node} refused the log stream of pod {endpoint.pod} ({resp.status}): {text}")
+            async for event, data in _sse(resp):
+                if event == "end":
+                    if follow:
+                        yield StreamLine(endpoint.pod, data, end=True)
+                    return
+                yield StreamLine(endpoint.pod, data)
+    except aiohttp.ClientError as e:
+        raise HmsError(f"the log stream of pod {endpoint.pod} from node {endpoint.node} ({endpoint.url}) "
+                       f"broke: {e}") from None
+    raise HmsError(f"the log stream of pod {endpoint.pod} from node {endpoint.node} ended without its last word")
 
 
 async def read_pods(grant: LogGrantOutput, key: str, *, service: str, tail: int,

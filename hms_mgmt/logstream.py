@@ -155,13 +155,13 @@ class LogServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _refuse(self, service: str, pod: str, error: Exception) -> web.HTTPException:
-        log.warning("log stream of pod %s (%s) refused: %s", pod, service, error)
+    async def _refused(self, service: str, pod: str, error: Exception) -> None:
+        """A refusal is an ``access.denied`` event on this node, as every refusal is."""
+        log.warning("log stream of pod %s (%s) refused: %s", pod[:64], service[:63], error)
         if self.sink is not None:
             await self.sink.publish(Event(type="access.denied", service=service[:63] or "-",
-                                          reason=f"log stream of pod {pod} refused: {error}",
-                                          data={"action": "logs", "pod": pod, "node": self.runtime.node}))
-        return _error(web.HTTPForbidden, str(error))
+                                          reason=f"log stream of pod {pod[:64]} refused: {error}",
+                                          data={"action": "logs", "pod": pod[:64], "node": self.runtime.node}))
 
     async def _request(self, request: web.Request) -> tuple[str, str, int, bool]:
         """The checked request: service, pod, tail, follow; or the HTTP refusal."""
@@ -169,7 +169,7 @@ class LogServer:
         key = request.headers.get(KEY_HEADER, "")
         service, pod = request.query.get("service", ""), request.match_info["pod"]
         if scheme.lower() != "bearer" or not grant.strip() or not key:
-            await self._refuse(service, pod, AccessDenied("no grant"))
+            await self._refused(service, pod, AccessDenied("no grant, or no key"))
             raise _error(web.HTTPUnauthorized, f"send Authorization: Bearer <grant> and {KEY_HEADER}")
         try:
             check_pod_id(pod)
@@ -182,7 +182,8 @@ class LogServer:
             await asyncio.to_thread(check_log_grant, self.state_dir, grant.strip(), key, service=service, pod=pod)
             handle = await asyncio.to_thread(self.runtime.find, pod)
         except (AccessDenied, HmsError) as e:
-            raise await self._refuse(service, pod, e) from None
+            await self._refused(service, pod, e)
+            raise _error(web.HTTPForbidden, str(e)) from None
         if handle is None or handle.service != service:
             raise _error(web.HTTPNotFound, f"no pod {pod} of {service} on node {self.runtime.node}")
         return service, pod, tail, request.query.get("follow", "") in ("1", "true")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
@@ -264,35 +263,61 @@ async def read_pod(session: aiohttp.ClientSession, endpoint: LogEndpoint, grant:
     raise HmsError(f"the log stream of pod {endpoint.pod} from node {endpoint.node} ended without its last word")
 
 
-async def read_pods(grant: LogGrantOutput, key: str, *, service: str, tail: int,
-                    follow: bool) -> AsyncIterator[StreamLine]:
-    """Every pod's lines as they arrive, interleaved (``docker service logs``); ends once every
-    pod's stream has ended. The first error of any pod ends it all, raised."""
-    queue: asyncio.Queue[StreamLine | BaseException | None] = asyncio.Queue(maxsize=QUEUE_LINES)
-    async with aiohttp.ClientSession() as session:
+class PodStreams:
+    """Pods' lines as they arrive, interleaved (``docker service logs``); pods may join while it
+    runs (``add``: a replacement, a scale-up). Iteration ends once every pod's stream has ended;
+    the first error of any pod ends it all, raised."""
 
-        async def pump(endpoint: LogEndpoint) -> None:
-            try:
-                async for item in read_pod(session, endpoint, grant.grant, key, service=service, tail=tail,
-                                           follow=follow):
-                    await queue.put(item)
-            except Exception as e:  # noqa: BLE001 - raised by the reader below
-                await queue.put(e)
-            await queue.put(None)
+    def __init__(self, key: str, *, service: str, tail: int, follow: bool) -> None:
+        self.key, self.service, self.tail, self.follow = key, service, tail, follow
+        self.queue: asyncio.Queue[StreamLine | BaseException | None] = asyncio.Queue(maxsize=QUEUE_LINES)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.open = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
-        tasks = [asyncio.create_task(pump(e)) for e in grant.endpoints]
+    @property
+    def pods(self) -> set[str]:
+        return set(self.tasks)
+
+    def add(self, grant: LogGrantOutput) -> None:
+        """Read each pod of ``grant`` not read yet."""
+        if self._closed:
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        for endpoint in grant.endpoints:
+            if endpoint.pod not in self.tasks:
+                self.open += 1
+                self.tasks[endpoint.pod] = asyncio.create_task(self._pump(endpoint, grant.grant))
+
+    async def _pump(self, endpoint: LogEndpoint, grant: str) -> None:
+        assert self._session is not None
         try:
-            open_streams = len(tasks)
-            while open_streams:
-                item = await queue.get()
+            async for item in read_pod(self._session, endpoint, grant, self.key, service=self.service, tail=self.tail,
+                                       follow=self.follow):
+                await self.queue.put(item)
+        except Exception as e:  # noqa: BLE001 - raised by the reader
+            await self.queue.put(e)
+        await self.queue.put(None)
+
+    async def lines(self) -> AsyncIterator[StreamLine]:
+        try:
+            while self.open:
+                item = await self.queue.get()
                 if item is None:
-                    open_streams -= 1
+                    self.open -= 1
                 elif isinstance(item, BaseException):
                     raise item
                 else:
                     yield item
         finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()

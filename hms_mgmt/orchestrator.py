@@ -12,7 +12,7 @@ import builtins
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -65,6 +65,9 @@ from hms_mgmt.wire import (
     UndeployRequest,
     WatchHeartbeat,
 )
+
+if TYPE_CHECKING:
+    from hms_mgmt.logstream import PodStreams
 
 M = TypeVar("M", bound=BaseModel)
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
@@ -579,8 +582,9 @@ class Orchestrator:
 
     async def follow_logs(self, service: str, pod_id: str | None = None, tail: int = 100) -> AsyncIterator[str]:
         """``logs -f``: the last ``tail`` lines, then each new one as the pod writes it, straight
-        from its node (every pod's, interleaved and prefixed, without ``pod_id``). Ends with a
-        line saying so once the pod is gone (every pod, without ``pod_id``)."""
+        from its node. Without ``pod_id``, every pod's, interleaved and prefixed ``POD@NODE | ``,
+        and pods that start meanwhile join. Ends with a line saying so once the pod is gone (each
+        pod's, without ``pod_id``: it ends when none is left)."""
         async for line in self._logs(service, pod_id, tail, follow=True):
             yield line
 
@@ -592,20 +596,48 @@ class Orchestrator:
             raise SpecError(f"tail must be 0..{logstream.MAX_TAIL}, not {tail}")
         pods = await self._log_pods(service, pod_id)
         key, key_hash = logstream.new_key()
-        pod_ids = [p.id for p in pods]
-        grant = await self._logs_workflow(
-            "PodLogGrantWorkflow",
-            LogGrantInput(service=service, pods=pod_ids, key_hash=key_hash,
-                          proof=self._prove("logs", service, **logstream.grant_bind(pod_ids, key_hash))),
-            LogGrantOutput)
+        grant = await self._log_grant(service, [p.id for p in pods], key_hash)
         if pod_id is not None and not follow and not grant.endpoints[0].url:
             for line in await self._logs_through_temporal(service, pods[0], tail):  # a node without a log stream
                 yield line
             return
+        streams = logstream.PodStreams(key, service=service, tail=tail, follow=follow)
+        streams.add(grant)
         nodes = {e.pod: e.node for e in grant.endpoints}
-        async for item in logstream.read_pods(grant, key, service=service, tail=tail, follow=follow):
-            text = f"--- {item.text}" if item.end else item.text
-            yield text if pod_id is not None else f"{item.pod[:8]}@{nodes[item.pod]} | {text}"
+        # Following a whole service, as `docker service logs -f`: pods that start later join.
+        joining = asyncio.create_task(self._join_new_pods(service, streams, key_hash, nodes)) \
+            if follow and pod_id is None else None
+        try:
+            async for item in streams.lines():
+                text = f"--- {item.text}" if item.end else item.text
+                yield text if pod_id is not None else f"{item.pod[:8]}@{nodes[item.pod]} | {text}"
+        finally:
+            if joining is not None:
+                joining.cancel()
+
+    async def _join_new_pods(self, service: str, streams: PodStreams, key_hash: str, nodes: dict[str, str],
+                             every_s: float = 2.0) -> None:
+        """Add the service's new pods to ``streams`` until it ends (or the service does)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                status = await self.read_status(service, live=False)
+                new = [p.id for p in status.pods if p.id not in streams.pods]
+                if new:
+                    grant = await self._log_grant(service, new, key_hash)
+                    nodes.update({e.pod: e.node for e in grant.endpoints})
+                    streams.add(grant)
+            except (HmsError, RPCError, WorkflowQueryFailedError):  # ended, or a pod went before its grant
+                continue
+
+    async def _log_grant(self, service: str, pod_ids: builtins.list[str], key_hash: str) -> LogGrantOutput:
+        from hms_mgmt import logstream
+
+        return await self._logs_workflow(
+            "PodLogGrantWorkflow",
+            LogGrantInput(service=service, pods=pod_ids, key_hash=key_hash,
+                          proof=self._prove("logs", service, **logstream.grant_bind(pod_ids, key_hash))),
+            LogGrantOutput)
 
     async def _log_pods(self, service: str, pod_id: str | None) -> builtins.list[PodStatus]:
         status = await self.read_status(service, live=False)

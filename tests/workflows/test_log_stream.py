@@ -125,9 +125,26 @@ async def test_every_pod_interleaved_with_a_prefix(hms: Orchestrator, settings):
     late = f"late-{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(poke, left.endpoint, late)
     await eventually(lambda: reader.has(late), timeout=10, what="a line of the pod left")
+
+    # A pod that starts while the service is followed joins the stream.
+    await hms.scale("hms-ach", 2)
+    st = await eventually(lambda: _ready(hms, 2), timeout=90, what="2 ready pods again")
+    (new,) = [p for p in st.pods if p.id != left.id]
+    joined = f"joined-{uuid.uuid4().hex[:8]}"
+
+    async def joined_line():
+        await asyncio.to_thread(poke, new.endpoint, joined)
+        return reader.has(joined)
+
+    found = await eventually(joined_line, timeout=20, interval=1.0, what="the new pod's line")
+    assert found[0].startswith(f"{new.id[:8]}@{new.node} | ")
+
     await hms.undeploy("hms-ach")
     lines = await reader.ended()
-    assert lines[-1].startswith(f"{left.id[:8]}@{left.node} | --- pod {left.id} is gone"), lines[-3:]
+    ends = [line for line in lines if " | --- pod " in line]
+    assert len(ends) == 3 and lines[-1] in ends, lines[-4:]
+    for p in (left, new):
+        assert any(line.startswith(f"{p.id[:8]}@{p.node} | --- pod {p.id} is gone") for line in ends)
 
 
 @pytest.mark.parametrize("runtime_name", ["process"], indirect=True)

@@ -634,7 +634,7 @@ class Orchestrator:
         from hms_mgmt import logstream
 
         return await self._logs_workflow(
-            "PodLogGrantWorkflow",
+            "PodLogGrantWorkflow", service,
             LogGrantInput(service=service, pods=pod_ids, key_hash=key_hash,
                           proof=self._prove("logs", service, **logstream.grant_bind(pod_ids, key_hash))),
             LogGrantOutput)
@@ -652,15 +652,14 @@ class Orchestrator:
 
     async def _logs_through_temporal(self, service: str, pod: PodStatus, tail: int) -> builtins.list[str]:
         out = await self._logs_workflow(
-            "PodLogsWorkflow",
+            "PodLogsWorkflow", service,
             PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=max(tail, 1),
                          service=service, proof=self._prove("logs", service, pod=pod.id)),
             LogsOutput)
         return out.lines
 
-    async def _logs_workflow(self, workflow: str, arg: BaseModel, result_type: type[M]) -> M:
-        """Run one of the logs workflows; its failure as the typed error."""
-        service = arg.service  # type: ignore[attr-defined]
+    async def _logs_workflow(self, workflow: str, service: str, arg: BaseModel, result_type: type[M]) -> M:
+        """Run one of the logs workflows (id ``svc-NAME-logs-…``); its failure as the typed error."""
         try:
             return await self.client.execute_workflow(
                 workflow, arg, id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",

@@ -14,13 +14,14 @@ import uuid
 
 import aiohttp
 import pytest
-from conftest import eventually, seed_spec, temporal_binary
+from conftest import eventually, make_settings, seed_spec, sweep_pods, temporal_binary, terminate_running
 
 from hms_mgmt import auth, logstream, tickets
-from hms_mgmt.errors import AccessDenied
+from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import read_events
 from hms_mgmt.nodes import registry_nodes
 from hms_mgmt.orchestrator import Orchestrator
+from worker.main import HmsWorker
 
 
 def poke(endpoint: str, marker: str) -> None:
@@ -201,3 +202,24 @@ async def test_the_node_stream_reads_nothing_without_a_valid_grant(hms: Orchestr
     viewer = Orchestrator(hms.client, settings.model_copy(
         update={"token": auth.issue_token(state, user="vic", role="viewer")}))
     assert any(marker in line for line in await viewer.logs("hms-ach", a.id, 100))
+
+
+async def test_a_node_without_a_log_stream_reads_snapshots_through_temporal(temporal_env, tmp_path):
+    """``log_port: -1``: the node serves no stream; ``logs`` still reads a snapshot (through
+    PodLogsWorkflow), and ``-f`` is refused, saying why."""
+    s = make_settings(temporal_env, tmp_path / "state", "process", log_port=-1)
+    try:
+        async with HmsWorker(temporal_env.client, s):
+            orch = Orchestrator(temporal_env.client, s)
+            await orch.deploy(seed_spec(min_replicas=1, max_replicas=2), wait=True, timeout=120)
+            (pod,) = (await orch.status("hms-ach")).pods
+            marker = f"snap-{uuid.uuid4().hex[:8]}"
+            await asyncio.to_thread(poke, pod.endpoint, marker)
+            await eventually(lambda: _has(orch.logs("hms-ach", pod.id, 20), marker), timeout=30,
+                             what="the line through PodLogsWorkflow")
+            with pytest.raises(HmsError, match="serves no log stream"):
+                async for _line in orch.follow_logs("hms-ach", pod.id):
+                    pass
+    finally:
+        await terminate_running(temporal_env, s)
+        sweep_pods(s)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-POLL_S = 0.1  # how often a quiet log file is read again: a new line shows within this
+POLL_S = 0.025  # how often a quiet log file is read again (one read(2)): a new line shows within this
 ALIVE_EVERY_S = 0.5  # how often a quiet follow asks whether its pod still runs
 TAIL_WINDOW = 256 * 1024  # the tail is read from at most this many bytes before the end
 

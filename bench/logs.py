@@ -11,9 +11,9 @@ and times, from just before the request, when each follower prints that line. Ro
 how many history events the grant workflows hold for all the lines read (none per line).
 Target: ours' p95 within 1 s (the issue's "each new line within 1 s").
 
-    .venv/bin/python bench/logs.py [--runtime docker|process] [--rounds 30] [--gap 0.2]
+    .venv/bin/python bench/logs.py [--runtime all|docker|process] [--rounds 30] [--gap 0.2]
 
-Prints a table with the ratio and pass/fail, writes bench/results/logs-<runtime>.json.
+Prints a table per runtime with the ratio and pass/fail, writes bench/results/logs.json.
 """
 
 from __future__ import annotations
@@ -130,42 +130,58 @@ async def measure(stack: Any, args: Any) -> dict[str, Any]:
             "lines_read": len(sides["ours"].at)}
 
 
-def report(result: dict[str, Any], args: Any) -> dict[str, Any]:
+def report(result: dict[str, Any], runtime: str, args: Any) -> dict[str, Any]:
     d = result["delays"]
     p95 = {k: pct(v, 0.95) for k, v in d.items()}
     ratio = p95["ours"] / p95["peer"] if p95["ours"] is not None and p95["peer"] else None
     rows = [[k, pct(v, 0.5), p95[k], max((x for x in v if x is not None), default=None),
              sum(x is None for x in v), result["first_line_s"][k]] for k, v in d.items()]
-    print(f"\nline written -> line shown, {args.runtime} pods, {args.rounds} rounds (seconds)")
+    print(f"\nline written -> line shown, {runtime} pods, {args.rounds} rounds (seconds)")
     print_table(rows, ["follower", "median", "p95", "max", "missed", "first line"])
     grants = result["grant_history_events"]
     print(f"\nours / peer p95: {rnd(ratio, 2)}x; {len(grants)} grant workflow(s), {sum(grants.values())} history "
           f"events in all, for {result['lines_read']} marker lines read")
     ok = verdict(p95["ours"], TARGET_P95_S)
     print(f"ours p95 <= {TARGET_P95_S:g} s: {ok}")
-    return {"summary": {k: summary(v, "s") for k, v in d.items()}, "ratio_p95": rnd(ratio, 3), "verdict": ok}
+    return {"summary": {k: summary(v, "s") for k, v in d.items()}, "p95_s": p95["ours"], "ratio_p95": rnd(ratio, 3),
+            "verdict": ok}
+
+
+async def run_one(runtime: str, args: Any) -> dict[str, Any]:
+    async with hms_stack(runtime) as stack:
+        access = grant_access(stack, [args.image])
+        if runtime == "process":  # grant_access signs Docker image ids
+            from hms_mgmt.trust import TrustStore
+
+            pods = stack.worker.pods.runtime
+            TrustStore(stack.settings.state_dir).sign(args.image, pods.content_id(args.image), signer="bench")
+        result = await measure(stack, args)
+    return {"access": access, **report(result, runtime, args), "raw": result}
 
 
 async def main(args: Any) -> int:
     use_source(args.source)
-    bench_run = Run(f"{NAME}-{args.runtime}")
+    bench_run = Run(NAME)
     bench_run.announce(args.source)
-    async with hms_stack(args.runtime) as stack:
-        access = grant_access(stack, [args.image])
-        if args.runtime == "process":  # grant_access signs Docker image ids
-            from hms_mgmt.trust import TrustStore
+    runtimes = ["process", "docker"] if args.runtime == "all" else [args.runtime]
+    if "docker" in runtimes and args.runtime == "all":
+        from hms_mgmt.runtimes.docker import docker_available
 
-            runtime = stack.worker.pods.runtime
-            TrustStore(stack.settings.state_dir).sign(args.image, runtime.content_id(args.image), signer="bench")
-        result = await measure(stack, args)
-    figures = report(result, args)
-    bench_run.done({"runtime": args.runtime, "rounds": args.rounds, "access": access, **figures, "raw": result})
+        if not docker_available():
+            print("no Docker Engine answers: process pods only")
+            runtimes.remove("docker")
+    per = {rt: await run_one(rt, args) for rt in runtimes}
+    worst = max((p["p95_s"] for p in per.values() if p["p95_s"] is not None), default=None)
+    ratio = rnd(worst / TARGET_P95_S, 3) if worst is not None else None
+    # As the soak reports absolute targets: the ratio is the worst p95 over the target.
+    bench_run.done({"rounds": args.rounds, "runtimes": per, "ratio": ratio, "target": 1.0,
+                    "pass": worst is not None and worst <= TARGET_P95_S})
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
     ap = parser(__doc__)
-    ap.add_argument("--runtime", choices=["docker", "process"], default="docker")
+    ap.add_argument("--runtime", choices=["all", "docker", "process"], default="all")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--gap", type=float, default=0.2, help="seconds between rounds (0.2)")
     return parse_common(ap, argv, timeout_s=120.0, image=EXAMPLE_IMAGE)

@@ -5,6 +5,7 @@ exits 0 with a last line once the pod is gone."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 import urllib.request
@@ -58,6 +59,7 @@ async def test_hms_logs_follow_exits_0_when_the_pod_is_gone(temporal_env: Workfl
     first, second = pods[0], pods[1]
     follower = Follower("hms-ach", first.id[:8], "-f", "--tail", "5", env=env)
     every = Follower("hms-ach", "--follow", "--tail", "0", env=env)
+    followers = [follower, every]
     try:
         await eventually(lambda: follower.lines or follower.proc.poll() is not None, timeout=30, what="the tail")
         assert follower.proc.poll() is None, follower.proc.stderr.read() if follower.proc.stderr else ""
@@ -69,6 +71,13 @@ async def test_hms_logs_follow_exits_0_when_the_pod_is_gone(temporal_env: Workfl
         both = await eventually(lambda: len(every.has(marker)) == 2 and every.has(marker), timeout=10,
                                 what="both pods' lines in hms logs -f without a pod")
         assert {line.split(" | ")[0] for line in both} == {f"{p.id[:8]}@{p.node}" for p in (first, second)}
+
+        # Ctrl-C is the other way to end it, and no error either.
+        stopped = Follower("hms-ach", second.id, "-f", env=env)
+        followers.append(stopped)
+        await eventually(lambda: stopped.lines, timeout=30, what="the tail of the pod to interrupt")
+        stopped.proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(stopped.proc.wait, 30) == 0
 
         snapshot = ok(await hms("logs", "hms-ach", "--tail", "50", env=env)).splitlines()
         assert {line.split(" | ")[0] for line in snapshot if marker in line} == {
@@ -82,7 +91,7 @@ async def test_hms_logs_follow_exits_0_when_the_pod_is_gone(temporal_env: Workfl
         ends = [line for line in every.lines if " | --- pod " in line]
         assert len(ends) == 2 and every.lines[-1] in ends, every.lines[-5:]
     finally:
-        for f in (follower, every):
+        for f in followers:
             if f.proc.poll() is None:
                 f.proc.kill()
 

@@ -265,11 +265,13 @@ async def read_pod(session: aiohttp.ClientSession, endpoint: LogEndpoint, grant:
 
 class PodStreams:
     """Pods' lines as they arrive, interleaved (``docker service logs``); pods may join while it
-    runs (``add``: a replacement, a scale-up). Iteration ends once every pod's stream has ended;
-    the first error of any pod ends it all, raised."""
+    runs (``add``: a replacement, a scale-up). Iteration ends once every pod's stream has ended.
+    A pod's error ends it all, raised; unless ``each_alone``: then it is that pod's last line
+    (a pod replaced between the grant and the connection, a node gone), and the others go on."""
 
-    def __init__(self, key: str, *, service: str, tail: int, follow: bool) -> None:
+    def __init__(self, key: str, *, service: str, tail: int, follow: bool, each_alone: bool = False) -> None:
         self.key, self.service, self.tail, self.follow = key, service, tail, follow
+        self.each_alone = each_alone
         self.queue: asyncio.Queue[StreamLine | BaseException | None] = asyncio.Queue(maxsize=QUEUE_LINES)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.open = 0
@@ -297,8 +299,9 @@ class PodStreams:
             async for item in read_pod(self._session, endpoint, grant, self.key, service=self.service, tail=self.tail,
                                        follow=self.follow):
                 await self.queue.put(item)
-        except Exception as e:  # noqa: BLE001 - raised by the reader
-            await self.queue.put(e)
+        except Exception as e:  # noqa: BLE001 - raised by the reader, or that pod's last line
+            await self.queue.put(StreamLine(endpoint.pod, f"cannot read pod {endpoint.pod}: {e}", end=True)
+                                 if self.each_alone else e)
         await self.queue.put(None)
 
     async def lines(self) -> AsyncIterator[StreamLine]:

@@ -601,7 +601,7 @@ class Orchestrator:
             for line in await self._logs_through_temporal(service, pods[0], tail):  # a node without a log stream
                 yield line
             return
-        streams = logstream.PodStreams(key, service=service, tail=tail, follow=follow)
+        streams = logstream.PodStreams(key, service=service, tail=tail, follow=follow, each_alone=pod_id is None)
         streams.add(grant)
         nodes = {e.pod: e.node for e in grant.endpoints}
         # Following a whole service, as `docker service logs -f`: pods that start later join.

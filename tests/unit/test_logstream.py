@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from hms_mgmt import logstream, tickets
-from hms_mgmt.errors import AccessDenied
+from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.runtimes.follow import FileFollow, LineSplitter, StreamFollow, read_tail
+from hms_mgmt.wire import LogEndpoint, LogGrantOutput
 
 POD_A = "11111111-1111-4111-8111-111111111111"
 POD_B = "22222222-2222-4222-8222-222222222222"
@@ -107,3 +108,17 @@ def test_a_log_grant_opens_only_its_pods_with_its_key_while_fresh(plane: Path):
         with pytest.raises(AccessDenied):
             logstream.check_log_grant(plane, kw.pop("grant"), kw.pop("key"), **kw)
             pytest.fail(why)
+
+
+async def test_a_pod_that_cannot_be_read_ends_alone_or_ends_it_all():
+    grant = LogGrantOutput(grant="g", endpoints=[LogEndpoint(pod=POD_A, node="n1", url="")])
+    alone = logstream.PodStreams("k", service="hms-ach", tail=10, follow=True, each_alone=True)
+    alone.add(grant)
+    lines = [item async for item in alone.lines()]
+    assert len(lines) == 1 and lines[0].end and lines[0].pod == POD_A
+    assert "node n1 serves no log stream" in lines[0].text
+
+    strict = logstream.PodStreams("k", service="hms-ach", tail=10, follow=True)
+    strict.add(grant)
+    with pytest.raises(HmsError, match="serves no log stream"):
+        [item async for item in strict.lines()]

@@ -15,12 +15,14 @@ import uuid
 import aiohttp
 import pytest
 from conftest import eventually, make_settings, seed_spec, sweep_pods, temporal_binary, terminate_running
+from temporalio.client import WorkflowFailureError
 
 from hms_mgmt import auth, logstream, tickets
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.events import read_events
 from hms_mgmt.nodes import registry_nodes
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.wire import LogGrantInput, LogGrantOutput
 from worker.main import HmsWorker
 
 
@@ -195,12 +197,20 @@ async def test_the_node_stream_reads_nothing_without_a_valid_grant(hms: Orchestr
     denied = [e for e in read_events(settings.state_dir) if e.type == "access.denied" and "log stream" in e.reason]
     assert len(denied) >= len(attempts)
 
+    # Asking the control plane directly: no proof, or a viewer's proof for another pod, gets no grant.
+    viewer_token = auth.issue_token(state, user="vic", role="viewer")
+    for proof in ("", auth.prove(viewer_token, action="logs", service="hms-ach",
+                                 bind=logstream.grant_bind([b.id], kh))):
+        with pytest.raises(WorkflowFailureError):
+            await hms.client.execute_workflow(
+                "PodLogGrantWorkflow", LogGrantInput(service="hms-ach", pods=[a.id], key_hash=kh, proof=proof),
+                id=f"attack-logs-{uuid.uuid4().hex[:6]}", task_queue=settings.task_queue, result_type=LogGrantOutput)
+
     # Through the API, a caller with no token gets no grant at all; a viewer does.
     anonymous = Orchestrator(hms.client, settings.model_copy(update={"token": None}))
     with pytest.raises(AccessDenied):
         await anonymous.logs("hms-ach", a.id)
-    viewer = Orchestrator(hms.client, settings.model_copy(
-        update={"token": auth.issue_token(state, user="vic", role="viewer")}))
+    viewer = Orchestrator(hms.client, settings.model_copy(update={"token": viewer_token}))
     assert any(marker in line for line in await viewer.logs("hms-ach", a.id, 100))
 
 

@@ -62,6 +62,9 @@ CSP = (
 DECIDE_TIMEOUT_S = 30.0
 RECENT_EVENTS_BYTES = 256 * 1024  # of the event log read at start: ~1,500 events, enough for the page
 MAX_SUBSCRIBERS = 64  # live pages at once: each holds a connection and a queue
+MAX_LOG_STREAMS = 32  # live log panes at once: each holds a connection to a node
+LOG_TAIL = 200
+_POD = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STREAM_TICKET_TTL_S = 60.0
 
 
@@ -284,6 +287,7 @@ class Dashboard:
         self.fleet_error: str | None = "starting"
         self.refreshed_at: datetime | None = None
         self._subscribers: set[_Subscriber] = set()
+        self._log_streams = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -473,6 +477,7 @@ class Dashboard:
         app.router.add_post("/api/stream-ticket", self._api_stream_ticket)
         app.router.add_get("/api/me", self._api_me)
         app.router.add_post("/api/services/{name}/{action:approve|reject}", self._api_decide)
+        app.router.add_get("/api/services/{name}/pods/{pod}/logs", self._api_logs)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
         return app
 
@@ -632,6 +637,55 @@ class Dashboard:
         self._wake.set()
         return web.json_response({"ok": True, "service": name, "action": action, "phase": status.phase,
                                   "by": identity.user})
+
+    async def _api_logs(self, request: web.Request) -> web.StreamResponse:
+        """A pod's live log pane: the node's stream (``logs -f``), read with the signed-in user's
+        own token, so the control plane checks that user (viewer or better) and no one else's
+        right; relayed as server-sent events: one per line, ``end`` when the pod is gone."""
+        name, pod = request.match_info["name"], request.match_info["pod"]
+        token, identity = await self._identity(request, why="logs need a viewer token")
+        if not _NAME.match(name) or not _POD.match(pod):
+            raise _json_error(web.HTTPNotFound, "no such pod")
+        matrix = await asyncio.to_thread(auth.load_access_matrix, self.settings.state_dir)
+        try:
+            auth.authorize(identity, "logs", matrix)
+        except AccessDenied as e:
+            raise _json_error(web.HTTPForbidden, str(e)) from None
+        if self._log_streams >= MAX_LOG_STREAMS:
+            raise _json_error(web.HTTPServiceUnavailable, f"too many log panes open ({MAX_LOG_STREAMS})")
+        orch = Orchestrator(self.client, self.settings.model_copy(update={"token": token}))
+        lines = orch.follow_logs(name, pod, LOG_TAIL)
+        self._log_streams += 1
+        try:
+            return await self._relay_logs(request, lines, until=identity.expires_at.timestamp())
+        finally:
+            self._log_streams -= 1
+            await lines.aclose()
+
+    @staticmethod
+    async def _relay_logs(request: web.Request, lines: AsyncIterator[str], *, until: float) -> web.StreamResponse:
+        try:  # the grant and the node's answer, before the stream: a refusal is an HTTP status
+            first = await asyncio.wait_for(anext(lines, None), DECIDE_TIMEOUT_S)
+        except AccessDenied as e:
+            raise _json_error(web.HTTPForbidden, str(e)) from None
+        except ServiceNotFound as e:
+            raise _json_error(web.HTTPNotFound, str(e)) from None
+        except (HmsError, TimeoutError) as e:
+            raise _json_error(web.HTTPBadGateway, str(e) or "no answer from the node") from None
+        resp: web.StreamResponse | None = None
+        try:
+            async with sse_response(request, ping_interval=15) as resp:
+                line = first
+                try:
+                    while line is not None and time.time() < until:  # the token expired: the page signs in again
+                        await resp.send(line)
+                        line = await anext(lines, None)
+                    await resp.send("end", event="end")
+                except HmsError as e:  # the node went away mid-stream
+                    await resp.send(str(e), event="error")
+        except ConnectionResetError:  # the pane was closed
+            pass
+        return resp if resp is not None else web.Response(status=204)
 
 
 @contextlib.asynccontextmanager

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
     # Where this node's pods are reached (``hms worker --address``): its own IP on a network of hosts.
     node_address: str = LOOPBACK
+    # The node's log stream (``hms logs -f``) listens on node_address:log_port; 0 picks a free port
+    # (the node advertises it in its registration), -1 serves none.
+    log_port: int = Field(default=0, ge=-1, le=65535)
     node_heartbeat_s: float = Field(default=5.0, gt=0)
     node_lost_after_s: float = Field(default=30.0, gt=0)
     # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed

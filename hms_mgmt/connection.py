@@ -20,7 +20,7 @@ import atexit
 import concurrent.futures
 import gc
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -109,6 +109,32 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise
     except concurrent.futures.CancelledError as e:
         raise asyncio.CancelledError() from e
+
+
+def iterate(agen: AsyncIterator[T]) -> Iterator[T]:
+    """Iterate ``agen`` on the loop thread, one item per step; stopping early (``break``,
+    Ctrl-C, ``close()``) closes it there."""
+    it = agen.__aiter__()
+
+    async def step() -> tuple[bool, T | None]:
+        try:
+            return True, await it.__anext__()
+        except StopAsyncIteration:
+            return False, None
+
+    async def close() -> None:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    try:
+        while True:
+            more, item = run(step())
+            if not more:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        run(close())
 
 
 def shutdown() -> None:

@@ -368,6 +368,7 @@ class NodeSpec(_Model):
     task_queue: str
     labels: dict[str, str] = Field(default_factory=dict)
     address: str = LOOPBACK  # where its pods are reached: they publish or bind here, endpoints name it
+    log_port: int = Field(default=0, ge=0, le=65535)  # its worker's log stream on ``address`` (0: none)
 
     @field_validator("name")
     @classmethod

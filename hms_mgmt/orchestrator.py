@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -56,6 +56,8 @@ from hms_mgmt.policy.plan import heading_to
 from hms_mgmt.wire import (
     AdmissionRequest,
     DryRunInput,
+    LogGrantInput,
+    LogGrantOutput,
     LogsOutput,
     Placement,
     PodLogsInput,
@@ -66,6 +68,9 @@ from hms_mgmt.wire import (
     UndeployRequest,
     WatchHeartbeat,
 )
+
+if TYPE_CHECKING:
+    from hms_mgmt.logstream import PodStreams
 
 M = TypeVar("M", bound=BaseModel)
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
@@ -597,22 +602,95 @@ class Orchestrator:
                 continue
         return sorted(out, key=lambda s: s.name)
 
-    async def logs(self, service: str, pod_id: str, tail: int = 100) -> builtins.list[str]:
-        """A pod's last lines: a viewer (or better) may read them; the node checks that too."""
+    async def logs(self, service: str, pod_id: str | None = None, tail: int = 100) -> builtins.list[str]:
+        """A pod's last ``tail`` lines (every pod's, prefixed, without ``pod_id``), read from the
+        node that runs it: a viewer (or better) may read them; the node checks that too."""
+        return [line async for line in self._logs(service, pod_id, tail, follow=False)]
+
+    async def follow_logs(self, service: str, pod_id: str | None = None, tail: int = 100) -> AsyncIterator[str]:
+        """``logs -f``: the last ``tail`` lines, then each new one as the pod writes it, straight
+        from its node. Without ``pod_id``, every pod's, interleaved and prefixed ``POD@NODE | ``,
+        and pods that start meanwhile join. Ends with a line saying so once the pod is gone (each
+        pod's, without ``pod_id``: it ends when none is left)."""
+        async for line in self._logs(service, pod_id, tail, follow=True):
+            yield line
+
+    async def _logs(self, service: str, pod_id: str | None, tail: int, *, follow: bool) -> AsyncIterator[str]:
+        from hms_mgmt import logstream
+
         self._check_reader("logs")
-        status = await self.read_status(service)
+        if not 0 <= tail <= logstream.MAX_TAIL:
+            raise SpecError(f"tail must be 0..{logstream.MAX_TAIL}, not {tail}")
+        pods = await self._log_pods(service, pod_id)
+        key, key_hash = logstream.new_key()
+        grant = await self._log_grant(service, [p.id for p in pods], key_hash)
+        if pod_id is not None and not follow and not grant.endpoints[0].url:
+            for line in await self._logs_through_temporal(service, pods[0], tail):  # a node without a log stream
+                yield line
+            return
+        streams = logstream.PodStreams(key, service=service, tail=tail, follow=follow, each_alone=pod_id is None)
+        streams.add(grant)
+        nodes = {e.pod: e.node for e in grant.endpoints}
+        # Following a whole service, as `docker service logs -f`: pods that start later join.
+        joining = asyncio.create_task(self._join_new_pods(service, streams, key_hash, nodes)) \
+            if follow and pod_id is None else None
+        try:
+            async for item in streams.lines():
+                text = f"--- {item.text}" if item.end else item.text
+                yield text if pod_id is not None else f"{item.pod[:8]}@{nodes[item.pod]} | {text}"
+        finally:
+            if joining is not None:
+                joining.cancel()
+
+    async def _join_new_pods(self, service: str, streams: PodStreams, key_hash: str, nodes: dict[str, str],
+                             every_s: float = 2.0) -> None:
+        """Add the service's new pods to ``streams`` until it ends (or the service does)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                status = await self.read_status(service, live=False)
+                new = [p.id for p in status.pods if p.id not in streams.pods]
+                if new:
+                    grant = await self._log_grant(service, new, key_hash)
+                    nodes.update({e.pod: e.node for e in grant.endpoints})
+                    streams.add(grant)
+            except (HmsError, RPCError, WorkflowQueryFailedError):  # ended, or a pod went before its grant
+                continue
+
+    async def _log_grant(self, service: str, pod_ids: builtins.list[str], key_hash: str) -> LogGrantOutput:
+        from hms_mgmt import logstream
+
+        return await self._logs_workflow(
+            "PodLogGrantWorkflow", service,
+            LogGrantInput(service=service, pods=pod_ids, key_hash=key_hash,
+                          proof=self._prove("logs", service, **logstream.grant_bind(pod_ids, key_hash))),
+            LogGrantOutput)
+
+    async def _log_pods(self, service: str, pod_id: str | None) -> builtins.list[PodStatus]:
+        status = await self.read_status(service, live=False)
+        if pod_id is None:
+            if not status.pods:
+                raise HmsError(f"service {service} has no pods ({status.phase})")
+            return status.pods
         pod = next((p for p in status.pods if p.id == pod_id or p.id.startswith(pod_id)), None)
         if pod is None:
             raise HmsError(f"service {service} has no pod {pod_id!r}; pods: {', '.join(p.id for p in status.pods)}")
+        return [pod]
+
+    async def _logs_through_temporal(self, service: str, pod: PodStatus, tail: int) -> builtins.list[str]:
+        out = await self._logs_workflow(
+            "PodLogsWorkflow", service,
+            PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=max(tail, 1),
+                         service=service, proof=self._prove("logs", service, pod=pod.id)),
+            LogsOutput)
+        return out.lines
+
+    async def _logs_workflow(self, workflow: str, service: str, arg: BaseModel, result_type: type[M]) -> M:
+        """Run one of the logs workflows (id ``svc-NAME-logs-…``); its failure as the typed error."""
         try:
-            out = await self.client.execute_workflow(
-                "PodLogsWorkflow",
-                PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=tail,
-                             service=service, proof=self._prove("logs", service, pod=pod.id)),
-                id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",
-                task_queue=self.settings.task_queue,
-                result_type=LogsOutput,
-            )
+            return await self.client.execute_workflow(
+                workflow, arg, id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",
+                task_queue=self.settings.task_queue, result_type=result_type)
         except WorkflowFailureError as e:
             cause: BaseException | None = e.cause
             while cause is not None and not isinstance(cause, ApplicationError):
@@ -620,7 +698,6 @@ class Orchestrator:
             if cause is None:
                 raise
             raise error_for(cause.type, cause.message) from None
-        return out.lines
 
     async def undeploy(self, name: str, *, wait: bool = True, timeout: float = 120.0) -> ServiceStatus | None:
         """Stop every pod and end the service's workflow (ops_admin only, checked by the worker).
@@ -726,8 +803,24 @@ async def list_async(*, settings: Settings | None = None) -> builtins.list[Servi
     return await _with("list", settings=settings)
 
 
-async def logs_async(service: str, pod_id: str, tail: int = 100, *, settings: Settings | None = None) -> builtins.list[str]:
+async def logs_async(service: str, pod_id: str | None = None, tail: int = 100, *,
+                     settings: Settings | None = None) -> builtins.list[str]:
     return await _with("logs", service, pod_id, tail, settings=settings)
+
+
+async def logs_follow_async(service: str, pod_id: str | None = None, tail: int = 100, *,
+                            settings: Settings | None = None) -> AsyncIterator[str]:
+    """``logs(..., follow=True)`` as an async iterator: ``async for line in logs_follow_async(...)``."""
+    orch = await Orchestrator.connect(settings)
+    async for line in orch.follow_logs(service, pod_id, tail):
+        yield line
+
+
+async def _shared_follow(service: str, pod_id: str | None, tail: int, settings: Settings | None) -> AsyncIterator[str]:
+    settings = settings or Settings.from_env()
+    orch = Orchestrator(await connection.shared_client(settings), settings)
+    async for line in orch.follow_logs(service, pod_id, tail):
+        yield line
 
 
 async def scale_async(name: str, replicas: int, *, settings: Settings | None = None, **kw: Any) -> ServiceStatus:
@@ -761,8 +854,13 @@ def list(*, settings: Settings | None = None) -> builtins.list[ServiceStatus]:  
     return _sync("list", settings=settings)
 
 
-def logs(service: str, pod_id: str, tail: int = 100, *, settings: Settings | None = None) -> builtins.list[str]:
-    """The last ``tail`` lines of a pod's log (``orchestrator.logs(service=..., pod_id=...)``)."""
+def logs(service: str, pod_id: str | None = None, tail: int = 100, *, follow: bool = False,
+         settings: Settings | None = None) -> builtins.list[str] | Iterator[str]:
+    """The last ``tail`` lines of a pod's log (``orchestrator.logs(service=..., pod_id=...)``;
+    every pod's, prefixed, without ``pod_id``). With ``follow=True``, an iterator that goes on with
+    each new line until the pod is gone (its last line says so) or the caller stops iterating."""
+    if follow:
+        return connection.iterate(_shared_follow(service, pod_id, tail, settings))
     return _sync("logs", service, pod_id, tail, settings=settings)
 
 

@@ -75,6 +75,10 @@ __all__ = [
     "ListPodsInput",
     "ListPodsOutput",
     "LogsOutput",
+    "LogEndpoint",
+    "LogEndpoints",
+    "LogGrantInput",
+    "LogGrantOutput",
     "NodeLost",
     "NodeVerdict",
     "NodeCheckInput",
@@ -585,6 +589,50 @@ class ListPodsOutput(_Model):
 
 class LogsOutput(_Model):
     lines: list[str]
+
+
+def _check_uuid(v: str) -> str:
+    try:
+        if str(uuid.UUID(v)) == v:
+            return v
+    except ValueError:
+        pass
+    raise ValueError(f"not a UUID: {v[:60]!r}")
+
+
+class LogGrantInput(_Model):
+    """``PodLogGrantWorkflow``: a reader asks to stream pods' logs straight from their nodes."""
+
+    service: str
+    pods: list[str] = Field(min_length=1, max_length=500)
+    # The sha256 of a secret only the caller holds: the grant is good only with that secret,
+    # so a grant read from this workflow's history reads nothing.
+    key_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)  # bound to the pods and key_hash
+
+    @field_validator("pods")
+    @classmethod
+    def _uuids(cls, v: list[str]) -> list[str]:
+        return [_check_uuid(p) for p in v]
+
+
+class LogEndpoint(_Model):
+    """Where one pod's log is streamed from: its node's log endpoint ("" if the node serves none)."""
+
+    pod: str
+    node: str
+    url: str = ""
+
+
+class LogEndpoints(_Model):
+    endpoints: list[LogEndpoint]
+
+
+class LogGrantOutput(_Model):
+    """The control plane's signed grant (no log line) and each pod's node endpoint."""
+
+    grant: str
+    endpoints: list[LogEndpoint]
 
 
 class EventInput(_Model):

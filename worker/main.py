@@ -20,12 +20,15 @@ from activities.callers import Callers
 from activities.control import ControlActivities
 from activities.enrolment import NodeTrustActivities
 from activities.feed import FeedActivities
+from activities.logs import LogActivities
 from activities.pods import PodActivities
 from activities.slots import SlotActivities
 from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings, connect
+from hms_mgmt.errors import HmsError
 from hms_mgmt.events import EventSink, WebhookDelivery, webhook_secret
 from hms_mgmt.files import secure_state_dir
+from hms_mgmt.logstream import LogServer
 from hms_mgmt.runtimes import make_runtime
 from hms_mgmt.runtimes.podnet import PodFirewall
 from hms_mgmt.trust import TrustStore
@@ -78,6 +81,7 @@ class HmsWorker:
         self.metrics = WorkerMetrics()
         self.agent: NodeAgent | None = None
         self.pod_firewall: PodFirewall | None = None
+        self.log_server: LogServer | None = None
         self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
         sink.listeners.append(self.metrics.on_event)
@@ -106,7 +110,7 @@ class HmsWorker:
                         self.feed.publish_endpoints,
                         self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
                         trust.enrol_node, trust.check_nodes, trust.check_routers, trust.node_removed, trust.check_pod_report,
-                        trust.stamp_start, trust.trust_now,
+                        trust.stamp_start, trust.trust_now, LogActivities(client, load).locate_log_endpoints,
                         *SlotActivities(client, load, sink).all()],
             # MessageGuard: a malformed signal or update never reaches a workflow's handler.
             interceptors=[self.metrics.interceptor, MessageGuard()],
@@ -128,6 +132,8 @@ class HmsWorker:
                                   identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
         self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
                                events=sink, identity=identity)
+        if settings.log_port >= 0:
+            self.log_server = LogServer(runtime, settings.state_dir, sink=sink)
         return Worker(
             client,
             task_queue=settings.node_task_queue(),
@@ -167,12 +173,25 @@ class HmsWorker:
     async def run(self) -> None:
         await ensure_search_attributes(self.client, self.settings.namespace)
         await self._guard_pods()
+        await self._serve_logs()
         self._start_agent()
         try:
             async with self._extras():
                 await asyncio.gather(*(w.run() for w in self.workers))
         finally:
             await self._close()
+
+    async def _serve_logs(self) -> None:
+        """The node's log stream, on its address; the port it got goes into its registration."""
+        if self.log_server is None or self.agent is None:
+            return
+        try:
+            port = await self.log_server.start(self.settings.node_address, self.settings.log_port)
+        except HmsError as e:
+            log.warning("%s: `hms logs` reads this node's pods through Temporal only", e)
+            self.log_server = None
+            return
+        self.agent.advertise(log_port=port)
 
     def _start_agent(self) -> None:
         if self.agent is not None:
@@ -215,6 +234,8 @@ class HmsWorker:
             # After the workers stopped: no activity can start a pod here any more.
             await self.agent.stop_all()
         await self._unguard_pods()
+        if self.log_server is not None:
+            await self.log_server.stop()
         if self.pods is not None:
             await self.pods.close()
         if self.feed is not None:
@@ -229,6 +250,7 @@ class HmsWorker:
         self._extras_cm = self._extras()
         await self._extras_cm.__aenter__()
         await self._guard_pods()
+        await self._serve_logs()
         self._task = asyncio.ensure_future(asyncio.gather(*(w.run() for w in self.workers)))
         self._start_agent()
         if self.agent is not None:  # the node is Ready before the caller deploys onto it

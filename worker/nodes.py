@@ -64,7 +64,14 @@ class NodeAgent:
                                              cert=identity.cert if identity else "")
         self.registry_id = constants.node_registry_id(settings.task_queue)
         self.registered = asyncio.Event()
+        self._served: dict[str, object] = {}
         self._sweeping: asyncio.Task[list[str]] | None = None
+
+    def advertise(self, **fields: object) -> None:
+        """What the worker serves beside its pods (``log_port``): part of every registration."""
+        self._served.update(fields)
+        self.spec = self.spec.model_copy(update=self._served)
+        self.registration = self.registration.model_copy(update={"spec": self.spec})
 
     async def register(self) -> RegisterResult:
         """Update-with-start: the first worker of a control plane starts the registry, seeded
@@ -151,6 +158,7 @@ class NodeAgent:
             return
         try:
             current = await asyncio.to_thread(lambda: self.settings_loader().this_node(self.spec.runtime))  # type: ignore[misc]
+            current = current.model_copy(update=self._served)
         except Exception as e:  # noqa: BLE001 - a bad edit of config.yaml keeps the last good spec
             log.warning("node %s: configuration not re-read: %s", self.spec.name, e)
             return

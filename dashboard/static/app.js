@@ -201,7 +201,8 @@ function routerCell(p, routed) {
 
 function podRow(s, p, now, routed) {
   return el("tr", { "data-pod": p.id, "data-health": p.health },
-    el("td", { class: "mono", title: p.id }, p.id.slice(0, 8)),
+    el("td", { class: "mono", title: p.id }, p.id.slice(0, 8), " ",
+      el("button", { type: "button", class: "logs quiet", "data-logs": p.id, "data-service": s.name, title: "live log" }, "log")),
     el("td", {}, p.node),
     el("td", { class: "mono" }, p.endpoint || "–"),
     el("td", {}, el("span", { class: "badge " + (HEALTH_CLASS[p.health] || "") }, p.health)),
@@ -547,7 +548,89 @@ async function signIn(token) {
   reconnect();  // the stream as this identity (or as nobody)
 }
 
+// A pod's live log: the dashboard relays the node's stream as server-sent events, read with
+// this tab's token (fetch, since an EventSource sends no header). One pane, one stream.
+const LOG_KEPT = 2000;
+let logAbort = null;
+
+function logLine(text, cls) {
+  const pre = $("log-lines");
+  const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.append(el("span", cls ? { class: cls } : {}, text + "\n"));
+  while (pre.childNodes.length > LOG_KEPT) pre.firstChild.remove();
+  if (atEnd) pre.scrollTop = pre.scrollHeight;
+}
+
+function closeLog() {
+  if (logAbort) logAbort.abort();
+  logAbort = null;
+  $("logpane").hidden = true;
+}
+
+async function openLog(service, pod) {
+  closeLog();
+  const abort = new AbortController();
+  logAbort = abort;
+  $("log-title").textContent = service + " / " + pod.slice(0, 8);
+  $("log-lines").textContent = "";
+  $("logpane").hidden = false;
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const stateEl = $("log-state");
+  if (!token) { stateEl.textContent = "sign in to read logs"; return; }
+  stateEl.textContent = "connecting…";
+  let resp;
+  try {
+    resp = await fetch(`/api/services/${encodeURIComponent(service)}/pods/${encodeURIComponent(pod)}/logs`, {
+      headers: { Authorization: "Bearer " + token }, signal: abort.signal });
+  } catch (e) { if (logAbort === abort) stateEl.textContent = "cannot connect"; return; }
+  if (!resp.ok) {
+    let msg = resp.status + "";
+    try { msg = (await resp.json()).error || msg; } catch (e) { /* not JSON */ }
+    stateEl.textContent = "refused: " + msg;
+    return;
+  }
+  stateEl.textContent = "live";
+  await readEvents(resp.body, abort, (event, data) => {
+    if (event === "end") { stateEl.textContent = "ended"; return; }
+    if (event === "error") { stateEl.textContent = "broken: " + data; return; }
+    logLine(data, data.startsWith("--- ") ? "log-end" : "");
+  });
+  if (logAbort === abort && stateEl.textContent === "live") stateEl.textContent = "closed";
+}
+
+async function readEvents(body, abort, onEvent) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let m;
+      while ((m = /\r?\n\r?\n/.exec(buf)) !== null) {  // aiohttp-sse ends lines with \r\n
+        const block = buf.slice(0, m.index);
+        buf = buf.slice(m.index + m[0].length);
+        let event = "message";
+        const data = [];
+        for (const line of block.split(/\r?\n/)) {
+          if (line.startsWith("event:")) event = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) onEvent(event, data.join("\n"));
+      }
+    }
+  } catch (e) {
+    if (!abort.signal.aborted) onEvent("error", "the stream broke");
+  }
+}
+
 function setup() {
+  $("log-close").addEventListener("click", closeLog);
+  $("services").addEventListener("click", (ev) => {
+    const b = ev.target.closest("button[data-logs]");
+    if (b) openLog(b.dataset.service, b.dataset.logs);
+  });
   $("signin-open").addEventListener("click", () => { $("signin").hidden = false; $("token").focus(); });
   $("signin-cancel").addEventListener("click", () => { $("signin").hidden = true; });
   $("signin").addEventListener("submit", (ev) => { ev.preventDefault(); const t = $("token").value.trim(); if (t) signIn(t); });

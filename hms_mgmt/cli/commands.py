@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -299,17 +300,28 @@ def status(
 @_cli_errors
 def logs(
     service: Annotated[str, typer.Argument(help="The service.")],
-    pod: Annotated[str, typer.Argument(help="A pod id, or a unique prefix of one.")],
-    tail: Annotated[int, typer.Option("--tail", help="How many of the last lines.")] = 100,
+    pod: Annotated[str | None, typer.Argument(help="A pod id, or a unique prefix of one (default: every pod, "
+                                                   "each line prefixed with its pod and node).")] = None,
+    tail: Annotated[int, typer.Option("--tail", help="How many of the last lines (0: all).")] = 100,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print each new line, until the pod is "
+                                                                "gone or Ctrl-C.")] = False,
 ) -> None:
-    """The last lines of a pod's log."""
+    """The last lines of a pod's log (every pod's, interleaved, without POD); -f follows them."""
 
-    async def go() -> list[str]:
+    async def go() -> None:
         orch = await _connect()
-        return await orch.logs(service, pod, tail)
+        if not follow:
+            for line in await orch.logs(service, pod, tail):
+                typer.echo(line)
+            return
+        async for line in orch.follow_logs(service, pod, tail):
+            typer.echo(line)
+            sys.stdout.flush()
 
-    for line in _run(go()):
-        typer.echo(line)
+    try:
+        _run(go())
+    except KeyboardInterrupt:
+        return  # the way to end -f
 
 
 @app.command()

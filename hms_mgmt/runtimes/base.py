@@ -14,6 +14,7 @@ from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.errors import PodRuntimeError as PodRuntimeError  # defined with the other errors; importable here too
 from hms_mgmt.models import ServiceSpec
+from hms_mgmt.runtimes.follow import LogFollow
 
 PodState = Literal["created", "running", "exited"]
 
@@ -111,6 +112,10 @@ class PodRuntime(abc.ABC):
 
     @abc.abstractmethod
     def logs(self, pod_id: str, tail: int = 100) -> list[str]: ...
+
+    def follow(self, pod_id: str, tail: int = 100) -> LogFollow:
+        """The last ``tail`` lines, then each new line until the pod stops (``logs -f``)."""
+        raise PodRuntimeError(f"the {self.name} runtime cannot follow logs", error_type=ActivityErrorType.POD_NOT_FOUND)
 
     @abc.abstractmethod
     def cpu_seconds(self, pod_ids: list[str]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.errors import ActivityErrorType
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
+from hms_mgmt.runtimes.follow import LogFollow, StreamFollow
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,14 @@ class DockerRuntime(PodRuntime):
             raise PodRuntimeError(f"no pod {pod_id} on node {self.node}", error_type=ActivityErrorType.POD_NOT_FOUND)
         raw = found[0].logs(tail=tail if tail > 0 else "all", stdout=True, stderr=True)
         return raw.decode(errors="replace").splitlines()
+
+    def follow(self, pod_id: str, tail: int = 100) -> LogFollow:
+        found = self._containers(pod_id=pod_id)
+        if not found:
+            raise PodRuntimeError(f"no pod {pod_id} on node {self.node}", error_type=ActivityErrorType.POD_NOT_FOUND)
+        # Docker ends the stream when the container stops; close() ends a blocked read.
+        stream = found[0].logs(stream=True, follow=True, tail=tail if tail > 0 else "all", stdout=True, stderr=True)
+        return StreamFollow(stream, stream.close)
 
     def _cpu_one(self, pod_id: str, container_id: str) -> float | None:
         for path in (_CGROUP_V1 / container_id / "cpuacct.usage",):

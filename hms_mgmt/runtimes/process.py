@@ -45,6 +45,7 @@ from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.sandbox import check_process_spec
 from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
 from hms_mgmt.runtimes.cgroups import PodCgroups
+from hms_mgmt.runtimes.follow import FileFollow, LogFollow
 
 log = logging.getLogger(__name__)
 
@@ -538,6 +539,17 @@ class ProcessRuntime(PodRuntime):
             f.seek(max(0, size - 256 * 1024))
             lines = f.read().decode(errors="replace").splitlines()
         return lines[-tail:] if tail > 0 else lines
+
+    def follow(self, pod_id: str, tail: int = 100) -> LogFollow:
+        path = self._log_path(pod_id)
+        if not path.exists():
+            raise PodRuntimeError(f"no logs for pod {pod_id} on node {self.node}", error_type=ActivityErrorType.POD_NOT_FOUND)
+
+        def running() -> bool:
+            handle = self.find(pod_id)
+            return handle is not None and handle.running
+
+        return FileFollow(path, tail, running)
 
     def cpu_seconds(self, pod_ids: list[str]) -> dict[str, float]:
         out: dict[str, float] = {}

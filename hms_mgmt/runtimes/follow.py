@@ -1,0 +1,127 @@
+"""Following a pod's log as it grows (``hms logs -f``): a blocking iterator of lines that ends
+when the pod stops running, and that another thread may ``close()`` at any time.
+
+Both drivers give one: a process pod's log file read as it grows (``FileFollow``), a
+container's ``docker logs --follow`` stream split into lines (``StreamFollow``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+POLL_S = 0.025  # how often a quiet log file is read again (one read(2)): a new line shows within this
+ALIVE_EVERY_S = 0.5  # how often a quiet follow asks whether its pod still runs
+TAIL_WINDOW = 256 * 1024  # the tail is read from at most this many bytes before the end
+
+
+class LineSplitter:
+    """Bytes in, whole lines out; what is left of a line without its newline waits for the rest."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        return [line.rstrip(b"\r").decode(errors="replace") for line in lines]
+
+    def flush(self) -> list[str]:
+        rest, self._rest = self._rest, b""
+        return [rest.decode(errors="replace")] if rest else []
+
+
+class LogFollow:
+    """The pod's last ``tail`` lines, then each new one; ends once the pod no longer runs."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Stop following (from any thread): iteration ends soon after."""
+        self._closed.set()
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError
+
+
+def read_tail(path: Path, tail: int) -> tuple[list[str], int]:
+    """The last ``tail`` whole lines of ``path`` (all, for 0) and the offset they end at."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TAIL_WINDOW)
+        f.seek(start)
+        data = f.read(size - start)
+    end = data.rfind(b"\n") + 1  # a line still being written is followed, not tailed
+    lines = data[:end].decode(errors="replace").splitlines()
+    if start > 0 and lines:
+        lines = lines[1:]  # the first is cut at the window's edge
+    return (lines[-tail:] if tail > 0 else lines), start + end
+
+
+class FileFollow(LogFollow):
+    """A log file read as it grows (``tail -f``), while ``running()`` says the pod runs; once it
+    does not, what it wrote last is read and the follow ends."""
+
+    def __init__(self, path: Path, tail: int, running: Callable[[], bool]) -> None:
+        super().__init__()
+        self.path = path
+        self.running = running
+        self.lines, self.offset = read_tail(path, tail)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.lines
+        split = LineSplitter()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            quiet = 0.0
+            while not self.closed:
+                data = f.read(64 * 1024)
+                if data:
+                    quiet = 0.0
+                    yield from split.feed(data)
+                    continue
+                if quiet >= ALIVE_EVERY_S:
+                    quiet = 0.0
+                    if not self.running():
+                        yield from split.feed(f.read())
+                        yield from split.flush()
+                        return
+                self._closed.wait(POLL_S)
+                quiet += POLL_S
+
+
+class StreamFollow(LogFollow):
+    """A stream of byte chunks (``container.logs(stream=True, follow=True)``) split into lines;
+    ``close()`` closes the stream, which ends a blocked read at once."""
+
+    def __init__(self, stream: Iterable[bytes], closer: Callable[[], Any]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.closer = closer
+
+    def close(self) -> None:
+        super().close()
+        try:
+            self.closer()
+        except Exception:  # noqa: BLE001 - the stream may already be gone
+            pass
+
+    def __iter__(self) -> Iterator[str]:
+        split = LineSplitter()
+        try:
+            for chunk in self.stream:
+                if self.closed:
+                    return
+                yield from split.feed(chunk)
+        except Exception:  # noqa: BLE001 - a closed or broken stream ends the follow
+            if not self.closed:
+                raise
+            return
+        yield from split.flush()

@@ -48,6 +48,7 @@ from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
 from hms_mgmt.events import EventFollower
 from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import RevisionRecord, ServiceStatus
+from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -274,10 +275,9 @@ class Dashboard:
         self.refresh_s = refresh_s
         self.sample_s = sample_s
         self.concurrency = concurrency
-        if router_url is None:
-            self.router_urls = [u.rstrip("/") + "/-/stats" for u in settings.routers]
-        else:
-            self.router_urls = [router_url] if isinstance(router_url, str) else list(router_url)
+        # None: every live router in the RouterRegistry (routers on any host), read each round.
+        self.router_urls: list[str] | None = (None if router_url is None else
+                                              [router_url] if isinstance(router_url, str) else list(router_url))
         self.history: dict[str, collections.deque[list[Any]]] = {}
         self.history_len = history
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=events_kept)
@@ -418,17 +418,31 @@ class Dashboard:
         timeout = aiohttp.ClientTimeout(total=1.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                answers = await asyncio.gather(*(self._router_stats(session, u) for u in self.router_urls))
+                urls = self.router_urls if self.router_urls is not None else await self._registered_routers()
+                answers = await asyncio.gather(*(self._router_stats(session, u) for u in urls))
                 live = [a for a in answers if isinstance(a, dict)]
                 errors = [a for a in answers if isinstance(a, str)]
                 self.router = {
                     "ok": bool(live),
-                    "routers": len(self.router_urls),
+                    "routers": len(urls),
                     "live": len(live),
                     "errors": errors,
                     "services": merge_router_stats(live),
                 }
                 await asyncio.sleep(max(1.0, self.refresh_s * 2))
+
+    async def _registered_routers(self) -> list[str]:
+        """The stats URL of every Ready router in the RouterRegistry; the configured routers
+        while none has registered (or the registry cannot be read)."""
+        try:
+            records = await list_routers(self.client, self.settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the page shows the configured routers meanwhile
+            log.debug("cannot read the router registry: %s", e)
+            records = []
+        urls = [r.url for r in records if r.state == "Ready"] or self.settings.routers
+        return [u.rstrip("/") + "/-/stats" for u in urls]
 
     @staticmethod
     async def _router_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | str:

@@ -22,6 +22,7 @@ import pytest
 from conftest import REPO, V2_IMAGE, eventually, make_settings, seed_spec, sweep_pods, terminate_running
 from temporalio.client import WorkflowUpdateFailedError
 
+from dashboard import running_dashboard
 from hms_mgmt import constants, feed, names, nodeid
 from hms_mgmt.config import Settings
 from hms_mgmt.events import read_events
@@ -96,6 +97,7 @@ async def test_every_live_router_gets_the_feed_and_confirms_drains(temporal_env,
             procs += [a, b]
             await check_registered(client, s, {"edge-a": a.url, b_name: b.url})
             await check_feed_and_drains(client, s, orch, a, b, b_name)
+            await check_dashboard_reads_both(client, s)
             await check_forged_pushes(a, s, tmp_path, b_name)
             await check_unenrolled_registration(client, s, a.url)
             await check_dead_router_dropped(client, s, orch, a, b)
@@ -142,6 +144,16 @@ async def check_feed_and_drains(client, s: Settings, orch: Orchestrator, a, b, b
     for d in drains:
         assert d.confirmed, d
         assert d.routers == {a.url: "idle (router edge-a)", b.url: f"idle (router {b_name})"}, d.routers
+
+
+async def check_dashboard_reads_both(client, s: Settings) -> None:
+    """The dashboard keeps no router list either: it reads traffic from every registered router."""
+    async with running_dashboard(client, s, port=0, refresh_s=0.2) as dash:
+        async def both_live() -> bool:
+            r = dash.router or {}
+            return r.get("routers") == 2 and r.get("live") == 2 and "hms-ach" in r.get("services", {})
+
+        await eventually(both_live, timeout=20, what="the dashboard reading both registered routers")
 
 
 async def _has_pods(url: str, n: int) -> bool:

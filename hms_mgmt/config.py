@@ -135,8 +135,10 @@ class Settings(BaseSettings):
     node_labels: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)  # HMS_NODE_LABELS=zone=a,disk=ssd
     # Where this node's pods are reached (``hms worker --address``): its own IP on a network of hosts.
     node_address: str = LOOPBACK
-    node_heartbeat_s: float = Field(default=5.0, gt=0)
-    node_lost_after_s: float = Field(default=30.0, gt=0)
+    # A node heartbeats every node_heartbeat_s; silent for node_lost_after_s, it is Lost and its
+    # pods are replaced elsewhere (README "Losing a host"). Keep the grace at 3 heartbeats or more.
+    node_heartbeat_s: float = Field(default=2.0, gt=0, description="seconds between a node's heartbeats")
+    node_lost_after_s: float = Field(default=6.0, gt=0, description="a node silent this long is Lost")
     # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
     # by its node this long after the node first saw it so (worker/nodes.py).
     orphan_grace_s: float = Field(default=60.0, gt=0)
@@ -171,6 +173,13 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [u.strip() for u in v.split(",") if u.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat_within_grace(self) -> Settings:
+        if self.node_lost_after_s < 2 * self.node_heartbeat_s:
+            raise ValueError(f"node_lost_after_s ({self.node_lost_after_s:g}) must be at least twice "
+                             f"node_heartbeat_s ({self.node_heartbeat_s:g}): one late heartbeat would lose the node")
+        return self
 
     @model_validator(mode="after")
     def _default_router(self) -> Settings:

@@ -128,6 +128,8 @@ class HmsWorker:
                                   identity=identity, trust_here=not nodeid.is_joined(settings.state_dir))
         self.agent = NodeAgent(client, settings, settings.this_node(runtime.name), runtime, settings_loader,
                                events=sink, identity=identity)
+        if nodeid.is_joined(settings.state_dir):  # its events reach the control host's log on its heartbeats
+            sink.listeners.append(self.agent.forward)
         return Worker(
             client,
             task_queue=settings.node_task_queue(),

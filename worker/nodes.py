@@ -51,6 +51,7 @@ class _Service(NamedTuple):
     running: bool
     pods: set[str]
     how: str = "running"
+    failed: frozenset[str] = frozenset()  # on record, but as exited (a lost node's, being replaced)
 
 
 class NodeAgent:
@@ -233,7 +234,8 @@ class NodeAgent:
             if h.service not in known:
                 known[h.service] = await self._service(h.service)
             svc = known[h.service]
-            if svc is None or h.pod_id in svc.pods:
+            # Once lost, a pod the service holds as exited is stale too: its replacement runs elsewhere.
+            if svc is None or (h.pod_id in svc.pods and (started_before is None or h.pod_id not in svc.failed)):
                 continue
             if not svc.running:
                 orphans.add(h.pod_id)
@@ -245,7 +247,7 @@ class NodeAgent:
             elif started_before is not None:
                 if h.started_at is not None and h.started_at >= started_before:
                     continue
-                why = "no service has it on record (the node was lost and its pods replaced)"
+                why = "its service replaced it elsewhere (the node was lost)"
             else:
                 if h.started_at is not None and (now - h.started_at).total_seconds() <= ORPHAN_GRACE_S:
                     continue
@@ -285,7 +287,8 @@ class NodeAgent:
             return None
         if status.phase in names.ENDED:
             return _Service(True, set())
-        return _Service(True, {p.id for p in status.pods})
+        return _Service(True, {p.id for p in status.pods}, failed=frozenset(p.id for p in status.pods
+                                                                     if p.health == "exited"))
 
     async def stop_all(self) -> int:
         """Stop every pod of this node (``sweep_on_exit``: a stack going down leaves none)."""

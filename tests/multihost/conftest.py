@@ -62,6 +62,14 @@ class Host:
     state_dir: Path
     network: Network
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    veth: str = ""  # its cable: the bridge's end of its veth pair
+
+    def unplug(self) -> None:
+        """Power loss: the cable out (peers then time out, no reset), then every process of the host killed."""
+        _ip("link", "set", self.veth, "down")
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _wrap(self, argv: list[str]) -> list[str]:
         """``argv`` in this host's network namespace, with the other hosts' state dirs hidden."""
@@ -160,7 +168,7 @@ class Network:
         _ip("link", "set", outer, "master", self.bridge, "up")
         state_dir = self.root / f"host-{name}"
         state_dir.mkdir(parents=True, mode=0o700)
-        host = Host(name=name, netns=netns, address=address, state_dir=state_dir, network=self)
+        host = Host(name=name, netns=netns, address=address, state_dir=state_dir, network=self, veth=outer)
         self.hosts.append(host)
         return host
 

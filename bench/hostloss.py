@@ -54,6 +54,12 @@ ENGINES = ("builtin", "haproxy")
 class Load:
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
+    samples: list[str] = field(default_factory=list)  # the first few failures' bodies or errors
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.failed[kind] += 1
+        if len(self.samples) < 5:
+            self.samples.append(f"{kind}: {detail[:200]}")
 
 
 async def get_load(url: str, clients: int, stop: asyncio.Event) -> Load:
@@ -64,13 +70,13 @@ async def get_load(url: str, clients: int, stop: asyncio.Event) -> Load:
         while not stop.is_set():
             try:
                 async with http.get(url) as r:
-                    await r.read()
+                    body = await r.read()
                     if r.status == 200:
                         out.ok += 1
                     else:
-                        out.failed[str(r.status)] += 1
+                        out.fail(str(r.status), body.decode(errors="replace"))
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                out.failed[type(e).__name__] += 1
+                out.fail(type(e).__name__, str(e))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
@@ -163,7 +169,8 @@ class Bench:
                "load_avg": os.getloadavg()[0],
                **{f"{e}_ok": results[e].ok for e in ENGINES},
                **{f"{e}_failed": sum(results[e].failed.values()) for e in ENGINES},
-               **{f"{e}_failures": dict(results[e].failed) for e in ENGINES}}
+               **{f"{e}_failures": dict(results[e].failed) for e in ENGINES},
+               **{f"{e}_failure_samples": results[e].samples for e in ENGINES}}
         print(f"round {k}: lost {row['lost_s']} s, whole {row['whole_s']} s since t0; failed: "
               + ", ".join(f"{e} {row[e + '_failed']}/{row[e + '_ok'] + row[e + '_failed']}" for e in ENGINES),
               flush=True)

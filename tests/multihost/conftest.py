@@ -256,11 +256,11 @@ def join_host(control: Host, host: Host, name: str, *, runtime: str = "process")
 CONTROL_PORTS = (7233, 8233, 8000, 8088)  # Temporal, its Web UI, the router, the dashboard
 
 
-def start_control(a: Host, log: Path, *, logs: list[Path]) -> subprocess.Popen[bytes]:
-    """``hms up --listen A --no-node`` on host A, until its ports answer and its control key exists."""
+def start_control(a: Host, log: Path, *, logs: list[Path], extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``hms up --listen A --no-node [extra...]`` on host A, until its ports answer and its control key exists."""
     from hms_mgmt.devserver import port_open
 
-    up = a.start(hms_argv("up", "--listen", a.address, "--no-node"), env=a.env(HMS_RUNTIME="process"), log=log)
+    up = a.start(hms_argv("up", "--listen", a.address, "--no-node", *extra), env=a.env(HMS_RUNTIME="process"), log=log)
     wait_until(lambda: all(port_open(a.address, p) for p in CONTROL_PORTS)
                and (a.state_dir / "keys" / "control.pub").exists(),
                timeout=90, what="hms up on host A", procs=[up], logs=logs)

@@ -23,10 +23,13 @@ Prints a table and writes bench/results/hostloss.json (per-round figures, load a
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,6 +92,7 @@ class Bench:
     def __init__(self, stack: Any, routers: dict[str, Any], b_settings: Any, b_worker: Any, args: Any) -> None:
         self.stack, self.routers, self.b, self.b_worker, self.args = stack, routers, b_settings, b_worker, args
         self.a = stack.settings
+        self.dropped: list[str] = []  # b's pod ports whose packets are dropped (--unplug)
 
     async def node_state(self, node: str) -> str | None:
         from hms_mgmt.nodes import list_nodes
@@ -135,14 +139,23 @@ class Bench:
         await self.until(lambda: self.tables_hold(service, {p.id for p in st.pods}), 30, "both routers' tables")
 
     def power_loss(self) -> int:
-        """b's worker and every pod of b, SIGKILLed together; returns how many pods died."""
+        """b's worker and every pod of b, SIGKILLed together; returns how many pods died. With
+        ``--unplug``, b's pod ports first drop every packet, as a host without power sends no
+        reset (a process killed on a live kernel would)."""
         from hms_mgmt.runtimes import make_runtime
 
         rt = make_runtime("process", node=self.b.node, state_dir=self.b.state_dir)
         try:
-            pids = [int(h.extra["pid"]) for h in rt.list() if h.extra.get("pid")]
+            handles = rt.list()
         finally:
             rt.close()
+        pids = [int(h.extra["pid"]) for h in handles if h.extra.get("pid")]
+        if self.args.unplug:
+            for h in handles:
+                port = (h.endpoint or "").rpartition(":")[2]
+                if port:
+                    self.dropped.append(port)
+                    iptables("-I", port)
         self.b_worker.kill()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -181,12 +194,28 @@ class Bench:
     async def _is_lost(self) -> bool:
         return await self.node_state(self.b.node) == "Lost"
 
+    def plug_in(self) -> None:
+        while self.dropped:
+            iptables("-D", self.dropped.pop())
+
     async def bring_b_back(self) -> None:
+        self.plug_in()
         self.b_worker.start()
         await self.until(lambda: self._is_ready(), 60, "b Ready again", interval=0.2)
 
     async def _is_ready(self) -> bool:
         return await self.node_state(self.b.node) == "Ready"
+
+
+def iptables(op: str, port: str) -> None:
+    """Insert (``-I``) or delete (``-D``) the rule that drops packets to 127.0.0.1:``port``."""
+    subprocess.run(["iptables", op, "OUTPUT", "-d", "127.0.0.1", "-p", "tcp", "--dport", str(port), "-j", "DROP",
+                    "-m", "comment", "--comment", "hms-bench-hostloss"], check=op == "-I", capture_output=True,
+                   timeout=10)
+
+
+def can_unplug() -> bool:
+    return os.geteuid() == 0 and shutil.which("iptables") is not None
 
 
 @contextlib.asynccontextmanager
@@ -225,6 +254,8 @@ async def two_nodes(args: Any) -> Any:
             await bench.until(bench._is_ready, 60, "node b Ready", interval=0.2)
             yield bench
         finally:
+            if "bench" in locals():
+                bench.plug_in()
             b_worker.stop()
             for r in routers.values():
                 await asyncio.to_thread(r.stop)
@@ -271,7 +302,7 @@ async def main(args: Any) -> int:
     report(fig, rows)
     bench_run.done({"figures": fig, "rounds": rows, "target_whole_s": TARGET_S,
                     "settings": {k: getattr(args, k) for k in ("rounds", "replicas", "concurrency", "lead", "tail",
-                                                                "heartbeat", "lost_after")}})
+                                                                "heartbeat", "lost_after", "unplug")}})
     return 0
 
 
@@ -284,10 +315,16 @@ def parse_args(argv: list[str] | None = None) -> Any:
     ap.add_argument("--tail", type=float, default=1.0, help="seconds of load after whole again (default 1)")
     ap.add_argument("--heartbeat", type=float, default=2.0, help="node_heartbeat_s (default: as shipped, 2)")
     ap.add_argument("--lost-after", type=float, default=6.0, help="node_lost_after_s (default: as shipped, 6)")
+    ap.add_argument("--unplug", action=argparse.BooleanOptionalAction, default=None,
+                    help="drop b's pod packets at the power loss, as a dead host sends no reset (default: on as "
+                         "root with iptables)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause between rounds (default 1 s)")
     ap.add_argument("--timeout", type=float, default=90.0, help="give up on a round after this (default 90 s)")
     add_source_arg(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.unplug is None:
+        args.unplug = can_unplug()
+    return args
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus, WorkflowQueryFailedError
@@ -113,10 +113,11 @@ class NodeAgent:
         for _ in events:
             self.outbox.popleft()
 
-    async def _state_in_registry(self) -> str | None:
+    async def _state_in_registry(self, *, timeout_s: float | None = None) -> str | None:
         """This node's state as the registry holds it (None: it does not know the node, or no registry runs)."""
         try:
-            out = await self.client.get_workflow_handle(self.registry_id).query(NodeRegistry.nodes)
+            out = await self.client.get_workflow_handle(self.registry_id).query(
+                NodeRegistry.nodes, rpc_timeout=timedelta(seconds=timeout_s) if timeout_s else None)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
                 return None
@@ -148,7 +149,12 @@ class NodeAgent:
         if loop.time() - self._checked_at < self.settings.node_lost_after_s:
             return
         self._checked_at = loop.time()
-        if await self._state_in_registry() == "Lost":
+        try:  # never long in the heartbeat's way: a control plane too busy to answer is asked next time
+            state = await self._state_in_registry(timeout_s=min(1.0, self.settings.node_heartbeat_s / 2))
+        except (RPCError, WorkflowQueryFailedError, TimeoutError) as e:
+            log.debug("node %s: could not ask the registry for its state: %s", self.spec.name, e)
+            return
+        if state == "Lost":
             log.warning("node %s: the registry holds it as Lost: joining again", self.spec.name)
             self.registered.clear()
 

@@ -7,7 +7,9 @@ subprocess. With the default timing (a heartbeat every 2 s, Lost after 6 s):
 - b's worker alone dies (its pods keep running, as on a host cut off from the network): once it
   is Lost its pods are replaced, and when its worker comes back it stops those stale pods
   before it registers Ready again;
-- a pod start refused on b (``access.denied`` written on b) reaches the control host's event log.
+- a pod start refused on b (``access.denied`` written on b) reaches the control host's event log;
+- b's worker frozen past the grace (SIGSTOP, as a paused VM) and thawed: it is Ready again only
+  after it stopped the pods that were replaced meanwhile.
 
 Times are logged, not asserted (bench/hostloss.py measures them)."""
 
@@ -199,3 +201,21 @@ async def test_a_returning_host_stops_its_stale_pods_before_it_is_ready_and_forw
 
     await eventually(denied_on_a, timeout=20, what="b's access.denied in the control host's log")
     await h.orch.undeploy(service, timeout=60)
+
+
+@pytest.mark.parametrize("engine", ["builtin"])
+async def test_a_frozen_host_that_thaws_rejoins_only_after_stopping_its_replaced_pods(hosts: TwoHosts):
+    h = hosts
+    service = f"hf-{h.a.node[1:7]}"
+    await deploy_spread(h, service)
+    assert h.b_worker.proc is not None
+    os.kill(h.b_worker.proc.pid, signal.SIGSTOP)
+    try:
+        await eventually(lambda: h.whole_on_a(service), timeout=90, what=f"{service} whole again on node a")
+        assert (await h.registry())[h.b.node].state == "Lost"  # type: ignore[attr-defined]
+        assert len(node_pods(h.b, service)) == 2, "b's pods still run while it is frozen"
+    finally:
+        os.kill(h.b_worker.proc.pid, signal.SIGCONT)
+    await eventually(h.b_ready, timeout=60, what="node b Ready again")
+    assert node_pods(h.b, service) == [], "b was Ready again while it still ran its replaced pods"
+    assert (await h.registry())[h.b.node].rejoins == 1  # type: ignore[attr-defined]

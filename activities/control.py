@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from temporalio import activity
-from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -26,14 +26,17 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.governance_config import load_governance_policy
-from hms_mgmt.models import NodeSpec, ServiceStatus
+from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
-from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes
+from hms_mgmt.policy.plan import first_replicas, plan_change, plan_placement, slot_edges
+from hms_mgmt.policy.scheduler import NodeUsage, PlacementRequest, pick_nodes, placement_request
 from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
+    CapacityWaitsInput,
+    CapacityWaitsOutput,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
@@ -41,6 +44,8 @@ from hms_mgmt.wire import (
     NodesOutput,
     PickNodeInput,
     PickNodeOutput,
+    PlanInput,
+    PlanOutput,
     SealInput,
     SealOutput,
     StartTicketInput,
@@ -76,6 +81,9 @@ class ControlActivities:
         self.sink = sink
         self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        # service -> {the placing workflow's id: its wait}: placements waiting for room now, what
+        # status().waiting_for shows (the service re-reads them on a ``capacity_changed`` hint)
+        self._short: dict[str, dict[str, WaitingFor]] = {}
 
     async def _entitled(self, service: str, action: str, **data: object) -> Caller:
         """The calling run, if the server records it as ``service``'s own workflow (or its child)
@@ -167,58 +175,102 @@ class ControlActivities:
 
         return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
-    @activity.defn(name="pick_node")
-    async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
-        """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
-        await self._entitled(inp.service, "pick_node")
+    async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus],
+                     nodes: list[NodeSpec]) -> tuple[list[NodeSpec], dict[str, NodeUsage]]:
+        """The Ready nodes (or ``nodes``) and what is placed on each: ``placed`` (the service's
+        own pods) and every other running service's pods, each at its spec's cpu and memory."""
         settings = await asyncio.to_thread(self.settings)
         # The nodes and the other services' pods: two reads, at the same time.
-        others = asyncio.ensure_future(self._other_services(inp.service, settings.task_queue))
+        others = asyncio.ensure_future(self._other_services(service, settings.task_queue))
         try:
-            nodes = inp.nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
+            nodes = nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
         except BaseException:
             others.cancel()
             raise
         usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods,
                                    labels=n.labels) for n in nodes}
 
-        def account(pods, own: bool) -> None:
+        def account(pods: list[PodStatus], of: ServiceSpec, own: bool) -> None:
             for pod in pods:
                 u = usage.get(pod.node)
                 if u is None or pod.health == "exited":
                     continue
                 u.used_pods += 1
-                u.used_cpu += spec_cpu
-                u.used_memory_mb += spec_mem
+                u.used_cpu += of.cpu_limit or 0.0
+                u.used_memory_mb += of.memory_mb or 0
                 if own:
                     u.service_pods += 1
 
-        spec_cpu, spec_mem = inp.spec.cpu_limit or 0.0, inp.spec.memory_mb or 0
-        account(inp.placed, own=True)
+        account(placed, spec, own=True)
         for other in await others:
-            spec_cpu, spec_mem = other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0
-            account(other.pods, own=False)
-        request = PlacementRequest(cpu=inp.spec.cpu_limit or 0.0, memory_mb=inp.spec.memory_mb or 0,
-                                   node_selector=inp.spec.node_selector)
+            account(other.pods, other.spec, own=False)
+        return nodes, usage
+
+    @staticmethod
+    def _shortage(service: str, request: PlacementRequest, usage: dict[str, NodeUsage], missing: int) -> str:
+        """Why ``missing`` pods fit nowhere: what each needs, and each node's room."""
+        selector = ", ".join(f"{k}={v}" for k, v in sorted(request.node_selector.items()))
+        return (
+            f"no node has room for {missing} more pod(s) of {service} "
+            f"(cpu {request.cpu:g}, memory {request.memory_mb} MB each"
+            + (f", nodes labelled {selector}" if selector else "") + "); "
+            + ("; ".join(f"{u.name}: {u.used_pods}/{u.max_pods} pods, cpu {u.used_cpu:g}/{u.cpu:g}"
+                         for u in usage.values()) or "no Ready node")
+        )
+
+    @activity.defn(name="pick_node")
+    async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
+        """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
+        caller = await self._entitled(inp.service, "pick_node")
+        nodes, usage = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
+        request = placement_request(inp.spec)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         by_name = {n.name: n for n in nodes}
         result = PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])
         missing = sum(1 for p in picked if p is None)
         if missing and inp.require_all:
             info = activity.info()
-            selector = ", ".join(f"{k}={v}" for k, v in sorted(request.node_selector.items()))
-            reason = (
-                f"no node has room for {missing} more pod(s) of {inp.service} "
-                f"(cpu {request.cpu:g}, memory {request.memory_mb} MB each"
-                + (f", nodes labelled {selector}" if selector else "") + "); "
-                + ("; ".join(f"{u.name}: {u.used_pods}/{u.max_pods} pods, cpu {u.used_cpu:g}/{u.cpu:g}"
-                             for u in usage.values()) or "no Ready node")
-            )
+            reason = self._shortage(inp.service, request, usage, missing)
             if info.attempt == 1 or info.attempt % 20 == 0:
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
+            await self._waiting(inp.service, caller.workflow_id, reason)
             raise ApplicationError(reason, type=ActivityErrorType.CAPACITY_UNAVAILABLE)
+        await self._waiting(inp.service, caller.workflow_id, None)
         return result
+
+    async def _waiting(self, service: str, placer: str, reason: str | None) -> None:
+        """Record that ``placer`` (a workflow of ``service``) waits for room, or no longer does;
+        when that changes, hint the service to re-read its waits (``capacity_waits``)."""
+        waits = self._short.setdefault(service, {})
+        known = waits.get(placer)
+        if reason is not None:
+            waits[placer] = WaitingFor(kind="capacity", reason=reason, since=known.since if known else datetime.now(UTC))
+        else:
+            waits.pop(placer, None)
+        if not waits:
+            self._short.pop(service, None)
+        if (known is None) == (reason is None):
+            return  # it went on waiting, or never waited: nothing the service does not know
+        try:
+            await self.client.get_workflow_handle(constants.service_workflow_id(service)).signal(names.S.CAPACITY)
+        except RPCError as e:
+            log.warning("could not tell %s its capacity waits changed: %s", service, e.message)
+
+    @activity.defn(name="capacity_waits")
+    async def capacity_waits(self, inp: CapacityWaitsInput) -> CapacityWaitsOutput:
+        """The placements of ``inp.service`` that wait for room now, each with what it needs: for
+        the service's own workflow (``status().waiting_for``), read from the Scheduler itself."""
+        await self._entitled(inp.service, "capacity_waits")
+        waits = self._short.get(inp.service, {})
+        for placer in list(waits):  # a placement cancelled while it waited says nothing: ask the server
+            try:
+                gone = (await self.client.get_workflow_handle(placer).describe()).status != WorkflowExecutionStatus.RUNNING
+            except RPCError:
+                gone = True
+            if gone:
+                waits.pop(placer, None)
+        return CapacityWaitsOutput(waits=[waits[k] for k in sorted(waits)])
 
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
         """The Scheduler's nodes: the registry's Ready ones; the configured ones while no
@@ -379,6 +431,52 @@ class ControlActivities:
             reasons=verdict.reasons,
             approval_timeout_s=min(policy.approval_timeout_s, inp.spec.approval_timeout_s),
         )
+
+    @activity.defn(name="plan_deploy")
+    async def plan_deploy(self, inp: PlanInput) -> PlanOutput:
+        """A dry run's read-only checks, with the rules a deploy uses: governance, the spec's
+        secrets, the Scheduler's placement with the room left on each node, and for a running
+        service the change and its rollout plan. Only for a ``dry_run`` grant of this spec
+        (``authorize`` issued it to a caller who may deploy). Writes nothing."""
+        spec = inp.spec
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await asyncio.to_thread(tickets.check_grant, settings.state_dir, inp.grant, service=spec.name,
+                                    actions={"dry_run"}, bind={"spec": spec.digest()})
+        except AccessDenied as e:
+            await deny(self.sink, spec.name, "plan_deploy", f"dry run refused: {e}")
+        policy = await asyncio.to_thread(load_governance_policy, settings.state_dir)
+        verdict = evaluate(spec, policy)
+        out = PlanOutput(needs_approval=verdict.needs_approval, approval_reasons=verdict.reasons,
+                         time_slots=slot_edges(spec, datetime.now(UTC)))
+        try:
+            await asyncio.to_thread(secret_store.check_spec, settings.state_dir, spec)
+        except HmsError as e:
+            out.secrets_problem, out.secrets_kind = str(e), e.kind
+        running = await self._running_status(spec.name)
+        count, placed = first_replicas(spec, datetime.now(UTC)), []
+        if running is not None:
+            out.change = plan_change(running, spec)
+            if out.change.no_op:  # deploying the spec that runs changes nothing: nothing to approve
+                out.needs_approval, out.approval_reasons = False, []
+            rollout_plan = out.change.rollout
+            count = rollout_plan.rounds[0].start if rollout_plan and rollout_plan.rounds else 0
+            placed = [p for p in running.pods if p.health != "exited"]
+        _, usage = await self._usage(spec.name, spec, placed, [])
+        out.placement, out.pod_nodes = plan_placement(spec, usage, count)
+        out.replicas, out.unplaced = count, out.pod_nodes.count(None)
+        if out.unplaced:
+            out.capacity = self._shortage(spec.name, placement_request(spec), usage, out.unplaced)
+        return out
+
+    async def _running_status(self, service: str) -> ServiceStatus | None:
+        """The service's status while its workflow runs (not ended), else None."""
+        handle = self.client.get_workflow_handle(constants.service_workflow_id(service))
+        try:
+            status = await handle.query(names.Q.STATUS, result_type=ServiceStatus)
+        except (RPCError, WorkflowQueryFailedError):
+            return None
+        return None if status.phase in names.ENDED else status
 
     @activity.defn(name="issue_ticket")
     async def issue_ticket(self, inp: TicketInput) -> TicketOutput:

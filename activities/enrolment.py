@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -27,6 +28,8 @@ from hms_mgmt.wire import (
     NodeVerdict,
     PodReportCheck,
     PodReportVerdict,
+    RouterCheckInput,
+    RouterRegistration,
     StampInput,
     StampOutput,
     VerifyImageInput,
@@ -55,18 +58,20 @@ class NodeTrustActivities:
 
     @activity.defn(name="enrol_node")
     async def enrol_node(self, inp: EnrolInput) -> EnrolOutput:
-        """A host joins: its request must be signed with a live join token's key."""
+        """A host joins: its request must be signed with a live join token's key. The token's
+        role (node or router) is the certificate's."""
         settings = await asyncio.to_thread(self.settings)
         try:
             cert = await asyncio.to_thread(nodeid.enrol, settings.state_dir, inp.request)
             pub = await asyncio.to_thread(nodeid.control_public_pem, settings.state_dir)
         except (AccessDenied, HmsError, ValueError) as e:
-            await self._denied(f"node enrolment refused: {e}", action="enrol")
+            await self._denied(f"enrolment refused: {e}", action="enrol")
             raise ApplicationError(f"enrolment refused: {e}", type=ActivityErrorType.ACCESS_DENIED,
                                    non_retryable=True) from None
-        claims = nodeid.open_cert(settings.state_dir, cert)
-        await self.sink.publish(Event(type="node.enrolled", service="", reason=f"node {claims['node']} joined at "
-                                      f"{claims['addr']}", data={"node": claims["node"], "address": claims["addr"]}))
+        role = str(tickets.open_claims(settings.state_dir, cert, "certificate").get("typ"))
+        claims = nodeid.open_cert(settings.state_dir, cert, role)
+        await self.sink.publish(Event(type=f"{role}.enrolled", service="", reason=f"{role} {claims['node']} joined "
+                                      f"at {claims['addr']}", data={role: claims["node"], "address": claims["addr"]}))
         return EnrolOutput(cert=cert, control_pub=pub.decode())
 
     @activity.defn(name="check_nodes")
@@ -98,6 +103,35 @@ class NodeTrustActivities:
                 del self._forwarded[next(iter(self._forwarded))]
             data = {**ev.data, "node": reg.spec.name, "forwarded_by": reg.spec.name}
             await self.sink.publish(ev.model_copy(update={"reason": ev.reason[:MAX_FORWARDED_REASON], "data": data}))
+
+    @activity.defn(name="check_routers")
+    async def check_routers(self, inp: RouterCheckInput) -> NodeCheckOutput:
+        """Each router registration (or heartbeat): a valid certificate of an enrolled, unremoved
+        router for exactly this name and address, a feed URL at that address, and a fresh
+        signature by its key. Refusals are ``access.denied`` events."""
+        settings = await asyncio.to_thread(self.settings)
+        verdicts = []
+        for reg in inp.registrations:
+            try:
+                at, kid = await asyncio.to_thread(self._check_router, settings, reg, inp.kind)
+                verdicts.append(NodeVerdict(node=reg.name, ok=True, key_id=kid, at=at))
+            except (AccessDenied, ValueError) as e:
+                reason = f"router {reg.name}: {inp.kind} refused: {e}"
+                await self._denied(reason, action=f"router_{inp.kind}", router=reg.name, worker=reg.worker[:200])
+                verdicts.append(NodeVerdict(node=reg.name, ok=False, reason=reason))
+        return NodeCheckOutput(verdicts=verdicts)
+
+    @staticmethod
+    def _check_router(settings: Settings, reg: RouterRegistration, kind: str) -> tuple[float, str]:
+        claims = nodeid.check_cert(settings.state_dir, reg.cert, reg.name, role="router")
+        if claims.get("addr") != reg.address:
+            raise AccessDenied(f"it enrolled at address {claims.get('addr')}, not {reg.address}")
+        url = urlsplit(reg.url)
+        if url.scheme != "http" or url.hostname != reg.address:
+            raise AccessDenied(f"its feed URL {reg.url[:100]} is not http:// at its address {reg.address}")
+        at = nodeid.check_statement(nodeid.pub_of(claims), reg.proof, node=reg.name, kind=f"router-{kind}",
+                                    message=reg.signed_part())
+        return at, nodeid.key_id(claims)
 
     @staticmethod
     def _check(settings: Settings, reg: NodeRegistration, kind: str) -> tuple[float, str]:
@@ -157,9 +191,10 @@ class NodeTrustActivities:
                                pod=inp.pod_id)
             raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}",
                                    type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
+        digest = await asyncio.to_thread(TrustStore(settings.state_dir).repo_digest, inp.spec.image, inp.image_id)
         stamp = await asyncio.to_thread(nodeid.issue_stamp, settings.state_dir, service=inp.service,
                                         revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
-                                        node=inp.node)
+                                        node=inp.node, repo_digest=digest)
         return StampOutput(stamp=stamp)
 
     @activity.defn(name="trust_now")

@@ -121,10 +121,13 @@ class PodActivities:
         Idempotent by pod id: a retried or replayed start finds the pod it already started.
         One activity for both halves keeps a rollout's cost at one task per pod."""
         await self._check_ticket(inp)
+        digest = ""
         if inp.stamp or not self.trust_here:
-            await self._check_stamp(inp)
+            digest = await self._check_stamp(inp)
         elif inp.image_id:
-            await self._check_pinned(inp.spec.image, inp.image_id)
+            digest = await self._check_pinned(inp.spec.image, inp.image_id)
+        if inp.image_id:
+            await self._fetch(inp, digest)
         req = PodLaunch(pod_id=inp.pod_id, service=inp.service, revision=inp.revision, node=inp.node, spec=inp.spec,
                         image_id=inp.image_id)
         # issue 21: the spec's sealed secrets, opened with this node's key (hms_mgmt/secrets.py)
@@ -217,14 +220,16 @@ class PodActivities:
             return pod
         return pod.model_copy(update={"report": self.identity.say("pod", nodeid.pod_report_message(service, pod))})
 
-    async def _check_stamp(self, inp: StartPodInput) -> None:
-        """The control plane's word, for this very start, that the pinned image is trusted now."""
+    async def _check_stamp(self, inp: StartPodInput) -> str:
+        """The control plane's word, for this very start, that the pinned image is trusted now;
+        returns the registry digest it names for that content ("" if none)."""
         state_dir = self.trust.state_dir if self.trust is not None else None
         try:
             if state_dir is None:
                 raise AccessDenied("this node cannot check trust stamps (no state directory)")
-            await asyncio.to_thread(nodeid.check_stamp, state_dir, inp.stamp, service=inp.service,
-                                    revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+            return await asyncio.to_thread(nodeid.check_stamp, state_dir, inp.stamp, service=inp.service,
+                                           revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
+                                           node=inp.node)
         except AccessDenied as e:
             if self.sink is not None:
                 await self.sink.publish(Event(type="access.denied", service=inp.service,
@@ -233,15 +238,29 @@ class PodActivities:
             raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {e}",
                                    type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True) from None
 
-    async def _check_pinned(self, image: str, image_id: str) -> None:
+    async def _check_pinned(self, image: str, image_id: str) -> str:
         """Checked again where the pod starts (heals and scale-ups too): the content admitted for
-        this revision must still be signed and not revoked."""
+        this revision must still be signed and not revoked. Returns its registry digest."""
         if self.trust is None:
-            return
+            return ""
         ok, detail = await asyncio.to_thread(self.trust.verify, image, image_id)
         if not ok:
             raise ApplicationError(f"image {image} ({image_id[:19]}) may not start: {detail}",
                                    type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
+        return await asyncio.to_thread(self.trust.repo_digest, image, image_id)
+
+    async def _fetch(self, inp: StartPodInput, digest: str) -> None:
+        """The pinned content, pulled by digest when this node lacks it; a node that cannot get
+        exactly that content refuses the pod and says why (it never runs what the tag holds)."""
+        try:
+            await heartbeating(self.runtime.fetch, inp.image_id, digest)
+        except ApplicationError as e:
+            if self.sink is not None:
+                await self.sink.publish(Event(type="image.unavailable", service=inp.service,
+                                              reason=f"pod {inp.pod_id} not started on node {inp.node}: {e.message}",
+                                              data={"image": inp.spec.image, "content_id": inp.image_id,
+                                                    "repo_digest": digest, "pod": inp.pod_id, "node": inp.node}))
+            raise
 
     @activity.defn(name="stop_pod")
     async def stop_pod(self, inp: StopPodInput) -> bool:
@@ -294,7 +313,7 @@ class PodActivities:
         content_id = inp.content_id
         if not content_id:
             try:
-                content_id = await asyncio.to_thread(self.runtime.content_id, inp.image)
+                content_id = await asyncio.to_thread(self._signed_content, inp.image)
             except PodRuntimeError as e:
                 raise ApplicationError(f"image {inp.image} is not trusted: {e}", type=ActivityErrorType.IMAGE_UNTRUSTED,
                                        non_retryable=inp.one_try) from e
@@ -311,6 +330,14 @@ class PodActivities:
                 raise ApplicationError("; ".join(problems) + f" (node {self.runtime.node})",
                                        type=ActivityErrorType.SPEC_UNRUNNABLE, non_retryable=True)
         return VerifyImageOutput(content_id=content_id, detail=detail)
+
+    def _signed_content(self, image: str) -> str:
+        """The content a pod of ``image`` would run here. Signed with a registry digest, that is the
+        signed content, whatever the tag holds on this node: a pod pulls it by digest if missing."""
+        record = self.trust.checked(image)[0] if self.trust is not None else None
+        if record is not None and record.repo_digest:
+            return record.content_id
+        return self.runtime.content_id(image)
 
     async def _awaiting_signature(self, inp: VerifyImageInput, detail: str) -> None:
         """A deploy now waits for a signature: say so once (the first failed attempt; the retries
@@ -332,7 +359,7 @@ class PodActivities:
         runtime would run the spec; the control plane judges the trust (``issue_ticket``, and a
         stamp at every start)."""
         try:
-            content_id = inp.content_id or await asyncio.to_thread(self.runtime.content_id, inp.image)
+            content_id = inp.content_id or await asyncio.to_thread(self.runtime.pull_content_id, inp.image)
         except PodRuntimeError as e:
             raise ApplicationError(f"image {inp.image}: {e}", type=ActivityErrorType.IMAGE_UNTRUSTED,
                                    non_retryable=inp.one_try) from e

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
     metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
+    # This router's name and address (``hms router join --name/--address`` writes them; default:
+    # ``<host name>-<port>`` and where it listens).
+    router_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+    router_address: str = LOOPBACK
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
     # This worker's node (``hms worker --node``) and the NodeRegistry's timing.
     docker_host: str | None = None  # e.g. unix:///run/docker-2.sock: the node's own Docker Engine
@@ -149,13 +153,14 @@ class Settings(BaseSettings):
     def _labels(cls, v: Any) -> Any:
         return parse_labels(v) if isinstance(v, str) else v
 
-    @field_validator("node_address")
+    @field_validator("node_address", "router_address")
     @classmethod
     def _node_address(cls, v: str) -> str:
         return check_address(v)
 
-    # Routers the endpoint feed pushes to (``POST <url>/-/feed``); default: the local one.
-    # NoDecode: HMS_ROUTERS is comma-separated text, not JSON.
+    # Deprecated: routers register themselves (RouterRegistry). URLs here also get the feed
+    # (``POST <url>/-/feed``) and drain questions; their answers count only if signed by an
+    # enrolled router. Default: the local one. NoDecode: HMS_ROUTERS is comma-separated text.
     routers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # What this node imposes on every pod, whatever its spec says (SECURITY.md).
     pod_memory_mb: int = Field(default=512, ge=16, description="memory limit of a pod whose spec sets none")

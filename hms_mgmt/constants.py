@@ -6,6 +6,7 @@ CONTROL_TASK_QUEUE = "hms-control"
 NODE_TASK_QUEUE_PREFIX = "hms-node-"
 SERVICE_WORKFLOW_ID_PREFIX = "svc-"
 NODE_REGISTRY_ID = "hms-nodes"
+ROUTER_REGISTRY_ID = "hms-routers"
 
 LABEL_SERVICE = "hms.service"
 LABEL_POD = "hms.pod"
@@ -38,3 +39,10 @@ def node_registry_id(control_task_queue: str = CONTROL_TASK_QUEUE) -> str:
     if control_task_queue == CONTROL_TASK_QUEUE:
         return NODE_REGISTRY_ID
     return f"{NODE_REGISTRY_ID}-{control_task_queue}"
+
+
+def router_registry_id(control_task_queue: str = CONTROL_TASK_QUEUE) -> str:
+    """``hms-routers`` (the RouterRegistry), one per control queue like the NodeRegistry."""
+    if control_task_queue == CONTROL_TASK_QUEUE:
+        return ROUTER_REGISTRY_ID
+    return f"{ROUTER_REGISTRY_ID}-{control_task_queue}"

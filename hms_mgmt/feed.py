@@ -2,27 +2,33 @@
 
 A table is an :class:`~hms_mgmt.models.EndpointSet` as JSON. It travels two ways:
 - written atomically to ``<state_dir>/feed/<service>.json`` (for operators and tools);
-- pushed as ``POST <router>/-/feed``, signed with HMAC-SHA256 over ``<timestamp>.<body>`` under a
-  key in ``<state_dir>/keys/feed.key`` (created 0600 on first use). Anyone can reach a router's
-  port, so a router refuses a push whose signature does not verify, or whose timestamp is more
-  than :data:`MAX_SKEW_S` away from its clock (a replayed old push is refused; a replayed recent
-  one carries an old version and changes nothing).
+- pushed as ``POST <router>/-/feed``, signed by the control plane's Ed25519 key (``control.pem``,
+  the key that signs tickets and grants) over a digest of the body and a timestamp. A router
+  holds only the public half (``control.pub``): no router can sign a table for the others.
+  Anyone can reach a router's port, so a router refuses a push whose signature does not verify,
+  or whose timestamp is more than :data:`MAX_SKEW_S` away from its clock (a replayed old push is
+  refused; a replayed recent one carries an old version and changes nothing).
+
+A drain question (``GET /-/drained``) is signed the same way over its query; the router answers
+with its own statement (:func:`hms_mgmt.nodeid.statement`, kind ``drained``) over the question's
+signature and its answer, so the control plane knows which enrolled router confirmed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import secrets
 import time
 from pathlib import Path
+from typing import Any
 
-from hms_mgmt.auth import keys_dir
+from hms_mgmt import tickets
+from hms_mgmt.errors import AccessDenied
 from hms_mgmt.files import atomic_write, inside
 from hms_mgmt.models import EndpointSet
 
-FEED_KEY_FILE = "feed.key"
 SIGNATURE_HEADER = "X-HMS-Feed-Signature"
+ROUTER_HEADER = "X-HMS-Router"  # a drain answer's signer: the router's enrolled name
+ROUTER_SIGNATURE_HEADER = "X-HMS-Router-Signature"
 FEED_PATH = "/-/feed"
 DRAINED_PATH = "/-/drained"
 MAX_SKEW_S = 300.0
@@ -32,48 +38,44 @@ def feed_dir(state_dir: Path) -> Path:
     return Path(state_dir) / "feed"
 
 
-def feed_key(state_dir: Path) -> bytes:
-    """The shared HMAC key, created (32 random bytes, mode 0600) by whoever needs it first."""
-    path = keys_dir(state_dir) / FEED_KEY_FILE
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # create-if-absent: two processes racing keep one key
-    atomic_write(path, secrets.token_hex(32), mode=0o600, replace=False)
-    return bytes.fromhex(path.read_text().strip())
+def _digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-def sign(key: bytes, body: bytes, *, now: float | None = None) -> str:
-    """The header value: ``t=<unix seconds>,sig=<hex HMAC-SHA256 of "t.body">``."""
-    ts = str(int(time.time() if now is None else now))
-    mac = hmac.new(key, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"t={ts},sig={mac}"
+def sign(state_dir: Path, body: bytes, *, kind: str = "feed", now: float | None = None) -> str:
+    """The header value: the control plane's signed claims over ``kind``, a time and ``body``'s digest."""
+    t = int(time.time() if now is None else now)
+    return tickets.sign_claims(state_dir, {"typ": kind, "t": t, "d": _digest(body)})
 
 
-def verify(key: bytes, body: bytes, header: str | None, *, now: float | None = None) -> str | None:
-    """None if ``header`` signs ``body`` under ``key`` recently enough, else why not."""
+def verify(state_dir: Path, body: bytes, header: str | None, *, kind: str = "feed",
+           now: float | None = None) -> str | None:
+    """None if ``header`` is the control plane's signature of ``body`` as ``kind``, recent enough;
+    else why not. Needs only ``control.pub`` in ``state_dir``."""
     if not header:
         return "unsigned"
     try:
-        parts = dict(p.split("=", 1) for p in header.split(","))
-        ts, sig = parts["t"], parts["sig"]
-        t = int(ts)
-    except (ValueError, KeyError):
-        return "malformed signature header"
-    now = time.time() if now is None else now
-    if abs(now - t) > MAX_SKEW_S:
-        return "signature timestamp too far from now"
-    want = hmac.new(key, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(want, sig):
+        claims = tickets.open_claims(state_dir, header, f"{kind} signature")
+    except AccessDenied as e:
+        return str(e)
+    if claims.get("typ") != kind or claims.get("d") != _digest(body):
         return "bad signature"
+    t = claims.get("t")
+    now = time.time() if now is None else now
+    if not isinstance(t, int) or abs(now - t) > MAX_SKEW_S:
+        return "signature timestamp too far from now"
     return None
 
 
 def drained_query(service: str, pods: str, wait: str) -> bytes:
-    """What a ``GET /-/drained`` signs: the same key and header as a feed push, over its query."""
+    """What a ``GET /-/drained`` signs (kind ``drained``): its query."""
     return f"drained\n{service}\n{pods}\n{wait}".encode()
+
+
+def drained_answer(question_signature: str, answer: bytes) -> dict[str, Any]:
+    """What a router's drain answer signs: the question it answers (its signature, which carries
+    a time) and the answer's body."""
+    return {"q": question_signature, "a": _digest(answer)}
 
 
 def write_table(state_dir: Path, table: EndpointSet) -> Path:

@@ -582,6 +582,100 @@ class UpdateOutcome(_Model):
     status: ServiceStatus
 
 
+
+# --- a dry run's verdict (``deploy(spec, dry_run=True)``, ``hms deploy FILE --dry-run``) --------------
+
+
+class DryRunCheck(_Model):
+    """One admission check of a dry run, in the order a deploy makes them."""
+
+    name: Literal["access", "approval", "secrets", "image", "placement", "change"]
+    ok: bool
+    detail: str = ""
+    kind: FailureKind | None = None  # failing: the failure a deploy would meet
+
+
+class NodePlan(_Model):
+    """Where the Scheduler would put new pods on one Ready node, and the room left after them."""
+
+    node: str
+    pods: int = 0  # new pods placed here
+    pods_left: int  # pod slots left after placing them
+    cpu_left: float
+    memory_left_mb: int
+
+
+class FieldChange(_Model):
+    field: str
+    old: Any = None
+    new: Any = None
+
+
+class RolloutRound(_Model):
+    """One round of a rolling update: old pods drained and stopped, new pods started."""
+
+    retire: int
+    start: int
+
+
+class RolloutPlan(_Model):
+    """How a rolling update would replace the running pods: ``max_surge`` and
+    ``max_unavailable`` as pod counts, and its rounds if every new pod comes up."""
+
+    replicas: int
+    surge: int
+    unavailable: int
+    rounds: list[RolloutRound] = Field(default_factory=list)
+
+
+class SpecChange(_Model):
+    """What a deploy of this spec would change on the running service."""
+
+    from_revision: int
+    phase: Phase
+    changes: list[FieldChange] = Field(default_factory=list)
+    no_op: bool = False  # the same spec already runs (or is rolling out): a deploy changes nothing
+    in_place: bool = False  # no pod field changed: applied without new pods
+    rollout: RolloutPlan | None = None
+
+
+class SlotEdges(_Model):
+    """A time slot of the spec and its next edges (UTC)."""
+
+    name: str
+    on: bool = False  # started and not ended now
+    next_start: datetime | None = None
+    next_end: datetime | None = None
+
+
+class DryRunVerdict(_Model):
+    """What ``deploy`` would do with this spec, decided by the control plane with the same
+    checks a deploy makes, and nothing started: admitted (maybe after an approval) or refused
+    with a typed ``failure``."""
+
+    service: str
+    admitted: bool = False
+    failure: Failure | None = None
+    user: str | None = None
+    role: str | None = None
+    needs_approval: bool = False
+    approval_reasons: list[str] = Field(default_factory=list)
+    image: str = ""
+    image_id: str = ""  # the content every pod of the revision would start from
+    replicas: int = 0  # new pods to place now (a rolling update: its first round)
+    unplaced: int = 0  # of those, pods no node has room for
+    placement: list[NodePlan] = Field(default_factory=list)
+    pod_nodes: list[str | None] = Field(default_factory=list)  # each new pod's node, as pick_node places them
+    change: SpecChange | None = None  # a running service: what would change
+    time_slots: list[SlotEdges] = Field(default_factory=list)
+    checks: list[DryRunCheck] = Field(default_factory=list)
+
+    def error(self) -> Exception | None:
+        """The exception a deploy of this spec would raise (None when it would be admitted)."""
+        from hms_mgmt.errors import error_for
+
+        return None if self.failure is None else error_for(self.failure.kind, self.failure.message)
+
 # --- the router's endpoint feed ------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hms_mgmt.constants import SERVICE_WORKFLOW_ID_PREFIX, service_workflow_id
 
 __all__ = [
-    "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW",
+    "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW", "ROUTER_REGISTRY_WORKFLOW", "RR",
     "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
     "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
     "SLOT_EDGE_WORKFLOW", "slot_schedule_id", "slot_schedule_prefix",
@@ -23,6 +23,7 @@ DEPLOY_WORKFLOW = "DeployWorkflow"
 SCALE_WORKFLOW = "ScaleWorkflow"
 HEAL_WORKFLOW = "HealWorkflow"
 NODE_REGISTRY_WORKFLOW = "NodeRegistry"
+ROUTER_REGISTRY_WORKFLOW = "RouterRegistry"
 SLOT_EDGE_WORKFLOW = "SlotEdgeWorkflow"  # started by a time slot's Temporal Schedule
 
 
@@ -58,6 +59,7 @@ class S:
     IMAGE_REVOKED = "image_revoked"
     NODE_LOST = "node_lost"
     SLOT_EDGE = "slot_edge"  # a time slot's schedule -> ServiceWorkflow (checked against a standing grant)
+    CAPACITY = "capacity_changed"  # the Scheduler -> ServiceWorkflow: a hint to re-read its capacity waits
     SUPERSEDE = "supersede"  # ServiceWorkflow -> its rolling DeployWorkflow
 
 
@@ -70,6 +72,17 @@ class NR:
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
+    DRY_RUN = "dry_run"  # `hms deploy --dry-run`: admission's checks on the control worker, nothing started
+
+
+class RR:
+    """Messages of the RouterRegistry: the ``routers`` query, the ``register`` update and the
+    ``heartbeat`` signal (a router sends both, signed with its key) and ``enrol`` (`hms router join`)."""
+
+    ROUTERS = "routers"
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    ENROL = "enrol"
 
 
 # --- child workflow ids ------------------------------------------------------------------------

@@ -15,6 +15,10 @@ per-start trust stamps. Pure functions over files; no Temporal here (SECURITY.md
   says (``kind``), a time, a nonce and the message: registrations, heartbeats and pod reports.
 - A **trust stamp** is the control plane's word, at one pod start, that the pinned image is
   signed and not revoked now; it names the pod and expires within minutes.
+
+Routers join the same way, in a role of their own (``role="router"``: ``hms router join-token``):
+a token records its role, the certificate's ``typ`` says it, and routers are recorded apart from
+nodes (a router's certificate never runs pods, a node's never confirms a drain).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ ENROLMENT_FILE = "enrolment.json"
 MAX_SKEW_S = 300.0  # a statement or enrolment request older (or newer) than this is refused
 STAMP_TTL_S = 300.0  # a trust stamp is good for one start, within this
 REPORT_MAX_AGE_S = 600.0  # a pod report reaches its service within this (a busy workflow reads late)
+ROLES = ("node", "router")
 
 
 class NotJoined(HmsError):
@@ -102,30 +107,37 @@ def has_control_key(state_dir: Path) -> bool:
 # --- this node's own key and certificate --------------------------------------------------------
 
 
-def node_key_path(state_dir: Path, node: str) -> Path:
-    return _keys(state_dir) / f"node-{node}.pem"
+def _section(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    return role + "s"
 
 
-def node_cert_path(state_dir: Path, node: str) -> Path:
-    return _keys(state_dir) / f"node-{node}.crt"
+def node_key_path(state_dir: Path, node: str, role: str = "node") -> Path:
+    return _keys(state_dir) / f"{role}-{node}.pem"
 
 
-def ensure_node_key(state_dir: Path, node: str) -> Ed25519PrivateKey:
-    """This node's key, made once (0600); the control plane never sees its private half."""
-    path = node_key_path(state_dir, node)
+def node_cert_path(state_dir: Path, node: str, role: str = "node") -> Path:
+    return _keys(state_dir) / f"{role}-{node}.crt"
+
+
+def ensure_node_key(state_dir: Path, node: str, role: str = "node") -> Ed25519PrivateKey:
+    """This node's (or router's) key, made once (0600); the control plane never sees its private half."""
+    path = node_key_path(state_dir, node, role)
     if not path.exists():
         _keys(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         atomic_write(path, pem, mode=0o600, replace=False)
-    return load_node_key(state_dir, node)
+    return load_node_key(state_dir, node, role)
 
 
-def load_node_key(state_dir: Path, node: str) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(node_key_path(state_dir, node).read_bytes(), password=None)
+def load_node_key(state_dir: Path, node: str, role: str = "node") -> Ed25519PrivateKey:
+    path = node_key_path(state_dir, node, role)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
-        raise AccessDenied(f"{node_key_path(state_dir, node)} is not an Ed25519 key")
+        raise AccessDenied(f"{path} is not an Ed25519 key")
     return key
 
 
@@ -146,31 +158,31 @@ class NodeIdentity:
         return statement(self.key, self.node, kind, message)
 
 
-def node_identity(state_dir: Path, node: str, address: str) -> NodeIdentity:
-    """This node's identity. On the control plane's own host (``control.pem`` here: the
-    single-host default) the node enrols itself; elsewhere it must have joined with a token."""
-    cert_path = node_cert_path(state_dir, node)
+def node_identity(state_dir: Path, node: str, address: str, role: str = "node") -> NodeIdentity:
+    """This node's (or router's) identity. On the control plane's own host (``control.pem`` here:
+    the single-host default) it enrols itself; elsewhere it must have joined with a token."""
+    cert_path = node_cert_path(state_dir, node, role)
     if has_control_key(state_dir):
-        key = ensure_node_key(state_dir, node)
+        key = ensure_node_key(state_dir, node, role)
         cert = cert_path.read_text().strip() if cert_path.exists() else ""
         claims = _cert_claims_unchecked(cert)
         if claims.get("key") != _b64(raw_public(key)) or claims.get("addr") != address or not _enrolled_as(
-                state_dir, node, claims):
-            cert = enrol_key(state_dir, node=node, address=address, public_key=raw_public(key))
+                state_dir, node, claims, role):
+            cert = enrol_key(state_dir, node=node, address=address, public_key=raw_public(key), role=role)
             atomic_write(cert_path, cert + "\n", mode=0o644)
         return NodeIdentity(node=node, key=key, cert=cert)
-    if not cert_path.exists() or not node_key_path(state_dir, node).exists():
-        raise NotJoined(f"node {node} has not joined a control plane (no {cert_path}): run "
-                        "`hms node join-token` on the control host, then `hms node join TOKEN --name "
+    if not cert_path.exists() or not node_key_path(state_dir, node, role).exists():
+        raise NotJoined(f"{role} {node} has not joined a control plane (no {cert_path}): run "
+                        f"`hms {role} join-token` on the control host, then `hms {role} join TOKEN --name "
                         f"{node} --address ADDR` here")
-    key = load_node_key(state_dir, node)
+    key = load_node_key(state_dir, node, role)
     cert = cert_path.read_text().strip()
-    claims = open_cert(state_dir, cert)
+    claims = open_cert(state_dir, cert, role)
     if claims["node"] != node or claims["key"] != _b64(raw_public(key)):
         raise AccessDenied(f"{cert_path} is not {node}'s certificate for its key")
     if claims.get("addr") != address:
-        raise AccessDenied(f"node {node} joined with address {claims.get('addr')}, not {address}: join again "
-                           "with the new address (`hms node remove` on the control host first)")
+        raise AccessDenied(f"{role} {node} joined with address {claims.get('addr')}, not {address}: join again "
+                           f"with the new address (`hms {role} remove` on the control host first)")
     return NodeIdentity(node=node, key=key, cert=cert)
 
 
@@ -217,6 +229,7 @@ class JoinToken:
     task_queue: str
     control_fingerprint: str
     key: Ed25519PrivateKey
+    role: str = "node"
 
     @property
     def token_id(self) -> str:
@@ -230,8 +243,10 @@ def parse_join_token(text: str) -> JoinToken:
             raise ValueError(prefix)
         info = json.loads(_unb64(where))
         key = Ed25519PrivateKey.from_private_bytes(_unb64(secret))
+        role = str(info.get("role", "node"))
+        _section(role)
         return JoinToken(temporal_address=str(info["addr"]), task_queue=str(info["tq"]),
-                         control_fingerprint=str(info["fp"]), key=key)
+                         control_fingerprint=str(info["fp"]), key=key, role=role)
     except (ValueError, KeyError, TypeError):
         raise HmsError("not a join token (it starts with hmsjoin1.; print one with `hms node join-token` "
                        "on the control host)") from None
@@ -250,24 +265,28 @@ def _enrolment(state_dir: Path, *, write: bool) -> Iterator[dict[str, Any]]:
             raise HmsError(f"{path} is damaged: {e}") from None
         data.setdefault("tokens", {})
         data.setdefault("nodes", {})
+        data.setdefault("routers", {})
         yield data
         if write:
             atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode=0o600)
 
 
 def make_join_token(state_dir: Path, *, temporal_address: str, task_queue: str, ttl_s: float,
-                    rotate: bool = False, now: float | None = None) -> str:
-    """A new join token; with ``rotate`` every earlier one stops working."""
+                    rotate: bool = False, now: float | None = None, role: str = "node") -> str:
+    """A new join token for ``role``; with ``rotate`` every earlier one of that role stops working."""
+    _section(role)
     tickets.ensure_control_key(state_dir)
     now = time.time() if now is None else now
     key = Ed25519PrivateKey.generate()
     where = {"addr": temporal_address, "tq": task_queue, "fp": pem_fingerprint(control_public_pem(state_dir))}
-    token = JoinToken(temporal_address, task_queue, where["fp"], key)
+    if role != "node":
+        where["role"] = role
+    token = JoinToken(temporal_address, task_queue, where["fp"], key, role)
     with _enrolment(state_dir, write=True) as data:
-        if rotate:
-            data["tokens"] = {}
-        data["tokens"] = {tid: t for tid, t in data["tokens"].items() if t["exp"] > now}
-        data["tokens"][token.token_id] = {"pub": _b64(raw_public(key)), "exp": now + ttl_s, "made": now}
+        data["tokens"] = {tid: t for tid, t in data["tokens"].items()
+                          if t["exp"] > now and not (rotate and t.get("role", "node") == role)}
+        data["tokens"][token.token_id] = {"pub": _b64(raw_public(key)), "exp": now + ttl_s, "made": now,
+                                          "role": role}
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
     return f"{TOKEN_PREFIX}.{_b64(_canonical(where))}.{_b64(seed)}"
@@ -276,7 +295,7 @@ def make_join_token(state_dir: Path, *, temporal_address: str, task_queue: str, 
 def enrol_request(token: JoinToken, *, node: str, address: str, public_key: bytes, now: float | None = None) -> str:
     """What the joining host sends: its name, address and key, signed with the token's key."""
     claims = {"tid": token.token_id, "node": node, "addr": address, "key": _b64(public_key),
-              "t": round(time.time() if now is None else now, 3)}
+              "t": round(time.time() if now is None else now, 3), "role": token.role}
     payload = _canonical(claims)
     return f"{_b64(payload)}.{_b64(token.key.sign(payload))}"
 
@@ -304,13 +323,20 @@ def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
     at = claims.get("t")
     if not isinstance(at, (int, float)) or abs(now - at) > MAX_SKEW_S:
         raise AccessDenied("the enrolment request is stale")
+    role = known.get("role", "node")
+    if claims.get("role", "node") != role:
+        raise AccessDenied(f"the join token is for a {role}, not a {claims.get('role')}: "
+                           f"use `hms {role} join`")
     return enrol_key(state_dir, node=str(claims.get("node")), address=str(claims.get("addr")),
-                     public_key=_unb64(str(claims.get("key"))), now=now)
+                     public_key=_unb64(str(claims.get("key"))), now=now, role=role)
 
 
-def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, now: float | None = None) -> str:
-    """Record ``node`` with ``public_key`` and sign its certificate. A name holds one key: another
-    key for an enrolled name is refused until ``hms node remove`` revokes the first."""
+def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, now: float | None = None,
+              role: str = "node") -> str:
+    """Record ``node`` (a node or a router, by ``role``) with ``public_key`` and sign its certificate.
+    A name holds one key: another key for an enrolled name is refused until ``hms node remove``
+    (``hms router remove``) revokes the first."""
+    section = _section(role)
     from hms_mgmt.models import NodeSpec
 
     NodeSpec(name=node, task_queue="x", address=address)  # the name and address are valid, or ValueError
@@ -318,33 +344,33 @@ def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, no
     now = time.time() if now is None else now
     key = _b64(public_key)
     with _enrolment(state_dir, write=True) as data:
-        old = data["nodes"].get(node)
+        old = data[section].get(node)
         if old and not old.get("revoked_at") and old["key"] != key:
-            raise AccessDenied(f"node {node} is already enrolled with another key (remove it first: "
-                               f"`hms node remove {node}`)")
+            raise AccessDenied(f"{role} {node} is already enrolled with another key (remove it first: "
+                               f"`hms {role} remove {node}`)")
         serial = old["serial"] if old and old["key"] == key and old["addr"] == address and not old.get(
             "revoked_at") else uuid.uuid4().hex
-        data["nodes"][node] = {"key": key, "addr": address, "serial": serial, "enrolled_at": now}
-    return tickets.sign_claims(state_dir, {"typ": "node", "node": node, "addr": address, "key": key,
+        data[section][node] = {"key": key, "addr": address, "serial": serial, "enrolled_at": now}
+    return tickets.sign_claims(state_dir, {"typ": role, "node": node, "addr": address, "key": key,
                                            "serial": serial, "iat": int(now)})
 
 
-def revoke(state_dir: Path, node: str, *, now: float | None = None) -> bool:
+def revoke(state_dir: Path, node: str, *, now: float | None = None, role: str = "node") -> bool:
     with _enrolment(state_dir, write=True) as data:
-        rec = data["nodes"].get(node)
+        rec = data[_section(role)].get(node)
         if rec is None or rec.get("revoked_at"):
             return False
         rec["revoked_at"] = time.time() if now is None else now
     return True
 
 
-def enrolled(state_dir: Path) -> dict[str, dict[str, Any]]:
+def enrolled(state_dir: Path, role: str = "node") -> dict[str, dict[str, Any]]:
     with _enrolment(state_dir, write=False) as data:
-        return dict(data["nodes"])
+        return dict(data[_section(role)])
 
 
-def _enrolled_as(state_dir: Path, node: str, claims: dict[str, Any]) -> bool:
-    rec = enrolled(state_dir).get(node)
+def _enrolled_as(state_dir: Path, node: str, claims: dict[str, Any], role: str = "node") -> bool:
+    rec = enrolled(state_dir, role).get(node)
     return bool(rec) and not rec.get("revoked_at") and rec.get("serial") == claims.get("serial")
 
 
@@ -356,39 +382,38 @@ def _cert_claims_unchecked(cert: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
-def open_cert(state_dir: Path, cert: str) -> dict[str, Any]:
-    """A certificate's claims if the control plane signed it (any host with ``control.pub``)."""
+def open_cert(state_dir: Path, cert: str, role: str = "node") -> dict[str, Any]:
+    """A certificate's claims if the control plane signed it for ``role`` (any host with ``control.pub``)."""
     if not cert:
-        raise AccessDenied("no node certificate")
-    claims = tickets.open_claims(state_dir, cert, "node certificate")
-    if claims.get("typ") != "node" or not all(isinstance(claims.get(k), str) for k in ("node", "key", "serial")):
-        raise AccessDenied("not a node certificate")
+        raise AccessDenied(f"no {role} certificate")
+    claims = tickets.open_claims(state_dir, cert, f"{role} certificate")
+    if claims.get("typ") != role or not all(isinstance(claims.get(k), str) for k in ("node", "key", "serial")):
+        raise AccessDenied(f"not a {role} certificate")
     return claims
 
 
-def check_cert(state_dir: Path, cert: str, node: str) -> dict[str, Any]:
+def _live_record(state_dir: Path, node: str, role: str) -> dict[str, Any]:
+    rec = enrolled(state_dir, role).get(node)
+    if rec is None:
+        raise AccessDenied(f"{role} {node} is not enrolled")
+    if rec.get("revoked_at"):
+        raise AccessDenied(f"{role} {node} was removed (its certificate is revoked)")
+    return rec
+
+
+def check_cert(state_dir: Path, cert: str, node: str, role: str = "node") -> dict[str, Any]:
     """On the control host: the certificate is ours, names ``node``, and is its current, unrevoked one."""
-    claims = open_cert(state_dir, cert)
+    claims = open_cert(state_dir, cert, role)
     if claims["node"] != node:
-        raise AccessDenied(f"the certificate is node {claims['node']}'s, not {node}'s")
-    rec = enrolled(state_dir).get(node)
-    if rec is None:
-        raise AccessDenied(f"node {node} is not enrolled")
-    if rec.get("revoked_at"):
-        raise AccessDenied(f"node {node} was removed (its certificate is revoked)")
-    if rec.get("serial") != claims["serial"]:
-        raise AccessDenied(f"node {node}'s certificate was replaced")
+        raise AccessDenied(f"the certificate is {role} {claims['node']}'s, not {node}'s")
+    if _live_record(state_dir, node, role).get("serial") != claims["serial"]:
+        raise AccessDenied(f"{role} {node}'s certificate was replaced")
     return claims
 
 
-def node_public_key(state_dir: Path, node: str) -> bytes:
+def node_public_key(state_dir: Path, node: str, role: str = "node") -> bytes:
     """On the control host: the key ``node`` enrolled with, unless it was removed."""
-    rec = enrolled(state_dir).get(node)
-    if rec is None:
-        raise AccessDenied(f"node {node} is not enrolled")
-    if rec.get("revoked_at"):
-        raise AccessDenied(f"node {node} was removed (its certificate is revoked)")
-    return _unb64(rec["key"])
+    return _unb64(_live_record(state_dir, node, role)["key"])
 
 
 def key_id(cert_claims: dict[str, Any]) -> str:
@@ -403,15 +428,17 @@ def pub_of(cert_claims: dict[str, Any]) -> bytes:
 
 
 def issue_stamp(state_dir: Path, *, service: str, revision: int, image_id: str, pod_id: str, node: str,
-                now: float | None = None) -> str:
+                now: float | None = None, repo_digest: str = "") -> str:
+    """``repo_digest``: where the node may pull the signed content by digest when it lacks it."""
     now = time.time() if now is None else now
-    return tickets.sign_claims(state_dir, {"typ": "stamp", "svc": service, "rev": revision, "img": image_id,
-                                           "pod": pod_id, "node": node, "iat": int(now),
-                                           "exp": int(now + STAMP_TTL_S)})
+    claims = {"typ": "stamp", "svc": service, "rev": revision, "img": image_id, "pod": pod_id, "node": node,
+              "iat": int(now), "exp": int(now + STAMP_TTL_S)}
+    return tickets.sign_claims(state_dir, {**claims, "dig": repo_digest} if repo_digest else claims)
 
 
 def check_stamp(state_dir: Path, stamp: str, *, service: str, revision: int, image_id: str, pod_id: str,
-                node: str, now: float | None = None) -> None:
+                node: str, now: float | None = None) -> str:
+    """Refuses (AccessDenied) a stamp for anything else; returns its repo digest ("" if none)."""
     if not stamp:
         raise AccessDenied("no trust stamp from the control plane for this start")
     claims = tickets.open_claims(state_dir, stamp, "trust stamp")
@@ -422,6 +449,7 @@ def check_stamp(state_dir: Path, stamp: str, *, service: str, revision: int, ima
     exp = claims.get("exp")
     if not isinstance(exp, int) or exp < (time.time() if now is None else now):
         raise AccessDenied("the trust stamp has expired")
+    return str(claims.get("dig") or "")
 
 
 def pod_report_message(service: str, pod: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
 from hms_mgmt.models import NodeRecord, NodeSpec, ServiceStatus
-from hms_mgmt.wire import NodesOutput
+from hms_mgmt.wire import NodesOutput, RouterRecord, RoutersOutput
 
 
 class NodeView(BaseModel):
@@ -40,6 +40,19 @@ async def registry_nodes(client: Client, settings: Settings) -> builtins.list[No
         raise
     except WorkflowQueryFailedError:
         return None
+
+
+async def list_routers(client: Client, settings: Settings) -> builtins.list[RouterRecord]:
+    """The RouterRegistry's records (none when no router ever registered)."""
+    handle = client.get_workflow_handle(constants.router_registry_id(settings.task_queue))
+    try:
+        return (await handle.query(names.RR.ROUTERS, result_type=RoutersOutput)).routers
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return []
+        raise
+    except WorkflowQueryFailedError:
+        return []
 
 
 async def service_statuses(client: Client, task_queue: str) -> builtins.list[ServiceStatus]:

@@ -12,7 +12,7 @@ import builtins
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -43,6 +43,7 @@ from hms_mgmt.errors import (
 from hms_mgmt.models import (
     Approval,
     DeployResult,
+    DryRunVerdict,
     PodStatus,
     RevisionRecord,
     SecretInfo,
@@ -51,8 +52,10 @@ from hms_mgmt.models import (
     SlotClock,
     UpdateOutcome,
 )
+from hms_mgmt.policy.plan import heading_to
 from hms_mgmt.wire import (
     AdmissionRequest,
+    DryRunInput,
     LogsOutput,
     Placement,
     PodLogsInput,
@@ -159,14 +162,6 @@ def workflow_not_ready(e: RPCError) -> bool:
     return any(d.type_url.endswith("/temporal.api.errordetails.v1.WorkflowNotReadyFailure") for d in details)
 
 
-def heading_to(status: ServiceStatus) -> ServiceSpec:
-    """The spec a service is heading to: the newest revision admitted and still rolling out, else
-    the one it runs. A deploy is compared with this, so deploying the old spec again while a
-    rollout runs replaces the rollout (it is no no-op), and deploying the new one again is."""
-    rolling = [r for r in status.revisions if r.outcome == "rolling" and r.revision > status.revision]
-    return rolling[-1].spec if rolling else status.spec
-
-
 class Orchestrator:
     """Async client of the management layer, bound to one Temporal connection."""
 
@@ -231,14 +226,26 @@ class Orchestrator:
             return None
         return self.client.get_workflow_handle(handle.id, run_id=desc.run_id)
 
-    async def deploy(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0) -> DeployResult:
+    @overload
+    async def deploy(self, spec: SpecLike, *, wait: bool = ..., timeout: float = ...,
+                     dry_run: Literal[False] = ...) -> DeployResult: ...
+
+    @overload
+    async def deploy(self, spec: SpecLike, *, wait: bool = ..., timeout: float = ...,
+                     dry_run: Literal[True]) -> DryRunVerdict: ...
+
+    async def deploy(self, spec: SpecLike, *, wait: bool = False, timeout: float = 300.0,
+                     dry_run: bool = False) -> DeployResult | DryRunVerdict:
         """Start the service's workflow and return once admission has answered; a no-op when
         the same spec already runs.
 
         The start and the question "were we admitted?" are one call (update-with-start), so a
         refusal (access, governance, untrusted image) is raised here at once, typed. With
-        ``wait=True``, return once the service is Running, or raise why it is not.
+        ``wait=True``, return once the service is Running, or raise why it is not. With
+        ``dry_run=True``, start nothing and return the admission verdict (:meth:`dry_run`).
         """
+        if dry_run:
+            return await self.dry_run(spec)
         spec = load_spec(spec)
         self._check_secrets_here(spec)
         wf_id = constants.service_workflow_id(spec.name)
@@ -261,6 +268,26 @@ class Orchestrator:
         return DeployResult(workflow_id=wf_id, run_id=handle.result_run_id or handle.run_id,
                             web_ui_url=self.settings.web_ui_link(wf_id), already_running=already,
                             revision=revision)
+
+    async def dry_run(self, spec: SpecLike) -> DryRunVerdict:
+        """What a deploy of ``spec`` would do, with nothing started: the control plane runs
+        admission's checks (this caller's proof and role, governance, secrets, image trust and
+        its content id, placement per node, and for a running service the change and its
+        rollout plan) in the NodeRegistry's ``dry_run`` update. A refusal is in the verdict
+        (``failure``, typed; ``verdict.error()`` is its exception), not raised."""
+        spec = load_spec(spec)
+        handle = self.client.get_workflow_handle(constants.node_registry_id(self.settings.task_queue))
+        arg = _request(DryRunInput, f"dry run {spec.name}", spec=spec, request_id=uuid.uuid4().hex,
+                       proof=self._prove("dry_run", spec.name, spec=spec.digest()))
+        try:
+            return await handle.execute_update(names.NR.DRY_RUN, arg, result_type=DryRunVerdict)
+        except WorkflowUpdateFailedError as e:
+            raise failure_error(e, f"dry run {spec.name}") from None
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise HmsError(f"dry run {spec.name}: no control plane answers (no node registry runs for "
+                               f"{self.settings.task_queue}): start it with `hms up` or `hms worker`") from None
+            raise
 
     async def _admission_with_start(self, spec: ServiceSpec, inp: ServiceInput, *, until: str,
                                     timeout: float) -> tuple[ServiceStatus, WithStartWorkflowOperation[Any, Any]]:
@@ -685,7 +712,8 @@ def _sync(fn_name: str, *args: Any, settings: Settings | None = None, **kwargs: 
     return connection.run(_shared(fn_name, *args, settings=settings, **kwargs))
 
 
-async def deploy_async(spec: SpecLike, *, settings: Settings | None = None, **kw: Any) -> DeployResult:
+async def deploy_async(spec: SpecLike, *, settings: Settings | None = None,
+                       **kw: Any) -> DeployResult | DryRunVerdict:
     spec = load_spec(spec)  # a bad spec fails before any connection is made
     return await _with("deploy", spec, settings=settings, **kw)
 
@@ -718,8 +746,9 @@ async def undeploy_async(name: str, *, settings: Settings | None = None, **kw: A
     return await _with("undeploy", name, settings=settings, **kw)
 
 
-def deploy(spec: SpecLike, *, settings: Settings | None = None, **kw: Any) -> DeployResult:
-    """Deploy a service: a dict like the seed's, a ServiceSpec, or a YAML file path."""
+def deploy(spec: SpecLike, *, settings: Settings | None = None, **kw: Any) -> DeployResult | DryRunVerdict:
+    """Deploy a service: a dict like the seed's, a ServiceSpec, or a YAML file path. With
+    ``dry_run=True``, start nothing and return the admission verdict (a DryRunVerdict)."""
     spec = load_spec(spec)
     return _sync("deploy", spec, settings=settings, **kw)
 

@@ -8,6 +8,7 @@
 - :func:`local_stack` — a dev server, a control+node worker in this process and, optionally, a
   builtin router as a process of its own; everything stopped on exit;
 - :class:`WorkerProcess` — ``python -m worker`` as a real subprocess, to kill and start again;
+- :class:`LocalRegistry` — Debian's ``docker-registry`` on 127.0.0.1, to push to and pull by digest from;
 - a TLS front for Temporal (:mod:`hms_mgmt.tlsfront`, re-exported): :func:`make_pki`, :class:`TlsFront`.
 
 The worker is imported when a stack starts, not with this module: ``hms_mgmt`` itself does not
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from hms_mgmt.tlsfront import Pki, TlsFront, make_pki
 
 __all__ = [
     "DevServer",
+    "LocalRegistry",
     "LocalStack",
     "Pki",
     "TlsFront",
@@ -199,3 +203,59 @@ def enrol_node_dir(control_state: Path, node_state: Path, node: str, address: st
     cert = nodeid.enrol_key(control_state, node=node, address=address, public_key=nodeid.raw_public(key))
     atomic_write(node_state / "keys" / tickets.PUBLIC_FILE, nodeid.control_public_pem(control_state), mode=0o644)
     atomic_write(nodeid.node_cert_path(node_state, node), cert + "\n", mode=0o644)
+
+
+class LocalRegistry:
+    """Debian's ``docker-registry`` (distribution 2.8) as a process of our own on ``host``
+    (127.0.0.1 by default), with its config and storage in ``root``. dockerd takes plain HTTP
+    from 127.0.0.0/8 registries; another address needs ``--insecure-registry ADDR:PORT``."""
+
+    def __init__(self, root: Path, port: int | None = None, *, host: str = "127.0.0.1") -> None:
+        self.root = Path(root)
+        self.host = host
+        self.port = port or free_port()
+        self.address = f"{host}:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> LocalRegistry:
+        binary = shutil.which("docker-registry")
+        if binary is None:
+            raise RuntimeError("no docker-registry binary: apt-get install docker-registry")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        config.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: "
+                          f"{self.root / 'data'}}}\nhttp:\n  addr: {self.address}\n")
+        with open(self.root / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_open(self.host, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"docker-registry did not listen on {self.address}: see {self.root / 'registry.log'}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+async def activity_results(client: Any, task_queue: str, activity: str, result_type: type) -> list[Any]:
+    """Every completed ``activity``'s result in the histories of the workflows on ``task_queue``
+    (what a rollout's drains or a service's feed pushes answered, as Temporal recorded them)."""
+    out: list[Any] = []
+    async for wf in client.list_workflows(f'TaskQueue = "{task_queue}"'):
+        scheduled: dict[int, str] = {}
+        async for ev in client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history_events():
+            if ev.HasField("activity_task_scheduled_event_attributes"):
+                scheduled[ev.event_id] = ev.activity_task_scheduled_event_attributes.activity_type.name
+            elif ev.HasField("activity_task_completed_event_attributes"):
+                done = ev.activity_task_completed_event_attributes
+                if scheduled.get(done.scheduled_event_id) == activity:
+                    out.extend(await client.data_converter.decode(done.result.payloads, [result_type]))
+    return out

@@ -10,6 +10,7 @@ defaults. Workflows import this module through ``imports_passed_through``: keep 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -23,7 +24,9 @@ from hms_mgmt.models import (
     Approval,
     Decision,
     Failure,
+    FailureKind,
     Health,
+    NodePlan,
     NodeRecord,
     NodeSpec,
     PendingApproval,
@@ -33,11 +36,19 @@ from hms_mgmt.models import (
     RevisionRecord,
     RolloutStatus,
     ServiceSpec,
+    SlotEdges,
+    SpecChange,
+    WaitingFor,
     _Model,
 )
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
 
 __all__ = [
+    "RouterCheckInput",
+    "RouterRecord",
+    "RouterRegistration",
+    "RouterRegistryInput",
+    "RoutersOutput",
     "PendingEvent",
     "SignalledApproval",
     "SlotEdge",
@@ -48,10 +59,13 @@ __all__ = [
     "AdmissionRequest",
     "AuthorizeInput",
     "AuthorizeOutput",
+    "CapacityWaitsInput",
+    "CapacityWaitsOutput",
     "DeployInput",
     "DeployOutput",
     "DrainInput",
     "DrainResult",
+    "DryRunInput",
     "EventInput",
     "FailedPod",
     "GovernanceInput",
@@ -79,6 +93,8 @@ __all__ = [
     "NodesOutput",
     "PickNodeInput",
     "PickNodeOutput",
+    "PlanInput",
+    "PlanOutput",
     "Placement",
     "PodFailure",
     "PodLogsInput",
@@ -122,6 +138,53 @@ class NodeRegistration(_Model):
         """What ``proof`` signs: everything but itself (and no ``events`` key when there are
         none, as a node that never forwards events signs it)."""
         return self.model_dump(mode="json", exclude={"proof"} if self.events else {"proof", "events"})
+
+
+class RouterRegistration(_Model):
+    """A router's ``register`` update and ``heartbeat`` signal: where it takes the feed."""
+
+    name: str = Field(min_length=1, max_length=63)
+    address: str = Field(max_length=253)  # the address it enrolled with (its certificate says)
+    url: str = Field(max_length=300)  # where the feed is pushed and drains are asked: http://ADDR:PORT
+    engine: str = Field(default="", max_length=20)
+    worker: str = Field(default="", max_length=300)  # host/pid, for operators
+    cert: str = Field(default="", max_length=4096)  # the router's certificate (hms_mgmt.nodeid, role router)
+    proof: str = Field(default="", max_length=4096)  # the router's signature over the rest, fresh
+
+    def signed_part(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"proof"})
+
+
+class RouterRecord(_Model):
+    """What the RouterRegistry knows of one router."""
+
+    name: str
+    address: str
+    url: str
+    engine: str = ""
+    worker: str = ""
+    state: Literal["Ready", "Lost"] = "Ready"
+    registered_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    lost_at: datetime | None = None
+    key_id: str = ""
+    last_proof_at: float = 0.0
+
+
+class RouterRegistryInput(_Model):
+    lost_after_s: float = Field(default=30.0, gt=0)
+    control_task_queue: str = "hms-control"
+    routers: list[RouterRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None
+
+
+class RoutersOutput(_Model):
+    routers: list[RouterRecord] = Field(default_factory=list)
+
+
+class RouterCheckInput(_Model):
+    registrations: list[RouterRegistration] = Field(default_factory=list)
+    kind: Literal["register", "heartbeat"] = "heartbeat"
 
 
 class RegisterResult(_Model):
@@ -422,6 +485,46 @@ class PickNodeInput(_Model):
 
 class PickNodeOutput(_Model):
     nodes: list[NodeSpec | None]
+
+
+class CapacityWaitsInput(_Model):
+    service: str
+
+
+class CapacityWaitsOutput(_Model):
+    """The service's pods the Scheduler has no room for now, one wait per placement that waits."""
+
+    waits: list[WaitingFor] = Field(default_factory=list)
+
+
+class DryRunInput(_Model):
+    """The NodeRegistry's ``dry_run`` update: admission's checks for ``spec``, nothing started.
+    ``proof`` is the caller's, made for ``dry_run`` and bound to the spec's digest."""
+
+    spec: ServiceSpec
+    proof: str = Field(default="", max_length=MAX_TOKEN_CHARS)
+    request_id: str = Field(default="", max_length=MAX_REQUEST_ID_CHARS)
+
+
+class PlanInput(_Model):
+    """``plan_deploy``: the dry run's read-only checks, for the holder of a ``dry_run`` grant."""
+
+    spec: ServiceSpec
+    grant: str = ""
+
+
+class PlanOutput(_Model):
+    needs_approval: bool = False
+    approval_reasons: list[str] = Field(default_factory=list)
+    secrets_problem: str = ""
+    secrets_kind: FailureKind | None = None
+    replicas: int = 0
+    unplaced: int = 0
+    placement: list[NodePlan] = Field(default_factory=list)
+    pod_nodes: list[str | None] = Field(default_factory=list)
+    capacity: str = ""  # why pods do not fit, as pick_node says it
+    change: SpecChange | None = None
+    time_slots: list[SlotEdges] = Field(default_factory=list)
 
 
 class StartPodInput(_Model):

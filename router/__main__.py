@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m router", description="the hms traffic router")
     p.add_argument("--port", type=int, default=settings.router_port)
     p.add_argument("--engine", choices=ENGINES, default="builtin")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default=settings.router_address)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(settings, port=args.port, engine=args.engine, host=args.host)

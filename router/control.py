@@ -4,18 +4,20 @@
 - ``GET /-/table``   the endpoint table as JSON;
 - ``GET /-/stats``   per service over the last minute: requests/s, error rate, p50/p99 ms, per pod;
 - ``GET /metrics``   Prometheus text;
-- ``POST /-/feed``   a signed endpoint table from a ServiceWorkflow (401 unless the HMAC verifies);
+- ``POST /-/feed``   an endpoint table signed by the control plane's key (401 unless it verifies);
 - ``GET /-/drained?service=S&pods=A,B[&wait=2]``  whether this router is done with pods being
   drained: it sends them nothing new and has no request in flight to any of them. With ``wait``
   (at most 5 s) it answers as soon as that holds, else when ``wait`` is up. A rolling update
-  stops an old pod once every router says so, instead of always waiting ``drain_s``. Signed
-  like a feed push (the answer ends a drain early: nobody without the feed key may ask), and at
-  most ``MAX_DRAIN_WAITERS`` asks wait at once (429 beyond).
+  stops an old pod once every router says so, instead of always waiting ``drain_s``. The question
+  is signed by the control plane like a feed push (nobody else may ask); the answer is signed by
+  this router's own key (``X-HMS-Router``, ``X-HMS-Router-Signature``), so the control plane
+  knows which enrolled router confirmed. At most ``MAX_DRAIN_WAITERS`` asks wait at once (429 beyond).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,9 +105,9 @@ class Control:
             wait = min(MAX_DRAIN_WAIT_S, max(0.0, float(request.query.get("wait", "0"))))
         except ValueError:
             return web.json_response({"error": "wait must be a number of seconds"}, status=400)
-        why = wire.verify(self.sync.key, wire.drained_query(service, request.query["pods"],
-                                                           request.query.get("wait", "")),
-                          request.headers.get(wire.SIGNATURE_HEADER))
+        question = request.headers.get(wire.SIGNATURE_HEADER)
+        why = self.sync.check_control(wire.drained_query(service, request.query["pods"], request.query.get("wait", "")),
+                                      question, kind="drained")
         if why is not None:
             return web.json_response({"error": f"drained query refused: {why}"}, status=401)
         if self.drain_waiters >= MAX_DRAIN_WAITERS:
@@ -116,10 +118,20 @@ class Control:
             while True:
                 busy = await self._busy(service, pods)
                 if not busy or time.monotonic() >= deadline:
-                    return web.json_response({"service": service, "idle": not busy, "busy": busy})
+                    return self._signed_answer(question or "", {"service": service, "idle": not busy, "busy": busy})
                 await asyncio.sleep(DRAIN_POLL_S)
         finally:
             self.drain_waiters -= 1
+
+    def _signed_answer(self, question: str, answer: dict[str, Any]) -> web.Response:
+        """The answer, signed by this router's key over the question it answers."""
+        body = json.dumps(answer).encode()
+        headers = {}
+        ident = self.sync.identity
+        if ident is not None:
+            headers = {wire.ROUTER_HEADER: ident.node,
+                       wire.ROUTER_SIGNATURE_HEADER: ident.say("drained", wire.drained_answer(question, body))}
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _busy(self, service: str, pods: list[str]) -> dict[str, str]:
         """Pods of ``pods`` this router may still send to or has requests in flight to, and why."""

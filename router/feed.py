@@ -2,7 +2,8 @@
 
 Two inputs keep it current:
 - **pushes**: each ``ServiceWorkflow`` publishes its table on every change (activity
-  ``publish_endpoints``), ``POST /-/feed`` signed with the feed key (see :mod:`hms_mgmt.feed`);
+  ``publish_endpoints``), ``POST /-/feed`` signed with the control plane's key (the router holds
+  only its public half, ``keys/control.pub``; see :mod:`hms_mgmt.feed`);
 - **resync**: at start and every ``interval_s`` the router lists the running ServiceWorkflows
   through Temporal visibility and queries each one's ``endpoints``, so a restarted router
   recovers on its own and a missed push heals.
@@ -26,6 +27,7 @@ from hms_mgmt import feed as wire
 from hms_mgmt import names
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.models import Endpoint, EndpointSet, ServiceStatus
+from hms_mgmt.nodeid import NodeIdentity
 from router.names import service_problem
 
 log = logging.getLogger("hms.router.feed")
@@ -110,19 +112,31 @@ class FeedSync:
     """Keeps an :class:`EndpointTable` in step with the running ServiceWorkflows."""
 
     def __init__(self, settings: Settings, table: EndpointTable, *, interval_s: float = RESYNC_INTERVAL_S,
-                 client: Any = None) -> None:
+                 client: Any = None, identity: NodeIdentity | None = None) -> None:
         self.settings = settings
         self.table = table
         self.interval_s = interval_s
         self.client = client
-        self.key = wire.feed_key(settings.state_dir)
+        self.identity = identity  # this router's key: it signs its drain answers
         self.synced = asyncio.Event()
+        self._connecting = asyncio.Lock()
+
+    async def connected(self) -> Any:
+        """The Temporal client (connected on first use)."""
+        async with self._connecting:  # the resync and the registration share one client
+            if self.client is None:
+                self.client = await connect(self.settings)
+        return self.client
+
+    def check_control(self, body: bytes, signature: str | None, kind: str = "feed") -> str | None:
+        """None if the control plane signed ``body`` as ``kind``, else why not."""
+        return wire.verify(self.settings.state_dir, body, signature, kind=kind)
 
     # --- pushes ----------------------------------------------------------------------------
 
     def accept_push(self, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON answer) for ``POST /-/feed``."""
-        why = wire.verify(self.key, body, signature)
+        why = self.check_control(body, signature)
         if why is not None:
             log.warning("refused an endpoint feed push: %s", why)
             return 401, {"error": f"feed push refused: {why}"}
@@ -143,10 +157,9 @@ class FeedSync:
 
     async def resync_once(self) -> int:
         """Load every running service's table; returns how many services were seen."""
-        if self.client is None:
-            self.client = await connect(self.settings)
+        client = await self.connected()
         query = names.running_services_query(self.settings.task_queue)
-        ids = [wf.id async for wf in self.client.list_workflows(query)]
+        ids = [wf.id async for wf in client.list_workflows(query)]
 
         async def one(wf_id: str) -> EndpointSet | None:
             handle = self.client.get_workflow_handle(wf_id)

@@ -19,6 +19,7 @@ from pathlib import Path
 from hms_mgmt.config import Settings, temporal_tls
 from hms_mgmt.errors import ConfigError
 from router.feed import RESYNC_INTERVAL_S, EndpointTable, FeedSync
+from router.registration import RouterAgent, advertised_address, router_identity
 from router.stats import TrafficStats
 
 log = logging.getLogger("hms.router")
@@ -35,10 +36,14 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
         raise ConfigError(f"unknown router engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if client is None:
         temporal_tls(settings)  # a half-done TLS setting stops the router now, not at its first resync
+    # Its key and certificate: self-enrolled on the control plane's host, from `hms router join` elsewhere.
+    identity = await asyncio.to_thread(router_identity, settings, host=host, port=port)
     table = EndpointTable()
-    sync = FeedSync(settings, table, interval_s=resync_interval_s, client=client)
+    sync = FeedSync(settings, table, interval_s=resync_interval_s, client=client, identity=identity)
     stats = TrafficStats(engine)
     resync = asyncio.create_task(sync.run(), name="router-resync")
+    membership = asyncio.create_task(_membership(settings, sync, host=host, port=port, engine=engine),
+                                     name="router-registration")
     try:
         if engine == "builtin":
             from router.builtin import run_builtin
@@ -49,9 +54,25 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
 
             await run_haproxy(settings, table, sync, stats, host=host, port=port, ready=ready)
     finally:
-        resync.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resync
+        for task in (membership, resync):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _membership(settings: Settings, sync: FeedSync, *, host: str, port: int, engine: str) -> None:
+    """Register this router and heartbeat (once Temporal is reached), until cancelled."""
+    while True:
+        try:
+            client = await sync.connected()
+            break
+        except Exception as e:  # noqa: BLE001 - the resync says so too; try again
+            log.info("router registration waits for Temporal: %s", e)
+            await asyncio.sleep(settings.node_heartbeat_s)
+    assert sync.identity is not None
+    agent = RouterAgent(settings, sync.identity, address=advertised_address(settings, host), port=port,
+                        engine=engine, client=client)
+    await agent.run()
 
 
 def run(settings: Settings, *, port: int, engine: str = "builtin", host: str = "127.0.0.1") -> None:

@@ -2,7 +2,7 @@
 
 Runs each scenario against a fresh Temporal dev server with a real worker and real process pods,
 then saves the history of every workflow execution it made (ServiceWorkflow runs and their
-children, NodeRegistry) as Temporal's JSON history format under
+children, NodeRegistry, RouterRegistry) as Temporal's JSON history format under
 tests/replay/histories/<set>/<scenario>/, one set per recording (default: the UTC date, time and the
 commit, e.g. ``20261129-1630-abc1234``, so sets sort by age; ``HMS_HISTORY_SET`` names it).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError  # noqa: E402
 
 from hms_mgmt import (  # noqa: E402
     auth,
@@ -39,12 +39,15 @@ from hms_mgmt import (  # noqa: E402
 from hms_mgmt.config import Settings  # noqa: E402
 from hms_mgmt.errors import RolloutFailed  # noqa: E402
 from hms_mgmt.models import NodeRegistration, NodeRegistryInput, NodeSpec  # noqa: E402
+from hms_mgmt.nodes import registry_nodes  # noqa: E402
 from hms_mgmt.orchestrator import Orchestrator  # noqa: E402
 from hms_mgmt.runtimes import make_runtime  # noqa: E402
 from hms_mgmt.testing import dev_environment, kill_process_pod  # noqa: E402
 from hms_mgmt.trust import TrustStore  # noqa: E402
+from hms_mgmt.wire import RouterRegistration, RouterRegistryInput  # noqa: E402
 from worker.main import HmsWorker  # noqa: E402
 from workflows.nodes import NodeRegistry  # noqa: E402
+from workflows.routers import RouterRegistry  # noqa: E402
 
 OUT = REPO / "tests" / "replay" / "histories"
 V1 = "registry.gov/hms-ach:1.4"
@@ -118,8 +121,12 @@ class Stack:
 
 
 async def deploy(s: Stack) -> None:
-    """Deploy the seed's spec, wait until Running, read a pod's log, undeploy."""
+    """A dry run (the NodeRegistry's dry_run update), then deploy the seed's spec, wait until
+    Running, dry-run a changed spec, read a pod's log, undeploy."""
+    await until("the node registered", lambda: registry_nodes(s.client, s.settings))
+    assert (await s.alice.dry_run(spec(min_replicas=2))).admitted
     await s.alice.deploy(spec(min_replicas=2), wait=True, timeout=120)
+    assert (await s.alice.dry_run(spec(min_replicas=2, image=V2))).change is not None
     await s.alice.logs("hms-ach", (await s.alice.status("hms-ach")).pods[0].id, tail=5)
     await s.alice.undeploy("hms-ach")
 
@@ -166,6 +173,21 @@ async def approval(s: Stack) -> None:
         await s.alice.undeploy(name)
 
 
+async def capacity(s: Stack) -> None:
+    """One pod slot: a second service waits for capacity (status().waiting_for, re-read on the
+    Scheduler's hint) until the first one is undeployed."""
+    await s.alice.deploy(spec(), wait=True, timeout=120)
+    await s.alice.deploy(spec(name="hms-frm"))
+
+    async def waiting() -> bool:
+        w = (await s.alice.status("hms-frm")).waiting_for
+        return w is not None and w.kind == "capacity"
+    await until("the capacity wait", waiting)
+    await s.alice.undeploy("hms-ach")
+    await s.alice.wait_for("hms-frm", timeout=60)
+    await s.alice.undeploy("hms-frm")
+
+
 async def continue_as_new(s: Stack) -> None:
     """A tiny history threshold (Settings.history_threshold): continue-as-new after each step,
     a heal carried into a later run."""
@@ -190,6 +212,21 @@ async def rollout(s: Stack) -> None:
         raise AssertionError("the crash-looping revision did not roll back")
     except RolloutFailed:
         pass
+    await s.alice.undeploy("hms-ach")
+
+
+async def secrets(s: Stack) -> None:
+    """A spec naming a secret (its value sealed per pod start: the pod-secrets branch), a pod of
+    it healed, then a new value that rolls the service onto a revision pinning version 2."""
+    await s.alice.set_secret("bank-key", b"recorded-value-1")
+    await s.alice.deploy(spec(secrets=["bank-key"]), wait=True, timeout=120)
+    await s.kill_and_heal()
+    await s.alice.set_secret("bank-key", b"recorded-value-2")
+
+    async def rotated() -> bool:
+        st = await s.alice.status("hms-ach")
+        return st.revision == 2 and st.phase == "Running" and all(p.revision == 2 and p.ready for p in st.pods)
+    await until("the rollout onto bank-key v2", rotated)
     await s.alice.undeploy("hms-ach")
 
 
@@ -225,6 +262,42 @@ async def registry(s: Stack) -> None:
         out = await latest.query(NodeRegistry.nodes)
         return any(r.spec.name == "static" and r.state == "Lost" for r in out.nodes)
     await until("the silent node Lost", static_lost, timeout=20)
+    await router_registry(s)
+
+
+async def router_registry(s: Stack) -> None:
+    """A RouterRegistry: an enrolled router registers and heartbeats until continue-as-new, a
+    registration without a certificate is refused, and the silent router turns Lost."""
+    queue = s.settings.task_queue
+    handle = await s.client.start_workflow(
+        RouterRegistry.run, RouterRegistryInput(lost_after_s=2.0, control_task_queue=queue, history_threshold=40),
+        id=constants.router_registry_id(queue), task_queue=queue)
+    ident = nodeid.node_identity(s.settings.state_dir, "edge", "127.0.0.1", role="router")
+    reg = RouterRegistration(name="edge", address="127.0.0.1", url="http://127.0.0.1:9", worker="recorder",
+                             cert=ident.cert)
+
+    def signed(kind: str) -> RouterRegistration:
+        return reg.model_copy(update={"proof": ident.say(f"router-{kind}", reg.signed_part())})
+
+    await handle.execute_update(RouterRegistry.register, signed("register"))
+    try:
+        await handle.execute_update(RouterRegistry.register, RouterRegistration(name="intruder", address="127.0.0.1",
+                                                                                url="http://127.0.0.1:9"))
+        raise AssertionError("an unenrolled router registered")
+    except WorkflowUpdateFailedError:
+        pass
+    first = (await handle.describe()).run_id
+    for _ in range(25):
+        await handle.signal(RouterRegistry.heartbeat, signed("heartbeat"))
+    latest = s.client.get_workflow_handle(handle.id)
+
+    async def moved_on() -> bool:
+        return (await latest.describe()).run_id != first
+    await until("a continue-as-new of the router registry", moved_on, timeout=20)
+
+    async def lost() -> bool:
+        return any(r.state == "Lost" for r in (await latest.query(RouterRegistry.routers_query)).routers)
+    await until("the silent router Lost", lost, timeout=20)
 
 
 SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]]] = {
@@ -236,6 +309,8 @@ SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]
     "continue_as_new": (continue_as_new, {"history_threshold": 12}),
     "rollout": (rollout, {}),
     "registry": (registry, {}),
+    "secrets": (secrets, {}),
+    "capacity": (capacity, {"node_max_pods": 1}),
 }
 
 

@@ -26,9 +26,9 @@ with workflow.unsafe.imports_passed_through():
         ListPodsInput,
         NodeSpec,
         PodStatus,
-        rollout_budget,
     )
     from hms_mgmt.names import DEPLOY_WORKFLOW, S
+    from hms_mgmt.policy import rollout
 
 from workflows.common import (
     POD_HEARTBEAT,
@@ -108,12 +108,7 @@ class RollingUpdate:
     def __init__(self, inp: DeployInput, wf: DeployWorkflow) -> None:
         self.inp = inp
         self.wf = wf
-        spec = inp.spec
-        n = inp.replicas
-        self.unavailable = min(rollout_budget(spec.max_unavailable, n, round_up=False), max(0, n - spec.min_replicas))
-        self.surge = rollout_budget(spec.max_surge, n, round_up=True)
-        if self.unavailable == 0:
-            self.surge = max(self.surge, 1)  # otherwise it could never make progress
+        self.surge, self.unavailable = rollout.budget(inp.spec, inp.replicas)
         self.new = [p for p in inp.current if p.revision == inp.revision and p.ready]
         self.old = [p for p in inp.current if p.revision != inp.revision and p.ready]
         self.stopped: list[str] = []
@@ -126,14 +121,8 @@ class RollingUpdate:
         self.placing: tuple[int, asyncio.Task[list[NodeSpec | None]]] | None = None
 
     def _plan(self, new: int, old: int) -> tuple[int, int]:
-        """(old pods to retire now, new pods to start now) with ``new`` and ``old`` ready.
-
-        Old pods may go while n - max_unavailable stay ready (and must, past n); then new pods
-        start while the total stays within n + max_surge."""
-        n = self.inp.replicas
-        ready = new + old
-        k = max(0, min(old, max(ready - (n - self.unavailable), ready - n)))
-        return k, min(n - new, n + self.surge - new - (old - k))
+        """(old pods to retire now, new pods to start now) with ``new`` and ``old`` ready."""
+        return rollout.step(self.inp.replicas, self.surge, self.unavailable, new, old)
 
     async def run(self) -> DeployOutput:
         # Histories recorded before the pipelined rounds replay the way they ran.

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.enrolment import NodeTrustActivities
     from hms_mgmt.errors import ActivityErrorType
     from hms_mgmt.models import (
+        DryRunVerdict,
         EventInput,
         NodeLost,
         NodeRecord,
@@ -35,7 +36,9 @@ with workflow.unsafe.imports_passed_through():
         RegisterResult,
     )
     from hms_mgmt.names import NODE_REGISTRY_WORKFLOW, NR
-    from hms_mgmt.wire import EnrolInput, EnrolOutput, NodeCheckInput, NodeVerdict
+    from hms_mgmt.wire import DryRunInput, EnrolInput, EnrolOutput, NodeCheckInput, NodeVerdict
+
+from workflows.dryrun import dry_run
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
 LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means the registry itself stalled
@@ -93,6 +96,13 @@ class NodeRegistry:
         return await workflow.execute_activity_method(
             NodeTrustActivities.enrol_node, inp, task_queue=self.inp.control_task_queue,
             start_to_close_timeout=CHECK_TIMEOUT, summary="enrol a joining node")
+
+    @workflow.update(name=NR.DRY_RUN)
+    async def dry_run(self, inp: DryRunInput) -> DryRunVerdict:
+        """``deploy(spec, dry_run=True)``: the admission verdict for ``spec`` on the Ready nodes, by
+        the control worker's own checks; a long-lived workflow answers it, so no workflow starts."""
+        ready = [r.spec for r in sorted(self.nodes.values(), key=lambda r: r.spec.name) if r.state == "Ready"]
+        return await dry_run(inp, self.inp.control_task_queue, ready)
 
     @workflow.signal(name=NR.HEARTBEAT)
     def heartbeat(self, reg: NodeRegistration) -> None:

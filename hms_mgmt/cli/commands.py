@@ -27,6 +27,7 @@ from hms_mgmt.cli.common import (
     app,
 )
 from hms_mgmt.cli.dashboard_cmd import dashboard
+from hms_mgmt.cli.dryrun_cmd import show_verdict, verdict_exit
 from hms_mgmt.cli.node_cmd import node_app
 from hms_mgmt.cli.output import Format, JsonAliasOpt, OutputOpt, chosen, show, show_item
 from hms_mgmt.cli.progress import ProgressOpt, deploy_with_progress, plain_wanted, with_progress
@@ -38,14 +39,14 @@ from hms_mgmt.cli.render import (
     out,
     print_records,
 )
-from hms_mgmt.cli.router_cmd import router
+from hms_mgmt.cli.router_cmd import router_app, routers
 from hms_mgmt.cli.schedule_cmd import schedule_app
 from hms_mgmt.cli.secret_cmd import secret_app
 from hms_mgmt.cli.stack import Edge, _demo, _up
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError, SpecError
 from hms_mgmt.files import secure_state_dir
-from hms_mgmt.models import ServiceStatus
+from hms_mgmt.models import DryRunVerdict, ServiceSpec, ServiceStatus
 from hms_mgmt.orchestrator import load_spec
 
 T = TypeVar("T")
@@ -221,10 +222,20 @@ def deploy(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the service is Running.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300.0,
     progress: ProgressOpt = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the admission verdict (access, approval, image, "
+                                          "placement, changes, rollout plan) and start nothing. Exit 0 when it "
+                                          "would be admitted.")] = False,
+    output: OutputOpt = Format.table,
 ) -> None:
     """Deploy a service from a spec file."""
     spec = load_spec(file)  # a bad spec fails here, with no server needed
     plain_wanted(progress)  # a bad --progress fails before anything is sent
+    if output is not Format.table and not dry_run:
+        raise SpecError(f"-o {output.value} shows a dry run's verdict: add --dry-run (a deploy prints its progress)")
+    if dry_run:
+        verdict = _run(_dry_run(spec))
+        show_verdict(verdict, output)
+        raise typer.Exit(verdict_exit(verdict))
 
     async def go() -> None:
         orch = await _connect()
@@ -252,6 +263,10 @@ def deploy(
         out.print(Text.assemble(("Web UI ", "bold"), (result.web_ui_url, "cyan underline")))
 
     _run(go())
+
+
+async def _dry_run(spec: ServiceSpec) -> DryRunVerdict:
+    return await (await _connect()).dry_run(spec)
 
 
 @app.command()
@@ -489,7 +504,7 @@ def image_sign(
 ) -> None:
     """Mark an image signed and safe, bound to its current content."""
     from hms_mgmt.runtimes import make_runtime
-    from hms_mgmt.trust import TrustStore
+    from hms_mgmt.trust import TrustStore, sign_from
 
     settings = _settings(runtime=runtime)
     if not (auth.keys_dir(settings.state_dir) / auth.PRIVATE_KEY_FILE).exists():
@@ -499,13 +514,13 @@ def image_sign(
                        "`hms auth init` makes the keys first)")
     rt = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir)
     try:
-        content_id = rt.content_id(image)
-        runtime_name = rt.name
+        record = sign_from(TrustStore(settings.state_dir), rt, image, signer=_signer(settings))
     finally:
         rt.close()
-    record = TrustStore(settings.state_dir).sign(image, content_id, signer=_signer(settings))
     out.print(f"signed {record.image}")
-    out.print(f"  content {record.content_id} ({runtime_name} runtime)")
+    out.print(f"  content {record.content_id} ({rt.name} runtime)")
+    out.print(f"  digest {record.repo_digest}" if record.repo_digest else
+              "  digest - (not pushed to a registry: only nodes that hold this content can run it)")
     out.print(f"  by {record.signer} at {_when(record.signed_at)}")
 
 
@@ -700,6 +715,9 @@ def init_state(
     if values:
         settings.write_config(**values)
     auth.ensure_local_operator(settings)
+    from hms_mgmt import tickets
+
+    tickets.ensure_control_key(settings.state_dir)  # the local router enrols itself with it
     signed = _sign_images(settings, list(sign or []))
     missing = sorted(set(sign or []) - set(signed))
     out.print(f"state {settings.state_dir}: config.yaml with an ops_admin token; signed {len(signed)} image(s)")
@@ -711,6 +729,7 @@ if __name__ == "__main__":
     app()
 
 
-app.command()(router)
+app.add_typer(router_app, name="router")
+app.command("routers")(routers)
 app.add_typer(schedule_app, name="schedule")
 app.command()(dashboard)

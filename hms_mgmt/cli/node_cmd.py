@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,25 +29,31 @@ def _control_host(state_dir: Path) -> None:
                        "(where `hms up` runs), or point --state-dir / HMS_STATE_DIR at its state directory")
 
 
-@node_app.command("join-token")
-@_cli_errors
-def join_token(
-    ttl: Annotated[str, typer.Option("--ttl", help="How long the token may be used: 30m, 24h, 2d.")] = "24h",
-    rotate: Annotated[bool, typer.Option("--rotate", help="Invalidate every earlier join token.")] = False,
-) -> None:
-    """Print a join token (the last line of the output) and the command a new host runs."""
+TtlOpt = Annotated[str, typer.Option("--ttl", help="How long the token may be used: 30m, 24h, 2d.")]
+RotateOpt = Annotated[bool, typer.Option("--rotate", help="Invalidate every earlier join token of this role.")]
+
+
+def print_join_token(role: str, ttl: str, rotate: bool) -> None:
+    """Make a join token for ``role`` (node or router), print it last with the command to run."""
     from hms_mgmt.auth import parse_ttl
 
     settings = _settings()
     _control_host(settings.state_dir)
     token = nodeid.make_join_token(settings.state_dir, temporal_address=settings.temporal_address,
-                                   task_queue=settings.task_queue, ttl_s=parse_ttl(ttl), rotate=rotate)
+                                   task_queue=settings.task_queue, ttl_s=parse_ttl(ttl), rotate=rotate, role=role)
     fp = nodeid.pem_fingerprint(nodeid.control_public_pem(settings.state_dir))
-    out.print(f"control plane at {settings.temporal_address}, key {fp[:23]}..., token valid {ttl}"
-              + (" (earlier tokens no longer work)" if rotate else ""), soft_wrap=True)
+    out.print(f"control plane at {settings.temporal_address}, key {fp[:23]}..., {role} token valid {ttl}"
+              + (f" (earlier {role} tokens no longer work)" if rotate else ""), soft_wrap=True)
     out.print("On the new host run:", soft_wrap=True)
-    out.print(f"  hms node join {token} --name NAME --address ADDR", soft_wrap=True, highlight=False)
+    out.print(f"  hms {role} join {token} --name NAME --address ADDR", soft_wrap=True, highlight=False)
     typer.echo(token)
+
+
+@node_app.command("join-token")
+@_cli_errors
+def join_token(ttl: TtlOpt = "24h", rotate: RotateOpt = False) -> None:
+    """Print a join token (the last line of the output) and the command a new host runs."""
+    print_join_token("node", ttl, rotate)
 
 
 def _write_node_config(state_dir: Path, values: dict[str, object]) -> Path:
@@ -65,20 +72,68 @@ async def _enrol(settings, token: nodeid.JoinToken, request: str):  # -> EnrolOu
     from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
     from hms_mgmt.config import connect
-    from hms_mgmt.wire import EnrolInput, EnrolOutput, NodeRegistryInput
+    from hms_mgmt.wire import EnrolInput, EnrolOutput, NodeRegistryInput, RouterRegistryInput
 
     client = await connect(settings)
+    if token.role == "router":
+        workflow, wid, summary = names.ROUTER_REGISTRY_WORKFLOW, constants.router_registry_id(token.task_queue), \
+            "the routers that take the endpoint feed"
+        inp: object = RouterRegistryInput(lost_after_s=settings.node_lost_after_s, control_task_queue=token.task_queue)
+    else:
+        workflow, wid, summary = names.NODE_REGISTRY_WORKFLOW, constants.node_registry_id(token.task_queue), \
+            "the nodes pods may run on"
+        inp = NodeRegistryInput(lost_after_s=settings.node_lost_after_s, control_task_queue=token.task_queue)
     start = WithStartWorkflowOperation(
-        names.NODE_REGISTRY_WORKFLOW,
-        NodeRegistryInput(lost_after_s=settings.node_lost_after_s, control_task_queue=token.task_queue),
-        id=constants.node_registry_id(token.task_queue),
-        task_queue=token.task_queue,
+        workflow, inp, id=wid, task_queue=token.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        static_summary="the nodes pods may run on",
+        static_summary=summary,
     )
     return await client.execute_update_with_start_workflow(names.NR.ENROL, EnrolInput(request=request),
                                                            start_workflow_operation=start, result_type=EnrolOutput)
+
+
+def enrol_here(token: str, role: str, name: str | None, address: str | None, state_dir: Path | None,
+               config: Callable[[str, str], dict[str, object]]) -> tuple[Path, str, str, Path]:
+    """``hms node join`` / ``hms router join``: make this host's key for ``role``, have the control
+    plane sign it (through Temporal), write the state directory. (state dir, name, address, config path)."""
+    from hms_mgmt.addresses import check_address
+    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
+    from hms_mgmt.files import atomic_write, private_dir
+
+    parsed = nodeid.parse_join_token(token)
+    if parsed.role != role:
+        raise HmsError(f"this is a {parsed.role} join token: run `hms {parsed.role} join` with it, or print a "
+                       f"{role} token with `hms {role} join-token` on the control host")
+    overrides = {"state_dir": state_dir.expanduser().resolve() if state_dir else None,
+                 "temporal_address": parsed.temporal_address}
+    settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
+    name = name or settings.node
+    address = check_address(address or (settings.node_address if role == "node" else settings.router_address))
+    sdir = private_dir(settings.state_dir)
+    if nodeid.has_control_key(sdir):
+        raise HmsError(f"{sdir} is a control plane's state directory: its own {role}s need no token "
+                       "(join another host, or give --state-dir)")
+    key = nodeid.ensure_node_key(sdir, name, role)
+    request = nodeid.enrol_request(parsed, node=name, address=address, public_key=nodeid.raw_public(key))
+    answer = _run(_enrol(settings, parsed, request))
+    pub = answer.control_pub.encode()
+    got = nodeid.pem_fingerprint(pub)
+    if got != parsed.control_fingerprint:
+        raise AccessDenied(f"the control plane at {parsed.temporal_address} has key {got}, not the "
+                           f"{parsed.control_fingerprint} the token names: not joined")
+    (sdir / "keys").mkdir(exist_ok=True, mode=0o700)
+    atomic_write(sdir / "keys" / "control.pub", pub, mode=0o644)
+    claims = nodeid.open_cert(sdir, answer.cert, role)  # signed by that very key, for this key and name
+    if claims["node"] != name or nodeid.pub_of(claims) != nodeid.raw_public(key) or claims["addr"] != address:
+        raise AccessDenied(f"the certificate the control plane sent is not for this {role}'s key, name and address")
+    atomic_write(nodeid.node_cert_path(sdir, name, role), answer.cert + "\n", mode=0o644)
+    tls = {k: getattr(settings, k) for k in TEMPORAL_TLS_SETTINGS}  # as given for the join: the worker connects alike
+    path = _write_node_config(sdir, {**tls, "temporal_address": parsed.temporal_address,
+                                     "task_queue": parsed.task_queue, **config(name, address)})
+    out.print(f"{role} {name} joined the control plane at {parsed.temporal_address} (address {address})")
+    out.print(f"  key and certificate in {sdir / 'keys'}, settings in {path}")
+    return sdir, name, address, path
 
 
 @node_app.command("join")
@@ -98,43 +153,9 @@ def join(
     """Join this host to a control plane: make this node's key, have the control plane sign it
     into a node certificate (through Temporal), write this node's state directory. Then run
     `hms worker` here."""
-    from hms_mgmt.addresses import check_address
-    from hms_mgmt.files import atomic_write, private_dir
-
-    parsed = nodeid.parse_join_token(token)
-    overrides = {"state_dir": state_dir.expanduser().resolve() if state_dir else None,
-                 "temporal_address": parsed.temporal_address}
-    settings = _settings(**{k: v for k, v in overrides.items() if v is not None})
-    node = name or settings.node
-    address = check_address(address or settings.node_address)
-    sdir = private_dir(settings.state_dir)
-    if nodeid.has_control_key(sdir):
-        raise HmsError(f"{sdir} is a control plane's state directory: its own node needs no token "
-                       "(join another host, or give --state-dir)")
-    key = nodeid.ensure_node_key(sdir, node)
-    request = nodeid.enrol_request(parsed, node=node, address=address, public_key=nodeid.raw_public(key))
-    answer = _run(_enrol(settings, parsed, request))
-    pub = answer.control_pub.encode()
-    got = nodeid.pem_fingerprint(pub)
-    if got != parsed.control_fingerprint:
-        raise AccessDenied(f"the control plane at {parsed.temporal_address} has key {got}, not the "
-                           f"{parsed.control_fingerprint} the token names: not joined")
-    (sdir / "keys").mkdir(exist_ok=True, mode=0o700)
-    atomic_write(sdir / "keys" / "control.pub", pub, mode=0o644)
-    claims = nodeid.open_cert(sdir, answer.cert)  # signed by that very key, for this key and name
-    if claims["node"] != node or nodeid.pub_of(claims) != nodeid.raw_public(key) or claims["addr"] != address:
-        raise AccessDenied("the certificate the control plane sent is not for this node's key, name and address")
-    atomic_write(nodeid.node_cert_path(sdir, node), answer.cert + "\n", mode=0o644)
-    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
-
-    tls = {k: getattr(settings, k) for k in TEMPORAL_TLS_SETTINGS}  # as given for the join: the worker connects alike
-    path = _write_node_config(sdir, {
-        **tls, "temporal_address": parsed.temporal_address, "task_queue": parsed.task_queue, "node": node,
-        "node_address": address, "runtime": runtime, "node_cpus": cpus, "node_memory_mb": memory_mb,
-        "node_max_pods": max_pods,
-    })
-    out.print(f"node {node} joined the control plane at {parsed.temporal_address} (address {address})")
-    out.print(f"  key and certificate in {sdir / 'keys'}, settings in {path}")
+    sdir, _, _, _ = enrol_here(token, "node", name, address, state_dir, lambda node, addr: {
+        "node": node, "node_address": addr, "runtime": runtime, "node_cpus": cpus, "node_memory_mb": memory_mb,
+        "node_max_pods": max_pods})
     out.print(f"  now run: HMS_STATE_DIR={sdir} hms worker" if os.environ.get("HMS_STATE_DIR") != str(sdir)
               else "  now run: hms worker", soft_wrap=True)
 

@@ -192,6 +192,11 @@ async def _edge(stack: _Stack, client: Any, edge: Edge) -> AsyncIterator[None]:
 
             if not _port_free(edge.router_port, stack.listen):
                 raise HmsError(f"port {edge.router_port} is taken: the router needs it (--router-port, or --no-router)")
+            from hms_mgmt import tickets
+
+            # The control key signs the local router's certificate (it enrols itself), made here
+            # if the worker has not made it yet.
+            tickets.ensure_control_key(stack.settings.state_dir)
             ready = asyncio.Event()
             router_task = asyncio.create_task(serve_router(stack.settings, port=edge.router_port, engine=edge.engine,
                                                            ready=ready, client=client, host=stack.listen))
@@ -331,7 +336,7 @@ def _sign_images(settings: Settings, images: list[str]) -> list[str]:
     """Vouch for the example images so an image-trust gate lets them start."""
     from hms_mgmt.runtimes import make_runtime
     from hms_mgmt.runtimes.base import PodRuntimeError
-    from hms_mgmt.trust import TrustStore
+    from hms_mgmt.trust import TrustStore, sign_from
 
     store = TrustStore(settings.state_dir)
     signer = _signer(settings)
@@ -340,10 +345,9 @@ def _sign_images(settings: Settings, images: list[str]) -> list[str]:
     try:
         for image in images:
             try:
-                content_id = runtime.content_id(image)
+                sign_from(store, runtime, image, signer=signer)
             except PodRuntimeError:
                 continue  # not built here: the deploy will say so, with the fix
-            store.sign(image, content_id, signer=signer)
             signed.append(image)
     finally:
         runtime.close()

@@ -7,7 +7,12 @@ among equally spread nodes keeps whole nodes free for services with large reques
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from hms_mgmt.models import ServiceSpec
 
 # Requests like 0.1 + 0.2 CPUs must fit a 0.3-CPU node despite float rounding.
 _CPU_SLACK = 1e-9
@@ -37,6 +42,11 @@ class PlacementRequest(BaseModel):
     cpu: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     memory_mb: int = Field(default=0, ge=0)
     node_selector: dict[str, str] = Field(default_factory=dict, description="labels a node must carry, all of them")
+
+
+def placement_request(spec: ServiceSpec) -> PlacementRequest:
+    """What one pod of ``spec`` reserves."""
+    return PlacementRequest(cpu=spec.cpu_limit or 0.0, memory_mb=spec.memory_mb or 0, node_selector=spec.node_selector)
 
 
 def selector_matches(labels: dict[str, str], selector: dict[str, str]) -> bool:

@@ -120,6 +120,19 @@ class PodRuntime(abc.ABC):
     def content_id(self, image: str) -> str:
         """The image's content identity (what a trust signature covers)."""
 
+    def repo_digest(self, image: str) -> str:
+        """Where this content can be pulled by digest (``repo@sha256:...``), "" if nowhere."""
+        return ""
+
+    def pull_content_id(self, image: str) -> str:
+        """``content_id``, pulling ``image`` from its registry first when it is not here (a node
+        with no trust store says what the tag holds; the control plane judges that content)."""
+        return self.content_id(image)
+
+    def fetch(self, content_id: str, repo_digest: str) -> None:
+        """Make exactly ``content_id`` available here, from ``repo_digest`` when it is missing;
+        raise PodRuntimeError (IMAGE_NOT_FOUND) naming why when it cannot be had."""
+
     def check_spec(self, spec: ServiceSpec) -> list[str]:
         """Problems with running ``spec`` on this runtime, each naming the field (admission can
         ask before any pod starts; ``start`` refuses the same)."""

@@ -44,6 +44,13 @@ def docker_available(timeout: float = 2.0) -> bool:
         return False
 
 
+def _repository(image: str) -> str:
+    """``host:port/name:tag`` or ``name@sha256:...`` → ``host:port/name`` (a port is no tag)."""
+    name = image.partition("@")[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.partition(':')[0]}" if head else last.partition(":")[0]
+
+
 def _parse_time(value: str | None) -> datetime | None:
     if not value or value.startswith("0001-"):
         return None
@@ -301,6 +308,47 @@ class DockerRuntime(PodRuntime):
             return self.client.images.get(image).id
         except docker.errors.ImageNotFound as e:
             raise PodRuntimeError(f"image {image!r} is not on node {self.node}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
+
+    def repo_digest(self, image: str) -> str:
+        """The digest the registry named in ``image`` gave this content when it was pushed there."""
+        repo = _repository(image)
+        digests = self.client.images.get(image).attrs.get("RepoDigests") or []
+        return next((d for d in digests if d.partition("@")[0] == repo), "")
+
+    def pull_content_id(self, image: str) -> str:
+        try:
+            return self.content_id(image)
+        except PodRuntimeError:
+            if "/" not in image.partition("@")[0]:
+                raise  # names no registry: nothing to pull from
+        try:
+            return self.client.images.pull(image).id
+        except docker.errors.APIError as e:
+            raise PodRuntimeError(f"image {image!r} is not on node {self.node} and cannot be pulled: "
+                                  f"{e.explanation or e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
+
+    def fetch(self, content_id: str, repo_digest: str) -> None:
+        """Pull by digest, never by tag, and keep the result only if it is the signed content."""
+        try:
+            self.client.images.get(content_id)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        if not repo_digest:
+            raise PodRuntimeError(f"content {content_id[:19]} is not on node {self.node} and was signed with no "
+                                  "registry digest: push the image to a registry and sign it again",
+                                  error_type=ActivityErrorType.IMAGE_NOT_FOUND)
+        try:
+            got = self.client.images.pull(repo_digest)
+        except docker.errors.APIError as e:
+            raise PodRuntimeError(f"content {content_id[:19]} is not on node {self.node} and cannot be pulled from "
+                                  f"{repo_digest}: {e.explanation or e}",
+                                  error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
+        if got.id != content_id:  # a registry that serves other bytes for a digest: keep none of it
+            self.client.images.remove(repo_digest, force=True)
+            raise PodRuntimeError(f"{repo_digest} gave content {got.id[:19]}, not the signed {content_id[:19]}",
+                                  error_type=ActivityErrorType.IMAGE_UNTRUSTED)
+        log.info("pulled %s (content %s) onto node %s", repo_digest, content_id[:19], self.node)
 
     def close(self) -> None:
         self._closed = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -23,14 +24,17 @@ from temporalio.client import WorkflowExecutionStatus
 from hms_mgmt import constants
 from hms_mgmt.errors import SpecError
 from hms_mgmt.models import Approval, PodStatus
-from hms_mgmt.nodes import registry_nodes
+from hms_mgmt.nodes import list_routers, registry_nodes
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.testing import free_port
 from hms_mgmt.wire import (
     AdmissionRequest,
+    DryRunInput,
     EnrolInput,
     HealAttempt,
     NodeLost,
     NodeRegistration,
+    RouterRegistration,
     ScaleRequest,
     SpecUpdate,
     UndeployRequest,
@@ -40,7 +44,8 @@ from worker.main import HmsWorker
 NAME = "hms-fuzz"
 ARGV_MAX = 100_000  # one command-line argument may hold 128 KiB on Linux: longer inputs go in a file
 SIGNALS = {"approve": Approval, "reject": Approval, "node_lost": NodeLost, "pod_reported": PodStatus,
-           "heal_attempt_failed": HealAttempt, "pods_draining": None, "image_revoked": None, "no_such_signal": None}
+           "heal_attempt_failed": HealAttempt, "pods_draining": None, "image_revoked": None, "capacity_changed": None,
+           "no_such_signal": None}
 UPDATES = {"scale": ScaleRequest, "update_spec": SpecUpdate, "rollback": SpecUpdate, "undeploy": UndeployRequest,
            "approve": Approval, "reject": Approval, "admission": AdmissionRequest, "no_such_update": None}
 # A well-formed `admission` legitimately waits (up to its timeout_s) for a phase: only malformed ones.
@@ -175,14 +180,17 @@ async def test_signal_and_update_payloads_leave_the_service_healthy(temporal_env
 
 # --- the NodeRegistry: enrolment, registration and heartbeats (signed) ---------------------------
 REGISTRY_SIGNALS = {"heartbeat": NodeRegistration, "remove": None, "no_such_signal": None}
-REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "no_such_update": None}
+REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "dry_run": DryRunInput, "no_such_update": None}
+ROUTER_SIGNALS = {"heartbeat": RouterRegistration, "no_such_signal": None}
+ROUTER_UPDATES = {"register": RouterRegistration, "enrol": EnrolInput, "no_such_update": None}
 
 
 @st.composite
-def registry_messages(draw: st.DrawFn) -> list[str]:
+def registry_messages(draw: st.DrawFn, signals: dict = REGISTRY_SIGNALS, updates: dict = REGISTRY_UPDATES
+                      ) -> list[str]:
     """A forged or malformed enrolment, registration, heartbeat or removal, as the CLI sends it."""
     kind = draw(st.sampled_from(["signal", "update"]))
-    table = REGISTRY_SIGNALS if kind == "signal" else REGISTRY_UPDATES
+    table = signals if kind == "signal" else updates
     name = draw(st.sampled_from(sorted(table)))
     cmd = (["signal"] if kind == "signal" else ["update", "execute"]) + ["--name", name]
     mode = draw(st.sampled_from(["json", "shaped", "shaped", "raw", "none"]))
@@ -215,25 +223,71 @@ async def test_forged_node_messages_leave_the_registry_as_it_was(temporal_env, t
                 return (await read()).get(settings.node, ("", ""))[1] == "Ready"
 
             await eventually(registered, timeout=60, what="the node registered")
-            before = await read()
-
-            @fuzz(40, chaos_examples=1_000)
-            @given(registry_messages())
-            @example(["update", "execute", "--name", "register", "--input",
-                      json.dumps({"spec": {"name": "evil", "address": "127.0.0.1"}})])
-            @example(["update", "execute", "--name", "register", "--input",
-                      json.dumps({"spec": {"name": settings.node, "address": "127.0.0.9"}, "cert": "x", "proof": "y"})])
-            @example(["signal", "--name", "heartbeat", "--input", json.dumps({"spec": {"name": "evil"}})])
-            @example(["update", "execute", "--name", "enrol", "--input", json.dumps({"name": "evil"})])
-            def send(cmd: list[str]) -> None:
-                subprocess.run([temporal_binary(), "workflow", *cmd, "--address", settings.temporal_address,
-                                "--workflow-id", registry_id], capture_output=True, timeout=60)
-                assert nodes() == before
-
-            await asyncio.to_thread(send)
-            failed = [e async for e in handle.fetch_history_events()
-                      if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
-            assert not failed, failed[0].workflow_task_failed_event_attributes.failure.message
+            await fuzz_registry(settings, handle, registry_messages(), nodes, [
+                ["update", "execute", "--name", "register", "--input",
+                 json.dumps({"spec": {"name": "evil", "address": "127.0.0.1"}})],
+                ["update", "execute", "--name", "register", "--input",
+                 json.dumps({"spec": {"name": settings.node, "address": "127.0.0.9"}, "cert": "x", "proof": "y"})],
+                ["signal", "--name", "heartbeat", "--input", json.dumps({"spec": {"name": "evil"}})],
+                ["update", "execute", "--name", "enrol", "--input", json.dumps({"name": "evil"})]])
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+
+
+async def fuzz_registry(settings, handle, messages, read, examples: list[list[str]]) -> None:
+    """Send ``messages`` (and ``examples``) to the registry behind ``handle`` with the Temporal CLI:
+    after each, ``read()`` (from the fuzzing thread) answers as before, and no workflow task failed."""
+    def run() -> None:  # on a thread: ``read`` waits for the event loop
+        before = read()
+
+        def send(cmd: list[str]) -> None:
+            subprocess.run([temporal_binary(), "workflow", *cmd, "--address", settings.temporal_address,
+                            "--workflow-id", handle.id], capture_output=True, timeout=60)
+            assert read() == before
+
+        for ex in examples:
+            send = example(ex)(send)
+        fuzz(40, chaos_examples=1_000)(given(messages)(send))()
+
+    await asyncio.to_thread(run)
+    failed = [e async for e in handle.fetch_history_events() if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+    assert not failed, failed[0].workflow_task_failed_event_attributes.failure.message
+
+
+async def test_forged_router_messages_leave_the_router_registry_as_it_was(temporal_env, tmp_path: Path):
+    """Anyone who reaches Temporal can send the RouterRegistry a registration, a heartbeat or an
+    enrolment: fuzzed, shaped like the real ones, or the real router's own with another feed URL.
+    None adds a router, moves the real one, or fails a workflow task."""
+    from router.server import serve
+
+    port = free_port()
+    settings = make_settings(temporal_env, tmp_path / "state", "process", routers=[])
+    loop = asyncio.get_running_loop()
+    try:
+        async with HmsWorker(temporal_env.client, settings, node=False):
+            async def read() -> dict[str, tuple[str, str]]:
+                return {r.name: (r.url, r.state) for r in await list_routers(temporal_env.client, settings)}
+
+            router = asyncio.create_task(serve(settings, port=port, client=temporal_env.client))
+            try:
+                await eventually(read, timeout=60, what="the router registered")
+                name = next(iter(await read()))
+                handle = temporal_env.client.get_workflow_handle(constants.router_registry_id(settings.task_queue))
+                await fuzz_registry(
+                    settings, handle, registry_messages(ROUTER_SIGNALS, ROUTER_UPDATES),
+                    lambda: {n: url for n, (url, _) in
+                             asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=30).items()}, [
+                        ["update", "execute", "--name", "register", "--input",
+                         json.dumps({"name": "evil", "address": "127.0.0.1", "url": "http://127.0.0.1:1"})],
+                        ["update", "execute", "--name", "register", "--input",
+                         json.dumps({"name": name, "address": "127.0.0.1", "url": "http://127.0.0.1:1", "cert": "x"})],
+                        ["signal", "--name", "heartbeat", "--input",
+                         json.dumps({"name": name, "address": "127.0.0.9", "url": "http://127.0.0.9:1"})],
+                        ["update", "execute", "--name", "enrol", "--input", json.dumps({"request": "evil"})]])
+            finally:
+                router.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await router
+    finally:
+        await terminate_running(temporal_env, settings)

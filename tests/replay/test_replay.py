@@ -1,6 +1,6 @@
 """Every recorded history (tests/replay/histories/, made by scripts/record_histories.py from real
-runs: deploy, heal, crash loop, scale, approval, continue-as-new, rollouts, the NodeRegistry)
-replays on today's workflow code with no non-determinism error.
+runs: deploy, heal, crash loop, scale, approval, continue-as-new, rollouts, the NodeRegistry,
+secrets) replays on today's workflow code with no non-determinism error.
 
 A failure here means a workflow change would break executions that are running now: the worker
 would fail their workflow tasks after an upgrade. Guard an intentional change with
@@ -24,7 +24,8 @@ from workflows import ALL_WORKFLOWS, MessageGuard
 
 HISTORIES = Path(__file__).parent / "histories"
 # What the recorder must keep covered; a scenario dropped by mistake fails here.
-SCENARIOS = {"deploy", "heal", "crashloop", "scale", "approval", "continue_as_new", "rollout", "registry"}
+SCENARIOS = {"deploy", "heal", "crashloop", "scale", "approval", "continue_as_new", "rollout", "registry",
+             "secrets", "capacity"}
 
 
 def load(path: Path) -> WorkflowHistory:

@@ -8,6 +8,7 @@ cannot confirm, the full ``drain_s`` is waited."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -16,7 +17,7 @@ from router_helpers import engine, free_port, routed, run_load  # noqa: F401 - f
 from temporalio.testing import ActivityEnvironment
 
 from activities.feed import FeedActivities
-from hms_mgmt import feed
+from hms_mgmt import feed, nodeid, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.wire import DrainInput, DrainResult
 
@@ -59,20 +60,29 @@ async def test_a_scale_down_stops_the_pod_once_its_long_requests_end_not_after_d
     assert stopped_after < 30.0, f"the drain waited {stopped_after:.1f} s: the router's word was not taken"
 
 
-async def test_the_router_says_which_pods_it_is_not_done_with_and_only_to_the_feed_key(routed):
+async def test_the_router_says_which_pods_it_is_not_done_with_only_to_the_control_plane_and_signs_it(
+        routed, tmp_path):
     await routed.orch.deploy(seed_spec(min_replicas=2, max_replicas=2), wait=True, timeout=120)
     await routed.wait_pods("hms-ach", 2)
     pods = sorted(await pods_of(routed.orch, "hms-ach"))
-    key = feed.feed_key(routed.settings.state_dir)
+    control = routed.settings.state_dir
+    other = tmp_path / "another-control-plane"
+    tickets.ensure_control_key(other)  # a well-formed signature, by a key that is not this control plane's
 
     async def ask(http: aiohttp.ClientSession, params: dict[str, str], *, signed: bool = True,
-                  with_key: bytes = key) -> tuple[int, dict]:
+                  signer=control) -> tuple[int, dict]:
         headers = {}
         if signed:
             q = feed.drained_query(params.get("service", ""), params.get("pods", ""), params.get("wait", ""))
-            headers[feed.SIGNATURE_HEADER] = feed.sign(with_key, q)
+            headers[feed.SIGNATURE_HEADER] = feed.sign(signer, q, kind="drained")
         async with http.get(f"{routed.url}/-/drained", params=params, headers=headers) as r:
-            return r.status, await r.json()
+            raw = await r.read()
+            if r.status == 200:  # the answer is the router's own signed word about this very question
+                name = r.headers[feed.ROUTER_HEADER]
+                nodeid.check_statement(nodeid.node_public_key(control, name, role="router"),
+                                       r.headers[feed.ROUTER_SIGNATURE_HEADER], node=name, kind="drained",
+                                       message=feed.drained_answer(headers[feed.SIGNATURE_HEADER], raw))
+            return r.status, json.loads(raw)
 
     both = {"service": "hms-ach", "pods": ",".join(pods)}
     async with aiohttp.ClientSession() as http:
@@ -82,8 +92,8 @@ async def test_the_router_says_which_pods_it_is_not_done_with_and_only_to_the_fe
         # A pod it never routed to is no reason to wait.
         status, body = await ask(http, {"service": "hms-ach", "pods": "0b7c1e0e-0000-4000-8000-000000000000"})
         assert status == 200 and body["idle"] is True
-        # Its answer ends a drain early: not for anyone without the feed key.
-        for unsigned in ((await ask(http, both, signed=False)), (await ask(http, both, with_key=b"x" * 32))):
+        # Its answer ends a drain early: only the control plane may ask.
+        for unsigned in ((await ask(http, both, signed=False)), (await ask(http, both, signer=other))):
             assert unsigned[0] == 401 and "refused" in unsigned[1]["error"], unsigned
         for bad in ({"service": "hms-ach"}, {"pods": pods[0]}, {"service": "hms-ach", "pods": pods[0], "wait": "x"}):
             status, body = await ask(http, bad)

@@ -64,7 +64,7 @@ async def test_unknown_service_is_404_and_no_ready_pod_is_503(routed):
     assert headers["Retry-After"] == "1"
 
 
-async def test_unsigned_or_forged_feed_push_is_refused(routed):
+async def test_unsigned_or_forged_feed_push_is_refused(routed, tmp_path):
     await routed.orch.deploy(seed_spec(min_replicas=1, max_replicas=1), wait=True, timeout=120)
     table = await routed.wait_pods("hms-ach", 1)
     evil = EndpointSet(service="hms-ach", version=table["version"] + 10**6,
@@ -72,11 +72,16 @@ async def test_unsigned_or_forged_feed_push_is_refused(routed):
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{routed.url}/-/feed", data=evil) as r:
             assert r.status == 401
-        forged = wire.sign(b"not-the-key" * 3, evil)
+        other = tmp_path / "another-control-plane"  # a well-formed signature by another Ed25519 key
+        forged = wire.sign(other, evil)
         async with http.post(f"{routed.url}/-/feed", data=evil, headers={wire.SIGNATURE_HEADER: forged}) as r:
             assert r.status == 401
-        key = wire.feed_key(routed.settings.state_dir)
-        stale = wire.sign(key, evil, now=0)  # a replay from long ago
+        # The control plane's own signature over another body, or as a drain question, is no table either.
+        for sig in (wire.sign(routed.settings.state_dir, b"{}"), wire.sign(routed.settings.state_dir, evil,
+                                                                           kind="drained")):
+            async with http.post(f"{routed.url}/-/feed", data=evil, headers={wire.SIGNATURE_HEADER: sig}) as r:
+                assert r.status == 401
+        stale = wire.sign(routed.settings.state_dir, evil, now=0)  # a replay from long ago
         async with http.post(f"{routed.url}/-/feed", data=evil, headers={wire.SIGNATURE_HEADER: stale}) as r:
             assert r.status == 401
     assert [e["pod"] for e in (await routed.table("hms-ach"))["endpoints"]] == [table["endpoints"][0]["pod"]]

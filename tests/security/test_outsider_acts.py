@@ -19,9 +19,10 @@ from conftest import eventually, make_settings, node_pods, seed_spec, sweep_pods
 from outsider import outsider
 from temporalio.exceptions import ApplicationError
 
+from hms_mgmt import tickets
 from hms_mgmt.events import read_events
 from hms_mgmt.models import EndpointSet
-from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.orchestrator import Orchestrator, load_spec
 from hms_mgmt.testing import free_port
 from router import serve
 from worker.main import HmsWorker
@@ -156,3 +157,27 @@ async def test_a_forged_event_from_an_outsider_is_not_written(temporal_env, hms:
     refusal = [e for e in denied(settings) if e.data.get("action") == "emit_event"]
     assert refusal and refusal[-1].data.get("workflow") == wf_id and refusal[-1].data.get("event") == "approval.granted"
     assert "outsider" in refusal[-1].reason or refusal[-1].data.get("task_queue", "").startswith("outsider-")
+
+
+@pytest.mark.parametrize("runtime_name", ["process"])
+async def test_a_dry_runs_reads_are_not_an_outsiders(temporal_env, hms: Orchestrator, settings):
+    """``plan_deploy`` (a dry run's read: secrets named, placement, the running service) answers
+    only a ``dry_run`` grant of the control plane's; ``capacity_waits`` only the service's own
+    workflow. An outsider gets a refusal, recorded; a grant for another act does not pass."""
+    spec = one_pod(secrets=["db-password"])
+    wf_id = f"svc-hms-ach-deploy-{uuid.uuid4().hex[:6]}"
+    # A real grant of ours, but for a deploy (as one in a service's history): not a dry run's.
+    deploy_grant = tickets.grant(settings.state_dir, action="deploy", service="hms-ach", user="alice",
+                                 role="ops_admin", bind={"spec": load_spec(spec).digest()})
+    async with outsider(temporal_env.client) as them:
+        for grant in ("", "forged.grant", deploy_grant):
+            with pytest.raises(ApplicationError) as refused:
+                await them.run("plan_deploy", {"spec": spec, "grant": grant}, settings.task_queue, wf_id=wf_id)
+            assert refused.value.type == "AccessDenied"
+        with pytest.raises(ApplicationError) as refused:
+            await them.run("capacity_waits", {"service": "hms-ach"}, settings.task_queue, wf_id=wf_id)
+        assert refused.value.type == "AccessDenied"
+    assert sum(e.data.get("action") == "plan_deploy" for e in denied(settings)) == 3
+    assert any(e.data.get("action") == "capacity_waits" and e.data.get("workflow") == wf_id for e in denied(settings))
+    verdict = await hms.dry_run(spec)  # ours, with a proof made from our token, still answers
+    assert verdict.failure is not None and "no secret db-password" in verdict.failure.message

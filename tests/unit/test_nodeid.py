@@ -146,6 +146,14 @@ def test_a_trust_stamp_is_for_one_start_and_expires(control: Path) -> None:
         nodeid.check_stamp(control, "", **args)  # type: ignore[arg-type]
 
 
+def test_a_trust_stamp_names_where_the_node_may_pull_the_content(control: Path) -> None:
+    args = dict(service="s", revision=2, image_id="sha256:abc", pod_id="p1", node="b")
+    digest = "127.0.0.1:5000/s@sha256:" + "d" * 64
+    assert nodeid.check_stamp(control, nodeid.issue_stamp(control, **args), **args) == ""  # type: ignore[arg-type]
+    stamp = nodeid.issue_stamp(control, repo_digest=digest, **args)  # type: ignore[arg-type]
+    assert nodeid.check_stamp(control, stamp, **args) == digest  # type: ignore[arg-type]
+
+
 def test_the_control_host_enrols_its_own_node_and_a_joined_one_holds_no_control_key(control: Path,
                                                                                    tmp_path: Path) -> None:
     ident = nodeid.node_identity(control, "a", "127.0.0.1")
@@ -156,3 +164,47 @@ def test_the_control_host_enrols_its_own_node_and_a_joined_one_holds_no_control_
     bare.mkdir()
     with pytest.raises(nodeid.NotJoined, match="hms node join"):
         nodeid.node_identity(bare, "c", "10.0.0.3")
+
+
+def test_a_router_token_enrols_a_router_apart_from_nodes(control: Path) -> None:
+    t = token(control, role="router")
+    assert t.role == "router"
+    key = nodeid.raw_public(Ed25519PrivateKey.generate())
+    cert = nodeid.enrol(control, nodeid.enrol_request(t, node="edge", address="10.0.0.3", public_key=key))
+    assert nodeid.check_cert(control, cert, "edge", role="router")["addr"] == "10.0.0.3"
+    # A router's certificate is no node's, and its name is not a node's.
+    with pytest.raises(AccessDenied, match="not a node certificate"):
+        nodeid.check_cert(control, cert, "edge")
+    assert "edge" not in nodeid.enrolled(control) and "edge" in nodeid.enrolled(control, "router")
+    # A request claiming another role than its token's is refused.
+    lying = nodeid.JoinToken(t.temporal_address, t.task_queue, t.control_fingerprint, t.key, role="node")
+    with pytest.raises(AccessDenied, match="for a router"):
+        nodeid.enrol(control, nodeid.enrol_request(lying, node="edge2", address="10.0.0.3", public_key=key))
+    # Rotating router tokens leaves node tokens alone.
+    n = token(control)
+    token(control, role="router", rotate=True)
+    with pytest.raises(AccessDenied, match="unknown or was rotated"):
+        nodeid.enrol(control, nodeid.enrol_request(t, node="edge3", address="10.0.0.3", public_key=key))
+    nodeid.enrol(control, nodeid.enrol_request(n, node="b", address="10.0.0.2", public_key=key))
+    assert nodeid.revoke(control, "edge", role="router")
+    with pytest.raises(AccessDenied, match="router edge was removed"):
+        nodeid.node_public_key(control, "edge", role="router")
+
+
+def test_the_feed_is_signed_by_the_control_key_and_checked_with_its_public_half(control: Path, tmp_path: Path
+                                                                                ) -> None:
+    from hms_mgmt import feed
+
+    router_dir = tmp_path / "router"
+    (router_dir / "keys").mkdir(parents=True)
+    (router_dir / "keys" / "control.pub").write_bytes(nodeid.control_public_pem(control))  # all a router holds
+    body = b'{"service":"a"}'
+    sig = feed.sign(control, body)
+    assert feed.verify(router_dir, body, sig) is None
+    assert feed.verify(router_dir, b'{"service":"b"}', sig) == "bad signature"
+    assert feed.verify(router_dir, body, feed.sign(control, body, kind="drained")) == "bad signature"
+    assert feed.verify(router_dir, body, feed.sign(control, body, now=time.time() - 3600)) is not None
+    other = tmp_path / "other"
+    assert "forged" in (feed.verify(router_dir, body, feed.sign(other, body)) or "")
+    assert feed.verify(router_dir, body, None) == "unsigned"
+    assert feed.verify(router_dir, body, "x.y") is not None

@@ -27,7 +27,7 @@ def push(sync: FeedSync, service: str) -> tuple[int, dict]:
     body = EndpointSet.model_construct(service=service, version=1, stopped=False,
                                        endpoints=[Endpoint(pod="a", address="127.0.0.1:9001")]
                                        ).model_dump_json().encode()
-    return sync.accept_push(body, wire.sign(sync.key, body))
+    return sync.accept_push(body, wire.sign(sync.settings.state_dir, body))  # the control plane signs
 
 
 @pytest.mark.parametrize("service", BAD_SERVICES)

@@ -157,3 +157,31 @@ def test_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
 def test_sign_requires_all_fields(tmp_path: Path, image: str, content_id: str, signer: str) -> None:
     with pytest.raises(SpecError, match="must not be empty"):
         TrustStore(tmp_path).sign(image, content_id, signer=signer)
+
+
+DIGEST = "127.0.0.1:5000/hms-ach@sha256:" + "d" * 64
+
+
+def test_a_pushed_image_is_signed_with_its_repo_digest(tmp_path: Path) -> None:
+    store = TrustStore(tmp_path)
+    store.sign(IMAGE, ID_A, signer="alice", repo_digest=DIGEST)
+    assert store.verify(IMAGE, ID_A)[0]
+    assert store.repo_digest(IMAGE, ID_A) == DIGEST
+    assert store.repo_digest(IMAGE, ID_B) == ""  # a digest only for the signed content
+    assert store.repo_digest("registry.gov/other:1", ID_A) == ""
+
+
+def test_a_tampered_repo_digest_breaks_the_signature(tmp_path: Path) -> None:
+    store = TrustStore(tmp_path)
+    store.sign(IMAGE, ID_A, signer="alice", repo_digest=DIGEST)
+    data = json.loads(store.path.read_text())
+    data["records"][IMAGE]["repo_digest"] = "evil.example:5000/hms-ach@sha256:" + "e" * 64
+    store.path.write_text(json.dumps(data))
+    ok, reason = store.verify(IMAGE, ID_A)
+    assert not ok and "altered" in reason
+    assert store.repo_digest(IMAGE, ID_A) == ""
+
+
+def test_a_repo_digest_must_be_a_digest_reference(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="repo_digest"):
+        TrustStore(tmp_path).sign(IMAGE, ID_A, signer="alice", repo_digest="127.0.0.1:5000/hms-ach:1.4")

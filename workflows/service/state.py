@@ -89,6 +89,7 @@ class ServiceRun:
         self.update_outcomes: dict[str, UpdateOutcome | Failure] = {}  # request id -> what it became
         self.revision_failures: dict[int, Failure] = {}
         self.waits: list[WaitingFor] = []  # the waits in progress, the latest last (status().waiting_for)
+        self.capacity: list[WaitingFor] = []  # placements waiting for room, as the Scheduler last said
 
     # --- what the run reports --------------------------------------------------------------
 
@@ -137,6 +138,11 @@ class ServiceRun:
             self.waits.remove(wait)
 
     def waiting_for(self) -> WaitingFor | None:
+        placing = bool(self.heals) or self.scaling is not None or self.state.phase in ("Deploying", "Updating")
+        if self.capacity and placing:  # first: a rollout or scaling waiting for a heal waits, at root, for room
+            first, more = self.capacity[0], len(self.capacity) - 1
+            return first if not more else first.model_copy(
+                update={"reason": f"{first.reason} (and {more} more placement(s) waiting for room)"})
         if self.waits:
             return self.waits[-1]
         if self.heals:

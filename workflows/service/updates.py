@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateOutcome,
     )
     from hms_mgmt.names import SUPERVISED, S, rollout_id
+    from hms_mgmt.policy import rollout
     from hms_mgmt.policy.phases import RollbackRefused, rollback_target
 
 from workflows.common import NODE_PICKUP, stop_pod
@@ -176,7 +177,7 @@ class Updates:
     async def _update_in_place(self, spec: ServiceSpec, why: str) -> None:
         """Nothing a pod runs changed (bounds, targets, intervals): take the new spec as it is."""
         run = self.run
-        changed = sorted(k for k in ServiceSpec.model_fields if getattr(spec, k) != getattr(run.spec, k))
+        changed = rollout.changed_fields(run.spec, spec)
         run.spec = spec
         reason = f"{why}: {', '.join(changed)} changed in place"
         run.decide("update", reason)

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
 from workflows.service.access import Access
 from workflows.service.admission import Admission
 from workflows.service.approvals import ApprovalGate
+from workflows.service.capacity import CapacityWaits
 from workflows.service.feed import EndpointFeed
 from workflows.service.lifecycle import Lifecycle
 from workflows.service.reports import PodReports
@@ -72,6 +73,7 @@ class ServiceWorkflow:
         self.updates = Updates(run, self.access, self.admission, self.approvals, self.supervision, self.feed,
                                self.slots)
         self.reports = PodReports(run)
+        self.capacity = CapacityWaits(run)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -213,6 +215,12 @@ class ServiceWorkflow:
         """A time slot's edge, from the SlotEdgeWorkflow its Temporal Schedule started: believed
         only once the control worker has checked its standing grant (the run loop asks)."""
         self.slots.signalled(edge)
+
+    @workflow.signal(name=S.CAPACITY)
+    async def capacity_changed(self) -> None:
+        """A hint from the Scheduler that a placement of this service started or stopped waiting
+        for room: ``status().waiting_for`` is re-read from the control worker."""
+        await self.capacity.hinted()
 
     @workflow.signal(name=S.HEAL_ATTEMPT_FAILED)
     def heal_attempt_failed(self, attempt: HealAttempt) -> None:

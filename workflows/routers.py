@@ -1,0 +1,149 @@
+"""RouterRegistry (id ``hms-routers``): the routers that take the endpoint feed and are asked
+before a drain ends, and whether they are alive.
+
+A router registers itself (the ``register`` update, update-with-start) and heartbeats with a
+signal, both signed with its own key and checked by the control worker (``check_routers``)
+against its router certificate. One durable timer, for the earliest moment a Ready router would
+have been silent for ``lost_after_s``, marks a silent router ``Lost``: the feed no longer goes to
+it and no drain waits for it. A heartbeat brings it back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.enrolment import NodeTrustActivities
+    from hms_mgmt.errors import ActivityErrorType
+    from hms_mgmt.names import ROUTER_REGISTRY_WORKFLOW, RR
+    from hms_mgmt.wire import (
+        EnrolInput,
+        EnrolOutput,
+        NodeVerdict,
+        RouterCheckInput,
+        RouterRecord,
+        RouterRegistration,
+        RouterRegistryInput,
+        RoutersOutput,
+    )
+
+CHECK_TIMEOUT = timedelta(seconds=30)
+MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per router is kept)
+
+
+@workflow.defn(name=ROUTER_REGISTRY_WORKFLOW)
+class RouterRegistry:
+    @workflow.init
+    def __init__(self, inp: RouterRegistryInput) -> None:
+        self.inp = inp
+        self.lost_after = timedelta(seconds=inp.lost_after_s)
+        self.routers: dict[str, RouterRecord] = {r.name: r for r in inp.routers or []}
+        self.beats: dict[str, RouterRegistration] = {}
+        self.wake = False
+
+    @workflow.query(name=RR.ROUTERS)
+    def routers_query(self) -> RoutersOutput:
+        return RoutersOutput(routers=sorted(self.routers.values(), key=lambda r: r.name))
+
+    @workflow.update(name=RR.REGISTER)
+    async def register(self, reg: RouterRegistration) -> RouterRecord:
+        """A router (re)joins; only an enrolled router signing this very registration gets in."""
+        verdict = (await self._check([reg], "register"))[0]
+        refusal = self._refusal(reg, verdict)
+        if refusal:
+            raise ApplicationError(refusal, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
+        return self._upsert(reg, verdict)
+
+    @workflow.update(name=RR.ENROL)
+    async def enrol(self, inp: EnrolInput) -> EnrolOutput:
+        """``hms router join``: the control worker checks the join token and signs the certificate."""
+        return await workflow.execute_activity_method(
+            NodeTrustActivities.enrol_node, inp, task_queue=self.inp.control_task_queue,
+            start_to_close_timeout=CHECK_TIMEOUT, summary="enrol a joining router")
+
+    @workflow.signal(name=RR.HEARTBEAT)
+    def heartbeat(self, reg: RouterRegistration) -> None:
+        """A live router; checked (a batch at a time, by the run loop) before it counts."""
+        if reg.name in self.beats or len(self.beats) < MAX_PENDING_BEATS:
+            self.beats[reg.name] = reg
+            self.wake = True
+
+    async def _check(self, regs: list[RouterRegistration], kind: str) -> list[NodeVerdict]:
+        out = await workflow.execute_activity_method(
+            NodeTrustActivities.check_routers, RouterCheckInput(registrations=regs, kind=kind),  # type: ignore[arg-type]
+            task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT,
+            summary=f"check {len(regs)} signed router {kind}(s)")
+        return out.verdicts
+
+    def _refusal(self, reg: RouterRegistration, verdict: NodeVerdict) -> str:
+        if not verdict.ok:
+            return verdict.reason or f"router {reg.name}: refused"
+        rec = self.routers.get(reg.name)
+        if rec is not None and verdict.at <= rec.last_proof_at:
+            return f"router {reg.name}: a replayed statement"
+        return ""
+
+    async def _check_beats(self) -> None:
+        batch = list(self.beats.values())
+        self.beats.clear()
+        for reg, verdict in zip(batch, await self._check(batch, "heartbeat"), strict=True):
+            rec = self.routers.get(reg.name)
+            if not verdict.ok:
+                if rec is not None and rec.state == "Ready":  # revoked, or its key replaced: no more feed
+                    self._lose(rec, verdict.reason)
+            elif not self._refusal(reg, verdict):
+                if rec is None or rec.state != "Ready" or rec.url != reg.url or rec.key_id != verdict.key_id:
+                    self._upsert(reg, verdict)
+                else:
+                    rec.last_heartbeat = workflow.now()
+                    rec.last_proof_at = verdict.at
+
+    def _upsert(self, reg: RouterRegistration, verdict: NodeVerdict) -> RouterRecord:
+        now = workflow.now()
+        rec = RouterRecord(name=reg.name, address=reg.address, url=reg.url, engine=reg.engine, worker=reg.worker,
+                           registered_at=now, last_heartbeat=now, key_id=verdict.key_id, last_proof_at=verdict.at)
+        self.routers[reg.name] = rec
+        self.wake = True
+        return rec
+
+    def _lose(self, rec: RouterRecord, why: str) -> None:
+        rec.state = "Lost"
+        rec.lost_at = workflow.now()
+        workflow.logger.warning("router %s lost: %s", rec.name, why)
+
+    def _continue_as_new_due(self) -> bool:
+        info = workflow.info()
+        threshold = self.inp.history_threshold
+        return info.is_continue_as_new_suggested() or (
+            threshold is not None and info.get_current_history_length() >= threshold)
+
+    def _next_deadline(self) -> datetime | None:
+        beats = [r.last_heartbeat for r in self.routers.values() if r.state == "Ready" and r.last_heartbeat]
+        return min(beats) + self.lost_after if beats else None
+
+    @workflow.run
+    async def run(self, inp: RouterRegistryInput) -> None:
+        while not self._continue_as_new_due():
+            if self.beats:
+                await self._check_beats()
+            deadline = self._next_deadline()
+            now = workflow.now()
+            if deadline is None or deadline > now:
+                self.wake = False
+                try:
+                    await workflow.wait_condition(
+                        lambda: self.wake or bool(self.beats) or self._continue_as_new_due(),
+                        timeout=None if deadline is None else deadline - now,
+                        timeout_summary="next router heartbeat due")
+                except TimeoutError:
+                    pass
+            now = workflow.now()
+            for rec in self.routers.values():
+                if rec.state == "Ready" and rec.last_heartbeat and rec.last_heartbeat + self.lost_after <= now:
+                    self._lose(rec, f"no heartbeat for {self.inp.lost_after_s:g}s")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(inp.model_copy(update={"routers": list(self.routers.values())}))
+

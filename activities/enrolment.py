@@ -37,6 +37,8 @@ from hms_mgmt.wire import (
 )
 
 QUIET_S = 60.0  # the same refusal for the same node is written to the event log once a minute
+FORWARDED_KEPT = 10_000  # ids of node events already written here (a heartbeat checked twice, a replay)
+MAX_FORWARDED_REASON = 2000
 
 
 class NodeTrustActivities:
@@ -44,6 +46,7 @@ class NodeTrustActivities:
         self.settings = settings
         self.sink = sink
         self._told: dict[tuple[str, str], float] = {}
+        self._forwarded: dict[str, None] = {}  # event ids, oldest first
 
     async def _denied(self, reason: str, *, service: str = "", **data: object) -> None:
         key = (str(data.get("node", "")), reason)
@@ -82,11 +85,24 @@ class NodeTrustActivities:
             try:
                 at, kid = await asyncio.to_thread(self._check, settings, reg, inp.kind)
                 verdicts.append(NodeVerdict(node=name, ok=True, key_id=kid, at=at))
+                await self._record_node_events(reg)
             except (AccessDenied, ValueError) as e:
                 reason = f"node {name}: {inp.kind} refused: {e}"
                 await self._denied(reason, action=inp.kind, node=name, worker=reg.worker[:200])
                 verdicts.append(NodeVerdict(node=name, ok=False, reason=reason))
         return NodeCheckOutput(verdicts=verdicts)
+
+    async def _record_node_events(self, reg: NodeRegistration) -> None:
+        """The events a node signed into this heartbeat, into the control host's log (and so
+        the dashboard and webhooks), each once, marked with the node that vouched for them."""
+        for ev in reg.events:
+            if ev.id in self._forwarded:
+                continue
+            self._forwarded[ev.id] = None
+            if len(self._forwarded) > FORWARDED_KEPT:
+                del self._forwarded[next(iter(self._forwarded))]
+            data = {**ev.data, "node": reg.spec.name, "forwarded_by": reg.spec.name}
+            await self.sink.publish(ev.model_copy(update={"reason": ev.reason[:MAX_FORWARDED_REASON], "data": data}))
 
     @activity.defn(name="check_routers")
     async def check_routers(self, inp: RouterCheckInput) -> NodeCheckOutput:

@@ -19,7 +19,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-ORDER = ("deploy", "heal", "scale", "router", "rollout", "soak")
+ORDER = ("deploy", "heal", "scale", "router", "rollout", "hostloss", "soak")
 
 Row = list[Any]  # figure, ours, peer (or target basis), ratio, target, verdict
 
@@ -152,9 +152,25 @@ def soak_rows(d: dict[str, Any]) -> list[Row]:
     ]
 
 
+def hostloss_rows(d: dict[str, Any]) -> list[Row]:
+    f, t = d.get("figures") or {}, d.get("target_whole_s")
+    worst = get(f, "whole_s", "max_s")
+    rows = [
+        ["power loss -> node Lost (s, median)", get(f, "lost_s", "median_s"), None, None, "reported", ""],
+        ["power loss -> service whole again (s, median)", get(f, "whole_s", "median_s"), None, None, "", ""],
+        ["power loss -> service whole again (s, max)", worst, None, None, f"<= {t} s",
+         ok(None if worst is None or t is None else worst <= t)],
+    ]
+    for engine in ("builtin", "haproxy"):
+        failed = f.get(f"{engine}_failed")
+        rows.append([f"failed GETs through the {engine} engine", f"{fmt(failed)} of {fmt(f.get(f'{engine}_requests'))}",
+                     None, None, "0", ok(None if failed is None else failed == 0)])
+    return rows
+
+
 ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "deploy": deploy_rows, "heal": heal_rows, "scale": scale_rows, "router": router_rows, "rollout": rollout_rows,
-    "soak": soak_rows,
+    "hostloss": hostloss_rows, "soak": soak_rows,
 }
 PEERS = {
     "deploy": "10 parallel `docker run` + the same /health poller",
@@ -162,6 +178,8 @@ PEERS = {
     "scale": "the seed's one-pod-per-tick rule replayed on the same CPU samples",
     "router": "Debian nginx round-robin (and a hand-configured HAProxy)",
     "rollout": "`docker service update --update-order start-first` (Swarm)",
+    "hostloss": "absolute targets: the service whole again within 15 s of a host's power loss (Kubernetes: NotReady "
+                "after 40 s, pods evicted after 5 min by default), 0 failed GETs",
     "soak": "absolute targets (the ratio column is measured / target); the probe lag's context is an idle "
             "asyncio process's timer lateness on the same machine in the same window",
 }

@@ -142,8 +142,10 @@ class Settings(BaseSettings):
     # The node's log stream (``hms logs -f``) listens on node_address:log_port; 0 picks a free port
     # (the node advertises it in its registration), -1 serves none.
     log_port: int = Field(default=0, ge=-1, le=65535)
-    node_heartbeat_s: float = Field(default=5.0, gt=0)
-    node_lost_after_s: float = Field(default=30.0, gt=0)
+    # A node heartbeats every node_heartbeat_s; silent for node_lost_after_s, it is Lost and its
+    # pods are replaced elsewhere (README "Losing a host"). Keep the grace at 3 heartbeats or more.
+    node_heartbeat_s: float = Field(default=2.0, gt=0, description="seconds between a node's heartbeats")
+    node_lost_after_s: float = Field(default=6.0, gt=0, description="a node silent this long is Lost")
     # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
     # by its node this long after the node first saw it so (worker/nodes.py).
     orphan_grace_s: float = Field(default=60.0, gt=0)
@@ -179,6 +181,13 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [u.strip() for u in v.split(",") if u.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat_within_grace(self) -> Settings:
+        if self.node_lost_after_s < 2 * self.node_heartbeat_s:
+            raise ValueError(f"node_lost_after_s ({self.node_lost_after_s:g}) must be at least twice "
+                             f"node_heartbeat_s ({self.node_heartbeat_s:g}): one late heartbeat would lose the node")
+        return self
 
     @model_validator(mode="after")
     def _default_router(self) -> Settings:

@@ -63,7 +63,8 @@ class ServicePool:
         self.known = True
         self.landed_until: datetime | None = None  # landed by a time slot, until then
 
-    def update(self, table: EndpointSet) -> None:
+    def update(self, table: EndpointSet) -> set[str]:
+        """Take the new table; returns the addresses of the pods that left it."""
         self.landed_until = table.landed_until
         seen = set()
         for ep in table.endpoints:
@@ -72,9 +73,11 @@ class ServicePool:
             if pod is None or pod.address != ep.address:
                 pod = self.pods[ep.pod] = policy.PodState(pod=ep.pod, address=ep.address)
             pod.draining = ep.state == "draining"
+        gone = set()
         for pod_id in [p for p in self.pods if p not in seen]:
             # Gone from the table: no new requests; in-flight ones keep their PodState object.
-            del self.pods[pod_id]
+            gone.add(self.pods.pop(pod_id).address)
+        return gone
 
     def counts(self) -> tuple[int, int]:
         ready = sum(1 for p in self.pods.values() if not p.draining)
@@ -126,8 +129,26 @@ class BuiltinEngine:
         pool = self.pools.get(table.service)
         if pool is None:
             pool = self.pools[table.service] = ServicePool(table.service)
-        pool.update(table)
+        gone = pool.update(table)
         self.applied[table.service] = table.version
+        if gone:
+            self._cut(gone)
+
+    def _cut(self, addresses: set[str]) -> None:
+        """Abort our connections to pods that left the table. A host that lost power answers
+        nothing: a request waiting on it would wait out the read timeout, and an idle
+        keep-alive connection to it would take the next one. Aborted, an idempotent request
+        goes to another pod at once (a reset). aiohttp has no public call for this."""
+        for session in (self.session, self.fresh_session):
+            connector = session.connector if session is not None else None
+            if connector is None:
+                continue
+            idle = [proto for conns in getattr(connector, "_conns", {}).values() for proto, _ in conns]
+            for proto in [*getattr(connector, "_acquired", ()), *idle]:
+                transport = getattr(proto, "transport", None)
+                peer = transport.get_extra_info("peername") if transport is not None else None
+                if peer and f"{peer[0]}:{peer[1]}" in addresses:
+                    transport.abort()
 
     def pods_info(self, service: str) -> dict[str, Any]:
         pool = self.pools.get(service)

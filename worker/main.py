@@ -134,6 +134,8 @@ class HmsWorker:
                                events=sink, identity=identity)
         if settings.log_port >= 0:
             self.log_server = LogServer(runtime, settings.state_dir, sink=sink)
+        if nodeid.is_joined(settings.state_dir):  # its events reach the control host's log on its heartbeats
+            sink.listeners.append(self.agent.forward)
         return Worker(
             client,
             task_queue=settings.node_task_queue(),

@@ -1,7 +1,11 @@
 """A node worker's membership: register with the NodeRegistry, heartbeat, remove stale pods.
 
-A node that was Lost had its pods replaced elsewhere; when its worker registers again, the
-pods it still runs that no service has on record are stale and are removed at once. Every
+A node that was Lost had its pods replaced elsewhere; before its worker registers again, the
+pods it still runs that no service has on record are stale and are removed, so the node is
+given no work while it still runs them. A heartbeat that fails, or a registry that holds the
+node as Lost, sends the worker through that path again. On a host that joined with a token,
+the node's own events (a refused pod start, a sandbox warning) ride on its signed heartbeats
+to the control host's event log. Every
 minute it also removes unknown pods older than the orphan grace (a crash at the wrong moment),
 and pods whose service has no running ServiceWorkflow (terminated from outside, ended): those
 ``orphan_grace_s`` after the node first saw them so, with a ``pod.orphaned`` event.
@@ -10,11 +14,12 @@ and pods whose service has no running ServiceWorkflow (terminated from outside, 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus, WorkflowQueryFailedError
@@ -35,6 +40,8 @@ log = logging.getLogger("hms.worker.node")
 
 REGISTER_TIMEOUT_S = 30.0
 SWEEP_EVERY_S = 60.0
+EVENTS_PER_BEAT = 20  # node events forwarded with one heartbeat (the rest wait for the next)
+EVENTS_KEPT = 500  # node events waiting to be forwarded; the oldest go first when the control plane is away
 
 
 class _Service(NamedTuple):
@@ -44,6 +51,7 @@ class _Service(NamedTuple):
     running: bool
     pods: set[str]
     how: str = "running"
+    failed: frozenset[str] = frozenset()  # on record, but as exited (a lost node's, being replaced)
 
 
 class NodeAgent:
@@ -66,6 +74,11 @@ class NodeAgent:
         self.registered = asyncio.Event()
         self._served: dict[str, object] = {}
         self._sweeping: asyncio.Task[list[str]] | None = None
+        self.outbox: collections.deque[Event] = collections.deque(maxlen=EVENTS_KEPT)  # to forward
+
+    def forward(self, event: Event) -> None:
+        """An event listener (any thread): this node's event, for the control host's log."""
+        self.outbox.append(event)
 
     def advertise(self, **fields: object) -> None:
         """What the worker serves beside its pods (``log_port``): part of every registration."""
@@ -91,12 +104,68 @@ class NodeAgent:
             NodeRegistry.register, self._signed("register"), start_workflow_operation=start
         )
 
-    def _signed(self, kind: str) -> NodeRegistration:
-        """The registration as it is now, signed by this node's key for ``kind``, fresh."""
-        reg = self.registration
+    def _signed(self, kind: str, events: list[Event] | None = None) -> NodeRegistration:
+        """The registration as it is now (with ``events`` to forward), signed by this node's key
+        for ``kind``, fresh."""
+        reg = self.registration.model_copy(update={"events": events or []})
         if self.identity is None:
             return reg
         return reg.model_copy(update={"proof": self.identity.say(kind, reg.signed_part())})
+
+    async def _heartbeat(self) -> None:
+        """One signed heartbeat, carrying the oldest events waiting; sent, they leave the outbox."""
+        events = list(self.outbox)[:EVENTS_PER_BEAT]
+        await self.client.get_workflow_handle(self.registry_id).signal(
+            NodeRegistry.heartbeat, self._signed("heartbeat", events))
+        for _ in events:
+            self.outbox.popleft()
+
+    async def _state_in_registry(self, *, timeout_s: float | None = None) -> str | None:
+        """This node's state as the registry holds it (None: it does not know the node, or no registry runs)."""
+        try:
+            out = await self.client.get_workflow_handle(self.registry_id).query(
+                NodeRegistry.nodes, rpc_timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return next((r.state for r in out.nodes if r.spec.name == self.spec.name), None)
+
+    async def _join(self) -> RegisterResult:
+        """(Re)join: a node the registry holds as Lost first removes the pods no service has on
+        record any more (they were replaced elsewhere), then registers."""
+        came_back = datetime.now(UTC)
+        if await self._state_in_registry() == "Lost":
+            if self._sweeping is not None:
+                self._sweeping.cancel()
+            removed = await self.sweep(started_before=came_back)
+            log.info("node %s was lost: removed %d stale pod(s) before registering", self.spec.name, len(removed))
+        result = await asyncio.wait_for(self.register(), REGISTER_TIMEOUT_S)
+        self.registered.set()
+        self._checked_at = asyncio.get_running_loop().time()
+        log.info("node %s registered (%s)%s", self.spec.name, self.registry_id,
+                 ": it was lost, removing its stale pods" if result.was_lost else "")
+        if result.was_lost:  # lost between the check and the registration: sweep now
+            self._sweep_aside(started_before=came_back)
+        return result
+
+    async def _still_ready(self) -> None:
+        """Once per grace, ask whether the registry still holds this node Ready: one that was
+        called Lost while its heartbeats went out (a registry stalled, a slow network) joins again."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at < self.settings.node_lost_after_s:
+            return
+        self._checked_at = loop.time()
+        try:  # never long in the heartbeat's way: a control plane too busy to answer is asked next time
+            state = await self._state_in_registry(timeout_s=min(1.0, self.settings.node_heartbeat_s / 2))
+        except (RPCError, WorkflowQueryFailedError, TimeoutError) as e:
+            log.debug("node %s: could not ask the registry for its state: %s", self.spec.name, e)
+            return
+        if state == "Lost":
+            log.warning("node %s: the registry holds it as Lost: joining again", self.spec.name)
+            self.registered.clear()
+
+    _checked_at = 0.0
 
     async def run(self) -> None:
         """Register, then heartbeat every ``node_heartbeat_s`` until cancelled."""
@@ -105,17 +174,11 @@ class NodeAgent:
         while True:
             try:
                 if not self.registered.is_set():
-                    came_back = datetime.now(UTC)
-                    result = await asyncio.wait_for(self.register(), REGISTER_TIMEOUT_S)
-                    self.registered.set()
-                    log.info("node %s registered (%s)%s", self.spec.name, self.registry_id,
-                             ": it was lost, removing its stale pods" if result.was_lost else "")
-                    if result.was_lost:
-                        self._sweep_aside(started_before=came_back)
+                    await self._join()
                 else:
                     await self._refresh()
-                    await self.client.get_workflow_handle(self.registry_id).signal(
-                        NodeRegistry.heartbeat, self._signed("heartbeat"))
+                    await self._heartbeat()
+                    await self._still_ready()
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.sweep_every_s
                     self._sweep_aside()
@@ -124,11 +187,14 @@ class NodeAgent:
                     self._sweeping.cancel()
                 raise
             except RPCError as e:
-                if e.status == RPCStatusCode.NOT_FOUND:  # the registry ended: start it again
-                    self.registered.clear()
+                # Not found: the registry ended, start it again. Otherwise the node may have been
+                # called Lost meanwhile: it joins again (stale pods first) once it gets through.
+                self.registered.clear()
+                if e.status == RPCStatusCode.NOT_FOUND:
                     continue
                 log.warning("node %s: heartbeat failed: %s", self.spec.name, e)
             except Exception as e:  # noqa: BLE001 - keep heartbeating whatever one round hit
+                self.registered.clear()
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)
             await asyncio.sleep(self.settings.node_heartbeat_s)
 
@@ -182,7 +248,8 @@ class NodeAgent:
             if h.service not in known:
                 known[h.service] = await self._service(h.service)
             svc = known[h.service]
-            if svc is None or h.pod_id in svc.pods:
+            # Once lost, a pod the service holds as exited is stale too: its replacement runs elsewhere.
+            if svc is None or (h.pod_id in svc.pods and (started_before is None or h.pod_id not in svc.failed)):
                 continue
             if not svc.running:
                 orphans.add(h.pod_id)
@@ -194,7 +261,7 @@ class NodeAgent:
             elif started_before is not None:
                 if h.started_at is not None and h.started_at >= started_before:
                     continue
-                why = "no service has it on record (the node was lost and its pods replaced)"
+                why = "its service replaced it elsewhere (the node was lost)"
             else:
                 if h.started_at is not None and (now - h.started_at).total_seconds() <= ORPHAN_GRACE_S:
                     continue
@@ -234,7 +301,8 @@ class NodeAgent:
             return None
         if status.phase in names.ENDED:
             return _Service(True, set())
-        return _Service(True, {p.id for p in status.pods})
+        return _Service(True, {p.id for p in status.pods}, failed=frozenset(p.id for p in status.pods
+                                                                     if p.health == "exited"))
 
     async def stop_all(self) -> int:
         """Stop every pod of this node (``sweep_on_exit``: a stack going down leaves none)."""

@@ -6,6 +6,12 @@ starts the registry) and then heartbeat with a signal. One durable timer, set fo
 earliest moment a Ready node would have been silent for ``lost_after_s``, is all the
 registry waits on: a node whose heartbeat did not come is ``Lost``, and every service with
 pods there is told (``node_lost``) so it replaces them on other nodes through its heal path.
+
+A Lost node comes back only through ``register``, which its worker sends after removing the
+pods it still runs that no service has on record: a heartbeat alone does not make it Ready.
+Heartbeats that arrived are checked before anyone is called Lost, and a registry that could
+not run for a while (its timer fired late) gives every node a fresh grace instead of calling
+them all Lost at once.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ with workflow.unsafe.imports_passed_through():
 from workflows.dryrun import dry_run
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
+LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means the registry itself stalled
 CHECK_TIMEOUT = timedelta(seconds=30)
 # patch: only enrolled nodes, with a fresh signature, register and heartbeat (checked by the control worker)
 ENROLMENT = "node-enrolment"
+# patch: heartbeats checked before Lost is decided; a late timer gives a fresh grace; a Lost node must register
+GRACE = "node-lost-grace"
 MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per node is kept)
 
 
@@ -109,6 +118,8 @@ class NodeRegistry:
 
     def _beat(self, reg: NodeRegistration, verdict: NodeVerdict | None = None) -> None:
         rec = self.nodes.get(reg.spec.name)
+        if rec is not None and rec.state == "Lost" and workflow.patched(GRACE):
+            return  # its worker registers again once it removed its stale pods
         if rec is None or rec.state != "Ready" or rec.spec != reg.spec:
             self._upsert(reg, verdict)
         else:
@@ -225,6 +236,10 @@ class NodeRegistry:
                     )
                 except TimeoutError:
                     pass
+            if workflow.patched(GRACE):
+                if self.beats:
+                    await self._check_beats()
+                self._grace_if_late(deadline)
             self._mark_lost()
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(inp.model_copy(update={"nodes": list(self.nodes.values())}))
@@ -232,6 +247,18 @@ class NodeRegistry:
     def _next_deadline(self) -> datetime | None:
         beats = [r.last_heartbeat for r in self.nodes.values() if r.state == "Ready" and r.last_heartbeat]
         return min(beats) + self.lost_after if beats else None
+
+    def _grace_if_late(self, deadline: datetime | None) -> None:
+        """Woken well after its deadline (the control worker was down, the server busy): the
+        silence was the registry's own, so every Ready node gets a fresh grace from now."""
+        now = workflow.now()
+        if deadline is None or now - deadline <= max(self.lost_after / 2, LATE_TIMER):
+            return
+        workflow.logger.warning("node registry woke %.1fs late: every node gets a fresh grace",
+                                (now - deadline).total_seconds())
+        for rec in self.nodes.values():
+            if rec.state == "Ready":
+                rec.last_heartbeat = now
 
     def _mark_lost(self) -> None:
         now = workflow.now()

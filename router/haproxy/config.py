@@ -57,7 +57,7 @@ def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeo
         f"    timeout server {int(read_timeout_s * 1000)}ms",
         "    timeout http-keep-alive 30s",
         "    option redispatch 1",
-        "    retries 2",
+        "    retries 3",  # a lost host's pods: each retry goes to another server (redispatch)
         "    retry-on conn-failure empty-response response-timeout 502 503",
         f"    http-error status 503 content-type application/json lf-string {no_pod} hdr Retry-After 1",
         f"    http-error status 502 content-type application/json lf-string {bad_gw}",

@@ -24,6 +24,7 @@ from router.haproxy.plan import Plan, plan_removals, plan_servers, plan_weights
 from router.haproxy.process import HAProxyProcess, haproxy_binary
 from router.haproxy.runtime import RuntimeAPI, apply, parse_stat
 from router.haproxy.state import Backend
+from router.sockets import destroy_connections
 from router.stats import TrafficStats
 
 log = logging.getLogger("hms.router.haproxy")
@@ -78,12 +79,21 @@ class HAProxyEngine:
     async def reconcile(self) -> None:
         """Make HAProxy's servers match the endpoint table (idempotent; runs on every change)."""
         wanted = dict(self.table.services)
+        gone = self._leaving(wanted)
         await self._act(plan_servers(self.backends, wanted, time.monotonic(), **self._maps(),
                                      first_id=self.server_ids + 1))
         held = self.by_service
         self.applied_versions.update({name: t.version for name, t in wanted.items() if name in held})
         for name in [n for n in self.applied_versions if n not in held]:
             del self.applied_versions[name]
+        if gone:  # out of rotation now: what is still in flight to them goes to another pod
+            await destroy_connections(gone)
+
+    def _leaving(self, wanted: dict[str, EndpointSet]) -> set[str]:
+        """Addresses of the servers this table takes out (not already on their way out)."""
+        keep = {(name, ep.pod) for name, t in wanted.items() if not t.stopped for ep in t.endpoints}
+        return {srv.address for be in self.backends if be.service is not None for srv in be.servers.values()
+                if srv.state != "removing" and (be.service, srv.pod) not in keep}
 
     def _maps(self) -> dict[str, str]:
         return {"map_path": str(self.process.map_path), "landed_path": str(self.process.landed_path)}

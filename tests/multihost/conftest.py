@@ -62,6 +62,14 @@ class Host:
     state_dir: Path
     network: Network
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    veth: str = ""  # its cable: the bridge's end of its veth pair
+
+    def unplug(self) -> None:
+        """Power loss: the cable out (peers then time out, no reset), then every process of the host killed."""
+        _ip("link", "set", self.veth, "down")
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _wrap(self, argv: list[str]) -> list[str]:
         """``argv`` in this host's network namespace, with the other hosts' state dirs hidden."""
@@ -160,7 +168,7 @@ class Network:
         _ip("link", "set", outer, "master", self.bridge, "up")
         state_dir = self.root / f"host-{name}"
         state_dir.mkdir(parents=True, mode=0o700)
-        host = Host(name=name, netns=netns, address=address, state_dir=state_dir, network=self)
+        host = Host(name=name, netns=netns, address=address, state_dir=state_dir, network=self, veth=outer)
         self.hosts.append(host)
         return host
 
@@ -248,11 +256,11 @@ def join_host(control: Host, host: Host, name: str, *, runtime: str = "process")
 CONTROL_PORTS = (7233, 8233, 8000, 8088)  # Temporal, its Web UI, the router, the dashboard
 
 
-def start_control(a: Host, log: Path, *, logs: list[Path]) -> subprocess.Popen[bytes]:
-    """``hms up --listen A --no-node`` on host A, until its ports answer and its control key exists."""
+def start_control(a: Host, log: Path, *, logs: list[Path], extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``hms up --listen A --no-node [extra...]`` on host A, until its ports answer and its control key exists."""
     from hms_mgmt.devserver import port_open
 
-    up = a.start(hms_argv("up", "--listen", a.address, "--no-node"), env=a.env(HMS_RUNTIME="process"), log=log)
+    up = a.start(hms_argv("up", "--listen", a.address, "--no-node", *extra), env=a.env(HMS_RUNTIME="process"), log=log)
     wait_until(lambda: all(port_open(a.address, p) for p in CONTROL_PORTS)
                and (a.state_dir / "keys" / "control.pub").exists(),
                timeout=90, what="hms up on host A", procs=[up], logs=logs)

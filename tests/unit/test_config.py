@@ -141,3 +141,12 @@ def test_routers_are_a_comma_list_defaulting_to_the_local_router(tmp_path: Path)
     assert s.routers == ["http://a:8000", "http://b:8000"]
     s = Settings.from_env(env_for(tmp_path, HMS_ROUTER_PORT="9001"))
     assert s.routers == ["http://127.0.0.1:9001"]
+
+
+def test_a_lost_host_is_noticed_within_the_default_grace(tmp_path: Path) -> None:
+    s = Settings.from_env(env_for(tmp_path))
+    assert (s.node_heartbeat_s, s.node_lost_after_s) == (2.0, 6.0)
+    longer = Settings.from_env({**env_for(tmp_path), "HMS_NODE_LOST_AFTER_S": "40", "HMS_NODE_HEARTBEAT_S": "5"})
+    assert (longer.node_heartbeat_s, longer.node_lost_after_s) == (5.0, 40.0)
+    with pytest.raises(ConfigError, match="node_lost_after_s"):
+        Settings.from_env({**env_for(tmp_path), "HMS_NODE_LOST_AFTER_S": "3"})  # under two heartbeats

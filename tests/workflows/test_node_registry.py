@@ -37,6 +37,19 @@ class Registry:
     env: WorkflowEnvironment
     queue: str
     lost: list[str] = field(default_factory=list)
+    activities: list[object] = field(default_factory=list)
+    worker: Worker | None = None
+
+    async def resume(self) -> None:
+        self.worker = Worker(self.env.client, task_queue=self.queue, workflows=[NodeRegistry],
+                             activities=self.activities)
+        await self.worker.__aenter__()
+
+    async def pause(self) -> None:
+        """The registry's worker goes away (the control plane down)."""
+        assert self.worker is not None
+        await self.worker.__aexit__(None, None, None)
+        self.worker = None
 
     async def start(self, **kw: object) -> WorkflowHandle[NodeRegistry, None]:
         inp = NodeRegistryInput(lost_after_s=LOST_AFTER_S, control_task_queue=self.queue, **kw)  # type: ignore[arg-type]
@@ -67,9 +80,13 @@ async def registry(temporal_env: WorkflowEnvironment) -> AsyncIterator[Registry]
         return NodeCheckOutput(verdicts=[NodeVerdict(node=reg.spec.name, ok=True, at=time.time())
                                          for reg in inp.registrations])
 
-    async with Worker(temporal_env.client, task_queue=r.queue, workflows=[NodeRegistry],
-                      activities=[notify_node_lost, check_nodes]):
+    r.activities = [notify_node_lost, check_nodes]
+    await r.resume()
+    try:
         yield r
+    finally:
+        if r.worker is not None:
+            await r.pause()
         async for wf in temporal_env.client.list_workflows(f'TaskQueue = "{r.queue}" AND ExecutionStatus = "Running"'):
             await temporal_env.client.get_workflow_handle(wf.id).terminate("test teardown")
 
@@ -87,6 +104,10 @@ async def test_silent_node_is_lost_once_and_rejoins(registry: Registry):
     assert nodes["b"].state == "Lost" and registry.lost == ["b"]
 
     await eventually(lambda: registry.lost == ["b", "a"], timeout=3 * LOST_AFTER_S, what="a lost too")
+    # A heartbeat does not bring a Lost node back: its worker must register (after removing its stale pods).
+    await handle.signal(NodeRegistry.heartbeat, reg("b"))
+    await asyncio.sleep(1.0)
+    assert (await registry.nodes(handle))["b"].state == "Lost"
     back = await handle.execute_update(NodeRegistry.register, reg("b", max_pods=3))
     assert back.was_lost and back.record.state == "Ready" and back.record.rejoins == 1
     assert (await registry.nodes(handle))["b"].spec.max_pods == 3
@@ -109,3 +130,27 @@ async def test_seeded_nodes_and_continue_as_new_keep_the_nodes(registry: Registr
 
 async def _run_changed(handle: WorkflowHandle[NodeRegistry, None], run_id: str | None) -> bool:
     return (await handle.describe()).run_id != run_id
+
+
+async def test_a_registry_that_could_not_run_gives_every_node_a_fresh_grace(registry: Registry):
+    """Its worker down for longer than the grace while the nodes kept heartbeating: when it runs
+    again, the queued heartbeats count and nobody is called Lost for the registry's own silence."""
+    handle = await registry.start()
+    await handle.execute_update(NodeRegistry.register, reg("a"))
+    await handle.execute_update(NodeRegistry.register, reg("b"))
+    await registry.pause()
+    for _ in range(3):  # only "a" gets its heartbeats through while the registry cannot run
+        await handle.signal(NodeRegistry.heartbeat, reg("a"))
+        await asyncio.sleep(LOST_AFTER_S)
+    await registry.resume()
+    nodes = await eventually(lambda: _settled(registry, handle), timeout=5, what="the registry to run again")
+    assert nodes["a"].state == "Ready" and nodes["b"].state == "Ready" and registry.lost == []
+    await eventually(lambda: sorted(registry.lost) == ["a", "b"], timeout=3 * LOST_AFTER_S,
+                     what="both lost, silent after their fresh grace")
+
+
+async def _settled(registry: Registry, handle: WorkflowHandle[NodeRegistry, None]) -> dict[str, NodeRecord] | None:
+    try:
+        return await registry.nodes(handle)
+    except Exception:  # noqa: BLE001 - the query waits for the worker
+        return None

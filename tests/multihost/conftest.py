@@ -265,3 +265,33 @@ def start_control(a: Host, log: Path, *, logs: list[Path], extra: tuple[str, ...
                and (a.state_dir / "keys" / "control.pub").exists(),
                timeout=90, what="hms up on host A", procs=[up], logs=logs)
     return up
+
+
+def start_node(control: Host, host: Host, name: str, log: Path, *, procs: list[subprocess.Popen[bytes]],
+               logs: list[Path], runtime: str = "process", joined: bool = False,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``host`` joins ``control`` (unless ``joined``) and runs ``hms worker`` until it registers."""
+    if not joined:
+        join_host(control, host, name, runtime=runtime)
+    worker = host.start(hms_argv("worker"), env=env or host.env(), log=log)
+    wait_until(lambda: f"node {name} registered" in log.read_text(errors="replace"), timeout=60,
+               what=f"node {name} to register", procs=[*procs, worker], logs=logs)
+    return worker
+
+
+def sign_image(control: Host, image: str, *, runtime: str = "process", **env: str) -> str:
+    """``hms image sign`` on the control host; returns what it printed."""
+    signed = control.run(hms_argv("image", "sign", image, "--runtime", runtime), env=control.env(**env))
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    return signed.stdout
+
+
+def pod_answering(url: str) -> str | None:
+    """The ``X-HMS-Pod`` of a 200 answer at ``url``; None for anything else."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            return resp.headers.get("X-HMS-Pod") if resp.status == 200 else None
+    except OSError:
+        return None

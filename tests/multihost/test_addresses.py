@@ -16,7 +16,7 @@ import pytest
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
+from .conftest import Network, hms_argv, sign_image, start_control, start_node, tails, wait_until
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
 
@@ -66,14 +66,10 @@ async def test_pods_on_b_are_reached_at_b_through_the_router_on_a(network: Netwo
     for port in (TEMPORAL_PORT, UI_PORT):  # the dev server itself on A's loopback (hms_mgmt/relay.py)
         assert listeners(a, port) == {a.address, "127.0.0.1"}, (port, listeners(a, port))
     assert get(f"http://{a.address}:{UI_PORT}/")[0] == 200  # the Web UI, through A's address
-    signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
-    assert signed.returncode == 0, signed.stdout + signed.stderr
+    sign_image(a, IMAGE)
 
     # Host B joins with a token from A, then runs its worker (node-only: it joined) at B's address.
-    join_host(a, b, "b")
-    worker = b.start(hms_argv("worker"), env=b.env(), log=log_b)
-    wait_until(lambda: "node b registered" in log_b.read_text(errors="replace"), timeout=60,
-               what="node b to register", procs=[worker, up], logs=logs)
+    start_node(a, b, "b", log_b, procs=[up], logs=logs)
 
     # Deploy from this (root) namespace, as an operator would from a laptop, with A's config.
     settings = Settings.from_env(env={"HMS_STATE_DIR": str(a.state_dir)})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,15 @@ import pytest
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
+from .conftest import (
+    Network,
+    pod_answering,
+    sign_image,
+    start_control,
+    start_node,
+    tails,
+    wait_until,
+)
 from .dockerhost import start_dockerd, start_registry, why_no_docker
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
@@ -30,13 +37,6 @@ IMPOSTOR = "registry.gov/hms-notify:1.0"
 SERVICE = "hms-dock"
 ROUTER_PORT = 8000
 
-
-def pod_answering(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
-            return resp.headers.get("X-HMS-Pod") if resp.status == 200 else None
-    except OSError:
-        return None
 
 
 def load_into(engine, image: str) -> None:
@@ -62,20 +62,16 @@ async def test_a_docker_host_pulls_the_signed_content_by_digest_and_serves_at_it
         assert engine.docker("tag", BASE, image).returncode == 0
         pushed = engine.docker("push", image)
         assert pushed.returncode == 0, pushed.stderr
-        signed = a.run(hms_argv("image", "sign", image, "--runtime", "docker"),
-                       env=a.env(DOCKER_HOST=engine.docker_host))
-        assert signed.returncode == 0, signed.stdout + signed.stderr
-        assert f"digest {registry}/hms-ach@sha256:" in signed.stdout, signed.stdout
+        signed = sign_image(a, image, runtime="docker", DOCKER_HOST=engine.docker_host)
+        assert f"digest {registry}/hms-ach@sha256:" in signed, signed
         content_id = json.loads(engine.docker("inspect", image).stdout)[0]["Id"]
         assert engine.docker("rmi", image, BASE).returncode == 0  # D holds no copy now
         # ... but an impostor under the signed tag: never run, whatever the tag says on D.
         await asyncio.to_thread(load_into, engine, IMPOSTOR)
         assert engine.docker("tag", IMPOSTOR, image).returncode == 0
 
-        join_host(a, d, "d", runtime="docker")
-        worker = d.start(hms_argv("worker"), env=d.env(DOCKER_HOST=engine.docker_host), log=logs[3])
-        wait_until(lambda: "node d registered" in logs[3].read_text(errors="replace"), timeout=60,
-                   what="node d to register", procs=[worker, up], logs=logs)
+        start_node(a, d, "d", logs[3], procs=[up], logs=logs, runtime="docker",
+                   env=d.env(DOCKER_HOST=engine.docker_host))
 
         orch = await Orchestrator.connect(Settings.from_env(env={"HMS_STATE_DIR": str(a.state_dir)}))
         await orch.deploy({"name": SERVICE, "image": image, "min_replicas": 2, "max_replicas": 2, "cpu_target": 60},

@@ -19,7 +19,7 @@ import pytest
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
+from .conftest import Network, hms_argv, sign_image, start_control, start_node, tails, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' load
 from router_helpers import run_load  # noqa: E402
@@ -53,14 +53,10 @@ async def test_b_unplugged_under_load_leaves_the_service_whole_on_c(network: Net
     a, b, c = network.add_host("a"), network.add_host("b"), network.add_host("c")
     logs = [tmp_path / "a-up.log", tmp_path / "b-worker.log", tmp_path / "c-worker.log"]
     up = start_control(a, logs[0], logs=logs, extra=("--engine", engine))
-    signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
-    assert signed.returncode == 0, signed.stdout + signed.stderr
-    workers = []
+    sign_image(a, IMAGE)
+    workers = [up]
     for host, name, log_path in ((b, "b", logs[1]), (c, "c", logs[2])):
-        join_host(a, host, name)
-        workers.append(host.start(hms_argv("worker"), env=host.env(), log=log_path))
-        wait_until(lambda p=log_path, n=name: f"node {n} registered" in p.read_text(errors="replace"), timeout=60,
-                   what=f"node {name} to register", procs=[up, *workers], logs=logs)
+        workers.append(start_node(a, host, name, log_path, procs=workers, logs=logs))
     orch = await Orchestrator.connect(Settings.from_env(env={"HMS_STATE_DIR": str(a.state_dir)}))
     try:
         await orch.deploy({"name": SERVICE, "image": IMAGE, "min_replicas": REPLICAS, "max_replicas": REPLICAS,

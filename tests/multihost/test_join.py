@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,17 @@ from hms_mgmt.config import Settings
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
+from .conftest import (
+    Network,
+    hms_argv,
+    join_host,
+    pod_answering,
+    sign_image,
+    start_control,
+    start_node,
+    tails,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
@@ -25,20 +34,12 @@ SERVICE = "hms-join"
 ROUTER_PORT = 8000
 
 
-def pod_answering(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
-            return resp.headers.get("X-HMS-Pod") if resp.status == 200 else None
-    except OSError:
-        return None
-
 
 async def test_b_joins_with_a_token_c_does_not_and_a_revocation_on_a_stops_b(network: Network, tmp_path: Path) -> None:
     a, b, c = network.add_host("a"), network.add_host("b"), network.add_host("c")
     logs = [tmp_path / "a-up.log", tmp_path / "b-worker.log", tmp_path / "c-worker.log"]
     up = start_control(a, logs[0], logs=logs)
-    signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
-    assert signed.returncode == 0, signed.stdout + signed.stderr
+    sign_image(a, IMAGE)
 
     # B: `hms image sign` there refuses (no signing key) and makes none.
     refused = b.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=b.env())
@@ -50,9 +51,7 @@ async def test_b_joins_with_a_token_c_does_not_and_a_revocation_on_a_stops_b(net
     for secret in ("token.pem", "signing.pem", "control.pem"):
         assert not any(h.endswith(secret) for h in held), held
     assert "keys/node-b.pem" in held and "keys/node-b.crt" in held and "keys/control.pub" in held
-    worker_b = b.start(hms_argv("worker"), env=b.env(), log=logs[1])
-    wait_until(lambda: "node b registered" in logs[1].read_text(errors="replace"), timeout=60,
-               what="node b to register", procs=[worker_b, up], logs=logs)
+    start_node(a, b, "b", logs[1], procs=[up], logs=logs, joined=True)
 
     # C never joined: its worker refuses to start (no certificate) and the registry never hears of it.
     worker_c = c.start(hms_argv("worker", "--node", "c", "--address", c.address, "--runtime", "process"),

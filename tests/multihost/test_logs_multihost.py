@@ -16,7 +16,7 @@ import pytest
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 
-from .conftest import Network, hms_argv, join_host, start_control, tails, wait_until
+from .conftest import Network, hms_argv, sign_image, start_control, start_node, tails
 from .test_addresses import IMAGE, listeners
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
@@ -29,12 +29,8 @@ async def test_follow_a_pod_on_another_host(network: Network, tmp_path: Path) ->
     log_a, log_b = tmp_path / "a-up.log", tmp_path / "b-worker.log"
     logs = [log_a, log_b]
     up = start_control(a, log_a, logs=logs)
-    signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
-    assert signed.returncode == 0, signed.stdout + signed.stderr
-    join_host(a, b, "b")
-    worker = b.start(hms_argv("worker"), env=b.env(), log=log_b)
-    wait_until(lambda: "node b registered" in log_b.read_text(errors="replace"), timeout=60,
-               what="node b to register", procs=[worker, up], logs=logs)
+    sign_image(a, IMAGE)
+    start_node(a, b, "b", log_b, procs=[up], logs=logs)
     nodes = a.run(hms_argv("nodes", "--json"), env=a.env())
     (node,) = [n["spec"] for n in json.loads(nodes.stdout)]
     assert node["address"] == b.address and node["log_port"] > 0

@@ -17,8 +17,8 @@ from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import activity_results
 from hms_mgmt.wire import DrainResult
 
-from .conftest import Host, Network, hms_argv, join_host, start_control, tails, wait_until
-from .test_join import IMAGE, ROUTER_PORT, pod_answering
+from .conftest import Host, Network, hms_argv, join_host, pod_answering, sign_image, start_control, tails, wait_until
+from .test_join import IMAGE, ROUTER_PORT
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 
@@ -45,8 +45,7 @@ async def test_a_router_on_c_joins_gets_the_feed_and_confirms_drains(network: Ne
     a, b, c = network.add_host("a"), network.add_host("b"), network.add_host("c")
     logs = [tmp_path / "a-up.log", tmp_path / "b-worker.log", tmp_path / "c-router.log"]
     up = start_control(a, logs[0], logs=logs)
-    signed = a.run(hms_argv("image", "sign", IMAGE, "--runtime", "process"), env=a.env())
-    assert signed.returncode == 0, signed.stdout + signed.stderr
+    sign_image(a, IMAGE)
     join_host(a, b, "b")
     worker_b = b.start(hms_argv("worker"), env=b.env(), log=logs[1])
     assert "now run" in join_router(a, c, "edge-c")

@@ -87,7 +87,7 @@ def _is_utf8(text: str) -> bool:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 def _at_most(count: int, limit: int, what: str) -> None:

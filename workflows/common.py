@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
+SIGNED_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED])
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
@@ -191,8 +192,7 @@ async def signed(activity: Callable[[ControlActivities, Any], Awaitable[TicketOu
         inp,
         task_queue=workflow.info().task_queue,
         start_to_close_timeout=timedelta(seconds=30),
-        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10),
-                                 non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED]),
+        retry_policy=SIGNED_RETRY,
         summary=summary,
     )
     return out.ticket
@@ -275,28 +275,37 @@ async def start_grants(spec: ServiceSpec, revision: int, pod_id: str, node: Node
     revision's ticket is the record that it was admitted; the node takes only a ticket for this
     pod. Neither needs the other, so both are asked at once (GRANTS_AT_ONCE)."""
 
+    stamp_in = StampInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                          pod_id=pod_id, node=node.name)
+    ticket_in = StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                                 pod_id=pod_id, node=node.name)
+    retry = RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL)
+
     async def stamp() -> str:
         return (await workflow.execute_activity_method(
-            NodeTrustActivities.stamp_start,
-            StampInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
-                       pod_id=pod_id, node=node.name),
+            NodeTrustActivities.stamp_start, stamp_in,
             task_queue=workflow.info().task_queue,  # children run on the control queue
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL),
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=retry,
             summary=f"trust stamp for {pod_id[:8]}",
         )).stamp
 
     async def start_ticket() -> str:
-        return await signed(ControlActivities.start_ticket,
-                            StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id,
-                                             ticket=ticket, pod_id=pod_id, node=node.name),
-                            f"ticket: start {pod_id[:8]} on {node.name}")
+        return await signed(ControlActivities.start_ticket, ticket_in, f"ticket: start {pod_id[:8]} on {node.name}")
 
     if workflow.patched(GRANTS_AT_ONCE):
+        # Local activities: the control worker that runs this workflow signs, with no round trip
+        # through the server (a rollout's pods all ask at the same moment).
         workflow.patched(TRUST_STAMP)
         workflow.patched(START_TICKET)
-        got = await asyncio.gather(stamp(), start_ticket())
-        return got[0], got[1]
+        got = await asyncio.gather(
+            workflow.execute_local_activity_method(NodeTrustActivities.stamp_start, stamp_in,
+                                                   start_to_close_timeout=timedelta(seconds=30), retry_policy=retry,
+                                                   summary=f"trust stamp for {pod_id[:8]}"),
+            workflow.execute_local_activity_method(ControlActivities.start_ticket, ticket_in,
+                                                   start_to_close_timeout=timedelta(seconds=30), retry_policy=SIGNED_RETRY,
+                                                   summary=f"ticket: start {pod_id[:8]} on {node.name}"),
+        )
+        return got[0].stamp, got[1].ticket
     got_stamp = await stamp() if workflow.patched(TRUST_STAMP) else ""
     return got_stamp, (await start_ticket() if workflow.patched(START_TICKET) else ticket)
 

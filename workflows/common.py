@@ -158,6 +158,18 @@ async def emit(placement: Placement, type_: str, service: str, reason: str, **da
     )
 
 
+async def control_activity(activity: Callable[..., Awaitable[Any]], inp: object, *, task_queue: str, local: bool,
+                           timeout: timedelta, summary: str, retry_policy: RetryPolicy | None = None) -> Any:
+    """A control activity for a workflow that runs on the control queue: as a local activity
+    (the worker running the workflow answers, with no round trip through the server) or, for
+    histories recorded before, as the activity it was."""
+    if local:
+        return await workflow.execute_local_activity_method(activity, inp, start_to_close_timeout=timeout,
+                                                            retry_policy=retry_policy, summary=summary)
+    return await workflow.execute_activity_method(activity, inp, task_queue=task_queue, start_to_close_timeout=timeout,
+                                                  retry_policy=retry_policy, summary=summary)
+
+
 async def pick_nodes(
     placement: Placement,
     spec: ServiceSpec,

@@ -45,7 +45,7 @@ async def activity_timeline(client, workflow_id: str) -> dict[str, Any]:
                 acts[sid]["completed"] = t
                 acts[sid]["failed"] = True
         elif et == ET.EVENT_TYPE_MARKER_RECORDED:
-            local = local_activity(ev.marker_recorded_event_attributes)
+            local = local_activity(ev.marker_recorded_event_attributes, t)
             if local is not None:
                 acts[ev.event_id] = local
         else:
@@ -81,9 +81,11 @@ def _unix(value: Any) -> float | None:
     return None
 
 
-def local_activity(attrs: Any) -> dict[str, Any] | None:
+def local_activity(attrs: Any, recorded: float) -> dict[str, Any] | None:
     """A local activity's marker -> the same shape as an activity's entry (``local`` True):
-    scheduled at its first attempt's schedule time, completed when its result was recorded."""
+    scheduled at its first attempt's schedule time (the worker's clock), completed when its
+    result was recorded in history (the marker's own ``complete_time`` is the workflow's time
+    plus the run time, not a wall-clock time)."""
     if attrs.marker_name != "core_local_activity" or "data" not in attrs.details:
         return None
     payloads = attrs.details["data"].payloads
@@ -93,8 +95,8 @@ def local_activity(attrs: Any) -> dict[str, Any] | None:
         data = json.loads(payloads[0].data)
     except ValueError:
         return None
-    scheduled, completed = _unix(data.get("original_schedule_time")), _unix(data.get("complete_time"))
-    if scheduled is None or completed is None:
+    scheduled = _unix(data.get("original_schedule_time"))
+    if scheduled is None:
         return None
-    return {"type": data.get("activity_type", "?"), "scheduled": scheduled, "started": scheduled,
-            "completed": completed, "attempt": data.get("attempt", 1), "local": True}
+    return {"type": data.get("activity_type", "?"), "scheduled": min(scheduled, recorded), "started": scheduled,
+            "completed": recorded, "attempt": data.get("attempt", 1), "local": True}

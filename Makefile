@@ -6,6 +6,7 @@
 #   make fuzz    the fuzz tests at 10,000 examples each (HMS_FUZZ_EXAMPLES=N to change)
 #   make histories  record the workflow histories tests/replay/ replays (after a patched change)
 #   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose), then BENCHMARKS.md
+#   make bench-budget  a short deploy benchmark; fails if a control step's median grew > 50 % over bench/budget.json
 #   make soak    100 services x 2 pods for 10 min under one worker (SOAK_ARGS=--quick: 1 min)
 #   make lint    ruff
 #   make clean   stop the demo's leftover pods and remove var/ (keeps var/cache, the base image rootfs)
@@ -25,10 +26,10 @@ BENCH_ARGS ?=
 SOAK_ARGS ?=
 SCENARIOS ?=
 
-.PHONY: help venv images demo up test chaos fuzz histories bench soak report lint clean distclean
+.PHONY: help venv images demo up test chaos fuzz histories bench bench-budget soak report lint clean distclean
 
 help:
-	@sed -n '3,12s/^# \{0,1\}//p' Makefile
+	@sed -n '3,13s/^# \{0,1\}//p' Makefile
 
 venv: $(STAMP)
 
@@ -74,6 +75,12 @@ histories: venv
 bench: venv images
 	@set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
 	$(BIN)/python bench/report.py
+
+# Not in `make test`: the control steps' medians (from the workflow histories) against the budget
+# recorded on this machine (`bench/budget.py record` after a deploy run records a new one).
+bench-budget: venv images
+	$(BIN)/python bench/deploy.py --runs 3 $(BENCH_ARGS)
+	$(BIN)/python bench/budget.py check
 
 # Not in BENCH: about 15 minutes (deploy 100 services, a 600 s window, undeploy). Process pods only.
 soak: venv

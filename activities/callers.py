@@ -12,9 +12,10 @@ A run's type, queue and parent never change, so each run is described once (cach
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from temporalio import activity
 from temporalio.client import Client
@@ -54,6 +55,7 @@ class Callers:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._runs: OrderedDict[str, Caller] = OrderedDict()
+        self._describing: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     async def current(self) -> Caller:
         """The run that scheduled the running activity."""
@@ -65,7 +67,14 @@ class Callers:
         if known is not None and known.workflow_id == workflow_id:
             self._runs.move_to_end(run_id)
             return known
-        desc = await self.client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+        # The pods of one rollout ask at the same moment: one describe for all of them.
+        key = (workflow_id, run_id)
+        pending = self._describing.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self.client.get_workflow_handle(workflow_id, run_id=run_id).describe())
+            self._describing[key] = pending
+            pending.add_done_callback(lambda _: self._describing.pop(key, None))
+        desc = await asyncio.shield(pending)
         caller = Caller(workflow_id=desc.id, run_id=desc.run_id, workflow_type=desc.workflow_type,
                         task_queue=desc.task_queue, parent_id=desc.parent_id, parent_run_id=desc.parent_run_id)
         self._runs[run_id] = caller

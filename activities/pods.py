@@ -4,8 +4,10 @@ second machine joins by running a worker for its node against the same Temporal 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -40,6 +42,7 @@ from hms_mgmt.wire import (
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
+RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
 
 
 def pod_status(handle: PodHandle, *, health: str | None = None, ready: bool = False) -> PodStatus:
@@ -55,10 +58,23 @@ def pod_status(handle: PodHandle, *, health: str | None = None, ready: bool = Fa
     )
 
 
+_runtime_calls: ThreadPoolExecutor | None = None
+
+
+def runtime_calls() -> ThreadPoolExecutor:
+    """The threads blocking runtime calls (start, stop) run on: a rollout starts every pod of a
+    node at once, which asyncio's default pool (cores + 4 threads, shared with everything else
+    on the worker) would queue a few at a time."""
+    global _runtime_calls
+    if _runtime_calls is None:
+        _runtime_calls = ThreadPoolExecutor(max_workers=RUNTIME_THREADS, thread_name_prefix="hms-pod-runtime")
+    return _runtime_calls
+
+
 async def heartbeating(fn: Callable[..., T], *args: Any, every_s: float = 1.0) -> T:
     """Run a blocking runtime call on a thread while heartbeating, so a worker that dies in
     the middle is noticed within the heartbeat timeout and the call is retried elsewhere."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    task = asyncio.get_running_loop().run_in_executor(runtime_calls(), functools.partial(fn, *args))
     while True:
         activity.heartbeat()
         done, _ = await asyncio.wait({task}, timeout=every_s)

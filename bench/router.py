@@ -17,6 +17,8 @@ Phases (each measurement: ``wrk -t2 -c<C> -d<D>s --latency`` after a 2 s warm-up
          starting at a different proxy. A proxy's figures are those of its median round; its ratio
          to nginx is the median of the per-round ratios (nginx measured in the same round), so
          that a load swing on a shared machine hits one round, not one proxy
+  fast   the base rounds again on a second service of ``--fast-image`` (nginx inside the pod, same
+         CPU limit): pods that are not the bottleneck, so each proxy's own cost shows
   slow   one pod at 0.02 CPU (``docker update --cpus 0.02``), restored afterwards
   kill   the oldest pod's main process SIGKILLed 2 s into the run; errors = non-2xx + socket
          errors. Our engines follow the heal through the feed; nginx and haproxy-rr are
@@ -33,6 +35,7 @@ latency by Little's law, connections / req/s. The slow-phase p99 verdicts use th
 (ours must be exact and below nginx's); wrk's p99 is printed beside it.
 
 Targets (ratios to nginx in the same run): base throughput builtin >= 0.5x, haproxy >= 0.9x;
+fast throughput builtin >= 0.5x, haproxy >= 1.0x;
 slow: both engines >= 1.5x nginx throughput and p99 (probe) below nginx's; kill: 0 failed requests.
 
     .venv/bin/python bench/router.py [--duration 8] [--connections 64] [--cpus 0.3] [--rounds 3]
@@ -74,9 +77,11 @@ from bench.lib.stats import nearest_rank  # noqa: E402, F401 - the tests import 
 
 NAME = "router"
 SERVICE = "bench-router"
-TARGETS = {"base_builtin": 0.5, "base_haproxy": 0.9, "slow_throughput": 1.5}
+FAST_SERVICE = "bench-router-fast"
+FAST_IMAGE = "registry.gov/hms-fast:1.0"
+TARGETS = {"base_builtin": 0.5, "base_haproxy": 0.9, "slow_throughput": 1.5, "fast_builtin": 0.5, "fast_haproxy": 1.0}
 PROXIES = ("builtin", "haproxy", "nginx", "haproxy-rr")
-PHASES = ("base", "slow", "kill")
+PHASES = ("base", "fast", "slow", "kill")
 
 
 # --- wrk ---------------------------------------------------------------------------------------
@@ -258,7 +263,7 @@ class PeerProxy:
 class Nginx(PeerProxy):
     kind = "nginx"
 
-    def write(self, endpoints: list[str]) -> None:
+    def write(self, endpoints: list[str], service: str = SERVICE) -> None:
         servers = "\n".join(f"        server {e};" for e in endpoints)
         (self.dir / "nginx.conf").write_text(f"""
 worker_processes auto;
@@ -274,7 +279,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{self.port};
-        location /{SERVICE}/ {{
+        location /{service}/ {{
             proxy_pass http://pods/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -288,8 +293,8 @@ http {{
         self.proc = subprocess.Popen(["nginx", "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def reload(self, endpoints: list[str]) -> None:
-        self.write(endpoints)
+    def reload(self, endpoints: list[str], service: str = SERVICE) -> None:
+        self.write(endpoints, service)
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
@@ -355,7 +360,7 @@ def containers(dclient, node: str) -> dict[str, Any]:
     return {c.labels[constants.LABEL_POD]: c for c in found}
 
 
-async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
+async def wait_table(url: str, want: set[str], timeout_s: float = 60.0, service: str = SERVICE) -> None:
     """Until the router at ``url`` has exactly ``want`` (endpoints) ready for the service."""
     deadline = time.monotonic() + timeout_s
     got: set[str] = set()
@@ -363,7 +368,7 @@ async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
         while time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError, OSError, KeyError, TypeError):
                 async with http.get(f"{url}/-/table") as r:
-                    t = (await r.json())["services"].get(SERVICE)
+                    t = (await r.json())["services"].get(service)
                 got = {e["address"] for e in t["endpoints"] if e["state"] == "ready"} if t else set()
                 if got == want and t.get("applied_version") == t["version"]:
                     return
@@ -371,15 +376,16 @@ async def wait_table(url: str, want: set[str], timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"router {url} never had {want} (has {got})")
 
 
-async def ready_endpoints(orch, n: int, timeout_s: float = 90.0, without: set[str] = frozenset()) -> list[Any]:
+async def ready_endpoints(orch, n: int, timeout_s: float = 90.0, without: set[str] = frozenset(),
+                          service: str = SERVICE) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        st = await orch.status(SERVICE)
+        st = await orch.status(service)
         pods = [p for p in st.pods if p.ready and p.id not in without]
         if len(pods) == n and len(st.pods) == n:
             return pods
         await asyncio.sleep(0.25)
-    raise RuntimeError(f"{SERVICE} never had {n} ready pods")
+    raise RuntimeError(f"{service} never had {n} ready pods")
 
 
 def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
@@ -389,23 +395,29 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | Non
 BaseRatios = dict[str, tuple[float | None, list[float | None]]]  # proxy -> (median, per round) of its ratio to nginx
 
 
-def judge(results: dict[str, dict[str, Any]],
-          base_rounds: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, bool], BaseRatios]:
+def paired(rounds: dict[str, list[dict[str, Any]]], proxy: str) -> tuple[float | None, list[float | None]]:
+    """Throughput over nginx's in the same round, per round, and their median."""
+    per_round = [ratio(a, b) for a, b in zip(rounds[proxy], rounds["nginx"], strict=True)]
+    known = [x for x in per_round if x is not None]
+    return (round(statistics.median(known), 3) if known else None), per_round
+
+
+def judge(results: dict[str, dict[str, Any]], base_rounds: dict[str, list[dict[str, Any]]],
+          fast_rounds: dict[str, list[dict[str, Any]]] | None = None,
+          ) -> tuple[dict[str, Any], dict[str, bool], BaseRatios]:
     """A full run's ratios to nginx, verdicts, and base ratios per round (with their median)."""
     slow, kill = results["slow"], results["kill"]
-
-    def paired(proxy: str) -> tuple[float | None, list[float | None]]:
-        """Base throughput over nginx's in the same round, per round, and their median."""
-        per_round = [ratio(a, b) for a, b in zip(base_rounds[proxy], base_rounds["nginx"], strict=True)]
-        known = [x for x in per_round if x is not None]
-        return (round(statistics.median(known), 3) if known else None), per_round
-
-    base_ratio = {p: paired(p) for p in base_rounds}
+    base_ratio = {p: paired(base_rounds, p) for p in base_rounds}
+    fast_ratio = {p: paired(fast_rounds, p) for p in fast_rounds if fast_rounds[p]} if fast_rounds else {}
     ratios = {
         "base_builtin_vs_nginx": base_ratio["builtin"][0],
         "base_haproxy_vs_nginx": base_ratio["haproxy"][0],
         "base_haproxy_rr_vs_nginx": base_ratio["haproxy-rr"][0],
         "base_rounds_vs_nginx": {p: v[1] for p, v in base_ratio.items()},
+        "fast_builtin_vs_nginx": fast_ratio.get("builtin", (None,))[0],
+        "fast_haproxy_vs_nginx": fast_ratio.get("haproxy", (None,))[0],
+        "fast_haproxy_rr_vs_nginx": fast_ratio.get("haproxy-rr", (None,))[0],
+        "fast_rounds_vs_nginx": {p: v[1] for p, v in fast_ratio.items()},
         "slow_builtin_vs_nginx": ratio(slow["builtin"], slow["nginx"]),
         "slow_haproxy_vs_nginx": ratio(slow["haproxy"], slow["nginx"]),
         # wrk's p99 of completed requests only: printed and kept, not the verdict's basis
@@ -418,6 +430,9 @@ def judge(results: dict[str, dict[str, Any]],
     verdicts = {
         "base_builtin >= 0.5x nginx": (ratios["base_builtin_vs_nginx"] or 0) >= TARGETS["base_builtin"],
         "base_haproxy >= 0.9x nginx": (ratios["base_haproxy_vs_nginx"] or 0) >= TARGETS["base_haproxy"],
+        **({"fast_builtin >= 0.5x nginx": (ratios["fast_builtin_vs_nginx"] or 0) >= TARGETS["fast_builtin"],
+            "fast_haproxy >= 1.0x nginx": (ratios["fast_haproxy_vs_nginx"] or 0) >= TARGETS["fast_haproxy"]}
+           if fast_ratio else {}),
         "slow_builtin >= 1.5x nginx": (ratios["slow_builtin_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
         "slow_haproxy >= 1.5x nginx": (ratios["slow_haproxy_vs_nginx"] or 0) >= TARGETS["slow_throughput"],
         "slow_builtin p99 < nginx": p99_below(slow["builtin"]["probe"], slow["nginx"]["probe"]),
@@ -432,13 +447,16 @@ def print_summary(results: dict[str, dict[str, Any]], base_ratio: BaseRatios, ra
                   verdicts: dict[str, bool], probe_rate: float) -> None:
     print()
     rows = []
-    for phase in ("base", "slow", "kill"):
-        for p, r in results[phase].items():
+    for phase in ("base", "fast", "slow", "kill"):
+        for p, r in results.get(phase, {}).items():
             pr = r.get("probe") or {}
             rows.append([f"{phase} {p}", r["rps"], r.get("p50_ms"), r.get("p99_ms"), r.get("littles_mean_ms"),
                          shown(pr, "p50"), shown(pr, "p99"), f"{pr.get('unfinished')}/{pr.get('sent')}",
                          f"{r['errors']}/{pr.get('errors')}",
                          base_ratio[p][0] if phase == "base" else ratio(r, results[phase].get("nginx", {}))])
+    if ratios.get("fast_rounds_vs_nginx"):
+        print("  fast x nginx per round: " + "; ".join(f"{p} {v}" for p, v in ratios["fast_rounds_vs_nginx"].items()
+                                                      if p != "nginx"))
     print_table(rows, ["run", "req/s", "wrk p50", "wrk p99", "C/rps ms", "probe p50", "probe p99", "unfinished",
                        "errors wrk/probe", "x nginx"])
     print(f"\n  wrk p50/p99: completed requests only. C/rps: mean latency by Little's law. probe: "
@@ -485,9 +503,10 @@ class RouterBench:
         self.nginx = Nginx(self.workdir, self.ports["nginx"])
         self.hand = HandHAProxy(self.workdir, self.ports["haproxy-rr"])
         self.routers: list[Any] = []
-        self.results: dict[str, dict[str, Any]] = {"base": {}, "slow": {}, "kill": {}}
+        self.results: dict[str, dict[str, Any]] = {"base": {}, "fast": {}, "slow": {}, "kill": {}}
         self.repeats: dict[str, dict[str, list[dict[str, Any]]]] = {"slow": {}, "kill": {}}
         self.base_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
+        self.fast_rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in ("direct", *PROXIES)}
         self.w = {"threads": args.threads, "connections": args.connections, "seconds": args.duration,
                   "probe_rate": args.probe_rate}
         self.path = f"/{SERVICE}/"
@@ -512,7 +531,7 @@ class RouterBench:
         """Both engines as processes fed by the worker, the service, nginx and hand HAProxy; the pods."""
         from router.server import RouterProcess
 
-        grant_access(stack, [self.args.image])
+        grant_access(stack, [self.args.image, self.args.fast_image])
         for engine in ("builtin", "haproxy"):
             rp = RouterProcess(stack.settings, port=self.ports[engine], engine=engine,
                                log_path=self.workdir / f"router-{engine}.log")
@@ -536,16 +555,43 @@ class RouterBench:
         args = self.args
         if "base" not in self.phases:
             return
-        print(f"== base: 3 pods at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} "
+        print(f"== base: 3 pods of {args.image} at {args.cpus} CPU, wrk -t{args.threads} -c{args.connections} "
               f"-d{args.duration:g}s, {args.rounds} rounds")
+        await self.rounds("base", eps, self.path, self.base_rounds)
+
+    async def rounds(self, phase: str, eps: list[str], path: str, store: dict[str, list[dict[str, Any]]]) -> None:
+        """Every proxy ``--rounds`` times, interleaved; the median round stands for each."""
         order = ["direct", *self.proxies]
-        for r in range(args.rounds):
+        for r in range(self.args.rounds):
             for p in order[r % len(order):] + order[:r % len(order)]:  # each round starts elsewhere
-                url = f"http://{eps[0]}/" if p == "direct" else self.urls[p] + self.path
-                self.base_rounds[p].append(await self.measure("base", p, url, store=False))
-        for p, runs in [(p, runs) for p, runs in self.base_rounds.items() if runs]:  # the median round stands for it
-            self.results["base"][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
-                                            rounds_rps=[x["rps"] for x in runs])
+                url = f"http://{eps[0]}/" if p == "direct" else self.urls[p] + path
+                store[p].append(await self.measure(phase, p, url, store=False))
+        for p, runs in [(p, runs) for p, runs in store.items() if runs]:
+            self.results[phase][p] = dict(sorted(runs, key=lambda x: x["rps"])[len(runs) // 2],
+                                          rounds_rps=[x["rps"] for x in runs])
+
+    async def fast(self, stack, base_eps: list[str]) -> None:
+        """The base rounds on pods that are not the bottleneck (nginx inside the pod): the
+        proxy's own cost shows. The peers are pointed at them, then back at the base pods."""
+        args = self.args
+        if "fast" not in self.phases:
+            return
+        spec = {"name": FAST_SERVICE, "image": args.fast_image, "min_replicas": 3, "max_replicas": 3,
+                "cpu_target": 60, "cpu_limit": args.cpus, "health_failures": 100, "drain_s": 1.0}
+        await stack.orch.deploy(spec, wait=True, timeout=180)
+        eps = sorted(p.endpoint for p in await ready_endpoints(stack.orch, 3, service=FAST_SERVICE))
+        for engine in ("builtin", "haproxy"):
+            await wait_table(self.urls[engine], set(eps), service=FAST_SERVICE)
+        self.nginx.reload(eps, FAST_SERVICE)
+        self.hand.restart(eps)
+        print(f"== fast: 3 pods of {args.fast_image} at {args.cpus} CPU, same load, {args.rounds} rounds")
+        try:
+            await self.rounds("fast", eps, f"/{FAST_SERVICE}/", self.fast_rounds)
+        finally:
+            self.nginx.reload(base_eps)
+            self.hand.restart(base_eps)
+            with contextlib.suppress(Exception):
+                await stack.orch.undeploy(FAST_SERVICE)
 
     async def slow(self, stack, slow_pod: Any) -> None:
         if "slow" not in self.phases:
@@ -599,6 +645,7 @@ class RouterBench:
             async with hms_stack("docker", routers=[self.urls["builtin"], self.urls["haproxy"]]) as stack:
                 pods = await self.setup(stack)
                 await self.base(sorted(p.endpoint for p in pods))
+                await self.fast(stack, sorted(p.endpoint for p in pods))
                 await self.slow(stack, pods[0])
                 await self.kill(stack)
                 with contextlib.suppress(Exception):
@@ -661,7 +708,7 @@ async def main(args) -> int:
     if bench.partial():
         bench.print_partial()
         return 0
-    ratios, verdicts, base_ratio = judge(bench.results, bench.base_rounds)
+    ratios, verdicts, base_ratio = judge(bench.results, bench.base_rounds, bench.fast_rounds)
     print_summary(bench.results, base_ratio, ratios, verdicts, args.probe_rate)
     run.done(payload(args, bench.results, ratios, verdicts))
     return 0
@@ -677,6 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="base phase: measure every proxy this many times, interleaved (default 3)")
     ap.add_argument("--settle", type=float, default=1.0, help="pause around each measurement (default 1 s)")
     ap.add_argument("--image", default=EXAMPLE_IMAGE)
+    ap.add_argument("--fast-image", default=FAST_IMAGE, help="the fast phase's pods (default %(default)s)")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated; a partial run writes no JSON")
     ap.add_argument("--proxies", default=",".join(PROXIES), help="comma-separated; a partial run writes no JSON")
     ap.add_argument("--probe-rate", type=float, default=40.0,

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -39,7 +39,9 @@ from hms_mgmt.addresses import LOOPBACK, check_address
 from hms_mgmt.errors import ConfigError
 from hms_mgmt.files import atomic_write, load_yaml_mapping, private_dir
 from hms_mgmt.models import NodeSpec
-from hms_mgmt.runtimes.base import PodLimits
+
+if TYPE_CHECKING:  # the runtimes package (and its event sink) only when a worker asks for pod limits
+    from hms_mgmt.runtimes.base import PodLimits
 
 ENV_PREFIX = "HMS_"
 CONFIG_FILE = "config.yaml"
@@ -281,6 +283,8 @@ class Settings(BaseSettings):
         )
 
     def pod_limits(self) -> PodLimits:
+        from hms_mgmt.runtimes.base import PodLimits
+
         return PodLimits(memory_mb=self.pod_memory_mb, pids=self.pod_pids_limit, nofile=self.pod_nofile_limit,
                          pod_user=self.pod_user)
 

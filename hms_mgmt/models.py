@@ -87,7 +87,9 @@ def _is_utf8(text: str) -> bool:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: each model's validator is built on first use, not at import: a client script
+    # that deploys uses a handful of the ~90 models, and pays the import of all of them.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 def _at_most(count: int, limit: int, what: str) -> None:

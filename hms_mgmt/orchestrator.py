@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-import yaml
 from pydantic import BaseModel, ValidationError
 from temporalio.client import (
     Client,
@@ -30,7 +29,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import auth, connection, constants, names
-from hms_mgmt.clock import service_clock
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import (
     HmsError,
@@ -102,6 +100,8 @@ def load_spec(spec: SpecLike) -> ServiceSpec:
             raise SpecError(f"spec file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except OSError as e:  # a name too long, no permission, ...
             raise SpecError(f"spec file {path} cannot be read: {e.strerror or e}") from None
+        import yaml  # a spec file only
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -532,6 +532,8 @@ class Orchestrator:
         """Each time slot of ``name`` with its next start and end (as its Temporal Schedules
         will fire them: none while paused), whether it is on and whether its bounds apply."""
         self._check_reader("status")
+        from hms_mgmt.clock import service_clock  # Temporal schedules and cron parsing: only here
+
         return await service_clock(self.client, await self.read_status(name, live=False))
 
     def _check_secrets_here(self, spec: ServiceSpec) -> None:

@@ -208,12 +208,32 @@ build_crashloop() {
     log "built hms-crashloop:1.0 in $(since "$t") s"
 }
 
+# The fast pod (nginx): the host's nginx binary on the base, whose libraries it already finds.
+build_fastpod() {
+    local nginx_bin
+    nginx_bin="$(command -v nginx || echo /usr/sbin/nginx)"
+    if [[ ! -x "$nginx_bin" ]]; then
+        log "nginx is not installed on this host: skipping hms-fast:1.0 (apt-get install -y nginx)"
+        return 0
+    fi
+    log "building hms-fast:1.0 (nginx from $nginx_bin)"
+    local t dir="$ROOT/var/cache/hms-fast"
+    t="$(now)"
+    mkdir -p "$dir"
+    cp bench/fastpod/Dockerfile bench/fastpod/nginx.conf.in bench/fastpod/entrypoint.sh "$dir/"
+    cp "$nginx_bin" "$dir/nginx"
+    docker_build -q --label "$LABEL" --build-arg "BASE=$BASE_IMAGE" \
+        -t hms-fast:1.0 -t registry.gov/hms-fast:1.0 "$dir"
+    log "built hms-fast:1.0 in $(since "$t") s"
+}
+
 ensure_base
 build_service hms_ach 1.4 hms-ach:1.4 registry.gov/hms-ach:1.4
 build_service hms_ach 1.5 hms-ach:1.5 registry.gov/hms-ach:1.5  # the next release, for rolling updates
 build_service hms_frm 1.0 hms-frm:1.0 registry.gov/hms-frm:1.0
 build_service hms_notify 1.0 hms-notify:1.0 registry.gov/hms-notify:1.0
 build_crashloop
+build_fastpod
 # A rebuilt base or changed code leaves the previous images untagged; only ours carry this label.
 docker image prune -f --filter "label=$LABEL" >/dev/null
 

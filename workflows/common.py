@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
+SIGNED_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED])
 POD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10),
                         non_retryable_error_types=POD_FATAL)
 POD_HEARTBEAT = timedelta(seconds=10)
@@ -58,6 +59,7 @@ DRAIN_CONFIRMED = "drain-confirmed"
 # patch: each stop carries the control plane's signature on it; each start a fresh ticket for that pod
 SIGNED_STOP = "signed-stop"
 START_TICKET = "start-ticket"
+GRANTS_AT_ONCE = "start-grants-at-once"  # patch: the trust stamp and the start ticket asked together
 # patch: a spec's secrets travel to the pod's node sealed for it (asked only when the spec names some)
 POD_SECRETS = "pod-secrets"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
@@ -156,6 +158,18 @@ async def emit(placement: Placement, type_: str, service: str, reason: str, **da
     )
 
 
+async def control_activity(activity: Callable[..., Awaitable[Any]], inp: object, *, task_queue: str, local: bool,
+                           timeout: timedelta, summary: str, retry_policy: RetryPolicy | None = None) -> Any:
+    """A control activity for a workflow that runs on the control queue: as a local activity
+    (the worker running the workflow answers, with no round trip through the server) or, for
+    histories recorded before, as the activity it was."""
+    if local:
+        return await workflow.execute_local_activity_method(activity, inp, start_to_close_timeout=timeout,
+                                                            retry_policy=retry_policy, summary=summary)
+    return await workflow.execute_activity_method(activity, inp, task_queue=task_queue, start_to_close_timeout=timeout,
+                                                  retry_policy=retry_policy, summary=summary)
+
+
 async def pick_nodes(
     placement: Placement,
     spec: ServiceSpec,
@@ -190,8 +204,7 @@ async def signed(activity: Callable[[ControlActivities, Any], Awaitable[TicketOu
         inp,
         task_queue=workflow.info().task_queue,
         start_to_close_timeout=timedelta(seconds=30),
-        retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10),
-                                 non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED]),
+        retry_policy=SIGNED_RETRY,
         summary=summary,
     )
     return out.ticket
@@ -239,27 +252,8 @@ async def start_and_wait(
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
     """
-    stamp = ""
     admitted = ticket
-    if workflow.patched(TRUST_STAMP):
-        # Asked now, not at admission: heals and scale-ups start pods long after it, and a
-        # revocation on the control host must stop them on every host (no node keeps a trust store).
-        stamp = (await workflow.execute_activity_method(
-            NodeTrustActivities.stamp_start,
-            StampInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
-                       pod_id=pod_id, node=node.name),
-            task_queue=workflow.info().task_queue,  # children run on the control queue
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL),
-            summary=f"trust stamp for {pod_id[:8]}",
-        )).stamp
-    if workflow.patched(START_TICKET):
-        # The revision's ticket is the record that it was admitted; the node takes only a ticket
-        # for this pod, issued now (a heal or a scale-up may come long after admission).
-        ticket = await signed(ControlActivities.start_ticket,
-                              StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id,
-                                               ticket=ticket, pod_id=pod_id, node=node.name),
-                              f"ticket: start {pod_id[:8]} on {node.name}")
+    stamp, ticket = await start_grants(spec, revision, pod_id, node, image_id=image_id, ticket=ticket)
     sealed = await seal_secrets(spec, revision, pod_id, node, image_id=image_id, ticket=admitted)
     try:
         ready = await workflow.execute_activity_method(
@@ -282,6 +276,50 @@ async def start_and_wait(
         raise
     await report(ready)
     return ready
+
+
+async def start_grants(spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, *, image_id: str,
+                       ticket: str) -> tuple[str, str]:
+    """(trust stamp, start ticket) for one pod start, both from the control worker.
+
+    Asked now, not at admission: heals and scale-ups start pods long after it, and a revocation
+    on the control host must stop them on every host (no node keeps a trust store). The
+    revision's ticket is the record that it was admitted; the node takes only a ticket for this
+    pod. Neither needs the other, so both are asked at once (GRANTS_AT_ONCE)."""
+
+    stamp_in = StampInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                          pod_id=pod_id, node=node.name)
+    ticket_in = StartTicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                                 pod_id=pod_id, node=node.name)
+    retry = RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL)
+
+    async def stamp() -> str:
+        return (await workflow.execute_activity_method(
+            NodeTrustActivities.stamp_start, stamp_in,
+            task_queue=workflow.info().task_queue,  # children run on the control queue
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=retry,
+            summary=f"trust stamp for {pod_id[:8]}",
+        )).stamp
+
+    async def start_ticket() -> str:
+        return await signed(ControlActivities.start_ticket, ticket_in, f"ticket: start {pod_id[:8]} on {node.name}")
+
+    if workflow.patched(GRANTS_AT_ONCE):
+        # Local activities: the control worker that runs this workflow signs, with no round trip
+        # through the server (a rollout's pods all ask at the same moment).
+        workflow.patched(TRUST_STAMP)
+        workflow.patched(START_TICKET)
+        got = await asyncio.gather(
+            workflow.execute_local_activity_method(NodeTrustActivities.stamp_start, stamp_in,
+                                                   start_to_close_timeout=timedelta(seconds=30), retry_policy=retry,
+                                                   summary=f"trust stamp for {pod_id[:8]}"),
+            workflow.execute_local_activity_method(ControlActivities.start_ticket, ticket_in,
+                                                   start_to_close_timeout=timedelta(seconds=30), retry_policy=SIGNED_RETRY,
+                                                   summary=f"ticket: start {pod_id[:8]} on {node.name}"),
+        )
+        return got[0].stamp, got[1].ticket
+    got_stamp = await stamp() if workflow.patched(TRUST_STAMP) else ""
+    return got_stamp, (await start_ticket() if workflow.patched(START_TICKET) else ticket)
 
 
 async def seal_secrets(spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, *, image_id: str,

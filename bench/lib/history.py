@@ -44,6 +44,10 @@ async def activity_timeline(client, workflow_id: str) -> dict[str, Any]:
             if sid in acts:
                 acts[sid]["completed"] = t
                 acts[sid]["failed"] = True
+        elif et == ET.EVENT_TYPE_MARKER_RECORDED:
+            local = local_activity(ev.marker_recorded_event_attributes, t)
+            if local is not None:
+                acts[ev.event_id] = local
         else:
             name = ET.Name(et).removeprefix("EVENT_TYPE_")
             if name in ("WORKFLOW_TASK_SCHEDULED", "WORKFLOW_TASK_STARTED", "WORKFLOW_TASK_COMPLETED"):
@@ -61,3 +65,38 @@ async def activity_timeline(client, workflow_id: str) -> dict[str, Any]:
     wfts = sum(1 for m in marks if m["event"] == "WORKFLOW_TASK_COMPLETED")
     return {"workflow": wf, "activities": list(acts.values()), "marks": marks,
             "events": len(hist.events), "workflow_tasks": wfts}
+
+
+def _unix(value: Any) -> float | None:
+    """A protobuf timestamp as JSON (RFC 3339 text or {seconds, nanos}) -> unix seconds."""
+    if isinstance(value, dict):
+        return float(value.get("seconds", 0)) + float(value.get("nanos", 0)) / 1e9
+    if isinstance(value, str):
+        import re
+
+        m = re.match(r"(.*?)(\.\d+)?(Z|[+-]\d\d:\d\d)$", value)
+        if m:
+            tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+            return _dt.datetime.fromisoformat(f"{m.group(1)}{(m.group(2) or '.0')[:7]}{tz}").timestamp()
+    return None
+
+
+def local_activity(attrs: Any, recorded: float) -> dict[str, Any] | None:
+    """A local activity's marker -> the same shape as an activity's entry (``local`` True):
+    scheduled at its first attempt's schedule time (the worker's clock), completed when its
+    result was recorded in history (the marker's own ``complete_time`` is the workflow's time
+    plus the run time, not a wall-clock time)."""
+    if attrs.marker_name != "core_local_activity" or "data" not in attrs.details:
+        return None
+    payloads = attrs.details["data"].payloads
+    if not payloads:
+        return None
+    try:
+        data = json.loads(payloads[0].data)
+    except ValueError:
+        return None
+    scheduled = _unix(data.get("original_schedule_time"))
+    if scheduled is None:
+        return None
+    return {"type": data.get("activity_type", "?"), "scheduled": min(scheduled, recorded), "started": scheduled,
+            "completed": recorded, "attempt": data.get("attempt", 1), "local": True}

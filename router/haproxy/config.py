@@ -28,7 +28,8 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, la
             f"backend be_{i}",
             f"    balance {balance}",
             "    option forwardfor",
-            "    http-request replace-path ^/[^/]*/?(.*) /\\1",
+            # /<service>/<rest> -> /<rest> (the query kept): a field cut, no regex per request.
+            "    http-request set-path /%[path,field(3,/,0)]",
             "    http-response set-header X-HMS-Pod %s",
         ]
     return "\n".join(lines) + "\n"
@@ -81,15 +82,17 @@ def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines
         f"    http-request set-var(txn.lk) fe_req_rate,div({log_lines_per_s}),add(1)",
         "    http-request set-log-level silent unless { rand,mod(txn.lk) -m int eq 0 }",
         "    http-request set-var(txn.svc) path,field(2,/)",
+        # One map lookup per request: its backend, which both the 404 and the routing use.
+        f"    http-request set-var(txn.be) var(txn.svc),map({map_path})",
         "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }",
         "    http-request set-var(txn.rid) req.hdr(x-request-id)",
         "    http-response set-header X-Request-Id %[var(txn.rid)]",
         "    acl control path_beg /-/ || path /metrics",
-        f"    acl known var(txn.svc),map({map_path}) -m found",
+        "    acl known var(txn.be) -m found",
         f"    http-request return status 404 content-type application/json lf-string {unknown} if !known !control",
         f"    http-request set-var(txn.landed) var(txn.svc),map({landed_path}) if !control",
         "    http-request return status 503 content-type application/json"
         f' hdr Retry-After "%[var(txn.landed),http_date]" lf-string {landed} if {{ var(txn.landed) -m found }}',
         "    use_backend be_control if control",
-        f"    use_backend %[var(txn.svc),map({map_path})]",
+        "    use_backend %[var(txn.be)]",
     ]

@@ -115,3 +115,23 @@ def test_a_full_runs_slow_p99_verdicts_rest_on_the_probe_and_both_p99s_are_print
     assert "FAIL  slow_builtin p99 < nginx" in out and "PASS  slow_haproxy p99 < nginx" in out
     assert ">=2900" in out and "100/300" in out and "4000.0" in out  # nginx: probe p99, unfinished, C/rps
     assert "wrk, completed only: builtin 3.122" in out
+
+
+def test_the_fast_phase_is_judged_per_round_against_nginx(capsys) -> None:
+    base = _run(1500.0, 50.0, [45.0] * 300, [])
+    base_rounds = {p: [base] * 3 for p in ("direct", "builtin", "haproxy", "nginx", "haproxy-rr")}
+    nginx = [_run(r, 20.0, [5.0] * 300, []) for r in (15000.0, 9000.0, 12000.0)]
+    fast_rounds = {"direct": [], "nginx": nginx, "haproxy-rr": nginx,
+                   "haproxy": [_run(r, 20.0, [5.0] * 300, []) for r in (15500.0, 8000.0, 12500.0)],
+                   "builtin": [_run(r, 30.0, [9.0] * 300, []) for r in (6000.0, 4000.0, 6500.0)]}
+    ok = {p: _run(1500.0, 50.0, [45.0] * 300, []) for p in ("builtin", "haproxy", "nginx", "haproxy-rr")}
+    results = {"base": {p: runs[1] for p, runs in base_rounds.items()},
+               "fast": {p: runs[1] for p, runs in fast_rounds.items() if runs}, "slow": ok, "kill": ok}
+    ratios, verdicts, base_ratio = judge(results, base_rounds, fast_rounds)
+    # per round: haproxy 1.033, 0.889, 1.042 -> median 1.033; builtin 0.4, 0.444, 0.542 -> 0.444
+    assert ratios["fast_haproxy_vs_nginx"] == 1.033 and ratios["fast_builtin_vs_nginx"] == 0.444
+    assert verdicts["fast_haproxy >= 1.0x nginx"] and not verdicts["fast_builtin >= 0.5x nginx"]
+    print_summary(results, base_ratio, ratios, verdicts, 40.0)
+    assert "FAIL  fast_builtin >= 0.5x nginx" in capsys.readouterr().out
+    # Without a fast phase (an older run, or --phases without it) there is no fast verdict.
+    assert not any(k.startswith("fast") for k in judge(results, base_rounds)[1])

@@ -8,7 +8,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from hms_mgmt.models import AuthorizeInput, AuthorizeOutput, Refusal
 
-from workflows.common import proof_jti
+from workflows.common import control_activity, proof_jti
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun
 
 MAX_REFUSALS = 20
@@ -19,7 +19,7 @@ class Access:
         self.run = run
 
     async def authorize(self, action: str, proof: str, *, request_id: str, requester: str | None = None,
-                        claim: str = "", bind: dict[str, object] | None = None) -> AuthorizeOutput:
+                        claim: str = "", bind: dict[str, object] | None = None, local: bool = False) -> AuthorizeOutput:
         """Verify a request proof in the control worker; each proof is used once (its jti is
         remembered, across continue-as-new, until it expires)."""
         run = self.run
@@ -32,7 +32,7 @@ class Access:
             if jti:
                 self._remember_proof(jti)
             result = await self._verify_proof(action, proof, request_id=request_id, requester=requester,
-                                              claim=claim, bind=bind or {})
+                                              claim=claim, bind=bind or {}, local=local)
         if not result.allowed:
             refusal = Refusal(at=workflow.now(), action=action, reason=result.reason, request_id=request_id)
             run.state.refusals = (run.state.refusals + [refusal])[-MAX_REFUSALS:]
@@ -46,13 +46,12 @@ class Access:
         self.run.state.used_proofs = kept
 
     async def _verify_proof(self, action: str, proof: str, *, request_id: str, requester: str | None,
-                            claim: str, bind: dict[str, object]) -> AuthorizeOutput:
+                            claim: str, bind: dict[str, object], local: bool) -> AuthorizeOutput:
         run = self.run
-        return await workflow.execute_activity_method(
+        return await control_activity(
             ControlActivities.authorize,
             AuthorizeInput(proof=proof, action=action, service=run.spec.name, requester=requester,
                            request_id=request_id, claim=claim, bind=bind),
-            task_queue=run.placement.control_task_queue,
-            start_to_close_timeout=CONTROL_TIMEOUT,
+            task_queue=run.placement.control_task_queue, local=local, timeout=CONTROL_TIMEOUT,
             summary=f"authorize {action}",
         )

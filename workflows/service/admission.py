@@ -17,12 +17,13 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.errors import ActivityErrorType, FailureKind
     from hms_mgmt.models import GovernanceInput, RevisionRecord, ServiceSpec, TicketInput, VerifyImageInput
 
-from workflows.common import error_message, error_type
+from workflows.common import control_activity, error_message, error_type
 from workflows.service.access import Access
 from workflows.service.approvals import ApprovalGate
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun
 
 TRUST_ON_CONTROL = "trust-on-control"  # patch: an image_revoked hint is re-checked by the control worker
+ADMISSION_LOCAL = "admission-local"  # patch: a deploy's authorize, governance and ticket as local activities
 
 
 class Admission:
@@ -34,20 +35,19 @@ class Admission:
     async def admit(self, proof: str) -> bool:
         """Validating -> (AwaitingApproval) -> VerifyingImage. False: refused, no pod started."""
         run = self.run
-        allowed = await self.access.authorize("deploy", proof, request_id="deploy", bind={"spec": run.spec.digest()})
+        # The control worker runs this workflow and answers these three itself: no round trips.
+        local = workflow.patched(ADMISSION_LOCAL)
+        allowed = await self.access.authorize("deploy", proof, request_id="deploy", bind={"spec": run.spec.digest()},
+                                              local=local)
         run.deploy_grant = allowed.grant
         if not allowed.allowed:
             run.fail(FailureKind.ACCESS_DENIED, f"deploy {run.spec.name} refused: {allowed.reason}")
             run.set_phase("Rejected")
             return False
         run.state.requested_by = allowed.user or ""
-        verdict = await workflow.execute_activity_method(
-            ControlActivities.check_governance,
-            GovernanceInput(spec=run.spec),
-            task_queue=run.placement.control_task_queue,
-            start_to_close_timeout=CONTROL_TIMEOUT,
-            summary="governance policy",
-        )
+        verdict = await control_activity(ControlActivities.check_governance, GovernanceInput(spec=run.spec),
+                                         task_queue=run.placement.control_task_queue, local=local,
+                                         timeout=CONTROL_TIMEOUT, summary="governance policy")
         if verdict.needs_approval and not await self.approvals.wait("; ".join(verdict.reasons),
                                                                     verdict.approval_timeout_s,
                                                                     revision=run.state.revision, spec=run.spec):
@@ -58,7 +58,7 @@ class Admission:
         if not await self._verify_image():
             return False
         ticket, problem = await self.ticket(run.spec, run.state.revision, run.state.image_id,
-                                            grant=run.deploy_grant, approval_grant=run.approval_grant)
+                                            grant=run.deploy_grant, approval_grant=run.approval_grant, local=local)
         if ticket is None:
             run.fail(FailureKind.ACCESS_DENIED, problem)
             run.set_phase("Rejected")
@@ -67,16 +67,15 @@ class Admission:
         return True
 
     async def ticket(self, spec: ServiceSpec, revision: int, image_id: str, *, grant: str, approval_grant: str = "",
-                     prior: RevisionRecord | None = None) -> tuple[str | None, str]:
+                     prior: RevisionRecord | None = None, local: bool = False) -> tuple[str | None, str]:
         """The control plane's admission ticket for this revision, or (None, why not)."""
         try:
-            out = await workflow.execute_activity_method(
+            out = await control_activity(
                 ControlActivities.issue_ticket,
                 TicketInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, grant=grant,
                             approval_grant=approval_grant, prior_ticket=prior.ticket if prior else "",
                             prior_revision=prior.revision if prior else None),
-                task_queue=self.run.placement.control_task_queue,
-                start_to_close_timeout=CONTROL_TIMEOUT,
+                task_queue=self.run.placement.control_task_queue, local=local, timeout=CONTROL_TIMEOUT,
                 retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=[ActivityErrorType.ACCESS_DENIED]),
                 summary=f"admission ticket for revision {revision}",
             )

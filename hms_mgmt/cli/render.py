@@ -20,10 +20,12 @@ T = TypeVar("T")
 
 
 def _console(*, stderr: bool = False) -> Console:
-    # Piped output (grep, CI logs) must not be folded at Rich's 80-column default.
+    # Piped output (grep, CI logs, scripts) is never folded: a long line (a digest, a token) stays
+    # one line whatever the width; tables get 160 columns rather than Rich's 80-column default.
     stream = sys.stderr if stderr else sys.stdout
-    wide = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(stderr=stderr, highlight=False, width=160 if wide else None)
+    piped = not stream.isatty()
+    wide = piped and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, highlight=False, width=160 if wide else None, soft_wrap=piped)
 
 
 out = _console()

@@ -6,6 +6,10 @@ every other command (:mod:`hms_mgmt.cli.commands`) is a thin client of
 see the same workflows. :mod:`hms_mgmt.cli.render` draws the tables.
 """
 
-from hms_mgmt.cli.commands import app
+from hms_mgmt.cli.interrupt import catch_interrupts
+
+catch_interrupts()  # before the heavy imports: a Ctrl-C during them is not lost (see that module)
+
+from hms_mgmt.cli.commands import app  # noqa: E402
 
 __all__ = ["app"]

@@ -279,9 +279,10 @@ def status(
                                         "terminal; otherwise a line (or a JSON object) per change.")] = False,
 ) -> None:
     """Services and their pods (-o json: ServiceStatus, or a list of them without NAME)."""
-    from hms_mgmt.cli.watch import fetch, status_view, watch_status
 
     async def go() -> None:
+        from hms_mgmt.cli.watch import fetch, status_view, watch_status
+
         orch = await _connect()
         if watch:
             await watch_status(orch, name, output)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable, Coroutine
 from enum import IntEnum
 from typing import Any, TypeVar
 
@@ -17,6 +20,7 @@ from temporalio.exceptions import TemporalError
 from temporalio.service import RPCError
 
 from hms_mgmt import auth
+from hms_mgmt.cli import interrupt
 from hms_mgmt.cli.render import _fail
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import (
@@ -72,6 +76,7 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         from hms_mgmt.runtimes.base import PodRuntimeError
 
+        interrupt.catch_interrupts()
         try:
             return fn(*args, **kwargs)
         except (HmsError, PodRuntimeError, TimeoutError) as e:
@@ -87,6 +92,8 @@ def _cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
             raise typer.Exit(0) from None
+        finally:
+            interrupt.interrupted.clear()  # this command's Ctrl-C, answered
 
     return wrapper
 
@@ -113,10 +120,84 @@ def _settings(**overrides: Any) -> Settings:
     return Settings.from_env(**{**_cli_overrides, **overrides})
 
 
-def _run(coro: Awaitable[T]) -> T:
+INTERRUPT_GRACE_S = 5.0  # how long a command has to unwind after Ctrl-C before its loop is left
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, except on Ctrl-C (:mod:`hms_mgmt.cli.interrupt`, also one that came before
+    the loop ran and was swallowed): the command's task is cancelled and has ``INTERRUPT_GRACE_S``
+    to unwind, then KeyboardInterrupt — whatever swallowed the cancel, and whatever thread is
+    still blocked (none is waited for). A command that sets its own SIGINT handler on the loop
+    (`hms up`, the worker, the dashboard) replaces this one."""
     # Every client made here uses hms_mgmt.connection's runtime, which its atexit hook drops
     # before the interpreter finalizes: a command exits cleanly with no os._exit.
-    return asyncio.run(coro)  # type: ignore[arg-type]
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(coro)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    executor = _DaemonThreads()
+    loop.set_default_executor(executor)
+    stop = asyncio.Event()
+    try:
+        main = loop.create_task(coro)
+        loop.add_signal_handler(signal.SIGINT, lambda: (interrupt.interrupted.set(), stop.set()))
+        if interrupt.interrupted.is_set():
+            stop.set()
+        loop.run_until_complete(_until_done_or_interrupted(main, stop))
+        if stop.is_set():
+            raise KeyboardInterrupt
+        return main.result()
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGINT)
+        interrupt.catch_interrupts()
+        _close_loop(loop, executor)
+
+
+class _DaemonThreads(concurrent.futures.ThreadPoolExecutor):
+    """The loop's default executor (``to_thread``): a daemon thread per call, so one still blocked
+    when the command ends holds neither the loop's clean-up nor the interpreter's exit."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def work() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # noqa: BLE001 - the caller's to raise
+                    future.set_exception(e)
+
+        threading.Thread(target=work, name="hms-cli-thread", daemon=True).start()
+        return future
+
+
+async def _until_done_or_interrupted(main: asyncio.Task[Any], stop: asyncio.Event) -> None:
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not main.done():
+            main.cancel()
+            await asyncio.wait({main}, timeout=INTERRUPT_GRACE_S)
+    finally:
+        stopping.cancel()
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, executor: _DaemonThreads) -> None:
+    """``asyncio.run``'s clean-up, each step bounded: a task that ignores its cancel, an async
+    generator that hangs in its ``finally``, a thread blocked in ``to_thread`` are left behind."""
+    try:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=INTERRUPT_GRACE_S))
+        gens = loop.create_task(loop.shutdown_asyncgens())
+        loop.run_until_complete(asyncio.wait({gens}, timeout=INTERRUPT_GRACE_S))
+    finally:
+        executor.shutdown(wait=False)
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 async def _connect(settings: Settings | None = None) -> Orchestrator:

@@ -1,0 +1,28 @@
+"""Ctrl-C that is never lost.
+
+Python raises KeyboardInterrupt wherever the main thread happens to be; when that is a weakref
+callback or a ``__del__`` (an import frees its module lock in one), the interpreter prints
+"Exception ignored" and goes on. Under load, with a command's imports still running, ``hms status
+--watch`` then watched on for good. So the CLI's SIGINT handler also remembers the Ctrl-C, and the
+command's event loop (:func:`hms_mgmt.cli.common._run`) ends on it, before or while it runs.
+Only the standard library here: the handler is set before the CLI's heavy imports start.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+interrupted = threading.Event()
+
+
+def on_sigint(signum: int, frame: object) -> None:
+    interrupted.set()
+    raise KeyboardInterrupt
+
+
+def catch_interrupts() -> None:
+    """Make :func:`on_sigint` the SIGINT handler, unless someone else set one of their own."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, on_sigint):
+        signal.signal(signal.SIGINT, on_sigint)

@@ -16,7 +16,8 @@ Everything after that goes through the Runtime API on a unix socket (``stats soc
                        HAProxy's request log (each request's server response time), so a slow
                        pod gets less than HAProxy's connection count alone would give it.
 
-Retries: ``retry-on conn-failure empty-response response-timeout 502 503`` with ``retries 2`` and
+Retries: ``retry-on conn-failure empty-response response-timeout 502 503`` with ``retries 6`` (see
+:data:`router.haproxy.config.RETRIES`) and
 ``option redispatch 1`` (each retry on another server). HAProxy's request log goes to a UDP
 socket of ours (``format raw``): per-request status and time feed ``/-/stats`` and ``/metrics``.
 Under load it is sampled (one request in k, k written in the line and counted back), so our

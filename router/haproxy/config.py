@@ -8,6 +8,12 @@ from pathlib import Path
 # HAProxy logs every request while the router answers fewer than this many a second, then one in k
 # (k = 1 + rate / this): our process reads at most about this many lines a second, whatever the load.
 LOG_LINES_PER_S = 200
+# Attempts after the first. A pod that just died looks idle to ``balance random(2)`` (no request
+# in flight), so every attempt prefers it, and a retry avoids only the server it just tried: with
+# 2 dead pods a request can meet them in turn. Each failure counts toward its server's
+# ``error-limit 3`` (router/haproxy/plan.py), so after 6 failures both are DOWN and the next
+# attempt reaches a live pod: a host losing 2 pods of one service fails no idempotent request.
+RETRIES = 6
 
 
 def _q(s: str) -> str:
@@ -58,7 +64,7 @@ def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeo
         f"    timeout server {int(read_timeout_s * 1000)}ms",
         "    timeout http-keep-alive 30s",
         "    option redispatch 1",
-        "    retries 3",  # a lost host's pods: each retry goes to another server (redispatch)
+        f"    retries {RETRIES}",  # a lost host's pods: each retry goes to another server (redispatch)
         "    retry-on conn-failure empty-response response-timeout 502 503",
         f"    http-error status 503 content-type application/json lf-string {no_pod} hdr Retry-After 1",
         f"    http-error status 502 content-type application/json lf-string {bad_gw}",

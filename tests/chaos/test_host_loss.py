@@ -33,7 +33,7 @@ from conftest import eventually, make_settings, node_pods, seed_spec, sweep_pods
 
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
-from hms_mgmt.events import read_events
+from hms_mgmt.events import Event, read_events
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import WorkerProcess, enrol_node_dir, free_port
 from hms_mgmt.wire import NodesOutput
@@ -182,9 +182,12 @@ async def test_a_returning_host_stops_its_stale_pods_before_it_is_ready_and_forw
     rec = (await h.registry())[h.b.node]
     assert rec.rejoins == 1  # type: ignore[attr-defined]
     # The removal was written on b (pod.orphaned), and reached the control host's log on a heartbeat.
-    orphaned = await eventually(
-        lambda: [e for e in read_events(h.a.state_dir) if e.type == "pod.orphaned" and e.data.get("pod") in stale],
-        timeout=20, what="b's pod.orphaned events in the control host's log")
+    # One event per pod, each forwarded when it is written: wait for both, not the first.
+    def orphaned_on_a() -> list[Event]:
+        found = [e for e in read_events(h.a.state_dir) if e.type == "pod.orphaned" and e.data.get("pod") in stale]
+        return found if {e.data["pod"] for e in found} == set(stale) else []
+
+    orphaned = await eventually(orphaned_on_a, timeout=20, what="b's pod.orphaned events in the control host's log")
     assert {e.data["pod"] for e in orphaned} == set(stale) and {e.data["forwarded_by"] for e in orphaned} == {h.b.node}
     assert max(e.time for e in orphaned) < rec.registered_at  # type: ignore[attr-defined]
 

@@ -4,6 +4,7 @@ Pure, so every case is a few lines; a fake HAProxy (answers only) stands in for 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hms_mgmt.models import Endpoint, EndpointSet
-from router.haproxy.plan import DRAIN_FORCE_S, Plan, plan_removals, plan_servers, plan_weights
+from router.haproxy.config import RETRIES, render_config
+from router.haproxy.plan import DRAIN_FORCE_S, SERVER_CHECK, Plan, plan_removals, plan_servers, plan_weights
 from router.haproxy.runtime import apply
 from router.haproxy.state import Backend
 
@@ -253,3 +255,15 @@ def test_every_command_is_one_line_with_no_separator_whatever_the_table_holds(se
         assert not set(line) & {";", "\n", "\r", "#", "\x00"}, line
         assert line.isascii() and line.isprintable()
     assert len(p.steps) + len(p.refused) >= 1
+
+
+def test_one_request_retries_long_enough_to_take_two_dead_pods_out():
+    """A dead pod looks idle to ``random(2)`` and a retry avoids only the server just tried: a
+    request may meet a lost host's 2 pods in turn. Its own failures must be enough to put both
+    DOWN (``error-limit`` each) before its attempts run out, so that one attempt reaches a live pod."""
+    limit = int(re.search(r"error-limit (\d+)", SERVER_CHECK).group(1))  # type: ignore[union-attr]
+    assert "on-error mark-down" in SERVER_CHECK
+    assert RETRIES >= 2 * limit
+    config = render_config(host="127.0.0.1", port=1, socket_path=MAP, map_path=MAP, landed_path=LANDED,  # type: ignore[arg-type]
+                           control_port=2, log_port=3, pool_size=1)
+    assert f"    retries {RETRIES}\n" in config and "    option redispatch 1\n" in config

@@ -22,10 +22,15 @@ from hms_mgmt.runtimes.process import ensure_pod_user
 from worker.main import HmsWorker
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # one the pod user can run (the runtime falls back to it too)
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("iptables") is None or not os.path.exists(SYSTEM_PYTHON),
-    reason="process pods run as their own user only under a root worker, and the rule needs iptables",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("iptables") is None or not os.path.exists(SYSTEM_PYTHON),
+        reason="process pods run as their own user only under a root worker, and the rule needs iptables",
+    ),
+    # The pod user is one user for the whole machine: another test's node firewall, running at the
+    # same time, would answer for it. Alone, the "no rule yet" step sees only this test's rules.
+    pytest.mark.serial,
+]
 
 CONNECT = """
 import socket, sys

@@ -5,6 +5,7 @@ each of them ran on for good."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -60,7 +61,10 @@ def test_ctrl_c_ends_the_command(case: str) -> None:
             sys.exit(130)
         sys.exit(0)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # As from a terminal: Ctrl-C at its default (a test runner's worker may ignore SIGINT, and a
+    # child inherits that).
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stderr
     # The interpreter prints the swallowed one ("Exception ignored"); nothing else is printed.
     assert "Traceback" not in result.stderr.split("KeyboardInterrupt")[-1], result.stderr

@@ -306,16 +306,16 @@ def type_matches(event_type: str, wanted: Iterable[str]) -> bool:
 
 def read_events(
     state_dir: Path, *, service: str | None = None, follow: bool = False, poll_s: float = 0.5,
-    types: Iterable[str] = (),
+    types: Iterable[str] = (), stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Event]:
-    """Every recorded event, oldest first (rotated files too); with ``follow``, then new ones;
-    only those of ``types`` (see :func:`type_matches`) when given."""
+    """Every recorded event, oldest first (rotated files too); with ``follow``, then new ones
+    until ``stop()`` says so; only those of ``types`` (see :func:`type_matches`) when given."""
     follower = EventFollower(state_dir, service=service)
     types = list(types)
     try:
         while True:
             yield from (ev for ev in follower.poll() if type_matches(ev.type, types))
-            if not follow:
+            if not follow or stop():
                 return
             time.sleep(poll_s)
     finally:

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hms_mgmt import auth, names
+from hms_mgmt.cli import interrupt
 from hms_mgmt.cli.common import (
     _cli_errors,
     _connect,
@@ -362,7 +363,9 @@ def events(
 
     settings = _settings()
     try:
-        for ev in read_events(settings.state_dir, service=service, follow=follow, types=type_ or []):
+        # A Ctrl-C the interpreter swallowed (during imports, under load) still ends --follow.
+        for ev in read_events(settings.state_dir, service=service, follow=follow, types=type_ or [],
+                              stop=interrupt.interrupted.is_set):
             show_item(ev, output, lambda ev=ev: typer.echo(event_line(ev)))
     except KeyboardInterrupt:
         return  # the way to end --follow

@@ -14,7 +14,7 @@ __all__ = [
     "Q", "U", "S", "NR", "SERVICE_WORKFLOW", "DEPLOY_WORKFLOW", "SCALE_WORKFLOW", "HEAL_WORKFLOW", "NODE_REGISTRY_WORKFLOW", "ROUTER_REGISTRY_WORKFLOW", "RR",
     "service_workflow_id", "deploy_id", "rollout_id", "scale_id", "heal_id", "service_of",
     "running_services_query", "SUPERVISED", "ENDED", "SERVING", "ADMITTING",
-    "SLOT_EDGE_WORKFLOW", "slot_schedule_id", "slot_schedule_prefix",
+    "SLOT_EDGE_WORKFLOW", "POD_LOGS_WORKFLOW", "LOG_GRANT_WORKFLOW", "logs_id", "slot_schedule_id", "slot_schedule_prefix",
 ]
 
 # --- workflow types ----------------------------------------------------------------------------
@@ -25,6 +25,8 @@ HEAL_WORKFLOW = "HealWorkflow"
 NODE_REGISTRY_WORKFLOW = "NodeRegistry"
 ROUTER_REGISTRY_WORKFLOW = "RouterRegistry"
 SLOT_EDGE_WORKFLOW = "SlotEdgeWorkflow"  # started by a time slot's Temporal Schedule
+POD_LOGS_WORKFLOW = "PodLogsWorkflow"  # a snapshot of a pod's log, read through its node
+LOG_GRANT_WORKFLOW = "PodLogGrantWorkflow"  # a signed grant to stream pods' logs from their nodes
 
 
 class Q:
@@ -107,6 +109,11 @@ def scale_id(service_wf_id: str, n: int) -> str:
 def heal_id(service_wf_id: str, pod_id: str) -> str:
     """The replacement of one failed pod: ``svc-<name>-heal-<pod>``."""
     return f"{service_wf_id}-heal-{pod_id}"
+
+
+def logs_id(service_wf_id: str, nonce: str) -> str:
+    """One logs request of a caller (a snapshot or a stream grant): ``svc-<name>-logs-<nonce>``."""
+    return f"{service_wf_id}-logs-{nonce}"
 
 
 def slot_schedule_prefix(service_wf_id: str) -> str:

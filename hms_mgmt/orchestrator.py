@@ -663,7 +663,7 @@ class Orchestrator:
         from hms_mgmt import logstream
 
         return await self._logs_workflow(
-            "PodLogGrantWorkflow", service,
+            names.LOG_GRANT_WORKFLOW, service,
             LogGrantInput(service=service, pods=pod_ids, key_hash=key_hash,
                           proof=self._prove("logs", service, **logstream.grant_bind(pod_ids, key_hash))),
             LogGrantOutput)
@@ -681,7 +681,7 @@ class Orchestrator:
 
     async def _logs_through_temporal(self, service: str, pod: PodStatus, tail: int) -> builtins.list[str]:
         out = await self._logs_workflow(
-            "PodLogsWorkflow", service,
+            names.POD_LOGS_WORKFLOW, service,
             PodLogsInput(pod_id=pod.id, node_task_queue=self.settings.node_task_queue(pod.node), tail=max(tail, 1),
                          service=service, proof=self._prove("logs", service, pod=pod.id)),
             LogsOutput)
@@ -691,7 +691,7 @@ class Orchestrator:
         """Run one of the logs workflows (id ``svc-NAME-logs-…``); its failure as the typed error."""
         try:
             return await self.client.execute_workflow(
-                workflow, arg, id=f"{constants.service_workflow_id(service)}-logs-{uuid.uuid4().hex[:8]}",
+                workflow, arg, id=names.logs_id(constants.service_workflow_id(service), uuid.uuid4().hex[:8]),
                 task_queue=self.settings.task_queue, result_type=result_type)
         except WorkflowFailureError as e:
             cause: BaseException | None = e.cause

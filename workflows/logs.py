@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.errors import FailureKind
     from hms_mgmt.logstream import grant_bind
     from hms_mgmt.models import AuthorizeInput, LogsOutput, PodLogsInput
+    from hms_mgmt.names import LOG_GRANT_WORKFLOW, POD_LOGS_WORKFLOW
     from hms_mgmt.wire import LogGrantInput, LogGrantOutput
 
 from workflows.common import POD_HEARTBEAT, POD_RETRY
@@ -41,7 +42,7 @@ async def authorize_logs(service: str, proof: str, bind: dict[str, str]) -> str:
 
 # Input that does not validate (a pod id like ``../../x`` from `temporal workflow start`) fails
 # the run at once with the field's error, rather than a workflow task retried forever.
-@workflow.defn(failure_exception_types=[ValidationError])
+@workflow.defn(name=POD_LOGS_WORKFLOW, failure_exception_types=[ValidationError])
 class PodLogsWorkflow:
     @workflow.run
     async def run(self, inp: PodLogsInput) -> LogsOutput:
@@ -62,7 +63,7 @@ class PodLogsWorkflow:
         )
 
 
-@workflow.defn(failure_exception_types=[ValidationError])
+@workflow.defn(name=LOG_GRANT_WORKFLOW, failure_exception_types=[ValidationError])
 class PodLogGrantWorkflow:
     """A grant to stream pods' logs from their nodes (``hms logs``, ``-f``): the viewer check,
     then each pod's node endpoint. Its history holds the grant, bound to a secret only the caller

@@ -56,7 +56,7 @@ up: venv images
 test: venv images
 	@set -e; \
 	ok() { rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; }; \
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || ok; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not serial" $(PYTEST_ARGS) || ok; \
 	$(BIN)/python -m pytest -p no:xdist -m serial $(PYTEST_ARGS) || ok
 
 # tests/chaos at full counts (20 worker SIGKILLs per runtime, the Docker daemon restarted, 50 pod

@@ -45,7 +45,7 @@ from hms_mgmt import auth, names
 from hms_mgmt.addresses import LOOPBACK, check_address, host_port
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
-from hms_mgmt.events import Event, EventFollower, EventSink
+from hms_mgmt.events import EventFollower, EventSink, RefusalLog
 from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.nodes import list_routers
@@ -271,8 +271,8 @@ class Dashboard:
         self.max_subscribers = max_subscribers
         self._tickets = _StreamTickets()
         self.settings = settings.model_copy(update={"token": token}) if token else settings
-        self._sink = EventSink(self.settings.state_dir, webhooks=self.settings.webhook_urls())
-        self._refusals = (0.0, 0, 0)  # this minute's start (monotonic), refusals in it, refusals not written
+        self._refusals = RefusalLog(EventSink(self.settings.state_dir, webhooks=self.settings.webhook_urls()),
+                                    REFUSALS_PER_MINUTE)
         self.token = token
         self.orch = Orchestrator(client, self.settings)
         self.refresh_s = refresh_s
@@ -519,29 +519,15 @@ class Dashboard:
             raise
 
     async def _refused(self, request: web.Request, error: web.HTTPException) -> None:
-        """Record one refusal: at most ``REFUSALS_PER_MINUTE`` a minute, so a flood of bad
-        requests cannot fill the event log; the next one written says how many were not."""
-        start, seen, dropped = self._refusals
-        now = time.monotonic()
-        if now - start >= 60:
-            start, seen = now, 0
-        seen += 1
-        if seen > REFUSALS_PER_MINUTE:
-            self._refusals = (start, seen, dropped + 1)
-            return
-        self._refusals = (start, seen, 0)
         try:
             why = json.loads(error.text or "{}").get("error") or error.reason
         except ValueError:
             why = error.reason
-        data: dict[str, Any] = {"action": "dashboard", "path": request.path[:200], "status": error.status,
-                                "remote": request.remote or ""}
-        if dropped:
-            data["not_recorded_before"] = dropped
         name = request.match_info.get("name", "")
-        await self._sink.publish(Event(
-            type="access.denied", service=name[:63] if _NAME.match(name) else "-", data=data,
-            reason=f"dashboard {request.method} {request.path[:100]} refused ({error.status}): {str(why)[:500]}"))
+        await self._refusals.record(
+            name if _NAME.match(name) else "-",
+            f"dashboard {request.method} {request.path[:100]} refused ({error.status}): {str(why)[:500]}",
+            action="dashboard", path=request.path[:200], status=error.status, remote=request.remote or "")
 
     @staticmethod
     async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

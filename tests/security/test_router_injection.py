@@ -3,8 +3,8 @@ be a Runtime API command to HAProxy (``x;shutdown sessions server ...``, a newli
 info``) or a file name (``../../keys/control``), tried as an outsider would — their own worker
 and workflow running our ``publish_endpoints``, and an unsigned push straight to the router's
 feed port. Nothing reaches the table, the engine keeps routing to the service's own pod, no file
-is written outside ``feed/``, and the refusal the control worker sees is an ``access.denied``
-event. Both engines (HAProxy's Runtime API is the one an injection would reach); a real dev
+is written outside ``feed/``, and each refusal (the control worker's, the router's) is an
+``access.denied`` event. Both engines (HAProxy's Runtime API is the one an injection would reach); a real dev
 server, worker, router and process pod. The engine's own name checks are unit-tested
 (``tests/unit/test_router_haproxy_plan.py``, ``test_router_feed_names.py``)."""
 
@@ -66,6 +66,9 @@ async def test_no_outsider_table_reaches_the_engine(temporal_env, routed, tmp_pa
                 headers = {feed.SIGNATURE_HEADER: sig} if sig else {}
                 async with http.post(f"{r.url}{feed.FEED_PATH}", data=raw, headers=headers) as resp:
                     assert resp.status == 401, (sig, resp.status, await resp.text())
+        # Nor may they ask whether pods are drained (which would end a drain early).
+        async with http.get(f"{r.url}{feed.DRAINED_PATH}", params={"service": "hms-ach", "pods": "x"}) as resp:
+            assert resp.status == 401
 
     assert await r.table("hms-ach") == held
     assert await _answers(r.url) == [200] * 5, "the engine no longer routes to the service's own pod"
@@ -74,4 +77,7 @@ async def test_no_outsider_table_reaches_the_engine(temporal_env, routed, tmp_pa
     assert [p.name for p in feed.feed_dir(state).glob("*.json")] == ["hms-ach.json"]
     refusals = [e for e in read_events(state) if e.type == "access.denied" and e.data.get("workflow") == wf_id]
     assert [e.data.get("action") for e in refusals] == ["publish_endpoints"], refusals
+    at_router = [e.data["action"] for e in read_events(state) if e.type == "access.denied"
+                 and e.data.get("action", "").startswith("router_")]
+    assert at_router == ["router_feed"] * 6 + ["router_drained"], at_router
     await r.orch.undeploy("hms-ach")

@@ -45,7 +45,7 @@ from hms_mgmt import auth, names
 from hms_mgmt.addresses import LOOPBACK, check_address, host_port
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
-from hms_mgmt.events import EventFollower
+from hms_mgmt.events import EventFollower, EventSink, RefusalLog
 from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.nodes import list_routers
@@ -64,6 +64,7 @@ DECIDE_TIMEOUT_S = 30.0
 RECENT_EVENTS_BYTES = 256 * 1024  # of the event log read at start: ~1,500 events, enough for the page
 MAX_SUBSCRIBERS = 64  # live pages at once: each holds a connection and a queue
 MAX_LOG_STREAMS = 32  # live log panes at once: each holds a connection to a node
+REFUSALS_PER_MINUTE = 30  # access.denied events written a minute; the rest are counted in the next
 LOG_TAIL = 200
 _POD = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 STREAM_TICKET_TTL_S = 60.0
@@ -270,6 +271,8 @@ class Dashboard:
         self.max_subscribers = max_subscribers
         self._tickets = _StreamTickets()
         self.settings = settings.model_copy(update={"token": token}) if token else settings
+        self._refusals = RefusalLog(EventSink(self.settings.state_dir, webhooks=self.settings.webhook_urls()),
+                                    REFUSALS_PER_MINUTE)
         self.token = token
         self.orch = Orchestrator(client, self.settings)
         self.refresh_s = refresh_s
@@ -481,7 +484,7 @@ class Dashboard:
     # --- HTTP -----------------------------------------------------------------------------
 
     def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._local_only], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self._local_only, self._record_refusals], client_max_size=64 * 1024)
         app.on_response_prepare.append(self._security_headers)
         app.router.add_get("/", self._index)
         app.router.add_get("/healthz", self._healthz)
@@ -504,6 +507,27 @@ class Dashboard:
         if host.lower() not in LOCAL_HOSTS | {self.host, f"[{self.host}]"}:
             return web.json_response({"error": "unknown host"}, status=421)
         return await handler(request)
+
+    @web.middleware
+    async def _record_refusals(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every refusal (401, 403) is an ``access.denied`` event, as the workers' are."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status in (401, 403):
+                await self._refused(request, e)
+            raise
+
+    async def _refused(self, request: web.Request, error: web.HTTPException) -> None:
+        try:
+            why = json.loads(error.text or "{}").get("error") or error.reason
+        except ValueError:
+            why = error.reason
+        name = request.match_info.get("name", "")
+        await self._refusals.record(
+            name if _NAME.match(name) else "-",
+            f"dashboard {request.method} {request.path[:100]} refused ({error.status}): {str(why)[:500]}",
+            action="dashboard", path=request.path[:200], status=error.status, remote=request.remote or "")
 
     @staticmethod
     async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -634,7 +658,7 @@ class Dashboard:
             auth.authorize(identity, action, matrix)
         except AccessDenied as e:
             log.warning("dashboard: %s %s refused for %s (%s): %s", action, name, identity.user, identity.role, e)
-            return web.json_response({"error": str(e)}, status=403)
+            raise _json_error(web.HTTPForbidden, str(e)) from None
         orch = Orchestrator(self.client, self.settings.model_copy(update={"token": token}))
         decide = orch.approve if action == "approve" else orch.reject
         log.info("dashboard: %s %s by %s", action, name, identity.user)

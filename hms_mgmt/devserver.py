@@ -111,12 +111,18 @@ def describe_process(proc: Any) -> str:
 
 
 def runs_on_db(proc: Any, db: Path) -> bool:
-    """Whether ``proc`` is a dev server on the sqlite file ``db`` (as ``make clean`` finds one)."""
+    """Whether ``proc`` is a dev server on the sqlite file ``db`` (as ``make clean`` finds one):
+    ``start-dev`` on that file by its command line, run by this user, and holding the file open.
+    A command line is anyone's to write (a proxy of another user's can name our file in its
+    arguments); only a process that could open the private file has it open."""
     try:
         cmd = proc.cmdline() or []
-    except Exception:  # noqa: BLE001
+        if "start-dev" not in cmd or str(db) not in cmd or proc.uids().real != os.getuid():
+            return False
+        held = {os.path.realpath(f.path) for f in proc.open_files()}
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
         return False
-    return "start-dev" in cmd and str(db) in cmd
+    return os.path.realpath(db) in held
 
 
 class DevServer:

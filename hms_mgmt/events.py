@@ -200,6 +200,34 @@ class EventSink:
             log.error("could not record event %s %s (%s): %s", event.type, event.service, event.reason, e)
 
 
+class RefusalLog:
+    """``access.denied`` events for the refusals of an HTTP door anyone may knock on (the
+    dashboard, a router's control port): at most ``per_minute`` are written a minute, so a flood
+    of bad requests cannot fill the event log; the next one written names how many were not
+    (``data.not_recorded_before``)."""
+
+    def __init__(self, sink: EventSink, per_minute: int = 30) -> None:
+        self.sink = sink
+        self.per_minute = per_minute
+        self._minute = 0.0  # this minute's start (monotonic)
+        self._seen = 0
+        self._dropped = 0
+
+    async def record(self, service: str, reason: str, **data: Any) -> bool:
+        """Write one refusal; False when this minute's share is spent (it is counted)."""
+        now = time.monotonic()
+        if now - self._minute >= 60:
+            self._minute, self._seen = now, 0
+        self._seen += 1
+        if self._seen > self.per_minute:
+            self._dropped += 1
+            return False
+        if self._dropped:
+            data["not_recorded_before"], self._dropped = self._dropped, 0
+        await self.sink.publish(Event(type="access.denied", service=service or "-", reason=reason, data=data))
+        return True
+
+
 def rotated_files(state_dir: Path, keep: int = ROTATE_KEEP) -> list[Path]:
     """The event log's files, oldest first."""
     base = Path(state_dir) / EVENTS_FILE

@@ -27,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hms_mgmt import feed as wire
+from hms_mgmt.events import EventSink, RefusalLog
 from router.feed import EndpointTable, FeedSync
 from router.stats import TrafficStats
 
@@ -50,6 +51,16 @@ class Control:
     applied: asyncio.Event | None = None  # set once the engine carries the first full table (default: at load)
     applied_versions: dict[str, int] | None = None  # service -> table version the engine carries
     drain_waiters: int = field(default=0, init=False)
+    refusals: RefusalLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        # In this router's state dir: on the control host (`hms up`), the control plane's event log.
+        settings = self.sync.settings
+        self.refusals = RefusalLog(EventSink(settings.state_dir, webhooks=settings.webhook_urls()))
+
+    async def _refused(self, request: web.Request, action: str, error: str, service: str = "-") -> None:
+        await self.refusals.record(service, f"router {self.engine}: {error}", action=action,
+                                   remote=request.remote or "", port=request.url.port)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/-/health", self.health)
@@ -92,6 +103,8 @@ class Control:
         if len(body) > MAX_FEED_BYTES:
             return web.json_response({"error": "feed push too large"}, status=413)
         status, answer = self.sync.accept_push(body, request.headers.get(wire.SIGNATURE_HEADER))
+        if status == 401:
+            await self._refused(request, "router_feed", answer["error"])
         return web.json_response(answer, status=status)
 
     async def drained(self, request: web.Request) -> web.Response:
@@ -109,6 +122,7 @@ class Control:
         why = self.sync.check_control(wire.drained_query(service, request.query["pods"], request.query.get("wait", "")),
                                       question, kind="drained")
         if why is not None:
+            await self._refused(request, "router_drained", f"drained query refused: {why}", service[:63])
             return web.json_response({"error": f"drained query refused: {why}"}, status=401)
         if self.drain_waiters >= MAX_DRAIN_WAITERS:
             return web.json_response({"error": "too many drain queries waiting"}, status=429)

@@ -17,7 +17,9 @@ import aiohttp
 from conftest import make_settings, temporal_address
 
 from dashboard import Dashboard
+from dashboard.server import REFUSALS_PER_MINUTE
 from hms_mgmt import auth, testing
+from hms_mgmt.events import read_events
 
 
 @contextlib.asynccontextmanager
@@ -64,6 +66,24 @@ async def test_reading_needs_a_viewer_token(temporal_env, tmp_path):
         assert (await first_event(http, f"/api/stream?ticket={ticket}"))[0] == 401  # good for one stream
         async with http.get("/healthz") as resp:  # liveness stays open
             assert resp.status == 200
+    # Each of the 7 refusals is an access.denied event; what was answered is not.
+    refusals = [e for e in read_events(settings.state_dir) if e.type == "access.denied"]
+    assert [(e.data["path"], e.data["status"]) for e in refusals] == [
+        ("/api/state", 401), ("/api/events", 401), ("/api/stream", 401), ("/api/state", 401),
+        ("/api/stream-ticket", 401), ("/api/stream", 401), ("/api/stream", 401)], refusals
+    assert all(e.data["action"] == "dashboard" and "refused (401)" in e.reason for e in refusals)
+    assert "viewer token" in refusals[0].reason
+
+
+async def test_a_flood_of_refusals_is_recorded_within_a_bound(temporal_env, tmp_path):
+    settings = make_settings(temporal_env, tmp_path / "state", "process", trusted=False)
+    auth.issue_token(settings.state_dir, user="vic", role="viewer")  # identities exist: reading is closed
+    async with dashboard(temporal_env, settings) as dash, aiohttp.ClientSession(dash.url) as http:
+        for _ in range(REFUSALS_PER_MINUTE + 10):
+            async with http.get("/api/state", headers={"Authorization": "Bearer forged.token~value"}) as resp:
+                assert resp.status == 401
+    refusals = [e for e in read_events(settings.state_dir) if e.type == "access.denied"]
+    assert len(refusals) == REFUSALS_PER_MINUTE, len(refusals)
 
 
 async def test_public_read_keeps_reading_open(temporal_env, tmp_path):

@@ -97,3 +97,24 @@ def test_an_endpoint_table_never_names_a_file_outside_the_feed(tmp_path: Path, s
     with pytest.raises(ValueError):
         write_table(tmp_path / "state", forged)
     assert not list(tmp_path.rglob("control.json"))
+
+
+def test_hms_up_tightens_an_old_state_dir_at_start_with_a_warning(tmp_path: Path) -> None:
+    """The start itself, not the helper alone: a real `hms up --no-worker` on a 0755 state dir
+    with a 0644 event log and pod log says so and leaves them private."""
+    from test_startup import hms_up
+
+    from hms_mgmt.devserver import free_port
+
+    state = tmp_path / "state"
+    (state / "logs" / "n1").mkdir(parents=True)
+    for d in (state, state / "logs", state / "logs" / "n1"):
+        os.chmod(d, 0o755)
+    for name in ("events.jsonl", "logs/n1/p.log"):
+        (state / name).write_text("x")
+        os.chmod(state / name, 0o644)
+    code, output = hms_up(state, free_port())
+    assert code == 0, output
+    assert "readable by others" in output, output
+    assert mode(state) == 0o700 and mode(state / "logs" / "n1") == 0o700
+    assert mode(state / "events.jsonl") == 0o600 and mode(state / "logs/n1/p.log") == 0o600

@@ -55,8 +55,9 @@ async def test_a_forged_pod_report_during_a_scale_redirects_nothing(temporal_env
     assert ATTACKER not in json.dumps(table.model_dump(mode="json")), table
     assert all(p.endpoint != ATTACKER for p in after.pods), after.pods
     assert next(p for p in after.pods if p.id == victim.id).endpoint == victim.endpoint
-    await eventually(lambda: any("pod_reported" in r for r in denied(settings)), timeout=30,
-                     what="an access.denied event for the forged report")
+    # Refused by the signature check itself (not only ignored because no scale was running then).
+    await eventually(lambda: any("pod_reported" in r and "no signature by node" in r for r in denied(settings)),
+                     timeout=30, what="an access.denied event for the forged report's missing signature")
     await hms.undeploy("hms-ach")
 
 

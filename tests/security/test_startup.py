@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from hms_mgmt.devserver import DevServer, free_port
+from hms_mgmt.devserver import DevServer, free_port, port_open
 
 UP_TIMEOUT_S = 45.0
 
@@ -116,3 +116,50 @@ def test_hms_up_reuses_the_server_an_earlier_hms_up_left_on_its_state_dir(tmp_pa
     finally:
         os.killpg(left.pid, signal.SIGKILL)
         left.wait(10)
+
+
+PROXY = """
+import asyncio, sys
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+async def handle(reader, writer):
+    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(sys.argv[-1]))
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[-2]))
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def test_a_command_line_that_names_our_db_is_not_our_server(tmp_path: Path, foreign_server) -> None:
+    """Anyone can write a command line: a proxy to somebody else's server, started with
+    ``start-dev --db-filename <our state>/temporal.db`` in its arguments, is not the server an
+    earlier `hms up` left there (it does not hold that file open)."""
+    target, _server = foreign_server
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, "start-dev", "--db-filename", str(state / "temporal.db"),
+                              str(port), str(target)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", port):
+            assert proxy.poll() is None and time.monotonic() < deadline, "the proxy did not listen"
+            time.sleep(0.1)
+        code, output = hms_up(state, port)
+        assert code == 1, f"hms up took a proxy to somebody else's server for its own (exit {code}):\n{output}"
+        assert f"pid {proxy.pid}" in " ".join(output.split()) and "--reuse" in output, output
+    finally:
+        os.killpg(proxy.pid, signal.SIGKILL)
+        proxy.wait(10)

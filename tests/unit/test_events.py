@@ -104,3 +104,19 @@ def test_webhooks_get_events_in_the_order_the_log_holds_them_with_concurrent_wri
     spooled = [_spooled_id(p) for p in WebhookDelivery._queued(sink.spool_dir(url))]
     assert len(logged) == 200
     assert spooled == logged
+
+
+async def test_refusals_are_recorded_within_a_bound_and_the_rest_counted(tmp_path, monkeypatch):
+    from hms_mgmt import events as ev
+
+    clock = [1000.0]
+    monkeypatch.setattr(ev.time, "monotonic", lambda: clock[0])
+    refusals = ev.RefusalLog(ev.EventSink(tmp_path), per_minute=3)
+    written = [await refusals.record("hms-ach", f"refused {i}", action="dashboard") for i in range(5)]
+    assert written == [True, True, True, False, False]
+    clock[0] += 60
+    assert await refusals.record("", "refused 5", action="dashboard")
+    got = [e for e in ev.read_events(tmp_path) if e.type == "access.denied"]
+    assert [e.reason for e in got] == ["refused 0", "refused 1", "refused 2", "refused 5"]
+    assert got[-1].service == "-" and got[-1].data == {"action": "dashboard", "not_recorded_before": 2}
+    assert "not_recorded_before" not in got[0].data

@@ -50,6 +50,7 @@ from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.webserve import serve_app
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +324,11 @@ class Dashboard:
             asyncio.create_task(self._router_loop(), name="dashboard router"),
             asyncio.create_task(self._events_loop(), name="dashboard events"),
         ]
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
         try:
-            await site.start()
-        except OSError as e:
-            await self.stop()
-            raise HmsError(f"the dashboard cannot listen on {host}:{port}: {e}") from e
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._runner, self.port = await serve_app(self.app, host, port, "the dashboard")
+        except HmsError:
+            await self.stop()  # the background readers started above
+            raise
         log.info("dashboard on %s", self.url)
         return self.url
 

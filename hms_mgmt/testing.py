@@ -17,6 +17,7 @@ depend on ``worker``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -50,6 +51,7 @@ __all__ = [
     "Pki",
     "TlsFront",
     "WorkerProcess",
+    "cancel_and_wait",
     "dev_environment",
     "dev_server_pids",
     "free_port",
@@ -115,8 +117,6 @@ async def _router(settings: Settings, port: int | None, engine: str | None) -> A
     if port is None or engine is None:
         yield None
         return
-    import asyncio
-
     from router.server import RouterProcess
 
     router = RouterProcess(settings, port=port, engine=engine)
@@ -126,6 +126,13 @@ async def _router(settings: Settings, port: int | None, engine: str | None) -> A
         yield router.url
     finally:
         await asyncio.to_thread(router.stop)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` (a server a test runs in its own process) and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class WorkerProcess:

@@ -25,7 +25,7 @@ from conftest import make_settings, require_docker, sweep_pods, terminate_runnin
 
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import cancel_and_wait, free_port
 from router import serve
 from worker.main import HmsWorker
 
@@ -70,9 +70,7 @@ class Routed:
 
     async def stop(self) -> None:
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await cancel_and_wait(self.task)
             self.task = None
 
     async def table(self, service: str) -> dict | None:

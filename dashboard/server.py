@@ -21,7 +21,6 @@ never acts for a browser.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import hashlib
@@ -50,6 +49,8 @@ from hms_mgmt.fleet import fleet_status
 from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
+from hms_mgmt.tickets import b64url, unb64url
+from hms_mgmt.webserve import serve_app
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class _StreamTickets:
     def issue(self, identity: auth.Identity) -> str:
         body = json.dumps({"id": secrets.token_urlsafe(12), "exp": time.time() + STREAM_TICKET_TTL_S,
                            "until": identity.expires_at.timestamp(), "user": identity.user}).encode()
-        payload = base64.urlsafe_b64encode(body).decode().rstrip("=")
+        payload = b64url(body)
         return f"{payload}.{self._mac(payload)}"
 
     def _mac(self, payload: str) -> str:
@@ -235,7 +236,7 @@ class _StreamTickets:
         if len(ticket) > 512 or not hmac.compare_digest(mac, self._mac(payload)):
             return None
         try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            claims = json.loads(unb64url(payload))
             tid, exp, until = str(claims["id"]), float(claims["exp"]), float(claims["until"])
         except (ValueError, KeyError, TypeError):
             return None
@@ -326,15 +327,11 @@ class Dashboard:
             asyncio.create_task(self._router_loop(), name="dashboard router"),
             asyncio.create_task(self._events_loop(), name="dashboard events"),
         ]
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
         try:
-            await site.start()
-        except OSError as e:
-            await self.stop()
-            raise HmsError(f"the dashboard cannot listen on {host}:{port}: {e}") from e
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._runner, self.port = await serve_app(self.app, host, port, "the dashboard")
+        except HmsError:
+            await self.stop()  # the background readers started above
+            raise
         log.info("dashboard on %s", self.url)
         return self.url
 

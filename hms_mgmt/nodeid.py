@@ -23,7 +23,6 @@ nodes (a router's certificate never runs pods, a node's never confirms a drain).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hms_mgmt import tickets
 from hms_mgmt.errors import AccessDenied, HmsError
 from hms_mgmt.files import atomic_write
+from hms_mgmt.tickets import b64url, unb64url
 
 TOKEN_PREFIX = "hmsjoin1"
 ENROLMENT_FILE = "enrolment.json"
@@ -54,14 +54,6 @@ ROLES = ("node", "router")
 
 class NotJoined(HmsError):
     """This host holds neither a node certificate nor the control plane's key."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _canonical(obj: Any) -> bytes:
@@ -166,7 +158,7 @@ def node_identity(state_dir: Path, node: str, address: str, role: str = "node") 
         key = ensure_node_key(state_dir, node, role)
         cert = cert_path.read_text().strip() if cert_path.exists() else ""
         claims = _cert_claims_unchecked(cert)
-        if claims.get("key") != _b64(raw_public(key)) or claims.get("addr") != address or not _enrolled_as(
+        if claims.get("key") != b64url(raw_public(key)) or claims.get("addr") != address or not _enrolled_as(
                 state_dir, node, claims, role):
             cert = enrol_key(state_dir, node=node, address=address, public_key=raw_public(key), role=role)
             atomic_write(cert_path, cert + "\n", mode=0o644)
@@ -178,7 +170,7 @@ def node_identity(state_dir: Path, node: str, address: str, role: str = "node") 
     key = load_node_key(state_dir, node, role)
     cert = cert_path.read_text().strip()
     claims = open_cert(state_dir, cert, role)
-    if claims["node"] != node or claims["key"] != _b64(raw_public(key)):
+    if claims["node"] != node or claims["key"] != b64url(raw_public(key)):
         raise AccessDenied(f"{cert_path} is not {node}'s certificate for its key")
     if claims.get("addr") != address:
         raise AccessDenied(f"{role} {node} joined with address {claims.get('addr')}, not {address}: join again "
@@ -193,7 +185,7 @@ def statement(key: Ed25519PrivateKey, node: str, kind: str, message: Any, *, now
     claims = {"n": node, "k": kind, "t": round(now if now is not None else time.time(), 3),
               "j": secrets.token_hex(8), "d": digest(message)}
     payload = _canonical(claims)
-    return f"{_b64(payload)}.{_b64(key.sign(payload))}"
+    return f"{b64url(payload)}.{b64url(key.sign(payload))}"
 
 
 def check_statement(public_key: bytes, signed: str, *, node: str, kind: str, message: Any,
@@ -204,8 +196,8 @@ def check_statement(public_key: bytes, signed: str, *, node: str, kind: str, mes
         raise AccessDenied(f"no signature by node {node}")
     try:
         head, sig = signed.split(".", 1)
-        payload = _unb64(head)
-        Ed25519PublicKey.from_public_bytes(public_key).verify(_unb64(sig), payload)
+        payload = unb64url(head)
+        Ed25519PublicKey.from_public_bytes(public_key).verify(unb64url(sig), payload)
         claims = json.loads(payload)
     except (ValueError, InvalidSignature):
         raise AccessDenied(f"the signature is not node {node}'s") from None
@@ -241,8 +233,8 @@ def parse_join_token(text: str) -> JoinToken:
         prefix, where, secret = text.strip().split(".")
         if prefix != TOKEN_PREFIX:
             raise ValueError(prefix)
-        info = json.loads(_unb64(where))
-        key = Ed25519PrivateKey.from_private_bytes(_unb64(secret))
+        info = json.loads(unb64url(where))
+        key = Ed25519PrivateKey.from_private_bytes(unb64url(secret))
         role = str(info.get("role", "node"))
         _section(role)
         return JoinToken(temporal_address=str(info["addr"]), task_queue=str(info["tq"]),
@@ -285,19 +277,19 @@ def make_join_token(state_dir: Path, *, temporal_address: str, task_queue: str, 
     with _enrolment(state_dir, write=True) as data:
         data["tokens"] = {tid: t for tid, t in data["tokens"].items()
                           if t["exp"] > now and not (rotate and t.get("role", "node") == role)}
-        data["tokens"][token.token_id] = {"pub": _b64(raw_public(key)), "exp": now + ttl_s, "made": now,
+        data["tokens"][token.token_id] = {"pub": b64url(raw_public(key)), "exp": now + ttl_s, "made": now,
                                           "role": role}
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
-    return f"{TOKEN_PREFIX}.{_b64(_canonical(where))}.{_b64(seed)}"
+    return f"{TOKEN_PREFIX}.{b64url(_canonical(where))}.{b64url(seed)}"
 
 
 def enrol_request(token: JoinToken, *, node: str, address: str, public_key: bytes, now: float | None = None) -> str:
     """What the joining host sends: its name, address and key, signed with the token's key."""
-    claims = {"tid": token.token_id, "node": node, "addr": address, "key": _b64(public_key),
+    claims = {"tid": token.token_id, "node": node, "addr": address, "key": b64url(public_key),
               "t": round(time.time() if now is None else now, 3), "role": token.role}
     payload = _canonical(claims)
-    return f"{_b64(payload)}.{_b64(token.key.sign(payload))}"
+    return f"{b64url(payload)}.{b64url(token.key.sign(payload))}"
 
 
 def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
@@ -305,7 +297,7 @@ def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     try:
         head, sig = request.split(".", 1)
-        payload = _unb64(head)
+        payload = unb64url(head)
         claims = json.loads(payload)
         tid = str(claims["tid"])
     except (ValueError, KeyError, TypeError):
@@ -317,7 +309,7 @@ def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
     if known["exp"] < now:
         raise AccessDenied("the join token has expired")
     try:
-        Ed25519PublicKey.from_public_bytes(_unb64(known["pub"])).verify(_unb64(sig), payload)
+        Ed25519PublicKey.from_public_bytes(unb64url(known["pub"])).verify(unb64url(sig), payload)
     except (ValueError, InvalidSignature):
         raise AccessDenied("the enrolment request is not signed with a live join token") from None
     at = claims.get("t")
@@ -328,7 +320,7 @@ def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
         raise AccessDenied(f"the join token is for a {role}, not a {claims.get('role')}: "
                            f"use `hms {role} join`")
     return enrol_key(state_dir, node=str(claims.get("node")), address=str(claims.get("addr")),
-                     public_key=_unb64(str(claims.get("key"))), now=now, role=role)
+                     public_key=unb64url(str(claims.get("key"))), now=now, role=role)
 
 
 def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, now: float | None = None,
@@ -342,7 +334,7 @@ def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, no
     NodeSpec(name=node, task_queue="x", address=address)  # the name and address are valid, or ValueError
     Ed25519PublicKey.from_public_bytes(public_key)
     now = time.time() if now is None else now
-    key = _b64(public_key)
+    key = b64url(public_key)
     with _enrolment(state_dir, write=True) as data:
         old = data[section].get(node)
         if old and not old.get("revoked_at") and old["key"] != key:
@@ -376,7 +368,7 @@ def _enrolled_as(state_dir: Path, node: str, claims: dict[str, Any], role: str =
 
 def _cert_claims_unchecked(cert: str) -> dict[str, Any]:
     try:
-        claims = json.loads(_unb64(cert.split(".", 1)[0]))
+        claims = json.loads(unb64url(cert.split(".", 1)[0]))
     except (ValueError, IndexError):
         return {}
     return claims if isinstance(claims, dict) else {}
@@ -413,15 +405,15 @@ def check_cert(state_dir: Path, cert: str, node: str, role: str = "node") -> dic
 
 def node_public_key(state_dir: Path, node: str, role: str = "node") -> bytes:
     """On the control host: the key ``node`` enrolled with, unless it was removed."""
-    return _unb64(_live_record(state_dir, node, role)["key"])
+    return unb64url(_live_record(state_dir, node, role)["key"])
 
 
 def key_id(cert_claims: dict[str, Any]) -> str:
-    return hashlib.sha256(_unb64(cert_claims["key"])).hexdigest()[:16]
+    return hashlib.sha256(unb64url(cert_claims["key"])).hexdigest()[:16]
 
 
 def pub_of(cert_claims: dict[str, Any]) -> bytes:
-    return _unb64(cert_claims["key"])
+    return unb64url(cert_claims["key"])
 
 
 # --- trust stamps: the control plane's word at one pod start -------------------------------------

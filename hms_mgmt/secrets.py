@@ -17,7 +17,6 @@ to a tmpfs file for the pod (issue 21; SECURITY.md "Secrets").
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -43,6 +42,7 @@ from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError, PodRuntim
 from hms_mgmt.files import atomic_write
 from hms_mgmt.models import SecretInfo, SecretRef, check_secret_name
 from hms_mgmt.runtimes.base import SecretFile, check_pod_id
+from hms_mgmt.tickets import b64url, unb64url
 
 STORE_FILE = "secrets.json"
 KEY_FILE = "secrets.key"
@@ -56,14 +56,6 @@ _P = 2**255 - 19
 
 class SecretMissing(SpecError):
     """A spec names a secret the store does not hold."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 # --- the store, on the control host ---------------------------------------------------------------
@@ -127,7 +119,7 @@ def set_secret(state_dir: Path, name: str, value: bytes, *, by: str) -> SecretIn
         kept = {v: kept[v] for v in sorted(kept, key=int)[-KEEP_VERSIONS:]}  # a rollback may still need them
         nonce = _random.token_bytes(12)
         records[name] = {"version": version, "set_by": by, "set_at": datetime.now(UTC).isoformat(), "old": kept,
-                         "nonce": _b64(nonce), "ct": _b64(box.encrypt(nonce, value, _aad(name, version)))}
+                         "nonce": b64url(nonce), "ct": b64url(box.encrypt(nonce, value, _aad(name, version)))}
         return _info(name, records[name])
 
 
@@ -159,7 +151,7 @@ def read_secret(state_dir: Path, name: str, version: int | None = None) -> tuple
     with _locked(state_dir, write=False) as records:
         version, rec = _record(records, name, version)
     try:
-        return version, box.decrypt(_unb64(rec["nonce"]), _unb64(rec["ct"]), _aad(name, version))
+        return version, box.decrypt(unb64url(rec["nonce"]), unb64url(rec["ct"]), _aad(name, version))
     except InvalidTag:
         raise HmsError(f"secret {name}: the stored value is damaged or not for this key") from None
 
@@ -245,7 +237,7 @@ def seal(state_dir: Path, refs: list[SecretRef], node_key: bytes, *, service: st
     for ref in refs:
         version, value = read_secret(state_dir, ref.name, ref.version)
         versions[ref.name] = version
-        files.append({"name": ref.name, "file": ref.file, "v": version, "value": _b64(value)})
+        files.append({"name": ref.name, "file": ref.file, "v": version, "value": b64url(value)})
     node_pub = x25519_public(node_key)
     eph = X25519PrivateKey.generate()
     epk = _raw(eph.public_key())
@@ -254,8 +246,8 @@ def seal(state_dir: Path, refs: list[SecretRef], node_key: bytes, *, service: st
     sealed = _kek(eph.exchange(node_pub), epk, _raw(node_pub)).encrypt(
         nonce, json.dumps({"files": files}).encode(), json.dumps(bind, sort_keys=True).encode())
     now = time.time() if now is None else now
-    claims = {"typ": "secrets", **bind, "versions": versions, "epk": _b64(epk), "n": _b64(nonce),
-              "ct": _b64(sealed), "exp": int(now + SEAL_TTL_S)}
+    claims = {"typ": "secrets", **bind, "versions": versions, "epk": b64url(epk), "n": b64url(nonce),
+              "ct": b64url(sealed), "exp": int(now + SEAL_TTL_S)}
     return tickets.sign_claims(state_dir, claims), versions
 
 
@@ -273,13 +265,13 @@ def open_bundle(state_dir: Path, key: Ed25519PrivateKey, bundle: str, *, service
         raise AccessDenied("the secrets bundle has expired")
     mine = x25519_private(key)
     try:
-        epk = _unb64(claims["epk"])
+        epk = unb64url(claims["epk"])
         box = _kek(mine.exchange(X25519PublicKey.from_public_bytes(epk)), epk, _raw(mine.public_key()))
-        plain = box.decrypt(_unb64(claims["n"]), _unb64(claims["ct"]), json.dumps(bind, sort_keys=True).encode())
+        plain = box.decrypt(unb64url(claims["n"]), unb64url(claims["ct"]), json.dumps(bind, sort_keys=True).encode())
         files = json.loads(plain)["files"]
     except (InvalidTag, KeyError, ValueError):
         raise AccessDenied("the secrets bundle does not open with this node's key") from None
-    return [SecretFile(name=f["name"], file=f["file"], version=f["v"], value=_unb64(f["value"])) for f in files]
+    return [SecretFile(name=f["name"], file=f["file"], version=f["v"], value=unb64url(f["value"])) for f in files]
 
 
 def open_for_pod(identity: Any, state_dir: Path | None, inp: Any) -> list[SecretFile]:

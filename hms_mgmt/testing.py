@@ -17,14 +17,13 @@ depend on ``worker``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from hms_mgmt.config import TEMPORAL_TLS_SETTINGS, Settings, env_var
-from hms_mgmt.devserver import DevServer, dev_environment, dev_server_pids, free_port, port_open, temporal_binary
+from hms_mgmt.devserver import (
+    DevServer,
+    dev_environment,
+    dev_server_pids,
+    end_process,
+    free_port,
+    port_open,
+    require_program,
+    start_listener,
+    temporal_binary,
+)
 from hms_mgmt.tlsfront import Pki, TlsFront, make_pki
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "Pki",
     "TlsFront",
     "WorkerProcess",
+    "cancel_and_wait",
     "dev_environment",
     "dev_server_pids",
     "free_port",
@@ -107,8 +117,6 @@ async def _router(settings: Settings, port: int | None, engine: str | None) -> A
     if port is None or engine is None:
         yield None
         return
-    import asyncio
-
     from router.server import RouterProcess
 
     router = RouterProcess(settings, port=port, engine=engine)
@@ -118,6 +126,13 @@ async def _router(settings: Settings, port: int | None, engine: str | None) -> A
         yield router.url
     finally:
         await asyncio.to_thread(router.stop)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` (a server a test runs in its own process) and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class WorkerProcess:
@@ -218,31 +233,20 @@ class LocalRegistry:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> LocalRegistry:
-        binary = shutil.which("docker-registry")
-        if binary is None:
-            raise RuntimeError("no docker-registry binary: apt-get install docker-registry")
+        binary = require_program("docker-registry", "docker-registry")
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.yml"
         config.write_text(f"version: 0.1\nlog: {{level: error}}\nstorage:\n  filesystem: {{rootdirectory: "
                           f"{self.root / 'data'}}}\nhttp:\n  addr: {self.address}\n")
-        with open(self.root / "registry.log", "ab") as log:
-            self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not port_open(self.host, self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"docker-registry did not listen on {self.address}: see {self.root / 'registry.log'}")
-            time.sleep(0.05)
+        log = self.root / "registry.log"
+        self.proc, listening = start_listener([binary, "serve", str(config)], log, self.host, self.port, timeout)
+        if not listening:
+            self.stop()
+            raise RuntimeError(f"docker-registry did not listen on {self.address}: see {log}")
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc, 10)
 
 
 async def activity_results(client: Any, task_queue: str, activity: str, result_type: type) -> list[Any]:

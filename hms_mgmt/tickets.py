@@ -66,11 +66,12 @@ def spec_digest(spec: ServiceSpec) -> str:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """Unpadded URL-safe base64, as every signed token and proof of ours carries its parts."""
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
-def _unb64(text: str) -> bytes:
+def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -79,7 +80,7 @@ def _sign(state_dir: Path, claims: dict[str, Any]) -> str:
     key = serialization.load_pem_private_key((_keys(state_dir) / PRIVATE_FILE).read_bytes(), password=None)
     assert isinstance(key, Ed25519PrivateKey)
     payload = json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
-    return f"{_b64(payload)}.{_b64(key.sign(payload))}"
+    return f"{b64url(payload)}.{b64url(key.sign(payload))}"
 
 
 def _open(state_dir: Path, signed: str, what: str) -> dict[str, Any]:
@@ -90,8 +91,8 @@ def _open(state_dir: Path, signed: str, what: str) -> dict[str, Any]:
     assert isinstance(pub, Ed25519PublicKey)
     try:
         head, sig = signed.split(".", 1)
-        payload = _unb64(head)
-        pub.verify(_unb64(sig), payload)
+        payload = unb64url(head)
+        pub.verify(unb64url(sig), payload)
         claims = json.loads(payload)
     except (ValueError, InvalidSignature):
         raise AccessDenied(f"the {what} is forged or damaged") from None

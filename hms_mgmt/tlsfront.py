@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hms_mgmt.devserver import free_port, port_open
+from hms_mgmt.devserver import end_process, free_port, require_program, start_listener
 from hms_mgmt.errors import HmsError
 from hms_mgmt.files import atomic_write
 
@@ -157,31 +155,19 @@ class TlsFront:
         )
 
     def start(self, timeout: float = 10.0) -> None:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            raise HmsError("haproxy is not installed: apt-get install -y haproxy")
+        binary = require_program("haproxy", "haproxy")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.work_dir / "haproxy.cfg"
         atomic_write(cfg, self.config().encode(), mode=0o600)
-        with open(self.work_dir / "haproxy.log", "ab") as log:
-            self.proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not port_open(self.host, self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log_text = (self.work_dir / "haproxy.log").read_text(errors="replace")
-                raise HmsError(f"haproxy did not listen on {self.address}:\n{log_text}")
-            time.sleep(0.05)
+        log = self.work_dir / "haproxy.log"
+        self.proc, listening = start_listener([binary, "-db", "-f", str(cfg)], log, self.host, self.port, timeout,
+                                              stdin=subprocess.DEVNULL)
+        if not listening:
+            self.stop()
+            raise HmsError(f"haproxy did not listen on {self.address}:\n{log.read_text(errors='replace')}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc, 5)
 
     def __enter__(self) -> TlsFront:
         self.start()

@@ -127,6 +127,15 @@ __all__ = [
 ]
 
 
+def _check_uuid(v: str) -> str:
+    try:
+        if str(uuid.UUID(v)) == v:
+            return v
+    except ValueError:
+        pass
+    raise ValueError(f"not a UUID: {v[:60]!r}")
+
+
 class NodeRegistration(_Model):
     """A worker's ``register`` update and ``heartbeat`` signal: the node as it runs now."""
 
@@ -467,12 +476,7 @@ class PodLogsInput(_Model):
     @field_validator("pod_id")
     @classmethod
     def _uuid(cls, v: str) -> str:
-        try:
-            if str(uuid.UUID(v)) == v:
-                return v
-        except ValueError:
-            pass
-        raise ValueError(f"not a UUID: {v[:60]!r}")
+        return _check_uuid(v)
 
 
 # --- activity inputs and results ------------------------------------------------------
@@ -594,15 +598,6 @@ class ListPodsOutput(_Model):
 
 class LogsOutput(_Model):
     lines: list[str]
-
-
-def _check_uuid(v: str) -> str:
-    try:
-        if str(uuid.UUID(v)) == v:
-            return v
-    except ValueError:
-        pass
-    raise ValueError(f"not a UUID: {v[:60]!r}")
 
 
 class LogGrantInput(_Model):

@@ -25,11 +25,12 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowUpdateFailedError  # noqa: E402
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError  # noqa: E402
 
 from hms_mgmt import (  # noqa: E402
     auth,
@@ -230,6 +231,20 @@ async def secrets(s: Stack) -> None:
     await s.alice.undeploy("hms-ach")
 
 
+async def beat_until_continued(s: Stack, handle: WorkflowHandle, heartbeat: Any, signed: Callable[[str], object],
+                               what: str) -> WorkflowHandle:
+    """25 heartbeats, each freshly signed, until the registry continued-as-new; a handle on its latest run."""
+    first = (await handle.describe()).run_id
+    for _ in range(25):
+        await handle.signal(heartbeat, signed("heartbeat"))
+    latest = s.client.get_workflow_handle(handle.id)
+
+    async def moved_on() -> bool:
+        return (await latest.describe()).run_id != first
+    await until(what, moved_on, timeout=20)
+    return latest
+
+
 async def registry(s: Stack) -> None:
     """A NodeRegistry of its own: a worker node registers and heartbeats until continue-as-new
     (history_threshold), a silent seeded node turns Lost and services are told."""
@@ -249,14 +264,7 @@ async def registry(s: Stack) -> None:
         return node.model_copy(update={"proof": ident.say(kind, node.signed_part())})
 
     await handle.execute_update(NodeRegistry.register, signed("register"))
-    first = (await handle.describe()).run_id
-    for _ in range(25):
-        await handle.signal(NodeRegistry.heartbeat, signed("heartbeat"))
-    latest = s.client.get_workflow_handle(handle.id)
-
-    async def moved_on() -> bool:
-        return (await latest.describe()).run_id != first
-    await until("a continue-as-new", moved_on, timeout=20)
+    latest = await beat_until_continued(s, handle, NodeRegistry.heartbeat, signed, "a continue-as-new")
 
     async def static_lost() -> bool:
         out = await latest.query(NodeRegistry.nodes)
@@ -286,14 +294,8 @@ async def router_registry(s: Stack) -> None:
         raise AssertionError("an unenrolled router registered")
     except WorkflowUpdateFailedError:
         pass
-    first = (await handle.describe()).run_id
-    for _ in range(25):
-        await handle.signal(RouterRegistry.heartbeat, signed("heartbeat"))
-    latest = s.client.get_workflow_handle(handle.id)
-
-    async def moved_on() -> bool:
-        return (await latest.describe()).run_id != first
-    await until("a continue-as-new of the router registry", moved_on, timeout=20)
+    latest = await beat_until_continued(s, handle, RouterRegistry.heartbeat, signed,
+                                        "a continue-as-new of the router registry")
 
     async def lost() -> bool:
         return any(r.state == "Lost" for r in (await latest.query(RouterRegistry.routers_query)).routers)

@@ -165,6 +165,18 @@ async def hms(temporal_env: WorkflowEnvironment, settings: Settings) -> AsyncIte
         await terminate_running(temporal_env, settings)
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def docker_node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings for a Docker node whose trust store signs nothing yet (the test signs what it runs);
+    afterwards no service workflow (a failed test's) and no pod of it is left for the next test."""
+    s = make_settings(temporal_env, tmp_path / "state", "docker", trusted=False)
+    try:
+        yield s
+    finally:
+        await terminate_running(temporal_env, s)
+        sweep_pods(s)
+
+
 async def terminate_running(env: WorkflowEnvironment, s: Settings) -> None:
     """A failed test must not leave a service workflow that the next test's deploy would find."""
     query = f'ExecutionStatus = "Running" AND TaskQueue = "{s.task_queue}"'

@@ -39,15 +39,14 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.wire import DryRunInput, EnrolInput, EnrolOutput, NodeCheckInput, NodeVerdict
 
 from workflows.dryrun import dry_run
+from workflows.registry import CHECK_TIMEOUT, Heartbeats, SignedCheck, continue_as_new_due, enrol
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
 LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means the registry itself stalled
-CHECK_TIMEOUT = timedelta(seconds=30)
 # patch: only enrolled nodes, with a fresh signature, register and heartbeat (checked by the control worker)
 ENROLMENT = "node-enrolment"
 # patch: heartbeats checked before Lost is decided; a late timer gives a fresh grace; a Lost node must register
 GRACE = "node-lost-grace"
-MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per node is kept)
 
 
 @workflow.defn(name=NODE_REGISTRY_WORKFLOW)
@@ -55,7 +54,6 @@ class NodeRegistry:
     @workflow.init
     def __init__(self, inp: NodeRegistryInput) -> None:
         self.inp = inp
-        self.lost_after = timedelta(seconds=inp.lost_after_s)
         self.nodes: dict[str, NodeRecord] = {}
         if inp.nodes is not None:
             self.nodes = {r.spec.name: r for r in inp.nodes}
@@ -66,8 +64,9 @@ class NodeRegistry:
             for spec in inp.seed:
                 self.nodes[spec.name] = NodeRecord(spec=spec, source="config", registered_at=now, last_heartbeat=now)
         self.newly_lost: list[str] = []
-        self.wake = False
-        self.beats: dict[str, NodeRegistration] = {}  # heartbeats waiting for their check, latest per node
+        self.beats: Heartbeats[NodeRegistration] = Heartbeats(inp.lost_after_s)
+        self.check: SignedCheck[NodeRegistration] = SignedCheck(
+            NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
         self.removals: list[str] = []  # `remove` hints to check
 
     @workflow.query
@@ -80,7 +79,7 @@ class NodeRegistry:
         Only an enrolled node, signing this very registration with its key, is let in."""
         if not workflow.patched(ENROLMENT):
             return self._upsert(reg)
-        verdict = (await self._check([reg], "register"))[0]
+        verdict = (await self.check([reg], "register"))[0]
         refusal = self._refusal(reg, verdict)
         if refusal:
             if verdict.ok:  # the control worker wrote the event for a bad signature; this one is ours
@@ -93,9 +92,7 @@ class NodeRegistry:
         """``hms node join``: the control worker checks the join token's signature and signs the
         node's certificate (the registry only carries the message; it learns of the node when
         its worker registers)."""
-        return await workflow.execute_activity_method(
-            NodeTrustActivities.enrol_node, inp, task_queue=self.inp.control_task_queue,
-            start_to_close_timeout=CHECK_TIMEOUT, summary="enrol a joining node")
+        return await enrol(inp, self.inp.control_task_queue, "node")
 
     @workflow.update(name=NR.DRY_RUN)
     async def dry_run(self, inp: DryRunInput) -> DryRunVerdict:
@@ -110,9 +107,7 @@ class NodeRegistry:
         registers it again, so a registry restarted from its seed relearns every node. Each is
         checked (a batch at a time, by the run loop) before it counts."""
         if workflow.patched(ENROLMENT):
-            if reg.spec.name in self.beats or len(self.beats) < MAX_PENDING_BEATS:
-                self.beats[reg.spec.name] = reg
-                self.wake = True
+            self.beats.offer(reg.spec.name, reg)
             return
         self._beat(reg)
 
@@ -133,14 +128,7 @@ class NodeRegistry:
         was really revoked before it drops it (anyone who reaches Temporal can send this)."""
         if node in self.nodes and node not in self.removals:
             self.removals.append(node)
-            self.wake = True
-
-    async def _check(self, regs: list[NodeRegistration], kind: str) -> list[NodeVerdict]:
-        out = await workflow.execute_activity_method(
-            NodeTrustActivities.check_nodes, NodeCheckInput(registrations=regs, kind=kind),  # type: ignore[arg-type]
-            task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT,
-            summary=f"check {len(regs)} signed {kind}(s)")
-        return out.verdicts
+            self.beats.wake = True
 
     def _refusal(self, reg: NodeRegistration, verdict: NodeVerdict) -> str:
         """Why a checked registration or heartbeat is still refused here, or ""."""
@@ -162,9 +150,8 @@ class NodeRegistry:
             task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT)
 
     async def _check_beats(self) -> None:
-        batch = list(self.beats.values())
-        self.beats.clear()
-        for reg, verdict in zip(batch, await self._check(batch, "heartbeat"), strict=True):
+        batch = self.beats.take()
+        for reg, verdict in zip(batch, await self.check(batch, "heartbeat"), strict=True):
             refusal = self._refusal(reg, verdict)
             if not refusal:
                 self._beat(reg, verdict)
@@ -204,55 +191,35 @@ class NodeRegistry:
         self.nodes[reg.spec.name] = rec
         if was_lost:
             workflow.logger.info("node %s is back", reg.spec.name)
-        self.wake = True  # the timer may be unset (no Ready node) or later than this node's deadline
+        self.beats.wake = True  # the timer may be unset (no Ready node) or later than this node's deadline
         return RegisterResult(record=rec, was_lost=was_lost)
-
-    def _continue_as_new_due(self) -> bool:
-        info = workflow.info()
-        threshold = self.inp.history_threshold
-        return info.is_continue_as_new_suggested() or (
-            threshold is not None and info.get_current_history_length() >= threshold
-        )
 
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
-        while not self._continue_as_new_due():
-            if self.beats:
+        while not continue_as_new_due(self.inp.history_threshold):
+            if self.beats.pending:
                 await self._check_beats()
             if self.removals:
                 await self._check_removals()
             while self.newly_lost:
                 await self._notify(self.newly_lost.pop(0))
-            deadline = self._next_deadline()
-            now = workflow.now()
-            if deadline is None or deadline > now:
-                self.wake = False
-                try:
-                    await workflow.wait_condition(
-                        lambda: self.wake or bool(self.beats) or bool(self.removals)
-                        or self._continue_as_new_due(),
-                        timeout=None if deadline is None else deadline - now,
-                        timeout_summary="next node heartbeat due",
-                    )
-                except TimeoutError:
-                    pass
+            deadline = self.beats.deadline(r.last_heartbeat for r in self.nodes.values() if r.state == "Ready")
+            await self.beats.wait(
+                deadline, lambda: bool(self.removals) or continue_as_new_due(self.inp.history_threshold),
+                "next node heartbeat due")
             if workflow.patched(GRACE):
-                if self.beats:
+                if self.beats.pending:
                     await self._check_beats()
                 self._grace_if_late(deadline)
             self._mark_lost()
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(inp.model_copy(update={"nodes": list(self.nodes.values())}))
 
-    def _next_deadline(self) -> datetime | None:
-        beats = [r.last_heartbeat for r in self.nodes.values() if r.state == "Ready" and r.last_heartbeat]
-        return min(beats) + self.lost_after if beats else None
-
     def _grace_if_late(self, deadline: datetime | None) -> None:
         """Woken well after its deadline (the control worker was down, the server busy): the
         silence was the registry's own, so every Ready node gets a fresh grace from now."""
         now = workflow.now()
-        if deadline is None or now - deadline <= max(self.lost_after / 2, LATE_TIMER):
+        if deadline is None or now - deadline <= max(self.beats.lost_after / 2, LATE_TIMER):
             return
         workflow.logger.warning("node registry woke %.1fs late: every node gets a fresh grace",
                                 (now - deadline).total_seconds())
@@ -263,7 +230,7 @@ class NodeRegistry:
     def _mark_lost(self) -> None:
         now = workflow.now()
         for rec in self.nodes.values():
-            if rec.state == "Ready" and rec.last_heartbeat is not None and rec.last_heartbeat + self.lost_after <= now:
+            if rec.state == "Ready" and self.beats.silent(rec.last_heartbeat, now):
                 rec.state = "Lost"
                 rec.lost_at = now
                 self.newly_lost.append(rec.spec.name)

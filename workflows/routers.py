@@ -10,8 +10,6 @@ it and no drain waits for it. A heartbeat brings it back.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
@@ -30,8 +28,7 @@ with workflow.unsafe.imports_passed_through():
         RoutersOutput,
     )
 
-CHECK_TIMEOUT = timedelta(seconds=30)
-MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per router is kept)
+from workflows.registry import Heartbeats, SignedCheck, continue_as_new_due, enrol
 
 
 @workflow.defn(name=ROUTER_REGISTRY_WORKFLOW)
@@ -39,10 +36,10 @@ class RouterRegistry:
     @workflow.init
     def __init__(self, inp: RouterRegistryInput) -> None:
         self.inp = inp
-        self.lost_after = timedelta(seconds=inp.lost_after_s)
         self.routers: dict[str, RouterRecord] = {r.name: r for r in inp.routers or []}
-        self.beats: dict[str, RouterRegistration] = {}
-        self.wake = False
+        self.beats: Heartbeats[RouterRegistration] = Heartbeats(inp.lost_after_s)
+        self.check: SignedCheck[RouterRegistration] = SignedCheck(
+            NodeTrustActivities.check_routers, RouterCheckInput, inp.control_task_queue, "signed router")
 
     @workflow.query(name=RR.ROUTERS)
     def routers_query(self) -> RoutersOutput:
@@ -51,7 +48,7 @@ class RouterRegistry:
     @workflow.update(name=RR.REGISTER)
     async def register(self, reg: RouterRegistration) -> RouterRecord:
         """A router (re)joins; only an enrolled router signing this very registration gets in."""
-        verdict = (await self._check([reg], "register"))[0]
+        verdict = (await self.check([reg], "register"))[0]
         refusal = self._refusal(reg, verdict)
         if refusal:
             raise ApplicationError(refusal, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
@@ -60,23 +57,12 @@ class RouterRegistry:
     @workflow.update(name=RR.ENROL)
     async def enrol(self, inp: EnrolInput) -> EnrolOutput:
         """``hms router join``: the control worker checks the join token and signs the certificate."""
-        return await workflow.execute_activity_method(
-            NodeTrustActivities.enrol_node, inp, task_queue=self.inp.control_task_queue,
-            start_to_close_timeout=CHECK_TIMEOUT, summary="enrol a joining router")
+        return await enrol(inp, self.inp.control_task_queue, "router")
 
     @workflow.signal(name=RR.HEARTBEAT)
     def heartbeat(self, reg: RouterRegistration) -> None:
         """A live router; checked (a batch at a time, by the run loop) before it counts."""
-        if reg.name in self.beats or len(self.beats) < MAX_PENDING_BEATS:
-            self.beats[reg.name] = reg
-            self.wake = True
-
-    async def _check(self, regs: list[RouterRegistration], kind: str) -> list[NodeVerdict]:
-        out = await workflow.execute_activity_method(
-            NodeTrustActivities.check_routers, RouterCheckInput(registrations=regs, kind=kind),  # type: ignore[arg-type]
-            task_queue=self.inp.control_task_queue, start_to_close_timeout=CHECK_TIMEOUT,
-            summary=f"check {len(regs)} signed router {kind}(s)")
-        return out.verdicts
+        self.beats.offer(reg.name, reg)
 
     def _refusal(self, reg: RouterRegistration, verdict: NodeVerdict) -> str:
         if not verdict.ok:
@@ -87,9 +73,8 @@ class RouterRegistry:
         return ""
 
     async def _check_beats(self) -> None:
-        batch = list(self.beats.values())
-        self.beats.clear()
-        for reg, verdict in zip(batch, await self._check(batch, "heartbeat"), strict=True):
+        batch = self.beats.take()
+        for reg, verdict in zip(batch, await self.check(batch, "heartbeat"), strict=True):
             rec = self.routers.get(reg.name)
             if not verdict.ok:
                 if rec is not None and rec.state == "Ready":  # revoked, or its key replaced: no more feed
@@ -106,7 +91,7 @@ class RouterRegistry:
         rec = RouterRecord(name=reg.name, address=reg.address, url=reg.url, engine=reg.engine, worker=reg.worker,
                            registered_at=now, last_heartbeat=now, key_id=verdict.key_id, last_proof_at=verdict.at)
         self.routers[reg.name] = rec
-        self.wake = True
+        self.beats.wake = True
         return rec
 
     def _lose(self, rec: RouterRecord, why: str) -> None:
@@ -114,35 +99,17 @@ class RouterRegistry:
         rec.lost_at = workflow.now()
         workflow.logger.warning("router %s lost: %s", rec.name, why)
 
-    def _continue_as_new_due(self) -> bool:
-        info = workflow.info()
-        threshold = self.inp.history_threshold
-        return info.is_continue_as_new_suggested() or (
-            threshold is not None and info.get_current_history_length() >= threshold)
-
-    def _next_deadline(self) -> datetime | None:
-        beats = [r.last_heartbeat for r in self.routers.values() if r.state == "Ready" and r.last_heartbeat]
-        return min(beats) + self.lost_after if beats else None
-
     @workflow.run
     async def run(self, inp: RouterRegistryInput) -> None:
-        while not self._continue_as_new_due():
-            if self.beats:
+        while not continue_as_new_due(self.inp.history_threshold):
+            if self.beats.pending:
                 await self._check_beats()
-            deadline = self._next_deadline()
-            now = workflow.now()
-            if deadline is None or deadline > now:
-                self.wake = False
-                try:
-                    await workflow.wait_condition(
-                        lambda: self.wake or bool(self.beats) or self._continue_as_new_due(),
-                        timeout=None if deadline is None else deadline - now,
-                        timeout_summary="next router heartbeat due")
-                except TimeoutError:
-                    pass
+            deadline = self.beats.deadline(r.last_heartbeat for r in self.routers.values() if r.state == "Ready")
+            await self.beats.wait(deadline, lambda: continue_as_new_due(self.inp.history_threshold),
+                                  "next router heartbeat due")
             now = workflow.now()
             for rec in self.routers.values():
-                if rec.state == "Ready" and rec.last_heartbeat and rec.last_heartbeat + self.lost_after <= now:
+                if rec.state == "Ready" and self.beats.silent(rec.last_heartbeat, now):
                     self._lose(rec, f"no heartbeat for {self.inp.lost_after_s:g}s")
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(inp.model_copy(update={"routers": list(self.routers.values())}))

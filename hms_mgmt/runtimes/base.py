@@ -4,6 +4,7 @@ activities run them on worker threads, never on the event loop."""
 from __future__ import annotations
 
 import abc
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,30 @@ class PodLimits:
     # Process pods run as: "auto" (hms-pod, else nobody, when the worker is root), a user name, or
     # "worker" (the worker's own user).
     pod_user: str = "auto"
+
+
+class ExitSubscribers:
+    """Who is told of a pod's exit (by its pod id), under the runtime's lock; the thread that
+    watches for exits calls a copy of them outside it."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._callbacks: list[Callable[[str], None]] = []
+
+    def add(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Add ``callback`` (the caller holds the lock); returns the function that removes it."""
+        self._callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._callbacks:
+                    self._callbacks.remove(callback)
+
+        return unsubscribe
+
+    def current(self) -> list[Callable[[str], None]]:
+        with self._lock:
+            return list(self._callbacks)
 
 
 @dataclass

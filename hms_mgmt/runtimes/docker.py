@@ -24,8 +24,8 @@ from docker.types import Mount
 from hms_mgmt import constants as c
 from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.addresses import LOOPBACK, host_port
-from hms_mgmt.errors import ActivityErrorType
-from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
+from hms_mgmt.errors import ActivityErrorType, PodRuntimeError
+from hms_mgmt.runtimes.base import ExitSubscribers, PodHandle, PodLaunch, PodLimits, PodRuntime, check_pod_id
 from hms_mgmt.runtimes.follow import LogFollow, StreamFollow
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class DockerRuntime(PodRuntime):
         self.limits = limits or PodLimits()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
         self._lock = threading.Lock()
-        self._subscribers: list[Callable[[str], None]] = []
+        self._subscribers = ExitSubscribers(self._lock)
         self._pod_locks: dict[str, threading.Lock] = {}
         self._events_thread: threading.Thread | None = None
         self._events_stream = None
@@ -278,16 +278,10 @@ class DockerRuntime(PodRuntime):
     def subscribe_exits(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Docker's event stream tells us of a dying container at once (no polling)."""
         with self._lock:
-            self._subscribers.append(callback)
+            unsubscribe = self._subscribers.add(callback)
             if self._events_thread is None or not self._events_thread.is_alive():
                 self._events_thread = threading.Thread(target=self._pump_events, name="hms-docker-events", daemon=True)
                 self._events_thread.start()
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
-
         return unsubscribe
 
     def _pump_events(self) -> None:
@@ -302,9 +296,7 @@ class DockerRuntime(PodRuntime):
                     pod_id = ((event.get("Actor") or {}).get("Attributes") or {}).get(c.LABEL_POD)
                     if not pod_id:
                         continue
-                    with self._lock:
-                        subscribers = list(self._subscribers)
-                    for cb in subscribers:
+                    for cb in self._subscribers.current():
                         cb(pod_id)
             except Exception as e:  # noqa: BLE001 - reconnect: the watchers poll meanwhile
                 if self._closed:

@@ -38,12 +38,12 @@ import psutil
 
 from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.addresses import LOOPBACK, host_port
-from hms_mgmt.errors import ActivityErrorType, ConfigError
+from hms_mgmt.errors import ActivityErrorType, ConfigError, PodRuntimeError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.files import atomic_write, inside, load_yaml_mapping, open_private, private_dir
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.sandbox import check_process_spec
-from hms_mgmt.runtimes.base import PodHandle, PodLaunch, PodLimits, PodRuntime, PodRuntimeError, check_pod_id
+from hms_mgmt.runtimes.base import ExitSubscribers, PodHandle, PodLaunch, PodLimits, PodRuntime, check_pod_id
 from hms_mgmt.runtimes.cgroups import PodCgroups
 from hms_mgmt.runtimes.follow import FileFollow, LogFollow
 
@@ -598,7 +598,7 @@ class _ExitWatcher:
     def __init__(self, runtime: ProcessRuntime) -> None:
         self.runtime = runtime
         self.lock = threading.Lock()
-        self.subscribers: list[Callable[[str], None]] = []
+        self.subscribers = ExitSubscribers(self.lock)
         self.thread: threading.Thread | None = None
         self.wake_r, self.wake_w = -1, -1
         self.closed = False
@@ -613,7 +613,7 @@ class _ExitWatcher:
         with self.lock:
             if self.closed:
                 return None
-            self.subscribers.append(callback)
+            unsubscribe = self.subscribers.add(callback)
             if self.thread is None:
                 self.wake_r, self.wake_w = os.pipe()
                 os.set_blocking(self.wake_w, False)
@@ -621,12 +621,6 @@ class _ExitWatcher:
                                                daemon=True)
                 self.thread.start()
         self.poke()
-
-        def unsubscribe() -> None:
-            with self.lock:
-                if callback in self.subscribers:
-                    self.subscribers.remove(callback)
-
         return unsubscribe
 
     def poke(self) -> None:
@@ -645,9 +639,7 @@ class _ExitWatcher:
             thread.join(timeout=5)
 
     def _exited(self, pod_id: str) -> None:
-        with self.lock:
-            subscribers = list(self.subscribers)
-        for cb in subscribers:
+        for cb in self.subscribers.current():
             try:
                 cb(pod_id)
             except Exception:  # noqa: BLE001 - one subscriber's bug must not stop the others' events

@@ -17,7 +17,7 @@ from chaos_helpers import COUNTS, chaos_rng, chaos_spec, converge, describe, kil
 from conftest import eventually
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' fixtures
-from router_helpers import routed, run_load  # noqa: E402, F401 - fixtures
+from router_helpers import LoadUnderway, routed  # noqa: E402, F401 - fixtures
 
 REPLICAS = 4
 STABLE_S = 11.0  # older than the service's crash-loop window: max(10 s, 3 x health_interval_s)
@@ -40,11 +40,8 @@ async def test_pod_kills_under_steady_load_fail_no_idempotent_request(routed, ch
     spec = chaos_spec(name) | {"min_replicas": REPLICAS, "max_replicas": REPLICAS, "env": {}}
     await routed.orch.deploy(spec, wait=True, timeout=120)
     await routed.wait_pods(name, REPLICAS)
-    stop = asyncio.Event()
     started = time.monotonic()
-    load = asyncio.ensure_future(run_load(f"{routed.url}/{name}/", concurrency=8,
-                                          seconds=120 + 12 * COUNTS.pod_kills_under_load,
-                                          max_requests=10_000_000, stop=stop))
+    load = LoadUnderway(f"{routed.url}/{name}/", seconds=120 + 12 * COUNTS.pod_kills_under_load)
     killed = []
     try:
         for _ in range(COUNTS.pod_kills_under_load):
@@ -55,16 +52,13 @@ async def test_pod_kills_under_steady_load_fail_no_idempotent_request(routed, ch
             victim = rng.choice(sorted(p.id for p in st.pods if p.ready and age(p) > STABLE_S))
             if await asyncio.to_thread(kill_pod, routed.settings, victim):
                 killed.append(victim)
-            assert not load.done(), "the load ended before the kills did"
+            load.running("the kills did")
         await routed.wait_pods(name, REPLICAS, timeout=90)
         await asyncio.sleep(1.0)
     finally:
-        stop.set()
-        result = await load
+        result = await load.stop()
     took = time.monotonic() - started
-    assert result.total > 0
-    assert result.statuses[200] == result.total, \
-        f"{result.total - result.statuses[200]} of {result.total} GETs failed: {result.failures[:5]}"
+    result.assert_all_ok()
     sts, bk = await converge(routed.orch, routed.settings, {name: (REPLICAS, None)}, timeout=60)
     assert bk and bk[0].clean(), f"books after the kills: {bk[0] if bk else None} ({describe(sts)})"
     report(f"pod kills under load (builtin router): {len(killed)} SIGKILLs in {took:.0f}s, {result.total} GETs "

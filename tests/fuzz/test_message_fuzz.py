@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -26,7 +25,7 @@ from hms_mgmt.errors import SpecError
 from hms_mgmt.models import Approval, PodStatus
 from hms_mgmt.nodes import list_routers, registry_nodes
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import cancel_and_wait, free_port
 from hms_mgmt.wire import (
     AdmissionRequest,
     DryRunInput,
@@ -286,8 +285,6 @@ async def test_forged_router_messages_leave_the_router_registry_as_it_was(tempor
                          json.dumps({"name": name, "address": "127.0.0.9", "url": "http://127.0.0.9:1"})],
                         ["update", "execute", "--name", "enrol", "--input", json.dumps({"request": "evil"})]])
             finally:
-                router.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await router
+                await cancel_and_wait(router)
     finally:
         await terminate_running(temporal_env, settings)

@@ -12,13 +12,12 @@ import io
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
 import pytest
-import pytest_asyncio
 from conftest import (
     EXAMPLE_IMAGE,
     WorkerProcess,
@@ -74,16 +73,6 @@ def client(registry: LocalRegistry) -> Iterator[docker.DockerClient]:
         c.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Settings]:
-    s = make_settings(temporal_env, tmp_path / "state", "docker", trusted=False)
-    try:
-        yield s
-    finally:
-        await terminate_running(temporal_env, s)  # a failed test leaves no service for the next one
-        sweep_pods(s)
-
-
 def unique_image(client: docker.DockerClient, ref: str) -> str:
     """The example image with a label of its own: content no other tag on this dockerd holds, so
     removing ``ref`` really removes it. Returns its content id."""
@@ -113,14 +102,14 @@ def container_image(client: docker.DockerClient, pod_id: str) -> str:
 
 
 async def test_a_node_without_the_image_pulls_the_signed_content_by_digest_never_the_tag(
-        temporal_env: WorkflowEnvironment, node: Settings, registry: LocalRegistry, client):
+        temporal_env: WorkflowEnvironment, docker_node: Settings, registry: LocalRegistry, client):
     ref = f"{registry.address}/hms-ach-{uuid.uuid4().hex[:8]}:1.4"
-    content_id, digest = await push_and_sign(client, node, ref)
+    content_id, digest = await push_and_sign(client, docker_node, ref)
     # An impostor under the signed tag on this node: other content, same name.
     impostor = await asyncio.to_thread(unique_image, client, ref)
     assert impostor != content_id
-    async with HmsWorker(temporal_env.client, node):
-        orch = Orchestrator(temporal_env.client, node)
+    async with HmsWorker(temporal_env.client, docker_node):
+        orch = Orchestrator(temporal_env.client, docker_node)
         await orch.deploy(seed_spec(image=ref, min_replicas=1, max_replicas=1), wait=True, timeout=120)
         status = await orch.status("hms-ach")
         assert status.phase == "Running" and status.ready_replicas == 1 and status.image_id == content_id
@@ -132,13 +121,13 @@ async def test_a_node_without_the_image_pulls_the_signed_content_by_digest_never
 
 
 async def test_a_node_that_cannot_get_the_content_refuses_the_pod_and_says_why(
-        temporal_env: WorkflowEnvironment, node: Settings, registry: LocalRegistry, client):
+        temporal_env: WorkflowEnvironment, docker_node: Settings, registry: LocalRegistry, client):
     ref = f"{registry.address}/hms-ach-{uuid.uuid4().hex[:8]}:1.4"
-    content_id, digest = await push_and_sign(client, node, ref)
+    content_id, digest = await push_and_sign(client, docker_node, ref)
     impostor = await asyncio.to_thread(unique_image, client, ref)  # the tag here holds other content
     registry.stop()
-    async with HmsWorker(temporal_env.client, node):
-        orch = Orchestrator(temporal_env.client, node)
+    async with HmsWorker(temporal_env.client, docker_node):
+        orch = Orchestrator(temporal_env.client, docker_node)
         await orch.deploy(seed_spec(image=ref, min_replicas=1, max_replicas=1), wait=True, timeout=120)
 
         async def refused():
@@ -148,8 +137,8 @@ async def test_a_node_that_cannot_get_the_content_refuses_the_pod_and_says_why(
         status = await eventually(refused, timeout=60, what="the service Degraded by the refused pod")
         assert status.ready_replicas == 0 and status.failure.kind == FailureKind.CRASH_LOOP
         assert "ImageNotFound" in status.failure.message and f"cannot be pulled from {digest}" in status.failure.message
-        assert node_pods(node) == []  # not the impostor, not anything
-        events = [e for e in read_events(node.state_dir, service="hms-ach") if e.type == "image.unavailable"]
+        assert node_pods(docker_node) == []  # not the impostor, not anything
+        events = [e for e in read_events(docker_node.state_dir, service="hms-ach") if e.type == "image.unavailable"]
         assert events and digest in events[0].reason and events[0].data["content_id"] == content_id
 
         # The registry back: the next heal pulls the signed content and runs it.

@@ -22,7 +22,7 @@ from hms_mgmt.orchestrator import Orchestrator
 from .conftest import Network, hms_argv, sign_image, start_control, start_node, tails, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))  # the router tests' load
-from router_helpers import run_load  # noqa: E402
+from router_helpers import LoadUnderway, run_load  # noqa: E402
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(300)]
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ async def test_b_unplugged_under_load_leaves_the_service_whole_on_c(network: Net
         assert warm.total and warm.statuses[200] == warm.total, warm.failures[:5]
         assert len(warm.pods) == REPLICAS, warm.pods  # A's router reaches all four
 
-        stop = asyncio.Event()
-        load = asyncio.ensure_future(run_load(url, concurrency=8, seconds=120, max_requests=10_000_000, stop=stop))
+        load = LoadUnderway(url)
         try:
             await asyncio.sleep(2.0)
             unplugged = time.monotonic()
@@ -81,14 +80,10 @@ async def test_b_unplugged_under_load_leaves_the_service_whole_on_c(network: Net
                 assert time.monotonic() < deadline, f"{SERVICE} never whole on c\n{tails(logs)}"
                 await asyncio.sleep(0.2)
             took = time.monotonic() - unplugged
-            await asyncio.sleep(2.0)  # the router's table follows the feed: keep the load on it a little
-            assert not load.done(), "the load ended before the service was whole"
+            await load.linger(2.0, "the service was whole")  # the router's table follows the feed
         finally:
-            stop.set()
-            result = await load
-        assert result.total > 0
-        assert result.statuses[200] == result.total, \
-            f"{result.total - result.statuses[200]} of {result.total} GETs failed: {result.failures[:5]}"
+            result = await load.stop()
+        result.assert_all_ok()
         listed = a.run(hms_argv("nodes", "--json"), env=a.env())
         assert listed.returncode == 0, listed.stderr
         assert {n["spec"]["name"]: n["state"] for n in json.loads(listed.stdout)} == {"b": "Lost", "c": "Ready"}

@@ -25,7 +25,7 @@ from conftest import make_settings, require_docker, sweep_pods, terminate_runnin
 
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import cancel_and_wait, free_port
 from router import serve
 from worker.main import HmsWorker
 
@@ -70,9 +70,7 @@ class Routed:
 
     async def stop(self) -> None:
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await cancel_and_wait(self.task)
             self.task = None
 
     async def table(self, service: str) -> dict | None:
@@ -131,6 +129,12 @@ class Load:
     def total(self) -> int:
         return sum(self.statuses.values())
 
+    def assert_all_ok(self) -> None:
+        """Some requests were sent, and every one of them answered 200."""
+        assert self.total > 0
+        assert self.statuses[200] == self.total, \
+            f"{self.total - self.statuses[200]} of {self.total} GETs failed: {self.failures[:5]}"
+
 
 async def run_load(url: str, *, concurrency: int, seconds: float, max_requests: int, method: str = "GET",
                    body: bytes | None = None, stop: asyncio.Event | None = None) -> Load:
@@ -166,3 +170,26 @@ async def run_load(url: str, *, concurrency: int, seconds: float, max_requests: 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     return out
+
+
+class LoadUnderway:
+    """``run_load`` in the background, with a stop of its own: the steady traffic a test keeps on a
+    service while it breaks something. ``stop()`` ends it and gives its :class:`Load`."""
+
+    def __init__(self, url: str, *, seconds: float = 120, concurrency: int = 8,
+                 max_requests: int = 10_000_000) -> None:
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(run_load(url, concurrency=concurrency, seconds=seconds,
+                                                    max_requests=max_requests, stop=self._stop))
+
+    def running(self, until: str) -> None:
+        assert not self._task.done(), f"the load ended before {until}"
+
+    async def linger(self, seconds: float, until: str) -> None:
+        """Keep the load on ``seconds`` more; it must not have ended before ``until``."""
+        await asyncio.sleep(seconds)
+        self.running(until)
+
+    async def stop(self) -> Load:
+        self._stop.set()
+        return await self._task

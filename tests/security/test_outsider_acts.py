@@ -23,7 +23,7 @@ from hms_mgmt import tickets
 from hms_mgmt.events import read_events
 from hms_mgmt.models import EndpointSet
 from hms_mgmt.orchestrator import Orchestrator, load_spec
-from hms_mgmt.testing import free_port
+from hms_mgmt.testing import cancel_and_wait, free_port
 from router import serve
 from worker.main import HmsWorker
 
@@ -70,9 +70,7 @@ async def routed(temporal_env, tmp_path: Path) -> AsyncIterator[tuple[Orchestrat
             try:
                 yield Orchestrator(temporal_env.client, s), s, url
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
     finally:
         await terminate_running(temporal_env, s)
         sweep_pods(s)

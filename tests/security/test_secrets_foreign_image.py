@@ -9,14 +9,12 @@ import io
 import json
 import secrets as random
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import aiohttp
 import docker
 import pytest
-import pytest_asyncio
-from conftest import make_settings, require_docker, seed_spec, sign_images, sweep_pods, terminate_running, wait_phase
+from conftest import require_docker, seed_spec, sign_images, wait_phase
 from temporalio.testing import WorkflowEnvironment
 from test_secrets_e2e import _assert_absent, _pod_view
 
@@ -43,23 +41,13 @@ def foreign_image() -> Iterator[str]:
         client.close()
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def node(temporal_env: WorkflowEnvironment, tmp_path: Path) -> AsyncIterator[Settings]:
-    s = make_settings(temporal_env, tmp_path / "state", "docker", trusted=False)
-    try:
-        yield s
-    finally:
-        await terminate_running(temporal_env, s)  # a failed test leaves no service for the next one
-        sweep_pods(s)
-
-
-async def test_a_foreign_image_reads_its_secret_at_run_secrets(temporal_env: WorkflowEnvironment, node: Settings,
+async def test_a_foreign_image_reads_its_secret_at_run_secrets(temporal_env: WorkflowEnvironment, docker_node: Settings,
                                                                foreign_image: str):
-    sign_images(node, foreign_image)
+    sign_images(docker_node, foreign_image)
     value = random.token_hex(16).encode()
-    orch = Orchestrator(temporal_env.client, node)
+    orch = Orchestrator(temporal_env.client, docker_node)
     await orch.set_secret("bank-key", value)
-    async with HmsWorker(temporal_env.client, node):
+    async with HmsWorker(temporal_env.client, docker_node):
         await orch.deploy(seed_spec(image=foreign_image, min_replicas=1, max_replicas=1, health_path="/",
                                   secrets=["bank-key"]))
         pod = (await wait_phase(orch, "hms-ach", {"Running"}, timeout=120)).pods[0]

@@ -191,6 +191,7 @@ RAMP_COLUMNS = (  # (header, key of a step)
     ("services", "services"), ("pods", "pods"), ("deploys failed", "deploys_failed"),
     ("deploy s per service (median / p95)", ("deploy_per_service_median_s", "deploy_per_service_p95_s")),
     ("probe lag p99 s", "probe_lag_p99_s"), ("kill -> whole p99 s", "whole_p99_s"), ("not replaced", "not_replaced"),
+    ("heal's pick_node ms (median)", "heal_pick_node_median_ms"),
     ("worker CPU cores", "worker_cpu_cores"), ("worker RSS max MB", "worker_rss_mb_max"),
     ("worker open files", "worker_open_files_max"), ("sqlite MB", "sqlite_end_mb"), ("load (mean)", "load_mean"),
 )

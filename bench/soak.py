@@ -467,6 +467,7 @@ class Soak:
         measured = [k for k in runs if "skipped" not in k]
         self.kills += measured
         w["replacement"] = replacement_figures(measured, runs, TARGET_WHOLE_P99_S)
+        w["replacement"]["heal_steps"] = await heal_breakdown(self.env.client, measured)
         w["sqlite"] = sqlite_figures(db_start, db_end, len(self.running), t_end - t_start)
         return w
 
@@ -648,6 +649,23 @@ async def queue_events(client, task_queue: str, t_from: float, t_to: float, para
     return {"runs": len(runs), "in_window": sum(counts), "services_in_window": services, "by_type": by_type}
 
 
+async def heal_breakdown(client, kills: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the time of each kill's heal went: every activity of its heal child (scheduled ->
+    completed, ms), as median / p95 / max per activity type over the kills."""
+    from bench.lib.history import activity_timeline
+    from hms_mgmt import names
+
+    steps: dict[str, list[float]] = {}
+    for k in kills:
+        with contextlib.suppress(Exception):
+            tl = await activity_timeline(client, names.heal_id(names.service_workflow_id(k["service"]), k["pod"]))
+            for a in tl["activities"]:
+                if a.get("completed") is not None and a.get("scheduled") is not None:
+                    steps.setdefault(a["type"], []).append((a["completed"] - a["scheduled"]) * 1000)
+    return {t: {"median_ms": rnd(median(xs), 1), "p95_ms": rnd(pct(xs, 0.95), 1), "max_ms": rnd(max(xs), 1),
+                "n": len(xs)} for t, xs in sorted(steps.items())}
+
+
 def spread(xs: list[float]) -> dict[str, Any]:
     return {"median_s": rnd(median(xs)), "p95_s": rnd(pct(xs, 0.95)), "p99_s": rnd(pct(xs, 0.99)),
             "max_s": rnd(max(xs, default=None))}
@@ -715,6 +733,7 @@ def step_summary(size: int, replicas: int, deploy: dict[str, Any], w: dict[str, 
         "kills": rep.get("kills"), "whole_p50_s": get_in(rep, "status_whole", "median_s"),
         "whole_p99_s": get_in(rep, "status_whole", "p99_s"), "whole_max_s": get_in(rep, "status_whole", "max_s"),
         "not_replaced": rep.get("not_replaced_within_timeout"),
+        "heal_pick_node_median_ms": get_in(rep, "heal_steps", "pick_node", "median_ms"),
         "worker_cpu_cores": cost.get("worker_cpu_cores"), "worker_rss_mb_max": get_in(cost, "worker_rss_mb", "max"),
         "worker_open_files_max": cost.get("worker_open_files_max"),
         "pod_pss_mb_mean": get_in(deploy, "pod_memory", "pss_mb_mean"),
@@ -822,6 +841,7 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
           f"workflow on the queue); calm services {get_in(h, 'calm_services', 'events_per_service_hour_median')} "
           f"(median of {get_in(h, 'calm_services', 'sampled')}); one heal adds "
           f"{get_in(h, 'killed_services', 'events_per_heal_median')}")
+    print(f"  heal steps (ms): {rep.get('heal_steps')}")
     print(f"  sqlite: {out.get('sqlite')}")
     print(f"  deploy: {({k: v for k, v in out.get('deploy', {}).items() if k not in ('cost', 'failed', 'retried')})}")
     print(f"  end: {out.get('end_state')}; undeploy {out.get('undeploy')}; worker log "
@@ -830,7 +850,7 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
 
 def print_ramp(out: dict[str, Any]) -> None:
     cols = ["services", "deploys_failed", "deploy_per_service_median_s", "probe_lag_p99_s", "whole_p99_s",
-            "not_replaced", "worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
+            "not_replaced", "heal_pick_node_median_ms", "worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
             "load_mean"]
     print()
     print_table([[s.get(c) for c in cols] for s in out.get("steps", [])], cols)

@@ -190,6 +190,7 @@ def soak_rows(d: dict[str, Any]) -> list[Row]:
 RAMP_COLUMNS = (  # (header, key of a step)
     ("services", "services"), ("pods", "pods"), ("deploys failed", "deploys_failed"),
     ("deploy s per service (median / p95)", ("deploy_per_service_median_s", "deploy_per_service_p95_s")),
+    ("deploy's pick_node ms (median); most attempts", ("deploy_pick_node_median_ms", "deploy_pick_node_attempts_max")),
     ("probe lag p99 s", "probe_lag_p99_s"), ("kill -> whole p99 s", "whole_p99_s"), ("not replaced", "not_replaced"),
     ("heal's pick_node ms (median)", "heal_pick_node_median_ms"),
     ("worker CPU cores", "worker_cpu_cores"), ("worker RSS max MB", "worker_rss_mb_max"),

@@ -430,6 +430,7 @@ class Soak:
         d["cost"] = cost_between(s_deploy, sampler.sample(), sampler.samples)
         d["pod_memory"] = await asyncio.to_thread(sampler.pod_memory)
         d["sqlite_mb"] = rnd(db_bytes(self.db) / 2**20, 2)
+        d["steps"] = await activity_steps(self.env.client, deploy_ids(names, args.history_sample))
         print(f"  {d['running']}/{len(names)} Running in {d['total_s']} s (per service median "
               f"{d['per_service_median_s']} s, p95 {d['per_service_p95_s']} s; {len(d['retried'])} retried); pods "
               f"{d['pod_memory']}; load {loadavg()}", flush=True)
@@ -467,7 +468,7 @@ class Soak:
         measured = [k for k in runs if "skipped" not in k]
         self.kills += measured
         w["replacement"] = replacement_figures(measured, runs, TARGET_WHOLE_P99_S)
-        w["replacement"]["heal_steps"] = await heal_breakdown(self.env.client, measured)
+        w["replacement"]["heal_steps"] = await activity_steps(self.env.client, heal_ids(measured))
         w["sqlite"] = sqlite_figures(db_start, db_end, len(self.running), t_end - t_start)
         return w
 
@@ -649,21 +650,34 @@ async def queue_events(client, task_queue: str, t_from: float, t_to: float, para
     return {"runs": len(runs), "in_window": sum(counts), "services_in_window": services, "by_type": by_type}
 
 
-async def heal_breakdown(client, kills: list[dict[str, Any]]) -> dict[str, Any]:
-    """Where the time of each kill's heal went: every activity of its heal child (scheduled ->
-    completed, ms), as median / p95 / max per activity type over the kills."""
+async def activity_steps(client, workflow_ids: list[str]) -> dict[str, Any]:
+    """Where the time of these workflows went: each activity type's time from scheduled to
+    completed (ms: median / p95 / max) and its most attempts, over all of them."""
     from bench.lib.history import activity_timeline
-    from hms_mgmt import names
 
     steps: dict[str, list[float]] = {}
-    for k in kills:
+    attempts: dict[str, int] = {}
+    for wid in workflow_ids:
         with contextlib.suppress(Exception):
-            tl = await activity_timeline(client, names.heal_id(names.service_workflow_id(k["service"]), k["pod"]))
-            for a in tl["activities"]:
+            for a in (await activity_timeline(client, wid))["activities"]:
                 if a.get("completed") is not None and a.get("scheduled") is not None:
                     steps.setdefault(a["type"], []).append((a["completed"] - a["scheduled"]) * 1000)
+                    attempts[a["type"]] = max(attempts.get(a["type"], 1), a.get("attempt") or 1)
     return {t: {"median_ms": rnd(median(xs), 1), "p95_ms": rnd(pct(xs, 0.95), 1), "max_ms": rnd(max(xs), 1),
-                "n": len(xs)} for t, xs in sorted(steps.items())}
+                "n": len(xs), "attempts_max": attempts[t]} for t, xs in sorted(steps.items())}
+
+
+def heal_ids(kills: list[dict[str, Any]]) -> list[str]:
+    from hms_mgmt import names
+
+    return [names.heal_id(names.service_workflow_id(k["service"]), k["pod"]) for k in kills]
+
+
+def deploy_ids(services: list[str], sample: int) -> list[str]:
+    """The first rollout of the last ``sample`` services deployed (the most crowded placements)."""
+    from hms_mgmt import names
+
+    return [names.deploy_id(names.service_workflow_id(n), 1) for n in services[-sample:]]
 
 
 def spread(xs: list[float]) -> dict[str, Any]:
@@ -734,6 +748,8 @@ def step_summary(size: int, replicas: int, deploy: dict[str, Any], w: dict[str, 
         "whole_p99_s": get_in(rep, "status_whole", "p99_s"), "whole_max_s": get_in(rep, "status_whole", "max_s"),
         "not_replaced": rep.get("not_replaced_within_timeout"),
         "heal_pick_node_median_ms": get_in(rep, "heal_steps", "pick_node", "median_ms"),
+        "deploy_pick_node_median_ms": get_in(deploy, "steps", "pick_node", "median_ms"),
+        "deploy_pick_node_attempts_max": get_in(deploy, "steps", "pick_node", "attempts_max"),
         "worker_cpu_cores": cost.get("worker_cpu_cores"), "worker_rss_mb_max": get_in(cost, "worker_rss_mb", "max"),
         "worker_open_files_max": cost.get("worker_open_files_max"),
         "pod_pss_mb_mean": get_in(deploy, "pod_memory", "pss_mb_mean"),
@@ -842,6 +858,7 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
           f"(median of {get_in(h, 'calm_services', 'sampled')}); one heal adds "
           f"{get_in(h, 'killed_services', 'events_per_heal_median')}")
     print(f"  heal steps (ms): {rep.get('heal_steps')}")
+    print(f"  deploy steps (ms, the last services deployed): {get_in(out, 'deploy', 'steps')}")
     print(f"  sqlite: {out.get('sqlite')}")
     print(f"  deploy: {({k: v for k, v in out.get('deploy', {}).items() if k not in ('cost', 'failed', 'retried')})}")
     print(f"  end: {out.get('end_state')}; undeploy {out.get('undeploy')}; worker log "
@@ -849,8 +866,9 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
 
 
 def print_ramp(out: dict[str, Any]) -> None:
-    cols = ["services", "deploys_failed", "deploy_per_service_median_s", "probe_lag_p99_s", "whole_p99_s",
-            "not_replaced", "heal_pick_node_median_ms", "worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
+    cols = ["services", "deploys_failed", "deploy_per_service_median_s", "deploy_pick_node_median_ms",
+            "deploy_pick_node_attempts_max", "probe_lag_p99_s", "whole_p99_s", "not_replaced",
+            "heal_pick_node_median_ms", "worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
             "load_mean"]
     print()
     print_table([[s.get(c) for c in cols] for s in out.get("steps", [])], cols)

@@ -116,6 +116,6 @@ def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -
     assert "|   same, p50 / p95 / max (s); kills not replaced | 1.5 / 4 / 6.5; 0 |" in text
     assert "| dev server's sqlite file: window start / end (MB); growth per service-hour (KB) | 12.5 / 20; 154 |" in text
     assert "| history events per service-hour (every service workflow and child on the queue) | 42 |" in text
-    assert "| 100 | 200 | 0 | 2 / 3 | 0.1 |" in text
+    assert "| 100 | 200 | 0 | 2 / 3 | - / - | 0.1 |" in text
     assert "First to miss its target: **probe lag p99 (s)** = 1.2 (target <= 1) at **200 services** (400 pods)." in text
     assert "| [soak_ramp](#soak_ramp) | FAIL (1 of 1) |" in text

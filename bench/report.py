@@ -190,7 +190,7 @@ def soak_rows(d: dict[str, Any]) -> list[Row]:
 RAMP_COLUMNS = (  # (header, key of a step)
     ("services", "services"), ("pods", "pods"), ("deploys failed", "deploys_failed"),
     ("deploy s per service (median / p95)", ("deploy_per_service_median_s", "deploy_per_service_p95_s")),
-    ("deploy's pick_node ms (median); most attempts", ("deploy_pick_node_median_ms", "deploy_pick_node_attempts_max")),
+    ("deploy's pick_node ms (median / most attempts)", ("deploy_pick_node_median_ms", "deploy_pick_node_attempts_max")),
     ("probe lag p99 s", "probe_lag_p99_s"), ("kill -> whole p99 s", "whole_p99_s"), ("not replaced", "not_replaced"),
     ("heal's pick_node ms (median)", "heal_pick_node_median_ms"),
     ("worker CPU cores", "worker_cpu_cores"), ("worker RSS max MB", "worker_rss_mb_max"),
@@ -265,11 +265,15 @@ def stamp(d: dict[str, Any]) -> str:
     return str(t)[:16].replace("T", " ") if t else "-"
 
 
+SCRIPTS = {"soak_ramp": "soak"}  # result files a benchmark writes under another name
+
+
 def command(name: str, d: dict[str, Any]) -> str:
+    script = f".venv/bin/python bench/{SCRIPTS.get(name, name)}.py"
     argv = d.get("argv")
     if isinstance(argv, list):
-        return " ".join([f".venv/bin/python bench/{name}.py", *argv])
-    return f".venv/bin/python bench/{name}.py (arguments not recorded)"
+        return " ".join([script, *argv])
+    return f"{script} (arguments not recorded)"
 
 
 def load_text(d: dict[str, Any]) -> str:

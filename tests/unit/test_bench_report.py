@@ -108,6 +108,7 @@ def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -
                    "deploy_per_service_p95_s": 3.0, "probe_lag_p99_s": 0.1},
                   {"services": 200, "pods": 400, "deploys_failed": 0, "probe_lag_p99_s": 1.2}],
         "first_to_break": {"figure": "probe lag p99 (s)", "services": 200, "pods": 400, "value": 1.2, "target": 1.0},
+        "argv": ["--ramp", "100,200"],
     }))
     out = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(results), "--out", str(out)]) == 0
@@ -119,3 +120,4 @@ def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -
     assert "| 100 | 200 | 0 | 2 / 3 | - / - | 0.1 |" in text
     assert "First to miss its target: **probe lag p99 (s)** = 1.2 (target <= 1) at **200 services** (400 pods)." in text
     assert "| [soak_ramp](#soak_ramp) | FAIL (1 of 1) |" in text
+    assert "Command: `.venv/bin/python bench/soak.py --ramp 100,200`" in text

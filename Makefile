@@ -7,7 +7,8 @@
 #   make histories  record the workflow histories tests/replay/ replays (after a patched change)
 #   make bench   the benchmarks in bench/ (BENCH="deploy heal" to choose), then BENCHMARKS.md
 #   make bench-budget  a short deploy benchmark; fails if a control step's median grew > 50 % over bench/budget.json
-#   make soak    100 services x 2 pods for 10 min under one worker (SOAK_ARGS=--quick: 1 min)
+#   make soak    100 services x 2 pods for 10 min under one worker (SOAK_ARGS=--quick: 1 min;
+#                SOAK_ARGS='--services 500 --kills 40' or '--ramp 100,200,300,500')
 #   make lint    ruff
 #   make clean   stop the demo's leftover pods and remove var/ (keeps var/cache, the base image rootfs)
 

@@ -38,6 +38,42 @@ from workflows import ALL_WORKFLOWS, SCHEDULED_WORKFLOWS, MessageGuard
 
 log = logging.getLogger("hms.worker")
 
+# Every service with ready pods on a node holds one watch_pods activity on that node's queue the
+# whole time, and every autoscaling service one watch_cpu on the control queue: the slots must
+# outnumber the watches with room to spare, or pod starts, stops and heals wait until a watch
+# ends (up to watch_max_s). Every activity is async, so an idle slot costs nothing.
+NODE_SLOTS_SPARE = 200
+CONTROL_ACTIVITY_SLOTS = 10_000
+# Open files a node needs per pod: a process pod's pidfd (exit events), a health probe's socket.
+FILES_PER_POD, FILES_BASE = 2, 512
+
+
+def node_activity_slots(settings: Settings) -> int:
+    """Activity slots of a node's worker: one watch per service it can hold, and spare."""
+    return max(500, settings.node_max_pods + NODE_SLOTS_SPARE)
+
+
+def raise_open_files_limit(node_max_pods: int) -> int:
+    """Raise this process's soft limit on open files to its hard limit (a login shell's or
+    systemd's soft 1024 runs out near 500 process pods); warn when even that is short of what
+    ``node_max_pods`` pods need. Returns the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open files limit from %s to %s: %s", soft, target, e)
+    need = FILES_BASE + FILES_PER_POD * node_max_pods
+    if soft < need:
+        log.warning("open files limit %s (hard %s) is short of the ~%s that node_max_pods=%s needs: raise "
+                    "`ulimit -n` (LimitNOFILE= in a systemd unit)", soft, hard, need, node_max_pods)
+    return soft
+
 
 async def ensure_search_attributes(client: Client, namespace: str) -> None:
     """Register HmsService/HmsPhase so the Web UI can filter (a no-op once they exist)."""
@@ -114,13 +150,13 @@ class HmsWorker:
                         *SlotActivities(client, load, sink).all()],
             # MessageGuard: a malformed signal or update never reaches a workflow's handler.
             interceptors=[self.metrics.interceptor, MessageGuard()],
-            # One watch_cpu per service runs here the whole time.
-            max_concurrent_activities=500,
+            max_concurrent_activities=CONTROL_ACTIVITY_SLOTS,
         )
 
     def _node_worker(self, settings_loader: Callable[[], Settings] | None) -> Worker:
         """This node's queue: the pod activities over its runtime; and its NodeAgent."""
         client, settings, sink = self.client, self.settings, self.sink
+        raise_open_files_limit(settings.node_max_pods)
         # Its own key and certificate: made here on the control plane's host, from `hms node join` elsewhere.
         identity = nodeid.node_identity(settings.state_dir, settings.node, settings.node_address)
         runtime = make_runtime(settings.runtime, node=settings.node, state_dir=settings.state_dir,
@@ -147,7 +183,7 @@ class HmsWorker:
                 self.pods.watch_pods,
                 self.pods.verify_image,
             ],
-            max_concurrent_activities=500,
+            max_concurrent_activities=node_activity_slots(settings),
             # Heartbeats carry the monitor's live view (failures, CPU) to status():
             # send them each second rather than at 80% of the heartbeat timeout.
             max_heartbeat_throttle_interval=timedelta(seconds=1),

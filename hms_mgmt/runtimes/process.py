@@ -125,6 +125,34 @@ def _free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
+class PortPicker:
+    """Free ports for pods, none handed out twice within ``hold_s``. A port is free when tested
+    and taken only when the pod's interpreter binds it, a moment later: meanwhile the kernel may
+    offer the same free port again (it picks at random), and two pods would share one endpoint,
+    the second dying at start while the first answers its probes. A node starting hundreds of
+    pods meets that."""
+
+    def __init__(self, hold_s: float = 60.0, free: Callable[[str], int] = _free_port) -> None:
+        self.hold_s = hold_s
+        self.free = free
+        self._given: dict[tuple[str, int], float] = {}
+        self._lock = threading.Lock()
+
+    def take(self, address: str, tries: int = 50) -> int:
+        with self._lock:
+            now = time.monotonic()
+            self._given = {k: t for k, t in self._given.items() if now - t < self.hold_s}
+            for _ in range(tries):
+                port = self.free(address)
+                if (address, port) not in self._given:
+                    self._given[(address, port)] = now
+                    return port
+        raise PodRuntimeError(f"no free port on {address} after {tries} tries", error_type=ActivityErrorType.RUNTIME_FAILURE)
+
+
+_ports = PortPicker()  # one per process: every node runtime in it draws from the same ports
+
+
 def ensure_pod_user(setting: str) -> pwd.struct_passwd | None:
     """The unprivileged user process pods run as, or None for the worker's own user.
 
@@ -328,7 +356,7 @@ class ProcessRuntime(PodRuntime):
             if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
                 command = [prlimit, *rlimits, "--", *command]
             cgroups = self._pod_cgroups(req, memory_mb)
-            port = _free_port(self.address)
+            port = _ports.take(self.address)
             home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
             if user is not None:
                 os.chown(home, user.pw_uid, user.pw_gid)

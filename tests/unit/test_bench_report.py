@@ -75,3 +75,49 @@ def test_router_slow_p99_verdict_row_is_the_probes_with_wrks_beside_it(tmp_path:
             ">= 7,600 (98 of 300 unfinished) | 0.024 | < 1x | PASS |") in text
     # wrk's p99 of completed requests is shown, but carries no verdict.
     assert "| one slow pod: p99 ms, builtin (wrk, completed requests only) | 170 | 54.5 | 3.12 |  |  |" in text
+
+
+def test_ramp_names_the_first_figure_to_miss_its_target_at_the_smallest_size() -> None:
+    from bench.soak import first_to_break, spread
+
+    ok_step = {"services": 100, "pods": 200, "deploys_failed": 0, "probe_lag_p99_s": 0.1, "whole_p99_s": 2.0,
+               "not_replaced": 0, "worker_cpu_cores": 0.3}
+    late = {**ok_step, "services": 300, "pods": 600, "probe_lag_p99_s": 1.4, "whole_p99_s": 6.0}
+    worse = {**late, "services": 500, "pods": 1000, "deploys_failed": 3}
+    assert first_to_break([ok_step]) is None
+    # At 300 both the lag and kill -> whole miss: the lag is named (targets are checked in a fixed order).
+    assert first_to_break([ok_step, late, worse]) == {"figure": "probe lag p99 (s)", "services": 300, "pods": 600,
+                                                      "value": 1.4, "target": 1.0}
+    assert first_to_break([ok_step, {**ok_step, "services": 200, "whole_p99_s": None}]) is None  # no kills: no verdict
+    # Fewer than 100 kills: nearest rank makes the p99 the worst one.
+    assert spread([1.0, 2.0, 9.0]) == {"median_s": 2.0, "p95_s": 9.0, "p99_s": 9.0, "max_s": 9.0}
+
+
+def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "soak.json").write_text(json.dumps({
+        "verdicts": {"probe_lag_p99": {"value_s": 0.2, "target_s": 1.0, "ratio": 0.2, "pass": True},
+                     "whole_again_p99": {"value_s": 6.5, "target_s": 5.0, "ratio": 1.3, "p50_s": 1.5, "p95_s": 4.0,
+                                         "max_s": 6.5, "not_replaced": 0, "pass": False}},
+        "sqlite": {"start_mb": 12.5, "end_mb": 20.0, "growth_kb_per_service_hour": 153.6},
+        "history": {"all_workflows": {"events_per_service_hour": 42.0}},
+    }))
+    (results / "soak_ramp.json").write_text(json.dumps({
+        "steps": [{"services": 100, "pods": 200, "deploys_failed": 0, "deploy_per_service_median_s": 2.0,
+                   "deploy_per_service_p95_s": 3.0, "probe_lag_p99_s": 0.1},
+                  {"services": 200, "pods": 400, "deploys_failed": 0, "probe_lag_p99_s": 1.2}],
+        "first_to_break": {"figure": "probe lag p99 (s)", "services": 200, "pods": 400, "value": 1.2, "target": 1.0},
+        "argv": ["--ramp", "100,200"],
+    }))
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| pod killed -> service whole again, p99 (s) | 6.5 | - | 1.3 | <= 5.0 s | FAIL |" in text
+    assert "|   same, p50 / p95 / max (s); kills not replaced | 1.5 / 4 / 6.5; 0 |" in text
+    assert "| dev server's sqlite file: window start / end (MB); growth per service-hour (KB) | 12.5 / 20; 154 |" in text
+    assert "| history events per service-hour (every service workflow and child on the queue) | 42 |" in text
+    assert "| 100 | 200 | 0 | 2 / 3 | - / - | 0.1 |" in text
+    assert "First to miss its target: **probe lag p99 (s)** = 1.2 (target <= 1) at **200 services** (400 pods)." in text
+    assert "| [soak_ramp](#soak_ramp) | FAIL (1 of 1) |" in text
+    assert "Command: `.venv/bin/python bench/soak.py --ramp 100,200`" in text

@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.callers import Caller, Callers, deny
+from activities.fleetview import FleetView, pods_by_key
 from activities.scaling import ScaleCheck
 from hms_mgmt import auth, constants, names, nodeid, tickets
 from hms_mgmt import secrets as secret_store
@@ -81,6 +82,7 @@ class ControlActivities:
         self.sink = sink
         self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._fleets: dict[str, FleetView] = {}  # task queue -> the other services' pods, as last read
         # service -> {the placing workflow's id: its wait}: placements waiting for room now, what
         # status().waiting_for shows (the service re-reads them on a ``capacity_changed`` hint)
         self._short: dict[str, dict[str, WaitingFor]] = {}
@@ -144,11 +146,18 @@ class ControlActivities:
                                         pod_id=inp.pod_id, node=inp.node)
         return TicketOutput(ticket=grant)
 
-    async def _other_services(self, exclude: str, task_queue: str) -> list[ServiceStatus]:
-        """Every other running service's status. Placements that ask at the same time share
-        one read (a mass deploy or many heals would otherwise each query every service: N^2
-        queries), and one read asks up to ``READ_CONCURRENCY`` services at once."""
-        statuses = await self._shared(("services", task_queue), lambda: self._read_services(task_queue))
+    def _fleet(self, task_queue: str) -> FleetView:
+        """The other services' pods as this worker last read them, and the pods it placed since:
+        one read of the fleet serves every placement for a while (``FleetView``), instead of each
+        placement querying every service."""
+        view = self._fleets.get(task_queue)
+        if view is None:
+            view = self._fleets[task_queue] = FleetView(lambda: self._read_services(task_queue))
+        return view
+
+    async def _other_services(self, exclude: str, task_queue: str, *, fresh: bool = False) -> list[ServiceStatus]:
+        """Every other running service's status (``fresh``: from a read begun after this call)."""
+        statuses = await self._fleet(task_queue).services(fresh=fresh)
         skip = constants.service_workflow_id(exclude) if exclude else None
         return [st for wf_id, st in statuses if wf_id != skip]
 
@@ -175,13 +184,16 @@ class ControlActivities:
 
         return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
-    async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus],
-                     nodes: list[NodeSpec]) -> tuple[list[NodeSpec], dict[str, NodeUsage]]:
+    async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus], nodes: list[NodeSpec], *,
+                     fresh: bool = False) -> tuple[list[NodeSpec], dict[str, NodeUsage], Callable[[list[str]], None]]:
         """The Ready nodes (or ``nodes``) and what is placed on each: ``placed`` (the service's
-        own pods) and every other running service's pods, each at its spec's cpu and memory."""
+        own pods), every other running service's pods, each at its spec's cpu and memory, and the
+        pods this worker placed that the read does not show yet. The third value books a
+        placement made on this usage: call it before the next ``await``."""
         settings = await asyncio.to_thread(self.settings)
+        view = self._fleet(settings.task_queue)
         # The nodes and the other services' pods: two reads, at the same time.
-        others = asyncio.ensure_future(self._other_services(service, settings.task_queue))
+        others = asyncio.ensure_future(self._other_services(service, settings.task_queue, fresh=fresh))
         try:
             nodes = nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
         except BaseException:
@@ -190,21 +202,24 @@ class ControlActivities:
         usage = {n.name: NodeUsage(name=n.name, cpu=n.cpu, memory_mb=n.memory_mb, max_pods=n.max_pods,
                                    labels=n.labels) for n in nodes}
 
-        def account(pods: list[PodStatus], of: ServiceSpec, own: bool) -> None:
-            for pod in pods:
-                u = usage.get(pod.node)
-                if u is None or pod.health == "exited":
-                    continue
-                u.used_pods += 1
-                u.used_cpu += of.cpu_limit or 0.0
-                u.used_memory_mb += of.memory_mb or 0
-                if own:
-                    u.service_pods += 1
+        def take(node: str, n: int, cpu: float, memory_mb: int, own: bool = False) -> None:
+            if (u := usage.get(node)) is not None:
+                u.used_pods, u.used_cpu, u.used_memory_mb = u.used_pods + n, u.used_cpu + n * cpu, u.used_memory_mb + n * memory_mb
+                u.service_pods += n if own else 0
 
-        account(placed, spec, own=True)
-        for other in await others:
-            account(other.pods, other.spec, own=False)
-        return nodes, usage
+        for pod in placed:
+            if pod.health != "exited":
+                take(pod.node, 1, spec.cpu_limit or 0.0, spec.memory_mb or 0, own=True)
+        statuses = await others
+        for other in statuses:
+            for pod in other.pods:
+                if pod.health != "exited":
+                    take(pod.node, 1, other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0)
+        seen = pods_by_key(statuses)
+        for node, n, cpu, memory_mb in view.assumed(seen, exclude=service):
+            take(node, n, cpu, memory_mb)
+        request = placement_request(spec)
+        return nodes, usage, lambda picked: view.book(service, picked, seen, request.cpu, request.memory_mb)
 
     @staticmethod
     def _shortage(service: str, request: PlacementRequest, usage: dict[str, NodeUsage], missing: int) -> str:
@@ -220,15 +235,19 @@ class ControlActivities:
 
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
-        """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
+        """The Scheduler: place ``count`` pods, spreading across nodes, then packing. No room is
+        decided on a fresh read of the fleet, never on the view kept between placements."""
         caller = await self._entitled(inp.service, "pick_node")
-        nodes, usage = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
         request = placement_request(inp.spec)
+        nodes, usage, book = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
         picked = pick_nodes(list(usage.values()), request, inp.count)
-        by_name = {n.name: n for n in nodes}
-        result = PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])
-        missing = sum(1 for p in picked if p is None)
-        if missing and inp.require_all:
+        if None in picked:
+            nodes, usage, book = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes, fresh=True)
+            picked = pick_nodes(list(usage.values()), request, inp.count)
+        missing = picked.count(None)
+        if not (missing and inp.require_all):
+            book([p for p in picked if p])  # no await since the usage was read: placements see each other
+        else:  # refused: nothing placed, nothing booked
             info = activity.info()
             reason = self._shortage(inp.service, request, usage, missing)
             if info.attempt == 1 or info.attempt % 20 == 0:
@@ -237,7 +256,8 @@ class ControlActivities:
             await self._waiting(inp.service, caller.workflow_id, reason)
             raise ApplicationError(reason, type=ActivityErrorType.CAPACITY_UNAVAILABLE)
         await self._waiting(inp.service, caller.workflow_id, None)
-        return result
+        by_name = {n.name: n for n in nodes}
+        return PickNodeOutput(nodes=[by_name[p] if p else None for p in picked])
 
     async def _waiting(self, service: str, placer: str, reason: str | None) -> None:
         """Record that ``placer`` (a workflow of ``service``) waits for room, or no longer does;
@@ -314,7 +334,7 @@ class ControlActivities:
             await deny(self.sink, "", "notify_node_lost", f"node.lost of {inp.node} refused: {caller} is not the "
                        "NodeRegistry", node=inp.node, **caller.data())
         told = 0
-        for st in await self._other_services("", settings.task_queue):
+        for st in await self._other_services("", settings.task_queue, fresh=True):
             if not any(p.node == inp.node for p in st.pods):
                 continue
             try:
@@ -462,7 +482,7 @@ class ControlActivities:
             rollout_plan = out.change.rollout
             count = rollout_plan.rounds[0].start if rollout_plan and rollout_plan.rounds else 0
             placed = [p for p in running.pods if p.health != "exited"]
-        _, usage = await self._usage(spec.name, spec, placed, [])
+        _, usage, _ = await self._usage(spec.name, spec, placed, [])
         out.placement, out.pod_nodes = plan_placement(spec, usage, count)
         out.replicas, out.unplaced = count, out.pod_nodes.count(None)
         if out.unplaced:

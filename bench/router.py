@@ -671,6 +671,10 @@ class RouterBench:
         return self.phases != set(PHASES) or self.proxies != list(PROXIES)
 
     def print_partial(self) -> None:
+        for phase, rounds in (("base", self.base_rounds), ("fast", self.fast_rounds)):
+            if rounds["nginx"]:  # rounds with nginx in them: each proxy's ratio to it, per round
+                print(f"\n{phase} x nginx per round: " + "; ".join(
+                    f"{p} {paired(rounds, p)}" for p, runs in rounds.items() if runs and p != "nginx"))
         print("\npartial run: " + "; ".join(
             f"{phase} {p} " + ", ".join(f"{r['rps']} req/s p99 {r.get('p99_ms')} ms (wrk, completed only), "
                                        f"{shown(r['probe'], 'p99')} ms (probe, {r['probe']['unfinished']} "

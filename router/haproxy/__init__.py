@@ -12,7 +12,7 @@ Everything after that goes through the Runtime API on a unix socket (``stats soc
                        on-error mark-down``, ``enable health``, ``enable server``;
 - a pod drains         ``set server be_N/<pod> state drain`` (no new requests; in-flight ones finish);
 - a pod is gone        ``set server ... state maint``, then ``del server`` once its connections closed;
-- twice a second       ``set server ... weight N`` from our score; the latency in it comes from
+- twice a second       ``set server ... weight N`` (1..32) from our score; the latency in it comes from
                        HAProxy's request log (each request's server response time), so a slow
                        pod gets less than HAProxy's connection count alone would give it.
 

@@ -14,6 +14,14 @@ LOG_LINES_PER_S = 200
 # ``error-limit 3`` (router/haproxy/plan.py), so after 6 failures both are DOWN and the next
 # attempt reaches a live pod: a host losing 2 pods of one service fails no idempotent request.
 RETRIES = 6
+CONTROL_BACKEND = "be_control"
+# What the services map holds from the start: ``/-/*`` (first path segment ``-``, which no service
+# name can be) goes to the control backend through the same lookup that routes a service.
+CONTROL_MAP = f"- {CONTROL_BACKEND}\n"
+# Server weights range 1..this. ``balance random`` draws from a tree holding 16 nodes per unit of
+# weight: at HAProxy's full 256 it is 4,096 nodes per pod, walked twice per request and out of the
+# CPU's caches; 32 keeps it small and still gives a slow pod a thirty-second share or less.
+MAX_WEIGHT = 32
 
 
 def _q(s: str) -> str:
@@ -27,7 +35,7 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, la
     """The whole configuration: one frontend, the control backend and ``pool_size`` empty backends."""
     lines = (_head(socket_path, log_port, connect_timeout_s, read_timeout_s)
              + _frontend(host, port, map_path, landed_path, log_lines_per_s)
-             + ["", "backend be_control", "    no log", f"    server control 127.0.0.1:{control_port}"])
+             + ["", f"backend {CONTROL_BACKEND}", "    no log", f"    server control 127.0.0.1:{control_port}"])
     for i in range(pool_size):
         lines += [
             "",
@@ -73,9 +81,12 @@ def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeo
 
 
 def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines_per_s: int) -> list[str]:
-    """The service is the first path segment, looked up in the runtime map; ``/-/*`` and
-    ``/metrics`` go to the control backend. A service in the landed map (landed by a time slot,
-    no ready pod) is answered 503 with ``Retry-After`` at its slot's end, as the builtin engine does."""
+    """The service is the first path segment, looked up in the runtime map, which also sends
+    ``/-/*`` to the control backend (its first segment ``-`` is no service's name, see
+    :data:`CONTROL_MAP`); ``/metrics`` goes there too. A service in the landed map (landed by a
+    time slot, no ready pod) is answered 503 with ``Retry-After`` at its slot's end, as the
+    builtin engine does. Every rule runs on every request: they are kept few, and each reads a
+    variable or the path once."""
     unknown = _q('{"error":"unknown service","service":"%[var(txn.svc)]"}')
     until = "%[var(txn.landed),utime(%Y-%m-%dT%H:%M:%S+00:00)]"
     landed = _q(f'{{"error":"landed","service":"%[var(txn.svc)]","until":"{until}",'
@@ -88,17 +99,15 @@ def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines
         f"    http-request set-var(txn.lk) fe_req_rate,div({log_lines_per_s}),add(1)",
         "    http-request set-log-level silent unless { rand,mod(txn.lk) -m int eq 0 }",
         "    http-request set-var(txn.svc) path,field(2,/)",
-        # One map lookup per request: its backend, which both the 404 and the routing use.
+        # One map lookup per request: its backend, which the 404, the landed check and the routing use.
         f"    http-request set-var(txn.be) var(txn.svc),map({map_path})",
+        f"    http-request set-var(txn.be) str({CONTROL_BACKEND}) if {{ var(txn.svc) -m str metrics }} {{ path /metrics }}",
         "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }",
         "    http-request set-var(txn.rid) req.hdr(x-request-id)",
         "    http-response set-header X-Request-Id %[var(txn.rid)]",
-        "    acl control path_beg /-/ || path /metrics",
-        "    acl known var(txn.be) -m found",
-        f"    http-request return status 404 content-type application/json lf-string {unknown} if !known !control",
-        f"    http-request set-var(txn.landed) var(txn.svc),map({landed_path}) if !control",
+        f"    http-request return status 404 content-type application/json lf-string {unknown} unless {{ var(txn.be) -m found }}",
+        f"    http-request set-var(txn.landed) var(txn.svc),map({landed_path}) unless {{ var(txn.be) -m str {CONTROL_BACKEND} }}",
         "    http-request return status 503 content-type application/json"
         f' hdr Retry-After "%[var(txn.landed),http_date]" lf-string {landed} if {{ var(txn.landed) -m found }}',
-        "    use_backend be_control if control",
         "    use_backend %[var(txn.be)]",
     ]

@@ -17,7 +17,7 @@ from hms_mgmt.models import EndpointSet
 from router import policy
 from router.control import Control
 from router.feed import EndpointTable, FeedSync
-from router.haproxy.config import render_config
+from router.haproxy.config import MAX_WEIGHT, render_config
 from router.haproxy.logs import LogProtocol, parse_log_line
 from router.haproxy.metrics import StatCollector, pods_info
 from router.haproxy.plan import Plan, plan_removals, plan_servers, plan_weights
@@ -119,7 +119,7 @@ class HAProxyEngine:
                 # One median per tick: a lone stall on a busy machine must not swing a weight.
                 policy.record_latency(pod, statistics.median(samples), now)
         self.samples.clear()
-        weights = {be.name: policy.weights(list(be.pods.values()), now) for be in self.backends if be.pods}
+        weights = {be.name: policy.weights(list(be.pods.values()), now, max_weight=MAX_WEIGHT) for be in self.backends if be.pods}
         await self._act(plan_weights(self.backends, weights))
         await self._act(plan_removals(self.backends, self.table.services, now, **self._maps()))
 

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hms_mgmt.models import Endpoint, EndpointSet
-from router import names, policy
+from router import names
+from router.haproxy.config import MAX_WEIGHT
 from router.haproxy.state import Backend, Command, Op, Server
 
 DRAIN_FORCE_S = 60.0  # a removed pod's connections are cut after this long
@@ -165,7 +166,7 @@ def _addition(be: Backend, service: str, ep: Endpoint, server_id: int) -> Step:
     The explicit id: HAProxy 2.6 gives dynamic servers ids that collide in the consistent-hash
     tree behind ``balance random``, and one pod then never gets a request."""
     sid = f"{be.name}/{ep.pod}"
-    add = f"add server {sid} {ep.address} weight {policy.MAX_WEIGHT} id {server_id} {SERVER_POOL} {SERVER_CHECK}"
+    add = f"add server {sid} {ep.address} weight {MAX_WEIGHT} id {server_id} {SERVER_POOL} {SERVER_CHECK}"
     step = (_cmd("add", be, service, ep.pod, add, ep.address),
             _cmd("enable-health", be, service, ep.pod, f"enable health {sid}"),
             _cmd("enable", be, service, ep.pod, f"enable server {sid}"))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from hms_mgmt.errors import ConfigError
+from router.haproxy.config import CONTROL_MAP
 from router.haproxy.runtime import RuntimeAPI
 
 INSTALL_HINT = "haproxy is not installed: `apt-get install haproxy` (Debian/Ubuntu), or use --engine builtin"
@@ -54,7 +55,7 @@ class HAProxyProcess:
         """Write ``config`` (checked first), start HAProxy and wait for its runtime socket."""
         binary = self.binary = binary or haproxy_binary()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.map_path.write_text("")
+        self.map_path.write_text(CONTROL_MAP)
         self.landed_path.write_text("")
         self.socket_path.unlink(missing_ok=True)
         self.config_path.write_text(config)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from router import policy
+from router.haproxy.config import MAX_WEIGHT
 
 ServerState = Literal["ready", "draining", "removing"]
 Op = Literal["add", "enable-health", "enable", "drain", "ready", "maint", "shutdown", "del", "weight", "map-add",
@@ -22,7 +23,7 @@ class Server:
     pod: str
     address: str
     state: ServerState = "ready"
-    weight: int = policy.MAX_WEIGHT
+    weight: int = MAX_WEIGHT
     removing_since: float = 0.0
 
 

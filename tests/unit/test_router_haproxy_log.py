@@ -40,6 +40,12 @@ def test_a_sampled_line_counts_for_the_requests_it_stands_for(engine):
     assert metric(engine, "hms_router_requests_total", service="svc", pod="pod-a", code="200") == 11
     assert metric(engine, "hms_router_requests_total", service="svc", pod="pod-a", code="502") == 4
     assert metric(engine, "hms_router_request_duration_seconds_count", service="svc", pod="pod-a") == 15
+    # The histogram takes a line's k requests in one step, in the bucket of its time (12, 15 and 40 ms).
+    bucket = {le: metric(engine, "hms_router_request_duration_seconds_bucket", service="svc", pod="pod-a", le=le)
+              for le in ("0.01", "0.025", "0.05")}
+    assert bucket == {"0.01": 0, "0.025": 3 + 4, "0.05": 15}
+    total = metric(engine, "hms_router_request_duration_seconds_sum", service="svc", pod="pod-a")
+    assert total == pytest.approx(3 * 0.0125 + 8 * 0.0405 + 4 * 0.0155)
     assert metric(engine, "hms_router_retries_total", service="svc", reason="haproxy") == 4
     # The latency score takes each answered line once (the -1 of a failed one is no sample).
     assert sorted(engine.samples[("be_0", "pod-a")]) == [10.0, 10.0, 10.0, 38.0]

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hms_mgmt.models import Endpoint, EndpointSet
-from router.haproxy.config import RETRIES, render_config
+from router.haproxy.config import MAX_WEIGHT, RETRIES, render_config
 from router.haproxy.plan import DRAIN_FORCE_S, SERVER_CHECK, Plan, plan_removals, plan_servers, plan_weights
 from router.haproxy.runtime import apply
 from router.haproxy.state import Backend
@@ -99,7 +99,7 @@ async def test_once_carried_the_same_table_plans_nothing():
     assert backends[0].servers["b"].state == "draining" and backends[0].pods["b"].draining
     assert plan(backends, wanted).steps == []
     assert removals(backends, wanted, 0.0).steps == []
-    assert plan_weights(backends, {"be_0": {"a": 256, "b": 10}}).steps == []
+    assert plan_weights(backends, {"be_0": {"a": MAX_WEIGHT, "b": 10}}).steps == []
 
 
 async def test_ready_and_draining_pods_change_state_only():
@@ -154,11 +154,11 @@ async def test_a_gone_service_loses_every_server_then_its_route_and_frees_its_ba
 async def test_weights_go_to_ready_servers_only_and_only_when_they_change_enough():
     backends = pool()
     await carry(backends, plan(backends, table("svc", ep("a", A), ep("b", B, "draining"))))
-    assert plan_weights(backends, {"be_0": {"a": 240, "b": 10}}).steps == []  # within 10 %, and b drains
-    p = plan_weights(backends, {"be_0": {"a": 100}})
-    assert p.lines() == ["set server be_0/a weight 100"]
+    assert plan_weights(backends, {"be_0": {"a": MAX_WEIGHT - 2, "b": 10}}).steps == []  # within 10 %, and b drains
+    p = plan_weights(backends, {"be_0": {"a": 12}})
+    assert p.lines() == ["set server be_0/a weight 12"]
     await carry(backends, p)
-    assert backends[0].servers["a"].weight == 100 and plan_weights(backends, {"be_0": {"a": 100}}).steps == []
+    assert backends[0].servers["a"].weight == 12 and plan_weights(backends, {"be_0": {"a": 12}}).steps == []
 
 
 # --- a landed service: the landed map says until when --------------------------------------------

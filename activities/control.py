@@ -334,7 +334,7 @@ class ControlActivities:
             await deny(self.sink, "", "notify_node_lost", f"node.lost of {inp.node} refused: {caller} is not the "
                        "NodeRegistry", node=inp.node, **caller.data())
         told = 0
-        for st in await self._other_services("", settings.task_queue, fresh=True):
+        for st in await self._other_services("", settings.task_queue, fresh=True) if inp.evict else []:
             if not any(p.node == inp.node for p in st.pods):
                 continue
             try:
@@ -344,7 +344,7 @@ class ControlActivities:
                 if e.status != RPCStatusCode.NOT_FOUND:  # ended meanwhile: nothing to replace
                     raise
         await self.sink.publish(Event(type="node.lost", service="", reason=inp.reason,
-                                      data={"node": inp.node, "services": told}))
+                                      data={"node": inp.node, "services": told, "evicted": inp.evict}))
         return told
 
     @activity.defn(name="watch_cpu")

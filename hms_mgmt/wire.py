@@ -290,6 +290,9 @@ class NodeLost(_Model):
 
     node: str = Field(max_length=253)
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    # False: every node fell silent at once, so its pods are not replaced (nowhere to go, and the
+    # silence is more likely the control plane's own); only the event is written
+    evict: bool = True
 
 
 # --- workflow inputs and results -------------------------------------------------------

@@ -47,6 +47,8 @@ LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means
 ENROLMENT = "node-enrolment"
 # patch: heartbeats checked before Lost is decided; a late timer gives a fresh grace; a Lost node must register
 GRACE = "node-lost-grace"
+# patch: when every Ready node falls silent at once, they are Lost but their pods are not replaced
+FULL_DISRUPTION = "node-lost-full-disruption"
 
 
 @workflow.defn(name=NODE_REGISTRY_WORKFLOW)
@@ -64,6 +66,7 @@ class NodeRegistry:
             for spec in inp.seed:
                 self.nodes[spec.name] = NodeRecord(spec=spec, source="config", registered_at=now, last_heartbeat=now)
         self.newly_lost: list[str] = []
+        self.held_lost: list[str] = []  # Lost in a full disruption: told as an event only
         self.beats: Heartbeats[NodeRegistration] = Heartbeats(inp.lost_after_s)
         self.check: SignedCheck[NodeRegistration] = SignedCheck(
             NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
@@ -203,6 +206,8 @@ class NodeRegistry:
                 await self._check_removals()
             while self.newly_lost:
                 await self._notify(self.newly_lost.pop(0))
+            while self.held_lost:
+                await self._notify(self.held_lost.pop(0), evict=False)
             deadline = self.beats.deadline(r.last_heartbeat for r in self.nodes.values() if r.state == "Ready")
             await self.beats.wait(
                 deadline, lambda: bool(self.removals) or continue_as_new_due(self.inp.history_threshold),
@@ -228,21 +233,29 @@ class NodeRegistry:
                 rec.last_heartbeat = now
 
     def _mark_lost(self) -> None:
+        """Every Ready node silent past the grace is Lost, and its services replace its pods. When
+        that is every Ready node at once, the pods stay (as Kubernetes' node controller stops
+        evicting in a full disruption): there is nowhere to put them, and a control plane that
+        hears no node is more likely cut off or overloaded itself."""
         now = workflow.now()
-        for rec in self.nodes.values():
-            if rec.state == "Ready" and self.beats.silent(rec.last_heartbeat, now):
-                rec.state = "Lost"
-                rec.lost_at = now
-                self.newly_lost.append(rec.spec.name)
-                workflow.logger.warning("node %s lost: no heartbeat for %ss", rec.spec.name, self.inp.lost_after_s)
+        ready = [rec for rec in self.nodes.values() if rec.state == "Ready"]
+        silent = [rec for rec in ready if self.beats.silent(rec.last_heartbeat, now)]
+        hold = bool(silent) and len(silent) == len(ready) and workflow.patched(FULL_DISRUPTION)
+        for rec in silent:
+            rec.state = "Lost"
+            rec.lost_at = now
+            (self.held_lost if hold else self.newly_lost).append(rec.spec.name)
+            workflow.logger.warning("node %s lost: no heartbeat for %ss%s", rec.spec.name, self.inp.lost_after_s,
+                                    " (every node silent: its pods stay)" if hold else "")
 
-    async def _notify(self, node: str) -> None:
+    async def _notify(self, node: str, *, evict: bool = True) -> None:
         rec = self.nodes[node]
         silent = (workflow.now() - rec.last_heartbeat).total_seconds() if rec.last_heartbeat else 0.0
+        why = f"node {node} lost: no heartbeat for {silent:.0f}s"
         await workflow.execute_activity_method(
             ControlActivities.notify_node_lost,
-            NodeLost(node=node, reason=f"node {node} lost: no heartbeat for {silent:.0f}s"),
+            NodeLost(node=node, reason=why if evict else f"{why}; every node is silent, so its pods stay", evict=evict),
             task_queue=self.inp.control_task_queue,
             start_to_close_timeout=NOTIFY_TIMEOUT,
-            summary=f"node {node} lost: tell its services",
+            summary=f"node {node} lost: tell its services" if evict else f"node {node} lost with every node: event only",
         )

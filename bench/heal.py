@@ -48,6 +48,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/x.py` puts bench/ first
 
 from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.healpath import activity_costs, docker_marks, step_table, steps_ms, workflow_marks  # noqa: E402
 from bench.lib.history import activity_timeline  # noqa: E402
 from bench.lib.poll import http_status, poll_until  # noqa: E402
 from bench.lib.ports import docker_client, label_filter, remove_containers, running_endpoints  # noqa: E402
@@ -243,7 +244,25 @@ async def measure_ours_crash(stack, name: str, st, cids: list[str], dclient, arg
         "dead_container_removed_s": rnd(t_removed),
         "load_average": load,
         "breakdown": await heal_breakdown(stack, name, victim.id, t0_wall),
+        "path": await heal_path(stack, dclient, name, victim.id, victim_cid, http, t0_wall),
     }
+
+
+async def heal_path(stack, dclient, name: str, old_pod: str, dead_cid: str, http: dict[str, Any],
+                    t0_wall: float) -> dict[str, Any] | None:
+    """The heal path's milestones (s since the kill) and steps (ms): bench/lib/healpath.py."""
+    from hms_mgmt import constants
+
+    try:
+        service_wf = constants.service_workflow_id(name)
+        marks, costs = await workflow_marks(stack.client, service_wf, f"{service_wf}-heal-{old_pod}", t0_wall)
+        marks.update(await asyncio.to_thread(docker_marks, dclient, dead_cid, http.get("container"), t0_wall))
+    except Exception as e:  # noqa: BLE001 - a figure we could not read is reported missing, not fatal
+        print(f"  (heal path of {name} not read: {e})", flush=True)
+        return None
+    at = {k: rnd(v - t0_wall) for k, v in marks.items()}
+    at.update(kill=0.0, http=rnd(http["elapsed_s"]))
+    return {"at_s": dict(sorted(at.items(), key=lambda kv: kv[1])), "steps_ms": steps_ms(at), "activities_ms": costs}
 
 
 # --- peer: docker run --restart=always -------------------------------------------------------
@@ -471,6 +490,22 @@ def report_a(a: dict[str, Any], ours: list[dict[str, Any]], args) -> None:
     print_table([[label, fig[k]["median_s"], fig[k]["max_s"], x] for label, k, x in rows],
                 ["side", "median s", "max s", "x peer"])
     print("  where our time goes (median, s since kill):", med_breakdown(ours))
+    report_path(ours)
+
+
+def heal_path_summary(ours: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each step of the heal path (ms, median and p95 over the runs) and each activity's cost."""
+    paths = [r["path"] for r in ours if r.get("path")]
+    return {"steps_ms": step_table(paths), "activities_ms": activity_costs(paths), "n": len(paths)}
+
+
+def report_path(ours: list[dict[str, Any]]) -> None:
+    summary_ = heal_path_summary(ours)
+    print("  the heal path, step by step (ms; ends at: median s since the kill):")
+    print_table([[step, f["median_ms"], f["p95_ms"], f["ends_at_s"]] for step, f in summary_["steps_ms"].items()],
+                ["step", "median ms", "p95 ms", "ends at s"])
+    print("  activities (scheduled -> completed, ms):",
+          {k: v["median_ms"] for k, v in summary_["activities_ms"].items()})
 
 
 def report_b(fig_b: dict[str, Any], args, floor_b: float) -> None:
@@ -517,6 +552,7 @@ def payload(a: dict[str, Any], fig_b: dict[str, Any], runs: dict[str, list[dict[
             "target_ratio": TARGET_A, "ratio": rnd(a["ratio"]),
             "pass": a["ratio"] is not None and a["ratio"] <= TARGET_A,
             "figures": a["figures"], "breakdown_median_s": med_breakdown(runs["ours"]),
+            "heal_path": heal_path_summary(runs["ours"]),
             "ours": runs["ours"], "peer": runs["peer"],
         },
         "b": {

@@ -231,7 +231,8 @@ class ControlActivities:
         if missing and inp.require_all:
             info = activity.info()
             reason = self._shortage(inp.service, request, usage, missing)
-            if info.attempt == 1 or info.attempt % 20 == 0:
+            # A local first try is asked again as an activity: that one's first attempt alerts.
+            if not info.is_local and (info.attempt == 1 or info.attempt % 20 == 0):
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
             await self._waiting(inp.service, caller.workflow_id, reason)

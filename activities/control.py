@@ -221,8 +221,15 @@ class ControlActivities:
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing."""
-        caller = await self._entitled(inp.service, "pick_node")
-        nodes, usage = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
+        # The reads start while the caller is checked (both are round trips to the server); an
+        # unentitled caller is refused before anything read is used or returned.
+        reading = asyncio.ensure_future(self._usage(inp.service, inp.spec, inp.placed, inp.nodes))
+        try:
+            caller = await self._entitled(inp.service, "pick_node")
+        except BaseException:
+            reading.cancel()
+            raise
+        nodes, usage = await reading
         request = placement_request(inp.spec)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         by_name = {n.name: n for n in nodes}

@@ -3,23 +3,9 @@ the kill, read from Docker (the die event, the replacement container's own creat
 times), the service's and the heal's workflow histories (activities, local ones included) and
 the outside poller; and each step between two milestones in milliseconds.
 
-The steps, in the order the heal takes them (a step whose milestones are missing is left out):
-
-    exit event        kill -> Docker's ``die`` event for the dead container
-    watch returns     die event -> watch_pods returned on the node (the exit reported to the server)
-    service reacts    -> the service workflow initiated the heal child (pod.exited event first)
-    heal child start  -> HealWorkflow started (server)
-    heal task pickup  -> the control worker took the heal's first workflow task
-    heal first task   -> it completed that task (the worker builds the new workflow's sandbox and
-                         runs it up to its first command; with local activities, up to start_pod)
-    pick_node         the Scheduler, scheduled -> completed
-    grants            -> start_pod scheduled: trust stamp + start ticket (authorize the start)
-    pod task pickup   -> the node's worker created the container (ticket/stamp checked there)
-    container start   created -> started (Docker)
-    first answer      started -> the poller's first 200 from /health
-    start_pod returns -> start_pod completed (the node saw it answer; activity completion)
-    report check      -> the node's signed report checked (check_pod_report)
-    feed push         publish_endpoints of the table with the replacement, scheduled -> completed
+``STEPS`` names each step, in the order a heal takes them, and what it spans; a step whose
+milestones a run lacks is left out of that run. Steps overlap where the work does: with the
+placement and the grants as local activities, "heal first task" holds both.
 """
 
 from __future__ import annotations
@@ -31,22 +17,28 @@ from typing import Any
 from bench.lib.history import activity_timeline
 from bench.lib.stats import median, pct, rnd
 
-# (step, from milestone, to milestone); milestones are keys of ``milestones()``'s result.
-STEPS: list[tuple[str, str, str]] = [
-    ("exit event", "kill", "die_event"),
-    ("watch returns", "die_event", "watch_returned"),
-    ("service reacts", "watch_returned", "heal_initiated"),
-    ("heal child start", "heal_initiated", "heal_started"),
-    ("heal task pickup", "heal_started", "heal_task.started"),
-    ("heal first task", "heal_task.started", "heal_task.completed"),
-    ("pick_node", "pick_node.scheduled", "pick_node.completed"),
-    ("grants (stamp + ticket)", "pick_node.completed", "start_pod.scheduled"),
-    ("pod task pickup", "start_pod.scheduled", "container_created"),
-    ("container start", "container_created", "container_started"),
-    ("first answer", "container_started", "http"),
-    ("start_pod returns", "http", "start_pod.completed"),
-    ("report check", "check_pod_report.scheduled", "check_pod_report.completed"),
-    ("feed push", "publish_endpoints.scheduled", "publish_endpoints.completed"),
+# (step, what it spans, from milestone, to milestone); milestones are keys of the marks read below.
+STEPS: list[tuple[str, str, str, str]] = [
+    ("exit event", "SIGKILL -> Docker's die event", "kill", "die_event"),
+    ("watch returns", "die event -> watch_pods returned with the exit (node worker)", "die_event", "watch_returned"),
+    ("service reacts", "-> the service workflow started the heal child (its task)", "watch_returned", "heal_initiated"),
+    ("heal child start", "-> HealWorkflow started (server)", "heal_initiated", "heal_started"),
+    ("heal task pickup", "-> the control worker took the heal's first task", "heal_started", "heal_task.started"),
+    ("heal first task", "-> that task completed: placement and grants when local, up to start_pod",
+     "heal_task.started", "heal_task.completed"),
+    ("pick_node", "the Scheduler: caller check, node table, other services' pods", "pick_node.scheduled",
+     "pick_node.completed"),
+    ("grants (stamp + ticket)", "trust stamp and start ticket, side by side -> start_pod scheduled",
+     "pick_node.completed", "start_pod.scheduled"),
+    ("pod task pickup", "start_pod taken by the node, ticket and stamp checked -> container created",
+     "start_pod.scheduled", "container_created"),
+    ("container start", "created -> started (Docker)", "container_created", "container_started"),
+    ("first answer", "started -> the poller's first 200 from /health", "container_started", "http"),
+    ("start_pod returns", "-> start_pod completed (the node saw it answer)", "http", "start_pod.completed"),
+    ("report check", "the node's signed report on the replacement checked", "check_pod_report.scheduled",
+     "check_pod_report.completed"),
+    ("feed push", "publish_endpoints with the replacement, to the routers", "publish_endpoints.scheduled",
+     "publish_endpoints.completed"),
 ]
 # Activities whose own cost (scheduled -> completed, ms) is recorded per heal.
 COSTED = ("watch_pods", "emit_event", "pick_node", "stamp_start", "start_ticket", "start_pod", "check_pod_report",
@@ -83,6 +75,22 @@ def docker_marks(dclient: Any, dead_id: str, replacement_id: str | None, t0_wall
     return out
 
 
+def local_ends(acts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Local activities with the end the worker saw: their marker is written only when the
+    workflow task completes (every local activity of one task at the same time), so one
+    followed by another step ends, at the latest, when the workflow scheduled that step (steps
+    scheduled together with it, within a millisecond, run beside it: the trust stamp and the
+    start ticket)."""
+    out = []
+    for a in acts:
+        if a.get("local") and "completed" in a:
+            nxt = [b["scheduled"] for b in acts if b is not a and a["scheduled"] + 0.001 < b["scheduled"] < a["completed"]]
+            if nxt:
+                a = {**a, "completed": min(nxt)}
+        out.append(a)
+    return out
+
+
 def _first(acts: list[dict[str, Any]], kind: str, after: float) -> dict[str, Any] | None:
     xs = sorted((a for a in acts if a["type"] == kind and "completed" in a and a["scheduled"] >= after),
                 key=lambda a: a["scheduled"])
@@ -94,6 +102,7 @@ async def workflow_marks(client: Any, service_wf: str, heal_wf: str, t0_wall: fl
     activity's scheduled -> completed (ms) in the heal path."""
     svc = await activity_timeline(client, service_wf)
     heal = await activity_timeline(client, heal_wf)
+    heal["activities"] = local_ends(heal["activities"])
     marks: dict[str, float] = {}
     init = next((m["t"] for m in svc["marks"] if m["event"] == "START_CHILD_WORKFLOW_EXECUTION_INITIATED"
                  and m["t"] >= t0_wall), None)
@@ -127,17 +136,17 @@ async def workflow_marks(client: Any, service_wf: str, heal_wf: str, t0_wall: fl
 
 def steps_ms(at: dict[str, float]) -> dict[str, float]:
     """Each step's milliseconds from its milestones (s since the kill)."""
-    return {step: round((at[b] - at[a]) * 1000, 1) for step, a, b in STEPS if a in at and b in at}
+    return {step: round((at[b] - at[a]) * 1000, 1) for step, _, a, b in STEPS if a in at and b in at}
 
 
 def step_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per step over the runs: median and p95 ms, and the median milestone it ends at (s since kill)."""
     out: dict[str, dict[str, Any]] = {}
-    for step, _, end in STEPS:
+    for step, what, _, end in STEPS:
         xs = [r["steps_ms"][step] for r in rows if step in (r.get("steps_ms") or {})]
         ends = [r["at_s"][end] for r in rows if end in (r.get("at_s") or {})]
         if xs:
-            out[step] = {"median_ms": rnd(median(xs), 1), "p95_ms": rnd(pct(xs, 0.95), 1), "n": len(xs),
+            out[step] = {"what": what, "median_ms": rnd(median(xs), 1), "p95_ms": rnd(pct(xs, 0.95), 1), "n": len(xs),
                          "ends_at_s": rnd(median(ends))}
     return out
 

@@ -103,13 +103,16 @@ class ControlActivities:
         The one place a pod start is authorized: a check that must hold *now*, at each start
         (heals and scale-ups come long after admission), goes here."""
         await self._entitled(inp.service, "start_ticket", pod=inp.pod_id, node=inp.node, revision=inp.revision)
-        settings = await asyncio.to_thread(self.settings)
+
+        def issue() -> str:  # one thread for the file reads and signatures: a start waits on this
+            state_dir = self.settings().state_dir
+            tickets.verify(state_dir, inp.ticket, service=inp.service, revision=inp.revision, spec=inp.spec,
+                           image_id=inp.image_id)
+            return tickets.start_ticket(state_dir, service=inp.service, revision=inp.revision, spec=inp.spec,
+                                        image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+
         try:
-            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
-                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
-            ticket = await asyncio.to_thread(tickets.start_ticket, settings.state_dir, service=inp.service,
-                                             revision=inp.revision, spec=inp.spec, image_id=inp.image_id,
-                                             pod_id=inp.pod_id, node=inp.node)
+            ticket = await asyncio.to_thread(issue)
         except AccessDenied as e:
             await deny(self.sink, inp.service, "start_ticket", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
                        node=inp.node, revision=inp.revision)

@@ -81,6 +81,7 @@ class ControlActivities:
         self.sink = sink
         self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._read_gate = asyncio.Semaphore(READ_CONCURRENCY)
         # service -> {the placing workflow's id: its wait}: placements waiting for room now, what
         # status().waiting_for shows (the service re-reads them on a ``capacity_changed`` hint)
         self._short: dict[str, dict[str, WaitingFor]] = {}
@@ -148,12 +149,16 @@ class ControlActivities:
         return TicketOutput(ticket=grant)
 
     async def _other_services(self, exclude: str, task_queue: str) -> list[ServiceStatus]:
-        """Every other running service's status. Placements that ask at the same time share
-        one read (a mass deploy or many heals would otherwise each query every service: N^2
-        queries), and one read asks up to ``READ_CONCURRENCY`` services at once."""
-        statuses = await self._shared(("services", task_queue), lambda: self._read_services(task_queue))
+        """Every other running service's status. Placements that ask at the same time share the
+        list and each service's one query (a mass deploy or many heals would otherwise each query
+        every service: N^2 queries); the caller's own service is not asked (its pods come with
+        the placement, and a heal's service is busy starting it), and up to ``READ_CONCURRENCY``
+        services are asked at once."""
+        ids = await self._shared(("services", task_queue), lambda: self._running_services(task_queue))
         skip = constants.service_workflow_id(exclude) if exclude else None
-        return [st for wf_id, st in statuses if wf_id != skip]
+        statuses = await asyncio.gather(*(self._shared(("status", wf_id), lambda w=wf_id: self._status(w))
+                                          for wf_id in ids if wf_id != skip))
+        return [st for st in statuses if st is not None]
 
     async def _shared(self, key: tuple[str, str], read: Callable[[], Awaitable[T]]) -> T:
         """Callers that ask for the same read while it is in flight get its one answer."""
@@ -164,19 +169,16 @@ class ControlActivities:
             fut.add_done_callback(lambda done: self._reads.pop(key, None) if self._reads.get(key) is done else None)
         return await asyncio.shield(fut)  # one caller cancelled must not cancel the others' read
 
-    async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
-        ids = [wf.id async for wf in self.client.list_workflows(names.running_services_query(task_queue))]
-        gate = asyncio.Semaphore(READ_CONCURRENCY)
+    async def _running_services(self, task_queue: str) -> list[str]:
+        return [wf.id async for wf in self.client.list_workflows(names.running_services_query(task_queue))]
 
-        async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
-            async with gate:
-                try:
-                    return wf_id, await self.client.get_workflow_handle(wf_id).query(names.Q.STATUS, result_type=ServiceStatus)
-                except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
-                    log.warning("could not read pods of %s: %s", wf_id, e)
-                    return None
-
-        return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
+    async def _status(self, wf_id: str) -> ServiceStatus | None:
+        async with self._read_gate:
+            try:
+                return await self.client.get_workflow_handle(wf_id).query(names.Q.STATUS, result_type=ServiceStatus)
+            except Exception as e:  # noqa: BLE001 - a service that cannot answer holds no capacity we know of
+                log.warning("could not read pods of %s: %s", wf_id, e)
+                return None
 
     async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus],
                      nodes: list[NodeSpec]) -> tuple[list[NodeSpec], dict[str, NodeUsage]]:

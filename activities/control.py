@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -105,13 +106,16 @@ class ControlActivities:
         The one place a pod start is authorized: a check that must hold *now*, at each start
         (heals and scale-ups come long after admission), goes here."""
         await self._entitled(inp.service, "start_ticket", pod=inp.pod_id, node=inp.node, revision=inp.revision)
-        settings = await asyncio.to_thread(self.settings)
+
+        def issue() -> str:  # one thread for the file reads and signatures: a start waits on this
+            state_dir = self.settings().state_dir
+            tickets.verify(state_dir, inp.ticket, service=inp.service, revision=inp.revision, spec=inp.spec,
+                           image_id=inp.image_id)
+            return tickets.start_ticket(state_dir, service=inp.service, revision=inp.revision, spec=inp.spec,
+                                        image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+
         try:
-            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
-                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
-            ticket = await asyncio.to_thread(tickets.start_ticket, settings.state_dir, service=inp.service,
-                                             revision=inp.revision, spec=inp.spec, image_id=inp.image_id,
-                                             pod_id=inp.pod_id, node=inp.node)
+            ticket = await asyncio.to_thread(issue)
         except AccessDenied as e:
             await deny(self.sink, inp.service, "start_ticket", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
                        node=inp.node, revision=inp.revision)
@@ -185,13 +189,12 @@ class ControlActivities:
         return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
     async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus], nodes: list[NodeSpec], *,
-                     fresh: bool = False) -> tuple[list[NodeSpec], dict[str, NodeUsage], Callable[[list[str]], None]]:
+                     fresh: bool = False) -> tuple[list[NodeSpec], dict[str, NodeUsage], tuple[FleetView, Counter[tuple[str, str]]]]:
         """The Ready nodes (or ``nodes``) and what is placed on each: ``placed`` (the service's
-        own pods), every other running service's pods, each at its spec's cpu and memory, and the
-        pods this worker placed that the read does not show yet. The third value books a
-        placement made on this usage: call it before the next ``await``."""
+        own pods) and every other running service's pods, each at its spec's cpu and memory (the
+        pods this worker placed since are added by ``_assume``); and the view with the pods it
+        read per service and node."""
         settings = await asyncio.to_thread(self.settings)
-        view = self._fleet(settings.task_queue)
         # The nodes and the other services' pods: two reads, at the same time.
         others = asyncio.ensure_future(self._other_services(service, settings.task_queue, fresh=fresh))
         try:
@@ -215,11 +218,19 @@ class ControlActivities:
             for pod in other.pods:
                 if pod.health != "exited":
                     take(pod.node, 1, other.spec.cpu_limit or 0.0, other.spec.memory_mb or 0)
-        seen = pods_by_key(statuses)
+        return nodes, usage, (self._fleet(settings.task_queue), pods_by_key(statuses))
+
+    @staticmethod
+    def _assume(service: str, spec: ServiceSpec, usage: dict[str, NodeUsage],
+                read: tuple[FleetView, Counter[tuple[str, str]]]) -> Callable[[list[str]], None]:
+        """Add the pods this worker placed that the read does not show yet; the result books a
+        placement made on this usage. No ``await`` between the two: placements see each other."""
+        view, seen = read
         for node, n, cpu, memory_mb in view.assumed(seen, exclude=service):
-            take(node, n, cpu, memory_mb)
+            if (u := usage.get(node)) is not None:
+                u.used_pods, u.used_cpu, u.used_memory_mb = u.used_pods + n, u.used_cpu + n * cpu, u.used_memory_mb + n * memory_mb
         request = placement_request(spec)
-        return nodes, usage, lambda picked: view.book(service, picked, seen, request.cpu, request.memory_mb)
+        return lambda picked: view.book(service, picked, seen, request.cpu, request.memory_mb)
 
     @staticmethod
     def _shortage(service: str, request: PlacementRequest, usage: dict[str, NodeUsage], missing: int) -> str:
@@ -237,12 +248,21 @@ class ControlActivities:
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing. No room is
         decided on a fresh read of the fleet, never on the view kept between placements."""
-        caller = await self._entitled(inp.service, "pick_node")
+        # The reads start while the caller is checked (both are round trips to the server); an
+        # unentitled caller is refused before anything read is used or returned.
+        reading = asyncio.ensure_future(self._usage(inp.service, inp.spec, inp.placed, inp.nodes))
+        try:
+            caller = await self._entitled(inp.service, "pick_node")
+        except BaseException:
+            reading.cancel()
+            raise
         request = placement_request(inp.spec)
-        nodes, usage, book = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes)
+        nodes, usage, seen = await reading
+        book = self._assume(inp.service, inp.spec, usage, seen)
         picked = pick_nodes(list(usage.values()), request, inp.count)
         if None in picked:
-            nodes, usage, book = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes, fresh=True)
+            nodes, usage, seen = await self._usage(inp.service, inp.spec, inp.placed, inp.nodes, fresh=True)
+            book = self._assume(inp.service, inp.spec, usage, seen)
             picked = pick_nodes(list(usage.values()), request, inp.count)
         missing = picked.count(None)
         if not (missing and inp.require_all):
@@ -250,7 +270,8 @@ class ControlActivities:
         else:  # refused: nothing placed, nothing booked
             info = activity.info()
             reason = self._shortage(inp.service, request, usage, missing)
-            if info.attempt == 1 or info.attempt % 20 == 0:
+            # A local first try is asked again as an activity: that one's first attempt alerts.
+            if not info.is_local and (info.attempt == 1 or info.attempt % 20 == 0):
                 await self.sink.publish(Event(type="capacity.alert", service=inp.service, reason=reason,
                                               data={"missing": missing, "attempt": info.attempt}))
             await self._waiting(inp.service, caller.workflow_id, reason)
@@ -482,7 +503,8 @@ class ControlActivities:
             rollout_plan = out.change.rollout
             count = rollout_plan.rounds[0].start if rollout_plan and rollout_plan.rounds else 0
             placed = [p for p in running.pods if p.health != "exited"]
-        _, usage, _ = await self._usage(spec.name, spec, placed, [])
+        _, usage, seen = await self._usage(spec.name, spec, placed, [])
+        self._assume(spec.name, spec, usage, seen)  # a dry run books nothing
         out.placement, out.pod_nodes = plan_placement(spec, usage, count)
         out.replicas, out.unplaced = count, out.pod_nodes.count(None)
         if out.unplaced:

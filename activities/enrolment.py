@@ -175,27 +175,34 @@ class NodeTrustActivities:
         """The control plane's word for one pod start: the revision was admitted (its ticket) and
         its pinned image is signed and not revoked now. A revocation here stops new pods on
         every host at once: none of them keeps a trust store of its own."""
-        settings = await asyncio.to_thread(self.settings)
+        # One thread for the file reads and signatures: a start waits on this.
+        stamp, refusal = await asyncio.to_thread(self._stamp, inp)
+        if refusal is None:
+            return StampOutput(stamp=stamp)
+        kind, reason, message = refusal
+        await self._denied(reason, service=inp.service, action="start_pod", node=inp.node, pod=inp.pod_id)
+        raise ApplicationError(message, type=kind, non_retryable=True)
+
+    def _stamp(self, inp: StampInput) -> tuple[str, tuple[str, str, str] | None]:
+        """(the stamp, None), or ("", (error type, the event's reason, the error's message))."""
+        state_dir = self.settings().state_dir
         try:
-            await asyncio.to_thread(tickets.verify, settings.state_dir, inp.ticket, service=inp.service,
-                                    revision=inp.revision, spec=inp.spec, image_id=inp.image_id)
+            tickets.verify(state_dir, inp.ticket, service=inp.service, revision=inp.revision, spec=inp.spec,
+                           image_id=inp.image_id)
         except AccessDenied as e:
-            await self._denied(f"pod {inp.pod_id} of {inp.service} not stamped: {e}", service=inp.service,
-                               action="start_pod", node=inp.node, pod=inp.pod_id)
-            raise ApplicationError(f"pod {inp.pod_id} not started: {e}", type=ActivityErrorType.ACCESS_DENIED,
-                                   non_retryable=True) from None
-        ok, detail = await asyncio.to_thread(TrustStore(settings.state_dir).verify, inp.spec.image, inp.image_id)
+            return "", (ActivityErrorType.ACCESS_DENIED, f"pod {inp.pod_id} of {inp.service} not stamped: {e}",
+                        f"pod {inp.pod_id} not started: {e}")
+        store = TrustStore(state_dir)
+        ok, detail = store.verify(inp.spec.image, inp.image_id)
         if not ok:
-            await self._denied(f"pod {inp.pod_id} not started on node {inp.node}: image {inp.spec.image} is not "
-                               f"trusted now ({detail})", service=inp.service, action="start_pod", node=inp.node,
-                               pod=inp.pod_id)
-            raise ApplicationError(f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}",
-                                   type=ActivityErrorType.IMAGE_UNTRUSTED, non_retryable=True)
-        digest = await asyncio.to_thread(TrustStore(settings.state_dir).repo_digest, inp.spec.image, inp.image_id)
-        stamp = await asyncio.to_thread(nodeid.issue_stamp, settings.state_dir, service=inp.service,
-                                        revision=inp.revision, image_id=inp.image_id, pod_id=inp.pod_id,
-                                        node=inp.node, repo_digest=digest)
-        return StampOutput(stamp=stamp)
+            return "", (ActivityErrorType.IMAGE_UNTRUSTED,
+                        f"pod {inp.pod_id} not started on node {inp.node}: image {inp.spec.image} is not "
+                        f"trusted now ({detail})",
+                        f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}")
+        stamp = nodeid.issue_stamp(state_dir, service=inp.service, revision=inp.revision, image_id=inp.image_id,
+                                   pod_id=inp.pod_id, node=inp.node,
+                                   repo_digest=store.repo_digest(inp.spec.image, inp.image_id))
+        return stamp, None
 
     @activity.defn(name="trust_now")
     async def trust_now(self, inp: VerifyImageInput) -> VerifyImageOutput:

@@ -453,10 +453,15 @@ class _Watch:
     async def exited_failures(self, pod_ids: list[str]) -> list[PodFailure]:
         out = []
         for pid in pod_ids:
-            handle = await asyncio.to_thread(self.runtime.find, pid)
-            code = handle.exit_code if handle else None
+            # An exit the event stream reported comes with its code: no engine call before the
+            # workflow hears of it (an inspect takes 100-200 ms on a busy Docker host).
+            code = self.runtime.reported_exit(pid)
+            found = code is not None
+            if not found:
+                handle = await asyncio.to_thread(self.runtime.find, pid)
+                found, code = handle is not None, handle.exit_code if handle else None
             out.append(PodFailure(pod_id=pid, kind="exited", exit_code=code,
-                                  detail=f"pod process exited (exit code {code})" if handle else "pod is gone"))
+                                  detail=f"pod process exited (exit code {code})" if found else "pod is gone"))
         return out
 
     async def run(self) -> WatchResult:

@@ -11,6 +11,7 @@ not hold is shown as "-".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -78,6 +79,27 @@ def heal_rows(d: dict[str, Any]) -> list[Row]:
                      f"floor {b.get('detection_floor_s')}", f.get("ratio_to_floor"), f"<= {b.get('target_s')} s",
                      ok(f.get("pass"))])
     return rows
+
+
+def heal_path_lines(d: dict[str, Any]) -> list[str]:
+    """(a)'s heal path step by step, and each activity's own cost on it (ms over the runs)."""
+    path = get(d, "a", "heal_path") or {}
+    steps, acts = path.get("steps_ms") or {}, path.get("activities_ms") or {}
+    if not steps:
+        return []
+    lines = ["", f"Where the time of (a) goes, step by step ({path.get('n')} heals; ms; \"ends at\": the median "
+             "seconds since the kill). Read from Docker's die event and the replacement container's created and "
+             "started times, the service's and the heal's workflow histories (local activities included) and the "
+             "poller (`bench/lib/healpath.py`).", "",
+             "| step | what it spans | median ms | p95 ms | ends at (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {step} | {fmt(f.get('what'))} | {fmt(f.get('median_ms'))} | {fmt(f.get('p95_ms'))} "
+              f"| {fmt(f.get('ends_at_s'))} |" for step, f in steps.items()]
+    if acts:
+        lines += ["", "Each activity on that path, scheduled -> completed:", "",
+                  "| activity | median ms | p95 ms | n |", "|---|---|---|---|"]
+        lines += [f"| {k} | {fmt(v.get('median_ms'))} | {fmt(v.get('p95_ms'))} | {fmt(v.get('n'))} |"
+                  for k, v in acts.items()]
+    return lines
 
 
 def scale_rows(d: dict[str, Any]) -> list[Row]:
@@ -241,6 +263,8 @@ ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "hostloss": hostloss_rows, "soak": soak_rows, "soak_ramp": soak_ramp_rows,
 }
 EXTRAS: dict[str, Callable[[dict[str, Any]], str]] = {"soak_ramp": ramp_table}
+# Tables a benchmark's section adds below its figures.
+DETAILS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"heal": heal_path_lines}
 PEERS = {
     "deploy": "10 parallel `docker run` + the same /health poller",
     "heal": "(a) Docker `--restart=always`; (b) the detection floor health_failures x health_interval_s",
@@ -346,6 +370,8 @@ def render(results: dict[str, dict[str, Any]], budget: dict[str, Any] | None = N
         sec += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
         if name in EXTRAS:
             sec += ["", EXTRAS[name](d)]
+        with contextlib.suppress(Exception):  # an unexpected shape leaves the details out, not the section
+            sec += DETAILS.get(name, lambda _: [])(d)
         sec += ["", f"Command: `{command(name, d)}`  ", f"Run: {stamp(d)}, commit `{commit}`, "
                 f"load {load_text(d)}"]
         if d.get("source_changed_during_run"):

@@ -177,13 +177,28 @@ async def pick_nodes(
     placed: list[PodStatus],
     *,
     require_all: bool,
+    local_first: bool = False,
 ) -> list[NodeSpec | None]:
     """Ask the Scheduler. With ``require_all`` it raises CapacityUnavailable (and emits
     ``capacity.alert``) until every pod fits, and the retry policy keeps asking: the
-    service waits for capacity instead of failing."""
+    service waits for capacity instead of failing.
+
+    ``local_first`` (a workflow on the control queue): ask once as a local activity, with no
+    round trip through the server; only when that fails (no room yet, a read failed) is it
+    asked as an activity that retries, so a long wait for room adds no events meanwhile."""
+    inp = PickNodeInput(service=spec.name, spec=spec, nodes=[], count=count, placed=placed, require_all=require_all)
+    if local_first:
+        try:
+            result = await workflow.execute_local_activity_method(
+                ControlActivities.pick_node, inp, start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=1), summary=f"place {count} pod(s)")
+            return result.nodes
+        except ActivityError as e:
+            if isinstance(e.cause, CancelledError):
+                raise
     result = await workflow.execute_activity_method(
         ControlActivities.pick_node,
-        PickNodeInput(service=spec.name, spec=spec, nodes=[], count=count, placed=placed, require_all=require_all),
+        inp,
         task_queue=placement.control_task_queue,
         start_to_close_timeout=timedelta(seconds=30),
         retry_policy=RetryPolicy(

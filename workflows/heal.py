@@ -28,6 +28,7 @@ from workflows.common import (
 )
 from workflows.deploy import report_to_parent
 
+HEAL_LOCAL_PLACEMENT = "heal-local-placement"  # patch: pick_node asked once as a local activity first
 LOST_NODE_STOP_WAIT = timedelta(seconds=10)  # for a Lost node's worker to take the old pod's stop
 
 
@@ -38,13 +39,15 @@ class HealWorkflow:
         await require_parent(HEAL_WORKFLOW, inp.spec.name)
         spec = inp.spec
         attempt = 0
+        # The first placement asked as a local activity: no round trip before the replacement starts.
+        local = workflow.patched(HEAL_LOCAL_PLACEMENT)
         while True:
             failures = inp.crash_count + attempt
             delay = backoff_delay(failures, initial_s=spec.backoff_initial_s, max_s=spec.backoff_max_s)
             if delay > 0:
                 await workflow.sleep(timedelta(seconds=delay), summary=f"crash-loop backoff {delay:g}s")
             pod_id = str(workflow.uuid4())
-            node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True))[0]
+            node = (await pick_nodes(inp.placement, spec, 1, inp.existing, require_all=True, local_first=local))[0]
             assert node is not None
             try:
                 replacement = await start_and_wait(spec, inp.revision, pod_id, node, report_to_parent,

@@ -180,5 +180,10 @@ class PodRuntime(abc.ABC):
         caller then polls ``exited``)."""
         return None
 
+    def reported_exit(self, pod_id: str) -> int | None:
+        """The exit code the event stream gave with the pod's exit, None if it gave none: a
+        watcher that learnt of an exit from the stream need not ask the engine again."""
+        return None
+
     def close(self) -> None:
         """Release clients and background threads."""

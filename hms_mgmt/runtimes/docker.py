@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _CGROUP_V1 = Path("/sys/fs/cgroup/cpuacct/docker")
 _CGROUP_V2 = Path("/sys/fs/cgroup/system.slice")
+EXIT_CODES_KEPT = 4096  # die events' exit codes remembered (pods' last exits, newest kept)
 
 
 def docker_available(timeout: float = 2.0) -> bool:
@@ -74,6 +76,7 @@ class DockerRuntime(PodRuntime):
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hms-docker-stats")
         self._lock = threading.Lock()
         self._subscribers = ExitSubscribers(self._lock)
+        self._exit_codes: OrderedDict[str, int] = OrderedDict()  # pod id -> exit code, from die events
         self._pod_locks: dict[str, threading.Lock] = {}
         self._events_thread: threading.Thread | None = None
         self._events_stream = None
@@ -138,65 +141,72 @@ class DockerRuntime(PodRuntime):
             return self._run(req)
 
     def _run(self, req: PodLaunch) -> PodHandle:
-        spec = req.spec
-        env = dict(spec.env)
-        env.update(
-            {
-                "PORT": str(spec.port),
-                "HMS_POD_ID": req.pod_id,
-                "HMS_SERVICE": req.service,
-                "HMS_REVISION": str(req.revision),
-            }
-        )
-        kwargs: dict[str, object] = {"mounts": self._secrets_mount(req)} if req.secrets else {}
-        if spec.cpu_limit:
-            kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
-        memory_mb = spec.memory_mb or self.limits.memory_mb
-        kwargs["mem_limit"] = f"{memory_mb}m"
-        kwargs["memswap_limit"] = f"{memory_mb}m"  # no swap on top: the limit is the limit
-        if spec.read_only_root:
-            kwargs["read_only"] = True
-            kwargs["tmpfs"] = {"/tmp": "rw,noexec,nosuid,size=64m"}
+        """Create, then start at once (no inspect between the two: it is on a heal's critical
+        path), then read the published host port back."""
+        image = req.image_id or req.spec.image  # the pinned content id: a re-pointed tag changes nothing
         try:
-            container = self.client.containers.run(  # pulls the image first when it is missing
-                req.image_id or spec.image,  # the pinned content id: a re-pointed tag changes nothing
-                command=spec.command,
-                detach=True,
-                name=f"hms-{req.service}-{req.pod_id[:12]}",
-                labels={
-                    c.LABEL_SERVICE: req.service,
-                    c.LABEL_POD: req.pod_id,
-                    c.LABEL_REVISION: str(req.revision),
-                    c.LABEL_IMAGE: spec.image,
-                    c.LABEL_NODE: self.node,
-                    c.LABEL_MANAGED: "1",
-                },
-                environment=env,
-                ports={f"{spec.port}/tcp": (self.address, None)},
-                pids_limit=self.limits.pids,
-                security_opt=["no-new-privileges"],
-                cap_drop=["ALL"],
-                cap_add=list(spec.cap_add) or None,
-                **kwargs,
-            )
+            try:
+                created = self._create(req, image)
+            except docker.errors.ImageNotFound:
+                self.client.images.pull(image)
+                created = self._create(req, image)
+            self.client.api.start(created["Id"])
         except docker.errors.ImageNotFound as e:
             raise PodRuntimeError(
-                f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
+                f"image {req.spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
                 error_type=ActivityErrorType.IMAGE_NOT_FOUND,
             ) from e
         except docker.errors.APIError as e:
             if e.status_code == 400:
                 raise PodRuntimeError(f"docker refused the pod: {e.explanation or e}", error_type=ActivityErrorType.SPEC_UNRUNNABLE) from e
             url = getattr(e.response, "url", "") or ""
-            if url.split("?")[0].endswith("/images/create"):  # the pull run() tried for a missing image failed
+            if url.split("?")[0].endswith("/images/create"):  # the pull of a missing image failed
                 raise PodRuntimeError(
-                    f"image {spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
+                    f"image {req.spec.image!r} is not on node {self.node} and cannot be pulled: {e.explanation or e}",
                     error_type=ActivityErrorType.IMAGE_NOT_FOUND,
                 ) from e
             raise
-        container.reload()  # the published host port is known only once it runs
+        container = self.client.containers.get(created["Id"])  # the published host port is known only once it runs
         log.info("started pod %s (%s) as container %s", req.pod_id, req.service, container.short_id)
         return self._handle(container)
+
+    def _create(self, req: PodLaunch, image: str) -> dict[str, str]:
+        spec = req.spec
+        env = dict(spec.env)
+        env.update({"PORT": str(spec.port), "HMS_POD_ID": req.pod_id, "HMS_SERVICE": req.service,
+                    "HMS_REVISION": str(req.revision)})
+        memory = f"{spec.memory_mb or self.limits.memory_mb}m"
+        api = self.client.api
+        host_config = api.create_host_config(
+            port_bindings={f"{spec.port}/tcp": (self.address, None)},
+            pids_limit=self.limits.pids,
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"],
+            cap_add=list(spec.cap_add) or None,
+            mem_limit=memory,
+            memswap_limit=memory,  # no swap on top: the limit is the limit
+            nano_cpus=int(spec.cpu_limit * 1e9) if spec.cpu_limit else None,
+            read_only=True if spec.read_only_root else None,
+            tmpfs={"/tmp": "rw,noexec,nosuid,size=64m"} if spec.read_only_root else None,
+            mounts=self._secrets_mount(req) if req.secrets else None,
+        )
+        return api.create_container(
+            image,
+            command=spec.command,
+            detach=True,
+            name=f"hms-{req.service}-{req.pod_id[:12]}",
+            labels={
+                c.LABEL_SERVICE: req.service,
+                c.LABEL_POD: req.pod_id,
+                c.LABEL_REVISION: str(req.revision),
+                c.LABEL_IMAGE: spec.image,
+                c.LABEL_NODE: self.node,
+                c.LABEL_MANAGED: "1",
+            },
+            environment=env,
+            ports=[(spec.port, "tcp")],
+            host_config=host_config,
+        )
 
     def _secrets_mount(self, req: PodLaunch) -> list[Mount]:
         """``/run/secrets``: the pod's files on the node's tmpfs (0400, owned by the image's user),
@@ -293,9 +303,12 @@ class DockerRuntime(PodRuntime):
                 )
                 self._events_stream = stream
                 for event in stream:
-                    pod_id = ((event.get("Actor") or {}).get("Attributes") or {}).get(c.LABEL_POD)
+                    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+                    pod_id = attrs.get(c.LABEL_POD)
                     if not pod_id:
                         continue
+                    with self._lock:
+                        self._remember_exit(pod_id, attrs.get("exitCode"))
                     for cb in self._subscribers.current():
                         cb(pod_id)
             except Exception as e:  # noqa: BLE001 - reconnect: the watchers poll meanwhile
@@ -303,6 +316,19 @@ class DockerRuntime(PodRuntime):
                     return
                 log.warning("docker event stream broke (%s); reconnecting", e)
                 time.sleep(1)
+
+    def _remember_exit(self, pod_id: str, code: str | None) -> None:
+        if code is None or not code.lstrip("-").isdigit():
+            return
+        self._exit_codes[pod_id] = int(code)
+        self._exit_codes.move_to_end(pod_id)
+        while len(self._exit_codes) > EXIT_CODES_KEPT:
+            self._exit_codes.popitem(last=False)
+
+    def reported_exit(self, pod_id: str) -> int | None:
+        """The ``exitCode`` of the pod's container's last ``die`` event (no engine call)."""
+        with self._lock:
+            return self._exit_codes.get(pod_id)
 
     def content_id(self, image: str) -> str:
         try:

@@ -121,3 +121,36 @@ def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -
     assert "First to miss its target: **probe lag p99 (s)** = 1.2 (target <= 1) at **200 services** (400 pods)." in text
     assert "| [soak_ramp](#soak_ramp) | FAIL (1 of 1) |" in text
     assert "Command: `.venv/bin/python bench/soak.py --ramp 100,200`" in text
+
+
+def test_heal_section_carries_the_heal_path_step_by_step(tmp_path: Path) -> None:
+    from bench.lib.healpath import local_ends, step_table, steps_ms
+
+    # Two heals' milestones (s since the kill); the local pick_node ends when the grants are scheduled.
+    acts = local_ends([{"type": "pick_node", "scheduled": 10.0, "completed": 10.05, "local": True},
+                       {"type": "stamp_start", "scheduled": 10.02, "completed": 10.05, "local": True},
+                       {"type": "start_ticket", "scheduled": 10.0201, "completed": 10.05, "local": True}])
+    assert [round(a["completed"], 4) for a in acts] == [10.02, 10.05, 10.05]
+    runs = [{"at_s": {"kill": 0.0, "die_event": 0.04, "watch_returned": 0.05, "http": 0.4, "container_started": 0.3},
+             "activities_ms": {"pick_node": [12.0]}},
+            {"at_s": {"kill": 0.0, "die_event": 0.06, "watch_returned": 0.08}, "activities_ms": {"pick_node": [14.0]}}]
+    for r in runs:
+        r["steps_ms"] = steps_ms(r["at_s"])
+    table = step_table(runs)
+    assert table["exit event"]["median_ms"] == 50.0 and table["exit event"]["n"] == 2
+    assert table["first answer"] == {"what": table["first answer"]["what"], "median_ms": 100.0, "p95_ms": 100.0,
+                                     "n": 1, "ends_at_s": 0.4}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "heal.json").write_text(json.dumps({
+        "timestamp": "2026-01-02T03:04:05+00:00", "git_commit": "abc123def4567890", "argv": [],
+        "a": {"ratio": 1.1, "target_ratio": 1.26, "pass": True,
+              "figures": {"ours_replacement_http": {"median_s": 0.5}, "peer_docker_restart_http": {"median_s": 0.45}},
+              "heal_path": {"n": 2, "steps_ms": table, "activities_ms": {"pick_node": {"median_ms": 13.0, "p95_ms": 14.0,
+                                                                                      "n": 2}}}},
+    }))
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| exit event | SIGKILL -> Docker's die event | 50 | 60 | 0.05 |" in text
+    assert "| pick_node | 13 | 14 | 2 |" in text

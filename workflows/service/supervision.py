@@ -33,6 +33,7 @@ from workflows.scale import ScaleWorkflow
 from workflows.service.feed import EndpointFeed
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun, cancel_quietly
 
+HEAL_FIRST = "heal-before-event"  # patch: a failed pod's heal child starts in the same task as its event
 WATCH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
 
 
@@ -195,9 +196,13 @@ class Supervision:
         event = "pod.exited" if failure.kind == "exited" else "pod.unhealthy"
         run.failing.add(pod.id)
         try:
+            heal_first = workflow.patched(HEAL_FIRST)
+            if heal_first:
+                self.start_heal(pod, failure)  # the replacement is on its way while the event is written
             await run.emit(event, f"pod {pod.id}: {failure.detail}", pod=pod.id, node=pod.node,
                            exit_code=failure.exit_code)
-            self.start_heal(pod, failure)
+            if not heal_first:
+                self.start_heal(pod, failure)
         finally:
             run.failing.discard(pod.id)
 

@@ -34,6 +34,7 @@ from router import policy
 from router.control import Control
 from router.feed import EndpointTable, FeedSync
 from router.stats import TrafficStats
+from router.workers import Workers
 
 log = logging.getLogger("hms.router.builtin")
 
@@ -353,21 +354,39 @@ def build_app(engine: BuiltinEngine, control: Control) -> web.Application:
     return app
 
 
+def _control(engine: BuiltinEngine, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
+             workers: Workers | None) -> Control:
+    if workers is None:
+        return Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
+    return Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
+                   before_metrics=workers.pull, before_stats=workers.pull, applied=workers.applied,
+                   applied_versions=workers.versions)  # type: ignore[arg-type]
+
+
 async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats, *, host: str, port: int,
-                      ready: asyncio.Event | None = None, options: ProxyOptions | None = None) -> None:
-    """Serve until cancelled."""
+                      ready: asyncio.Event | None = None, options: ProxyOptions | None = None, procs: int = 1
+                      ) -> None:
+    """Serve until cancelled; with ``procs`` > 1, this process and ``procs - 1`` workers share
+    the port (:mod:`router.workers`)."""
     engine = BuiltinEngine(table, stats, options)
     await engine.start()
-    control = Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
-    runner = web.AppRunner(build_app(engine, control), access_log=None, handle_signals=False)
+    workers = None
+    if procs > 1:
+        workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs, synced=sync.synced)
+    runner = web.AppRunner(build_app(engine, _control(engine, table, sync, stats, workers)), access_log=None,
+                           handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
-        await site.start()
-        log.info("router (builtin) on http://%s:%d", host, port)
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=workers is not None).start()
+        if workers is not None:
+            await web.UnixSite(runner, str(workers.control_sock)).start()  # the workers' control relay
+            await workers.start()
+        log.info("router (builtin, %d process%s) on http://%s:%d", procs, "es" if procs > 1 else "", host, port)
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()
     finally:
+        if workers is not None:
+            await workers.close()
         await runner.cleanup()
         await engine.close()

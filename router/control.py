@@ -47,6 +47,7 @@ class Control:
     stats: TrafficStats
     pods_info: Callable[[str], dict[str, Any]] | None = None
     before_metrics: Callable[[], Any] | None = None
+    before_stats: Callable[[], Any] | None = None  # awaited before /-/stats (builtin: pull the workers' figures)
     applied: asyncio.Event | None = None  # set once the engine carries the first full table (default: at load)
     applied_versions: dict[str, int] | None = None  # service -> table version the engine carries
     drain_waiters: int = field(default=0, init=False)
@@ -74,6 +75,8 @@ class Control:
         return web.json_response({"engine": self.engine, **snap})
 
     async def stats_json(self, request: web.Request) -> web.Response:
+        if self.before_stats is not None:
+            await self.before_stats()
         out = self.stats.summary(list(self.table.services))
         if self.pods_info is not None:
             for name, svc in out["services"].items():

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from hms_mgmt.models import EndpointSet
 from router import policy
@@ -194,7 +195,7 @@ class BuiltinEngine:
         resp.headers.update(headers)
         return resp
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.monotonic()
         raw = request.raw_path
         rest = raw[1:]
@@ -219,7 +220,7 @@ class BuiltinEngine:
                                     **{"Retry-After": "1"})
         return await self._forward(request, pool, tail, rid, t0)
 
-    def _headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
+    def _headers(self, request: web.BaseRequest, rid: str) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
@@ -230,7 +231,7 @@ class BuiltinEngine:
         h["X-Request-Id"] = rid
         return h
 
-    async def _forward(self, request: web.Request, pool: ServicePool, tail: str, rid: str, t0: float
+    async def _forward(self, request: web.BaseRequest, pool: ServicePool, tail: str, rid: str, t0: float
                        ) -> web.StreamResponse:
         headers = self._headers(request, rid)
         body: Any = None
@@ -273,7 +274,7 @@ class BuiltinEngine:
         return self._json_error(failed.status, {**failed.info, "service": pool.name, "attempts": attempt}, rid,
                                 **extra)
 
-    async def _attempt(self, request: web.Request, pool: ServicePool, pod: policy.PodState, tail: str,
+    async def _attempt(self, request: web.BaseRequest, pool: ServicePool, pod: policy.PodState, tail: str,
                        headers: CIMultiDict[str], body: Any, rid: str, t0: float, *, last: bool
                        ) -> web.StreamResponse | _Failed:
         """One try on one pod: the response, or how it failed and whether another pod may be tried."""
@@ -282,8 +283,9 @@ class BuiltinEngine:
         assert session is not None
         sent = time.monotonic()
         try:
-            async with session.request(request.method, f"http://{pod.address}{tail}", headers=headers, data=body,
-                                       allow_redirects=False) as up:
+            # encoded: the caller's path as it came (already percent-encoded), not parsed again
+            url = URL(f"http://{pod.address}{tail}", encoded=True)
+            async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
                 ms = (time.monotonic() - sent) * 1000
                 if up.status in RETRY_STATUSES and idempotent and not last:
                     await up.read()
@@ -319,7 +321,7 @@ class BuiltinEngine:
             log.warning("ejected pod %s of %s for %.0fs after consecutive failures", pod.pod, pool.name,
                         pod.ejected_until - now)
 
-    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
+    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
                      ) -> web.StreamResponse:
         headers = CIMultiDict((k, v) for k, v in up.headers.items()
                               if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
@@ -347,11 +349,33 @@ class BuiltinEngine:
         return resp
 
 
-def build_app(engine: BuiltinEngine, control: Control) -> web.Application:
-    app = web.Application(client_max_size=BUFFER_BYTES)
-    control.add_routes(app)
-    app.router.add_route("*", "/{tail:.*}", engine.handle)
-    return app
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Dispatch:
+    """The handler of a low-level aiohttp server (no URL router, no application per request):
+    a control endpoint (``/-/...``, ``/metrics``) by its method and path, or by ``control``
+    (a worker's relay to its primary); anything else is proxied."""
+
+    def __init__(self, proxy: Handler, routes: dict[tuple[str, str], Handler] | None = None,
+                 control: Handler | None = None) -> None:
+        self.proxy = proxy
+        self.routes = routes or {}
+        self.control = control
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/-/") or path == "/metrics":
+            if self.control is not None:
+                return await self.control(request)
+            handler = self.routes.get((request.method, path))
+            if handler is not None:
+                return await handler(request)
+        return await self.proxy(request)
+
+
+def server_runner(dispatch: Dispatch) -> web.ServerRunner:
+    return web.ServerRunner(web.Server(dispatch, access_log=None), handle_signals=False)
 
 
 def _control(engine: BuiltinEngine, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
@@ -373,8 +397,8 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
     workers = None
     if procs > 1:
         workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs, synced=sync.synced)
-    runner = web.AppRunner(build_app(engine, _control(engine, table, sync, stats, workers)), access_log=None,
-                           handle_signals=False)
+    control = _control(engine, table, sync, stats, workers)
+    runner = server_runner(Dispatch(engine.handle, control.routes()))
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=1024, reuse_port=workers is not None).start()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +52,17 @@ class Control:
     applied_versions: dict[str, int] | None = None  # service -> table version the engine carries
     drain_waiters: int = field(default=0, init=False)
 
+    def routes(self) -> dict[tuple[str, str], Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
+        """(method, path) -> handler."""
+        gets = {"/-/health": self.health, "/-/table": self.table_json, "/-/stats": self.stats_json,
+                "/metrics": self.metrics, wire.DRAINED_PATH: self.drained}
+        return {**{("GET", p): h for p, h in gets.items()}, **{("HEAD", p): h for p, h in gets.items()},
+                ("POST", wire.FEED_PATH): self.feed}
+
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/-/health", self.health)
-        app.router.add_get("/-/table", self.table_json)
-        app.router.add_get("/-/stats", self.stats_json)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_post(wire.FEED_PATH, self.feed)
-        app.router.add_get(wire.DRAINED_PATH, self.drained)
+        for (method, path), handler in self.routes().items():
+            if method != "HEAD":  # add_get answers HEAD too
+                (app.router.add_get if method == "GET" else app.router.add_post)(path, handler)
 
     async def health(self, request: web.Request) -> web.Response:
         synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())

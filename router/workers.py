@@ -308,7 +308,7 @@ class Relay:
         self.primary = primary
         self.http: aiohttp.ClientSession | None = None
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         if self.http is None:
             self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.primary)),
                                               timeout=aiohttp.ClientTimeout(total=30), auto_decompress=False)
@@ -348,18 +348,14 @@ def _worker_api(table: EndpointTable, engine: Any, stats: StatsBatch, first: asy
 
 async def run_worker(*, host: str, port: int, primary: Path, sock: Path) -> None:
     """Serve the proxy on ``host:port`` (shared) until the primary's pipe closes."""
-    from router.builtin import BUFFER_BYTES, BuiltinEngine
+    from router.builtin import BuiltinEngine, Dispatch, server_runner
 
     table, stats, first = EndpointTable(), StatsBatch(), asyncio.Event()
     engine = BuiltinEngine(table, stats)  # type: ignore[arg-type] - the same calls, batched
     await engine.start()
     relay = Relay(primary)
-    public = web.Application(client_max_size=BUFFER_BYTES)
-    public.router.add_route("*", "/-/{tail:.*}", relay.handle)
-    public.router.add_route("*", "/metrics", relay.handle)
-    public.router.add_route("*", "/{tail:.*}", engine.handle)
     runners = [web.AppRunner(_worker_api(table, engine, stats, first), access_log=None, handle_signals=False),
-               web.AppRunner(public, access_log=None, handle_signals=False)]
+               server_runner(Dispatch(engine.handle, control=relay.handle))]
     try:
         for runner in runners:
             await runner.setup()

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +64,8 @@ class ServicePool:
         self.budget = policy.RetryBudget()
         self.known = True
         self.landed_until: datetime | None = None  # landed by a time slot, until then
+        self.listed: list[policy.PodState] = []  # the pods, as a list (per request, for the pick)
+        self._counts = (0, 0)
 
     def update(self, table: EndpointSet) -> set[str]:
         """Take the new table; returns the addresses of the pods that left it."""
@@ -79,11 +81,14 @@ class ServicePool:
         for pod_id in [p for p in self.pods if p not in seen]:
             # Gone from the table: no new requests; in-flight ones keep their PodState object.
             gone.add(self.pods.pop(pod_id).address)
+        self.listed = list(self.pods.values())
+        ready = sum(1 for p in self.listed if not p.draining)
+        self._counts = (ready, len(self.listed) - ready)
         return gone
 
     def counts(self) -> tuple[int, int]:
-        ready = sum(1 for p in self.pods.values() if not p.draining)
-        return ready, len(self.pods) - ready
+        """(ready, draining) pods: they change only with the table."""
+        return self._counts
 
 
 def retry_after(until: datetime) -> str:
@@ -203,7 +208,7 @@ class BuiltinEngine:
         service, tail = rest[:cut], rest[cut:]
         if not tail.startswith("/"):
             tail = "/" + tail
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         pool = self.pools.get(service)
         if pool is None:
             return self._json_error(404, {"error": "unknown service", "service": service}, rid)
@@ -253,7 +258,7 @@ class BuiltinEngine:
         failed = _Failed(502, {"error": "no pod could take the request"}, None)
         while attempt < self.options.max_attempts:
             attempt += 1
-            pod = policy.pick(list(pool.pods.values()), time.monotonic(), self.rng, exclude=tried)
+            pod = policy.pick(pool.listed, time.monotonic(), self.rng, exclude=tried)
             if pod is None:
                 break
             tried.add(pod.pod)

@@ -388,7 +388,7 @@ def _control(engine: BuiltinEngine, table: EndpointTable, sync: FeedSync, stats:
     if workers is None:
         return Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
     return Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
-                   before_metrics=workers.pull, before_stats=workers.pull, applied=workers.applied,
+                   before_metrics=workers.pull, before_stats=workers.pull,
                    applied_versions=workers.versions)  # type: ignore[arg-type]
 
 
@@ -401,7 +401,7 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
     await engine.start()
     workers = None
     if procs > 1:
-        workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs, synced=sync.synced)
+        workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs)
     control = _control(engine, table, sync, stats, workers)
     runner = server_runner(Dispatch(engine.handle, control.routes()))
     await runner.setup()

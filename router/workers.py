@@ -154,16 +154,14 @@ class Workers:
     """The primary's side: starts the workers, sends them the table, pulls their figures."""
 
     def __init__(self, table: EndpointTable, stats: TrafficStats, own_versions: dict[str, int], *, host: str,
-                 port: int, count: int, synced: asyncio.Event) -> None:
+                 port: int, count: int) -> None:
         self.table = table
         self.stats = stats
         self.own_versions = own_versions  # the primary's engine: service -> version it carries
         self.host, self.port = host, port
-        self.synced = synced
         self.dir = Path(tempfile.mkdtemp(prefix="hms-router-"))  # mode 0700: only our user may connect
         self.control_sock = self.dir / "primary.sock"
         self.workers = [WorkerProc(i, self.dir / f"worker-{i}.sock") for i in range(1, count)]
-        self.applied = asyncio.Event()  # every process carries the first full table
         self.versions: dict[str, int | None] = {}  # service -> the version every process carries
         self.tasks: list[asyncio.Task[None]] = []
         self._pulling = asyncio.Lock()
@@ -185,7 +183,6 @@ class Workers:
         self.tasks = [asyncio.create_task(self._supervise(w), name=f"router-worker-{w.index}")
                       for w in self.workers]
         self.tasks.append(asyncio.create_task(self._pull_loop(), name="router-worker-pull"))
-        self.tasks.append(asyncio.create_task(self._until_applied(), name="router-workers-applied"))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -193,11 +190,6 @@ class Workers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop(w) for w in self.workers))
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    async def _until_applied(self) -> None:
-        await self.synced.wait()
-        await asyncio.gather(*(w.idle.wait() for w in self.workers))
-        self.applied.set()
 
     # --- one worker ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 BUFFER_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
+_SERVICE_PATH = re.compile(r"/?([^/?]*)(.*)", re.DOTALL)  # /<service><tail>: the tail from the first / or ?
 
 
 @dataclass
@@ -202,10 +204,7 @@ class BuiltinEngine:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.monotonic()
-        raw = request.raw_path
-        rest = raw[1:]
-        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-        service, tail = rest[:cut], rest[cut:]
+        service, tail = _SERVICE_PATH.match(request.raw_path).groups()  # type: ignore[union-attr]
         if not tail.startswith("/"):
             tail = "/" + tail
         rid = request.headers.get("X-Request-Id") or os.urandom(16).hex()

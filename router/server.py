@@ -32,16 +32,13 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
                 client: object | None = None, procs: int | None = None) -> None:
     """Route ``http://host:port/<service>/<path>`` until cancelled. ``ready`` is set once the
     port answers. ``client``: a Temporal client to reuse (else one is made from ``settings``).
-    ``procs``: the builtin engine's processes (default ``HMS_ROUTER_PROCS``, else one per CPU)."""
+    ``procs``: the builtin engine's processes (default ``settings.router_procs``, else one per CPU)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown router engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "builtin":
+    if engine == "builtin" and procs is None:
         from router.workers import process_count
 
-        try:
-            procs = process_count() if procs is None else procs
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        procs = process_count(settings)
     if client is None:
         temporal_tls(settings)  # a half-done TLS setting stops the router now, not at its first resync
     # Its key and certificate: self-enrolled on the control plane's host, from `hms router join` elsewhere.

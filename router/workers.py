@@ -44,30 +44,21 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hms_mgmt.config import Settings
 from hms_mgmt.models import EndpointSet
 from router.feed import EndpointTable
 from router.stats import TrafficStats
 
 log = logging.getLogger("hms.router.workers")
 
-PROCS_ENV = "HMS_ROUTER_PROCS"
 PULL_INTERVAL_S = 1.0
 RESTART_DELAY_S = 1.0
 CONTROL_PREFIXES = ("/-/", "/metrics")
 
 
-def process_count() -> int:
-    """``HMS_ROUTER_PROCS`` if set (at least 1), else the number of CPUs."""
-    raw = os.environ.get(PROCS_ENV, "").strip()
-    if not raw:
-        return max(1, os.cpu_count() or 1)
-    try:
-        n = int(raw)
-    except ValueError:
-        raise ValueError(f"{PROCS_ENV} must be a whole number of processes, not {raw!r}") from None
-    if n < 1:
-        raise ValueError(f"{PROCS_ENV} must be at least 1, not {n}")
-    return n
+def process_count(settings: Settings) -> int:
+    """``router_procs`` (``HMS_ROUTER_PROCS``) if set, else the number of CPUs."""
+    return settings.router_procs or max(1, os.cpu_count() or 1)
 
 
 class StatsBatch:

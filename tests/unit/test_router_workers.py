@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import ConfigError
 from router.stats import TrafficStats
 from router.workers import StatsBatch, absorb, merge_pods, process_count
 
 
-def test_process_count_reads_the_env_and_refuses_nonsense(monkeypatch):
-    monkeypatch.setenv("HMS_ROUTER_PROCS", "3")
-    assert process_count() == 3
-    monkeypatch.delenv("HMS_ROUTER_PROCS")
-    assert process_count() >= 1
-    for bad in ("0", "-1", "two"):
-        monkeypatch.setenv("HMS_ROUTER_PROCS", bad)
-        with pytest.raises(ValueError, match="HMS_ROUTER_PROCS"):
-            process_count()
+def test_process_count_is_the_setting_else_one_per_cpu(tmp_path):
+    assert process_count(Settings.from_env({"HMS_ROUTER_PROCS": "3", "HMS_STATE_DIR": str(tmp_path)})) == 3
+    assert process_count(Settings.from_env({"HMS_STATE_DIR": str(tmp_path)})) == (os.cpu_count() or 1)
+    with pytest.raises(ConfigError, match=r"router_procs \(HMS_ROUTER_PROCS\)"):
+        Settings.from_env({"HMS_ROUTER_PROCS": "0", "HMS_STATE_DIR": str(tmp_path)})
 
 
 def test_a_workers_figures_land_in_the_primarys_once():

@@ -129,6 +129,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
     metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
+    router_procs: int | None = Field(default=None, ge=1)  # the builtin engine's processes; default: one per CPU
     # This router's name and address (``hms router join --name/--address`` writes them; default:
     # ``<host name>-<port>`` and where it listens).
     router_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")

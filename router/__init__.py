@@ -5,6 +5,16 @@ The control side is ours — the endpoint feed (:mod:`router.feed`) and the poli
 or :mod:`router.haproxy` (Debian's HAProxy driven through its Runtime API).
 """
 
-from router.server import ENGINES, RouterProcess, run, serve
+from typing import Any
 
 __all__ = ["ENGINES", "RouterProcess", "run", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use: a builtin worker process (:mod:`router.workers`) starts without
+    the Temporal client the server needs."""
+    if name in __all__:
+        import router.server
+
+        return getattr(router.server, name)
+    raise AttributeError(f"module 'router' has no attribute {name!r}")

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import re
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -28,12 +29,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from hms_mgmt.models import EndpointSet
 from router import policy
 from router.control import Control
 from router.feed import EndpointTable, FeedSync
 from router.stats import TrafficStats
+from router.workers import Workers
 
 log = logging.getLogger("hms.router.builtin")
 
@@ -43,6 +46,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 BUFFER_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
+_SERVICE_PATH = re.compile(r"/?([^/?]*)(.*)", re.DOTALL)  # /<service><tail>: the tail from the first / or ?
 
 
 @dataclass
@@ -62,6 +66,8 @@ class ServicePool:
         self.budget = policy.RetryBudget()
         self.known = True
         self.landed_until: datetime | None = None  # landed by a time slot, until then
+        self.listed: list[policy.PodState] = []  # the pods, as a list (per request, for the pick)
+        self._counts = (0, 0)
 
     def update(self, table: EndpointSet) -> set[str]:
         """Take the new table; returns the addresses of the pods that left it."""
@@ -77,11 +83,14 @@ class ServicePool:
         for pod_id in [p for p in self.pods if p not in seen]:
             # Gone from the table: no new requests; in-flight ones keep their PodState object.
             gone.add(self.pods.pop(pod_id).address)
+        self.listed = list(self.pods.values())
+        ready = sum(1 for p in self.listed if not p.draining)
+        self._counts = (ready, len(self.listed) - ready)
         return gone
 
     def counts(self) -> tuple[int, int]:
-        ready = sum(1 for p in self.pods.values() if not p.draining)
-        return ready, len(self.pods) - ready
+        """(ready, draining) pods: they change only with the table."""
+        return self._counts
 
 
 def retry_after(until: datetime) -> str:
@@ -193,15 +202,12 @@ class BuiltinEngine:
         resp.headers.update(headers)
         return resp
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.monotonic()
-        raw = request.raw_path
-        rest = raw[1:]
-        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-        service, tail = rest[:cut], rest[cut:]
+        service, tail = _SERVICE_PATH.match(request.raw_path).groups()  # type: ignore[union-attr]
         if not tail.startswith("/"):
             tail = "/" + tail
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("X-Request-Id") or os.urandom(16).hex()
         pool = self.pools.get(service)
         if pool is None:
             return self._json_error(404, {"error": "unknown service", "service": service}, rid)
@@ -218,7 +224,7 @@ class BuiltinEngine:
                                     **{"Retry-After": "1"})
         return await self._forward(request, pool, tail, rid, t0)
 
-    def _headers(self, request: web.Request, rid: str) -> CIMultiDict[str]:
+    def _headers(self, request: web.BaseRequest, rid: str) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
@@ -229,7 +235,7 @@ class BuiltinEngine:
         h["X-Request-Id"] = rid
         return h
 
-    async def _forward(self, request: web.Request, pool: ServicePool, tail: str, rid: str, t0: float
+    async def _forward(self, request: web.BaseRequest, pool: ServicePool, tail: str, rid: str, t0: float
                        ) -> web.StreamResponse:
         headers = self._headers(request, rid)
         body: Any = None
@@ -251,7 +257,7 @@ class BuiltinEngine:
         failed = _Failed(502, {"error": "no pod could take the request"}, None)
         while attempt < self.options.max_attempts:
             attempt += 1
-            pod = policy.pick(list(pool.pods.values()), time.monotonic(), self.rng, exclude=tried)
+            pod = policy.pick(pool.listed, time.monotonic(), self.rng, exclude=tried)
             if pod is None:
                 break
             tried.add(pod.pod)
@@ -272,7 +278,7 @@ class BuiltinEngine:
         return self._json_error(failed.status, {**failed.info, "service": pool.name, "attempts": attempt}, rid,
                                 **extra)
 
-    async def _attempt(self, request: web.Request, pool: ServicePool, pod: policy.PodState, tail: str,
+    async def _attempt(self, request: web.BaseRequest, pool: ServicePool, pod: policy.PodState, tail: str,
                        headers: CIMultiDict[str], body: Any, rid: str, t0: float, *, last: bool
                        ) -> web.StreamResponse | _Failed:
         """One try on one pod: the response, or how it failed and whether another pod may be tried."""
@@ -281,8 +287,9 @@ class BuiltinEngine:
         assert session is not None
         sent = time.monotonic()
         try:
-            async with session.request(request.method, f"http://{pod.address}{tail}", headers=headers, data=body,
-                                       allow_redirects=False) as up:
+            # encoded: the caller's path as it came (already percent-encoded), not parsed again
+            url = URL(f"http://{pod.address}{tail}", encoded=True)
+            async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
                 ms = (time.monotonic() - sent) * 1000
                 if up.status in RETRY_STATUSES and idempotent and not last:
                     await up.read()
@@ -318,7 +325,7 @@ class BuiltinEngine:
             log.warning("ejected pod %s of %s for %.0fs after consecutive failures", pod.pod, pool.name,
                         pod.ejected_until - now)
 
-    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
+    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
                      ) -> web.StreamResponse:
         headers = CIMultiDict((k, v) for k, v in up.headers.items()
                               if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
@@ -346,28 +353,68 @@ class BuiltinEngine:
         return resp
 
 
-def build_app(engine: BuiltinEngine, control: Control) -> web.Application:
-    app = web.Application(client_max_size=BUFFER_BYTES)
-    control.add_routes(app)
-    app.router.add_route("*", "/{tail:.*}", engine.handle)
-    return app
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Dispatch:
+    """The handler of a low-level aiohttp server (no URL router, no application per request):
+    a control endpoint (``/-/...``, ``/metrics``) by its method and path, or by ``control``
+    (a worker's relay to its primary); anything else is proxied."""
+
+    def __init__(self, proxy: Handler, routes: dict[tuple[str, str], Handler] | None = None,
+                 control: Handler | None = None) -> None:
+        self.proxy = proxy
+        self.routes = routes or {}
+        self.control = control
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/-/") or path == "/metrics":
+            if self.control is not None:
+                return await self.control(request)
+            handler = self.routes.get((request.method, path))
+            if handler is not None:
+                return await handler(request)
+        return await self.proxy(request)
+
+
+def server_runner(dispatch: Dispatch) -> web.ServerRunner:
+    return web.ServerRunner(web.Server(dispatch, access_log=None), handle_signals=False)
+
+
+def _control(engine: BuiltinEngine, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
+             workers: Workers | None) -> Control:
+    if workers is None:
+        return Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
+    return Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
+                   before_metrics=workers.pull, before_stats=workers.pull,
+                   applied_versions=workers.versions)  # type: ignore[arg-type]
 
 
 async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats, *, host: str, port: int,
-                      ready: asyncio.Event | None = None, options: ProxyOptions | None = None) -> None:
-    """Serve until cancelled."""
+                      ready: asyncio.Event | None = None, options: ProxyOptions | None = None, procs: int = 1
+                      ) -> None:
+    """Serve until cancelled; with ``procs`` > 1, this process and ``procs - 1`` workers share
+    the port (:mod:`router.workers`)."""
     engine = BuiltinEngine(table, stats, options)
     await engine.start()
-    control = Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
-    runner = web.AppRunner(build_app(engine, control), access_log=None, handle_signals=False)
+    workers = None
+    if procs > 1:
+        workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs)
+    control = _control(engine, table, sync, stats, workers)
+    runner = server_runner(Dispatch(engine.handle, control.routes()))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
-        await site.start()
-        log.info("router (builtin) on http://%s:%d", host, port)
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=workers is not None).start()
+        if workers is not None:
+            await web.UnixSite(runner, str(workers.control_sock)).start()  # the workers' control relay
+            await workers.start()
+        log.info("router (builtin, %d process%s) on http://%s:%d", procs, "es" if procs > 1 else "", host, port)
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()
     finally:
+        if workers is not None:
+            await workers.close()
         await runner.cleanup()
         await engine.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ class Control:
     stats: TrafficStats
     pods_info: Callable[[str], dict[str, Any]] | None = None
     before_metrics: Callable[[], Any] | None = None
+    before_stats: Callable[[], Any] | None = None  # awaited before /-/stats (builtin: pull the workers' figures)
     applied: asyncio.Event | None = None  # set once the engine carries the first full table (default: at load)
     applied_versions: dict[str, int] | None = None  # service -> table version the engine carries
     drain_waiters: int = field(default=0, init=False)
@@ -62,13 +63,17 @@ class Control:
         await self.refusals.record(service, f"router {self.engine}: {error}", action=action,
                                    remote=request.remote or "", port=request.url.port)
 
+    def routes(self) -> dict[tuple[str, str], Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
+        """(method, path) -> handler."""
+        gets = {"/-/health": self.health, "/-/table": self.table_json, "/-/stats": self.stats_json,
+                "/metrics": self.metrics, wire.DRAINED_PATH: self.drained}
+        return {**{("GET", p): h for p, h in gets.items()}, **{("HEAD", p): h for p, h in gets.items()},
+                ("POST", wire.FEED_PATH): self.feed}
+
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/-/health", self.health)
-        app.router.add_get("/-/table", self.table_json)
-        app.router.add_get("/-/stats", self.stats_json)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_post(wire.FEED_PATH, self.feed)
-        app.router.add_get(wire.DRAINED_PATH, self.drained)
+        for (method, path), handler in self.routes().items():
+            if method != "HEAD":  # add_get answers HEAD too
+                (app.router.add_get if method == "GET" else app.router.add_post)(path, handler)
 
     async def health(self, request: web.Request) -> web.Response:
         synced = self.sync.synced.is_set() and (self.applied is None or self.applied.is_set())
@@ -85,6 +90,8 @@ class Control:
         return web.json_response({"engine": self.engine, **snap})
 
     async def stats_json(self, request: web.Request) -> web.Response:
+        if self.before_stats is not None:
+            await self.before_stats()
         out = self.stats.summary(list(self.table.services))
         if self.pods_info is not None:
             for name, svc in out["services"].items():

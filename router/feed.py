@@ -80,6 +80,14 @@ class EndpointTable:
         self._notify(table)
         return True
 
+    def put(self, table: EndpointSet) -> None:
+        """Take ``table`` as it is (a worker process mirroring its primary's checked table)."""
+        if table.stopped:
+            self.forget(table.service, table)
+            return
+        self.services[table.service] = table
+        self._notify(table)
+
     def forget(self, service: str, tombstone: EndpointSet | None = None) -> None:
         self.services.pop(service, None)
         self._notify(tombstone or EndpointSet(service=service, stopped=True))

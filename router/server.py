@@ -29,11 +29,16 @@ ENGINES = ("builtin", "haproxy")
 
 async def serve(settings: Settings, *, port: int, engine: str = "builtin", host: str = "127.0.0.1",
                 ready: asyncio.Event | None = None, resync_interval_s: float = RESYNC_INTERVAL_S,
-                client: object | None = None) -> None:
+                client: object | None = None, procs: int | None = None) -> None:
     """Route ``http://host:port/<service>/<path>`` until cancelled. ``ready`` is set once the
-    port answers. ``client``: a Temporal client to reuse (else one is made from ``settings``)."""
+    port answers. ``client``: a Temporal client to reuse (else one is made from ``settings``).
+    ``procs``: the builtin engine's processes (default ``settings.router_procs``, else one per CPU)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown router engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "builtin" and procs is None:
+        from router.workers import process_count
+
+        procs = process_count(settings)
     if client is None:
         temporal_tls(settings)  # a half-done TLS setting stops the router now, not at its first resync
     # Its key and certificate: self-enrolled on the control plane's host, from `hms router join` elsewhere.
@@ -48,7 +53,7 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
         if engine == "builtin":
             from router.builtin import run_builtin
 
-            await run_builtin(table, sync, stats, host=host, port=port, ready=ready)
+            await run_builtin(table, sync, stats, host=host, port=port, ready=ready, procs=procs or 1)
         else:
             from router.haproxy import run_haproxy
 

@@ -144,8 +144,8 @@ class TrafficStats:
         children[0].inc(count)
         observe(children[1], seconds, count)
 
-    def record_retry(self, service: str, reason: str, count: int = 1) -> None:
-        self.window(service).retry(time.monotonic(), count)
+    def record_retry(self, service: str, reason: str, count: int = 1, *, now: float | None = None) -> None:
+        self.window(service).retry(time.monotonic() if now is None else now, count)
         self.retries.labels(service, reason).inc(count)
 
     def record_ejection(self, service: str, pod: str) -> None:

@@ -45,6 +45,7 @@ class Routed:
     port: int
     client: object
     task: asyncio.Task[None] | None = None
+    procs: int = 2  # the builtin engine's processes: a primary and a worker
 
     @property
     def url(self) -> str:
@@ -53,7 +54,7 @@ class Routed:
     async def start(self) -> None:
         ready = asyncio.Event()
         self.task = asyncio.create_task(serve(self.settings, port=self.port, engine=self.engine, ready=ready,
-                                              resync_interval_s=1.0, client=self.client))
+                                              resync_interval_s=1.0, client=self.client, procs=self.procs))
         waiter = asyncio.ensure_future(ready.wait())
         await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED, timeout=20)
         if self.task.done():

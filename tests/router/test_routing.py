@@ -3,9 +3,13 @@ what a caller sees when there is nowhere to send them, and who may change the ta
 
 from __future__ import annotations
 
+import os
+import signal
+
 import aiohttp
+import psutil
 import pytest
-from conftest import seed_spec
+from conftest import eventually, seed_spec
 from multidict import CIMultiDict
 from router_helpers import engine, routed, run_load  # noqa: F401 - fixtures
 
@@ -43,6 +47,8 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     async with aiohttp.ClientSession() as http, http.get(f"{routed.url}/metrics") as r:
         text = await r.text()
     assert 'hms_router_requests_total{' in text and 'service="hms-ach"' in text
+    if routed.engine == "builtin":
+        await _every_process_serves_and_is_counted(routed)
     if routed.engine == "haproxy":
         # Pods added at run time keep their connections open: not one connection per request.
         def total(metric: str) -> float:
@@ -51,6 +57,43 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
 
         sent, opened = total("hms_haproxy_server_requests_total"), total("hms_haproxy_server_connections_total")
         assert sent >= load.total and opened < sent / 5, f"{opened:.0f} connections for {sent:.0f} requests"
+
+
+async def _requests_total(url: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("hms_router_requests_total{") and 'service="hms-ach"' in line)
+
+
+def _listening(port: int) -> set[int]:
+    return {c.pid for c in psutil.net_connections("tcp")
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN}
+
+
+async def _fresh_gets(url: str, n: int) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(n):
+            async with http.get(url) as r:
+                assert r.status == 200 and r.headers["X-HMS-Pod"] and r.headers["X-Request-Id"]
+
+
+async def _every_process_serves_and_is_counted(routed) -> None:
+    """The builtin engine's processes (2 here) all listen on the port, and each new connection
+    goes to any of them: requests on 60 fresh connections are counted once each in the
+    primary's figures, whichever process answered them. A worker killed is started again."""
+    listening = _listening(routed.port)
+    assert len(listening) == routed.procs >= 2 and os.getpid() in listening, listening
+    before = await _requests_total(routed.url)
+    await _fresh_gets(f"{routed.url}/hms-ach/", 60)
+    assert await _requests_total(routed.url) == before + 60
+
+    (worker,) = listening - {os.getpid()}
+    os.kill(worker, signal.SIGKILL)
+    await eventually(lambda: worker not in _listening(routed.port), timeout=10)
+    await _fresh_gets(f"{routed.url}/hms-ach/", 20)  # the primary serves meanwhile
+    await eventually(lambda: len(_listening(routed.port)) == routed.procs, timeout=60)
+    await _fresh_gets(f"{routed.url}/hms-ach/", 20)
 
 
 async def test_unknown_service_is_404_and_no_ready_pod_is_503(routed):

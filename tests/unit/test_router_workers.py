@@ -1,0 +1,51 @@
+"""The builtin engine's processes, pure parts: how many, figures summed, pod views merged."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hms_mgmt.config import Settings
+from hms_mgmt.errors import ConfigError
+from router.stats import TrafficStats
+from router.workers import StatsBatch, absorb, merge_pods, process_count
+
+
+def test_process_count_is_the_setting_else_one_per_cpu(tmp_path):
+    assert process_count(Settings.from_env({"HMS_ROUTER_PROCS": "3", "HMS_STATE_DIR": str(tmp_path)})) == 3
+    assert process_count(Settings.from_env({"HMS_STATE_DIR": str(tmp_path)})) == (os.cpu_count() or 1)
+    with pytest.raises(ConfigError, match=r"router_procs \(HMS_ROUTER_PROCS\)"):
+        Settings.from_env({"HMS_ROUTER_PROCS": "0", "HMS_STATE_DIR": str(tmp_path)})
+
+
+def test_a_workers_figures_land_in_the_primarys_once():
+    batch = StatsBatch()
+    batch.record("svc", "p1", 200, 0.002)
+    batch.record("svc", "p2", 502, 0.010)
+    batch.record_retry("svc", "connect")
+    batch.record_ejection("svc", "p2")
+    stats = TrafficStats("builtin")
+    stats.record("svc", "p1", 200, 0.001)  # the primary's own request
+    absorb(stats, json.loads(json.dumps(batch.take())))  # as it crosses the socket
+    assert batch.take() == {"records": [], "retries": [], "ejections": []}  # taken once
+    svc = stats.summary()["services"]["svc"]
+    assert (svc["requests"], svc["errors"], svc["retries"]) == (3, 1, 1)
+    assert stats.requests.labels("svc", "p1", "200")._value.get() == 2
+    assert stats.ejections.labels("svc", "p2")._value.get() == 1
+
+
+def _info(state: str, outstanding: int, ejected: bool = False) -> dict:
+    return {"address": "a", "state": state, "outstanding": outstanding, "latency_ms": 1.0, "ejected": ejected,
+            "ejections": int(ejected)}
+
+
+def test_a_pod_is_done_only_when_every_process_is_done_with_it():
+    primary = {"p1": _info("draining", 0), "p2": _info("draining", 1)}
+    worker = {"p1": _info("ready", 0), "p2": _info("draining", 2, ejected=True), "p3": _info("draining", 0)}
+    merged = merge_pods([primary, worker])
+    assert merged["p1"]["state"] == "ready"  # the worker still routes to it (its table lags)
+    assert (merged["p2"]["outstanding"], merged["p2"]["ejected"], merged["p2"]["ejections"]) == (3, True, 1)
+    assert merged["p3"] == _info("draining", 0)
+    assert primary["p2"]["outstanding"] == 1  # the inputs are left as they were

@@ -15,6 +15,13 @@ from bench import report  # noqa: E402
 from bench.soak import hist_delta, hist_quantile, share_within  # noqa: E402
 
 
+def render(tmp_path: Path, results: Path) -> str:
+    """BENCHMARKS.md as bench/report.py writes it from the result files in ``results``."""
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--out", str(out)]) == 0
+    return out.read_text()
+
+
 def test_quantiles_interpolate_inside_the_bucket_and_share_within_is_exact() -> None:
     before = {0.1: 10.0, 1.0: 10.0, 2.0: 10.0, math.inf: 10.0}
     after = {0.1: 60.0, 1.0: 108.0, 2.0: 110.0, math.inf: 110.0}  # window: 50 <= 0.1 s, 48 in (0.1, 1], 2 in (1, 2]
@@ -41,9 +48,7 @@ def test_report_copies_figures_verdicts_and_marks_what_a_file_lacks(tmp_path: Pa
         "cost": {"load_average_1m": {"min": 3.0, "max": 9.0, "mean": 5.0}},
     }))
     (results / "mystery.json").write_text(json.dumps({"ratio": 0.5, "target": 1.0, "pass": True}))
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    text = out.read_text()
+    text = render(tmp_path, results)
     assert "| [deploy](#deploy) | PASS | 2026-01-02 03:04 | `abc123def456` | before 1.5, after 2.5 |" in text
     assert "| 10 pods answer /health (s, median) | 2.26 | 1.78 | 1.27 | <= 1.3x | PASS |" in text
     assert "Command: `.venv/bin/python bench/deploy.py --runs 3`" in text
@@ -68,9 +73,7 @@ def test_router_slow_p99_verdict_row_is_the_probes_with_wrks_beside_it(tmp_path:
         "ratios": {"slow_probe_p99_builtin_vs_nginx": 0.024, "slow_p99_builtin_vs_nginx": 3.12},
         "verdicts": {"slow_builtin p99 < nginx": True},
     }))
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    text = out.read_text()
+    text = render(tmp_path, results)
     assert ("| one slow pod: p99 ms, builtin (probe, unfinished requests counted) | 181 (0 of 300 unfinished) | "
             ">= 7,600 (98 of 300 unfinished) | 0.024 | < 1x | PASS |") in text
     # wrk's p99 of completed requests is shown, but carries no verdict.
@@ -110,9 +113,7 @@ def test_report_renders_the_soak_p99_sqlite_and_the_ramp_table(tmp_path: Path) -
         "first_to_break": {"figure": "probe lag p99 (s)", "services": 200, "pods": 400, "value": 1.2, "target": 1.0},
         "argv": ["--ramp", "100,200"],
     }))
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    text = out.read_text()
+    text = render(tmp_path, results)
     assert "| pod killed -> service whole again, p99 (s) | 6.5 | - | 1.3 | <= 5.0 s | FAIL |" in text
     assert "|   same, p50 / p95 / max (s); kills not replaced | 1.5 / 4 / 6.5; 0 |" in text
     assert "| dev server's sqlite file: window start / end (MB); growth per service-hour (KB) | 12.5 / 20; 154 |" in text
@@ -149,8 +150,6 @@ def test_heal_section_carries_the_heal_path_step_by_step(tmp_path: Path) -> None
               "heal_path": {"n": 2, "steps_ms": table, "activities_ms": {"pick_node": {"median_ms": 13.0, "p95_ms": 14.0,
                                                                                       "n": 2}}}},
     }))
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(["--results", str(results), "--out", str(out)]) == 0
-    text = out.read_text()
+    text = render(tmp_path, results)
     assert "| exit event | SIGKILL -> Docker's die event | 50 | 60 | 0.05 |" in text
     assert "| pick_node | 13 | 14 | 2 |" in text

@@ -99,3 +99,23 @@ async def test_a_failed_read_reaches_the_waiting_caller_and_the_next_call_reads_
     fleet.fail = False
     statuses = await v.services()
     assert statuses == [("svc-gen2", None)]
+
+
+async def test_a_slow_read_is_kept_fresh_for_five_times_its_length() -> None:
+    fleet = Fleet()
+    v = view(fleet)
+    real_read = fleet.read
+
+    async def slow_read():
+        fleet.now += 3.0  # the read itself took 3 s (a large fleet)
+        return await real_read()
+
+    v.read = slow_read
+    await v.services()
+    fleet.now += 10  # past fresh_s (2 s), within 5 x 3 s of the read's start
+    await v.services()
+    assert fleet.reads == 1
+    fleet.now += 6  # 19 s after the read began: refreshed behind the caller
+    await v.services()
+    await asyncio.sleep(0)
+    assert fleet.reads == 2

@@ -399,6 +399,7 @@ class NodeRecord(_Model):
     key_id: str = ""  # the enrolled key it registered with (another key is refused while Ready)
     last_proof_at: float = 0.0  # its last signed statement's time: a replayed one is older
     removed: bool = False  # `hms node remove`: its certificate is revoked, its pods replaced
+    pods_kept: bool = False  # Lost with every node at once: nothing was replaced, a heartbeat brings it back
 
 
 class PodStatus(_Model):

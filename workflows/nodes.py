@@ -117,7 +117,10 @@ class NodeRegistry:
     def _beat(self, reg: NodeRegistration, verdict: NodeVerdict | None = None) -> None:
         rec = self.nodes.get(reg.spec.name)
         if rec is not None and rec.state == "Lost" and workflow.patched(GRACE):
-            return  # its worker registers again once it removed its stale pods
+            if not rec.pods_kept:
+                return  # its worker registers again once it removed its stale pods
+            rec.state, rec.pods_kept = "Ready", False  # nothing of it was replaced: back as it was
+            workflow.logger.warning("node %s heard again after a full disruption: Ready", rec.spec.name)
         if rec is None or rec.state != "Ready" or rec.spec != reg.spec:
             self._upsert(reg, verdict)
         else:
@@ -242,8 +245,7 @@ class NodeRegistry:
         silent = [rec for rec in ready if self.beats.silent(rec.last_heartbeat, now)]
         hold = bool(silent) and len(silent) == len(ready) and workflow.patched(FULL_DISRUPTION)
         for rec in silent:
-            rec.state = "Lost"
-            rec.lost_at = now
+            rec.state, rec.lost_at, rec.pods_kept = "Lost", now, hold
             (self.held_lost if hold else self.newly_lost).append(rec.spec.name)
             workflow.logger.warning("node %s lost: no heartbeat for %ss%s", rec.spec.name, self.inp.lost_after_s,
                                     " (every node silent: its pods stay)" if hold else "")

@@ -37,6 +37,7 @@ class Registry:
     env: WorkflowEnvironment
     queue: str
     lost: list[str] = field(default_factory=list)
+    evicted: dict[str, bool] = field(default_factory=dict)  # node -> were its services told to replace its pods
     activities: list[object] = field(default_factory=list)
     worker: Worker | None = None
 
@@ -72,6 +73,7 @@ async def registry(temporal_env: WorkflowEnvironment) -> AsyncIterator[Registry]
     @activity.defn(name="notify_node_lost")
     async def notify_node_lost(inp: NodeLost) -> int:
         r.lost.append(inp.node)
+        r.evicted[inp.node] = inp.evict
         return 0
 
     @activity.defn(name="check_nodes")
@@ -112,6 +114,32 @@ async def test_silent_node_is_lost_once_and_rejoins(registry: Registry):
     assert back.was_lost and back.record.state == "Ready" and back.record.rejoins == 1
     assert (await registry.nodes(handle))["b"].spec.max_pods == 3
     assert registry.lost == ["b", "a"], "each loss is told once"
+
+
+async def test_every_node_silent_at_once_keeps_their_pods_and_a_heartbeat_brings_them_back(registry: Registry):
+    """A full disruption (every Ready node silent together: more likely the control plane's own
+    trouble) marks the nodes Lost but replaces no pod; their next heartbeat makes them Ready
+    again. One node silent among live ones is still evicted."""
+    handle = await registry.start()
+    for name in ("a", "b"):
+        await handle.execute_update(NodeRegistry.register, reg(name))
+    for _ in range(4):  # "a" heartbeats for 2x lost_after; "b" is silent: b is evicted
+        await handle.signal(NodeRegistry.heartbeat, reg("a"))
+        await asyncio.sleep(LOST_AFTER_S / 2)
+    assert registry.evicted == {"b": True}
+    await eventually(lambda: "a" in registry.evicted, timeout=3 * LOST_AFTER_S, what="a silent too")
+    assert registry.evicted["a"] is False, "the last Ready node's pods stay"
+    nodes = await registry.nodes(handle)
+    assert nodes["a"].state == "Lost" and nodes["a"].pods_kept
+    await handle.signal(NodeRegistry.heartbeat, reg("a"))  # heard again: no register, nothing to sweep
+    await eventually(lambda: _state(registry, handle, "a", "Ready"), timeout=10, what="a Ready again")
+    await handle.signal(NodeRegistry.heartbeat, reg("b"))  # an evicted node still has to register
+    await asyncio.sleep(1.0)
+    assert (await registry.nodes(handle))["b"].state == "Lost"
+
+
+async def _state(registry: Registry, handle: WorkflowHandle[NodeRegistry, None], node: str, state: str) -> bool:
+    return (await registry.nodes(handle))[node].state == state
 
 
 async def test_seeded_nodes_and_continue_as_new_keep_the_nodes(registry: Registry):

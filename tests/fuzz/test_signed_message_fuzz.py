@@ -66,7 +66,7 @@ def same_bytes(a: str, b: str) -> bool:
     """Whether two signed texts decode to the same payload and signature (base64 has more than one
     spelling of the same bytes: that is the same message, not a forgery)."""
     try:
-        return [nodeid._unb64(x) for x in a.split(".", 1)] == [nodeid._unb64(x) for x in b.split(".", 1)]
+        return [tickets.unb64url(x) for x in a.split(".", 1)] == [tickets.unb64url(x) for x in b.split(".", 1)]
     except ValueError:
         return False
 

@@ -147,7 +147,11 @@ async def test_metrics_move_as_pods_die_and_scale(temporal_env, tmp_path):
                     "hms_pods", health="healthy", **svc) == 1
 
             await eventually(healed, timeout=60, what="hms_heals_total to count the heal")
-            assert await metric("hms_events_total", type="pod.replaced") == 1
+
+            async def replaced_event() -> bool:  # written as the heal finishes, after the new pod counts
+                return await metric("hms_events_total", type="pod.replaced") == 1
+
+            await eventually(replaced_event, timeout=30, what="hms_events_total{type=pod.replaced} 1")
 
             await hms.scale("hms-ach", 3, reason="load")
 

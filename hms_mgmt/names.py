@@ -70,7 +70,9 @@ class NR:
     ``heartbeat`` signal (a node's worker sends both, signed), ``enrol`` and ``remove``."""
 
     NODES = "nodes"
-    REGISTER = "register"
+    REGISTER = "register"  # the update workers before the ``join`` signal sent (kept for them)
+    JOIN = "join"  # a worker (re)joins: the signed registration, answered by the ``joined`` query
+    JOINED = "joined"
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
@@ -82,7 +84,9 @@ class RR:
     ``heartbeat`` signal (a router sends both, signed with its key) and ``enrol`` (`hms router join`)."""
 
     ROUTERS = "routers"
-    REGISTER = "register"
+    REGISTER = "register"  # as for nodes: kept for routers that still send the update
+    JOIN = "join"
+    JOINED = "joined"
     HEARTBEAT = "heartbeat"
     ENROL = "enrol"
 

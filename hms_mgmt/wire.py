@@ -146,11 +146,14 @@ class NodeRegistration(_Model):
     # The node's own events (a refused pod start, a sandbox warning) for the control host's log:
     # believed, like the rest, only under a good signature (activities/enrolment.py).
     events: list[Event] = Field(default_factory=list, max_length=50)
+    # A ``join`` signal's handle: the registry's answer is asked for by it (the ``joined`` query).
+    request_id: str = Field(default="", max_length=64)
 
     def signed_part(self) -> dict[str, Any]:
-        """What ``proof`` signs: everything but itself (and no ``events`` key when there are
-        none, as a node that never forwards events signs it)."""
-        return self.model_dump(mode="json", exclude={"proof"} if self.events else {"proof", "events"})
+        """What ``proof`` signs: everything but itself and the request handle (and no ``events``
+        key when there are none, as a node that never forwards events signs it)."""
+        return self.model_dump(mode="json", exclude={"proof", "request_id"} if self.events
+                               else {"proof", "events", "request_id"})
 
 
 class RouterRegistration(_Model):
@@ -163,9 +166,10 @@ class RouterRegistration(_Model):
     worker: str = Field(default="", max_length=300)  # host/pid, for operators
     cert: str = Field(default="", max_length=4096)  # the router's certificate (hms_mgmt.nodeid, role router)
     proof: str = Field(default="", max_length=4096)  # the router's signature over the rest, fresh
+    request_id: str = Field(default="", max_length=64)  # a ``join`` signal's handle, as for a node
 
     def signed_part(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"proof"})
+        return self.model_dump(mode="json", exclude={"proof", "request_id"})
 
 
 class RouterRecord(_Model):
@@ -184,13 +188,6 @@ class RouterRecord(_Model):
     last_proof_at: float = 0.0
 
 
-class RouterRegistryInput(_Model):
-    lost_after_s: float = Field(default=30.0, gt=0)
-    control_task_queue: str = "hms-control"
-    routers: list[RouterRecord] | None = None  # carried over by continue-as-new
-    history_threshold: int | None = None
-
-
 class RoutersOutput(_Model):
     routers: list[RouterRecord] = Field(default_factory=list)
 
@@ -207,12 +204,34 @@ class RegisterResult(_Model):
     was_lost: bool = False
 
 
+class JoinAnswer(_Model):
+    """A registry's answer to one ``join`` signal (the ``joined`` query): refused, with the
+    reason, or the node's ``RegisterResult`` / the router's ``RouterRecord``."""
+
+    refused: str = ""
+    node: RegisterResult | None = None
+    router: RouterRecord | None = None
+
+
+class RouterRegistryInput(_Model):
+    lost_after_s: float = Field(default=30.0, gt=0)
+    control_task_queue: str = "hms-control"
+    routers: list[RouterRecord] | None = None  # carried over by continue-as-new
+    history_threshold: int | None = None
+    # ``join`` signals not yet checked, and the answers not yet asked for: carried over too
+    joining: list[RouterRegistration] = Field(default_factory=list)
+    answers: dict[str, JoinAnswer] = Field(default_factory=dict)
+
+
 class NodeRegistryInput(_Model):
     seed: list[NodeSpec] = Field(default_factory=list)  # the static ``nodes:`` of config.yaml
     lost_after_s: float = Field(default=6.0, gt=0)
     control_task_queue: str = "hms-control"
     nodes: list[NodeRecord] | None = None  # carried over by continue-as-new
     history_threshold: int | None = None  # continue-as-new past this many events (tests force it)
+    # ``join`` signals not yet checked, and the answers not yet asked for: carried over too
+    joining: list[NodeRegistration] = Field(default_factory=list)
+    answers: dict[str, JoinAnswer] = Field(default_factory=dict)
 
 
 class NodeVerdict(_Model):

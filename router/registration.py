@@ -10,13 +10,13 @@ import logging
 import os
 import socket
 
-from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants, names
 from hms_mgmt.addresses import LOOPBACK, check_address, host_port
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied
+from hms_mgmt.joining import join_registry, new_request_id
 from hms_mgmt.nodeid import NodeIdentity, node_identity
 from hms_mgmt.wire import RouterRecord, RouterRegistration, RouterRegistryInput
 
@@ -64,16 +64,15 @@ class RouterAgent:
         return reg.model_copy(update={"proof": self.identity.say(f"router-{kind}", reg.signed_part())})
 
     async def register(self) -> RouterRecord:
+        """Join (signal-with-start: the first router starts the registry) and wait for the answer."""
         s = self.settings
-        start = WithStartWorkflowOperation(
-            names.ROUTER_REGISTRY_WORKFLOW,
-            RouterRegistryInput(lost_after_s=s.node_lost_after_s, control_task_queue=s.task_queue),
-            id=self.registry_id, task_queue=s.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary="the routers that take the endpoint feed")
-        return await self.client.execute_update_with_start_workflow(  # type: ignore[attr-defined]
-            names.RR.REGISTER, self._signed("register"), start_workflow_operation=start, result_type=RouterRecord)
+        signed = self._signed("register").model_copy(update={"request_id": new_request_id()})
+        answer = await join_registry(
+            self.client, workflow=names.ROUTER_REGISTRY_WORKFLOW, registry_id=self.registry_id, task_queue=s.task_queue,
+            start_input=RouterRegistryInput(lost_after_s=s.node_lost_after_s, control_task_queue=s.task_queue),
+            registration=signed, summary="the routers that take the endpoint feed")
+        assert answer.router is not None
+        return answer.router
 
     async def run(self) -> None:
         """Register, then heartbeat every ``node_heartbeat_s`` until cancelled."""
@@ -89,8 +88,8 @@ class RouterAgent:
                         names.RR.HEARTBEAT, self._signed("heartbeat"))
             except asyncio.CancelledError:
                 raise
-            except WorkflowUpdateFailedError as e:
-                log.error("router %s: registration refused: %s", self.identity.node, e.cause or e)
+            except AccessDenied as e:
+                log.error("router %s: registration refused: %s", self.identity.node, e)
                 pause = REFUSED_RETRY_S
             except RPCError as e:
                 if e.status == RPCStatusCode.NOT_FOUND:  # the registry ended: start it again

@@ -22,14 +22,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
-from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus, WorkflowQueryFailedError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.pods import ORPHAN_GRACE_S
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied
 from hms_mgmt.events import Event, EventSink
+from hms_mgmt.joining import join_registry, new_request_id
 from hms_mgmt.models import NodeSpec, ServiceStatus
 from hms_mgmt.nodeid import NodeIdentity
 from hms_mgmt.runtimes import PodRuntime
@@ -87,22 +88,17 @@ class NodeAgent:
         self.registration = self.registration.model_copy(update={"spec": self.spec})
 
     async def register(self) -> RegisterResult:
-        """Update-with-start: the first worker of a control plane starts the registry, seeded
-        with the static ``nodes:`` of its configuration."""
+        """Join (signal-with-start: the first worker of a control plane starts the registry,
+        seeded with the static ``nodes:`` of its configuration) and wait for the answer."""
         s = self.settings
         seed = s.node_specs() if s.nodes else []
-        start = WithStartWorkflowOperation(
-            NodeRegistry.run,
-            NodeRegistryInput(seed=seed, lost_after_s=s.node_lost_after_s, control_task_queue=s.task_queue),
-            id=self.registry_id,
-            task_queue=s.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            static_summary="the nodes pods may run on",
-        )
-        return await self.client.execute_update_with_start_workflow(
-            NodeRegistry.register, self._signed("register"), start_workflow_operation=start
-        )
+        signed = self._signed("register").model_copy(update={"request_id": new_request_id()})
+        answer = await join_registry(
+            self.client, workflow=names.NODE_REGISTRY_WORKFLOW, registry_id=self.registry_id, task_queue=s.task_queue,
+            start_input=NodeRegistryInput(seed=seed, lost_after_s=s.node_lost_after_s, control_task_queue=s.task_queue),
+            registration=signed, summary="the nodes pods may run on")
+        assert answer.node is not None
+        return answer.node
 
     def _signed(self, kind: str, events: list[Event] | None = None) -> NodeRegistration:
         """The registration as it is now (with ``events`` to forward), signed by this node's key
@@ -193,6 +189,9 @@ class NodeAgent:
                 if e.status == RPCStatusCode.NOT_FOUND:
                     continue
                 log.warning("node %s: heartbeat failed: %s", self.spec.name, e)
+            except AccessDenied as e:  # not enrolled, revoked, or a second worker for this node
+                self.registered.clear()
+                log.error("node %s: registration refused: %s", self.spec.name, e)
             except Exception as e:  # noqa: BLE001 - keep heartbeating whatever one round hit
                 self.registered.clear()
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)

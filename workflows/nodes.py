@@ -1,8 +1,8 @@
 """NodeRegistry (id ``hms-nodes``): which nodes exist, their capacity and labels, and whether
 they are alive.
 
-Workers register with the ``register`` update (update-with-start, so whichever comes first
-starts the registry) and then heartbeat with a signal. One durable timer, set for the
+Workers join with the ``join`` signal (signal-with-start, so whichever comes first starts the
+registry), ask for the answer with the ``joined`` query, and then heartbeat with a signal. One durable timer, set for the
 earliest moment a Ready node would have been silent for ``lost_after_s``, is all the
 registry waits on: a node whose heartbeat did not come is ``Lost``, and every service with
 pods there is told (``node_lost``) so it replaces them on other nodes through its heal path.
@@ -36,10 +36,10 @@ with workflow.unsafe.imports_passed_through():
         RegisterResult,
     )
     from hms_mgmt.names import NODE_REGISTRY_WORKFLOW, NR
-    from hms_mgmt.wire import DryRunInput, EnrolInput, EnrolOutput, NodeCheckInput, NodeVerdict
+    from hms_mgmt.wire import DryRunInput, EnrolInput, EnrolOutput, JoinAnswer, NodeCheckInput, NodeVerdict
 
 from workflows.dryrun import dry_run
-from workflows.registry import CHECK_TIMEOUT, Heartbeats, SignedCheck, continue_as_new_due, enrol
+from workflows.registry import CHECK_TIMEOUT, Heartbeats, Joins, SignedCheck, continue_as_new_due, enrol
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
 LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means the registry itself stalled
@@ -71,15 +71,29 @@ class NodeRegistry:
         self.check: SignedCheck[NodeRegistration] = SignedCheck(
             NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
         self.removals: list[str] = []  # `remove` hints to check
+        self.joins = Joins(inp.joining, inp.answers)
 
     @workflow.query
     def nodes(self) -> NodesOutput:
         return NodesOutput(nodes=sorted(self.nodes.values(), key=lambda r: r.spec.name))
 
+    @workflow.signal(name=NR.JOIN)
+    def join(self, reg: NodeRegistration) -> None:
+        """A worker (re)joins; the run loop checks it, and the worker asks for the answer
+        (``joined``). Only an enrolled node, signing this very registration, is let in."""
+        if self.joins.offer(reg):
+            self.beats.wake = True
+
+    @workflow.query(name=NR.JOINED)
+    def joined(self, request_id: str) -> JoinAnswer | None:
+        """The answer to the join with this ``request_id``; None while it waits for its check.
+        ``node.was_lost`` tells the worker to remove the stale pods it still runs."""
+        return self.joins.answers.get(request_id)
+
     @workflow.update(name=NR.REGISTER)
     async def register(self, reg: NodeRegistration) -> RegisterResult:
-        """A worker (re)joins. ``was_lost`` tells it to remove the stale pods it still runs.
-        Only an enrolled node, signing this very registration with its key, is let in."""
+        """A worker (re)joins, as workers before the ``join`` signal did (kept for them and for
+        the histories they made): checked at once, the answer is the update's result."""
         if not workflow.patched(ENROLMENT):
             return self._upsert(reg)
         verdict = (await self.check([reg], "register"))[0]
@@ -164,6 +178,15 @@ class NodeRegistry:
             elif verdict.ok and "replayed" not in refusal:
                 await self._denied(refusal, reg.spec.name)
 
+    async def _check_joins(self) -> None:
+        batch = self.joins.take()
+        for reg, verdict in zip(batch, await self.check(batch, "register"), strict=True):
+            refusal = self._refusal(reg, verdict)
+            if refusal and verdict.ok:  # the control worker wrote the event for a bad signature
+                await self._denied(refusal, reg.spec.name)
+            self.joins.answer(reg.request_id, JoinAnswer(refused=refusal) if refusal
+                              else JoinAnswer(node=self._upsert(reg, verdict)))
+
     async def _check_removals(self) -> None:
         while self.removals:
             node = self.removals.pop(0)
@@ -203,6 +226,8 @@ class NodeRegistry:
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
         while not continue_as_new_due(self.inp.history_threshold):
+            if self.joins.pending:
+                await self._check_joins()
             if self.beats.pending:
                 await self._check_beats()
             if self.removals:
@@ -213,7 +238,7 @@ class NodeRegistry:
                 await self._notify(self.held_lost.pop(0), evict=False)
             deadline = self.beats.deadline(r.last_heartbeat for r in self.nodes.values() if r.state == "Ready")
             await self.beats.wait(
-                deadline, lambda: bool(self.removals) or continue_as_new_due(self.inp.history_threshold),
+                deadline, lambda: bool(self.removals or self.joins.pending) or continue_as_new_due(self.inp.history_threshold),
                 "next node heartbeat due")
             if workflow.patched(GRACE):
                 if self.beats.pending:
@@ -221,7 +246,8 @@ class NodeRegistry:
                 self._grace_if_late(deadline)
             self._mark_lost()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(inp.model_copy(update={"nodes": list(self.nodes.values())}))
+        workflow.continue_as_new(inp.model_copy(update={"nodes": list(self.nodes.values()), "joining": self.joins.pending,
+                                                         "answers": self.joins.answers}))
 
     def _grace_if_late(self, deadline: datetime | None) -> None:
         """Woken well after its deadline (the control worker was down, the server busy): the

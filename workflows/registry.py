@@ -1,6 +1,7 @@
 """What the NodeRegistry and the RouterRegistry share: signed messages checked by the control
-worker, heartbeats kept for that check a batch at a time, the one durable timer for the earliest
-member that would have been silent too long, and when to continue-as-new.
+worker, heartbeats and joins kept for that check a batch at a time (with the answers to joins),
+the one durable timer for the earliest member that would have been silent too long, and when to
+continue-as-new.
 
 A helper object inside a workflow (like samples-python's ``updatable_timer``): it issues the
 same commands each registry issued on its own.
@@ -16,10 +17,12 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.enrolment import NodeTrustActivities
-    from hms_mgmt.wire import EnrolInput, EnrolOutput, NodeVerdict
+    from hms_mgmt.wire import EnrolInput, EnrolOutput, JoinAnswer, NodeVerdict
 
 CHECK_TIMEOUT = timedelta(seconds=30)
 MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per member is kept)
+MAX_PENDING_JOINS = 1000  # join signals waiting for their check
+MAX_ANSWERS = 1000  # answers to joins kept for their ``joined`` query (the oldest go first)
 
 R = TypeVar("R")
 
@@ -64,6 +67,40 @@ class Heartbeats(Generic[R]):
                                           timeout_summary=summary)
         except TimeoutError:
             pass
+
+
+class Joins:
+    """Members (re)joining with the ``join`` signal: a registration (with its ``request_id``)
+    waits here for the run loop's check, and the answer waits for the member's ``joined`` query.
+
+    A join is a signal, not an update, because a signal is an event in history: a restarted
+    worker replays it where it happened. An update's acceptance that came in the same workflow
+    task as a timer, after a task the killed worker never took, was replayed before the timer's
+    commands when it had come after them (a non-determinism error that stops the registry)."""
+
+    def __init__(self, joining: list[Any], answers: dict[str, JoinAnswer]) -> None:
+        self.pending: list[Any] = list(joining)
+        self.answers: dict[str, JoinAnswer] = dict(answers)
+
+    def offer(self, reg: Any) -> bool:
+        """Keep ``reg`` for the check, unless it has no handle, was seen, or too many wait."""
+        rid = reg.request_id
+        if not rid or rid in self.answers or len(self.pending) >= MAX_PENDING_JOINS:
+            return False
+        if any(p.request_id == rid for p in self.pending):
+            return False
+        self.pending.append(reg)
+        return True
+
+    def take(self) -> list[Any]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def answer(self, request_id: str, answer: JoinAnswer) -> None:
+        """The first answer stands (a join sent twice is refused as replayed the second time)."""
+        self.answers.setdefault(request_id, answer)
+        while len(self.answers) > MAX_ANSWERS:
+            self.answers.pop(next(iter(self.answers)))
 
 
 def continue_as_new_due(history_threshold: int | None) -> bool:

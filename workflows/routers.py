@@ -1,8 +1,8 @@
 """RouterRegistry (id ``hms-routers``): the routers that take the endpoint feed and are asked
 before a drain ends, and whether they are alive.
 
-A router registers itself (the ``register`` update, update-with-start) and heartbeats with a
-signal, both signed with its own key and checked by the control worker (``check_routers``)
+A router joins (the ``join`` signal, signal-with-start; the answer by the ``joined`` query) and
+heartbeats with a signal, both signed with its own key and checked by the control worker (``check_routers``)
 against its router certificate. One durable timer, for the earliest moment a Ready router would
 have been silent for ``lost_after_s``, marks a silent router ``Lost``: the feed no longer goes to
 it and no drain waits for it. A heartbeat brings it back.
@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.wire import (
         EnrolInput,
         EnrolOutput,
+        JoinAnswer,
         NodeVerdict,
         RouterCheckInput,
         RouterRecord,
@@ -28,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RoutersOutput,
     )
 
-from workflows.registry import Heartbeats, SignedCheck, continue_as_new_due, enrol
+from workflows.registry import Heartbeats, Joins, SignedCheck, continue_as_new_due, enrol
 
 
 @workflow.defn(name=ROUTER_REGISTRY_WORKFLOW)
@@ -40,14 +41,26 @@ class RouterRegistry:
         self.beats: Heartbeats[RouterRegistration] = Heartbeats(inp.lost_after_s)
         self.check: SignedCheck[RouterRegistration] = SignedCheck(
             NodeTrustActivities.check_routers, RouterCheckInput, inp.control_task_queue, "signed router")
+        self.joins = Joins(inp.joining, inp.answers)
 
     @workflow.query(name=RR.ROUTERS)
     def routers_query(self) -> RoutersOutput:
         return RoutersOutput(routers=sorted(self.routers.values(), key=lambda r: r.name))
 
+    @workflow.signal(name=RR.JOIN)
+    def join(self, reg: RouterRegistration) -> None:
+        """A router (re)joins; the run loop checks it (only an enrolled router signing this very
+        registration gets in) and the router asks for the answer (``joined``)."""
+        if self.joins.offer(reg):
+            self.beats.wake = True
+
+    @workflow.query(name=RR.JOINED)
+    def joined(self, request_id: str) -> JoinAnswer | None:
+        return self.joins.answers.get(request_id)
+
     @workflow.update(name=RR.REGISTER)
     async def register(self, reg: RouterRegistration) -> RouterRecord:
-        """A router (re)joins; only an enrolled router signing this very registration gets in."""
+        """A router (re)joins, as routers before the ``join`` signal did (kept for them)."""
         verdict = (await self.check([reg], "register"))[0]
         refusal = self._refusal(reg, verdict)
         if refusal:
@@ -71,6 +84,13 @@ class RouterRegistry:
         if rec is not None and verdict.at <= rec.last_proof_at:
             return f"router {reg.name}: a replayed statement"
         return ""
+
+    async def _check_joins(self) -> None:
+        batch = self.joins.take()
+        for reg, verdict in zip(batch, await self.check(batch, "register"), strict=True):
+            refusal = self._refusal(reg, verdict)
+            self.joins.answer(reg.request_id, JoinAnswer(refused=refusal) if refusal
+                              else JoinAnswer(router=self._upsert(reg, verdict)))
 
     async def _check_beats(self) -> None:
         batch = self.beats.take()
@@ -102,15 +122,18 @@ class RouterRegistry:
     @workflow.run
     async def run(self, inp: RouterRegistryInput) -> None:
         while not continue_as_new_due(self.inp.history_threshold):
+            if self.joins.pending:
+                await self._check_joins()
             if self.beats.pending:
                 await self._check_beats()
             deadline = self.beats.deadline(r.last_heartbeat for r in self.routers.values() if r.state == "Ready")
-            await self.beats.wait(deadline, lambda: continue_as_new_due(self.inp.history_threshold),
+            await self.beats.wait(deadline, lambda: bool(self.joins.pending) or continue_as_new_due(self.inp.history_threshold),
                                   "next router heartbeat due")
             now = workflow.now()
             for rec in self.routers.values():
                 if rec.state == "Ready" and self.beats.silent(rec.last_heartbeat, now):
                     self._lose(rec, f"no heartbeat for {self.inp.lost_after_s:g}s")
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(inp.model_copy(update={"routers": list(self.routers.values())}))
+        workflow.continue_as_new(inp.model_copy(update={"routers": list(self.routers.values()), "joining": self.joins.pending,
+                                                         "answers": self.joins.answers}))
 

@@ -14,10 +14,14 @@ import secrets
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import EXAMPLE_IMAGE, node_pods, seed_spec
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 
 from hms_mgmt import constants as c
 from hms_mgmt.config import Settings
@@ -25,6 +29,7 @@ from hms_mgmt.errors import HmsError
 from hms_mgmt.models import ServiceStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes import make_runtime
+from workflows import ALL_WORKFLOWS, MessageGuard
 
 FULL = os.environ.get("HMS_CHAOS", "").strip().lower() == "full"
 
@@ -239,3 +244,23 @@ def kill_pod(settings: Settings, pod_id: str) -> bool:
 
 def leftover_pods(settings: Settings, names: set[str]) -> list[str]:
     return [h.pod_id for h in node_pods(settings) if h.service in names]
+
+
+async def replay_failures(client: Client, settings: Settings, keep: Path) -> dict[str, str]:
+    """Every workflow run on this test's control queue, replayed from its whole history as a
+    restarted worker replays it; the ones that fail, with the error (their history is written
+    to ``keep`` for ``tests/replay``). A run the worker's sticky cache kept going can hide a
+    non-determinism that the next worker restart would hit."""
+    histories = []
+    async for wf in client.list_workflows(f'TaskQueue = "{settings.task_queue}"'):
+        histories.append(await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history())
+    replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter,
+                        interceptors=[MessageGuard()])
+    failures = {}
+    for history in histories:
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        if result.replay_failure is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / f"{history.workflow_id}.json").write_text(history.to_json())
+            failures[history.workflow_id] = repr(result.replay_failure)
+    return failures

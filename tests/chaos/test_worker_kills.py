@@ -25,6 +25,7 @@ from chaos_helpers import (  # noqa: F401 - chaos_rng is a fixture
     converge,
     describe,
     kill_pod,
+    replay_failures,
     report,
     runtime_pods,
 )
@@ -207,5 +208,10 @@ async def test_worker_sigkilled_at_random_moments_converges_with_exact_pods(temp
         assert left == [], f"pods left after undeploy: {left}"
     finally:
         worker.stop()
+        # Every run, replayed whole as a restarted worker replays it (the histories that fail are kept).
+        bad = await replay_failures(temporal_env.client, settings, tmp_path / "nondeterministic")
+        if bad:
+            report(f"histories that do not replay (kept in {tmp_path / 'nondeterministic'}): {bad}", capsys)
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)
+    assert not bad, f"workflow histories that a restarted worker could not replay: {bad}"

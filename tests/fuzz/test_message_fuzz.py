@@ -178,9 +178,9 @@ async def test_signal_and_update_payloads_leave_the_service_healthy(temporal_env
 
 
 # --- the NodeRegistry: enrolment, registration and heartbeats (signed) ---------------------------
-REGISTRY_SIGNALS = {"heartbeat": NodeRegistration, "remove": None, "no_such_signal": None}
+REGISTRY_SIGNALS = {"heartbeat": NodeRegistration, "join": NodeRegistration, "remove": None, "no_such_signal": None}
 REGISTRY_UPDATES = {"register": NodeRegistration, "enrol": EnrolInput, "dry_run": DryRunInput, "no_such_update": None}
-ROUTER_SIGNALS = {"heartbeat": RouterRegistration, "no_such_signal": None}
+ROUTER_SIGNALS = {"heartbeat": RouterRegistration, "join": RouterRegistration, "no_such_signal": None}
 ROUTER_UPDATES = {"register": RouterRegistration, "enrol": EnrolInput, "no_such_update": None}
 
 

@@ -30,7 +30,7 @@ from hms_mgmt.models import Endpoint, EndpointSet
 from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import activity_results, free_port
-from hms_mgmt.wire import DrainResult, PublishResult, RouterRegistration
+from hms_mgmt.wire import DrainResult, JoinAnswer, PublishResult, RouterRegistration
 from router.server import RouterProcess
 from worker.main import HmsWorker
 
@@ -175,6 +175,10 @@ async def check_unenrolled_registration(client, s: Settings, url: str) -> None:
     bogus = RouterRegistration(name="intruder", address="127.0.0.1", url=url)
     with pytest.raises(WorkflowUpdateFailedError):
         await handle.execute_update(names.RR.REGISTER, bogus)
+    await handle.signal(names.RR.JOIN, bogus.model_copy(update={"request_id": "intruder-join"}))
+    answer = await eventually(lambda: handle.query(names.RR.JOINED, "intruder-join", result_type=JoinAnswer | None),
+                              timeout=30, what="the answer to the intruder's join")
+    assert answer.refused and answer.router is None
     assert "intruder" not in {r.name for r in await list_routers(client, s)}
     assert any("router intruder" in e.reason for e in read_events(s.state_dir) if e.type == "access.denied")
 

@@ -17,9 +17,10 @@ from temporalio.client import WorkflowUpdateFailedError
 
 from hms_mgmt import constants, names, nodeid, tickets
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied
 from hms_mgmt.events import read_events
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.wire import NodeRegistration, NodesOutput
+from hms_mgmt.wire import JoinAnswer, NodeRegistration, NodesOutput
 from worker.main import HmsWorker
 from worker.nodes import NodeAgent
 
@@ -97,18 +98,18 @@ async def test_unenrolled_forged_and_second_key_registrations_are_refused(tempor
 
     # No certificate at all, and a self-made key.
     key = Ed25519PrivateKey.generate()
-    with pytest.raises(WorkflowUpdateFailedError):
+    with pytest.raises(AccessDenied):
         await agent("c", nodeid.NodeIdentity(node="c", key=key, cert="")).register()
     # A certificate signed by another control plane's key.
     other = tmp_path / "other"
     other.mkdir()
     tickets.ensure_control_key(other)
     forged = nodeid.enrol_key(other, node="c", address="127.0.0.1", public_key=nodeid.raw_public(key))
-    with pytest.raises(WorkflowUpdateFailedError):
+    with pytest.raises(AccessDenied):
         await agent("c", nodeid.NodeIdentity(node="c", key=key, cert=forged)).register()
     # A real certificate of the Ready local node, signed with another key.
     cert = nodeid.node_cert_path(settings.state_dir, settings.node).read_text().strip()
-    with pytest.raises(WorkflowUpdateFailedError):
+    with pytest.raises(AccessDenied):
         await agent(settings.node, nodeid.NodeIdentity(node=settings.node, key=key, cert=cert)).register()
     # A correct certificate and key, but a registration copied from before (its signature is replayed).
     real = agent(settings.node, nodeid.node_identity(settings.state_dir, settings.node, "127.0.0.1"))
@@ -117,6 +118,12 @@ async def test_unenrolled_forged_and_second_key_registrations_are_refused(tempor
     with pytest.raises(WorkflowUpdateFailedError) as refused:
         await client.get_workflow_handle(real.registry_id).execute_update(names.NR.REGISTER, stale)
     assert "replayed" in str(refused.value.cause)
+    # The same through the join signal: answered refused, for the same reason.
+    handle = client.get_workflow_handle(real.registry_id)
+    await handle.signal(names.NR.JOIN, stale.model_copy(update={"request_id": "replayed-join"}))
+    answer = await eventually(lambda: handle.query(names.NR.JOINED, "replayed-join", result_type=JoinAnswer | None),
+                              timeout=30, what="the answer to the replayed join")
+    assert "replayed" in answer.refused and answer.node is None
     # An unsigned heartbeat changes nothing either.
     await client.get_workflow_handle(real.registry_id).signal(
         names.NR.HEARTBEAT, NodeRegistration(spec=agent("c", None).spec))

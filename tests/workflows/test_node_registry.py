@@ -182,3 +182,34 @@ async def _settled(registry: Registry, handle: WorkflowHandle[NodeRegistry, None
         return await registry.nodes(handle)
     except Exception:  # noqa: BLE001 - the query waits for the worker
         return None
+
+
+async def joined(handle: WorkflowHandle[NodeRegistry, None], registration: NodeRegistration, request_id: str):
+    """A worker's join: the signal, then the registry's answer (``joined``) once it was checked."""
+    await handle.signal(NodeRegistry.join, registration.model_copy(update={"request_id": request_id}))
+    return await eventually(lambda: handle.query(NodeRegistry.joined, request_id), timeout=10,
+                            interval=0.05, what=f"the answer to {request_id}")
+
+
+async def test_a_join_is_answered_once_and_its_answer_survives_continue_as_new(registry: Registry):
+    handle = await registry.start(history_threshold=60)
+    first = await joined(handle, reg("a", cpu=4), "join-1")
+    assert first.node.record.state == "Ready" and not first.node.was_lost and not first.refused
+    # The same join again (a worker that re-sent it) does not change the answer.
+    await handle.signal(NodeRegistry.join, reg("a", cpu=8).model_copy(update={"request_id": "join-1"}))
+    await asyncio.sleep(0.5)
+    assert (await handle.query(NodeRegistry.joined, "join-1")).node.record.spec.cpu == 4
+    assert await handle.query(NodeRegistry.joined, "never-sent") is None
+    # A join without its handle is not kept: nothing could ever ask for its answer.
+    await handle.signal(NodeRegistry.join, reg("nameless"))
+    first_run = (await handle.describe()).run_id
+    for _ in range(30):  # heartbeats until the registry continues as new
+        await handle.signal(NodeRegistry.heartbeat, reg("a", cpu=4))
+    latest = registry.env.client.get_workflow_handle(handle.id)
+    await eventually(lambda: _run_changed(latest, first_run), timeout=10, what="continue-as-new")
+    assert (await latest.query(NodeRegistry.joined, "join-1")).node.record.spec.name == "a"
+    assert "nameless" not in await registry.nodes(latest)
+    # Lost, then back through a join: the answer says it was lost (its worker sweeps stale pods).
+    await eventually(lambda: _state(registry, latest, "a", "Lost"), timeout=5 * LOST_AFTER_S, what="a lost")
+    back = await joined(latest, reg("a"), "join-2")
+    assert back.node.was_lost and back.node.record.rejoins == 1

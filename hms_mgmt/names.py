@@ -66,8 +66,9 @@ class S:
 
 
 class NR:
-    """Messages of the NodeRegistry: the ``nodes`` query, the ``register`` update and the
-    ``heartbeat`` signal (a node's worker sends both, signed), ``enrol`` and ``remove``."""
+    """Messages of the NodeRegistry: the ``nodes`` query, the ``join`` signal (answered by the
+    ``joined`` query) and the ``heartbeat`` signal (a node's worker sends both, signed), ``enrol``
+    and ``remove``; the ``register`` update of older workers."""
 
     NODES = "nodes"
     REGISTER = "register"  # the update workers before the ``join`` signal sent (kept for them)
@@ -80,8 +81,9 @@ class NR:
 
 
 class RR:
-    """Messages of the RouterRegistry: the ``routers`` query, the ``register`` update and the
-    ``heartbeat`` signal (a router sends both, signed with its key) and ``enrol`` (`hms router join`)."""
+    """Messages of the RouterRegistry: the ``routers`` query, the ``join`` signal (answered by
+    ``joined``) and the ``heartbeat`` signal (a router sends both, signed with its key), ``enrol``
+    (`hms router join`); the ``register`` update of older routers."""
 
     ROUTERS = "routers"
     REGISTER = "register"  # as for nodes: kept for routers that still send the update

@@ -113,3 +113,4 @@ async def deny(sink: EventSink, service: str, action: str, reason: str, **data: 
     """Record the refusal (``access.denied``) and fail the activity for good with it."""
     await sink.publish(Event(type="access.denied", service=service, reason=reason, data={"action": action, **data}))
     raise ApplicationError(reason, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
+

@@ -26,9 +26,10 @@ from hms_mgmt import auth, constants, names, nodeid, tickets
 from hms_mgmt import secrets as secret_store
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
-from hms_mgmt.events import Event, EventSink
+from hms_mgmt.events import Event, EventSink, RefusalLog
 from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
+from hms_mgmt.nodes import NotOurRegistry, node_registry
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.plan import first_replicas, plan_change, plan_placement, slot_edges
@@ -81,6 +82,7 @@ class ControlActivities:
         self.client = client
         self.settings = settings  # re-read on each call: an operator adds nodes without a restart
         self.sink = sink
+        self.refusals = RefusalLog(sink)  # a registry impostor is read often: its refusals are capped
         self.callers = callers or Callers(client)
         self._reads: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._fleets: dict[str, FleetView] = {}  # task queue -> the other services' pods, as last read
@@ -326,12 +328,15 @@ class ControlActivities:
 
     async def _registry_nodes(self, settings: Settings) -> NodesOutput | None:
         """What the NodeRegistry holds, or None while no registry runs."""
-        handle = self.client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
         try:
+            handle = await node_registry(self.client, settings)
             return await handle.query(names.NR.NODES, result_type=NodesOutput)
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
+            return None
+        except NotOurRegistry as e:  # as if none ran: the configured nodes, and no node called lost
+            await self.refusals.record("", str(e), action="read the node registry")
             return None
 
     @activity.defn(name="node_is_lost")

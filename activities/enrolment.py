@@ -28,6 +28,7 @@ from hms_mgmt.wire import (
     NodeVerdict,
     PodReportCheck,
     PodReportVerdict,
+    RegistrySettings,
     RouterCheckInput,
     RouterRegistration,
     StampInput,
@@ -73,6 +74,15 @@ class NodeTrustActivities:
         await self.sink.publish(Event(type=f"{role}.enrolled", service="", reason=f"{role} {claims['node']} joined "
                                       f"at {claims['addr']}", data={role: claims["node"], "address": claims["addr"]}))
         return EnrolOutput(cert=cert, control_pub=pub.decode())
+
+    @activity.defn(name="registry_settings")
+    async def registry_settings(self) -> RegistrySettings:
+        """The NodeRegistry's and RouterRegistry's settings, as this control plane is configured:
+        a registry believes these, not the input it was started with (anyone who reaches
+        Temporal can start one)."""
+        settings = await asyncio.to_thread(self.settings)
+        return RegistrySettings(seed=settings.node_specs() if settings.nodes else [],
+                                lost_after_s=settings.node_lost_after_s)
 
     @activity.defn(name="check_nodes")
     async def check_nodes(self, inp: NodeCheckInput) -> NodeCheckOutput:

@@ -31,8 +31,9 @@ from activities.callers import Callers, deny
 from hms_mgmt import constants, feed, names, nodeid
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied
-from hms_mgmt.events import EventSink
+from hms_mgmt.events import EventSink, RefusalLog
 from hms_mgmt.models import EndpointSet
+from hms_mgmt.nodes import NotOurRegistry, own_registry
 from hms_mgmt.wire import DrainInput, DrainResult, PublishResult, RoutersOutput
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class FeedActivities:
         self.settings = settings
         self.client = client  # with sink: what publish_endpoints needs (await_drained only reads)
         self.sink = sink
+        self.refusals = RefusalLog(sink) if sink is not None else None
         self.callers = callers or (Callers(client) if client is not None else None)
         self._session: aiohttp.ClientSession | None = None
         self._registry: dict[str, str] = {}  # url -> name of the Ready routers, as last read
@@ -84,11 +86,16 @@ class FeedActivities:
         ``fresh``."""
         now = time.monotonic()
         if self.client is not None and (fresh or now - self._registry_at > REGISTRY_TTL_S):
-            handle = self.client.get_workflow_handle(constants.router_registry_id(settings.task_queue))
             try:
+                handle = await own_registry(self.client, constants.router_registry_id(settings.task_queue),
+                                            names.ROUTER_REGISTRY_WORKFLOW, settings.task_queue)
                 out = await handle.query(names.RR.ROUTERS, result_type=RoutersOutput,
                                          rpc_timeout=timedelta(seconds=PUSH_TIMEOUT_S))
                 self._registry = {_norm(r.url): r.name for r in out.routers if r.state == "Ready"}
+            except NotOurRegistry as e:  # no feed goes to the routers an impostor names
+                self._registry = {}
+                if self.refusals is not None:
+                    await self.refusals.record("", str(e), action="read the router registry")
             except RPCError as e:
                 if e.status == RPCStatusCode.NOT_FOUND:
                     self._registry = {}  # no router has registered yet

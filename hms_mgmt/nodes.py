@@ -4,17 +4,21 @@ what the services run on each node."""
 from __future__ import annotations
 
 import builtins
+import logging
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
-from temporalio.client import Client, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
+from hms_mgmt.errors import AccessDenied
 from hms_mgmt.models import NodeRecord, NodeSpec, ServiceStatus
 from hms_mgmt.wire import NodesOutput, RouterRecord, RoutersOutput
+
+log = logging.getLogger("hms.nodes")
 
 
 class NodeView(BaseModel):
@@ -29,28 +33,57 @@ class NodeView(BaseModel):
     services: dict[str, int] = Field(default_factory=dict)
 
 
+class NotOurRegistry(AccessDenied):
+    """The run under a registry's id is not this control plane's (another type, another queue)."""
+
+
+async def own_registry(client: Client, workflow_id: str, workflow_type: str, control_queue: str) -> WorkflowHandle:
+    """The handle of this control plane's own registry run, to query or update: the latest run
+    under ``workflow_id`` must be ``workflow_type`` on ``control_queue``. Anyone who reaches
+    Temporal can start a run with that id on a queue of their own, whose worker would answer;
+    that run raises ``NotOurRegistry`` (``RPCError`` NOT_FOUND: none ever ran)."""
+    desc = await client.get_workflow_handle(workflow_id).describe()
+    if desc.workflow_type != workflow_type or desc.task_queue != control_queue:
+        raise NotOurRegistry(f"{workflow_id} is a {desc.workflow_type} on task queue {desc.task_queue}, "
+                             f"not this control plane's registry (queue {control_queue}): not believed")
+    return client.get_workflow_handle(workflow_id, run_id=desc.run_id)
+
+
+async def node_registry(client: Client, settings: Settings) -> WorkflowHandle:
+    return await own_registry(client, constants.node_registry_id(settings.task_queue), names.NODE_REGISTRY_WORKFLOW,
+                              settings.task_queue)
+
+
 async def registry_nodes(client: Client, settings: Settings) -> builtins.list[NodeRecord] | None:
-    """The registry's records, or None when no registry runs for this control plane."""
-    handle = client.get_workflow_handle(constants.node_registry_id(settings.task_queue))
+    """The registry's records, or None when no registry of this control plane runs (none, or
+    an impostor: ``NotOurRegistry`` is logged)."""
     try:
+        handle = await node_registry(client, settings)
         return (await handle.query(names.NR.NODES, result_type=NodesOutput)).nodes
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             return None
         raise
+    except NotOurRegistry as e:
+        log.warning("%s", e)
+        return None
     except WorkflowQueryFailedError:
         return None
 
 
 async def list_routers(client: Client, settings: Settings) -> builtins.list[RouterRecord]:
-    """The RouterRegistry's records (none when no router ever registered)."""
-    handle = client.get_workflow_handle(constants.router_registry_id(settings.task_queue))
+    """The RouterRegistry's records (none when no router ever registered, or an impostor runs)."""
     try:
+        handle = await own_registry(client, constants.router_registry_id(settings.task_queue),
+                                    names.ROUTER_REGISTRY_WORKFLOW, settings.task_queue)
         return (await handle.query(names.RR.ROUTERS, result_type=RoutersOutput)).routers
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             return []
         raise
+    except NotOurRegistry as e:
+        log.warning("%s", e)
+        return []
     except WorkflowQueryFailedError:
         return []
 

@@ -281,11 +281,15 @@ class Orchestrator:
         rollout plan) in the NodeRegistry's ``dry_run`` update. A refusal is in the verdict
         (``failure``, typed; ``verdict.error()`` is its exception), not raised."""
         spec = load_spec(spec)
-        handle = self.client.get_workflow_handle(constants.node_registry_id(self.settings.task_queue))
+        from hms_mgmt.nodes import NotOurRegistry, node_registry
+
         arg = _request(DryRunInput, f"dry run {spec.name}", spec=spec, request_id=uuid.uuid4().hex,
                        proof=self._prove("dry_run", spec.name, spec=spec.digest()))
         try:
+            handle = await node_registry(self.client, self.settings)
             return await handle.execute_update(names.NR.DRY_RUN, arg, result_type=DryRunVerdict)
+        except NotOurRegistry as e:
+            raise HmsError(f"dry run {spec.name}: {e}") from None
         except WorkflowUpdateFailedError as e:
             raise failure_error(e, f"dry run {spec.name}") from None
         except RPCError as e:

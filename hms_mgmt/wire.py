@@ -204,6 +204,14 @@ class RegisterResult(_Model):
     was_lost: bool = False
 
 
+class RegistrySettings(_Model):
+    """What a registry takes from the control worker when it first starts, not from whoever
+    started it: the static ``nodes:`` of the configuration, and the grace before Lost."""
+
+    seed: list[NodeSpec] = Field(default_factory=list)
+    lost_after_s: float = Field(gt=0)
+
+
 class JoinAnswer(_Model):
     """A registry's answer to one ``join`` signal (the ``joined`` query): refused, with the
     reason, or the node's ``RegisterResult`` / the router's ``RouterRecord``."""

@@ -33,13 +33,23 @@ with workflow.unsafe.imports_passed_through():
         NodeRegistration,
         NodeRegistryInput,
         NodesOutput,
+        NodeSpec,
         RegisterResult,
     )
     from hms_mgmt.names import NODE_REGISTRY_WORKFLOW, NR
     from hms_mgmt.wire import DryRunInput, EnrolInput, EnrolOutput, JoinAnswer, NodeCheckInput, NodeVerdict
 
 from workflows.dryrun import dry_run
-from workflows.registry import CHECK_TIMEOUT, Heartbeats, Joins, SignedCheck, continue_as_new_due, enrol
+from workflows.registry import (
+    CHECK_TIMEOUT,
+    Heartbeats,
+    Joins,
+    SignedCheck,
+    continue_as_new_due,
+    control_settings,
+    enrol,
+    own_input,
+)
 
 NOTIFY_TIMEOUT = timedelta(seconds=60)
 LATE_TIMER = timedelta(seconds=2)  # a timer this late (or half the grace) means the registry itself stalled
@@ -55,16 +65,13 @@ FULL_DISRUPTION = "node-lost-full-disruption"
 class NodeRegistry:
     @workflow.init
     def __init__(self, inp: NodeRegistryInput) -> None:
-        self.inp = inp
+        self.inp, self.ask_settings = own_input(inp, "nodes")
+        inp = self.inp
         self.nodes: dict[str, NodeRecord] = {}
         if inp.nodes is not None:
             self.nodes = {r.spec.name: r for r in inp.nodes}
-        else:
-            now = workflow.now()
-            # A static node counts as heard from at the registry's start: its worker has
-            # lost_after_s to show up before pods stop being placed there.
-            for spec in inp.seed:
-                self.nodes[spec.name] = NodeRecord(spec=spec, source="config", registered_at=now, last_heartbeat=now)
+        elif not self.ask_settings:
+            self._seed(inp.seed)
         self.newly_lost: list[str] = []
         self.held_lost: list[str] = []  # Lost in a full disruption: told as an event only
         self.beats: Heartbeats[NodeRegistration] = Heartbeats(inp.lost_after_s)
@@ -72,6 +79,19 @@ class NodeRegistry:
             NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
         self.removals: list[str] = []  # `remove` hints to check
         self.joins = Joins(inp.joining, inp.answers)
+
+    def _seed(self, seed: list[NodeSpec]) -> None:
+        """A static node counts as heard from at the registry's start: its worker has
+        lost_after_s to show up before pods stop being placed there."""
+        now = workflow.now()
+        for spec in seed:
+            self.nodes.setdefault(spec.name, NodeRecord(spec=spec, source="config", registered_at=now, last_heartbeat=now))
+
+    async def _take_settings(self) -> None:
+        got = await control_settings(self.inp.control_task_queue)
+        self.inp = self.inp.model_copy(update={"seed": got.seed, "lost_after_s": got.lost_after_s})
+        self.beats.lost_after = timedelta(seconds=got.lost_after_s)
+        self._seed(got.seed)
 
     @workflow.query
     def nodes(self) -> NodesOutput:
@@ -225,6 +245,8 @@ class NodeRegistry:
 
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:
+        if self.ask_settings:
+            await self._take_settings()
         while not continue_as_new_due(self.inp.history_threshold):
             if self.joins.pending:
                 await self._check_joins()
@@ -246,7 +268,7 @@ class NodeRegistry:
                 self._grace_if_late(deadline)
             self._mark_lost()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(inp.model_copy(update={"nodes": list(self.nodes.values()), "joining": self.joins.pending,
+        workflow.continue_as_new(self.inp.model_copy(update={"nodes": list(self.nodes.values()), "joining": self.joins.pending,
                                                          "answers": self.joins.answers}))
 
     def _grace_if_late(self, deadline: datetime | None) -> None:

@@ -17,7 +17,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.enrolment import NodeTrustActivities
-    from hms_mgmt.wire import EnrolInput, EnrolOutput, JoinAnswer, NodeVerdict
+    from hms_mgmt.wire import EnrolInput, EnrolOutput, JoinAnswer, NodeVerdict, RegistrySettings
 
 CHECK_TIMEOUT = timedelta(seconds=30)
 MAX_PENDING_BEATS = 1000  # heartbeats waiting for their check (one per member is kept)
@@ -25,6 +25,9 @@ MAX_PENDING_JOINS = 1000  # join signals waiting for their check
 MAX_ANSWERS = 1000  # answers to joins kept for their ``joined`` query (the oldest go first)
 
 R = TypeVar("R")
+In = TypeVar("In", bound=Any)
+# patch: a registry's first run takes its seed and grace from the control worker, not its input
+OWN_SETTINGS = "registry-own-settings"
 
 
 class Heartbeats(Generic[R]):
@@ -101,6 +104,26 @@ class Joins:
         self.answers.setdefault(request_id, answer)
         while len(self.answers) > MAX_ANSWERS:
             self.answers.pop(next(iter(self.answers)))
+
+
+def own_input(inp: In, carried: str) -> tuple[In, bool]:
+    """The part of its input a registry believes, and whether it must still ask the control
+    worker for its settings (``control_settings``). Anyone who reaches Temporal can start a
+    registry, with any input: its activities go to the queue it runs on (the control queue),
+    members are carried over (``carried``, joins, answers) only from its own continue-as-new,
+    and a first run's seed and grace come from the control worker."""
+    info = workflow.info()
+    update: dict[str, Any] = {"control_task_queue": info.task_queue}
+    continued = bool(info.continued_run_id)
+    if not continued:
+        update |= {carried: None, "joining": [], "answers": {}}
+    return inp.model_copy(update=update), not continued and workflow.patched(OWN_SETTINGS)
+
+
+async def control_settings(control_task_queue: str) -> RegistrySettings:
+    return await workflow.execute_activity_method(
+        NodeTrustActivities.registry_settings, task_queue=control_task_queue,
+        start_to_close_timeout=CHECK_TIMEOUT, summary="this control plane's seed nodes and grace")
 
 
 def continue_as_new_due(history_threshold: int | None) -> bool:

@@ -10,6 +10,8 @@ it and no drain waits for it. A heartbeat brings it back.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
@@ -29,14 +31,15 @@ with workflow.unsafe.imports_passed_through():
         RoutersOutput,
     )
 
-from workflows.registry import Heartbeats, Joins, SignedCheck, continue_as_new_due, enrol
+from workflows.registry import Heartbeats, Joins, SignedCheck, continue_as_new_due, control_settings, enrol, own_input
 
 
 @workflow.defn(name=ROUTER_REGISTRY_WORKFLOW)
 class RouterRegistry:
     @workflow.init
     def __init__(self, inp: RouterRegistryInput) -> None:
-        self.inp = inp
+        self.inp, self.ask_settings = own_input(inp, "routers")
+        inp = self.inp
         self.routers: dict[str, RouterRecord] = {r.name: r for r in inp.routers or []}
         self.beats: Heartbeats[RouterRegistration] = Heartbeats(inp.lost_after_s)
         self.check: SignedCheck[RouterRegistration] = SignedCheck(
@@ -121,6 +124,10 @@ class RouterRegistry:
 
     @workflow.run
     async def run(self, inp: RouterRegistryInput) -> None:
+        if self.ask_settings:
+            got = await control_settings(self.inp.control_task_queue)
+            self.inp = self.inp.model_copy(update={"lost_after_s": got.lost_after_s})
+            self.beats.lost_after = timedelta(seconds=got.lost_after_s)
         while not continue_as_new_due(self.inp.history_threshold):
             if self.joins.pending:
                 await self._check_joins()
@@ -134,6 +141,6 @@ class RouterRegistry:
                 if rec.state == "Ready" and self.beats.silent(rec.last_heartbeat, now):
                     self._lose(rec, f"no heartbeat for {self.inp.lost_after_s:g}s")
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(inp.model_copy(update={"routers": list(self.routers.values()), "joining": self.joins.pending,
+        workflow.continue_as_new(self.inp.model_copy(update={"routers": list(self.routers.values()), "joining": self.joins.pending,
                                                          "answers": self.joins.answers}))
 

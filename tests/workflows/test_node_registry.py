@@ -26,6 +26,7 @@ from hms_mgmt.wire import (
     NodeRegistryInput,
     NodesOutput,
     NodeVerdict,
+    RegistrySettings,
 )
 from workflows.nodes import NodeRegistry
 
@@ -40,6 +41,7 @@ class Registry:
     evicted: dict[str, bool] = field(default_factory=dict)  # node -> were its services told to replace its pods
     activities: list[object] = field(default_factory=list)
     worker: Worker | None = None
+    seed: list[NodeSpec] = field(default_factory=list)  # the control worker's configured nodes
 
     async def resume(self) -> None:
         self.worker = Worker(self.env.client, task_queue=self.queue, workflows=[NodeRegistry],
@@ -52,7 +54,8 @@ class Registry:
         await self.worker.__aexit__(None, None, None)
         self.worker = None
 
-    async def start(self, **kw: object) -> WorkflowHandle[NodeRegistry, None]:
+    async def start(self, seed: list[NodeSpec] | None = None, **kw: object) -> WorkflowHandle[NodeRegistry, None]:
+        self.seed = seed or []
         inp = NodeRegistryInput(lost_after_s=LOST_AFTER_S, control_task_queue=self.queue, **kw)  # type: ignore[arg-type]
         return await self.env.client.start_workflow(NodeRegistry.run, inp, id=f"hms-nodes-{self.queue}",
                                                     task_queue=self.queue)
@@ -82,7 +85,11 @@ async def registry(temporal_env: WorkflowEnvironment) -> AsyncIterator[Registry]
         return NodeCheckOutput(verdicts=[NodeVerdict(node=reg.spec.name, ok=True, at=time.time())
                                          for reg in inp.registrations])
 
-    r.activities = [notify_node_lost, check_nodes]
+    @activity.defn(name="registry_settings")
+    async def registry_settings() -> RegistrySettings:
+        return RegistrySettings(seed=r.seed, lost_after_s=LOST_AFTER_S)
+
+    r.activities = [notify_node_lost, check_nodes, registry_settings]
     await r.resume()
     try:
         yield r
@@ -145,7 +152,8 @@ async def _state(registry: Registry, handle: WorkflowHandle[NodeRegistry, None],
 async def test_seeded_nodes_and_continue_as_new_keep_the_nodes(registry: Registry):
     seed = [NodeSpec(name="static", task_queue="hms-node-static", cpu=2)]
     handle = await registry.start(seed=seed, history_threshold=40)
-    assert (await registry.nodes(handle))["static"].source == "config"
+    nodes = await eventually(lambda: registry.nodes(handle), timeout=10, what="the seeded node")
+    assert nodes["static"].source == "config"
     first_run = (await handle.describe()).run_id
     for _ in range(25):  # a heartbeat from a node the registry does not know registers it
         await handle.signal(NodeRegistry.heartbeat, reg("w"))
@@ -213,3 +221,21 @@ async def test_a_join_is_answered_once_and_its_answer_survives_continue_as_new(r
     await eventually(lambda: _state(registry, latest, "a", "Lost"), timeout=5 * LOST_AFTER_S, what="a lost")
     back = await joined(latest, reg("a"), "join-2")
     assert back.node.was_lost and back.node.record.rejoins == 1
+
+
+async def test_a_registry_started_by_an_outsider_believes_only_the_control_worker(registry: Registry):
+    """Anyone who reaches Temporal can start the registry (after terminating it, say), with any
+    input: a forged Ready node, a seed, a grace of a year, its own queue for the checks. The
+    registry takes its seed and grace from the control worker, runs its checks on the queue it
+    runs on, and carries members over only from its own continue-as-new."""
+    registry.seed = []
+    forged = NodeRecord(spec=NodeSpec(name="evil", task_queue="hms-node-evil"), source="worker", state="Ready")
+    inp = NodeRegistryInput(lost_after_s=3e7, control_task_queue="attacker-queue", nodes=[forged],
+                            seed=[NodeSpec(name="evil-static", task_queue="hms-node-evil")])
+    handle = await registry.env.client.start_workflow(NodeRegistry.run, inp, id=f"hms-nodes-{registry.queue}",
+                                                      task_queue=registry.queue)
+    answer = await joined(handle, reg("a"), "honest-join")  # checked on the control queue: answered
+    assert answer.node.record.state == "Ready"
+    assert set(await registry.nodes(handle)) == {"a"}
+    await eventually(lambda: _state(registry, handle, "a", "Lost"), timeout=5 * LOST_AFTER_S,
+                     what="a lost after the control worker's grace, not the starter's")

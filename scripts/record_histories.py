@@ -233,26 +233,30 @@ async def secrets(s: Stack) -> None:
 
 async def beat_until_continued(s: Stack, handle: WorkflowHandle, heartbeat: Any, signed: Callable[[str], object],
                                what: str) -> WorkflowHandle:
-    """25 heartbeats, each freshly signed, until the registry continued-as-new; a handle on its latest run."""
+    """Heartbeats, each freshly signed, until the registry continued-as-new; a handle on its latest run."""
     first = (await handle.describe()).run_id
-    for _ in range(25):
-        await handle.signal(heartbeat, signed("heartbeat"))
     latest = s.client.get_workflow_handle(handle.id)
 
     async def moved_on() -> bool:
         return (await latest.describe()).run_id != first
+    for _ in range(100):  # a few at a time: a burst is checked as one batch
+        if await moved_on():
+            break
+        for _ in range(3):
+            await handle.signal(heartbeat, signed("heartbeat"))
+        await asyncio.sleep(0.1)
     await until(what, moved_on, timeout=20)
     return latest
 
 
 async def registry(s: Stack) -> None:
-    """A NodeRegistry of its own: a worker node registers and heartbeats until continue-as-new
-    (history_threshold), a silent seeded node turns Lost and services are told."""
+    """A NodeRegistry of its own (its seed and grace from the control worker's settings: the
+    scenario configures a static node and a 2 s grace): a worker node joins (the ``join``
+    signal) and another registers with the older ``register`` update, both heartbeat until
+    continue-as-new (history_threshold), a silent seeded node turns Lost and services are told."""
     queue = s.settings.task_queue
-    seed = [NodeSpec(name="static", task_queue="hms-node-static")]
     handle = await s.client.start_workflow(
-        NodeRegistry.run,
-        NodeRegistryInput(seed=seed, lost_after_s=2.0, control_task_queue=queue, history_threshold=40),
+        NodeRegistry.run, NodeRegistryInput(control_task_queue=queue, history_threshold=40),
         id=f"{constants.node_registry_id(queue)}-recorded", task_queue=queue,
     )
     # An enrolled node (the recorder's state dir holds the control key: it enrols itself), signing each message.
@@ -263,6 +267,8 @@ async def registry(s: Stack) -> None:
     def signed(kind: str) -> NodeRegistration:
         return node.model_copy(update={"proof": ident.say(kind, node.signed_part())})
 
+    await handle.signal(NodeRegistry.join, signed("register").model_copy(update={"request_id": "recorded-join"}))
+    await until("the join answered", lambda: handle.query(NodeRegistry.joined, "recorded-join"), timeout=20)
     await handle.execute_update(NodeRegistry.register, signed("register"))
     latest = await beat_until_continued(s, handle, NodeRegistry.heartbeat, signed, "a continue-as-new")
 
@@ -278,7 +284,7 @@ async def router_registry(s: Stack) -> None:
     registration without a certificate is refused, and the silent router turns Lost."""
     queue = s.settings.task_queue
     handle = await s.client.start_workflow(
-        RouterRegistry.run, RouterRegistryInput(lost_after_s=2.0, control_task_queue=queue, history_threshold=40),
+        RouterRegistry.run, RouterRegistryInput(control_task_queue=queue, history_threshold=40),
         id=constants.router_registry_id(queue), task_queue=queue)
     ident = nodeid.node_identity(s.settings.state_dir, "edge", "127.0.0.1", role="router")
     reg = RouterRegistration(name="edge", address="127.0.0.1", url="http://127.0.0.1:9", worker="recorder",
@@ -287,6 +293,8 @@ async def router_registry(s: Stack) -> None:
     def signed(kind: str) -> RouterRegistration:
         return reg.model_copy(update={"proof": ident.say(f"router-{kind}", reg.signed_part())})
 
+    await handle.signal(RouterRegistry.join, signed("register").model_copy(update={"request_id": "recorded-join"}))
+    await until("the router's join answered", lambda: handle.query(RouterRegistry.joined, "recorded-join"), timeout=20)
     await handle.execute_update(RouterRegistry.register, signed("register"))
     try:
         await handle.execute_update(RouterRegistry.register, RouterRegistration(name="intruder", address="127.0.0.1",
@@ -310,7 +318,9 @@ SCENARIOS: dict[str, tuple[Callable[[Stack], Awaitable[None]], dict[str, object]
     "approval": (approval, {}),
     "continue_as_new": (continue_as_new, {"history_threshold": 12}),
     "rollout": (rollout, {}),
-    "registry": (registry, {}),
+    # The recorded registry's seed and grace (and the router registry's grace) are the control worker's.
+    "registry": (registry, {"node_lost_after_s": 2.0, "node_heartbeat_s": 1.0,
+                            "nodes": [{"name": "node-registry"}, {"name": "static", "task_queue": "hms-node-static"}]}),
     "secrets": (secrets, {}),
     "capacity": (capacity, {"node_max_pods": 1}),
 }

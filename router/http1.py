@@ -37,6 +37,7 @@ MAX_HEAD_BYTES = 64 << 10  # a request line and headers past this are refused (4
 MAX_PIPELINED = 32  # requests parsed ahead of the one being served; reading pauses beyond
 CALLER_IDLE_S = 75.0  # an idle caller's connection is closed after this (aiohttp's default)
 POD_IDLE_S = 30.0  # an idle pooled connection to a pod is not used again after this
+MAX_IDLE_PER_POD = 256  # idle connections kept per pod; more are closed
 BODY_HIGH_WATER = 256 << 10  # a streamed request body buffered past this pauses the caller
 BUFFER_BYTES = 1 << 20  # request bodies of known length up to this are held, so that they can be sent again
 
@@ -446,6 +447,7 @@ class PodConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.idle_at = 0.0
         self.closed = False
+        self.single_use = False  # a fresh connection for one request: closed after it
         self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -493,7 +495,7 @@ class PodConnection(asyncio.Protocol):
     def release(self, keep: bool) -> None:
         self.exchange = None
         self.resume_reading()
-        if keep and self.pool is not None and not self.closed:
+        if keep and not self.single_use and self.pool is not None and not self.closed:
             self.pool.put_back(self)
         elif self.transport is not None:
             self.transport.close()
@@ -523,12 +525,17 @@ class PodPool:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             _, conn = await loop.create_connection(lambda: PodConnection(self, address), host, port)
+        conn.single_use = fresh
         self.conns.setdefault(address, set()).add(conn)
         return conn
 
     def put_back(self, conn: PodConnection) -> None:
+        idle = self.idle.setdefault(conn.address, [])
+        if len(idle) >= MAX_IDLE_PER_POD:
+            conn.release(False)
+            return
         conn.idle_at = time.monotonic()
-        self.idle.setdefault(conn.address, []).append(conn)
+        idle.append(conn)
 
     def discard(self, conn: PodConnection) -> None:
         for table in (self.conns, self.idle):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import re
 import time
@@ -116,7 +115,7 @@ class BuiltinEngine:
         self.stats = stats
         self.options = options or ProxyOptions()
         self.pools: dict[str, ServicePool] = {}
-        self.rng = random.Random()
+        self.rng = random.Random()  # for P2C and request ids: unique, not secret
         self.connections = PodPool(self.options.connect_timeout_s)
         self.applied: dict[str, int] = {}
         table.subscribe(self._on_table)
@@ -168,7 +167,7 @@ class BuiltinEngine:
         service, tail = _SERVICE_PATH.match(req.target).groups()  # type: ignore[union-attr]
         if not tail.startswith("/"):
             tail = "/" + tail
-        rid = req.request_id or os.urandom(16).hex()
+        rid = req.request_id or f"{self.rng.getrandbits(128):032x}"
         pool = self.pools.get(service)
         if pool is None:
             caller.send_json(404, {"error": "unknown service", "service": service}, [("X-Request-Id", rid)], req=req)
@@ -308,7 +307,14 @@ class ControlRelay:
             return
         head = (f"{req.method} {req.target} HTTP/1.1\r\n".encode("latin-1") + req.header_block(_NOT_RELAYED)
                 + f"X-Forwarded-For: {caller.peer}\r\n".encode("latin-1"))
-        out = await Exchange(req, conn, extra=b"", retryable=False, read_timeout_s=self.read_timeout_s).run(head, body)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                out = await Exchange(req, conn, extra=b"", retryable=False,
+                                     read_timeout_s=self.read_timeout_s).run(head, body)
+        except TimeoutError:
+            conn.abort()
+            out = http1.Outcome(http1.TRUNCATED if caller.relaying is not None else http1.TIMEOUT,
+                                error=f"no answer within {self.read_timeout_s:g}s")
         if out.kind == http1.TRUNCATED:
             caller.abort()
         elif out.kind not in (http1.RELAYED, http1.CALLER_LEFT):

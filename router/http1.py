@@ -148,7 +148,7 @@ class Request:
         if not self.complete:
             if self.caller.closed:
                 raise ConnectionResetError("the caller closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.caller.loop.create_future()
             await self._waiter
         return b"".join(self.chunks)
 
@@ -175,6 +175,7 @@ class CallerConnection(asyncio.Protocol):
 
     def __init__(self, server: CallerServer) -> None:
         self.server = server
+        self.loop = server.loop
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -197,7 +198,7 @@ class CallerConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -277,7 +278,7 @@ class CallerConnection(asyncio.Protocol):
             while not self.closed:
                 if not self.queue:
                     self.idle_since = time.monotonic()
-                    self.waiter = asyncio.get_running_loop().create_future()
+                    self.waiter = self.loop.create_future()
                     await self.waiter
                     continue
                 self.idle_since = None
@@ -402,6 +403,7 @@ class CallerServer:
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
+        self.loop = asyncio.get_running_loop()
         self.connections: set[CallerConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -508,6 +510,20 @@ class PodPool:
         self.connect_timeout_s = connect_timeout_s
         self.idle: dict[str, list[PodConnection]] = {}
         self.conns: dict[str, set[PodConnection]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep(self) -> None:
+        """Every second: exchanges past their read timeout fail; idle connections past
+        ``POD_IDLE_S`` close (one timer for all, not one per request)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for held in list(self.conns.values()):
+                for conn in list(held):
+                    if conn.exchange is not None:
+                        conn.exchange.tick(now)
+                    elif now - conn.idle_at > POD_IDLE_S and conn.idle_at:
+                        conn.abort()
 
     async def acquire(self, address: str, *, fresh: bool = False) -> PodConnection:
         """An idle connection to ``address`` (unless ``fresh``), else a new one; raises OSError
@@ -523,6 +539,8 @@ class PodPool:
                 return conn
         host, port = host_port(address)
         loop = asyncio.get_running_loop()
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
         async with asyncio.timeout(self.connect_timeout_s):
             _, conn = await loop.create_connection(lambda: PodConnection(self, address), host, port)
         conn.single_use = fresh
@@ -555,6 +573,8 @@ class PodPool:
                 conn.abort()
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.cut(set(self.conns))
 
 
@@ -574,7 +594,7 @@ class Exchange:
 
     __slots__ = ("req", "caller", "conn", "parser", "extra", "retryable", "future", "status", "reason",
                  "headers", "head_at", "relaying", "discarding", "chunked_out", "close_delimited", "ended",
-                 "informational", "keep", "body_sent", "timer", "active", "read_timeout_s")
+                 "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s")
 
     def __init__(self, req: Request, conn: PodConnection, *, extra: bytes, retryable: bool,
                  read_timeout_s: float) -> None:
@@ -582,7 +602,7 @@ class Exchange:
         self.parser = httptools.HttpResponseParser(self)
         self.extra = extra
         self.retryable = retryable
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Outcome] = req.caller.loop.create_future()
         self.status = 0
         self.reason: bytes | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -592,7 +612,7 @@ class Exchange:
         self.body_sent = False
         self.active = False
         self.read_timeout_s = read_timeout_s
-        self.timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
 
     async def run(self, head: bytes, body: bytes | None) -> Outcome:
         """Send the request (``head``: request line and headers, framing not included) and
@@ -615,7 +635,6 @@ class Exchange:
             transport.write(head + framing + b"".join(self._frame(c) for c in req.take_chunks(self)))
             if req.complete:
                 self.end_body()
-        self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self._tick)
         return await self.future
 
     # --- the request body, streamed ------------------------------------------------------------
@@ -713,8 +732,6 @@ class Exchange:
 
     def _end(self, outcome: Outcome, keep: bool) -> None:
         self.ended = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.req.detach(self)
         self.req.caller.resume("upload")
         if self.caller.relaying is self:
@@ -740,12 +757,14 @@ class Exchange:
         self.conn.abort()
         self._end(Outcome(CALLER_LEFT, self.status, self.head_at), False)
 
-    def _tick(self) -> None:
+    def tick(self, now: float) -> None:
+        """Called about every second: past the read timeout without a byte from the pod, give up."""
         if self.ended:
             return
-        if self.active:
-            self.active = False
-            self.timer = asyncio.get_running_loop().call_later(self.read_timeout_s, self._tick)
+        if self.active or not self.idle_since:
+            self.active, self.idle_since = False, now
+            return
+        if now - self.idle_since < self.read_timeout_s:
             return
         self.conn.abort()
         if not self.relaying:

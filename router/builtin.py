@@ -34,7 +34,7 @@ from router.control import CONTROL_ROUTES, Control
 from router.feed import EndpointTable, FeedSync
 from router.http1 import BUFFER_BYTES, CallerConnection, CallerServer, Exchange, PodPool, Request
 from router.stats import TrafficStats
-from router.workers import Workers
+from router.workers import StatsBatch, Workers
 
 log = logging.getLogger("hms.router.builtin")
 
@@ -110,7 +110,8 @@ class _Failed:
 
 
 class BuiltinEngine:
-    def __init__(self, table: EndpointTable, stats: TrafficStats, options: ProxyOptions | None = None) -> None:
+    def __init__(self, table: EndpointTable, stats: TrafficStats | StatsBatch, options: ProxyOptions | None = None
+                 ) -> None:
         self.table = table
         self.stats = stats
         self.options = options or ProxyOptions()
@@ -356,8 +357,9 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
                       ) -> None:
     """Serve until cancelled; with ``procs`` > 1, this process and ``procs - 1`` workers share
     the port (:mod:`router.workers`)."""
-    engine = BuiltinEngine(table, stats, options)
-    workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs)
+    batch = StatsBatch()  # recorded per request at the cost of an append, summed once a second
+    engine = BuiltinEngine(table, batch, options)
+    workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs, own=batch)
     control = Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
                       before_metrics=workers.pull, before_stats=workers.pull,
                       applied_versions=workers.versions)  # type: ignore[arg-type]

@@ -207,9 +207,10 @@ class CallerConnection(asyncio.Protocol):
             self.must_close = True  # no upgrade is proxied: the request is served plain, then we close
             self.pause("upgrade")
         except httptools.HttpParserError as e:
-            self._refuse(400, f"bad request: {e}")
-        except _HeadTooLarge:
-            self._refuse(431, "request head too large")
+            if isinstance(e.__context__, _HeadTooLarge):  # raised in a callback, it comes wrapped
+                self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            else:
+                self._refuse(400, f"bad request: {e}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -285,9 +286,10 @@ class CallerConnection(asyncio.Protocol):
                 req = self.queue.popleft()
                 self.resume("pipeline")
                 await self.server.handler(self, req)
-                if not req.complete:
+                if not req.complete:  # answered without its body: the rest is read and dropped
                     req.discard = True
                     req.chunks = []
+                    self.resume("body")
                 if self.must_close or not req.keep_alive:
                     self.flush()
                     if self.transport is not None:

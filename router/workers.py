@@ -89,8 +89,7 @@ class StatsBatch:
 def absorb(stats: TrafficStats, batch: dict[str, list[Any]]) -> None:
     """Replay a worker's :meth:`StatsBatch.take` into the primary's figures (monotonic clocks
     are system-wide, so the times land in the right second)."""
-    for service, pod, status, seconds, now in batch.get("records", []):
-        stats.record(service, pod, status, seconds, now=now)
+    stats.record_batch(batch.get("records", []))
     for service, reason, count, now in batch.get("retries", []):
         stats.record_retry(service, reason, count, now=now)
     for service, pod in batch.get("ejections", []):
@@ -145,9 +144,10 @@ class Workers:
     """The primary's side: starts the workers, sends them the table, pulls their figures."""
 
     def __init__(self, table: EndpointTable, stats: TrafficStats, own_versions: dict[str, int], *, host: str,
-                 port: int, count: int) -> None:
+                 port: int, count: int, own: StatsBatch | None = None) -> None:
         self.table = table
         self.stats = stats
+        self.own = own  # the primary's own engine's figures, batched like a worker's
         self.own_versions = own_versions  # the primary's engine: service -> version it carries
         self.host, self.port = host, port
         self.dir = Path(tempfile.mkdtemp(prefix="hms-router-"))  # mode 0700: only our user may connect
@@ -258,8 +258,10 @@ class Workers:
             await self.pull()
 
     async def pull(self) -> None:
-        """Each worker's requests since the last pull, into our figures; its view of the pods."""
+        """Each process's requests since the last pull, into our figures; each worker's view of the pods."""
         async with self._pulling:
+            if self.own is not None:
+                absorb(self.stats, self.own.take())
             await asyncio.gather(*(self._pull_one(w) for w in self.workers))
 
     async def _pull_one(self, w: WorkerProc) -> None:
@@ -306,7 +308,7 @@ async def run_worker(*, host: str, port: int, primary: Path, sock: Path) -> None
     from router.http1 import CallerServer
 
     table, stats, first = EndpointTable(), StatsBatch(), asyncio.Event()
-    engine = BuiltinEngine(table, stats)  # type: ignore[arg-type] - the same calls, batched
+    engine = BuiltinEngine(table, stats)
     runner = web.AppRunner(_worker_api(table, engine, stats, first), access_log=None, handle_signals=False)
     server = CallerServer(dispatch(engine, ControlRelay(primary)))
     try:

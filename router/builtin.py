@@ -32,13 +32,13 @@ from hms_mgmt.models import EndpointSet
 from router import http1, policy
 from router.control import CONTROL_ROUTES, Control
 from router.feed import EndpointTable, FeedSync
-from router.http1 import BUFFER_BYTES, CallerConnection, CallerServer, Exchange, PodPool, Request
+from router.http1 import BUFFER_BYTES, CallerConnection, CallerServer, Exchange, PodConnection, PodPool, Request
 from router.stats import TrafficStats
 from router.workers import StatsBatch, Workers
 
 log = logging.getLogger("hms.router.builtin")
 
-__all__ = ["BUFFER_BYTES", "BuiltinEngine", "ControlRelay", "ProxyOptions", "dispatch", "run_builtin"]
+__all__ = ["BUFFER_BYTES", "BuiltinEngine", "ControlRelay", "ProxyOptions", "caller_server", "run_builtin"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 MAX_ATTEMPTS = 3
@@ -109,6 +109,21 @@ class _Failed:
     retry: str | None
 
 
+class _Job:
+    """One request through the engine: its service and pod path, and what its tries gave."""
+
+    __slots__ = ("caller", "req", "pool", "tail", "rid", "t0", "head", "body", "tried", "attempt", "failed")
+
+    def __init__(self, caller: CallerConnection, req: Request, pool: ServicePool, tail: str, rid: str, t0: float
+                 ) -> None:
+        self.caller, self.req, self.pool, self.tail, self.rid, self.t0 = caller, req, pool, tail, rid, t0
+        self.head = b""
+        self.body: bytes | None = None
+        self.tried: set[str] = set()
+        self.attempt = 0
+        self.failed: _Failed | None = None
+
+
 class BuiltinEngine:
     def __init__(self, table: EndpointTable, stats: TrafficStats | StatsBatch, options: ProxyOptions | None = None
                  ) -> None:
@@ -163,7 +178,8 @@ class BuiltinEngine:
 
     # --- proxy -------------------------------------------------------------------------------
 
-    async def handle(self, caller: CallerConnection, req: Request) -> None:
+    def _route(self, caller: CallerConnection, req: Request) -> _Job | None:
+        """The request's service, or its answer at once (404, 503) and None."""
         t0 = time.monotonic()
         service, tail = _SERVICE_PATH.match(req.target).groups()  # type: ignore[union-attr]
         if not tail.startswith("/"):
@@ -172,7 +188,7 @@ class BuiltinEngine:
         pool = self.pools.get(service)
         if pool is None:
             caller.send_json(404, {"error": "unknown service", "service": service}, [("X-Request-Id", rid)], req=req)
-            return
+            return None
         ready, draining = pool.counts()
         if ready == 0:
             self.stats.record(service, "-", 503, time.monotonic() - t0)
@@ -184,81 +200,145 @@ class BuiltinEngine:
                           else "no ready pod: the service has no pod that passed its health check")
                 body, retry = {"error": "no ready pod", "service": service, "reason": reason}, "1"
             caller.send_json(503, body, [("X-Request-Id", rid), ("Retry-After", retry)], req=req)
-            return
-        await self._forward(caller, req, pool, tail, rid, t0)
+            return None
+        return _Job(caller, req, pool, tail, rid, t0)
 
-    @staticmethod
-    def _head(req: Request, peer: str, rid: str) -> bytes:
+    def _begin(self, job: _Job) -> None:
         """The headers a pod gets (after its request line and Host): the caller's, less hop-by-hop
-        ones and those we set, plus ``X-Forwarded-*`` and ``X-Request-Id``."""
-        prior = req.forwarded_for
+        ones and those we set, plus ``X-Forwarded-*`` and ``X-Request-Id``; and the request
+        counted toward the service's retry budget."""
+        req, prior, peer = job.req, job.req.forwarded_for, job.caller.peer
         forwarded = f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\nX-Forwarded-Proto: http\r\n"
         if req.host:
             forwarded += f"X-Forwarded-Host: {req.host}\r\n"
-        return req.header_block(_NOT_FORWARDED) + (forwarded + f"X-Request-Id: {rid}\r\n").encode("latin-1")
+        job.head = req.header_block(_NOT_FORWARDED) + (forwarded + f"X-Request-Id: {job.rid}\r\n").encode("latin-1")
+        job.pool.budget.record_request(job.t0)
 
-    async def _forward(self, caller: CallerConnection, req: Request, pool: ServicePool, tail: str, rid: str,
-                       t0: float) -> None:
-        body: bytes | None = None
+    def _exchange(self, job: _Job, pod: policy.PodState, conn: PodConnection, *, last: bool) -> Exchange:
+        extra = f"X-HMS-Pod: {pod.pod}\r\nX-Request-Id: {job.rid}\r\n".encode("latin-1")
+        return Exchange(job.req, conn, extra=extra, retryable=job.req.method in IDEMPOTENT and not last,
+                        read_timeout_s=self.options.read_timeout_s)
+
+    def _request_line(self, job: _Job, pod: policy.PodState) -> bytes:
+        return f"{job.req.method} {job.tail} HTTP/1.1\r\nHost: {pod.address}\r\n".encode("latin-1") + job.head
+
+    async def handle(self, caller: CallerConnection, req: Request) -> None:
+        """A request in a task: its body read if it is held, then its tries."""
+        job = self._route(caller, req)
+        if job is None:
+            return
         if req.has_body and req.buffers_body:
             try:
-                body = await req.read()
+                job.body = await req.read()
             except ConnectionResetError:
                 return
-        head = self._head(req, caller.peer, rid)
-        pool.budget.record_request(t0)
-        tried: set[str] = set()
-        attempt = 0
-        failed = _Failed(502, {"error": "no pod could take the request"}, None)
-        while attempt < self.options.max_attempts:
-            attempt += 1
-            pod = policy.pick(pool.listed, time.monotonic(), self.rng, exclude=tried)
+        self._begin(job)
+        await self._tries(job)
+
+    def start(self, caller: CallerConnection, req: Request) -> bool | None:
+        """:data:`router.http1.Starter`: the first try of an idempotent request without a body
+        sent at once on an idle pooled connection, its outcome a callback (no task, no future:
+        most requests). None (declined: :meth:`handle` serves it) when that cannot be."""
+        job = self._route(caller, req)
+        if job is None:
+            return False
+        if req.method not in IDEMPOTENT:
+            return None
+        pod = policy.pick(job.pool.listed, job.t0, self.rng)
+        conn = self.connections.take_idle(pod.address) if pod is not None else None
+        if pod is None or conn is None:
+            return None
+        self._begin(job)
+        job.attempt = 1
+        job.tried.add(pod.pod)
+        sent = time.monotonic()
+        token = policy.start_request(pod, sent)
+        ex = self._exchange(job, pod, conn, last=self.options.max_attempts <= 1)
+        ex.on_done = lambda out: self._started(job, pod, token, sent, out)
+        if not ex.start(self._request_line(job, pod), None):
+            self._started(job, pod, token, sent, http1.Outcome(http1.LOST, error="the pod closed the connection"))
+        return True
+
+    def _started(self, job: _Job, pod: policy.PodState, token: int, sent: float, out: http1.Outcome) -> None:
+        policy.finish_request(pod, token)
+        failed = self._outcome(job, pod, out, sent)
+        if failed is None:
+            job.caller.done(job.req)
+            return
+        job.failed = failed
+        job.caller.loop.create_task(self._resume(job))
+
+    async def _resume(self, job: _Job) -> None:
+        """The tries after a failed first one that :meth:`start` made."""
+        try:
+            await self._tries(job)
+        except Exception:  # noqa: BLE001 - one caller's failure must not reach the loop's handler
+            log.exception("router: serving a caller failed")
+            job.caller.abort()
+            return
+        job.caller.done(job.req)
+
+    def _again(self, job: _Job) -> bool:
+        """After a failed try: may another pod be tried (retryable, the body still held, the
+        service's retry budget not spent)?"""
+        failed = job.failed
+        assert failed is not None
+        if failed.retry is None or job.req.streamed or not job.pool.budget.try_spend(time.monotonic()):
+            return False
+        self.stats.record_retry(job.pool.name, failed.retry)
+        return True
+
+    async def _tries(self, job: _Job) -> None:
+        """Pods tried one after another (P2C among those not tried yet) until one answers, a
+        failure may not be retried, or ``max_attempts``; the last failure is the answer."""
+        while job.failed is None or self._again(job):
+            if job.attempt >= self.options.max_attempts:
+                break
+            job.attempt += 1
+            pod = policy.pick(job.pool.listed, time.monotonic(), self.rng, exclude=job.tried)
             if pod is None:
                 break
-            tried.add(pod.pod)
+            job.tried.add(pod.pod)
             token = policy.start_request(pod, time.monotonic())
             try:
-                result = await self._attempt(req, pool, pod, tail, head, body, rid, t0,
-                                             last=attempt >= self.options.max_attempts)
+                failed = await self._attempt(job, pod, last=job.attempt >= self.options.max_attempts)
             finally:
                 policy.finish_request(pod, token)
-            if result is None:
+            if failed is None:
                 return
-            failed = result
-            if failed.retry is None or req.streamed or not pool.budget.try_spend(time.monotonic()):
-                break
-            self.stats.record_retry(pool.name, failed.retry)
-        self.stats.record(pool.name, failed.info.get("pod", "-"), failed.status, time.monotonic() - t0)
+            job.failed = failed
+        failed = job.failed or _Failed(502, {"error": "no pod could take the request"}, None)
+        self.stats.record(job.pool.name, failed.info.get("pod", "-"), failed.status, time.monotonic() - job.t0)
         extra = [("X-HMS-Pod", failed.info["pod"])] if "pod" in failed.info else []
-        caller.send_json(failed.status, {**failed.info, "service": pool.name, "attempts": attempt},
-                         [("X-Request-Id", rid), *extra], req=req)
+        job.caller.send_json(failed.status, {**failed.info, "service": job.pool.name, "attempts": job.attempt},
+                             [("X-Request-Id", job.rid), *extra], req=job.req)
 
-    async def _attempt(self, req: Request, pool: ServicePool, pod: policy.PodState, tail: str, head: bytes,
-                       body: bytes | None, rid: str, t0: float, *, last: bool) -> _Failed | None:
+    async def _attempt(self, job: _Job, pod: policy.PodState, *, last: bool) -> _Failed | None:
         """One try on one pod: None once its answer went to the caller, else how it failed and
         whether another pod may be tried. Non-idempotent requests go on a fresh connection."""
-        idempotent = req.method in IDEMPOTENT
         sent = time.monotonic()
         try:
-            conn = await self.connections.acquire(pod.address, fresh=not idempotent)
+            conn = await self.connections.acquire(pod.address, fresh=job.req.method not in IDEMPOTENT)
         except (OSError, TimeoutError) as e:
             # Refused, unreachable or no SYN-ACK in time: the pod never saw the request.
-            self._failure(pool, pod, time.monotonic())
+            self._failure(job.pool, pod, time.monotonic())
             why = str(e) or f"no connection within {self.options.connect_timeout_s:g}s"
             return _Failed(502, {"error": f"could not connect to pod: Cannot connect to host {pod.address} [{why}]",
                                  "pod": pod.pod, "reached_pod": False}, "connect")
-        extra = f"X-HMS-Pod: {pod.pod}\r\nX-Request-Id: {rid}\r\n".encode("latin-1")
-        ex = Exchange(req, conn, extra=extra, retryable=idempotent and not last,
-                      read_timeout_s=self.options.read_timeout_s)
-        out = await ex.run(f"{req.method} {tail} HTTP/1.1\r\nHost: {pod.address}\r\n".encode("latin-1") + head, body)
-        now = time.monotonic()
+        out = await self._exchange(job, pod, conn, last=last).run(self._request_line(job, pod), job.body)
+        return self._outcome(job, pod, out, sent)
+
+    def _outcome(self, job: _Job, pod: policy.PodState, out: http1.Outcome, sent: float) -> _Failed | None:
+        """What a try's outcome means: the pod's score and the figures updated; None if the
+        caller has its answer (or is gone), else the failure."""
+        pool, now = job.pool, time.monotonic()
         ms = (out.head_at - sent) * 1000 if out.head_at else None
         if out.kind == http1.RELAYED:
             if out.status >= 500:
                 self._failure(pool, pod, now, ms)
             else:
                 policy.record_success(pod, ms or 0.0, now)
-            self.stats.record(pool.name, pod.pod, out.status, now - t0)
+            self.stats.record(pool.name, pod.pod, out.status, now - job.t0)
             return None
         if out.kind == http1.CALLER_LEFT:
             return None
@@ -266,7 +346,7 @@ class BuiltinEngine:
         if out.kind == http1.TRUNCATED:
             # Headers are gone already: all that is left is to cut the caller's connection.
             log.info("pod %s of %s failed mid-answer: %s", pod.pod, pool.name, out.error)
-            req.caller.abort()
+            job.caller.abort()
             return None
         if out.kind == http1.REFUSED_STATUS:
             return _Failed(out.status, {"error": f"pod answered {out.status}", "pod": pod.pod, "reached_pod": True},
@@ -276,7 +356,7 @@ class BuiltinEngine:
                                  "pod": pod.pod, "reached_pod": True}, None)
         # Reset or closed mid-way: the pod may have acted on it; only idempotent requests go again.
         return _Failed(502, {"error": f"connection to pod failed: {out.error or 'closed'}", "pod": pod.pod,
-                             "reached_pod": True}, "reset" if idempotent else None)
+                             "reached_pod": True}, "reset" if job.req.method in IDEMPOTENT else None)
 
     def _failure(self, pool: ServicePool, pod: policy.PodState, now: float, ms: float | None = None) -> None:
         if policy.record_failure(pod, now, self.options.ejection, ms):
@@ -327,16 +407,23 @@ _NOT_FORWARDED = http1.HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-
 _NOT_RELAYED = (http1.HOP_BY_HOP - {b"host"}) | {b"content-length", b"x-forwarded-for"}
 
 
-def dispatch(engine: BuiltinEngine, relay: ControlRelay) -> http1.Handler:
-    """Each request: a control endpoint (by its method and path) to the primary, anything else proxied."""
+def _is_control(req: Request) -> bool:
+    return (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
+
+
+def caller_server(engine: BuiltinEngine, relay: ControlRelay) -> CallerServer:
+    """The listening side: a control endpoint (by its method and path) to the primary, anything
+    else proxied (most requests started at once, :meth:`BuiltinEngine.start`)."""
     async def handle(caller: CallerConnection, req: Request) -> None:
-        path = req.target.partition("?")[0]
-        if (req.method, path) in CONTROL_ROUTES:
+        if _is_control(req):
             await relay(caller, req)
         else:
             await engine.handle(caller, req)
 
-    return handle
+    def start(caller: CallerConnection, req: Request) -> bool | None:
+        return None if _is_control(req) else engine.start(caller, req)
+
+    return CallerServer(handle, start)
 
 
 def control_runner(control: Control) -> web.ServerRunner:
@@ -364,7 +451,7 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
                       before_metrics=workers.pull, before_stats=workers.pull,
                       applied_versions=workers.versions)  # type: ignore[arg-type]
     runner = control_runner(control)
-    server = CallerServer(dispatch(engine, ControlRelay(workers.control_sock)))
+    server = caller_server(engine, ControlRelay(workers.control_sock))
     await runner.setup()
     try:
         await web.UnixSite(runner, str(workers.control_sock)).start()

@@ -168,6 +168,9 @@ class Request:
 
 
 Handler = Callable[["CallerConnection", Request], Awaitable[None]]
+# Starts a request without a body at once, its end a callback: None if it declines (the request
+# then goes to the Handler), True if under way (it calls CallerConnection.done), False if answered.
+Starter = Callable[["CallerConnection", Request], "bool | None"]
 
 
 class CallerConnection(asyncio.Protocol):
@@ -182,7 +185,7 @@ class CallerConnection(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.parsing: Request | None = None
         self.head_bytes = 0
-        self.waiter: asyncio.Future[None] | None = None
+        self.busy = False  # a request is being served (its answer not yet whole)
         self.out: list[bytes] = []
         self.closed = False
         self.must_close = False
@@ -198,7 +201,6 @@ class CallerConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
-        self._task = self.loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -221,7 +223,6 @@ class CallerConnection(asyncio.Protocol):
         streaming = self.parsing.sink if self.parsing is not None else None
         for ex in {self.relaying, streaming} - {None}:
             ex.caller_lost()  # type: ignore[union-attr]
-        self._wake()
 
     def pause_writing(self) -> None:
         if self.relaying is not None:
@@ -261,7 +262,8 @@ class CallerConnection(asyncio.Protocol):
         self.queue.append(req)
         if len(self.queue) > MAX_PIPELINED:
             self.pause("pipeline")
-        self._wake()
+        if not self.busy:
+            self._dispatch()
 
     def on_body(self, body: bytes) -> None:
         assert self.parsing is not None
@@ -274,34 +276,65 @@ class CallerConnection(asyncio.Protocol):
 
     # --- serving -----------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    def _dispatch(self) -> None:
+        """Serve the next queued request, if nothing is being served. A request without a body
+        goes first to the handler's synchronous start (``server.start``: no task, its end a
+        callback, :meth:`done`); a request it declines, and any with a body, to a task."""
+        start = self.server.start
+        while self.queue and not self.busy and not self.closed:
+            self.busy, self.idle_since = True, None
+            req = self.queue.popleft()
+            self.resume("pipeline")
+            taken = start(self, req) if start is not None and not req.has_body else None
+            if taken is None:
+                self._task = self.loop.create_task(self._serve(req))
+                return
+            if taken:  # under way: done() follows
+                return
+            if not self._finished(req):  # answered at once
+                return
+            self.busy = False
+        if not self.busy:
+            self.idle_since = time.monotonic()
+
+    def done(self, req: Request) -> None:
+        """A request started by ``server.start`` is answered."""
+        if self._finished(req):
+            self.busy = False
+            if self.queue:  # pipelined: not from inside the pod's callback that ended this one
+                self.loop.call_soon(self._dispatch)
+            else:
+                self.idle_since = time.monotonic()
+
+    async def _serve(self, req: Request | None) -> None:
+        """Requests in a task, one after another while any are queued."""
         try:
-            while not self.closed:
-                if not self.queue:
-                    self.idle_since = time.monotonic()
-                    self.waiter = self.loop.create_future()
-                    await self.waiter
-                    continue
-                self.idle_since = None
-                req = self.queue.popleft()
-                self.resume("pipeline")
+            while req is not None:
                 await self.server.handler(self, req)
-                if not req.complete:  # answered without its body: the rest is read and dropped
-                    req.discard = True
-                    req.chunks = []
-                    self.resume("body")
-                if self.must_close or not req.keep_alive:
-                    self.flush()
-                    if self.transport is not None:
-                        self.transport.close()
+                if not self._finished(req):
                     return
+                req = None
+                if self.queue and not self.closed:
+                    req = self.queue.popleft()
+                    self.resume("pipeline")
+            self.busy = False
+            self.idle_since = time.monotonic()
         except Exception:  # noqa: BLE001 - one caller's failure must not reach the loop's handler
             log.exception("router: serving a caller failed")
             self.abort()
 
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+    def _finished(self, req: Request) -> bool:
+        """After an answer: False if the connection closes now (as the caller or we asked)."""
+        if not req.complete:  # answered without its body: the rest is read and dropped
+            req.discard = True
+            req.chunks = []
+            self.resume("body")
+        if self.must_close or not req.keep_alive or self.closed:
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        return True
 
     def _count(self, n: int) -> None:
         self.head_bytes += n
@@ -312,7 +345,7 @@ class CallerConnection(asyncio.Protocol):
         """A request we cannot parse: say so and close (the stream cannot be trusted any more)."""
         self.must_close = True
         self.pause("refused")
-        if not self.queue and self.relaying is None and not self.closed:
+        if not self.queue and not self.busy and not self.closed:
             self.send_json(status, {"error": error}, (), close=True)
             self.flush()
             if self.transport is not None:
@@ -403,8 +436,9 @@ class CallerServer:
     """The listening side: a :class:`CallerConnection` per accepted connection, each request to
     ``handler``; idle callers are closed after ``CALLER_IDLE_S``."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, start: Starter | None = None) -> None:
         self.handler = handler
+        self.start = start
         self.loop = asyncio.get_running_loop()
         self.connections: set[CallerConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -531,13 +565,8 @@ class PodPool:
         """An idle connection to ``address`` (unless ``fresh``), else a new one; raises OSError
         or TimeoutError when none can be made within the connect timeout."""
         if not fresh:
-            idle = self.idle.get(address)
-            edge = time.monotonic() - POD_IDLE_S
-            while idle:
-                conn = idle.pop()
-                if conn.closed or conn.idle_at < edge:
-                    conn.release(False)
-                    continue
+            conn = self.take_idle(address)
+            if conn is not None:
                 return conn
         host, port = host_port(address)
         loop = asyncio.get_running_loop()
@@ -548,6 +577,18 @@ class PodPool:
         conn.single_use = fresh
         self.conns.setdefault(address, set()).add(conn)
         return conn
+
+    def take_idle(self, address: str) -> PodConnection | None:
+        """The most recently used idle connection to ``address`` that is still good, if any."""
+        idle = self.idle.get(address)
+        edge = time.monotonic() - POD_IDLE_S
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.idle_at < edge:
+                conn.release(False)
+                continue
+            return conn
+        return None
 
     def put_back(self, conn: PodConnection) -> None:
         idle = self.idle.setdefault(conn.address, [])
@@ -596,7 +637,7 @@ class Exchange:
 
     __slots__ = ("req", "caller", "conn", "parser", "extra", "retryable", "future", "status", "reason",
                  "headers", "head_at", "relaying", "discarding", "chunked_out", "close_delimited", "ended",
-                 "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s")
+                 "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s", "on_done")
 
     def __init__(self, req: Request, conn: PodConnection, *, extra: bytes, retryable: bool,
                  read_timeout_s: float) -> None:
@@ -604,7 +645,8 @@ class Exchange:
         self.parser = httptools.HttpResponseParser(self)
         self.extra = extra
         self.retryable = retryable
-        self.future: asyncio.Future[Outcome] = req.caller.loop.create_future()
+        self.future: asyncio.Future[Outcome] | None = None
+        self.on_done: Callable[[Outcome], None] | None = None
         self.status = 0
         self.reason: bytes | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -619,10 +661,18 @@ class Exchange:
     async def run(self, head: bytes, body: bytes | None) -> Outcome:
         """Send the request (``head``: request line and headers, framing not included) and
         relay the answer; the outcome once the exchange is over."""
+        self.future = self.caller.loop.create_future()
+        if not self.start(head, body):
+            return Outcome(LOST, error=ConnectionResetError("the pod closed the connection"))
+        return await self.future
+
+    def start(self, head: bytes, body: bytes | None) -> bool:
+        """Send the request; its outcome goes to ``on_done`` (else the future of :meth:`run`).
+        False if the connection turned out closed (nothing sent)."""
         conn, req = self.conn, self.req
         transport = conn.transport
         if conn.closed or transport is None or transport.is_closing():
-            return Outcome(LOST, error=ConnectionResetError("the pod closed the connection"))
+            return False
         conn.exchange = self
         if body is not None or not req.has_body:
             if body:
@@ -637,7 +687,7 @@ class Exchange:
             transport.write(head + framing + b"".join(self._frame(c) for c in req.take_chunks(self)))
             if req.complete:
                 self.end_body()
-        return await self.future
+        return True
 
     # --- the request body, streamed ------------------------------------------------------------
 
@@ -739,7 +789,9 @@ class Exchange:
         if self.caller.relaying is self:
             self.caller.relaying = None
         self.conn.release(keep)
-        if not self.future.done():
+        if self.on_done is not None:
+            self.on_done(outcome)
+        elif self.future is not None and not self.future.done():
             self.future.set_result(outcome)
 
     def _lost(self, error: BaseException | str | None) -> None:

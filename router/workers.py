@@ -304,13 +304,12 @@ def _worker_api(table: EndpointTable, engine: Any, stats: StatsBatch, first: asy
 
 async def run_worker(*, host: str, port: int, primary: Path, sock: Path) -> None:
     """Serve the proxy on ``host:port`` (shared) until the primary's pipe closes."""
-    from router.builtin import BuiltinEngine, ControlRelay, dispatch
-    from router.http1 import CallerServer
+    from router.builtin import BuiltinEngine, ControlRelay, caller_server
 
     table, stats, first = EndpointTable(), StatsBatch(), asyncio.Event()
     engine = BuiltinEngine(table, stats)
     runner = web.AppRunner(_worker_api(table, engine, stats, first), access_log=None, handle_signals=False)
-    server = CallerServer(dispatch(engine, ControlRelay(primary)))
+    server = caller_server(engine, ControlRelay(primary))
     try:
         await runner.setup()
         await web.UnixSite(runner, str(sock)).start()

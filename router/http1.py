@@ -217,6 +217,7 @@ class CallerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.parser = None  # type: ignore[assignment] - it holds our callbacks: no cycle left behind
         for req in (*self.queue, self.parsing):
             if req is not None:
                 req._lost()
@@ -789,8 +790,13 @@ class Exchange:
         if self.caller.relaying is self:
             self.caller.relaying = None
         self.conn.release(keep)
-        if self.on_done is not None:
-            self.on_done(outcome)
+        # The parser holds our callbacks: without this cycle, the exchange and all it holds die
+        # by reference counting, not in a garbage collection (which, a request at a time, costs
+        # more than the proxying).
+        self.parser = None  # type: ignore[assignment]
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(outcome)
         elif self.future is not None and not self.future.done():
             self.future.set_result(outcome)
 

@@ -24,6 +24,7 @@ import contextlib
 import http
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -636,8 +637,8 @@ class Exchange:
     ``extra``: header lines added to the answer (``X-HMS-Pod``...); ``retryable``: a 502/503
     answer is read and dropped (:data:`REFUSED_STATUS`) so another pod can be tried."""
 
-    __slots__ = ("req", "caller", "conn", "parser", "extra", "retryable", "future", "status", "reason",
-                 "headers", "head_at", "relaying", "discarding", "chunked_out", "close_delimited", "ended",
+    __slots__ = ("req", "caller", "conn", "parser", "extra", "retryable", "future", "status", "raw",
+                 "head_at", "relaying", "discarding", "chunked_out", "close_delimited", "ended",
                  "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s", "on_done")
 
     def __init__(self, req: Request, conn: PodConnection, *, extra: bytes, retryable: bool,
@@ -649,8 +650,7 @@ class Exchange:
         self.future: asyncio.Future[Outcome] | None = None
         self.on_done: Callable[[Outcome], None] | None = None
         self.status = 0
-        self.reason: bytes | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.raw: bytes | None = b""  # the answer as received, until its head is whole
         self.head_at = 0.0
         self.relaying = self.discarding = self.chunked_out = self.close_delimited = False
         self.ended = self.informational = self.keep = False
@@ -710,6 +710,8 @@ class Exchange:
 
     def feed(self, data: bytes) -> None:
         self.active = True
+        if self.raw is not None:  # the answer's head is not whole yet: on_headers_complete reads it raw
+            self.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -717,37 +719,37 @@ class Exchange:
             self._lost(f"bad answer from pod: {e}")
         self.caller.flush()
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
+        # The head is taken raw (one regex pass over it, not a callback per header): llhttp has
+        # checked it, and it is in what was fed so far.
+        raw = self.raw or b""
+        end = raw.find(b"\r\n\r\n") + 2
+        if end < 2:
+            end = raw.find(b"\n\n") + 1
         status = self.parser.get_status_code()
         if status < 200:  # 100 Continue and friends: not ours to relay (we sent no Expect)
             self.informational = True
-            self.headers = []
+            self.raw = raw[end + (2 if raw[end:end + 2] == b"\r\n" else 1):]
             return
+        self.raw = None
+        line_end = raw.find(b"\n")
         self.status, self.head_at = status, time.monotonic()
         self.keep = self.parser.should_keep_alive()
         if self.retryable and status in (502, 503):
             self.discarding = True
         else:
-            self._write_head()
+            self._write_head(raw[9:line_end].rstrip(b"\r"), raw[line_end + 1:end])
         if self.req.method == "HEAD":  # no body follows, whatever the headers say
             self.on_message_complete()
 
-    def _write_head(self) -> None:
+    def _write_head(self, status: bytes, headers: bytes) -> None:
+        """``status``: the pod's code and reason; ``headers``: its header lines, as received."""
         req, caller = self.req, self.caller
-        length = None
-        lines = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = value
-            elif lname not in HOP_BY_HOP and lname not in _ANSWER_SET:
-                lines.append(b"%s: %s\r\n" % (name, value))
+        found = _LENGTH.search(headers)
+        length = found.group(1) if found is not None else None
+        kept = _NOT_RELAYED.sub(b"", headers)
+        if b"\r\n" not in kept and b"\n" in kept:  # bare LF line ends (llhttp is lenient): ours are CRLF
+            kept = kept.replace(b"\n", b"\r\n")
         if req.method == "HEAD":
             framing = b"Content-Length: %s\r\n" % length if length is not None else b""
         elif self.status in NO_BODY_STATUSES:
@@ -759,7 +761,7 @@ class Exchange:
         else:
             framing, self.close_delimited = b"", True
         conn = caller.connection_header(req, close=self.close_delimited)
-        caller.write(status_line(self.status, self.reason) + b"".join(lines) + self.extra + framing + conn + b"\r\n")
+        caller.write(b"HTTP/1.1 " + status + b"\r\n" + kept + self.extra + framing + conn + b"\r\n")
         self.relaying = True
         caller.relaying = self
 
@@ -831,7 +833,11 @@ class Exchange:
             self._end(Outcome(TIMEOUT, error=f"no answer within {self.read_timeout_s:g}s"), False)
 
 
-_ANSWER_SET = frozenset({b"x-hms-pod", b"x-request-id"})  # set by the router on every proxied answer
+# An answer's headers not passed on: hop-by-hop ones, its framing (ours may differ), and those
+# the router sets on every proxied answer.
+_NOT_RELAYED = re.compile(rb"^(?:" + b"|".join(sorted(HOP_BY_HOP | {b"content-length", b"x-hms-pod", b"x-request-id"}))
+                          + rb")[ \t]*:[^\n]*\n", re.IGNORECASE | re.MULTILINE)
+_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE | re.MULTILINE)
 
 
 async def open_unix(path: str) -> PodConnection:

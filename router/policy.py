@@ -205,6 +205,8 @@ class RetryBudget:
 
     def record_request(self, now: float) -> None:
         self._requests.append(now)
+        if self._requests[0] < now - self.window_s:  # kept to the window (a busy service: many a second)
+            self._trim(now)
 
     def can_retry(self, now: float) -> bool:
         self._trim(now)

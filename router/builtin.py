@@ -316,7 +316,6 @@ class BuiltinEngine:
     async def _attempt(self, job: _Job, pod: policy.PodState, *, last: bool) -> _Failed | None:
         """One try on one pod: None once its answer went to the caller, else how it failed and
         whether another pod may be tried. Non-idempotent requests go on a fresh connection."""
-        sent = time.monotonic()
         try:
             conn = await self.connections.acquire(pod.address, fresh=job.req.method not in IDEMPOTENT)
         except (OSError, TimeoutError) as e:
@@ -325,6 +324,9 @@ class BuiltinEngine:
             why = str(e) or f"no connection within {self.options.connect_timeout_s:g}s"
             return _Failed(502, {"error": f"could not connect to pod: Cannot connect to host {pod.address} [{why}]",
                                  "pod": pod.pod, "reached_pod": False}, "connect")
+        # The latency sample starts once the request goes out, as HAProxy's Tr: a new connection's
+        # setup (a thread started in a threaded pod, on a busy host) is no measure of the pod's answers.
+        sent = time.monotonic()
         out = await self._exchange(job, pod, conn, last=last).run(self._request_line(job, pod), job.body)
         return self._outcome(job, pod, out, sent)
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from conftest import eventually, make_settings, seed_spec, sweep_pods, terminate_running
 
 from hms_mgmt import feed
+from hms_mgmt.events import read_events
 from hms_mgmt.models import Endpoint, EndpointSet
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import free_port
@@ -99,6 +100,7 @@ async def test_the_lean_data_path_end_to_end(temporal_env, tmp_path, monkeypatch
             await check_pod_connections_reused(router, set(pods.values()))
             await check_chunked_both_ways(router, s.state_dir)
             await check_refusing_pod(router, s.state_dir, next(iter(pods.values())))
+            await check_refusal_names_the_caller(router, s.state_dir)
     finally:
         router.stop()
         await terminate_running(temporal_env, s)
@@ -236,3 +238,17 @@ async def check_refusing_pod(router: RouterProcess, state_dir: Path, live: str) 
             assert r.status == 502 and r.headers["X-HMS-Pod"] == "refuses" and r.headers["X-Request-Id"] == "doomed"
         assert body["reached_pod"] is False and body["pod"] == "refuses" and body["service"] == "lean-retry"
         assert body["error"].startswith("could not connect to pod") and body["attempts"] >= 1, body
+
+
+async def check_refusal_names_the_caller(router: RouterProcess, state_dir: Path) -> None:
+    """An unsigned feed push, relayed by whichever process took it to the primary's control
+    socket: refused, and the refusal names the caller's address, not the relay's (nor what the
+    caller claims in ``X-Forwarded-For``)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        for _ in range(4):  # new connections: both processes relay some
+            async with http.post(f"{router.url}{feed.FEED_PATH}", data=b"{}",
+                                 headers={"X-Forwarded-For": "203.0.113.9"}) as r:
+                assert r.status == 401
+    refused = [e for e in read_events(state_dir) if e.type == "access.denied"
+               and e.data.get("action") == "router_feed"]
+    assert len(refused) == 4 and {e.data["remote"] for e in refused} == {"127.0.0.1"}, refused

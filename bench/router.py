@@ -7,7 +7,7 @@ engines run as ``python -m router`` child processes fed by the worker, like ``hm
 
 Proxies, all on 127.0.0.1, ``/<service>/`` with the prefix stripped:
   direct       wrk straight at one pod (a ceiling for one pod, no proxy)
-  builtin      our builtin engine (aiohttp + uvloop, one process per CPU: HMS_ROUTER_PROCS)
+  builtin      our builtin engine (httptools + uvloop, one process per CPU: HMS_ROUTER_PROCS)
   haproxy      our haproxy engine (HAProxy 2.6 driven through its Runtime API, weights from our score)
   nginx        Debian nginx, ``upstream`` round-robin over the 3 pods, keepalive 64, defaults otherwise
   haproxy-rr   HAProxy hand-configured: ``balance roundrobin``, ``option redispatch``, ``retries 2``

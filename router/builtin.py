@@ -1,4 +1,5 @@
-"""The builtin engine: an aiohttp reverse proxy, ``/<service>/<path>`` -> a ready pod.
+"""The builtin engine: a reverse proxy, ``/<service>/<path>`` -> a ready pod, on the lean
+HTTP/1.1 data path of :mod:`router.http1` (httptools parsers, pooled keep-alive connections).
 
 Per request: power-of-two-choices on (outstanding + 1) x latency EWMA (:mod:`router.policy`);
 draining and ejected pods get nothing new. A request that failed before reaching a pod
@@ -7,8 +8,8 @@ or a reset is retried only for idempotent methods; every retry is paid from the 
 retry budget. Non-idempotent requests go on a fresh connection, so "did it reach the pod?" has
 a sure answer: a reused keep-alive connection that turns out dead cannot tell.
 
-Bodies stream both ways; request bodies up to :data:`BUFFER_BYTES` are buffered so that they
-can be sent again. Responses carry ``X-HMS-Pod`` and ``X-Request-Id`` (kept or created);
+Bodies stream both ways (content-length or chunked); request bodies of known length up to
+:data:`BUFFER_BYTES` are buffered so that they can be sent again. Responses carry ``X-HMS-Pod`` and ``X-Request-Id`` (kept or created);
 requests get ``X-Forwarded-For`` / ``-Proto`` / ``-Host``.
 """
 
@@ -16,34 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from hms_mgmt.models import EndpointSet
-from router import policy
-from router.control import Control
+from router import http1, policy
+from router.control import CONTROL_ROUTES, Control
 from router.feed import EndpointTable, FeedSync
+from router.http1 import BUFFER_BYTES, CallerConnection, CallerServer, Exchange, PodConnection, PodPool, Request
 from router.stats import TrafficStats
-from router.workers import Workers
+from router.workers import StatsBatch, Workers
 
 log = logging.getLogger("hms.router.builtin")
 
+__all__ = ["BUFFER_BYTES", "BuiltinEngine", "ControlRelay", "ProxyOptions", "caller_server", "run_builtin"]
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "host"})
-BUFFER_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
 RETRY_STATUSES = frozenset({502, 503})
 _SERVICE_PATH = re.compile(r"/?([^/?]*)(.*)", re.DOTALL)  # /<service><tail>: the tail from the first / or ?
@@ -103,10 +100,6 @@ def landed_body(service: str, until: datetime) -> dict[str, Any]:
             "reason": f"landed by a time slot until {until.isoformat()}: no pod runs"}
 
 
-class _Truncated(Exception):
-    """The pod failed after the response had started: the caller's connection is closed."""
-
-
 @dataclass
 class _Failed:
     """A failed attempt: what to answer if it is the last, and the retry reason if it may be retried."""
@@ -116,15 +109,30 @@ class _Failed:
     retry: str | None
 
 
+class _Job:
+    """One request through the engine: its service and pod path, and what its tries gave."""
+
+    __slots__ = ("caller", "req", "pool", "tail", "rid", "t0", "head", "body", "tried", "attempt", "failed")
+
+    def __init__(self, caller: CallerConnection, req: Request, pool: ServicePool, tail: str, rid: str, t0: float
+                 ) -> None:
+        self.caller, self.req, self.pool, self.tail, self.rid, self.t0 = caller, req, pool, tail, rid, t0
+        self.head = b""
+        self.body: bytes | None = None
+        self.tried: set[str] = set()
+        self.attempt = 0
+        self.failed: _Failed | None = None
+
+
 class BuiltinEngine:
-    def __init__(self, table: EndpointTable, stats: TrafficStats, options: ProxyOptions | None = None) -> None:
+    def __init__(self, table: EndpointTable, stats: TrafficStats | StatsBatch, options: ProxyOptions | None = None
+                 ) -> None:
         self.table = table
         self.stats = stats
         self.options = options or ProxyOptions()
         self.pools: dict[str, ServicePool] = {}
-        self.rng = random.Random()
-        self.session: aiohttp.ClientSession | None = None
-        self.fresh_session: aiohttp.ClientSession | None = None
+        self.rng = random.Random()  # for P2C and request ids: unique, not secret
+        self.connections = PodPool(self.options.connect_timeout_s)
         self.applied: dict[str, int] = {}
         table.subscribe(self._on_table)
 
@@ -147,17 +155,8 @@ class BuiltinEngine:
         """Abort our connections to pods that left the table. A host that lost power answers
         nothing: a request waiting on it would wait out the read timeout, and an idle
         keep-alive connection to it would take the next one. Aborted, an idempotent request
-        goes to another pod at once (a reset). aiohttp has no public call for this."""
-        for session in (self.session, self.fresh_session):
-            connector = session.connector if session is not None else None
-            if connector is None:
-                continue
-            idle = [proto for conns in getattr(connector, "_conns", {}).values() for proto, _ in conns]
-            for proto in [*getattr(connector, "_acquired", ()), *idle]:
-                transport = getattr(proto, "transport", None)
-                peer = transport.get_extra_info("peername") if transport is not None else None
-                if peer and f"{peer[0]}:{peer[1]}" in addresses:
-                    transport.abort()
+        goes to another pod at once (a reset)."""
+        self.connections.cut(addresses)
 
     def pods_info(self, service: str) -> dict[str, Any]:
         pool = self.pools.get(service)
@@ -174,150 +173,192 @@ class BuiltinEngine:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s,
-                                        sock_read=self.options.read_timeout_s)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
-            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
-        self.fresh_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
-
     async def close(self) -> None:
-        for s in (self.session, self.fresh_session):
-            if s is not None:
-                await s.close()
+        self.connections.close()
 
     # --- proxy -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _json_error(status: int, body: dict[str, Any], rid: str, **headers: str) -> web.Response:
-        resp = web.json_response(body, status=status)
-        resp.headers["X-Request-Id"] = rid
-        resp.headers.update(headers)
-        return resp
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def _route(self, caller: CallerConnection, req: Request) -> _Job | None:
+        """The request's service, or its answer at once (404, 503) and None."""
         t0 = time.monotonic()
-        service, tail = _SERVICE_PATH.match(request.raw_path).groups()  # type: ignore[union-attr]
+        service, tail = _SERVICE_PATH.match(req.target).groups()  # type: ignore[union-attr]
         if not tail.startswith("/"):
             tail = "/" + tail
-        rid = request.headers.get("X-Request-Id") or os.urandom(16).hex()
+        rid = req.request_id or f"{self.rng.getrandbits(128):032x}"
         pool = self.pools.get(service)
         if pool is None:
-            return self._json_error(404, {"error": "unknown service", "service": service}, rid)
+            caller.send_json(404, {"error": "unknown service", "service": service}, [("X-Request-Id", rid)], req=req)
+            return None
         ready, draining = pool.counts()
-        if ready == 0 and pool.landed_until is not None:
-            self.stats.record(service, "-", 503, time.monotonic() - t0)
-            return self._json_error(503, landed_body(service, pool.landed_until), rid,
-                                    **{"Retry-After": retry_after(pool.landed_until)})
         if ready == 0:
             self.stats.record(service, "-", 503, time.monotonic() - t0)
-            reason = (f"no ready pod: {draining} draining" if draining
-                      else "no ready pod: the service has no pod that passed its health check")
-            return self._json_error(503, {"error": "no ready pod", "service": service, "reason": reason}, rid,
-                                    **{"Retry-After": "1"})
-        return await self._forward(request, pool, tail, rid, t0)
-
-    def _headers(self, request: web.BaseRequest, rid: str) -> CIMultiDict[str]:
-        h = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
-        peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        h["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        h["X-Forwarded-Proto"] = request.scheme
-        if request.host:
-            h["X-Forwarded-Host"] = request.host
-        h["X-Request-Id"] = rid
-        return h
-
-    async def _forward(self, request: web.BaseRequest, pool: ServicePool, tail: str, rid: str, t0: float
-                       ) -> web.StreamResponse:
-        headers = self._headers(request, rid)
-        body: Any = None
-        stream_started = False
-        if request.body_exists:
-            if request.content_length is not None and request.content_length <= BUFFER_BYTES:
-                body = await request.read()
+            if pool.landed_until is not None:
+                body = landed_body(service, pool.landed_until)
+                retry = retry_after(pool.landed_until)
             else:
-                async def stream() -> AsyncIterator[bytes]:
-                    nonlocal stream_started
-                    stream_started = True
-                    async for chunk in request.content.iter_chunked(1 << 16):
-                        yield chunk
+                reason = (f"no ready pod: {draining} draining" if draining
+                          else "no ready pod: the service has no pod that passed its health check")
+                body, retry = {"error": "no ready pod", "service": service, "reason": reason}, "1"
+            caller.send_json(503, body, [("X-Request-Id", rid), ("Retry-After", retry)], req=req)
+            return None
+        return _Job(caller, req, pool, tail, rid, t0)
 
-                body = stream()
-        pool.budget.record_request(t0)
-        tried: set[str] = set()
-        attempt = 0
-        failed = _Failed(502, {"error": "no pod could take the request"}, None)
-        while attempt < self.options.max_attempts:
-            attempt += 1
-            pod = policy.pick(pool.listed, time.monotonic(), self.rng, exclude=tried)
+    def _begin(self, job: _Job) -> None:
+        """The headers a pod gets (after its request line and Host): the caller's, less hop-by-hop
+        ones and those we set, plus ``X-Forwarded-*`` and ``X-Request-Id``; and the request
+        counted toward the service's retry budget."""
+        req, prior, peer = job.req, job.req.forwarded_for, job.caller.peer
+        forwarded = f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\nX-Forwarded-Proto: http\r\n"
+        if req.host:
+            forwarded += f"X-Forwarded-Host: {req.host}\r\n"
+        job.head = req.header_block(_NOT_FORWARDED) + (forwarded + f"X-Request-Id: {job.rid}\r\n").encode("latin-1")
+        job.pool.budget.record_request(job.t0)
+
+    def _exchange(self, job: _Job, pod: policy.PodState, conn: PodConnection, *, last: bool) -> Exchange:
+        extra = f"X-HMS-Pod: {pod.pod}\r\nX-Request-Id: {job.rid}\r\n".encode("latin-1")
+        return Exchange(job.req, conn, extra=extra, retryable=job.req.method in IDEMPOTENT and not last,
+                        read_timeout_s=self.options.read_timeout_s)
+
+    def _request_line(self, job: _Job, pod: policy.PodState) -> bytes:
+        return f"{job.req.method} {job.tail} HTTP/1.1\r\nHost: {pod.address}\r\n".encode("latin-1") + job.head
+
+    async def handle(self, caller: CallerConnection, req: Request) -> None:
+        """A request in a task: its body read if it is held, then its tries."""
+        job = self._route(caller, req)
+        if job is None:
+            return
+        if req.has_body and req.buffers_body:
+            try:
+                job.body = await req.read()
+            except ConnectionResetError:
+                return
+        self._begin(job)
+        await self._tries(job)
+
+    def start(self, caller: CallerConnection, req: Request) -> bool | None:
+        """:data:`router.http1.Starter`: the first try of an idempotent request without a body
+        sent at once on an idle pooled connection, its outcome a callback (no task, no future:
+        most requests). None (declined: :meth:`handle` serves it) when that cannot be."""
+        job = self._route(caller, req)
+        if job is None:
+            return False
+        if req.method not in IDEMPOTENT:
+            return None
+        pod = policy.pick(job.pool.listed, job.t0, self.rng)
+        conn = self.connections.take_idle(pod.address) if pod is not None else None
+        if pod is None or conn is None:
+            return None
+        self._begin(job)
+        job.attempt = 1
+        job.tried.add(pod.pod)
+        sent = time.monotonic()
+        token = policy.start_request(pod, sent)
+        ex = self._exchange(job, pod, conn, last=self.options.max_attempts <= 1)
+        ex.on_done = lambda out: self._started(job, pod, token, sent, out)
+        if not ex.start(self._request_line(job, pod), None):
+            self._started(job, pod, token, sent, http1.Outcome(http1.LOST, error="the pod closed the connection"))
+        return True
+
+    def _started(self, job: _Job, pod: policy.PodState, token: int, sent: float, out: http1.Outcome) -> None:
+        policy.finish_request(pod, token)
+        failed = self._outcome(job, pod, out, sent)
+        if failed is None:
+            job.caller.done(job.req)
+            return
+        job.failed = failed
+        job.caller.loop.create_task(self._resume(job))
+
+    async def _resume(self, job: _Job) -> None:
+        """The tries after a failed first one that :meth:`start` made."""
+        try:
+            await self._tries(job)
+        except Exception:  # noqa: BLE001 - one caller's failure must not reach the loop's handler
+            log.exception("router: serving a caller failed")
+            job.caller.abort()
+            return
+        job.caller.done(job.req)
+
+    def _again(self, job: _Job) -> bool:
+        """After a failed try: may another pod be tried (retryable, the body still held, the
+        service's retry budget not spent)?"""
+        failed = job.failed
+        assert failed is not None
+        if failed.retry is None or job.req.streamed or not job.pool.budget.try_spend(time.monotonic()):
+            return False
+        self.stats.record_retry(job.pool.name, failed.retry)
+        return True
+
+    async def _tries(self, job: _Job) -> None:
+        """Pods tried one after another (P2C among those not tried yet) until one answers, a
+        failure may not be retried, or ``max_attempts``; the last failure is the answer."""
+        while job.failed is None or self._again(job):
+            if job.attempt >= self.options.max_attempts:
+                break
+            job.attempt += 1
+            pod = policy.pick(job.pool.listed, time.monotonic(), self.rng, exclude=job.tried)
             if pod is None:
                 break
-            tried.add(pod.pod)
+            job.tried.add(pod.pod)
             token = policy.start_request(pod, time.monotonic())
             try:
-                result = await self._attempt(request, pool, pod, tail, headers, body, rid, t0,
-                                             last=attempt >= self.options.max_attempts)
+                failed = await self._attempt(job, pod, last=job.attempt >= self.options.max_attempts)
             finally:
                 policy.finish_request(pod, token)
-            if not isinstance(result, _Failed):
-                return result
-            failed = result
-            if failed.retry is None or stream_started or not pool.budget.try_spend(time.monotonic()):
-                break
-            self.stats.record_retry(pool.name, failed.retry)
-        self.stats.record(pool.name, failed.info.get("pod", "-"), failed.status, time.monotonic() - t0)
-        extra = {"X-HMS-Pod": failed.info["pod"]} if "pod" in failed.info else {}
-        return self._json_error(failed.status, {**failed.info, "service": pool.name, "attempts": attempt}, rid,
-                                **extra)
+            if failed is None:
+                return
+            job.failed = failed
+        failed = job.failed or _Failed(502, {"error": "no pod could take the request"}, None)
+        self.stats.record(job.pool.name, failed.info.get("pod", "-"), failed.status, time.monotonic() - job.t0)
+        extra = [("X-HMS-Pod", failed.info["pod"])] if "pod" in failed.info else []
+        job.caller.send_json(failed.status, {**failed.info, "service": job.pool.name, "attempts": job.attempt},
+                             [("X-Request-Id", job.rid), *extra], req=job.req)
 
-    async def _attempt(self, request: web.BaseRequest, pool: ServicePool, pod: policy.PodState, tail: str,
-                       headers: CIMultiDict[str], body: Any, rid: str, t0: float, *, last: bool
-                       ) -> web.StreamResponse | _Failed:
-        """One try on one pod: the response, or how it failed and whether another pod may be tried."""
-        idempotent = request.method in IDEMPOTENT
-        session = self.session if idempotent else self.fresh_session
-        assert session is not None
-        sent = time.monotonic()
+    async def _attempt(self, job: _Job, pod: policy.PodState, *, last: bool) -> _Failed | None:
+        """One try on one pod: None once its answer went to the caller, else how it failed and
+        whether another pod may be tried. Non-idempotent requests go on a fresh connection."""
         try:
-            # encoded: the caller's path as it came (already percent-encoded), not parsed again
-            url = URL(f"http://{pod.address}{tail}", encoded=True)
-            async with session.request(request.method, url, headers=headers, data=body, allow_redirects=False) as up:
-                ms = (time.monotonic() - sent) * 1000
-                if up.status in RETRY_STATUSES and idempotent and not last:
-                    await up.read()
-                    self._failure(pool, pod, time.monotonic(), ms)
-                    return _Failed(up.status, {"error": f"pod answered {up.status}", "pod": pod.pod,
-                                               "reached_pod": True}, f"http_{up.status}")
-                resp = await self._relay(request, up, pod, rid)
-                now = time.monotonic()
-                if up.status >= 500:
-                    self._failure(pool, pod, now, ms)
-                else:
-                    policy.record_success(pod, ms, now)
-                self.stats.record(pool.name, pod.pod, up.status, now - t0)
-                return resp
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            conn = await self.connections.acquire(pod.address, fresh=job.req.method not in IDEMPOTENT)
+        except (OSError, TimeoutError) as e:
             # Refused, unreachable or no SYN-ACK in time: the pod never saw the request.
-            self._failure(pool, pod, time.monotonic())
-            return _Failed(502, {"error": f"could not connect to pod: {e}", "pod": pod.pod, "reached_pod": False},
-                           "connect")
-        except aiohttp.SocketTimeoutError:
-            self._failure(pool, pod, time.monotonic())
+            self._failure(job.pool, pod, time.monotonic())
+            why = str(e) or f"no connection within {self.options.connect_timeout_s:g}s"
+            return _Failed(502, {"error": f"could not connect to pod: Cannot connect to host {pod.address} [{why}]",
+                                 "pod": pod.pod, "reached_pod": False}, "connect")
+        # The latency sample starts once the request goes out, as HAProxy's Tr: a new connection's
+        # setup (a thread started in a threaded pod, on a busy host) is no measure of the pod's answers.
+        sent = time.monotonic()
+        out = await self._exchange(job, pod, conn, last=last).run(self._request_line(job, pod), job.body)
+        return self._outcome(job, pod, out, sent)
+
+    def _outcome(self, job: _Job, pod: policy.PodState, out: http1.Outcome, sent: float) -> _Failed | None:
+        """What a try's outcome means: the pod's score and the figures updated; None if the
+        caller has its answer (or is gone), else the failure."""
+        pool, now = job.pool, time.monotonic()
+        ms = (out.head_at - sent) * 1000 if out.head_at else None
+        if out.kind == http1.RELAYED:
+            if out.status >= 500:
+                self._failure(pool, pod, now, ms)
+            else:
+                policy.record_success(pod, ms or 0.0, now)
+            self.stats.record(pool.name, pod.pod, out.status, now - job.t0)
+            return None
+        if out.kind == http1.CALLER_LEFT:
+            return None
+        self._failure(pool, pod, now, ms)
+        if out.kind == http1.TRUNCATED:
+            # Headers are gone already: all that is left is to cut the caller's connection.
+            log.info("pod %s of %s failed mid-answer: %s", pod.pod, pool.name, out.error)
+            job.caller.abort()
+            return None
+        if out.kind == http1.REFUSED_STATUS:
+            return _Failed(out.status, {"error": f"pod answered {out.status}", "pod": pod.pod, "reached_pod": True},
+                           f"http_{out.status}")
+        if out.kind == http1.TIMEOUT:
             return _Failed(504, {"error": f"pod did not answer within {self.options.read_timeout_s:g}s",
                                  "pod": pod.pod, "reached_pod": True}, None)
-        except (aiohttp.ClientError, OSError) as e:
-            # Reset or closed mid-way: the pod may have acted on it; only idempotent requests go again.
-            self._failure(pool, pod, time.monotonic())
-            return _Failed(502, {"error": f"connection to pod failed: {e or type(e).__name__}", "pod": pod.pod,
-                                 "reached_pod": True}, "reset" if idempotent else None)
+        # Reset or closed mid-way: the pod may have acted on it; only idempotent requests go again.
+        return _Failed(502, {"error": f"connection to pod failed: {out.error or 'closed'}", "pod": pod.pod,
+                             "reached_pod": True}, "reset" if job.req.method in IDEMPOTENT else None)
 
     def _failure(self, pool: ServicePool, pod: policy.PodState, now: float, ms: float | None = None) -> None:
         if policy.record_failure(pod, now, self.options.ejection, ms):
@@ -325,70 +366,79 @@ class BuiltinEngine:
             log.warning("ejected pod %s of %s for %.0fs after consecutive failures", pod.pod, pool.name,
                         pod.ejected_until - now)
 
-    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse, pod: policy.PodState, rid: str
-                     ) -> web.StreamResponse:
-        headers = CIMultiDict((k, v) for k, v in up.headers.items()
-                              if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
-        headers["X-HMS-Pod"] = pod.pod
-        headers["X-Request-Id"] = rid
-        length = up.content_length
-        if request.method == "HEAD" or up.status in (204, 304):
-            resp = web.Response(status=up.status, headers=headers)
-            if length is not None and request.method == "HEAD":
-                resp.headers["Content-Length"] = str(length)
-            return resp
-        if length is not None and length <= BUFFER_BYTES:
-            return web.Response(status=up.status, headers=headers, body=await up.read())
-        resp = web.StreamResponse(status=up.status, headers=headers)
-        if length is not None:
-            resp.content_length = length
-        await resp.prepare(request)
+
+class ControlRelay:
+    """The control endpoints (``/-/...``, ``/metrics``), served by the primary process alone on
+    its unix socket: every process (the primary too) relays such a request there as it came,
+    with the caller's address in ``X-Forwarded-For`` (set here, never the caller's own)."""
+
+    def __init__(self, path: Path, read_timeout_s: float = 30.0) -> None:
+        self.path = str(path)
+        self.read_timeout_s = read_timeout_s
+
+    async def __call__(self, caller: CallerConnection, req: Request) -> None:
+        body = None
+        if req.has_body and req.buffers_body:
+            try:
+                body = await req.read()
+            except ConnectionResetError:
+                return
         try:
-            async for chunk in up.content.iter_chunked(1 << 16):
-                await resp.write(chunk)
-        except (aiohttp.ClientError, OSError) as e:
-            # Headers are gone already: all that is left is to cut the caller's connection.
-            raise _Truncated(f"pod {pod.pod} failed mid-response: {e}") from e
-        await resp.write_eof()
-        return resp
+            conn = await http1.open_unix(self.path)
+        except OSError as e:
+            caller.send_json(503, {"error": f"router primary process did not answer: {e}"}, (), req=req)
+            return
+        head = (f"{req.method} {req.target} HTTP/1.1\r\n".encode("latin-1") + req.header_block(_NOT_RELAYED)
+                + f"X-Forwarded-For: {caller.peer}\r\n".encode("latin-1"))
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                out = await Exchange(req, conn, extra=b"", retryable=False,
+                                     read_timeout_s=self.read_timeout_s).run(head, body)
+        except TimeoutError:
+            conn.abort()
+            out = http1.Outcome(http1.TRUNCATED if caller.relaying is not None else http1.TIMEOUT,
+                                error=f"no answer within {self.read_timeout_s:g}s")
+        if out.kind == http1.TRUNCATED:
+            caller.abort()
+        elif out.kind not in (http1.RELAYED, http1.CALLER_LEFT):
+            caller.send_json(503, {"error": f"router primary process did not answer: {out.error}"}, (), req=req)
 
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+_NOT_FORWARDED = http1.HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
+                                     b"x-forwarded-host", b"x-request-id"}
+_NOT_RELAYED = (http1.HOP_BY_HOP - {b"host"}) | {b"content-length", b"x-forwarded-for"}
 
 
-class Dispatch:
-    """The handler of a low-level aiohttp server (no URL router, no application per request):
-    a control endpoint (``/-/...``, ``/metrics``) by its method and path, or by ``control``
-    (a worker's relay to its primary); anything else is proxied."""
-
-    def __init__(self, proxy: Handler, routes: dict[tuple[str, str], Handler] | None = None,
-                 control: Handler | None = None) -> None:
-        self.proxy = proxy
-        self.routes = routes or {}
-        self.control = control
-
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if path.startswith("/-/") or path == "/metrics":
-            if self.control is not None:
-                return await self.control(request)
-            handler = self.routes.get((request.method, path))
-            if handler is not None:
-                return await handler(request)
-        return await self.proxy(request)
+def _is_control(req: Request) -> bool:
+    return (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
 
 
-def server_runner(dispatch: Dispatch) -> web.ServerRunner:
-    return web.ServerRunner(web.Server(dispatch, access_log=None), handle_signals=False)
+def caller_server(engine: BuiltinEngine, relay: ControlRelay) -> CallerServer:
+    """The listening side: a control endpoint (by its method and path) to the primary, anything
+    else proxied (most requests started at once, :meth:`BuiltinEngine.start`)."""
+    async def handle(caller: CallerConnection, req: Request) -> None:
+        if _is_control(req):
+            await relay(caller, req)
+        else:
+            await engine.handle(caller, req)
+
+    def start(caller: CallerConnection, req: Request) -> bool | None:
+        return None if _is_control(req) else engine.start(caller, req)
+
+    return CallerServer(handle, start)
 
 
-def _control(engine: BuiltinEngine, table: EndpointTable, sync: FeedSync, stats: TrafficStats,
-             workers: Workers | None) -> Control:
-    if workers is None:
-        return Control("builtin", table, sync, stats, pods_info=engine.pods_info, applied_versions=engine.applied)
-    return Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
-                   before_metrics=workers.pull, before_stats=workers.pull,
-                   applied_versions=workers.versions)  # type: ignore[arg-type]
+def control_runner(control: Control) -> web.ServerRunner:
+    """The primary's control endpoints on its unix socket (aiohttp: they are few and rare)."""
+    routes = control.routes()
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        handler = routes.get((request.method, request.path))
+        if handler is None:
+            return web.json_response({"error": "no such control endpoint", "path": request.path}, status=404)
+        return await handler(request)
+
+    return web.ServerRunner(web.Server(handle, access_log=None), handle_signals=False)
 
 
 async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats, *, host: str, port: int,
@@ -396,25 +446,25 @@ async def run_builtin(table: EndpointTable, sync: FeedSync, stats: TrafficStats,
                       ) -> None:
     """Serve until cancelled; with ``procs`` > 1, this process and ``procs - 1`` workers share
     the port (:mod:`router.workers`)."""
-    engine = BuiltinEngine(table, stats, options)
-    await engine.start()
-    workers = None
-    if procs > 1:
-        workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs)
-    control = _control(engine, table, sync, stats, workers)
-    runner = server_runner(Dispatch(engine.handle, control.routes()))
+    batch = StatsBatch()  # recorded per request at the cost of an append, summed once a second
+    engine = BuiltinEngine(table, batch, options)
+    workers = Workers(table, stats, engine.applied, host=host, port=port, count=procs, own=batch)
+    control = Control("builtin", table, sync, stats, pods_info=lambda s: workers.pods_info(s, engine.pods_info),
+                      before_metrics=workers.pull, before_stats=workers.pull,
+                      applied_versions=workers.versions)  # type: ignore[arg-type]
+    runner = control_runner(control)
+    server = caller_server(engine, ControlRelay(workers.control_sock))
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=workers is not None).start()
-        if workers is not None:
-            await web.UnixSite(runner, str(workers.control_sock)).start()  # the workers' control relay
-            await workers.start()
+        await web.UnixSite(runner, str(workers.control_sock)).start()
+        await server.listen(host, port, reuse_port=procs > 1)
+        await workers.start()
         log.info("router (builtin, %d process%s) on http://%s:%d", procs, "es" if procs > 1 else "", host, port)
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()
     finally:
-        if workers is not None:
-            await workers.close()
+        await workers.close()
+        await server.close()
         await runner.cleanup()
         await engine.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,20 @@ MAX_DRAIN_WAIT_S = 5.0
 MAX_DRAIN_PODS = 256
 DRAIN_POLL_S = 0.02
 MAX_DRAIN_WAITERS = 64
+
+
+GET_PATHS = ("/-/health", "/-/table", "/-/stats", "/metrics", wire.DRAINED_PATH)
+CONTROL_ROUTES = frozenset({*(("GET", p) for p in GET_PATHS), *(("HEAD", p) for p in GET_PATHS),
+                            ("POST", wire.FEED_PATH)})
+
+
+def remote(request: web.BaseRequest) -> str:
+    """Who asked: the peer; through the builtin engine's relay (our own unix socket, which only
+    the router's user may reach), the caller's address the relay put in ``X-Forwarded-For``."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return request.headers.get("X-Forwarded-For", "")
+    return request.remote or ""
 
 
 @dataclass(eq=False)
@@ -61,14 +76,16 @@ class Control:
 
     async def _refused(self, request: web.Request, action: str, error: str, service: str = "-") -> None:
         await self.refusals.record(service, f"router {self.engine}: {error}", action=action,
-                                   remote=request.remote or "", port=request.url.port)
+                                   remote=remote(request), port=request.url.port)
 
     def routes(self) -> dict[tuple[str, str], Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
         """(method, path) -> handler."""
-        gets = {"/-/health": self.health, "/-/table": self.table_json, "/-/stats": self.stats_json,
-                "/metrics": self.metrics, wire.DRAINED_PATH: self.drained}
-        return {**{("GET", p): h for p, h in gets.items()}, **{("HEAD", p): h for p, h in gets.items()},
-                ("POST", wire.FEED_PATH): self.feed}
+        gets = dict(zip(GET_PATHS, (self.health, self.table_json, self.stats_json, self.metrics, self.drained),
+                        strict=True))
+        routes = {**{("GET", p): h for p, h in gets.items()}, **{("HEAD", p): h for p, h in gets.items()},
+                  ("POST", wire.FEED_PATH): self.feed}
+        assert routes.keys() == CONTROL_ROUTES
+        return routes
 
     def add_routes(self, app: web.Application) -> None:
         for (method, path), handler in self.routes().items():

@@ -106,6 +106,23 @@ def observe(histogram: Any, seconds: float, count: int) -> None:
     buckets[bisect.bisect_left(bounds, seconds)].inc(count)
 
 
+def observe_many(histogram: Any, values: list[float]) -> None:
+    """Each of ``values`` observed in a histogram child, its sum and bucket counters advanced once
+    (a batch of a second's requests); one by one when a version lacks them."""
+    buckets, bounds = getattr(histogram, "_buckets", None), getattr(histogram, "_upper_bounds", None)
+    if buckets is None or bounds is None or not hasattr(histogram, "_sum"):
+        for v in values:
+            histogram.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)
+        counts[i] = counts.get(i, 0) + 1
+    histogram._sum.inc(sum(values))
+    for i, n in counts.items():
+        buckets[i].inc(n)
+
+
 class TrafficStats:
     """Per-service windows plus the Prometheus metrics, in one registry per router."""
 
@@ -136,13 +153,29 @@ class TrafficStats:
         """One request; ``count`` > 1: a sampled request standing for that many (haproxy engine)."""
         now = time.monotonic() if now is None else now
         self.window(service).record(now, seconds * 1000.0, status >= 500, count)
+        children = self._series(service, pod, status)
+        children[0].inc(count)
+        observe(children[1], seconds, count)
+
+    def _series(self, service: str, pod: str, status: int) -> tuple[Any, Any]:
         key = (service, pod, str(status))
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (self.requests.labels(service, pod, str(status)),
                                               self.latency.labels(service, pod))
-        children[0].inc(count)
-        observe(children[1], seconds, count)
+        return children
+
+    def record_batch(self, records: list[tuple[str, str, int, float, float]]) -> None:
+        """Many requests, each (service, pod, status, seconds, when): the figures :meth:`record`
+        would give one by one, the Prometheus series advanced once per (service, pod, status)."""
+        groups: dict[tuple[str, str, int], list[float]] = {}
+        for service, pod, status, seconds, now in records:
+            self.window(service).record(now, seconds * 1000.0, status >= 500)
+            groups.setdefault((service, pod, status), []).append(seconds)
+        for (service, pod, status), values in groups.items():
+            counter, histogram = self._series(service, pod, status)
+            counter.inc(len(values))
+            observe_many(histogram, values)
 
     def record_retry(self, service: str, reason: str, count: int = 1, *, now: float | None = None) -> None:
         self.window(service).retry(time.monotonic() if now is None else now, count)

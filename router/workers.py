@@ -8,9 +8,10 @@ latency estimates, retries and retry budget).
 
 Only the **primary** (the ``python -m router`` process) holds the feed: it takes the signed
 pushes, resyncs through Temporal, registers the router and answers every control endpoint
-(``/-/...``, ``/metrics``). A control request that reaches a worker is relayed to the primary
-over the primary's unix socket, so the answer (a drain confirmation signed with the router's
-key, a feed push verified against ``control.pub``) is the same whichever process accepted it.
+(``/-/...``, ``/metrics``), on its unix socket: every process (the primary too) relays a
+control request there as it came (:class:`router.builtin.ControlRelay`), so the answer (a drain
+confirmation signed with the router's key, a feed push verified against ``control.pub``) is the
+same whichever process accepted it.
 
 Between them, over unix sockets in a directory only the router's user may enter (mode 0700):
 
@@ -53,7 +54,6 @@ log = logging.getLogger("hms.router.workers")
 
 PULL_INTERVAL_S = 1.0
 RESTART_DELAY_S = 1.0
-CONTROL_PREFIXES = ("/-/", "/metrics")
 
 
 def process_count(settings: Settings) -> int:
@@ -89,8 +89,7 @@ class StatsBatch:
 def absorb(stats: TrafficStats, batch: dict[str, list[Any]]) -> None:
     """Replay a worker's :meth:`StatsBatch.take` into the primary's figures (monotonic clocks
     are system-wide, so the times land in the right second)."""
-    for service, pod, status, seconds, now in batch.get("records", []):
-        stats.record(service, pod, status, seconds, now=now)
+    stats.record_batch(batch.get("records", []))
     for service, reason, count, now in batch.get("retries", []):
         stats.record_retry(service, reason, count, now=now)
     for service, pod in batch.get("ejections", []):
@@ -145,9 +144,10 @@ class Workers:
     """The primary's side: starts the workers, sends them the table, pulls their figures."""
 
     def __init__(self, table: EndpointTable, stats: TrafficStats, own_versions: dict[str, int], *, host: str,
-                 port: int, count: int) -> None:
+                 port: int, count: int, own: StatsBatch | None = None) -> None:
         self.table = table
         self.stats = stats
+        self.own = own  # the primary's own engine's figures, batched like a worker's
         self.own_versions = own_versions  # the primary's engine: service -> version it carries
         self.host, self.port = host, port
         self.dir = Path(tempfile.mkdtemp(prefix="hms-router-"))  # mode 0700: only our user may connect
@@ -258,8 +258,10 @@ class Workers:
             await self.pull()
 
     async def pull(self) -> None:
-        """Each worker's requests since the last pull, into our figures; its view of the pods."""
+        """Each process's requests since the last pull, into our figures; each worker's view of the pods."""
         async with self._pulling:
+            if self.own is not None:
+                absorb(self.stats, self.own.take())
             await asyncio.gather(*(self._pull_one(w) for w in self.workers))
 
     async def _pull_one(self, w: WorkerProc) -> None:
@@ -280,35 +282,6 @@ class Workers:
 
 
 # --- the worker process ----------------------------------------------------------------------
-
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"})
-
-
-class Relay:
-    """A worker's control endpoints: the request as it came, to the primary, and its answer back."""
-
-    def __init__(self, primary: Path) -> None:
-        self.primary = primary
-        self.http: aiohttp.ClientSession | None = None
-
-    async def handle(self, request: web.BaseRequest) -> web.Response:
-        if self.http is None:
-            self.http = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.primary)),
-                                              timeout=aiohttp.ClientTimeout(total=30), auto_decompress=False)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        body = await request.read() if request.body_exists else None
-        try:
-            async with self.http.request(request.method, f"http://primary{request.raw_path}", headers=headers,
-                                         data=body, allow_redirects=False) as up:
-                answer = await up.read()
-                back = {k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
-                return web.Response(status=up.status, body=answer, headers=back)
-        except (aiohttp.ClientError, OSError) as e:
-            return web.json_response({"error": f"router primary process did not answer: {e}"}, status=503)
-
-    async def close(self) -> None:
-        if self.http is not None:
-            await self.http.close()
 
 
 def _worker_api(table: EndpointTable, engine: Any, stats: StatsBatch, first: asyncio.Event) -> web.Application:
@@ -331,25 +304,21 @@ def _worker_api(table: EndpointTable, engine: Any, stats: StatsBatch, first: asy
 
 async def run_worker(*, host: str, port: int, primary: Path, sock: Path) -> None:
     """Serve the proxy on ``host:port`` (shared) until the primary's pipe closes."""
-    from router.builtin import BuiltinEngine, Dispatch, server_runner
+    from router.builtin import BuiltinEngine, ControlRelay, caller_server
 
     table, stats, first = EndpointTable(), StatsBatch(), asyncio.Event()
-    engine = BuiltinEngine(table, stats)  # type: ignore[arg-type] - the same calls, batched
-    await engine.start()
-    relay = Relay(primary)
-    runners = [web.AppRunner(_worker_api(table, engine, stats, first), access_log=None, handle_signals=False),
-               server_runner(Dispatch(engine.handle, control=relay.handle))]
+    engine = BuiltinEngine(table, stats)
+    runner = web.AppRunner(_worker_api(table, engine, stats, first), access_log=None, handle_signals=False)
+    server = caller_server(engine, ControlRelay(primary))
     try:
-        for runner in runners:
-            await runner.setup()
-        await web.UnixSite(runners[0], str(sock)).start()
+        await runner.setup()
+        await web.UnixSite(runner, str(sock)).start()
         await first.wait()  # no caller reaches a worker that has no table yet
-        await web.TCPSite(runners[1], host, port, backlog=1024, reuse_port=True).start()
+        await server.listen(host, port, reuse_port=True)
         await asyncio.to_thread(sys.stdin.buffer.read)  # returns when the primary closes the pipe
     finally:
-        for runner in runners:
-            await runner.cleanup()
-        await relay.close()
+        await server.close()
+        await runner.cleanup()
         await engine.close()
 
 

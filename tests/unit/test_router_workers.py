@@ -49,3 +49,19 @@ def test_a_pod_is_done_only_when_every_process_is_done_with_it():
     assert (merged["p2"]["outstanding"], merged["p2"]["ejected"], merged["p2"]["ejections"]) == (3, True, 1)
     assert merged["p3"] == _info("draining", 0)
     assert primary["p2"]["outstanding"] == 1  # the inputs are left as they were
+
+
+def test_a_batch_gives_the_figures_of_one_record_per_request():
+    records = [("svc", "p1", 200, 0.002, 100.0), ("svc", "p1", 200, 0.3, 100.2), ("svc", "p2", 503, 0.04, 100.5),
+               ("other", "p9", 200, 12.0, 101.0)]
+    one, batched = TrafficStats("builtin"), TrafficStats("builtin")
+    for service, pod, status, seconds, now in records:
+        one.record(service, pod, status, seconds, now=now)
+    batched.record_batch(records)
+
+    def samples(stats: TrafficStats) -> dict:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for metric in stats.registry.collect() for s in metric.samples if not s.name.endswith("_created")}
+
+    assert samples(batched) == samples(one)
+    assert batched.windows["svc"].buckets[100].latencies == one.windows["svc"].buckets[100].latencies

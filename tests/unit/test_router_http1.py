@@ -1,0 +1,23 @@
+"""The builtin data path's pure parts: which of a pod's answer headers pass on, its length."""
+
+from __future__ import annotations
+
+from router.http1 import _LENGTH, _NOT_RELAYED, host_port, status_line
+
+HEAD = (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\nContent-Type: application/json\r\n"
+        b"content-length : 42\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-HMS-Pod: spoofed\r\n"
+        b"x-request-id: theirs\r\nTE: trailers\r\nTez: kept\r\nTransfer-Encoding: chunked\r\nX-Upgraded: no\r\n")
+
+
+def test_hop_by_hop_framing_and_our_headers_are_dropped_the_rest_kept_as_sent():
+    assert _NOT_RELAYED.sub(b"", HEAD) == (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\n"
+                                           b"Content-Type: application/json\r\nTez: kept\r\nX-Upgraded: no\r\n")
+    assert _LENGTH.search(HEAD).group(1) == b"42"
+    assert _LENGTH.search(b"X-Content-Length: 7\r\n") is None
+
+
+def test_addresses_and_status_lines():
+    assert host_port("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert host_port("[::1]:9") == ("::1", 9)
+    assert status_line(502) == b"HTTP/1.1 502 Bad Gateway\r\n"
+    assert status_line(599) == b"HTTP/1.1 599 Unknown\r\n"

@@ -198,7 +198,9 @@ class RouterCheckInput(_Model):
 
 
 class RegisterResult(_Model):
-    """The registry's answer to ``register``: ``was_lost`` tells the worker to sweep stale pods."""
+    """The registry's answer to a registration: ``was_lost`` (the node was Lost and its pods
+    replaced elsewhere) tells the worker to sweep its stale pods; a node Lost with every other
+    one (pods kept) has none."""
 
     record: NodeRecord
     was_lost: bool = False

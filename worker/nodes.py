@@ -117,7 +117,9 @@ class NodeAgent:
             self.outbox.popleft()
 
     async def _state_in_registry(self, *, timeout_s: float | None = None) -> str | None:
-        """This node's state as the registry holds it (None: it does not know the node, or no registry runs)."""
+        """This node's state as the registry holds it (None: it does not know the node, or no
+        registry runs); "Lost (pods kept)" for a node lost with every other one (nothing of it
+        was replaced, so it has no stale pod to remove)."""
         try:
             out = await self.client.get_workflow_handle(self.registry_id).query(
                 NodeRegistry.nodes, rpc_timeout=timedelta(seconds=timeout_s) if timeout_s else None)
@@ -125,7 +127,10 @@ class NodeAgent:
             if e.status == RPCStatusCode.NOT_FOUND:
                 return None
             raise
-        return next((r.state for r in out.nodes if r.spec.name == self.spec.name), None)
+        rec = next((r for r in out.nodes if r.spec.name == self.spec.name), None)
+        if rec is None:
+            return None
+        return "Lost (pods kept)" if rec.state == "Lost" and rec.pods_kept else rec.state
 
     async def _join(self) -> RegisterResult:
         """(Re)join: a node the registry holds as Lost first removes the pods no service has on

@@ -227,6 +227,8 @@ class NodeRegistry:
         now = workflow.now()
         old = self.nodes.get(reg.spec.name)
         was_lost = old is not None and old.state == "Lost"
+        # Lost with every node (its pods kept): nothing of it was replaced, so nothing to sweep.
+        stale = was_lost and old is not None and not old.pods_kept
         rec = NodeRecord(
             spec=reg.spec,
             state="Ready",
@@ -241,7 +243,7 @@ class NodeRegistry:
         if was_lost:
             workflow.logger.info("node %s is back", reg.spec.name)
         self.beats.wake = True  # the timer may be unset (no Ready node) or later than this node's deadline
-        return RegisterResult(record=rec, was_lost=was_lost)
+        return RegisterResult(record=rec, was_lost=stale)
 
     @workflow.run
     async def run(self, inp: NodeRegistryInput) -> None:

@@ -153,11 +153,11 @@ class HmsWorker:
             workflows=[*ALL_WORKFLOWS, *SCHEDULED_WORKFLOWS],
             workflow_runner=WORKFLOW_RUNNER,
             activities=[ctl.pick_node, ctl.capacity_waits, ctl.plan_deploy, ctl.emit_event, ctl.authorize, ctl.check_governance,
-                        ctl.issue_ticket, ctl.start_ticket, ctl.seal_secrets, ctl.stop_grant,
+                        ctl.issue_ticket, ctl.start_ticket, ctl.start_tickets, ctl.seal_secrets, ctl.stop_grant,
                         self.feed.publish_endpoints,
                         self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
                         trust.enrol_node, trust.check_nodes, trust.check_routers, trust.node_removed, trust.check_pod_report,
-                        trust.stamp_start, trust.trust_now, LogActivities(client, load).locate_log_endpoints,
+                        trust.stamp_start, trust.stamp_round, trust.trust_now, LogActivities(client, load).locate_log_endpoints,
                         *SlotActivities(client, load, sink).all()],
             # MessageGuard: a malformed signal or update never reaches a workflow's handler.
             interceptors=[self.metrics.interceptor, MessageGuard()],

@@ -31,8 +31,8 @@ STEPS = {
     "verify_image": "image signed and safe, on each node",
     "issue_ticket": "the revision's admission ticket",
     "pick_node": "placement (the Scheduler)",
-    "stamp_start": "per pod: the trust stamp",
-    "start_ticket": "per pod: the start ticket",
+    "stamp_round": "per round of pod starts: the trust stamps, every pod at once",
+    "start_tickets": "per round of pod starts: the start tickets, every pod at once",
     "start_pod": "per pod: container create + start + first answer on its node",
     "publish_endpoints": "feed push to the routers",
 }

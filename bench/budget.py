@@ -30,7 +30,8 @@ STEPS = {
     "check_governance": "governance policy",
     "verify_image": "image signed and safe, on each node",
     "issue_ticket": "the revision's admission ticket",
-    "pick_node": "placement (the Scheduler)",
+    "pick_node": "placement (the Scheduler; a local activity in a first rollout: until its workflow task "
+                 "completes, after the round's grants)",
     "stamp_round": "per round of pod starts: the trust stamps, every pod at once",
     "start_tickets": "per round of pod starts: the start tickets, every pod at once",
     "start_pod": "per pod: container create + start + first answer on its node",

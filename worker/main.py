@@ -82,9 +82,7 @@ def raise_open_files_limit(node_max_pods: int) -> int:
 # once and passed through. Passed-through code is not checked at run time for calls a workflow
 # must not make (clock, environment, I/O): tests/replay replays the recorded histories under the
 # default sandbox, which does check them.
-# croniter: hms_mgmt.policy.slots loads it on first use, from inside workflow code too.
-WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows",
-                                                                                                          "croniter"))
+WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows"))
 
 
 async def ensure_search_attributes(client: Client, namespace: str) -> None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-if TYPE_CHECKING:
-    from croniter import croniter as Croniter
+from croniter import croniter
 
 Edge = Literal["start", "end"]
 EDGES: tuple[Edge, Edge] = ("start", "end")
@@ -49,15 +48,8 @@ def check_zone(name: str) -> str:
     return name
 
 
-def _croniter() -> type[Croniter]:
-    """croniter, loaded on first use: a client that deploys a spec without time slots never needs it."""
-    from croniter import croniter
-
-    return croniter
-
-
 def is_cron(text: str) -> bool:
-    return len(text.split()) == 5 and _croniter().is_valid(text)
+    return len(text.split()) == 5 and croniter.is_valid(text)
 
 
 def instant(text: str, tz: str) -> datetime | None:
@@ -95,7 +87,7 @@ def last_edge(text: str, tz: str, now: datetime) -> datetime | None:
     at = instant(text, tz)
     if at is not None:
         return at if at <= now else None
-    return _croniter()(text, now.astimezone(zone(tz)) + _TICK).get_prev(datetime)
+    return croniter(text, now.astimezone(zone(tz)) + _TICK).get_prev(datetime)
 
 
 def next_edge(text: str, tz: str, now: datetime) -> datetime | None:
@@ -103,7 +95,7 @@ def next_edge(text: str, tz: str, now: datetime) -> datetime | None:
     at = instant(text, tz)
     if at is not None:
         return at if at > now else None
-    return _croniter()(text, now.astimezone(zone(tz))).get_next(datetime)
+    return croniter(text, now.astimezone(zone(tz))).get_next(datetime)
 
 
 def is_on(slot: SlotLike, now: datetime) -> bool:

@@ -49,6 +49,9 @@ from hms_mgmt.wire import (
     PickNodeOutput,
     PlanInput,
     PlanOutput,
+    PodPlace,
+    RoundGrantsInput,
+    RoundGrantsOutput,
     SealInput,
     SealOutput,
     StartTicketInput,
@@ -107,21 +110,30 @@ class ControlActivities:
 
         The one place a pod start is authorized: a check that must hold *now*, at each start
         (heals and scale-ups come long after admission), goes here."""
-        await self._entitled(inp.service, "start_ticket", pod=inp.pod_id, node=inp.node, revision=inp.revision)
+        pods = [PodPlace(pod_id=inp.pod_id, node=inp.node)]
+        return TicketOutput(ticket=(await self._start_tickets(inp, pods))[0])
 
-        def issue() -> str:  # one thread for the file reads and signatures: a start waits on this
+    @activity.defn(name="start_tickets")
+    async def start_tickets(self, inp: RoundGrantsInput) -> RoundGrantsOutput:
+        """``start_ticket`` for every pod of a round: the caller and the revision's ticket are
+        checked once, now, and each pod gets its own ticket (its id, its node)."""
+        return RoundGrantsOutput(grants=await self._start_tickets(inp, inp.pods))
+
+    async def _start_tickets(self, inp: StartTicketInput | RoundGrantsInput, pods: list[PodPlace]) -> list[str]:
+        which = {"pod": ",".join(p.pod_id for p in pods), "node": pods[0].node, "revision": inp.revision}
+        await self._entitled(inp.service, "start_ticket", **which)
+
+        def issue() -> list[str]:  # one thread for the file reads and signatures: a start waits on this
             state_dir = self.settings().state_dir
             tickets.verify(state_dir, inp.ticket, service=inp.service, revision=inp.revision, spec=inp.spec,
                            image_id=inp.image_id)
-            return tickets.start_ticket(state_dir, service=inp.service, revision=inp.revision, spec=inp.spec,
-                                        image_id=inp.image_id, pod_id=inp.pod_id, node=inp.node)
+            return [tickets.start_ticket(state_dir, service=inp.service, revision=inp.revision, spec=inp.spec,
+                                         image_id=inp.image_id, pod_id=p.pod_id, node=p.node) for p in pods]
 
         try:
-            ticket = await asyncio.to_thread(issue)
+            return await asyncio.to_thread(issue)
         except AccessDenied as e:
-            await deny(self.sink, inp.service, "start_ticket", f"pod {inp.pod_id} not started: {e}", pod=inp.pod_id,
-                       node=inp.node, revision=inp.revision)
-        return TicketOutput(ticket=ticket)
+            await deny(self.sink, inp.service, "start_ticket", f"pod {which['pod']} not started: {e}", **which)
 
     @activity.defn(name="seal_secrets")
     async def seal_secrets(self, inp: SealInput) -> SealOutput:

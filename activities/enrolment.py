@@ -26,9 +26,12 @@ from hms_mgmt.wire import (
     NodeLost,
     NodeRegistration,
     NodeVerdict,
+    PodPlace,
     PodReportCheck,
     PodReportVerdict,
     RegistrySettings,
+    RoundGrantsInput,
+    RoundGrantsOutput,
     RouterCheckInput,
     RouterRegistration,
     StampInput,
@@ -185,34 +188,46 @@ class NodeTrustActivities:
         """The control plane's word for one pod start: the revision was admitted (its ticket) and
         its pinned image is signed and not revoked now. A revocation here stops new pods on
         every host at once: none of them keeps a trust store of its own."""
+        pods = [PodPlace(pod_id=inp.pod_id, node=inp.node)]
+        return StampOutput(stamp=(await self._stamped(inp, pods))[0])
+
+    @activity.defn(name="stamp_round")
+    async def stamp_round(self, inp: RoundGrantsInput) -> RoundGrantsOutput:
+        """``stamp_start`` for every pod of a round: the ticket and the image's trust are checked
+        once, now, and each pod gets its own stamp (bound to its id and node)."""
+        return RoundGrantsOutput(grants=await self._stamped(inp, inp.pods))
+
+    async def _stamped(self, inp: StampInput | RoundGrantsInput, pods: list[PodPlace]) -> list[str]:
         # One thread for the file reads and signatures: a start waits on this.
-        stamp, refusal = await asyncio.to_thread(self._stamp, inp)
+        stamps, refusal = await asyncio.to_thread(self._stamp, inp, pods)
         if refusal is None:
-            return StampOutput(stamp=stamp)
+            return stamps
         kind, reason, message = refusal
-        await self._denied(reason, service=inp.service, action="start_pod", node=inp.node, pod=inp.pod_id)
+        await self._denied(reason, service=inp.service, action="start_pod", node=pods[0].node,
+                           pod=",".join(p.pod_id for p in pods))
         raise ApplicationError(message, type=kind, non_retryable=True)
 
-    def _stamp(self, inp: StampInput) -> tuple[str, tuple[str, str, str] | None]:
-        """(the stamp, None), or ("", (error type, the event's reason, the error's message))."""
+    def _stamp(self, inp: StampInput | RoundGrantsInput,
+               pods: list[PodPlace]) -> tuple[list[str], tuple[str, str, str] | None]:
+        """(a stamp per pod, None), or ([], (error type, the event's reason, the error's message))."""
         state_dir = self.settings().state_dir
+        which = f"pod {pods[0].pod_id}" if len(pods) == 1 else f"{len(pods)} pods ({pods[0].pod_id}, ...)"
         try:
             tickets.verify(state_dir, inp.ticket, service=inp.service, revision=inp.revision, spec=inp.spec,
                            image_id=inp.image_id)
         except AccessDenied as e:
-            return "", (ActivityErrorType.ACCESS_DENIED, f"pod {inp.pod_id} of {inp.service} not stamped: {e}",
-                        f"pod {inp.pod_id} not started: {e}")
+            return [], (ActivityErrorType.ACCESS_DENIED, f"{which} of {inp.service} not stamped: {e}",
+                        f"{which} not started: {e}")
         store = TrustStore(state_dir)
         ok, detail = store.verify(inp.spec.image, inp.image_id)
         if not ok:
-            return "", (ActivityErrorType.IMAGE_UNTRUSTED,
-                        f"pod {inp.pod_id} not started on node {inp.node}: image {inp.spec.image} is not "
+            return [], (ActivityErrorType.IMAGE_UNTRUSTED,
+                        f"{which} not started on node {pods[0].node}: image {inp.spec.image} is not "
                         f"trusted now ({detail})",
                         f"image {inp.spec.image} ({inp.image_id[:19]}) may not start: {detail}")
-        stamp = nodeid.issue_stamp(state_dir, service=inp.service, revision=inp.revision, image_id=inp.image_id,
-                                   pod_id=inp.pod_id, node=inp.node,
-                                   repo_digest=store.repo_digest(inp.spec.image, inp.image_id))
-        return stamp, None
+        digest = store.repo_digest(inp.spec.image, inp.image_id)
+        return [nodeid.issue_stamp(state_dir, service=inp.service, revision=inp.revision, image_id=inp.image_id,
+                                   pod_id=p.pod_id, node=p.node, repo_digest=digest) for p in pods], None
 
     @activity.defn(name="trust_now")
     async def trust_now(self, inp: VerifyImageInput) -> VerifyImageOutput:

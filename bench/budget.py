@@ -30,9 +30,10 @@ STEPS = {
     "check_governance": "governance policy",
     "verify_image": "image signed and safe, on each node",
     "issue_ticket": "the revision's admission ticket",
-    "pick_node": "placement (the Scheduler)",
-    "stamp_start": "per pod: the trust stamp",
-    "start_ticket": "per pod: the start ticket",
+    "pick_node": "placement (the Scheduler; a local activity in a first rollout: until its workflow task "
+                 "completes, after the round's grants)",
+    "stamp_round": "per round of pod starts: the trust stamps, every pod at once",
+    "start_tickets": "per round of pod starts: the start tickets, every pod at once",
     "start_pod": "per pod: container create + start + first answer on its node",
     "publish_endpoints": "feed push to the routers",
 }

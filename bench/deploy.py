@@ -189,6 +189,8 @@ OURS_PATH: list[tuple[str, tuple[str, ...]]] = [
     ("placement: pick_node", ("workflows", "deploy.pick_node")),
     ("per pod: trust stamp (last)", ("workflows", "deploy.stamp_start")),
     ("per pod: start ticket (last)", ("workflows", "deploy.start_ticket")),
+    ("round: trust stamps, all pods at once", ("workflows", "deploy.stamp_round")),
+    ("round: start tickets, all pods at once", ("workflows", "deploy.start_tickets")),
     ("container created (last)", ("containers", "created_last")),
     ("container started (last)", ("containers", "started_last")),
     ("start_pod returned: pod answered its node (last)", ("workflows", "deploy.start_pod")),

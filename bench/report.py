@@ -335,6 +335,11 @@ def budget_section(budget: dict[str, Any], deploy: dict[str, Any] | None) -> str
     lines += ["", f"Budget recorded from the deploy run at commit `{budget.get('git_commit')}`, "
               f"load before {(budget.get('load_average_before') or ['-'])[0]}, "
               f"after {(budget.get('load_average_after') or ['-'])[0]}"]
+    amended = budget.get("amended") or {}
+    if amended:
+        lines[-1] += (f"; {', '.join(amended.get('steps') or [])} recorded again at commit "
+                      f"`{amended.get('git_commit')}`, load before {(amended.get('load_average_before') or ['-'])[0]}: "
+                      f"{amended.get('why', '')}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -301,6 +300,8 @@ class Settings(BaseSettings):
         path = self.state_dir / CONFIG_FILE
         current = load_yaml_mapping(path, what="setting to value")
         current.update(values)
+        import yaml
+
         atomic_write(path, yaml.safe_dump(current, sort_keys=True), mode=0o600)
         return path
 

@@ -15,8 +15,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hms_mgmt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,6 +38,8 @@ def load_yaml_mapping(path: Path | str, *, what: str) -> dict[str, Any]:
         return {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it: {e}") from e
+    import yaml  # the config files only: a client that has none never loads it
+
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -543,6 +543,8 @@ class Orchestrator:
     def _check_secrets_here(self, spec: ServiceSpec) -> None:
         """On the control host, refuse before anything reaches Temporal's history: a secret's value
         pasted into ``env``, or a secret that does not exist. Admission checks both again."""
+        if not spec.secrets and not spec.env:
+            return  # nothing to check: the secrets store (and its crypto) is not even loaded
         from hms_mgmt import secrets
 
         if secrets.store_here(self.settings.state_dir):

@@ -92,6 +92,9 @@ __all__ = [
     "SealOutput",
     "StampInput",
     "StampOutput",
+    "PodPlace",
+    "RoundGrantsInput",
+    "RoundGrantsOutput",
     "NodeRegistration",
     "NodeRegistryInput",
     "NodesOutput",
@@ -301,6 +304,30 @@ class StampInput(_Model):
 
 class StampOutput(_Model):
     stamp: str
+
+
+MAX_ROUND_PODS = 1000  # pods of one round asked for at once (a service's max_replicas is far below)
+
+
+class PodPlace(_Model):
+    pod_id: str
+    node: str
+
+
+class RoundGrantsInput(_Model):
+    """Ask the control plane for every pod of a round at once (``stamp_round``, ``start_tickets``):
+    the revision's facts once, then each pod and the node it starts on."""
+
+    service: str
+    revision: int
+    spec: ServiceSpec
+    image_id: str = ""
+    ticket: str = ""
+    pods: list[PodPlace] = Field(min_length=1, max_length=MAX_ROUND_PODS)
+
+
+class RoundGrantsOutput(_Model):
+    grants: list[str]  # one per pod, in the order asked
 
 
 

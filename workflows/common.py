@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
-    from hms_mgmt.wire import SealInput, StampInput
+    from hms_mgmt.wire import PodPlace, RoundGrantsInput, SealInput, StampInput
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
@@ -62,6 +62,9 @@ START_TICKET = "start-ticket"
 GRANTS_AT_ONCE = "start-grants-at-once"  # patch: the trust stamp and the start ticket asked together
 # patch: a spec's secrets travel to the pod's node sealed for it (asked only when the spec names some)
 POD_SECRETS = "pod-secrets"
+# patch: a first rollout places its pods with a local activity first and asks the stamps and start
+# tickets of the whole round in one go (two local activities, not two per pod)
+ROUND_GRANTS = "round-grants"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
@@ -259,16 +262,19 @@ async def stop_pod(spec: ServiceSpec, pod: PodStatus, task_queue: str, *, grace_
 
 async def start_and_wait(
     spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, report: Report, *, image_id: str = "",
-    ticket: str = "", min_ready_s: float = 0.0,
+    ticket: str = "", min_ready_s: float = 0.0, grants: tuple[str, str] | None = None,
 ) -> PodStatus:
     """Start one pod on its node and wait until it answers its health path (and, with
     ``min_ready_s``, has kept running and answering that long since it first did).
+    ``grants``: its (trust stamp, start ticket) when the round asked them already (``round_grants``).
 
     Raises the activity error when the pod cannot become ready; the pod is stopped first so
     nothing of it is left behind.
     """
     admitted = ticket
-    stamp, ticket = await start_grants(spec, revision, pod_id, node, image_id=image_id, ticket=ticket)
+    if grants is None:
+        grants = await start_grants(spec, revision, pod_id, node, image_id=image_id, ticket=ticket)
+    stamp, ticket = grants
     sealed = await seal_secrets(spec, revision, pod_id, node, image_id=image_id, ticket=admitted)
     try:
         ready = await workflow.execute_activity_method(
@@ -337,6 +343,26 @@ async def start_grants(spec: ServiceSpec, revision: int, pod_id: str, node: Node
     return got_stamp, (await start_ticket() if workflow.patched(START_TICKET) else ticket)
 
 
+async def round_grants(spec: ServiceSpec, revision: int, pods: list[tuple[str, NodeSpec]], *, image_id: str,
+                       ticket: str) -> list[tuple[str, str]]:
+    """``start_grants`` for every pod of a round at once, in the order given: the control worker
+    checks the revision's ticket, the caller and the image's trust once, now, and signs a stamp
+    and a start ticket per pod (each bound to its pod id and node, as one at a time)."""
+    inp = RoundGrantsInput(service=spec.name, revision=revision, spec=spec, image_id=image_id, ticket=ticket,
+                           pods=[PodPlace(pod_id=p, node=n.name) for p, n in pods])
+    retry = RetryPolicy(maximum_interval=timedelta(seconds=10), non_retryable_error_types=POD_FATAL)
+    summary = f"{len(pods)} pod(s)"
+    stamps, starts = await asyncio.gather(
+        workflow.execute_local_activity_method(NodeTrustActivities.stamp_round, inp,
+                                               start_to_close_timeout=timedelta(seconds=30), retry_policy=retry,
+                                               summary=f"trust stamps for {summary}"),
+        workflow.execute_local_activity_method(ControlActivities.start_tickets, inp,
+                                               start_to_close_timeout=timedelta(seconds=30), retry_policy=SIGNED_RETRY,
+                                               summary=f"tickets: start {summary}"),
+    )
+    return list(zip(stamps.grants, starts.grants, strict=True))
+
+
 async def seal_secrets(spec: ServiceSpec, revision: int, pod_id: str, node: NodeSpec, *, image_id: str,
                        ticket: str) -> str:
     """The spec's secrets sealed by the control worker for this pod on ``node`` ("" when it names
@@ -371,24 +397,36 @@ async def start_pods(
 
     Returns the ready pods and (pod id, reason) for those that failed.
     """
-    nodes = await pick_nodes(placement, spec, len(pod_ids), existing, require_all=False)
+    batched = workflow.patched(ROUND_GRANTS)
+    nodes = await pick_nodes(placement, spec, len(pod_ids), existing, require_all=False, local_first=batched)
     ready: list[PodStatus] = []
     failed: list[tuple[str, str]] = []
 
-    async def one(pod_id: str, node: NodeSpec | None) -> None:
+    async def fail(pod_id: str, node: NodeSpec, e: ActivityError) -> None:
+        failed.append((pod_id, error_message(e)))
+        await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))
+
+    async def one(pod_id: str, node: NodeSpec | None, grants: tuple[str, str] | None = None) -> None:
         if node is None:
             placed = existing + ready
             node = (await pick_nodes(placement, spec, 1, placed, require_all=True))[0]
             assert node is not None
         try:
-            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id, ticket=ticket))
+            ready.append(await start_and_wait(spec, revision, pod_id, node, report, image_id=image_id, ticket=ticket,
+                                              grants=grants))
         except ActivityError as e:
-            failed.append((pod_id, error_message(e)))
-            await report(PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited"))
+            await fail(pod_id, node, e)
 
-    placed_now = [one(p, n) for p, n in zip(pod_ids, nodes, strict=True) if n is not None]
+    placed = [(p, n) for p, n in zip(pod_ids, nodes, strict=True) if n is not None]
     waiting = [p for p, n in zip(pod_ids, nodes, strict=True) if n is None]
-    await asyncio.gather(*placed_now)
+    grants: list[tuple[str, str] | None] = [None] * len(placed)
+    if batched and placed:
+        try:
+            grants = list(await round_grants(spec, revision, placed, image_id=image_id, ticket=ticket))
+        except ActivityError as e:  # refused for the round: each start would have been refused the same
+            await asyncio.gather(*(fail(p, n, e) for p, n in placed))
+            placed = []
+    await asyncio.gather(*(one(p, n, g) for (p, n), g in zip(placed, grants, strict=False)))
     for pod_id in waiting:  # one at a time: each waits until the Scheduler finds room
         await one(pod_id, None)
     return ready, failed

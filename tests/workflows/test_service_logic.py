@@ -55,6 +55,8 @@ from hms_mgmt.wire import (
     PodLogsInput,
     PodReportCheck,
     PodReportVerdict,
+    RoundGrantsInput,
+    RoundGrantsOutput,
     StampInput,
     StampOutput,
     StartPodInput,
@@ -148,6 +150,11 @@ class FakeCluster:
         await self.verify_image(VerifyImageInput(service=inp.service, image=inp.spec.image))
         return StampOutput(stamp=f"stamp-{inp.pod_id}")
 
+    @activity.defn(name="stamp_round")
+    async def stamp_round(self, inp: RoundGrantsInput) -> RoundGrantsOutput:
+        await self.verify_image(VerifyImageInput(service=inp.service, image=inp.spec.image))
+        return RoundGrantsOutput(grants=[f"stamp-{p.pod_id}" for p in inp.pods])
+
     @activity.defn(name="check_pod_report")
     async def check_pod_report(self, inp: PodReportCheck) -> PodReportVerdict:
         """The stand-in nodes sign nothing: every report of theirs is believed."""
@@ -207,6 +214,12 @@ class FakeCluster:
             raise ApplicationError("not admitted", type="AccessDenied", non_retryable=True)
         return TicketOutput(ticket=f"{inp.ticket}/start/{inp.pod_id}")
 
+    @activity.defn(name="start_tickets")
+    async def start_tickets(self, inp: RoundGrantsInput) -> RoundGrantsOutput:
+        if not inp.ticket.startswith(f"ticket-{inp.service}-{inp.revision}-"):
+            raise ApplicationError("not admitted", type="AccessDenied", non_retryable=True)
+        return RoundGrantsOutput(grants=[f"{inp.ticket}/start/{p.pod_id}" for p in inp.pods])
+
     @activity.defn(name="stop_grant")
     async def stop_grant(self, inp: StopGrantInput) -> TicketOutput:
         return TicketOutput(ticket=f"stop/{inp.pod_id}")
@@ -232,7 +245,7 @@ class FakeCluster:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
                 self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant,
-                self.trust_now, self.stamp_start, self.check_pod_report]
+                self.trust_now, self.stamp_start, self.check_pod_report, self.stamp_round, self.start_tickets]
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ from workflows.service.state import CONTROL_TIMEOUT, ServiceRun
 
 TRUST_ON_CONTROL = "trust-on-control"  # patch: an image_revoked hint is re-checked by the control worker
 ADMISSION_LOCAL = "admission-local"  # patch: a deploy's authorize, governance and ticket as local activities
+VERIFIED_BESIDE = "image-verified-beside"  # patch: the image.verified event no longer holds the ticket up
 
 
 class Admission:
@@ -138,7 +139,11 @@ class Admission:
         if len(ids) != 1:
             return (None, f"image {spec.image} resolves to different content on different nodes: {sorted(ids)}",
                     FailureKind.IMAGE_UNTRUSTED)
-        await self.run.emit("image.verified", results[0].detail, image=spec.image, content_id=results[0].content_id)
+        verified = {"image": spec.image, "content_id": results[0].content_id}
+        if workflow.patched(VERIFIED_BESIDE):
+            self.run.emit_beside("image.verified", results[0].detail, **verified)
+        else:
+            await self.run.emit("image.verified", results[0].detail, **verified)
         return results[0].content_id, results[0].detail, FailureKind.IMAGE_UNTRUSTED
 
     async def check_revoked(self) -> None:

@@ -43,6 +43,7 @@ class Lifecycle:
             )
         )
         await workflow.wait_condition(lambda: child.done() or run.undeploy_requested)
+        await run.settle_records()  # admission's, written while the rollout started
         if not child.done():
             child.cancel()
         try:

@@ -90,6 +90,7 @@ class ServiceRun:
         self.revision_failures: dict[int, Failure] = {}
         self.waits: list[WaitingFor] = []  # the waits in progress, the latest last (status().waiting_for)
         self.capacity: list[WaitingFor] = []  # placements waiting for room, as the Scheduler last said
+        self.records: list[asyncio.Task[None]] = []  # events written beside the steps after them
 
     # --- what the run reports --------------------------------------------------------------
 
@@ -202,6 +203,15 @@ class ServiceRun:
 
     async def emit(self, type_: str, reason: str, **data: object) -> None:
         await emit(self.placement, type_, self.spec.name, reason, **data)
+
+    def emit_beside(self, type_: str, reason: str, **data: object) -> None:
+        """Write an event without holding the next step up for it: a record of a step done, not
+        a step (``settle_records`` waits for it before the run reports what came next)."""
+        self.records.append(asyncio.ensure_future(self.emit(type_, reason, **data)))
+
+    async def settle_records(self) -> None:
+        records, self.records = self.records, []
+        await asyncio.gather(*records)
 
     async def flush_outbox(self) -> None:
         while self.state.outbox:

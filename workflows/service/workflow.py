@@ -344,6 +344,7 @@ class ServiceWorkflow:
             workflow.upsert_search_attributes([SERVICE_KEY.value_set(run.spec.name)])
             run.set_phase("Validating", force=True)
             if not await self.admission.admit(inp.proof):
+                await run.settle_records()
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return run.status()  # refused before any pod started: nothing to undo
             await self.slots.take_the_clock()

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     # A pod whose service has no running ServiceWorkflow (terminated, ended, never there) is removed
     # by its node this long after the node first saw it so (worker/nodes.py).
     orphan_grace_s: float = Field(default=60.0, gt=0)
+    # How long a workflow task waits for the control worker's sticky queue before it goes to the
+    # control queue (worker/main.py: why 1 s and not the SDK's 10 s).
+    sticky_timeout_s: float = Field(default=1.0, gt=0, le=60)
     sweep_on_exit: bool = False  # the worker stops its node's pods when it stops (docker-compose down)
 
     @field_validator("node_labels", mode="before")

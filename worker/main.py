@@ -82,14 +82,6 @@ def raise_open_files_limit(node_max_pods: int) -> int:
 # once and passed through. Passed-through code is not checked at run time for calls a workflow
 # must not make (clock, environment, I/O): tests/replay replays the recorded histories under the
 # default sandbox, which does check them.
-# How long a workflow task waits for this worker's sticky queue before it goes to the control
-# queue (the SDK's default is 10 s). When a worker is killed, its sticky queue is dead: a query
-# answered meanwhile by the next worker, from a history whose last events no task has taken yet,
-# left that worker's cached run ahead of what it later completed, and a replay of the history it
-# wrote then failed with a non-determinism error (tests/chaos/test_worker_kills.py replays every
-# history of its run). A second closes that window before a restarted worker polls. The cost: a
-# task this worker is too busy to take within a second is replayed from its whole history.
-STICKY_TIMEOUT = timedelta(seconds=1)
 WORKFLOW_RUNNER = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows"))
 
 
@@ -171,7 +163,14 @@ class HmsWorker:
             # MessageGuard: a malformed signal or update never reaches a workflow's handler.
             interceptors=[self.metrics.interceptor, MessageGuard()],
             max_concurrent_activities=CONTROL_ACTIVITY_SLOTS,
-            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
+            # HMS_STICKY_TIMEOUT_S (1 s; the SDK's default is 10 s): how long a workflow task waits for this
+            # worker's sticky queue before it goes to the control queue. When a worker is killed, its sticky
+            # queue is dead: a query answered meanwhile by the next worker, from a history whose last events no
+            # task had taken yet, left that worker's cached run ahead of what it later completed, and a replay
+            # of the history it wrote then failed with a non-determinism error (tests/chaos/test_worker_kills.py
+            # replays every history of its run). A second closes that window before a restarted worker polls.
+            # The cost: a task this worker is too busy to take within it is replayed from its whole history.
+            sticky_queue_schedule_to_start_timeout=timedelta(seconds=settings.sticky_timeout_s),
         )
 
     def _node_worker(self, settings_loader: Callable[[], Settings] | None) -> Worker:

@@ -44,6 +44,8 @@ from hms_mgmt.models import (
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample, Recommendation
 
 __all__ = [
+    "JoinAnswer",
+    "RegistrySettings",
     "RouterCheckInput",
     "RouterRecord",
     "RouterRegistration",

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.lib import REPO
 
-PRODUCT_DIRS = ("hms_mgmt", "workflows", "activities", "worker", "services")
+PRODUCT_DIRS = ("hms_mgmt", "workflows", "activities", "worker", "router", "services")
 # The bench's harness, taken from the working tree when a measured git ref predates it.
 HARNESS = ("hms_mgmt/devserver.py", "hms_mgmt/testing.py")
 _source: dict[str, Any] = {"mode": "live", "root": str(REPO)}

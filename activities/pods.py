@@ -42,6 +42,8 @@ from hms_mgmt.wire import (
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
+ORPHAN_CHECK_S = 30.0  # how often a watch looks for pods of its service that the workflow does not know
+BEAT_EVERY_MAX_S = 5.0  # a watch's keep-alive heartbeat: a cancel reaches it within this
 RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
 
 
@@ -98,6 +100,29 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
         return False
 
 
+class NodePods:
+    """The node's pods by service, for every watch's orphan check: one listing serves every
+    watch that asks for one begun after a given moment (each watch listing the whole node every
+    ``ORPHAN_CHECK_S`` was 16,000 record reads a second at 500 services and 1,000 pods)."""
+
+    def __init__(self, runtime: PodRuntime) -> None:
+        self.runtime = runtime
+        self._lock = asyncio.Lock()
+        self._began = float("-inf")  # loop time the last listing began
+        self._by_service: dict[str, list[PodHandle]] = {}
+
+    async def of_service(self, service: str, since: float) -> list[PodHandle]:
+        """The pods of ``service``, from a listing begun at or after ``since`` (loop time)."""
+        async with self._lock:
+            if self._began < since:
+                began = asyncio.get_running_loop().time()
+                by_service: dict[str, list[PodHandle]] = {}
+                for h in await asyncio.to_thread(self.runtime.list):
+                    by_service.setdefault(h.service, []).append(h)
+                self._by_service, self._began = by_service, began
+            return self._by_service.get(service, [])
+
+
 class PodActivities:
     """Activities bound to one node's runtime."""
 
@@ -114,6 +139,7 @@ class PodActivities:
         # The health monitor reports each ping's lag behind its schedule and its duration (seconds):
         # how far a loaded worker lets the monitor drift (the worker's Prometheus histograms).
         self.on_probe = on_probe
+        self.node_pods = NodePods(runtime)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -426,6 +452,9 @@ class _Watch:
         self.exited: set[str] = set()
         self.rounds = 0
         self.wake = asyncio.Event()
+        self.beaten: tuple[Any, ...] | None = None  # what the last heartbeat said
+        timeout = activity.info().heartbeat_timeout
+        self.beat_every_s = min(BEAT_EVERY_MAX_S, timeout.total_seconds() / 2) if timeout else BEAT_EVERY_MAX_S
         details = activity.info().heartbeat_details
         if details:  # a retry after a worker restart keeps the autoscale window it had
             try:
@@ -486,7 +515,8 @@ class _Watch:
         deadline = start + self.inp.max_duration_s
         next_health = start + spec.health_interval_s
         next_scale = start + spec.scale_interval_s
-        next_orphans = start
+        next_orphans = start + ORPHAN_CHECK_S  # younger than ORPHAN_GRACE_S, no pod is an orphan yet
+        next_beat = start
         self.cpu_before = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
         self.cpu_at = loop.time()
         await self._poll_exits(ids)
@@ -506,15 +536,15 @@ class _Watch:
                 if verdict is not None:
                     return self.result(verdict[0], decision=verdict[1])
             if now >= next_orphans:
-                next_orphans = now + 30.0
-                unknown = await self.unknown_pods()
+                next_orphans = now + ORPHAN_CHECK_S
+                unknown = await self.unknown_pods(since=max(start, now - ORPHAN_CHECK_S))
                 if unknown:
                     return self.result("unknown_pods", unknown_pods=unknown)
             if now >= deadline:
                 return self.result("timeout")
-            activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
-                                              history=self.history, round=self.rounds))
-            await self._sleep(min(next_health, next_scale, deadline, next_orphans) - loop.time(), poll_exits)
+            next_beat = self._beat(next_beat, loop.time())
+            await self._sleep(min(next_health, next_scale, deadline, next_orphans, next_beat) - loop.time(),
+                              poll_exits)
             if poll_exits and ids:
                 await self._poll_exits(ids)
 
@@ -561,13 +591,27 @@ class _Watch:
         self.history = self.scaler.history
         return verdict
 
+    def _beat(self, due: float, now: float) -> float:
+        """Heartbeat what the watch sees when it changed (a ping's verdict, a CPU round), else
+        only when ``due``: a keep-alive every half heartbeat timeout. At 500 services a heartbeat
+        a second per watch (each one a write of the workflow's state on the server) was most of
+        the node worker's and the Temporal server's CPU. Returns when the next keep-alive is due."""
+        seen = (self.rounds, tuple((p.pod_id, p.health, p.consecutive_failures) for p in self.progress()))
+        if seen == self.beaten and now < due:
+            return due
+        self.beaten = seen
+        activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
+                                          history=self.history, round=self.rounds))
+        return now + self.beat_every_s
+
     async def _sleep(self, wait: float, poll_exits: bool) -> None:
-        """Until the next round is due or a pod exits (at most 1 s; 0.1 s when exits are polled)."""
+        """Until the next round or keep-alive is due or a pod exits (at most 0.1 s when exits
+        are polled)."""
         if poll_exits:  # no event stream: poll for exits, cheaply
             wait = min(wait, 0.1)
         self.wake.clear()
         try:
-            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
+            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, wait))
         except TimeoutError:
             pass
 
@@ -588,11 +632,12 @@ class _Watch:
             self.exited.add(pod_id)
             self.wake.set()
 
-    async def unknown_pods(self) -> list[str]:
+    async def unknown_pods(self, since: float) -> list[str]:
         """Pods of this service on the node that the workflow does not know: leaked by a
-        crash at the wrong moment. Young ones may be a start in flight, so they get time."""
+        crash at the wrong moment. Young ones may be a start in flight, so they get time.
+        ``since``: from a listing of the node's pods begun no earlier (loop time)."""
         known = set(self.inp.known) | set(self.pods)
-        handles = await asyncio.to_thread(self.runtime.list, self.inp.service)
+        handles = await self.acts.node_pods.of_service(self.inp.service, since)
         now = datetime.now(UTC)
         return [
             h.pod_id for h in handles

@@ -41,6 +41,7 @@ ACTIVITY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 PROBE_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 APPROVAL_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 FLEET_READ_SHARE = 20  # the fleet gauges' refresh waits this many times as long as a read took
+FLEET_READ_CONCURRENCY = 4  # status reads in flight: a refresh must not crowd out the workflows' tasks
 
 
 class _ActivityTimer(ActivityInboundInterceptor):
@@ -214,7 +215,7 @@ class WorkerMetrics:
         while True:
             began = time.monotonic()
             try:
-                self.fleet.update(await fleet_status(orch))
+                self.fleet.update(await fleet_status(orch, concurrency=FLEET_READ_CONCURRENCY))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Temporal away: hms_fleet_up says so

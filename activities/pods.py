@@ -42,6 +42,8 @@ from hms_mgmt.wire import (
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
+PROBE_TIMEOUT_S = 1.0  # a health ping not answered within this fails
+PROBE_LATE_S = 0.25  # a failed ping whose timeout fired this much late: this worker was stalled, not the pod slow
 ORPHAN_CHECK_S = 30.0  # how often a watch looks for pods of its service that the workflow does not know
 BEAT_EVERY_MAX_S = 5.0  # a watch's keep-alive heartbeat: a cancel reaches it within this
 RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
@@ -87,7 +89,8 @@ async def heartbeating(fn: Callable[..., T], *args: Any, every_s: float = 1.0) -
                 raise ApplicationError(str(e), type=e.error_type, non_retryable=True) from e
 
 
-async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str, timeout_s: float = 1.0) -> bool:
+async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
+                timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """One health ping: any 2xx/3xx within the timeout is healthy."""
     if not endpoint:
         return False
@@ -552,7 +555,8 @@ class _Watch:
         """Ping every pod; the pods that have now failed ``health_failures`` times in a row."""
         oks = await asyncio.gather(*(self.ping(p, scheduled=scheduled) for p in ids))
         for pid, ok in zip(ids, oks, strict=True):
-            self.failures[pid] = 0 if ok else self.failures[pid] + 1
+            if ok is not None:  # an inconclusive ping neither fails the pod nor clears its failures
+                self.failures[pid] = 0 if ok else self.failures[pid] + 1
         return [p for p in ids if self.failures[p] >= self.spec.health_failures]
 
     async def _failures(self, failing: list[str]) -> list[PodFailure]:
@@ -619,13 +623,18 @@ class _Watch:
         for pid in await asyncio.to_thread(self.runtime.exited, ids):
             self._mark_exited(pid)
 
-    async def ping(self, pod_id: str, *, scheduled: float) -> bool:
+    async def ping(self, pod_id: str, *, scheduled: float) -> bool | None:
+        """One ping's verdict; None (inconclusive) when it failed but took well past its timeout:
+        this worker's event loop was stalled (a starved host, a burst of work), so the answer may
+        have sat unread. Counting those made healthy pods "unhealthy" by the hundred on a loaded
+        host, and their replacements loaded it further."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         ok = await probe(self.acts.session(), self.pods[pod_id].endpoint, self.spec.health_path)
+        took = loop.time() - sent
         if self.acts.on_probe is not None:
-            self.acts.on_probe(max(0.0, sent - scheduled), loop.time() - sent)
-        return ok
+            self.acts.on_probe(max(0.0, sent - scheduled), took)
+        return None if not ok and took > PROBE_TIMEOUT_S + PROBE_LATE_S else ok
 
     def _mark_exited(self, pod_id: str) -> None:
         if pod_id in self.pods:

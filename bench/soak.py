@@ -581,7 +581,7 @@ class Soak:
     async def undeploy(self) -> None:
         print("undeploying ...", flush=True)
         t_u = time.perf_counter()
-        gate = asyncio.Semaphore(self.args.deploy_concurrency)
+        gate = asyncio.Semaphore(self.args.undeploy_concurrency or self.args.deploy_concurrency)
 
         async def down(n: str) -> bool:
             async with gate:
@@ -953,6 +953,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--health-interval", type=float, default=5.0, help="health_interval_s of every service (5)")
     ap.add_argument("--history-sample", type=int, default=10, help="services whose histories are counted (10)")
     ap.add_argument("--deploy-concurrency", type=int, default=10, help="deploys in flight at once (10)")
+    ap.add_argument("--undeploy-concurrency", type=int, default=25,
+                    help="undeploys in flight at once after the window (25; 0: as --deploy-concurrency)")
     ap.add_argument("--deploy-timeout", type=float, default=600.0)
     ap.add_argument("--replace-timeout", type=float, default=60.0, help="give up on one replacement after this")
     ap.add_argument("--poll", type=float, default=0.1, help="replacement poll interval, s (0.1)")

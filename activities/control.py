@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 READ_CONCURRENCY = 16  # status queries in flight at once when the Scheduler reads the other services
+BEHIND_READ_CONCURRENCY = 2  # the same, for a refresh in the background that no placement waits for
 
 
 def _grant_identity(claims: dict[str, object]) -> auth.Identity:
@@ -170,12 +171,16 @@ class ControlActivities:
         placement querying every service."""
         view = self._fleets.get(task_queue)
         if view is None:
-            view = self._fleets[task_queue] = FleetView(lambda: self._read_services(task_queue))
+            view = self._fleets[task_queue] = FleetView(
+                lambda: self._read_services(task_queue),
+                read_behind=lambda: self._read_services(task_queue, BEHIND_READ_CONCURRENCY))
         return view
 
-    async def _other_services(self, exclude: str, task_queue: str, *, fresh: bool = False) -> list[ServiceStatus]:
-        """Every other running service's status (``fresh``: from a read begun after this call)."""
-        statuses = await self._fleet(task_queue).services(fresh=fresh)
+    async def _other_services(self, exclude: str, task_queue: str, *, fresh: bool = False,
+                              stale_ok: bool = False) -> list[ServiceStatus]:
+        """Every other running service's status (``fresh``: from a read begun after this call;
+        ``stale_ok``: from the last read, however old)."""
+        statuses = await self._fleet(task_queue).services(fresh=fresh, stale_ok=stale_ok)
         skip = constants.service_workflow_id(exclude) if exclude else None
         return [st for wf_id, st in statuses if wf_id != skip]
 
@@ -188,9 +193,9 @@ class ControlActivities:
             fut.add_done_callback(lambda done: self._reads.pop(key, None) if self._reads.get(key) is done else None)
         return await asyncio.shield(fut)  # one caller cancelled must not cancel the others' read
 
-    async def _read_services(self, task_queue: str) -> list[tuple[str, ServiceStatus]]:
+    async def _read_services(self, task_queue: str, concurrency: int = READ_CONCURRENCY) -> list[tuple[str, ServiceStatus]]:
         ids = [wf.id async for wf in self.client.list_workflows(names.running_services_query(task_queue))]
-        gate = asyncio.Semaphore(READ_CONCURRENCY)
+        gate = asyncio.Semaphore(concurrency)
 
         async def one(wf_id: str) -> tuple[str, ServiceStatus] | None:
             async with gate:
@@ -203,14 +208,16 @@ class ControlActivities:
         return [r for r in await asyncio.gather(*(one(i) for i in ids)) if r is not None]
 
     async def _usage(self, service: str, spec: ServiceSpec, placed: list[PodStatus], nodes: list[NodeSpec], *,
-                     fresh: bool = False) -> tuple[list[NodeSpec], dict[str, NodeUsage], tuple[FleetView, Counter[tuple[str, str]]]]:
+                     fresh: bool = False, stale_ok: bool = False,
+                     ) -> tuple[list[NodeSpec], dict[str, NodeUsage], tuple[FleetView, Counter[tuple[str, str]]]]:
         """The Ready nodes (or ``nodes``) and what is placed on each: ``placed`` (the service's
         own pods) and every other running service's pods, each at its spec's cpu and memory (the
         pods this worker placed since are added by ``_assume``); and the view with the pods it
         read per service and node."""
         settings = await asyncio.to_thread(self.settings)
         # The nodes and the other services' pods: two reads, at the same time.
-        others = asyncio.ensure_future(self._other_services(service, settings.task_queue, fresh=fresh))
+        others = asyncio.ensure_future(self._other_services(service, settings.task_queue, fresh=fresh,
+                                                            stale_ok=stale_ok))
         try:
             nodes = nodes or await self._shared(("nodes", settings.task_queue), lambda: self.ready_nodes(settings))
         except BaseException:
@@ -263,8 +270,10 @@ class ControlActivities:
         """The Scheduler: place ``count`` pods, spreading across nodes, then packing. No room is
         decided on a fresh read of the fleet, never on the view kept between placements."""
         # The reads start while the caller is checked (both are round trips to the server); an
-        # unentitled caller is refused before anything read is used or returned.
-        reading = asyncio.ensure_future(self._usage(inp.service, inp.spec, inp.placed, inp.nodes))
+        # unentitled caller is refused before anything read is used or returned. A heal places a
+        # pod the last read still counts (its failed one): it goes on with that read, however old.
+        heal = activity.info().workflow_type == names.HEAL_WORKFLOW
+        reading = asyncio.ensure_future(self._usage(inp.service, inp.spec, inp.placed, inp.nodes, stale_ok=heal))
         try:
             caller = await self._entitled(inp.service, "pick_node")
         except BaseException:

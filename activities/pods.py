@@ -42,6 +42,10 @@ from hms_mgmt.wire import (
 
 T = TypeVar("T")
 ORPHAN_GRACE_S = 120.0
+PROBE_TIMEOUT_S = 1.0  # a health ping not answered within this fails
+PROBE_LATE_S = 0.25  # a failed ping whose timeout fired this much late: this worker was stalled, not the pod slow
+ORPHAN_CHECK_S = 30.0  # how often a watch looks for pods of its service that the workflow does not know
+BEAT_EVERY_MAX_S = 5.0  # a watch's keep-alive heartbeat: a cancel reaches it within this
 RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
 
 
@@ -85,7 +89,8 @@ async def heartbeating(fn: Callable[..., T], *args: Any, every_s: float = 1.0) -
                 raise ApplicationError(str(e), type=e.error_type, non_retryable=True) from e
 
 
-async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str, timeout_s: float = 1.0) -> bool:
+async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
+                timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """One health ping: any 2xx/3xx within the timeout is healthy."""
     if not endpoint:
         return False
@@ -96,6 +101,29 @@ async def probe(session: aiohttp.ClientSession, endpoint: str | None, path: str,
             return 200 <= resp.status < 400
     except (TimeoutError, aiohttp.ClientError, OSError):
         return False
+
+
+class NodePods:
+    """The node's pods by service, for every watch's orphan check: one listing serves every
+    watch that asks for one begun after a given moment (each watch listing the whole node every
+    ``ORPHAN_CHECK_S`` was 16,000 record reads a second at 500 services and 1,000 pods)."""
+
+    def __init__(self, runtime: PodRuntime) -> None:
+        self.runtime = runtime
+        self._lock = asyncio.Lock()
+        self._began = float("-inf")  # loop time the last listing began
+        self._by_service: dict[str, list[PodHandle]] = {}
+
+    async def of_service(self, service: str, since: float) -> list[PodHandle]:
+        """The pods of ``service``, from a listing begun at or after ``since`` (loop time)."""
+        async with self._lock:
+            if self._began < since:
+                began = asyncio.get_running_loop().time()
+                by_service: dict[str, list[PodHandle]] = {}
+                for h in await asyncio.to_thread(self.runtime.list):
+                    by_service.setdefault(h.service, []).append(h)
+                self._by_service, self._began = by_service, began
+            return self._by_service.get(service, [])
 
 
 class PodActivities:
@@ -114,6 +142,7 @@ class PodActivities:
         # The health monitor reports each ping's lag behind its schedule and its duration (seconds):
         # how far a loaded worker lets the monitor drift (the worker's Prometheus histograms).
         self.on_probe = on_probe
+        self.node_pods = NodePods(runtime)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -426,6 +455,9 @@ class _Watch:
         self.exited: set[str] = set()
         self.rounds = 0
         self.wake = asyncio.Event()
+        self.beaten: tuple[Any, ...] | None = None  # what the last heartbeat said
+        timeout = activity.info().heartbeat_timeout
+        self.beat_every_s = min(BEAT_EVERY_MAX_S, timeout.total_seconds() / 2) if timeout else BEAT_EVERY_MAX_S
         details = activity.info().heartbeat_details
         if details:  # a retry after a worker restart keeps the autoscale window it had
             try:
@@ -486,7 +518,8 @@ class _Watch:
         deadline = start + self.inp.max_duration_s
         next_health = start + spec.health_interval_s
         next_scale = start + spec.scale_interval_s
-        next_orphans = start
+        next_orphans = start + ORPHAN_CHECK_S  # younger than ORPHAN_GRACE_S, no pod is an orphan yet
+        next_beat = start
         self.cpu_before = await asyncio.to_thread(self.runtime.cpu_seconds, ids)
         self.cpu_at = loop.time()
         await self._poll_exits(ids)
@@ -506,15 +539,15 @@ class _Watch:
                 if verdict is not None:
                     return self.result(verdict[0], decision=verdict[1])
             if now >= next_orphans:
-                next_orphans = now + 30.0
-                unknown = await self.unknown_pods()
+                next_orphans = now + ORPHAN_CHECK_S
+                unknown = await self.unknown_pods(since=max(start, now - ORPHAN_CHECK_S))
                 if unknown:
                     return self.result("unknown_pods", unknown_pods=unknown)
             if now >= deadline:
                 return self.result("timeout")
-            activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
-                                              history=self.history, round=self.rounds))
-            await self._sleep(min(next_health, next_scale, deadline, next_orphans) - loop.time(), poll_exits)
+            next_beat = self._beat(next_beat, loop.time())
+            await self._sleep(min(next_health, next_scale, deadline, next_orphans, next_beat) - loop.time(),
+                              poll_exits)
             if poll_exits and ids:
                 await self._poll_exits(ids)
 
@@ -522,7 +555,8 @@ class _Watch:
         """Ping every pod; the pods that have now failed ``health_failures`` times in a row."""
         oks = await asyncio.gather(*(self.ping(p, scheduled=scheduled) for p in ids))
         for pid, ok in zip(ids, oks, strict=True):
-            self.failures[pid] = 0 if ok else self.failures[pid] + 1
+            if ok is not None:  # an inconclusive ping neither fails the pod nor clears its failures
+                self.failures[pid] = 0 if ok else self.failures[pid] + 1
         return [p for p in ids if self.failures[p] >= self.spec.health_failures]
 
     async def _failures(self, failing: list[str]) -> list[PodFailure]:
@@ -561,13 +595,27 @@ class _Watch:
         self.history = self.scaler.history
         return verdict
 
+    def _beat(self, due: float, now: float) -> float:
+        """Heartbeat what the watch sees when it changed (a ping's verdict, a CPU round), else
+        only when ``due``: a keep-alive every half heartbeat timeout. At 500 services a heartbeat
+        a second per watch (each one a write of the workflow's state on the server) was most of
+        the node worker's and the Temporal server's CPU. Returns when the next keep-alive is due."""
+        seen = (self.rounds, tuple((p.pod_id, p.health, p.consecutive_failures) for p in self.progress()))
+        if seen == self.beaten and now < due:
+            return due
+        self.beaten = seen
+        activity.heartbeat(WatchHeartbeat(progress=self.progress(), samples=self.samples,
+                                          history=self.history, round=self.rounds))
+        return now + self.beat_every_s
+
     async def _sleep(self, wait: float, poll_exits: bool) -> None:
-        """Until the next round is due or a pod exits (at most 1 s; 0.1 s when exits are polled)."""
+        """Until the next round or keep-alive is due or a pod exits (at most 0.1 s when exits
+        are polled)."""
         if poll_exits:  # no event stream: poll for exits, cheaply
             wait = min(wait, 0.1)
         self.wake.clear()
         try:
-            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, min(wait, 1.0)))
+            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, wait))
         except TimeoutError:
             pass
 
@@ -575,24 +623,30 @@ class _Watch:
         for pid in await asyncio.to_thread(self.runtime.exited, ids):
             self._mark_exited(pid)
 
-    async def ping(self, pod_id: str, *, scheduled: float) -> bool:
+    async def ping(self, pod_id: str, *, scheduled: float) -> bool | None:
+        """One ping's verdict; None (inconclusive) when it failed but took well past its timeout:
+        this worker's event loop was stalled (a starved host, a burst of work), so the answer may
+        have sat unread. Counting those made healthy pods "unhealthy" by the hundred on a loaded
+        host, and their replacements loaded it further."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
         ok = await probe(self.acts.session(), self.pods[pod_id].endpoint, self.spec.health_path)
+        took = loop.time() - sent
         if self.acts.on_probe is not None:
-            self.acts.on_probe(max(0.0, sent - scheduled), loop.time() - sent)
-        return ok
+            self.acts.on_probe(max(0.0, sent - scheduled), took)
+        return None if not ok and took > PROBE_TIMEOUT_S + PROBE_LATE_S else ok
 
     def _mark_exited(self, pod_id: str) -> None:
         if pod_id in self.pods:
             self.exited.add(pod_id)
             self.wake.set()
 
-    async def unknown_pods(self) -> list[str]:
+    async def unknown_pods(self, since: float) -> list[str]:
         """Pods of this service on the node that the workflow does not know: leaked by a
-        crash at the wrong moment. Young ones may be a start in flight, so they get time."""
+        crash at the wrong moment. Young ones may be a start in flight, so they get time.
+        ``since``: from a listing of the node's pods begun no earlier (loop time)."""
         known = set(self.inp.known) | set(self.pods)
-        handles = await asyncio.to_thread(self.runtime.list, self.inp.service)
+        handles = await self.acts.node_pods.of_service(self.inp.service, since)
         now = datetime.now(UTC)
         return [
             h.pod_id for h in handles

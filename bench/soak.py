@@ -1,13 +1,15 @@
-"""Soak at scale: one worker (``python -m worker``, its own process) supervises many process-pod
-services for a while, with pods killed at random, and reports what it costs and how late it gets.
+"""Soak at scale: the control worker (``python -m worker --no-node``) and the node's worker
+(``python -m worker --no-control``), a process each, supervise many process-pod services for a
+while, with pods killed at random; reports what it costs and how late it gets.
 
     .venv/bin/python bench/soak.py                 # 100 services x 2 pods, 600 s, 20 kills
     .venv/bin/python bench/soak.py --quick         # smoke run: 20 services, 60 s, 4 kills
     .venv/bin/python bench/soak.py --services 500 --replicas 2 --duration 600 --kills 40
     .venv/bin/python bench/soak.py --ramp 100,200,300,500   # what breaks first, and at what size
 
-Set-up: a Temporal dev server (child of this process) on a sqlite file, one worker subprocess
-with the process runtime and its Prometheus ``/metrics``, ``--services`` services of ``--image``
+Set-up: a Temporal dev server (child of this process) on a sqlite file, the two worker
+subprocesses (``--layout single``: one ``python -m worker`` doing both) with the process runtime
+and their Prometheus ``/metrics``, ``--services`` services of ``--image``
 at ``min = max = --replicas`` (no autoscaling), default health settings (``health_interval_s``
 5, ``health_failures`` 2). The default image is the soak's own pod (``bench/soakpod.py``: a
 stdlib loop that answers 200, ~7 MB each, so 1,000 fit in memory); ``--image
@@ -24,7 +26,7 @@ Figures, each over the steady window only:
   service showing ``min`` ready pods again without the killed one (``status()``), and to the
   replacement process first answering ``/health`` (an outside poller); p50/p95/p99/max.
   Target p99 <= 5 s.
-- **worker cost**: CPU (user + system) and RSS of the worker process, sampled with psutil; the
+- **worker cost**: CPU (user + system) and RSS of the worker processes, together and each, sampled with psutil; the
   pods (its child processes: RSS, and PSS of a sample) and the Temporal dev server separately;
   load average.
 - **history events per service-hour**: every workflow on the soak's queue (services, heals),
@@ -35,8 +37,8 @@ Figures, each over the steady window only:
 ``--ramp 100,200,300,500`` deploys in steps instead: at each size a window of
 ``--step-duration`` s with ``--step-kills`` kills, the same figures, and the first figure to miss
 its target and the size where it did (targets: probe lag p99 <= 1 s, kill -> whole p99 <= 5 s,
-every deploy and replacement done, worker CPU <= 0.9 core: past that its one event loop is the
-bottleneck). Writes bench/results/soak_ramp.json.
+every deploy and replacement done, the busiest worker process's CPU <= 0.9 core: past that its
+one event loop is the bottleneck). Writes bench/results/soak_ramp.json.
 
 There is no peer to race here: the ratios are measured / target. Writes bench/results/soak.json.
 """
@@ -76,8 +78,9 @@ from bench.lib.stats import median, pct, rnd  # noqa: E402
 NAME = "soak"
 TARGET_LAG_P99_S = 1.0
 TARGET_WHOLE_P99_S = 5.0  # a killed pod's service whole again
-TARGET_WORKER_CORES = 0.9  # past this the worker's one event loop is the bottleneck (ramp only)
+TARGET_WORKER_CORES = 0.9  # past this a worker process's one event loop is the bottleneck (ramp only)
 SAMPLE_EVERY_S = 5.0
+WORKER_ROLES = ("control", "node", "combined")  # --layout split: control + node; single: one combined worker
 SOAK_IMAGE = "soak/health-only:1.0"  # bench/soakpod.py, through a catalog entry the soak writes
 POD_CODE = Path(__file__).with_name("soakpod.py")
 
@@ -127,25 +130,30 @@ def read_peer(path: Path) -> dict[float, float]:
 
 
 class ProcSampler:
-    """CPU seconds and RSS of the worker, its pods (child processes) and the dev server."""
+    """CPU seconds and RSS of the worker processes (by role: ``control`` and ``node``, or one
+    ``combined`` worker doing both), the pods (the node worker's child processes) and the dev server."""
 
-    def __init__(self, worker_pid: int, server_pid: int | None) -> None:
+    def __init__(self, workers: dict[str, int], server_pid: int | None) -> None:
         import psutil
 
         self.ps = psutil
-        self.worker = psutil.Process(worker_pid)
+        self.workers = {role: psutil.Process(pid) for role, pid in workers.items()}
+        self.node = self.workers.get("node") or self.workers["combined"]  # the pods' parent
         self.server = psutil.Process(server_pid) if server_pid else None
         self.samples: list[dict[str, Any]] = []
 
     def sample(self) -> dict[str, Any]:
-        pods = self.worker.children(recursive=True)
+        procs = list(self.workers.values())
+        pods = self.node.children(recursive=True)
         busy = self.ps.cpu_times()
         s = {
             "t": time.monotonic(),
-            "worker_cpu_s": proc_cpu([self.worker]),
-            "worker_rss_mb": proc_rss([self.worker]) / 2**20,
-            "worker_threads": self.worker.num_threads(),
-            "worker_fds": self.worker.num_fds(),
+            "worker_cpu_s": proc_cpu(procs),
+            "worker_rss_mb": proc_rss(procs) / 2**20,
+            "worker_threads": sum(p.num_threads() for p in procs),
+            "worker_fds": max(p.num_fds() for p in procs),
+            **{f"{role}_cpu_s": proc_cpu([p]) for role, p in self.workers.items()},
+            **{f"{role}_rss_mb": proc_rss([p]) / 2**20 for role, p in self.workers.items()},
             "pods_cpu_s": proc_cpu(pods),
             "pods_rss_mb": proc_rss(pods) / 2**20,
             "pod_processes": len(pods),
@@ -160,7 +168,7 @@ class ProcSampler:
 
     def pod_memory(self, sample_size: int = 20) -> dict[str, Any]:
         """Per pod: RSS, and PSS (shared pages split among their users) of a sample of pods."""
-        pods = [p for p in self.worker.children(recursive=True) if p.pid != self.worker.pid]
+        pods = [p for p in self.node.children(recursive=True) if p.pid != self.node.pid]
         pss = []
         for p in pods[:: max(1, len(pods) // sample_size)][:sample_size]:
             with contextlib.suppress(Exception):
@@ -179,11 +187,14 @@ def cost_between(a: dict[str, Any], b: dict[str, Any], samples: list[dict[str, A
         return rnd((b[key] - a[key]) / wall, 3)
 
     loads = [s["load"][0] for s in inside if s.get("load")]
+    roles = [role for role in WORKER_ROLES if f"{role}_cpu_s" in a]
     return {
         "wall_s": rnd(wall, 1),
-        "worker_cpu_cores": cores("worker_cpu_s"),  # 1.0 = one core busy the whole window
+        "worker_cpu_cores": cores("worker_cpu_s"),  # every worker process; 1.0 = one core busy the whole window
         "worker_rss_mb": {"start": rnd(a["worker_rss_mb"], 1), "end": rnd(b["worker_rss_mb"], 1),
                           "max": rnd(max(s["worker_rss_mb"] for s in inside), 1)},
+        "workers": {role: {"cpu_cores": cores(f"{role}_cpu_s"),
+                           "rss_mb_max": rnd(max(s[f"{role}_rss_mb"] for s in inside), 1)} for role in roles},
         "worker_threads_max": max(s["worker_threads"] for s in inside),
         "worker_open_files_max": max(s.get("worker_fds", 0) for s in inside),
         "machine_memory_available_mb_min": rnd(min(s["mem_available_mb"] for s in inside), 0),
@@ -349,7 +360,7 @@ async def children_events(client, parent_id: str, t_from: float, t_to: float) ->
 
 
 class Soak:
-    """One soak: a dev server, a worker process, services deployed in one step or a ramp of
+    """One soak: a dev server, the worker processes, services deployed in one step or a ramp of
     steps, a measured window after each; ``out`` collects the figures."""
 
     def __init__(self, args, source: dict[str, Any]) -> None:
@@ -368,11 +379,11 @@ class Soak:
 
     async def start(self) -> None:
         """The dev server (on a sqlite file), the settings, the pod image and its trust, the
-        worker process, the sampler."""
+        worker processes, the sampler."""
         from hms_mgmt import auth
         from hms_mgmt.orchestrator import Orchestrator
         from hms_mgmt.runtimes.process import ImageCatalog
-        from hms_mgmt.testing import WorkerProcess, dev_environment, dev_server_pids, free_port, local_settings
+        from hms_mgmt.testing import dev_environment, dev_server_pids, free_port, local_settings
         from hms_mgmt.trust import TrustStore
 
         args = self.args
@@ -389,26 +400,42 @@ class Soak:
             capacity_retry_max_s=30.0)
         write_pod_image(self.state, args.image)
         TrustStore(self.state).sign(args.image, ImageCatalog(self.state).content_id(args.image), signer="bench")
-        extra_env = {"HMS_WATCH_MAX_S": str(args.watch_max_s)} if args.watch_max_s else {}
-        self.worker = WorkerProcess(self.settings, self.tmp / "worker.log", source_root=self.source["root"],
-                                    extra_env=extra_env)
         self.orch = Orchestrator(self.env.client, self.settings)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
-        self.worker.start()
-        await self._wait_metrics()
-        self.sampler = ProcSampler(self.worker.proc.pid, next(iter(dev_server_pids()), None))  # type: ignore[union-attr]
-        self.out["worker_open_files_limit"] = list(self.sampler.worker.rlimit(resource.RLIMIT_NOFILE))
+        await self._start_workers()
+        self.sampler = ProcSampler({role: w.proc.pid for role, w in self.workers.items()},  # type: ignore[union-attr]
+                                   next(iter(dev_server_pids()), None))
+        self.out["worker_open_files_limit"] = list(self.sampler.node.rlimit(resource.RLIMIT_NOFILE))
         self.sampler.sample()
         self._sampling = asyncio.create_task(self._sample_forever())
 
-    async def _wait_metrics(self) -> None:
-        proc = self.worker.proc
+    async def _start_workers(self) -> None:
+        """``--layout split`` (the default): the control plane (``python -m worker --no-node``)
+        first, as it makes the control key the node enrols with, then the node (``--no-control``)
+        on its own metrics port; ``single``: one ``python -m worker`` doing both."""
+        from hms_mgmt.testing import WorkerProcess, free_port
+
+        extra_env = {"HMS_WATCH_MAX_S": str(self.args.watch_max_s)} if self.args.watch_max_s else {}
+        roles = {"control": ["--no-node"], "node": ["--no-control"]} if self.args.layout == "split" else {"combined": []}
+        self.workers: dict[str, Any] = {}
+        self.metrics_ports: dict[str, int] = {}
+        for role, argv in roles.items():
+            port = self.settings.metrics_port if role != "node" else free_port()
+            w = WorkerProcess(self.settings, self.tmp / f"{role}.log", source_root=self.source["root"],
+                              extra_env={**extra_env, "HMS_METRICS_PORT": str(port)}, args=argv)
+            w.start()
+            self.workers[role], self.metrics_ports[role] = w, port
+            await self._wait_metrics(w, port)
+        self.probe_port = self.metrics_ports.get("node", self.settings.metrics_port)  # the health monitor's histograms
+
+    async def _wait_metrics(self, worker: Any, port: int) -> None:
+        proc = worker.proc
         for _ in range(300):
             with contextlib.suppress(Exception):
-                await scrape(self.session, self.settings.metrics_port)
+                await scrape(self.session, port)
                 return
             if proc and proc.poll() is not None:
-                raise RuntimeError(f"the worker exited ({proc.returncode}); see {self.worker.log_path}")
+                raise RuntimeError(f"the worker exited ({proc.returncode}); see {worker.log_path}")
             await asyncio.sleep(0.2)
 
     async def _sample_forever(self) -> None:
@@ -445,7 +472,7 @@ class Soak:
         idle-timer peer and the sqlite file at both ends."""
         sampler = self.sampler
         assert sampler is not None
-        port = self.settings.metrics_port
+        port = self.probe_port
         metrics_before = await scrape(self.session, port)
         peer_out = self.tmp / "timer-peer.json"
         peer = subprocess.Popen([sys.executable, __file__, "--timer-peer", str(peer_out)],
@@ -554,7 +581,7 @@ class Soak:
     async def undeploy(self) -> None:
         print("undeploying ...", flush=True)
         t_u = time.perf_counter()
-        gate = asyncio.Semaphore(self.args.deploy_concurrency)
+        gate = asyncio.Semaphore(self.args.undeploy_concurrency or self.args.deploy_concurrency)
 
         async def down(n: str) -> bool:
             async with gate:
@@ -578,9 +605,9 @@ class Soak:
                 await self._sampling
         if hasattr(self, "session"):
             await self.session.close()
-        if hasattr(self, "worker"):
-            self.out["worker_exit_code"] = await asyncio.to_thread(self.worker.stop, 60.0)
-            self.out["worker_log"] = log_digest(self.worker.log_path)
+        for role, w in reversed(getattr(self, "workers", {}).items()):  # the node first: its pods outlive it
+            self.out.setdefault("worker_exit_code", {})[role] = await asyncio.to_thread(w.stop, 60.0)
+            self.out.setdefault("worker_log", {})[role] = log_digest(w.log_path)
         if hasattr(self, "settings"):
             # Pods outlive their worker by design: stop what this run's node left (its records only).
             left = pod_records(self.state, self.settings.node)
@@ -730,7 +757,7 @@ STEP_TARGETS = (  # (figure, key of a step's summary, target: at most)
     ("probe lag p99 (s)", "probe_lag_p99_s", TARGET_LAG_P99_S),
     ("kill -> whole again p99 (s)", "whole_p99_s", TARGET_WHOLE_P99_S),
     ("kills not replaced", "not_replaced", 0),
-    ("worker CPU (cores)", "worker_cpu_cores", TARGET_WORKER_CORES),
+    ("busiest worker process's CPU (cores)", "busiest_worker_cpu_cores", TARGET_WORKER_CORES),
 )
 
 
@@ -751,6 +778,9 @@ def step_summary(size: int, replicas: int, deploy: dict[str, Any], w: dict[str, 
         "deploy_pick_node_median_ms": get_in(deploy, "steps", "pick_node", "median_ms"),
         "deploy_pick_node_attempts_max": get_in(deploy, "steps", "pick_node", "attempts_max"),
         "worker_cpu_cores": cost.get("worker_cpu_cores"), "worker_rss_mb_max": get_in(cost, "worker_rss_mb", "max"),
+        **{f"{role}_cpu_cores": w.get("cpu_cores") for role, w in (cost.get("workers") or {}).items()},
+        "busiest_worker_cpu_cores": max((w.get("cpu_cores") or 0 for w in (cost.get("workers") or {}).values()),
+                                        default=None),
         "worker_open_files_max": cost.get("worker_open_files_max"),
         "pod_pss_mb_mean": get_in(deploy, "pod_memory", "pss_mb_mean"),
         "temporal_server_cpu_cores": cost.get("temporal_server_cpu_cores"),
@@ -847,7 +877,8 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
     print(f"  kill -> whole: {rep.get('kills')} kills, p50 {whole['p50_s']} / p95 {whole['p95_s']} / p99 "
           f"{whole['value_s']} / max {whole['max_s']} s, {whole['not_replaced']} not replaced; replacement answers "
           f"{rep.get('replacement_answers')}")
-    print(f"  worker: {cost.get('worker_cpu_cores')} cores CPU, RSS {cost.get('worker_rss_mb')} MB, open files max "
+    print(f"  worker processes: {cost.get('worker_cpu_cores')} cores CPU ({cost.get('workers')}), RSS "
+          f"{cost.get('worker_rss_mb')} MB, open files max "
           f"{cost.get('worker_open_files_max')}; pods {cost.get('pods_cpu_cores')} cores, {cost.get('pods_rss_mb_end')}"
           f" MB RSS ({get_in(out, 'deploy', 'pod_memory')}); Temporal dev server "
           f"{cost.get('temporal_server_cpu_cores')} cores, {cost.get('temporal_server_rss_mb_end')} MB; load (1 min) "
@@ -862,13 +893,13 @@ def print_summary(out: dict[str, Any], v: dict[str, Any]) -> None:
     print(f"  sqlite: {out.get('sqlite')}")
     print(f"  deploy: {({k: v for k, v in out.get('deploy', {}).items() if k not in ('cost', 'failed', 'retried')})}")
     print(f"  end: {out.get('end_state')}; undeploy {out.get('undeploy')}; worker log "
-          f"{get_in(out, 'worker_log', 'counts')}")
+          f"{ {role: d.get('counts') for role, d in (out.get('worker_log') or {}).items()} }")
 
 
 def print_ramp(out: dict[str, Any]) -> None:
     cols = ["services", "deploys_failed", "deploy_per_service_median_s", "deploy_pick_node_median_ms",
             "deploy_pick_node_attempts_max", "probe_lag_p99_s", "whole_p99_s", "not_replaced",
-            "heal_pick_node_median_ms", "worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
+            "heal_pick_node_median_ms", "worker_cpu_cores", "busiest_worker_cpu_cores", "worker_rss_mb_max", "worker_open_files_max", "sqlite_end_mb",
             "load_mean"]
     print()
     print_table([[s.get(c) for c in cols] for s in out.get("steps", [])], cols)
@@ -900,6 +931,7 @@ async def main(args) -> int:
         "config": {"services": args.services, "sizes": args.sizes, "replicas": args.replicas, "duration_s": args.duration,
                    "kills": args.kills, "health_interval_s": args.health_interval, "image": args.image,
                    "deploy_concurrency": args.deploy_concurrency, "seed": args.seed, "quick": args.quick,
+                   "layout": args.layout,
                    "watch_max_s": args.watch_max_s or None, "router": "none (feed pushes refused at once)"},
         "verdicts": v,
         "pass": v["pass"],
@@ -921,6 +953,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--health-interval", type=float, default=5.0, help="health_interval_s of every service (5)")
     ap.add_argument("--history-sample", type=int, default=10, help="services whose histories are counted (10)")
     ap.add_argument("--deploy-concurrency", type=int, default=10, help="deploys in flight at once (10)")
+    ap.add_argument("--undeploy-concurrency", type=int, default=25,
+                    help="undeploys in flight at once after the window (25; 0: as --deploy-concurrency)")
     ap.add_argument("--deploy-timeout", type=float, default=600.0)
     ap.add_argument("--replace-timeout", type=float, default=60.0, help="give up on one replacement after this")
     ap.add_argument("--poll", type=float, default=0.1, help="replacement poll interval, s (0.1)")
@@ -928,6 +962,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                      "the product's 1800)")
     ap.add_argument("--image", default=SOAK_IMAGE, help=f"pod image (default {SOAK_IMAGE}, bench/soakpod.py; "
                                                         f"{EXAMPLE_IMAGE}: the example service)")
+    ap.add_argument("--layout", choices=["split", "single"], default="split",
+                    help="split (default): a control worker (--no-node) and a node worker (--no-control), a "
+                         "process each; single: one worker process doing both")
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--keep", action="store_true", help="keep the state directory (worker log, events)")
     add_source_arg(ap)

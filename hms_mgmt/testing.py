@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,11 +140,12 @@ class WorkerProcess:
     from ``settings`` through the environment, to kill with SIGKILL and start again."""
 
     def __init__(self, settings: Settings, log_path: Path, *, source_root: Path | str = REPO,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.settings = settings
         self.log_path = log_path
         self.source_root = str(source_root)
         self.extra_env = extra_env or {}
+        self.args = list(args)  # e.g. ["--no-node"] (the control plane only) or ["--no-control"] (the node only)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -173,7 +174,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=self.env(), cwd=self.source_root,
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker", *self.args], env=self.env(), cwd=self.source_root,
                                          stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self) -> None:

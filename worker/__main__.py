@@ -1,4 +1,4 @@
-"""``python -m worker [--node NAME] [--no-control]``."""
+"""``python -m worker [--node NAME] [--no-control | --no-node]``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from worker.main import main
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m worker")
     parser.add_argument("--node", help="this node's name (default: HMS_NODE or the host name)")
-    parser.add_argument("--no-control", action="store_true", help="run only the node's pod activities")
+    roles = parser.add_mutually_exclusive_group()
+    roles.add_argument("--no-control", action="store_true", help="run only the node's pod activities")
+    roles.add_argument("--no-node", action="store_true",
+                       help="run only the control plane (workflows, control activities): no pods here")
     parser.add_argument("--runtime", choices=["auto", "docker", "process"])
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1 (default 9464; 0: off)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(main(control=not args.no_control, node=args.node, runtime=args.runtime,
-                     metrics_port=args.metrics_port))
+    asyncio.run(main(control=not args.no_control, node_worker=not args.no_node, node=args.node,
+                     runtime=args.runtime, metrics_port=args.metrics_port))

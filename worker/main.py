@@ -117,6 +117,8 @@ class HmsWorker:
         settings_loader: Callable[[], Settings] | None = None,
         metrics: bool = False,
     ) -> None:
+        if not (control or node):
+            raise HmsError("a worker runs the control plane, a node, or both: not neither")
         self.client = client
         self.settings = settings
         self.workers: list[Worker] = []
@@ -343,7 +345,8 @@ async def main(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     task = asyncio.create_task(worker.run())
-    log.info("worker ready: control queue %s, node %s", settings.task_queue, settings.node)
+    log.info("worker ready: %s", ", ".join(
+        ([f"control queue {settings.task_queue}"] if control else []) + ([f"node {settings.node}"] if node_worker else [])))
     await asyncio.wait({task, asyncio.create_task(stopping.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if not task.done():
         await worker.stop()

@@ -40,6 +40,8 @@ CRASH_LOOP_AFTER = 2  # replacements failing in a row: the service is crash-loop
 ACTIVITY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 PROBE_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 APPROVAL_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+FLEET_READ_SHARE = 20  # the fleet gauges' refresh waits this many times as long as a read took
+FLEET_READ_CONCURRENCY = 4  # status reads in flight: a refresh must not crowd out the workflows' tasks
 
 
 class _ActivityTimer(ActivityInboundInterceptor):
@@ -207,16 +209,20 @@ class WorkerMetrics:
         self.webhook_deliveries.labels(outcome="accepted" if ok else "failed").inc()
 
     async def refresh(self, orch: Orchestrator, *, interval_s: float) -> None:
-        """Re-read the fleet every ``interval_s`` until cancelled."""
+        """Re-read the fleet every ``interval_s``, or ``FLEET_READ_SHARE`` times as long as the
+        last read took, until cancelled: a read is a status query and a describe per service,
+        and at 500 services one every 5 s was a core's worth of control worker and Temporal."""
         while True:
+            began = time.monotonic()
             try:
-                self.fleet.update(await fleet_status(orch))
+                self.fleet.update(await fleet_status(orch, concurrency=FLEET_READ_CONCURRENCY))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Temporal away: hms_fleet_up says so
                 log.warning("metrics: cannot read the fleet: %s", e)
                 self.fleet.update(None)
-            await asyncio.sleep(interval_s)
+            took = time.monotonic() - began
+            await asyncio.sleep(max(interval_s, FLEET_READ_SHARE * took) - took)
 
     @contextlib.asynccontextmanager
     async def running(

@@ -6,7 +6,8 @@ given no work while it still runs them. A heartbeat that fails, or a registry th
 node as Lost, sends the worker through that path again. On a host that joined with a token,
 the node's own events (a refused pod start, a sandbox warning) ride on its signed heartbeats
 to the control host's event log. Every
-minute it also removes unknown pods older than the orphan grace (a crash at the wrong moment),
+minute (or three times as long as a sweep takes, on a large fleet) it also removes unknown
+pods older than the orphan grace (a crash at the wrong moment),
 and pods whose service has no running ServiceWorkflow (terminated from outside, ended): those
 ``orphan_grace_s`` after the node first saw them so, with a ``pod.orphaned`` event.
 """
@@ -18,6 +19,7 @@ import collections
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -41,6 +43,7 @@ log = logging.getLogger("hms.worker.node")
 
 REGISTER_TIMEOUT_S = 30.0
 SWEEP_EVERY_S = 60.0
+SWEEP_SHARE = 3  # a sweep waits at least this many times as long as the last one took
 EVENTS_PER_BEAT = 20  # node events forwarded with one heartbeat (the rest wait for the next)
 EVENTS_KEPT = 500  # node events waiting to be forwarded; the oldest go first when the control plane is away
 
@@ -202,10 +205,14 @@ class NodeAgent:
                 log.warning("node %s: registration failed (is a control worker running?): %s", self.spec.name, e)
             await asyncio.sleep(self.settings.node_heartbeat_s)
 
+    _sweep_took = 0.0  # how long the last sweep took (s)
+
     @property
     def sweep_every_s(self) -> float:
-        """Often enough that an orphan goes within about twice the grace; at most once a minute."""
-        return min(SWEEP_EVERY_S, max(self.settings.orphan_grace_s / 2, 0.5))
+        """Often enough that an orphan goes within about twice the grace; at most once a minute;
+        and no more than a ``SWEEP_SHARE`` of the time: a sweep asks every service with pods here
+        for its status, 500 queries at 500 services, each a workflow task of the control worker."""
+        return max(min(SWEEP_EVERY_S, max(self.settings.orphan_grace_s / 2, 0.5)), SWEEP_SHARE * self._sweep_took)
 
     def _sweep_aside(self, *, started_before: datetime | None = None) -> None:
         """Sweep beside the heartbeat, never in its way: a sweep asks every service for its
@@ -243,6 +250,7 @@ class NodeAgent:
         than the orphan grace, since a young one may be a start in flight. A pod whose service
         has no running workflow goes ``orphan_grace_s`` after a sweep first saw it so: a
         workflow that runs, however young, keeps its pods to the rules above."""
+        began = time.monotonic()
         handles = await asyncio.to_thread(self.runtime.list)
         now = datetime.now(UTC)
         known: dict[str, _Service | None] = {}
@@ -275,6 +283,7 @@ class NodeAgent:
             log.warning("node %s: removed stale pod %s of %s: %s", self.spec.name, h.pod_id, h.service, why)
             await self._orphaned(h.service, h.pod_id, why)
         self._orphaned_since = {p: t for p, t in self._orphaned_since.items() if p in orphans and p not in removed}
+        self._sweep_took = time.monotonic() - began
         return removed
 
     async def _orphaned(self, service: str, pod_id: str, why: str) -> None:

@@ -180,6 +180,9 @@ LabelsOpt = Annotated[str | None, typer.Option("--labels", help="Node labels for
 def worker(
     node: Annotated[str | None, typer.Option("--node", help="This node's name (default: HMS_NODE or the host name).")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="Run only this node's pod activities.")] = False,
+    no_node: Annotated[bool, typer.Option("--no-node", help=(
+        "Run only the control plane (workflows, control activities): no pods here. Beside a "
+        "`--no-control` worker on the same host, the two use a core each."))] = False,
     runtime: Annotated[str | None, typer.Option("--runtime", help="auto | docker | process")] = None,
     docker_host: DockerHostOpt = None,
     cpus: CpusOpt = None,
@@ -197,19 +200,24 @@ def worker(
     from hms_mgmt import nodeid
     from worker.main import main as worker_main
 
+    if no_control and no_node:
+        raise SpecError("--no-control and --no-node: a worker runs the control plane, a node, or both")
     node_overrides = _node_options(docker_host, cpus, memory_mb, max_pods, labels)
     _setup_logging(logging.INFO)
     settings = _settings(node=node or None, runtime=runtime or None, node_address=node_address or None,
                          **node_overrides)
     # A host that joined with a token is a node only: the control worker (and its keys) stay on the control host.
     control = not no_control and not nodeid.is_joined(settings.state_dir)
+    if no_node and not control:
+        raise SpecError("--no-node: this host joined as a node, so it runs no control plane; "
+                        "run the control worker on the control host")
     if control and not nodeid.has_control_key(settings.state_dir) and not _local_temporal(settings.temporal_address):
         # Neither joined nor a control plane, against another host's Temporal: making a control
         # plane of its own here would answer that cluster's control activities with other keys.
         raise nodeid.NotJoined(f"this host has not joined the control plane at {settings.temporal_address} "
                                "(no node certificate in its state directory): run `hms node join-token` on the "
                                "control host, then `hms node join TOKEN --name NAME --address ADDR` here")
-    _run(worker_main(settings, control=control))
+    _run(worker_main(settings, control=control, node_worker=not no_node))
 
 
 def _local_temporal(address: str) -> bool:

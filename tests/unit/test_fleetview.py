@@ -119,3 +119,37 @@ async def test_a_slow_read_is_kept_fresh_for_five_times_its_length() -> None:
     await v.services()
     await asyncio.sleep(0)
     assert fleet.reads == 2
+
+
+async def test_a_heal_goes_on_with_a_read_however_old_and_refreshes_it_behind() -> None:
+    fleet = Fleet()
+    v = view(fleet)
+    await v.services()
+    fleet.now += 300  # far past max_age_s: a placement would wait for news, a heal does not
+    fleet.gate = asyncio.Event()
+    statuses = await asyncio.wait_for(v.services(stale_ok=True), 1)
+    assert statuses == [("svc-gen1", None)] and fleet.reads == 2  # the refresh is on its way
+    fleet.gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert await v.services() == [("svc-gen2", None)]
+
+
+async def test_a_refresh_nobody_waits_for_is_the_paced_read() -> None:
+    fleet = Fleet()
+    behind: list[float] = []
+
+    async def paced():
+        behind.append(fleet.now)
+        return await fleet.read()
+
+    v = FleetView(fleet.read, read_behind=paced, fresh_s=2.0, max_age_s=30.0, clock=fleet.clock)
+    await v.services()  # the first read: its caller waits
+    assert behind == []
+    fleet.now += 5
+    await v.services()  # past fresh_s: refreshed behind the caller
+    await asyncio.sleep(0)
+    assert behind == [105.0]
+    fleet.now += 0.1
+    await v.services(fresh=True)  # a caller waits again: the full-speed read
+    assert behind == [105.0] and fleet.reads == 3

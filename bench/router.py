@@ -69,6 +69,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lib import EXAMPLE_IMAGE  # noqa: E402
+from bench.lib.cpu import proc_cpu  # noqa: E402
 from bench.lib.ports import docker_client  # noqa: E402
 from bench.lib.results import Run, add_source_arg, print_table, run_main  # noqa: E402
 from bench.lib.source import use_source  # noqa: E402
@@ -242,7 +243,9 @@ def line(res: dict[str, Any]) -> str:
     return (f"{res['rps']:9.1f} req/s  wrk (completed only) p50 {res.get('p50_ms')} p99 {res.get('p99_ms')} "
             f"max {res.get('max_ms')} ms, errors {res['errors']}; C/rps {res.get('littles_mean_ms')} ms; "
             f"probe p50 {shown(pr, 'p50')} p99 {shown(pr, 'p99')} max {shown(pr, 'max')} ms, "
-            f"unfinished {pr.get('unfinished')}/{pr.get('sent')}, errors {pr.get('errors')}")
+            f"unfinished {pr.get('unfinished')}/{pr.get('sent')}, errors {pr.get('errors')}; "
+            f"proxy CPU {res.get('proxy_cpu_us_per_req')} us/req"
+            + (f" ({res['control_cpu_us_per_req']} ours)" if "control_cpu_us_per_req" in res else ""))
 
 
 # --- peers: nginx and a hand-configured HAProxy -------------------------------------------------
@@ -515,7 +518,15 @@ class RouterBench:
         args = self.args
         await wrk(url, threads=args.threads, connections=args.connections, seconds=2)  # warm-up
         await asyncio.sleep(args.settle)
+        procs = self.proxy_procs(proxy)
+        cpu0, top0 = proc_cpu(procs), proc_cpu(procs[:1])
         res = await wrk_probed(url, **self.w)
+        if procs and res.get("requests"):
+            # The proxy's own CPU (every process of it, our control process included) per request:
+            # less sensitive than req/s to what else the machine runs.
+            res["proxy_cpu_us_per_req"] = round((proc_cpu(procs) - cpu0) * 1e6 / res["requests"], 1)
+            if proxy == "haproxy":  # of which our control process (the first), beside HAProxy
+                res["control_cpu_us_per_req"] = round((proc_cpu(procs[:1]) - top0) * 1e6 / res["requests"], 1)
         if proxy in ("builtin", "haproxy"):
             # The engine's own view right after the run: per-pod weights, latency estimates.
             with contextlib.suppress(Exception):
@@ -526,6 +537,19 @@ class RouterBench:
         print(f"  {phase:5s} {proxy:11s} {line(res)}", flush=True)
         await asyncio.sleep(args.settle)
         return res
+
+    def proxy_procs(self, proxy: str) -> list[Any]:
+        """The proxy's processes (the main one and its children) as psutil processes."""
+        import psutil
+
+        main = {"nginx": self.nginx.proc, "haproxy-rr": self.hand.proc,
+                **{rp.engine: rp.proc for rp in self.routers}}.get(proxy)
+        if main is None or main.poll() is not None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(main.pid)
+            return [top, *top.children(recursive=True)]
+        return []
 
     async def setup(self, stack) -> list[Any]:
         """Both engines as processes fed by the worker, the service, nginx and hand HAProxy; the pods."""

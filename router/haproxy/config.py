@@ -15,6 +15,7 @@ LOG_LINES_PER_S = 200
 # attempt reaches a live pod: a host losing 2 pods of one service fails no idempotent request.
 RETRIES = 6
 CONTROL_BACKEND = "be_control"
+IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")  # RFC 9110 9.2.2
 # What the services map holds from the start: ``/-/*`` (first path segment ``-``, which no service
 # name can be) goes to the control backend through the same lookup that routes a service.
 CONTROL_MAP = f"- {CONTROL_BACKEND}\n"
@@ -98,6 +99,10 @@ def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines
         # Log one request in k, k = 1 + (request rate / LOG_LINES_PER_S); each line carries its k.
         f"    http-request set-var(txn.lk) fe_req_rate,div({log_lines_per_s}),add(1)",
         "    http-request set-log-level silent unless { rand,mod(txn.lk) -m int eq 0 }",
+        # A request a pod took and dropped is sent again only when its method is idempotent (as
+        # the builtin engine does): a payment POST that reached a pod is never replayed on another.
+        # Connection failures (nothing sent) are still retried for every method.
+        f"    http-request disable-l7-retry unless {{ method {' '.join(IDEMPOTENT)} }}",
         "    http-request set-var(txn.svc) path,field(2,/)",
         # One map lookup per request: its backend, which the 404, the landed check and the routing use.
         f"    http-request set-var(txn.be) var(txn.svc),map({map_path})",

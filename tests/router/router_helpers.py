@@ -17,13 +17,16 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from conftest import make_settings, require_docker, sweep_pods, terminate_running
+from conftest import eventually, make_settings, require_docker, sweep_pods, terminate_running
 
+from hms_mgmt import feed
 from hms_mgmt.config import Settings
+from hms_mgmt.models import Endpoint, EndpointSet
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import cancel_and_wait, free_port
 from router import serve
@@ -194,3 +197,21 @@ class LoadUnderway:
     async def stop(self) -> Load:
         self._stop.set()
         return await self._task
+
+
+async def push_table(router: Any, state_dir: Path, service: str, endpoints: list[Endpoint]) -> None:
+    """Push a table signed with the control plane's key, as the feed does, and wait until the router
+    (every process of it) carries it: a service no workflow owns, with pods of a test's own."""
+    table = EndpointSet(service=service, version=int(time.time() * 1000), endpoints=endpoints)
+    body = table.model_dump_json().encode()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{router.url}{feed.FEED_PATH}", data=body,
+                             headers={feed.SIGNATURE_HEADER: feed.sign(state_dir, body)}) as r:
+            assert r.status == 200, await r.text()
+
+        async def carried() -> bool:
+            async with http.get(f"{router.url}/-/table") as r:
+                t = (await r.json())["services"].get(service)
+            return t is not None and t.get("applied_version") == table.version
+
+        await eventually(carried, timeout=20, what=f"{service}'s table in every router process")

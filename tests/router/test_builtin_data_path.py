@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import aiohttp
@@ -21,10 +20,11 @@ import psutil
 import pytest
 from aiohttp import web
 from conftest import eventually, make_settings, seed_spec, sweep_pods, terminate_running
+from router_helpers import push_table
 
 from hms_mgmt import feed
 from hms_mgmt.events import read_events
-from hms_mgmt.models import Endpoint, EndpointSet
+from hms_mgmt.models import Endpoint
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import free_port
 from router.server import RouterProcess
@@ -63,23 +63,6 @@ def request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def push_table(router: RouterProcess, state_dir: Path, service: str, endpoints: list[Endpoint]) -> None:
-    """Push a table signed with the control plane's key, and wait until every process carries it."""
-    table = EndpointSet(service=service, version=int(time.time() * 1000), endpoints=endpoints)
-    body = table.model_dump_json().encode()
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{router.url}{feed.FEED_PATH}", data=body,
-                             headers={feed.SIGNATURE_HEADER: feed.sign(state_dir, body)}) as r:
-            assert r.status == 200, await r.text()
-
-        async def carried() -> bool:
-            async with http.get(f"{router.url}/-/table") as r:
-                t = (await r.json())["services"].get(service)
-            return t is not None and t.get("applied_version") == table.version
-
-        await eventually(carried, timeout=20, what=f"{service}'s table in every router process")
 
 
 @pytest.mark.timeout(300)

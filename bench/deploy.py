@@ -65,6 +65,9 @@ def client_env(stack: Any) -> dict[str, str]:
 
     env = WorkerProcess(stack.settings, Path(os.devnull), source_root=current()["root"]).env()
     env.pop("HMS_METRICS_PORT", None)
+    # A user's interpreter writes the .pyc files its first run compiles (pip writes them at install):
+    # a bench run from a shell with PYTHONDONTWRITEBYTECODE would compile the client on every round.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

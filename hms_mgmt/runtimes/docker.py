@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -78,7 +78,6 @@ class DockerRuntime(PodRuntime):
         self._subscribers = ExitSubscribers(self._lock)
         self._exit_codes: OrderedDict[str, int] = OrderedDict()  # pod id -> exit code, from die events
         self._pod_locks: dict[str, threading.Lock] = {}
-        self._fetching: dict[str, Future[None]] = {}  # content id -> the look (and pull) in flight
         self._events_thread: threading.Thread | None = None
         self._events_stream = None
         self._closed = False
@@ -368,30 +367,7 @@ class DockerRuntime(PodRuntime):
                                   f"{e.explanation or e}", error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
 
     def fetch(self, content_id: str, repo_digest: str) -> None:
-        """Pull by digest, never by tag, and keep the result only if it is the signed content.
-
-        The pods of a rollout all ask at the same moment: one look (and pull) for all of them,
-        not one engine call per pod in front of their creates. Only calls in flight together
-        share an answer; the next call looks again."""
-        with self._lock:
-            pending = self._fetching.get(content_id)
-            mine = pending is None
-            if mine:
-                pending = self._fetching[content_id] = Future()
-        if not mine:
-            pending.result()
-            return
-        try:
-            self._fetch(content_id, repo_digest)
-            pending.set_result(None)
-        except BaseException as e:
-            pending.set_exception(e)
-            raise
-        finally:
-            with self._lock:
-                self._fetching.pop(content_id, None)
-
-    def _fetch(self, content_id: str, repo_digest: str) -> None:
+        """Pull by digest, never by tag, and keep the result only if it is the signed content."""
         try:
             self.client.images.get(content_id)
             return

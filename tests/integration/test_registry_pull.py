@@ -11,15 +11,12 @@ import contextlib
 import io
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
 import docker.errors
-import docker.models.images
 import pytest
 from conftest import (
     EXAMPLE_IMAGE,
@@ -209,36 +206,5 @@ def test_the_runtime_keeps_a_pull_only_if_it_is_the_signed_content(registry: Loc
         with pytest.raises(PodRuntimeError, match="no registry digest") as nowhere:
             runtime.fetch(wanted, "")
         assert nowhere.value.error_type == ActivityErrorType.IMAGE_NOT_FOUND
-    finally:
-        runtime.close()
-
-
-def test_pods_starting_together_share_one_look_and_one_pull(registry: LocalRegistry, client, monkeypatch):
-    """A rollout's pods ask the node for the same content at once: one pull by digest serves
-    them all (and none of them starts from anything else); a later start looks again."""
-    runtime = DockerRuntime(f"n{uuid.uuid4().hex[:6]}", docker.from_env(timeout=120))
-    pulls: list[str] = []
-    real_pull = docker.models.images.ImageCollection.pull
-
-    def counted_pull(self, ref: str, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - the SDK's signature
-        pulls.append(ref)
-        return real_pull(self, ref, *args, **kwargs)
-
-    monkeypatch.setattr(docker.models.images.ImageCollection, "pull", counted_pull)
-    try:
-        wanted, digest = pushed(client, runtime, f"{registry.address}/together-{uuid.uuid4().hex[:8]}:1")
-        gate = threading.Barrier(8)
-
-        def start_one() -> None:
-            gate.wait()
-            runtime.fetch(wanted, digest)
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda _: start_one(), range(8)))
-        assert pulls == [digest]
-        assert client.images.get(wanted).id == wanted
-        client.images.remove(wanted, force=True)
-        runtime.fetch(wanted, digest)  # not remembered: gone since, so pulled again
-        assert pulls == [digest, digest]
     finally:
         runtime.close()

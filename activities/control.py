@@ -30,6 +30,7 @@ from hms_mgmt.events import Event, EventSink, RefusalLog
 from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.nodes import NotOurRegistry, node_registry
+from hms_mgmt.nodes import ready_nodes as nodes_ready
 from hms_mgmt.policy.autoscale import CpuSample
 from hms_mgmt.policy.governance import evaluate
 from hms_mgmt.policy.plan import first_replicas, plan_change, plan_placement, slot_edges
@@ -337,26 +338,36 @@ class ControlActivities:
         return CapacityWaitsOutput(waits=[waits[k] for k in sorted(waits)])
 
     async def ready_nodes(self, settings: Settings) -> list[NodeSpec]:
-        """The Scheduler's nodes: the registry's Ready ones; the configured ones while no
-        registry runs yet (a control plane from before the registry, or its very first start)."""
+        """The Scheduler's nodes: the registry's Ready ones (from its run's memo: no query on a
+        placement's path); the configured ones while no registry runs yet (a control plane from
+        before the registry, or its very first start)."""
         try:
-            out = await self._registry_nodes(settings)
+            ready = await self._from_registry(lambda: nodes_ready(self.client, settings))
         except WorkflowQueryFailedError:
-            out = None
-        if out is None:
+            ready = None
+        if ready is None:
             return await asyncio.to_thread(settings.node_specs)
-        return [r.spec for r in out.nodes if r.state == "Ready"]
+        return ready
 
     async def _registry_nodes(self, settings: Settings) -> NodesOutput | None:
         """What the NodeRegistry holds, or None while no registry runs."""
-        try:
+
+        async def query() -> NodesOutput:
             handle = await node_registry(self.client, settings)
             return await handle.query(names.NR.NODES, result_type=NodesOutput)
+
+        return await self._from_registry(query)
+
+    async def _from_registry(self, read: Callable[[], Awaitable[T]]) -> T | None:
+        """``read()`` of this control plane's registry, or None while none runs (or only an
+        impostor does: as if none ran, the configured nodes, and no node called lost)."""
+        try:
+            return await read()
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
             return None
-        except NotOurRegistry as e:  # as if none ran: the configured nodes, and no node called lost
+        except NotOurRegistry as e:
             await self.refusals.record("", str(e), action="read the node registry")
             return None
 

@@ -65,6 +65,9 @@ def client_env(stack: Any) -> dict[str, str]:
 
     env = WorkerProcess(stack.settings, Path(os.devnull), source_root=current()["root"]).env()
     env.pop("HMS_METRICS_PORT", None)
+    # A user's interpreter writes the .pyc files its first run compiles (pip writes them at install):
+    # a bench run from a shell with PYTHONDONTWRITEBYTECODE would compile the client on every round.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
@@ -240,15 +243,19 @@ def step_costs(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float | None
 def import_costs(env: dict[str, str], repeat: int = 3) -> dict[str, Any]:
     """Interpreter start alone, the client's imports (wall, median of ``repeat``), and the
     heaviest top-level packages by ``python -X importtime`` (ms, cumulative)."""
+    # `python -c` puts its working directory first on sys.path: run where the measured source is,
+    # or the working tree's packages would be measured whatever --source chose.
+    root = current()["root"]
+
     def wall(code: str) -> float:
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, cwd=root)
         return time.perf_counter() - t
 
     bare = median(wall("pass") for _ in range(repeat))
     full = median(wall(CLIENT_IMPORTS) for _ in range(repeat))
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", CLIENT_IMPORTS], env=env, check=True,
-                         capture_output=True, text=True).stderr
+                         capture_output=True, text=True, cwd=root).stderr
     top: dict[str, float] = {}
     for line in err.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)  # top level: one space before the name
@@ -264,7 +271,8 @@ def loaded_heavy(env: dict[str, str]) -> list[str]:
     """Which of the heavy libraries the client's imports pull in (they should be none)."""
     code = (f"{CLIENT_IMPORTS}; import sys; print(' '.join(m for m in "
             "('docker', 'aiohttp', 'rich', 'cryptography', 'jwt', 'psutil', 'yaml') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True,
+                         cwd=current()["root"]).stdout
     return out.split()
 
 

@@ -8,11 +8,17 @@ made for this token alone. A token never leaves the caller's machine: each reque
 *proof* instead, a short-lived JWT signed with the holder key that names the action, the
 service and what exactly is asked (the spec's hash, the replica count, the revision approved)
 and a one-time ``jti``. A proof copied from workflow history is good for nothing else.
+
+PyJWT checks every token and proof, and issues certificates; it is imported where it is used.
+A proof is signed here with the holder key alone (:func:`prove`, a compact JWS PyJWT verifies):
+signing is what every request of a user's script does, and PyJWT's import (every algorithm and
+cryptography's x509 with it) was a tenth of such a script's start-up.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -22,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel
@@ -217,6 +222,8 @@ def issue_token(
         "jti": uuid.uuid4().hex,
         "cnf": {"x": b64url(holder.public_key().public_bytes_raw())},
     }
+    import jwt
+
     cert = jwt.encode(claims, key, algorithm=ALGORITHM)
     return f"{cert}{HOLDER_SEP}{b64url(holder.private_bytes_raw())}"
 
@@ -275,6 +282,8 @@ def _holder_key(holder: str, cnf_x: str) -> Ed25519PrivateKey:
 def _decode_cert(cert: str, key: Ed25519PublicKey | None) -> dict[str, Any]:
     """A certificate's claims, its signature checked with ``key`` (when given), or AccessDenied
     saying what is wrong with it."""
+    import jwt
+
     try:
         return jwt.decode(
             cert,
@@ -418,14 +427,29 @@ def prove(
         "iat": int(issued.timestamp()),
         "exp": int((issued + timedelta(seconds=ttl_s)).timestamp()),
     }
-    return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"typ": PROOF_TYPE})
+    return _jws(claims, key, PROOF_TYPE)
+
+
+def _compact_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _jws(claims: dict[str, Any], key: Ed25519PrivateKey, typ: str) -> str:
+    """``claims`` as a compact JWS signed with ``key`` (EdDSA), as ``jwt.encode`` makes it."""
+    signing_input = f"{b64url(_compact_json({'alg': ALGORITHM, 'typ': typ}))}.{b64url(_compact_json(claims))}"
+    return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
 
 
 def _unverified_cnf(cert: str) -> str:
+    """The holder key a certificate names, read without checking it: the signature over the
+    proof made with that key is what the verifier checks, against the certificate it verifies."""
     try:
-        claims = jwt.decode(cert, options={"verify_signature": False})
-    except jwt.InvalidTokenError as e:
+        _, payload, _ = cert.split(".")
+        claims = json.loads(unb64url(payload))
+    except ValueError as e:  # not three parts, not base64, not JSON
         raise AccessDenied(f"malformed token: {e}") from None
+    if not isinstance(claims, dict):
+        raise AccessDenied("malformed token: its claims are not a JSON object")
     cnf = claims.get("cnf")
     return (cnf.get("x") if isinstance(cnf, dict) else None) or ""
 
@@ -448,6 +472,8 @@ def verify_proof(
     if HOLDER_SEP in proof:
         raise AccessDenied("a whole token was sent instead of a request proof: it is now in this workflow's "
                            "history, so issue a new one; requests carry proofs (`hms approve --print-signal`)")
+    import jwt
+
     try:
         header = jwt.get_unverified_header(proof)
         unverified = jwt.decode(proof, options={"verify_signature": False})
@@ -597,6 +623,8 @@ def ensure_local_operator(settings: Settings) -> str | None:
 def _renew_legacy(settings: Settings) -> str | None:
     """A token from before the token key and request proofs (a bare JWT signed with the image
     key) that this host issued: the same user and role, until the same expiry, in today's form."""
+    import jwt
+
     try:
         claims = jwt.decode(settings.token or "", load_public_key(settings.state_dir), algorithms=[ALGORITHM],
                             options={"require": ["sub", "role", "exp"]})

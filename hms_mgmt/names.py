@@ -78,6 +78,7 @@ class NR:
     ENROL = "enrol"  # `hms node join`: a joining host's signed request, answered with its certificate
     REMOVE = "remove"  # `hms node remove`: a hint; the registry checks the revocation itself
     DRY_RUN = "dry_run"  # `hms deploy --dry-run`: admission's checks on the control worker, nothing started
+    READY_MEMO = "ready"  # the run's memo: its Ready nodes' specs, read with the describe that checks the run
 
 
 class RR:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
-from temporalio.client import Client, WorkflowHandle, WorkflowQueryFailedError
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowHandle, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hms_mgmt import constants, names
@@ -37,21 +37,44 @@ class NotOurRegistry(AccessDenied):
     """The run under a registry's id is not this control plane's (another type, another queue)."""
 
 
-async def own_registry(client: Client, workflow_id: str, workflow_type: str, control_queue: str) -> WorkflowHandle:
-    """The handle of this control plane's own registry run, to query or update: the latest run
-    under ``workflow_id`` must be ``workflow_type`` on ``control_queue``. Anyone who reaches
-    Temporal can start a run with that id on a queue of their own, whose worker would answer;
-    that run raises ``NotOurRegistry`` (``RPCError`` NOT_FOUND: none ever ran)."""
+async def own_run(client: Client, workflow_id: str, workflow_type: str, control_queue: str) -> WorkflowExecutionDescription:
+    """This control plane's own registry run, described: the latest run under ``workflow_id``
+    must be ``workflow_type`` on ``control_queue``. Anyone who reaches Temporal can start a run
+    with that id on a queue of their own, whose worker would answer; that run raises
+    ``NotOurRegistry`` (``RPCError`` NOT_FOUND: none ever ran)."""
     desc = await client.get_workflow_handle(workflow_id).describe()
     if desc.workflow_type != workflow_type or desc.task_queue != control_queue:
         raise NotOurRegistry(f"{workflow_id} is a {desc.workflow_type} on task queue {desc.task_queue}, "
                              f"not this control plane's registry (queue {control_queue}): not believed")
+    return desc
+
+
+async def own_registry(client: Client, workflow_id: str, workflow_type: str, control_queue: str) -> WorkflowHandle:
+    """The handle of this control plane's own registry run (:func:`own_run`), to query or update."""
+    desc = await own_run(client, workflow_id, workflow_type, control_queue)
     return client.get_workflow_handle(workflow_id, run_id=desc.run_id)
 
 
 async def node_registry(client: Client, settings: Settings) -> WorkflowHandle:
     return await own_registry(client, constants.node_registry_id(settings.task_queue), names.NODE_REGISTRY_WORKFLOW,
                               settings.task_queue)
+
+
+async def ready_nodes(client: Client, settings: Settings) -> builtins.list[NodeSpec] | None:
+    """The registry's Ready nodes, None when no registry of this control plane runs. Read from
+    the memo its run keeps them in, with the one describe that checks the run is ours: no query
+    for the control worker to answer on a deploy's path. A run from before the memo is queried.
+    Raises ``NotOurRegistry`` and ``RPCError`` (NOT_FOUND: none runs) as :func:`own_run` does."""
+    wf_id = constants.node_registry_id(settings.task_queue)
+    desc = await own_run(client, wf_id, names.NODE_REGISTRY_WORKFLOW, settings.task_queue)
+    kept = await desc.memo_value(names.NR.READY_MEMO, None, type_hint=builtins.list[NodeSpec])
+    if kept is not None:
+        return kept
+    try:
+        out = await client.get_workflow_handle(wf_id, run_id=desc.run_id).query(names.NR.NODES, result_type=NodesOutput)
+    except WorkflowQueryFailedError:
+        return None
+    return [r.spec for r in out.nodes if r.state == "Ready"]
 
 
 async def registry_nodes(client: Client, settings: Settings) -> builtins.list[NodeRecord] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -70,6 +71,7 @@ from hms_mgmt.wire import (
 if TYPE_CHECKING:
     from hms_mgmt.logstream import PodStreams
 
+log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 MAX_SPEC_BYTES = 1024 * 1024  # a spec is a page of YAML; the cap keeps a wrong path from being read whole
 SpecLike = ServiceSpec | Mapping[str, Any] | str | Path
@@ -194,14 +196,16 @@ class Orchestrator:
     async def _placement_now(self) -> Placement:
         """The placement with the NodeRegistry's Ready nodes, where a deploy verifies its image
         and an undeploy sweeps; this client's configured nodes while no registry runs."""
-        from hms_mgmt.nodes import registry_nodes
+        from hms_mgmt.nodes import NotOurRegistry, ready_nodes
 
         placement = self._placement()
         try:
-            records = await registry_nodes(self.client, self.settings)
+            ready = await ready_nodes(self.client, self.settings)
         except RPCError:
-            records = None
-        ready = [r.spec for r in records or [] if r.state == "Ready"]
+            ready = None
+        except NotOurRegistry as e:
+            log.warning("%s", e)
+            ready = None
         return placement.model_copy(update={"nodes": ready}) if ready else placement
 
     def _prove(self, action: str, service: str, ttl_s: float = auth.PROOF_TTL_S, **bind: Any) -> str:

@@ -59,6 +59,8 @@ ENROLMENT = "node-enrolment"
 GRACE = "node-lost-grace"
 # patch: when every Ready node falls silent at once, they are Lost but their pods are not replaced
 FULL_DISRUPTION = "node-lost-full-disruption"
+# patch: the Ready nodes kept in the run's memo, so a placement reads them with a describe, not a query
+READY_IN_MEMO = "ready-in-memo"
 
 
 @workflow.defn(name=NODE_REGISTRY_WORKFLOW)
@@ -79,6 +81,7 @@ class NodeRegistry:
             NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
         self.removals: list[str] = []  # `remove` hints to check
         self.joins = Joins(inp.joining, inp.answers)
+        self.published: list[NodeSpec] | None = None  # the Ready nodes in the memo (READY_IN_MEMO)
 
     def _seed(self, seed: list[NodeSpec]) -> None:
         """A static node counts as heard from at the registry's start: its worker has
@@ -135,8 +138,19 @@ class NodeRegistry:
     async def dry_run(self, inp: DryRunInput) -> DryRunVerdict:
         """``deploy(spec, dry_run=True)``: the admission verdict for ``spec`` on the Ready nodes, by
         the control worker's own checks; a long-lived workflow answers it, so no workflow starts."""
-        ready = [r.spec for r in sorted(self.nodes.values(), key=lambda r: r.spec.name) if r.state == "Ready"]
-        return await dry_run(inp, self.inp.control_task_queue, ready)
+        return await dry_run(inp, self.inp.control_task_queue, self._ready())
+
+    def _ready(self) -> list[NodeSpec]:
+        return [r.spec for r in sorted(self.nodes.values(), key=lambda r: r.spec.name) if r.state == "Ready"]
+
+    def _publish_ready(self) -> None:
+        """Keep the Ready nodes in the run's memo when they change: a deploy's client and the
+        Scheduler read them with the describe that checks this run is ours, with no query for
+        the control worker to answer (a heartbeat changes nothing there: no event per beat)."""
+        ready = self._ready()
+        if ready != self.published and workflow.patched(READY_IN_MEMO):
+            workflow.upsert_memo({NR.READY_MEMO: ready})
+            self.published = ready
 
     @workflow.signal(name=NR.HEARTBEAT)
     def heartbeat(self, reg: NodeRegistration) -> None:
@@ -260,6 +274,7 @@ class NodeRegistry:
                 await self._notify(self.newly_lost.pop(0))
             while self.held_lost:
                 await self._notify(self.held_lost.pop(0), evict=False)
+            self._publish_ready()
             deadline = self.beats.deadline(r.last_heartbeat for r in self.nodes.values() if r.state == "Ready")
             await self.beats.wait(
                 deadline, lambda: bool(self.removals or self.joins.pending) or continue_as_new_due(self.inp.history_threshold),

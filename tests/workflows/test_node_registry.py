@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest_asyncio
-from conftest import eventually
+from conftest import eventually, make_settings
 from temporalio import activity
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from hms_mgmt.models import NodeRecord, NodeSpec
+from hms_mgmt.names import NR
+from hms_mgmt.nodes import ready_nodes
 from hms_mgmt.wire import (
     NodeCheckInput,
     NodeCheckOutput,
@@ -240,3 +243,33 @@ async def test_a_registry_started_by_an_outsider_believes_only_the_control_worke
     assert set(await registry.nodes(handle)) == {"a"}
     await eventually(lambda: _state(registry, handle, "a", "Lost"), timeout=5 * LOST_AFTER_S,
                      what="a lost after the control worker's grace, not the starter's")
+
+
+async def test_the_ready_nodes_are_read_from_the_runs_memo_without_a_query(registry: Registry, tmp_path: Path):
+    """A placement (and a deploying client) reads the Ready nodes with the one describe that
+    checks the registry run is ours: the run keeps them in its memo, and a Lost node leaves it."""
+    handle = await registry.start()
+    settings = make_settings(registry.env, tmp_path / "state", "process", trusted=False, task_queue=registry.queue)
+    await handle.execute_update(NodeRegistry.register, reg("a", cpu=4))
+    await handle.execute_update(NodeRegistry.register, reg("b"))
+
+    async def memo() -> list[str] | None:
+        desc = await handle.describe()
+        kept = await desc.memo_value(NR.READY_MEMO, None, type_hint=list[NodeSpec])
+        return None if kept is None else [s.name for s in kept]
+
+    await eventually(lambda: _equal(memo(), ["a", "b"]), timeout=10, what="both Ready in the memo")
+    await registry.pause()  # no worker to answer a query: the memo is read all the same
+    try:
+        assert [s.name for s in await ready_nodes(registry.env.client, settings) or []] == ["a", "b"]
+    finally:
+        await registry.resume()
+    for _ in range(4):  # "a" heartbeats; "b" is silent and turns Lost
+        await handle.signal(NodeRegistry.heartbeat, reg("a", cpu=4))
+        await asyncio.sleep(LOST_AFTER_S / 2)
+    await eventually(lambda: _equal(memo(), ["a"]), timeout=10, what="b gone from the memo")
+    assert [(s.name, s.cpu) for s in await ready_nodes(registry.env.client, settings) or []] == [("a", 4)]
+
+
+async def _equal(got: Awaitable[object], want: object) -> bool:
+    return await got == want

@@ -207,20 +207,28 @@ class BuiltinEngine:
         """The headers a pod gets (after its request line and Host): the caller's, less hop-by-hop
         ones and those we set, plus ``X-Forwarded-*`` and ``X-Request-Id``; and the request
         counted toward the service's retry budget."""
-        req, prior, peer = job.req, job.req.forwarded_for, job.caller.peer
-        forwarded = f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\nX-Forwarded-Proto: http\r\n"
-        if req.host:
-            forwarded += f"X-Forwarded-Host: {req.host}\r\n"
-        job.head = req.header_block(_NOT_FORWARDED) + (forwarded + f"X-Request-Id: {job.rid}\r\n").encode("latin-1")
+        req = job.req
+        key = (req.forwarded_for, req.host)
+        forwarded = job.caller.forwarded.get(key)  # the same on most requests of a connection
+        if forwarded is None:
+            prior, peer = key[0], job.caller.peer
+            text = f"X-Forwarded-For: {prior + ', ' + peer if prior else peer}\r\nX-Forwarded-Proto: http\r\n"
+            if req.host:
+                text += f"X-Forwarded-Host: {req.host}\r\n"
+            forwarded = text.encode("latin-1")
+            if len(job.caller.forwarded) < 8:
+                job.caller.forwarded[key] = forwarded
+        job.head = b"%s%sX-Request-Id: %s\r\n" % (req.header_block(_NOT_FORWARDED), forwarded, job.rid.encode("latin-1"))
         job.pool.budget.record_request(job.t0)
 
     def _exchange(self, job: _Job, pod: policy.PodState, conn: PodConnection, *, last: bool) -> Exchange:
-        extra = f"X-HMS-Pod: {pod.pod}\r\nX-Request-Id: {job.rid}\r\n".encode("latin-1")
+        extra = b"X-HMS-Pod: %s\r\nX-Request-Id: %s\r\n" % (pod.pod.encode("latin-1"), job.rid.encode("latin-1"))
         return Exchange(job.req, conn, extra=extra, retryable=job.req.method in IDEMPOTENT and not last,
                         read_timeout_s=self.options.read_timeout_s)
 
     def _request_line(self, job: _Job, pod: policy.PodState) -> bytes:
-        return f"{job.req.method} {job.tail} HTTP/1.1\r\nHost: {pod.address}\r\n".encode("latin-1") + job.head
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (job.req.method.encode("latin-1"), job.tail.encode("latin-1"),
+                                                       pod.address.encode("latin-1"), job.head)
 
     async def handle(self, caller: CallerConnection, req: Request) -> None:
         """A request in a task: its body read if it is held, then its tries."""
@@ -409,8 +417,12 @@ _NOT_FORWARDED = http1.HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-
 _NOT_RELAYED = (http1.HOP_BY_HOP - {b"host"}) | {b"content-length", b"x-forwarded-for"}
 
 
+_CONTROL_INITIALS = frozenset(path[1:2] for _, path in CONTROL_ROUTES)  # "/-/..." and "/metrics"
+
+
 def _is_control(req: Request) -> bool:
-    return (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
+    # Most requests are told apart by the first letter of their path, without splitting it.
+    return req.target[1:2] in _CONTROL_INITIALS and (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
 
 
 def caller_server(engine: BuiltinEngine, relay: ControlRelay) -> CallerServer:

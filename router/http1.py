@@ -24,7 +24,6 @@ import contextlib
 import http
 import json
 import logging
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -115,7 +114,7 @@ class Request:
         return self.length is not None and self.length <= BUFFER_BYTES and not self.chunked
 
     def header_block(self, exclude: frozenset[bytes]) -> bytes:
-        return b"".join(b"%s: %s\r\n" % (name, value) for lname, name, value in self.headers if lname not in exclude)
+        return b"".join([b"%s: %s\r\n" % (name, value) for lname, name, value in self.headers if lname not in exclude])
 
     def _feed(self, chunk: bytes) -> None:
         if self.sink is not None:
@@ -192,6 +191,8 @@ class CallerConnection(asyncio.Protocol):
         self.must_close = False
         self.idle_since: float | None = time.monotonic()
         self.relaying: Exchange | None = None  # the exchange whose answer we are writing
+        # The X-Forwarded-* lines sent for this caller, by (its X-Forwarded-For, its Host).
+        self.forwarded: dict[tuple[str | None, str | None], bytes] = {}
         self._pauses: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -241,12 +242,15 @@ class CallerConnection(asyncio.Protocol):
         self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        assert self.parsing is not None
-        self.parsing.target += url.decode("latin-1")
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        self.parsing.target += url.decode("latin-1")  # type: ignore[union-attr]
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
         req = self.parsing
         assert req is not None
         lname = name.lower()
@@ -745,11 +749,7 @@ class Exchange:
     def _write_head(self, status: bytes, headers: bytes) -> None:
         """``status``: the pod's code and reason; ``headers``: its header lines, as received."""
         req, caller = self.req, self.caller
-        found = _LENGTH.search(headers)
-        length = found.group(1) if found is not None else None
-        kept = _NOT_RELAYED.sub(b"", headers)
-        if b"\r\n" not in kept and b"\n" in kept:  # bare LF line ends (llhttp is lenient): ours are CRLF
-            kept = kept.replace(b"\n", b"\r\n")
+        kept, length = relayed_headers(headers)
         if req.method == "HEAD":
             framing = b"Content-Length: %s\r\n" % length if length is not None else b""
         elif self.status in NO_BODY_STATUSES:
@@ -761,7 +761,7 @@ class Exchange:
         else:
             framing, self.close_delimited = b"", True
         conn = caller.connection_header(req, close=self.close_delimited)
-        caller.write(b"HTTP/1.1 " + status + b"\r\n" + kept + self.extra + framing + conn + b"\r\n")
+        caller.out.append(b"HTTP/1.1 %s\r\n%s%s%s%s\r\n" % (status, kept, self.extra, framing, conn))
         self.relaying = True
         caller.relaying = self
 
@@ -833,11 +833,28 @@ class Exchange:
             self._end(Outcome(TIMEOUT, error=f"no answer within {self.read_timeout_s:g}s"), False)
 
 
-# An answer's headers not passed on: hop-by-hop ones, its framing (ours may differ), and those
-# the router sets on every proxied answer.
-_NOT_RELAYED = re.compile(rb"^(?:" + b"|".join(sorted(HOP_BY_HOP | {b"content-length", b"x-hms-pod", b"x-request-id"}))
-                          + rb")[ \t]*:[^\n]*\n", re.IGNORECASE | re.MULTILINE)
-_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)", re.IGNORECASE | re.MULTILINE)
+# An answer's headers not passed on (lowercase names): hop-by-hop ones, its framing (ours may
+# differ), and those the router sets on every proxied answer.
+_NOT_RELAYED = HOP_BY_HOP | {b"content-length", b"x-hms-pod", b"x-request-id"}
+
+
+def relayed_headers(headers: bytes) -> tuple[bytes, bytes | None]:
+    """A pod's header lines as received (llhttp has checked them) -> the lines passed on (CRLF
+    ends), and the value of its first ``Content-Length``. A split and a set lookup per line: a
+    case-insensitive regex over the block cost about a tenth of a proxied request."""
+    lines, length = [], None
+    for line in headers.split(b"\n")[:-1]:
+        name, _, value = line.partition(b":")
+        name = name.rstrip(b" \t").lower()
+        if name not in _NOT_RELAYED:
+            lines.append(line)
+        elif name == b"content-length" and length is None:
+            length = value.strip()
+    lines.append(b"")
+    kept = b"\n".join(lines)
+    if b"\r\n" not in kept and b"\n" in kept:  # bare LF line ends (llhttp is lenient): ours are CRLF
+        kept = kept.replace(b"\n", b"\r\n")
+    return kept, length
 
 
 async def open_unix(path: str) -> PodConnection:

@@ -121,7 +121,7 @@ def candidates(pods: list[PodState], now: float, exclude: set[str] = frozenset()
     """Pods a new request may go to: not draining, not tried already, and not ejected — unless
     every remaining pod is ejected, when they are all tried anyway (a guess beats a 503)."""
     live = [p for p in pods if not p.draining and p.pod not in exclude]
-    healthy = [p for p in live if not p.ejected(now)]
+    healthy = [p for p in live if now >= p.ejected_until]
     return healthy or live
 
 
@@ -138,8 +138,38 @@ def pick(pods: list[PodState], now: float, rng: random.Random, exclude: set[str]
     i = int(rng.random() * n)
     j = int(rng.random() * (n - 1))
     a, b = cands[i], cands[j + 1 if j >= i else j]
-    floor = best_latency(pods)
-    return a if pick_score(a, now, floor) <= pick_score(b, now, floor) else b
+    floor = None
+    for p in pods:  # best_latency(pods), without the list: this runs on every request
+        e = p.ewma_ms
+        if e is not None and (floor is None or e < floor):
+            floor = e
+    return a if _pick_score(a, now, floor) <= _pick_score(b, now, floor) else b
+
+
+def _pick_score(pod: PodState, now: float, floor_ms: float | None) -> float:
+    """:func:`pick_score` (:func:`score`, :func:`latency`) in one call, for the per-request path:
+    the same figure (a unit test compares them). The oldest request in flight is the first in
+    ``inflight``: tokens are handed out in the order requests are sent."""
+    base = floor_ms if floor_ms is not None else DEFAULT_LATENCY_MS
+    ewma = pod.ewma_ms
+    if ewma is None:
+        est = base
+    elif ewma <= base:
+        est = ewma
+    else:
+        idle = now - pod.last_sample_at
+        est = base + (ewma - base) * 0.5 ** ((idle if idle > 0.0 else 0.0) / IDLE_HALF_LIFE_S)
+    n = pod.outstanding
+    if n:
+        if ewma is not None and ewma > est:
+            est = ewma
+        if pod.inflight:
+            age_ms = (now - next(iter(pod.inflight.values()))) * 1000.0
+            if age_ms > STALL_FACTOR * est:
+                est = age_ms
+    sc = (n + 1) * est
+    slow = est / (base + SLOW_SLACK_MS)
+    return sc * slow if slow > 1.0 else sc
 
 
 def pick_score(pod: PodState, now: float, floor_ms: float | None) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.http1 import _LENGTH, _NOT_RELAYED, host_port, status_line
+from router.http1 import host_port, relayed_headers, status_line
 
 HEAD = (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\nContent-Type: application/json\r\n"
         b"content-length : 42\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-HMS-Pod: spoofed\r\n"
@@ -10,10 +10,17 @@ HEAD = (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\nContent-Type: 
 
 
 def test_hop_by_hop_framing_and_our_headers_are_dropped_the_rest_kept_as_sent():
-    assert _NOT_RELAYED.sub(b"", HEAD) == (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\n"
-                                           b"Content-Type: application/json\r\nTez: kept\r\nX-Upgraded: no\r\n")
-    assert _LENGTH.search(HEAD).group(1) == b"42"
-    assert _LENGTH.search(b"X-Content-Length: 7\r\n") is None
+    kept, length = relayed_headers(HEAD)
+    assert kept == (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\n"
+                    b"Content-Type: application/json\r\nTez: kept\r\nX-Upgraded: no\r\n")
+    assert length == b"42"
+    assert relayed_headers(b"X-Content-Length: 7\r\n") == (b"X-Content-Length: 7\r\n", None)
+
+
+def test_the_first_length_counts_and_bare_line_feeds_become_crlf():
+    kept, length = relayed_headers(b"Content-Length: 5\nServer: x\nCONTENT-LENGTH: 6\nX-A: a:b\n")
+    assert (kept, length) == (b"Server: x\r\nX-A: a:b\r\n", b"5")
+    assert relayed_headers(b"") == (b"", None)
 
 
 def test_addresses_and_status_lines():

@@ -6,11 +6,14 @@ import random
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.policy import (
     EjectionPolicy,
     PodState,
     RetryBudget,
+    _pick_score,
     candidates,
     finish_request,
     latency,
@@ -208,3 +211,15 @@ def test_after_a_long_gap_one_fast_answer_does_not_make_a_slow_pod_look_fast():
     (p,) = pods(1500.0)
     record_latency(p, 5.0, 10.0)  # a lucky answer inside its CPU quota, ten seconds later
     assert p.ewma_ms == pytest.approx(0.7 * 1500.0 + 0.3 * 5.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ewma=st.none() | st.floats(0.01, 5000), floor=st.none() | st.floats(0.01, 5000),
+       idle=st.floats(0, 30), ages=st.lists(st.floats(0, 20), max_size=6))
+def test_the_per_request_score_is_the_documented_one(ewma, floor, idle, ages):
+    """``pick`` uses a one-call copy of ``pick_score``: the same figure for any pod, in flight or not."""
+    now = 1000.0
+    pod = PodState("p", "a:1", ewma_ms=ewma, last_sample_at=now - idle)
+    for age in sorted(ages, reverse=True):  # sent oldest first, as requests are
+        start_request(pod, now - age)
+    assert _pick_score(pod, now, floor) == pytest.approx(pick_score(pod, now, floor), rel=1e-9)

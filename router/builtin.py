@@ -348,7 +348,7 @@ class BuiltinEngine:
                 self._failure(pool, pod, now, ms)
             else:
                 policy.record_success(pod, ms or 0.0, now)
-            self.stats.record(pool.name, pod.pod, out.status, now - job.t0)
+            self.stats.record(pool.name, pod.pod, out.status, now - job.t0, now=now)
             return None
         if out.kind == http1.CALLER_LEFT:
             return None
@@ -417,12 +417,12 @@ _NOT_FORWARDED = http1.HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-
 _NOT_RELAYED = (http1.HOP_BY_HOP - {b"host"}) | {b"content-length", b"x-forwarded-for"}
 
 
-_CONTROL_INITIALS = frozenset(path[1:2] for _, path in CONTROL_ROUTES)  # "/-/..." and "/metrics"
+# Most requests are told from a control endpoint by the first letter of their path ("/-/..." and "/metrics").
+_CONTROL_INITIALS = frozenset(path[1:2] for _, path in CONTROL_ROUTES)
 
 
 def _is_control(req: Request) -> bool:
-    # Most requests are told apart by the first letter of their path, without splitting it.
-    return req.target[1:2] in _CONTROL_INITIALS and (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
+    return (req.method, req.target.partition("?")[0]) in CONTROL_ROUTES
 
 
 def caller_server(engine: BuiltinEngine, relay: ControlRelay) -> CallerServer:
@@ -435,7 +435,9 @@ def caller_server(engine: BuiltinEngine, relay: ControlRelay) -> CallerServer:
             await engine.handle(caller, req)
 
     def start(caller: CallerConnection, req: Request) -> bool | None:
-        return None if _is_control(req) else engine.start(caller, req)
+        if req.target[1:2] in _CONTROL_INITIALS and _is_control(req):
+            return None
+        return engine.start(caller, req)
 
     return CallerServer(handle, start)
 

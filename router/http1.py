@@ -237,15 +237,16 @@ class CallerConnection(asyncio.Protocol):
 
     # --- httptools callbacks -------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.parsing = Request(self)
-        self.head_bytes = 0
-
     def on_url(self, url: bytes) -> None:
+        # A request's first callback (no on_message_begin: one call fewer per request); a long
+        # target may come in pieces.
+        if self.parsing is None:
+            self.parsing = Request(self)
+            self.head_bytes = 0
         self.head_bytes += len(url)
         if self.head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge
-        self.parsing.target += url.decode("latin-1")  # type: ignore[union-attr]
+        self.parsing.target += url.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)
@@ -538,7 +539,8 @@ class PodConnection(asyncio.Protocol):
 
     def release(self, keep: bool) -> None:
         self.exchange = None
-        self.resume_reading()
+        if self._reading_paused:
+            self.resume_reading()
         if keep and not self.single_use and self.pool is not None and not self.closed:
             self.pool.put_back(self)
         elif self.transport is not None:

@@ -199,7 +199,7 @@ def record_latency(pod: PodState, ms: float, now: float) -> None:
 def record_success(pod: PodState, ms: float, now: float) -> None:
     record_latency(pod, ms, now)
     pod.consecutive_failures = 0
-    if not pod.ejected(now):
+    if now >= pod.ejected_until:  # not ejected
         pod.ejections = 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ class ServiceWindow:
         if len(b.latencies) < SAMPLES_PER_SECOND:
             b.latencies.append(ms)
         else:
-            j = self.rng.randrange(b.seen)
+            j = int(self.rng.random() * b.seen)  # as randrange(seen), at a fifth of its cost
             if j < SAMPLES_PER_SECOND:
                 b.latencies[j] = ms
 
@@ -165,17 +166,17 @@ class TrafficStats:
                                               self.latency.labels(service, pod))
         return children
 
-    def record_batch(self, records: list[tuple[str, str, int, float, float]]) -> None:
-        """Many requests, each (service, pod, status, seconds, when): the figures :meth:`record`
-        would give one by one, the Prometheus series advanced once per (service, pod, status)."""
-        groups: dict[tuple[str, str, int], list[float]] = {}
-        for service, pod, status, seconds, now in records:
-            self.window(service).record(now, seconds * 1000.0, status >= 500)
-            groups.setdefault((service, pod, status), []).append(seconds)
-        for (service, pod, status), values in groups.items():
-            counter, histogram = self._series(service, pod, status)
-            counter.inc(len(values))
-            observe_many(histogram, values)
+    def record_series(self, service: str, pod: str, status: int, seconds: Sequence[float], when: Sequence[float]
+                      ) -> None:
+        """Many requests of one (service, pod, status), the i-th taking ``seconds[i]`` and answered
+        at ``when[i]``: the figures :meth:`record` would give one by one, the Prometheus series
+        advanced once."""
+        window, error = self.window(service), status >= 500
+        for s, now in zip(seconds, when, strict=True):
+            window.record(now, s * 1000.0, error)
+        counter, histogram = self._series(service, pod, status)
+        counter.inc(len(seconds))
+        observe_many(histogram, seconds)
 
     def record_retry(self, service: str, reason: str, count: int = 1, *, now: float | None = None) -> None:
         self.window(service).retry(time.monotonic() if now is None else now, count)

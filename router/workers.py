@@ -30,6 +30,7 @@ exits is started again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -38,6 +39,7 @@ import signal
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,16 +65,24 @@ def process_count(settings: Settings) -> int:
 
 class StatsBatch:
     """A worker's traffic figures since the primary's last pull: the same calls as
-    :class:`~router.stats.TrafficStats`, kept as plain records (cheap per request)."""
+    :class:`~router.stats.TrafficStats`, kept cheap per request. Requests are kept per (service,
+    pod, status) as two columns of doubles (seconds taken, when), which cross the socket as
+    base64: a few thousand requests a second, written out one JSON float at a time, cost the
+    worker and the primary about a twentieth of what proxying them did."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, str, int, float, float]] = []
+        self.series: dict[tuple[str, str, int], tuple[array[float], array[float]]] = {}
         self.retries: list[tuple[str, str, int, float]] = []
         self.ejections: list[tuple[str, str]] = []
 
     def record(self, service: str, pod: str, status: int, seconds: float, *, now: float | None = None,
                count: int = 1) -> None:
-        self.records.append((service, pod, status, seconds, time.monotonic() if now is None else now))
+        key = (service, pod, status)
+        columns = self.series.get(key)
+        if columns is None:
+            columns = self.series[key] = (array("d"), array("d"))
+        columns[0].append(seconds)
+        columns[1].append(time.monotonic() if now is None else now)
 
     def record_retry(self, service: str, reason: str, count: int = 1) -> None:
         self.retries.append((service, reason, count, time.monotonic()))
@@ -81,15 +91,29 @@ class StatsBatch:
         self.ejections.append((service, pod))
 
     def take(self) -> dict[str, list[Any]]:
-        out = {"records": self.records, "retries": self.retries, "ejections": self.ejections}
-        self.records, self.retries, self.ejections = [], [], []
+        """What was recorded since the last take, as JSON-ready lists."""
+        series = [[service, pod, status, _pack(seconds), _pack(when)]
+                  for (service, pod, status), (seconds, when) in self.series.items()]
+        out = {"series": series, "retries": self.retries, "ejections": self.ejections}
+        self.series, self.retries, self.ejections = {}, [], []
         return out
+
+
+def _pack(column: array[float]) -> str:
+    return base64.b64encode(column.tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> array[float]:
+    column = array("d")
+    column.frombytes(base64.b64decode(text, validate=True))
+    return column
 
 
 def absorb(stats: TrafficStats, batch: dict[str, list[Any]]) -> None:
     """Replay a worker's :meth:`StatsBatch.take` into the primary's figures (monotonic clocks
     are system-wide, so the times land in the right second)."""
-    stats.record_batch(batch.get("records", []))
+    for service, pod, status, seconds, when in batch.get("series", []):
+        stats.record_series(service, pod, int(status), _unpack(seconds), _unpack(when))
     for service, reason, count, now in batch.get("retries", []):
         stats.record_retry(service, reason, count, now=now)
     for service, pod in batch.get("ejections", []):

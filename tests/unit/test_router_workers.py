@@ -9,7 +9,7 @@ import pytest
 
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import ConfigError
-from router.stats import TrafficStats
+from router.stats import SAMPLES_PER_SECOND, TrafficStats
 from router.workers import StatsBatch, absorb, merge_pods, process_count
 
 
@@ -29,7 +29,7 @@ def test_a_workers_figures_land_in_the_primarys_once():
     stats = TrafficStats("builtin")
     stats.record("svc", "p1", 200, 0.001)  # the primary's own request
     absorb(stats, json.loads(json.dumps(batch.take())))  # as it crosses the socket
-    assert batch.take() == {"records": [], "retries": [], "ejections": []}  # taken once
+    assert batch.take() == {"series": [], "retries": [], "ejections": []}  # taken once
     svc = stats.summary()["services"]["svc"]
     assert (svc["requests"], svc["errors"], svc["retries"]) == (3, 1, 1)
     assert stats.requests.labels("svc", "p1", "200")._value.get() == 2
@@ -51,13 +51,14 @@ def test_a_pod_is_done_only_when_every_process_is_done_with_it():
     assert primary["p2"]["outstanding"] == 1  # the inputs are left as they were
 
 
-def test_a_batch_gives_the_figures_of_one_record_per_request():
+def test_a_series_gives_the_figures_of_one_record_per_request():
     records = [("svc", "p1", 200, 0.002, 100.0), ("svc", "p1", 200, 0.3, 100.2), ("svc", "p2", 503, 0.04, 100.5),
                ("other", "p9", 200, 12.0, 101.0)]
-    one, batched = TrafficStats("builtin"), TrafficStats("builtin")
+    one, batched, batch = TrafficStats("builtin"), TrafficStats("builtin"), StatsBatch()
     for service, pod, status, seconds, now in records:
         one.record(service, pod, status, seconds, now=now)
-    batched.record_batch(records)
+        batch.record(service, pod, status, seconds, now=now)
+    absorb(batched, json.loads(json.dumps(batch.take())))
 
     def samples(stats: TrafficStats) -> dict:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -65,3 +66,13 @@ def test_a_batch_gives_the_figures_of_one_record_per_request():
 
     assert samples(batched) == samples(one)
     assert batched.windows["svc"].buckets[100].latencies == one.windows["svc"].buckets[100].latencies
+
+
+def test_a_busy_second_keeps_a_uniform_sample_of_its_latencies():
+    stats = TrafficStats("builtin")
+    n = 20 * SAMPLES_PER_SECOND
+    stats.record_series("svc", "p1", 200, [i / n for i in range(n)], [7.5] * n)
+    bucket = stats.windows["svc"].buckets[7]
+    assert (bucket.requests, len(bucket.latencies)) == (n, SAMPLES_PER_SECOND)
+    kept = sorted(bucket.latencies)
+    assert 300 < kept[len(kept) // 2] < 700  # the median of 0..1000 ms, not the first or last 400 requests

@@ -55,7 +55,7 @@ class ServiceWindow:
         if len(b.latencies) < SAMPLES_PER_SECOND:
             b.latencies.append(ms)
         else:
-            j = int(self.rng.random() * b.seen)  # as randrange(seen), at a fifth of its cost
+            j = int(self.rng.random() * b.seen)  # as randrange(seen), at about half its cost
             if j < SAMPLES_PER_SECOND:
                 b.latencies[j] = ms
 

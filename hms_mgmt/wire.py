@@ -236,6 +236,7 @@ class RouterRegistryInput(_Model):
     # ``join`` signals not yet checked, and the answers not yet asked for: carried over too
     joining: list[RouterRegistration] = Field(default_factory=list)
     answers: dict[str, JoinAnswer] = Field(default_factory=dict)
+    heartbeats: list[RouterRegistration] = Field(default_factory=list)  # not yet checked: carried over too
 
 
 class NodeRegistryInput(_Model):
@@ -247,6 +248,12 @@ class NodeRegistryInput(_Model):
     # ``join`` signals not yet checked, and the answers not yet asked for: carried over too
     joining: list[NodeRegistration] = Field(default_factory=list)
     answers: dict[str, JoinAnswer] = Field(default_factory=dict)
+    # and what the run had still to do: heartbeats and removal hints to check, Lost nodes whose
+    # services were not told yet (evicted: replace its pods; held: an event only)
+    heartbeats: list[NodeRegistration] = Field(default_factory=list)
+    removals: list[str] = Field(default_factory=list)
+    untold_evicted: list[str] = Field(default_factory=list)
+    untold_held: list[str] = Field(default_factory=list)
 
 
 class NodeVerdict(_Model):

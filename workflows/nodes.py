@@ -67,19 +67,19 @@ READY_IN_MEMO = "ready-in-memo"
 class NodeRegistry:
     @workflow.init
     def __init__(self, inp: NodeRegistryInput) -> None:
-        self.inp, self.ask_settings = own_input(inp, "nodes")
+        self.inp, self.ask_settings = own_input(inp, "nodes", "removals", "untold_evicted", "untold_held")
         inp = self.inp
         self.nodes: dict[str, NodeRecord] = {}
         if inp.nodes is not None:
             self.nodes = {r.spec.name: r for r in inp.nodes}
         elif not self.ask_settings:
             self._seed(inp.seed)
-        self.newly_lost: list[str] = []
-        self.held_lost: list[str] = []  # Lost in a full disruption: told as an event only
-        self.beats: Heartbeats[NodeRegistration] = Heartbeats(inp.lost_after_s)
+        self.newly_lost: list[str] = list(inp.untold_evicted)
+        self.held_lost: list[str] = list(inp.untold_held)  # Lost in a full disruption: told as an event only
+        self.beats: Heartbeats[NodeRegistration] = Heartbeats(inp.lost_after_s, lambda reg: reg.spec.name, inp.heartbeats)
         self.check: SignedCheck[NodeRegistration] = SignedCheck(
             NodeTrustActivities.check_nodes, NodeCheckInput, inp.control_task_queue, "signed")
-        self.removals: list[str] = []  # `remove` hints to check
+        self.removals: list[str] = list(inp.removals)  # `remove` hints to check
         self.joins = Joins(inp.joining, inp.answers)
         self.published: list[NodeSpec] | None = None  # the Ready nodes in the memo (READY_IN_MEMO)
 
@@ -158,7 +158,7 @@ class NodeRegistry:
         registers it again, so a registry restarted from its seed relearns every node. Each is
         checked (a batch at a time, by the run loop) before it counts."""
         if workflow.patched(ENROLMENT):
-            self.beats.offer(reg.spec.name, reg)
+            self.beats.offer(reg)
             return
         self._beat(reg)
 
@@ -285,8 +285,11 @@ class NodeRegistry:
                 self._grace_if_late(deadline)
             self._mark_lost()
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(self.inp.model_copy(update={"nodes": list(self.nodes.values()), "joining": self.joins.pending,
-                                                         "answers": self.joins.answers}))
+        # what this run had still to do goes with it: a node marked Lost just now is still told
+        workflow.continue_as_new(self.inp.model_copy(update={
+            "nodes": list(self.nodes.values()), "joining": self.joins.pending, "answers": self.joins.answers,
+            "heartbeats": list(self.beats.pending.values()), "removals": self.removals,
+            "untold_evicted": self.newly_lost, "untold_held": self.held_lost}))
 
     def _grace_if_late(self, deadline: datetime | None) -> None:
         """Woken well after its deadline (the control worker was down, the server busy): the

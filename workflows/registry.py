@@ -34,12 +34,16 @@ class Heartbeats(Generic[R]):
     """The heartbeats waiting for their check (the latest per member) and the wait for the next
     one due; ``wake`` cuts the wait short (a member (re)joined, a hint arrived)."""
 
-    def __init__(self, lost_after_s: float) -> None:
+    def __init__(self, lost_after_s: float, key: Callable[[R], str], carried: Iterable[R] = ()) -> None:
         self.lost_after = timedelta(seconds=lost_after_s)
+        self.key = key
         self.pending: dict[str, R] = {}
         self.wake = False
+        for reg in carried:  # not yet checked when the last run continued as new
+            self.offer(reg)
 
-    def offer(self, name: str, reg: R) -> None:
+    def offer(self, reg: R) -> None:
+        name = self.key(reg)
         if name in self.pending or len(self.pending) < MAX_PENDING_BEATS:
             self.pending[name] = reg
             self.wake = True
@@ -106,17 +110,19 @@ class Joins:
             self.answers.pop(next(iter(self.answers)))
 
 
-def own_input(inp: In, carried: str) -> tuple[In, bool]:
+def own_input(inp: In, *carried: str) -> tuple[In, bool]:
     """The part of its input a registry believes, and whether it must still ask the control
     worker for its settings (``control_settings``). Anyone who reaches Temporal can start a
     registry, with any input: its activities go to the queue it runs on (the control queue),
-    members are carried over (``carried``, joins, answers) only from its own continue-as-new,
-    and a first run's seed and grace come from the control worker."""
+    what a run hands to the next (``carried``: members, pending work; joins, answers,
+    heartbeats) is believed only from its own continue-as-new, and a first run's seed and grace
+    come from the control worker."""
     info = workflow.info()
     update: dict[str, Any] = {"control_task_queue": info.task_queue}
     continued = bool(info.continued_run_id)
     if not continued:
-        update |= {carried: None, "joining": [], "answers": {}}
+        update |= {name: type(inp).model_fields[name].get_default(call_default_factory=True)
+                   for name in (*carried, "joining", "answers", "heartbeats")}
     return inp.model_copy(update=update), not continued and workflow.patched(OWN_SETTINGS)
 
 

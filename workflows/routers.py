@@ -41,7 +41,7 @@ class RouterRegistry:
         self.inp, self.ask_settings = own_input(inp, "routers")
         inp = self.inp
         self.routers: dict[str, RouterRecord] = {r.name: r for r in inp.routers or []}
-        self.beats: Heartbeats[RouterRegistration] = Heartbeats(inp.lost_after_s)
+        self.beats: Heartbeats[RouterRegistration] = Heartbeats(inp.lost_after_s, lambda reg: reg.name, inp.heartbeats)
         self.check: SignedCheck[RouterRegistration] = SignedCheck(
             NodeTrustActivities.check_routers, RouterCheckInput, inp.control_task_queue, "signed router")
         self.joins = Joins(inp.joining, inp.answers)
@@ -78,7 +78,7 @@ class RouterRegistry:
     @workflow.signal(name=RR.HEARTBEAT)
     def heartbeat(self, reg: RouterRegistration) -> None:
         """A live router; checked (a batch at a time, by the run loop) before it counts."""
-        self.beats.offer(reg.name, reg)
+        self.beats.offer(reg)
 
     def _refusal(self, reg: RouterRegistration, verdict: NodeVerdict) -> str:
         if not verdict.ok:
@@ -142,5 +142,6 @@ class RouterRegistry:
                     self._lose(rec, f"no heartbeat for {self.inp.lost_after_s:g}s")
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(self.inp.model_copy(update={"routers": list(self.routers.values()), "joining": self.joins.pending,
-                                                         "answers": self.joins.answers}))
+                                                         "answers": self.joins.answers,
+                                                         "heartbeats": list(self.beats.pending.values())}))
 

@@ -45,6 +45,7 @@ class Registry:
     activities: list[object] = field(default_factory=list)
     worker: Worker | None = None
     seed: list[NodeSpec] = field(default_factory=list)  # the control worker's configured nodes
+    gate: asyncio.Event | None = None  # when set, each check of signatures waits for it
 
     async def resume(self) -> None:
         self.worker = Worker(self.env.client, task_queue=self.queue, workflows=[NodeRegistry],
@@ -85,6 +86,8 @@ async def registry(temporal_env: WorkflowEnvironment) -> AsyncIterator[Registry]
     @activity.defn(name="check_nodes")
     async def check_nodes(inp: NodeCheckInput) -> NodeCheckOutput:
         """A stand-in that believes every node (signatures are tests/workflows/test_node_enrolment.py's)."""
+        if r.gate is not None:
+            await r.gate.wait()
         return NodeCheckOutput(verdicts=[NodeVerdict(node=reg.spec.name, ok=True, at=time.time())
                                          for reg in inp.registrations])
 
@@ -167,6 +170,29 @@ async def test_seeded_nodes_and_continue_as_new_keep_the_nodes(registry: Registr
     await eventually(lambda: "static" in registry.lost, timeout=3 * LOST_AFTER_S, what="silent static node lost")
 
 
+async def test_a_node_lost_just_as_the_run_continues_as_new_is_still_told(registry: Registry):
+    """The registry marks a silent node Lost and its history is due to continue as new in the
+    same step: the next run still tells the node's services (as it does heartbeats not yet
+    checked), instead of keeping a Lost node whose pods nobody replaces."""
+    registry.gate = asyncio.Event()
+    seed = [NodeSpec(name="static", task_queue="hms-node-static", cpu=2)]
+    handle = await registry.start(seed=seed, history_threshold=30)
+    await eventually(lambda: registry.nodes(handle), timeout=10, what="the seeded node")
+    first_run = (await handle.describe()).run_id
+    seeded = time.monotonic()
+    await handle.signal(NodeRegistry.heartbeat, reg("w"))  # its check waits at the gate
+    for _ in range(25):  # the run's history passes its threshold meanwhile
+        await handle.signal(NodeRegistry.heartbeat, reg("w"))
+    await asyncio.sleep(max(0.0, seeded + LOST_AFTER_S + 0.5 - time.monotonic()))  # static is silent now
+    registry.gate.set()
+    latest = registry.env.client.get_workflow_handle(handle.id)
+    await eventually(lambda: _run_changed(latest, first_run), timeout=10, what="continue-as-new")
+    await eventually(lambda: "static" in registry.lost, timeout=3 * LOST_AFTER_S, what="the services of static told")
+    assert registry.evicted["static"] is True, "w is Ready: static's pods are replaced"
+    nodes = await registry.nodes(latest)
+    assert nodes["static"].state == "Lost" and nodes["w"].state == "Ready"
+
+
 async def _run_changed(handle: WorkflowHandle[NodeRegistry, None], run_id: str | None) -> bool:
     return (await handle.describe()).run_id != run_id
 
@@ -235,7 +261,9 @@ async def test_a_registry_started_by_an_outsider_believes_only_the_control_worke
     registry.seed = []
     forged = NodeRecord(spec=NodeSpec(name="evil", task_queue="hms-node-evil"), source="worker", state="Ready")
     inp = NodeRegistryInput(lost_after_s=3e7, control_task_queue="attacker-queue", nodes=[forged],
-                            seed=[NodeSpec(name="evil-static", task_queue="hms-node-evil")])
+                            seed=[NodeSpec(name="evil-static", task_queue="hms-node-evil")],
+                            untold_evicted=["victim"], untold_held=["victim2"], removals=["victim3"],
+                            heartbeats=[reg("evil-beat")])
     handle = await registry.env.client.start_workflow(NodeRegistry.run, inp, id=f"hms-nodes-{registry.queue}",
                                                       task_queue=registry.queue)
     answer = await joined(handle, reg("a"), "honest-join")  # checked on the control queue: answered
@@ -243,6 +271,7 @@ async def test_a_registry_started_by_an_outsider_believes_only_the_control_worke
     assert set(await registry.nodes(handle)) == {"a"}
     await eventually(lambda: _state(registry, handle, "a", "Lost"), timeout=5 * LOST_AFTER_S,
                      what="a lost after the control worker's grace, not the starter's")
+    assert registry.lost == ["a"], "no services told of a loss the starter made up"
 
 
 async def test_the_ready_nodes_are_read_from_the_runs_memo_without_a_query(registry: Registry, tmp_path: Path):

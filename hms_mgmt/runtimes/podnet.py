@@ -10,7 +10,13 @@ connection (``--syn``) to one of those ports on any address of this host (``-m a
 health checks that reach the pod are not SYNs and pass. Added at worker start, replaced whole
 if a killed worker left it (idempotent), removed at stop.
 
-:func:`plan_rules` is pure (what to add); :class:`PodFirewall` runs ``iptables``.
+The jump carries its worker in a comment (pid, the process's start time, its PID namespace). A
+worker killed with SIGKILL whose state directory is gone never restarts under the same chain
+name, so each worker's start also removes the chains whose worker is gone: same PID namespace,
+and no process with that pid and start time. A chain whose owner cannot be told (another PID
+namespace, no comment) stays: a rule left behind only blocks more.
+
+:func:`plan_rules` and :func:`orphans` are pure; :class:`PodFirewall` runs ``iptables``.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import os
+import shlex
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -76,8 +85,57 @@ def plan_rules(chain: str, uid: int, ports: list[int], remote: list[str], tempor
     return rules
 
 
-def jump_rule(chain: str, uid: int) -> list[str]:
-    return ["OUTPUT", "-m", "owner", "--uid-owner", str(uid), "-j", chain]
+def jump_rule(chain: str, uid: int, owner: str = "") -> list[str]:
+    tag = ["-m", "comment", "--comment", owner] if owner else []
+    return ["OUTPUT", "-m", "owner", "--uid-owner", str(uid), *tag, "-j", chain]
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, ``/proc/<pid>/stat``), or None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def pid_namespace() -> str:
+    return str(os.stat("/proc/self/ns/pid").st_ino)
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """This worker, as its jump's comment."""
+    pid = os.getpid() if pid is None else pid
+    return f"hms-worker pid={pid} start={start_time(pid)} pidns={pid_namespace()}"
+
+
+def _jumps(output_rules: str) -> list[tuple[list[str], str, dict[str, str]]]:
+    """``iptables -S OUTPUT`` lines that jump to an HMS-POD chain: (args after ``-A``, chain, owner fields)."""
+    found = []
+    for line in output_rules.splitlines():
+        args = shlex.split(line)
+        if len(args) < 3 or args[0] != "-A" or args[-2] != "-j" or not args[-1].startswith("HMS-POD-"):
+            continue
+        comment = args[args.index("--comment") + 1] if "--comment" in args else ""
+        fields = dict(f.split("=", 1) for f in comment.split() if "=" in f) if comment.startswith("hms-worker ") else {}
+        found.append((args[1:], args[-1], fields))
+    return found
+
+
+def orphans(output_rules: str, own_chain: str, pidns: str, started: Callable[[int], str | None]) -> dict[str, list[list[str]]]:
+    """The HMS-POD chains, other than ``own_chain``, whose worker is gone, with their jumps: each
+    of its jumps names a worker of this PID namespace, and no process has that pid and start time."""
+    jumps: dict[str, list[tuple[list[str], dict[str, str]]]] = {}
+    for args, chain, fields in _jumps(output_rules):
+        jumps.setdefault(chain, []).append((args, fields))
+    gone: dict[str, list[list[str]]] = {}
+    for chain, rules in jumps.items():
+        if chain == own_chain:
+            continue
+        if all(f.get("pidns") == pidns and f.get("pid", "").isdigit() and started(int(f["pid"])) != f.get("start")
+               for _, f in rules):
+            gone[chain] = [args for args, _ in rules]
+    return gone
 
 
 class PodFirewall:
@@ -99,17 +157,34 @@ class PodFirewall:
             raise OSError(f"iptables {' '.join(args)}: {done.stderr.strip() or done.returncode}")
         return done.returncode == 0
 
+    def _output_rules(self) -> str:
+        assert self.iptables is not None
+        done = subprocess.run([self.iptables, "-w", "5", "-S", "OUTPUT"], capture_output=True, text=True, timeout=30)
+        return done.stdout if done.returncode == 0 else ""
+
+    def _drop(self, chain: str, jumps: list[list[str]]) -> None:
+        for args in jumps:
+            self._run("-D", *args, check=False)
+        if self._run("-F", chain, check=False):
+            self._run("-X", chain, check=False)
+
     def install(self) -> None:
-        """Add the chain and its jump, or make them what they should be (a killed worker's are replaced)."""
+        """Add the chain and its jump, or make them what they should be (a killed worker's are
+        replaced), and remove the chains of workers that are gone."""
         if self.iptables is None:
             raise OSError("iptables is not installed")
+        rules = self._output_rules()
+        for chain, jumps in orphans(rules, self.chain, pid_namespace(), start_time).items():
+            self._drop(chain, jumps)
+            log.info("removed iptables chain %s: the worker that added it is gone", chain)
+        for args, chain, _ in _jumps(rules):  # this chain's jump from a worker before us
+            if chain == self.chain:
+                self._run("-D", *args, check=False)
         if not self._run("-N", self.chain, check=False):
             self._run("-F", self.chain)
         for rule in self.rules:
             self._run("-A", *rule)
-        jump = jump_rule(self.chain, self.uid)
-        if not self._run("-C", *jump, check=False):
-            self._run("-I", *jump)
+        self._run("-I", *jump_rule(self.chain, self.uid, owner_tag()))
         self.installed = True
         log.info("process pods (uid %d) may not connect to ports %s of this host (iptables chain %s)",
                  self.uid, ",".join(map(str, self.ports)), self.chain)
@@ -117,9 +192,5 @@ class PodFirewall:
     def remove(self) -> None:
         if self.iptables is None:
             return
-        jump = jump_rule(self.chain, self.uid)
-        while self._run("-D", *jump, check=False):
-            pass
-        if self._run("-F", self.chain, check=False):
-            self._run("-X", self.chain, check=False)
+        self._drop(self.chain, [args for args, chain, _ in _jumps(self._output_rules()) if chain == self.chain])
         self.installed = False

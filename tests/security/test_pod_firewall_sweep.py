@@ -1,0 +1,65 @@
+"""A worker killed with SIGKILL leaves its process pods' iptables chain behind; when its state
+directory is gone, no worker ever replaces that chain. The next worker to start on the host
+removes it, and leaves the chains of workers still running. Real iptables (root only)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from hms_mgmt.config import Settings
+from hms_mgmt.runtimes.podnet import PodFirewall, owner_tag
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iptables") is None,
+                                reason="the pod firewall needs root and iptables")
+UID = 65533  # no pod runs as this user: the rules below block nobody's traffic
+
+
+def iptables(*args: str, check: bool = True) -> str:
+    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True, check=check).stdout
+
+
+def add_chain(owner: str) -> str:
+    chain = f"HMS-POD-t{uuid.uuid4().hex[:11]}"
+    iptables("-N", chain)
+    iptables("-A", chain, "-p", "tcp", "--syn", "--dport", "9", "-j", "REJECT", "--reject-with", "tcp-reset")
+    iptables("-I", "OUTPUT", "-m", "owner", "--uid-owner", str(UID), "-m", "comment", "--comment", owner, "-j", chain)
+    return chain
+
+
+def drop_chain(chain: str) -> None:
+    for line in iptables("-S", "OUTPUT").splitlines():
+        if line.endswith(f"-j {chain}"):
+            subprocess.run(["sh", "-c", f"iptables -w 5 -D {line[3:]}"], check=False)
+    iptables("-F", chain, check=False)
+    iptables("-X", chain, check=False)
+
+
+def test_a_gone_workers_chain_is_removed_and_a_running_ones_stays(tmp_path):
+    dead = subprocess.Popen(["sleep", "60"])
+    dead_tag = owner_tag(dead.pid)
+    dead.kill()
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    chains = [add_chain(dead_tag), add_chain(owner_tag(alive.pid))]
+    firewall = PodFirewall(Settings(state_dir=tmp_path / "state", node="sweep-test"), UID)
+    try:
+        firewall.install()
+        rules = iptables("-S")
+        assert f"-N {chains[0]}" not in rules and f"-j {chains[0]}" not in rules, "the gone worker's chain"
+        assert f"-N {chains[1]}" in rules and f"-j {chains[1]}" in rules, "the running worker's chain"
+        assert f'"{owner_tag()}" -j {firewall.chain}' in rules, "ours, tagged with this process"
+        firewall.install()  # again, as a restarted worker does: one jump, not two
+        assert iptables("-S", "OUTPUT").count(f"-j {firewall.chain}") == 1
+        firewall.remove()
+        assert firewall.chain not in iptables("-S")
+    finally:
+        alive.kill()
+        alive.wait()
+        firewall.remove()
+        for chain in chains:
+            drop_chain(chain)

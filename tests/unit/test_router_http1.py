@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router import http1
 from router.http1 import host_port, relayed_headers, status_line
 
 HEAD = (b"Server: nginx\r\nDate: Sat, 05 Dec 2026 12:00:00 GMT\r\nContent-Type: application/json\r\n"
@@ -28,3 +32,25 @@ def test_addresses_and_status_lines():
     assert host_port("[::1]:9") == ("::1", 9)
     assert status_line(502) == b"HTTP/1.1 502 Bad Gateway\r\n"
     assert status_line(599) == b"HTTP/1.1 599 Unknown\r\n"
+
+
+HEADER_LINE = st.builds(lambda n, v: b"%s: %s\r\n" % (n, v),
+                        st.sampled_from([b"Date", b"Server", b"Content-Length", b"X-Request-Id", b"X-HMS-Pod",
+                                         b"Set-Cookie", b"Connection", b"X-Big"]),
+                        st.binary(min_size=0, max_size=700).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+
+
+@given(st.lists(st.lists(HEADER_LINE, max_size=6).map(b"".join), min_size=1, max_size=8))
+def test_a_kept_answer_is_the_one_for_that_very_block(blocks: list[bytes]) -> None:
+    """The answers kept per header block (a pod repeats its block) are those of the block asked
+    for, in any order, long blocks included (those are not kept)."""
+    for block in blocks + blocks[::-1]:
+        assert relayed_headers(block) == http1._relayed_headers(block)
+
+
+def test_the_kept_answers_are_bounded() -> None:
+    for i in range(3 * http1._RELAYED_CACHE_MAX):
+        relayed_headers(b"Date: %d\r\n" % i)
+    assert len(http1._RELAYED_CACHE) <= http1._RELAYED_CACHE_MAX
+    relayed_headers(b"X-Big: " + b"a" * http1._RELAYED_CACHE_BLOCK + b"\r\n")
+    assert not any(len(k) > http1._RELAYED_CACHE_BLOCK for k in http1._RELAYED_CACHE)

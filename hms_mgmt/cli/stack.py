@@ -373,6 +373,21 @@ async def _undeploy_all(orch: Orchestrator, names: list[str], stopper: _Stopper)
             err.print(Text(f"warning: undeploy of {name} failed: {result}", style="yellow"))
 
 
+async def _name_the_others(orch: Orchestrator, names: list[str]) -> None:
+    """Services deployed into the demo's stack by someone else stay deployed (the demo undeploys
+    its own): say which, and what becomes of their pods."""
+    try:
+        others = [st for st in await orch.list() if st.name not in names]
+    except Exception as e:  # noqa: BLE001 - the stack is stopping anyway: say it, do not fail the exit
+        err.print(Text(f"warning: could not list the other services: {e}", style="yellow"))
+        return
+    for st in others:
+        err.print(Text(
+            f"left deployed: {st.name} ({len(st.pods)} pod(s)), not one of the demo's: its pods keep running, "
+            f"unsupervised until the next `hms demo` or `hms up` on {orch.settings.state_dir} takes them back; "
+            f"`hms undeploy {st.name}` there removes them", style="yellow"))
+
+
 def _sweep_leftovers(settings: Settings, names: list[str]) -> None:
     """The demo promises to leave nothing running; say so loudly if the undeploy did not."""
     from hms_mgmt.runtimes import make_runtime
@@ -442,7 +457,7 @@ async def _demo_run(
         out.print(f"running for {exit_after:g} s, then undeploying (--exit-after)")
         waits.append(asyncio.sleep(exit_after))
     else:
-        out.print("running: Ctrl-C undeploys everything and stops")
+        out.print("running: Ctrl-C undeploys the example services and stops")
     done = await _first(*waits)
     _check_alive(stack, done, server_exit)
     out.print("undeploying ...")
@@ -469,6 +484,7 @@ async def _demo(port: int, ui_port: int, headless: bool, exit_after: float | Non
             if alive:
                 await _undeploy_all(stack.orch, names, stopper)
                 await asyncio.to_thread(_sweep_leftovers, stack.settings, names)
+                await _name_the_others(stack.orch, names)
             else:
                 err.print(
                     Text(

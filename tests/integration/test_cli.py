@@ -224,13 +224,24 @@ def alive(pid: int, create_time: float) -> bool:
         return False
 
 
+MINE = """name: hms-mine
+image: registry.gov/hms-notify:1.0
+min_replicas: 1
+max_replicas: 1
+cpu_target: 60
+"""
+
+
 @pytest.mark.slow
-def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
+def test_demo_runs_everything_and_leaves_nothing_of_its_own_behind(tmp_path: Path):
+    """The demo undeploys its three services and stops everything it started; a service a user
+    deployed into its stack meanwhile stays deployed, and the demo says so."""
     state = tmp_path / "state"
     port, ui_port = free_port(), free_port()
     env = clean_env(HMS_STATE_DIR=str(state), HMS_RUNTIME="process", HMS_NODE=f"demo{uuid.uuid4().hex[:6]}")
+    (tmp_path / "mine.yaml").write_text(MINE)
     proc = subprocess.Popen(
-        [*hms_command(), "demo", "--port", str(port), "--ui-port", str(ui_port), "--exit-after", "3"],
+        [*hms_command(), "demo", "--port", str(port), "--ui-port", str(ui_port), "--exit-after", "20"],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -240,6 +251,7 @@ def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
     # Every pod record the demo writes while it runs, so we can check their processes afterwards.
     seen: dict[str, dict] = {}
     deadline = time.monotonic() + 240
+    mine: subprocess.Popen[str] | None = None
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             for path in state.glob("pods/*/*.json"):
@@ -247,12 +259,21 @@ def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
                     seen[path.stem] = json.loads(path.read_text())
                 except (OSError, ValueError):
                     pass
+            if mine is None and len(seen) == 4:  # the demo's pods are up: a user deploys their own
+                mine = subprocess.Popen([*hms_command(), "deploy", str(tmp_path / "mine.yaml")], cwd=REPO,
+                                        env={**env, "HMS_TEMPORAL_ADDRESS": f"127.0.0.1:{port}"},
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             time.sleep(0.1)
         stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        mine_out = mine.communicate(timeout=60)[0] if mine is not None else ""
+        ours = [rec for rec in seen.values() if rec.get("service") == "hms-mine"]
+        for rec in ours:  # the user's pod, left running by design: this test's to stop
+            if alive(rec["pid"], rec["create_time"]):
+                psutil.Process(rec["pid"]).kill()
     assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     for name, replicas in (("hms-ach", "2/2"), ("hms-frm", "1/1"), ("hms-notify", "1/1")):
         # Piped: one plain line per change (issue 24), not progress bars.
@@ -261,8 +282,12 @@ def test_demo_runs_everything_and_leaves_nothing_behind(tmp_path: Path):
         assert f"undeployed {name} (Stopped)" in stdout
         assert TrustStore(state).get(f"registry.gov/{name}:{'1.4' if name == 'hms-ach' else '1.0'}") is not None
     assert "still there after the undeploy" not in stderr
+    assert "Ctrl-C undeploys the example services" in stdout or "--exit-after" in stdout
 
-    assert len(seen) == 4, seen  # 2 + 1 + 1 pods were recorded while it ran
-    assert list(state.glob("pods/*/*.json")) == []
-    assert [pod for pod, rec in seen.items() if alive(rec["pid"], rec["create_time"])] == []
+    assert mine is not None and mine.returncode == 0, mine_out
+    assert "undeployed hms-mine" not in stdout
+    assert re.search(r"left deployed: hms-mine \(1 pod\(s\)\).*hms undeploy hms-mine", " ".join(stderr.split())), stderr
+    assert len(ours) == 1 and len(seen) == 5, seen  # 2 + 1 + 1 pods of the demo's, and the user's
+    assert [p.stem for p in state.glob("pods/*/*.json")] == [p for p, rec in seen.items() if rec in ours]
+    assert [pod for pod, rec in seen.items() if rec not in ours and alive(rec["pid"], rec["create_time"])] == []
     assert not port_open(port) and not port_open(ui_port)  # the dev server it started is gone

@@ -10,11 +10,13 @@ connection (``--syn``) to one of those ports on any address of this host (``-m a
 health checks that reach the pod are not SYNs and pass. Added at worker start, replaced whole
 if a killed worker left it (idempotent), removed at stop.
 
-The jump carries its worker in a comment (pid, the process's start time, its PID namespace). A
-worker killed with SIGKILL whose state directory is gone never restarts under the same chain
-name, so each worker's start also removes the chains whose worker is gone: same PID namespace,
-and no process with that pid and start time. A chain whose owner cannot be told (another PID
-namespace, no comment) stays: a rule left behind only blocks more.
+The jump carries its worker in a comment (pid, the process's start time, its PID namespace, its
+state directory). A worker killed with SIGKILL whose state directory is gone never restarts
+under the same chain name, so each worker's start also removes the chains whose worker is gone
+(same PID namespace, no process with that pid and start time) and whose state directory is gone
+too. While the directory is there, its worker may come back (and replace the chain), and the
+pods it left running stay behind their rules meanwhile. A chain whose owner cannot be told
+(another PID namespace, no comment) stays: a rule left behind only blocks more.
 
 :func:`plan_rules` and :func:`orphans` are pure; :class:`PodFirewall` runs ``iptables``.
 """
@@ -31,7 +33,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from hms_mgmt.config import Settings
 
@@ -103,10 +105,16 @@ def pid_namespace() -> str:
     return str(os.stat("/proc/self/ns/pid").st_ino)
 
 
-def owner_tag(pid: int | None = None) -> str:
-    """This worker, as its jump's comment."""
+COMMENT_MAX = 256  # iptables' comment match
+
+
+def owner_tag(state_dir: Path, pid: int | None = None) -> str:
+    """This worker, as its jump's comment (without its state directory if that does not fit: the
+    chain is then never taken for an orphan)."""
     pid = os.getpid() if pid is None else pid
-    return f"hms-worker pid={pid} start={start_time(pid)} pidns={pid_namespace()}"
+    tag = f"hms-worker pid={pid} start={start_time(pid)} pidns={pid_namespace()}"
+    state = f" state={quote(str(Path(state_dir).resolve()), safe='/')}"
+    return tag + state if len(tag + state) < COMMENT_MAX else tag
 
 
 def _jumps(output_rules: str) -> list[tuple[list[str], str, dict[str, str]]]:
@@ -122,9 +130,11 @@ def _jumps(output_rules: str) -> list[tuple[list[str], str, dict[str, str]]]:
     return found
 
 
-def orphans(output_rules: str, own_chain: str, pidns: str, started: Callable[[int], str | None]) -> dict[str, list[list[str]]]:
+def orphans(output_rules: str, own_chain: str, pidns: str, started: Callable[[int], str | None],
+            exists: Callable[[str], bool]) -> dict[str, list[list[str]]]:
     """The HMS-POD chains, other than ``own_chain``, whose worker is gone, with their jumps: each
-    of its jumps names a worker of this PID namespace, and no process has that pid and start time."""
+    of its jumps names a worker of this PID namespace, no process has that pid and start time,
+    and its state directory is gone."""
     jumps: dict[str, list[tuple[list[str], dict[str, str]]]] = {}
     for args, chain, fields in _jumps(output_rules):
         jumps.setdefault(chain, []).append((args, fields))
@@ -133,7 +143,7 @@ def orphans(output_rules: str, own_chain: str, pidns: str, started: Callable[[in
         if chain == own_chain:
             continue
         if all(f.get("pidns") == pidns and f.get("pid", "").isdigit() and started(int(f["pid"])) != f.get("start")
-               for _, f in rules):
+               and f.get("state") and not exists(unquote(f["state"])) for _, f in rules):
             gone[chain] = [args for args, _ in rules]
     return gone
 
@@ -143,6 +153,7 @@ class PodFirewall:
 
     def __init__(self, settings: Settings, uid: int) -> None:
         self.chain = chain_name(settings.state_dir, settings.node)
+        self.state_dir = settings.state_dir
         self.uid = uid
         self.ports = control_ports(settings)
         self.rules = plan_rules(self.chain, uid, self.ports, remote_frontends(settings),
@@ -174,7 +185,7 @@ class PodFirewall:
         if self.iptables is None:
             raise OSError("iptables is not installed")
         rules = self._output_rules()
-        for chain, jumps in orphans(rules, self.chain, pid_namespace(), start_time).items():
+        for chain, jumps in orphans(rules, self.chain, pid_namespace(), start_time, os.path.exists).items():
             self._drop(chain, jumps)
             log.info("removed iptables chain %s: the worker that added it is gone", chain)
         for args, chain, _ in _jumps(rules):  # this chain's jump from a worker before us
@@ -184,7 +195,7 @@ class PodFirewall:
             self._run("-F", self.chain)
         for rule in self.rules:
             self._run("-A", *rule)
-        self._run("-I", *jump_rule(self.chain, self.uid, owner_tag()))
+        self._run("-I", *jump_rule(self.chain, self.uid, owner_tag(self.state_dir)))
         self.installed = True
         log.info("process pods (uid %d) may not connect to ports %s of this host (iptables chain %s)",
                  self.uid, ",".join(map(str, self.ports)), self.chain)

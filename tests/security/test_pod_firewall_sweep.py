@@ -1,6 +1,7 @@
 """A worker killed with SIGKILL leaves its process pods' iptables chain behind; when its state
 directory is gone, no worker ever replaces that chain. The next worker to start on the host
-removes it, and leaves the chains of workers still running. Real iptables (root only)."""
+removes it, and leaves the chains of workers still running or whose state directory is still
+there (they may come back). Real iptables (root only)."""
 
 from __future__ import annotations
 
@@ -40,19 +41,24 @@ def drop_chain(chain: str) -> None:
 
 
 def test_a_gone_workers_chain_is_removed_and_a_running_ones_stays(tmp_path):
+    kept_dir = tmp_path / "kept"
+    kept_dir.mkdir()
     dead = subprocess.Popen(["sleep", "60"])
-    dead_tag = owner_tag(dead.pid)
+    gone_tag, back_tag = owner_tag(tmp_path / "deleted", dead.pid), owner_tag(kept_dir, dead.pid)
     dead.kill()
     dead.wait()
     alive = subprocess.Popen(["sleep", "60"])
-    chains = [add_chain(dead_tag), add_chain(owner_tag(alive.pid))]
+    # gone (state directory deleted too); gone but its state directory is there (it may come
+    # back); running
+    chains = [add_chain(gone_tag), add_chain(back_tag), add_chain(owner_tag(tmp_path / "deleted", alive.pid))]
     firewall = PodFirewall(Settings(state_dir=tmp_path / "state", node="sweep-test"), UID)
     try:
         firewall.install()
         rules = iptables("-S")
         assert f"-N {chains[0]}" not in rules and f"-j {chains[0]}" not in rules, "the gone worker's chain"
-        assert f"-N {chains[1]}" in rules and f"-j {chains[1]}" in rules, "the running worker's chain"
-        assert f'"{owner_tag()}" -j {firewall.chain}' in rules, "ours, tagged with this process"
+        for chain in chains[1:]:
+            assert f"-N {chain}" in rules and f"-j {chain}" in rules, "one that may come back, and a running one"
+        assert f'"{owner_tag(tmp_path / "state")}" -j {firewall.chain}' in rules, "ours, tagged with this process"
         firewall.install()  # again, as a restarted worker does: one jump, not two
         assert iptables("-S", "OUTPUT").count(f"-j {firewall.chain}") == 1
         firewall.remove()

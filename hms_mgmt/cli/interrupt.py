@@ -10,7 +10,9 @@ Only the standard library here: the handler is set before the CLI's heavy import
 
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 import threading
 
 interrupted = threading.Event()
@@ -22,7 +24,12 @@ def on_sigint(signum: int, frame: object) -> None:
 
 
 def catch_interrupts() -> None:
-    """Make :func:`on_sigint` the SIGINT handler, unless someone else set one of their own."""
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, on_sigint):
+    """Make :func:`on_sigint` the SIGINT handler, unless someone else set one of their own; and
+    ``kill -USR1`` prints where every thread of the command is (to stderr), for a command that
+    seems stuck."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, on_sigint):
         signal.signal(signal.SIGINT, on_sigint)
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL and sys.stderr is not None:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -49,10 +49,18 @@ class Piped:
         return await eventually(found, timeout=timeout, what=what)
 
     def interrupt(self) -> tuple[int, str]:
-        """Ctrl-C, as a user ends --watch or --follow."""
+        """Ctrl-C, as a user ends --watch or --follow. A command still running 20 s later is
+        asked where it is (``kill -USR1``: every thread's stack, on its stderr) and fails the test
+        with that."""
         self.proc.send_signal(signal.SIGINT)
         try:
             _, stderr = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            self.proc.kill()
+            _, stderr = self.proc.communicate(timeout=10)
+            raise AssertionError(f"{' '.join(self.proc.args[1:])} still ran 20 s after Ctrl-C; its stderr:\n{stderr}") from None
         finally:
             self.proc.kill()
         self.reader.join(timeout=5)

@@ -10,6 +10,7 @@ Only the standard library here: the handler is set before the CLI's heavy import
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import signal
 import sys
@@ -32,4 +33,5 @@ def catch_interrupts() -> None:
     if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, on_sigint):
         signal.signal(signal.SIGINT, on_sigint)
     if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL and sys.stderr is not None:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        with contextlib.suppress(OSError, ValueError, AttributeError, RuntimeError):  # no real stderr (a test runner's)
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr.fileno(), all_threads=True)

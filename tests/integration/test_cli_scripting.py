@@ -26,12 +26,19 @@ from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.trust import TrustRecord, TrustStore
 
 
+def _as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class Piped:
     """An `hms` process whose stdout is a pipe, read line by line as it comes."""
 
     def __init__(self, *args: str, env: dict[str, str]) -> None:
+        # As from a terminal: Ctrl-C at its default. A test runner's worker may ignore SIGINT, a
+        # child inherits that, and Python (so `hms events --follow`) then keeps ignoring it.
         self.proc = subprocess.Popen([*hms_command(), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
         self.lines: list[tuple[float, str]] = []
         self.started = time.monotonic()
         self.reader = threading.Thread(target=self._read, daemon=True)

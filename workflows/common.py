@@ -136,6 +136,15 @@ def error_message(err: BaseException) -> str:
     return str(cause)
 
 
+def own_continuation() -> bool:
+    """Whether this run is this workflow's own continue-as-new, the one way state may be handed
+    to it. The server also names a previous run (``continued_run_id``) in a cron run and in a
+    retry, and both get the first run's input again: anyone who reaches Temporal can start a
+    workflow with ``--cron`` or a retry policy, so such a run's input is the outsider's."""
+    info = workflow.info()
+    return info.continued_run_id is not None and not info.cron_schedule and info.attempt == 1
+
+
 async def require_parent(kind: str, service: str) -> None:
     """Children run only under their service's workflow: one started on its own (say, with the
     Temporal CLI) ends at once, refused, with an ``access.denied`` event and no pod started."""

@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar
 
 from temporalio import workflow
 
+from workflows.common import own_continuation
+
 with workflow.unsafe.imports_passed_through():
     from activities.enrolment import NodeTrustActivities
     from hms_mgmt.wire import EnrolInput, EnrolOutput, JoinAnswer, NodeVerdict, RegistrySettings
@@ -119,7 +121,7 @@ def own_input(inp: In, *carried: str) -> tuple[In, bool]:
     come from the control worker."""
     info = workflow.info()
     update: dict[str, Any] = {"control_task_queue": info.task_queue}
-    continued = bool(info.continued_run_id)
+    continued = own_continuation()
     if not continued:
         update |= {name: type(inp).model_fields[name].get_default(call_default_factory=True)
                    for name in (*carried, "joining", "answers", "heartbeats")}

@@ -79,6 +79,42 @@ async def test_a_service_started_with_state_of_its_own_is_refused(temporal_env, 
     assert any("state of its own" in r for r in denied(settings))
 
 
+async def test_a_cron_run_of_a_service_started_with_state_of_its_own_is_refused(temporal_env, hms: Orchestrator,
+                                                                                   settings):
+    """A cron run names the run before it as a continue-as-new does, and gets the first run's
+    input again. The forged state (a Running service whose one ready pod is the attacker's
+    address) is refused in every run: no pod starts and no router is told of that address."""
+    spec = ServiceSpec.model_validate(seed_spec())
+    evil = PodStatus(id=str(uuid.uuid4()), node=settings.node, endpoint="127.0.0.1:9", ready=True, health="healthy")
+    forged = ServiceState(phase="Running", desired_replicas=1, revision=1, pods=[evil])
+    inp = ServiceInput(spec=spec, placement=hms._placement(), state=forged)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [temporal_binary(), "workflow", "start", "--address", settings.temporal_address, "--type", "ServiceWorkflow",
+         "--task-queue", settings.task_queue, "--workflow-id", "svc-hms-ach", "--input", inp.model_dump_json(),
+         "--cron", "@every 2s"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    try:
+        await eventually(lambda: _refused_runs(settings, at_least=2), timeout=30,
+                         what="the first run and a cron run both refused")
+        histories = [h async for h in temporal_env.client.list_workflows('WorkflowId = "svc-hms-ach"')]
+        assert len(histories) >= 2
+        for run in histories:
+            history = await temporal_env.client.get_workflow_handle("svc-hms-ach", run_id=run.run_id).fetch_history()
+            scheduled = {e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+                         if e.HasField("activity_task_scheduled_event_attributes")}
+            assert "publish_endpoints" not in scheduled and "start_pod" not in scheduled, scheduled
+    finally:
+        await handle.terminate("test done")
+    assert node_pods(settings) == []
+
+
+async def _refused_runs(settings, *, at_least: int) -> bool:
+    return len([r for r in denied(settings) if "state of its own" in r]) >= at_least
+
+
 async def test_a_service_whose_placement_names_another_control_queue_is_refused(temporal_env, hms: Orchestrator,
                                                                                    settings):
     """The placement is the starter's word: pointing its control queue at the attacker's own

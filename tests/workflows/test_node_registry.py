@@ -9,12 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest_asyncio
 from conftest import eventually, make_settings
 from temporalio import activity
 from temporalio.client import WorkflowHandle
+from temporalio.common import RetryPolicy
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -271,6 +273,30 @@ async def test_a_registry_started_by_an_outsider_believes_only_the_control_worke
     await eventually(lambda: _state(registry, handle, "a", "Lost"), timeout=5 * LOST_AFTER_S,
                      what="a lost after the control worker's grace, not the starter's")
     assert registry.lost == ["a"], "no services told of a loss the starter made up"
+
+
+async def test_a_retried_run_of_an_outsiders_registry_believes_no_more_than_its_first(registry: Registry):
+    """The server names a previous run in a retry (and in a cron run) as it does in a
+    continue-as-new, and hands it the first run's input again. An outsider who starts the
+    registry with a run timeout and a retry policy gets a second run that is no continue-as-new
+    of ours: it believes their forged members and pending work no more than the first did."""
+    registry.seed = []
+    forged = NodeRecord(spec=NodeSpec(name="evil", task_queue="hms-node-evil"), source="worker", state="Ready")
+    inp = NodeRegistryInput(lost_after_s=3e7, control_task_queue="attacker-queue", nodes=[forged],
+                            untold_evicted=["victim"], removals=["victim3"], heartbeats=[reg("evil-beat")])
+    wf_id = f"hms-nodes-{registry.queue}"
+    first = await registry.env.client.start_workflow(
+        NodeRegistry.run, inp, id=wf_id, task_queue=registry.queue, run_timeout=timedelta(seconds=3),
+        retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=2))
+    latest = registry.env.client.get_workflow_handle(wf_id)
+
+    async def retried() -> bool:
+        return (await latest.describe()).run_id != first.run_id
+
+    await eventually(retried, timeout=20, what="the retry's run")
+    assert "evil" not in await registry.nodes(latest), "a forged member believed in the retried run"
+    await asyncio.sleep(0.5)
+    assert registry.lost == [], "services told of a loss the starter made up"
 
 
 async def test_the_ready_nodes_are_read_from_the_runs_memo_without_a_query(registry: Registry, tmp_path: Path):

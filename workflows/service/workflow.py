@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from hms_mgmt.names import ADMITTING, ENDED, SERVICE_WORKFLOW, SUPERVISED, Q, S, U
 
+from workflows.common import own_continuation
 from workflows.service.access import Access
 from workflows.service.admission import Admission
 from workflows.service.approvals import ApprovalGate
@@ -320,7 +321,7 @@ class ServiceWorkflow:
 
     async def _run(self, inp: ServiceInput) -> ServiceStatus:
         run = self.run_state
-        if inp.state is not None and workflow.info().continued_run_id is None:
+        if inp.state is not None and not own_continuation():
             # Carried-over state skips admission: only this workflow's own continue-as-new may.
             reason = "a ServiceWorkflow started with state of its own (only continue-as-new carries state)"
             run.state = ServiceState(phase="Rejected", failure=Failure(kind=FailureKind.ACCESS_DENIED, message=reason),

@@ -99,7 +99,9 @@ async def test_a_cron_run_of_a_service_started_with_state_of_its_own_is_refused(
     try:
         await eventually(lambda: _refused_runs(settings, at_least=2), timeout=30,
                          what="the first run and a cron run both refused")
-        histories = [h async for h in temporal_env.client.list_workflows('WorkflowId = "svc-hms-ach"')]
+        # This test's runs only: other tests deploy an hms-ach of their own on the same server.
+        query = f'WorkflowId = "svc-hms-ach" AND TaskQueue = "{settings.task_queue}"'
+        histories = [h async for h in temporal_env.client.list_workflows(query)]
         assert len(histories) >= 2
         for run in histories:
             history = await temporal_env.client.get_workflow_handle("svc-hms-ach", run_id=run.run_id).fetch_history()

@@ -183,6 +183,22 @@ class NodeTrustActivities:
             return PodReportVerdict(ok=False, reason=str(e))
         return PodReportVerdict(ok=True)
 
+    @activity.defn(name="check_started_pod")
+    async def check_started_pod(self, inp: PodReportCheck) -> None:
+        """A ``start_pod`` result counts only as the node's own signed word about the very pod it
+        was asked to start, on that node: anyone who polls a node's task queue can take a start
+        and answer it with an address of theirs. Refused: ``AccessDenied`` (non-retryable) and an
+        ``access.denied`` event; the workflow stops the pod and counts the start as failed."""
+        verdict = await self.check_pod_report(inp)
+        if verdict.ok and inp.asked_pod and inp.pod.id != inp.asked_pod:
+            verdict = PodReportVerdict(ok=False, reason=f"it reports pod {inp.pod.id[:8]}, not {inp.asked_pod[:8]}")
+        if not verdict.ok:
+            reason = (f"the start of pod {inp.asked_pod[:8] or inp.pod.id[:8]} on node {inp.recorded_node} was "
+                      f"answered without that node's word: {verdict.reason}")
+            await self._denied(reason, service=inp.service, action="start_pod", node=inp.recorded_node,
+                               pod=inp.asked_pod or inp.pod.id)
+            raise ApplicationError(reason, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
+
     @activity.defn(name="stamp_start")
     async def stamp_start(self, inp: StampInput) -> StampOutput:
         """The control plane's word for one pod start: the revision was admitted (its ticket) and

@@ -292,6 +292,7 @@ class PodReportCheck(_Model):
     service: str
     pod: PodStatus
     recorded_node: str = ""  # the node the service has this pod on, if it knows the pod
+    asked_pod: str = ""  # ``check_started_pod``: the pod id the start asked for
 
 
 class PodReportVerdict(_Model):

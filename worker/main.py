@@ -159,7 +159,7 @@ class HmsWorker:
                         self.feed.publish_endpoints,
                         self.feed.await_drained, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
                         trust.enrol_node, trust.registry_settings, trust.check_nodes, trust.check_routers,
-                        trust.node_removed, trust.check_pod_report, trust.stamp_start, trust.stamp_round, trust.trust_now,
+                        trust.node_removed, trust.check_pod_report, trust.check_started_pod, trust.stamp_start, trust.stamp_round, trust.trust_now,
                         LogActivities(client, load).locate_log_endpoints,
                         *SlotActivities(client, load, sink).all()],
             # MessageGuard: a malformed signal or update never reaches a workflow's handler.

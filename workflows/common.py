@@ -38,7 +38,7 @@ with workflow.unsafe.imports_passed_through():
         TicketOutput,
     )
     from hms_mgmt.names import service_workflow_id
-    from hms_mgmt.wire import PodPlace, RoundGrantsInput, SealInput, StampInput
+    from hms_mgmt.wire import PodPlace, PodReportCheck, RoundGrantsInput, SealInput, StampInput
 
 # Failures no retry will fix: the pod itself is bad. The caller decides (replace, back off).
 POD_FATAL = list(errors.POD_FATAL)
@@ -65,6 +65,8 @@ POD_SECRETS = "pod-secrets"
 # patch: a first rollout places its pods with a local activity first and asks the stamps and start
 # tickets of the whole round in one go (two local activities, not two per pod)
 ROUND_GRANTS = "round-grants"
+# patch: a start_pod result is believed only as its node's signed report on that very pod
+CHECKED_STARTS = "checked-starts"
 MAX_DRAIN_ASK = 256  # pods one await_drained asks about (DrainInput's bound); more: the timer
 
 
@@ -297,6 +299,12 @@ async def start_and_wait(
             retry_policy=POD_RETRY,
             summary=f"start {pod_id[:8]} on {node.name}",
         )
+        if workflow.patched(CHECKED_STARTS):
+            await control_activity(
+                NodeTrustActivities.check_started_pod,
+                PodReportCheck(service=spec.name, pod=ready, recorded_node=node.name, asked_pod=pod_id),
+                task_queue=workflow.info().task_queue, local=True, timeout=timedelta(seconds=30),
+                summary=f"check {node.name}'s word on {pod_id[:8]}")
     except (ActivityError, asyncio.CancelledError):
         failed = PodStatus(id=pod_id, node=node.name, revision=revision, image=spec.image, health="exited")
         try:

@@ -160,6 +160,10 @@ class FakeCluster:
         """The stand-in nodes sign nothing: every report of theirs is believed."""
         return PodReportVerdict(ok=True)
 
+    @activity.defn(name="check_started_pod")
+    async def check_started_pod(self, inp: PodReportCheck) -> None:
+        """The stand-in nodes sign nothing: every start of theirs is believed."""
+
     @activity.defn(name="pick_node")
     async def pick_node(self, inp: PickNodeInput) -> PickNodeOutput:
         return PickNodeOutput(nodes=[self.node] * inp.count)
@@ -245,7 +249,8 @@ class FakeCluster:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
                 self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant,
-                self.trust_now, self.stamp_start, self.check_pod_report, self.stamp_round, self.start_tickets]
+                self.trust_now, self.stamp_start, self.check_pod_report, self.check_started_pod, self.stamp_round,
+                self.start_tickets]
 
 
 @contextlib.asynccontextmanager

@@ -459,6 +459,38 @@ async def test_rolling_update_keeps_min_ready_and_pins_the_image(temporal_env, f
     assert st.image_id == content_id("registry.gov/hms-ach:1.4") and {p.revision for p in st.pods} == {3}
 
 
+async def test_a_forged_pods_draining_during_a_rollout_drains_no_pod_it_rolls_to(temporal_env, fake):
+    """``pods_draining`` is the rolling child's word that it is about to stop old pods; anyone
+    can send it. Sent for every pod while a rollout runs, it drains none of the new revision's,
+    and after the rollout every pod of the service is routable again."""
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    spec = seed_spec(min_replicas=2, drain_s=0.2, min_ready_s=1.0)
+    await alice.deploy(spec, wait=True, timeout=30)
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    rolling = asyncio.ensure_future(alice.deploy({**spec, "image": "registry.gov/hms-ach:1.5"}, wait=True, timeout=60))
+    try:
+        async def new_pods() -> list[str]:
+            st = await alice.status("hms-ach")
+            return [p.id for p in st.pods if p.revision == 2]
+
+        await eventually(new_pods, timeout=30, what="a pod of revision 2 booked")
+        while not rolling.done():
+            st = await alice.status("hms-ach")
+            await handle.signal("pods_draining", [p.id for p in st.pods])
+            await asyncio.sleep(0.2)
+        await rolling
+    finally:
+        rolling.cancel()
+    st = await alice.status("hms-ach")
+    assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 2
+    for table in cluster.tables:
+        assert not [e for e in table.endpoints if e.revision == 2 and e.state == "draining"], table
+    last = cluster.tables[-1]
+    assert sorted((e.revision, e.state) for e in last.endpoints) == [(2, "ready"), (2, "ready")], last
+    assert any(e.type == "access.denied" and "pods_draining" in e.reason for e in cluster.events)
+
+
 async def test_broken_revision_rolls_back(temporal_env, fake):
     cluster, settings = fake
     alice = as_user(temporal_env, settings, "t-alice")

@@ -79,6 +79,7 @@ class ServiceRun:
         self.scaling: asyncio.Task[None] | None = None
         self.pods_changed = False
         self.stopping: set[str] = set()  # pods a scale-down is stopping on purpose
+        self.rolling_to: int | None = None  # the revision a rolling DeployWorkflow of ours rolls to now
         self.approval_decision: tuple[str, str, str] | None = None  # (approve|reject, who, reason)
         self.approval_grant = ""  # the deciding gov_approver's grant: the admission ticket checks it
         self.deploy_grant = ""  # the deployer's grant, from the first authorize

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from temporalio import workflow
 
@@ -265,6 +266,15 @@ class Updates:
         )
         if run.state.rollout is not None:
             run.state.rollout.workflow_id = child_id  # the dashboard links to the child that rolls now
+        run.rolling_to = record.revision  # what its pods_draining signals may name (workflow.py)
+        try:
+            return await self._await_rolling(child, current, rollback=rollback)
+        finally:
+            run.rolling_to = None
+
+    async def _await_rolling(self, child: workflow.ChildWorkflowHandle[Any, DeployOutput], current: list[PodStatus], *,
+                             rollback: bool) -> DeployOutput:
+        run = self.run
         told = False
         while not child.done():
             await workflow.wait_condition(
@@ -304,7 +314,7 @@ class Updates:
         run.state.pods = [p for p in run.state.pods if p.id in keep and p.id not in stopped]
         for pod in result.pods:
             run.upsert_pod(pod)
-        run.stopping -= stopped
+        run.stopping -= stopped | keep  # a pod the child hands back serves (a forged drain of it ends here)
 
     def _set_revision(self, record: RevisionRecord, outcome: str) -> None:
         run = self.run

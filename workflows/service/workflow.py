@@ -176,11 +176,21 @@ class ServiceWorkflow:
     @workflow.signal(name=S.PODS_DRAINING)
     async def pods_draining(self, pod_ids: list[str]) -> None:
         """A rolling update is about to stop these: routers get them as draining at once (once
-        the reports of the pods replacing them are checked and in the table)."""
+        the reports of the pods replacing them are checked and in the table). Anyone can send
+        it: only ready pods of another revision than the one a rolling child of ours is rolling
+        to are taken (those are what a rollout retires), never the pods it rolls to."""
         run = self.run_state
+        target = run.rolling_to  # as it arrived: the rollout may end while earlier reports are checked
+        asked = set(pod_ids)
+        if target is None:
+            run.post("access.denied", "ignored a pods_draining signal: no rollout is running")
+            return
+        foreign = {p.id for p in run.state.pods if p.id in asked and p.revision == target}
+        if foreign:
+            run.post("access.denied", f"ignored a pods_draining signal for {len(foreign)} pod(s): not pods the "
+                                      f"rollout to revision {target} retires")
         await self.reports.settled()
-        if run.state.phase == "Updating":
-            run.stopping |= set(pod_ids) & {p.id for p in run.state.pods}
+        run.stopping |= {p.id for p in run.state.pods if p.id in asked - foreign and p.revision != target}
 
     @workflow.signal(name=S.IMAGE_REVOKED)
     def image_revoked(self, image: str) -> None:

@@ -23,6 +23,8 @@ CONTROL_MAP = f"- {CONTROL_BACKEND}\n"
 # weight: at HAProxy's full 256 it is 4,096 nodes per pod, walked twice per request and out of the
 # CPU's caches; 32 keeps it small and still gives a slow pod a thirty-second share or less.
 MAX_WEIGHT = 32
+# A request's head must be whole within this many seconds of its first byte (the builtin engine's too).
+HEAD_TIMEOUT_S = 15
 
 
 def _q(s: str) -> str:
@@ -43,6 +45,10 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, la
             f"backend be_{i}",
             f"    balance {balance}",
             "    option forwardfor",
+            # The router's word on how and for which host the caller came, never the caller's.
+            "    http-request set-header X-Forwarded-Proto http",
+            "    http-request set-header X-Forwarded-Host %[req.hdr(host)] if { req.hdr(host) -m found }",
+            "    http-request del-header X-Forwarded-Host unless { req.hdr(host) -m found }",
             # /<service>/<rest> -> /<rest> (the query kept): a field cut, no regex per request.
             "    http-request set-path /%[path,field(3,/,0)]",
             "    http-response set-header X-HMS-Pod %s",
@@ -70,6 +76,7 @@ def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeo
         '    log-format "%b %s %ST %Ta %Tr %rc %[var(txn.lk)]"',
         f"    timeout connect {int(connect_timeout_s * 1000)}ms",
         "    timeout client 60s",
+        f"    timeout http-request {HEAD_TIMEOUT_S}s",  # a head sent a byte at a time holds no slot for long
         f"    timeout server {int(read_timeout_s * 1000)}ms",
         "    timeout http-keep-alive 30s",
         "    option redispatch 1",

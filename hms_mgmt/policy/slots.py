@@ -22,6 +22,8 @@ from croniter import croniter
 Edge = Literal["start", "end"]
 EDGES: tuple[Edge, Edge] = ("start", "end")
 _TICK = timedelta(microseconds=1)
+# How early an edge may arrive and still count (a schedule fires at its time; the check runs after it).
+EDGE_TOLERANCE_S = 60.0
 
 
 class SlotLike(Protocol):
@@ -103,6 +105,17 @@ def is_on(slot: SlotLike, now: datetime) -> bool:
     started = last_edge(slot.start, slot.timezone, now)
     ended = last_edge(slot.end, slot.timezone, now)
     return started is not None and (ended is None or started > ended)
+
+
+def edge_on_time(slot: SlotLike, edge: str, now: datetime, tolerance_s: float = EDGE_TOLERANCE_S) -> bool:
+    """Whether the clock agrees with an edge that arrives at ``now``: a start while the slot is on
+    (or comes on within ``tolerance_s``), an end while it is off (or goes off within it). A
+    schedule triggered out of its time by anyone who reaches Temporal carries a genuine grant;
+    only the clock tells that it is not the slot's time."""
+    later = now + timedelta(seconds=tolerance_s)
+    if edge == "start":
+        return is_on(slot, now) or is_on(slot, later)
+    return not is_on(slot, now) or not is_on(slot, later)
 
 
 def next_edges(slot: SlotLike, now: datetime) -> tuple[datetime | None, datetime | None]:

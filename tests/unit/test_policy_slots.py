@@ -102,3 +102,18 @@ def test_governance_counts_every_slot_ceiling_and_names_its_field():
         "without approval",
     ]
     assert not evaluate(ServiceSpec(**BASE, time_slots=[slot(min_replicas=0, max_replicas=0)]), policy).needs_approval
+
+
+@pytest.mark.parametrize(("edge", "now", "on_time"), [
+    ("start", "2026-12-07T08:00:01+00:00", True),   # fired at its time, checked a second later
+    ("start", "2026-12-07T07:59:30+00:00", True),   # a little early: within the tolerance
+    ("start", "2026-12-07T07:00:00+00:00", False),  # triggered an hour early
+    ("start", "2026-12-07T11:00:00+00:00", False),  # after the slot: a late trigger
+    ("start", "2026-12-05T08:00:01+00:00", False),  # a Saturday: the slot does not run
+    ("end", "2026-12-07T10:00:01+00:00", True),
+    ("end", "2026-12-07T09:59:30+00:00", True),
+    ("end", "2026-12-07T09:00:00+00:00", False),    # triggered in the middle of the slot
+    ("end", "2026-12-07T12:00:00+00:00", True),     # off anyway: ending it again changes nothing
+])
+def test_an_edge_counts_only_when_the_clock_agrees(edge, now, on_time):
+    assert clock.edge_on_time(slot(), edge, at(now)) is on_time

@@ -37,9 +37,17 @@ async def test_slot_bounds_hold_and_only_its_schedule_may_move_them(hms, setting
     clocks = await hms.time_slots("hms-ach")
     assert clocks[0].active and clocks[0].next_start is None and clocks[0].next_end is not None
 
+    # The genuine end schedule triggered by hand while the slot is on: its grant is genuine, its
+    # time is not, so nothing moves.
+    start_id, end_id = (names.slot_schedule_id("svc-hms-ach", "rush", e) for e in ("start", "end"))
+    await hms.client.get_schedule_handle(end_id).trigger()
+    early = await eventually(lambda: _slot_denials(settings, 1), timeout=30, what="the early end refused")
+    assert "not its time" in early[0].reason, early[0].reason
+    st = await hms.status("hms-ach")
+    assert st.active_slot.name == "rush" and not events(settings, "slot.ended")
+
     # The end schedule edited to carry the start schedule's grant (anyone who reaches Temporal
     # can read it), then triggered; and the real end edge started by hand, not by its schedule.
-    start_id, end_id = (names.slot_schedule_id("svc-hms-ach", "rush", e) for e in ("start", "end"))
     genuine_end = await _edge_of(hms, end_id)
     stolen = (await _edge_of(hms, start_id)).grant
     forged = genuine_end.model_copy(update={"grant": stolen})
@@ -54,7 +62,7 @@ async def test_slot_bounds_hold_and_only_its_schedule_may_move_them(hms, setting
     await handle.trigger()
     await hms.client.start_workflow(names.SLOT_EDGE_WORKFLOW, genuine_end, id="forged-edge",
                                     task_queue=settings.task_queue)
-    denied = await eventually(lambda: _slot_denials(settings, 2), timeout=30, what="two access.denied")
+    denied = await eventually(lambda: _slot_denials(settings, 3), timeout=30, what="two more access.denied")
     assert any("grant is for another edge" in e.reason for e in denied), [e.reason for e in denied]
     assert any("not started by schedule" in e.reason for e in denied), [e.reason for e in denied]
     await asyncio.sleep(1)

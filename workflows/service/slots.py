@@ -26,6 +26,7 @@ from workflows.service.state import CONTROL_TIMEOUT, ServiceRun
 from workflows.service.supervision import Supervision
 
 TIME_SLOTS = "time-slots"  # patch: the first commands a spec with time slots issues
+EDGE_ON_TIME = "slot-edge-on-time"  # patch: an edge moves the bounds only when the clock agrees
 MAX_WAITING_EDGES = 32  # slot_edge signals waiting for their check; more are refused at once
 MAX_REFUSALS = 20
 SYNC_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=10), maximum_attempts=10,
@@ -70,9 +71,18 @@ class Slots:
             on = set(run.state.slots_on)
             if (edge.edge == "start") == (edge.slot in on):
                 continue  # already so (a trigger by hand, twice): nothing moves
+            slot = next(s for s in run.spec.time_slots if s.name == edge.slot)
+            if workflow.patched(EDGE_ON_TIME) and not clock.edge_on_time(slot, edge.edge, workflow.now()):
+                # Its schedule triggered out of its time (``temporal schedule trigger``): the grant is
+                # genuine, the time is not.
+                reason = (f"time slot {slot.name} {edge.edge} refused: not its time (the slot is "
+                          f"{'off' if edge.edge == 'start' else 'on'} by its own clock)")
+                run.post("access.denied", reason, action="slot", schedule=edge.schedule_id[:200])
+                refusal = Refusal(at=workflow.now(), action="slot", reason=reason)
+                run.state.refusals = (run.state.refusals + [refusal])[-MAX_REFUSALS:]
+                continue
             on.symmetric_difference_update({edge.slot})
             run.state.slots_on = sorted(on)
-            slot = next(s for s in run.spec.time_slots if s.name == edge.slot)
             low, high = clock.slot_bounds(slot, run.spec.max_replicas)
             await run.emit(f"slot.{'started' if edge.edge == 'start' else 'ended'}",
                            f"time slot {slot.name} {edge.edge}ed (schedule {edge.schedule_id}, for {verdict.user})",

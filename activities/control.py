@@ -44,6 +44,7 @@ from hms_mgmt.wire import (
     EventInput,
     GovernanceInput,
     GovernanceOutput,
+    HealAttempt,
     NodeLost,
     NodesOutput,
     PickNodeInput,
@@ -380,6 +381,25 @@ class ControlActivities:
         if out is None:
             return False  # no registry runs: no node can have been declared lost
         return any(r.spec.name == inp.node and r.state == "Lost" for r in out.nodes)
+
+    @activity.defn(name="confirm_heal_attempt")
+    async def confirm_heal_attempt(self, attempt: HealAttempt) -> bool:
+        """Whether the calling service's own heal of ``attempt.failed_pod`` says it failed so (its
+        ``attempts`` query, answered by a worker of ours): anyone who reaches Temporal can send
+        ``heal_attempt_failed``. The heal must be a HealWorkflow on the control queue whose
+        parent is the calling run."""
+        info = activity.info()
+        heal = names.heal_id(info.workflow_id, attempt.failed_pod)
+        try:
+            run = await self.client.get_workflow_handle(heal).describe()
+            if (run.workflow_type != names.HEAL_WORKFLOW or run.task_queue != info.task_queue
+                    or run.parent_id != info.workflow_id or run.parent_run_id != info.workflow_run_id):
+                return False
+            told = await self.client.get_workflow_handle(heal, run_id=run.run_id).query(
+                names.Q.ATTEMPTS, result_type=list[HealAttempt])
+        except (RPCError, WorkflowQueryFailedError):
+            return False
+        return attempt in told
 
     @activity.defn(name="notify_node_lost")
     async def notify_node_lost(self, inp: NodeLost) -> int:

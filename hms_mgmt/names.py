@@ -35,6 +35,7 @@ class Q:
     STATUS = "status"
     ENDPOINTS = "endpoints"
     PROGRESS = "progress"  # DeployWorkflow, ScaleWorkflow: the pods brought up so far
+    ATTEMPTS = "attempts"  # HealWorkflow: its replacements that failed (what heal_attempt_failed told)
 
 
 class U:

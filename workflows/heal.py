@@ -13,7 +13,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from hms_mgmt.models import HealAttempt, HealInput, HealOutput
-    from hms_mgmt.names import HEAL_WORKFLOW, S
+    from hms_mgmt.names import HEAL_WORKFLOW, Q, S
     from hms_mgmt.policy.backoff import backoff_delay
 
 from workflows.common import (
@@ -32,8 +32,20 @@ HEAL_LOCAL_PLACEMENT = "heal-local-placement"  # patch: pick_node asked once as 
 LOST_NODE_STOP_WAIT = timedelta(seconds=10)  # for a Lost node's worker to take the old pod's stop
 
 
+MAX_ATTEMPTS_KEPT = 20  # failed attempts its ``attempts`` query answers (the latest)
+
+
 @workflow.defn(name=HEAL_WORKFLOW)
 class HealWorkflow:
+    def __init__(self) -> None:
+        self.failed_attempts: list[HealAttempt] = []
+
+    @workflow.query(name=Q.ATTEMPTS)
+    def attempts(self) -> list[HealAttempt]:
+        """What it told its parent failed: the parent believes a ``heal_attempt_failed`` signal
+        only as this heal's own word (``confirm_heal_attempt``)."""
+        return self.failed_attempts
+
     @workflow.run
     async def run(self, inp: HealInput) -> HealOutput:
         await require_parent(HEAL_WORKFLOW, inp.spec.name)
@@ -57,13 +69,12 @@ class HealWorkflow:
                 attempt += 1
                 next_delay = backoff_delay(inp.crash_count + attempt, initial_s=spec.backoff_initial_s,
                                            max_s=spec.backoff_max_s)
+                failed = HealAttempt(failed_pod=inp.failed.id, replacement=pod_id, attempt=attempt,
+                                     reason=error_message(e), next_delay_s=next_delay)
+                self.failed_attempts = (self.failed_attempts + [failed])[-MAX_ATTEMPTS_KEPT:]
                 parent = workflow.info().parent
                 if parent is not None:
-                    await workflow.get_external_workflow_handle(parent.workflow_id).signal(
-                        S.HEAL_ATTEMPT_FAILED,
-                        HealAttempt(failed_pod=inp.failed.id, replacement=pod_id, attempt=attempt,
-                                    reason=error_message(e), next_delay_s=next_delay),
-                    )
+                    await workflow.get_external_workflow_handle(parent.workflow_id).signal(S.HEAL_ATTEMPT_FAILED, failed)
                 if workflow.info().is_continue_as_new_suggested():
                     # A crash loop can last days: carry the count into a fresh history.
                     workflow.continue_as_new(inp.model_copy(update={"crash_count": inp.crash_count + attempt}))

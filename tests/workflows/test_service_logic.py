@@ -26,6 +26,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.control import ControlActivities
 from hms_mgmt import auth
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import (
@@ -38,6 +39,7 @@ from hms_mgmt.errors import (
     RolloutFailed,
     ScaleRefused,
 )
+from hms_mgmt.events import EventSink, read_events
 from hms_mgmt.models import EndpointSet, NodeSpec, PodStatus
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
@@ -47,6 +49,7 @@ from hms_mgmt.wire import (
     EventInput,
     GovernanceInput,
     GovernanceOutput,
+    HealAttempt,
     ListPodsInput,
     ListPodsOutput,
     LogsOutput,
@@ -109,6 +112,7 @@ class FakeCluster:
     tables: list[EndpointSet] = field(default_factory=list)  # what the routers were sent
     state_dir: Path | None = None  # its keys verify the request proofs
     slow_events: dict[str, float] = field(default_factory=dict)  # event type -> seconds its write takes
+    control: ControlActivities | None = None  # the real control activities some checks use
 
     def event_types(self) -> list[str]:
         return [e.type for e in self.events]
@@ -159,6 +163,12 @@ class FakeCluster:
     async def check_pod_report(self, inp: PodReportCheck) -> PodReportVerdict:
         """The stand-in nodes sign nothing: every report of theirs is believed."""
         return PodReportVerdict(ok=True)
+
+    @activity.defn(name="confirm_heal_attempt")
+    async def confirm_heal_attempt(self, attempt: HealAttempt) -> bool:
+        """The control worker's own check: it asks the real HealWorkflow."""
+        assert self.control is not None
+        return await self.control.confirm_heal_attempt(attempt)
 
     @activity.defn(name="check_started_pod")
     async def check_started_pod(self, inp: PodReportCheck) -> None:
@@ -249,7 +259,8 @@ class FakeCluster:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
                 self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant,
-                self.trust_now, self.stamp_start, self.check_pod_report, self.check_started_pod, self.stamp_round,
+                self.trust_now, self.stamp_start, self.check_pod_report, self.check_started_pod, self.confirm_heal_attempt,
+                self.stamp_round,
                 self.start_tickets]
 
 
@@ -263,6 +274,7 @@ async def fake_cluster(env: WorkflowEnvironment, tmp_path, cls: type[FakeCluster
     auth.init_keys(settings.state_dir)
     settings.token = real_token(settings.state_dir, "t-alice")
     cluster = (cls or FakeCluster)(node=settings.node_specs()[0], state_dir=settings.state_dir)
+    cluster.control = ControlActivities(env.client, lambda: settings, EventSink(settings.state_dir))
     # One worker serves both queues: workflows + control activities, and the node's pod activities.
     control = Worker(env.client, task_queue=settings.task_queue, workflows=ALL_WORKFLOWS,
                      activities=cluster.activities())
@@ -372,6 +384,39 @@ async def test_crash_loop_is_degraded_with_a_typed_failure(temporal_env, fake):
     cluster.fail_starts = 0
     st = await eventually(lambda: _ready_again(alice), timeout=30, what="a replacement that stays up")
     assert st.ready_replicas == 2
+
+
+async def test_a_forged_heal_attempt_counts_no_crash(temporal_env, fake):
+    """``heal_attempt_failed`` is a heal's word that a replacement failed; anyone can send it.
+    Sent for the pod a heal is replacing, naming a replacement that never was, it counts no crash
+    and puts none of its text in an event: the control worker asks the heal itself."""
+    cluster, settings = fake
+    alice = as_user(temporal_env, settings, "t-alice")
+    await alice.deploy(seed_spec(backoff_initial_s=5, backoff_max_s=5), wait=True, timeout=30)
+    victim = (await alice.status("hms-ach")).pods[0].id
+    cluster.fail_starts = 1  # the first replacement dies: the heal then waits its 5 s backoff
+    await cluster.watch_results.put(WatchResult(reason="failed", failed=[
+        {"pod_id": victim, "kind": "exited", "detail": "exit code 137", "exit_code": 137}]))
+    st = await eventually(lambda: _crashed(alice, 1), timeout=30, what="the heal's own failed attempt counted")
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    for n in range(3):
+        await handle.signal("heal_attempt_failed", {"failed_pod": victim, "replacement": str(uuid.uuid4()),
+                                                    "attempt": 2 + n, "reason": "forged: card data leaked",
+                                                    "next_delay_s": 3600})
+    await eventually(lambda: len([e for e in read_events(settings.state_dir) if e.type == "access.denied"
+                                  and "its heal did not say so" in e.reason]) >= 3 or
+                     len([e for e in cluster.events if "its heal did not say so" in e.reason]) >= 3,
+                     timeout=30, what="three forged attempts refused")
+    st = await alice.status("hms-ach")
+    assert st.crash_count == 1 and st.phase != "Degraded", (st.crash_count, st.phase)
+    assert not [e for e in cluster.events if "card data" in e.reason]
+    st = await eventually(lambda: _ready_again(alice), timeout=30, what="the heal's next replacement up")
+    assert st.ready_replicas == 2
+
+
+async def _crashed(orch: Orchestrator, n: int):
+    st = await orch.status("hms-ach")
+    return st if st.crash_count >= n else None
 
 
 async def _ready_again(orch: Orchestrator):

@@ -9,12 +9,13 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ChildWorkflowError
+from temporalio.exceptions import ActivityError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
     from activities.pods import PodActivities
     from hms_mgmt.models import (
+        HealAttempt,
         HealInput,
         PodFailure,
         PodStatus,
@@ -33,6 +34,7 @@ from workflows.scale import ScaleWorkflow
 from workflows.service.feed import EndpointFeed
 from workflows.service.state import CONTROL_TIMEOUT, ServiceRun, cancel_quietly
 
+HEAL_ATTEMPT_CONFIRMED = "heal-attempt-confirmed"  # patch: heal_attempt_failed believed as its heal's word
 HEAL_FIRST = "heal-before-event"  # patch: a failed pod's heal child starts in the same task as its event
 WATCH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
 
@@ -212,6 +214,18 @@ class Supervision:
             run.set_phase("Healing")
         run.state.heal_counter += 1
         run.heals[pod.id] = asyncio.ensure_future(self._heal(pod, failure))
+
+    async def heal_says(self, attempt: HealAttempt) -> bool:
+        """Whether this run's heal of ``attempt.failed_pod`` itself told of that failed attempt
+        (asked by the control worker through the heal's ``attempts`` query)."""
+        try:
+            return await workflow.execute_activity_method(
+                ControlActivities.confirm_heal_attempt, attempt,
+                task_queue=self.run.placement.control_task_queue, start_to_close_timeout=CONTROL_TIMEOUT,
+                summary=f"confirm heal attempt {attempt.attempt} for {attempt.failed_pod[:8]}")
+        except ActivityError as e:  # not confirmed is not believed: the heal goes on all the same
+            workflow.logger.warning("heal attempt for %s not confirmed: %s", attempt.failed_pod, e)
+            return False
 
     async def _heal(self, pod: PodStatus, failure: PodFailure) -> None:
         run = self.run

@@ -50,7 +50,7 @@ from workflows.service.lifecycle import Lifecycle
 from workflows.service.reports import PodReports
 from workflows.service.slots import Slots
 from workflows.service.state import SERVICE_KEY, ServiceRun, cancel_quietly, refuse
-from workflows.service.supervision import Supervision
+from workflows.service.supervision import HEAL_ATTEMPT_CONFIRMED, Supervision
 from workflows.service.updates import Updates
 
 DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degraded
@@ -234,14 +234,19 @@ class ServiceWorkflow:
         await self.capacity.hinted()
 
     @workflow.signal(name=S.HEAL_ATTEMPT_FAILED)
-    def heal_attempt_failed(self, attempt: HealAttempt) -> None:
+    async def heal_attempt_failed(self, attempt: HealAttempt) -> None:
         run = self.run_state
-        # From a heal this workflow runs, about a replacement that is not a live pod of ours:
-        # anything else is not ours to believe (anyone can signal), and could unbook a live pod.
+        # From a heal this workflow runs, about a replacement that is not a live pod of ours, and
+        # as that heal's own word: anything else is not ours to believe (anyone can signal); it
+        # would unbook a pod, count a crash and put its own text in a service.degraded event.
         if attempt.failed_pod not in run.heals or any(p.id == attempt.replacement and p.ready
                                                       for p in run.state.pods):
             run.post("access.denied", f"ignored a heal_attempt_failed signal for pod "
                                       f"{attempt.failed_pod[:8]}: no heal of it is running")
+            return
+        if workflow.patched(HEAL_ATTEMPT_CONFIRMED) and not await self.supervision.heal_says(attempt):
+            run.post("access.denied", f"ignored a heal_attempt_failed signal for pod {attempt.failed_pod[:8]}: "
+                                      "its heal did not say so")
             return
         state = run.state
         state.crash_count += 1

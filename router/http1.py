@@ -34,6 +34,9 @@ import httptools
 log = logging.getLogger("hms.router.http1")
 
 MAX_HEAD_BYTES = 64 << 10  # a request line and headers past this are refused (431)
+HEAD_TIMEOUT_S = 15.0  # a request head not whole this long after it began is answered 408
+BODY_SILENCE_S = 60.0  # a request body that got no byte for this long: the caller's connection is cut
+CALLER_SWEEP_S = 1.0  # how often callers' connections are checked (idle, a slow head, a silent body)
 MAX_PIPELINED = 32  # requests parsed ahead of the one being served; reading pauses beyond
 CALLER_IDLE_S = 75.0  # an idle caller's connection is closed after this (aiohttp's default)
 POD_IDLE_S = 30.0  # an idle pooled connection to a pod is not used again after this
@@ -42,7 +45,7 @@ BODY_HIGH_WATER = 256 << 10  # a streamed request body buffered past this pauses
 BUFFER_BYTES = 1 << 20  # request bodies of known length up to this are held, so that they can be sent again
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host"})
+                        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"http2-settings", b"host"})
 NO_BODY_STATUSES = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -80,7 +83,7 @@ class Request:
 
     __slots__ = ("method", "target", "headers", "version", "keep_alive", "length", "chunked", "complete",
                  "chunks", "buffered", "sink", "discard", "streamed", "expect_continue", "request_id",
-                 "forwarded_for", "host", "caller", "_waiter")
+                 "forwarded_for", "host", "caller", "upgrade", "_waiter")
 
     def __init__(self, caller: CallerConnection) -> None:
         self.caller = caller
@@ -101,6 +104,9 @@ class Request:
         self.request_id: str | None = None
         self.forwarded_for: str | None = None
         self.host: str | None = None
+        # It asked for an upgrade (never proxied) and has a body: llhttp would end it at its head,
+        # so its body is read by an :class:`_UpgradeBody` parser and it is served as a plain request.
+        self.upgrade = False
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -184,7 +190,11 @@ class CallerConnection(asyncio.Protocol):
         self.peer = ""
         self.queue: deque[Request] = deque()
         self.parsing: Request | None = None
-        self.head_bytes = 0
+        self.head_bytes = 0  # the head being parsed: its target and the headers whole so far
+        self.head_raw = 0  # ... and the bytes that came while it was not whole (a header line not ended yet)
+        self.received = 0  # bytes from the caller, ever (a body that stopped arriving is one that stopped growing it)
+        self._watched: tuple[Request, int] | None = None  # what watch() saw last, and since when
+        self._watched_at = 0.0
         self.busy = False  # a request is being served (its answer not yet whole)
         self.out: list[bytes] = []
         self.closed = False
@@ -205,16 +215,30 @@ class CallerConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        req = self.parsing
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
             self.must_close = True  # no upgrade is proxied: the request is served plain, then we close
-            self.pause("upgrade")
+            req = self.parsing
+            if req is not None and req.upgrade:  # with a body, which llhttp would not read: ours does
+                self._read_upgrade_body(req, data[e.args[0]:])
+            else:
+                self.pause("upgrade")
+            return
         except httptools.HttpParserError as e:
             if isinstance(e.__context__, _HeadTooLarge):  # raised in a callback, it comes wrapped
                 self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
             else:
                 self._refuse(400, f"bad request: {e}")
+            return
+        if req is not None and not req.method and self.parsing is req:
+            # A head not whole before this data nor after it: all of it was head. httptools holds a
+            # header line until it ends (on_header only then), so it is counted here as it comes.
+            self.head_raw += len(data)
+            if self.head_raw > MAX_HEAD_BYTES:
+                self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -242,7 +266,7 @@ class CallerConnection(asyncio.Protocol):
         # target may come in pieces.
         if self.parsing is None:
             self.parsing = Request(self)
-            self.head_bytes = 0
+            self.head_bytes = self.head_raw = 0
         self.head_bytes += len(url)
         if self.head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge
@@ -266,6 +290,8 @@ class CallerConnection(asyncio.Protocol):
         req.method = self.parser.get_method().decode("latin-1")
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
+        if req.upgrade:  # an Upgrade header: llhttp ends the request here if it takes it as an upgrade
+            req.upgrade = req.has_body and self.parser.should_upgrade()
         self.queue.append(req)
         if len(self.queue) > MAX_PIPELINED:
             self.pause("pipeline")
@@ -278,8 +304,42 @@ class CallerConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.parsing is not None
+        if self.parsing.upgrade:  # not yet: its body follows (data_received, HttpParserUpgrade)
+            return
         self.parsing._finish()
         self.parsing = None
+
+    def _read_upgrade_body(self, req: Request, rest: bytes) -> None:
+        """A request that asked for an upgrade, with a body: llhttp took the upgrade and ended it at
+        its head. Its body is read by a parser of its own, primed with a head of the same framing;
+        nothing after it is read (the connection closes after the answer)."""
+        self.parser = httptools.HttpRequestParser(_UpgradeBody(self, req))
+        framing = b"Transfer-Encoding: chunked" if req.chunked else b"Content-Length: %d" % (req.length or 0)
+        self.parser.feed_data(b"PUT / HTTP/1.1\r\n%s\r\n\r\n" % framing)
+        if rest:
+            self.data_received(rest)
+
+    def watch(self, now: float) -> None:
+        """About every :data:`CALLER_SWEEP_S` (the server's sweeper), while a request is being read:
+        a head not whole :data:`HEAD_TIMEOUT_S` after it was first seen is answered 408; a body that
+        got no byte for :data:`BODY_SILENCE_S`, the connection is cut. Not while we hold reading
+        back, nor while the caller waits for our ``100 Continue``."""
+        req = self.parsing
+        if req is None or self._pauses or self.closed or req.expect_continue:
+            self._watched = None
+            return
+        mark = (req, self.received if req.method else -1)
+        if mark != self._watched:
+            self._watched, self._watched_at = mark, now
+            return
+        waited = now - self._watched_at
+        if not req.method:
+            if waited >= HEAD_TIMEOUT_S:
+                self._watched = None
+                self._refuse(408, f"request head not received within {HEAD_TIMEOUT_S:g}s")
+        elif waited >= BODY_SILENCE_S:
+            log.info("router: a request body from %s got no byte for %.0fs: connection cut", self.peer, waited)
+            self.abort()
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -408,6 +468,26 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _UpgradeBody:
+    """The callbacks of the parser that reads the body of a request that asked for an upgrade
+    (:meth:`CallerConnection._read_upgrade_body`): the body to the request, nothing after it."""
+
+    __slots__ = ("caller", "req")
+
+    def __init__(self, caller: CallerConnection, req: Request) -> None:
+        self.caller, self.req = caller, req
+
+    def on_body(self, body: bytes) -> None:
+        if self.caller.parsing is self.req:
+            self.req._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.caller.parsing is self.req:
+            self.caller.parsing = None
+            self.req._finish()
+            self.caller.pause("upgrade")  # what follows is not read: the connection closes after the answer
+
+
 def _set_length(req: Request, value: bytes) -> None:
     with contextlib.suppress(ValueError):
         req.length = int(value)
@@ -433,9 +513,14 @@ def _set_host(req: Request, value: bytes) -> None:
     req.host = value.decode("latin-1")
 
 
+def _set_upgrade(req: Request, value: bytes) -> None:
+    req.upgrade = True
+
+
 _SPECIAL: dict[bytes, Callable[[Request, bytes], None]] = {
     b"content-length": _set_length, b"transfer-encoding": _set_chunked, b"expect": _set_expect,
     b"x-request-id": _set_request_id, b"x-forwarded-for": _set_forwarded_for, b"host": _set_host,
+    b"upgrade": _set_upgrade,
 }
 
 
@@ -459,12 +544,17 @@ class CallerServer:
             self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        """Idle callers' connections closed; requests being read watched (:meth:`CallerConnection.watch`)."""
         while True:
-            await asyncio.sleep(CALLER_IDLE_S / 5)
-            edge = time.monotonic() - CALLER_IDLE_S
-            for c in [c for c in self.connections if c.idle_since is not None and c.idle_since < edge]:
-                if c.transport is not None:
-                    c.transport.close()
+            await asyncio.sleep(CALLER_SWEEP_S)
+            now = time.monotonic()
+            edge = now - CALLER_IDLE_S
+            for c in list(self.connections):
+                if c.idle_since is not None and c.idle_since < edge:
+                    if c.transport is not None:
+                        c.transport.close()
+                elif c.parsing is not None or c._watched is not None:
+                    c.watch(now)
 
     async def close(self) -> None:
         for s in self.servers:
@@ -536,6 +626,11 @@ class PodConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def spoil(self) -> None:
+        """The pod said more than it was asked: the connection is cut, and not taken from the pool again."""
+        self.closed = True
+        self.abort()
 
     def release(self, keep: bool) -> None:
         self.exchange = None
@@ -645,7 +740,7 @@ class Exchange:
 
     __slots__ = ("req", "caller", "conn", "parser", "extra", "retryable", "future", "status", "raw",
                  "head_at", "relaying", "discarding", "chunked_out", "close_delimited", "ended",
-                 "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s", "on_done")
+                 "informational", "keep", "body_sent", "idle_since", "active", "read_timeout_s", "on_done", "unframed")
 
     def __init__(self, req: Request, conn: PodConnection, *, extra: bytes, retryable: bool,
                  read_timeout_s: float) -> None:
@@ -661,6 +756,7 @@ class Exchange:
         self.relaying = self.discarding = self.chunked_out = self.close_delimited = False
         self.ended = self.informational = self.keep = False
         self.body_sent = False
+        self.unframed: bytes | None = None  # the head lines of an answer without Content-Length
         self.active = False
         self.read_timeout_s = read_timeout_s
         self.idle_since = 0.0
@@ -728,6 +824,9 @@ class Exchange:
     def on_headers_complete(self) -> None:
         # The head is taken raw (one regex pass over it, not a callback per header): llhttp has
         # checked it, and it is in what was fed so far.
+        if self.ended:  # another answer after ours, unasked: the connection is not used again
+            self.conn.spoil()
+            return
         raw = self.raw or b""
         end = raw.find(b"\r\n\r\n") + 2
         if end < 2:
@@ -759,16 +858,18 @@ class Exchange:
         elif length is not None:
             framing = b"Content-Length: %s\r\n" % length
         elif req.version == "1.1":
-            framing, self.chunked_out = b"Transfer-Encoding: chunked\r\n", True
+            framing, self.chunked_out, self.unframed = b"Transfer-Encoding: chunked\r\n", True, headers
         else:
-            framing, self.close_delimited = b"", True
+            framing, self.close_delimited, self.unframed = b"", True, headers
         conn = caller.connection_header(req, close=self.close_delimited)
         caller.out.append(b"HTTP/1.1 %s\r\n%s%s%s%s\r\n" % (status, kept, self.extra, framing, conn))
         self.relaying = True
         caller.relaying = self
 
     def on_body(self, body: bytes) -> None:
-        if self.discarding or self.informational or not body:
+        if self.discarding or self.informational or self.ended or not body:
+            if self.ended:  # a body after the answer ended (to a HEAD): dropped, the connection not used again
+                self.conn.spoil()
             return
         if self.chunked_out:
             self.caller.write(b"%x\r\n%s\r\n" % (len(body), body))
@@ -807,7 +908,11 @@ class Exchange:
     def _lost(self, error: BaseException | str | None) -> None:
         if self.ended:
             return
-        if self.relaying and self.close_delimited:  # the end of a close-delimited answer
+        if self.relaying and self.unframed is not None and not _chunked(self.unframed):
+            # An answer without length, not chunked: its end is the pod's close (RFC 9112 6.3).
+            if self.chunked_out:
+                self.caller.write(LAST_CHUNK)
+                self.caller.flush()
             self._end(Outcome(RELAYED, self.status, self.head_at), False)
             return
         self._end(Outcome(TRUNCATED if self.relaying else LOST, self.status, self.head_at, error), False)
@@ -825,7 +930,9 @@ class Exchange:
         """Called about every second: past the read timeout without a byte from the pod, give up."""
         if self.ended:
             return
-        if self.active or not self.idle_since:
+        if self.active or not self.idle_since or not (self.body_sent or "upload" in self.caller._pauses):
+            # The read timeout runs once the request is sent whole, or while the pod does not take
+            # its body (a body the caller sends slowly is the caller's: BODY_SILENCE_S).
             self.active, self.idle_since = False, now
             return
         if now - self.idle_since < self.read_timeout_s:
@@ -858,6 +965,14 @@ def relayed_headers(headers: bytes) -> tuple[bytes, bytes | None]:
             _RELAYED_CACHE.clear()
         got = _RELAYED_CACHE[headers] = _relayed_headers(headers)
     return got
+
+
+def _chunked(headers: bytes) -> bool:
+    """Whether an answer's header lines (as received) frame its body chunked: ``chunked`` is the
+    last transfer coding. Else an answer without Content-Length ends when the pod closes."""
+    codings = [value for name, _, value in (line.partition(b":") for line in headers.split(b"\n"))
+               if name.strip().lower() == b"transfer-encoding"]
+    return bool(codings) and codings[-1].split(b",")[-1].strip().lower() == b"chunked"
 
 
 def _relayed_headers(headers: bytes) -> tuple[bytes, bytes | None]:

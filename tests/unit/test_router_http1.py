@@ -54,3 +54,14 @@ def test_the_kept_answers_are_bounded() -> None:
     assert len(http1._RELAYED_CACHE) <= http1._RELAYED_CACHE_MAX
     relayed_headers(b"X-Big: " + b"a" * http1._RELAYED_CACHE_BLOCK + b"\r\n")
     assert not any(len(k) > http1._RELAYED_CACHE_BLOCK for k in http1._RELAYED_CACHE)
+
+
+def test_an_answer_is_chunked_only_if_chunked_is_its_last_transfer_coding() -> None:
+    """Else, without a Content-Length, the answer ends with the pod's connection (RFC 9112 6.3)."""
+    assert http1._chunked(b"Server: x\r\nTransfer-Encoding: chunked\r\n")
+    assert http1._chunked(b"transfer-encoding : gzip, Chunked\r\n")
+    assert http1._chunked(b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n")
+    assert not http1._chunked(b"Server: x\r\nContent-Type: text/plain\r\n")
+    assert not http1._chunked(b"Transfer-Encoding: chunked, gzip\r\n")
+    assert not http1._chunked(b"X-Transfer-Encoding: chunked\r\n")
+    assert not http1._chunked(b"")

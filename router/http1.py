@@ -201,6 +201,7 @@ class CallerConnection(asyncio.Protocol):
         self.must_close = False
         self.idle_since: float | None = time.monotonic()
         self.relaying: Exchange | None = None  # the exchange whose answer we are writing
+        self.write_paused = False  # the caller's write buffer is over its high-water mark
         # The X-Forwarded-* lines sent for this caller, by (its X-Forwarded-For, its Host).
         self.forwarded: dict[tuple[str | None, str | None], bytes] = {}
         self._pauses: set[str] = set()
@@ -252,10 +253,17 @@ class CallerConnection(asyncio.Protocol):
             ex.caller_lost()  # type: ignore[union-attr]
 
     def pause_writing(self) -> None:
+        """The caller does not read what we write fast enough: read neither its next requests nor
+        the answer being relayed (nor one relayed later) until it has taken most of it, so a
+        caller that never reads holds at most its write buffer and MAX_PIPELINED requests."""
+        self.write_paused = True
+        self.pause("writing")
         if self.relaying is not None:
             self.relaying.conn.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
+        self.resume("writing")
         if self.relaying is not None:
             self.relaying.conn.resume_reading()
 
@@ -551,7 +559,9 @@ class CallerServer:
             edge = now - CALLER_IDLE_S
             for c in list(self.connections):
                 if c.idle_since is not None and c.idle_since < edge:
-                    if c.transport is not None:
+                    if c.transport is not None and c.transport.get_write_buffer_size():
+                        c.transport.abort()  # close() would wait for a caller that never reads
+                    elif c.transport is not None:
                         c.transport.close()
                 elif c.parsing is not None or c._watched is not None:
                     c.watch(now)
@@ -865,6 +875,8 @@ class Exchange:
         caller.out.append(b"HTTP/1.1 %s\r\n%s%s%s%s\r\n" % (status, kept, self.extra, framing, conn))
         self.relaying = True
         caller.relaying = self
+        if caller.write_paused:  # the caller has not taken what it was sent yet
+            self.conn.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         if self.discarding or self.informational or self.ended or not body:

@@ -11,7 +11,8 @@ says exactly what the test wants said on the wire.
   body, as a plain request;
 - a pod that answers a HEAD with a body does not corrupt the caller's next answer;
 - an upload slower than the read timeout is not cut by it; a pod that does not answer still is;
-- a request body that stops arriving does not hold the connection for ever.
+- a request body that stops arriving does not hold the connection for ever;
+- a caller that sends requests and never reads the answers holds a bounded buffer.
 
 The timeouts are shortened for the test (module constants and ``ProxyOptions``)."""
 
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 import pytest
@@ -78,6 +82,7 @@ class RawPod(asyncio.Protocol):
 class Router:
     port: int
     engine: BuiltinEngine
+    server: Any = None
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
@@ -98,7 +103,7 @@ async def router(tmp_path, monkeypatch):
     port = free_port()
     await server.listen("127.0.0.1", port)
     try:
-        yield Router(port, engine)
+        yield Router(port, engine, server)
     finally:
         await server.close()
         await engine.close()
@@ -258,3 +263,29 @@ async def test_a_body_that_stops_arriving_does_not_hold_the_connection(router, f
     writer.write(b"POST /svc/echo HTTP/1.1\r\nHost: a\r\n%s\r\n\r\n%s" % (framing, first))
     assert await closed(reader, 10), "a silent request body held the connection"
     writer.close()
+
+
+async def test_a_caller_that_never_reads_holds_a_bounded_buffer(router):
+    """Requests the router answers itself (an unknown service: 404), sent for 3 s by a caller
+    that reads nothing: the router stops reading it once its answers back up, so what it keeps
+    for that caller stays near the transport's high-water mark (it grew by tens of MB)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", router.port))
+    request = b"GET /nosuch/x HTTP/1.1\r\nHost: a\r\n\r\n" * 64
+    sent, began = 0, time.monotonic()
+    try:
+        while time.monotonic() - began < 3.0:
+            try:
+                sent += sock.send(request)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        (caller,) = [c for c in router.server.connections if c.transport is not None]
+        buffered = caller.transport.get_write_buffer_size()
+        assert buffered < 2 << 20, f"{buffered} bytes of answers kept for a caller that reads nothing ({sent} sent)"
+        assert "writing" in caller._pauses
+    finally:
+        sock.close()

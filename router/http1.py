@@ -24,6 +24,7 @@ import contextlib
 import http
 import json
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -296,6 +297,8 @@ class CallerConnection(asyncio.Protocol):
         req = self.parsing
         assert req is not None
         req.method = self.parser.get_method().decode("latin-1")
+        if req.target[:1] != "/":  # absolute-form (RFC 9112 3.2.2, which a server must accept)
+            req.target = origin_form(req.target)
         req.version = self.parser.get_http_version()
         req.keep_alive = self.parser.should_keep_alive()
         if req.upgrade:  # an Upgrade header: llhttp ends the request here if it takes it as an upgrade
@@ -977,6 +980,19 @@ def relayed_headers(headers: bytes) -> tuple[bytes, bytes | None]:
             _RELAYED_CACHE.clear()
         got = _RELAYED_CACHE[headers] = _relayed_headers(headers)
     return got
+
+
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def origin_form(target: str) -> str:
+    """``http://host:port/svc/x?q`` -> ``/svc/x?q`` (``/`` for none); any other form as it is
+    (``*`` of ``OPTIONS *``, an authority of ``CONNECT``)."""
+    m = _ABSOLUTE_FORM.match(target)
+    if m is None:
+        return target
+    rest = target[m.end():]
+    return rest if rest.startswith("/") else "/" + rest
 
 
 def _chunked(headers: bytes) -> bool:

@@ -289,3 +289,15 @@ async def test_a_caller_that_never_reads_holds_a_bounded_buffer(router):
         assert "writing" in caller._pauses
     finally:
         sock.close()
+
+
+async def test_an_absolute_form_request_reaches_its_service(router):
+    """``GET http://host/svc/echo`` (what a client speaking to a proxy sends) is served as
+    ``/svc/echo``: RFC 9112 says a server must accept it (it was 404 ``unknown service "http:"``)."""
+    reader, writer = await router.connect()
+    try:
+        writer.write(b"GET http://127.0.0.1:%d/svc/echo?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % router.port)
+        answer = await read_answer(reader)
+        assert answer.status == 200 and answer.json()["path"] == "/echo?x=1", answer.body
+    finally:
+        writer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -65,3 +66,15 @@ def test_an_answer_is_chunked_only_if_chunked_is_its_last_transfer_coding() -> N
     assert not http1._chunked(b"Transfer-Encoding: chunked, gzip\r\n")
     assert not http1._chunked(b"X-Transfer-Encoding: chunked\r\n")
     assert not http1._chunked(b"")
+
+
+@pytest.mark.parametrize(("target", "origin"), [
+    ("http://router:8000/hms-ach/pay?x=1", "/hms-ach/pay?x=1"),
+    ("HTTP://10.0.0.1/hms-ach", "/hms-ach"),
+    ("http://router:8000", "/"),
+    ("http://router:8000?q", "/?q"),
+    ("*", "*"),
+    ("router:443", "router:443"),
+])
+def test_an_absolute_form_target_is_served_as_its_path(target, origin):
+    assert http1.origin_form(target) == origin

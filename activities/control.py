@@ -500,6 +500,7 @@ class ControlActivities:
             proven = await asyncio.to_thread(auth.verify_proof, inp.proof or None, action=inp.claim or inp.action,
                                              service=inp.service, bind=inp.bind, state_dir=settings.state_dir)
             identity = proven.identity
+            await asyncio.to_thread(auth.take_proof, settings.state_dir, proven, activity.info().workflow_run_id)
             matrix = await asyncio.to_thread(auth.load_access_matrix, settings.state_dir)
             if inp.action == "approve" and inp.requester is not None:
                 auth.check_approver(identity, inp.requester, matrix)

@@ -313,6 +313,8 @@ class Orchestrator:
         attempts = 0
         while attempts < 3:
             attempts += 1
+            if attempts > 1:  # a proof is good for the one run that took it: a fresh one for a fresh run
+                inp = inp.model_copy(update={"proof": self._prove("deploy", spec.name, spec=spec.digest())})
             start = self._start_operation(spec, inp)
             try:
                 status = await asyncio.wait_for(

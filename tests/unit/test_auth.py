@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -475,3 +476,19 @@ def test_legacy_token_of_this_host_is_renewed_with_its_role(tmp_path: Path) -> N
     identity = verify_token(token, state_dir=tmp_path)
     assert identity.user == "grace" and identity.role == "gov_approver"
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["token"] == token
+
+
+def test_a_proof_is_taken_by_one_run_until_it_expires(tmp_path: Path):
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    proven = auth.Proven(identity=ident("alice", "ops_admin"), jti="j1", expires_at=soon)
+    auth.take_proof(tmp_path, proven, "run-a")
+    auth.take_proof(tmp_path, proven, "run-a")  # the same run again (an activity retried): still its own
+    with pytest.raises(AccessDenied, match="already used"):
+        auth.take_proof(tmp_path, proven, "run-b")
+    other = auth.Proven(identity=proven.identity, jti="j2", expires_at=soon)
+    auth.take_proof(tmp_path, other, "run-b")
+    # Once expired, a proof is refused by its own check; the record of it goes.
+    auth.take_proof(tmp_path, auth.Proven(identity=proven.identity, jti="j3", expires_at=soon), "run-c",
+                    now=soon.timestamp() + 1)
+    assert set(json.loads((tmp_path / auth.PROOFS_TAKEN).read_text())) == {"j3"}
+    assert stat.S_IMODE((tmp_path / auth.PROOFS_TAKEN).stat().st_mode) == 0o600

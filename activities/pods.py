@@ -47,6 +47,7 @@ PROBE_LATE_S = 0.25  # a failed ping whose timeout fired this much late: this wo
 ORPHAN_CHECK_S = 30.0  # how often a watch looks for pods of its service that the workflow does not know
 BEAT_EVERY_MAX_S = 5.0  # a watch's keep-alive heartbeat: a cancel reaches it within this
 RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
+MAX_STOPPED_KEPT = 10_000  # pods stopped here kept in mind (their start tickets outlive them by minutes)
 
 
 def pod_status(handle: PodHandle, *, health: str | None = None, ready: bool = False) -> PodStatus:
@@ -144,6 +145,9 @@ class PodActivities:
         self.on_probe = on_probe
         self.node_pods = NodePods(runtime)
         self._session: aiohttp.ClientSession | None = None
+        # Pods this node stopped for their service, while a start ticket for them could still be
+        # good (pod id -> monotonic time): no pod id starts again after its stop.
+        self._stopped: dict[str, float] = {}
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -237,9 +241,14 @@ class PodActivities:
 
     async def _check_ticket(self, inp: StartPodInput) -> None:
         """Only a start the control plane signed for exactly this pod, on this node, starts it,
-        whoever scheduled this activity."""
+        whoever scheduled this activity; and never a pod this node has stopped (its ticket, read
+        from a history, could restart it for the ticket's minutes)."""
         if self.trust is None:
             return
+        if self._was_stopped(inp.pod_id):
+            await self._refuse(inp.service, "start_pod", AccessDenied("this node stopped it: a pod id starts once"),
+                               f"pod {inp.pod_id} not started: this node stopped it (a pod id starts once)",
+                               pod=inp.pod_id, node=inp.node)
         try:
             await asyncio.to_thread(tickets.verify_start, self.trust.state_dir, inp.ticket, service=inp.service,
                                     revision=inp.revision, spec=inp.spec, image_id=inp.image_id, pod_id=inp.pod_id,
@@ -321,7 +330,19 @@ class PodActivities:
             except AccessDenied as e:
                 await self._refuse(inp.service, "stop_pod", e, f"pod {inp.pod_id} not stopped: {e}", pod=inp.pod_id,
                                    node=self.runtime.node)
+        self._mark_stopped(inp.pod_id)
         return await heartbeating(self.runtime.stop, inp.pod_id, inp.grace_s)
+
+    def _mark_stopped(self, pod_id: str) -> None:
+        now = time.monotonic()
+        self._stopped[pod_id] = now
+        if len(self._stopped) > MAX_STOPPED_KEPT:  # the oldest go first (insertion order)
+            for old in list(self._stopped)[:len(self._stopped) - MAX_STOPPED_KEPT]:
+                del self._stopped[old]
+
+    def _was_stopped(self, pod_id: str) -> bool:
+        at = self._stopped.get(pod_id)
+        return at is not None and time.monotonic() - at < tickets.START_TICKET_TTL_S + 60.0
 
     @activity.defn(name="list_pods")
     async def list_pods(self, inp: ListPodsInput) -> ListPodsOutput:

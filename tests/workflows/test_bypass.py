@@ -24,12 +24,14 @@ from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
     DeployInput,
     HealInput,
+    LogsOutput,
     PodFailure,
     PodLogsInput,
     ScaleInput,
     ServiceInput,
     ServiceState,
     StartPodInput,
+    StopPodInput,
 )
 
 
@@ -184,6 +186,27 @@ async def test_forged_internal_signals_change_nothing(temporal_env, hms: Orchest
     (await hms.undeploy("hms-ach"))
 
 
+async def test_a_request_proof_read_from_a_history_is_good_for_no_other_run(temporal_env, hms: Orchestrator, settings):
+    """A proof is in the history of the run it was sent to, where anyone who reaches Temporal can
+    read it. Handed to a run of their own (a PodLogsWorkflow they start, while the proof still
+    lives), it is refused: a proof is good for the one run that first presented it."""
+    await hms.deploy(seed_spec(), wait=True, timeout=120)
+    live = (await hms.status("hms-ach")).pods[0]
+    inp = PodLogsInput(pod_id=live.id, service="hms-ach", node_task_queue=settings.node_task_queue(), tail=5,
+                       proof=hms._prove("logs", "hms-ach", pod=live.id))
+    owner = await temporal_env.client.execute_workflow(
+        "PodLogsWorkflow", inp, id=f"svc-hms-ach-logs-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue,
+        result_type=LogsOutput)
+    assert owner.lines is not None
+    wf_id = f"attack-logs-{uuid.uuid4().hex[:6]}"
+    await asyncio.to_thread(cli_start, settings, "PodLogsWorkflow", inp.model_dump_json(), wf_id)
+    with pytest.raises(WorkflowFailureError) as failed:
+        await asyncio.wait_for(temporal_env.client.get_workflow_handle(wf_id).result(), 60)
+    assert "already used" in str(failed.value.cause), failed.value.cause
+    assert any("already used" in r for r in denied(settings))
+    await hms.undeploy("hms-ach")
+
+
 async def test_start_pod_without_a_valid_ticket_is_refused(settings, tmp_path):
     """An attacker's own worker on our node queue could schedule start_pod directly."""
     spec = ServiceSpec.model_validate(seed_spec())
@@ -214,6 +237,16 @@ async def test_start_pod_without_a_valid_ticket_is_refused(settings, tmp_path):
                 await ActivityEnvironment().run(acts.start_pod, inp)
         assert node_pods(settings) == []
         assert len([r for r in denied(settings) if "not started" in r]) == len(cases)
+        # A pod its service stopped on this node does not start again on its own (valid) ticket,
+        # read from a history: a pod id starts once.
+        stop = tickets.stop_grant(settings.state_dir, service="hms-ach", pod_id=pod, node=settings.node)
+        await ActivityEnvironment().run(acts.stop_pod, StopPodInput(pod_id=pod, grace_s=0, service="hms-ach",
+                                                                    node=settings.node, grant=stop))
+        inp = StartPodInput(pod_id=pod, service="hms-ach", revision=1, node=settings.node, spec=spec,
+                            image_id=image_id, ticket=good)
+        with pytest.raises(ApplicationError, match="this node stopped it"):
+            await ActivityEnvironment().run(acts.start_pod, inp)
+        assert node_pods(settings) == []
     finally:
         await acts.close()
 

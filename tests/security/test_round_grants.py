@@ -43,8 +43,9 @@ async def test_a_rollout_asks_its_rounds_grants_at_once_each_bound_to_its_pod(te
     st = await hms.status("hms-ach")
     assert st.phase == "Running" and st.ready_replicas == 3
     local, scheduled, starts, _ = await _deploy_history(temporal_env.client, f"svc-hms-ach-deploy-{st.revision}")
-    # Placement and the round's grants: three local activities, not two per pod.
-    assert sorted(local) == ["pick_node", "stamp_round", "start_tickets"]
+    # Placement and the round's grants: three local activities, not two per pod; then each
+    # start's result checked as its node's signed word.
+    assert sorted(local) == ["check_started_pod"] * 3 + ["pick_node", "stamp_round", "start_tickets"]
     assert scheduled == ["start_pod"] * 3
     assert sorted(s["pod_id"] for s in starts) == sorted(p.id for p in st.pods)
     for start in starts:  # each pod's own ticket and stamp: the node checked them before it started the pod

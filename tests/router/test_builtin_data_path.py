@@ -20,7 +20,7 @@ import psutil
 import pytest
 from aiohttp import web
 from conftest import eventually, make_settings, seed_spec, sweep_pods, terminate_running
-from router_helpers import push_table
+from router_helpers import push_table, read_answer
 
 from hms_mgmt import feed
 from hms_mgmt.events import read_events
@@ -33,29 +33,6 @@ from worker.main import HmsWorker
 pytestmark = pytest.mark.timeout(300)
 
 PAYMENT = json.dumps({"amount": 12.5, "account": "DE-1234-5678", "currency": "EUR"}).encode()
-
-
-class Answer:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-
-async def read_answer(reader: asyncio.StreamReader, method: str = "GET") -> Answer:
-    """One HTTP/1.1 answer off a raw connection: Content-Length, chunked, or none for HEAD."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-    if method == "HEAD" or status in (204, 304):
-        return Answer(status, headers, b"")
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return Answer(status, headers, body)
-            body += chunk[:-2]
-    return Answer(status, headers, await reader.readexactly(int(headers.get("content-length", "0"))))
 
 
 def request(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:

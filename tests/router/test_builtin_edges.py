@@ -27,6 +27,7 @@ from typing import Any
 
 import httptools
 import pytest
+from router_helpers import read_answer
 
 from hms_mgmt.models import Endpoint, EndpointSet
 from hms_mgmt.testing import free_port
@@ -108,34 +109,6 @@ async def router(tmp_path, monkeypatch):
         await server.close()
         await engine.close()
         pod.close()
-
-
-class Answer:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-
-async def read_answer(reader: asyncio.StreamReader, method: str = "GET") -> Answer:
-    """One answer, which must begin right where the last one ended."""
-    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert raw.startswith(b"HTTP/1.1 "), f"not an answer's start: {raw[:60]!r}"
-    head = raw.decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-    if method == "HEAD" or status in (204, 304):
-        return Answer(status, headers, b"")
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
-        while True:
-            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 10)).split(b";")[0], 16)
-            chunk = await asyncio.wait_for(reader.readexactly(size + 2), 10)
-            if size == 0:
-                return Answer(status, headers, body)
-            body += chunk[:-2]
-    return Answer(status, headers, await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10))
 
 
 async def closed(reader: asyncio.StreamReader, within: float) -> bool:

@@ -9,49 +9,30 @@ The pod is the test's own raw server, behind a table pushed as the feed pushes i
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
 import pytest
-from router_helpers import engine, push_table, routed  # noqa: F401 - fixtures
+from router_helpers import RawPodServer, engine, json_answer, push_table, routed  # noqa: F401 - fixtures
 
 from hms_mgmt.models import Endpoint
 
 pytestmark = pytest.mark.timeout(180)
 
 
-class EchoPod:
+class EchoPod(RawPodServer):
     """Answers every request with the request's header lines, as JSON (name -> values)."""
 
-    def __init__(self) -> None:
-        self.server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                seen: dict[str, list[str]] = {}
-                for line in head.split("\r\n")[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        seen.setdefault(name.strip().lower(), []).append(value.strip())
-                body = json.dumps(seen).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            seen: dict[str, list[str]] = {}
+            for line in head.split("\r\n")[1:]:
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    seen.setdefault(name.strip().lower(), []).append(value.strip())
+            writer.write(json_answer(seen))
+            await writer.drain()
 
 
 async def test_the_pod_is_told_the_routers_word_on_proto_and_host_not_the_callers(routed):  # noqa: F811

@@ -13,7 +13,7 @@ from collections import Counter
 
 import aiohttp
 import pytest
-from router_helpers import engine, push_table, routed  # noqa: F401 - fixtures
+from router_helpers import RawPodServer, engine, json_answer, push_table, routed  # noqa: F401 - fixtures
 
 from hms_mgmt.models import Endpoint
 
@@ -22,42 +22,27 @@ pytestmark = pytest.mark.timeout(180)
 PAYMENT = json.dumps({"amount": 12.5, "account": "DE-1234-5678", "currency": "EUR"}).encode()
 
 
-class DroppingPod:
+class DroppingPod(RawPodServer):
     """Reads each request whole, counts it by method, then closes the connection without a byte
     of answer; a GET is answered instead when ``answers_get``."""
 
     def __init__(self, name: str, answers_get: bool) -> None:
+        super().__init__()
         self.name, self.answers_get = name, answers_get
         self.seen: Counter[str] = Counter()
-        self.server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                method = head.split(" ", 1)[0]
-                length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
-                               if line.lower().startswith("content-length:")), 0)
-                await reader.readexactly(length)
-                self.seen[method] += 1
-                if method != "GET" or not self.answers_get:
-                    return
-                body = json.dumps({"pod": self.name}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            method = head.split(" ", 1)[0]
+            length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                           if line.lower().startswith("content-length:")), 0)
+            await reader.readexactly(length)
+            self.seen[method] += 1
+            if method != "GET" or not self.answers_get:
+                return
+            writer.write(json_answer({"pod": self.name}))
+            await writer.drain()
 
 
 async def test_a_dropped_post_is_not_replayed_but_a_dropped_get_is(routed):  # noqa: F811

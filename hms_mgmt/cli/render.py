@@ -32,6 +32,17 @@ out = _console()
 err = _console(stderr=True)
 
 
+# C0 and C1 control characters and DEL, as ``\xNN``: text that came from outside (an event's
+# reason and service can hold what a refused caller sent) cannot move the cursor, clear the
+# screen, retitle the window or write the clipboard of an operator following ``hms events``.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def shown(text: str) -> str:
+    """``text`` with its control characters written out (see :data:`_CONTROLS`)."""
+    return text.translate(_CONTROLS)
+
+
 def _short(pod_id: str) -> str:
     return pod_id[:8]
 

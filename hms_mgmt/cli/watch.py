@@ -15,7 +15,7 @@ from rich.text import Text
 
 from hms_mgmt.cli.output import Format, show_item
 from hms_mgmt.cli.progress import Lines, status_line, wait_text
-from hms_mgmt.cli.render import _phase, _pods_table, _services_table, _short, _web_ui_url, _when, out
+from hms_mgmt.cli.render import _phase, _pods_table, _services_table, _short, _web_ui_url, _when, out, shown
 from hms_mgmt.config import Settings
 from hms_mgmt.events import Event
 from hms_mgmt.models import ServiceStatus
@@ -112,4 +112,4 @@ async def watch_status(orch: Orchestrator, name: str | None, fmt: Format, *, pol
 
 
 def event_line(ev: Event) -> str:
-    return f"{_when(ev.time)}  {ev.type:<20} {ev.service:<14} {ev.reason}"
+    return f"{_when(ev.time)}  {shown(ev.type):<20} {shown(ev.service):<14} {shown(ev.reason)}"

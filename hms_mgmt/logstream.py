@@ -17,8 +17,10 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from aiohttp_sse import sse_response
 from hms_mgmt import tickets
 from hms_mgmt.addresses import host_port
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
-from hms_mgmt.events import Event, EventSink
+from hms_mgmt.events import EventSink, RefusalLog
 from hms_mgmt.runtimes.base import PodRuntime, PodRuntimeError, check_pod_id
 from hms_mgmt.runtimes.follow import LogFollow
 from hms_mgmt.webserve import serve_app
@@ -45,6 +47,10 @@ KEY_HEADER = "X-Hms-Log-Key"
 GRANT_MAX_AGE_S = 60.0
 MAX_TAIL = 10_000
 QUEUE_LINES = 1000  # lines read ahead of a slow reader; then the reading thread waits
+MAX_FOLLOWS = 128  # follow streams open at once on one node: each holds a thread and a file or engine stream
+FOLLOWS_PER_GRANT = 2  # per pod and grant (a reconnect may overlap the stream it replaces)
+REFUSALS_PER_MINUTE = 30  # access.denied events a minute from this door; the rest are counted in the next
+_SERVICE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a DNS-1123 label, as ServiceSpec.name
 
 
 # --- the grant --------------------------------------------------------------------------
@@ -131,6 +137,10 @@ class LogServer:
         self.runtime = runtime
         self.state_dir = state_dir
         self.sink = sink
+        # Anyone who reaches the node's address may knock: a flood of refusals must not rotate the
+        # node's real events out of its log, its webhook spool or its outbox to the control host.
+        self.refusals = RefusalLog(sink, REFUSALS_PER_MINUTE) if sink is not None else None
+        self.follows: Counter[tuple[str, str]] = Counter()  # (grant key, pod) -> follow streams open
         self.port = 0
         self._runner: web.AppRunner | None = None
         app = web.Application()
@@ -148,15 +158,21 @@ class LogServer:
             self._runner = None
 
     async def _refused(self, service: str, pod: str, error: Exception) -> None:
-        """A refusal is an ``access.denied`` event on this node, as every refusal is."""
-        log.warning("log stream of pod %s (%s) refused: %s", pod[:64], service[:63], error)
-        if self.sink is not None:
-            await self.sink.publish(Event(type="access.denied", service=service[:63] or "-",
-                                          reason=f"log stream of pod {pod[:64]} refused: {error}",
-                                          data={"action": "logs", "pod": pod[:64], "node": self.runtime.node}))
+        """A refusal is an ``access.denied`` event on this node, as every refusal is (at most
+        :data:`REFUSALS_PER_MINUTE`). What the caller named is recorded only if it is a service
+        name and a pod id: anything else is "-", never the caller's text."""
+        service = service if len(service) <= 63 and _SERVICE_NAME.fullmatch(service) else "-"
+        try:
+            check_pod_id(pod)
+        except PodRuntimeError:
+            pod = "-"
+        log.warning("log stream of pod %s (%s) refused: %s", pod, service, error)
+        if self.refusals is not None:
+            await self.refusals.record(service, f"log stream of pod {pod} refused: {error}",
+                                       action="logs", pod=pod, node=self.runtime.node)
 
-    async def _request(self, request: web.Request) -> tuple[str, str, int, bool]:
-        """The checked request: service, pod, tail, follow; or the HTTP refusal."""
+    async def _request(self, request: web.Request) -> tuple[str, str, int, bool, str]:
+        """The checked request: service, pod, tail, follow, the grant's key hash; or the HTTP refusal."""
         scheme, _, grant = request.headers.get("Authorization", "").partition(" ")
         key = request.headers.get(KEY_HEADER, "")
         service, pod = request.query.get("service", ""), request.match_info["pod"]
@@ -178,10 +194,19 @@ class LogServer:
             raise _error(web.HTTPForbidden, str(e)) from None
         if handle is None or handle.service != service:
             raise _error(web.HTTPNotFound, f"no pod {pod} of {service} on node {self.runtime.node}")
-        return service, pod, tail, request.query.get("follow", "") in ("1", "true")
+        return service, pod, tail, request.query.get("follow", "") in ("1", "true"), key_hash(key)
 
     async def _logs(self, request: web.Request) -> web.StreamResponse:
-        service, pod, tail, follow = await self._request(request)
+        service, pod, tail, follow, grant_key = await self._request(request)
+        held = (grant_key, pod)
+        if follow:  # one viewer's grant must not hold every thread and file of the node
+            if sum(self.follows.values()) >= MAX_FOLLOWS:
+                raise _error(web.HTTPTooManyRequests, f"{MAX_FOLLOWS} log streams are open on node "
+                                                      f"{self.runtime.node}: try again later")
+            if self.follows[held] >= FOLLOWS_PER_GRANT:
+                raise _error(web.HTTPTooManyRequests, f"{FOLLOWS_PER_GRANT} streams of pod {pod} are open "
+                                                      "for this grant already")
+            self.follows[held] += 1
         resp: web.StreamResponse | None = None
         try:
             async with sse_response(request, ping_interval=15) as resp:
@@ -195,6 +220,11 @@ class LogServer:
                 await resp.send(await self._why_ended(pod), event="end")
         except (ConnectionResetError, PodRuntimeError) as e:
             log.info("log stream of pod %s ended: %s", pod, e or "the reader went away")
+        finally:
+            if follow:
+                self.follows[held] -= 1
+                if self.follows[held] <= 0:
+                    del self.follows[held]
         return resp if resp is not None else web.Response(status=204)
 
     async def _why_ended(self, pod: str) -> str:

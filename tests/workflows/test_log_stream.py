@@ -197,6 +197,28 @@ async def test_the_node_stream_reads_nothing_without_a_valid_grant(hms: Orchestr
     denied = [e for e in read_events(settings.state_dir) if e.type == "access.denied" and "log stream" in e.reason]
     assert len(denied) >= len(attempts)
 
+    # Knocking with no grant, a hundred times, naming a "service" that is a terminal escape: the
+    # node records a bounded number of refusals (its real events stay in its log), none of the text.
+    evil = "\x1b[2J\x1b]0;owned\x07"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            async with session.get(url, params={"service": evil}) as resp:
+                assert resp.status == 401
+        # One viewer's grant opens at most FOLLOWS_PER_GRANT follow streams of a pod.
+        good = {"Authorization": f"Bearer {grant([a.id])}", logstream.KEY_HEADER: key}
+        follow = {"service": "hms-ach", "tail": "1", "follow": "1"}
+        held = [await session.get(url, params=follow, headers=good) for _ in range(logstream.FOLLOWS_PER_GRANT)]
+        try:
+            assert [r.status for r in held] == [200] * logstream.FOLLOWS_PER_GRANT
+            async with session.get(url, params=follow, headers=good) as resp:
+                assert resp.status == 429 and "open for this grant" in await resp.text()
+        finally:
+            for r in held:
+                r.close()
+    after = [e for e in read_events(settings.state_dir) if e.type == "access.denied" and "log stream" in e.reason]
+    assert len(after) - len(denied) <= 2 * logstream.REFUSALS_PER_MINUTE, len(after) - len(denied)
+    assert not [e for e in after if "\x1b" in e.service or "\x1b" in e.reason]
+
     # Asking the control plane directly: no proof, or a viewer's proof for another pod, gets no grant.
     viewer_token = auth.issue_token(state, user="vic", role="viewer")
     for proof in ("", auth.prove(viewer_token, action="logs", service="hms-ach",

@@ -320,14 +320,17 @@ def enrol(state_dir: Path, request: str, *, now: float | None = None) -> str:
         raise AccessDenied(f"the join token is for a {role}, not a {claims.get('role')}: "
                            f"use `hms {role} join`")
     return enrol_key(state_dir, node=str(claims.get("node")), address=str(claims.get("addr")),
-                     public_key=unb64url(str(claims.get("key"))), now=now, role=role)
+                     public_key=unb64url(str(claims.get("key"))), now=now, role=role,
+                     token_made=float(known.get("made", 0.0)))
 
 
 def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, now: float | None = None,
-              role: str = "node") -> str:
+              role: str = "node", token_made: float | None = None) -> str:
     """Record ``node`` (a node or a router, by ``role``) with ``public_key`` and sign its certificate.
     A name holds one key: another key for an enrolled name is refused until ``hms node remove``
-    (``hms router remove``) revokes the first."""
+    (``hms router remove``) revokes the first; and a removed name joins again only with a join
+    token made after its removal (``token_made``), so a host taken over and removed cannot come
+    straight back with the token it joined with."""
     section = _section(role)
     from hms_mgmt.models import NodeSpec
 
@@ -340,6 +343,9 @@ def enrol_key(state_dir: Path, *, node: str, address: str, public_key: bytes, no
         if old and not old.get("revoked_at") and old["key"] != key:
             raise AccessDenied(f"{role} {node} is already enrolled with another key (remove it first: "
                                f"`hms {role} remove {node}`)")
+        if old and old.get("revoked_at") and token_made is not None and token_made <= old["revoked_at"]:
+            raise AccessDenied(f"{role} {node} was removed; it joins again only with a join token made since "
+                               f"(`hms {role} join-token`)")
         serial = old["serial"] if old and old["key"] == key and old["addr"] == address and not old.get(
             "revoked_at") else uuid.uuid4().hex
         data[section][node] = {"key": key, "addr": address, "serial": serial, "enrolled_at": now}

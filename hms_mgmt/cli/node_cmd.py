@@ -164,7 +164,7 @@ def join(
 @_cli_errors
 def remove(name: Annotated[str, typer.Argument(help="The node.")]) -> None:
     """Revoke a node: its certificate is no longer accepted and its pods are replaced elsewhere,
-    as a lost node's are. It may join again with a new token."""
+    as a lost node's are. It may join again with a token made after this (`hms node join-token`)."""
     settings = _settings()
     _control_host(settings.state_dir)
     if not nodeid.revoke(settings.state_dir, name):

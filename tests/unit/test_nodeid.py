@@ -77,6 +77,10 @@ def test_a_name_holds_one_key_until_removed(control: Path) -> None:
     assert nodeid.revoke(control, "b")
     with pytest.raises(AccessDenied, match="removed"):
         nodeid.check_cert(control, cert1, "b")
+    # The token it joined with (made before the removal) does not bring it back; a new one does.
+    with pytest.raises(AccessDenied, match="was removed; it joins again only with a join token made since"):
+        nodeid.enrol(control, nodeid.enrol_request(t, node="b", address="10.0.0.2", public_key=k2))
+    t = token(control)
     cert2 = nodeid.enrol(control, nodeid.enrol_request(t, node="b", address="10.0.0.2", public_key=k2))
     assert nodeid.check_cert(control, cert2, "b")["key"] != nodeid.open_cert(control, cert1)["key"]
     with pytest.raises(AccessDenied, match="replaced|removed"):

@@ -179,6 +179,8 @@ class NodeTrustActivities:
             nodeid.check_statement(pub, pod.report, node=pod.node, kind="pod",
                                    message=nodeid.pod_report_message(inp.service, pod),
                                    max_age_s=nodeid.REPORT_MAX_AGE_S)
+            if pod.endpoint:
+                await asyncio.to_thread(nodeid.check_endpoint_on_node, settings.state_dir, pod.node, pod.endpoint)
         except AccessDenied as e:
             return PodReportVerdict(ok=False, reason=str(e))
         return PodReportVerdict(ok=True)

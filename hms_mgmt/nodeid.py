@@ -414,6 +414,22 @@ def node_public_key(state_dir: Path, node: str, role: str = "node") -> bytes:
     return unb64url(_live_record(state_dir, node, role)["key"])
 
 
+def check_endpoint_on_node(state_dir: Path, node: str, endpoint: str) -> None:
+    """AccessDenied unless ``endpoint`` (``host:port``) is on the address ``node`` enrolled with:
+    a node's word is good for its own pods, which publish or bind on its address, and not for
+    sending a service's traffic to another host or to a router's own loopback."""
+    from hms_mgmt.addresses import check_address
+
+    enrolled_at = str(_live_record(state_dir, node, "node")["addr"])
+    host, sep, port = endpoint.rpartition(":")
+    try:
+        same = bool(sep) and port.isdigit() and check_address(host) == check_address(enrolled_at)
+    except ValueError:
+        same = False
+    if not same:
+        raise AccessDenied(f"endpoint {endpoint[:80]!r} is not on node {node}'s address {enrolled_at}")
+
+
 def key_id(cert_claims: dict[str, Any]) -> str:
     return hashlib.sha256(unb64url(cert_claims["key"])).hexdigest()[:16]
 

@@ -212,3 +212,14 @@ def test_the_feed_is_signed_by_the_control_key_and_checked_with_its_public_half(
     assert "forged" in (feed.verify(router_dir, body, feed.sign(other, body)) or "")
     assert feed.verify(router_dir, body, None) == "unsigned"
     assert feed.verify(router_dir, body, "x.y") is not None
+
+
+def test_a_nodes_word_is_good_for_endpoints_on_its_own_address(control: Path) -> None:
+    key = nodeid.raw_public(Ed25519PrivateKey.generate())
+    nodeid.enrol_key(control, node="b", address="10.0.0.2", public_key=key)
+    nodeid.check_endpoint_on_node(control, "b", "10.0.0.2:31000")
+    for elsewhere in ("127.0.0.1:8233", "10.0.0.3:31000", "evil.example:80", "10.0.0.2", "10.0.0.2:x"):
+        with pytest.raises(AccessDenied, match="not on node b's address"):
+            nodeid.check_endpoint_on_node(control, "b", elsewhere)
+    nodeid.enrol_key(control, node="c", address="fd00::5", public_key=nodeid.raw_public(Ed25519PrivateKey.generate()))
+    nodeid.check_endpoint_on_node(control, "c", "[fd00::5]:31000")

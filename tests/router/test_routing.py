@@ -41,7 +41,12 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     load = await run_load(f"{routed.url}/hms-ach/", concurrency=6, seconds=4, max_requests=100_000)
     assert load.statuses[200] == load.total >= 300, load.failures[:5]
     per_pod = [load.pods[p.id] for p in st.pods]
-    status, _, stats = await get_json(f"{routed.url}/-/stats")
+
+    async def caught_up() -> dict | None:  # the figures are refreshed about every half second
+        _, _, stats = await get_json(f"{routed.url}/-/stats")
+        return stats if stats["services"]["hms-ach"]["requests"] >= load.total else None
+
+    stats = await eventually(caught_up, timeout=5, what="the router's figures to count the whole load")
     assert min(per_pod) >= load.total * 0.10, f"load not spread over the 3 pods: {per_pod} {stats}"
 
     svc = stats["services"]["hms-ach"]

@@ -41,6 +41,7 @@ from hms_mgmt.wire import (
     AuthorizeOutput,
     CapacityWaitsInput,
     CapacityWaitsOutput,
+    DrainClaim,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
@@ -400,6 +401,23 @@ class ControlActivities:
         except (RPCError, WorkflowQueryFailedError):
             return False
         return attempt in told
+
+    @activity.defn(name="confirm_draining")
+    async def confirm_draining(self, claim: DrainClaim) -> list[str]:
+        """Of ``claim.pods``, those the calling service's running rollout says it drains (its
+        ``retiring`` query, answered by a worker of ours): anyone can send ``pods_draining``. The
+        rollout must be a DeployWorkflow on the control queue whose parent is the calling run."""
+        info = activity.info()
+        try:
+            run = await self.client.get_workflow_handle(claim.rollout_workflow_id).describe()
+            if (run.workflow_type != names.DEPLOY_WORKFLOW or run.task_queue != info.task_queue
+                    or run.parent_id != info.workflow_id or run.parent_run_id != info.workflow_run_id):
+                return []
+            told = await self.client.get_workflow_handle(claim.rollout_workflow_id, run_id=run.run_id).query(
+                names.Q.RETIRING, result_type=list[str])
+        except (RPCError, WorkflowQueryFailedError):
+            return []
+        return [p for p in claim.pods if p in set(told)]
 
     @activity.defn(name="notify_node_lost")
     async def notify_node_lost(self, inp: NodeLost) -> int:

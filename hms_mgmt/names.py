@@ -36,6 +36,7 @@ class Q:
     ENDPOINTS = "endpoints"
     PROGRESS = "progress"  # DeployWorkflow, ScaleWorkflow: the pods brought up so far
     ATTEMPTS = "attempts"  # HealWorkflow: its replacements that failed (what heal_attempt_failed told)
+    RETIRING = "retiring"  # a rolling DeployWorkflow: the old pods it drains (what pods_draining told)
 
 
 class U:

@@ -784,6 +784,13 @@ class HealInput(_Model):
     ticket: str = ""
 
 
+class DrainClaim(_Model):
+    """A ``pods_draining`` signal's pods, to be confirmed by the rolling child that sent it."""
+
+    rollout_workflow_id: str
+    pods: list[str] = Field(max_length=10_000)
+
+
 class HealAttempt(_Model):
     """Sent to the parent after each failed replacement, so status() shows the crash loop."""
 

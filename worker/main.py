@@ -157,7 +157,7 @@ class HmsWorker:
             activities=[ctl.pick_node, ctl.capacity_waits, ctl.plan_deploy, ctl.emit_event, ctl.authorize, ctl.check_governance,
                         ctl.issue_ticket, ctl.start_ticket, ctl.start_tickets, ctl.seal_secrets, ctl.stop_grant,
                         self.feed.publish_endpoints,
-                        self.feed.await_drained, ctl.confirm_heal_attempt, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
+                        self.feed.await_drained, ctl.confirm_heal_attempt, ctl.confirm_draining, ctl.notify_node_lost, ctl.node_is_lost, ctl.watch_cpu,
                         trust.enrol_node, trust.registry_settings, trust.check_nodes, trust.check_routers,
                         trust.node_removed, trust.check_pod_report, trust.check_started_pod, trust.stamp_start, trust.stamp_round, trust.trust_now,
                         LogActivities(client, load).locate_log_endpoints,

@@ -27,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
         NodeSpec,
         PodStatus,
     )
-    from hms_mgmt.names import DEPLOY_WORKFLOW, S
+    from hms_mgmt.names import DEPLOY_WORKFLOW, Q, S
     from hms_mgmt.policy import rollout
 
 from workflows.common import (
@@ -74,10 +74,17 @@ class DeployWorkflow:
     def __init__(self) -> None:
         self.rollout = RolloutProgress()
         self.superseded = False
+        self.retiring: list[str] = []  # old pods it told its parent it drains (pods_draining)
 
     @workflow.query
     def progress(self) -> list[PodStatus]:
         return list(self.rollout.pods.values())
+
+    @workflow.query(name=Q.RETIRING)
+    def retiring_pods(self) -> list[str]:
+        """The pods it said it drains: the parent believes a ``pods_draining`` signal only as this
+        rollout's own word (``confirm_draining``)."""
+        return self.retiring
 
     @workflow.signal(name=S.SUPERSEDE)
     def supersede(self) -> None:
@@ -299,6 +306,7 @@ class RollingUpdate:
         await asyncio.gather(*after)
         parent = workflow.info().parent
         if parent is not None:
+            self.wf.retiring += [p.id for p in pods]
             await workflow.get_external_workflow_handle(parent.workflow_id).signal(S.PODS_DRAINING, [p.id for p in pods])
         await drain(self.inp.placement, self.inp.spec, [p.id for p in pods])
         await asyncio.gather(*(stop_pod(self.inp.spec, p, self._queue(p.node)) for p in pods))

@@ -46,6 +46,7 @@ from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
 from hms_mgmt.wire import (
     AuthorizeInput,
     AuthorizeOutput,
+    DrainClaim,
     EventInput,
     GovernanceInput,
     GovernanceOutput,
@@ -170,6 +171,12 @@ class FakeCluster:
         assert self.control is not None
         return await self.control.confirm_heal_attempt(attempt)
 
+    @activity.defn(name="confirm_draining")
+    async def confirm_draining(self, claim: DrainClaim) -> list[str]:
+        """The control worker's own check: it asks the real rolling DeployWorkflow."""
+        assert self.control is not None
+        return await self.control.confirm_draining(claim)
+
     @activity.defn(name="check_started_pod")
     async def check_started_pod(self, inp: PodReportCheck) -> None:
         """The stand-in nodes sign nothing: every start of theirs is believed."""
@@ -259,7 +266,7 @@ class FakeCluster:
         return [self.authorize, self.check_governance, self.verify_image, self.pick_node, self.start_pod,
                 self.stop_pod, self.list_pods, self.pod_logs, self.watch_pods, self.emit_event,
                 self.publish_endpoints, self.issue_ticket, self.watch_cpu, self.start_ticket, self.stop_grant,
-                self.trust_now, self.stamp_start, self.check_pod_report, self.check_started_pod, self.confirm_heal_attempt,
+                self.trust_now, self.stamp_start, self.check_pod_report, self.check_started_pod, self.confirm_heal_attempt, self.confirm_draining,
                 self.stamp_round,
                 self.start_tickets]
 
@@ -414,6 +421,11 @@ async def test_a_forged_heal_attempt_counts_no_crash(temporal_env, fake):
     assert st.ready_replicas == 2
 
 
+async def _rolling(orch: Orchestrator):
+    st = await orch.status("hms-ach")
+    return st if st.phase == "Updating" and st.rollout is not None and st.rollout.workflow_id else None
+
+
 async def _crashed(orch: Orchestrator, n: int):
     st = await orch.status("hms-ach")
     return st if st.crash_count >= n else None
@@ -519,6 +531,9 @@ async def test_a_forged_pods_draining_during_a_rollout_drains_no_pod_it_rolls_to
             st = await alice.status("hms-ach")
             return [p.id for p in st.pods if p.revision == 2]
 
+        # At the rollout's start, before a new pod serves: the old pods, every one of them.
+        st = await eventually(lambda: _rolling(alice), timeout=30, what="the rollout under way")
+        await handle.signal("pods_draining", [p.id for p in st.pods if p.revision == 1])
         await eventually(new_pods, timeout=30, what="a pod of revision 2 booked")
         while not rolling.done():
             st = await alice.status("hms-ach")
@@ -531,6 +546,7 @@ async def test_a_forged_pods_draining_during_a_rollout_drains_no_pod_it_rolls_to
     assert {p.revision for p in st.pods} == {2} and st.ready_replicas == 2
     for table in cluster.tables:
         assert not [e for e in table.endpoints if e.revision == 2 and e.state == "draining"], table
+        assert not table.endpoints or any(e.state == "ready" for e in table.endpoints), table  # never none to route to
     last = cluster.tables[-1]
     assert sorted((e.revision, e.state) for e in last.endpoints) == [(2, "ready"), (2, "ready")], last
     assert any(e.type == "access.denied" and "pods_draining" in e.reason for e in cluster.events)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.control import ControlActivities
@@ -28,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from hms_mgmt.names import SUPERVISED, S, rollout_id
     from hms_mgmt.policy import rollout
     from hms_mgmt.policy.phases import RollbackRefused, rollback_target
+    from hms_mgmt.wire import DrainClaim
 
 from workflows.common import NODE_PICKUP, stop_pod
 from workflows.deploy import DeployWorkflow
@@ -53,6 +55,22 @@ class Updates:
     supervision: Supervision
     feed: EndpointFeed
     slots: Slots
+
+    async def rollout_says(self, rollout_workflow_id: str, pods: set[str]) -> set[str]:
+        """Of ``pods``, those the running rollout itself says it drains (asked by the control
+        worker through its ``retiring`` query): a ``pods_draining`` signal is anyone's to send."""
+        if not pods:
+            return set()
+        try:
+            told = await workflow.execute_activity_method(
+                ControlActivities.confirm_draining, DrainClaim(rollout_workflow_id=rollout_workflow_id,
+                                                               pods=sorted(pods)),
+                task_queue=self.run.placement.control_task_queue, start_to_close_timeout=CONTROL_TIMEOUT,
+                summary=f"confirm {len(pods)} pod(s) draining with {rollout_workflow_id}"[:200])
+        except ActivityError as e:  # not confirmed is not believed: the rollout drains them all the same
+            workflow.logger.warning("drain of %s not confirmed: %s", sorted(pods), e)
+            return set()
+        return set(told) & pods
 
     def rollback_target(self, to_revision: int | None) -> RevisionRecord:
         """The revision a rollback goes to; refuses the caller when there is none."""

@@ -57,6 +57,8 @@ DEGRADED_AFTER = 2  # replacements failing in a row before the service is Degrad
 
 
 REPLAYER_QUEUE_PREFIX = "replay-"
+# patch: a pods_draining signal is believed only as the running rollout's own word
+DRAIN_CONFIRMED_BY_ROLLOUT = "drain-confirmed-by-rollout"
 
 
 @workflow.defn(name=SERVICE_WORKFLOW)
@@ -186,9 +188,15 @@ class ServiceWorkflow:
             run.post("access.denied", "ignored a pods_draining signal: no rollout is running")
             return
         foreign = {p.id for p in run.state.pods if p.id in asked and p.revision == target}
+        rollout = run.state.rollout.workflow_id if run.state.rollout is not None else ""
+        if workflow.patched(DRAIN_CONFIRMED_BY_ROLLOUT):
+            # Old pods, but does the rollout itself say it drains them now? (An outsider could drain
+            # them all at the rollout's start, before any new pod serves.)
+            candidates = {p.id for p in run.state.pods if p.id in asked - foreign}
+            foreign |= candidates - await self.updates.rollout_says(rollout, candidates)
         if foreign:
             run.post("access.denied", f"ignored a pods_draining signal for {len(foreign)} pod(s): not pods the "
-                                      f"rollout to revision {target} retires")
+                                      f"rollout to revision {target} retires now")
         await self.reports.settled()
         run.stopping |= {p.id for p in run.state.pods if p.id in asked - foreign and p.revision != target}
 

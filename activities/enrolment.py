@@ -6,8 +6,10 @@ enrolment record and the keys are files on the control host (hms_mgmt/nodeid.py)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from temporalio import activity
@@ -17,6 +19,7 @@ from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
+from hms_mgmt.files import atomic_write
 from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
     EnrolInput,
@@ -42,6 +45,19 @@ from hms_mgmt.wire import (
 
 QUIET_S = 60.0  # the same refusal for the same node is written to the event log once a minute
 FORWARDED_KEPT = 10_000  # ids of node events already written here (a heartbeat checked twice, a replay)
+FORWARDED_FILE = "forwarded-events.json"  # in the state directory: those ids, across restarts
+
+
+def _read_forwarded(state_dir: Path) -> dict[str, None]:
+    try:
+        ids = json.loads((state_dir / FORWARDED_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return dict.fromkeys(str(i) for i in ids[-FORWARDED_KEPT:]) if isinstance(ids, list) else {}
+
+
+def _write_forwarded(state_dir: Path, ids: list[str]) -> None:
+    atomic_write(state_dir / FORWARDED_FILE, json.dumps(ids), mode=0o600)
 MAX_FORWARDED_REASON = 2000
 
 
@@ -50,7 +66,7 @@ class NodeTrustActivities:
         self.settings = settings
         self.sink = sink
         self._told: dict[tuple[str, str], float] = {}
-        self._forwarded: dict[str, None] = {}  # event ids, oldest first
+        self._forwarded: dict[str, None] | None = None  # event ids, oldest first (FORWARDED_FILE, once read)
 
     async def _denied(self, reason: str, *, service: str = "", **data: object) -> None:
         key = (str(data.get("node", "")), reason)
@@ -107,13 +123,24 @@ class NodeTrustActivities:
 
     async def _record_node_events(self, reg: NodeRegistration) -> None:
         """The events a node signed into this heartbeat, into the control host's log (and so
-        the dashboard and webhooks), each once, marked with the node that vouched for them."""
-        for ev in reg.events:
-            if ev.id in self._forwarded:
-                continue
+        the dashboard and webhooks), each once, marked with the node that vouched for them.
+        Once across control-worker restarts too: the ids written are kept in the state directory,
+        since a heartbeat copied from a history and signalled again within its minutes passes its
+        signature check."""
+        if not reg.events:
+            return
+        state_dir = (await asyncio.to_thread(self.settings)).state_dir
+        if self._forwarded is None:
+            self._forwarded = await asyncio.to_thread(_read_forwarded, state_dir)
+        fresh = [ev for ev in reg.events if ev.id not in self._forwarded]
+        if not fresh:
+            return
+        for ev in fresh:
             self._forwarded[ev.id] = None
-            if len(self._forwarded) > FORWARDED_KEPT:
-                del self._forwarded[next(iter(self._forwarded))]
+        while len(self._forwarded) > FORWARDED_KEPT:
+            del self._forwarded[next(iter(self._forwarded))]
+        await asyncio.to_thread(_write_forwarded, state_dir, list(self._forwarded))
+        for ev in fresh:
             data = {**ev.data, "node": reg.spec.name, "forwarded_by": reg.spec.name}
             await self.sink.publish(ev.model_copy(update={"reason": ev.reason[:MAX_FORWARDED_REASON], "data": data}))
 

@@ -72,6 +72,7 @@ __all__ = [
     "FailedPod",
     "GovernanceInput",
     "GovernanceOutput",
+    "DrainClaim",
     "HealAttempt",
     "HealInput",
     "HealOutput",

@@ -42,15 +42,21 @@ async def test_load_spreads_over_pods_with_request_ids(routed):
     assert load.statuses[200] == load.total >= 300, load.failures[:5]
     per_pod = [load.pods[p.id] for p in st.pods]
 
+    # The builtin engine counts every request; the haproxy engine's figures are estimated from
+    # sampled log lines (under load one line in k, k = 1 + rate/200, each standing for k): at
+    # this load k is about 20, so about 750 lines, whose estimate spreads by about 1/sqrt(750),
+    # 4 %: 15 % below is about 4 standard deviations.
+    need = load.total if routed.engine == "builtin" else int(load.total * 0.85)
+
     async def caught_up() -> dict | None:  # the figures are refreshed about every half second
         _, _, stats = await get_json(f"{routed.url}/-/stats")
-        return stats if stats["services"]["hms-ach"]["requests"] >= load.total else None
+        return stats if stats["services"]["hms-ach"]["requests"] >= need else None
 
     stats = await eventually(caught_up, timeout=5, what="the router's figures to count the whole load")
     assert min(per_pod) >= load.total * 0.10, f"load not spread over the 3 pods: {per_pod} {stats}"
 
     svc = stats["services"]["hms-ach"]
-    assert svc["requests"] >= load.total and svc["error_rate"] == 0 and svc["p99_ms"] >= svc["p50_ms"] > 0
+    assert svc["requests"] >= need and svc["error_rate"] == 0 and svc["p99_ms"] >= svc["p50_ms"] > 0
     async with aiohttp.ClientSession() as http, http.get(f"{routed.url}/metrics") as r:
         text = await r.text()
     assert 'hms_router_requests_total{' in text and 'service="hms-ach"' in text

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar
 
 import aiohttp
@@ -20,6 +22,7 @@ from hms_mgmt import nodeid, tickets
 from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
 from hms_mgmt.events import Event, EventSink
+from hms_mgmt.files import DamagedRecord, expiring_record
 from hms_mgmt.models import PodStatus
 from hms_mgmt.policy.autoscale import AutoscaleDecision, CpuSample
 from hms_mgmt.runtimes import PodHandle, PodLaunch, PodRuntime, PodRuntimeError
@@ -41,13 +44,41 @@ from hms_mgmt.wire import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("hms.pods")
 ORPHAN_GRACE_S = 120.0
 PROBE_TIMEOUT_S = 1.0  # a health ping not answered within this fails
 PROBE_LATE_S = 0.25  # a failed ping whose timeout fired this much late: this worker was stalled, not the pod slow
 ORPHAN_CHECK_S = 30.0  # how often a watch looks for pods of its service that the workflow does not know
 BEAT_EVERY_MAX_S = 5.0  # a watch's keep-alive heartbeat: a cancel reaches it within this
 RUNTIME_THREADS = 32  # pod starts/stops in flight at once on one node
-MAX_STOPPED_KEPT = 10_000  # pods stopped here kept in mind (their start tickets outlive them by minutes)
+STOPPED_FILE = "pods-stopped.json"  # in the state directory: pods this node stopped, while a ticket could start them
+STOPPED_KEPT_S = tickets.START_TICKET_TTL_S + 60.0  # a start ticket's life and the clock skew it is allowed
+
+
+class StoppedPods:
+    """The pod ids this node stopped, for as long as a start ticket for them could still be
+    good: a ticket read from a history must not start a pod again after its stop, and a worker
+    restart (or a power loss: the file is fsynced) must not forget. Shared by the pod
+    activities and the node's sweep through one file under a lock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / STOPPED_FILE
+
+    def mark(self, pod_id: str, service: str = "") -> None:
+        now = time.time()
+        try:
+            with expiring_record(self.path, now=now) as stopped:
+                stopped[pod_id] = [service, now + STOPPED_KEPT_S]
+        except DamagedRecord as e:  # the stop goes on; starts are refused until it is looked at
+            log.error("pod %s stopped but not recorded as stopped: %s", pod_id, e)
+
+    def why_not_start(self, pod_id: str) -> str | None:
+        """None if the pod may start; else why not (stopped here, or the record is damaged)."""
+        try:
+            with expiring_record(self.path, now=time.time()) as stopped:
+                return "this node stopped it: a pod id starts once" if pod_id in stopped else None
+        except DamagedRecord as e:
+            return f"{e}: it records the pods this node stopped, so no pod starts until an operator removes it"
 
 
 def pod_status(handle: PodHandle, *, health: str | None = None, ready: bool = False) -> PodStatus:
@@ -145,9 +176,9 @@ class PodActivities:
         self.on_probe = on_probe
         self.node_pods = NodePods(runtime)
         self._session: aiohttp.ClientSession | None = None
-        # Pods this node stopped for their service, while a start ticket for them could still be
-        # good (pod id -> monotonic time): no pod id starts again after its stop.
-        self._stopped: dict[str, float] = {}
+        # Pods this node stopped, while a start ticket for them could still be good (with a trust
+        # store: it is where tickets are checked): no pod id starts again after its stop.
+        self.stopped = StoppedPods(trust.state_dir) if trust is not None else None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -245,9 +276,9 @@ class PodActivities:
         from a history, could restart it for the ticket's minutes)."""
         if self.trust is None:
             return
-        if self._was_stopped(inp.pod_id):
-            await self._refuse(inp.service, "start_pod", AccessDenied("this node stopped it: a pod id starts once"),
-                               f"pod {inp.pod_id} not started: this node stopped it (a pod id starts once)",
+        why = await asyncio.to_thread(self.stopped.why_not_start, inp.pod_id) if self.stopped else None
+        if why is not None:
+            await self._refuse(inp.service, "start_pod", AccessDenied(why), f"pod {inp.pod_id} not started: {why}",
                                pod=inp.pod_id, node=inp.node)
         try:
             await asyncio.to_thread(tickets.verify_start, self.trust.state_dir, inp.ticket, service=inp.service,
@@ -330,19 +361,9 @@ class PodActivities:
             except AccessDenied as e:
                 await self._refuse(inp.service, "stop_pod", e, f"pod {inp.pod_id} not stopped: {e}", pod=inp.pod_id,
                                    node=self.runtime.node)
-        self._mark_stopped(inp.pod_id)
+        if self.stopped is not None:
+            await asyncio.to_thread(self.stopped.mark, inp.pod_id, inp.service)
         return await heartbeating(self.runtime.stop, inp.pod_id, inp.grace_s)
-
-    def _mark_stopped(self, pod_id: str) -> None:
-        now = time.monotonic()
-        self._stopped[pod_id] = now
-        if len(self._stopped) > MAX_STOPPED_KEPT:  # the oldest go first (insertion order)
-            for old in list(self._stopped)[:len(self._stopped) - MAX_STOPPED_KEPT]:
-                del self._stopped[old]
-
-    def _was_stopped(self, pod_id: str) -> bool:
-        at = self._stopped.get(pod_id)
-        return at is not None and time.monotonic() - at < tickets.START_TICKET_TTL_S + 60.0
 
     @activity.defn(name="list_pods")
     async def list_pods(self, inp: ListPodsInput) -> ListPodsOutput:

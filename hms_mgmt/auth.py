@@ -462,33 +462,24 @@ def take_proof(state_dir: Path, proven: Proven, run: str, *, now: float | None =
     retries included), never for another: anyone who reaches Temporal can read a proof from a
     history and hand it to a workflow of ours that they start (their own ``PodLogsWorkflow``, a
     ``ServiceWorkflow`` deployed again under the same name) while it still lives. Kept in the
-    control plane's state directory until the proof expires; AccessDenied once taken by another run.
-
-    Written without fsync: it is on every deploy's path, and a machine that loses power loses at
-    most the proofs of its last moments, which expire within minutes anyway."""
-    import fcntl
+    control plane's state directory until the proof expires (fsynced: a power loss forgets
+    none); AccessDenied once taken by another run, or when that record is damaged."""
     import time
 
+    from hms_mgmt.files import DamagedRecord, expiring_record
+
     now = time.time() if now is None else now
-    path = state_dir / PROOFS_TAKEN
-    with open(state_dir / (PROOFS_TAKEN + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            taken: dict[str, list[Any]] = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            taken = {}
-        taken = {jti: held for jti, held in taken.items() if isinstance(held, list) and len(held) == 2
-                 and isinstance(held[1], (int, float)) and held[1] > now}
-        held = taken.get(proven.jti)
-        if held is not None and held[0] != run:
-            raise AccessDenied("this request proof was already used by another request: make the request again "
-                               "(each is signed for one use)")
-        taken[proven.jti] = [run, proven.expires_at.timestamp()]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(taken, f)
-        os.replace(tmp, path)
+    try:
+        with expiring_record(state_dir / PROOFS_TAKEN, now=now) as taken:
+            held = taken.get(proven.jti)
+            if held is not None and held[0] != run:
+                raise AccessDenied("this request proof was already used by another request: make the request "
+                                   "again (each is signed for one use)")
+            taken[proven.jti] = [run, proven.expires_at.timestamp()]
+    except DamagedRecord as e:
+        raise AccessDenied(f"no request proof is accepted: {e}, and it records the proofs already used. "
+                           "An operator removes it once an hour has passed (every proof in it has expired "
+                           "by then)") from None
 
 
 def verify_proof(

@@ -8,10 +8,14 @@ store, the config file, process-pod records) is written with ``atomic_write``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import stat
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,49 @@ def atomic_write(path: Path | str, data: bytes | str, *, mode: int = 0o600, repl
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+class DamagedRecord(ValueError):
+    """A record file of acts already done does not parse: believing it empty would let them be
+    done again, so the caller refuses until an operator looks (the message names the file)."""
+
+
+@contextlib.contextmanager
+def expiring_record(path: Path | str, *, now: float, durable: bool = True) -> Iterator[dict[str, list[Any]]]:
+    """A small JSON file of ``{key: [value, until]}`` (``until`` in Unix seconds) that lives
+    across restarts: read under an exclusive ``flock`` (every process and thread of the host),
+    with the entries whose ``until`` passed dropped; the caller reads or changes the dict it
+    is given; it is written back (0600, atomically, fsynced unless ``durable=False``) if it
+    changed. Missing: empty. Does not parse: :class:`DamagedRecord`, never empty."""
+    path = Path(path)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = "{}"
+        try:
+            loaded = json.loads(text)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"a {type(loaded).__name__}, not a mapping")
+        except ValueError as e:
+            raise DamagedRecord(f"{path} is damaged ({e})") from None
+        record = {k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 2
+                  and isinstance(v[1], (int, float)) and v[1] > now}
+        before = json.dumps(record, sort_keys=True)
+        yield record
+        if json.dumps(record, sort_keys=True) != before or len(record) != len(loaded):
+            if durable:
+                atomic_write(path, json.dumps(record), mode=PRIVATE_FILE)
+            else:
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+                try:
+                    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "w") as f:
+                        json.dump(record, f)
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
 
 
 def inside(base: Path | str, *parts: str) -> Path:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.pods import ORPHAN_GRACE_S
+from activities.pods import ORPHAN_GRACE_S, StoppedPods
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied
@@ -79,6 +79,7 @@ class NodeAgent:
         self._served: dict[str, object] = {}
         self._sweeping: asyncio.Task[list[str]] | None = None
         self.outbox: collections.deque[Event] = collections.deque(maxlen=EVENTS_KEPT)  # to forward
+        self.stopped = StoppedPods(settings.state_dir)  # a pod swept here starts no more on its ticket
 
     def forward(self, event: Event) -> None:
         """An event listener (any thread): this node's event, for the control host's log."""
@@ -278,7 +279,7 @@ class NodeAgent:
                 if h.started_at is not None and (now - h.started_at).total_seconds() <= ORPHAN_GRACE_S:
                     continue
                 why = "no service has it on record"
-            await asyncio.to_thread(self.runtime.stop, h.pod_id, 0)
+            await asyncio.to_thread(self._stop, h.pod_id, h.service, 0)
             removed.append(h.pod_id)
             log.warning("node %s: removed stale pod %s of %s: %s", self.spec.name, h.pod_id, h.service, why)
             await self._orphaned(h.service, h.pod_id, why)
@@ -317,10 +318,14 @@ class NodeAgent:
         return _Service(True, {p.id for p in status.pods}, failed=frozenset(p.id for p in status.pods
                                                                      if p.health == "exited"))
 
+    def _stop(self, pod_id: str, service: str, grace_s: float) -> None:
+        self.stopped.mark(pod_id, service)
+        self.runtime.stop(pod_id, grace_s)
+
     async def stop_all(self) -> int:
         """Stop every pod of this node (``sweep_on_exit``: a stack going down leaves none)."""
         handles = await asyncio.to_thread(self.runtime.list)
-        await asyncio.gather(*(asyncio.to_thread(self.runtime.stop, h.pod_id, 2) for h in handles))
+        await asyncio.gather(*(asyncio.to_thread(self._stop, h.pod_id, h.service, 2) for h in handles))
         if handles:
             log.info("node %s: stopped %d pod(s) on exit", self.spec.name, len(handles))
         return len(handles)

@@ -15,6 +15,7 @@ import time
 
 from conftest import eventually, make_settings, seed_spec, sweep_pods, temporal_address, terminate_running
 
+from activities.pods import StoppedPods
 from hms_mgmt import constants
 from hms_mgmt.devserver import temporal_binary
 from hms_mgmt.orchestrator import Orchestrator
@@ -62,6 +63,9 @@ async def test_terminated_service_leaves_no_pod(temporal_env, tmp_path):
         orphaned = [e for e in events if e["type"] == "pod.orphaned" and e["service"] == name]
         assert sorted(e["data"]["pod"] for e in orphaned) == sorted(before)
         assert all("no running workflow" in e["reason"] and "terminated" in e["reason"] for e in orphaned), orphaned
+        # A swept pod's start ticket (still good for minutes, readable in the history) starts it no more.
+        stopped = StoppedPods(settings.state_dir)
+        assert all(stopped.why_not_start(p) == "this node stopped it: a pod id starts once" for p in before)
     finally:
         await terminate_running(temporal_env, settings)
         sweep_pods(settings)

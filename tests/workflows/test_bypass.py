@@ -246,6 +246,15 @@ async def test_start_pod_without_a_valid_ticket_is_refused(settings, tmp_path):
                             image_id=image_id, ticket=good)
         with pytest.raises(ApplicationError, match="this node stopped it"):
             await ActivityEnvironment().run(acts.start_pod, inp)
+        # Nor after the node worker restarts (a new process remembers what the last one stopped).
+        restarted = PodActivities(runtime, TrustStore(settings.state_dir), EventSink(settings.state_dir))
+        with pytest.raises(ApplicationError, match="this node stopped it"):
+            await ActivityEnvironment().run(restarted.start_pod, inp)
+        assert node_pods(settings) == []
+        # A damaged record starts nothing (believed empty, it would start every stopped pod again).
+        restarted.stopped.path.write_text("")
+        with pytest.raises(ApplicationError, match="is damaged"):
+            await ActivityEnvironment().run(restarted.start_pod, inp.model_copy(update={"pod_id": str(uuid.uuid4())}))
         assert node_pods(settings) == []
     finally:
         await acts.close()

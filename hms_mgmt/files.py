@@ -85,7 +85,7 @@ def atomic_write(path: Path | str, data: bytes | str, *, mode: int = 0o600, repl
             os.unlink(tmp)
 
 
-class DamagedRecord(ValueError):
+class DamagedRecord(ConfigError):
     """A record file of acts already done does not parse: believing it empty would let them be
     done again, so the caller refuses until an operator looks (the message names the file)."""
 

@@ -49,9 +49,10 @@ def sign(state_dir: Path, body: bytes, *, kind: str = "feed", now: float | None 
 
 
 def verify(state_dir: Path, body: bytes, header: str | None, *, kind: str = "feed",
-           now: float | None = None) -> str | None:
-    """None if ``header`` is the control plane's signature of ``body`` as ``kind``, recent enough;
-    else why not. Needs only ``control.pub`` in ``state_dir``."""
+           now: float | None = None, signed_since: float | None = None) -> str | None:
+    """None if ``header`` is the control plane's signature of ``body`` as ``kind``, recent enough
+    (and, with ``signed_since``, signed no earlier than then); else why not. Needs only
+    ``control.pub`` in ``state_dir``."""
     if not header:
         return "unsigned"
     try:
@@ -64,6 +65,8 @@ def verify(state_dir: Path, body: bytes, header: str | None, *, kind: str = "fee
     now = time.time() if now is None else now
     if not isinstance(t, int) or abs(now - t) > MAX_SKEW_S:
         return "signature timestamp too far from now"
+    if signed_since is not None and t < int(signed_since):
+        return "signed before this process started (its resync reads the current table)"
     return None
 
 

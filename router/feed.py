@@ -47,6 +47,9 @@ class EndpointTable:
 
     def __init__(self) -> None:
         self.services: dict[str, EndpointSet] = {}
+        # A forgotten service's last version, kept while a push of it could still be replayed
+        # (its signature's life): an old table of a stopped service never comes back.
+        self.gone: dict[str, tuple[int, float]] = {}
         self.pushed_at: dict[str, float] = {}
         self.listeners: list[Listener] = []
         self.last_resync: float | None = None
@@ -69,6 +72,9 @@ class EndpointTable:
         held = self.services.get(table.service)
         if held is not None and table.version <= held.version:
             return False
+        gone = self.gone.get(table.service)
+        if gone is not None and table.version <= gone[0] and time.monotonic() < gone[1]:
+            return False
         if pushed:
             self.pushed_at[table.service] = time.monotonic()
         if table.stopped:
@@ -89,7 +95,11 @@ class EndpointTable:
         self._notify(table)
 
     def forget(self, service: str, tombstone: EndpointSet | None = None) -> None:
-        self.services.pop(service, None)
+        held = self.services.pop(service, None)
+        version = max(held.version if held else 0, tombstone.version if tombstone else 0)
+        now = time.monotonic()
+        self.gone = {name: mark for name, mark in self.gone.items() if mark[1] > now}
+        self.gone[service] = (version, now + wire.MAX_SKEW_S)
         self._notify(tombstone or EndpointSet(service=service, stopped=True))
 
     def _notify(self, table: EndpointSet) -> None:
@@ -127,6 +137,10 @@ class FeedSync:
         self.client = client
         self.identity = identity  # this router's key: it signs its drain answers
         self.synced = asyncio.Event()
+        # Pushes signed before this router started are refused: a restarted router holds no
+        # versions yet, so a recorded push (still within its signature's minutes) would pass;
+        # the resync reads each service's current table instead.
+        self.started_at = time.time()
         self._connecting = asyncio.Lock()
 
     async def connected(self) -> Any:
@@ -136,15 +150,16 @@ class FeedSync:
                 self.client = await connect(self.settings)
         return self.client
 
-    def check_control(self, body: bytes, signature: str | None, kind: str = "feed") -> str | None:
+    def check_control(self, body: bytes, signature: str | None, kind: str = "feed",
+                      signed_since: float | None = None) -> str | None:
         """None if the control plane signed ``body`` as ``kind``, else why not."""
-        return wire.verify(self.settings.state_dir, body, signature, kind=kind)
+        return wire.verify(self.settings.state_dir, body, signature, kind=kind, signed_since=signed_since)
 
     # --- pushes ----------------------------------------------------------------------------
 
     def accept_push(self, body: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON answer) for ``POST /-/feed``."""
-        why = self.check_control(body, signature)
+        why = self.check_control(body, signature, signed_since=self.started_at)
         if why is not None:
             log.warning("refused an endpoint feed push: %s", why)
             return 401, {"error": f"feed push refused: {why}"}

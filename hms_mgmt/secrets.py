@@ -24,6 +24,7 @@ import json
 import os
 import secrets as _random
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -312,15 +313,37 @@ def _on_tmpfs(path: Path) -> bool:
     return fstype == "tmpfs"
 
 
+def _check_own_dir(path: Path) -> None:
+    """Refuse unless ``path`` is a real directory (no symlink) owned by this process's euid that
+    no group or other user may write to. ``/dev/shm`` is world-writable: another local user who
+    made ``hms-secrets`` first could otherwise rename a pod's directory and put their own files
+    in its place."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory"
+    elif st.st_uid != os.geteuid():
+        why = f"is owned by uid {st.st_uid}, not by this process (uid {os.geteuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"is writable by its group or other users (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise PodRuntimeError(f"no secret written: {path} {why}; remove it (the node recreates it)",
+                          error_type=ActivityErrorType.SPEC_UNRUNNABLE)
+
+
 def write_pod_files(pod_id: str, files: list[SecretFile], *, uid: int, gid: int) -> Path:
     """Each file 0400 in the pod's own 0500 directory on a tmpfs, owned by ``uid``:``gid``."""
     if not _on_tmpfs(TMPFS_ROOT):
         raise PodRuntimeError(f"{TMPFS_ROOT.parent} is not a tmpfs: no secret is written to disk",
                               error_type=ActivityErrorType.SPEC_UNRUNNABLE)
     TMPFS_ROOT.mkdir(mode=0o711, exist_ok=True)
+    _check_own_dir(TMPFS_ROOT)
     where = pod_dir(pod_id)
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(mode=0o700)
+    _check_own_dir(where)
     for f in files:
         fd = os.open(where / f.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
         try:

@@ -38,6 +38,7 @@ RESYNC_INTERVAL_S = 5.0
 MAX_VERSION_AHEAD_MS = int(wire.MAX_SKEW_S * 1000)
 QUERY_TIMEOUT_S = 3.0
 PUSH_GRACE_S = 15.0  # a pushed service missing from a listing is kept this long (visibility lags)
+RESYNC_FAILED = "cannot reach Temporal (the router's log has the detail)"  # /-/health, /-/table
 
 Listener = Callable[[EndpointSet], None]
 
@@ -227,6 +228,6 @@ class FeedSync:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
-                self.table.resync_error = str(e)
+                self.table.resync_error = RESYNC_FAILED  # served unauthenticated: no address, path or key
                 log.warning("endpoint resync failed: %s", e)
             await asyncio.sleep(self.interval_s)

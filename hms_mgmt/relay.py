@@ -10,6 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+
+
+def exposure_warning(listen: str, port: int) -> str | None:
+    """What ``hms up --listen ADDR`` opens to ADDR's network, or None on a loopback address. The
+    dev server has no authentication and no TLS; the relay passes every call through."""
+    try:
+        if ipaddress.ip_address(listen.removeprefix("[").removesuffix("]")).is_loopback:
+            return None
+    except ValueError:
+        if listen == "localhost":
+            return None
+    return (f"warning: --listen {listen} relays the Temporal dev server (port {port}) and its Web UI, "
+            "which have no authentication and no TLS, to a non-loopback address. Anyone who can reach "
+            f"{listen} can read every workflow history, start, signal and terminate workflows (deploys, "
+            "scaling, stops), and poll the task queues to take the workers' tasks. Use it only on a "
+            "network you trust; otherwise run a production Temporal cluster (README, \"Running against "
+            "a production Temporal cluster or Temporal Cloud\").")
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -137,8 +137,10 @@ async def _listen_on(listen: str, server: DevServer, relays: list[asyncio.Server
     the relays for the caller to close."""
     if listen == LOOPBACK:
         return server.address, server.ui_url
-    from hms_mgmt.relay import start_relay
+    from hms_mgmt.relay import exposure_warning, start_relay
 
+    if warning := exposure_warning(listen, port):
+        err.print(Text(warning, style="yellow"))
     for p in [port] + ([] if headless else [ui_port]):
         try:
             relays.append(await start_relay(listen, p, server.host, p))

@@ -275,9 +275,18 @@ class HmsWorker:
         self.pod_firewall = firewall
 
     async def _unguard_pods(self) -> None:
-        if self.pod_firewall is not None:
+        """Remove the pods' rule, unless pods of this node still run: process pods outlive a
+        worker stopped without ``sweep_on_exit`` (the next worker adopts them and replaces the
+        rule), and must not reach the control plane meanwhile."""
+        if self.pod_firewall is None:
+            return
+        left = await asyncio.to_thread(self.pods.runtime.list) if self.pods is not None else []
+        if left:
+            log.info("node %s: %d pod(s) keep running after this worker, so their iptables rule stays",
+                     self.settings.node, len(left))
+        else:
             await asyncio.to_thread(self.pod_firewall.remove)
-            self.pod_firewall = None
+        self.pod_firewall = None
 
     # ---
 

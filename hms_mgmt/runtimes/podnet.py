@@ -63,6 +63,34 @@ def control_ports(settings: Settings) -> list[int]:
     return sorted(p for p in ports if p)
 
 
+def _local_addresses() -> set[str]:
+    import psutil
+
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)}
+
+
+def server_ports(settings: Settings) -> list[int]:
+    """Every port that the process serving the Temporal frontend listens on, when it runs on
+    this host: a dev server also serves its HTTP API, its metrics and its internal services'
+    gRPC on ports picked at random, each as open as the frontend. Empty when it runs elsewhere
+    or cannot be seen (the frontend's own port is blocked by :func:`control_ports` anyway)."""
+    import psutil
+
+    split = urlsplit(f"//{settings.temporal_address}")
+    try:
+        port = split.port
+        infos = socket.getaddrinfo(split.hostname or "", None, proto=socket.IPPROTO_TCP)
+        local = _local_addresses()
+        if port is None or not any(ipaddress.ip_address(i[4][0]).is_loopback or i[4][0] in local for i in infos):
+            return []
+        listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr]
+    except (OSError, ValueError, psutil.Error):
+        return []
+    owners = {c.pid for c in listening if c.laddr.port == port and c.pid}
+    return sorted({c.laddr.port for c in listening if c.pid in owners})
+
+
 def remote_frontends(settings: Settings) -> list[str]:
     """The Temporal frontend's IPv4 addresses when it is on another host (its port is blocked there too)."""
     host = urlsplit(f"//{settings.temporal_address}").hostname or ""
@@ -155,7 +183,7 @@ class PodFirewall:
         self.chain = chain_name(settings.state_dir, settings.node)
         self.state_dir = settings.state_dir
         self.uid = uid
-        self.ports = control_ports(settings)
+        self.ports = sorted(set(control_ports(settings)) | set(server_ports(settings)))
         self.rules = plan_rules(self.chain, uid, self.ports, remote_frontends(settings),
                                 _port_of(settings.temporal_address))
         self.iptables = shutil.which("iptables")

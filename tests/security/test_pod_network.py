@@ -17,7 +17,7 @@ import pytest
 from conftest import make_settings, seed_spec, sweep_pods, temporal_address, terminate_running
 
 from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.runtimes.podnet import chain_name
+from hms_mgmt.runtimes.podnet import chain_name, server_ports
 from hms_mgmt.runtimes.process import ensure_pod_user
 from worker.main import HmsWorker
 
@@ -61,6 +61,9 @@ def iptables_rules() -> str:
 async def test_a_process_pod_cannot_reach_temporal_but_the_router_reaches_it(temporal_env, tmp_path):
     settings = make_settings(temporal_env, tmp_path / "state", "process")
     temporal_port = int(temporal_address(temporal_env).rsplit(":", 1)[1])
+    # The dev server's other ports (its HTTP API, metrics, internal gRPC) are as open as the frontend.
+    others = [p for p in server_ports(settings) if p != temporal_port]
+    assert others, "the dev server listens on more than its frontend port"
     chain = chain_name(settings.state_dir, settings.node)
     assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "connected"  # no rule yet
     try:
@@ -70,14 +73,20 @@ async def test_a_process_pod_cannot_reach_temporal_but_the_router_reaches_it(tem
             [pod] = (await orch.status("hms-netguard")).pods
 
             assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "refused"
+            for port in others:
+                assert await asyncio.to_thread(connect_as_pod_user, port) == "refused", port
             # Narrow: the pod user still reaches what is not the control plane's (here, a pod).
             assert await asyncio.to_thread(connect_as_pod_user, int(pod.endpoint.rsplit(":", 1)[1])) == "connected"
             # The router (the worker's user) still reaches the pod, and the pod answers it.
             with urllib.request.urlopen(f"http://{pod.endpoint}/health", timeout=5) as resp:
                 assert resp.status == 200
             assert chain in iptables_rules()
-            await orch.undeploy("hms-netguard", wait=True, timeout=60)
-        # Removed at stop.
+        # The worker stopped (a restart, say) and its pod runs on: the rule stays with it.
+        assert chain in iptables_rules()
+        assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "refused"
+        async with HmsWorker(temporal_env.client, settings):  # the next worker adopts the pod
+            await Orchestrator(temporal_env.client, settings).undeploy("hms-netguard", wait=True, timeout=60)
+        # Removed at a stop that leaves no pod.
         assert chain not in iptables_rules()
         assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "connected"
     finally:

@@ -6,7 +6,7 @@ enrolment record and the keys are files on the control host (hms_mgmt/nodeid.py)
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +19,7 @@ from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
-from hms_mgmt.files import atomic_write
+from hms_mgmt.files import DamagedRecord, expiring_record
 from hms_mgmt.trust import TrustStore
 from hms_mgmt.wire import (
     EnrolInput,
@@ -43,21 +43,26 @@ from hms_mgmt.wire import (
     VerifyImageOutput,
 )
 
+log = logging.getLogger("hms.enrolment")
+
 QUIET_S = 60.0  # the same refusal for the same node is written to the event log once a minute
-FORWARDED_KEPT = 10_000  # ids of node events already written here (a heartbeat checked twice, a replay)
-FORWARDED_FILE = "forwarded-events.json"  # in the state directory: those ids, across restarts
+FORWARDED_FILE = "forwarded-events.json"  # in the state directory: ids of node events written here
+# A heartbeat's events are remembered while that heartbeat could pass its signature check again
+# (its statement may be dated MAX_SKEW_S either side of this clock).
+FORWARDED_KEPT_S = 2 * nodeid.MAX_SKEW_S
 
 
-def _read_forwarded(state_dir: Path) -> dict[str, None]:
-    try:
-        ids = json.loads((state_dir / FORWARDED_FILE).read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-    return dict.fromkeys(str(i) for i in ids[-FORWARDED_KEPT:]) if isinstance(ids, list) else {}
+def _take_fresh(state_dir: Path, node: str, ids: list[str]) -> list[str]:
+    """Of ``ids``, those not written before (by this worker or another, before a restart or
+    not); they are recorded as written. Refuses (DamagedRecord) rather than forget them all."""
+    now = time.time()
+    with expiring_record(state_dir / FORWARDED_FILE, now=now) as written:
+        fresh = [i for i in dict.fromkeys(ids) if i not in written]
+        for i in fresh:
+            written[i] = [node, now + FORWARDED_KEPT_S]
+    return fresh
 
 
-def _write_forwarded(state_dir: Path, ids: list[str]) -> None:
-    atomic_write(state_dir / FORWARDED_FILE, json.dumps(ids), mode=0o600)
 MAX_FORWARDED_REASON = 2000
 
 
@@ -66,7 +71,6 @@ class NodeTrustActivities:
         self.settings = settings
         self.sink = sink
         self._told: dict[tuple[str, str], float] = {}
-        self._forwarded: dict[str, None] | None = None  # event ids, oldest first (FORWARDED_FILE, once read)
 
     async def _denied(self, reason: str, *, service: str = "", **data: object) -> None:
         key = (str(data.get("node", "")), reason)
@@ -130,16 +134,12 @@ class NodeTrustActivities:
         if not reg.events:
             return
         state_dir = (await asyncio.to_thread(self.settings)).state_dir
-        if self._forwarded is None:
-            self._forwarded = await asyncio.to_thread(_read_forwarded, state_dir)
-        fresh = [ev for ev in reg.events if ev.id not in self._forwarded]
-        if not fresh:
+        try:
+            fresh_ids = set(await asyncio.to_thread(_take_fresh, state_dir, reg.spec.name, [ev.id for ev in reg.events]))
+        except DamagedRecord as e:
+            log.error("node %s: its events are not written: %s", reg.spec.name, e)
             return
-        for ev in fresh:
-            self._forwarded[ev.id] = None
-        while len(self._forwarded) > FORWARDED_KEPT:
-            del self._forwarded[next(iter(self._forwarded))]
-        await asyncio.to_thread(_write_forwarded, state_dir, list(self._forwarded))
+        fresh = [ev for ev in reg.events if ev.id in fresh_ids]
         for ev in fresh:
             data = {**ev.data, "node": reg.spec.name, "forwarded_by": reg.spec.name}
             await self.sink.publish(ev.model_copy(update={"reason": ev.reason[:MAX_FORWARDED_REASON], "data": data}))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -41,6 +43,8 @@ from hms_mgmt.models import NodeSpec
 
 if TYPE_CHECKING:  # the runtimes package (and its event sink) only when a worker asks for pod limits
     from hms_mgmt.runtimes.base import PodLimits
+
+log = logging.getLogger("hms.config")
 
 ENV_PREFIX = "HMS_"
 CONFIG_FILE = "config.yaml"
@@ -109,11 +113,11 @@ class Settings(BaseSettings):
     tls_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_KEY"))
     tls_ca: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_CA"))
     tls_server_name: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_TLS_SERVER_NAME"))
-    api_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_API_KEY"))
+    api_key: str | None = Field(default=None, validation_alias=AliasChoices("HMS_TEMPORAL_API_KEY"), repr=False)
     temporal_connect_timeout_s: float = Field(default=10.0, gt=0)
     runtime: Literal["auto", "docker", "process"] = "auto"
     state_dir: Path = Field(default_factory=default_state_dir)
-    token: str | None = None
+    token: str | None = Field(default=None, repr=False)
     task_queue: str = constants.CONTROL_TASK_QUEUE
     node_queue_prefix: str = constants.NODE_TASK_QUEUE_PREFIX
     node: str = Field(default_factory=default_node_name)  # HMS_NODE; default: the host name
@@ -125,7 +129,7 @@ class Settings(BaseSettings):
     web_ui_url: str = f"http://localhost:{constants.DEFAULT_UI_PORT}"
     event_webhook: str | None = None  # one more webhook URL (kept from before `webhooks`)
     webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)  # env: comma-separated
-    webhook_secret: str | None = None  # HMAC key; default: <state_dir>/keys/webhook.key
+    webhook_secret: str | None = Field(default=None, repr=False)  # HMAC key; default: <state_dir>/keys/webhook.key
     metrics_port: int | None = 9464  # the worker's Prometheus /metrics on 127.0.0.1; 0 turns it off
     router_port: int = constants.DEFAULT_ROUTER_PORT
     router_procs: int | None = Field(default=None, ge=1)  # the builtin engine's processes; default: one per CPU
@@ -211,6 +215,7 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid configuration: {_describe(e)}") from e
         self._overrides = dict(values)
         self._environ = _ENVIRON.get()
+        _warn_unknown_env(os.environ if self._environ is None else self._environ)
 
     def webhook_urls(self) -> list[str]:
         """Every webhook events go to: ``webhooks`` plus ``event_webhook``."""
@@ -334,6 +339,44 @@ def env_var(field: str) -> str:
     if isinstance(info.validation_alias, AliasChoices):
         return str(info.validation_alias.choices[0])
     return f"{ENV_PREFIX}{field.upper()}"
+
+
+# ``HMS_*`` variables that are no setting but that the project reads or sets itself: docker-compose's
+# (README, "The whole stack in containers"), test and benchmark switches, what a pod is given and
+# what the example services read. Any other is most likely a misspelt setting.
+NOT_SETTINGS = frozenset({
+    "HMS_TEMPORAL_PORT", "HMS_UI_PORT", "HMS_COMPOSE_STATE", "HMS_BASE_IMAGE", "HMS_IMAGE_TAG",
+    "HMS_REQUIRE_DOCKER", "HMS_CHAOS", "HMS_CHAOS_SEED", "HMS_FUZZ_EXAMPLES", "HMS_BENCH_RAW", "HMS_UPDATE_DOCS",
+    "HMS_HISTORY_SET", "HMS_SKIP_PULL", "HMS_REBUILD_BASE", "HMS_DEBIAN_MIRROR", "HMS_SECRET_TEST",
+    "HMS_POD_ID", "HMS_SERVICE", "HMS_REVISION", "HMS_SECRETS_DIR", "HMS_VERSION", "HMS_SERVICE_MODULE",
+    "HMS_STARTUP_DELAY_S", "HMS_FAIL_HEALTH", "HMS_BURN_CPU", "HMS_ACCESS_LOG", "HMS_SMS_SEND_DELAY_S",
+    "HMS_EXIT_AFTER_S", "HMS_EXIT_AT_START",
+})
+_NOT_SETTINGS_PREFIXES = ("HMS_ROLLBACK_",)  # tests/chaos/test_rollback_repeat.py's knobs
+_warned_env: set[str] = set()
+
+
+def _warn_unknown_env(environ: Mapping[str, str]) -> None:
+    """Warn, once a process per name, of ``HMS_*`` variables no setting reads (``HMS_TEMPORAL_CA``
+    for ``HMS_TEMPORAL_TLS_CA``): they are ignored, which a typo in a TLS setting makes costly."""
+    known = sorted(env_var(f) for f in Settings.model_fields)
+    read = {*known, *(f"{ENV_PREFIX}{f.upper()}" for f in Settings.model_fields)}  # HMS_TLS_CA is read too
+    unknown = sorted(
+        name for name in (k.upper() for k in environ)
+        if name.startswith(ENV_PREFIX) and name not in read and name not in NOT_SETTINGS
+        and not name.startswith(_NOT_SETTINGS_PREFIXES) and name not in _warned_env
+    )
+    if not unknown:
+        return
+    _warned_env.update(unknown)
+    named = []
+    for name in unknown:
+        # HMS_TEMPORAL_TLS_ENABLED: the setting it starts with, else the nearest spelling
+        close = sorted((k for k in known if name.startswith(k + "_")), key=len)[-1:] or \
+            difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    log.warning("%s %s ignored (README, \"Configuration\", lists the settings)", ", ".join(named),
+                "is not a setting and is" if len(unknown) == 1 else "are not settings and are")
 
 
 def _describe(e: ValidationError) -> str:
@@ -514,6 +557,9 @@ def _connect_hint(settings: Settings, error: str) -> str:
     return "Start it with `hms up` (or `make demo`), or set HMS_TEMPORAL_ADDRESS."
 
 
+_warned_plaintext_key: set[str] = set()  # the addresses connect() warned of an API key in plaintext to
+
+
 async def connect(settings: Settings | None = None):  # -> temporalio.client.Client
     """A Temporal client with the pydantic converter, TLS and API key from ``settings``; a bad
     TLS setting is refused before dialling, and an unreachable server fails within
@@ -527,6 +573,11 @@ async def connect(settings: Settings | None = None):  # -> temporalio.client.Cli
 
     settings = settings or Settings.from_env()
     tls = temporal_tls(settings)
+    if tls is False and settings.api_key and settings.temporal_address not in _warned_plaintext_key:
+        _warned_plaintext_key.add(settings.temporal_address)
+        log.warning("HMS_TEMPORAL_API_KEY is sent to %s without TLS (HMS_TEMPORAL_TLS=false): anyone on the "
+                    "network path can read it and use it; turn TLS on unless that path is this host",
+                    settings.temporal_address)
     timeout = settings.temporal_connect_timeout_s
     try:
         return await asyncio.wait_for(

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
@@ -97,6 +98,26 @@ def _url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def shown_url(url: str) -> str:
+    """A webhook URL as logs show it: ``scheme://host[:port]``. Its user, password, path and query
+    (where a receiver's token usually is) stay out of the logs."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "(a webhook URL that does not parse)"
+    if not host:
+        return "(a webhook URL without a host)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _printable(text: str) -> str:
+    """``text`` for a log line: each character that is not printable (controls, line breaks,
+    bidi overrides) as its escape, ``\\x1b``; the rest as it is."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class EventSink:
     """Appends each event to ``events.jsonl`` (rotated by size) and to the spool of each webhook.
 
@@ -151,7 +172,9 @@ class EventSink:
                 EventSink._last_seq = seq
                 for url in self.webhooks:
                     self._enqueue(url, f"{seq:020d}.{event.id}", body)
-        log.info("event %s %s: %s", event.type, event.service, event.reason)
+        # A refused caller's words (a path, a query value) may be the service or the reason:
+        # in a log line, what is not printable is written out (whatever handler prints it).
+        log.info("event %s %s: %s", *(_printable(x) for x in (event.type, event.service, event.reason)))
         for listener in self.listeners:
             try:
                 listener(event)
@@ -383,7 +406,7 @@ class WebhookDelivery:
 
     def start(self) -> None:
         for url in self.sink.webhooks:
-            self._tasks.append(asyncio.create_task(self._run(url), name=f"webhook {url}"))
+            self._tasks.append(asyncio.create_task(self._run(url), name=f"webhook {shown_url(url)}"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -418,7 +441,7 @@ class WebhookDelivery:
         drop = files[: len(files) - SPOOL_MAX]
         for p in drop:
             p.unlink(missing_ok=True)
-        log.error("webhook %s: spool over %d events, dropped the %d oldest", url, SPOOL_MAX, len(drop))
+        log.error("webhook %s: spool over %d events, dropped the %d oldest", shown_url(url), SPOOL_MAX, len(drop))
         return files[len(drop):]
 
     async def _own(self, spool: Path) -> int:
@@ -477,9 +500,10 @@ class WebhookDelivery:
             async with session.post(url, data=body, headers=headers) as resp:
                 ok = 200 <= resp.status < 300
                 if not ok:
-                    log.warning("webhook %s answered %s for event %s; retrying", url, resp.status, event_id)
+                    log.warning("webhook %s answered %s for event %s; retrying", shown_url(url), resp.status, event_id)
         except Exception as e:  # noqa: BLE001 - any failure is a retry
-            log.warning("webhook %s unreachable for event %s (%s); retrying", url, event_id, e or type(e).__name__)
+            why = (str(e) or type(e).__name__).replace(url, shown_url(url))  # an InvalidURL's text is the URL
+            log.warning("webhook %s unreachable for event %s (%s); retrying", shown_url(url), event_id, why)
             ok = False
         if self.on_result is not None:
             self.on_result(url, ok)

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from hms_mgmt import auth
+from hms_mgmt import auth, constants
 from hms_mgmt.cli.common import _cli_errors, _run, _settings, _setup_logging
 from hms_mgmt.cli.render import out
 from hms_mgmt.config import Settings
@@ -53,7 +53,9 @@ async def run_dashboard_until_signal(settings: Settings, *, port: int, token: st
 
 @_cli_errors
 def dashboard(
-    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.", min=0, max=65535)] = 8088,
+    port: Annotated[int | None, typer.Option(
+        "--port", help=f"Port on 127.0.0.1 (default: HMS_DASHBOARD_PORT, else {constants.DEFAULT_DASHBOARD_PORT}).",
+        min=0, max=65535)] = None,
     token_file: Annotated[
         Path | None,
         typer.Option("--token-file", help="A token (e.g. a gov_approver's) to sign the browser in with, via a printed link."),
@@ -64,5 +66,6 @@ def dashboard(
     """The live operations page: services, pods, charts, traffic, approvals and events."""
     _setup_logging(logging.WARNING)
     settings = _settings()
+    port = settings.dashboard_port if port is None else port
     token = read_token_file(token_file, settings) if token_file else None
     _run(run_dashboard_until_signal(settings, port=port, token=token, public_read=public_read))

@@ -26,7 +26,8 @@ router_app = typer.Typer(help="The traffic router: run it (`hms router [--host A
 @_cli_errors
 def router(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = constants.DEFAULT_ROUTER_PORT,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default: HMS_ROUTER_PORT, "
+                                             f"else {constants.DEFAULT_ROUTER_PORT}).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="builtin (aiohttp) or haproxy (needs Debian's haproxy).")
                       ] = "builtin",
     host: Annotated[str | None, typer.Option("--host", help="The IP address to listen on and register "
@@ -46,6 +47,7 @@ def router(
         haproxy_binary()  # a clear error now if it is not installed
     _setup_logging(logging.INFO)
     settings = _settings(router_port=port)
+    port = settings.router_port
     host = host or settings.router_address
     out.print(f"router ({engine}) on http://{host}:{port}/<service>/<path>  "
               f"(table: /-/table, stats: /-/stats, metrics: /metrics)")

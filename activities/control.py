@@ -28,7 +28,7 @@ from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink, RefusalLog
 from hms_mgmt.governance_config import load_governance_policy
-from hms_mgmt.models import NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
+from hms_mgmt.models import NodeRecord, NodeSpec, PodStatus, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.nodes import NotOurRegistry, node_registry
 from hms_mgmt.nodes import ready_nodes as nodes_ready
 from hms_mgmt.policy.autoscale import CpuSample
@@ -81,6 +81,11 @@ def _grant_identity(claims: dict[str, object]) -> auth.Identity:
     if role not in auth.ROLES:
         raise AccessDenied(f"the grant names an unknown role {role!r}")
     return auth.Identity(user=str(claims.get("sub")), role=role, issued_at=at, expires_at=until)  # type: ignore[arg-type]
+
+
+def evicted(nodes: list[NodeRecord], node: str) -> bool:
+    """Whether the registry's records hold ``node`` as Lost with its pods to be replaced."""
+    return any(r.spec.name == node and r.state == "Lost" and not r.pods_kept for r in nodes)
 
 
 class ControlActivities:
@@ -375,13 +380,15 @@ class ControlActivities:
 
     @activity.defn(name="node_is_lost")
     async def node_is_lost(self, inp: NodeLost) -> bool:
-        """Whether the NodeRegistry itself holds ``inp.node`` as Lost: what a service checks before
-        it believes a ``node_lost`` signal (anyone who reaches Temporal can send one)."""
+        """Whether the NodeRegistry itself holds ``inp.node`` as Lost, its pods to be replaced: what
+        a service checks before it believes a ``node_lost`` signal (anyone who reaches Temporal can
+        send one). A node Lost with every node at once keeps its pods (``pods_kept``): the
+        registry deliberately replaces nothing then, and neither does a signal."""
         settings = await asyncio.to_thread(self.settings)
         out = await self._registry_nodes(settings)
         if out is None:
             return False  # no registry runs: no node can have been declared lost
-        return any(r.spec.name == inp.node and r.state == "Lost" for r in out.nodes)
+        return evicted(out.nodes, inp.node)
 
     @activity.defn(name="confirm_heal_attempt")
     async def confirm_heal_attempt(self, attempt: HealAttempt) -> bool:

@@ -64,8 +64,10 @@ class Supervision:
                                               "the node registry does not hold it as Lost")
                     continue
             for pod in [p for p in run.state.pods if p.node == lost.node]:
+                # The registry's word, not the signal's text (anyone can send one; its reason
+                # would reach decisions, events and an operator's terminal).
                 await self.pod_failed(PodFailure(pod_id=pod.id, kind="exited", node_lost=True,
-                                                 detail=lost.reason or f"node {lost.node} lost"))
+                                                 detail=f"node {lost.node} lost"))
 
     # --- the watch ---------------------------------------------------------------------------
 

@@ -193,6 +193,9 @@ class HmsWorker:
         if settings.log_port >= 0:
             self.log_server = LogServer(runtime, settings.state_dir, sink=sink)
         if nodeid.is_joined(settings.state_dir):  # its events reach the control host's log on its heartbeats
+            resumed = self.agent.resume_forwarding()
+            if resumed:
+                log.info("node %s: %d event(s) of its log still to forward", settings.node, resumed)
             sink.listeners.append(self.agent.forward)
         return Worker(
             client,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import socket
@@ -31,7 +32,8 @@ from activities.pods import ORPHAN_GRACE_S, StoppedPods
 from hms_mgmt import constants, names
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied
-from hms_mgmt.events import Event, EventSink
+from hms_mgmt.events import Event, EventSink, read_events
+from hms_mgmt.files import atomic_write
 from hms_mgmt.joining import join_registry, new_request_id
 from hms_mgmt.models import NodeSpec, ServiceStatus
 from hms_mgmt.nodeid import NodeIdentity
@@ -45,6 +47,7 @@ REGISTER_TIMEOUT_S = 30.0
 SWEEP_EVERY_S = 60.0
 SWEEP_SHARE = 3  # a sweep waits at least this many times as long as the last one took
 EVENTS_PER_BEAT = 20  # node events forwarded with one heartbeat (the rest wait for the next)
+FORWARD_CURSOR = "forward-cursor.json"  # on a joined node: the last of its events a heartbeat carried
 EVENTS_KEPT = 500  # node events waiting to be forwarded; the oldest go first when the control plane is away
 
 
@@ -85,6 +88,25 @@ class NodeAgent:
         """An event listener (any thread): this node's event, for the control host's log."""
         self.outbox.append(event)
 
+    def resume_forwarding(self) -> int:
+        """Queue the events of this node's log that no heartbeat carried yet (a worker stopped
+        before they went: a refusal recorded just before a restart still reaches the control
+        host). The first time, the log so far is taken as carried. Returns how many."""
+        path = self.settings.state_dir / FORWARD_CURSOR
+        events = list(read_events(self.settings.state_dir))
+        try:
+            last = json.loads(path.read_text())["id"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            self._carried(events[-1].id if events else "")
+            return 0
+        ids = [e.id for e in events]
+        pending = events[ids.index(last) + 1:] if last in ids else events  # rotated out: all it still has
+        self.outbox.extend(pending[-EVENTS_KEPT:])
+        return len(pending[-EVENTS_KEPT:])
+
+    def _carried(self, event_id: str) -> None:
+        atomic_write(self.settings.state_dir / FORWARD_CURSOR, json.dumps({"id": event_id}))
+
     def advertise(self, **fields: object) -> None:
         """What the worker serves beside its pods (``log_port``): part of every registration."""
         self._served.update(fields)
@@ -119,6 +141,8 @@ class NodeAgent:
             NodeRegistry.heartbeat, self._signed("heartbeat", events))
         for _ in events:
             self.outbox.popleft()
+        if events:
+            await asyncio.to_thread(self._carried, events[-1].id)
 
     async def _state_in_registry(self, *, timeout_s: float | None = None) -> str | None:
         """This node's state as the registry holds it (None: it does not know the node, or no

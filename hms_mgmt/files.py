@@ -98,7 +98,7 @@ def expiring_record(path: Path | str, *, now: float, durable: bool = True) -> It
     is given; it is written back (0600, atomically, fsynced unless ``durable=False``) if it
     changed. Missing: empty. Does not parse: :class:`DamagedRecord`, never empty."""
     path = Path(path)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    with os.fdopen(open_private(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             text = path.read_text()

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import secrets
 import time
 import uuid
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from hms_mgmt import tickets
 from hms_mgmt.errors import AccessDenied, HmsError
-from hms_mgmt.files import atomic_write
+from hms_mgmt.files import atomic_write, open_private
 from hms_mgmt.tickets import b64url, unb64url
 
 TOKEN_PREFIX = "hmsjoin1"
@@ -249,7 +250,7 @@ def _enrolment(state_dir: Path, *, write: bool) -> Iterator[dict[str, Any]]:
     """The control host's record of join tokens and enrolled nodes, under a lock."""
     path = state_dir / ENROLMENT_FILE
     lock = state_dir / (ENROLMENT_FILE + ".lock")
-    with open(lock, "a") as fh:
+    with os.fdopen(open_private(lock, os.O_WRONLY | os.O_CREAT), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
         try:
             data = json.loads(path.read_text()) if path.exists() else {}

@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from hms_mgmt.auth import init_keys, keys_dir, load_private_key, load_public_key
 from hms_mgmt.errors import AccessDenied, HmsError, ImageUntrusted, SpecError
-from hms_mgmt.files import atomic_write
+from hms_mgmt.files import atomic_write, open_private
 
 STORE_VERSION = 1
 
@@ -66,7 +67,7 @@ class TrustStore:
     def _locked(self) -> Iterator[None]:
         """Serialize read-modify-write across processes (CLI and worker may sign at once)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as lock:
+        with os.fdopen(open_private(self.dir / ".lock", os.O_WRONLY | os.O_CREAT), "w") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -50,3 +50,11 @@ def test_a_damaged_record_writes_no_event_rather_than_every_event_again(tmp_path
     (tmp_path / FORWARDED_FILE).write_text("[1, 2")
     asyncio.run(NodeTrustActivities(lambda: settings, EventSink(tmp_path))._record_node_events(beat))
     assert [e for e in read_events(tmp_path) if e.data.get("forwarded_by") == "b"] == []
+
+
+def test_the_record_and_its_lock_are_private(tmp_path: Path):
+    import stat
+
+    _take_fresh(tmp_path, "b", ["e1"])
+    for name in (FORWARDED_FILE, FORWARDED_FILE + ".lock"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name

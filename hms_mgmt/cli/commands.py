@@ -40,6 +40,7 @@ from hms_mgmt.cli.render import (
     err,
     out,
     print_records,
+    shown,
 )
 from hms_mgmt.cli.router_cmd import router_app, routers
 from hms_mgmt.cli.schedule_cmd import schedule_app
@@ -268,7 +269,7 @@ def deploy(
             what = "already runs: " if result.already_running else "is "
             out.print(Text.assemble((spec.name, "bold"), f" {what}", _phase(st.phase)))
             if st.pending_approval is not None:
-                out.print(f"  waiting for approval: {st.pending_approval.reason}")
+                out.print(f"  waiting for approval: {shown(st.pending_approval.reason)}")
                 out.print(f"  decide with `hms approve {spec.name}` or `hms reject {spec.name}` (role gov_approver)")
         out.print(Text.assemble(("Web UI ", "bold"), (result.web_ui_url, "cyan underline")))
 
@@ -315,17 +316,25 @@ def logs(
     tail: Annotated[int, typer.Option("--tail", help="How many of the last lines (0: all).")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print each new line, until the pod is "
                                                                 "gone or Ctrl-C.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Print each line as the pod wrote it, control characters "
+                                                    "included (for a tool that wants them; not for a terminal)."
+                                      )] = False,
 ) -> None:
-    """The last lines of a pod's log (every pod's, interleaved, without POD); -f follows them."""
+    """The last lines of a pod's log (every pod's, interleaved, without POD); -f follows them.
+    Control characters a pod wrote are written out (ESC as \\x1b), unless --raw."""
+    # A pod writes what it likes: on a terminal, escape sequences in its log would be obeyed.
+    # The POD@NODE prefix is a pod id and a node name, which shown() leaves as they are.
+    def echo(line: str) -> None:
+        typer.echo(line if raw else shown(line))
 
     async def go() -> None:
         orch = await _connect()
         if not follow:
             for line in await orch.logs(service, pod, tail):
-                typer.echo(line)
+                echo(line)
             return
         async for line in orch.follow_logs(service, pod, tail):
-            typer.echo(line)
+            echo(line)
             sys.stdout.flush()
 
     try:
@@ -589,7 +598,8 @@ def image_revoke(image: Annotated[str, typer.Argument(help="Image reference.")])
     try:
         told = _run(tell_services())
     except HmsError as e:
-        err.print(Text(f"warning: services were not told ({e}); they learn at their next pod start", style="yellow"))
+        err.print(Text(f"warning: services were not told ({shown(str(e))}); they learn at their next pod start",
+                       style="yellow"))
         return
     if told:
         out.print(f"services running it, now Degraded: {', '.join(told)}")
@@ -614,7 +624,7 @@ def rollout_status(name: Annotated[str, typer.Argument(help="The service.")], ou
         if r is None:
             out.print("  no rollout yet")
             return
-        out.print(f"  rollout {r.from_revision} -> {r.to_revision}: {r.state}, {r.updated}/{r.desired} pods updated, "
+        out.print(f"  rollout {r.from_revision} -> {r.to_revision}: {shown(r.state)}, {r.updated}/{r.desired} pods updated, "
                   f"started {_when(r.started_at)}")
 
     _run(go())
@@ -633,8 +643,8 @@ def rollout_history(name: Annotated[str, typer.Argument(help="The service.")], o
             table.add_column(col, no_wrap=col != "reason")
         for r in records:
             pinned = ", ".join(f"secret {ref.name} v{ref.version}" for ref in r.spec.secrets if ref.version)
-            table.add_row(str(r.revision), r.spec.image, r.image_id[:19] or "-", r.deployed_by or "-",
-                          _when(r.deployed_at), r.outcome, "; ".join(x for x in (pinned, r.reason) if x))
+            table.add_row(str(r.revision), r.spec.image, shown(r.image_id[:19]) or "-", shown(r.deployed_by) or "-",
+                          _when(r.deployed_at), shown(r.outcome), shown("; ".join(x for x in (pinned, r.reason) if x)))
         show(records, output, lambda: out.print(table))
 
     _run(go())
@@ -708,14 +718,14 @@ def _nodes_table(views: list) -> None:
         style = {"Ready": "green", "Lost": "red", "Removed": "red"}.get(v.state, "yellow")
         table.add_row(
             v.spec.name,
-            v.spec.address,
-            Text(v.state, style=style),
+            shown(v.spec.address),
+            Text(shown(v.state), style=style),
             v.spec.runtime,
             f"{v.pods}/{v.spec.max_pods}",
             f"{v.cpu_used:g}/{v.spec.cpu:g}",
             f"{v.memory_used_mb}/{v.spec.memory_mb}",
-            ",".join(f"{k}={val}" for k, val in sorted(v.spec.labels.items())) or "-",
-            ", ".join(f"{name} x{n}" for name, n in sorted(v.services.items())) or "-",
+            shown(",".join(f"{k}={val}" for k, val in sorted(v.spec.labels.items()))) or "-",
+            shown(", ".join(f"{name} x{n}" for name, n in sorted(v.services.items()))) or "-",
             _when(v.last_heartbeat) if v.last_heartbeat else "-",
         )
     out.print(table)

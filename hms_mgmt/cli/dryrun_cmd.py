@@ -7,7 +7,7 @@ from rich.text import Text
 
 from hms_mgmt.cli.common import exit_code
 from hms_mgmt.cli.output import Format, show
-from hms_mgmt.cli.render import _when, out
+from hms_mgmt.cli.render import _when, out, shown
 from hms_mgmt.models import DryRunVerdict
 
 
@@ -25,22 +25,23 @@ def show_verdict(verdict: DryRunVerdict, fmt: Format) -> None:
 def _tables(v: DryRunVerdict) -> None:
     word = ("would be admitted, after a gov_approver's approval" if v.admitted and v.needs_approval
             else "would be admitted" if v.admitted else "would be refused")
-    out.print(Text.assemble((v.service, "bold"), f" {word} (dry run: nothing started)",
+    out.print(Text.assemble((shown(v.service), "bold"), f" {word} (dry run: nothing started)",
                             style="green" if v.admitted else "red"))
     checks = Table("check", "", "detail", title="admission")
     for c in v.checks:
-        checks.add_row(c.name, Text("ok", "green") if c.ok else Text(c.kind or "no", "red"), c.detail)
+        checks.add_row(shown(c.name), Text("ok", "green") if c.ok else Text(shown(c.kind or "no"), "red"),
+                       shown(c.detail))
     out.print(checks)
     if v.placement:
         nodes = Table("node", "new pods", "pods left", "cpu left", "memory left (MB)",
                       title=f"placement of {v.replicas} new pod(s)" + (f", {v.unplaced} fit nowhere" if v.unplaced else ""))
         for n in v.placement:
-            nodes.add_row(n.node, str(n.pods), str(n.pods_left), f"{n.cpu_left:g}", str(n.memory_left_mb))
+            nodes.add_row(shown(n.node), str(n.pods), str(n.pods_left), f"{n.cpu_left:g}", str(n.memory_left_mb))
         out.print(nodes)
     if v.change is not None and v.change.changes:
         diff = Table("field", "running", "new", title=f"changes to revision {v.change.from_revision}")
         for ch in v.change.changes:
-            diff.add_row(ch.field, str(ch.old), str(ch.new))
+            diff.add_row(shown(ch.field), shown(str(ch.old)), shown(str(ch.new)))
         out.print(diff)
     if v.change is not None and v.change.rollout is not None:
         r = v.change.rollout
@@ -49,7 +50,7 @@ def _tables(v: DryRunVerdict) -> None:
     if v.time_slots:
         slots = Table("time slot", "on", "next start", "next end", title="time slots")
         for s in v.time_slots:
-            slots.add_row(s.name, "yes" if s.on else "no", _when(s.next_start), _when(s.next_end))
+            slots.add_row(shown(s.name), "yes" if s.on else "no", _when(s.next_start), _when(s.next_end))
         out.print(slots)
     if v.image_id:
-        out.print(Text.assemble(("image ", "bold"), f"{v.image} pinned to {v.image_id}"))
+        out.print(Text.assemble(("image ", "bold"), shown(f"{v.image} pinned to {v.image_id}")))

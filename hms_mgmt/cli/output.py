@@ -55,9 +55,11 @@ def render(data: Any, fmt: Format, *, stream: bool = False) -> str:
     if fmt is Format.yaml:
         text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
         return f"---\n{text}".rstrip("\n") if stream else text.rstrip("\n")
+    # ASCII only: C1 controls, bidi overrides and line separators in a server's text are \u-escaped
+    # (still the same JSON), so `hms events -o json` on a terminal shows them and obeys none.
     if stream:
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
-    return json.dumps(doc, indent=2, ensure_ascii=False)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(doc, indent=2, ensure_ascii=True)
 
 
 def show(data: Any, fmt: Format, table: Callable[[], None]) -> None:

@@ -21,7 +21,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from hms_mgmt.cli.render import _when, out
+from hms_mgmt.cli.render import _when, out, shown
 from hms_mgmt.durations import format_duration
 from hms_mgmt.errors import HmsError
 from hms_mgmt.models import ServiceSpec, ServiceStatus, WaitingFor
@@ -44,12 +44,13 @@ def plain_wanted(mode: str, stream: TextIO | None = None) -> bool:
 
 
 def wait_text(w: WaitingFor) -> str:
-    """``waiting for approval: a gov_approver to decide: ...; until 14:05:00; run `hms approve x```."""
-    parts = [f"waiting for {w.kind.replace('_', ' ')}: {w.reason}"]
+    """``waiting for approval: a gov_approver to decide: ...; until 14:05:00; run `hms approve x```
+    (its reason and command as :func:`shown`: a server's words, for a terminal)."""
+    parts = [f"waiting for {shown(w.kind.replace('_', ' '))}: {shown(w.reason)}"]
     if w.until is not None:
         parts.append(f"until {_when(w.until)}")
     if w.command:
-        parts.append(f"run `{w.command}`")
+        parts.append(f"run `{shown(w.command)}`")
     return "; ".join(parts)
 
 
@@ -65,14 +66,15 @@ _DOING = {
 
 
 def doing(st: ServiceStatus) -> str:
-    """What the service is doing or waiting for, in a few words."""
+    """What the service is doing or waiting for, in a few words (as :func:`shown`: the message
+    may quote an approver's reason or a failure's)."""
     if st.waiting_for is not None:
         return wait_text(st.waiting_for)
     r = st.rollout
     if st.phase == "Updating" and r is not None:
-        return f"rollout {r.from_revision} -> {r.to_revision}: {r.updated}/{r.desired} pods updated ({r.state})"
+        return f"rollout {r.from_revision} -> {r.to_revision}: {r.updated}/{r.desired} pods updated ({shown(r.state)})"
     if st.phase in ("Failed", "Rejected", "Degraded") and st.message:
-        return st.message
+        return shown(st.message)
     return _DOING.get(st.phase, "")
 
 
@@ -123,10 +125,10 @@ class Lines:
         t = self.clock()
         if t - self.printed.setdefault(name, t - self.heartbeat_s) >= self.heartbeat_s:
             self.printed[name] = t
-            self.echo(f"{_when(self.now())}  {name}  waiting for its workflow to answer ({why})")
+            self.echo(f"{_when(self.now())}  {shown(name)}  waiting for its workflow to answer ({shown(why)})")
 
     def note(self, name: str, text: str) -> None:
-        self.echo(f"{_when(self.now())}  {name}  {text}")
+        self.echo(f"{_when(self.now())}  {shown(name)}  {shown(text)}")
 
 
 def _echo(line: str) -> None:
@@ -151,12 +153,15 @@ class Bars:
         pass
 
     def note(self, name: str, text: str) -> None:
-        self.progress.console.print(Text.assemble((name, "bold"), f"  {text}", style="yellow"), soft_wrap=True)
+        self.progress.console.print(Text.assemble((shown(name), "bold"), f"  {shown(text)}", style="yellow"),
+                                    soft_wrap=True)
 
 
 def bars(console: Any) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.fields[service]:<12}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("pods ready  {task.fields[phase]}"), TimeElapsedColumn(), console=console)
+    """The bars; their text is never markup (a phase's words may quote a server's message)."""
+    return Progress(SpinnerColumn(), TextColumn("{task.fields[service]:<12}", markup=False), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("pods ready  {task.fields[phase]}", markup=False),
+                    TimeElapsedColumn(), console=console if console is not None else out)
 
 
 async def signature_hint(orch: Orchestrator, st: ServiceStatus) -> str | None:

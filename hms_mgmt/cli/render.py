@@ -25,17 +25,24 @@ def _console(*, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty()
     wide = piped and not os.environ.get("COLUMNS")
-    return Console(stderr=stderr, highlight=False, width=160 if wide else None, soft_wrap=piped)
+    # No markup: a string printed here may hold a service's message, a pod's label or a node's
+    # reason, and '[link=...]' or a stray '[/]' in it must be shown, not obeyed (or crash).
+    return Console(stderr=stderr, highlight=False, markup=False, width=160 if wide else None, soft_wrap=piped)
 
 
 out = _console()
 err = _console(stderr=True)
 
 
-# C0 and C1 control characters and DEL, as ``\xNN``: text that came from outside (an event's
-# reason and service can hold what a refused caller sent) cannot move the cursor, clear the
-# screen, retitle the window or write the clipboard of an operator following ``hms events``.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+# C0 and C1 control characters and DEL, as ``\xNN``; bidi overrides and isolates and the line
+# and paragraph separators, as ``\uNNNN``: text that came from outside (an event's reason and
+# service can hold what a refused caller sent, a status message what an approver wrote, a log
+# line what a pod wrote) cannot move the cursor, clear the screen, retitle the window, write the
+# clipboard, start a line of its own or read backwards on an operator's terminal.
+_CONTROLS = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    **{c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))},
+}
 
 
 def shown(text: str) -> str:
@@ -87,8 +94,8 @@ def _pods_table(statuses: Iterable[ServiceStatus], *, title: str | None = None) 
             table.add_row(
                 st.name,
                 _short(pod.id),
-                pod.node,
-                pod.endpoint or "-",
+                Text(shown(pod.node)),
+                Text(shown(pod.endpoint or "-")),
                 Text(pod.health, style=_HEALTH_STYLE.get(pod.health, "")),
                 Text("yes", style="green") if pod.ready else Text("no", style="yellow"),
                 "-" if pod.cpu_percent is None else f"{pod.cpu_percent:.0f}",
@@ -110,7 +117,7 @@ def _services_table(settings: Settings, statuses: Iterable[ServiceStatus]) -> Ta
             _phase(st.phase),
             f"{st.ready_replicas}/{st.desired_replicas}",
             st.spec.image,
-            _web_ui_url(settings, st),
+            Text(shown(_web_ui_url(settings, st))),
         )
     return table
 
@@ -127,8 +134,11 @@ def _print_outcome(what: str, result: Any) -> None:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    # Text, not markup: messages quote specs and paths that may contain '[...]'.
-    err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
+    # Text, not markup: messages quote specs and paths that may contain '[...]'. A message may
+    # quote what a server or a caller sent: its control characters are written out, and a line
+    # after its first (a log's tail) is indented, so none reads as a line of its own.
+    text = "\n  ".join(shown(line) for line in message.split("\n"))
+    err.print(Text(f"error: {text}", style="red"), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -142,5 +152,5 @@ def print_records(columns: tuple[str, ...], rows: Iterable[tuple[str, ...]], *, 
     for col in columns:
         table.add_column(col, no_wrap=True)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(shown(cell) for cell in row))
     out.print(table)

@@ -99,7 +99,7 @@ def routers(output: OutputOpt = Format.table) -> None:
     from rich.text import Text
 
     from hms_mgmt.cli.common import _run
-    from hms_mgmt.cli.render import _when
+    from hms_mgmt.cli.render import _when, shown
     from hms_mgmt.config import connect
     from hms_mgmt.nodes import list_routers
 
@@ -118,8 +118,8 @@ def routers(output: OutputOpt = Format.table) -> None:
         for col in ("router", "address", "feed URL", "engine", "state", "last heartbeat"):
             t.add_column(col, no_wrap=True)
         for r in records:
-            t.add_row(r.name, r.address, r.url, r.engine or "-",
-                      Text(r.state, style="green" if r.state == "Ready" else "red"),
+            t.add_row(shown(r.name), shown(r.address), shown(r.url), shown(r.engine) or "-",
+                      Text(shown(r.state), style="green" if r.state == "Ready" else "red"),
                       _when(r.last_heartbeat) if r.last_heartbeat else "-")
         out.print(t)
 

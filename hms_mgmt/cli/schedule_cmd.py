@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from hms_mgmt.cli.common import _cli_errors, _connect, _run
-from hms_mgmt.cli.render import _when, out
+from hms_mgmt.cli.render import _when, out, shown
 from hms_mgmt.models import SlotClock
 
 schedule_app = typer.Typer(help="Time slots and their Temporal Schedules.", no_args_is_help=True,
@@ -25,8 +25,8 @@ def _table(rows: list[SlotClock]) -> Table:
         if c.paused:
             state += f" (paused: {', '.join(c.paused)})"
         table.add_row(c.service, c.name, f"{c.min_replicas}/{c.max_replicas}" + (" landed" if c.max_replicas == 0 else ""),
-                      state, _when(c.next_start), _when(c.next_end), f"{c.start} / {c.end} ({c.timezone})",
-                      _ids(c))
+                      shown(state), _when(c.next_start), _when(c.next_end), shown(f"{c.start} / {c.end} ({c.timezone})"),
+                      shown(_ids(c)))
     return table
 
 

@@ -17,7 +17,7 @@ from hms_mgmt import auth
 from hms_mgmt.addresses import LOOPBACK, host_port
 from hms_mgmt.cli.common import _add_cli_overrides, _cli_overrides, _settings, _signer
 from hms_mgmt.cli.progress import deploy_with_progress as _deploy_with_progress
-from hms_mgmt.cli.render import _pods_table, _short, _web_ui_url, err, out
+from hms_mgmt.cli.render import _pods_table, _short, _web_ui_url, err, out, shown
 from hms_mgmt.config import Settings
 from hms_mgmt.devserver import DevServer, port_open
 from hms_mgmt.errors import HmsError, ServiceNotFound
@@ -181,7 +181,7 @@ async def _in_process_worker(client: Any, settings: Settings, *, run: bool,
         try:
             await asyncio.wait_for(task, WORKER_STOP_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - report, and still stop the server
-            err.print(Text(f"warning: the worker stopped with an error: {e}", style="yellow"))
+            err.print(Text(f"warning: the worker stopped with an error: {shown(str(e))}", style="yellow"))
 
 
 @contextlib.asynccontextmanager
@@ -372,7 +372,7 @@ async def _undeploy_all(orch: Orchestrator, names: list[str], stopper: _Stopper)
         return
     for name, result in zip(names, job.result(), strict=True):
         if isinstance(result, BaseException):
-            err.print(Text(f"warning: undeploy of {name} failed: {result}", style="yellow"))
+            err.print(Text(f"warning: undeploy of {name} failed: {shown(str(result))}", style="yellow"))
 
 
 async def _name_the_others(orch: Orchestrator, names: list[str]) -> None:
@@ -381,7 +381,7 @@ async def _name_the_others(orch: Orchestrator, names: list[str]) -> None:
     try:
         others = [st for st in await orch.list() if st.name not in names]
     except Exception as e:  # noqa: BLE001 - the stack is stopping anyway: say it, do not fail the exit
-        err.print(Text(f"warning: could not list the other services: {e}", style="yellow"))
+        err.print(Text(f"warning: could not list the other services: {shown(str(e))}", style="yellow"))
         return
     for st in others:
         err.print(Text(

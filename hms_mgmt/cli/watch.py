@@ -36,10 +36,10 @@ def status_view(settings: Settings, statuses: list[ServiceStatus], name: str | N
     parts: list[RenderableType] = [
         Text.assemble((st.name, "bold"), "  ", _phase(st.phase),
                       f"  revision {st.revision}  {st.ready_replicas}/{st.desired_replicas} ready  ", st.spec.image),
-        Text.assemble(("Web UI ", "bold"), (_web_ui_url(settings, st), "cyan underline")),
+        Text.assemble(("Web UI ", "bold"), (shown(_web_ui_url(settings, st)), "cyan underline")),
     ]
-    if st.message:
-        parts.append(Text(st.message, style="yellow"))
+    if st.message:  # a server's words (an approver's reason, a failure): shown, never obeyed
+        parts.append(Text(shown(st.message), style="yellow"))
     if st.waiting_for is not None:
         parts.append(Text(wait_text(st.waiting_for), style="magenta"))
     parts.append(_pods_table([st]) if st.pods else Text("no pods"))
@@ -55,7 +55,9 @@ def _decisions_table(st: ServiceStatus) -> Table:
         table.add_column(col, no_wrap=col != "reason")
     for d in st.last_decisions:
         replicas = f"{d.from_replicas} -> {d.to_replicas}" if d.to_replicas is not None else "-"
-        table.add_row(_when(d.at), d.kind, replicas, _short(d.pod) if d.pod else "-", d.reason)
+        # Text cells, never markup, whatever console draws the view: a reason quotes a signal's words.
+        table.add_row(_when(d.at), Text(shown(d.kind)), replicas, Text(shown(_short(d.pod))) if d.pod else "-",
+                      Text(shown(d.reason)))
     return table
 
 
@@ -64,8 +66,8 @@ def _approval_lines(st: ServiceStatus) -> list[Text]:
     if pa is None:
         return []
     lines = [Text.assemble(("pending approval: ", "bold magenta"),
-                           f"requested by {pa.requested_by} at {_when(pa.requested_at)}: {pa.reason}")]
-    lines += [Text(f"  refused attempt: {attempt}", style="yellow") for attempt in pa.invalid_attempts]
+                           f"requested by {shown(pa.requested_by)} at {_when(pa.requested_at)}: {shown(pa.reason)}")]
+    lines += [Text(f"  refused attempt: {shown(attempt)}", style="yellow") for attempt in pa.invalid_attempts]
     lines.append(Text(f"  decide with `hms approve {st.name}` or `hms reject {st.name}` (role gov_approver)"))
     return lines
 

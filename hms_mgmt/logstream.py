@@ -212,11 +212,11 @@ class LogServer:
             async with sse_response(request, ping_interval=15) as resp:
                 if not follow:
                     for line in await asyncio.to_thread(self.runtime.logs, pod, tail):
-                        await resp.send(line)
+                        await resp.send(one_line(line))
                     await resp.send("end of snapshot", event="end")
                     return resp
                 async for line in follow_lines(await asyncio.to_thread(self.runtime.follow, pod, tail)):
-                    await resp.send(line)
+                    await resp.send(one_line(line))
                 await resp.send(await self._why_ended(pod), event="end")
         except (ConnectionResetError, PodRuntimeError) as e:
             log.info("log stream of pod %s ended: %s", pod, e or "the reader went away")
@@ -232,6 +232,13 @@ class LogServer:
         if handle is None:
             return f"pod {pod} is gone (stopped and removed): end of log"
         return f"pod {pod} is gone ({handle.state}): end of log"
+
+
+def one_line(line: str) -> str:
+    """A pod's log line as one server-sent event line: an event's data ends at any CR or LF, and
+    the reader would make a line of its own of what a pod wrote after one (a line with no
+    ``POD@NODE`` prefix, or one forging another pod's). They are sent as ``\\r`` and ``\\n``."""
+    return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 # --- the reader's side ------------------------------------------------------------------

@@ -98,6 +98,19 @@ def _at_most(count: int, limit: int, what: str) -> None:
         raise ValueError(f"at most {limit} {what} (got {count})")
 
 
+def _labels_bounded(v: dict[str, str]) -> dict[str, str]:
+    """Labels (a node's, a selector's): at most ``MAX_SELECTOR_LABELS``, each a name and a value
+    of bounded length, printable text (no control, format or separator characters)."""
+    _at_most(len(v), MAX_SELECTOR_LABELS, "labels")
+    for key, value in v.items():
+        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise ValueError(f"label {key!r}: a name of 1 to {MAX_LABEL_CHARS} characters and a value "
+                             f"of at most {MAX_LABEL_CHARS}")
+        if not (key + value).isprintable() or not _is_utf8(key + value):
+            raise ValueError(f"label {key!r}: names and values are printable text")
+    return v
+
+
 def _label(v: str, limit: int, message: str) -> str:
     """``v`` when it is a DNS-1123 label of at most ``limit`` characters."""
     if len(v) > limit or not _DNS_LABEL.match(v):
@@ -298,14 +311,7 @@ class ServiceSpec(_Model):
     @field_validator("node_selector")
     @classmethod
     def _selector_bounded(cls, v: dict[str, str]) -> dict[str, str]:
-        _at_most(len(v), MAX_SELECTOR_LABELS, "labels")
-        for key, value in v.items():
-            if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
-                raise ValueError(f"label {key!r}: a name of 1 to {MAX_LABEL_CHARS} characters and a value "
-                                 f"of at most {MAX_LABEL_CHARS}")
-            if not (key + value).isprintable() or not _is_utf8(key + value):
-                raise ValueError(f"label {key!r}: names and values are printable text")
-        return v
+        return _labels_bounded(v)
 
     @field_validator("cap_add")
     @classmethod
@@ -376,6 +382,11 @@ class NodeSpec(_Model):
     @classmethod
     def _node_name(cls, v: str) -> str:
         return _label(v, 63, "node name must be a DNS-1123 label")
+
+    @field_validator("labels")
+    @classmethod
+    def _node_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return _labels_bounded(v)  # as a service's node_selector: they are matched against it
 
     @field_validator("address")
     @classmethod

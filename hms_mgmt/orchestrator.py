@@ -651,6 +651,9 @@ class Orchestrator:
         try:
             async for item in streams.lines():
                 text = f"--- {item.text}" if item.end else item.text
+                # One event, one line under its prefix: a node that sent a CR unescaped (an
+                # older one) has it arrive as a line break, which would start an unprefixed line.
+                text = text.replace("\n", "\\n")
                 yield text if pod_id is not None else f"{item.pod[:8]}@{nodes[item.pod]} | {text}"
         finally:
             if joining is not None:

@@ -153,8 +153,12 @@ def check_grant(state_dir: Path, signed: str, *, service: str, actions: Collecti
     if claims.get("typ") != "grant":
         raise AccessDenied("not a grant")
     if claims.get("svc") != service or claims.get("act") not in actions:
+        # What the grant says (signed here) may be quoted; the service asked for only when it is
+        # the grant's: otherwise it is no more than the caller's word, and a refusal reaches logs
+        # and terminals.
+        asked = service if service == claims.get("svc") else "another service"
         raise AccessDenied(f"the grant is for {claims.get('act')} on {claims.get('svc')}, not "
-                           f"{'/'.join(sorted(actions))} on {service}")
+                           f"{'/'.join(sorted(actions))} on {asked}")
     got = claims.get("bind") if isinstance(claims.get("bind"), dict) else {}
     for name, want in sorted((bind or {}).items()):
         if got.get(name) != want:

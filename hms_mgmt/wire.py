@@ -165,7 +165,8 @@ class NodeRegistration(_Model):
 class RouterRegistration(_Model):
     """A router's ``register`` update and ``heartbeat`` signal: where it takes the feed."""
 
-    name: str = Field(min_length=1, max_length=63)
+    # A DNS-1123 label, as NodeSpec.name: the name reaches `hms routers`, events and logs.
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     address: str = Field(max_length=253)  # the address it enrolled with (its certificate says)
     url: str = Field(max_length=300)  # where the feed is pushed and drains are asked: http://ADDR:PORT
     engine: str = Field(default="", max_length=20)

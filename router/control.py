@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from hms_mgmt import feed as wire
 from hms_mgmt.events import EventSink, RefusalLog
 from router.feed import EndpointTable, FeedSync
+from router.names import service_problem
 from router.stats import TrafficStats
 
 MAX_FEED_BYTES = 1 << 20
@@ -146,7 +147,10 @@ class Control:
         why = self.sync.check_control(wire.drained_query(service, request.query["pods"], request.query.get("wait", "")),
                                       question, kind="drained")
         if why is not None:
-            await self._refused(request, "router_drained", f"drained query refused: {why}", service[:63])
+            # The caller's text is the event's service only when it could be one: a refused
+            # caller's words reach operators' logs and terminals.
+            named = service if service_problem(service) is None else "-"
+            await self._refused(request, "router_drained", f"drained query refused: {why}", named)
             return web.json_response({"error": f"drained query refused: {why}"}, status=401)
         if self.drain_waiters >= MAX_DRAIN_WAITERS:
             return web.json_response({"error": "too many drain queries waiting"}, status=429)

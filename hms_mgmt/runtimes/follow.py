@@ -19,7 +19,9 @@ TAIL_WINDOW = 256 * 1024  # the tail is read from at most this many bytes before
 
 
 class LineSplitter:
-    """Bytes in, whole lines out; what is left of a line without its newline waits for the rest."""
+    """Bytes in, whole lines out; what is left of a line without its newline waits for the rest.
+    A line ends at LF (a CR before it is dropped); a CR inside a line stays in it, for the log
+    server to send escaped (:func:`hms_mgmt.logstream.one_line`)."""
 
     def __init__(self) -> None:
         self._rest = b""
@@ -59,7 +61,8 @@ def read_tail(path: Path, tail: int) -> tuple[list[str], int]:
         f.seek(start)
         data = f.read(size - start)
     end = data.rfind(b"\n") + 1  # a line still being written is followed, not tailed
-    lines = data[:end].decode(errors="replace").splitlines()
+    # Cut at LF only, as LineSplitter cuts what follows: a CR inside a line stays in it.
+    lines = [line.rstrip("\r") for line in data[:end].decode(errors="replace").split("\n")[:-1]]
     if start > 0 and lines:
         lines = lines[1:]  # the first is cut at the window's edge
     return (lines[-tail:] if tail > 0 else lines), start + end

@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     router_procs: int | None = Field(default=None, ge=1)  # the builtin engine's processes; default: one per CPU
     # This router's name and address (``hms router join --name/--address`` writes them; default:
     # ``<host name>-<port>`` and where it listens).
-    router_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+    router_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     router_address: str = LOOPBACK
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
     # This worker's node (``hms worker --node``) and the NodeRegistry's timing.

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from hms_mgmt.config import Settings
+from hms_mgmt.logtext import setup_logging
 from router.server import ENGINES, run
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine", choices=ENGINES, default="builtin")
     p.add_argument("--host", default=settings.router_address)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     run(settings, port=args.port, engine=args.engine, host=args.host)
 
 

@@ -48,6 +48,7 @@ import aiohttp
 from aiohttp import web
 
 from hms_mgmt.config import Settings
+from hms_mgmt.logtext import setup_logging
 from hms_mgmt.models import EndpointSet
 from router.feed import EndpointTable
 from router.stats import TrafficStats
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sock", type=Path, required=True, help="this worker's unix socket")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the primary, which closes our pipe
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     coro = run_worker(host=args.host, port=args.port, primary=args.primary, sock=args.sock)
     try:
         import uvloop

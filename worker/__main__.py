@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from hms_mgmt.logtext import setup_logging
 from worker.main import main
 
 if __name__ == "__main__":
@@ -18,6 +19,6 @@ if __name__ == "__main__":
     parser.add_argument("--runtime", choices=["auto", "docker", "process"])
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics on 127.0.0.1 (default 9464; 0: off)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     asyncio.run(main(control=not args.no_control, node_worker=not args.no_node, node=args.node,
                      runtime=args.runtime, metrics_port=args.metrics_port))

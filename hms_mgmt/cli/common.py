@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from temporalio.service import RPCError
 
 from hms_mgmt import auth
 from hms_mgmt.cli import interrupt
-from hms_mgmt.cli.render import _fail, shown
+from hms_mgmt.cli.render import _fail
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import (
     AccessDenied,
@@ -32,6 +31,7 @@ from hms_mgmt.errors import (
     ServiceNotFound,
     SpecError,
 )
+from hms_mgmt.logtext import setup_logging
 from hms_mgmt.orchestrator import Orchestrator
 
 T = TypeVar("T")
@@ -204,34 +204,8 @@ async def _connect(settings: Settings | None = None) -> Orchestrator:
     return await Orchestrator.connect(settings or _settings())
 
 
-class LogFormatter(logging.Formatter):
-    """Log lines for a terminal: a message is one line, its control characters written out
-    (:func:`~hms_mgmt.cli.render.shown`). A message may quote what a caller sent with no token (a
-    refused request's path, a query value): it can neither forge a log line of its own nor drive
-    the operator's terminal. A traceback keeps its lines; each is escaped alike."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        escaped = logging.makeLogRecord(record.__dict__)
-        escaped.message = shown(record.message)
-        return super().formatMessage(escaped)
-
-    def formatException(self, ei: Any) -> str:  # noqa: N802
-        return _lines_shown(super().formatException(ei))
-
-    def formatStack(self, stack_info: str) -> str:  # noqa: N802
-        return _lines_shown(super().formatStack(stack_info))
-
-
-def _lines_shown(text: str) -> str:
-    return "\n".join(shown(line) for line in text.split("\n"))
-
-
 def _setup_logging(level: int) -> None:
-    # A plain handler: workflow code logs from inside Temporal's sandbox, where a handler that
-    # imports lazily (as Rich's does) fails and floods the terminal with import errors.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    setup_logging(level, datefmt="%H:%M:%S")
 
 
 def _quiet_temporal_core() -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hms_mgmt.config import Settings
+from hms_mgmt.logtext import shown
 from hms_mgmt.models import ServiceStatus
 
 T = TypeVar("T")
@@ -32,22 +33,6 @@ def _console(*, stderr: bool = False) -> Console:
 
 out = _console()
 err = _console(stderr=True)
-
-
-# C0 and C1 control characters and DEL, as ``\xNN``; bidi overrides and isolates and the line
-# and paragraph separators, as ``\uNNNN``: text that came from outside (an event's reason and
-# service can hold what a refused caller sent, a status message what an approver wrote, a log
-# line what a pod wrote) cannot move the cursor, clear the screen, retitle the window, write the
-# clipboard, start a line of its own or read backwards on an operator's terminal.
-_CONTROLS = {
-    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
-    **{c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))},
-}
-
-
-def shown(text: str) -> str:
-    """``text`` with its control characters written out (see :data:`_CONTROLS`)."""
-    return text.translate(_CONTROLS)
 
 
 def _short(pod_id: str) -> str:

@@ -18,7 +18,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from hms_mgmt.cli import commands, render
-from hms_mgmt.cli.common import LogFormatter
 from hms_mgmt.cli.output import Format
 from hms_mgmt.cli.output import render as render_as
 from hms_mgmt.cli.progress import Bars, bars, status_line
@@ -26,6 +25,7 @@ from hms_mgmt.cli.render import shown
 from hms_mgmt.cli.watch import event_line, status_view
 from hms_mgmt.config import Settings
 from hms_mgmt.events import Event
+from hms_mgmt.logtext import LogFormatter
 from hms_mgmt.models import Decision, NodeSpec, PendingApproval, ServiceSpec, ServiceStatus, WaitingFor
 from hms_mgmt.nodes import NodeView
 

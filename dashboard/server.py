@@ -410,7 +410,10 @@ class Dashboard:
             "web_ui_url": self.settings.web_ui_url,
             "namespace": self.settings.namespace,
             "refresh_s": self.refresh_s,
-            "services": [service_view(s) for s in self.services],
+            # Web UI links from this dashboard's settings: a run's own web_ui_url is the placement
+            # its starter wrote, and anyone who reaches Temporal can start one.
+            "services": [service_view(s.model_copy(update={"web_ui_url": self.settings.web_ui_link(s.workflow_id)}))
+                         for s in self.services],
             "router": self.router,
         })
 

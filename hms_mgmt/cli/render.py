@@ -67,7 +67,9 @@ def _phase(phase: str) -> Text:
 
 
 def _web_ui_url(settings: Settings, status: ServiceStatus) -> str:
-    return status.web_ui_url or settings.web_ui_link(status.workflow_id)
+    """The run's page in the Web UI this client is configured with (the run's own ``web_ui_url``
+    is the placement its starter wrote: anyone who reaches Temporal can start one)."""
+    return settings.web_ui_link(status.workflow_id)
 
 
 def _pods_table(statuses: Iterable[ServiceStatus], *, title: str | None = None) -> Table:

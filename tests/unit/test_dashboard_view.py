@@ -92,3 +92,22 @@ def test_the_deploy_link_follows_the_revision_to_its_child():
     for phase in ("Validating", "AwaitingApproval", "VerifyingImage", "Rejected"):
         assert service_view(status(phase=phase, pods=[]))["deploy_url"] is None
     assert service_view(status(phase="Failed", pods=[]))["deploy_url"] is None
+
+
+def test_web_ui_links_come_from_the_viewers_settings_not_from_the_run(tmp_path):
+    """A run's ``web_ui_url`` is the placement its starter wrote; anyone who reaches Temporal can
+    start a run (refused, it still answers status) and point it at a page of their own."""
+    import json
+
+    from dashboard.server import Dashboard
+    from hms_mgmt.cli.render import _web_ui_url
+    from hms_mgmt.config import Settings
+
+    settings = Settings(state_dir=tmp_path, web_ui_url="http://ui.example:8233")
+    forged = status(web_ui_url="https://evil.example/hms-login")
+    mine = "http://ui.example:8233/namespaces/default/workflows/svc-hms-ach"
+    assert _web_ui_url(settings, forged) == mine
+    board = Dashboard(None, settings)  # type: ignore[arg-type]
+    board.services = [forged]
+    view = json.loads(board._state_json())["services"][0]
+    assert view["web_ui_url"] == mine and "evil" not in json.dumps(view)

@@ -56,6 +56,19 @@ def join_token(ttl: TtlOpt = "24h", rotate: RotateOpt = False) -> None:
     print_join_token("node", ttl, rotate)
 
 
+_TLS_PATHS = ("tls_cert", "tls_key", "tls_ca")  # files: kept absolute in a joined host's config
+
+
+def joined_tls(settings) -> dict[str, object]:
+    """The Temporal TLS settings as given for the join, for the joined host's config (its worker
+    connects alike): certificate and key paths made absolute, since the worker may start from
+    another directory."""
+    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
+
+    return {k: str(Path(v).resolve()) if k in _TLS_PATHS and v else v
+            for k in TEMPORAL_TLS_SETTINGS if (v := getattr(settings, k)) is not None}
+
+
 def _write_node_config(state_dir: Path, values: dict[str, object]) -> Path:
     from hms_mgmt.config import CONFIG_FILE
     from hms_mgmt.files import atomic_write, load_yaml_mapping
@@ -98,7 +111,6 @@ def enrol_here(token: str, role: str, name: str | None, address: str | None, sta
     """``hms node join`` / ``hms router join``: make this host's key for ``role``, have the control
     plane sign it (through Temporal), write the state directory. (state dir, name, address, config path)."""
     from hms_mgmt.addresses import check_address
-    from hms_mgmt.config import TEMPORAL_TLS_SETTINGS
     from hms_mgmt.files import atomic_write, private_dir
 
     parsed = nodeid.parse_join_token(token)
@@ -128,11 +140,12 @@ def enrol_here(token: str, role: str, name: str | None, address: str | None, sta
     if claims["node"] != name or nodeid.pub_of(claims) != nodeid.raw_public(key) or claims["addr"] != address:
         raise AccessDenied(f"the certificate the control plane sent is not for this {role}'s key, name and address")
     atomic_write(nodeid.node_cert_path(sdir, name, role), answer.cert + "\n", mode=0o644)
-    tls = {k: getattr(settings, k) for k in TEMPORAL_TLS_SETTINGS}  # as given for the join: the worker connects alike
+    tls = joined_tls(settings)
     path = _write_node_config(sdir, {**tls, "temporal_address": parsed.temporal_address,
                                      "task_queue": parsed.task_queue, **config(name, address)})
     out.print(f"{role} {name} joined the control plane at {parsed.temporal_address} (address {address})")
-    out.print(f"  key and certificate in {sdir / 'keys'}, settings in {path}")
+    out.print(f"  key and certificate in {sdir / 'keys'}, settings in {path}"
+              + (" (with the Temporal API key it joined with; the file is 0600)" if tls.get("api_key") else ""))
     return sdir, name, address, path
 
 

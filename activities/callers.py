@@ -8,6 +8,11 @@ that acts believes a caller only when the server says it is the ``ServiceWorkflo
 service, or a child of that ``ServiceWorkflow`` run, both on our control queue.
 
 A run's type, queue and parent never change, so each run is described once (cached by run id).
+
+A run made by ``temporal workflow reset`` acts for nobody, nor do its children: it replays the
+results its history already holds (the deployer's grant, an approval, the revision's admission
+ticket) without asking again, so a reset to before an undeploy, a rollback or a scale-down would
+undo them with no token. The server records the reset on the new run (``last_reset_time``).
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ class Caller:
     task_queue: str
     parent_id: str | None = None
     parent_run_id: str | None = None
+    reset: bool = False  # made by a workflow reset
 
     def __str__(self) -> str:
-        return f"workflow {self.workflow_id} ({self.workflow_type} on task queue {self.task_queue})"
+        how = ", a reset run" if self.reset else ""
+        return f"workflow {self.workflow_id} ({self.workflow_type} on task queue {self.task_queue}{how})"
 
     def data(self) -> dict[str, str]:
         """What an ``access.denied`` event records about the caller."""
@@ -76,7 +83,8 @@ class Callers:
             pending.add_done_callback(lambda _: self._describing.pop(key, None))
         desc = await asyncio.shield(pending)
         caller = Caller(workflow_id=desc.id, run_id=desc.run_id, workflow_type=desc.workflow_type,
-                        task_queue=desc.task_queue, parent_id=desc.parent_id, parent_run_id=desc.parent_run_id)
+                        task_queue=desc.task_queue, parent_id=desc.parent_id, parent_run_id=desc.parent_run_id,
+                        reset=desc.raw_description.workflow_extended_info.HasField("last_reset_time"))
         self._runs[run_id] = caller
         while len(self._runs) > CACHE_RUNS:
             self._runs.popitem(last=False)
@@ -88,10 +96,14 @@ class Callers:
         caller = await self.current()
         if await self.serves(caller, service, control_queue):
             return caller
+        if caller.reset or (caller.parent_id and caller.parent_run_id
+                            and (await self.describe(caller.parent_id, caller.parent_run_id)).reset):
+            raise AccessDenied(f"{caller} comes of a workflow reset, which replays grants it was given without "
+                               "asking again: a reset run acts for nobody (undeploy, then deploy again)")
         raise AccessDenied(f"{caller} is not a workflow of service {service or '(none)'} on {control_queue}")
 
     async def serves(self, caller: Caller, service: str, control_queue: str) -> bool:
-        if not service or caller.task_queue != control_queue:
+        if not service or caller.task_queue != control_queue or caller.reset:
             return False
         own_id = names.service_workflow_id(service)
         if caller.workflow_type == names.SERVICE_WORKFLOW:
@@ -99,14 +111,15 @@ class Callers:
         if caller.workflow_type not in CHILD_WORKFLOWS or caller.parent_id != own_id or not caller.parent_run_id:
             return False
         parent = await self.describe(caller.parent_id, caller.parent_run_id)
-        return parent.workflow_type == names.SERVICE_WORKFLOW and parent.task_queue == control_queue
+        return parent.workflow_type == names.SERVICE_WORKFLOW and parent.task_queue == control_queue and not parent.reset
 
     async def runs_our_code(self, control_queue: str) -> Caller | None:
         """The calling run if a worker of ours runs it (one of our workflow types on our control
         queue), whatever service it is for; else None."""
         caller = await self.current()
         ours = {names.SERVICE_WORKFLOW, names.NODE_REGISTRY_WORKFLOW, *CHILD_WORKFLOWS}
-        return caller if caller.task_queue == control_queue and caller.workflow_type in ours else None
+        return caller if caller.task_queue == control_queue and caller.workflow_type in ours and not caller.reset \
+            else None
 
 
 async def deny(sink: EventSink, service: str, action: str, reason: str, **data: object) -> NoReturn:

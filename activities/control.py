@@ -433,7 +433,7 @@ class ControlActivities:
         settings = await asyncio.to_thread(self.settings)
         caller = await self.callers.current()
         if (caller.workflow_type != names.NODE_REGISTRY_WORKFLOW or caller.task_queue != settings.task_queue
-                or caller.workflow_id != constants.node_registry_id(settings.task_queue)):
+                or caller.workflow_id != constants.node_registry_id(settings.task_queue) or caller.reset):
             await deny(self.sink, "", "notify_node_lost", f"node.lost of {inp.node} refused: {caller} is not the "
                        "NodeRegistry", node=inp.node, **caller.data())
         told = 0

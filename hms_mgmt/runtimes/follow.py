@@ -16,22 +16,48 @@ from typing import Any
 POLL_S = 0.025  # how often a quiet log file is read again (one read(2)): a new line shows within this
 ALIVE_EVERY_S = 0.5  # how often a quiet follow asks whether its pod still runs
 TAIL_WINDOW = 256 * 1024  # the tail is read from at most this many bytes before the end
+MAX_LINE = 64 * 1024  # a longer line (a pod writing without newlines) is given out in pieces of this size
+READ_CHUNK = 64 * 1024
 
 
 class LineSplitter:
     """Bytes in, whole lines out; what is left of a line without its newline waits for the rest.
     A line ends at LF (a CR before it is dropped); a CR inside a line stays in it, for the log
-    server to send escaped (:func:`hms_mgmt.logstream.one_line`)."""
+    server to send escaped (:func:`hms_mgmt.logstream.one_line`).
 
-    def __init__(self) -> None:
-        self._rest = b""
+    A line is at most ``max_line`` bytes: a pod that writes more without a newline has it cut
+    into pieces of that size, each given out as a line, so what waits for a newline stays
+    bounded. The waiting bytes are kept as pieces and joined once, never copied per ``feed``."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._parts: list[bytes] = []
+        self._size = 0  # bytes in _parts, never above max_line
+
+    def _take(self, last: bytes) -> bytes:
+        parts, self._parts, self._size = self._parts, [], 0
+        return b"".join([*parts, last]) if parts else last
 
     def feed(self, data: bytes) -> list[str]:
-        *lines, self._rest = (self._rest + data).split(b"\n")
-        return [line.rstrip(b"\r").decode(errors="replace") for line in lines]
+        out: list[str] = []
+        start, n = 0, len(data)
+        while start < n:
+            room = self.max_line - self._size  # bytes this line may still take
+            nl = data.find(b"\n", start, start + room + 1)
+            if nl >= 0:
+                out.append(self._take(data[start:nl]).rstrip(b"\r").decode(errors="replace"))
+                start = nl + 1
+            elif n - start > room:  # more than a line's worth and no newline: cut it there
+                out.append(self._take(data[start:start + room]).decode(errors="replace"))
+                start += room
+            else:
+                self._parts.append(data[start:])
+                self._size += n - start
+                break
+        return out
 
     def flush(self) -> list[str]:
-        rest, self._rest = self._rest, b""
+        rest = self._take(b"")
         return [rest.decode(errors="replace")] if rest else []
 
 
@@ -61,10 +87,10 @@ def read_tail(path: Path, tail: int) -> tuple[list[str], int]:
         f.seek(start)
         data = f.read(size - start)
     end = data.rfind(b"\n") + 1  # a line still being written is followed, not tailed
-    # Cut at LF only, as LineSplitter cuts what follows: a CR inside a line stays in it.
-    lines = [line.rstrip("\r") for line in data[:end].decode(errors="replace").split("\n")[:-1]]
-    if start > 0 and lines:
-        lines = lines[1:]  # the first is cut at the window's edge
+    head = data.find(b"\n", 0, end) + 1 if start > 0 else 0  # the first is cut at the window's edge
+    # Cut as LineSplitter cuts what follows: at LF only (a CR inside a line stays in it), and a
+    # line longer than MAX_LINE in pieces.
+    lines = LineSplitter().feed(data[head:end])
     return (lines[-tail:] if tail > 0 else lines), start + end
 
 
@@ -85,7 +111,7 @@ class FileFollow(LogFollow):
             f.seek(self.offset)
             quiet = 0.0
             while not self.closed:
-                data = f.read(64 * 1024)
+                data = f.read(READ_CHUNK)
                 if data:
                     quiet = 0.0
                     yield from split.feed(data)
@@ -93,7 +119,8 @@ class FileFollow(LogFollow):
                 if quiet >= ALIVE_EVERY_S:
                     quiet = 0.0
                     if not self.running():
-                        yield from split.feed(f.read())
+                        while data := f.read(READ_CHUNK):  # what it wrote last, a chunk at a time
+                            yield from split.feed(data)
                         yield from split.flush()
                         return
                 self._closed.wait(POLL_S)

@@ -122,3 +122,44 @@ async def test_a_pod_that_cannot_be_read_ends_alone_or_ends_it_all():
     strict.add(grant)
     with pytest.raises(HmsError, match="serves no log stream"):
         [item async for item in strict.lines()]
+
+
+def test_a_line_without_newline_is_cut_at_max_line_and_nothing_more_waits():
+    split = LineSplitter(max_line=4)
+    assert split.feed(b"abc") == []
+    assert split.feed(b"defghij") == ["abcd", "efgh"]  # "ij" waits for the rest
+    assert split.feed(b"kl\nmnop\n") == ["ijkl", "mnop"]  # exactly max_line before a newline: one line
+    assert split.feed(b"q" * 10) == ["qqqq", "qqqq"] and split.flush() == ["qq"]
+
+
+def test_megabytes_without_newline_are_given_out_in_64k_pieces_in_linear_time():
+    split = LineSplitter()
+    chunk = b"A" * (64 * 1024)
+    started = time.process_time()
+    lengths = [len(line) for _ in range(256) for line in split.feed(chunk)]  # 16 MiB, fed as a follow reads
+    assert time.process_time() - started < 5.0  # each byte copied a bounded number of times
+    assert lengths == [64 * 1024] * 255 and split._size == 64 * 1024  # the last piece waits: a newline may follow
+    assert split.feed(b"\n") == ["A" * (64 * 1024)]
+
+
+def test_a_followed_file_without_newlines_yields_pieces_while_it_grows(tmp_path: Path):
+    log = tmp_path / "pod.log"
+    log.write_bytes(b"")
+    follow = FileFollow(log, 10, lambda: True)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.extend(len(line) for line in follow), daemon=True)
+    reader.start()
+    with open(log, "ab") as w:
+        w.write(b"B" * (1 << 20) + b"C")
+    deadline = time.monotonic() + 10
+    while len(seen) < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    follow.close()
+    reader.join(timeout=5)
+    assert seen[:16] == [64 * 1024] * 16
+
+
+def test_the_tail_cuts_a_long_line_as_a_follow_does(tmp_path: Path):
+    log = tmp_path / "pod.log"
+    log.write_bytes(b"x" * (100 * 1024) + b"\nshort\n")
+    assert [len(line) for line in read_tail(log, 0)[0]] == [64 * 1024, 36 * 1024, 5]

@@ -462,8 +462,9 @@ def take_proof(state_dir: Path, proven: Proven, run: str, *, now: float | None =
     retries included), never for another: anyone who reaches Temporal can read a proof from a
     history and hand it to a workflow of ours that they start (their own ``PodLogsWorkflow``, a
     ``ServiceWorkflow`` deployed again under the same name) while it still lives. Kept in the
-    control plane's state directory until the proof expires (fsynced: a power loss forgets
-    none); AccessDenied once taken by another run, or when that record is damaged."""
+    control plane's state directory for as long as ``verify_proof`` accepts it (its expiry plus
+    ``CLOCK_SKEW_S``; fsynced: a power loss forgets none); AccessDenied once taken by another
+    run, or when that record is damaged."""
     import time
 
     from hms_mgmt.files import DamagedRecord, expiring_record
@@ -475,7 +476,7 @@ def take_proof(state_dir: Path, proven: Proven, run: str, *, now: float | None =
             if held is not None and held[0] != run:
                 raise AccessDenied("this request proof was already used by another request: make the request "
                                    "again (each is signed for one use)")
-            taken[proven.jti] = [run, proven.expires_at.timestamp()]
+            taken[proven.jti] = [run, proven.expires_at.timestamp() + CLOCK_SKEW_S]
     except DamagedRecord as e:
         raise AccessDenied(f"no request proof is accepted: {e}, and it records the proofs already used. "
                            "An operator removes it once an hour has passed (every proof in it has expired "

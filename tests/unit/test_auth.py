@@ -487,8 +487,28 @@ def test_a_proof_is_taken_by_one_run_until_it_expires(tmp_path: Path):
         auth.take_proof(tmp_path, proven, "run-b")
     other = auth.Proven(identity=proven.identity, jti="j2", expires_at=soon)
     auth.take_proof(tmp_path, other, "run-b")
-    # Once expired, a proof is refused by its own check; the record of it goes.
+    # Once verify_proof refuses it (expired, past the clock skew it tolerates), the record of it goes.
     auth.take_proof(tmp_path, auth.Proven(identity=proven.identity, jti="j3", expires_at=soon), "run-c",
-                    now=soon.timestamp() + 1)
+                    now=soon.timestamp() + auth.CLOCK_SKEW_S + 1)
     assert set(json.loads((tmp_path / auth.PROOFS_TAKEN).read_text())) == {"j3"}
     assert stat.S_IMODE((tmp_path / auth.PROOFS_TAKEN).stat().st_mode) == 0o600
+
+
+def test_a_proof_stays_taken_for_as_long_as_verify_proof_accepts_it(tmp_path: Path):
+    """verify_proof accepts a proof until its expiry plus CLOCK_SKEW_S: its record lasts as long,
+    or another run could present it in that last minute."""
+    state = tmp_path / "state"
+    auth.init_keys(state)
+    token = auth.issue_token(state, user="alice", role="ops_admin")
+    t0 = datetime.now(UTC)
+    proof = auth.prove(token, action="undeploy", service="pay", now=t0)
+    first = auth.verify_proof(proof, action="undeploy", service="pay", state_dir=state, now=t0)
+    auth.take_proof(state, first, "run-a", now=t0.timestamp())
+    late = t0 + timedelta(seconds=auth.PROOF_TTL_S + auth.CLOCK_SKEW_S / 2)
+    again = auth.verify_proof(proof, action="undeploy", service="pay", state_dir=state, now=late)  # still accepted
+    with pytest.raises(AccessDenied, match="already used"):
+        auth.take_proof(state, again, "run-b", now=late.timestamp())
+    auth.take_proof(state, again, "run-a", now=late.timestamp())  # its own run's retry
+    gone = t0 + timedelta(seconds=auth.PROOF_TTL_S + auth.CLOCK_SKEW_S + 1)
+    with pytest.raises(AccessDenied, match="expired"):
+        auth.verify_proof(proof, action="undeploy", service="pay", state_dir=state, now=gone)

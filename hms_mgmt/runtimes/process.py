@@ -196,7 +196,7 @@ class ProcessRuntime(PodRuntime):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._user: pwd.struct_passwd | None | bool = False  # False: not resolved yet
-        self._python_for: dict[str, tuple[str | None, str]] = {}  # cwd -> (interpreter the pod user can run, why not)
+        self._python_for: dict[str, str] = {}  # cwd -> an interpreter the pod user could run there
         self._cgroups: PodCgroups | None = None
         self._warned: set[tuple[str, str]] = set()  # (service, reason) already reported
         self._exits = _ExitWatcher(self)
@@ -217,31 +217,33 @@ class ProcessRuntime(PodRuntime):
         """The interpreter ``{python}`` means for pods of ``user`` in ``cwd``: the worker's own,
         else the system's ``python3`` (a worker's interpreter often lives under a private home;
         the example services need only the stdlib). ``(None, why)`` when the user can run
-        neither there. Tried, not guessed from mode bits (ACLs, mount options)."""
-        if cwd not in self._python_for:
-            candidates = [sys.executable]
-            system = shutil.which("python3", path=POD_PATH)
-            if system and os.path.realpath(system) != os.path.realpath(sys.executable):
-                candidates.append(system)
-            found: tuple[str | None, str] = (None, "")
-            for python in candidates:
-                try:
-                    probe = subprocess.run(
-                        [python, "-c", "import os; os.listdir('.')"], cwd=cwd, env={"PATH": POD_PATH},
-                        user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True, timeout=30,
-                        check=False)
-                    why = probe.stderr.decode(errors="replace").strip()[-300:] or f"exit code {probe.returncode}"
-                    if probe.returncode == 0:
-                        found = (python, "")
-                        break
-                except (OSError, subprocess.SubprocessError) as e:
-                    why = str(e)
-                found = (None, f"{found[1]}; {why}" if found[1] else why)
-            if found[0] and found[0] != sys.executable:
-                log.warning("process pods run %s as %s: it cannot run the worker's interpreter %s",
-                            found[0], user.pw_name, sys.executable)
-            self._python_for[cwd] = found
-        return self._python_for[cwd]
+        neither there. Tried, not guessed from mode bits (ACLs, mount options).
+
+        The probe runs as ``user``, so any process of that user (a running pod) may kill or
+        stop it: only a success is remembered, and a failure refuses the pod (``_run_as``)."""
+        if cwd in self._python_for:
+            return self._python_for[cwd], ""
+        candidates = [sys.executable]
+        system = shutil.which("python3", path=POD_PATH)
+        if system and os.path.realpath(system) != os.path.realpath(sys.executable):
+            candidates.append(system)
+        whys: list[str] = []
+        for python in candidates:
+            try:
+                probe = subprocess.run(
+                    [python, "-c", "import os; os.listdir('.')"], cwd=cwd, env={"PATH": POD_PATH},
+                    user=user.pw_uid, group=user.pw_gid, extra_groups=[], stdin=subprocess.DEVNULL,
+                    capture_output=True, start_new_session=True, timeout=30, check=False)
+                if probe.returncode == 0:
+                    if python != sys.executable:
+                        log.warning("process pods run %s as %s: it cannot run the worker's interpreter %s",
+                                    python, user.pw_name, sys.executable)
+                    self._python_for[cwd] = python
+                    return python, ""
+                whys.append(probe.stderr.decode(errors="replace").strip()[-300:] or f"exit code {probe.returncode}")
+            except (OSError, subprocess.SubprocessError) as e:
+                whys.append(str(e))
+        return None, "; ".join(whys)
 
     def _environment(self, req: PodLaunch, entry: dict[str, Any], port: int, home: str,
                      address: str) -> dict[str, str]:
@@ -398,7 +400,10 @@ class ProcessRuntime(PodRuntime):
         return entry
 
     def _run_as(self, req: PodLaunch, cwd: str) -> tuple[pwd.struct_passwd | None, str]:
-        """(the pod user, its Python), or (None, the worker's Python) with a sandbox warning."""
+        """(the pod user, its Python), or (None, the worker's Python) with a sandbox warning where
+        the worker's user is all there is (``pod_user: worker``, or a worker that is not root).
+        A pod user that cannot run Python in ``cwd`` refuses the pod: it never runs as the worker's
+        user instead (that is the operator's choice, ``pod_user: worker``, not a pod's)."""
         user = self.pod_user()
         if user is None:
             why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
@@ -406,9 +411,10 @@ class ProcessRuntime(PodRuntime):
             return None, sys.executable
         found, why = self._python_for_user(user, cwd)
         if found is None:
-            self._degraded(req, f"runs as the worker's user, not {user.pw_name}: {user.pw_name} cannot "
-                                f"run Python in {cwd} ({why}); it can read the state directory's keys")
-            return None, sys.executable
+            raise PodRuntimeError(
+                f"pod user {user.pw_name} cannot run Python in {cwd} ({why}): the pod is not started "
+                f"(it is never run as the worker's user instead; pod_user: worker would allow that)",
+                error_type=ActivityErrorType.SPEC_UNRUNNABLE)
         return user, found
 
     def _pod_cgroups(self, req: PodLaunch, memory_mb: int) -> PodCgroups | None:

@@ -4,6 +4,7 @@ each starts no pod and leaves an ``access.denied`` event."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import uuid
@@ -12,6 +13,7 @@ import pytest
 from conftest import eventually, node_pods, seed_spec, temporal_binary
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 from temporalio.testing import ActivityEnvironment
 
 from activities.pods import PodActivities
@@ -280,3 +282,32 @@ def test_tickets_bind_service_revision_spec_and_image(tmp_path):
         tickets.verify(tmp_path, head + "." + sig[::-1], service="hms-ach", revision=2, spec=spec,
                        image_id="sha256:" + "a" * 64)
     assert json.loads(__import__("base64").urlsafe_b64decode(head + "==")).get("svc") == "hms-ach"
+
+
+async def test_a_reset_to_before_the_undeploy_starts_no_pod(temporal_env, hms: Orchestrator, settings):
+    """``temporal workflow reset`` makes a new run from a closed one's history up to an event of
+    the attacker's choosing: one taken just before the undeploy holds the deployer's grant and the
+    revision's admission ticket as results, and would heal its (gone) pods back with no token."""
+    await hms.deploy(seed_spec(), wait=True, timeout=120)
+    await hms.undeploy("hms-ach", wait=True, timeout=60)
+    assert node_pods(settings, "hms-ach") == []
+    handle = temporal_env.client.get_workflow_handle("svc-hms-ach")
+    closed = (await handle.describe()).run_id
+    history = await temporal_env.client.get_workflow_handle("svc-hms-ach", run_id=closed).fetch_history()
+    undeploy_at = next(e.event_id for e in history.events
+                       if e.HasField("workflow_execution_update_accepted_event_attributes")
+                       and e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+                       == "undeploy")
+    point = max(e.event_id for e in history.events
+                if e.event_id < undeploy_at and e.HasField("workflow_task_completed_event_attributes"))
+    reset = await asyncio.to_thread(subprocess.run, [
+        temporal_binary(), "workflow", "reset", "--address", settings.temporal_address, "-w", "svc-hms-ach",
+        "-r", closed, "-e", str(point), "--reason", "by an outsider", "--reapply-exclude", "Signal",
+        "--reapply-exclude", "Update", "-y"], capture_output=True, text=True, timeout=60)
+    assert reset.returncode == 0, reset.stderr
+    await eventually(lambda: any("workflow reset" in r for r in denied(settings)), timeout=60,
+                     what="the reset run refused")
+    await asyncio.sleep(3)  # a heal or a scale-up would have started its pods by now
+    assert node_pods(settings, "hms-ach") == []
+    with contextlib.suppress(RPCError):  # the reset run may have ended on its refusals already
+        await handle.terminate("test over")

@@ -73,6 +73,11 @@ READ_CONCURRENCY = 16  # status queries in flight at once when the Scheduler rea
 BEHIND_READ_CONCURRENCY = 2  # the same, for a refresh in the background that no placement waits for
 
 
+# What a grant may say (the claim its proof is made for) and the access-matrix action whose
+# roles may hold it: an update, a rollback and a dry run are a deployer's.
+CLAIM_ACTIONS = {"update": "deploy", "rollback": "deploy", "dry_run": "deploy"}
+
+
 def _grant_identity(claims: dict[str, object]) -> auth.Identity:
     """The identity a grant names (its times are the grant's: the proof behind it was checked)."""
     at = datetime.fromtimestamp(float(claims.get("iat", 0)), UTC)  # type: ignore[arg-type]
@@ -521,19 +526,24 @@ class ControlActivities:
         answer carries a grant — the verified identity, signed by the control plane — which is
         all the workflow keeps. A refusal is an answer, not an error, and an event."""
         settings = await asyncio.to_thread(self.settings)
+        claim = inp.claim or inp.action  # what the proof asks for, and what the grant will say
         try:
-            proven = await asyncio.to_thread(auth.verify_proof, inp.proof or None, action=inp.claim or inp.action,
+            proven = await asyncio.to_thread(auth.verify_proof, inp.proof or None, action=claim,
                                              service=inp.service, bind=inp.bind, state_dir=settings.state_dir)
             identity = proven.identity
             await asyncio.to_thread(auth.take_proof, settings.state_dir, proven, activity.info().workflow_run_id)
+            # The role is checked for what the grant will say, whatever action the caller names.
+            needed = CLAIM_ACTIONS.get(claim, claim)
+            if inp.action != needed:
+                raise AccessDenied(f"a grant to {claim} is not given for a request to {inp.action}")
             matrix = await asyncio.to_thread(auth.load_access_matrix, settings.state_dir)
-            if inp.action == "approve" and inp.requester is not None:
+            if needed == "approve" and inp.requester is not None:
                 auth.check_approver(identity, inp.requester, matrix)
             else:
-                auth.authorize(identity, inp.action, matrix)
+                auth.authorize(identity, needed, matrix)
             # A grant to read logs is good for the one request (workflow run) that asked for it.
-            bind = {**inp.bind, "run": activity.info().workflow_run_id} if inp.action == "logs" else inp.bind
-            grant = await asyncio.to_thread(tickets.grant, settings.state_dir, action=inp.claim or inp.action,
+            bind = {**inp.bind, "run": activity.info().workflow_run_id} if claim == "logs" else inp.bind
+            grant = await asyncio.to_thread(tickets.grant, settings.state_dir, action=claim,
                                             service=inp.service, user=identity.user, role=identity.role, bind=bind)
         except (AccessDenied, HmsError) as e:
             reason = str(e)
@@ -565,9 +575,11 @@ class ControlActivities:
         spec = inp.spec
         settings = await asyncio.to_thread(self.settings)
         try:
-            await asyncio.to_thread(tickets.check_grant, settings.state_dir, inp.grant, service=spec.name,
-                                    actions={"dry_run"}, bind={"spec": spec.digest()})
-        except AccessDenied as e:
+            claims = await asyncio.to_thread(tickets.check_grant, settings.state_dir, inp.grant, service=spec.name,
+                                             actions={"dry_run"}, bind={"spec": spec.digest()})
+            matrix = await asyncio.to_thread(auth.load_access_matrix, settings.state_dir)
+            auth.authorize(_grant_identity(claims), "deploy", matrix)  # its holder may deploy, now
+        except (AccessDenied, HmsError) as e:
             await deny(self.sink, spec.name, "plan_deploy", f"dry run refused: {e}")
         policy = await asyncio.to_thread(load_governance_policy, settings.state_dir)
         verdict = evaluate(spec, policy)

@@ -20,7 +20,7 @@ from temporalio.exceptions import ApplicationError
 from activities.scaling import ScaleCheck
 from hms_mgmt import nodeid, tickets
 from hms_mgmt import secrets as pod_secrets
-from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired
+from hms_mgmt.errors import AccessDenied, ActivityErrorType, GrantExpired, HmsError
 from hms_mgmt.events import Event, EventSink
 from hms_mgmt.files import DamagedRecord, expiring_record
 from hms_mgmt.models import PodStatus
@@ -377,12 +377,19 @@ class PodActivities:
         if self.trust is not None:
             try:
                 # The grant is for this one request: the run of PodLogsWorkflow it was issued to.
-                await asyncio.to_thread(tickets.check_grant, self.trust.state_dir, inp.grant, service=inp.service,
-                                        actions={"logs"}, bind={"pod": inp.pod_id, "run": activity.info().workflow_run_id})
+                claims = await asyncio.to_thread(
+                    tickets.check_grant, self.trust.state_dir, inp.grant, service=inp.service, actions={"logs"},
+                    bind={"pod": inp.pod_id, "run": activity.info().workflow_run_id})
+                # ... held by a role that may read logs (this node's access matrix, else the defaults).
+                from hms_mgmt.auth import load_access_matrix
+
+                matrix = await asyncio.to_thread(load_access_matrix, self.trust.state_dir)
+                if "logs" not in matrix.get(str(claims.get("role")), []):
+                    raise AccessDenied(f"{claims.get('sub')} ({claims.get('role')}) may not read logs")
                 handle = await asyncio.to_thread(self.runtime.find, inp.pod_id)
                 if handle is not None and handle.service != inp.service:
                     raise AccessDenied(f"pod {inp.pod_id} is not a pod of {inp.service}")
-            except AccessDenied as e:
+            except (AccessDenied, HmsError) as e:
                 await self._refuse(inp.service, "logs", e, f"logs of pod {inp.pod_id} refused: {e}", pod=inp.pod_id)
         lines = await heartbeating(self.runtime.logs, inp.pod_id, inp.tail)
         return LogsOutput(lines=lines)

@@ -73,9 +73,14 @@ def grant_bind(pods: list[str], key_hash_: str) -> dict[str, str]:
 
 def check_log_grant(state_dir: Path, grant: str, key: str, *, service: str, pod: str) -> dict[str, Any]:
     """The grant's claims, or AccessDenied unless it is the control plane's grant to read ``logs``
-    of ``service`` for this pod, issued within ``GRANT_MAX_AGE_S``, and ``key`` is its secret."""
+    of ``service`` for this pod, issued within ``GRANT_MAX_AGE_S``, to a role that may read logs
+    (this node's access matrix, else the defaults), and ``key`` is its secret."""
+    from hms_mgmt.auth import load_access_matrix
+
     claims = tickets.check_grant(state_dir, grant, service=service, actions={"logs"}, bind={"key": key_hash(key)},
                                  max_age_s=GRANT_MAX_AGE_S)
+    if "logs" not in load_access_matrix(state_dir).get(str(claims.get("role")), []):
+        raise AccessDenied(f"{claims.get('sub')} ({claims.get('role')}) may not read logs")
     if pod not in str(claims["bind"].get("pods", "")).split(","):
         raise AccessDenied(f"the grant is for other pods of {service}, not {pod}")
     return claims

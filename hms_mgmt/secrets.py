@@ -187,10 +187,11 @@ def check_spec(state_dir: Path, spec: Any) -> None:
     gone = missing(state_dir, spec.secrets) if spec.secrets else []
     if gone:
         raise SecretMissing(f"secrets: no secret {', '.join(gone)} (set it with `hms secret set NAME`); nothing started")
-    leaked = values_equal_to(state_dir, spec.env)
-    if leaked:
-        raise SpecError(f"env {', '.join(leaked)}: the value is a stored secret's; name the secret in "
-                        "`secrets:` instead (it reaches the pod as a file, never in env or history)")
+    # Refused without naming the entry (or the secret): an answer that says which value matched
+    # would let whoever may send a spec guess a secret's value, one try per env entry.
+    if values_equal_to(state_dir, spec.env):
+        raise SpecError("env: a value is a stored secret's; name the secret in `secrets:` instead (it "
+                        "reaches the pod as a file, never in env or history)")
 
 
 # --- X25519 from a node's Ed25519 key ---------------------------------------------------------------

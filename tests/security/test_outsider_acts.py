@@ -19,7 +19,7 @@ from conftest import eventually, make_settings, node_pods, seed_spec, sweep_pods
 from outsider import outsider
 from temporalio.exceptions import ApplicationError
 
-from hms_mgmt import tickets
+from hms_mgmt import auth, tickets
 from hms_mgmt.events import read_events
 from hms_mgmt.models import EndpointSet
 from hms_mgmt.orchestrator import Orchestrator, load_spec
@@ -164,18 +164,31 @@ async def test_a_dry_runs_reads_are_not_an_outsiders(temporal_env, hms: Orchestr
     workflow. An outsider gets a refusal, recorded; a grant for another act does not pass."""
     spec = one_pod(secrets=["db-password"])
     wf_id = f"svc-hms-ach-deploy-{uuid.uuid4().hex[:6]}"
+    bind = {"spec": load_spec(spec).digest()}
     # A real grant of ours, but for a deploy (as one in a service's history): not a dry run's.
     deploy_grant = tickets.grant(settings.state_dir, action="deploy", service="hms-ach", user="alice",
-                                 role="ops_admin", bind={"spec": load_spec(spec).digest()})
+                                 role="ops_admin", bind=bind)
+    # A dry run's grant held by a viewer (a role that may not deploy): refused where it is used.
+    viewer_grant = tickets.grant(settings.state_dir, action="dry_run", service="hms-ach", user="vic",
+                                 role="viewer", bind=bind)
+    viewer = auth.issue_token(settings.state_dir, user="vic", role="viewer")
     async with outsider(temporal_env.client) as them:
-        for grant in ("", "forged.grant", deploy_grant):
+        for grant in ("", "forged.grant", deploy_grant, viewer_grant):
             with pytest.raises(ApplicationError) as refused:
                 await them.run("plan_deploy", {"spec": spec, "grant": grant}, settings.task_queue, wf_id=wf_id)
             assert refused.value.type == "AccessDenied"
         with pytest.raises(ApplicationError) as refused:
             await them.run("capacity_waits", {"service": "hms-ach"}, settings.task_queue, wf_id=wf_id)
         assert refused.value.type == "AccessDenied"
-    assert sum(e.data.get("action") == "plan_deploy" for e in denied(settings)) == 3
+        # A viewer's proof made for dry_run gets no grant, whatever action the caller names.
+        for action in ("status", "logs", "deploy"):
+            proof = auth.prove(viewer, action="dry_run", service="hms-ach", bind=bind)
+            out = await them.run("authorize", {"proof": proof, "action": action, "claim": "dry_run",
+                                               "service": "hms-ach", "bind": bind}, settings.task_queue)
+            assert out["allowed"] is False and not out.get("grant"), (action, out)
+    assert sum(e.data.get("action") == "plan_deploy" for e in denied(settings)) == 4
+    assert sum("dry_run" in e.reason or "may not deploy" in e.reason for e in denied(settings)
+               if e.data.get("action") in ("status", "logs", "deploy")) >= 3
     assert any(e.data.get("action") == "capacity_waits" and e.data.get("workflow") == wf_id for e in denied(settings))
     verdict = await hms.dry_run(spec)  # ours, with a proof made from our token, still answers
     assert verdict.failure is not None and "no secret db-password" in verdict.failure.message

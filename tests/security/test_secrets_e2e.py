@@ -85,7 +85,7 @@ async def _refused_at_admission(orch: Orchestrator, value: bytes) -> None:
     """A missing secret, and a secret's value pasted into env, are refused; nothing starts."""
     with pytest.raises(HmsError, match="no secret other"):
         await orch.deploy(seed_spec(name="hms-bad", min_replicas=1, max_replicas=1, secrets=["other"]))
-    with pytest.raises(HmsError, match="env LOG_LEVEL.*secrets:"):
+    with pytest.raises(HmsError, match="env: a value is a stored secret's.*secrets:"):
         await orch.deploy(seed_spec(name="hms-env", min_replicas=1, max_replicas=1, env={"LOG_LEVEL": value.decode()}))
 
 

@@ -183,6 +183,8 @@ async def test_the_node_stream_reads_nothing_without_a_valid_grant(hms: Orchestr
         "a grant signed by another key": ({"Authorization": f"Bearer {forged}", logstream.KEY_HEADER: key}, 403),
         "another act's grant": ({"Authorization": f"Bearer {grant([a.id], act='status')}",
                                  logstream.KEY_HEADER: key}, 403),
+        "a grant held by a role that may not read logs": ({"Authorization": f"Bearer {grant([a.id], role='nobody')}",
+                                                            logstream.KEY_HEADER: key}, 403),
     }
     async with aiohttp.ClientSession() as session:
         for why, (headers, status) in attempts.items():

@@ -114,12 +114,15 @@ class FakeCluster:
     state_dir: Path | None = None  # its keys verify the request proofs
     slow_events: dict[str, float] = field(default_factory=dict)  # event type -> seconds its write takes
     control: ControlActivities | None = None  # the real control activities some checks use
+    approve_gate: asyncio.Event | None = None  # set: an approve's check waits for it
 
     def event_types(self) -> list[str]:
         return [e.type for e in self.events]
 
     @activity.defn(name="authorize")
     async def authorize(self, inp: AuthorizeInput) -> AuthorizeOutput:
+        if inp.action == "approve" and self.approve_gate is not None:
+            await self.approve_gate.wait()
         try:
             proven = auth.verify_proof(inp.proof, action=inp.claim or inp.action, service=inp.service,
                                        bind=inp.bind, state_dir=self.state_dir)
@@ -372,6 +375,34 @@ async def test_undeploy_is_an_update_refused_for_a_viewer(temporal_env, fake):
     assert (await alice.undeploy("hms-ach", wait=True)).phase == "Stopped"
     with pytest.raises(Exception, match="no running service"):
         await alice.undeploy("hms-ach")
+
+
+async def test_an_approval_checked_while_its_request_timed_out_does_not_approve_the_next(temporal_env, fake):
+    """bob approves request 1; while his proof is checked, request 1 times out and alice's request
+    2 (a bigger one) starts waiting. bob's approval was made for request 1: it decides nothing."""
+    cluster, settings = fake
+    alice, bob = as_user(temporal_env, settings, "t-alice"), as_user(temporal_env, settings, "t-bob")
+    await alice.deploy(seed_spec(), wait=True, timeout=30)
+    cluster.approve_gate = asyncio.Event()
+    first = asyncio.ensure_future(alice.update_spec(seed_spec(max_replicas=12, approval_timeout_s=2)))
+    await eventually(lambda: _pending(alice), timeout=15, what="request 1 waiting for approval")
+    approving = asyncio.ensure_future(bob.approve("hms-ach"))
+    with pytest.raises(Exception, match="(?i)approval|timed out"):
+        await asyncio.wait_for(first, 30)  # request 1 times out while bob's check waits
+    second = asyncio.ensure_future(alice.update_spec(seed_spec(max_replicas=40)))
+    pending = await eventually(lambda: _pending(alice), timeout=15, what="request 2 waiting for approval")
+    cluster.approve_gate.set()
+    with pytest.raises(Exception, match="decided meanwhile|not awaiting"):
+        await asyncio.wait_for(approving, 30)
+    st = await alice.status("hms-ach")
+    assert st.spec.max_replicas == 10 and st.pending_approval is not None and st.pending_approval.id == pending
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+
+
+async def _pending(orch: Orchestrator) -> str | None:
+    st = await orch.status("hms-ach")
+    return st.pending_approval.id if st.pending_approval is not None else None
 
 
 async def test_crash_loop_is_degraded_with_a_typed_failure(temporal_env, fake):

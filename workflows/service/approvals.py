@@ -15,6 +15,8 @@ from workflows.common import proof_jti
 from workflows.service.access import Access
 from workflows.service.state import ServiceRun, refuse
 
+APPROVAL_FOR_ITS_REQUEST = "approval-for-its-request"  # patch: a decision counts for its own request only
+
 
 class ApprovalGate:
     def __init__(self, run: ServiceRun, access: Access) -> None:
@@ -55,6 +57,7 @@ class ApprovalGate:
         """Check one approve/reject (from a signal or an update); the first valid one decides."""
         run = self.run
         pending = run.state.pending_approval
+        asked = pending.id if pending is not None else None
         bind = ({"revision": pending.revision, "spec": pending.spec_hash, "request": pending.id}
                 if pending is not None else {"request": "none pending"})
         result = await self.access.authorize(kind, approval.proof, request_id=approval.request_id,
@@ -66,6 +69,10 @@ class ApprovalGate:
                 pending.invalid_attempts.append(f"{kind}: {result.reason}")
             return result, False
         if run.approval_decision is not None or run.state.pending_approval is None:
+            return result, False
+        # The request may have timed out or been decided while the proof was checked, and the
+        # next one be waiting now: an approval counts only for the request it was made for.
+        if pending is not None and pending.id != asked and workflow.patched(APPROVAL_FOR_ITS_REQUEST):
             return result, False
         run.approval_decision = (kind, result.user or "", approval.reason)
         run.approval_grant = result.grant  # the admission ticket checks it again

@@ -746,6 +746,12 @@ class Orchestrator:
         update = names.U.APPROVE if kind == "approve" else names.U.REJECT
         return await self._update(handle, update, approval, what=f"{kind} {name}")
 
+    async def _check_genuine(self, name: str) -> None:
+        """RequestRefused unless ``svc-<name>``'s current run is this control plane's own."""
+        why = _genuine_problem(await self._handle(name).describe(), self.settings.task_queue)
+        if why is not None:
+            raise RequestRefused(f"not signing for {name}: {why}")
+
     async def approval(self, kind: str, name: str, *, reason: str = "",
                        ttl_s: float = auth.PROOF_TTL_S) -> Approval:
         """The ``approve``/``reject`` input for the service's pending request: a proof naming the
@@ -754,6 +760,7 @@ class Orchestrator:
         # What the proof must name, read without the client's own reader check: a refused token
         # should reach the workflow, which records the attempt (pending_approval.invalid_attempts).
         try:
+            await self._check_genuine(name)
             status = await self._handle(name).query(names.Q.STATUS, result_type=ServiceStatus)
         except RPCError as e:
             if e.status == RPCStatusCode.NOT_FOUND:
@@ -765,6 +772,17 @@ class Orchestrator:
         proof = self._prove(kind, name, ttl_s=ttl_s, revision=pending.revision, spec=pending.spec_hash,
                             request=pending.id)
         return _request(Approval, f"{kind} {name}", proof=proof, reason=reason, request_id=uuid.uuid4().hex)
+
+
+def _genuine_problem(desc: Any, task_queue: str) -> str | None:
+    """Why the described run is not a service of this control plane that an approver may sign
+    for, or None: anyone who reaches Temporal can start a run under ``svc-<name>`` whose status
+    shows a small spec with a big request's hash, or reset a real one."""
+    if desc.workflow_type != names.SERVICE_WORKFLOW or desc.task_queue != task_queue:
+        return f"it is a {desc.workflow_type} on task queue {desc.task_queue}, not our ServiceWorkflow on {task_queue}"
+    if desc.raw_description.workflow_extended_info.HasField("last_reset_time"):
+        return "its run was made by a workflow reset"
+    return None
 
 
 def failure_error(err: WorkflowUpdateFailedError, what: str, *, refine: type[HmsError] | None = None) -> HmsError:

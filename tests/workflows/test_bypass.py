@@ -18,6 +18,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.pods import PodActivities
 from hms_mgmt import tickets
+from hms_mgmt.errors import RequestRefused
 from hms_mgmt.events import EventSink, read_events
 from hms_mgmt.models import PodStatus, ServiceSpec
 from hms_mgmt.orchestrator import Orchestrator
@@ -311,3 +312,19 @@ async def test_a_reset_to_before_the_undeploy_starts_no_pod(temporal_env, hms: O
     assert node_pods(settings, "hms-ach") == []
     with contextlib.suppress(RPCError):  # the reset run may have ended on its refusals already
         await handle.terminate("test over")
+
+
+async def test_an_approver_signs_nothing_for_a_run_that_is_not_our_service(temporal_env, hms: Orchestrator, settings):
+    """A run started as ``svc-hms-ach`` on the attacker's own queue answers status as they like (a
+    small spec, a big request's hash): the approver's client looks at the run before it signs."""
+    evil_queue = f"evil-{uuid.uuid4().hex[:6]}"
+    out = await asyncio.to_thread(subprocess.run, [
+        temporal_binary(), "workflow", "start", "--address", settings.temporal_address, "--type", "ServiceWorkflow",
+        "--task-queue", evil_queue, "--workflow-id", "svc-hms-ach", "--input", "{}"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    try:
+        with pytest.raises(RequestRefused, match="not signing for hms-ach: .*not our ServiceWorkflow"):
+            await hms.approval("approve", "hms-ach")
+    finally:
+        await temporal_env.client.get_workflow_handle("svc-hms-ach").terminate("test over")

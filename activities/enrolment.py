@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.callers import Callers
 from hms_mgmt import constants, nodeid, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
@@ -228,21 +229,42 @@ class NodeTrustActivities:
                                pod=inp.asked_pod or inp.pod.id)
             raise ApplicationError(reason, type=ActivityErrorType.ACCESS_DENIED, non_retryable=True)
 
+    _callers: Callers | None = None  # the calling runs, as the server records them (made at first use)
+
     @activity.defn(name="stamp_start")
     async def stamp_start(self, inp: StampInput) -> StampOutput:
-        """The control plane's word for one pod start: the revision was admitted (its ticket) and
-        its pinned image is signed and not revoked now. A revocation here stops new pods on
-        every host at once: none of them keeps a trust store of its own."""
+        """The control plane's word for one pod start, for the service's own workflow (or its
+        child) only: the revision was admitted (its ticket) and its pinned image is signed and not
+        revoked now. A revocation here stops new pods on every host at once: none of them keeps a
+        trust store of its own."""
         pods = [PodPlace(pod_id=inp.pod_id, node=inp.node)]
         return StampOutput(stamp=(await self._stamped(inp, pods))[0])
 
     @activity.defn(name="stamp_round")
     async def stamp_round(self, inp: RoundGrantsInput) -> RoundGrantsOutput:
-        """``stamp_start`` for every pod of a round: the ticket and the image's trust are checked
-        once, now, and each pod gets its own stamp (bound to its id and node)."""
+        """``stamp_start`` for every pod of a round: the caller, the ticket and the image's trust
+        are checked once, now, and each pod gets its own stamp (bound to its id and node)."""
         return RoundGrantsOutput(grants=await self._stamped(inp, inp.pods))
 
+    async def _stamp_caller(self, service: str, pods: list[PodPlace]) -> None:
+        """The trust rule's caller check, as ``start_ticket`` makes it: the run named by
+        ``activity.info()``, as the server records it, is ``service``'s own workflow or its child
+        on our control queue; else an ``access.denied`` event naming it and a refusal."""
+        if self._callers is None:
+            self._callers = Callers(activity.client())
+        settings = await asyncio.to_thread(self.settings)
+        try:
+            await self._callers.entitled(service, settings.task_queue)
+        except AccessDenied as e:
+            caller = await self._callers.current()
+            which = ",".join(p.pod_id for p in pods)
+            await self._denied(f"trust stamp for pod {which} of {service} refused: {e}", service=service,
+                               action="start_pod", node=pods[0].node, pod=which, **caller.data())
+            raise ApplicationError(f"trust stamp refused: {e}", type=ActivityErrorType.ACCESS_DENIED,
+                                   non_retryable=True) from None
+
     async def _stamped(self, inp: StampInput | RoundGrantsInput, pods: list[PodPlace]) -> list[str]:
+        await self._stamp_caller(inp.service, pods)
         # One thread for the file reads and signatures: a start waits on this.
         stamps, refusal = await asyncio.to_thread(self._stamp, inp, pods)
         if refusal is None:

@@ -58,7 +58,8 @@ async def test_a_rollout_asks_its_rounds_grants_at_once_each_bound_to_its_pod(te
 @pytest.mark.parametrize("runtime_name", ["process"])
 async def test_a_copied_revision_ticket_gets_no_round_of_grants(temporal_env, hms: Orchestrator, settings):
     """An outsider with the revision's ticket (copied from history) asks for a round: the start
-    tickets are refused to their workflow, and no stamp is signed once the image is revoked."""
+    tickets and the trust stamps are refused to their workflow (the caller check), with or without
+    a trusted image or a good ticket."""
     await hms.deploy(seed_spec(min_replicas=1, max_replicas=1), wait=True, timeout=120)
     st = await hms.status("hms-ach")
     _, _, _, deploy_in = await _deploy_history(temporal_env.client, f"svc-hms-ach-deploy-{st.revision}")
@@ -71,15 +72,20 @@ async def test_a_copied_revision_ticket_gets_no_round_of_grants(temporal_env, hm
         with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
             await them.run("start_tickets", ask, settings.task_queue, wf_id=wf_id)
         assert refused.value.type == "AccessDenied"
+        with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
+            await them.run("stamp_round", ask, settings.task_queue, wf_id=wf_id)  # the image is trusted
+        assert refused.value.type == "AccessDenied"
+        single = {k: v for k, v in ask.items() if k != "pods"} | ask["pods"][0]
+        with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
+            await them.run("stamp_start", single, settings.task_queue, wf_id=wf_id)
+        assert refused.value.type == "AccessDenied"
         assert TrustStore(settings.state_dir).revoke(st.spec.image)
-        with pytest.raises(ApplicationError, match="may not start") as refused:
-            await them.run("stamp_round", ask, settings.task_queue, wf_id=wf_id)
-        assert refused.value.type == "ImageUntrusted"
         forged = {**ask, "ticket": deploy_in["ticket"][:-4] + "AAAA"}
-        with pytest.raises(ApplicationError, match="forged or damaged") as refused:
+        with pytest.raises(ApplicationError, match="not a workflow of service hms-ach") as refused:
             await them.run("stamp_round", forged, settings.task_queue, wf_id=wf_id)
         assert refused.value.type == "AccessDenied"
     refusals = [e for e in read_events(settings.state_dir) if e.type == "access.denied"]
     assert any(e.data.get("action") == "start_ticket" and e.data.get("workflow") == wf_id for e in refusals)
-    assert any(e.data.get("action") == "start_pod" and "not trusted now" in e.reason for e in refusals)
+    assert any(e.data.get("action") == "start_pod" and "trust stamp" in e.reason and e.data.get("workflow") == wf_id
+               for e in refusals)
     assert [p.id for p in (await hms.status("hms-ach")).pods] == [p.id for p in st.pods]

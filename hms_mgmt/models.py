@@ -207,7 +207,7 @@ class ServiceSpec(_Model):
     health_failures: int = Field(default=2, ge=1, le=100)
     scale_interval_s: float = Field(default=30.0, ge=MIN_INTERVAL_S, le=3600)
     scale_down_window_s: float = Field(default=300.0, ge=0, le=86400)
-    cpu_limit: float | None = Field(default=None, gt=0, le=64, description="CPUs per pod")
+    cpu_limit: float | None = Field(default=None, ge=0.01, le=64, description="CPUs per pod (at least 0.01, as Docker)")
     memory_mb: int | None = Field(default=None, ge=16, le=1024 * 1024)
     env: dict[str, str] = Field(default_factory=dict, description=f"at most {MAX_ENV_ENTRIES} variables, "
                                 f"{MAX_ENV_BYTES // 1024} KiB in all")

@@ -44,7 +44,7 @@ from hms_mgmt.files import atomic_write, inside, load_yaml_mapping, open_private
 from hms_mgmt.models import ServiceSpec
 from hms_mgmt.policy.sandbox import check_process_spec
 from hms_mgmt.runtimes.base import ExitSubscribers, PodHandle, PodLaunch, PodLimits, PodRuntime, check_pod_id
-from hms_mgmt.runtimes.cgroups import PodCgroups
+from hms_mgmt.runtimes.cgroups import MIN_CPUS, PodCgroups
 from hms_mgmt.runtimes.follow import FileFollow, LogFollow
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,24 @@ EXAMPLE_ENV = ["HMS_STARTUP_DELAY_S", "HMS_FAIL_HEALTH", "HMS_BURN_CPU", "HMS_AC
 # Address space is virtual (thread stacks, malloc arenas), not resident memory: cap it loosely
 # above the memory limit, as a backstop where no cgroup enforces the real one.
 AS_FACTOR, AS_HEADROOM_MB = 4, 1024
+KILL_WAIT_S = 10.0  # how long a stop goes on SIGKILLing a pod's processes (a fork bomb) before it gives up
+
+
+def _running(pid: int) -> bool:
+    """A process that is neither gone nor a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X", "")
+
+
+def _executable(name: str, cwd: str, path: str) -> bool:
+    """Whether a pod's command names an executable (on the pod's PATH, unless it is a path)."""
+    if "/" in name:
+        name = os.path.join(cwd, name)
+        return os.path.isfile(name) and os.access(name, os.X_OK)
+    return shutil.which(name, path=path) is not None
 
 
 def default_catalog() -> dict[str, dict[str, Any]]:
@@ -354,6 +372,9 @@ class ProcessRuntime(PodRuntime):
             memory_mb = req.spec.memory_mb or self.limits.memory_mb
             rlimits = [f"--nofile={self.limits.nofile}",
                        f"--as={max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024}"]
+            if not _executable(command[0], cwd, str((entry.get("env") or {}).get("PATH") or POD_PATH)):
+                raise PodRuntimeError(f"cannot start {command[0]!r}: no such executable",
+                                      error_type=ActivityErrorType.IMAGE_NOT_FOUND)
             prlimit = shutil.which("prlimit")
             if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
                 command = [prlimit, *rlimits, "--", *command]
@@ -368,19 +389,30 @@ class ProcessRuntime(PodRuntime):
                 env["HMS_SECRETS_DIR"] = rec["secrets_dir"] = str(pod_secrets.write_pod_files(
                     req.pod_id, req.secrets, uid=user.pw_uid if user else os.getuid(), gid=user.pw_gid if user else os.getgid()))
             # On record before it exists: a worker killed between the spawn and the pid below
-            # leaves this, and the next start or stop of the pod finds the process (_strays).
+            # leaves this, and the next start or stop of the pod finds the process (_pod_processes).
             self._write(rec)
-            child = self._spawn(req, rec, env, cwd, user)
-            self._children[req.pod_id] = child
-            if not prlimit:
-                self._set_rlimits(req, child.pid, memory_mb)
-            if cgroups is not None:
-                try:  # milliseconds after exec, while the interpreter is still starting
+            gate, release = os.pipe()
+            try:
+                child = self._spawn(req, rec, env, cwd, user, gate)
+            finally:
+                os.close(gate)
+            try:
+                self._children[req.pod_id] = child
+                rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
+                if not prlimit:
+                    self._set_rlimits(req, child.pid, memory_mb)
+                if cgroups is not None:  # before the pod's first instruction: it waits at the gate
                     cgroups.join(req.pod_id, child.pid)
-                except OSError as e:
-                    self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
-            rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
-            self._write(rec)
+                self._write(rec)
+                os.write(release, b"\n")
+            except (OSError, psutil.Error) as e:
+                with contextlib.suppress(OSError):
+                    child.kill()
+                self._stop_record(rec, 0)
+                raise PodRuntimeError(f"pod {req.pod_id} not started: cannot put it in its box: {e}",
+                                      error_type=ActivityErrorType.RUNTIME_FAILURE) from e
+            finally:
+                os.close(release)
             self._exits.poke()
             log.info("started pod %s (%s) pid %s on %s", req.pod_id, req.service, child.pid, host_port(self.address, port))
             return self._handle(rec)
@@ -418,16 +450,22 @@ class ProcessRuntime(PodRuntime):
         return user, found
 
     def _pod_cgroups(self, req: PodLaunch, memory_mb: int) -> PodCgroups | None:
-        """The pod's cgroup, made; None (with a sandbox warning) where cgroups cannot limit it."""
+        """The pod's cgroups, made; None (with a sandbox warning) where this host has none to
+        limit it. Where it has, a pod whose cgroups cannot be made is refused, never run unconfined."""
+        cpus = req.spec.cpu_limit
+        if cpus is not None and cpus < MIN_CPUS:
+            raise PodRuntimeError(f"cpu_limit: {cpus:g} is below the least CPU limit a pod may have ({MIN_CPUS:g})",
+                                  error_type=ActivityErrorType.SPEC_UNRUNNABLE)
         cgroups: PodCgroups = self.cgroups()
         if not cgroups.available():
             self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {cgroups.reason}")
             return None
         try:
-            cgroups.create(req.pod_id, memory_mb=memory_mb, cpus=req.spec.cpu_limit, pids=self.limits.pids)
-        except OSError as e:
-            self._degraded(req, f"no memory, CPU or pids limit beyond rlimits: {e}")
-            return None
+            cgroups.create(req.pod_id, memory_mb=memory_mb, cpus=cpus, pids=self.limits.pids)
+        except (OSError, ValueError) as e:
+            raise PodRuntimeError(f"pod {req.pod_id} not started: cannot make its cgroups (memory {memory_mb} MB, "
+                                  f"cpu_limit {cpus}, pids {self.limits.pids}): {e}",
+                                  error_type=ActivityErrorType.RUNTIME_FAILURE) from e
         return cgroups
 
     def _new_record(self, req: PodLaunch, port: int, command: list[str], user: pwd.struct_passwd | None,
@@ -451,17 +489,22 @@ class ProcessRuntime(PodRuntime):
         }
 
     def _spawn(self, req: PodLaunch, rec: dict[str, Any], env: dict[str, str], cwd: str,
-               user: pwd.struct_passwd | None) -> subprocess.Popen[bytes]:
+               user: pwd.struct_passwd | None, gate: int) -> subprocess.Popen[bytes]:
         """The pod's process in a session of its own, as ``user``. The log is opened here and
-        handed over as stdout: the pod writes it without any access to the state directory."""
+        handed over as stdout: the pod writes it without any access to the state directory.
+
+        It starts as a gate, ``sh`` waiting for a line on ``gate`` (its stdin), and becomes the
+        pod's command (``exec``: the same pid, process group and log; stdin ``/dev/null``) only once
+        the worker has put it in its cgroups: the pod's first instruction already runs inside them."""
         command = rec["command"]
+        script = f'read _ || exit 125; {"" if "PWD" in env else "unset PWD; "}exec "$0" "$@" </dev/null'
         with os.fdopen(open_private(rec["log"]), "ab") as log_file:
             try:
                 return subprocess.Popen(
-                    command,
+                    ["/bin/sh", "-c", script, *command],
                     env=env,
                     cwd=cwd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=gate,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -471,8 +514,7 @@ class ProcessRuntime(PodRuntime):
                     umask=0o077,
                 )
             except OSError as e:
-                shutil.rmtree(rec["home"], ignore_errors=True)
-                self._record_path(req.pod_id).unlink(missing_ok=True)
+                self._stop_record(rec, 0)
                 raise PodRuntimeError(f"cannot start {command[0]!r}: {e}",
                                       error_type=ActivityErrorType.IMAGE_NOT_FOUND) from e
 
@@ -503,44 +545,68 @@ class ProcessRuntime(PodRuntime):
                 out.append(self._handle(rec))
         return out
 
-    def _strays(self, pod_id: str) -> list[psutil.Process]:
-        """The pod's processes that no record names: spawned by a worker that died before it
-        recorded the pid. A pod's main process leads its own session and carries its id."""
-        found = []
-        for proc in psutil.process_iter(["pid"]):
+    def _pod_processes(self, rec: dict[str, Any]) -> set[int]:
+        """Every live process of the pod, whatever became of its main process: the members of its
+        cgroups, and the processes of its user that carry its id in their environment (without
+        cgroups, or started by a worker that died before it recorded the pid)."""
+        pod_id = rec["pod_id"]
+        found: set[int] = set()
+        if self.cgroups().available():
+            found |= self.cgroups().members(pod_id)
+        uid = os.getuid()
+        if rec.get("user"):
             try:
-                if os.getsid(proc.pid) == proc.pid and proc.environ().get("HMS_POD_ID") == pod_id:
-                    found.append(proc)
+                uid = pwd.getpwnam(rec["user"]).pw_uid
+            except KeyError:
+                uid = -1
+        main = self._process(rec)  # its session too: what a stop reached before cgroups
+        if main is not None:
+            found.add(main.pid)
+        for proc in psutil.process_iter(["pid", "uids"]):
+            try:
+                uids = proc.info["uids"]
+                if uids is None or uid not in (uids.real, uids.effective):
+                    continue
+                if (main is not None and os.getsid(proc.pid) == main.pid) or \
+                        proc.environ().get("HMS_POD_ID") == pod_id:
+                    found.add(proc.pid)
             except (psutil.Error, OSError):
                 continue
-        return found
+        found.discard(os.getpid())
+        return {pid for pid in found if _running(pid)}
+
+    def _signal_all(self, rec: dict[str, Any], sig: signal.Signals, done: set[int]) -> set[int]:
+        """Send ``sig`` to every process of the pod not in ``done``; the pod's processes now."""
+        child = self._children.get(rec["pod_id"])
+        if child is not None:
+            child.poll()  # reap our own child: a zombie is no process to wait for
+        pids = self._pod_processes(rec)
+        for pid in pids - done:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        done |= pids
+        return pids
+
+    def _kill_pod(self, rec: dict[str, Any], grace_s: float) -> None:
+        """SIGTERM to every process of the pod, SIGKILL after ``grace_s`` to all that remain, again
+        until none does (a process may fork meanwhile), for a bounded time."""
+        termed: set[int] = set()
+        if grace_s > 0 and self._signal_all(rec, signal.SIGTERM, termed):
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and self._signal_all(rec, signal.SIGTERM, termed):
+                time.sleep(0.05)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while self._signal_all(rec, signal.SIGKILL, set()):
+            if time.monotonic() >= deadline:
+                log.warning("pod %s: processes %s still there after SIGKILL", rec["pod_id"],
+                            sorted(self._pod_processes(rec)))
+                break
+            time.sleep(0.02)
 
     def _stop_record(self, rec: dict[str, Any], grace_s: float) -> None:
-        if not rec.get("pid"):
-            for stray in self._strays(rec["pod_id"]):
-                log.warning("pod %s: killing process %s its interrupted start left unrecorded", rec["pod_id"], stray.pid)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(stray.pid, signal.SIGKILL)
-                with contextlib.suppress(psutil.Error, ChildProcessError):
-                    stray.wait(timeout=5)
-        proc = self._process(rec)
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and self._process(rec) is not None:
-                time.sleep(0.05)
-            if self._process(rec) is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    proc.wait(timeout=5)
-                except (psutil.NoSuchProcess, psutil.TimeoutExpired, ChildProcessError):
-                    pass
+        if not rec.get("pid"):  # a start cut short: whatever it left runs unrecorded
+            grace_s = 0
+        self._kill_pod(rec, grace_s)
         child = self._children.pop(rec["pod_id"], None)
         if child is not None:
             try:

@@ -37,6 +37,7 @@ from worker.metrics import WorkerMetrics
 from worker.nodes import NodeAgent
 from workflows import ALL_WORKFLOWS, SCHEDULED_WORKFLOWS, MessageGuard
 
+FIREWALL_PORTS_EVERY_S = 30.0  # how often the Temporal server's ports are read again for the pod firewall
 log = logging.getLogger("hms.worker")
 
 # Every service with ready pods on a node holds one watch_pods activity on that node's queue the
@@ -129,6 +130,7 @@ class HmsWorker:
         self.metrics = WorkerMetrics()
         self.agent: NodeAgent | None = None
         self.pod_firewall: PodFirewall | None = None
+        self._firewall_task: asyncio.Future[None] | None = None
         self.log_server: LogServer | None = None
         self._agent_task: asyncio.Task[None] | None = None
         sink = EventSink(settings.state_dir, webhooks=settings.webhook_urls())
@@ -276,11 +278,27 @@ class HmsWorker:
             log.warning("process pods can reach Temporal and the control ports of this host: %s", e)
             return
         self.pod_firewall = firewall
+        self._firewall_task = asyncio.ensure_future(self._follow_server_ports(firewall))
+
+    async def _follow_server_ports(self, firewall: PodFirewall) -> None:
+        """A Temporal dev server that restarts picks new ports for its HTTP API and the rest:
+        the rule follows them."""
+        while True:
+            await asyncio.sleep(FIREWALL_PORTS_EVERY_S)
+            try:
+                if await asyncio.to_thread(firewall.ports_changed):
+                    await asyncio.to_thread(firewall.install)
+            except OSError as e:
+                log.warning("the process pods' iptables rule was not updated: %s", e)
 
     async def _unguard_pods(self) -> None:
         """Remove the pods' rule, unless pods of this node still run: process pods outlive a
         worker stopped without ``sweep_on_exit`` (the next worker adopts them and replaces the
         rule), and must not reach the control plane meanwhile."""
+        if self._firewall_task is not None:
+            self._firewall_task.cancel()
+            await asyncio.gather(self._firewall_task, return_exceptions=True)
+            self._firewall_task = None
         if self.pod_firewall is None:
             return
         left = await asyncio.to_thread(self.pods.runtime.list) if self.pods is not None else []

@@ -183,11 +183,27 @@ class PodFirewall:
         self.chain = chain_name(settings.state_dir, settings.node)
         self.state_dir = settings.state_dir
         self.uid = uid
+        self.settings = settings
         self.ports = sorted(set(control_ports(settings)) | set(server_ports(settings)))
-        self.rules = plan_rules(self.chain, uid, self.ports, remote_frontends(settings),
-                                _port_of(settings.temporal_address))
+        self.remote = remote_frontends(settings)
+        self.temporal_port = _port_of(settings.temporal_address)
+        self.rules = plan_rules(self.chain, uid, self.ports, self.remote, self.temporal_port)
         self.iptables = shutil.which("iptables")
         self.installed = False
+
+    def ports_changed(self) -> bool:
+        """Read the Temporal server's ports again (a dev server restarted picks new ones); True,
+        with the rules replanned, if they changed: ``install()`` again then."""
+        ports = sorted(set(control_ports(self.settings)) | set(server_ports(self.settings)))
+        if ports == self.ports:
+            return False
+        self.ports = ports
+        self.rules = plan_rules(self.chain, self.uid, self.ports, self.remote, self.temporal_port)
+        return True
+
+    @property
+    def staged(self) -> str:
+        return self.chain + "-N"
 
     def _run(self, *args: str, check: bool = True) -> bool:
         assert self.iptables is not None
@@ -209,21 +225,26 @@ class PodFirewall:
 
     def install(self) -> None:
         """Add the chain and its jump, or make them what they should be (a killed worker's are
-        replaced), and remove the chains of workers that are gone."""
+        replaced), and remove the chains of workers that are gone. Make before break: the new
+        rules are built in a staged chain and jumped to before the old jump goes, so pods that
+        outlived a worker are never without a rule (a connection opened in a gap would stay)."""
         if self.iptables is None:
             raise OSError("iptables is not installed")
         rules = self._output_rules()
         for chain, jumps in orphans(rules, self.chain, pid_namespace(), start_time, os.path.exists).items():
+            if chain == self.staged:
+                continue
             self._drop(chain, jumps)
             log.info("removed iptables chain %s: the worker that added it is gone", chain)
-        for args, chain, _ in _jumps(rules):  # this chain's jump from a worker before us
-            if chain == self.chain:
-                self._run("-D", *args, check=False)
-        if not self._run("-N", self.chain, check=False):
-            self._run("-F", self.chain)
-        for rule in self.rules:
+        # a staged chain a worker left when it was killed mid-install
+        self._drop(self.staged, [args for args, chain, _ in _jumps(rules) if chain == self.staged])
+        self._run("-N", self.staged)
+        for rule in plan_rules(self.staged, self.uid, self.ports, self.remote, self.temporal_port):
             self._run("-A", *rule)
-        self._run("-I", *jump_rule(self.chain, self.uid, owner_tag(self.state_dir)))
+        self._run("-I", *jump_rule(self.staged, self.uid, owner_tag(self.state_dir)))
+        # the new rules are in force; the old chain (a worker's before us, or ours) goes
+        self._drop(self.chain, [args for args, chain, _ in _jumps(rules) if chain == self.chain])
+        self._run("-E", self.staged, self.chain)  # the jump follows the rename
         self.installed = True
         log.info("process pods (uid %d) may not connect to ports %s of this host (iptables chain %s)",
                  self.uid, ",".join(map(str, self.ports)), self.chain)

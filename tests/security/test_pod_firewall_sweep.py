@@ -69,3 +69,32 @@ def test_a_gone_workers_chain_is_removed_and_a_running_ones_stays(tmp_path):
         firewall.remove()
         for chain in chains:
             drop_chain(chain)
+
+
+def test_a_worker_replacing_its_chain_never_leaves_its_pods_without_a_rule(tmp_path, monkeypatch) -> None:
+    """Process pods outlive a worker; the next one replaces the chain. Each step is checked
+    against the real table: from the first jump to the last step there is always one."""
+    settings = Settings(state_dir=tmp_path / "state", node=f"t{uuid.uuid4().hex[:6]}")
+    settings.state_dir.mkdir()
+    first = PodFirewall(settings, UID)
+    first.install()
+    seen: list[int] = []
+    real_run = PodFirewall._run
+
+    def watched(self: PodFirewall, *args: str, check: bool = True) -> bool:
+        done = real_run(self, *args, check=check)
+        seen.append(sum(1 for line in iptables("-S", "OUTPUT").splitlines()
+                        if f"--uid-owner {UID}" in line and self.chain in line))
+        return done
+
+    monkeypatch.setattr(PodFirewall, "_run", watched)
+    try:
+        second = PodFirewall(settings, UID)  # the next worker, same state directory and node
+        second.install()
+        assert seen and min(seen) >= 1, seen
+        rules = iptables("-S", "OUTPUT")
+        assert rules.count(f"-j {second.chain}\n") + rules.count(f"-j {second.chain} ") == 1
+        assert second.staged not in rules and f"-N {second.staged}" not in iptables("-S")
+    finally:
+        monkeypatch.setattr(PodFirewall, "_run", real_run)
+        first.remove()

@@ -57,3 +57,16 @@ def test_the_tag_names_the_state_directory_when_it_fits(tmp_path: Path) -> None:
     assert tag.endswith(" state=" + str((tmp_path / "a b").resolve()).replace(" ", "%20"))
     long = owner_tag(tmp_path / ("d" * 300))
     assert "state=" not in long and len(long) < COMMENT_MAX
+
+
+def test_the_rule_follows_a_temporal_server_that_restarted_on_new_ports(tmp_path: Path, monkeypatch) -> None:
+    from hms_mgmt.config import Settings
+    from hms_mgmt.runtimes import podnet
+
+    monkeypatch.setattr(podnet, "server_ports", lambda s: [41001, 41002])
+    fw = podnet.PodFirewall(Settings(state_dir=tmp_path, node="n1"), 999)
+    assert not fw.ports_changed()
+    monkeypatch.setattr(podnet, "server_ports", lambda s: [41001, 43003])  # its HTTP API moved
+    assert fw.ports_changed()
+    assert 43003 in fw.ports and 41002 not in fw.ports
+    assert any("43003" in ",".join(rule) for rule in fw.rules)

@@ -659,9 +659,12 @@ class ControlActivities:
             if verdict.needs_approval:
                 if not inp.approval_grant:
                     raise AccessDenied("over the governance limit and not approved: " + "; ".join(verdict.reasons))
+                # The approval waited, in the service's own workflow, for the image check: it is
+                # good for as long as this spec lets that take.
                 approval = tickets.check_grant(state_dir, inp.approval_grant, service=inp.service,
                                                actions={"approve"},
-                                               bind={"spec": inp.spec.digest(), "revision": inp.revision})
+                                               bind={"spec": inp.spec.digest(), "revision": inp.revision},
+                                               max_age_s=inp.spec.image_verify_timeout_s + tickets.GRANT_TTL_S)
                 auth.check_approver(_grant_identity(approval), str(deployer["sub"]), matrix)
         ok, detail = TrustStore(state_dir).verify(inp.spec.image, inp.image_id)
         if not ok:

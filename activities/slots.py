@@ -38,8 +38,10 @@ from hms_mgmt import auth, names, tickets
 from hms_mgmt.config import Settings
 from hms_mgmt.errors import AccessDenied, ActivityErrorType, HmsError
 from hms_mgmt.events import Event, EventSink
+from hms_mgmt.governance_config import load_governance_policy
 from hms_mgmt.models import ServiceSpec, TimeSlot
 from hms_mgmt.policy import slots as clock
+from hms_mgmt.policy.governance import GovernancePolicy, evaluate
 from hms_mgmt.wire import SlotEdge, SlotEdgeCheck, SlotEdgeVerdict, SlotSchedules, SlotSchedulesOutput
 
 log = logging.getLogger(__name__)
@@ -119,13 +121,23 @@ class SlotActivities:
 
     @staticmethod
     def _deployer(settings: Settings, inp: SlotSchedules) -> dict[str, object]:
-        """The grant of whoever deployed (updated, rolled back to) this spec; still an ops_admin."""
+        """The grant of whoever deployed (updated, rolled back to) this spec; still an ops_admin.
+
+        A deploy's or an update's grant waited in the service's own workflow (the only caller
+        believed here) for the image check and, over the limit, the approval: it is good for as
+        long as this spec lets those take, as ``issue_ticket`` accepts it. A rollback waits for
+        neither: its grant is good until its own expiry."""
         assert inp.spec is not None
-        claims = tickets.check_grant(settings.state_dir, inp.grant, service=inp.service, actions=DEPLOYER_ACTIONS)
-        if claims.get("act") != "rollback":
-            tickets.check_grant(settings.state_dir, inp.grant, service=inp.service, actions=DEPLOYER_ACTIONS,
-                                bind={"spec": inp.spec.digest()})
-        auth.authorize(_grant_identity(claims), "deploy", auth.load_access_matrix(settings.state_dir))
+        state_dir = settings.state_dir
+        waited = deployer_wait_s(inp.spec, load_governance_policy(state_dir))
+        claims = tickets.check_grant(state_dir, inp.grant, service=inp.service, actions=DEPLOYER_ACTIONS,
+                                     max_age_s=waited)
+        if claims.get("act") == "rollback":
+            tickets.check_grant(state_dir, inp.grant, service=inp.service, actions={"rollback"})
+        else:
+            tickets.check_grant(state_dir, inp.grant, service=inp.service, actions=DEPLOYER_ACTIONS,
+                                bind={"spec": inp.spec.digest()}, max_age_s=waited)
+        auth.authorize(_grant_identity(claims), "deploy", auth.load_access_matrix(state_dir))
         return claims
 
     def _schedules(self, settings: Settings, inp: SlotSchedules, spec: ServiceSpec,
@@ -204,6 +216,16 @@ class SlotActivities:
         by = desc.typed_search_attributes.get(SCHEDULED_BY)
         if desc.workflow_type != names.SLOT_EDGE_WORKFLOW or by != schedule_id:
             raise AccessDenied(f"it was not started by schedule {schedule_id} (started by {by or 'a person'})")
+
+
+def deployer_wait_s(spec: ServiceSpec, policy: GovernancePolicy) -> float:
+    """How old a deployer's grant for ``spec`` may be once its waits are over: the image check
+    (``image_verify_timeout_s``) and, over the governance limit, the approval, plus the grant's
+    own life (as ``issue_ticket`` counts it)."""
+    waited = spec.image_verify_timeout_s + tickets.GRANT_TTL_S
+    if evaluate(spec, policy).needs_approval:
+        waited += min(policy.approval_timeout_s, spec.approval_timeout_s)
+    return waited
 
 
 def _grant_bind(schedule_id: str, revision: int, spec_digest: str, slot: str, edge: str) -> dict[str, object]:

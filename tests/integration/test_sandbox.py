@@ -111,13 +111,17 @@ def test_pod_user_that_cannot_enter_the_cwd_refuses_the_pod(tmp_path: Path) -> N
         f"registry.gov/private:1.0:\n  command: ['{{python}}', -m, services.hms_ach]\n  cwd: {tmp_path}\n"
         f"  env: {{PYTHONPATH: {Path(__file__).resolve().parents[2]}}}\n")
     rt = ProcessRuntime("sbx", state)
-    for _ in range(2):  # a failed probe is not remembered: tried again, refused again
-        with pytest.raises(PodRuntimeError, match=r"cannot run Python in " + str(tmp_path)) as e:
-            rt.start(launch(rt, spec("registry.gov/private:1.0")))
-        assert e.value.error_type == ActivityErrorType.SPEC_UNRUNNABLE
-        assert "worker's user" in str(e.value)
-    assert rt.list() == [] and rt._python_for == {}
-    assert not [e for e in read_events(state) if e.type == "pod.sandbox_degraded"]
+    try:
+        for _ in range(2):  # a failed probe is not remembered: tried again, refused again
+            with pytest.raises(PodRuntimeError, match=r"cannot run Python in " + str(tmp_path)) as e:
+                rt.start(launch(rt, spec("registry.gov/private:1.0")))
+            assert e.value.error_type == ActivityErrorType.SPEC_UNRUNNABLE
+            assert "worker's user" in str(e.value)
+        assert rt.list() == [] and rt._python_for == {}
+        assert not [e for e in read_events(state) if e.type == "pod.sandbox_degraded"]
+    finally:
+        for handle in rt.list():
+            rt.stop(handle.pod_id, 0)
 
 
 def test_process_spec_command_or_unlisted_env_is_refused_naming_the_field(tmp_path: Path) -> None:

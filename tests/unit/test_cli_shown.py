@@ -121,6 +121,7 @@ def printed(monkeypatch) -> io.StringIO:
     buf = io.StringIO()
     for console in (render.out, render.err):  # _file: undone, the console follows sys.stdout/stderr again
         monkeypatch.setattr(console, "_file", buf)
+        monkeypatch.setattr(console, "_width", 240)  # whole cells, whatever terminal the tests run in
     return buf
 
 

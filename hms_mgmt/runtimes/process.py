@@ -551,16 +551,21 @@ class ProcessRuntime(PodRuntime):
         cgroups, or started by a worker that died before it recorded the pid)."""
         pod_id = rec["pod_id"]
         found: set[int] = set()
+        main = self._process(rec)
         if self.cgroups().available():
+            # No process leaves its cgroup (cgroup.procs is root's): its members are all of them,
+            # and no scan of every process of the pod user (thousands, on a busy node) is needed.
             found |= self.cgroups().members(pod_id)
+            if found or main is None:
+                found.discard(os.getpid())
+                return {pid for pid in found if _running(pid)}
         uid = os.getuid()
         if rec.get("user"):
             try:
                 uid = pwd.getpwnam(rec["user"]).pw_uid
             except KeyError:
                 uid = -1
-        main = self._process(rec)  # its session too: what a stop reached before cgroups
-        if main is not None:
+        if main is not None:  # its session too: what a stop reached before cgroups
             found.add(main.pid)
         for proc in psutil.process_iter(["pid", "uids"]):
             try:

@@ -136,23 +136,14 @@ def stop_leaves_nothing(rt: ProcessRuntime, exit_first: bool) -> None:
 
 
 @pytest.mark.parametrize("exit_first", [False, True], ids=["main-lives", "main-exited"])
-def test_a_stop_kills_every_process_of_the_pod_in_its_cgroups(state: Path, exit_first: bool) -> None:
+@pytest.mark.parametrize("boxed", [True, False], ids=["in-its-cgroups", "no-cgroups-by-its-pod-id"])
+def test_a_stop_kills_every_process_of_the_pod(state: Path, tmp_path: Path, exit_first: bool, boxed: bool) -> None:
     rt = ProcessRuntime(f"box{uuid.uuid4().hex[:6]}", state)
-    cgroups_or_skip(rt)
-    try:
-        stop_leaves_nothing(rt, exit_first)
-    finally:
-        for h in rt.list():
-            rt.stop(h.pod_id, 0)
-        rt.close()
-
-
-@pytest.mark.parametrize("exit_first", [False, True], ids=["main-lives", "main-exited"])
-def test_a_stop_without_cgroups_kills_every_process_carrying_the_pod_id(state: Path, tmp_path: Path,
-                                                                       exit_first: bool) -> None:
-    rt = ProcessRuntime(f"box{uuid.uuid4().hex[:6]}", state)
-    rt._cgroups = PodCgroups(rt.node, root=tmp_path / "no-cgroups")
-    assert not rt.cgroups().available()
+    if boxed:
+        cgroups_or_skip(rt)
+    else:
+        rt._cgroups = PodCgroups(rt.node, root=tmp_path / "no-cgroups")
+        assert not rt.cgroups().available()
     try:
         stop_leaves_nothing(rt, exit_first)
     finally:

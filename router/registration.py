@@ -80,7 +80,8 @@ class RouterAgent:
             pause = self.settings.node_heartbeat_s
             try:
                 if not self.registered.is_set():
-                    rec = await asyncio.wait_for(self.register(), REGISTER_TIMEOUT_S)
+                    async with asyncio.timeout(REGISTER_TIMEOUT_S):  # unlike wait_for, never eats a cancel
+                        rec = await self.register()
                     self.registered.set()
                     log.info("router %s registered at %s (%s)", rec.name, rec.url, self.registry_id)
                 else:

@@ -23,6 +23,7 @@ from router.registration import RouterAgent, advertised_address, router_identity
 from router.stats import TrafficStats
 
 log = logging.getLogger("hms.router")
+STOP_WAIT_S = 5.0  # how long a stopping router waits for its registration and resync tasks
 
 ENGINES = ("builtin", "haproxy")
 
@@ -61,8 +62,10 @@ async def serve(settings: Settings, *, port: int, engine: str = "builtin", host:
     finally:
         for task in (membership, resync):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a stop must not hang on a Temporal call that misses its cancel.
+        _, stuck = await asyncio.wait({membership, resync}, timeout=STOP_WAIT_S)
+        for task in stuck:
+            log.warning("router stopping: %s did not end within %g s", task.get_name(), STOP_WAIT_S)
 
 
 async def _membership(settings: Settings, sync: FeedSync, *, host: str, port: int, engine: str) -> None:

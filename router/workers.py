@@ -180,6 +180,7 @@ class Workers:
         self.workers = [WorkerProc(i, self.dir / f"worker-{i}.sock") for i in range(1, count)]
         self.versions: dict[str, int | None] = {}  # service -> the version every process carries
         self.tasks: list[asyncio.Task[None]] = []
+        self.closing = False
         self._pulling = asyncio.Lock()
         table.subscribe(self._on_table)
 
@@ -201,6 +202,7 @@ class Workers:
         self.tasks.append(asyncio.create_task(self._pull_loop(), name="router-worker-pull"))
 
     async def close(self) -> None:
+        self.closing = True
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -221,9 +223,12 @@ class Workers:
                 code = await w.proc.wait()
             finally:
                 feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
+                # gather, not a suppressed await: a cancel of this task that lands here (the
+                # router stopping) must end it, not be taken for the feeder's
+                await asyncio.gather(feeder, return_exceptions=True)
             w.pods, w.acked = {}, {}
+            if self.closing:
+                return
             log.warning("router worker %d exited with %s; starting it again", w.index, code)
             await asyncio.sleep(RESTART_DELAY_S)
 
@@ -356,7 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--primary", type=Path, required=True, help="the primary's unix socket")
     p.add_argument("--sock", type=Path, required=True, help="this worker's unix socket")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the primary, which closes our pipe
+    # A Ctrl-C, or a service manager's SIGTERM to the whole group, reaches the primary too, which
+    # closes our pipe: we leave with it (also if it dies), never ahead of it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(logging.INFO)
     coro = run_worker(host=args.host, port=args.port, primary=args.primary, sock=args.sock)
     try:

@@ -110,10 +110,13 @@ class Bench:
         return time.monotonic() - t0
 
     async def tables_hold(self, service: str, pods: set[str]) -> bool:
+        from hms_mgmt import feed
+
         async with aiohttp.ClientSession() as http:
             for router in self.routers.values():
                 try:
-                    async with http.get(f"{router.url}/-/table") as r:
+                    async with http.get(f"{router.url}/-/table",
+                                        headers=feed.inspect_headers(self.a.state_dir, "/-/table")) as r:
                         t = (await r.json())["services"].get(service)
                 except (aiohttp.ClientError, OSError, ValueError):
                     return False

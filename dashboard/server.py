@@ -40,7 +40,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from temporalio.client import Client
 
-from hms_mgmt import auth, names
+from hms_mgmt import auth, feed, names
 from hms_mgmt.addresses import LOOPBACK, check_address, host_port
 from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
@@ -422,7 +422,9 @@ class Dashboard:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 urls = self.router_urls if self.router_urls is not None else await self._registered_routers()
-                answers = await asyncio.gather(*(self._router_stats(session, u) for u in urls))
+                # A router answers its figures to loopback, or to a read the control plane signed.
+                signed = await asyncio.to_thread(feed.inspect_headers, self.settings.state_dir, "/-/stats")
+                answers = await asyncio.gather(*(self._router_stats(session, u, signed) for u in urls))
                 live = [a for a in answers if isinstance(a, dict)]
                 errors = [a for a in answers if isinstance(a, str)]
                 self.router = {
@@ -448,10 +450,14 @@ class Dashboard:
         return [u.rstrip("/") + "/-/stats" for u in urls]
 
     @staticmethod
-    async def _router_stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | str:
+    async def _router_stats(session: aiohttp.ClientSession, url: str,
+                            headers: dict[str, str] | None = None) -> dict[str, Any] | str:
         """One router's ``services`` object, or why there is none (no router yet: the page says so)."""
         try:
-            async with session.get(url) as resp:
+            async with session.get(url, headers=headers) as resp:
+                if resp.status == 401:
+                    return (f"{url}: the router shows its figures only to HMS_ROUTER_INSPECT_FROM or to a read "
+                            "the control plane signed: run the dashboard beside the control plane's keys")
                 resp.raise_for_status()
                 body = await resp.json()
             services = body.get("services") if isinstance(body, dict) else None

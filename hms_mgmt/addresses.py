@@ -28,3 +28,18 @@ def check_address(value: str) -> str:
 def host_port(address: str, port: int) -> str:
     """``10.0.0.5:8080``, ``[fd00::5]:8080``: an endpoint as routers and probes dial it."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+
+def within(address: str, networks: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``address`` (a peer's, as a socket gives it; an IPv4-mapped IPv6 address counts as
+    its IPv4 one) lies in one of ``networks``. Anything that is not an address lies in none."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)

@@ -36,7 +36,7 @@ from pydantic_settings import (
 )
 
 from hms_mgmt import constants
-from hms_mgmt.addresses import LOOPBACK, check_address
+from hms_mgmt.addresses import LOOPBACK, LOOPBACK_NETWORKS, check_address
 from hms_mgmt.errors import ConfigError
 from hms_mgmt.files import atomic_write, load_yaml_mapping, private_dir
 from hms_mgmt.models import NodeSpec
@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     # ``<host name>-<port>`` and where it listens).
     router_name: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     router_address: str = LOOPBACK
+    # Who may read a router's /-/table, /-/stats and /metrics without the control plane's signature
+    # (pod addresses and traffic figures): these networks, comma-separated. Default: loopback only.
+    router_inspect_from: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(LOOPBACK_NETWORKS))
     dashboard_port: int = constants.DEFAULT_DASHBOARD_PORT
     # This worker's node (``hms worker --node``) and the NodeRegistry's timing.
     docker_host: str | None = None  # e.g. unix:///run/docker-2.sock: the node's own Docker Engine
@@ -182,6 +185,23 @@ class Settings(BaseSettings):
                                "control plane's ports (iptables; hms_mgmt/runtimes/podnet.py)")
     pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
                           "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
+
+    @field_validator("router_inspect_from", mode="before")
+    @classmethod
+    def _networks_from_text(cls, v: Any) -> Any:
+        """``HMS_ROUTER_INSPECT_FROM=127.0.0.0/8,10.0.5.7`` (an address alone is one host)."""
+        return [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else v
+
+    @field_validator("router_inspect_from")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for net in v:
+            try:
+                out.append(str(ipaddress.ip_network(net, strict=False)))
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network (like 10.0.5.0/24) nor an address") from None
+        return out
 
     @field_validator("routers", "webhooks", mode="before")
     @classmethod

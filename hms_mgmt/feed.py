@@ -9,6 +9,9 @@ A table is an :class:`~hms_mgmt.models.EndpointSet` as JSON. It travels two ways
   or whose timestamp is more than :data:`MAX_SKEW_S` away from its clock (a replayed old push is
   refused; a replayed recent one carries an old version and changes nothing).
 
+A read of a router's ``/-/table``, ``/-/stats`` or ``/metrics`` from outside its
+``router_inspect_from`` networks is signed the same way over its path (kind ``inspect``).
+
 A drain question (``GET /-/drained``) is signed the same way over its query; the router answers
 with its own statement (:func:`hms_mgmt.nodeid.statement`, kind ``drained``) over the question's
 signature and its answer, so the control plane knows which enrolled router confirmed.
@@ -31,6 +34,9 @@ ROUTER_HEADER = "X-HMS-Router"  # a drain answer's signer: the router's enrolled
 ROUTER_SIGNATURE_HEADER = "X-HMS-Router-Signature"
 FEED_PATH = "/-/feed"
 DRAINED_PATH = "/-/drained"
+# What a router shows of its pods and traffic: to callers in ``router_inspect_from`` (loopback by
+# default), or to a read the control plane signed (kind ``inspect``, over the path).
+INSPECT_PATHS = ("/-/table", "/-/stats", "/metrics")
 MAX_SKEW_S = 300.0
 
 
@@ -73,6 +79,23 @@ def verify(state_dir: Path, body: bytes, header: str | None, *, kind: str = "fee
 def drained_query(service: str, pods: str, wait: str) -> bytes:
     """What a ``GET /-/drained`` signs (kind ``drained``): its query."""
     return f"drained\n{service}\n{pods}\n{wait}".encode()
+
+
+def inspect_query(path: str) -> bytes:
+    """What a signed read of a router's ``/-/table``, ``/-/stats`` or ``/metrics`` signs: its path."""
+    return f"inspect\n{path}".encode()
+
+
+def inspect_headers(state_dir: Path, path: str) -> dict[str, str]:
+    """Headers that let a caller outside a router's ``router_inspect_from`` read ``path``: the
+    control plane's signature, where this state directory holds its key; none elsewhere (a
+    router on loopback answers without them)."""
+    if not tickets.holds_control_key(state_dir):
+        return {}
+    try:
+        return {SIGNATURE_HEADER: sign(state_dir, inspect_query(path), kind="inspect")}
+    except (OSError, ValueError):
+        return {}
 
 
 def drained_answer(question_signature: str, answer: bytes) -> dict[str, Any]:

@@ -59,6 +59,11 @@ def ensure_control_key(state_dir: Path) -> None:
         atomic_write(kdir / PUBLIC_FILE, pub, mode=0o644)
 
 
+def holds_control_key(state_dir: Path) -> bool:
+    """Whether this state directory is the control plane's (holds ``control.pem``)."""
+    return (_keys(state_dir) / PRIVATE_FILE).exists()
+
+
 def spec_digest(spec: ServiceSpec) -> str:
     """What a pod of the service runs (name + pod template), canonically hashed: an in-place
     change (replicas, targets, intervals) keeps the ticket; anything a pod runs does not."""

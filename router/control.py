@@ -4,6 +4,10 @@
 - ``GET /-/table``   the endpoint table as JSON;
 - ``GET /-/stats``   per service over the last minute: requests/s, error rate, p50/p99 ms, per pod;
 - ``GET /metrics``   Prometheus text;
+  these three show pod addresses and traffic, so they answer a caller in ``router_inspect_from``
+  (``HMS_ROUTER_INSPECT_FROM``, loopback by default) or a read the control plane signed (kind
+  ``inspect``, over the path: :func:`hms_mgmt.feed.inspect_headers`); anyone else gets 401 and
+  the refusal is an ``access.denied`` event. ``/-/health`` says only whether the router is ready;
 - ``POST /-/feed``   an endpoint table signed by the control plane's key (401 unless it verifies);
 - ``GET /-/drained?service=S&pods=A,B[&wait=2]``  whether this router is done with pods being
   drained: it sends them nothing new and has no request in flight to any of them. With ``wait``
@@ -28,6 +32,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hms_mgmt import feed as wire
+from hms_mgmt.addresses import within
 from hms_mgmt.events import EventSink, RefusalLog
 from router.feed import EndpointTable, FeedSync
 from router.names import service_problem
@@ -99,8 +104,23 @@ class Control:
                 "services": len(self.table.services), "resync_error": self.table.resync_error}
         return web.json_response(body, status=200 if synced else 503)
 
+    async def _not_inspectable(self, request: web.Request) -> web.Response | None:
+        """None when the caller may read this inspection path, else the 401 to answer."""
+        if within(remote(request), self.sync.settings.router_inspect_from):
+            return None
+        why = self.sync.check_control(wire.inspect_query(request.path), request.headers.get(wire.SIGNATURE_HEADER),
+                                      kind="inspect")
+        if why is None:
+            return None
+        await self._refused(request, "router_inspect", f"{request.path} refused: {why}")
+        return web.json_response({"error": f"{request.path} refused: {why} (this router answers it to "
+                                           "HMS_ROUTER_INSPECT_FROM, or to a read the control plane signed)"},
+                                 status=401)
+
     async def table_json(self, request: web.Request) -> web.Response:
         """The feed's tables; ``applied_version`` says which version the engine carries."""
+        if (refused := await self._not_inspectable(request)) is not None:
+            return refused
         snap = self.table.snapshot()
         if self.applied_versions is not None:
             for name, t in snap["services"].items():
@@ -108,6 +128,8 @@ class Control:
         return web.json_response({"engine": self.engine, **snap})
 
     async def stats_json(self, request: web.Request) -> web.Response:
+        if (refused := await self._not_inspectable(request)) is not None:
+            return refused
         if self.before_stats is not None:
             await self.before_stats()
         out = self.stats.summary(list(self.table.services))
@@ -117,6 +139,8 @@ class Control:
         return web.json_response(out)
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if (refused := await self._not_inspectable(request)) is not None:
+            return refused
         if self.before_metrics is not None:
             await self.before_metrics()
         return web.Response(body=generate_latest(self.stats.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

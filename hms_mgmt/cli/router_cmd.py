@@ -50,7 +50,8 @@ def router(
     port = settings.router_port
     host = host or settings.router_address
     out.print(f"router ({engine}) on http://{host}:{port}/<service>/<path>  "
-              f"(table: /-/table, stats: /-/stats, metrics: /metrics)")
+              f"(table: /-/table, stats: /-/stats, metrics: /metrics, from "
+              f"{', '.join(settings.router_inspect_from)} or signed by the control plane)")
     run(settings, port=port, engine=engine, host=host)
 
 

@@ -32,13 +32,13 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, landed_path: Path, control_port: int,
+def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, landed_path: Path, control_socket: Path,
                   log_port: int, pool_size: int, connect_timeout_s: float = 1.0, read_timeout_s: float = 30.0,
                   balance: str = "random(2)", log_lines_per_s: int = LOG_LINES_PER_S) -> str:
     """The whole configuration: one frontend, the control backend and ``pool_size`` empty backends."""
     lines = (_head(socket_path, log_port, connect_timeout_s, read_timeout_s)
              + _frontend(host, port, map_path, landed_path, log_lines_per_s)
-             + ["", f"backend {CONTROL_BACKEND}", "    no log", f"    server control 127.0.0.1:{control_port}"])
+             + _control_backend(control_socket))
     for i in range(pool_size):
         lines += [
             "",
@@ -54,6 +54,15 @@ def render_config(*, host: str, port: int, socket_path: Path, map_path: Path, la
             "    http-response set-header X-HMS-Pod %s",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _control_backend(control_socket: Path) -> list[str]:
+    """Our control server, on a unix socket only the router's user reaches; it is told who asked
+    in ``X-Forwarded-For``, set here (the caller's own is dropped): a router answers its pods'
+    addresses to callers in ``router_inspect_from`` alone (router/control.py)."""
+    return ["", f"backend {CONTROL_BACKEND}", "    no log",
+            "    http-request set-header X-Forwarded-For %[src]",
+            f"    server control {control_socket}"]
 
 
 def _head(socket_path: Path, log_port: int, connect_timeout_s: float, read_timeout_s: float) -> list[str]:

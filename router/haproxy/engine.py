@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -60,10 +63,10 @@ class HAProxyEngine:
 
     # --- process ---------------------------------------------------------------------------
 
-    async def start(self, control_port: int, log_port: int) -> None:
+    async def start(self, control_socket: Path, log_port: int) -> None:
         p = self.process
         config = render_config(host=self.host, port=self.port, socket_path=p.socket_path, map_path=p.map_path,
-                               landed_path=p.landed_path, control_port=control_port, log_port=log_port,
+                               landed_path=p.landed_path, control_socket=control_socket, log_port=log_port,
                                pool_size=len(self.backends))
         await p.start(config, self.api, binary=self.binary)
         log.info("haproxy %s on http://%s:%d (runtime API %s)", p.binary, self.host, self.port, p.socket_path)
@@ -186,13 +189,15 @@ async def run_haproxy(settings: Settings, table: EndpointTable, sync: FeedSync, 
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     transport = None
+    # A private directory (0700): only the router's user reaches the control socket, so the
+    # X-Forwarded-For on it is HAProxy's word on the caller, as on the builtin engine's relay.
+    sock_dir = Path(tempfile.mkdtemp(prefix="hms-router-"))
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.UnixSite(runner, str(sock_dir / "control.sock"))
         await site.start()
-        control_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: LogProtocol(engine.on_log), local_addr=("127.0.0.1", 0))
-        await engine.start(control_port, transport.get_extra_info("sockname")[1])
+        await engine.start(sock_dir / "control.sock", transport.get_extra_info("sockname")[1])
         table.subscribe(engine.on_table)
         engine.dirty.set()
         if ready is not None:
@@ -203,3 +208,4 @@ async def run_haproxy(settings: Settings, table: EndpointTable, sync: FeedSync, 
         if transport is not None:
             transport.close()
         await runner.cleanup()
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -10,8 +10,11 @@ import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from dashboard.server import Dashboard
+from hms_mgmt import feed
 from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.testing import activity_results
@@ -66,6 +69,7 @@ async def test_a_router_on_c_joins_gets_the_feed_and_confirms_drains(network: Ne
             url = f"http://{host.address}:{ROUTER_PORT}/{SERVICE}/health"
             await asyncio.to_thread(wait_until, lambda url=url: pod_answering(url) in pods, timeout=30,
                                     what=f"{host.name}'s router to reach B's pods", logs=logs)
+        await _inspection_is_for_the_control_plane(orch, c, b)
         # A rolling update: drain_s 60 each, so it ends within its timeout only on the routers' word.
         await orch.deploy({**spec, "env": {"LOG_LEVEL": "INFO"}}, wait=True, timeout=100)
         drains = [d for d in await activity_results(orch.client, orch.settings.task_queue, "await_drained",
@@ -79,3 +83,29 @@ async def test_a_router_on_c_joins_gets_the_feed_and_confirms_drains(network: Ne
         raise
     finally:
         await orch.undeploy(SERVICE, wait=True, timeout=60)
+
+
+async def _inspection_is_for_the_control_plane(orch: Orchestrator, c: Host, b: Host) -> None:
+    """C's router shows its pods' addresses to no one on the network (this test's process is not on
+    C's loopback) but to reads signed by the control plane: the dashboard on A shows C's figures."""
+    base = f"http://{c.address}:{ROUTER_PORT}"
+    async with aiohttp.ClientSession() as http:
+        for path in feed.INSPECT_PATHS:
+            async with http.get(base + path, headers={"X-Forwarded-For": "127.0.0.1"}) as r:
+                body = await r.text()
+                assert r.status == 401 and b.address not in body, (path, r.status, body)
+        async with http.get(base + "/-/health") as r:
+            assert r.status == 200
+        async with http.get(base + "/-/table", headers=feed.inspect_headers(orch.settings.state_dir, "/-/table")) as r:
+            assert r.status == 200 and b.address in await r.text()
+    dash = Dashboard(orch.client, orch.settings, refresh_s=0.5, router_url=f"{base}/-/stats")
+    await dash.start(port=0)
+    try:
+        for _ in range(40):
+            seen = dash.router or {}
+            if seen.get("live") == 1 and SERVICE in seen.get("services", {}):
+                break
+            await asyncio.sleep(0.25)
+        assert seen.get("live") == 1 and SERVICE in seen["services"], seen
+    finally:
+        await dash.stop()

@@ -210,7 +210,7 @@ async def push_table(router: Any, state_dir: Path, service: str, endpoints: list
             assert r.status == 200, await r.text()
 
         async def carried() -> bool:
-            async with http.get(f"{router.url}/-/table") as r:
+            async with http.get(f"{router.url}/-/table", headers=feed.inspect_headers(state_dir, "/-/table")) as r:
                 t = (await r.json())["services"].get(service)
             return t is not None and t.get("applied_version") == table.version
 

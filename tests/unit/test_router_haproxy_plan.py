@@ -265,5 +265,5 @@ def test_one_request_retries_long_enough_to_take_two_dead_pods_out():
     assert "on-error mark-down" in SERVER_CHECK
     assert RETRIES >= 2 * limit
     config = render_config(host="127.0.0.1", port=1, socket_path=MAP, map_path=MAP, landed_path=LANDED,  # type: ignore[arg-type]
-                           control_port=2, log_port=3, pool_size=1)
+                           control_socket=MAP, log_port=3, pool_size=1)
     assert f"    retries {RETRIES}\n" in config and "    option redispatch 1\n" in config

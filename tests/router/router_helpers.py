@@ -100,11 +100,18 @@ class Routed:
 @pytest_asyncio.fixture(loop_scope="session")
 async def routed(temporal_env, tmp_path: Path, request: pytest.FixtureRequest, engine: str
                  ) -> AsyncIterator[Routed]:
-    runtime = getattr(request, "param", "process")
+    async with routed_stack(temporal_env, tmp_path, engine, getattr(request, "param", "process")) as r:
+        yield r
+
+
+@contextlib.asynccontextmanager
+async def routed_stack(temporal_env, tmp_path: Path, engine: str, runtime: str = "process",
+                       **settings: object) -> AsyncIterator[Routed]:
+    """A worker and a started router of ``engine``, with ``settings`` on top of a test's own."""
     if runtime == "docker":
         require_docker()
     port = free_port()
-    s = make_settings(temporal_env, tmp_path / "state", runtime, routers=[f"http://127.0.0.1:{port}"])
+    s = make_settings(temporal_env, tmp_path / "state", runtime, routers=[f"http://127.0.0.1:{port}"], **settings)
     r = Routed(orch=Orchestrator(temporal_env.client, s), settings=s, engine=engine, port=port,
                client=temporal_env.client)
     try:

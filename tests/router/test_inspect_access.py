@@ -11,15 +11,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-from conftest import eventually, make_settings, terminate_running
-from router_helpers import RawPodServer, Routed, engine, json_answer, push_table  # noqa: F401 - fixtures
+from conftest import eventually
+from router_helpers import RawPodServer, Routed, engine, json_answer, push_table, routed_stack  # noqa: F401 - fixtures
 
 from hms_mgmt import feed, tickets
 from hms_mgmt.events import read_events
 from hms_mgmt.models import Endpoint
-from hms_mgmt.orchestrator import Orchestrator
-from hms_mgmt.testing import free_port
-from worker.main import HmsWorker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,21 +33,9 @@ class OkPod(RawPodServer):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def guarded(temporal_env, tmp_path: Path, engine: str) -> AsyncIterator[Routed]:  # noqa: F811
-    port = free_port()
-    s = make_settings(temporal_env, tmp_path / "state", "process", routers=[f"http://127.0.0.1:{port}"],
-                      router_inspect_from=ONLY)
-    assert s.router_inspect_from == [ONLY]
-    r = Routed(orch=Orchestrator(temporal_env.client, s), settings=s, engine=engine, port=port,
-               client=temporal_env.client)
-    try:
-        async with HmsWorker(temporal_env.client, s):
-            await r.start()
-            try:
-                yield r
-            finally:
-                await r.stop()
-    finally:
-        await terminate_running(temporal_env, s)
+    async with routed_stack(temporal_env, tmp_path, engine, router_inspect_from=ONLY) as r:
+        assert r.settings.router_inspect_from == [ONLY]
+        yield r
 
 
 async def _get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, str]:

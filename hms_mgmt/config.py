@@ -183,8 +183,17 @@ class Settings(BaseSettings):
     pod_nofile_limit: int = Field(default=4096, ge=64, description="open files per process-pod process")
     pod_firewall: bool = Field(default=True, description="process pods of a root worker may not connect to the "
                                "control plane's ports (iptables; hms_mgmt/runtimes/podnet.py)")
-    pod_user: str = Field(default="auto", description="process pods run as: auto (hms-pod, created if missing, "
-                          "else nobody, when the worker is root), a user name, or 'worker' for the worker's own user")
+    pod_user: str = Field(default="auto", description="process pods run as: auto (when the worker is root, a uid of "
+                          "its own per pod, from pod_uid_base/pod_uid_count), a user name, or 'worker' for the "
+                          "worker's own user")
+    # The per-pod uids (pod_user: auto, root worker): above every 16-bit id (system, regular, systemd's
+    # DynamicUser 61184-65519, nobody), useradd's subordinate ids (/etc/subuid: 100000-600100000) and
+    # systemd-nspawn's container ranges (524288-1879048191); below systemd's foreign range (2147352576)
+    # and 2^31 (tools that take uids as signed ints). No /etc/passwd entry is needed to run as a number.
+    pod_uid_base: int = Field(default=1_900_000_000, ge=65_536, le=2**31 - 2,
+                              description="first uid of the range process pods get a uid of their own from")
+    pod_uid_count: int = Field(default=65_536, ge=1, description="how many uids that range holds (at most as many "
+                               "process pods run at once on this host, all nodes and workers together)")
 
     @field_validator("router_inspect_from", mode="before")
     @classmethod
@@ -216,6 +225,14 @@ class Settings(BaseSettings):
         if self.node_lost_after_s < 2 * self.node_heartbeat_s:
             raise ValueError(f"node_lost_after_s ({self.node_lost_after_s:g}) must be at least twice "
                              f"node_heartbeat_s ({self.node_heartbeat_s:g}): one late heartbeat would lose the node")
+        return self
+
+    @model_validator(mode="after")
+    def _pod_uid_range(self) -> Settings:
+        last = self.pod_uid_base + self.pod_uid_count - 1
+        if last > 2**31 - 2:
+            raise ValueError(f"pod_uid_base + pod_uid_count - 1 ({last}) must be at most {2**31 - 2}: uids from 2^31 "
+                             "on break tools that take them as signed ints")
         return self
 
     @model_validator(mode="after")
@@ -314,7 +331,7 @@ class Settings(BaseSettings):
         from hms_mgmt.runtimes.base import PodLimits
 
         return PodLimits(memory_mb=self.pod_memory_mb, pids=self.pod_pids_limit, nofile=self.pod_nofile_limit,
-                         pod_user=self.pod_user)
+                         pod_user=self.pod_user, uid_base=self.pod_uid_base, uid_count=self.pod_uid_count)
 
     def node_task_queue(self, node: str | None = None) -> str:
         return constants.node_task_queue(node or self.node, self.node_queue_prefix)

@@ -268,10 +268,11 @@ class HmsWorker:
         runtime = self.pods.runtime if self.pods is not None else None
         if runtime is None or runtime.name != "process" or not self.settings.pod_firewall or os.geteuid() != 0:
             return
-        user = await asyncio.to_thread(runtime.pod_user)  # type: ignore[attr-defined]
-        if user is None or user.pw_uid == 0:
+        # the whole per-pod uid range (pod_user: auto), or the named pod user's uid
+        owner = await asyncio.to_thread(runtime.firewall_owner)  # type: ignore[attr-defined]
+        if owner is None:
             return
-        firewall = PodFirewall(self.settings, user.pw_uid)
+        firewall = PodFirewall(self.settings, owner)
         try:
             await asyncio.to_thread(firewall.install)
         except OSError as e:

@@ -63,9 +63,11 @@ class PodLimits:
     memory_mb: int = 512  # when the spec sets no memory_mb
     pids: int = 256  # processes and threads per pod
     nofile: int = 4096  # open files per process (process runtime)
-    # Process pods run as: "auto" (hms-pod, else nobody, when the worker is root), a user name, or
-    # "worker" (the worker's own user).
+    # Process pods run as: "auto" (a uid of its own per pod, from the range below, when the worker
+    # is root), a user name, or "worker" (the worker's own user).
     pod_user: str = "auto"
+    uid_base: int = 1_900_000_000  # the per-pod uids: uid_base .. uid_base + uid_count - 1
+    uid_count: int = 65_536
 
 
 class ExitSubscribers:

@@ -3,8 +3,9 @@
 A process pod shares the host's network namespace: without this, its code could reach the
 Temporal frontend (and with it start workflows, send signals, run activities), the Web UI, the
 router's feed, the dashboard and the worker's metrics. Where the worker is root and pods run as
-their own user (``hms-pod``), the worker adds an iptables chain of its own, entered from
-``OUTPUT`` for packets of that user only (``-m owner --uid-owner``), that answers a new TCP
+uids of their own (``pod_user: auto``: the range ``pod_uid_base`` .. ``+ pod_uid_count - 1``, see
+``uids.py``) or as a named pod user, the worker adds an iptables chain of its own, entered from
+``OUTPUT`` for packets of those uids only (``-m owner --uid-owner A-B``, or one uid), that answers a new TCP
 connection (``--syn``) to one of those ports on any address of this host (``-m addrtype
 --dst-type LOCAL``), or to a remote Temporal frontend, with a reset. Replies to the routers and
 health checks that reach the pod are not SYNs and pass. Added at worker start, replaced whole
@@ -102,7 +103,7 @@ def remote_frontends(settings: Settings) -> list[str]:
     return sorted(a for a in addrs if not ipaddress.ip_address(a).is_loopback)
 
 
-def plan_rules(chain: str, uid: int, ports: list[int], remote: list[str], temporal_port: int | None) -> list[list[str]]:
+def plan_rules(chain: str, uid: int | str, ports: list[int], remote: list[str], temporal_port: int | None) -> list[list[str]]:
     """The chain's rules and the jump into it (iptables arguments after ``-A``/``-I``)."""
     reject = ["-j", "REJECT", "--reject-with", "tcp-reset"]
     rules = []
@@ -115,7 +116,8 @@ def plan_rules(chain: str, uid: int, ports: list[int], remote: list[str], tempor
     return rules
 
 
-def jump_rule(chain: str, uid: int, owner: str = "") -> list[str]:
+def jump_rule(chain: str, uid: int | str, owner: str = "") -> list[str]:
+    """The jump from ``OUTPUT`` for packets of ``uid``: one uid, or a range ``"A-B"`` (every pod's own uid)."""
     tag = ["-m", "comment", "--comment", owner] if owner else []
     return ["OUTPUT", "-m", "owner", "--uid-owner", str(uid), *tag, "-j", chain]
 
@@ -177,9 +179,10 @@ def orphans(output_rules: str, own_chain: str, pidns: str, started: Callable[[in
 
 
 class PodFirewall:
-    """The worker's rule for its pods' user: ``install()`` at start, ``remove()`` at stop."""
+    """The worker's rule for its pods' uids: ``install()`` at start, ``remove()`` at stop. ``uid`` is
+    one uid or a range ``"A-B"`` (iptables' owner match takes both)."""
 
-    def __init__(self, settings: Settings, uid: int) -> None:
+    def __init__(self, settings: Settings, uid: int | str) -> None:
         self.chain = chain_name(settings.state_dir, settings.node)
         self.state_dir = settings.state_dir
         self.uid = uid
@@ -246,7 +249,7 @@ class PodFirewall:
         self._drop(self.chain, [args for args, chain, _ in _jumps(rules) if chain == self.chain])
         self._run("-E", self.staged, self.chain)  # the jump follows the rename
         self.installed = True
-        log.info("process pods (uid %d) may not connect to ports %s of this host (iptables chain %s)",
+        log.info("process pods (uid %s) may not connect to ports %s of this host (iptables chain %s)",
                  self.uid, ",".join(map(str, self.ports)), self.chain)
 
     def remove(self) -> None:

@@ -6,9 +6,10 @@ restarted worker finds and adopts it.
 
 The box a pod runs in (see SECURITY.md for what it does not cover): the image catalog's command
 only, a fresh minimal environment (the worker's is not inherited) plus the names the catalog
-entry allows; a separate unprivileged user when the worker is root, so the state directory's
-keys stay unreadable; ``prlimit`` caps on address space and open files; and, where cgroup v1
-is writable, a memory limit, a CPU quota and a pids cap per pod.
+entry allows; when the worker is root, a uid of the pod's own (``hms_mgmt/runtimes/uids.py``:
+the state directory's keys and every other pod's files stay unreadable to it, and a stop kills
+every process of that uid) or the user ``pod_user`` names; ``prlimit`` caps on address space and
+open files; and, where cgroup v1 is writable, a memory limit, a CPU quota and a pids cap per pod.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from hms_mgmt.policy.sandbox import check_process_spec
 from hms_mgmt.runtimes.base import ExitSubscribers, PodHandle, PodLaunch, PodLimits, PodRuntime, check_pod_id
 from hms_mgmt.runtimes.cgroups import MIN_CPUS, PodCgroups
 from hms_mgmt.runtimes.follow import FileFollow, LogFollow
+from hms_mgmt.runtimes.uids import UidPool, processes_of
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,6 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 PYTHON = "{python}"  # in a command: the worker's own interpreter (or the system's, see _python_for_user)
-POD_USER = "hms-pod"
 POD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The example services' knobs (demos and tests set them in spec.env): nothing executable.
 EXAMPLE_ENV = ["HMS_STARTUP_DELAY_S", "HMS_FAIL_HEALTH", "HMS_BURN_CPU", "HMS_ACCESS_LOG", "HMS_SMS_SEND_DELAY_S"]
@@ -172,27 +174,30 @@ _ports = PortPicker()  # one per process: every node runtime in it draws from th
 
 
 def ensure_pod_user(setting: str) -> pwd.struct_passwd | None:
-    """The unprivileged user process pods run as, or None for the worker's own user.
-
-    Only root can switch users, so a non-root worker runs pods as itself. ``auto`` creates the
-    system user ``hms-pod`` once (``useradd --system``) and falls back to ``nobody``."""
-    if os.geteuid() != 0 or setting in ("", "worker"):
+    """The user ``pod_user`` names, or None: the worker's own user (``worker``, or a worker that
+    is not root: only root can switch users) or, with ``auto`` under a root worker, a uid of its
+    own per pod (:class:`ProcessRuntime` takes them from its :class:`UidPool`)."""
+    if os.geteuid() != 0 or setting in ("", "worker", "auto"):
         return None
-    names = [POD_USER, "nobody"] if setting == "auto" else [setting]
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(names[0])
-    if setting == "auto" and shutil.which("useradd"):
-        made = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
-             POD_USER], capture_output=True, text=True, check=False)
-        if made.returncode not in (0, 9):  # 9: it exists (another worker made it meanwhile)
-            log.warning("useradd %s failed (%s): process pods run as nobody", POD_USER, made.stderr.strip())
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(POD_USER)
     try:
-        return pwd.getpwnam(names[-1])
+        return pwd.getpwnam(setting)
     except KeyError as e:
-        raise PodRuntimeError(f"pod user {names[-1]!r} does not exist", error_type=ActivityErrorType.RUNTIME_FAILURE) from e
+        raise PodRuntimeError(f"pod user {setting!r} (setting pod_user) does not exist",
+                              error_type=ActivityErrorType.RUNTIME_FAILURE) from e
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Who a pod runs as: a uid of its own (``own``: every process of it is the pod), or a named user."""
+
+    uid: int
+    gid: int
+    name: str  # "uid 1900000007", or the user's name
+    own: bool = False
+
+    @classmethod
+    def user(cls, user: pwd.struct_passwd) -> RunAs:
+        return cls(user.pw_uid, user.pw_gid, user.pw_name)
 
 
 class ProcessRuntime(PodRuntime):
@@ -214,6 +219,7 @@ class ProcessRuntime(PodRuntime):
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
         self._user: pwd.struct_passwd | None | bool = False  # False: not resolved yet
+        self.uids = UidPool(self.limits.uid_base, self.limits.uid_count)
         self._python_for: dict[str, str] = {}  # cwd -> an interpreter the pod user could run there
         self._cgroups: PodCgroups | None = None
         self._warned: set[tuple[str, str]] = set()  # (service, reason) already reported
@@ -221,24 +227,39 @@ class ProcessRuntime(PodRuntime):
 
     # --- the box -------------------------------------------------------------------
 
+    def per_pod_uids(self) -> bool:
+        """Whether each pod runs as a uid of its own (``pod_user: auto`` under a root worker)."""
+        return os.geteuid() == 0 and self.limits.pod_user == "auto"
+
     def pod_user(self) -> pwd.struct_passwd | None:
+        """The named user pods run as (``pod_user: NAME`` under a root worker), else None."""
         if self._user is False:
-            self._user = ensure_pod_user(self.limits.pod_user)
+            self._user = None if self.per_pod_uids() else ensure_pod_user(self.limits.pod_user)
         return self._user  # type: ignore[return-value]
+
+    def firewall_owner(self) -> str | None:
+        """What the pod firewall's ``--uid-owner`` matches: the whole per-pod uid range (``A-B``),
+        the named pod user's uid, or None where pods run as the worker's user."""
+        if self.per_pod_uids():
+            return self.uids.owner_match()
+        user = self.pod_user()
+        return str(user.pw_uid) if user is not None and user.pw_uid != 0 else None
 
     def cgroups(self) -> PodCgroups:
         if self._cgroups is None:
             self._cgroups = PodCgroups(self.node)
         return self._cgroups
 
-    def _python_for_user(self, user: pwd.struct_passwd, cwd: str) -> tuple[str | None, str]:
+    def _python_for_user(self, user: RunAs, cwd: str) -> tuple[str | None, str]:
         """The interpreter ``{python}`` means for pods of ``user`` in ``cwd``: the worker's own,
         else the system's ``python3`` (a worker's interpreter often lives under a private home;
         the example services need only the stdlib). ``(None, why)`` when the user can run
         neither there. Tried, not guessed from mode bits (ACLs, mount options).
 
-        The probe runs as ``user``, so any process of that user (a running pod) may kill or
-        stop it: only a success is remembered, and a failure refuses the pod (``_run_as``)."""
+        The probe runs as ``user``: a pod's own uid before the pod starts (nothing else runs as it),
+        or a named user, whose running pods may kill or stop it. Only a success is remembered, per
+        ``cwd`` (any uid of the range may do what another may: none has an account or a group), and a
+        failure refuses the pod (``_run_as``)."""
         if cwd in self._python_for:
             return self._python_for[cwd], ""
         candidates = [sys.executable]
@@ -250,12 +271,12 @@ class ProcessRuntime(PodRuntime):
             try:
                 probe = subprocess.run(
                     [python, "-c", "import os; os.listdir('.')"], cwd=cwd, env={"PATH": POD_PATH},
-                    user=user.pw_uid, group=user.pw_gid, extra_groups=[], stdin=subprocess.DEVNULL,
+                    user=user.uid, group=user.gid, extra_groups=[], stdin=subprocess.DEVNULL,
                     capture_output=True, start_new_session=True, timeout=30, check=False)
                 if probe.returncode == 0:
                     if python != sys.executable:
                         log.warning("process pods run %s as %s: it cannot run the worker's interpreter %s",
-                                    python, user.pw_name, sys.executable)
+                                    python, user.name, sys.executable)
                     self._python_for[cwd] = python
                     return python, ""
                 whys.append(probe.stderr.decode(errors="replace").strip()[-300:] or f"exit code {probe.returncode}")
@@ -368,54 +389,66 @@ class ProcessRuntime(PodRuntime):
             entry = self._admitted_entry(req)
             cwd = str(entry.get("cwd") or _REPO_ROOT)
             user, python = self._run_as(req, cwd)
-            command = [part.replace(PYTHON, python) for part in (req.spec.command or entry["command"])]
-            memory_mb = req.spec.memory_mb or self.limits.memory_mb
-            rlimits = [f"--nofile={self.limits.nofile}",
-                       f"--as={max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024}"]
-            if not _executable(command[0], cwd, str((entry.get("env") or {}).get("PATH") or POD_PATH)):
-                raise PodRuntimeError(f"cannot start {command[0]!r}: no such executable",
-                                      error_type=ActivityErrorType.IMAGE_NOT_FOUND)
-            prlimit = shutil.which("prlimit")
-            if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
-                command = [prlimit, *rlimits, "--", *command]
-            cgroups = self._pod_cgroups(req, memory_mb)
-            port = _ports.take(self.address)
-            home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
-            if user is not None:
-                os.chown(home, user.pw_uid, user.pw_gid)
-            env = self._environment(req, entry, port, home, self.address)
-            rec = self._new_record(req, port, command, user, home)
-            if req.secrets:  # files on a tmpfs, named by HMS_SECRETS_DIR: never in the environment
-                env["HMS_SECRETS_DIR"] = rec["secrets_dir"] = str(pod_secrets.write_pod_files(
-                    req.pod_id, req.secrets, uid=user.pw_uid if user else os.getuid(), gid=user.pw_gid if user else os.getgid()))
-            # On record before it exists: a worker killed between the spawn and the pid below
-            # leaves this, and the next start or stop of the pod finds the process (_pod_processes).
+            try:
+                return self._start_as(req, entry, cwd, user, python)
+            except BaseException:
+                # Not on record (the record names the uid once written; a stop gives it back then).
+                if user is not None and user.own and self._read(req.pod_id) is None:
+                    self.uids.release(user.uid, req.pod_id, self._record_path(req.pod_id))
+                raise
+
+    def _start_as(self, req: PodLaunch, entry: dict[str, Any], cwd: str, user: RunAs | None,
+                  python: str) -> PodHandle:
+        """The rest of ``start`` (under its lock), once who the pod runs as is settled."""
+        command = [part.replace(PYTHON, python) for part in (req.spec.command or entry["command"])]
+        memory_mb = req.spec.memory_mb or self.limits.memory_mb
+        rlimits = [f"--nofile={self.limits.nofile}",
+                   f"--as={max(memory_mb * AS_FACTOR, memory_mb + AS_HEADROOM_MB) * 1024 * 1024}"]
+        if not _executable(command[0], cwd, str((entry.get("env") or {}).get("PATH") or POD_PATH)):
+            raise PodRuntimeError(f"cannot start {command[0]!r}: no such executable",
+                                  error_type=ActivityErrorType.IMAGE_NOT_FOUND)
+        prlimit = shutil.which("prlimit")
+        if prlimit:  # set in the child before it runs anything: no window, no preexec_fn in a threaded worker
+            command = [prlimit, *rlimits, "--", *command]
+        cgroups = self._pod_cgroups(req, memory_mb)
+        port = _ports.take(self.address)
+        home = tempfile.mkdtemp(prefix=f"hms-pod-{req.pod_id[:8]}-")
+        if user is not None:
+            os.chown(home, user.uid, user.gid)
+        env = self._environment(req, entry, port, home, self.address)
+        rec = self._new_record(req, port, command, user, home)
+        if req.secrets:  # files on a tmpfs, named by HMS_SECRETS_DIR: never in the environment
+            env["HMS_SECRETS_DIR"] = rec["secrets_dir"] = str(pod_secrets.write_pod_files(
+                req.pod_id, req.secrets, uid=user.uid if user else os.getuid(), gid=user.gid if user else os.getgid()))
+        # On record before it exists: a worker killed between the spawn and the pid below
+        # leaves this, and the next start or stop of the pod finds the process (_pod_processes).
+        self._write(rec)
+        gate, release = os.pipe()
+        try:
+            child = self._spawn(req, rec, env, cwd, user, gate)
+        finally:
+            os.close(gate)
+        try:
+            self._children[req.pod_id] = child
+            rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
+            if not prlimit:
+                self._set_rlimits(req, child.pid, memory_mb)
+            if cgroups is not None:  # before the pod's first instruction: it waits at the gate
+                cgroups.join(req.pod_id, child.pid)
             self._write(rec)
-            gate, release = os.pipe()
-            try:
-                child = self._spawn(req, rec, env, cwd, user, gate)
-            finally:
-                os.close(gate)
-            try:
-                self._children[req.pod_id] = child
-                rec.update(pid=child.pid, create_time=psutil.Process(child.pid).create_time())
-                if not prlimit:
-                    self._set_rlimits(req, child.pid, memory_mb)
-                if cgroups is not None:  # before the pod's first instruction: it waits at the gate
-                    cgroups.join(req.pod_id, child.pid)
-                self._write(rec)
-                os.write(release, b"\n")
-            except (OSError, psutil.Error) as e:
-                with contextlib.suppress(OSError):
-                    child.kill()
-                self._stop_record(rec, 0)
-                raise PodRuntimeError(f"pod {req.pod_id} not started: cannot put it in its box: {e}",
-                                      error_type=ActivityErrorType.RUNTIME_FAILURE) from e
-            finally:
-                os.close(release)
-            self._exits.poke()
-            log.info("started pod %s (%s) pid %s on %s", req.pod_id, req.service, child.pid, host_port(self.address, port))
-            return self._handle(rec)
+            os.write(release, b"\n")
+        except (OSError, psutil.Error) as e:
+            with contextlib.suppress(OSError):
+                child.kill()
+            self._stop_record(rec, 0)
+            raise PodRuntimeError(f"pod {req.pod_id} not started: cannot put it in its box: {e}",
+                                  error_type=ActivityErrorType.RUNTIME_FAILURE) from e
+        finally:
+            os.close(release)
+        self._exits.poke()
+        log.info("started pod %s (%s) pid %s on %s as %s", req.pod_id, req.service, child.pid,
+                 host_port(self.address, port), user.name if user else "the worker's user")
+        return self._handle(rec)
 
     def _admitted_entry(self, req: PodLaunch) -> dict[str, Any]:
         """The image's catalog entry, if it is still the content admitted and would run this spec."""
@@ -431,20 +464,29 @@ class ProcessRuntime(PodRuntime):
             raise PodRuntimeError("; ".join(problems), error_type=ActivityErrorType.SPEC_UNRUNNABLE)
         return entry
 
-    def _run_as(self, req: PodLaunch, cwd: str) -> tuple[pwd.struct_passwd | None, str]:
-        """(the pod user, its Python), or (None, the worker's Python) with a sandbox warning where
-        the worker's user is all there is (``pod_user: worker``, or a worker that is not root).
-        A pod user that cannot run Python in ``cwd`` refuses the pod: it never runs as the worker's
-        user instead (that is the operator's choice, ``pod_user: worker``, not a pod's)."""
-        user = self.pod_user()
-        if user is None:
-            why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
-            self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
-            return None, sys.executable
+    def _run_as(self, req: PodLaunch, cwd: str) -> tuple[RunAs | None, str]:
+        """(who the pod runs as, its Python), or (None, the worker's Python) with a sandbox warning
+        where the worker's user is all there is (``pod_user: worker``, or a worker that is not root).
+        With ``pod_user: auto`` under a root worker the pod gets a uid of its own, leased here (the
+        caller gives it back if the pod does not start). A pod user that cannot run Python in
+        ``cwd`` refuses the pod: it never runs as the worker's user instead (that is the operator's
+        choice, ``pod_user: worker``, not a pod's)."""
+        if self.per_pod_uids():
+            uid = self.uids.take(req.pod_id, self._record_path(req.pod_id))
+            user = RunAs(uid, uid, f"uid {uid}", own=True)
+        else:
+            named = self.pod_user()
+            if named is None:
+                why = "pod_user is 'worker'" if os.geteuid() == 0 else "only a root worker can run pods as another user"
+                self._degraded(req, f"runs as the worker's user ({why}); it can read the state directory's keys")
+                return None, sys.executable
+            user = RunAs.user(named)
         found, why = self._python_for_user(user, cwd)
         if found is None:
+            if user.own:
+                self.uids.release(user.uid, req.pod_id, self._record_path(req.pod_id))
             raise PodRuntimeError(
-                f"pod user {user.pw_name} cannot run Python in {cwd} ({why}): the pod is not started "
+                f"pod user {user.name} cannot run Python in {cwd} ({why}): the pod is not started "
                 f"(it is never run as the worker's user instead; pod_user: worker would allow that)",
                 error_type=ActivityErrorType.SPEC_UNRUNNABLE)
         return user, found
@@ -468,7 +510,7 @@ class ProcessRuntime(PodRuntime):
                                   error_type=ActivityErrorType.RUNTIME_FAILURE) from e
         return cgroups
 
-    def _new_record(self, req: PodLaunch, port: int, command: list[str], user: pwd.struct_passwd | None,
+    def _new_record(self, req: PodLaunch, port: int, command: list[str], user: RunAs | None,
                     home: str) -> dict[str, Any]:
         return {
             "pod_id": req.pod_id,
@@ -484,12 +526,14 @@ class ProcessRuntime(PodRuntime):
             "started_at": datetime.now(UTC).isoformat(),
             "log": str(self._log_path(req.pod_id)),
             "command": command,
-            "user": user.pw_name if user else "",
+            "user": "" if user is None or user.own else user.name,
+            "uid": user.uid if user else os.getuid(),
+            "own_uid": bool(user and user.own),  # every process of "uid" is the pod's (while its lease names it)
             "home": home,
         }
 
     def _spawn(self, req: PodLaunch, rec: dict[str, Any], env: dict[str, str], cwd: str,
-               user: pwd.struct_passwd | None, gate: int) -> subprocess.Popen[bytes]:
+               user: RunAs | None, gate: int) -> subprocess.Popen[bytes]:
         """The pod's process in a session of its own, as ``user``. The log is opened here and
         handed over as stdout: the pod writes it without any access to the state directory.
 
@@ -508,8 +552,8 @@ class ProcessRuntime(PodRuntime):
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    user=user.pw_uid if user else None,
-                    group=user.pw_gid if user else None,
+                    user=user.uid if user else None,
+                    group=user.gid if user else None,
                     extra_groups=[] if user else None,  # drop root's supplementary groups too
                     umask=0o077,
                 )
@@ -545,10 +589,18 @@ class ProcessRuntime(PodRuntime):
                 out.append(self._handle(rec))
         return out
 
+    def _own_uid(self, rec: dict[str, Any]) -> int | None:
+        """The pod's own uid, while its lease still names the pod: then every process of it is the pod."""
+        uid = rec.get("uid")
+        if not rec.get("own_uid") or not isinstance(uid, int):
+            return None
+        return uid if self.uids.holds(uid, rec["pod_id"], self._record_path(rec["pod_id"])) else None
+
     def _pod_processes(self, rec: dict[str, Any]) -> set[int]:
         """Every live process of the pod, whatever became of its main process: the members of its
-        cgroups, and the processes of its user that carry its id in their environment (without
-        cgroups, or started by a worker that died before it recorded the pid)."""
+        cgroups; with a uid of its own, every process of that uid (whatever environment or session
+        it gave itself); else the processes of its user that carry its id in their environment
+        (without cgroups, or started by a worker that died before it recorded the pid)."""
         pod_id = rec["pod_id"]
         found: set[int] = set()
         main = self._process(rec)
@@ -559,14 +611,21 @@ class ProcessRuntime(PodRuntime):
             if found or main is None:
                 found.discard(os.getpid())
                 return {pid for pid in found if _running(pid)}
+        if main is not None:  # its session too: what a stop reached before cgroups
+            found.add(main.pid)
+        own = self._own_uid(rec)
+        if own is not None:
+            found |= set(processes_of(own))
+            found.discard(os.getpid())
+            return {pid for pid in found if _running(pid)}
         uid = os.getuid()
-        if rec.get("user"):
+        if rec.get("user"):  # a named pod user (records before per-pod uids name "hms-pod")
             try:
                 uid = pwd.getpwnam(rec["user"]).pw_uid
             except KeyError:
                 uid = -1
-        if main is not None:  # its session too: what a stop reached before cgroups
-            found.add(main.pid)
+        elif rec.get("own_uid") and isinstance(rec.get("uid"), int):
+            uid = rec["uid"]  # its lease is gone or another pod's: only what carries the pod's id
         for proc in psutil.process_iter(["pid", "uids"]):
             try:
                 uids = proc.info["uids"]
@@ -625,6 +684,9 @@ class ProcessRuntime(PodRuntime):
         if self.cgroups().available():
             self.cgroups().remove(rec["pod_id"])
         self._record_path(rec["pod_id"]).unlink(missing_ok=True)
+        if rec.get("own_uid") and isinstance(rec.get("uid"), int):
+            # After the record: should a process of the uid remain, the lease stays until it is gone.
+            self.uids.release(rec["uid"], rec["pod_id"], self._record_path(rec["pod_id"]))
 
     def stop(self, pod_id: str, grace_s: float) -> bool:
         with self._lock:

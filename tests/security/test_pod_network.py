@@ -2,12 +2,14 @@
 (issue 19, item 8). The attack: code in a pod opens a connection to Temporal on 127.0.0.1 and,
 the dev server having no authentication, starts workflows and sends signals at will.
 
-Only where the sandbox runs: a root worker whose process pods run as their own user, with
-iptables. Real dev server, real worker, a real process pod; about 10 s."""
+Only where the sandbox runs: a root worker whose process pods run as uids of their own (the rule
+matches the whole range, ``--uid-owner A-B``), with iptables. Real dev server, real worker, a real
+process pod; about 10 s."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -16,9 +18,9 @@ import urllib.request
 import pytest
 from conftest import make_settings, seed_spec, sweep_pods, temporal_address, terminate_running
 
+from hms_mgmt.config import Settings
 from hms_mgmt.orchestrator import Orchestrator
 from hms_mgmt.runtimes.podnet import chain_name, server_ports
-from hms_mgmt.runtimes.process import ensure_pod_user
 from worker.main import HmsWorker
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # one the pod user can run (the runtime falls back to it too)
@@ -27,7 +29,7 @@ pytestmark = [
         os.geteuid() != 0 or shutil.which("iptables") is None or not os.path.exists(SYSTEM_PYTHON),
         reason="process pods run as their own user only under a root worker, and the rule needs iptables",
     ),
-    # The pod user is one user for the whole machine: another test's node firewall, running at the
+    # The pod uid range is one for the whole machine: another test's node firewall, running at the
     # same time, would answer for it. Alone, the "no rule yet" step sees only this test's rules.
     pytest.mark.serial,
 ]
@@ -44,11 +46,13 @@ except OSError as e:
 """
 
 
-def connect_as_pod_user(port: int) -> str:
-    """What a pod's code gets when it dials ``port``: run as the pod user, as the runtime runs pods."""
-    user = ensure_pod_user("auto")
-    assert user is not None
-    done = subprocess.run([SYSTEM_PYTHON, "-c", CONNECT, str(port)], user=user.pw_uid, group=user.pw_gid,
+def connect_as_pod_user(port: int, uid: int | None = None) -> str:
+    """What a pod's code gets when it dials ``port``: run as a pod uid (default: the range's last,
+    which no pod of this test has), with no groups, as the runtime runs pods."""
+    if uid is None:
+        defaults = Settings()
+        uid = defaults.pod_uid_base + defaults.pod_uid_count - 1
+    done = subprocess.run([SYSTEM_PYTHON, "-c", CONNECT, str(port)], user=uid, group=uid,
                           extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/", capture_output=True, text=True,
                           timeout=30)
     return done.stdout.strip() or done.stderr.strip()
@@ -73,6 +77,9 @@ async def test_a_process_pod_cannot_reach_temporal_but_the_router_reaches_it(tem
             [pod] = (await orch.status("hms-netguard")).pods
 
             assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "refused"
+            record = json.loads((settings.state_dir / "pods" / settings.node / f"{pod.id}.json").read_text())
+            assert record["own_uid"] and record["uid"] >= settings.pod_uid_base  # the pod's own uid, in the range
+            assert await asyncio.to_thread(connect_as_pod_user, temporal_port, record["uid"]) == "refused"
             for port in others:
                 assert await asyncio.to_thread(connect_as_pod_user, port) == "refused", port
             # Narrow: the pod user still reaches what is not the control plane's (here, a pod).
@@ -81,6 +88,8 @@ async def test_a_process_pod_cannot_reach_temporal_but_the_router_reaches_it(tem
             with urllib.request.urlopen(f"http://{pod.endpoint}/health", timeout=5) as resp:
                 assert resp.status == 200
             assert chain in iptables_rules()
+            assert f"--uid-owner {settings.pod_uid_base}-{settings.pod_uid_base + settings.pod_uid_count - 1}" \
+                in iptables_rules()
         # The worker stopped (a restart, say) and its pod runs on: the rule stays with it.
         assert chain in iptables_rules()
         assert await asyncio.to_thread(connect_as_pod_user, temporal_port) == "refused"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pwd
 import secrets as random
 import stat
 import uuid
@@ -136,7 +135,8 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
             content, mode, uid, env, inspect = _pod_view(settings.runtime, pod.id, file)
             assert content == value and mode == 0o400
             if settings.runtime == "process" and os.geteuid() == 0:
-                assert pwd.getpwuid(uid).pw_name != "root"  # the pod user's
+                # the pod's own uid (pod_user: auto), from the range no account uses
+                assert settings.pod_uid_base <= uid < settings.pod_uid_base + settings.pod_uid_count
             _assert_absent(value, "the pod's environment", env)
             _assert_absent(value, "docker inspect", inspect)
 

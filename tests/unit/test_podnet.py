@@ -70,3 +70,13 @@ def test_the_rule_follows_a_temporal_server_that_restarted_on_new_ports(tmp_path
     assert fw.ports_changed()
     assert 43003 in fw.ports and 41002 not in fw.ports
     assert any("43003" in ",".join(rule) for rule in fw.rules)
+
+
+def test_the_jump_matches_the_whole_pod_uid_range() -> None:
+    """A uid per pod: one jump for every pod's uid (iptables' owner match takes ``A-B``)."""
+    assert jump_rule("HMS-POD-x", "1900000000-1900065535")[:5] == [
+        "OUTPUT", "-m", "owner", "--uid-owner", "1900000000-1900065535"]
+    rules = "-A " + " ".join(jump_rule("HMS-POD-dead", "1900000000-1900065535",
+                                       "hms-worker pid=300 start=1 pidns=7 state=/tmp/gone")).replace(
+        "hms-worker pid=300 start=1 pidns=7 state=/tmp/gone", '"hms-worker pid=300 start=1 pidns=7 state=/tmp/gone"')
+    assert list(gone(rules)) == ["HMS-POD-dead"]

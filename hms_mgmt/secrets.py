@@ -51,6 +51,9 @@ MAX_VALUE_BYTES = 64 * 1024
 KEEP_VERSIONS = 5  # earlier versions kept (encrypted) for pinned revisions and rollbacks
 SEAL_TTL_S = 300.0  # a sealed bundle opens within this of its sealing (like a start ticket)
 TMPFS_ROOT = Path("/dev/shm/hms-secrets")
+# A container engine's pods: their files are bind-mounted by the engine (root), and owned by the
+# image's uid, which on the host may be any account's. So no one else may even pass through here.
+ENGINE_ROOT = Path("/dev/shm/hms-secrets-engine")
 _HKDF_INFO = b"hms-secrets-seal-v1"
 _P = 2**255 - 19
 
@@ -300,8 +303,9 @@ def open_for_pod(identity: Any, state_dir: Path | None, inp: Any) -> list[Secret
 # --- delivery (node): files on a tmpfs ------------------------------------------------------------------
 
 
-def pod_dir(pod_id: str) -> Path:
-    return TMPFS_ROOT / check_pod_id(pod_id)
+def pod_dir(pod_id: str, *, engine: bool = False) -> Path:
+    """Where a pod's files are: under :data:`ENGINE_ROOT` for a container engine's pods."""
+    return (ENGINE_ROOT if engine else TMPFS_ROOT) / check_pod_id(pod_id)
 
 
 def _on_tmpfs(path: Path) -> bool:
@@ -334,14 +338,22 @@ def _check_own_dir(path: Path) -> None:
                           error_type=ActivityErrorType.SPEC_UNRUNNABLE)
 
 
-def write_pod_files(pod_id: str, files: list[SecretFile], *, uid: int, gid: int) -> Path:
-    """Each file 0400 in the pod's own 0500 directory on a tmpfs, owned by ``uid``:``gid``."""
-    if not _on_tmpfs(TMPFS_ROOT):
-        raise PodRuntimeError(f"{TMPFS_ROOT.parent} is not a tmpfs: no secret is written to disk",
+def write_pod_files(pod_id: str, files: list[SecretFile], *, uid: int, gid: int, engine: bool = False) -> Path:
+    """Each file 0400 in the pod's own 0500 directory on a tmpfs, owned by ``uid``:``gid``.
+
+    A process pod reaches its directory through :data:`TMPFS_ROOT` (0711: passable, not
+    listable). A container engine mounts it for its pod (``engine``): then it sits under
+    :data:`ENGINE_ROOT`, 0700, so a host account that happens to have the image's uid cannot
+    pass through to it."""
+    root = ENGINE_ROOT if engine else TMPFS_ROOT
+    if not _on_tmpfs(root):
+        raise PodRuntimeError(f"{root.parent} is not a tmpfs: no secret is written to disk",
                               error_type=ActivityErrorType.SPEC_UNRUNNABLE)
-    TMPFS_ROOT.mkdir(mode=0o711, exist_ok=True)
-    _check_own_dir(TMPFS_ROOT)
-    where = pod_dir(pod_id)
+    root.mkdir(mode=0o700 if engine else 0o711, exist_ok=True)
+    _check_own_dir(root)
+    if engine:
+        root.chmod(0o700)  # ours (checked): whatever mode it was made with, only its owner passes
+    where = pod_dir(pod_id, engine=engine)
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(mode=0o700)
     _check_own_dir(where)
@@ -360,4 +372,5 @@ def write_pod_files(pod_id: str, files: list[SecretFile], *, uid: int, gid: int)
 
 
 def remove_pod_files(pod_id: str) -> None:
-    shutil.rmtree(pod_dir(pod_id), ignore_errors=True)
+    for engine in (False, True):
+        shutil.rmtree(pod_dir(pod_id, engine=engine), ignore_errors=True)

@@ -216,7 +216,7 @@ class DockerRuntime(PodRuntime):
         if not uid.isdigit() or not (gid or uid).isdigit():
             raise PodRuntimeError(f"image {req.spec.image} runs as user {user!r}: a pod with secrets needs a numeric "
                                   "USER (uid[:gid]) so its files can be owned by it", error_type=ActivityErrorType.SPEC_UNRUNNABLE)
-        where = pod_secrets.write_pod_files(req.pod_id, req.secrets, uid=int(uid), gid=int(gid or uid))
+        where = pod_secrets.write_pod_files(req.pod_id, req.secrets, uid=int(uid), gid=int(gid or uid), engine=True)
         return [Mount(target="/run/secrets", source=str(where), type="bind", read_only=True)]
 
     def find(self, pod_id: str) -> PodHandle | None:

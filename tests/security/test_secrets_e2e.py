@@ -59,7 +59,11 @@ def _pod_view(runtime: str, pod_id: str, file: str) -> tuple[bytes, int, int, by
             _, mounts = ct.exec_run(["cat", "/proc/mounts"])
             assert any(line.split()[1:3] == ["/run/secrets", "tmpfs"] for line in mounts.decode().splitlines())
             mode, uid = st.decode().split()
-            inspect = json.dumps(client.api.inspect_container(ct.id)).encode()
+            attrs = client.api.inspect_container(ct.id)
+            # Mounted from the engine's root, which no host account but root passes through.
+            [source] = [m["Source"] for m in attrs["Mounts"] if m["Destination"] == "/run/secrets"]
+            assert Path(source).parent == store.ENGINE_ROOT, source
+            inspect = json.dumps(attrs).encode()
             _, env = ct.exec_run(["cat", "/proc/1/environ"])
             return content, int(mode, 8), int(uid), env, inspect
         finally:
@@ -167,5 +171,6 @@ async def test_a_secret_reaches_its_pod_as_a_file_and_nowhere_else(temporal_env,
         _assert_absent(rotated, where, data)
     assert b"bank-key" in places["status"]  # names travel; values do not
     assert not store.pod_dir(pod.id).exists()  # gone with its pod
+    assert not store.pod_dir(pod.id, engine=True).exists()
     await orch.remove_secret("bank-key")
     assert await orch.list_secrets() == []

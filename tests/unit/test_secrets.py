@@ -7,6 +7,7 @@ import json
 import os
 import secrets as stdlib_secrets
 import stat
+import subprocess
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,6 +165,28 @@ def test_pod_files_on_tmpfs_0400(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     finally:
         store.remove_pod_files(pod)
     assert not where.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: files are owned by another uid")
+def test_a_container_pods_files_are_out_of_reach_of_a_host_account_with_the_images_uid() -> None:
+    """A container engine's pod files are owned by the image's uid (say 1000), which on the host
+    is some account's: that account must not get through to them; a process pod's own uid must."""
+    uid = 1_899_999_123  # an account of the host that shares the image's uid
+    read = ["python3", "-c", "import sys; print(open(sys.argv[1]).read())"]
+    for engine, readable in ((True, False), (False, True)):
+        pod = str(uuid.uuid4())
+        where = store.write_pod_files(pod, [store.SecretFile(name="a", file="a.txt", version=1, value=b"v")],
+                                      uid=uid, gid=uid, engine=engine)
+        try:
+            assert where.parent == (store.ENGINE_ROOT if engine else store.TMPFS_ROOT)
+            got = subprocess.run([*read, str(where / "a.txt")], user=uid, group=uid, extra_groups=[],
+                                 capture_output=True, text=True, check=False)
+            assert (got.returncode == 0) == readable, (engine, got.stdout, got.stderr)
+            if not readable:
+                assert "Permission denied" in got.stderr
+        finally:
+            store.remove_pod_files(pod)
+        assert not where.exists()
 
 
 def test_earlier_versions_kept_for_pinned_revisions(state: Path) -> None:

@@ -332,6 +332,9 @@ class BuiltinEngine:
             why = str(e) or f"no connection within {self.options.connect_timeout_s:g}s"
             return _Failed(502, {"error": f"could not connect to pod: Cannot connect to host {pod.address} [{why}]",
                                  "pod": pod.pod, "reached_pod": False}, "connect")
+        if job.caller.closed:  # gone while we connected (or its stream broke): nobody to send it for
+            conn.release(True)
+            return None
         # The latency sample starts once the request goes out, as HAProxy's Tr: a new connection's
         # setup (a thread started in a threaded pod, on a busy host) is no measure of the pod's answers.
         sent = time.monotonic()

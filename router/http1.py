@@ -25,6 +25,7 @@ import http
 import json
 import logging
 import re
+import resource
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,9 @@ import httptools
 
 log = logging.getLogger("hms.router.http1")
 
-MAX_HEAD_BYTES = 64 << 10  # a request line and headers past this are refused (431)
+MAX_HEAD_BYTES = 64 << 10  # a request line and headers past this are refused (431); a pod's answer head too (502)
+MAX_HEADERS = 100  # header fields per request, as HAProxy's default (tune.http.maxhdr 101): more are refused (431)
+MAX_REQUEST_ID = 128  # a caller's X-Request-Id longer than this (or not visible ASCII) is replaced by ours
 HEAD_TIMEOUT_S = 15.0  # a request head not whole this long after it began is answered 408
 BODY_SILENCE_S = 60.0  # a request body that got no byte for this long: the caller's connection is cut
 CALLER_SWEEP_S = 1.0  # how often callers' connections are checked (idle, a slow head, a silent body)
@@ -44,6 +47,10 @@ POD_IDLE_S = 30.0  # an idle pooled connection to a pod is not used again after 
 MAX_IDLE_PER_POD = 256  # idle connections kept per pod; more are closed
 BODY_HIGH_WATER = 256 << 10  # a streamed request body buffered past this pauses the caller
 BUFFER_BYTES = 1 << 20  # request bodies of known length up to this are held, so that they can be sent again
+# What one process holds of such bodies at once. Past it a body streams (and is not sent again):
+# callers that trickle bodies in cannot make the router hold more than this.
+BUFFER_BUDGET = 64 << 20
+MAX_CONNECTIONS = 4000  # callers' connections per process at most (the haproxy engine's maxconn)
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"http2-settings", b"host"})
@@ -84,7 +91,7 @@ class Request:
 
     __slots__ = ("method", "target", "headers", "version", "keep_alive", "length", "chunked", "complete",
                  "chunks", "buffered", "sink", "discard", "streamed", "expect_continue", "request_id",
-                 "forwarded_for", "host", "caller", "upgrade", "_waiter")
+                 "forwarded_for", "host", "caller", "upgrade", "reserved", "stream_only", "_waiter")
 
     def __init__(self, caller: CallerConnection) -> None:
         self.caller = caller
@@ -108,6 +115,8 @@ class Request:
         # It asked for an upgrade (never proxied) and has a body: llhttp would end it at its head,
         # so its body is read by an :class:`_UpgradeBody` parser and it is served as a plain request.
         self.upgrade = False
+        self.reserved = 0  # bytes of the server's BUFFER_BUDGET this request's body holds
+        self.stream_only = False  # the budget was spent: its body streams, whatever its length
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -118,7 +127,7 @@ class Request:
     def buffers_body(self) -> bool:
         """A body of known length up to :data:`BUFFER_BYTES` is read whole before any pod is tried (so that
         it can be sent again); a longer or chunked one streams."""
-        return self.length is not None and self.length <= BUFFER_BYTES and not self.chunked
+        return self.length is not None and self.length <= BUFFER_BYTES and not self.chunked and not self.stream_only
 
     def header_block(self, exclude: frozenset[bytes]) -> bytes:
         return b"".join([b"%s: %s\r\n" % (name, value) for lname, name, value in self.headers if lname not in exclude])
@@ -194,6 +203,7 @@ class CallerConnection(asyncio.Protocol):
         self.head_bytes = 0  # the head being parsed: its target and the headers whole so far
         self.head_raw = 0  # ... and the bytes that came while it was not whole (a header line not ended yet)
         self.received = 0  # bytes from the caller, ever (a body that stopped arriving is one that stopped growing it)
+        self.fresh = True  # no request begun yet: its first must come within HEAD_TIMEOUT_S of the accept
         self._watched: tuple[Request, int] | None = None  # what watch() saw last, and since when
         self._watched_at = 0.0
         self.busy = False  # a request is being served (its answer not yet whole)
@@ -202,6 +212,7 @@ class CallerConnection(asyncio.Protocol):
         self.must_close = False
         self.idle_since: float | None = time.monotonic()
         self.relaying: Exchange | None = None  # the exchange whose answer we are writing
+        self.asking: Exchange | None = None  # the exchange under way for the request being served
         self.write_paused = False  # the caller's write buffer is over its high-water mark
         # The X-Forwarded-* lines sent for this caller, by (its X-Forwarded-For, its Host).
         self.forwarded: dict[tuple[str | None, str | None], bytes] = {}
@@ -214,6 +225,9 @@ class CallerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if not self.server.admit():
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -230,8 +244,11 @@ class CallerConnection(asyncio.Protocol):
                 self.pause("upgrade")
             return
         except httptools.HttpParserError as e:
-            if isinstance(e.__context__, _HeadTooLarge):  # raised in a callback, it comes wrapped
-                self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            cause = e.__context__  # raised in a callback, it comes wrapped
+            if isinstance(cause, _HeadTooLarge):
+                self._refuse(431, str(cause) or f"request head larger than {MAX_HEAD_BYTES} bytes")
+            elif isinstance(cause, _Desync):
+                self._refuse(400, f"bad request: {cause}")
             else:
                 self._refuse(400, f"bad request: {e}")
             return
@@ -249,8 +266,11 @@ class CallerConnection(asyncio.Protocol):
         for req in (*self.queue, self.parsing):
             if req is not None:
                 req._lost()
+                self.server.unreserve(req)
         streaming = self.parsing.sink if self.parsing is not None else None
-        for ex in {self.relaying, streaming} - {None}:
+        # Nobody will read the answer: the pod's connection goes too (a pod waiting for a body
+        # that will not come, or answering no one, holds nothing of ours).
+        for ex in {self.relaying, streaming, self.asking} - {None}:
             ex.caller_lost()  # type: ignore[union-attr]
 
     def pause_writing(self) -> None:
@@ -276,6 +296,11 @@ class CallerConnection(asyncio.Protocol):
         if self.parsing is None:
             self.parsing = Request(self)
             self.head_bytes = self.head_raw = 0
+            self.fresh = False
+        elif self.parsing.method:
+            # A new request line while the last request is not over (its head taken, its end not
+            # seen): never glue the two into one.
+            raise _Desync("a request began before the last one ended")
         self.head_bytes += len(url)
         if self.head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge
@@ -287,6 +312,12 @@ class CallerConnection(asyncio.Protocol):
             raise _HeadTooLarge
         req = self.parsing
         assert req is not None
+        if req.method:
+            # A trailer field (after a chunked body): neither a header of the request nor believed
+            # as one (framing, upgrade, host, ids), nor sent on: the pod gets the body's last chunk.
+            return
+        if len(req.headers) >= MAX_HEADERS:
+            raise _HeadTooLarge(f"more than {MAX_HEADERS} header fields")
         lname = name.lower()
         req.headers.append((lname, name, value))
         special = _SPECIAL.get(lname)
@@ -303,6 +334,8 @@ class CallerConnection(asyncio.Protocol):
         req.keep_alive = self.parser.should_keep_alive()
         if req.upgrade:  # an Upgrade header: llhttp ends the request here if it takes it as an upgrade
             req.upgrade = req.has_body and self.parser.should_upgrade()
+        if req.buffers_body:
+            self.server.reserve(req)
         self.queue.append(req)
         if len(self.queue) > MAX_PIPELINED:
             self.pause("pipeline")
@@ -403,6 +436,7 @@ class CallerConnection(asyncio.Protocol):
 
     def _finished(self, req: Request) -> bool:
         """After an answer: False if the connection closes now (as the caller or we asked)."""
+        self.server.unreserve(req)
         if not req.complete:  # answered without its body: the rest is read and dropped
             req.discard = True
             req.chunks = []
@@ -420,9 +454,16 @@ class CallerConnection(asyncio.Protocol):
             raise _HeadTooLarge
 
     def _refuse(self, status: int, error: str) -> None:
-        """A request we cannot parse: say so and close (the stream cannot be trusted any more)."""
+        """A request we cannot parse: say so and close (the stream cannot be trusted any more).
+        If its head was taken and its body broke, it may be at a pod already, waiting for the
+        rest: nothing more can be said on this connection, so it is cut (and that exchange with it)."""
         self.must_close = True
         self.pause("refused")
+        req = self.parsing
+        if req is not None and req.method and not req.complete:
+            log.info("router: a request body from %s broke off (%s): connection cut", self.peer, error)
+            self.abort()
+            return
         if not self.queue and not self.busy and not self.closed:
             self.send_json(status, {"error": error}, (), close=True)
             self.flush()
@@ -479,6 +520,10 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _Desync(Exception):
+    pass
+
+
 class _UpgradeBody:
     """The callbacks of the parser that reads the body of a request that asked for an upgrade
     (:meth:`CallerConnection._read_upgrade_body`): the body to the request, nothing after it."""
@@ -505,7 +550,8 @@ def _set_length(req: Request, value: bytes) -> None:
 
 
 def _set_chunked(req: Request, value: bytes) -> None:
-    req.chunked = b"chunked" in value.lower()
+    # As llhttp reads it: chunked when the last coding is exactly "chunked".
+    req.chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
 
 
 def _set_expect(req: Request, value: bytes) -> None:
@@ -513,7 +559,10 @@ def _set_expect(req: Request, value: bytes) -> None:
 
 
 def _set_request_id(req: Request, value: bytes) -> None:
-    req.request_id = value.decode("latin-1")
+    # Kept when it is an id (a short run of visible ASCII); anything else is replaced by one of ours.
+    text = value.decode("latin-1")
+    ok = 0 < len(text) <= MAX_REQUEST_ID and text.isascii() and text.isprintable() and " " not in text
+    req.request_id = text if ok else None
 
 
 def _set_forwarded_for(req: Request, value: bytes) -> None:
@@ -546,6 +595,37 @@ class CallerServer:
         self.connections: set[CallerConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self.max_connections = max_connections()
+        self.reserved = 0  # request body bytes held (of BUFFER_BUDGET)
+
+    def admit(self) -> bool:
+        """Room for one more caller's connection? At the cap, the longest idle one is closed to
+        make it; with none idle the new one is refused (closed at once)."""
+        if len(self.connections) < self.max_connections:
+            return True
+        idle = [c for c in self.connections if c.idle_since is not None and c.parsing is None]
+        if not idle:
+            log.warning("router: %d connections open, none idle: a new one refused", len(self.connections))
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        oldest.closed = True
+        self.connections.discard(oldest)
+        if oldest.transport is not None:
+            oldest.transport.abort()
+        return True
+
+    def reserve(self, req: Request) -> None:
+        """Hold ``req``'s body (to send it again if a pod fails) if the budget allows, else stream it."""
+        length = req.length or 0
+        if self.reserved + length > BUFFER_BUDGET:
+            req.stream_only = True
+            return
+        self.reserved += length
+        req.reserved = length
+
+    def unreserve(self, req: Request) -> None:
+        self.reserved -= req.reserved
+        req.reserved = 0
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -559,9 +639,9 @@ class CallerServer:
         while True:
             await asyncio.sleep(CALLER_SWEEP_S)
             now = time.monotonic()
-            edge = now - CALLER_IDLE_S
+            edge, first = now - CALLER_IDLE_S, now - HEAD_TIMEOUT_S
             for c in list(self.connections):
-                if c.idle_since is not None and c.idle_since < edge:
+                if c.idle_since is not None and c.idle_since < (first if c.fresh else edge):
                     if c.transport is not None and c.transport.get_write_buffer_size():
                         c.transport.abort()  # close() would wait for a caller that never reads
                     elif c.transport is not None:
@@ -580,6 +660,15 @@ class CallerServer:
             c.abort()
         for s in self.servers:
             await s.wait_closed()
+
+
+def max_connections() -> int:
+    """Callers' connections one process keeps: each may need a pod connection too, so half the
+    file descriptors it may open (less a reserve), at most HAProxy's ``maxconn`` of ours."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(16, min(MAX_CONNECTIONS, (soft - 64) // 2))
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -790,6 +879,7 @@ class Exchange:
         if conn.closed or transport is None or transport.is_closing():
             return False
         conn.exchange = self
+        self.caller.asking = self
         if body is not None or not req.has_body:
             if body:
                 transport.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -832,6 +922,12 @@ class Exchange:
         except httptools.HttpParserError as e:
             self.conn.abort()
             self._lost(f"bad answer from pod: {e}")
+        except httptools.HttpParserUpgrade:
+            self.conn.abort()
+            self._lost("bad answer from pod: it switched protocols (101), which the router does not relay")
+        if self.raw is not None and len(self.raw) > MAX_HEAD_BYTES:  # a head still not whole: one pod holds no more
+            self.conn.abort()
+            self._lost(f"bad answer from pod: its head is larger than {MAX_HEAD_BYTES} bytes")
         self.caller.flush()
 
     def on_headers_complete(self) -> None:
@@ -909,6 +1005,8 @@ class Exchange:
         self.req.caller.resume("upload")
         if self.caller.relaying is self:
             self.caller.relaying = None
+        if self.caller.asking is self:
+            self.caller.asking = None
         self.conn.release(keep)
         # The parser holds our callbacks: without this cycle, the exchange and all it holds die
         # by reference counting, not in a garbage collection (which, a request at a time, costs
@@ -938,6 +1036,8 @@ class Exchange:
     def caller_lost(self) -> None:
         """The caller left mid-answer or mid-body: nobody reads the rest, and the pod would wait
         for the rest of the body; the connection is not reusable."""
+        if self.ended:
+            return
         self.conn.abort()
         self._end(Outcome(CALLER_LEFT, self.status, self.head_at), False)
 

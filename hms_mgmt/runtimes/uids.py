@@ -41,6 +41,7 @@ import psutil
 
 from hms_mgmt.errors import ActivityErrorType, PodRuntimeError
 from hms_mgmt.files import atomic_write, open_private
+from hms_mgmt.runtimes.podnet import start_time
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,6 @@ SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: what a pod lea
 DEFAULT_BASE = 1_900_000_000
 DEFAULT_COUNT = 65_536
 UID_MAX = 2**31 - 2  # 2^31-1 and above: tools that take uids as signed ints break
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat_line.rpartition(")")[2].split()[19]
 
 
 _DONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)  # exited, not yet reaped: nothing left to run or to kill
@@ -167,7 +160,7 @@ class UidPool:
             except (OSError, ValueError):
                 return False  # there, but unreadable now: not ours to judge
         worker = lease.get("worker") or {}
-        alive = isinstance(worker.get("pid"), int) and _start_time(worker["pid"]) == worker.get("start")
+        alive = isinstance(worker.get("pid"), int) and start_time(worker["pid"]) == worker.get("start")
         return not alive or now - float(lease.get("at") or 0) > LEASE_GRACE_S
 
     def take(self, pod_id: str, record: Path | str) -> int:
@@ -199,7 +192,7 @@ class UidPool:
                     f"or stop pods. The pod is not started (never as root or a shared user instead)",
                     error_type=ActivityErrorType.RUNTIME_FAILURE)
             lease = {"pod_id": pod_id, "record": str(record), "at": now,
-                     "worker": {"pid": os.getpid(), "start": _start_time(os.getpid())}}
+                     "worker": {"pid": os.getpid(), "start": start_time(os.getpid())}}
             if not atomic_write(self._path(chosen), json.dumps(lease), replace=False):  # O_EXCL, under the lock
                 raise PodRuntimeError(f"pod uid {chosen}: its lease appeared meanwhile",
                                       error_type=ActivityErrorType.RUNTIME_FAILURE)

@@ -123,7 +123,8 @@ def _frontend(host: str, port: int, map_path: Path, landed_path: Path, log_lines
         # One map lookup per request: its backend, which the 404, the landed check and the routing use.
         f"    http-request set-var(txn.be) var(txn.svc),map({map_path})",
         f"    http-request set-var(txn.be) str({CONTROL_BACKEND}) if {{ var(txn.svc) -m str metrics }} {{ path /metrics }}",
-        "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }",
+        # A caller's id is kept when it is one (1..128 bytes, as the builtin engine keeps), else replaced.
+        "    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m len 1:128 }",
         "    http-request set-var(txn.rid) req.hdr(x-request-id)",
         "    http-response set-header X-Request-Id %[var(txn.rid)]",
         f"    http-request return status 404 content-type application/json lf-string {unknown} unless {{ var(txn.be) -m found }}",

@@ -8,14 +8,13 @@ import shutil
 import stat
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EXAMPLE_IMAGE, make_settings, node_pods, require_docker, seed_spec, terminate_running
+from conftest import EXAMPLE_IMAGE, make_settings, node_pods, require_docker, seed_spec, terminate_running, wait_healthy
 from temporalio.api.enums.v1 import RetryState
 
 from hms_mgmt import auth
@@ -60,18 +59,6 @@ def spec(image: str = EXAMPLE_IMAGE, **kw: object) -> ServiceSpec:
 
 def launch(rt: ProcessRuntime | object, s: ServiceSpec) -> PodLaunch:
     return PodLaunch(pod_id=str(uuid.uuid4()), service=s.name, revision=1, node=rt.node, spec=s)  # type: ignore[attr-defined]
-
-
-def wait_healthy(endpoint: str | None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{endpoint} not healthy after {timeout:g}s")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root worker can run pods as another user")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httptools
 import pytest
 import pytest_asyncio
 from conftest import eventually, make_settings, require_docker, sweep_pods, terminate_running
@@ -288,3 +289,86 @@ class RawPodServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+# --- the builtin engine in this process, in front of a raw pod of a test's own ---------------------
+
+
+class ParsingPod(asyncio.Protocol):
+    """A raw pod's protocol that parses requests (llhttp): ``url``, ``headers`` (lowercase names)
+    and ``body`` of the one being read; subclasses answer in ``on_message_complete``."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        self.p = httptools.HttpRequestParser(self)
+        self.url, self.headers, self.body = b"", [], bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.p.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def echo(self) -> None:
+        """Answer with the request as the pod got it (method, path, headers, body), as JSON."""
+        body = json.dumps({"method": self.p.get_method().decode(), "path": self.url.decode("latin-1"),
+                           "headers": self.headers, "body": self.body.decode("latin-1")}).encode()
+        self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+
+
+@dataclass
+class InProcessRouter:
+    port: int
+    engine: Any  # router.builtin.BuiltinEngine
+    server: Any = None
+    pod_port: int = 0
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
+
+
+@contextlib.asynccontextmanager
+async def in_process_router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pod: Any, *,
+                            read_timeout_s: float) -> AsyncIterator[InProcessRouter]:
+    """The builtin engine's classes as ``python -m router`` runs them (no control plane), its
+    timeouts shortened, service ``svc`` served by one pod speaking the protocol ``pod``."""
+    from router import http1
+    from router.builtin import BuiltinEngine, ControlRelay, ProxyOptions, caller_server
+    from router.feed import EndpointTable
+    from router.workers import StatsBatch
+
+    monkeypatch.setattr(http1, "HEAD_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(http1, "BODY_SILENCE_S", 2.0, raising=False)
+    monkeypatch.setattr(http1, "CALLER_SWEEP_S", 0.2, raising=False)
+    loop = asyncio.get_running_loop()
+    pods = await loop.create_server(pod, "127.0.0.1", 0)
+    pod_port = pods.sockets[0].getsockname()[1]
+    table = EndpointTable()
+    engine = BuiltinEngine(table, StatsBatch(), ProxyOptions(read_timeout_s=read_timeout_s))
+    table.put(EndpointSet(service="svc", version=1, endpoints=[Endpoint(pod="raw", address=f"127.0.0.1:{pod_port}")]))
+    server = caller_server(engine, ControlRelay(tmp_path / "no-primary.sock"))
+    port = free_port()
+    await server.listen("127.0.0.1", port)
+    try:
+        yield InProcessRouter(port, engine, server, pod_port)
+    finally:
+        await server.close()
+        await engine.close()
+        pods.close()
+
+
+async def closed(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the router closed (or cut) the connection within ``within`` seconds."""
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

@@ -19,106 +19,40 @@ The timeouts are shortened for the test (module constants and ``ProxyOptions``).
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
 
-import httptools
 import pytest
-from router_helpers import read_answer
+from router_helpers import ParsingPod, closed, in_process_router, read_answer
 
-from hms_mgmt.models import Endpoint, EndpointSet
-from hms_mgmt.testing import free_port
 from router import http1
-from router.builtin import BuiltinEngine, ControlRelay, ProxyOptions, caller_server
-from router.feed import EndpointTable
-from router.workers import StatsBatch
 
 pytestmark = pytest.mark.timeout(60)
 
 READ_TIMEOUT_S = 2.0
 
 
-class RawPod(asyncio.Protocol):
+class RawPod(ParsingPod):
     """``/echo``: the request as the pod got it, in JSON; ``/close``: an answer without length,
     ended by closing; ``/headbody``: ``Content-Length: 5`` and ``hello``, to a HEAD too;
     ``/silent``: no answer at all."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport
-        self.p = httptools.HttpRequestParser(self)
-        self.url, self.headers, self.body = b"", [], bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        self.p.feed_data(data)
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
     def on_message_complete(self) -> None:
         path = self.url.decode("latin-1")
-        method = self.p.get_method().decode()
         if path == "/close":
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello, read to close")
             self.t.close()
         elif path == "/headbody":
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
         elif path != "/silent":
-            body = json.dumps({"method": method, "path": path, "headers": self.headers,
-                               "body": self.body.decode("latin-1")}).encode()
-            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(body), body))
+            self.echo()
         self.url, self.headers, self.body = b"", [], bytearray()
-
-
-@dataclass
-class Router:
-    port: int
-    engine: BuiltinEngine
-    server: Any = None
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20)
 
 
 @pytest.fixture
 async def router(tmp_path, monkeypatch):
-    monkeypatch.setattr(http1, "HEAD_TIMEOUT_S", 1.0, raising=False)
-    monkeypatch.setattr(http1, "BODY_SILENCE_S", 2.0, raising=False)
-    monkeypatch.setattr(http1, "CALLER_SWEEP_S", 0.2, raising=False)
-    loop = asyncio.get_running_loop()
-    pod = await loop.create_server(RawPod, "127.0.0.1", 0)
-    pod_port = pod.sockets[0].getsockname()[1]
-    table = EndpointTable()
-    engine = BuiltinEngine(table, StatsBatch(), ProxyOptions(read_timeout_s=READ_TIMEOUT_S))
-    table.put(EndpointSet(service="svc", version=1, endpoints=[Endpoint(pod="raw", address=f"127.0.0.1:{pod_port}")]))
-    server = caller_server(engine, ControlRelay(tmp_path / "no-primary.sock"))
-    port = free_port()
-    await server.listen("127.0.0.1", port)
-    try:
-        yield Router(port, engine, server)
-    finally:
-        await server.close()
-        await engine.close()
-        pod.close()
-
-
-async def closed(reader: asyncio.StreamReader, within: float) -> bool:
-    """Whether the router closed (or cut) the connection within ``within`` seconds."""
-    try:
-        return await asyncio.wait_for(reader.read(), within) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
+    async with in_process_router(tmp_path, monkeypatch, RawPod, read_timeout_s=READ_TIMEOUT_S) as r:
+        yield r
 
 
 async def test_an_endless_header_line_is_refused_431(router):

@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_healthy
 
 from hms_mgmt import secrets as pod_secrets
 from hms_mgmt.models import ServiceSpec
@@ -71,18 +70,6 @@ def launch(rt: ProcessRuntime, service: str, image: str = "registry.gov/hms-ach:
 
 def record(rt: ProcessRuntime, req: PodLaunch) -> dict:
     return json.loads(rt._record_path(req.pod_id).read_text())
-
-
-def wait_healthy(endpoint: str | None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://{endpoint}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{endpoint} not healthy after {timeout:g}s")
 
 
 def as_uid(uid: int, code: str) -> str:

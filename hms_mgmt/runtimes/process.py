@@ -48,7 +48,7 @@ from hms_mgmt.policy.sandbox import check_process_spec
 from hms_mgmt.runtimes.base import ExitSubscribers, PodHandle, PodLaunch, PodLimits, PodRuntime, check_pod_id
 from hms_mgmt.runtimes.cgroups import MIN_CPUS, PodCgroups
 from hms_mgmt.runtimes.follow import FileFollow, LogFollow
-from hms_mgmt.runtimes.uids import UidPool, processes_of
+from hms_mgmt.runtimes.uids import UidPool, processes_of, remove_tree_as, signal_uid
 
 log = logging.getLogger(__name__)
 
@@ -653,7 +653,11 @@ class ProcessRuntime(PodRuntime):
 
     def _kill_pod(self, rec: dict[str, Any], grace_s: float) -> None:
         """SIGTERM to every process of the pod, SIGKILL after ``grace_s`` to all that remain, again
-        until none does (a process may fork meanwhile), for a bounded time."""
+        until none does (a process may fork meanwhile), for a bounded time. With a uid of its own,
+        the kernel signals them all at once (:func:`signal_uid`) first: no scan can miss one."""
+        own = self._own_uid(rec)
+        if own is not None:
+            self._kill_uid(rec, own, grace_s)
         termed: set[int] = set()
         if grace_s > 0 and self._signal_all(rec, signal.SIGTERM, termed):
             deadline = time.monotonic() + grace_s
@@ -667,6 +671,24 @@ class ProcessRuntime(PodRuntime):
                 break
             time.sleep(0.02)
 
+    def _kill_uid(self, rec: dict[str, Any], uid: int, grace_s: float) -> None:
+        child = self._children.get(rec["pod_id"])
+
+        def left() -> list[int]:
+            if child is not None:
+                child.poll()  # reap our own child: a zombie is no process
+            return processes_of(uid)
+
+        if grace_s > 0 and left():
+            signal_uid(uid, "TERM")
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and left():
+                time.sleep(0.05)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while left() and time.monotonic() < deadline:
+            signal_uid(uid, "KILL")
+            time.sleep(0.02)
+
     def _stop_record(self, rec: dict[str, Any], grace_s: float) -> None:
         if not rec.get("pid"):  # a start cut short: whatever it left runs unrecorded
             grace_s = 0
@@ -677,16 +699,32 @@ class ProcessRuntime(PodRuntime):
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.warning("pod %s did not exit after SIGKILL", rec["pod_id"])
+        # Each step whatever became of the one before (a pod's tree can make any of them fail):
+        # the record, the cgroups and the lease must go in any case.
         if rec.get("home"):
-            shutil.rmtree(rec["home"], ignore_errors=True)
+            self._cleanup(rec, "its home", self._remove_home, rec)
         if rec.get("secrets_dir"):
-            pod_secrets.remove_pod_files(rec["pod_id"])
+            self._cleanup(rec, "its secret files", pod_secrets.remove_pod_files, rec["pod_id"])
         if self.cgroups().available():
-            self.cgroups().remove(rec["pod_id"])
+            self._cleanup(rec, "its cgroups", self.cgroups().remove, rec["pod_id"])
         self._record_path(rec["pod_id"]).unlink(missing_ok=True)
         if rec.get("own_uid") and isinstance(rec.get("uid"), int):
             # After the record: should a process of the uid remain, the lease stays until it is gone.
             self.uids.release(rec["uid"], rec["pod_id"], self._record_path(rec["pod_id"]))
+
+    @staticmethod
+    def _cleanup(rec: dict[str, Any], what: str, step: Any, *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as e:  # noqa: BLE001 - a pod's leftovers must not keep its record, cgroups or uid
+            log.warning("pod %s: could not remove %s: %s", rec["pod_id"], what, e)
+
+    def _remove_home(self, rec: dict[str, Any]) -> None:
+        """The pod's home: as the pod's own uid where it has one (``rm -rf``: a tree the pod made
+        deep is no recursion of ours), else as before."""
+        if rec.get("own_uid") and isinstance(rec.get("uid"), int):
+            remove_tree_as(rec["uid"], rec["home"])
+        shutil.rmtree(rec["home"], ignore_errors=True)
 
     def stop(self, pod_id: str, grace_s: float) -> bool:
         with self._lock:

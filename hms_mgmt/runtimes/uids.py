@@ -30,8 +30,8 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,11 +47,20 @@ log = logging.getLogger(__name__)
 
 LEASE_DIR = Path("/run/hms-pod-uids")
 LEASE_GRACE_S = 600.0  # a lease without its record is a start in progress for this long, if its worker lives
-SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: what a pod leaves there goes at release
+SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable: what a pod leaves there goes at release
+SYSV_IPC = (("/proc/sysvipc/shm", "shmid", "-m"), ("/proc/sysvipc/msg", "msqid", "-q"),
+            ("/proc/sysvipc/sem", "semid", "-s"))
+POSIX_MQUEUE = "/dev/mqueue"
+# Run as the pod's uid: Linux's kill(-1) signals every process the caller may signal but itself,
+# walking them under the lock that fork needs, so a process that forks on and on (a new pid every
+# millisecond, which a scan of /proc misses) is caught too. It first checks that it runs as that uid:
+# as root, -1 would be every process of the host.
+_SIGNAL_ALL = '[ "$(id -u)" = "$1" ] || exit 97\nkill -s "$2" -- -1 2>/dev/null\nexit 0\n'
 
 DEFAULT_BASE = 1_900_000_000
 DEFAULT_COUNT = 65_536
 UID_MAX = 2**31 - 2  # 2^31-1 and above: tools that take uids as signed ints break
+PROCESS_UID_MIN = 65536  # a pod range starts here or above (no account, no system user)
 
 
 _DONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)  # exited, not yet reaped: nothing left to run or to kill
@@ -65,6 +74,19 @@ def process_uids() -> set[int]:
         if uids is not None and proc.info.get("status") not in _DONE:
             found.update((uids.real, uids.effective, uids.saved))
     return found
+
+
+def signal_uid(uid: int, sig: str) -> None:
+    """``sig`` (``TERM``, ``KILL``) to every process of ``uid`` at once (see :data:`_SIGNAL_ALL`):
+    the processes of a uid of the pod range only, never root's or an account's."""
+    if not PROCESS_UID_MIN <= uid <= UID_MAX:
+        raise ValueError(f"uid {uid} is not a pod uid: not signalling all its processes")
+    done = subprocess.run(["/bin/sh", "-c", _SIGNAL_ALL, "hms-signal", str(uid), sig], user=uid, group=uid,
+                          extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=30, check=False)
+    if done.returncode != 0:
+        log.warning("pod uid %d: signalling its processes failed (%d): %s", uid, done.returncode,
+                    done.stderr.decode(errors="replace")[:200])
 
 
 def processes_of(uid: int) -> list[int]:
@@ -184,6 +206,7 @@ class UidPool:
                 if chosen is not None:
                     log.info("pod uid %d: its lease %s was stale (no record, no process): taken again",
                              chosen, self.read(chosen))
+                    sweep_shared(chosen)  # what its last pod left, before the next one gets it
                     self._path(chosen).unlink(missing_ok=True)
             if chosen is None:
                 raise PodRuntimeError(
@@ -211,13 +234,18 @@ class UidPool:
             if left:
                 log.warning("pod %s: uid %d still has processes %s: its lease stays", pod_id, uid, left[:10])
                 return False
-            sweep_shared(uid)
+            try:
+                sweep_shared(uid)
+            except Exception as e:  # noqa: BLE001 - what a pod left must not keep its uid from being given back
+                log.warning("pod %s: uid %d: removing what it left failed: %s", pod_id, uid, e)
             self._path(uid).unlink(missing_ok=True)
             return True
 
 
 def sweep_shared(uid: int, dirs: tuple[str, ...] = SHARED_DIRS) -> None:
-    """Remove the entries owned by ``uid`` at the top of ``dirs`` (never following a symlink)."""
+    """Remove what ``uid`` owns at the top of ``dirs`` (as that uid, never following a symlink, so
+    root never walks a tree a pod made), its System V IPC objects and its POSIX message queues."""
+    _remove_ipc(uid)
     for top in dirs:
         try:
             entries = list(os.scandir(top))
@@ -229,9 +257,49 @@ def sweep_shared(uid: int, dirs: tuple[str, ...] = SHARED_DIRS) -> None:
                 if st.st_uid != uid:
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    remove_tree_as(uid, entry.path)
                 else:
                     os.unlink(entry.path)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.warning("could not remove %s (left by pod uid %d): %s", entry.path, uid, e)
+
+
+def remove_tree_as(uid: int, path: str) -> None:
+    """``rm -rf`` of a tree a pod made, run as the pod's uid (no recursion of ours for a pod to
+    exhaust, no root walking its links); what it cannot remove stays, logged."""
+    if not PROCESS_UID_MIN <= uid <= UID_MAX:
+        raise ValueError(f"uid {uid} is not a pod uid")
+    try:
+        done = subprocess.run(["rm", "-rf", "--one-file-system", "--", path], user=uid, group=uid, extra_groups=[],
+                              cwd="/", env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not remove %s (left by pod uid %d): %s", path, uid, e)
+        return
+    if done.returncode != 0 and os.path.lexists(path):
+        log.warning("could not remove all of %s (left by pod uid %d): %s", path, uid,
+                    done.stderr.decode(errors="replace")[:200])
+
+
+def _remove_ipc(uid: int) -> None:
+    """The System V shared memory, queues and semaphores ``uid`` owns or made, and its POSIX
+    message queues, as systemd's ``RemoveIPC=`` does: the next pod with the uid finds none."""
+    for table, key, flag in SYSV_IPC:
+        try:
+            lines = Path(table).read_text().splitlines()
+        except OSError:
+            continue
+        head = lines[0].split() if lines else []
+        for line in lines[1:]:
+            row = dict(zip(head, line.split(), strict=False))
+            if str(uid) in (row.get("uid"), row.get("cuid")) and row.get(key, "").isdigit():
+                done = subprocess.run(["ipcrm", flag, row[key]], capture_output=True, check=False)
+                if done.returncode != 0:
+                    log.warning("could not remove IPC object %s %s of pod uid %d: %s", flag, row[key], uid,
+                                done.stderr.decode(errors="replace")[:200])
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(POSIX_MQUEUE):
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    os.unlink(entry.path)

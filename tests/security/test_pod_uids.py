@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +28,26 @@ from hms_mgmt.runtimes import PodLaunch, PodRuntimeError
 from hms_mgmt.runtimes.base import PodLimits, SecretFile
 from hms_mgmt.runtimes.cgroups import PodCgroups
 from hms_mgmt.runtimes.process import ProcessRuntime
-from hms_mgmt.runtimes.uids import LEASE_DIR, processes_of
+from hms_mgmt.runtimes.uids import LEASE_DIR, processes_of, signal_uid
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
                                 reason="only a root worker runs pods as uids of their own")
 
 ESCAPE_IMAGE = "registry.gov/hms-escape:1.0"
+HOP_IMAGE = "registry.gov/hms-hop:1.0"  # a process that forks on and on: a new pid every millisecond
+LEAVE_IMAGE = "registry.gov/hms-leave:1.0"  # leaves a deep tree in its home, IPC and a file in /run/lock
+HOP = """import os, sys, time
+if os.fork():
+    raise SystemExit
+os.setsid()
+beat = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+while True:
+    time.sleep(0.001)
+    os.write(beat, b".")
+    if os.fork():
+        os._exit(0)
+"""
 # A range of its own per test (the lease directory is the machine's): nothing else takes from it.
 _ranges = iter(range(1_900_200_000 + (os.getpid() % 1000) * 100, 2_000_000_000, 10))
 
@@ -45,9 +59,18 @@ def state() -> Iterator[Path]:
     base.chmod(0o755)
     st = base / "state"
     st.mkdir()
+    (base / "hop.py").write_text(HOP)
+    (base / "beat").touch(mode=0o666)
+    (base / "beat").chmod(0o666)
     (st / "images.yaml").write_text(
         f"{ESCAPE_IMAGE}:\n"
-        "  command: [sh, -c, 'setsid env -i /bin/sleep 300 </dev/null >/dev/null 2>&1 & exec {python} -m services.hms_ach']\n")
+        "  command: [sh, -c, 'setsid env -i /bin/sleep 300 </dev/null >/dev/null 2>&1 & exec {python} -m services.hms_ach']\n"
+        f"{HOP_IMAGE}:\n"
+        f"  command: [sh, -c, '{{python}} {base / 'hop.py'} {base / 'beat'} </dev/null >/dev/null 2>&1 & "
+        "exec {python} -m services.hms_ach']\n"
+        f"{LEAVE_IMAGE}:\n"
+        "  command: [sh, -c, 'ipcmk -M 4096 >/dev/null; : > /run/lock/hms-left-$(id -u); "
+        "mkdir -p \"$HOME/$(printf d/%.0s $(seq 1200))\"; exec {python} -m services.hms_ach']\n")
     yield st
     shutil.rmtree(base, ignore_errors=True)
 
@@ -219,3 +242,61 @@ def _has_group(name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def test_a_process_that_forks_on_and_on_does_not_outlive_its_pods_stop(state: Path) -> None:
+    """Its pid changes faster than a scan of /proc: the kernel signals every process of the uid at
+    once (kill(-1) as that uid), so it neither survives the stop nor keeps the uid for the next pod."""
+    rt = runtime(state, count=1)
+    req = launch(rt, "hop", HOP_IMAGE)
+    try:
+        handle = rt.start(req)
+        wait_healthy(handle.endpoint)
+        uid = record(rt, req)["uid"]
+        beat = state.parent / "beat"
+        time.sleep(0.3)
+        assert beat.stat().st_size > 10  # it hops
+        rt.stop(req.pod_id, 0)
+        time.sleep(0.3)
+        size = beat.stat().st_size
+        time.sleep(0.5)
+        assert beat.stat().st_size == size, "a process of the pod's uid outlived its stop"
+        assert processes_of(uid) == []
+        assert not (LEASE_DIR / str(uid)).exists()
+    finally:
+        uid = rt.uids.base
+        if processes_of(uid):  # on a runtime that let it live: do not leave it behind
+            signal_uid(uid, "KILL")
+        stop_all(rt)
+
+
+def test_what_a_pod_leaves_goes_with_it_and_a_deep_tree_stops_nothing(state: Path) -> None:
+    """A home 1,200 directories deep made every stop raise (a recursion of ours), keeping the
+    record, the uid and the home; SysV shared memory and /run/lock files reached the next pod."""
+    rt = runtime(state, count=1)
+    req = launch(rt, "leave", LEAVE_IMAGE)
+    try:
+        handle = rt.start(req)
+        wait_healthy(handle.endpoint)
+        rec = record(rt, req)
+        uid, home = rec["uid"], Path(rec["home"])
+        deadline = time.monotonic() + 10
+        while not (_shm_of(uid) and Path(f"/run/lock/hms-left-{uid}").exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _shm_of(uid) and Path(f"/run/lock/hms-left-{uid}").exists()
+        rt.stop(req.pod_id, 0)
+        assert rt._read(req.pod_id) is None and not home.exists()
+        assert not (LEASE_DIR / str(uid)).exists()
+        assert _shm_of(uid) == [] and not Path(f"/run/lock/hms-left-{uid}").exists()
+    finally:
+        stop_all(rt)
+        for shmid in _shm_of(rt.uids.base):
+            subprocess.run(["ipcrm", "-m", shmid], check=False)
+        Path(f"/run/lock/hms-left-{rt.uids.base}").unlink(missing_ok=True)
+
+
+def _shm_of(uid: int) -> list[str]:
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()
+    head = lines[0].split()
+    return [row["shmid"] for row in (dict(zip(head, line.split(), strict=False)) for line in lines[1:])
+            if row.get("uid") == str(uid)]

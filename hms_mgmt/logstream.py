@@ -42,6 +42,7 @@ from hms_mgmt.wire import LogEndpoint, LogGrantOutput
 log = logging.getLogger(__name__)
 
 KEY_HEADER = "X-Hms-Log-Key"
+MAX_KEY_CHARS = 128  # a key is ASCII, at most this long (``new_key`` makes 43); anything else is no key
 # A grant opens a stream within this long of being issued (a stream once open runs on, as a
 # `kubectl logs -f` does past its token's check); a later connection asks for a fresh one.
 GRANT_MAX_AGE_S = 60.0
@@ -153,7 +154,7 @@ class LogServer:
         self.app = app
 
     async def start(self, host: str, port: int = 0) -> int:
-        self._runner, self.port = await serve_app(self.app, host, port, "the node's log stream")
+        self._runner, self.port = await serve_app(self.app, host, port, "the node's log stream", per_peer=True)
         log.info("node log stream on %s", host_port(host, self.port))
         return self.port
 
@@ -171,28 +172,41 @@ class LogServer:
             check_pod_id(pod)
         except PodRuntimeError:
             pod = "-"
-        log.warning("log stream of pod %s (%s) refused: %s", pod, service, error)
+        # A reason may quote what the caller asked for (a grant "not for <service>"): printable only, bounded.
+        why = "".join(c if c.isprintable() else "?" for c in str(error)[:300])
+        log.warning("log stream of pod %s (%s) refused: %s", pod, service, why)
         if self.refusals is not None:
-            await self.refusals.record(service, f"log stream of pod {pod} refused: {error}",
+            await self.refusals.record(service, f"log stream of pod {pod} refused: {why}",
                                        action="logs", pod=pod, node=self.runtime.node)
 
     async def _request(self, request: web.Request) -> tuple[str, str, int, bool, str]:
         """The checked request: service, pod, tail, follow, the grant's key hash; or the HTTP refusal."""
         scheme, _, grant = request.headers.get("Authorization", "").partition(" ")
         key = request.headers.get(KEY_HEADER, "")
+        if not (key.isascii() and len(key) <= MAX_KEY_CHARS):
+            key = ""  # undecodable bytes, or a key no client made: no key
         service, pod = request.query.get("service", ""), request.match_info["pod"]
         if scheme.lower() != "bearer" or not grant.strip() or not key:
             await self._refused(service, pod, AccessDenied("no grant, or no key"))
             raise _error(web.HTTPUnauthorized, f"send Authorization: Bearer <grant> and {KEY_HEADER}")
-        try:
-            check_pod_id(pod)
-            tail = int(request.query.get("tail", "100"))
-            if not 0 <= tail <= MAX_TAIL:
-                raise ValueError(f"tail must be 0..{MAX_TAIL}")
-        except (ValueError, PodRuntimeError) as e:
-            raise _error(web.HTTPBadRequest, str(e)) from None
+        # The grant first: a caller without one learns nothing of what the node would accept.
         try:
             await asyncio.to_thread(check_log_grant, self.state_dir, grant.strip(), key, service=service, pod=pod)
+        except (AccessDenied, HmsError, ValueError) as e:
+            why = e if isinstance(e, HmsError) else AccessDenied("the grant cannot be read")
+            await self._refused(service, pod, why)
+            raise _error(web.HTTPForbidden, str(why)) from None
+        raw_tail = request.query.get("tail", "100")
+        try:
+            check_pod_id(pod)
+            if not (raw_tail.isascii() and raw_tail.isdigit() and len(raw_tail) <= len(str(MAX_TAIL))):
+                raise ValueError(f"tail must be 0..{MAX_TAIL}")
+            tail = int(raw_tail)
+            if not 0 <= tail <= MAX_TAIL:
+                raise ValueError(f"tail must be 0..{MAX_TAIL}")
+        except (ValueError, PodRuntimeError):
+            raise _error(web.HTTPBadRequest, f"a pod id, and tail 0..{MAX_TAIL}") from None
+        try:
             handle = await asyncio.to_thread(self.runtime.find, pod)
         except (AccessDenied, HmsError) as e:
             await self._refused(service, pod, e)

@@ -48,6 +48,7 @@ NODE_SLOTS_SPARE = 200
 CONTROL_ACTIVITY_SLOTS = 10_000
 # Open files a node needs per pod: a process pod's pidfd (exit events), a health probe's socket.
 FILES_PER_POD, FILES_BASE = 2, 512
+NOFILE_CAP = 65536  # the soft open-files limit is raised to the hard one, at most this (or what the pods need)
 
 
 def node_activity_slots(settings: Settings) -> int:
@@ -56,21 +57,23 @@ def node_activity_slots(settings: Settings) -> int:
 
 
 def raise_open_files_limit(node_max_pods: int) -> int:
-    """Raise this process's soft limit on open files to its hard limit (a login shell's or
+    """Raise this process's soft limit on open files to its hard limit, at most NOFILE_CAP (a login shell's or
     systemd's soft 1024 runs out near 500 process pods); warn when even that is short of what
     ``node_max_pods`` pods need. Returns the soft limit now."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    need = FILES_BASE + FILES_PER_POD * node_max_pods
+    cap = max(NOFILE_CAP, need)  # a hard limit of a million (or none) is not a reason to take it all
+    target = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
     if soft == resource.RLIM_INFINITY or soft >= target:
         return soft
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open files limit raised from %s to %s (hard %s)", soft, target, hard)
         soft = target
     except (ValueError, OSError) as e:
         log.warning("could not raise the open files limit from %s to %s: %s", soft, target, e)
-    need = FILES_BASE + FILES_PER_POD * node_max_pods
     if soft < need:
         log.warning("open files limit %s (hard %s) is short of the ~%s that node_max_pods=%s needs: raise "
                     "`ulimit -n` (LimitNOFILE= in a systemd unit)", soft, hard, need, node_max_pods)

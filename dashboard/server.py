@@ -46,6 +46,7 @@ from hms_mgmt.config import Settings, connect
 from hms_mgmt.errors import AccessDenied, HmsError, ServiceNotFound
 from hms_mgmt.events import EventFollower, EventSink, RefusalLog
 from hms_mgmt.fleet import fleet_status
+from hms_mgmt.logtext import shown
 from hms_mgmt.models import RevisionRecord, ServiceStatus
 from hms_mgmt.nodes import list_routers
 from hms_mgmt.orchestrator import Orchestrator
@@ -511,6 +512,8 @@ class Dashboard:
         raw = request.host or ""
         host = raw[: raw.find("]") + 1] if raw.startswith("[") else raw.rsplit(":", 1)[0]
         if host.lower() not in LOCAL_HOSTS | {self.host, f"[{self.host}]"}:
+            refused = _json_error(web.HTTPMisdirectedRequest, "unknown host")
+            await self._refused(request, refused)  # what a rebinding page sends: recorded too
             return web.json_response({"error": "unknown host"}, status=421)
         return await handler(request)
 
@@ -530,10 +533,11 @@ class Dashboard:
         except ValueError:
             why = error.reason
         name = request.match_info.get("name", "")
+        path = shown(request.path)  # what a caller with no token sent: never raw into events and webhooks
         await self._refusals.record(
             name if _NAME.match(name) else "-",
-            f"dashboard {request.method} {request.path[:100]} refused ({error.status}): {str(why)[:500]}",
-            action="dashboard", path=request.path[:200], status=error.status, remote=request.remote or "")
+            f"dashboard {request.method} {path[:100]} refused ({error.status}): {shown(str(why))[:500]}",
+            action="dashboard", path=path[:200], status=error.status, remote=request.remote or "")
 
     @staticmethod
     async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -631,6 +635,8 @@ class Dashboard:
             identity = await asyncio.to_thread(auth.verify_token, token, state_dir=self.settings.state_dir)
         except (AccessDenied, HmsError) as e:
             raise web.HTTPUnauthorized(text=json.dumps({"error": str(e)}), content_type="application/json") from None
+        except (UnicodeError, ValueError):  # bytes no token is made of: no token, not a 500
+            raise _json_error(web.HTTPUnauthorized, f"{why}: that is not a token") from None
         return token, identity
 
     async def _api_me(self, request: web.Request) -> web.Response:

@@ -53,8 +53,19 @@ class ConnectionGuard:
         return _Guarded(self)
 
     def admit(self, peer: str) -> bool:
-        if len(self.open) < MAX_CONNECTIONS and (not self.per_peer_cap or self.per_peer[peer] < MAX_PER_PEER):
+        if self.per_peer_cap and self.per_peer[peer] >= MAX_PER_PEER:
+            return self._refuse(peer)
+        if len(self.open) < MAX_CONNECTIONS:
             return True
+        # Full: the connection idle longest (no request being answered) makes room, so that
+        # connections held open by someone who sends a request a minute cannot lock everyone out.
+        idle = [c for c in self.open if c.idle()]
+        if idle:
+            min(idle, key=lambda c: c.last).close()
+            return True
+        return self._refuse(peer)
+
+    def _refuse(self, peer: str) -> bool:
         self.refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_S:
@@ -79,6 +90,25 @@ class _Guarded(asyncio.Protocol):
         self.seen = 0
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.last = time.monotonic()  # its last byte from the caller
+
+    def idle(self) -> bool:
+        """No request being answered (aiohttp's own word; unknown counts as busy)."""
+        return self.transport is not None and getattr(self.inner, "_request_in_progress", True) is False
+
+    def close(self) -> None:
+        transport, self.transport = self.transport, None
+        self._forget()  # its room is the new connection's now, not once the abort lands
+        if transport is not None:
+            self.inner.force_close()
+            transport.abort()
+
+    def _forget(self) -> None:
+        if self in self.guard.open:
+            self.guard.open.discard(self)
+            self.guard.per_peer[self.peer] -= 1
+            if self.guard.per_peer[self.peer] <= 0:
+                del self.guard.per_peer[self.peer]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -123,14 +153,11 @@ class _Guarded(asyncio.Protocol):
         if self.inner is None:
             return  # refused at the accept
         self.transport = None
-        if self in self.guard.open:
-            self.guard.open.discard(self)
-            self.guard.per_peer[self.peer] -= 1
-            if self.guard.per_peer[self.peer] <= 0:
-                del self.guard.per_peer[self.peer]
+        self._forget()
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.last = time.monotonic()
         if self.inner is not None:
             self.inner.data_received(data)
 

@@ -115,3 +115,25 @@ async def test_the_65th_stream_is_refused(temporal_env, tmp_path):
                 resp.close()
         await asyncio.sleep(0.5)  # the server notices they left
         assert await first_event(http, "/api/stream") == (200, "init")
+
+
+async def test_what_an_outsider_sends_is_refused_recorded_and_escaped(temporal_env, tmp_path):
+    """A rebinding page's foreign Host (421), bytes that are no token (401, never a 500), and a path
+    of control characters: each refusal is an event, and the event holds the path escaped."""
+    settings = make_settings(temporal_env, tmp_path / "state", "process", trusted=False)
+    auth.issue_token(settings.state_dir, user="vic", role="viewer")  # identities exist: reading is closed
+    async with dashboard(temporal_env, settings) as dash:
+        port = int(dash.url.rsplit(":", 1)[1])
+        answers = []
+        for head in (b"GET /api/state HTTP/1.1\r\nHost: evil.example\r\n",
+                     b"GET /api/me HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe.\xff\xfe.x~y\r\n",
+                     b"GET /api/services/x%1b%5b2J%0a%e2%80%aeFAKE/pods/y/logs HTTP/1.1\r\nHost: 127.0.0.1\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"Connection: close\r\n\r\n")
+            answers.append(int((await reader.read()).split(b" ", 2)[1]))
+            writer.close()
+        assert answers == [421, 401, 401], answers
+    refusals = [e for e in read_events(settings.state_dir) if e.type == "access.denied"]
+    assert [e.data["status"] for e in refusals] == [421, 401, 401], refusals
+    raw = (settings.state_dir / "events.jsonl").read_text()
+    assert "\x1b" not in raw and "\u202e" not in raw and "\\x1b[2J" in refusals[2].data["path"], refusals[2]
